@@ -1,0 +1,191 @@
+"""Pipeline configuration: one pydantic model per stage, loaded from YAML.
+
+Config is data, never code: operations are chosen by name from the registry and their
+parameters are validated by each operation's own model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from segflow.engine.pipeline import parse_steps
+from segflow.errors import ConfigError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Model):
+    path: str = Field(description="a file, folder, glob or fsspec URL")
+
+
+class OutputConfig(_Model):
+    store: str = Field(description="the Zarr store (folder or URL) that receives every item")
+    chunks: list[int] | None = Field(None, description="Zarr chunk shape; default: blocks.shape")
+    shards: list[int] | None = Field(None, description="Zarr shard shape (a multiple of chunks)")
+    overwrite: bool = Field(
+        False, description="redo items already done with the same input, config and code"
+    )
+
+
+class BlocksConfig(_Model):
+    shape: list[int] | int = Field(1024, description="core block shape over (z), y, x")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, value: list[int] | int) -> list[int] | int:
+        values = [value] if isinstance(value, int) else value
+        if not values or any(v < 1 for v in values):
+            raise ValueError(f"every axis must be >= 1 (got {value})")
+        return value
+
+
+class ClusterConfig(_Model):
+    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    n_workers: int | None = Field(None, ge=1, description="local workers; default: one per core")
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = Field("auto", description="per local worker, e.g. '4GiB'")
+
+
+class SegflowConfig(_Model):
+    """The whole pipeline configuration (see ``configs/`` for examples)."""
+
+    name: str = "segment"
+    input: InputConfig
+    output: OutputConfig
+    blocks: BlocksConfig = BlocksConfig()
+    pipeline: list[dict[str, Any]]
+    cluster: ClusterConfig = ClusterConfig()
+
+    def config_hash(self) -> str:
+        """Hash of what determines the output pixels (pipeline, blocks, chunks, shards)."""
+        payload = {
+            "pipeline": self.pipeline,
+            "blocks": self.blocks.model_dump(),
+            "chunks": self.output.chunks,
+            "shards": self.output.shards,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> SegflowConfig:
+    """Validate a config mapping; relative paths are taken relative to ``base_dir``.
+
+    Raises
+    ------
+    ConfigError
+        One line per problem: the key path, what is wrong and the value received.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"config: expected a mapping of keys, got {type(data).__name__}"])
+    try:
+        config = SegflowConfig.model_validate(dict(data))
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    parse_steps(config.pipeline)  # raises ConfigError naming pipeline[i].key
+    if base_dir is not None:
+        config = config.model_copy(
+            update={
+                "input": InputConfig(path=_resolve(config.input.path, base_dir)),
+                "output": config.output.model_copy(
+                    update={"store": _resolve(config.output.store, base_dir)}
+                ),
+            }
+        )
+    return config
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SegflowConfig:
+    """Load a YAML config, apply ``key.path=value`` overrides, validate.
+
+    Relative ``input.path`` and ``output.store`` are resolved against the config file's
+    folder. Override values are parsed as YAML scalars (``blocks.shape=[512,512]`` works).
+
+    Examples
+    --------
+    >>> config = load_config("configs/nuclei.yaml", ["blocks.shape=128"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError([f"config {str(path)!r}: cannot read it ({error.strerror})"]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"config {str(path)!r}: not valid YAML ({error})"]) from None
+    data = apply_overrides(data if data is not None else {}, overrides)
+    return parse_config(data, base_dir=path.resolve().parent)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``dotted.key=value`` overrides applied."""
+    result: Any = json.loads(json.dumps(data, default=str))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"--set {override!r}: expected KEY=VALUE, e.g. blocks.shape=512"])
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            index = _index(node, last, key)
+            node[index] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError([f"--set {key}: {'.'.join(parts[:-1])} is not a mapping or list"])
+    return dict(result)
+
+
+def _child(node: Any, part: str, where: str, *, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError([f"--set {where}: cannot descend into a {type(node).__name__}"])
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list[Any], part: str, where: str) -> int:
+    try:
+        index = int(part)
+        node[index]  # noqa: B018  (bounds check)
+    except (ValueError, IndexError):
+        raise ConfigError(
+            [f"--set {where}: {part!r} is not an index of a list of {len(node)} items"]
+        ) from None
+    return index
+
+
+def _describe(error: ValidationError) -> list[str]:
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "config"
+        if problem["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        elif problem["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key (got {problem.get('input')!r})")
+        else:
+            lines.append(f"{where}: {problem['msg']} (got {problem.get('input')!r})")
+    return lines
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str((base_dir / path).resolve())

@@ -1,0 +1,131 @@
+"""Segment one item of a collection into the output store: the unit a flow task runs."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from segflow.engine.api import run_item
+from segflow.engine.executor import Executor, ProgressCallback
+from segflow.engine.pipeline import compile_pipeline
+from segflow.io.base import Reader
+
+
+def code_version() -> str:
+    from segflow import __version__
+
+    return __version__
+
+
+@dataclass
+class ItemResult:
+    """One row of the collection index: small, safe to pass through Prefect."""
+
+    id: str
+    source: str
+    status: str  # "done", "failed" or "skipped"
+    error: str | None = None
+    shape: str = ""
+    output: str = ""
+    object_count: int | None = None
+    foreground_fraction: float | None = None
+    seconds: float = 0.0
+    n_blocks: int = 0
+    fingerprint: str = ""
+    config_hash: str = ""
+    code_version: str = field(default_factory=code_version)
+    statistics: dict[str, float] = field(default_factory=dict)
+
+    def as_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["statistics"] = repr(self.statistics) if self.statistics else ""
+        return row
+
+
+def segment_item(
+    reader: Reader,
+    pipeline: Sequence[Mapping[str, Any]],
+    *,
+    store: str,
+    block_shape: Sequence[int] | int,
+    executor: Executor,
+    chunks: Sequence[int] | None = None,
+    shards: Sequence[int] | None = None,
+    config_hash: str = "",
+    progress: ProgressCallback | None = None,
+) -> ItemResult:
+    """Run ``pipeline`` on one item and write it to ``STORE/ITEM_ID``.
+
+    Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
+    the item and the reason, so the rest of the collection goes on.
+    """
+    from segflow.store import (
+        ArraySpec,
+        ZarrRegionWriter,
+        create_item_group,
+        create_output_array,
+    )
+
+    info = reader.info
+    started = time.perf_counter()
+    result = ItemResult(
+        id=info.id,
+        source=info.path,
+        status="failed",
+        shape="x".join(str(n) for n in info.shape),
+        fingerprint=info.fingerprint,
+        config_hash=config_hash,
+    )
+    try:
+        spatial = info.spatial_shape
+        plan = compile_pipeline(
+            pipeline, spatial_ndim=len(spatial), channels=info.n_channels, dtype=info.dtype
+        )
+        block = _per_axis(block_shape, len(spatial))
+        chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))
+        shard = None if shards is None else tuple(min(s, n) for s, n in zip(shards, spatial, strict=True))
+        create_item_group(store, info, overwrite=True)
+        saved = {}
+        for name, dtype in plan.saved.items():
+            create_output_array(store, info, ArraySpec(name, str(dtype), chunk, shard))
+            saved[name] = ZarrRegionWriter(store, info.id, name)
+
+        def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
+            create_output_array(store, info, ArraySpec(plan.out_kind, str(dtype), chunk, shard))
+            return ZarrRegionWriter(store, info.id, plan.out_kind)
+
+        run = run_item(
+            reader, plan, block_shape=block, executor=executor, make_sink=make_sink,
+            saved=saved, storage_unit=shard or chunk, progress=progress,
+        )
+    except Exception as error:  # one bad item must not stop the collection
+        result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"
+        result.seconds = time.perf_counter() - started
+        result.statistics = {"traceback_lines": float(len(traceback.format_exc().splitlines()))}
+        return result
+    foreground = sum(b.foreground for b in run.blocks)
+    result.status = "done"
+    result.output = plan.out_kind
+    result.object_count = run.n_labels
+    result.foreground_fraction = foreground / max(int(np.prod(spatial)), 1)
+    result.n_blocks = run.n_blocks
+    result.seconds = time.perf_counter() - started
+    result.statistics = {
+        f"{plan.steps[i].op.name}[{i}]": float(np.asarray(v).ravel()[0]) if np.asarray(v).size == 1 else float("nan")
+        for i, v in run.stats.items()
+    }
+    return result
+
+
+def _per_axis(value: Sequence[int] | int, ndim: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * ndim
+    values = tuple(int(v) for v in value)
+    if len(values) == 1:
+        return values * ndim
+    return values

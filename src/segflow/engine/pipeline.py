@@ -1,0 +1,217 @@
+"""Compile a pipeline (a list of named steps) into phases the engine can run blockwise.
+
+A phase is everything one Dask task per block can do without hearing from other blocks:
+read, then every pointwise and local operation in order. Phases end where the item must be
+seen whole: before a global operation (its statistic is reduced over all blocks first) and at a
+connectivity operation (labels are merged across block faces).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+import segflow.ops  # noqa: F401  (registers the built-in operations)
+from segflow.errors import ConfigError, PlanError
+from segflow.ops.registry import Operation, OpParams, get_operation
+
+
+@dataclass(frozen=True)
+class Step:
+    """One validated pipeline step: the operation, its parameters and its position."""
+
+    index: int
+    op: Operation[Any]
+    params: OpParams
+    save_as: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+    def describe(self) -> str:
+        return f"pipeline[{self.index}] {self.op.name!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Workers look the operation up by name: functions are never pickled by value.
+        return (_make_step, (self.index, self.op.name, self.params, self.save_as))
+
+
+def _make_step(index: int, name: str, params: OpParams, save_as: str | None) -> Step:
+    return Step(index, get_operation(name), params, save_as)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps run back to back in one task per block, then what ends the phase.
+
+    ``ends_with`` is ``"statistic"`` (the next step is global and needs a reduction of this
+    phase's output), ``"label"`` (``connectivity`` is the connectivity step to run on this
+    phase's output) or ``"output"`` (the last phase writes the result).
+    """
+
+    steps: tuple[Step, ...]
+    ends_with: str
+    statistic_step: Step | None = None
+    connectivity: Step | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled pipeline for items with a given channel count, dtype and dimensionality."""
+
+    steps: tuple[Step, ...]
+    phases: tuple[Phase, ...]
+    halo: tuple[int, ...]
+    out_dtype: np.dtype
+    out_kind: str  # "labels", "mask", "classes" or "image"
+    saved: Mapping[str, np.dtype] = field(default_factory=dict)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(p.connectivity is not None for p in self.phases)
+
+
+def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...]:
+    """Validate raw pipeline steps (``{"op": NAME, **params}``) against the registry.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, naming ``pipeline[i].key``, the value and what is expected.
+    """
+    steps: list[Step] = []
+    problems: list[str] = []
+    if not pipeline:
+        raise ConfigError(["pipeline: must list at least one step, got an empty list"])
+    for i, raw in enumerate(pipeline):
+        if isinstance(raw, Step):
+            steps.append(Step(i, raw.op, raw.params, raw.save_as))
+            continue
+        if not isinstance(raw, Mapping):
+            problems.append(f"pipeline[{i}]: expected a mapping with an `op` key, got {raw!r}")
+            continue
+        data = dict(raw)
+        name = data.pop("op", None)
+        save_as = data.pop("save_as", None)
+        if name is None:
+            problems.append(f"pipeline[{i}]: missing `op` (the operation name)")
+            continue
+        try:
+            op = get_operation(str(name))
+        except KeyError as error:
+            problems.append(f"pipeline[{i}].op: {error.args[0]}")
+            continue
+        try:
+            params = op.params.model_validate(data)
+        except ValidationError as error:
+            for problem in error.errors():
+                where = ".".join(str(p) for p in problem["loc"])
+                value = problem.get("input")
+                key = f"pipeline[{i}].{where}" if where else f"pipeline[{i}] ({name})"
+                shown = "" if where == "" else f" (got {value!r})"
+                problems.append(f"{key}: {problem['msg']}{shown}")
+            continue
+        if save_as is not None and not str(save_as).isidentifier():
+            problems.append(f"pipeline[{i}].save_as: {save_as!r} is not a valid array name")
+            continue
+        steps.append(Step(i, op, params, None if save_as is None else str(save_as)))
+    if problems:
+        raise ConfigError(problems)
+    return tuple(steps)
+
+
+def compile_pipeline(
+    pipeline: Sequence[Mapping[str, Any] | Step],
+    *,
+    spatial_ndim: int,
+    channels: int,
+    dtype: np.dtype | str,
+) -> Plan:
+    """Check a pipeline against an item's layout and split it into phases.
+
+    Examples
+    --------
+    >>> plan = compile_pipeline(
+    ...     [{"op": "gaussian", "sigma": 2}, {"op": "otsu"}, {"op": "label"}],
+    ...     spatial_ndim=2, channels=1, dtype="float32")
+    >>> [p.ends_with for p in plan.phases]
+    ['statistic', 'label', 'output']
+    >>> plan.halo
+    (8, 8)
+    """
+    steps = parse_steps(pipeline)
+    dtype = np.dtype(dtype)
+    saved: dict[str, np.dtype] = {}
+    halo = [0] * spatial_ndim
+    labelled = False
+    for step in steps:
+        where = step.describe()
+        if spatial_ndim not in step.op.ndims:
+            raise PlanError(f"{where} works on {step.op.ndims}-D items, this item is {spatial_ndim}-D")
+        if step.op.needs_single_channel and channels != 1:
+            raise PlanError(
+                f"{where} needs a single-channel image, got {channels} channels; add "
+                "'select_bands' or 'combine_bands' before it"
+            )
+        if labelled and step.op.kind in ("local", "global", "connectivity"):
+            raise PlanError(
+                f"{where} is a {step.op.kind} operation after 'label'; only pointwise "
+                "operations may follow a connectivity operation"
+            )
+        try:
+            op_halo = step.op.halo_of(step.params, spatial_ndim)
+            channels = step.op.channels_after(channels, step.params)
+        except ValueError as error:
+            raise PlanError(f"{where}: {error}") from None
+        halo = [h + o for h, o in zip(halo, op_halo, strict=True)]
+        dtype = step.op.dtype_after(dtype, step.params)
+        if step.op.kind == "connectivity":
+            labelled = True
+        if step.save_as is not None:
+            saved[step.save_as] = _storage_dtype(dtype)
+    phases = _split_phases(steps)
+    out_kind = _output_kind(steps, dtype)
+    return Plan(
+        steps=steps,
+        phases=phases,
+        halo=tuple(halo),
+        out_dtype=_storage_dtype(dtype),
+        out_kind=out_kind,
+        saved=saved,
+    )
+
+
+def _split_phases(steps: Sequence[Step]) -> tuple[Phase, ...]:
+    phases: list[Phase] = []
+    current: list[Step] = []
+    for step in steps:
+        if step.op.kind == "global":
+            phases.append(Phase(tuple(current), "statistic", statistic_step=step))
+            current = [step]
+        elif step.op.kind == "connectivity":
+            phases.append(Phase(tuple(current), "label", connectivity=step))
+            current = []
+        else:
+            current.append(step)
+    phases.append(Phase(tuple(current), "output"))
+    return tuple(phases)
+
+
+def _output_kind(steps: Sequence[Step], dtype: np.dtype) -> str:
+    if any(s.op.kind == "connectivity" for s in steps):
+        return "labels"
+    if dtype == np.bool_:
+        return "mask"
+    if np.issubdtype(dtype, np.integer):
+        return "classes"
+    return "image"
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    """Zarr stores masks as uint8 (0/1)."""
+    return np.dtype(np.uint8) if dtype == np.bool_ else np.dtype(dtype)

@@ -1,0 +1,67 @@
+"""What every reader gives the engine: item metadata and windowed reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+Format = Literal["geotiff", "nifti", "nrrd", "tiff", "png", "jpeg", "zarr", "array"]
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """Identity and physical metadata of one item of a collection.
+
+    Axes are ordered channels first, then ``(z), y, x``: ``axes`` is for example
+    ``("c", "y", "x")`` for a multi-band raster or ``("z", "y", "x")`` for a volume.
+    ``spacing`` and ``origin`` are given per *spatial* axis, in ``units``; ``origin`` is the
+    coordinate of the centre of the first pixel, so the centre of pixel ``i`` along an axis is
+    ``origin + i * spacing`` (spacing may be negative, as for north-up rasters along y).
+    """
+
+    id: str
+    path: str
+    format: Format
+    shape: tuple[int, ...]
+    dtype: str
+    axes: tuple[str, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    units: str = "pixel"
+    crs_wkt: str | None = None
+    # rasterio/affine order (a, b, c, d, e, f): x = a*col + b*row + c, y = d*col + e*row + f.
+    # (GDAL's GeoTransform is (c, a, b, f, d, e).)
+    transform: tuple[float, ...] | None = None
+    affine: tuple[tuple[float, ...], ...] | None = None  # volumes: 4x4 voxel-to-world
+    nodata: float | None = None
+    fingerprint: str = ""
+    attrs: dict[str, object] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def spatial_axes(self) -> tuple[str, ...]:
+        return tuple(a for a in self.axes if a != "c")
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(n for n, a in zip(self.shape, self.axes, strict=True) if a != "c")
+
+    @property
+    def n_channels(self) -> int:
+        return self.shape[0] if self.axes[0] == "c" else 1
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Windowed access to one item. Must pickle cheaply (paths, not open handles)."""
+
+    info: ItemInfo
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        """Read ``region`` (one slice per spatial axis, steps of 1, inside the item).
+
+        Returns an array shaped ``(c, *region_shape)``: the channel axis is always present,
+        of length 1 for single-channel items.
+        """
+        ...

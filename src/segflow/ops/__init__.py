@@ -1,0 +1,33 @@
+"""Pipeline operations. Importing this package registers every built-in operation."""
+
+from segflow.ops import filters, intensity, label, morphology, threshold
+from segflow.ops.registry import (
+    Done,
+    GlobalStatistic,
+    Operation,
+    OpContext,
+    OpKind,
+    OpParams,
+    describe_params,
+    get_operation,
+    list_operations,
+    register,
+)
+
+__all__ = [
+    "Done",
+    "GlobalStatistic",
+    "OpContext",
+    "OpKind",
+    "OpParams",
+    "Operation",
+    "describe_params",
+    "filters",
+    "get_operation",
+    "intensity",
+    "label",
+    "list_operations",
+    "morphology",
+    "register",
+    "threshold",
+]

@@ -1,0 +1,214 @@
+"""Pointwise intensity operations: clipping, windows, band selection and percentile scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from segflow.ops.registry import Operation, OpContext, OpParams, register
+from segflow.ops.statistics import Percentiles
+
+
+class ClipParams(OpParams):
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ClipParams:
+        if self.low is None and self.high is None:
+            raise ValueError("give `low`, `high` or both")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
+        return self
+
+
+def clip_intensity(image: np.ndarray, params: ClipParams, ctx: OpContext) -> np.ndarray:
+    """Clip intensities to ``[low, high]``; the dtype is kept."""
+    return np.clip(image, params.low, params.high).astype(image.dtype, copy=False)
+
+
+class WindowParams(OpParams):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _check(self) -> WindowParams:
+        if self.low >= self.high:
+            raise ValueError(f"`low` ({self.low}) must be below `high` ({self.high})")
+        return self
+
+
+def window_intensity(image: np.ndarray, params: WindowParams, ctx: OpContext) -> np.ndarray:
+    """Map ``[low, high]`` linearly to ``[0, 1]`` (float32), clipping outside: a CT/HU window."""
+    scaled = (image.astype(np.float32) - np.float32(params.low)) / np.float32(
+        params.high - params.low
+    )
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
+
+
+class SelectBandsParams(OpParams):
+    bands: list[int] = Field(min_length=1, description="1-based band numbers, as GDAL counts")
+
+
+def select_bands(image: np.ndarray, params: SelectBandsParams, ctx: OpContext) -> np.ndarray:
+    """Keep the listed bands (1-based, like rasterio and GDAL), in the order given."""
+    return image[[b - 1 for b in params.bands]]
+
+
+class CombineBandsParams(OpParams):
+    weights: list[float] = Field(min_length=1)
+
+
+def combine_bands(image: np.ndarray, params: CombineBandsParams, ctx: OpContext) -> np.ndarray:
+    """Weighted sum of the bands into one float32 channel.
+
+    For example ``weights: [0.299, 0.587, 0.114]`` turns RGB into luma (ITU-R BT.601).
+    """
+    weights = np.asarray(params.weights, dtype=np.float32)
+    out = np.tensordot(weights, image.astype(np.float32, copy=False), axes=(0, 0))
+    return out[np.newaxis].astype(np.float32, copy=False)
+
+
+class NormalizedDifferenceParams(OpParams):
+    band_a: int = Field(ge=1, description="1-based band number (e.g. near infrared)")
+    band_b: int = Field(ge=1, description="1-based band number (e.g. red)")
+
+
+def normalized_difference(
+    image: np.ndarray, params: NormalizedDifferenceParams, ctx: OpContext
+) -> np.ndarray:
+    """``(a - b) / (a + b)`` as float32, 0 where ``a + b == 0`` (NDVI with a=NIR, b=red)."""
+    a = image[params.band_a - 1].astype(np.float32)
+    b = image[params.band_b - 1].astype(np.float32)
+    total = a + b
+    out = np.divide(a - b, total, out=np.zeros_like(a), where=total != 0)
+    return out[np.newaxis]
+
+
+class PercentileParams(OpParams):
+    low: float = Field(1.0, ge=0, le=100)
+    high: float = Field(99.0, ge=0, le=100)
+    clip: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> PercentileParams:
+        if self.low >= self.high:
+            raise ValueError(f"`low` ({self.low}) must be below `high` ({self.high})")
+        return self
+
+
+def normalize_percentile(image: np.ndarray, params: PercentileParams, ctx: OpContext) -> np.ndarray:
+    """Scale so the item's ``low`` and ``high`` percentiles map to 0 and 1 (float32).
+
+    The percentiles are those of the whole item (``numpy.percentile``, linear method),
+    reduced exactly over all blocks before this block pass.
+    """
+    p_low, p_high = ctx.stat
+    span = float(p_high) - float(p_low)
+    out = image.astype(np.float32) - np.float32(p_low)
+    if span > 0:
+        out /= np.float32(span)
+    if params.clip:
+        np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+class ClassifyParams(OpParams):
+    edges: list[float] = Field(min_length=1, description="increasing class boundaries")
+    names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyParams:
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError(f"`edges` {self.edges} must be strictly increasing")
+        if self.names is not None and len(self.names) != len(self.edges) + 1:
+            raise ValueError(
+                f"`names` has {len(self.names)} entries, `edges` makes {len(self.edges) + 1} "
+                "classes"
+            )
+        return self
+
+
+def classify_intensity(image: np.ndarray, params: ClassifyParams, ctx: OpContext) -> np.ndarray:
+    """Class ids 1..n+1 by intensity range: class k holds ``edges[k-2] <= value < edges[k-1]``.
+
+    For CT in Hounsfield units, ``edges: [-400, 300]`` gives 1 = air/lung, 2 = soft tissue,
+    3 = bone. 0 is left free for "no data".
+    """
+    return (np.digitize(image, params.edges) + 1).astype(np.uint8)
+
+
+register(
+    Operation(
+        name="clip",
+        kind="pointwise",
+        params=ClipParams,
+        apply=clip_intensity,
+        summary="clip intensities to [low, high]",
+    )
+)
+register(
+    Operation(
+        name="window",
+        kind="pointwise",
+        params=WindowParams,
+        apply=window_intensity,
+        summary="intensity window [low, high] -> [0, 1] float32 (HU windowing)",
+        out_dtype=lambda dtype, p: np.dtype(np.float32),
+    )
+)
+register(
+    Operation(
+        name="select_bands",
+        kind="pointwise",
+        params=SelectBandsParams,
+        apply=select_bands,
+        summary="keep the listed 1-based bands",
+        out_channels=lambda c, p: len(p.bands),
+    )
+)
+register(
+    Operation(
+        name="combine_bands",
+        kind="pointwise",
+        params=CombineBandsParams,
+        apply=combine_bands,
+        summary="weighted sum of bands into one float32 channel",
+        out_channels=lambda c, p: 1,
+        out_dtype=lambda dtype, p: np.dtype(np.float32),
+    )
+)
+register(
+    Operation(
+        name="normalized_difference",
+        kind="pointwise",
+        params=NormalizedDifferenceParams,
+        apply=normalized_difference,
+        summary="(a - b) / (a + b) of two 1-based bands (NDVI-style), float32",
+        out_channels=lambda c, p: 1,
+        out_dtype=lambda dtype, p: np.dtype(np.float32),
+    )
+)
+register(
+    Operation(
+        name="classify",
+        kind="pointwise",
+        params=ClassifyParams,
+        apply=classify_intensity,
+        summary="class ids 1..n+1 from increasing intensity edges (uint8)",
+        out_dtype=lambda dtype, p: np.dtype(np.uint8),
+        needs_single_channel=True,
+    )
+)
+register(
+    Operation(
+        name="normalize_percentile",
+        kind="global",
+        params=PercentileParams,
+        apply=normalize_percentile,
+        summary="scale the item's [low, high] percentiles to [0, 1] (exact, global)",
+        statistic=lambda p: Percentiles(q=(p.low, p.high)),
+        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        needs_single_channel=True,
+    )
+)

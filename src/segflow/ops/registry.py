@@ -1,0 +1,164 @@
+"""The operation registry: every pipeline step is chosen by name from here.
+
+An operation declares its *kind*, which tells the engine how to run it blockwise:
+
+``pointwise``
+    Each output pixel depends on the same input pixel only (halo 0).
+``local``
+    Each output pixel depends on a neighbourhood; the op declares its halo from its
+    parameters, and its border mode is applied at the item border only.
+``global``
+    Needs a statistic of the whole item (a histogram, percentiles) before it can be applied
+    pointwise. It declares a :class:`GlobalStatistic`, reduced over every block's core.
+``connectivity``
+    Block-local labelling plus a global merge across block faces (see ``segflow.stitch``).
+
+Adding an operation is one function, one :func:`register` call and its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+OpKind = Literal["pointwise", "local", "global", "connectivity"]
+KINDS: tuple[OpKind, ...] = ("pointwise", "local", "global", "connectivity")
+
+
+class OpParams(BaseModel):
+    """Base of every operation's parameter model: strict, immutable, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=OpParams)
+
+
+@dataclass(frozen=True)
+class OpContext:
+    """What an operation may know besides its input block.
+
+    Attributes
+    ----------
+    spatial_ndim : int
+        Number of spatial axes; the block has one more, the channel axis first.
+    stat : Any
+        The finished global statistic, for ``global`` operations only.
+    spacing : tuple of float
+        Physical size of a pixel along each spatial axis (``(z), y, x``).
+    """
+
+    spatial_ndim: int
+    stat: Any = None
+    spacing: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Done:
+    """Returned by :meth:`GlobalStatistic.combine` when the statistic is final."""
+
+    value: Any
+
+
+class GlobalStatistic(Protocol):
+    """A statistic reduced over all blocks of an item, in one or more passes.
+
+    The engine calls ``start`` once, then repeats: ``map`` on the core of every block (on the
+    workers, where the blocks live), ``combine`` on the small partial results (on the client),
+    until ``combine`` returns :class:`Done`. States and partials must be small.
+    """
+
+    def start(self) -> Any: ...
+
+    def map(self, core: np.ndarray, state: Any) -> Any: ...
+
+    def combine(self, partials: Sequence[Any], state: Any) -> Any | Done: ...
+
+
+@dataclass(frozen=True)
+class Operation(Generic[P]):
+    """One registered pipeline operation.
+
+    ``apply(image, params, ctx)`` maps a block shaped ``(c, *spatial)`` to a new block with the
+    same spatial shape. ``halo(params, spatial_ndim)`` gives the halo per spatial axis.
+    ``out_channels`` and ``out_dtype`` let the planner check a pipeline before any data moves.
+    """
+
+    name: str
+    kind: OpKind
+    params: type[P]
+    apply: Callable[[np.ndarray, P, OpContext], np.ndarray]
+    summary: str
+    halo: Callable[[P, int], tuple[int, ...]] | None = None
+    halo_rule: str = "0"
+    statistic: Callable[[P], GlobalStatistic] | None = None
+    out_channels: Callable[[int, P], int] | None = None
+    out_dtype: Callable[[np.dtype, P], np.dtype] | None = None
+    needs_single_channel: bool = False
+    ndims: tuple[int, ...] = (2, 3)
+
+    def statistic_for(self, params: P) -> GlobalStatistic:
+        if self.statistic is None:
+            raise TypeError(f"operation {self.name!r} has no global statistic")
+        return self.statistic(params)
+
+    def halo_of(self, params: P, spatial_ndim: int) -> tuple[int, ...]:
+        if self.halo is None:
+            return (0,) * spatial_ndim
+        return tuple(int(h) for h in self.halo(params, spatial_ndim))
+
+    def channels_after(self, channels: int, params: P) -> int:
+        return channels if self.out_channels is None else self.out_channels(channels, params)
+
+    def dtype_after(self, dtype: np.dtype, params: P) -> np.dtype:
+        return np.dtype(dtype) if self.out_dtype is None else np.dtype(self.out_dtype(dtype, params))
+
+
+_REGISTRY: dict[str, Operation[Any]] = {}
+
+
+def register(op: Operation[Any]) -> Operation[Any]:
+    """Add ``op`` to the registry; names are unique."""
+    if op.kind not in KINDS:
+        raise ValueError(f"operation {op.name!r}: kind {op.kind!r} is not one of {KINDS}")
+    if op.kind == "global" and op.statistic is None:
+        raise ValueError(f"operation {op.name!r}: a global operation needs a statistic")
+    if op.name in _REGISTRY:
+        raise ValueError(f"operation {op.name!r} is already registered")
+    _REGISTRY[op.name] = op
+    return op
+
+
+def get_operation(name: str) -> Operation[Any]:
+    """Return the registered operation called ``name``.
+
+    Raises
+    ------
+    KeyError
+        If no operation has that name; the message lists the known names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown operation {name!r}; known operations: {known}") from None
+
+
+def list_operations() -> list[Operation[Any]]:
+    """All registered operations, sorted by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def describe_params(op: Operation[Any]) -> list[tuple[str, str, str]]:
+    """``(name, type, default)`` for each parameter of ``op``, for ``segflow ops``."""
+    rows = []
+    for name, field in op.params.model_fields.items():
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        annotation = annotation.replace("typing.", "")
+        default = "required" if field.is_required() else repr(field.default)
+        rows.append((name, annotation, default))
+    return rows

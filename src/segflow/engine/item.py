@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -106,7 +105,6 @@ def segment_item(
     except Exception as error:  # one bad item must not stop the collection
         result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"
         result.seconds = time.perf_counter() - started
-        result.statistics = {"traceback_lines": float(len(traceback.format_exc().splitlines()))}
         return result
     foreground = sum(b.foreground for b in run.blocks)
     result.status = "done"
@@ -115,10 +113,11 @@ def segment_item(
     result.foreground_fraction = foreground / max(int(np.prod(spatial)), 1)
     result.n_blocks = run.n_blocks
     result.seconds = time.perf_counter() - started
-    result.statistics = {
-        f"{plan.steps[i].op.name}[{i}]": float(np.asarray(v).ravel()[0]) if np.asarray(v).size == 1 else float("nan")
-        for i, v in run.stats.items()
-    }
+    for index, value in run.stats.items():
+        values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        for k, v in enumerate(values):
+            suffix = "" if values.size == 1 else f".{k}"
+            result.statistics[f"pipeline[{index}].{plan.steps[index].op.name}{suffix}"] = float(v)
     return result
 
 

@@ -1,0 +1,23 @@
+"""Readers: one item of a collection as metadata plus windowed reads, channels first."""
+
+from segflow.io.base import Format, ItemInfo, Reader
+from segflow.io.discover import ITEM_SUFFIXES, assign_item_ids, discover_items, open_item
+from segflow.io.geotiff import GeoTIFFReader
+from segflow.io.image import ImageReader
+from segflow.io.nifti import NiftiReader
+from segflow.io.zarr import ArrayReader, ZarrReader
+
+__all__ = [
+    "ITEM_SUFFIXES",
+    "ArrayReader",
+    "Format",
+    "GeoTIFFReader",
+    "ImageReader",
+    "ItemInfo",
+    "NiftiReader",
+    "Reader",
+    "ZarrReader",
+    "assign_item_ids",
+    "discover_items",
+    "open_item",
+]

@@ -1,0 +1,133 @@
+"""Helpers shared by the readers: region checks, fingerprints, item ids, channel handling."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+from segflow.errors import ItemReadError
+from segflow.io.base import ItemInfo
+
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is an fsspec-style URL (``s3://…``, ``https://…``) and not a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
+def strip_file_scheme(path: str) -> str:
+    """Turn ``file:///data/a.tif`` into ``/data/a.tif``; other paths come back unchanged."""
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def sanitize_id(name: str) -> str:
+    """Make ``name`` a valid Zarr node name: only ``[A-Za-z0-9._-]``, never ``.``/``..``/``__*``.
+
+    Zarr v3 reserves names starting with ``__``, and ``.``/``..`` are path components.
+    """
+    safe = _UNSAFE_ID_CHARS.sub("_", name)
+    if safe in ("", ".", "..") or safe.startswith("__"):
+        safe = "item" + safe
+    return safe
+
+
+def fingerprint_file(path: str) -> str:
+    """sha256 of ``(absolute path, size, mtime_ns)`` as 16 hex digits; ``""`` for URLs."""
+    if is_url(path):
+        return fingerprint_url(path)
+    local = os.path.abspath(strip_file_scheme(path))
+    stat = os.stat(local)
+    return _hash_parts(local, str(stat.st_size), str(stat.st_mtime_ns))
+
+
+def fingerprint_url(path: str) -> str:
+    """sha256 of a remote object's ``(url, size, mtime or ETag)`` from fsspec; ``""`` if unknown."""
+    try:
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(path)
+        info = fs.info(inner)
+    except Exception:  # remote metadata is a best effort: no fingerprint means "always rerun"
+        return ""
+    stamp = next((str(info[k]) for k in ("mtime", "LastModified", "ETag", "etag") if k in info), "")
+    return _hash_parts(path, str(info.get("size", "")), stamp)
+
+
+def fingerprint_tree(path: str) -> str:
+    """sha256 of every metadata document and the listing ``(name, size, mtime_ns)`` of a folder.
+
+    Used for Zarr directories: metadata contents catch shape/dtype changes, the listing with
+    modification times catches rewritten chunks. Costs one ``stat`` per chunk file.
+    """
+    if is_url(path):
+        return fingerprint_url(path)
+    root = os.path.abspath(strip_file_scheme(path))
+    digest = hashlib.sha256(root.encode())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            stat = os.stat(full)
+            rel = os.path.relpath(full, root)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            if name in ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"):
+                with open(full, "rb") as file:
+                    digest.update(file.read())
+    return digest.hexdigest()[:16]
+
+
+def _hash_parts(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def mtime_ns(path: str) -> int:
+    """Modification time of a local file, used to key per-process caches of decoded files."""
+    return os.stat(path).st_mtime_ns
+
+
+def check_region(info: ItemInfo, region: tuple[slice, ...]) -> tuple[slice, ...]:
+    """Validate ``region`` against the item's spatial shape and return it with explicit bounds.
+
+    Raises
+    ------
+    ValueError
+        If the region has the wrong number of slices, a step other than 1, or lies outside.
+    """
+    shape = info.spatial_shape
+    if len(region) != len(shape):
+        raise ValueError(
+            f"item '{info.id}': `region` has {len(region)} slices, "
+            f"expected one per spatial axis {info.spatial_axes}"
+        )
+    bounded = []
+    for sl, size, axis in zip(region, shape, info.spatial_axes, strict=True):
+        start = 0 if sl.start is None else sl.start
+        stop = size if sl.stop is None else sl.stop
+        if sl.step not in (None, 1) or not 0 <= start <= stop <= size:
+            raise ValueError(
+                f"item '{info.id}': `region` slice {sl} along {axis!r} must have step 1 and lie "
+                f"inside 0..{size}"
+            )
+        bounded.append(slice(start, stop))
+    return tuple(bounded)
+
+
+def raise_read_error(item: str, what: str, exc: BaseException) -> NoReturn:
+    """Raise :class:`ItemReadError` naming the item path, what failed and the cause."""
+    raise ItemReadError(f"item '{item}': {what} ({type(exc).__name__}: {exc})") from exc
+
+
+@contextmanager
+def wrap_read_errors(item: str, what: str) -> Iterator[None]:
+    """Turn any library error inside the block into an :class:`ItemReadError` naming ``item``."""
+    try:
+        yield
+    except ItemReadError:
+        raise
+    except Exception as exc:
+        raise_read_error(item, what, exc)

@@ -1,0 +1,127 @@
+"""The collection index: one Parquet row per item (status, error, counts, hashes)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from pandas.api.extensions import ExtensionDtype
+
+from segflow.errors import StoreError
+
+INDEX_NAME = "index.parquet"
+STATUSES = ("done", "failed", "skipped")
+# Core columns and their dtypes; rows may add more columns, which are kept as given.
+_TEXT = pd.StringDtype()
+INDEX_COLUMNS: dict[str, ExtensionDtype] = {
+    "id": _TEXT,
+    "source": _TEXT,
+    "status": _TEXT,
+    "error": _TEXT,
+    "shape": _TEXT,
+    "object_count": pd.Int64Dtype(),
+    "seconds": pd.Float64Dtype(),
+    "config_hash": _TEXT,
+    "model_hash": _TEXT,
+    "code_version": _TEXT,
+    "fingerprint": _TEXT,
+}
+
+
+def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read ``STORE/index.parquet``; an empty frame with the core columns when it is missing.
+
+    Examples
+    --------
+    >>> list(read_index("/tmp/no_such_store.zarr").columns)[:3]
+    ['id', 'source', 'status']
+    """
+    path = pathlib.Path(store) / INDEX_NAME
+    if not path.exists():
+        return _empty_index()
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:
+        raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
+    return _with_core_columns(frame)
+
+
+def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> pathlib.Path:
+    """Merge ``rows`` into ``STORE/index.parquet``, keyed by item id, and return its path.
+
+    A row replaces the stored row with the same ``id``; other stored rows are kept. Rows are
+    sorted by id. A ``shape`` given as a tuple is stored as text (``"(718, 791)"``). The file
+    is replaced atomically, but concurrent writers are not merged: write from one process
+    (the flow), not from workers.
+
+    Parameters
+    ----------
+    store : str or path
+        Local path of the output store.
+    rows : sequence of dict
+        One dict per item with at least ``id`` and ``status`` (``"done"``, ``"failed"`` or
+        ``"skipped"``); any of the core columns and extra keys.
+
+    Raises
+    ------
+    ValueError
+        If a row has no ``id``, repeats an id, or has an unknown ``status``.
+
+    Examples
+    --------
+    >>> path = write_index("/tmp/doc_store.zarr", [{"id": "a", "status": "done"}])
+    >>> read_index("/tmp/doc_store.zarr").loc[0, "status"]
+    'done'
+    """
+    ids = [str(row.get("id")) for row in rows]
+    for row in rows:
+        if not row.get("id"):
+            raise ValueError(f"index row {row!r} has no `id`")
+        if row.get("status") not in STATUSES:
+            raise ValueError(
+                f"index row '{row['id']}': `status` {row.get('status')!r} must be one of {STATUSES}"
+            )
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"index rows repeat ids {repeated}")
+    new = _with_core_columns(pd.DataFrame([_normalise_row(row) for row in rows]))
+    old = read_index(store)
+    old = old[~old["id"].isin(new["id"])]
+    merged = new if old.empty else pd.concat([old, new], ignore_index=True)
+    merged = _with_core_columns(merged).sort_values("id", ignore_index=True)
+    path = pathlib.Path(store) / INDEX_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
+    try:
+        merged.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write index '{path}' ({type(exc).__name__}: {exc})") from exc
+    return path
+
+
+def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    if isinstance(out.get("shape"), tuple | list):
+        out["shape"] = str(tuple(int(n) for n in out["shape"]))
+    return out
+
+
+def _empty_index() -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in INDEX_COLUMNS.items()})
+
+
+def _with_core_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add missing core columns, cast them to their dtypes, and put them first."""
+    frame = frame.copy()
+    for name, dtype in INDEX_COLUMNS.items():
+        if name not in frame.columns:
+            frame[name] = pd.Series([pd.NA] * len(frame), dtype=dtype, index=frame.index)
+        else:
+            frame[name] = frame[name].astype(dtype)
+    extra = [c for c in frame.columns if c not in INDEX_COLUMNS]
+    return frame[[*INDEX_COLUMNS, *extra]]

@@ -1,0 +1,452 @@
+"""Layout of the output Zarr v3 store: one group per item, xarray/rioxarray-readable."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.errors import ZarrUserWarning
+
+from segflow.errors import StoreError
+from segflow.io.base import ItemInfo
+
+# The 0-d CF grid-mapping variable every geo array points at (the rioxarray convention).
+GRID_MAPPING = "spatial_ref"
+
+_AXIS_ATTRS: dict[str, dict[str, str]] = {
+    "z": {"axis": "Z", "long_name": "z coordinate of voxel centre"},
+    "y": {"axis": "Y", "long_name": "y coordinate of pixel centre"},
+    "x": {"axis": "X", "long_name": "x coordinate of pixel centre"},
+}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Name, dtype and storage layout of one output array of an item (spatial axes only).
+
+    Parameters
+    ----------
+    name : str
+        Array name inside the item group (``"labels"``, ``"probabilities"``).
+    dtype : str
+        NumPy dtype name.
+    chunks : tuple of int
+        Chunk shape, one entry per spatial axis.
+    shards : tuple of int, optional
+        Shard shape (a multiple of ``chunks`` per axis); unsharded when ``None``.
+    fill_value : int or float
+        Value of never-written chunks.
+    attrs : dict
+        Extra array attributes.
+
+    Examples
+    --------
+    >>> ArraySpec("labels", "uint32", chunks=(256, 256), shards=(1024, 1024)).shards
+    (1024, 1024)
+    """
+
+    name: str
+    dtype: str
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
+    fill_value: int | float = 0
+    attrs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+def storage_unit(spec: ArraySpec) -> tuple[int, ...]:
+    """The shape one writer must own whole: the shard when sharded, else the chunk.
+
+    Examples
+    --------
+    >>> storage_unit(ArraySpec("labels", "uint8", chunks=(64, 64), shards=(256, 256)))
+    (256, 256)
+    >>> storage_unit(ArraySpec("labels", "uint8", chunks=(64, 64)))
+    (64, 64)
+    """
+    return spec.shards if spec.shards is not None else spec.chunks
+
+
+def create_item_group(store: str, info: ItemInfo, *, overwrite: bool = True) -> None:
+    """Create group ``STORE/ITEM_ID`` with coordinates and metadata of ``info``.
+
+    The group holds one 1-D coordinate array per spatial axis (pixel/voxel centres,
+    ``origin + i * spacing``: CRS units for geo items, physical units for volumes), a 0-d
+    ``spatial_ref`` grid-mapping variable with ``crs_wkt``/``spatial_ref``/``GeoTransform`` for
+    geo items, and group attributes with the source path, spacing, units, origin, affine, CRS,
+    nodata and fingerprint. Any consolidated metadata at the store root is dropped, since it
+    would no longer describe the store: call :func:`consolidate_store` when the run is done.
+
+    Parameters
+    ----------
+    store : str
+        Path or URL of the Zarr v3 store (created if missing).
+    info : ItemInfo
+        The item.
+    overwrite : bool
+        Replace an existing group (and every array in it); otherwise an existing group is an
+        error.
+
+    Raises
+    ------
+    StoreError
+        If the group exists and ``overwrite`` is false, or the store cannot be written.
+
+    Examples
+    --------
+    >>> from segflow.io import open_item
+    >>> info = open_item("tests/data/aerial/RGB.byte.tif").info
+    >>> create_item_group("/tmp/doc_store.zarr", info)
+    >>> sorted(zarr.open_group("/tmp/doc_store.zarr", path=info.id).array_keys())
+    ['spatial_ref', 'x', 'y']
+    """
+    try:
+        root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
+        _drop_consolidated(root)
+        if not overwrite and info.id in root:
+            raise StoreError(
+                f"group '{info.id}' already exists in store '{store}'; pass overwrite=True to "
+                "replace it"
+            )
+        group = root.create_group(info.id, overwrite=overwrite, attributes=_group_attrs(info))
+        for axis, size, origin, step in zip(
+            info.spatial_axes, info.spatial_shape, info.origin, info.spacing, strict=True
+        ):
+            coord = group.create_array(
+                axis,
+                shape=(size,),
+                dtype="float64",
+                chunks=(max(size, 1),),
+                dimension_names=(axis,),
+                attributes=_coord_attrs(info, axis),
+                fill_value=np.nan,
+            )
+            coord[:] = origin + np.arange(size, dtype=np.float64) * step
+        if _is_geo(info):
+            ref = group.create_array(
+                GRID_MAPPING,
+                shape=(),
+                dtype="int32",
+                dimension_names=(),
+                attributes=_grid_mapping_attrs(info),
+            )
+            ref[...] = 0
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(
+            f"cannot create group '{info.id}' in store '{store}' ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def create_output_array(
+    store: str, info: ItemInfo, spec: ArraySpec, *, overwrite: bool = True
+) -> None:
+    """Create the output array ``STORE/ITEM_ID/NAME`` over the item's spatial axes.
+
+    Call after :func:`create_item_group`, at any time (a labels dtype is known only after
+    stitching). The array has ``dimension_names`` equal to the spatial axes, so xarray
+    attaches the group's coordinate arrays; geo arrays also name ``spatial_ref`` as their
+    ``grid_mapping`` and in ``coordinates``, so rioxarray finds the CRS.
+
+    Parameters
+    ----------
+    store : str
+        Path or URL of the Zarr v3 store.
+    info : ItemInfo
+        The item; its ``spatial_shape`` is the array shape.
+    spec : ArraySpec
+        Name, dtype, chunks, optional shards, fill value and attributes.
+    overwrite : bool
+        Replace an existing array of that name; otherwise it is an error.
+
+    Raises
+    ------
+    StoreError
+        If ``spec`` does not fit the item (wrong number of axes, shards not a multiple of
+        chunks), the item group is missing, or the array exists and ``overwrite`` is false.
+
+    Examples
+    --------
+    >>> from segflow.io import open_item
+    >>> info = open_item("tests/data/aerial/RGB.byte.tif").info
+    >>> create_item_group("/tmp/doc_store.zarr", info)
+    >>> spec = ArraySpec("labels", "uint16", chunks=(128, 128), shards=(256, 256))
+    >>> create_output_array("/tmp/doc_store.zarr", info, spec)
+    >>> zarr.open_array("/tmp/doc_store.zarr", path="RGB.byte/labels").shape
+    (718, 791)
+    """
+    _validate_spec(info, spec)
+    try:
+        root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
+        _drop_consolidated(root)
+        if info.id not in root:
+            raise StoreError(
+                f"array '{spec.name}': group '{info.id}' does not exist in store '{store}'; "
+                "call create_item_group first"
+            )
+        attrs = dict(spec.attrs)
+        if _is_geo(info):
+            attrs.setdefault("grid_mapping", GRID_MAPPING)
+            attrs.setdefault("coordinates", GRID_MAPPING)
+        zarr.create_array(
+            store,
+            name=f"{info.id}/{spec.name}",
+            shape=info.spatial_shape,
+            dtype=spec.dtype,
+            chunks=spec.chunks,
+            shards=spec.shards,
+            fill_value=spec.fill_value,
+            dimension_names=info.spatial_axes,
+            attributes=attrs,
+            overwrite=overwrite,
+            zarr_format=3,
+        )
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(
+            f"cannot create array '{info.id}/{spec.name}' in store '{store}' "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def consolidate_store(store: str) -> None:
+    """Consolidate the metadata of the whole store into its root ``zarr.json``.
+
+    Afterwards ``xarray.open_zarr(store, group=item_id)`` opens without warnings and with one
+    metadata read. Call it once all groups and arrays of a run exist: the consolidated copy is
+    dropped by :func:`create_item_group` and :func:`create_output_array`, so a stale copy can
+    never hide or misdescribe an array (``consolidated=False`` always works, consolidated or
+    not).
+
+    Raises
+    ------
+    StoreError
+        If the store cannot be read or written.
+
+    Examples
+    --------
+    >>> from segflow.io import ArrayReader
+    >>> info = ArrayReader(np.zeros((4, 4)), "demo").info
+    >>> create_item_group("/tmp/doc_consolidated.zarr", info)
+    >>> consolidate_store("/tmp/doc_consolidated.zarr")
+    """
+    try:
+        with warnings.catch_warnings():
+            # zarr notes that consolidated metadata is not (yet) part of the v3 spec. It is
+            # what xarray reads first, and zarr-python and xarray both read it, so opt in.
+            warnings.filterwarnings(
+                "ignore",
+                message="Consolidated metadata is currently not part",
+                category=ZarrUserWarning,
+            )
+            zarr.consolidate_metadata(store, zarr_format=3)
+    except Exception as exc:
+        raise StoreError(
+            f"cannot consolidate store '{store}' ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+class ZarrRegionWriter:
+    """Writes spatial regions of one output array; picklable, opened lazily once per process.
+
+    Every write must cover whole storage units (shards, or chunks when unsharded), except
+    where a region ends at the array edge: that is what makes concurrent block writes safe.
+
+    Parameters
+    ----------
+    store : str
+        Path or URL of the Zarr store.
+    item_id : str
+        Item group name.
+    name : str
+        Array name inside the group.
+
+    Examples
+    --------
+    >>> from segflow.io import ArrayReader
+    >>> info = ArrayReader(np.zeros((300, 300)), "demo").info
+    >>> create_item_group("/tmp/doc_writer.zarr", info)
+    >>> create_output_array("/tmp/doc_writer.zarr", info, ArraySpec("labels", "uint16", (256, 256)))
+    >>> writer = ZarrRegionWriter("/tmp/doc_writer.zarr", "demo", "labels")
+    >>> writer.write((slice(0, 256), slice(0, 256)), np.ones((256, 256), dtype=np.uint16))
+    >>> int(writer.read((slice(0, 2), slice(0, 2))).sum())
+    4
+    """
+
+    def __init__(self, store: str, item_id: str, name: str) -> None:
+        self.store = store
+        self.item_id = item_id
+        self.name = name
+        self._array: Any = None
+        self._pid = -1
+
+    def write(self, region: tuple[slice, ...], data: np.ndarray) -> None:
+        """Write ``data`` (shaped like ``region``) into ``region`` of the array.
+
+        Raises
+        ------
+        ValueError
+            If ``data`` does not have the region's shape.
+        StoreError
+            If the region does not cover whole storage units.
+        """
+        array = self._open()
+        bounded = _bound_region(array.shape, region, self._label)
+        expected = tuple(s.stop - s.start for s in bounded)
+        if data.shape != expected:
+            raise ValueError(
+                f"array '{self._label}': `data` shape {data.shape} does not match region "
+                f"{_format_region(bounded)} of shape {expected}"
+            )
+        unit = array.shards if array.shards is not None else array.chunks
+        for sl, size, step in zip(bounded, array.shape, unit, strict=True):
+            if sl.start % step or (sl.stop % step and sl.stop != size):
+                raise StoreError(
+                    f"array '{self._label}': region {_format_region(bounded)} does not cover "
+                    f"whole storage units {tuple(unit)} of shape {tuple(array.shape)}"
+                )
+        array[bounded] = data
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        """Read ``region`` of the array."""
+        array = self._open()
+        return np.asarray(array[_bound_region(array.shape, region, self._label)])
+
+    @property
+    def _label(self) -> str:
+        return f"{self.item_id}/{self.name}"
+
+    def _open(self) -> Any:
+        if self._array is None or self._pid != os.getpid():
+            try:
+                self._array = zarr.open_array(
+                    self.store, path=self._label, mode="r+", zarr_format=3
+                )
+            except Exception as exc:
+                raise StoreError(
+                    f"cannot open array '{self._label}' in store '{self.store}' "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            self._pid = os.getpid()
+        return self._array
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"store": self.store, "item_id": self.item_id, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._array = None
+        self._pid = -1
+
+    def __repr__(self) -> str:
+        return f"ZarrRegionWriter({self.store!r}, {self.item_id!r}, {self.name!r})"
+
+
+def _validate_spec(info: ItemInfo, spec: ArraySpec) -> None:
+    ndim = len(info.spatial_shape)
+    label = f"{info.id}/{spec.name}"
+    if len(spec.chunks) != ndim or any(c < 1 for c in spec.chunks):
+        raise StoreError(
+            f"array '{label}': chunks {spec.chunks} must be {ndim} positive sizes, one per "
+            f"spatial axis {info.spatial_axes}"
+        )
+    if spec.shards is None:
+        return
+    if len(spec.shards) != ndim or any(
+        s < 1 or s % c for s, c in zip(spec.shards, spec.chunks, strict=True)
+    ):
+        raise StoreError(
+            f"array '{label}': shards {spec.shards} must be a multiple of chunks {spec.chunks} "
+            f"along every spatial axis {info.spatial_axes}"
+        )
+
+
+def _bound_region(
+    shape: tuple[int, ...], region: tuple[slice, ...], label: str
+) -> tuple[slice, ...]:
+    if len(region) != len(shape):
+        raise ValueError(
+            f"array '{label}': `region` has {len(region)} slices for an array of shape {shape}"
+        )
+    bounded = []
+    for sl, size in zip(region, shape, strict=True):
+        start, stop, step = sl.indices(size)
+        if step != 1:
+            raise ValueError(f"array '{label}': `region` slice {sl} must have step 1")
+        bounded.append(slice(start, max(start, stop)))
+    return tuple(bounded)
+
+
+def _format_region(region: tuple[slice, ...]) -> str:
+    return "(" + ", ".join(f"{s.start}:{s.stop}" for s in region) + ")"
+
+
+def _is_geo(info: ItemInfo) -> bool:
+    return info.crs_wkt is not None
+
+
+def _json_number(value: float | None) -> float | str | None:
+    """JSON has no NaN/Infinity: encode them as zarr v3 encodes fill values."""
+    if value is None or math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _group_attrs(info: ItemInfo) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "item_id": info.id,
+        "source": info.path,
+        "format": info.format,
+        "source_shape": list(info.shape),
+        "source_axes": list(info.axes),
+        "source_dtype": info.dtype,
+        "spacing": list(info.spacing),
+        "origin": list(info.origin),
+        "units": info.units,
+        "fingerprint": info.fingerprint,
+        "nodata": _json_number(info.nodata),
+    }
+    if info.crs_wkt is not None:
+        attrs["crs"] = info.crs_wkt
+    if info.transform is not None:
+        attrs["transform"] = list(info.transform)
+    if info.affine is not None:
+        attrs["affine"] = [list(row) for row in info.affine]
+    return attrs
+
+
+def _coord_attrs(info: ItemInfo, axis: str) -> dict[str, Any]:
+    attrs = dict(_AXIS_ATTRS[axis])
+    attrs["units"] = info.units
+    if not _is_geo(info):
+        return attrs
+    if info.units == "degree":
+        if axis == "x":
+            attrs.update(standard_name="longitude", units="degrees_east")
+        elif axis == "y":
+            attrs.update(standard_name="latitude", units="degrees_north")
+    else:
+        attrs["standard_name"] = f"projection_{axis}_coordinate"
+    return attrs
+
+
+def _grid_mapping_attrs(info: ItemInfo) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"crs_wkt": info.crs_wkt, "spatial_ref": info.crs_wkt}
+    if info.transform is not None:
+        a, b, c, d, e, f = info.transform[:6]
+        # GDAL GeoTransform order (c, a, b, f, d, e), space-separated, as rioxarray writes it.
+        attrs["GeoTransform"] = " ".join(repr(float(v)) for v in (c, a, b, f, d, e))
+    return attrs
+
+
+def _drop_consolidated(root: Any) -> None:
+    """Remove root consolidated metadata, which would go stale as nodes are added."""
+    current = zarr.open_group(root.store, mode="r", zarr_format=3)
+    if current.metadata.consolidated_metadata is not None:
+        root.update_attributes({})  # ``root`` was opened without it: rewriting drops it

@@ -1,0 +1,285 @@
+"""The ``segflow`` command: ``run``, ``validate`` and ``ops``.
+
+Prefect is imported only by ``run``, so ``segflow ops`` and ``segflow validate`` answer fast.
+Before that import, :func:`flows._env.isolate_prefect` keeps Prefect's state in a
+segflow-owned folder unless the user configured Prefect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from flows._env import isolate_prefect
+
+isolate_prefect()  # before anything imports prefect
+
+app = typer.Typer(
+    name="segflow",
+    help="Segment huge image collections block by block (Dask blocks, Prefect flows, Zarr).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigPaths = Annotated[
+    list[Path], typer.Argument(help="YAML pipeline configs (see configs/).", show_default=False)
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a config key, e.g. --set blocks.shape=[512,512] (repeatable).",
+        show_default=False,
+    ),
+]
+
+EXIT_FAILED = 1  # some item (or a whole run) failed
+EXIT_INVALID = 2  # a config is invalid: nothing ran
+
+
+def main() -> None:
+    """Entry point of the ``segflow`` console script."""
+    app()
+
+
+@app.command()
+def ops() -> None:
+    """List the pipeline operations: kind, halo rule, parameters with defaults."""
+    from segflow.ops import describe_params, list_operations
+
+    table = Table(title="segflow operations (use as pipeline steps: {op: NAME, PARAM: VALUE})")
+    table.add_column("op", style="bold cyan", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("halo rule", ratio=1)
+    table.add_column("parameters (type = default)", ratio=2)
+    table.add_column("summary", ratio=3)
+    for op in list_operations():
+        params = "\n".join(
+            f"{name}: {_type_name(op.params, name, kind)}"
+            + (" (required)" if default == "required" else f" = {default}")
+            for name, kind, default in describe_params(op)
+        )
+        table.add_row(op.name, op.kind, op.halo_rule, params or "-", op.summary)
+    Console().print(table, markup=False)
+
+
+def _type_name(model: Any, name: str, described: str) -> str:
+    """``Literal`` parameters read as their choices: ``'disk' | 'square'``."""
+    import typing
+
+    annotation = model.model_fields[name].annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(choice) for choice in typing.get_args(annotation))
+    return described
+
+
+@app.command()
+def validate(configs: ConfigPaths, set_: SetOption = None) -> None:
+    """Check configs without running them (keys, operations, parameters, and the pipeline
+    against each item's channels and dimensions); print OK or one line per problem.
+    """
+    invalid = False
+    for path in configs:
+        config = _load_or_report(path, set_ or [])
+        if config is None:
+            invalid = True
+            continue
+        problems = _check_items(config)
+        for problem in problems:
+            typer.echo(f"{path}: {problem}", err=True)
+        invalid |= bool(problems)
+        if not problems:
+            steps = " -> ".join(str(step["op"]) for step in config.pipeline)
+            typer.echo(f"OK {path}: {config.name}: {steps}; output {config.output.store}")
+    if invalid:
+        raise typer.Exit(EXIT_INVALID)
+
+
+@app.command()
+def run(configs: ConfigPaths, set_: SetOption = None) -> None:
+    """Run each config as its own flow run and print where the output is.
+
+    Exit status: 0 when every item is done (or was already), 1 when any item or run failed,
+    2 when a config is invalid (then nothing runs).
+    """
+    overrides = list(set_ or [])
+    loaded = [_load_or_report(path, overrides) for path in configs]
+    if any(config is None for config in loaded):
+        raise typer.Exit(EXIT_INVALID)
+
+    from flows.segment import ItemsFailedError, segment_collection
+
+    console = Console(stderr=True)
+    failed = False
+    with _shared_cluster(loaded) as shared:
+        for path in configs:
+            run_overrides = overrides + ([f"cluster.address={shared}"] if shared else [])
+            with _progress_bar(console, str(path)):
+                state = segment_collection(str(path), run_overrides, return_state=True)
+            result = state.result(raise_on_failure=False)
+            if isinstance(result, ItemsFailedError):
+                result = result.summary
+            if isinstance(result, BaseException):
+                typer.echo(f"{path}: run failed: {type(result).__name__}: {result}", err=True)
+                failed = True
+                continue
+            failed |= bool(result["failed"])
+            _print_summary(result)
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@contextmanager
+def _shared_cluster(configs: Sequence[Any]) -> Iterator[str | None]:
+    """One LocalCluster for several configs that would each start the same one.
+
+    Starting Dask worker processes costs seconds; when every config asks for the same local
+    cluster, the runs share one (each flow run then connects to it by address).
+    """
+    clusters = {config.cluster.model_dump_json() for config in configs}
+    if len(configs) < 2 or len(clusters) > 1 or configs[0].cluster.address:
+        yield None
+        return
+    from flows.cluster import dask_client
+
+    with dask_client(configs[0].cluster) as client:
+        yield str(client.scheduler.address)
+
+
+def _load_or_report(path: Path, overrides: Sequence[str]) -> Any:
+    """The config, or None after printing one line per problem."""
+    from segflow.config import load_config
+    from segflow.errors import ConfigError
+
+    try:
+        return load_config(path, overrides)
+    except ConfigError as error:
+        for problem in error.problems:
+            typer.echo(f"{path}: {problem}", err=True)
+        return None
+
+
+def _check_items(config: Any) -> list[str]:
+    """Problems of fitting the pipeline to each item (channels, dimensions), one per line."""
+    from segflow.engine.pipeline import compile_pipeline
+    from segflow.errors import SegflowError
+    from segflow.io import discover_items
+
+    try:
+        readers, failures = discover_items(config.input.path)
+    except SegflowError as error:
+        return [f"input.path: {error}"]
+    problems = [f"input.path: {message}" for _, message in failures]
+    for reader in readers:
+        info = reader.info
+        try:
+            compile_pipeline(
+                config.pipeline,
+                spatial_ndim=len(info.spatial_shape),
+                channels=info.n_channels,
+                dtype=info.dtype,
+            )
+        except (SegflowError, ValueError) as error:
+            problems.append(f"item {info.id!r} ({info.path}): {error}")
+    return problems
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    console = Console()
+    console.print(
+        f"[bold]{summary['name']}[/]: {summary['done']} done, {summary['skipped']} skipped "
+        f"(already done), {summary['failed']} failed",
+        highlight=False,
+    )
+    for failure in summary["failures"]:
+        console.print(
+            f"  [red]failed[/] {escape(failure['error'])}", highlight=False, soft_wrap=True
+        )
+    console.print(f"  output: {summary['store']}", highlight=False, soft_wrap=True)
+    console.print(f"  index:  {summary['index']}", highlight=False, soft_wrap=True)
+    if summary["open"]:
+        console.print(
+            f'  open:   python -c "import xarray; print({summary["open"]})"',
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+@contextmanager
+def _progress_bar(console: Console, title: str) -> Iterator[None]:
+    """A rich progress bar per item, fed by the engine's block progress."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks.progress import listen_progress
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    bars: dict[str, Any] = {}
+    styles = {"done": "green", "skipped": "cyan", "failed": "red"}
+
+    def update(item_id: str, phase: str, done: int, total: int) -> None:
+        if item_id not in bars:
+            bars[item_id] = progress.add_task(item_id, total=total)
+        style = styles.get(phase)
+        label = f"{item_id} [{style}]{phase}[/]" if style else f"{item_id} {phase}"
+        progress.update(bars[item_id], description=label, completed=done, total=total)
+
+    with progress, listen_progress(update), _prefect_logs_to(progress.console):
+        progress.console.print(f"[bold]segflow run {title}[/]", highlight=False)
+        yield
+
+
+@contextmanager
+def _prefect_logs_to(console: Console) -> Iterator[None]:
+    """Print Prefect's console log lines above the live progress bar, not through it.
+
+    Prefect's console handler prints with its own rich console on the real stderr, which
+    would tear the bar; for the duration it prints through ``console`` (the bar's) instead,
+    keeping Prefect's colours.
+    """
+    import logging
+
+    handlers: list[Any] = []
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(getattr(handler, "console", None), Console) and handler not in handlers:
+                handlers.append(handler)
+    saved = [(handler, handler.console) for handler in handlers]
+    try:
+        for handler in handlers:
+            handler.console = _ConsoleAbove(console, handler.console)
+        yield
+    finally:
+        for handler, original in saved:
+            handler.console = original
+
+
+class _ConsoleAbove:
+    """Renders with ``style`` (a handler's console) and prints through ``target``."""
+
+    def __init__(self, target: Console, style: Console) -> None:
+        self.target = target
+        self.style = style
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        from rich.text import Text
+
+        with self.style.capture() as captured:
+            self.style.print(*objects, **kwargs)
+        self.target.print(Text.from_ansi(captured.get().rstrip("\n")), soft_wrap=True)

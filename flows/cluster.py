@@ -1,0 +1,77 @@
+"""The Dask cluster of a flow run: an existing scheduler, or a LocalCluster for the run."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from segflow.config import ClusterConfig
+
+
+@contextmanager
+def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
+    """Yield a ``distributed.Client``; close what was started here on exit.
+
+    With ``cluster.address`` it connects to that scheduler (Kubernetes, dask-jobqueue, a cloud
+    service) and leaves it running. Without, it starts a process-based ``LocalCluster`` with
+    ``n_workers`` (default: one per core) of ``threads_per_worker`` threads, and shuts it
+    down after the run. Its HTTP server (the dashboard, when bokeh is installed) takes a free
+    port, so two runs or another cluster on 8787 never clash.
+    """
+    from distributed import Client, LocalCluster
+
+    if cluster.address:
+        client = Client(cluster.address)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    with _quiet_dask():
+        local = LocalCluster(
+            n_workers=cluster.n_workers or os.cpu_count() or 1,
+            threads_per_worker=cluster.threads_per_worker,
+            memory_limit=cluster.memory_limit,
+            processes=True,
+            # None would still bind the HTTP server to 8787; ":0" picks a free port.
+            dashboard_address=":0",
+            silence_logs=logging.WARNING,
+        )
+        try:
+            with Client(local) as client:
+                yield client
+        finally:
+            local.close()
+
+
+@contextmanager
+def _quiet_dask() -> Iterator[None]:
+    """Keep the cluster's start/stop chatter (INFO) out of the run's log; warnings stay.
+
+    Worker processes configure logging when they import distributed, from the environment
+    they inherit, so the level is passed to them through ``DASK_LOGGING__DISTRIBUTED``.
+    """
+    logger = logging.getLogger("distributed")
+    old_level = logger.level
+    old_env = os.environ.get("DASK_LOGGING__DISTRIBUTED")
+    logger.setLevel(logging.WARNING)
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"
+    try:
+        yield
+    finally:
+        logger.setLevel(old_level)
+        if old_env is None:
+            os.environ.pop("DASK_LOGGING__DISTRIBUTED", None)
+        else:
+            os.environ["DASK_LOGGING__DISTRIBUTED"] = old_env
+
+
+def dashboard_link(client: Any) -> str | None:
+    """The Dask dashboard URL, or None when bokeh (which serves it) is not installed."""
+    if importlib.util.find_spec("bokeh") is None:
+        return None
+    return str(client.dashboard_link)

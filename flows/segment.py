@@ -1,0 +1,212 @@
+"""The ``segment`` flow: segment every item of a collection into one Zarr store.
+
+Prefect runs one task per item (a few at a time); Dask runs the blocks of each item. Items
+already done with the same input fingerprint, config hash and code version are skipped, so
+a scheduled run only does new or changed items.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.cluster import dashboard_link, dask_client
+from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
+from segflow.engine.item import code_version
+from tasks.artifacts import open_line, report_items_task
+from tasks.items import discover_items_task, segment_item_task
+from tasks.progress import report_progress
+from tasks.store import (
+    consolidate_store_task,
+    prepare_store_task,
+    read_index_task,
+    write_index_task,
+)
+
+# Items segmented at once. Dask already spreads each item's blocks over every worker; a few
+# items in flight hide the round trips between an item's phases.
+ITEMS_IN_FLIGHT = 3
+
+
+class ItemsFailedError(RuntimeError):
+    """Some items of a run failed; ``summary`` is the run's summary (the others completed)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+        failures = "; ".join(f["error"] or f["id"] for f in summary["failures"])
+        super().__init__(f"{summary['failed']} item(s) of {summary['name']!r} failed: {failures}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.summary,))
+
+
+def resolve_config(
+    config: dict[str, Any] | str | Path, overrides: Sequence[str] = ()
+) -> SegflowConfig:
+    """A validated config from a YAML path (relative paths resolved against its folder) or
+    from a mapping (relative paths resolved against the working directory)."""
+    if isinstance(config, str | Path):
+        return load_config(config, overrides)
+    return parse_config(apply_overrides(config, overrides), base_dir=Path.cwd())
+
+
+def select_items(
+    items: list[dict[str, str]],
+    index_rows: list[dict[str, Any]],
+    *,
+    config_hash: str,
+    overwrite: bool,
+    item_filter: Sequence[str] | None = None,
+) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Split ``items`` into those to segment and the index rows of those to skip.
+
+    An item is skipped when its index row says ``done`` with the same (non-empty)
+    fingerprint, config hash and code version, unless ``overwrite``. With ``item_filter``
+    (glob patterns on ids), items that match none are left out altogether.
+    """
+    if item_filter:
+        items = [i for i in items if any(fnmatch.fnmatchcase(i["id"], p) for p in item_filter)]
+    done = {row["id"]: row for row in index_rows if row.get("status") == "done"}
+    version = code_version()
+    todo, skipped = [], []
+    for item in items:
+        row = done.get(item["id"])
+        if (
+            not overwrite
+            and row is not None
+            and item["fingerprint"]  # no fingerprint (some URLs): always redo
+            and row.get("fingerprint") == item["fingerprint"]
+            and row.get("config_hash") == config_hash
+            and row.get("code_version") == version
+        ):
+            skipped.append({**row, "status": "skipped"})
+        else:
+            todo.append(item)
+    return todo, skipped
+
+
+@flow(
+    name="segment-collection",
+    task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT),
+    validate_parameters=True,
+)
+def segment_collection(
+    config: dict[str, Any] | str,
+    overrides: list[str] | None = None,
+    overwrite: bool | None = None,
+    item_filter: list[str] | None = None,
+) -> State:
+    """Segment every item of the collection named by ``config`` into its output store.
+
+    Parameters
+    ----------
+    config
+        Path of a YAML config (see ``configs/``) or the config as a mapping.
+    overrides
+        ``dotted.key=value`` overrides, as ``segflow run --set``.
+    overwrite
+        Redo items already done; default: the config's ``output.overwrite``.
+    item_filter
+        Glob patterns on item ids (``["tile_00*"]``); default: every item.
+
+    Returns
+    -------
+    dict
+        The summary: counts of items ``done``/``failed``/``skipped``, the ``store``, the
+        ``index`` path, the ``failures``, the ``rows`` of this run and how to ``open`` an item.
+
+    Raises
+    ------
+    ItemsFailedError
+        When any item failed, after every other item completed and the index was written;
+        the flow run ends Failed (red in the UI) and the error carries the summary.
+    """
+    logger = get_run_logger()
+    cfg = resolve_config(config, overrides or ())
+    store = cfg.output.store
+    config_hash = cfg.config_hash()
+    items, failed_rows = discover_items_task(cfg.input.path)
+    todo, skipped = select_items(
+        items,
+        read_index_task(store),
+        config_hash=config_hash,
+        overwrite=cfg.output.overwrite if overwrite is None else overwrite,
+        item_filter=item_filter,
+    )
+    if item_filter:
+        failed_rows = [
+            r for r in failed_rows if any(fnmatch.fnmatchcase(r["id"], p) for p in item_filter)
+        ]
+    for row in skipped:
+        logger.info("item %s: skipped, already done with this input, config and code", row["id"])
+        report_progress(row["id"], "skipped", 1, 1)
+    rows: list[dict[str, Any]] = list(failed_rows)
+    if failed_rows:
+        write_index_task(store, failed_rows)
+    if todo:
+        prepare_store_task(store)
+        with dask_client(cfg.cluster) as client:
+            address = client.scheduler.address
+            logger.info(
+                "segmenting %d items on Dask %s (%d workers)%s",
+                len(todo),
+                address,
+                len(client.scheduler_info()["workers"]),
+                f", dashboard {link}" if (link := dashboard_link(client)) else "",
+            )
+            futures = [
+                segment_item_task.submit(
+                    item["id"],
+                    item["path"],
+                    cfg.pipeline,
+                    store=store,
+                    block_shape=cfg.blocks.shape,
+                    chunks=cfg.output.chunks,
+                    shards=cfg.output.shards,
+                    config_hash=config_hash,
+                    scheduler_address=address,
+                )
+                for item in todo
+            ]
+            for future in as_completed(futures):
+                row = future.result()
+                # Recorded as each item finishes, after its data is written: a killed run
+                # resumes where it stopped.
+                write_index_task(store, [row])
+                rows.append(row)
+        consolidate_store_task(store)
+    rows += skipped
+    rows.sort(key=lambda r: r["id"])
+    summary = summarize(cfg, rows)
+    report_items_task(cfg.name, store, rows)
+    message = (
+        f"{cfg.name}: {summary['done']} done, {summary['skipped']} skipped, "
+        f"{summary['failed']} failed -> {store}"
+    )
+    if summary["failed"]:
+        logger.error("%s", message)
+        return Failed(message=message, data=ItemsFailedError(summary))
+    logger.info("%s", message)
+    return Completed(message=message, data=summary)
+
+
+def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The small summary a run returns (and the CLI prints)."""
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "skipped")}
+    opened = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
+    return {
+        "name": cfg.name,
+        "store": cfg.output.store,
+        "index": str(Path(cfg.output.store) / "index.parquet"),
+        **counts,
+        "failures": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"],
+        "open": open_line(cfg.output.store, opened[0]) if opened else None,
+        "rows": rows,
+    }

@@ -1,0 +1,104 @@
+"""Tasks that find items and segment one item: references in, small dicts out."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from segflow.engine.executor import DaskExecutor
+from segflow.engine.item import ItemResult, segment_item
+from segflow.io import assign_item_ids, discover_items, open_item
+from tasks.progress import report_progress
+
+
+@task(name="discover-items", retries=0, cache_policy=NO_CACHE, tags=["segflow", "io"])
+def discover_items_task(input_path: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Find the items under ``input_path``.
+
+    Returns ``(items, failures)``: ``items`` are ``{"id", "path", "fingerprint"}`` references;
+    ``failures`` are index rows (status ``failed``) for files that could not be opened.
+    """
+    readers, failures = discover_items(input_path)
+    items = [
+        {"id": r.info.id, "path": r.info.path, "fingerprint": r.info.fingerprint} for r in readers
+    ]
+    # Ids of unreadable files, assigned as discovery assigned the readable ones.
+    paths = sorted([r.info.path for r in readers] + [path for path, _ in failures])
+    ids = dict(zip(paths, assign_item_ids(paths), strict=True))
+    rows = [
+        ItemResult(id=ids[path], source=path, status="failed", error=message).as_row()
+        for path, message in failures
+    ]
+    logger = get_run_logger()
+    logger.info("found %d items under %s (%d unreadable)", len(items), input_path, len(rows))
+    for row in rows:
+        logger.error("%s", row["error"])
+    return items, rows
+
+
+@task(
+    name="segment-item",
+    task_run_name="segment-{item_id}",
+    retries=0,  # failures are deterministic (bad input, bad config): retrying repeats them
+    cache_policy=NO_CACHE,  # skipping done items is decided by the index fingerprints
+    tags=["segflow", "segment"],
+)
+def segment_item_task(
+    item_id: str,
+    path: str,
+    pipeline: list[dict[str, Any]],
+    *,
+    store: str,
+    block_shape: list[int] | int,
+    chunks: list[int] | None,
+    shards: list[int] | None,
+    config_hash: str,
+    scheduler_address: str,
+) -> dict[str, Any]:
+    """Segment one item on the Dask cluster at ``scheduler_address``; return its index row.
+
+    The blocks run on the Dask workers; only the small row comes back. Never raises for a
+    bad item: the row says ``failed`` and its ``error`` names the item and the reason.
+    """
+    from distributed import get_client
+
+    logger = get_run_logger()
+    try:
+        reader = open_item(path, item_id)
+    except Exception as error:  # the file changed or vanished since discovery
+        reason = (
+            str(error)
+            if item_id in str(error) or path in str(error)
+            else (f"item {item_id!r} ({path}): {type(error).__name__}: {error}")
+        )
+        row = ItemResult(id=item_id, source=path, status="failed", error=reason).as_row()
+    else:
+        result = segment_item(
+            reader,
+            pipeline,
+            store=store,
+            block_shape=block_shape,
+            executor=DaskExecutor(get_client(scheduler_address)),
+            chunks=chunks,
+            shards=shards,
+            config_hash=config_hash,
+            progress=functools.partial(report_progress, item_id),
+        )
+        row = result.as_row()
+    if row["status"] == "done":
+        logger.info(
+            "item %s: done, %s objects, %d blocks, %.2f s -> %s",
+            item_id,
+            row["object_count"],
+            row["n_blocks"],
+            row["seconds"],
+            os.path.join(store, item_id, row["output"]),
+        )
+    else:
+        logger.error("%s", row["error"])
+    report_progress(item_id, row["status"], 1, 1)
+    return row

@@ -1,0 +1,109 @@
+"""Smoke tests of the segment flow: real Prefect (test harness), real Dask, real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray
+
+from flows.segment import ItemsFailedError, segment_collection
+from tests.flows.conftest import N_BLOBS, blob_image, collection_config, write_geotiff
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def run(config: dict[str, object], **kwargs: object) -> tuple[str, dict[str, object]]:
+    state = segment_collection(config, return_state=True, **kwargs)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, ItemsFailedError):
+        return state.type.value, result.summary
+    assert isinstance(result, dict), result
+    return state.type.value, result
+
+
+def test_bad_items_fail_alone_and_reruns_skip_done_items(
+    collection: Path, tmp_path: Path, dask_address: str
+) -> None:
+    store = tmp_path / "out.zarr"
+    config = collection_config(collection, store, dask_address)
+
+    state, summary = run(config)
+
+    # A corrupt file and an item the pipeline cannot take fail alone, named with the reason;
+    # the flow run ends Failed so the UI shows red.
+    assert state == "FAILED"
+    assert (summary["done"], summary["failed"], summary["skipped"]) == (2, 2, 0)
+    errors = {f["id"]: f["error"] for f in summary["failures"]}  # type: ignore[attr-defined]
+    assert set(errors) == {"broken", "rgb"}
+    assert "broken.tif" in errors["broken"] and "not a readable GeoTIFF/TIFF" in errors["broken"]
+    assert "'rgb'" in errors["rgb"] and "single-channel" in errors["rgb"]
+
+    ds = xarray.open_zarr(store, group="tile_a")
+    assert ds["labels"].dims == ("y", "x")
+    assert int(ds["labels"].max()) == N_BLOBS
+    # Pixel centres in CRS metres: origin 500000 + half a 10 m pixel.
+    np.testing.assert_allclose(ds["x"].values[:2], [500_005.0, 500_015.0])
+    assert "spatial_ref" in ds.variables
+
+    index = pd.read_parquet(store / "index.parquet").set_index("id")
+    assert index["status"].to_dict() == {
+        "broken": "failed", "rgb": "failed", "tile_a": "done", "tile_b": "done"
+    }  # fmt: skip
+    assert index.loc["tile_a", "object_count"] == N_BLOBS
+
+    # Rerun: done items are skipped (same fingerprint, config and code); failed ones retried.
+    state, summary = run(config)
+    assert state == "FAILED"
+    assert (summary["done"], summary["failed"], summary["skipped"]) == (0, 2, 2)
+
+    # A changed input is redone, the unchanged one still skipped.
+    changed = blob_image()
+    changed[0, :3, :3] = 200  # a fourth object in the corner
+    write_geotiff(collection / "tile_b.tif", changed, x0=500_720.0)
+    os.utime(collection / "tile_b.tif", ns=(0, 10**9))  # mtime differs from the first write
+    (collection / "broken.tif").unlink()
+    (collection / "rgb.tif").unlink()
+    state, summary = run(config)
+    assert state == "COMPLETED"
+    rows = {r["id"]: r for r in summary["rows"]}  # type: ignore[attr-defined]
+    assert rows["tile_a"]["status"] == "skipped"
+    assert rows["tile_b"]["status"] == "done"
+    assert rows["tile_b"]["object_count"] == N_BLOBS + 1
+
+
+def test_overwrite_and_item_filter_redo_only_matching_items(
+    tmp_path: Path, dask_address: str
+) -> None:
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for name in ("north_1", "north_2", "south_1"):
+        write_geotiff(folder / f"{name}.tif", blob_image())
+    config = collection_config(folder, tmp_path / "out.zarr", dask_address)
+    assert run(config)[1]["done"] == 3
+
+    state, summary = run(config, overwrite=True, item_filter=["north_*"])
+
+    assert state == "COMPLETED"
+    assert [(r["id"], r["status"]) for r in summary["rows"]] == [  # type: ignore[attr-defined]
+        ("north_1", "done"),
+        ("north_2", "done"),
+    ]
+    assert summary["open"] == f"xarray.open_zarr({str(tmp_path / 'out.zarr')!r}, group='north_1')"
+
+
+def test_sample_nuclei_config_runs_from_its_yaml(tmp_path: Path, dask_address: str) -> None:
+    config = Path(__file__).parents[2] / "configs" / "nuclei.yaml"
+    store = tmp_path / "nuclei.zarr"
+
+    summary = segment_collection(
+        str(config), [f"output.store={store}", f"cluster.address={dask_address}"]
+    )
+
+    assert (summary["done"], summary["failed"]) == (1, 0)
+    labels = xarray.open_zarr(store, group="image")["labels"]
+    assert labels.shape == (256, 256)
+    assert int(labels.max()) == summary["rows"][0]["object_count"] > 10

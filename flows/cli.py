@@ -125,15 +125,16 @@ def run(configs: ConfigPaths, set_: SetOption = None) -> None:
             run_overrides = overrides + ([f"cluster.address={shared}"] if shared else [])
             with _progress_bar(console, str(path)):
                 state = segment_collection(str(path), run_overrides, return_state=True)
-            result = state.result(raise_on_failure=False)
+            result: Any = state.result(raise_on_failure=False)
             if isinstance(result, ItemsFailedError):
                 result = result.summary
             if isinstance(result, BaseException):
                 typer.echo(f"{path}: run failed: {type(result).__name__}: {result}", err=True)
                 failed = True
                 continue
-            failed |= bool(result["failed"])
-            _print_summary(result)
+            summary: dict[str, Any] = result
+            failed |= bool(summary["failed"])
+            _print_summary(summary)
     if failed:
         raise typer.Exit(EXIT_FAILED)
 

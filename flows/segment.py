@@ -94,7 +94,9 @@ def select_items(
 
 @flow(
     name="segment-collection",
-    task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT),
+    # Prefect's stubs declare TaskRunner invariant in its future type, so its own
+    # ThreadPoolTaskRunner does not type-check here.
+    task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT),  # type: ignore[arg-type]
     validate_parameters=True,
 )
 def segment_collection(
@@ -102,7 +104,7 @@ def segment_collection(
     overrides: list[str] | None = None,
     overwrite: bool | None = None,
     item_filter: list[str] | None = None,
-) -> State:
+) -> State[Any]:
     """Segment every item of the collection named by ``config`` into its output store.
 
     Parameters
@@ -119,8 +121,9 @@ def segment_collection(
     Returns
     -------
     dict
-        The summary: counts of items ``done``/``failed``/``skipped``, the ``store``, the
-        ``index`` path, the ``failures``, the ``rows`` of this run and how to ``open`` an item.
+        The flow's result (the function itself returns the final state): counts of items
+        ``done``/``failed``/``skipped``, the ``store``, the ``index`` path, the ``failures``,
+        the ``rows`` of this run and how to ``open`` an item.
 
     Raises
     ------

@@ -23,7 +23,7 @@ def artifact_key(name: str, suffix: str) -> str:
     return f"segflow-{slug}-{suffix}"
 
 
-@task(name="report-items", retries=0, cache_policy=NO_CACHE, tags=["segflow", "report"])
+@task(name="report-items", retries=0, cache_policy=NO_CACHE)
 def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None:
     """Publish the items table and a markdown note with the output location."""
     table = [

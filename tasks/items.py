@@ -15,7 +15,7 @@ from segflow.io import assign_item_ids, discover_items, open_item
 from tasks.progress import report_progress
 
 
-@task(name="discover-items", retries=0, cache_policy=NO_CACHE, tags=["segflow", "io"])
+@task(name="discover-items", retries=0, cache_policy=NO_CACHE)
 def discover_items_task(input_path: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """Find the items under ``input_path``.
 
@@ -45,6 +45,8 @@ def discover_items_task(input_path: str) -> tuple[list[dict[str, str]], list[dic
     task_run_name="segment-{item_id}",
     retries=0,  # failures are deterministic (bad input, bad config): retrying repeats them
     cache_policy=NO_CACHE,  # skipping done items is decided by the index fingerprints
+    # Tags cost an API call per task run (Prefect checks tag concurrency limits), so only
+    # this task has them: `prefect concurrency-limit create segment N` caps items in flight.
     tags=["segflow", "segment"],
 )
 def segment_item_task(

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from segflow.store import consolidate_store, read_index, write_index
 
 
-@task(name="read-index", retries=0, cache_policy=NO_CACHE, tags=["segflow", "store"])
+@task(name="read-index", retries=0, cache_policy=NO_CACHE)
 def read_index_task(store: str) -> list[dict[str, Any]]:
     """The rows of ``STORE/index.parquet`` (none when the store is new), as plain dicts."""
     frame = read_index(store)
@@ -27,13 +27,13 @@ def read_index_task(store: str) -> list[dict[str, Any]]:
     ]
 
 
-@task(name="write-index", retries=0, cache_policy=NO_CACHE, tags=["segflow", "store"])
+@task(name="write-index", retries=0, cache_policy=NO_CACHE)
 def write_index_task(store: str, rows: list[dict[str, Any]]) -> str:
     """Merge ``rows`` into ``STORE/index.parquet`` (keyed by item id); return its path."""
     return str(write_index(store, rows))
 
 
-@task(name="prepare-store", retries=0, cache_policy=NO_CACHE, tags=["segflow", "store"])
+@task(name="prepare-store", retries=0, cache_policy=NO_CACHE)
 def prepare_store_task(store: str) -> None:
     """Create the store's root group if missing and drop its consolidated metadata.
 
@@ -47,7 +47,7 @@ def prepare_store_task(store: str) -> None:
     root.update_attributes({})  # rewrites the root document without consolidated metadata
 
 
-@task(name="consolidate-store", retries=0, cache_policy=NO_CACHE, tags=["segflow", "store"])
+@task(name="consolidate-store", retries=0, cache_policy=NO_CACHE)
 def consolidate_store_task(store: str) -> bool:
     """Consolidate the Zarr metadata of ``store``; False when no Zarr group exists yet."""
     if not (Path(store) / "zarr.json").exists():

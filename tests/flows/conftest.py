@@ -1,41 +1,12 @@
-"""Fixtures of the flow tests: a real Dask cluster and small real GeoTIFF collections."""
+"""Fixtures of the flow tests: one real Dask cluster and a small GeoTIFF collection."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import rasterio
-from affine import Affine
-
-# Three separate blobs (value 200 on 10): threshold 100 + label gives exactly 3 objects.
-BLOBS = (
-    (slice(4, 14), slice(5, 20)),
-    (slice(30, 50), slice(40, 47)),
-    (slice(52, 60), slice(2, 70)),
-)
-N_BLOBS = len(BLOBS)
-
-
-def write_geotiff(path: Path, image: np.ndarray, *, x0: float = 500_000.0) -> Path:
-    """A GeoTIFF (UTM 33N, 10 m pixels) of ``image`` shaped ``(bands, y, x)``."""
-    bands, height, width = image.shape
-    transform = Affine(10.0, 0.0, x0, 0.0, -10.0, 4_000_000.0)
-    profile = {"driver": "GTiff", "height": height, "width": width, "count": bands}
-    with rasterio.open(
-        path, "w", **profile, dtype=image.dtype, crs="EPSG:32633", transform=transform
-    ) as dst:
-        dst.write(image)
-    return path
-
-
-def blob_image(bands: int = 1, shape: tuple[int, int] = (64, 72)) -> np.ndarray:
-    image = np.full((bands, *shape), 10, dtype=np.uint8)
-    for region in BLOBS:
-        image[(slice(None), *region)] = 200
-    return image
+from _geodata import blob_image, write_geotiff
 
 
 @pytest.fixture
@@ -48,17 +19,6 @@ def collection(tmp_path: Path) -> Path:
     write_geotiff(folder / "rgb.tif", blob_image(bands=3))
     (folder / "broken.tif").write_bytes(b"this is not a TIFF file")
     return folder
-
-
-def collection_config(folder: Path, store: Path, address: str) -> dict[str, object]:
-    return {
-        "name": "tiles",
-        "input": {"path": str(folder)},
-        "output": {"store": str(store), "chunks": [32, 32]},
-        "blocks": {"shape": [32, 32]},
-        "pipeline": [{"op": "threshold", "value": 100}, {"op": "label"}],
-        "cluster": {"address": address},
-    }
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray
+from _geodata import N_BLOBS, blob_image, collection_config, write_geotiff
 
 from flows.segment import ItemsFailedError, segment_collection
-from tests.flows.conftest import N_BLOBS, blob_image, collection_config, write_geotiff
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -107,3 +107,19 @@ def test_sample_nuclei_config_runs_from_its_yaml(tmp_path: Path, dask_address: s
     labels = xarray.open_zarr(store, group="image")["labels"]
     assert labels.shape == (256, 256)
     assert int(labels.max()) == summary["rows"][0]["object_count"] > 10
+
+
+def test_backfill_redoes_matching_items_of_a_config(tmp_path: Path, dask_address: str) -> None:
+    from flows.backfill import backfill
+
+    config = Path(__file__).parents[2] / "configs" / "nuclei.yaml"
+    overrides = [f"output.store={tmp_path / 'n.zarr'}", f"cluster.address={dask_address}"]
+
+    first = backfill(str(config), items=["ima*"], policy="missing", overrides=overrides)
+    again = backfill(str(config), items=["ima*"], policy="missing", overrides=overrides)
+    redo = backfill(str(config), items=["image"], policy="overwrite", overrides=overrides)
+    none = backfill(str(config), items=["no_such_*"], overrides=overrides)
+
+    assert [(s["done"], s["skipped"]) for s in (first, again, redo, none)] == [
+        (1, 0), (0, 1), (1, 0), (0, 0)
+    ]  # fmt: skip

@@ -1,0 +1,37 @@
+# segflow: two commands on a fresh clone.
+#   make demo   set up .venv and segment the bundled sample data (aerial, nuclei, CT)
+#   make test   set up .venv and run ruff, mypy and the test suite
+# The install is redone only when pyproject.toml changes (stamp file in the venv).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.segflow-installed
+CONFIGS ?= configs/aerial.yaml configs/nuclei.yaml configs/ct.yaml
+
+.PHONY: demo test lint install clean-outputs
+
+demo: $(STAMP)
+	$(BIN)/segflow run $(CONFIGS)
+
+test: lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/mypy flows tasks
+
+install: $(STAMP)
+
+# torch first, pinned: its CPU build satisfies pyproject's range; a looser request can pull
+# a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+clean-outputs:
+	rm -rf outputs

@@ -63,7 +63,7 @@ def segment_item(
     Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
     the item and the reason, so the rest of the collection goes on.
     """
-    from segflow.store import (
+    from segflow.store.layout import (
         ArraySpec,
         ZarrRegionWriter,
         create_item_group,
@@ -76,7 +76,7 @@ def segment_item(
         id=info.id,
         source=info.path,
         status="failed",
-        shape="x".join(str(n) for n in info.shape),
+        shape=str(tuple(info.shape)),
         fingerprint=info.fingerprint,
         config_hash=config_hash,
     )
@@ -87,7 +87,12 @@ def segment_item(
         )
         block = _per_axis(block_shape, len(spatial))
         chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))
-        shard = None if shards is None else tuple(min(s, n) for s, n in zip(shards, spatial, strict=True))
+        shard = None
+        if shards is not None:
+            # A shard may exceed a small item, but must stay a multiple of the chunk.
+            shard = tuple(
+                min(s, -(-n // c) * c) for s, c, n in zip(shards, chunk, spatial, strict=True)
+            )
         create_item_group(store, info, overwrite=True)
         saved = {}
         for name, dtype in plan.saved.items():

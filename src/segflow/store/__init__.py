@@ -1,6 +1,9 @@
-"""Output store: per-item Zarr v3 groups readable by xarray/rioxarray, and the Parquet index."""
+"""Output store: per-item Zarr v3 groups readable by xarray/rioxarray, and the Parquet index.
 
-from segflow.store.index import INDEX_COLUMNS, STATUSES, read_index, write_index
+The index helpers import pandas, which workers never need: they load on first use.
+"""
+
+from typing import Any
 from segflow.store.layout import (
     GRID_MAPPING,
     ArraySpec,
@@ -24,3 +27,14 @@ __all__ = [
     "storage_unit",
     "write_index",
 ]
+
+
+_INDEX_NAMES = {"INDEX_COLUMNS", "STATUSES", "read_index", "write_index"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _INDEX_NAMES:
+        from segflow.store import index
+
+        return getattr(index, name)
+    raise AttributeError(f"module 'segflow.store' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from segflow.config import ClusterConfig
+from segflow.engine.cluster import start_local_cluster
 
 
 @contextmanager
@@ -22,7 +23,7 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
     down after the run. Its HTTP server (the dashboard, when bokeh is installed) takes a free
     port, so two runs or another cluster on 8787 never clash.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if cluster.address:
         client = Client(cluster.address)
@@ -32,11 +33,10 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
             client.close()
         return
     with _quiet_dask():
-        local = LocalCluster(
-            n_workers=cluster.n_workers or os.cpu_count() or 1,
+        local = start_local_cluster(
+            cluster.n_workers or os.cpu_count() or 1,
             threads_per_worker=cluster.threads_per_worker,
             memory_limit=cluster.memory_limit,
-            processes=True,
             # None would still bind the HTTP server to 8787; ":0" picks a free port.
             dashboard_address=":0",
             silence_logs=logging.WARNING,

@@ -61,9 +61,9 @@ class SegflowConfig(_Model):
     name: str = "segment"
     input: InputConfig
     output: OutputConfig
-    blocks: BlocksConfig = BlocksConfig()
+    blocks: BlocksConfig = Field(default_factory=lambda: BlocksConfig(shape=1024))
     pipeline: list[dict[str, Any]]
-    cluster: ClusterConfig = ClusterConfig()
+    cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig.model_validate({}))
 
     def config_hash(self) -> str:
         """Hash of what determines the output pixels (pipeline, blocks, chunks, shards)."""
@@ -87,11 +87,19 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Se
     """
     if not isinstance(data, Mapping):
         raise ConfigError([f"config: expected a mapping of keys, got {type(data).__name__}"])
+    problems: list[str] = []
     try:
         config = SegflowConfig.model_validate(dict(data))
     except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
-    parse_steps(config.pipeline)  # raises ConfigError naming pipeline[i].key
+        problems += _describe(error)
+    pipeline = data.get("pipeline")
+    if isinstance(pipeline, list):
+        try:
+            parse_steps(pipeline)  # names pipeline[i].key, the value and what is expected
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(problems)
     if base_dir is not None:
         config = config.model_copy(
             update={
@@ -164,7 +172,7 @@ def _child(node: Any, part: str, where: str, *, create: bool) -> Any:
 def _index(node: list[Any], part: str, where: str) -> int:
     try:
         index = int(part)
-        node[index]  # noqa: B018  (bounds check)
+        node[index]
     except (ValueError, IndexError):
         raise ConfigError(
             [f"--set {where}: {part!r} is not an index of a list of {len(node)} items"]
@@ -181,7 +189,9 @@ def _describe(error: ValidationError) -> list[str]:
         elif problem["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key (got {problem.get('input')!r})")
         else:
-            lines.append(f"{where}: {problem['msg']} (got {problem.get('input')!r})")
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            got = f" (got {problem.get('input')!r})" if "(got" not in message else ""
+            lines.append(f"{where}: {message}{got}")
     return lines
 
 

@@ -20,13 +20,13 @@ from skimage.filters import threshold_otsu
 
 from segflow import segment
 
-SETTINGS = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
-def layouts(draw: st.DrawFn, ndim: int = 2, max_side: int = 40) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+def layouts(
+    draw: st.DrawFn, ndim: int = 2, max_side: int = 40
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     shape = tuple(draw(st.integers(1, max_side)) for _ in range(ndim))
     blocks = tuple(draw(st.integers(1, n)) for n in shape)
     seed = draw(st.integers(0, 2**32 - 1))
@@ -78,7 +78,9 @@ def test_gaussian(layout: tuple[tuple[int, ...], tuple[int, ...], int]) -> None:
     shape, blocks, seed = layout
     image = np.random.default_rng(seed).random(shape).astype(np.float32)
     for mode in ("reflect", "nearest", "constant"):
-        result = segment(image, [{"op": "gaussian", "sigma": 1.3, "mode": mode}], block_shape=blocks)
+        result = segment(
+            image, [{"op": "gaussian", "sigma": 1.3, "mode": mode}], block_shape=blocks
+        )
         # Bit-exact: each output pixel is computed from the same inputs in the same order.
         np.testing.assert_array_equal(result, ndi.gaussian_filter(image, 1.3, mode=mode))
 
@@ -105,14 +107,20 @@ def test_median(layout: tuple[tuple[int, ...], tuple[int, ...], int], size: int)
 
 @SETTINGS
 @given(layouts(), st.integers(1, 3))
-def test_binary_opening_and_closing(layout: tuple[tuple[int, ...], tuple[int, ...], int], radius: int) -> None:
+def test_binary_opening_and_closing(
+    layout: tuple[tuple[int, ...], tuple[int, ...], int], radius: int
+) -> None:
     shape, blocks, seed = layout
     image = smooth_noise(shape, seed)
     mask_pipeline = [{"op": "threshold", "value": float(np.median(image))}]
     mask = image > float(np.median(image))
-    opened = segment(image, [*mask_pipeline, {"op": "binary_opening", "radius": radius}], block_shape=blocks)
+    opened = segment(
+        image, [*mask_pipeline, {"op": "binary_opening", "radius": radius}], block_shape=blocks
+    )
     np.testing.assert_array_equal(opened.astype(bool), _binary_opening_reference(mask, radius))
-    closed = segment(image, [*mask_pipeline, {"op": "binary_closing", "radius": radius}], block_shape=blocks)
+    closed = segment(
+        image, [*mask_pipeline, {"op": "binary_closing", "radius": radius}], block_shape=blocks
+    )
     np.testing.assert_array_equal(closed.astype(bool), _binary_closing_reference(mask, radius))
 
 
@@ -141,9 +149,15 @@ def test_normalize_percentile_is_exact(
     rng = np.random.default_rng(seed)
     image = rng.gamma(2.0, size=shape).astype(np.float32)
     image[rng.random(shape) < 0.3] = 0  # ties, as in real images with background
-    result = segment(image, [{"op": "normalize_percentile", "low": low, "high": high}], block_shape=blocks)
+    result = segment(
+        image, [{"op": "normalize_percentile", "low": low, "high": high}], block_shape=blocks
+    )
     p_low, p_high = np.percentile(image, [low, high])
-    expected = np.clip((image - np.float32(p_low)) / np.float32(p_high - p_low), 0, 1) if p_high > p_low else np.clip(image - np.float32(p_low), 0, 1)
+    expected = (
+        np.clip((image - np.float32(p_low)) / np.float32(p_high - p_low), 0, 1)
+        if p_high > p_low
+        else np.clip(image - np.float32(p_low), 0, 1)
+    )
     # The percentiles are exact order statistics interpolated with numpy's formula; the
     # scaling itself is float32 arithmetic on both sides, so allow 1 float32 ulp at 1.0.
     np.testing.assert_allclose(result, expected, rtol=0, atol=2e-7)
@@ -155,7 +169,11 @@ def test_label_2d(layout: tuple[tuple[int, ...], tuple[int, ...], int], connecti
     shape, blocks, seed = layout
     rng = np.random.default_rng(seed)
     mask = rng.random(shape) < 0.45
-    result = segment(mask.astype(np.uint8), [{"op": "threshold", "value": 0}, {"op": "label", "connectivity": connectivity}], block_shape=blocks)
+    result = segment(
+        mask.astype(np.uint8),
+        [{"op": "threshold", "value": 0}, {"op": "label", "connectivity": connectivity}],
+        block_shape=blocks,
+    )
     reference, _ = ndi.label(mask, ndi.generate_binary_structure(2, connectivity))
     assert_same_labels(result, reference)
 
@@ -166,7 +184,11 @@ def test_label_3d(layout: tuple[tuple[int, ...], tuple[int, ...], int], connecti
     shape, blocks, seed = layout
     rng = np.random.default_rng(seed)
     mask = rng.random(shape) < 0.35
-    result = segment(mask.astype(np.uint8), [{"op": "threshold", "value": 0}, {"op": "label", "connectivity": connectivity}], block_shape=blocks)
+    result = segment(
+        mask.astype(np.uint8),
+        [{"op": "threshold", "value": 0}, {"op": "label", "connectivity": connectivity}],
+        block_shape=blocks,
+    )
     reference, _ = ndi.label(mask, ndi.generate_binary_structure(3, connectivity))
     assert_same_labels(result, reference)
 
@@ -186,7 +208,9 @@ def test_label_spiral_spanning_every_block() -> None:
         top, left, bottom, right = top + 4, left + 2, bottom - 2, right - 2
     reference, n_ref = ndi.label(mask)
     for blocks in [(3, 3), (1, 64), (64, 1), (5, 9)]:
-        result = segment(mask, [{"op": "threshold", "value": 0}, {"op": "label"}], block_shape=blocks)
+        result = segment(
+            mask, [{"op": "threshold", "value": 0}, {"op": "label"}], block_shape=blocks
+        )
         assert_same_labels(result, reference)
         assert result.max() == n_ref
 
@@ -205,9 +229,18 @@ def test_label_diagonal_corner_touch_needs_connectivity_2() -> None:
     ("pipeline", "reference"),
     [
         ([{"op": "clip", "low": 0.2, "high": 0.7}], lambda a: np.clip(a, 0.2, 0.7)),
-        ([{"op": "window", "low": 0.2, "high": 0.7}], lambda a: np.clip((a - np.float32(0.2)) / np.float32(0.5), 0, 1)),
-        ([{"op": "threshold_range", "low": 0.3, "high": 0.6}], lambda a: ((a >= 0.3) & (a <= 0.6)).astype(np.uint8)),
-        ([{"op": "classify", "edges": [0.3, 0.6]}], lambda a: (np.digitize(a, [0.3, 0.6]) + 1).astype(np.uint8)),
+        (
+            [{"op": "window", "low": 0.2, "high": 0.7}],
+            lambda a: np.clip((a - np.float32(0.2)) / np.float32(0.5), 0, 1),
+        ),
+        (
+            [{"op": "threshold_range", "low": 0.3, "high": 0.6}],
+            lambda a: ((a >= 0.3) & (a <= 0.6)).astype(np.uint8),
+        ),
+        (
+            [{"op": "classify", "edges": [0.3, 0.6]}],
+            lambda a: (np.digitize(a, [0.3, 0.6]) + 1).astype(np.uint8),
+        ),
     ],
 )
 def test_pointwise_ops(pipeline: list[dict[str, object]], reference: object) -> None:
@@ -220,11 +253,23 @@ def test_pointwise_ops(pipeline: list[dict[str, object]], reference: object) -> 
 def test_band_ops_on_multichannel_image() -> None:
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 255, (3, 30, 41)).astype(np.uint8)
-    luma = segment(rgb, [{"op": "combine_bands", "weights": [0.299, 0.587, 0.114]}], block_shape=8, channel_axis=0)
+    luma = segment(
+        rgb,
+        [{"op": "combine_bands", "weights": [0.299, 0.587, 0.114]}],
+        block_shape=8,
+        channel_axis=0,
+    )
     expected = np.tensordot(np.float32([0.299, 0.587, 0.114]), rgb.astype(np.float32), axes=(0, 0))
     np.testing.assert_array_equal(luma, expected.astype(np.float32))
-    ndvi = segment(rgb, [{"op": "normalized_difference", "band_a": 1, "band_b": 3}], block_shape=8, channel_axis=0)
+    ndvi = segment(
+        rgb,
+        [{"op": "normalized_difference", "band_a": 1, "band_b": 3}],
+        block_shape=8,
+        channel_axis=0,
+    )
     a, b = rgb[0].astype(np.float32), rgb[2].astype(np.float32)
-    np.testing.assert_array_equal(ndvi, np.divide(a - b, a + b, out=np.zeros_like(a), where=a + b != 0))
+    np.testing.assert_array_equal(
+        ndvi, np.divide(a - b, a + b, out=np.zeros_like(a), where=a + b != 0)
+    )
     red = segment(rgb, [{"op": "select_bands", "bands": [1]}], block_shape=8, channel_axis=0)
     np.testing.assert_array_equal(red, rgb[0])

@@ -74,8 +74,13 @@ def segment(
         if client is not None:
             [reader] = client.scatter([reader], broadcast=True)
         run = run_plan(
-            reader, plan, grid, executor, make_sink=lambda dtype: ArraySink(),
-            spacing=info.spacing, progress=progress,
+            reader,
+            plan,
+            grid,
+            executor,
+            make_sink=lambda dtype: ArraySink(),
+            spacing=info.spacing,
+            progress=progress,
         )
     finally:
         if isinstance(executor, LocalExecutor):
@@ -103,6 +108,12 @@ def run_item(
         reader.info.spatial_shape, block_shape, halo=plan.halo, storage_unit=storage_unit
     )
     return run_plan(
-        reader, plan, grid, executor, make_sink=make_sink, spacing=reader.info.spacing,
-        saved=saved, progress=progress,
+        reader,
+        plan,
+        grid,
+        executor,
+        make_sink=make_sink,
+        spacing=reader.info.spacing,
+        saved=saved,
+        progress=progress,
     )

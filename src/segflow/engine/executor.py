@@ -40,7 +40,10 @@ class LocalExecutor:
         self._pool = cf.ThreadPoolExecutor(self.n_threads, thread_name_prefix="segflow")
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Any]:
-        return [self._pool.submit(_resolve_call, fn, args, kwargs) for args in zip(*iterables)]
+        return [
+            self._pool.submit(_resolve_call, fn, args, kwargs)
+            for args in zip(*iterables, strict=True)
+        ]
 
     def gather(
         self,

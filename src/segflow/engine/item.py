@@ -104,8 +104,14 @@ def segment_item(
             return ZarrRegionWriter(store, info.id, plan.out_kind)
 
         run = run_item(
-            reader, plan, block_shape=block, executor=executor, make_sink=make_sink,
-            saved=saved, storage_unit=shard or chunk, progress=progress,
+            reader,
+            plan,
+            block_shape=block,
+            executor=executor,
+            make_sink=make_sink,
+            saved=saved,
+            storage_unit=shard or chunk,
+            progress=progress,
         )
     except Exception as error:  # one bad item must not stop the collection
         result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"

@@ -113,8 +113,11 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
                 where = ".".join(str(p) for p in problem["loc"])
                 value = problem.get("input")
                 key = f"pipeline[{i}].{where}" if where else f"pipeline[{i}] ({name})"
-                shown = "" if where == "" else f" (got {value!r})"
-                problems.append(f"{key}: {problem['msg']}{shown}")
+                message = str(problem["msg"]).removeprefix("Value error, ")
+                if problem["type"] == "extra_forbidden":
+                    message = f"unknown parameter of {name!r}"
+                shown = "" if not where or "(got" in message else f" (got {value!r})"
+                problems.append(f"{key}: {message}{shown}")
             continue
         if save_as is not None and not str(save_as).isidentifier():
             problems.append(f"pipeline[{i}].save_as: {save_as!r} is not a valid array name")
@@ -152,7 +155,9 @@ def compile_pipeline(
     for step in steps:
         where = step.describe()
         if spatial_ndim not in step.op.ndims:
-            raise PlanError(f"{where} works on {step.op.ndims}-D items, this item is {spatial_ndim}-D")
+            raise PlanError(
+                f"{where} works on {step.op.ndims}-D items, this item is {spatial_ndim}-D"
+            )
         if step.op.needs_single_channel and channels != 1:
             raise PlanError(
                 f"{where} needs a single-channel image, got {channels} channels; add "
@@ -163,6 +168,10 @@ def compile_pipeline(
                 f"{where} is a {step.op.kind} operation after 'label'; only pointwise "
                 "operations may follow a connectivity operation"
             )
+        if step.op.check_channels is not None:
+            problem = step.op.check_channels(channels, step.params)
+            if problem:
+                raise PlanError(f"{where}: {problem}")
         try:
             op_halo = step.op.halo_of(step.params, spatial_ndim)
             channels = step.op.channels_after(channels, step.params)

@@ -82,7 +82,9 @@ class ItemRun:
     blocks: list[BlockSummary] = field(default_factory=list)
 
 
-def _context(step: Step, stats: Mapping[int, Any], ndim: int, spacing: tuple[float, ...]) -> OpContext:
+def _context(
+    step: Step, stats: Mapping[int, Any], ndim: int, spacing: tuple[float, ...]
+) -> OpContext:
     return OpContext(spatial_ndim=ndim, stat=stats.get(step.index), spacing=spacing)
 
 
@@ -124,8 +126,11 @@ def run_block(
     if reduce is not None:
         statistic, state = reduce
         keep = grow_box(block.core, keep_halo, shape)
-        keep = tuple(slice(max(k.start, b.start), min(k.stop, b.stop)) for k, b in zip(keep, box, strict=True))
-        data = np.ascontiguousarray(data[(slice(None), *relative(keep, box))])
+        keep = tuple(
+            slice(max(k.start, b.start), min(k.stop, b.stop))
+            for k, b in zip(keep, box, strict=True)
+        )
+        data = data[(slice(None), *relative(keep, box))]
         tile = Tile(keep, data)
         tile.partial = statistic.map(_core_of(keep, data, block.core), state)
         return tile
@@ -220,7 +225,12 @@ def run_plan(
     for number, phase in enumerate(plan.phases):
         for step in phase.steps:
             if step.op.kind == "local":
-                remaining = [r - h for r, h in zip(remaining, step.op.halo_of(step.params, len(shape)), strict=True)]
+                remaining = [
+                    r - h
+                    for r, h in zip(
+                        remaining, step.op.halo_of(step.params, len(shape)), strict=True
+                    )
+                ]
         label = f"phase {number + 1}/{len(plan.phases)}"
         if phase.ends_with == "statistic":
             assert phase.statistic_step is not None
@@ -228,10 +238,18 @@ def run_plan(
             statistic = stat_step.op.statistic_for(stat_step.params)
             state = statistic.start()
             tiles = executor.map(
-                run_block, sources, blocks, steps=phase.steps, stats=dict(stats),
-                keep_halo=tuple(remaining), reduce=(statistic, state), **common,
+                run_block,
+                sources,
+                blocks,
+                steps=phase.steps,
+                stats=dict(stats),
+                keep_halo=tuple(remaining),
+                reduce=(statistic, state),
+                **common,
             )
-            partials = executor.gather(executor.map(tile_partial, tiles), label=label, progress=progress)
+            partials = executor.gather(
+                executor.map(tile_partial, tiles), label=label, progress=progress
+            )
             while True:
                 result = statistic.combine(partials, state)
                 if isinstance(result, Done):
@@ -247,8 +265,14 @@ def run_plan(
             params = phase.connectivity.params
             assert isinstance(params, LabelParams)
             tiles = executor.map(
-                run_block, sources, blocks, steps=phase.steps, stats=dict(stats),
-                keep_halo=(0,) * len(shape), label=phase.connectivity, **common,
+                run_block,
+                sources,
+                blocks,
+                steps=phase.steps,
+                stats=dict(stats),
+                keep_halo=(0,) * len(shape),
+                label=phase.connectivity,
+                **common,
             )
             faces = executor.map(label_faces, tiles)
             offsets = neighbor_offsets(len(shape), params.connectivity)
@@ -262,7 +286,11 @@ def run_plan(
                 offset_args.append(present)
                 neighbor_args.append([faces[linear] for _, linear in present])
             results = executor.map(
-                label_pairs, faces, neighbor_args, [b.linear for b in blocks], offset_args,
+                label_pairs,
+                faces,
+                neighbor_args,
+                [b.linear for b in blocks],
+                offset_args,
                 connectivity=params.connectivity,
             )
             gathered = executor.gather(results, label=label, progress=progress)
@@ -274,15 +302,30 @@ def run_plan(
                 dtype = smallest_label_dtype(n_labels)
                 sink = make_sink(dtype)
                 handles = executor.map(
-                    relabel_block, sources, blocks, relabels, steps=phase.steps, stats=dict(stats),
-                    shape=shape, spacing=spacing, dtype=dtype, sink=sink,
+                    relabel_block,
+                    sources,
+                    blocks,
+                    relabels,
+                    steps=phase.steps,
+                    stats=dict(stats),
+                    shape=shape,
+                    spacing=spacing,
+                    dtype=dtype,
+                    sink=sink,
                 )
             else:
                 dtype = plan.out_dtype
                 sink = make_sink(dtype)
                 handles = executor.map(
-                    run_block, sources, blocks, steps=phase.steps, stats=dict(stats),
-                    keep_halo=(0,) * len(shape), sink=sink, out_dtype=dtype, **common,
+                    run_block,
+                    sources,
+                    blocks,
+                    steps=phase.steps,
+                    stats=dict(stats),
+                    keep_halo=(0,) * len(shape),
+                    sink=sink,
+                    out_dtype=dtype,
+                    **common,
                 )
             summaries = executor.gather(handles, label=label, progress=progress)
             return ItemRun(

@@ -4,8 +4,8 @@ from segflow.ops import filters, intensity, label, morphology, threshold
 from segflow.ops.registry import (
     Done,
     GlobalStatistic,
-    Operation,
     OpContext,
+    Operation,
     OpKind,
     OpParams,
     describe_params,

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field, field_validator
 from scipy import ndimage as ndi
 
-from segflow.ops.registry import Operation, OpContext, OpParams, register
+from segflow.ops.registry import OpContext, Operation, OpParams, register
 
 # "wrap" is left out on purpose: it reads the opposite side of the item, which no block has.
 BorderMode = Literal["reflect", "nearest", "mirror", "constant"]
@@ -42,7 +42,9 @@ def gaussian_radius(sigma: float, truncate: float) -> int:
 
 
 def gaussian_halo(params: GaussianParams, ndim: int) -> tuple[int, ...]:
-    return tuple(gaussian_radius(s, params.truncate) for s in _per_axis(params.sigma, ndim, "sigma"))
+    return tuple(
+        gaussian_radius(s, params.truncate) for s in _per_axis(params.sigma, ndim, "sigma")
+    )
 
 
 def gaussian_filter(image: np.ndarray, params: GaussianParams, ctx: OpContext) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, model_validator
 
-from segflow.ops.registry import Operation, OpContext, OpParams, register
+from segflow.ops.registry import OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Percentiles
 
 
@@ -138,6 +138,13 @@ def classify_intensity(image: np.ndarray, params: ClassifyParams, ctx: OpContext
     return (np.digitize(image, params.edges) + 1).astype(np.uint8)
 
 
+def _check_bands(bands: list[int], channels: int) -> str | None:
+    bad = [b for b in bands if not 1 <= b <= channels]
+    if bad:
+        return f"band(s) {bad} do not exist: the image has bands 1..{channels}"
+    return None
+
+
 register(
     Operation(
         name="clip",
@@ -165,6 +172,7 @@ register(
         apply=select_bands,
         summary="keep the listed 1-based bands",
         out_channels=lambda c, p: len(p.bands),
+        check_channels=lambda c, p: _check_bands(p.bands, c),
     )
 )
 register(
@@ -174,6 +182,11 @@ register(
         params=CombineBandsParams,
         apply=combine_bands,
         summary="weighted sum of bands into one float32 channel",
+        check_channels=lambda c, p: (
+            None
+            if len(p.weights) == c
+            else f"`weights` has {len(p.weights)} values, the image has {c} bands"
+        ),
         out_channels=lambda c, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.float32),
     )
@@ -185,6 +198,7 @@ register(
         params=NormalizedDifferenceParams,
         apply=normalized_difference,
         summary="(a - b) / (a + b) of two 1-based bands (NDVI-style), float32",
+        check_channels=lambda c, p: _check_bands([p.band_a, p.band_b], c),
         out_channels=lambda c, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.float32),
     )

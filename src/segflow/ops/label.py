@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage as ndi
 
-from segflow.ops.registry import Operation, OpContext, OpParams, register
+from segflow.ops.registry import OpContext, Operation, OpParams, register
 
 
 class LabelParams(OpParams):

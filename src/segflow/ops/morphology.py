@@ -9,7 +9,7 @@ from pydantic import Field
 from scipy import ndimage as ndi
 from skimage.morphology import ball, disk
 
-from segflow.ops.registry import Operation, OpContext, OpParams, register
+from segflow.ops.registry import OpContext, Operation, OpParams, register
 
 
 class MorphologyParams(OpParams):

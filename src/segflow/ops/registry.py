@@ -99,6 +99,7 @@ class Operation(Generic[P]):
     out_channels: Callable[[int, P], int] | None = None
     out_dtype: Callable[[np.dtype, P], np.dtype] | None = None
     needs_single_channel: bool = False
+    check_channels: Callable[[int, P], str | None] | None = None
     ndims: tuple[int, ...] = (2, 3)
 
     def statistic_for(self, params: P) -> GlobalStatistic:
@@ -115,7 +116,9 @@ class Operation(Generic[P]):
         return channels if self.out_channels is None else self.out_channels(channels, params)
 
     def dtype_after(self, dtype: np.dtype, params: P) -> np.dtype:
-        return np.dtype(dtype) if self.out_dtype is None else np.dtype(self.out_dtype(dtype, params))
+        return (
+            np.dtype(dtype) if self.out_dtype is None else np.dtype(self.out_dtype(dtype, params))
+        )
 
 
 _REGISTRY: dict[str, Operation[Any]] = {}

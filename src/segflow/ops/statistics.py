@@ -178,7 +178,9 @@ class Percentiles:
                 lo_i, hi_i = max(i - 1, 0), min(i + 2, _REFINE_BINS)
                 intervals.append((float(edges[lo_i]), float(edges[hi_i])))
             estimate = sum(
-                counts[max(int(np.searchsorted(edges, lo)) - 1, 0) : int(np.searchsorted(edges, hi))].sum()
+                counts[
+                    max(int(np.searchsorted(edges, lo)) - 1, 0) : int(np.searchsorted(edges, hi))
+                ].sum()
                 for lo, hi in intervals
             )
             narrow = all(hi - lo < (state.high - state.low) for lo, hi in intervals)

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field, model_validator
 from skimage.filters import threshold_otsu
 
-from segflow.ops.registry import Done, Operation, OpContext, OpParams, register
+from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Histogram
 
 

@@ -103,8 +103,12 @@ def face_pairs(
         for t in itertools.product((-1, 0, 1), repeat=free):
             if crossing + sum(1 for x in t if x != 0) > connectivity:
                 continue
-            a_index = tuple(slice(max(-s, 0), n - max(s, 0)) for s, n in zip(t, mine.shape, strict=True))
-            b_index = tuple(slice(max(s, 0), n - max(-s, 0)) for s, n in zip(t, mine.shape, strict=True))
+            a_index = tuple(
+                slice(max(-s, 0), n - max(s, 0)) for s, n in zip(t, mine.shape, strict=True)
+            )
+            b_index = tuple(
+                slice(max(s, 0), n - max(-s, 0)) for s, n in zip(t, mine.shape, strict=True)
+            )
             a, b = mine[a_index], theirs[b_index]
             touching = (a != 0) & (b != 0)
             if not touching.any():
@@ -157,8 +161,8 @@ def merge_labels(counts: Sequence[int], pairs: Sequence[np.ndarray]) -> MergeRes
     edges = np.concatenate(pairs) if pairs else np.empty((0, 2), np.uint64)
     empty = np.empty(0, np.int64)
     if len(edges) == 0:
-        relabels = tuple(BlockRelabel(int(s), empty, empty) for s in starts)
-        return MergeResult(int(counts_arr.sum()), relabels)
+        plain = tuple(BlockRelabel(int(s), empty, empty) for s in starts)
+        return MergeResult(int(counts_arr.sum()), plain)
 
     nodes, inverse = np.unique(edges.ravel(), return_inverse=True)
     inverse = inverse.reshape(-1, 2)

@@ -4,6 +4,7 @@ The index helpers import pandas, which workers never need: they load on first us
 """
 
 from typing import Any
+
 from segflow.store.layout import (
     GRID_MAPPING,
     ArraySpec,

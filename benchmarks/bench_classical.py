@@ -1,0 +1,225 @@
+"""Gaussian (sigma 2) -> Otsu -> stitched labels -> Zarr write: segflow against references.
+
+All three sides start from the same Zarr input (float32, 256^2 chunks, so that a block's halo
+decompresses thin rings of small chunks rather than eight whole neighbour chunks) and write
+labels to Zarr with 1024^2 chunks (one per segflow block):
+
+* segflow: ``segment_item`` on a 2-worker ``distributed.LocalCluster`` (started beforehand;
+  its start-up time is printed separately);
+* in memory: read the whole array, ``scipy.ndimage.gaussian_filter``,
+  ``skimage.filters.threshold_otsu``, ``scipy.ndimage.label``, write;
+* dask-image: ``ndfilters.gaussian_filter``, Otsu from a dask histogram, ``ndmeasure.label``,
+  ``to_zarr``, on the same cluster. A failure or time-out is recorded, not hidden.
+
+The last line printed is one JSON object. Run: ``python benchmarks/bench_classical.py``
+(``--size 4096`` for a smaller run; ``--daskimage-timeout`` bounds the dask-image run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+
+SIGMA = 2.0
+PIPELINE = [{"op": "gaussian", "sigma": SIGMA}, {"op": "otsu"}, {"op": "label", "connectivity": 1}]
+
+
+def make_input(path: Path, size: int, chunk: int) -> None:
+    """Blobs of several sizes plus noise, written chunk by chunk (never whole in memory twice)."""
+    array = zarr.create_array(str(path), shape=(size, size), chunks=(chunk, chunk), dtype="float32")
+    rng = np.random.default_rng(0)
+    coarse = ndi.zoom(rng.random((size // 64 + 2, size // 64 + 2)), 64, order=1)
+    for i in range(0, size, chunk):
+        rows = slice(i, min(i + chunk, size))
+        noise = rng.random((rows.stop - rows.start, size), dtype=np.float32)
+        array[rows, :] = (coarse[rows, :size] + 0.8 * noise).astype(np.float32)
+
+
+def warm_up(client: Any) -> None:
+    """Import the engine on every worker once: the in-memory side has its imports done too."""
+
+    def _import() -> None:
+        import segflow.engine.item
+        import segflow.io.zarr
+        import segflow.store  # noqa: F401
+
+    client.run(_import)
+
+
+def run_inmemory(source: Path, target: Path, chunk: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    image = zarr.open_array(str(source), mode="r")[...]
+    smoothed = ndi.gaussian_filter(image, SIGMA)
+    labels, n = ndi.label(smoothed > threshold_otsu(smoothed))
+    dtype = np.uint8 if n < 2**8 else np.uint16 if n < 2**16 else np.uint32
+    out = zarr.create_array(
+        str(target), shape=labels.shape, chunks=(chunk, chunk), dtype=dtype, overwrite=True
+    )
+    out[...] = labels.astype(dtype)
+    return time.perf_counter() - started, int(n)
+
+
+def run_segflow(client: Any, source: Path, store: Path, chunk: int) -> tuple[float, int]:
+    from segflow.engine.executor import DaskExecutor
+    from segflow.engine.item import segment_item
+    from segflow.io.zarr import ZarrReader
+
+    started = time.perf_counter()
+    result = segment_item(
+        ZarrReader(str(source), item_id="bench"),
+        PIPELINE,
+        store=str(store),
+        block_shape=chunk,
+        executor=DaskExecutor(client),
+    )
+    if result.status != "done":
+        raise RuntimeError(result.error)
+    return time.perf_counter() - started, int(result.object_count or 0)
+
+
+def _daskimage_pipeline(source: str, target: str, workers: int) -> None:
+    """The dask-image pipeline; runs in a child process so a hard time limit can stop it."""
+    import dask.array as da
+    from dask_image import ndfilters, ndmeasure
+    from distributed import Client
+
+    from segflow.engine.cluster import start_local_cluster
+
+    # The same tuned worker environment as segflow's, so neither side pays the malloc penalty.
+    with start_local_cluster(workers, dashboard_address=None) as cluster, Client(cluster):
+        started = time.perf_counter()
+        image = da.from_zarr(source)
+        smoothed = ndfilters.gaussian_filter(image, SIGMA)
+        low, high = da.compute(smoothed.min(), smoothed.max())
+        counts, edges = da.histogram(smoothed, bins=256, range=(low, high))
+        centers = (edges[:-1] + edges[1:]) / 2
+        threshold = threshold_otsu(hist=(counts.compute(), centers))
+        labels, n = ndmeasure.label(smoothed > threshold)
+        stored = labels.astype(np.uint32).to_zarr(target, compute=False)
+        _, n_value = da.compute(stored, n)
+        print(json.dumps({"seconds": time.perf_counter() - started, "objects": int(n_value)}))
+
+
+def run_daskimage(
+    source: Path, target: Path, workers: int, timeout: float
+) -> tuple[float | None, int | None, str | None]:
+    """Time dask-image in a child process (its own 2-worker cluster, started before timing)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench_classical as b; "
+        "b._daskimage_pipeline(sys.argv[2], sys.argv[3], int(sys.argv[4]))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    command = [sys.executable, "-c", code, here, str(source), str(target), str(workers)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, None, f"timed out after {timeout:.0f} s"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, None, f"exit {done.returncode}: {last}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["seconds"]), int(result["objects"]), None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--chunk", type=int, default=256, help="input Zarr chunk side")
+    parser.add_argument("--block", type=int, default=1024, help="segflow block = output chunk side")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per side; the best counts")
+    parser.add_argument("--daskimage-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--compare-size",
+        type=int,
+        default=4096,
+        help="also run all three at this size, where dask-image completes",
+    )
+    args = parser.parse_args()
+
+    from distributed import Client
+
+    from segflow.engine.cluster import start_local_cluster
+
+    workdir = Path(tempfile.mkdtemp(prefix="segflow-bench-"))
+    results: dict[str, Any] = {
+        "benchmark": "gaussian->otsu->label->zarr",
+        "size": args.size,
+        "input_chunk": args.chunk,
+        "block": args.block,
+        "workers": args.workers,
+    }
+    try:
+        started = time.perf_counter()
+        cluster = start_local_cluster(args.workers, dashboard_address=None)
+        client = Client(cluster)
+        results["cluster_start_s"] = round(time.perf_counter() - started, 2)
+        sizes = [args.size] + (
+            [args.compare_size] if args.compare_size and args.compare_size != args.size else []
+        )
+        for size in sizes:
+            source = workdir / f"input-{size}.zarr"
+            make_input(source, size, args.chunk)
+            warm_up(client)
+            # Best of --repeat runs on each side: the machine is shared and noisy.
+            inmem = [
+                run_inmemory(source, workdir / f"inmem-{size}.zarr", args.block)
+                for _ in range(args.repeat)
+            ]
+            seg = [
+                run_segflow(client, source, workdir / f"segflow-{size}.zarr", args.block)
+                for _ in range(args.repeat)
+            ]
+            (inmem_s, inmem_n), (seg_s, seg_n) = min(inmem), min(seg)
+            if seg_n != inmem_n:
+                raise SystemExit(
+                    f"object counts differ at {size}: segflow {seg_n}, in-memory {inmem_n}"
+                )
+            print(
+                f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            dask_s, _, dask_error = run_daskimage(
+                source, workdir / f"daskimage-{size}.zarr", args.workers, args.daskimage_timeout
+            )
+            print(
+                f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s, "
+                f"dask-image {f'{dask_s:.2f} s' if dask_s else dask_error}; objects {seg_n}",
+                file=sys.stderr,
+                flush=True,
+            )
+            row = {
+                "segflow_s": round(seg_s, 3),
+                "inmemory_s": round(inmem_s, 3),
+                "daskimage_s": None if dask_s is None else round(dask_s, 3),
+                "daskimage_error": dask_error,
+                "objects": seg_n,
+                "ratio_vs_inmemory": round(inmem_s / seg_s, 3),
+                "ratio_vs_daskimage": None if dask_s is None else round(dask_s / seg_s, 3),
+            }
+            if size == args.size:
+                results.update(row)
+            else:
+                results[f"at_{size}"] = row
+        client.close()
+        cluster.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

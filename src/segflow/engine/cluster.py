@@ -1,0 +1,52 @@
+"""A local Dask cluster tuned for block work.
+
+Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also turns off glibc's
+adaptive mmap threshold: every temporary above 128 KiB is then a fresh ``mmap`` and its pages
+fault in again on each use. Measured here, ``numpy.histogram`` of a 1040^2 float32 block took
+45-48 ms in such a worker against 15-18 ms with ``MALLOC_MMAP_THRESHOLD_`` set to 64 MiB.
+Block-sized temporaries (a few MiB) then come from the heap and are reused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+WORKER_ENV: dict[str, int] = {
+    "MALLOC_TRIM_THRESHOLD_": 65536,
+    "MALLOC_MMAP_THRESHOLD_": 64 * 2**20,
+    "OMP_NUM_THREADS": 1,
+    "MKL_NUM_THREADS": 1,
+    "OPENBLAS_NUM_THREADS": 1,
+}
+
+
+def start_local_cluster(
+    n_workers: int,
+    *,
+    threads_per_worker: int = 1,
+    memory_limit: str = "auto",
+    dashboard_address: str | None = ":0",
+    silence_logs: int = logging.WARNING,
+) -> Any:
+    """Start a process-based ``distributed.LocalCluster`` with :data:`WORKER_ENV`.
+
+    Examples
+    --------
+    >>> cluster = start_local_cluster(1, dashboard_address=None)  # doctest: +SKIP
+    >>> cluster.close()  # doctest: +SKIP
+    """
+    import dask
+    from distributed import LocalCluster
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.update(WORKER_ENV)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            processes=True,
+            dashboard_address=dashboard_address,
+            silence_logs=silence_logs,
+        )

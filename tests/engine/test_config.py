@@ -1,0 +1,119 @@
+"""Config loading: every problem gets one line naming the key, the value and what is expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segflow.config import load_config, parse_config
+from segflow.errors import ConfigError
+
+VALID = {
+    "input": {"path": "data"},
+    "output": {"store": "out.zarr"},
+    "pipeline": [{"op": "gaussian", "sigma": 1}, {"op": "otsu"}, {"op": "label"}],
+}
+
+
+def _problems(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    return caught.value.problems
+
+
+def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
+    config = parse_config(VALID)
+    other = parse_config({**VALID, "input": {"path": "elsewhere"}})
+    assert config.blocks.shape == 1024
+    assert config.config_hash() == other.config_hash()
+    changed = parse_config({**VALID, "pipeline": [{"op": "gaussian", "sigma": 2}]})
+    assert changed.config_hash() != config.config_hash()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"output": {}}, "output.store: required key is missing"),
+        ({"blocks": {"shape": 0}}, "blocks.shape: every axis must be >= 1 (got 0)"),
+        ({"colour": "red"}, "colour: unknown key (got 'red')"),
+        (
+            {"cluster": {"n_workers": 0}},
+            "cluster.n_workers: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            {"pipeline": [{"op": "gaussian", "sigma": -1}]},
+            "pipeline[0].sigma: must be >= 0 (got -1",
+        ),
+        (
+            {"pipeline": [{"op": "gausian", "sigma": 1}]},
+            "pipeline[0].op: unknown operation 'gausian'; known operations: ",
+        ),
+        (
+            {"pipeline": [{"op": "median", "size": 4}]},
+            "pipeline[0].size: must be odd so the window is centred (got 4)",
+        ),
+        (
+            {"pipeline": [{"op": "otsu", "bins": 3}]},
+            "pipeline[0].bins: unknown parameter of 'otsu' (got 3)",
+        ),
+        ({"pipeline": [{"sigma": 1}]}, "pipeline[0]: missing `op` (the operation name)"),
+        ({"pipeline": []}, "pipeline: must list at least one step, got an empty list"),
+        (
+            {"pipeline": [{"op": "window", "low": 5, "high": 1}]},
+            "pipeline[0] (window): `low` (5.0) must be below `high` (1.0)",
+        ),
+    ],
+)
+def test_each_problem_is_one_readable_line(change: dict[str, object], expected: str) -> None:
+    problems = _problems({**VALID, **change})
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_all_problems_are_reported_together() -> None:
+    problems = _problems(
+        {"input": {"path": "x"}, "output": {}, "pipeline": [{"op": "gaussian"}, {"op": "nope"}]}
+    )
+    assert len(problems) == 3
+    assert problems[0] == "output.store: required key is missing"
+    assert problems[1].startswith("pipeline[0].sigma: Field required")
+    assert problems[2].startswith("pipeline[1].op: unknown operation 'nope'")
+
+
+def test_load_config_resolves_paths_and_applies_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "input: {path: images}\noutput: {store: out.zarr}\n"
+        "pipeline:\n  - {op: gaussian, sigma: 1}\n  - {op: otsu}\n"
+    )
+    config = load_config(path, ["blocks.shape=[64, 32]", "pipeline.0.sigma=2.5"])
+    assert config.input.path == str(tmp_path / "images")
+    assert config.output.store == str(tmp_path / "out.zarr")
+    assert config.blocks.shape == [64, 32]
+    assert config.pipeline[0]["sigma"] == 2.5
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("blocks.shape", "--set 'blocks.shape': expected KEY=VALUE, e.g. blocks.shape=512"),
+        ("pipeline.7.sigma=1", "--set pipeline.7: '7' is not an index of a list of 2 items"),
+    ],
+)
+def test_bad_overrides_are_named(tmp_path: Path, override: str, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: a}\noutput: {store: b}\npipeline: [{op: otsu}, {op: label}]\n")
+    with pytest.raises(
+        ConfigError,
+        match="^" + expected.replace("[", r"\[").replace("(", r"\(").replace(".", r"\."),
+    ):
+        load_config(path, [override])
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config '.*missing.yaml': cannot read it"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"config '.*bad.yaml': not valid YAML"):
+        load_config(bad)

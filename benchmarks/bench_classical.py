@@ -89,7 +89,7 @@ def run_segflow(client: Any, source: Path, store: Path, chunk: int) -> tuple[flo
     return time.perf_counter() - started, int(result.object_count or 0)
 
 
-def _daskimage_pipeline(source: str, target: str, workers: int) -> None:
+def _daskimage_pipeline(source: str, target: str, workers: int, block: int) -> None:
     """The dask-image pipeline; runs in a child process so a hard time limit can stop it."""
     import dask.array as da
     from dask_image import ndfilters, ndmeasure
@@ -100,7 +100,8 @@ def _daskimage_pipeline(source: str, target: str, workers: int) -> None:
     # The same tuned worker environment as segflow's, so neither side pays the malloc penalty.
     with start_local_cluster(workers, dashboard_address=None) as cluster, Client(cluster):
         started = time.perf_counter()
-        image = da.from_zarr(source)
+        # Dask chunks = segflow's blocks: dask-image's label slows down sharply with more chunks.
+        image = da.from_zarr(source, chunks=(block, block))
         smoothed = ndfilters.gaussian_filter(image, SIGMA)
         low, high = da.compute(smoothed.min(), smoothed.max())
         counts, edges = da.histogram(smoothed, bins=256, range=(low, high))
@@ -113,15 +114,15 @@ def _daskimage_pipeline(source: str, target: str, workers: int) -> None:
 
 
 def run_daskimage(
-    source: Path, target: Path, workers: int, timeout: float
+    source: Path, target: Path, workers: int, block: int, timeout: float
 ) -> tuple[float | None, int | None, str | None]:
     """Time dask-image in a child process (its own 2-worker cluster, started before timing)."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import bench_classical as b; "
-        "b._daskimage_pipeline(sys.argv[2], sys.argv[3], int(sys.argv[4]))"
+        "b._daskimage_pipeline(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))"
     )
     here = str(Path(__file__).resolve().parent)
-    command = [sys.executable, "-c", code, here, str(source), str(target), str(workers)]
+    command = [sys.executable, "-c", code, here, str(source), str(target), str(workers), str(block)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -193,7 +194,11 @@ def main() -> None:
                 flush=True,
             )
             dask_s, _, dask_error = run_daskimage(
-                source, workdir / f"daskimage-{size}.zarr", args.workers, args.daskimage_timeout
+                source,
+                workdir / f"daskimage-{size}.zarr",
+                args.workers,
+                args.block,
+                args.daskimage_timeout,
             )
             print(
                 f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s, "

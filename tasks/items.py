@@ -55,7 +55,7 @@ def segment_item_task(
     pipeline: list[dict[str, Any]],
     *,
     store: str,
-    block_shape: list[int] | int,
+    block_shape: list[int] | int | None,
     chunks: list[int] | None,
     shards: list[int] | None,
     config_hash: str,

@@ -37,11 +37,15 @@ class OutputConfig(_Model):
 
 
 class BlocksConfig(_Model):
-    shape: list[int] | int = Field(1024, description="core block shape over (z), y, x")
+    shape: list[int] | int | None = Field(
+        None, description="core block shape over (z), y, x; default 2048^2 in 2D, 256^3 in 3D"
+    )
 
     @field_validator("shape")
     @classmethod
-    def _positive(cls, value: list[int] | int) -> list[int] | int:
+    def _positive(cls, value: list[int] | int | None) -> list[int] | int | None:
+        if value is None:
+            return None
         values = [value] if isinstance(value, int) else value
         if not values or any(v < 1 for v in values):
             raise ValueError(f"every axis must be >= 1 (got {value})")
@@ -61,7 +65,7 @@ class SegflowConfig(_Model):
     name: str = "segment"
     input: InputConfig
     output: OutputConfig
-    blocks: BlocksConfig = Field(default_factory=lambda: BlocksConfig(shape=1024))
+    blocks: BlocksConfig = Field(default_factory=lambda: BlocksConfig(shape=None))
     pipeline: list[dict[str, Any]]
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig.model_validate({}))
 

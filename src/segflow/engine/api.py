@@ -18,7 +18,7 @@ def segment(
     image: Any,
     pipeline: Sequence[Mapping[str, Any] | Step],
     *,
-    block_shape: Sequence[int] | int = 1024,
+    block_shape: Sequence[int] | int | None = None,
     channel_axis: int | None = None,
     client: Any = None,
     n_threads: int | None = None,
@@ -34,7 +34,7 @@ def segment(
         Steps such as ``[{"op": "gaussian", "sigma": 2}, {"op": "otsu"}, {"op": "label"}]``;
         ``segflow ops`` lists the operations.
     block_shape
-        Core block shape over the spatial axes.
+        Core block shape over the spatial axes; by default 2048^2 in 2D, 256^3 in 3D.
     client
         A ``distributed.Client`` to run the blocks on; by default a thread pool here.
     n_threads
@@ -96,7 +96,7 @@ def run_item(
     reader: Reader,
     plan: Plan,
     *,
-    block_shape: Sequence[int] | int,
+    block_shape: Sequence[int] | int | None,
     executor: Executor,
     make_sink: Any,
     saved: Mapping[str, Sink] | None = None,

@@ -11,6 +11,12 @@ from segflow.errors import PlanError
 
 Box = tuple[slice, ...]
 
+#: Default core block side per number of spatial axes: 2048^2 (16 MiB of float32) in 2D,
+#: 256^3 (64 MiB) in 3D. Large enough that per-task overhead and halo re-use stay small
+#: (measured at 8192^2: 1024^2 blocks spent 1.6 s of scheduler/client CPU, 2048^2 blocks
+#: 0.6 s), small enough that a worker holds several blocks and their intermediates.
+DEFAULT_BLOCK_SIDE = {1: 65536, 2: 2048, 3: 256}
+
 
 @dataclass(frozen=True)
 class Block:
@@ -83,10 +89,25 @@ class BlockGrid:
     def contains(self, index: Sequence[int]) -> bool:
         return all(0 <= i < g for i, g in zip(index, self.grid_shape, strict=True))
 
+    def overlapping(self, box: Box) -> list[Block]:
+        """The blocks whose core intersects ``box``, in C order.
+
+        Examples
+        --------
+        >>> grid = plan_blocks((10, 7), (4, 4), halo=(1, 1))
+        >>> [b.index for b in grid.overlapping(grid.block((1, 0)).outer)]
+        [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+        """
+        ranges = [
+            range(s.start // b, (s.stop - 1) // b + 1) if s.stop > s.start else range(0)
+            for s, b in zip(box, self.block_shape, strict=True)
+        ]
+        return [self.block(index) for index in itertools.product(*ranges)]
+
 
 def plan_blocks(
     shape: Sequence[int],
-    block_shape: Sequence[int] | int,
+    block_shape: Sequence[int] | int | None,
     *,
     halo: Sequence[int] | int = 0,
     storage_unit: Sequence[int] | None = None,
@@ -98,7 +119,8 @@ def plan_blocks(
     shape
         Spatial shape of the item, ``(z), y, x``.
     block_shape
-        Core block shape (one int for every axis). Clipped to the item shape.
+        Core block shape (one int for every axis); ``None`` for :func:`default_block_shape`.
+        Clipped to the item shape.
     halo
         Pixels each block reads beyond its core on every side, per axis.
     storage_unit
@@ -113,7 +135,7 @@ def plan_blocks(
     """
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
-    blocks = _per_axis(block_shape, ndim, "blocks.shape")
+    blocks = block_shape_for(block_shape, ndim)
     halos = _per_axis(halo, ndim, "halo")
     if any(b < 1 for b in blocks):
         raise PlanError(f"`blocks.shape` {blocks} must be positive along every axis")
@@ -130,6 +152,24 @@ def plan_blocks(
                 )
     blocks = tuple(min(b, n) if n > 0 else b for b, n in zip(blocks, shape, strict=True))
     return BlockGrid(shape=shape, block_shape=blocks, halo=halos)
+
+
+def default_block_shape(ndim: int) -> tuple[int, ...]:
+    """The default core block shape for items with ``ndim`` spatial axes.
+
+    >>> default_block_shape(2), default_block_shape(3)
+    ((2048, 2048), (256, 256, 256))
+    """
+    return (DEFAULT_BLOCK_SIDE.get(ndim, 256),) * ndim
+
+
+def block_shape_for(value: Sequence[int] | int | None, ndim: int) -> tuple[int, ...]:
+    """``blocks.shape`` as one int per axis: ``None`` is the default, one int (or a one-item
+    list) applies to every axis."""
+    if value is None:
+        return default_block_shape(ndim)
+    values = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+    return values * ndim if len(values) == 1 else _per_axis(values, ndim, "blocks.shape")
 
 
 def _per_axis(value: Sequence[int] | int, ndim: int, name: str) -> tuple[int, ...]:
@@ -155,6 +195,14 @@ def relative(inner: Box, outer: Box) -> Box:
     """``inner`` expressed in the coordinates of an array that covers ``outer``."""
     return tuple(
         slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer, strict=True)
+    )
+
+
+def intersect(a: Box, b: Box) -> Box:
+    """The intersection of two boxes (empty slices where they do not meet)."""
+    return tuple(
+        slice(max(x.start, y.start), max(max(x.start, y.start), min(x.stop, y.stop)))
+        for x, y in zip(a, b, strict=True)
     )
 
 

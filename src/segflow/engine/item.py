@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from segflow.engine.api import run_item
+from segflow.engine.blocks import block_shape_for
 from segflow.engine.executor import Executor, ProgressCallback
 from segflow.engine.pipeline import compile_pipeline
 from segflow.io.base import Reader
@@ -51,7 +52,7 @@ def segment_item(
     pipeline: Sequence[Mapping[str, Any]],
     *,
     store: str,
-    block_shape: Sequence[int] | int,
+    block_shape: Sequence[int] | int | None,
     executor: Executor,
     chunks: Sequence[int] | None = None,
     shards: Sequence[int] | None = None,
@@ -85,7 +86,7 @@ def segment_item(
         plan = compile_pipeline(
             pipeline, spatial_ndim=len(spatial), channels=info.n_channels, dtype=info.dtype
         )
-        block = _per_axis(block_shape, len(spatial))
+        block = block_shape_for(block_shape, len(spatial))
         chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))
         shard = None
         if shards is not None:
@@ -130,12 +131,3 @@ def segment_item(
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"pipeline[{index}].{plan.steps[index].op.name}{suffix}"] = float(v)
     return result
-
-
-def _per_axis(value: Sequence[int] | int, ndim: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * ndim
-    values = tuple(int(v) for v in value)
-    if len(values) == 1:
-        return values * ndim
-    return values

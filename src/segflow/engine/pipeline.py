@@ -4,6 +4,11 @@ A phase is everything one Dask task per block can do without hearing from other 
 read, then every pointwise and local operation in order. Phases end where the item must be
 seen whole: before a global operation (its statistic is reduced over all blocks first) and at a
 connectivity operation (labels are merged across block faces).
+
+Each phase knows the halo it needs at its start (``halo_in``): the local operations from there
+up to the next connectivity operation. The first phase reads it with the input; a phase after
+a global statistic keeps it from the phase before; a phase after a connectivity operation
+starts from finished cores and gets its halo from the neighbours' strips.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class Phase:
     ends_with: str
     statistic_step: Step | None = None
     connectivity: Step | None = None
+    halo_in: tuple[int, ...] = ()
+    after: Step | None = None  # the connectivity step this phase starts from, if any
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ class Plan:
 
     steps: tuple[Step, ...]
     phases: tuple[Phase, ...]
-    halo: tuple[int, ...]
+    halo: tuple[int, ...]  # what the first phase reads around each block
     out_dtype: np.dtype
     out_kind: str  # "labels", "mask", "classes" or "image"
     saved: Mapping[str, np.dtype] = field(default_factory=dict)
@@ -150,8 +157,7 @@ def compile_pipeline(
     steps = parse_steps(pipeline)
     dtype = np.dtype(dtype)
     saved: dict[str, np.dtype] = {}
-    halo = [0] * spatial_ndim
-    labelled = False
+    labels_out = False
     for step in steps:
         where = step.describe()
         if spatial_ndim not in step.op.ndims:
@@ -163,57 +169,78 @@ def compile_pipeline(
                 f"{where} needs a single-channel image, got {channels} channels; add "
                 "'select_bands' or 'combine_bands' before it"
             )
-        if labelled and step.op.kind in ("local", "global", "connectivity"):
-            raise PlanError(
-                f"{where} is a {step.op.kind} operation after 'label'; only pointwise "
-                "operations may follow a connectivity operation"
-            )
         if step.op.check_channels is not None:
             problem = step.op.check_channels(channels, step.params)
             if problem:
                 raise PlanError(f"{where}: {problem}")
         try:
-            op_halo = step.op.halo_of(step.params, spatial_ndim)
+            step.op.halo_of(step.params, spatial_ndim)
             channels = step.op.channels_after(channels, step.params)
         except ValueError as error:
             raise PlanError(f"{where}: {error}") from None
-        halo = [h + o for h, o in zip(halo, op_halo, strict=True)]
+        before = dtype
         dtype = step.op.dtype_after(dtype, step.params)
         if step.op.kind == "connectivity":
-            labelled = True
+            labels_out = step.op.finish is None
+        elif dtype != before:
+            labels_out = False
         if step.save_as is not None:
             saved[step.save_as] = _storage_dtype(dtype)
-    phases = _split_phases(steps)
-    out_kind = _output_kind(steps, dtype)
+    phases = _split_phases(steps, spatial_ndim)
+    out_kind = "labels" if labels_out else _output_kind(dtype)
     return Plan(
         steps=steps,
         phases=phases,
-        halo=tuple(halo),
+        halo=phases[0].halo_in,
         out_dtype=_storage_dtype(dtype),
         out_kind=out_kind,
         saved=saved,
     )
 
 
-def _split_phases(steps: Sequence[Step]) -> tuple[Phase, ...]:
-    phases: list[Phase] = []
+def _split_phases(steps: Sequence[Step], ndim: int) -> tuple[Phase, ...]:
+    raw: list[tuple[list[Step], str, Step | None]] = []
     current: list[Step] = []
     for step in steps:
         if step.op.kind == "global":
-            phases.append(Phase(tuple(current), "statistic", statistic_step=step))
+            raw.append((current, "statistic", step))
             current = [step]
         elif step.op.kind == "connectivity":
-            phases.append(Phase(tuple(current), "label", connectivity=step))
+            raw.append((current, "label", step))
             current = []
         else:
             current.append(step)
-    phases.append(Phase(tuple(current), "output"))
+    raw.append((current, "output", None))
+    # Halo needed at each phase's start: local halos up to the next connectivity step.
+    halos: list[tuple[int, ...]] = []
+    ahead = [0] * ndim
+    for phase_steps, ends_with, _ in reversed(raw):
+        if ends_with == "label":
+            ahead = [0] * ndim
+        for step in phase_steps:
+            if step.op.kind == "local":
+                h = step.op.halo_of(step.params, ndim)
+                ahead = [a + x for a, x in zip(ahead, h, strict=True)]
+        halos.append(tuple(ahead))
+    halos.reverse()
+    phases = []
+    after: Step | None = None
+    for (phase_steps, ends_with, boundary), halo in zip(raw, halos, strict=True):
+        phases.append(
+            Phase(
+                tuple(phase_steps),
+                ends_with,
+                statistic_step=boundary if ends_with == "statistic" else None,
+                connectivity=boundary if ends_with == "label" else None,
+                halo_in=halo,
+                after=after,
+            )
+        )
+        after = boundary if ends_with == "label" else None
     return tuple(phases)
 
 
-def _output_kind(steps: Sequence[Step], dtype: np.dtype) -> str:
-    if any(s.op.kind == "connectivity" for s in steps):
-        return "labels"
+def _output_kind(dtype: np.dtype) -> str:
     if dtype == np.bool_:
         return "mask"
     if np.issubdtype(dtype, np.integer):

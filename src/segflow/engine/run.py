@@ -1,13 +1,14 @@
 """Run a compiled pipeline over the blocks of one item.
 
-Each phase is one task per block (read or take the kept block, run every step, end with the
+Each phase is one task per block (take the block's source, run every step, end with the
 phase's partial result). The input is read once: each block reads its core, and the halo comes
 from strips its neighbours cut from their cores (a halo read straight from the source would
 decompress every neighbouring chunk again; measured on 256^2 Zarr chunks, reading a block
-with an 8-pixel halo cost 2.5x the CPU of reading its core). Kept blocks stay where they were
-computed; only partial results (histograms, label counts, face pairs) and small summaries come
-back to the caller, once per phase. The final phase writes whole storage units of the output,
-relabelling in the same task.
+with an 8-pixel halo cost 2.5x the CPU of reading its core). The same exchange gives the halo
+of a phase that starts after a connectivity operation. Kept blocks stay where they were
+computed; only partial results (histograms, face labels, object features) and small summaries
+come back to the caller, once per phase. The final phase writes whole storage units of the
+output, relabelling in the same task.
 """
 
 from __future__ import annotations
@@ -19,29 +20,24 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from segflow.engine.blocks import (
-    Block,
-    BlockGrid,
-    Box,
-    grow_box,
-    intersect,
-    relative,
-    shrink_box,
-)
+from segflow.engine.blocks import Block, BlockGrid, Box, grow_box, intersect, relative, shrink_box
 from segflow.engine.executor import Executor, ProgressCallback
-from segflow.engine.pipeline import Plan, Step
+from segflow.engine.pipeline import Phase, Plan, Step
 from segflow.io.base import Reader
-from segflow.ops.label import LabelParams
 from segflow.ops.registry import Done, GlobalStatistic, OpContext
 from segflow.stitch.labels import (
+    BlockObjects,
     BlockRelabel,
     Faces,
     block_faces,
+    decide_block,
     face_pairs,
-    merge_labels,
+    merge_objects,
     neighbor_offsets,
     smallest_label_dtype,
 )
+
+Strips = Sequence[Mapping[int, tuple[Box, np.ndarray]]]
 
 
 class Sink(Protocol):
@@ -67,12 +63,30 @@ class Tile:
 
 
 @dataclass
+class LabelSummary:
+    """The small part of a labelled block: what its neighbours and the client need."""
+
+    objects: BlockObjects
+    faces: Faces
+    class_faces: Faces | None = None
+
+
+@dataclass
 class LabelTile:
-    """A block's local labels (``1..n`` on its core) and its face slabs."""
+    """A block's local labels (``1..n`` on its core), kept on the worker until relabelled."""
 
     labels: np.ndarray
-    n: int
-    faces: Faces
+    keep: np.ndarray  # (n + 1,) labels kept by the block's own decision
+    source: np.ndarray | None  # the connectivity step's input core, if its finish needs it
+    summary: LabelSummary
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How to turn a :class:`LabelTile` into the connectivity step's output."""
+
+    step: Step
+    dtype: np.dtype
 
 
 @dataclass
@@ -109,56 +123,85 @@ def read_core(reader: Reader, block: Block) -> np.ndarray:
 
 
 def cut_strips(
-    core: np.ndarray, block: Block, receivers: Sequence[Block]
+    core: np.ndarray,
+    block: Block,
+    receivers: Sequence[Block],
+    *,
+    halo: tuple[int, ...],
+    shape: tuple[int, ...],
 ) -> dict[int, tuple[Box, np.ndarray]]:
     """The parts of this block's core that fall inside each receiver's halo."""
     strips = {}
     for other in receivers:
-        box = intersect(other.outer, block.core)
+        box = intersect(grow_box(other.core, halo, shape), block.core)
         strips[other.linear] = (box, core[(slice(None), *relative(box, block.core))].copy())
     return strips
 
 
-def assemble(
-    core: np.ndarray, block: Block, strips: Sequence[Mapping[int, tuple[Box, np.ndarray]]]
-) -> np.ndarray:
-    """The block's outer region from its core and the strips its neighbours cut for it."""
-    shape = tuple(s.stop - s.start for s in block.outer)
+def assemble(core: np.ndarray, block: Block, strips: Strips, outer: Box) -> np.ndarray:
+    """The block's ``outer`` region from its core and the strips its neighbours cut for it."""
+    shape = tuple(s.stop - s.start for s in outer)
     data = np.empty((core.shape[0], *shape), dtype=core.dtype)
-    data[(slice(None), *relative(block.core, block.outer))] = core
+    data[(slice(None), *relative(block.core, outer))] = core
     for sent in strips:
         box, strip = sent[block.linear]
-        data[(slice(None), *relative(box, block.outer))] = strip
+        data[(slice(None), *relative(box, outer))] = strip
     return data
 
 
-def run_block(
-    source: Reader | Tile | np.ndarray,
+def finish_block(
+    tile: LabelTile,
     block: Block,
-    strips: Sequence[Mapping[int, tuple[Box, np.ndarray]]] = (),
+    relabel: BlockRelabel,
+    *,
+    finish: Finish,
+    saved: Mapping[str, Sink] | None = None,
+) -> np.ndarray:
+    """Final ids of a labelled block (a table lookup), or the step's output made from them."""
+    ids = relabel.table(tile.keep, finish.dtype)[tile.labels]
+    step = finish.step
+    out = ids if step.op.finish is None else step.op.finish(ids, tile.source, step.params)
+    if step.save_as is not None and saved is not None:
+        saved[step.save_as].write(block.core, _storable(out))
+    return out[np.newaxis]
+
+
+def run_block(
+    source: Reader | Tile | LabelTile | np.ndarray,
+    block: Block,
+    strips: Strips = (),
+    relabel: BlockRelabel | None = None,
     *,
     steps: Sequence[Step],
     stats: Mapping[int, Any],
     shape: tuple[int, ...],
+    halo: tuple[int, ...],
     keep_halo: tuple[int, ...],
     spacing: tuple[float, ...] = (),
     saved: Mapping[str, Sink] | None = None,
+    finish: Finish | None = None,
     reduce: tuple[GlobalStatistic, Any] | None = None,
     label: Step | None = None,
     sink: Sink | None = None,
     out_dtype: np.dtype | None = None,
 ) -> Tile | LabelTile | BlockSummary:
-    """One block's share of one phase: read (or take the kept tile), run ``steps``, then end
-    the phase with a reduction partial, local labels, or a write of the core.
+    """One block's share of one phase: take its source, run ``steps``, then end the phase
+    with a reduction partial, local labels, or a write of the core.
 
-    ``source`` is the kept tile of the previous phase, or this block's core (then ``strips``
-    complete its halo), or a reader to read the outer region from."""
+    ``source`` is the kept tile of the previous phase, a labelled block to finish with
+    ``relabel``, this block's core (then ``strips`` complete its ``halo``), or a reader to
+    read the block's region from.
+    """
     if isinstance(source, Tile):
         box, data = source.box, source.data
+    elif isinstance(source, LabelTile):
+        assert relabel is not None and finish is not None
+        box, data = block.core, finish_block(source, block, relabel, finish=finish, saved=saved)
     elif isinstance(source, np.ndarray):
-        box, data = block.outer, assemble(source, block, strips)
+        box = grow_box(block.core, halo, shape)
+        data = assemble(source, block, strips, box)
     else:
-        box = block.outer
+        box = grow_box(block.core, halo, shape)
         data = source.read(box)
     ndim = len(shape)
     for step in steps:
@@ -171,24 +214,42 @@ def run_block(
             saved[step.save_as].write(block.core, _storable(core))
     if reduce is not None:
         statistic, state = reduce
-        keep = grow_box(block.core, keep_halo, shape)
-        keep = tuple(
-            slice(max(k.start, b.start), min(k.stop, b.stop))
-            for k, b in zip(keep, box, strict=True)
-        )
+        keep = intersect(grow_box(block.core, keep_halo, shape), box)
         data = data[(slice(None), *relative(keep, box))]
         tile = Tile(keep, data)
         tile.partial = statistic.map(_core_of(keep, data, block.core), state)
         return tile
     core = _core_of(box, data, block.core)
     if label is not None:
-        labels = label.op.apply(core, label.params, _context(label, stats, ndim, spacing))[0]
-        return LabelTile(labels=labels, n=int(labels.max(initial=0)), faces=block_faces(labels))
+        return label_block(core, block, label, stats=stats, shape=shape, spacing=spacing)
     if sink is None:
         raise TypeError("run_block needs a sink for the last phase")
     result = core[0] if core.shape[0] == 1 else core
     stored = _storable(result) if out_dtype is None else result.astype(out_dtype, copy=False)
     return BlockSummary(block.core, sink.write(block.core, stored), int(np.count_nonzero(stored)))
+
+
+def label_block(
+    core: np.ndarray,
+    block: Block,
+    step: Step,
+    *,
+    stats: Mapping[int, Any],
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+) -> LabelTile:
+    """Label a block's core, measure its objects and decide those complete inside it."""
+    ctx = _context(step, stats, len(shape), spacing)
+    labels = step.op.apply(core, step.params, ctx)[0]
+    n = int(labels.max(initial=0))
+    rule = step.op.rule_for(step.params, ctx)
+    features = None if rule is None else rule.measure(core, labels, n, block.core, shape)
+    faces = block_faces(labels)
+    objects, keep = decide_block(faces, n, features, rule)
+    by_class = step.op.pairs_by_class(step.params)
+    summary = LabelSummary(objects, faces, block_faces(core[0]) if by_class else None)
+    source = core[0] if step.op.keeps_source(step.params) else None
+    return LabelTile(labels, keep, source, summary)
 
 
 def _storable(data: np.ndarray) -> np.ndarray:
@@ -203,42 +264,38 @@ def tile_statistic(tile: Tile, block: Block, *, statistic: GlobalStatistic, stat
     return statistic.map(_core_of(tile.box, tile.data, block.core), state)
 
 
-def label_faces(tile: LabelTile) -> tuple[int, Faces]:
-    return tile.n, tile.faces
+def label_summary(tile: LabelTile) -> LabelSummary:
+    return tile.summary
 
 
 def label_pairs(
-    mine: tuple[int, Faces],
-    neighbors: Sequence[tuple[int, Faces]],
+    mine: LabelSummary,
+    neighbors: Sequence[LabelSummary],
     linear: int,
     offsets: Sequence[tuple[tuple[int, ...], int]],
     *,
     connectivity: int,
-) -> tuple[int, np.ndarray]:
-    n, faces = mine
-    others = [(d, other, f) for (d, other), (_, f) in zip(offsets, neighbors, strict=True)]
-    return n, face_pairs(linear, faces, others, connectivity)
+) -> tuple[BlockObjects, np.ndarray]:
+    others = [(d, other, n.faces) for (d, other), n in zip(offsets, neighbors, strict=True)]
+    pairs = face_pairs(
+        linear,
+        mine.faces,
+        others,
+        connectivity,
+        classes=mine.class_faces,
+        neighbor_classes=[n.class_faces for n in neighbors],
+    )
+    return mine.objects, pairs
 
 
-def relabel_block(
-    tile: LabelTile,
-    block: Block,
-    relabel: BlockRelabel,
-    *,
-    steps: Sequence[Step],
-    stats: Mapping[int, Any],
-    shape: tuple[int, ...],
-    spacing: tuple[float, ...],
-    dtype: np.dtype,
-    sink: Sink,
-) -> BlockSummary:
-    """Turn local labels into final ids (a table lookup), run trailing pointwise steps, write."""
-    table = relabel.table(tile.n, dtype)
-    data = table[tile.labels][np.newaxis]
-    for step in steps:
-        data = step.op.apply(data, step.params, _context(step, stats, len(shape), spacing))
-    out = data[0].astype(dtype, copy=False)
-    return BlockSummary(block.core, sink.write(block.core, out), int(np.count_nonzero(out)))
+@dataclass
+class _Sources:
+    """What the next phase starts from, one entry per block."""
+
+    items: list[Any]
+    strips: list[Any]
+    relabels: list[Any]
+    finish: Finish | None = None
 
 
 def run_plan(
@@ -258,152 +315,175 @@ def run_plan(
     ``make_sink(dtype)`` is called once, on the caller, when the output dtype is known (for
     labels, only after the merge: the smallest dtype that holds every id).
     """
-    started = time.perf_counter()
-    blocks = grid.blocks()
-    shape = grid.shape
-    spacing = tuple(float(s) for s in spacing)
-    stats: dict[int, Any] = {}
-    sources, strips = _read_once(reader, grid, blocks, executor)
-    relabels: Sequence[BlockRelabel] = ()
-    n_labels: int | None = None
-    remaining = list(plan.halo)
-    common = {"shape": shape, "spacing": spacing, "saved": saved}
+    run = _PlanRun(plan, grid, executor, tuple(float(s) for s in spacing), saved, progress)
+    sources = run.read_once(reader)
     for number, phase in enumerate(plan.phases):
-        for step in phase.steps:
-            if step.op.kind == "local":
-                remaining = [
-                    r - h
-                    for r, h in zip(
-                        remaining, step.op.halo_of(step.params, len(shape)), strict=True
-                    )
-                ]
         label = f"phase {number + 1}/{len(plan.phases)}"
         if phase.ends_with == "statistic":
-            assert phase.statistic_step is not None
-            stat_step = phase.statistic_step
-            statistic = stat_step.op.statistic_for(stat_step.params)
-            state = statistic.start()
-            tiles = executor.map(
-                run_block,
-                sources,
-                blocks,
-                strips,
-                steps=phase.steps,
-                stats=dict(stats),
-                keep_halo=tuple(remaining),
-                reduce=(statistic, state),
-                **common,
-            )
-            partials = executor.gather(
-                executor.map(tile_partial, tiles), label=label, progress=progress
-            )
-            while True:
-                result = statistic.combine(partials, state)
-                if isinstance(result, Done):
-                    stats[stat_step.index] = result.value
-                    break
-                state = result
-                partials = executor.gather(
-                    executor.map(tile_statistic, tiles, blocks, statistic=statistic, state=state)
-                )
-            sources, strips = tiles, [()] * len(blocks)
+            keep_halo = plan.phases[number + 1].halo_in
+            sources = run.statistic_phase(phase, sources, label, keep_halo)
         elif phase.ends_with == "label":
-            assert phase.connectivity is not None
-            params = phase.connectivity.params
-            assert isinstance(params, LabelParams)
-            tiles = executor.map(
-                run_block,
-                sources,
-                blocks,
-                strips,
-                steps=phase.steps,
-                stats=dict(stats),
-                keep_halo=(0,) * len(shape),
-                label=phase.connectivity,
-                **common,
-            )
-            faces = executor.map(label_faces, tiles)
-            offsets = neighbor_offsets(len(shape), params.connectivity)
-            neighbor_args, offset_args = [], []
-            for block in blocks:
-                present = []
-                for d in offsets:
-                    other = tuple(i + x for i, x in zip(block.index, d, strict=True))
-                    if grid.contains(other):
-                        present.append((d, grid.block(other).linear))
-                offset_args.append(present)
-                neighbor_args.append([faces[linear] for _, linear in present])
-            results = executor.map(
-                label_pairs,
-                faces,
-                neighbor_args,
-                [b.linear for b in blocks],
-                offset_args,
-                connectivity=params.connectivity,
-            )
-            gathered = executor.gather(results, label=label, progress=progress)
-            merge = merge_labels([n for n, _ in gathered], [p for _, p in gathered])
-            relabels, n_labels = merge.relabels, merge.n_labels
-            sources, strips = tiles, [()] * len(blocks)
+            sources = run.label_phase(phase, sources, label)
         else:
-            if n_labels is not None:
-                dtype = smallest_label_dtype(n_labels)
-                sink = make_sink(dtype)
-                handles = executor.map(
-                    relabel_block,
-                    sources,
-                    blocks,
-                    relabels,
-                    steps=phase.steps,
-                    stats=dict(stats),
-                    shape=shape,
-                    spacing=spacing,
-                    dtype=dtype,
-                    sink=sink,
-                )
-            else:
-                dtype = plan.out_dtype
-                sink = make_sink(dtype)
-                handles = executor.map(
-                    run_block,
-                    sources,
-                    blocks,
-                    strips,
-                    steps=phase.steps,
-                    stats=dict(stats),
-                    keep_halo=(0,) * len(shape),
-                    sink=sink,
-                    out_dtype=dtype,
-                    **common,
-                )
-            summaries = executor.gather(handles, label=label, progress=progress)
-            return ItemRun(
-                n_blocks=len(blocks),
-                n_labels=n_labels,
-                out_dtype=np.dtype(dtype),
-                stats=stats,
-                seconds=time.perf_counter() - started,
-                blocks=summaries,
-            )
+            return run.output_phase(phase, sources, label, make_sink)
     raise AssertionError("a plan always ends with an output phase")
 
 
-def _read_once(
-    reader: Reader, grid: BlockGrid, blocks: Sequence[Block], executor: Executor
-) -> tuple[list[Any], list[Any]]:
-    """Sources and halo strips for the first phase: each core read once, halos from strips.
+class _PlanRun:
+    """The state of one item's run: statistics so far, the last merge, the timer."""
 
-    With no halo (or one block) the first phase reads its region from ``reader`` directly.
-    """
-    if not any(grid.halo) or len(blocks) == 1:
-        return [reader] * len(blocks), [()] * len(blocks)
-    cores = executor.map(read_core, [reader] * len(blocks), blocks)
-    receivers = [
-        [other for other in grid.overlapping(grow_box(b.core, grid.halo, grid.shape)) if other != b]
-        for b in blocks
-    ]
-    cut = executor.map(cut_strips, cores, blocks, receivers)
-    strips = [
-        [cut[other.linear] for other in grid.overlapping(b.outer) if other != b] for b in blocks
-    ]
-    return cores, strips
+    def __init__(
+        self,
+        plan: Plan,
+        grid: BlockGrid,
+        executor: Executor,
+        spacing: tuple[float, ...],
+        saved: Mapping[str, Sink] | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.plan, self.grid, self.executor = plan, grid, executor
+        self.blocks = grid.blocks()
+        self.shape = grid.shape
+        self.spacing = spacing
+        self.saved = saved
+        self.progress = progress
+        self.stats: dict[int, Any] = {}
+        self.n_labels: int | None = None
+        self.started = time.perf_counter()
+
+    def _none(self) -> list[Any]:
+        return [()] * len(self.blocks)
+
+    def read_once(self, reader: Reader) -> _Sources:
+        """Sources for the first phase: each core read once, halos from strips.
+
+        With no halo (or one block) the first phase reads its region from ``reader``.
+        """
+        if not any(self.grid.halo) or len(self.blocks) == 1:
+            return _Sources([reader] * len(self.blocks), self._none(), [None] * len(self.blocks))
+        cores = self.executor.map(read_core, [reader] * len(self.blocks), self.blocks)
+        return _Sources(cores, self.exchange(cores, self.grid.halo), [None] * len(self.blocks))
+
+    def exchange(self, cores: list[Any], halo: tuple[int, ...]) -> list[Any]:
+        """For each block, the strips its neighbours cut from ``cores`` for its ``halo``."""
+        grid, shape = self.grid, self.shape
+        receivers = [
+            [o for o in grid.overlapping(grow_box(b.core, halo, shape)) if o.linear != b.linear]
+            for b in self.blocks
+        ]
+        cut = self.executor.map(cut_strips, cores, self.blocks, receivers, halo=halo, shape=shape)
+        return [
+            [cut[o.linear] for o in grid.overlapping(grow_box(b.core, halo, shape)) if o != b]
+            for b in self.blocks
+        ]
+
+    def start(self, phase: Phase, sources: _Sources) -> _Sources:
+        """Finish labelled blocks first where the phase needs a halo around them."""
+        if sources.finish is None or not any(phase.halo_in):
+            return sources
+        cores = self.executor.map(
+            finish_block, sources.items, self.blocks, sources.relabels,
+            finish=sources.finish, saved=self.saved,
+        )  # fmt: skip
+        strips = self.exchange(cores, phase.halo_in)
+        return _Sources(cores, strips, [None] * len(self.blocks))
+
+    def map_blocks(self, phase: Phase, sources: _Sources, **kwargs: Any) -> list[Any]:
+        sources = self.start(phase, sources)
+        return self.executor.map(
+            run_block,
+            sources.items,
+            self.blocks,
+            sources.strips,
+            sources.relabels,
+            steps=phase.steps,
+            stats=dict(self.stats),
+            shape=self.shape,
+            halo=phase.halo_in,
+            spacing=self.spacing,
+            saved=self.saved,
+            finish=sources.finish,
+            **kwargs,
+        )
+
+    def statistic_phase(
+        self, phase: Phase, sources: _Sources, label: str, keep_halo: tuple[int, ...]
+    ) -> _Sources:
+        executor = self.executor
+        assert phase.statistic_step is not None
+        stat_step = phase.statistic_step
+        statistic = stat_step.op.statistic_for(stat_step.params)
+        state = statistic.start()
+        tiles = self.map_blocks(phase, sources, keep_halo=keep_halo, reduce=(statistic, state))
+        partials = executor.gather(
+            executor.map(tile_partial, tiles), label=label, progress=self.progress
+        )
+        while True:
+            result = statistic.combine(partials, state)
+            if isinstance(result, Done):
+                self.stats[stat_step.index] = result.value
+                break
+            state = result
+            partials = executor.gather(
+                executor.map(tile_statistic, tiles, self.blocks, statistic=statistic, state=state)
+            )
+        return _Sources(tiles, self._none(), [None] * len(self.blocks))
+
+    def label_phase(self, phase: Phase, sources: _Sources, label: str) -> _Sources:
+        executor, grid = self.executor, self.grid
+        step = phase.connectivity
+        assert step is not None
+        connectivity = int(step.params.connectivity)  # type: ignore[attr-defined]
+        tiles = self.map_blocks(phase, sources, keep_halo=(0,) * grid.ndim, label=step)
+        summaries = executor.map(label_summary, tiles)
+        neighbor_args, offset_args = [], []
+        for block in self.blocks:
+            present = []
+            for d in neighbor_offsets(grid.ndim, connectivity):
+                other = tuple(i + x for i, x in zip(block.index, d, strict=True))
+                if grid.contains(other):
+                    present.append((d, grid.block(other).linear))
+            offset_args.append(present)
+            neighbor_args.append([summaries[linear] for _, linear in present])
+        results = executor.map(
+            label_pairs,
+            summaries,
+            neighbor_args,
+            [b.linear for b in self.blocks],
+            offset_args,
+            connectivity=connectivity,
+        )
+        gathered = executor.gather(results, label=label, progress=self.progress)
+        ctx = _context(step, self.stats, grid.ndim, self.spacing)
+        merge = merge_objects(
+            [o for o, _ in gathered], [p for _, p in gathered], step.op.rule_for(step.params, ctx)
+        )
+        dtype = smallest_label_dtype(merge.n_labels)
+        if step.op.finish is None:
+            self.n_labels = merge.n_labels
+        return _Sources(tiles, self._none(), list(merge.relabels), Finish(step, dtype))
+
+    def output_phase(
+        self,
+        phase: Phase,
+        sources: _Sources,
+        label: str,
+        make_sink: Callable[[np.dtype], Sink],
+    ) -> ItemRun:
+        if self.plan.out_kind == "labels" and self.n_labels is not None:
+            dtype = smallest_label_dtype(self.n_labels)
+        else:
+            dtype = self.plan.out_dtype
+        sink = make_sink(dtype)
+        handles = self.map_blocks(
+            phase, sources, keep_halo=(0,) * self.grid.ndim, sink=sink, out_dtype=dtype
+        )
+        summaries = self.executor.gather(handles, label=label, progress=self.progress)
+        return ItemRun(
+            n_blocks=len(self.blocks),
+            n_labels=self.n_labels if self.plan.out_kind == "labels" else None,
+            out_dtype=np.dtype(dtype),
+            stats=self.stats,
+            seconds=time.perf_counter() - self.started,
+            blocks=summaries,
+        )

@@ -12,6 +12,10 @@ An operation declares its *kind*, which tells the engine how to run it blockwise
     pointwise. It declares a :class:`GlobalStatistic`, reduced over every block's core.
 ``connectivity``
     Block-local labelling plus a global merge across block faces (see ``segflow.stitch``).
+    ``apply`` labels a block; an optional ``rule`` measures objects and decides which to
+    keep (sizes, a strong pixel, touching the border: always of the whole object, across
+    blocks); an optional ``finish`` turns the kept objects into the output (a mask, holes
+    filled, ...). Without ``finish`` the output is the stitched labels.
 
 Adding an operation is one function, one :func:`register` call and its tests.
 """
@@ -24,6 +28,8 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+
+from segflow.stitch.labels import ObjectRule
 
 OpKind = Literal["pointwise", "local", "global", "connectivity"]
 KINDS: tuple[OpKind, ...] = ("pointwise", "local", "global", "connectivity")
@@ -101,6 +107,20 @@ class Operation(Generic[P]):
     needs_single_channel: bool = False
     check_channels: Callable[[int, P], str | None] | None = None
     ndims: tuple[int, ...] = (2, 3)
+    rule: Callable[[P, OpContext], ObjectRule] | None = None
+    finish: Callable[[np.ndarray, np.ndarray | None, P], np.ndarray] | None = None
+    by_class: Callable[[P], bool] | None = None
+
+    def rule_for(self, params: P, ctx: OpContext) -> ObjectRule | None:
+        return None if self.rule is None else self.rule(params, ctx)
+
+    def pairs_by_class(self, params: P) -> bool:
+        """Whether labels join across blocks only where the input values match."""
+        return self.by_class is not None and self.by_class(params)
+
+    def keeps_source(self, params: P) -> bool:
+        """Whether the block's input must stay with its labels until the output is made."""
+        return self.finish is not None or self.pairs_by_class(params)
 
     def statistic_for(self, params: P) -> GlobalStatistic:
         if self.statistic is None:
@@ -130,6 +150,8 @@ def register(op: Operation[Any]) -> Operation[Any]:
         raise ValueError(f"operation {op.name!r}: kind {op.kind!r} is not one of {KINDS}")
     if op.kind == "global" and op.statistic is None:
         raise ValueError(f"operation {op.name!r}: a global operation needs a statistic")
+    if op.kind == "connectivity" and "connectivity" not in op.params.model_fields:
+        raise ValueError(f"operation {op.name!r}: a connectivity operation needs `connectivity`")
     if op.name in _REGISTRY:
         raise ValueError(f"operation {op.name!r} is already registered")
     _REGISTRY[op.name] = op

@@ -19,7 +19,7 @@ are scanned in C order (and voxels in C order within a block).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 Faces = tuple[tuple[np.ndarray, np.ndarray], ...]  # per axis: (first slab, last slab)
+Box = tuple[slice, ...]
 
 _SHIFT = np.uint64(32)
 
@@ -76,6 +77,8 @@ def face_pairs(
     faces: Faces,
     neighbors: Sequence[tuple[tuple[int, ...], int, Faces]],
     connectivity: int,
+    classes: Faces | None = None,
+    neighbor_classes: Sequence[Faces | None] = (),
 ) -> np.ndarray:
     """Provisional-id pairs of labels that touch across this block's boundaries.
 
@@ -88,6 +91,9 @@ def face_pairs(
         :func:`neighbor_offsets`.
     connectivity
         1 (faces only) up to ``ndim`` (faces, edges and corners).
+    classes, neighbor_classes
+        For components per class: the class map's faces here and at each neighbour; labels
+        pair only where the classes match.
 
     Returns
     -------
@@ -95,9 +101,14 @@ def face_pairs(
         ``(P, 2)`` uint64 array of distinct pairs.
     """
     found = []
-    for d, other_linear, other_faces in neighbors:
+    for number, (d, other_linear, other_faces) in enumerate(neighbors):
         mine = _boundary(faces, d, +1)
         theirs = _boundary(other_faces, d, -1)
+        same: tuple[np.ndarray, np.ndarray] | None = None
+        if classes is not None:
+            theirs_classes = neighbor_classes[number]
+            assert theirs_classes is not None
+            same = (_boundary(classes, d, +1), _boundary(theirs_classes, d, -1))
         crossing = sum(1 for x in d if x != 0)
         free = mine.ndim
         for t in itertools.product((-1, 0, 1), repeat=free):
@@ -111,6 +122,8 @@ def face_pairs(
             )
             a, b = mine[a_index], theirs[b_index]
             touching = (a != 0) & (b != 0)
+            if same is not None:
+                touching &= same[0][a_index] == same[1][b_index]
             if not touching.any():
                 continue
             pairs = np.stack([a[touching], b[touching]], axis=1).astype(np.uint64)
@@ -124,19 +137,112 @@ def face_pairs(
 
 
 @dataclass(frozen=True)
+class ObjectRule:
+    """How a connectivity operation measures its objects and decides which to keep.
+
+    ``measure(source, labels, n, box, shape)`` returns an ``(n + 1, F)`` float64 array of
+    features of the local labels ``0..n`` of one block (row 0 is ignored); ``box`` is the
+    block's core in item coordinates and ``shape`` the item's spatial shape. Features of the
+    parts of an object that spans blocks are combined column by column with ``reduce``
+    (``"sum"``, ``"min"`` or ``"max"``), so the decision always sees the whole object.
+
+    Either ``keep(features) -> bool array`` decides each object on its own, or ``top_k``
+    keeps the ``top_k`` objects with the largest first feature (ties: the smaller second
+    feature first, for example the object's first pixel in item scan order).
+    """
+
+    columns: tuple[str, ...]
+    reduce: tuple[str, ...]
+    measure: Callable[[np.ndarray, np.ndarray, int, Box, tuple[int, ...]], np.ndarray]
+    keep: Callable[[np.ndarray], np.ndarray] | None = None
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class BlockObjects:
+    """What one block tells the client about its objects (small: face labels only).
+
+    ``nodes`` are the local labels whose fate the client decides: labels on the block's
+    faces (they may continue in a neighbour) and, for top-k rules, the block's own best
+    candidates. Every other label is complete inside the block and was decided there.
+    """
+
+    n: int
+    nodes: np.ndarray  # sorted local labels (int64)
+    features: np.ndarray  # (len(nodes), F) float64
+    kept_before: np.ndarray  # per node: labels decided and kept in the block with a smaller id
+    n_kept: int  # labels decided and kept in the block
+
+    @classmethod
+    def plain(cls, n: int, nodes: np.ndarray) -> BlockObjects:
+        """Every label kept (plain labelling): the client only needs the face labels."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        kept_before = nodes - 1 - np.arange(len(nodes))
+        return cls(n, nodes, np.empty((len(nodes), 0)), kept_before, n - len(nodes))
+
+
+def decide_block(
+    faces: Faces, n: int, features: np.ndarray | None, rule: ObjectRule | None
+) -> tuple[BlockObjects, np.ndarray]:
+    """Split a block's labels into those it decides itself and those the client decides.
+
+    ``faces`` are the block's :func:`block_faces`: a label on a face may continue in a
+    neighbour, so the client decides it. Returns the :class:`BlockObjects` for the client and
+    the ``(n + 1,)`` boolean array of labels kept by the block's own decision (false for
+    every node and for label 0).
+    """
+    on_faces = np.zeros(n + 1, dtype=bool)
+    for first, last in faces:
+        on_faces[first] = True
+        on_faces[last] = True
+    on_faces[0] = False
+    inner = ~on_faces
+    inner[0] = False
+    if rule is None or features is None:
+        keep = inner
+        nodes = np.flatnonzero(on_faces)
+    elif rule.top_k is not None:
+        keep = np.zeros(n + 1, dtype=bool)
+        candidates = np.flatnonzero(inner)
+        if len(candidates) > rule.top_k:
+            f = features[candidates]
+            order = np.lexsort((f[:, 1], -f[:, 0]))  # largest first, ties by second column
+            candidates = np.sort(candidates[order[: rule.top_k]])
+        nodes = np.union1d(np.flatnonzero(on_faces), candidates)
+    else:
+        assert rule.keep is not None
+        keep = np.zeros(n + 1, dtype=bool)
+        inside = np.flatnonzero(inner)
+        keep[inside] = rule.keep(features[inside])
+        nodes = np.flatnonzero(on_faces)
+    before = np.cumsum(keep)
+    kept_before = before[nodes - 1] if len(nodes) else np.empty(0, np.int64)
+    feats = features[nodes] if features is not None else np.empty((len(nodes), 0))
+    return BlockObjects(n, nodes, feats, kept_before, int(before[-1])), keep
+
+
+@dataclass(frozen=True)
 class BlockRelabel:
-    """What one block needs to turn its local labels into final ids (small)."""
+    """What one block needs to turn its local labels into final ids (small).
 
-    base: int  # final id of local label k, before merges, is base + k - (merged before k)
-    merged: np.ndarray  # sorted local labels of this block that join an earlier object
-    merged_to: np.ndarray  # their final ids
+    Kept labels are numbered consecutively in block scan order: this block's own objects get
+    ``base + 1, base + 2, ...`` in the order of their local ids; ``fixed`` labels (decided on
+    the client) get ``fixed_to`` (0 when dropped); ``starts`` marks the kept fixed labels that
+    are the first part of their object, which take their place in this block's numbering.
+    """
 
-    def table(self, n_local: int, dtype: np.dtype) -> np.ndarray:
-        """Dense ``local -> final`` table of ``n_local + 1`` entries (0 stays 0)."""
-        local = np.arange(n_local + 1, dtype=np.int64)
-        table = self.base + local - np.searchsorted(self.merged, local, side="left")
-        table[self.merged] = self.merged_to
-        table[0] = 0
+    base: int
+    fixed: np.ndarray  # sorted local labels
+    fixed_to: np.ndarray  # their final ids
+    starts: np.ndarray  # bool per fixed label
+
+    def table(self, keep: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """Dense ``local -> final`` table; ``keep`` is the block's own decision per label."""
+        kept = keep.copy()
+        kept[self.fixed] = False
+        kept[self.fixed[self.starts]] = True
+        table = np.where(kept, self.base + np.cumsum(kept), 0)
+        table[self.fixed] = self.fixed_to
         return table.astype(dtype)
 
 
@@ -146,69 +252,84 @@ class MergeResult:
     relabels: tuple[BlockRelabel, ...]
 
 
-def merge_labels(counts: Sequence[int], pairs: Sequence[np.ndarray]) -> MergeResult:
-    """Union-find the face pairs and give every block its compact relabel table.
+_REDUCERS = {"sum": np.add, "min": np.minimum, "max": np.maximum}
+_IDENTITY = {"sum": 0.0, "min": np.inf, "max": -np.inf}
+
+
+def merge_objects(
+    blocks: Sequence[BlockObjects], pairs: Sequence[np.ndarray], rule: ObjectRule | None = None
+) -> MergeResult:
+    """Union-find the face pairs, decide the objects that span blocks, number what is kept.
 
     Parameters
     ----------
-    counts
-        Number of local labels of each block, by linear block number.
+    blocks
+        Every block's :class:`BlockObjects`, by linear block number.
     pairs
         Provisional-id pairs from every block's :func:`face_pairs`.
+    rule
+        The operation's :class:`ObjectRule`; ``None`` keeps every object.
+
+    Only the client-decided labels (faces and top-k candidates) are held here, never a
+    whole-item table: each block gets a compact :class:`BlockRelabel`.
     """
-    counts_arr = np.asarray(counts, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts_arr)[:-1]])  # labels before each block
-    edges = np.concatenate(pairs) if pairs else np.empty((0, 2), np.uint64)
-    empty = np.empty(0, np.int64)
-    if len(edges) == 0:
-        plain = tuple(BlockRelabel(int(s), empty, empty) for s in starts)
-        return MergeResult(int(counts_arr.sum()), plain)
-
-    nodes, inverse = np.unique(edges.ravel(), return_inverse=True)
-    inverse = inverse.reshape(-1, 2)
-    graph = coo_matrix(
-        (np.ones(len(inverse), dtype=np.int8), (inverse[:, 0], inverse[:, 1])),
-        shape=(len(nodes), len(nodes)),
+    node_block = np.concatenate(
+        [np.full(len(b.nodes), i, dtype=np.int64) for i, b in enumerate(blocks)]
+        or [np.empty(0, np.int64)]
     )
-    _, component = connected_components(graph, directed=False)
-    # Scan position of every node: labels of earlier blocks, then the local number.
-    node_block = (nodes >> _SHIFT).astype(np.int64)
-    node_local = (nodes & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    position = starts[node_block] + node_local  # 1-based scan position
-    # Nodes are sorted by provisional id, which sorts them by block then local label, i.e. by
-    # scan position: the first node seen of each component is its root.
-    first = np.full(component.max() + 1, len(nodes), dtype=np.int64)
-    np.minimum.at(first, component, np.arange(len(nodes)))
-    root = first[component]
-    is_merged = root != np.arange(len(nodes))
-    merged_positions = np.sort(position[is_merged])
-    # Final id of a root/singleton = its position minus the merged labels scanned before it.
-    root_final = position[root] - np.searchsorted(merged_positions, position[root], side="left")
+    node_local = np.concatenate([b.nodes for b in blocks] or [np.empty(0, np.int64)])
+    node_kept_before = np.concatenate(
+        [b.kept_before for b in blocks] or [np.empty(0, np.int64)]
+    ).astype(np.int64)
+    # Provisional ids sort by block, then local label: the node order is the scan order.
+    gids = (node_block.astype(np.uint64) << _SHIFT) | node_local.astype(np.uint64)
+    edges = np.concatenate(pairs) if len(pairs) else np.empty((0, 2), np.uint64)
+    n_nodes = len(gids)
+    if len(edges):
+        a = np.searchsorted(gids, edges[:, 0])
+        b = np.searchsorted(gids, edges[:, 1])
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n_nodes, n_nodes))
+        _, component = connected_components(graph, directed=False)
+    else:
+        component = np.arange(n_nodes)
+    n_components = int(component.max()) + 1 if n_nodes else 0
+    root = np.full(n_components, n_nodes, dtype=np.int64)
+    np.minimum.at(root, component, np.arange(n_nodes))
 
-    relabels = []
-    merged_blocks = node_block[is_merged]
-    merged_local = node_local[is_merged]
-    merged_final = root_final[is_merged]
-    by_block = np.argsort(merged_blocks, kind="stable")
-    merged_blocks, merged_local, merged_final = (
-        merged_blocks[by_block],
-        merged_local[by_block],
-        merged_final[by_block],
+    if rule is None:
+        kept = np.ones(n_components, dtype=bool)
+    else:
+        features = np.concatenate([b.features for b in blocks])
+        merged = np.empty((n_components, features.shape[1]))
+        for column, how in enumerate(rule.reduce):
+            merged[:, column] = _IDENTITY[how]
+            _REDUCERS[how].at(merged[:, column], component, features[:, column])
+        if rule.top_k is not None:
+            order = np.lexsort((merged[:, 1], -merged[:, 0]))
+            kept = np.zeros(n_components, dtype=bool)
+            kept[order[: rule.top_k]] = True
+        else:
+            assert rule.keep is not None
+            kept = np.asarray(rule.keep(merged), dtype=bool)
+
+    # Kept objects that start at a node (their root), numbered in scan order.
+    is_root = np.zeros(n_nodes, dtype=bool)
+    is_root[root] = True
+    root_kept = is_root & kept[component]
+    roots_upto = np.concatenate([[0], np.cumsum(root_kept)])  # kept roots before each node
+    block_first_node = np.searchsorted(node_block, np.arange(len(blocks) + 1))
+    per_block_roots = np.diff(roots_upto[block_first_node])
+    n_kept = np.array([b.n_kept for b in blocks], dtype=np.int64) + per_block_roots
+    base = np.concatenate([[0], np.cumsum(n_kept)[:-1]]).astype(np.int64)
+    rank_in_block = roots_upto[:-1] - roots_upto[block_first_node[node_block]]
+    root_final = base[node_block] + node_kept_before + rank_in_block + 1
+    final = np.where(kept[component], root_final[root[component]], 0)
+
+    relabels = tuple(
+        BlockRelabel(int(base[i]), node_local[lo:hi], final[lo:hi], root_kept[lo:hi])
+        for i, (lo, hi) in enumerate(itertools.pairwise(block_first_node))
     )
-    bounds = np.searchsorted(merged_blocks, np.arange(len(counts_arr) + 1), side="left")
-    for b, start in enumerate(starts):
-        lo, hi = bounds[b], bounds[b + 1]
-        local = merged_local[lo:hi]
-        order_local = np.argsort(local)
-        before = int(np.searchsorted(merged_positions, start + 1, side="left"))
-        relabels.append(
-            BlockRelabel(
-                base=int(start) - before,
-                merged=local[order_local],
-                merged_to=merged_final[lo:hi][order_local],
-            )
-        )
-    return MergeResult(int(counts_arr.sum()) - int(is_merged.sum()), tuple(relabels))
+    return MergeResult(int(n_kept.sum()), relabels)
 
 
 def smallest_label_dtype(n_labels: int) -> np.dtype:

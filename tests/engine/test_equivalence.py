@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 from _compare import assert_same_labels
+from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
@@ -21,22 +22,6 @@ from skimage.filters import threshold_otsu
 from segflow import segment
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def layouts(
-    draw: st.DrawFn, ndim: int = 2, max_side: int = 40
-) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    shape = tuple(draw(st.integers(1, max_side)) for _ in range(ndim))
-    blocks = tuple(draw(st.integers(1, n)) for n in shape)
-    seed = draw(st.integers(0, 2**32 - 1))
-    return shape, blocks, seed
-
-
-def smooth_noise(shape: tuple[int, ...], seed: int, sigma: float = 1.5) -> np.ndarray:
-    """Random blobs: noise smoothed so thresholds make objects of several pixels."""
-    rng = np.random.default_rng(seed)
-    return ndi.gaussian_filter(rng.random(shape), sigma).astype(np.float32)
 
 
 FIXED_LAYOUTS = [(1, 1), (7, 5), (16, 16), (64, 64), (13, 64), (100, 3)]

@@ -173,13 +173,13 @@ def compile_pipeline(
             problem = step.op.check_channels(channels, step.params)
             if problem:
                 raise PlanError(f"{where}: {problem}")
+        before = dtype
         try:
             step.op.halo_of(step.params, spatial_ndim)
             channels = step.op.channels_after(channels, step.params)
+            dtype = step.op.dtype_after(dtype, step.params)
         except ValueError as error:
             raise PlanError(f"{where}: {error}") from None
-        before = dtype
-        dtype = step.op.dtype_after(dtype, step.params)
         if step.op.kind == "connectivity":
             labels_out = step.op.finish is None
         elif dtype != before:

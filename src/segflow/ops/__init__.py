@@ -1,6 +1,6 @@
 """Pipeline operations. Importing this package registers every built-in operation."""
 
-from segflow.ops import filters, intensity, label, morphology, threshold
+from segflow.ops import filters, intensity, label, morphology, objects, threshold
 from segflow.ops.registry import (
     Done,
     GlobalStatistic,
@@ -28,6 +28,7 @@ __all__ = [
     "label",
     "list_operations",
     "morphology",
+    "objects",
     "register",
     "threshold",
 ]

@@ -13,6 +13,11 @@ class LabelParams(OpParams):
     connectivity: int = Field(
         1, ge=1, le=3, description="neighbours: 1 = faces (4/6), ndim = all (8/26)"
     )
+    classes: bool = Field(
+        False,
+        description="components per class of a class map (neighbours join only if their "
+        "values are equal) instead of components of the non-zero pixels",
+    )
 
 
 def connectivity_structure(connectivity: int, ndim: int) -> np.ndarray:
@@ -29,8 +34,32 @@ def label_block(mask: np.ndarray, params: LabelParams, ctx: OpContext) -> np.nda
     item-wide ids (position-derived offsets, face pairs, union-find, relabel tables).
     """
     structure = connectivity_structure(params.connectivity, ctx.spatial_ndim)
-    labels, _ = ndi.label(mask[0], structure=structure)
+    if not params.classes:
+        labels, _ = ndi.label(mask[0], structure=structure)
+        return labels[np.newaxis]
+    values = mask[0]
+    labels = np.zeros(values.shape, dtype=np.int32)
+    offset = 0
+    for value in _present_classes(values):
+        part, n = ndi.label(values == value, structure=structure)
+        inside = part != 0
+        labels[inside] = part[inside] + offset
+        offset += n
     return labels[np.newaxis]
+
+
+def _present_classes(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "ub" and values.dtype.itemsize <= 2:
+        present = np.flatnonzero(np.bincount(values.ravel().astype(np.intp)))
+    else:
+        present = np.unique(values)
+    return present[present != 0]
+
+
+def _check_classes(dtype: np.dtype, params: LabelParams) -> np.dtype:
+    if params.classes and np.dtype(dtype).kind not in "uib":
+        raise ValueError(f"`classes: true` needs an integer class map, got {np.dtype(dtype)}")
+    return np.dtype(np.uint32)
 
 
 register(
@@ -41,7 +70,8 @@ register(
         apply=label_block,
         summary="connected components, stitched across blocks into consecutive ids",
         halo_rule="0 (faces are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(np.uint32),
+        out_dtype=_check_classes,
         needs_single_channel=True,
+        by_class=lambda p: p.classes,
     )
 )

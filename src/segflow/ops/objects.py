@@ -1,0 +1,264 @@
+"""Object-level operations: decisions about whole connected components, across blocks.
+
+Each is a ``connectivity`` operation: a block labels its core, measures its objects (sizes,
+strong pixels, contact with the item border), and the engine combines the measurements of
+objects that span blocks before anything is decided (``segflow.stitch.labels``). Every result
+equals the whole-array reference named in the docstring, whatever the block layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import Field, model_validator
+from scipy import ndimage as ndi
+
+from segflow.ops.label import connectivity_structure
+from segflow.ops.registry import OpContext, Operation, OpParams, register
+from segflow.stitch.labels import Box, ObjectRule
+
+
+def _structure(connectivity: int, ndim: int) -> np.ndarray:
+    return connectivity_structure(connectivity, ndim)
+
+
+def _label_mask(mask: np.ndarray, connectivity: int) -> np.ndarray:
+    labels, _ = ndi.label(mask, structure=_structure(connectivity, mask.ndim))
+    return labels
+
+
+def _counts(labels: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+
+
+def _first_pixels(labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]) -> np.ndarray:
+    """Item-wide linear index of each label's first pixel in item scan order.
+
+    ``scipy.ndimage.label`` numbers labels in the order of their first pixel, so the running
+    maximum of the flat labels steps up exactly at each label's first pixel.
+    """
+    flat = labels.ravel()
+    running = np.maximum.accumulate(flat)
+    starts = np.flatnonzero(np.diff(running, prepend=0) > 0)
+    local = np.unravel_index(starts, labels.shape)
+    item = np.ravel_multi_index(tuple(i + s.start for i, s in zip(local, box, strict=True)), shape)
+    first = np.full(n + 1, np.inf)
+    first[flat[starts]] = item
+    return first
+
+
+def _voxel_size(ctx: OpContext) -> float:
+    return math.prod(abs(s) for s in ctx.spacing) if ctx.spacing else 1.0
+
+
+# --- remove_small_objects --------------------------------------------------------------------
+
+
+class RemoveSmallParams(OpParams):
+    max_size: int | None = Field(
+        None, ge=0, description="remove objects of this many pixels (voxels) or fewer"
+    )
+    max_physical_size: float | None = Field(
+        None,
+        ge=0,
+        description="remove objects of this physical size or less (item units^ndim: m^2, mm^3)",
+    )
+    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> RemoveSmallParams:
+        if (self.max_size is None) == (self.max_physical_size is None):
+            raise ValueError("give exactly one of `max_size` (pixels) or `max_physical_size`")
+        return self
+
+
+def _label_foreground(image: np.ndarray, params: OpParams, ctx: OpContext) -> np.ndarray:
+    connectivity = int(params.connectivity)  # type: ignore[attr-defined]
+    return _label_mask(image[0] != 0, connectivity)[np.newaxis]
+
+
+def _kept_mask(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
+    return ids != 0
+
+
+def _size_rule(params: RemoveSmallParams, ctx: OpContext) -> ObjectRule:
+    if params.max_size is not None:
+        limit, scale = float(params.max_size), 1.0
+    else:
+        assert params.max_physical_size is not None
+        limit, scale = params.max_physical_size, _voxel_size(ctx)
+    return ObjectRule(
+        columns=("size",),
+        reduce=("sum",),
+        measure=lambda source, labels, n, box, shape: _counts(labels, n)[:, np.newaxis],
+        keep=lambda features: features[:, 0] * scale > limit,
+    )
+
+
+register(
+    Operation(
+        name="remove_small_objects",
+        kind="connectivity",
+        params=RemoveSmallParams,
+        apply=_label_foreground,
+        rule=_size_rule,
+        finish=_kept_mask,
+        summary="drop connected objects of max_size pixels or fewer (or a physical size), "
+        "sizes counted over the whole item (skimage.morphology.remove_small_objects)",
+        halo_rule="0 (object sizes are merged globally)",
+        out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)
+
+
+# --- keep_largest ----------------------------------------------------------------------------
+
+
+class KeepLargestParams(OpParams):
+    k: int = Field(1, ge=1, description="how many of the largest objects to keep")
+    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+
+
+def _largest_rule(params: KeepLargestParams, ctx: OpContext) -> ObjectRule:
+    def measure(
+        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        return np.stack([_counts(labels, n), _first_pixels(labels, n, box, shape)], axis=1)
+
+    return ObjectRule(
+        columns=("size", "first_pixel"), reduce=("sum", "min"), measure=measure, top_k=params.k
+    )
+
+
+register(
+    Operation(
+        name="keep_largest",
+        kind="connectivity",
+        params=KeepLargestParams,
+        apply=_label_foreground,
+        rule=_largest_rule,
+        finish=_kept_mask,
+        summary="keep the k largest connected objects of the item (ties: the object whose "
+        "first pixel comes first in scan order)",
+        halo_rule="0 (object sizes are merged globally)",
+        out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)
+
+
+# --- fill_holes ------------------------------------------------------------------------------
+
+
+class FillHolesParams(OpParams):
+    connectivity: int = Field(
+        1, ge=1, le=3, description="connectivity of the background: 1 = faces, ndim = all"
+    )
+    max_size: int | None = Field(
+        None, ge=0, description="fill only holes of this many pixels or fewer (default: all)"
+    )
+
+
+def _label_background(image: np.ndarray, params: FillHolesParams, ctx: OpContext) -> np.ndarray:
+    return _label_mask(image[0] == 0, params.connectivity)[np.newaxis]
+
+
+def _border_labels(labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]) -> np.ndarray:
+    """1 for labels with a pixel on the item's border, else 0."""
+    touches = np.zeros(n + 1)
+    for axis, (s, size) in enumerate(zip(box, shape, strict=True)):
+        if s.start == 0:
+            touches[np.take(labels, 0, axis=axis)] = 1
+        if s.stop == size:
+            touches[np.take(labels, -1, axis=axis)] = 1
+    return touches
+
+
+def _holes_rule(params: FillHolesParams, ctx: OpContext) -> ObjectRule:
+    def measure(
+        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        return np.stack([_border_labels(labels, n, box, shape), _counts(labels, n)], axis=1)
+
+    limit = np.inf if params.max_size is None else params.max_size
+    return ObjectRule(
+        columns=("on_border", "size"),
+        reduce=("max", "sum"),
+        measure=measure,
+        keep=lambda features: (features[:, 0] == 0) & (features[:, 1] <= limit),
+    )
+
+
+def _fill(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
+    assert source is not None
+    return (source != 0) | (ids != 0)
+
+
+register(
+    Operation(
+        name="fill_holes",
+        kind="connectivity",
+        params=FillHolesParams,
+        apply=_label_background,
+        rule=_holes_rule,
+        finish=_fill,
+        summary="fill background regions that do not touch the item border "
+        "(scipy.ndimage.binary_fill_holes), optionally only those of max_size pixels or fewer",
+        halo_rule="0 (border contact is merged globally)",
+        out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)
+
+
+# --- hysteresis ------------------------------------------------------------------------------
+
+
+class HysteresisParams(OpParams):
+    low: float = Field(description="pixels above `low` may belong to an object")
+    high: float = Field(description="an object is kept if any of its pixels is above `high`")
+    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HysteresisParams:
+        if self.low > self.high:
+            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
+        return self
+
+
+def _label_weak(image: np.ndarray, params: HysteresisParams, ctx: OpContext) -> np.ndarray:
+    return _label_mask(image[0] > params.low, params.connectivity)[np.newaxis]
+
+
+def _strong_rule(params: HysteresisParams, ctx: OpContext) -> ObjectRule:
+    def measure(
+        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        strong = source[0] > params.high
+        return np.bincount(labels[strong], minlength=n + 1).astype(np.float64)[:, np.newaxis]
+
+    return ObjectRule(
+        columns=("strong",),
+        reduce=("sum",),
+        measure=measure,
+        keep=lambda features: features[:, 0] > 0,
+    )
+
+
+register(
+    Operation(
+        name="hysteresis",
+        kind="connectivity",
+        params=HysteresisParams,
+        apply=_label_weak,
+        rule=_strong_rule,
+        finish=_kept_mask,
+        summary="keep regions above `low` that contain a pixel above `high` anywhere in the "
+        "item (skimage.filters.apply_hysteresis_threshold)",
+        halo_rule="0 (strong pixels are merged globally)",
+        out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)

@@ -1,0 +1,259 @@
+"""Object-level operations, blockwise, equal their whole-array references.
+
+Random masks over random 2D and 3D shapes, connectivities and block layouts (hypothesis draws
+blocks of one pixel along an axis and blocks much smaller than the objects), plus objects
+built to span every block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+from _compare import assert_same_labels
+from _layouts import layouts, smooth_noise
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage as ndi
+from skimage import morphology
+from skimage.filters import apply_hysteresis_threshold
+
+from segflow import segment
+from segflow.engine.api import run_item
+from segflow.engine.executor import LocalExecutor
+from segflow.engine.pipeline import compile_pipeline
+from segflow.engine.run import ArraySink
+from segflow.errors import ConfigError, PlanError
+from segflow.io.zarr import ArrayReader
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+Layout = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def _structure(ndim: int, connectivity: int) -> np.ndarray:
+    return ndi.generate_binary_structure(ndim, connectivity)
+
+
+def _mask(shape: tuple[int, ...], seed: int, fraction: float) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape) < fraction
+
+
+def _run(mask: np.ndarray, step: dict[str, object], blocks: tuple[int, ...]) -> np.ndarray:
+    pipeline = [{"op": "threshold", "value": 0}, step]
+    return segment(mask.astype(np.uint8), pipeline, block_shape=blocks)
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([1, 2]), st.integers(0, 6))
+def test_remove_small_objects_2d(layout: Layout, connectivity: int, max_size: int) -> None:
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.45)
+    result = _run(
+        mask,
+        {"op": "remove_small_objects", "max_size": max_size, "connectivity": connectivity},
+        blocks,
+    )
+    expected = morphology.remove_small_objects(mask, max_size=max_size, connectivity=connectivity)
+    np.testing.assert_array_equal(result, expected)
+
+
+@SETTINGS
+@given(layouts(ndim=3, max_side=12), st.sampled_from([1, 2, 3]), st.integers(0, 8))
+def test_remove_small_objects_3d(layout: Layout, connectivity: int, max_size: int) -> None:
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.35)
+    result = _run(
+        mask,
+        {"op": "remove_small_objects", "max_size": max_size, "connectivity": connectivity},
+        blocks,
+    )
+    expected = morphology.remove_small_objects(mask, max_size=max_size, connectivity=connectivity)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_remove_small_objects_by_physical_size_uses_the_item_spacing() -> None:
+    mask = np.zeros((12, 12), dtype=np.uint8)
+    mask[0:2, 0:2] = 1  # 4 pixels = 1.0 mm^2 at 0.5 mm
+    mask[5:8, 5:8] = 1  # 9 pixels = 2.25 mm^2
+    reader = ArrayReader(mask, "spaced")
+    # Signed spacing, as north-up rasters and LPS volumes have it.
+    reader.info = dataclasses.replace(reader.info, spacing=(0.5, -0.5))
+    plan = compile_pipeline(
+        [
+            {"op": "threshold", "value": 0},
+            {"op": "remove_small_objects", "max_physical_size": 1.0},
+        ],
+        spatial_ndim=2,
+        channels=1,
+        dtype="uint8",
+    )
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    with LocalExecutor(2) as executor:
+        run = run_item(
+            reader, plan, block_shape=(4, 4), executor=executor, make_sink=lambda d: ArraySink()
+        )
+    for summary in run.blocks:
+        region, data = summary.written
+        out[region] = data
+    assert out.sum() == 9 and out[6, 6] == 1 and out[0, 0] == 0
+
+
+def _keep_largest_reference(mask: np.ndarray, k: int, connectivity: int) -> np.ndarray:
+    labels, n = ndi.label(mask, _structure(mask.ndim, connectivity))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    # Largest first; ties by the first pixel in scan order, i.e. by scipy's label number.
+    order = np.lexsort((np.arange(n), -sizes))[:k]
+    return np.isin(labels, order + 1)
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([1, 2]), st.integers(1, 4))
+def test_keep_largest_2d(layout: Layout, connectivity: int, k: int) -> None:
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.4)
+    result = _run(mask, {"op": "keep_largest", "k": k, "connectivity": connectivity}, blocks)
+    np.testing.assert_array_equal(result, _keep_largest_reference(mask, k, connectivity))
+
+
+@SETTINGS
+@given(layouts(ndim=3, max_side=12), st.sampled_from([1, 3]), st.integers(1, 3))
+def test_keep_largest_3d(layout: Layout, connectivity: int, k: int) -> None:
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.3)
+    result = _run(mask, {"op": "keep_largest", "k": k, "connectivity": connectivity}, blocks)
+    np.testing.assert_array_equal(result, _keep_largest_reference(mask, k, connectivity))
+
+
+def _fill_holes_reference(mask: np.ndarray, connectivity: int, max_size: int | None) -> np.ndarray:
+    structure = _structure(mask.ndim, connectivity)
+    filled = ndi.binary_fill_holes(mask, structure=structure)
+    if max_size is None:
+        return filled
+    holes, n = ndi.label(filled & ~mask, structure)
+    sizes = np.bincount(holes.ravel(), minlength=n + 1)
+    small = sizes <= max_size
+    small[0] = False
+    return mask | small[holes]
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([1, 2]), st.sampled_from([None, 0, 2, 5]))
+def test_fill_holes_2d(layout: Layout, connectivity: int, max_size: int | None) -> None:
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.6)
+    result = _run(
+        mask, {"op": "fill_holes", "connectivity": connectivity, "max_size": max_size}, blocks
+    )
+    np.testing.assert_array_equal(result, _fill_holes_reference(mask, connectivity, max_size))
+
+
+@SETTINGS
+@given(layouts(ndim=3, max_side=10), st.sampled_from([1, 2, 3]))
+def test_fill_holes_3d(layout: Layout, connectivity: int) -> None:
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.7)
+    result = _run(mask, {"op": "fill_holes", "connectivity": connectivity}, blocks)
+    np.testing.assert_array_equal(result, _fill_holes_reference(mask, connectivity, None))
+
+
+def test_fill_holes_ring_spanning_every_block() -> None:
+    """A hole whose ring runs through every block is filled; a bay open to the border is not."""
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[2:38, 2:38] = True
+    mask[4:36, 4:36] = False  # the hole spans all 16 blocks of 10^2
+    mask[20:22, 0:3] = False  # a bay from the border into the ring: not a hole
+    for blocks in [(10, 10), (1, 40), (7, 3)]:
+        result = _run(mask, {"op": "fill_holes"}, blocks)
+        np.testing.assert_array_equal(result, ndi.binary_fill_holes(mask))
+
+
+@SETTINGS
+@given(layouts(), st.floats(0.3, 0.5), st.floats(0.0, 0.2))
+def test_hysteresis_2d(layout: Layout, low: float, gap: float) -> None:
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed)
+    high = low + gap
+    result = segment(image, [{"op": "hysteresis", "low": low, "high": high}], block_shape=blocks)
+    expected = apply_hysteresis_threshold(image, low, high)
+    np.testing.assert_array_equal(result, expected)
+
+
+@SETTINGS
+@given(layouts(ndim=3, max_side=12), st.sampled_from([1, 3]))
+def test_hysteresis_3d(layout: Layout, connectivity: int) -> None:
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed, sigma=1.0)
+    low, high = 0.48, 0.53
+    step = {"op": "hysteresis", "low": low, "high": high, "connectivity": connectivity}
+    result = segment(image, [step], block_shape=blocks)
+    labels, n = ndi.label(image > low, _structure(3, connectivity))
+    strong = np.bincount(labels[image > high], minlength=n + 1) > 0
+    strong[0] = False
+    np.testing.assert_array_equal(result, strong[labels])
+
+
+def test_hysteresis_strong_pixel_at_the_far_end_of_a_long_line() -> None:
+    image = np.zeros((5, 200), dtype=np.float32)
+    image[2, 1:199] = 0.5  # weak, crossing 20 blocks
+    image[2, 198] = 1.0  # one strong pixel at the far end
+    image[4, 10:50] = 0.5  # weak only: dropped
+    result = segment(image, [{"op": "hysteresis", "low": 0.4, "high": 0.9}], block_shape=(5, 10))
+    np.testing.assert_array_equal(result, apply_hysteresis_threshold(image, 0.4, 0.9))
+    assert result[2].sum() == 198 and result[4].sum() == 0
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([1, 2]))
+def test_label_per_class(layout: Layout, connectivity: int) -> None:
+    shape, blocks, seed = layout
+    classes = np.random.default_rng(seed).integers(0, 4, size=shape).astype(np.uint8)
+    step = {"op": "label", "connectivity": connectivity, "classes": True}
+    result = segment(classes, [step], block_shape=blocks)
+    structure = _structure(2, connectivity)
+    reference = np.zeros(shape, dtype=np.int64)
+    offset = 0
+    for value in (1, 2, 3):
+        part, n = ndi.label(classes == value, structure)
+        reference[part > 0] = part[part > 0] + offset
+        offset += n
+    assert_same_labels(result, reference)
+
+
+@SETTINGS
+@given(layouts(max_side=30))
+def test_chain_after_connectivity_steps(layout: Layout) -> None:
+    """Local and global steps after connectivity steps get their halo from the neighbours."""
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed)
+    pipeline = [
+        {"op": "threshold", "value": 0.5},
+        {"op": "fill_holes"},
+        {"op": "binary_opening", "radius": 1},
+        {"op": "remove_small_objects", "max_size": 3},
+        {"op": "label", "connectivity": 2},
+    ]
+    result = segment(image, pipeline, block_shape=blocks)
+    mask = ndi.binary_fill_holes(image > 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # binary_* is the mode="ignore" reference
+        mask = morphology.binary_opening(mask, morphology.disk(1))
+    mask = morphology.remove_small_objects(mask, max_size=3)
+    reference, _ = ndi.label(mask, _structure(2, 2))
+    assert_same_labels(result, reference)
+
+
+def test_object_ops_validate_their_parameters() -> None:
+    with pytest.raises(ConfigError, match="exactly one of `max_size`"):
+        compile_pipeline(
+            [{"op": "remove_small_objects"}], spatial_ndim=2, channels=1, dtype="uint8"
+        )
+    with pytest.raises(ConfigError, match=r"`low` \(2.0\) must not exceed `high` \(1.0\)"):
+        compile_pipeline(
+            [{"op": "hysteresis", "low": 2, "high": 1}], spatial_ndim=2, channels=1, dtype="f4"
+        )
+    with pytest.raises(PlanError, match="`classes: true` needs an integer class map"):
+        compile_pipeline(
+            [{"op": "label", "classes": True}], spatial_ndim=2, channels=1, dtype="float32"
+        )

@@ -173,6 +173,7 @@ def segment_collection(
                     block_shape=cfg.blocks.shape,
                     chunks=cfg.output.chunks,
                     shards=cfg.output.shards,
+                    regions=cfg.output.regions,
                     config_hash=config_hash,
                     scheduler_address=address,
                 )

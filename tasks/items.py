@@ -58,6 +58,7 @@ def segment_item_task(
     block_shape: list[int] | int | None,
     chunks: list[int] | None,
     shards: list[int] | None,
+    regions: bool = False,
     config_hash: str,
     scheduler_address: str,
 ) -> dict[str, Any]:
@@ -87,6 +88,7 @@ def segment_item_task(
             executor=DaskExecutor(get_client(scheduler_address)),
             chunks=chunks,
             shards=shards,
+            regions=regions,
             config_hash=config_hash,
             progress=functools.partial(report_progress, item_id),
         )

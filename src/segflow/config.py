@@ -31,6 +31,11 @@ class OutputConfig(_Model):
     store: str = Field(description="the Zarr store (folder or URL) that receives every item")
     chunks: list[int] | None = Field(None, description="Zarr chunk shape; default: blocks.shape")
     shards: list[int] | None = Field(None, description="Zarr shard shape (a multiple of chunks)")
+    regions: bool = Field(
+        False,
+        description="also write ITEM/regions.parquet: per-object area, box, centroid and "
+        "intensity of the input (the pipeline must end in labels)",
+    )
     overwrite: bool = Field(
         False, description="redo items already done with the same input, config and code"
     )
@@ -70,13 +75,15 @@ class SegflowConfig(_Model):
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig.model_validate({}))
 
     def config_hash(self) -> str:
-        """Hash of what determines the output pixels (pipeline, blocks, chunks, shards)."""
-        payload = {
+        """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions)."""
+        payload: dict[str, Any] = {
             "pipeline": self.pipeline,
             "blocks": self.blocks.model_dump(),
             "chunks": self.output.chunks,
             "shards": self.output.shards,
         }
+        if self.output.regions:
+            payload["regions"] = True
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -9,6 +9,8 @@ import xarray
 from typer.testing import CliRunner
 
 from flows.cli import app
+from segflow.store import read_index
+from segflow.store.regions import read_regions
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 runner = CliRunner()
@@ -116,6 +118,11 @@ def test_run_applies_overrides_and_prints_how_to_open(tmp_path: Path, dask_addre
     ds = xarray.open_zarr(store, group="RGB.byte")
     assert ds["labels"].dims == ("y", "x")
     assert ds["labels"].encoding["chunks"] == (256, 256)  # the --set chunks were used
+    regions = read_regions(str(store), "RGB.byte")  # the config asks for regions
+    assert len(regions) == int(ds["labels"].max()) and regions["label"].is_unique
+    index = read_index(store).set_index("id")
+    assert index.loc["RGB.byte", "object_count"] == len(regions)
+    assert index.loc["RGB.byte", "area_p50"] == regions["area"].median()
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -10,8 +10,10 @@ import numpy as np
 from segflow.engine.blocks import plan_blocks
 from segflow.engine.executor import DaskExecutor, Executor, LocalExecutor, ProgressCallback
 from segflow.engine.pipeline import Plan, Step, compile_pipeline
-from segflow.engine.run import ArraySink, ItemRun, Sink, run_plan
+from segflow.engine.run import ArraySink, ItemRun, RegionsSpec, Sink, run_plan
+from segflow.errors import PlanError
 from segflow.io.base import Reader
+from segflow.store.regions import ArrayRegionsSink
 
 
 def segment(
@@ -23,7 +25,8 @@ def segment(
     client: Any = None,
     n_threads: int | None = None,
     progress: ProgressCallback | None = None,
-) -> np.ndarray:
+    regions: bool = False,
+) -> Any:
     """Run a pipeline blockwise on an array and return the result; no Prefect needed.
 
     Parameters
@@ -41,6 +44,11 @@ def segment(
         Threads of the default pool.
     progress
         Called as ``progress(phase, done, total)``.
+    regions
+        Also measure every object (the pipeline must end in labels) and return
+        ``(labels, table)``: a pandas DataFrame with ``regionprops_table`` columns
+        (``label``, ``area``, ``bbox-*``, ``centroid-*``, ``intensity_mean``, ...) where the
+        intensity is the input image.
 
     Returns
     -------
@@ -68,6 +76,10 @@ def segment(
     plan = compile_pipeline(
         pipeline, spatial_ndim=len(info.spatial_shape), channels=info.n_channels, dtype=info.dtype
     )
+    if regions and plan.out_kind != "labels":
+        raise PlanError(
+            f"`regions` needs a pipeline that ends in labels, this one gives {plan.out_kind}"
+        )
     grid = plan_blocks(info.spatial_shape, block_shape, halo=plan.halo)
     executor: Executor = DaskExecutor(client) if client is not None else LocalExecutor(n_threads)
     try:
@@ -80,6 +92,7 @@ def segment(
             executor,
             make_sink=lambda dtype: ArraySink(),
             spacing=info.spacing,
+            regions=RegionsSpec(ArrayRegionsSink(), intensity=reader) if regions else None,
             progress=progress,
         )
     finally:
@@ -89,7 +102,12 @@ def segment(
     for summary in run.blocks:
         region, data = summary.written
         out[region] = data
-    return out
+    if not regions:
+        return out
+    from segflow.store.regions import regions_frame
+
+    assert run.regions is not None
+    return out, regions_frame(run.regions, spacing=info.spacing, origin=info.origin)
 
 
 def run_item(
@@ -101,6 +119,7 @@ def run_item(
     make_sink: Any,
     saved: Mapping[str, Sink] | None = None,
     storage_unit: Sequence[int] | None = None,
+    regions: RegionsSpec | None = None,
     progress: ProgressCallback | None = None,
 ) -> ItemRun:
     """Plan the blocks of one item and run ``plan`` on them (used by ``segment_item``)."""
@@ -115,5 +134,6 @@ def run_item(
         make_sink=make_sink,
         spacing=reader.info.spacing,
         saved=saved,
+        regions=regions,
         progress=progress,
     )

@@ -13,6 +13,7 @@ from segflow.engine.api import run_item
 from segflow.engine.blocks import block_shape_for
 from segflow.engine.executor import Executor, ProgressCallback
 from segflow.engine.pipeline import compile_pipeline
+from segflow.errors import PlanError
 from segflow.io.base import Reader
 
 
@@ -36,6 +37,9 @@ class ItemResult:
     foreground_fraction: float | None = None
     seconds: float = 0.0
     n_blocks: int = 0
+    area_p05: float | None = None  # object areas in pixels, with `regions`
+    area_p50: float | None = None
+    area_p95: float | None = None
     fingerprint: str = ""
     config_hash: str = ""
     code_version: str = field(default_factory=code_version)
@@ -57,19 +61,24 @@ def segment_item(
     chunks: Sequence[int] | None = None,
     shards: Sequence[int] | None = None,
     config_hash: str = "",
+    regions: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and write it to ``STORE/ITEM_ID``.
 
     Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
-    the item and the reason, so the rest of the collection goes on.
+    the item and the reason, so the rest of the collection goes on. With ``regions``, the
+    objects' properties go to ``STORE/ITEM_ID/regions.parquet`` and the result carries the
+    5th, 50th and 95th percentiles of their areas.
     """
+    from segflow.engine.run import RegionsSpec
     from segflow.store.layout import (
         ArraySpec,
         ZarrRegionWriter,
         create_item_group,
         create_output_array,
     )
+    from segflow.store.regions import ParquetRegionsSink
 
     info = reader.info
     started = time.perf_counter()
@@ -104,6 +113,17 @@ def segment_item(
             create_output_array(store, info, ArraySpec(plan.out_kind, str(dtype), chunk, shard))
             return ZarrRegionWriter(store, info.id, plan.out_kind)
 
+        regions_sink = None
+        if regions:
+            if plan.out_kind != "labels":
+                raise PlanError(
+                    f"`output.regions` needs a pipeline that ends in labels, this one gives "
+                    f"{plan.out_kind}"
+                )
+            regions_sink = ParquetRegionsSink(
+                store, info.id, spacing=info.spacing, origin=info.origin, units=info.units
+            )
+            regions_sink.clear()
         run = run_item(
             reader,
             plan,
@@ -112,8 +132,14 @@ def segment_item(
             make_sink=make_sink,
             saved=saved,
             storage_unit=shard or chunk,
+            regions=None if regions_sink is None else RegionsSpec(regions_sink, intensity=reader),
             progress=progress,
         )
+        if regions_sink is not None:
+            regions_sink.join()
+            result.area_p05, result.area_p50, result.area_p95 = regions_sink.area_percentiles(
+                (0.05, 0.5, 0.95)
+            )
     except Exception as error:  # one bad item must not stop the collection
         result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"
         result.seconds = time.perf_counter() - started

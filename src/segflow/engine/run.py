@@ -36,6 +36,7 @@ from segflow.stitch.labels import (
     neighbor_offsets,
     smallest_label_dtype,
 )
+from segflow.stitch.regions import RegionPartial, measure_regions, merge_rows
 
 Strips = Sequence[Mapping[int, tuple[Box, np.ndarray]]]
 
@@ -89,11 +90,26 @@ class Finish:
     dtype: np.dtype
 
 
+class RegionsSink(Protocol):
+    """Where finished region-property rows go. Must pickle cheaply."""
+
+    def write(self, name: str, rows: RegionPartial) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RegionsSpec:
+    """Measure the output's objects: rows go to ``sink``; ``intensity`` is read per block."""
+
+    sink: RegionsSink
+    intensity: Reader | None = None
+
+
 @dataclass
 class BlockSummary:
     region: Box
     written: Any = None
     foreground: int = 0
+    regions: tuple[Any, RegionPartial] | None = None  # (what the sink returned, face rows)
 
 
 @dataclass
@@ -106,6 +122,7 @@ class ItemRun:
     stats: dict[int, Any]
     seconds: float
     blocks: list[BlockSummary] = field(default_factory=list)
+    regions: list[Any] | None = None  # what the regions sink returned, per part
 
 
 def _context(
@@ -184,6 +201,7 @@ def run_block(
     label: Step | None = None,
     sink: Sink | None = None,
     out_dtype: np.dtype | None = None,
+    regions: RegionsSpec | None = None,
 ) -> Tile | LabelTile | BlockSummary:
     """One block's share of one phase: take its source, run ``steps``, then end the phase
     with a reduction partial, local labels, or a write of the core.
@@ -226,7 +244,25 @@ def run_block(
         raise TypeError("run_block needs a sink for the last phase")
     result = core[0] if core.shape[0] == 1 else core
     stored = _storable(result) if out_dtype is None else result.astype(out_dtype, copy=False)
-    return BlockSummary(block.core, sink.write(block.core, stored), int(np.count_nonzero(stored)))
+    summary = BlockSummary(
+        block.core, sink.write(block.core, stored), int(np.count_nonzero(stored))
+    )
+    if regions is not None:
+        if isinstance(source, LabelTile) and not steps:
+            assert relabel is not None and finish is not None
+            # The local labels are dense already: no sort of the block to number its objects.
+            dense, finals = source.labels, relabel.table(source.keep, np.dtype(np.int64))
+            classes = source.source if finish.step.op.pairs_by_class(finish.step.params) else None
+        else:
+            uniq, inverse = np.unique(stored, return_inverse=True)
+            if uniq[0] != 0:
+                uniq, inverse = np.concatenate([[0], uniq]), inverse + 1
+            dense, finals, classes = inverse.reshape(stored.shape), uniq.astype(np.int64), None
+        intensity = None if regions.intensity is None else regions.intensity.read(block.core)
+        rows, on_faces = measure_regions(dense, finals, block.core, intensity, classes)
+        complete = regions.sink.write(f"part-{block.linear:06d}", rows.take(~on_faces))
+        summary.regions = (complete, rows.take(on_faces))
+    return summary
 
 
 def label_block(
@@ -307,15 +343,18 @@ def run_plan(
     make_sink: Callable[[np.dtype], Sink],
     spacing: Sequence[float] = (),
     saved: Mapping[str, Sink] | None = None,
+    regions: RegionsSpec | None = None,
     progress: ProgressCallback | None = None,
 ) -> ItemRun:
     """Run every phase of ``plan`` over ``grid`` and write the result through ``make_sink``.
 
     ``reader`` may be a Dask future of a reader (scattered once, read on the workers).
     ``make_sink(dtype)`` is called once, on the caller, when the output dtype is known (for
-    labels, only after the merge: the smallest dtype that holds every id).
+    labels, only after the merge: the smallest dtype that holds every id). With ``regions``,
+    the output's objects are measured in the same tasks that write them.
     """
     run = _PlanRun(plan, grid, executor, tuple(float(s) for s in spacing), saved, progress)
+    run.regions = regions
     sources = run.read_once(reader)
     for number, phase in enumerate(plan.phases):
         label = f"phase {number + 1}/{len(plan.phases)}"
@@ -349,6 +388,7 @@ class _PlanRun:
         self.progress = progress
         self.stats: dict[int, Any] = {}
         self.n_labels: int | None = None
+        self.regions: RegionsSpec | None = None
         self.started = time.perf_counter()
 
     def _none(self) -> list[Any]:
@@ -476,9 +516,19 @@ class _PlanRun:
             dtype = self.plan.out_dtype
         sink = make_sink(dtype)
         handles = self.map_blocks(
-            phase, sources, keep_halo=(0,) * self.grid.ndim, sink=sink, out_dtype=dtype
+            phase,
+            sources,
+            keep_halo=(0,) * self.grid.ndim,
+            sink=sink,
+            out_dtype=dtype,
+            regions=self.regions,
         )
         summaries = self.executor.gather(handles, label=label, progress=self.progress)
+        written = None
+        if self.regions is not None:
+            faces = merge_rows([s.regions[1] for s in summaries if s.regions is not None])
+            written = [s.regions[0] for s in summaries if s.regions is not None]
+            written.append(self.regions.sink.write("part-faces", faces))
         return ItemRun(
             n_blocks=len(self.blocks),
             n_labels=self.n_labels if self.plan.out_kind == "labels" else None,
@@ -486,4 +536,5 @@ class _PlanRun:
             stats=self.stats,
             seconds=time.perf_counter() - self.started,
             blocks=summaries,
+            regions=written,
         )

@@ -245,6 +245,13 @@ def consolidate_store(store: str) -> None:
                 message="Consolidated metadata is currently not part",
                 category=ZarrUserWarning,
             )
+            # The Parquet tables beside the arrays (index.parquet, ITEM/regions.parquet) are
+            # not Zarr nodes; zarr skips them and says so.
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Object at .*\.parquet is not recognized as a component",
+                category=ZarrUserWarning,
+            )
             zarr.consolidate_metadata(store, zarr_format=3)
     except Exception as exc:
         raise StoreError(

@@ -1,0 +1,124 @@
+"""Per-object tables beside the labels: ``STORE/ITEM_ID/regions.parquet``.
+
+Workers write one part per block for the objects complete inside it, the client one part for
+the objects that span blocks (merged from their face rows); the client then streams the parts
+into the single file, one row group per part (a folder of parts inside the item's group
+would look like a broken Zarr node to zarr's metadata consolidation). Rows are not in label
+order: :func:`read_regions` sorts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segflow.stitch.regions import RegionPartial, region_columns
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+REGIONS_NAME = "regions.parquet"
+PARTS_NAME = "regions.parts"  # scratch folder, removed once the parts are joined
+
+
+class ParquetRegionsSink:
+    """Writes parts of one item's region table; picklable (a path and the item's geometry)."""
+
+    def __init__(
+        self,
+        store: str,
+        item_id: str,
+        *,
+        spacing: Sequence[float],
+        origin: Sequence[float],
+        units: str,
+    ) -> None:
+        group = f"{str(store).rstrip('/')}/{item_id}"
+        self.path = f"{group}/{REGIONS_NAME}"
+        self.parts = f"{group}/{PARTS_NAME}"
+        self.spacing = tuple(float(s) for s in spacing)
+        self.origin = tuple(float(o) for o in origin)
+        self.units = units
+
+    def write(self, name: str, rows: RegionPartial) -> None:
+        import fsspec
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = region_columns(rows, spacing=self.spacing, origin=self.origin)
+        units = {"segflow.units": self.units, "segflow.area_physical_units": self._area_units}
+        table = pa.table(columns).replace_schema_metadata(units)
+        with fsspec.open(f"{self.parts}/{name}.parquet", "wb", auto_mkdir=True) as handle:
+            pq.write_table(table, handle)
+
+    def join(self) -> None:
+        """Stream every part into ``regions.parquet`` and drop the parts (on the client)."""
+        import fsspec
+        import pyarrow.parquet as pq
+
+        fs, parts = fsspec.core.url_to_fs(self.parts)
+        names = sorted(fs.glob(f"{parts}/*.parquet"))
+        writer = None
+        try:
+            with fsspec.open(self.path, "wb", auto_mkdir=True) as handle:
+                for name in names:
+                    with fs.open(name, "rb") as part:
+                        table = pq.read_table(part)
+                    if writer is None:
+                        writer = pq.ParquetWriter(handle, table.schema)
+                    writer.write_table(table)
+                if writer is not None:
+                    writer.close()
+        finally:
+            fs.rm(parts, recursive=True)
+
+    @property
+    def _area_units(self) -> str:
+        return f"{self.units}^{len(self.spacing)}"
+
+    def clear(self) -> None:
+        """Remove an earlier run's table and parts (the item is being rewritten)."""
+        import fsspec
+
+        for target in (self.path, self.parts):
+            fs, path = fsspec.core.url_to_fs(target)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+    def area_percentiles(self, quantiles: Sequence[float]) -> list[float | None]:
+        """Percentiles of the object areas in pixels (``None`` without objects)."""
+        import fsspec
+        import pyarrow.parquet as pq
+
+        with fsspec.open(self.path, "rb") as handle:
+            values = pq.read_table(handle, columns=["area"])["area"].to_numpy()
+        if len(values) == 0:
+            return [None for _ in quantiles]
+        return [float(v) for v in np.percentile(values, [100 * q for q in quantiles])]
+
+
+class ArrayRegionsSink:
+    """Hands finished rows back to the caller (the notebook API)."""
+
+    def write(self, name: str, rows: RegionPartial) -> RegionPartial:
+        return rows
+
+
+def read_regions(store: str, item_id: str) -> pd.DataFrame:
+    """One item's region table as a pandas DataFrame, sorted by label."""
+    import pandas as pd
+
+    frame = pd.read_parquet(f"{str(store).rstrip('/')}/{item_id}/{REGIONS_NAME}")
+    return frame.sort_values("label", ignore_index=True)
+
+
+def regions_frame(parts: Sequence[RegionPartial], **geometry: Any) -> pd.DataFrame:
+    """Finished rows (from :class:`ArrayRegionsSink`) as one DataFrame sorted by label."""
+    import pandas as pd
+
+    from segflow.stitch.regions import merge_rows
+
+    columns = region_columns(merge_rows(parts), **geometry)
+    return pd.DataFrame(columns).sort_values("label", ignore_index=True)

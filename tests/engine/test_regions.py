@@ -1,0 +1,133 @@
+"""Region properties merged across blocks equal ``skimage.measure.regionprops_table``.
+
+Tolerances (see ``segflow.stitch.regions``): counts, boxes, minima and maxima exact;
+centroids relative 1e-12 (float64 sums in another order); intensity means relative 1e-6,
+because scikit-image averages float32 images in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from _layouts import layouts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage as ndi
+from skimage import measure
+
+from segflow import segment
+from segflow.errors import PlanError
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+Layout = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def _properties(ndim: int) -> tuple[str, ...]:
+    return (
+        "label",
+        "area",
+        "bbox",
+        "centroid",
+        "intensity_mean",
+        "intensity_min",
+        "intensity_max",
+        "equivalent_diameter_area",
+    )
+
+
+def _check(image: np.ndarray, mask: np.ndarray, connectivity: int, blocks: tuple[int, ...]):
+    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label", "connectivity": connectivity}]
+    labels, table = segment(image, pipeline, block_shape=blocks, regions=True)
+    structure = ndi.generate_binary_structure(mask.ndim, connectivity)
+    reference_labels, n = ndi.label(mask, structure)
+    reference = pd.DataFrame(
+        measure.regionprops_table(
+            reference_labels, intensity_image=image, properties=_properties(mask.ndim)
+        )
+    )
+    assert len(table) == n == int(labels.max())
+    assert table["label"].tolist() == list(range(1, n + 1))
+    if n == 0:
+        return
+    # Match each result object to its reference object through any of its pixels.
+    to_reference = np.zeros(n + 1, dtype=np.int64)
+    to_reference[labels.ravel()] = reference_labels.ravel()
+    ours = table.assign(label=to_reference[table["label"]]).set_index("label").sort_index()
+    theirs = reference.set_index("label").sort_index()
+    exact = ["area", *[f"bbox-{i}" for i in range(2 * mask.ndim)], "intensity_min"]
+    exact.append("intensity_max")
+    for column in exact:
+        np.testing.assert_array_equal(ours[column], theirs[column], err_msg=column)
+    for column in [f"centroid-{i}" for i in range(mask.ndim)] + ["equivalent_diameter_area"]:
+        np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-12, err_msg=column)
+    np.testing.assert_allclose(ours["intensity_mean"], theirs["intensity_mean"], rtol=1e-6)
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([1, 2]))
+def test_regions_2d(layout: Layout, connectivity: int) -> None:
+    shape, blocks, seed = layout
+    rng = np.random.default_rng(seed)
+    image = rng.random(shape).astype(np.float32)
+    _check(image, image > 0.5, connectivity, blocks)
+
+
+@SETTINGS
+@given(layouts(ndim=3, max_side=12), st.sampled_from([1, 3]))
+def test_regions_3d(layout: Layout, connectivity: int) -> None:
+    shape, blocks, seed = layout
+    rng = np.random.default_rng(seed)
+    image = rng.random(shape).astype(np.float32)
+    _check(image, image > 0.5, connectivity, blocks)
+
+
+def test_regions_of_one_object_spanning_every_block() -> None:
+    image = np.zeros((30, 30), dtype=np.float32)
+    image[1:29, 1:29] = 0.75
+    image[3:27, 3:27] = 0.0  # a ring through every block of 5^2
+    image[10, 10] = 0.9  # and a lone pixel inside one block
+    _check(image, image > 0.5, 1, (5, 5))
+
+
+def test_regions_need_labels() -> None:
+    with pytest.raises(PlanError, match="`regions` needs a pipeline that ends in labels"):
+        segment(np.zeros((4, 4)), [{"op": "threshold", "value": 0}], regions=True)
+
+
+def test_segment_item_writes_the_region_table_with_world_coordinates(tmp_path) -> None:
+    import dataclasses
+
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.item import segment_item
+    from segflow.io import ArrayReader
+    from segflow.store.regions import read_regions
+
+    image = np.zeros((40, 50), dtype=np.float32)
+    image[2:6, 3:9] = 1.0  # 24 px
+    image[20:38, 10:12] = 0.8  # 36 px, crosses blocks of 16
+    image[30:32, 40:50] = 0.6  # 20 px, touches the item border
+    reader = ArrayReader(image, "tile")
+    # A north-up raster: 0.5 m pixels, y decreasing from 1000.
+    reader.info = dataclasses.replace(
+        reader.info, spacing=(-0.5, 0.5), origin=(1000.0, 200.0), units="m"
+    )
+    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
+    with LocalExecutor(2) as executor:
+        result = segment_item(
+            reader,
+            pipeline,
+            store=str(tmp_path / "out.zarr"),
+            block_shape=16,
+            executor=executor,
+            regions=True,
+        )
+    assert result.status == "done", result.error
+    table = read_regions(str(tmp_path / "out.zarr"), "tile")
+    assert table["area"].tolist() == [24, 36, 20]
+    np.testing.assert_allclose(table["area_physical"], [6.0, 9.0, 5.0])
+    np.testing.assert_allclose(table["centroid-0"], [3.5, 28.5, 30.5])
+    np.testing.assert_allclose(table["centroid_world-0"], 1000.0 - 0.5 * table["centroid-0"])
+    np.testing.assert_allclose(table["centroid_world-1"], 200.0 + 0.5 * table["centroid-1"])
+    np.testing.assert_allclose(table["intensity_mean"], [1.0, 0.8, 0.6], rtol=1e-6)
+    assert (result.area_p05, result.area_p50, result.area_p95) == (20.4, 24.0, 34.8)

@@ -11,6 +11,7 @@ import dataclasses
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from _compare import assert_same_labels
 from _layouts import layouts, smooth_noise
@@ -257,3 +258,33 @@ def test_object_ops_validate_their_parameters() -> None:
         compile_pipeline(
             [{"op": "label", "classes": True}], spatial_ndim=2, channels=1, dtype="float32"
         )
+
+
+STREAMED = [
+    [{"op": "gaussian", "sigma": 1}, {"op": "otsu"}, {"op": "label", "connectivity": 2}],
+    [
+        {"op": "threshold", "value": 0.5},
+        {"op": "fill_holes"},
+        {"op": "remove_small_objects", "max_size": 3},
+        {"op": "label"},
+    ],
+    [{"op": "label", "classes": True}, {"op": "threshold", "value": 2}],
+]
+
+
+@pytest.mark.parametrize("pipeline", STREAMED)
+@pytest.mark.parametrize("blocks", [(7, 5), (1, 40), (16, 16)])
+def test_streaming_mode_equals_keeping_blocks(
+    pipeline: list[dict[str, object]], blocks: tuple[int, int]
+) -> None:
+    """With nothing kept between phases (keep_limit=0) every phase recomputes: same output."""
+    image = smooth_noise((40, 45), 7)
+    if pipeline[0].get("classes"):
+        image = (image * 5).astype(np.uint8)
+    kept = segment(image, pipeline, block_shape=blocks)
+    streamed = segment(image, pipeline, block_shape=blocks, keep_limit=0)
+    np.testing.assert_array_equal(streamed, kept)
+    if pipeline[-1]["op"] == "label":
+        _, kept_table = segment(image, pipeline, block_shape=blocks, regions=True)
+        _, table = segment(image, pipeline, block_shape=blocks, regions=True, keep_limit=0)
+        pd.testing.assert_frame_equal(table, kept_table)

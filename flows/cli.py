@@ -188,6 +188,7 @@ def _check_items(config: Any) -> list[str]:
                 spatial_ndim=len(info.spatial_shape),
                 channels=info.n_channels,
                 dtype=info.dtype,
+                spacing=info.spacing,
             )
         except (SegflowError, ValueError) as error:
             problems.append(f"item {info.id!r} ({info.path}): {error}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ def segment(
     progress: ProgressCallback | None = None,
     regions: bool = False,
     keep_limit: int | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Any:
     """Run a pipeline blockwise on an array and return the result; no Prefect needed.
 
@@ -50,6 +52,9 @@ def segment(
         ``(labels, table)``: a pandas DataFrame with ``regionprops_table`` columns
         (``label``, ``area``, ``bbox-*``, ``centroid-*``, ``intensity_mean``, ...) where the
         intensity is the input image.
+    spacing
+        Physical pixel size per spatial axis (for ``distance_transform``, physical sizes and
+        the regions' physical columns); 1 per axis by default.
     keep_limit
         Bytes of intermediates kept on the workers between phases; a larger item streams
         (recomputes each phase from the input, in bounded memory). Default 1 GiB.
@@ -76,9 +81,15 @@ def segment(
     from segflow.io.zarr import ArrayReader
 
     reader = ArrayReader(np.asarray(image), "array", channel_axis=channel_axis)
+    if spacing is not None:
+        reader.info = dataclasses.replace(reader.info, spacing=tuple(float(s) for s in spacing))
     info = reader.info
     plan = compile_pipeline(
-        pipeline, spatial_ndim=len(info.spatial_shape), channels=info.n_channels, dtype=info.dtype
+        pipeline,
+        spatial_ndim=len(info.spatial_shape),
+        channels=info.n_channels,
+        dtype=info.dtype,
+        spacing=info.spacing,
     )
     if regions and plan.out_kind != "labels":
         raise PlanError(

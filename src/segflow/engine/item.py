@@ -95,7 +95,11 @@ def segment_item(
     try:
         spatial = info.spatial_shape
         plan = compile_pipeline(
-            pipeline, spatial_ndim=len(spatial), channels=info.n_channels, dtype=info.dtype
+            pipeline,
+            spatial_ndim=len(spatial),
+            channels=info.n_channels,
+            dtype=info.dtype,
+            spacing=info.spacing,
         )
         block = block_shape_for(block_shape, len(spatial))
         chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))

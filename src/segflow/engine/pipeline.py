@@ -141,6 +141,7 @@ def compile_pipeline(
     spatial_ndim: int,
     channels: int,
     dtype: np.dtype | str,
+    spacing: Sequence[float] = (),
 ) -> Plan:
     """Check a pipeline against an item's layout and split it into phases.
 
@@ -156,6 +157,7 @@ def compile_pipeline(
     """
     steps = parse_steps(pipeline)
     dtype = np.dtype(dtype)
+    sizes = tuple(float(s) for s in spacing)
     saved: dict[str, np.dtype] = {}
     labels_out = False
     for step in steps:
@@ -175,7 +177,7 @@ def compile_pipeline(
                 raise PlanError(f"{where}: {problem}")
         before = dtype
         try:
-            step.op.halo_of(step.params, spatial_ndim)
+            step.op.halo_of(step.params, spatial_ndim, sizes)
             channels = step.op.channels_after(channels, step.params)
             dtype = step.op.dtype_after(dtype, step.params)
         except ValueError as error:
@@ -186,7 +188,7 @@ def compile_pipeline(
             labels_out = False
         if step.save_as is not None:
             saved[step.save_as] = _storage_dtype(dtype)
-    phases = _split_phases(steps, spatial_ndim)
+    phases = _split_phases(steps, spatial_ndim, sizes)
     out_kind = "labels" if labels_out else _output_kind(dtype)
     return Plan(
         steps=steps,
@@ -198,7 +200,9 @@ def compile_pipeline(
     )
 
 
-def _split_phases(steps: Sequence[Step], ndim: int) -> tuple[Phase, ...]:
+def _split_phases(
+    steps: Sequence[Step], ndim: int, spacing: tuple[float, ...]
+) -> tuple[Phase, ...]:
     raw: list[tuple[list[Step], str, Step | None]] = []
     current: list[Step] = []
     for step in steps:
@@ -219,7 +223,7 @@ def _split_phases(steps: Sequence[Step], ndim: int) -> tuple[Phase, ...]:
             ahead = [0] * ndim
         for step in phase_steps:
             if step.op.kind == "local":
-                h = step.op.halo_of(step.params, ndim)
+                h = step.op.halo_of(step.params, ndim, spacing)
                 ahead = [a + x for a, x in zip(ahead, h, strict=True)]
         halos.append(tuple(ahead))
     halos.reverse()

@@ -277,7 +277,7 @@ def apply_steps(
     for step in steps:
         data = step.op.apply(data, step.params, _context(step, stats, ndim, spacing))
         if step.op.kind == "local":
-            inner = shrink_box(box, step.op.halo_of(step.params, ndim), shape)
+            inner = shrink_box(box, step.op.halo_of(step.params, ndim, spacing), shape)
             data, box = data[(slice(None), *relative(inner, box))], inner
         if step.save_as is not None and saved is not None:
             core = _core_of(box, data, block.core)[0]

@@ -1,6 +1,15 @@
 """Pipeline operations. Importing this package registers every built-in operation."""
 
-from segflow.ops import filters, intensity, label, morphology, objects, threshold
+from segflow.ops import (
+    distance,
+    filters,
+    intensity,
+    label,
+    label_local,
+    morphology,
+    objects,
+    threshold,
+)
 from segflow.ops.registry import (
     Done,
     GlobalStatistic,
@@ -22,10 +31,12 @@ __all__ = [
     "OpParams",
     "Operation",
     "describe_params",
+    "distance",
     "filters",
     "get_operation",
     "intensity",
     "label",
+    "label_local",
     "list_operations",
     "morphology",
     "objects",

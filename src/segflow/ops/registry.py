@@ -110,6 +110,7 @@ class Operation(Generic[P]):
     rule: Callable[[P, OpContext], ObjectRule] | None = None
     finish: Callable[[np.ndarray, np.ndarray | None, P], np.ndarray] | None = None
     by_class: Callable[[P], bool] | None = None
+    halo_spacing: Callable[[P, int, tuple[float, ...]], tuple[int, ...]] | None = None
 
     def rule_for(self, params: P, ctx: OpContext) -> ObjectRule | None:
         return None if self.rule is None else self.rule(params, ctx)
@@ -127,7 +128,14 @@ class Operation(Generic[P]):
             raise TypeError(f"operation {self.name!r} has no global statistic")
         return self.statistic(params)
 
-    def halo_of(self, params: P, spatial_ndim: int) -> tuple[int, ...]:
+    def halo_of(
+        self, params: P, spatial_ndim: int, spacing: tuple[float, ...] = ()
+    ) -> tuple[int, ...]:
+        """Halo per spatial axis; ops with a physical reach (``halo_spacing``) use ``spacing``
+        (the item's pixel size, 1 per axis when not given)."""
+        if self.halo_spacing is not None:
+            sizes = tuple(abs(s) for s in spacing) or (1.0,) * spatial_ndim
+            return tuple(int(h) for h in self.halo_spacing(params, spatial_ndim, sizes))
         if self.halo is None:
             return (0,) * spatial_ndim
         return tuple(int(h) for h in self.halo(params, spatial_ndim))

@@ -131,9 +131,16 @@ class ItemRun:
 
 
 def _context(
-    step: Step, stats: Mapping[int, Any], ndim: int, spacing: tuple[float, ...]
+    step: Step,
+    stats: Mapping[int, Any],
+    ndim: int,
+    spacing: tuple[float, ...],
+    box: Box = (),
+    shape: tuple[int, ...] = (),
 ) -> OpContext:
-    return OpContext(spatial_ndim=ndim, stat=stats.get(step.index), spacing=spacing)
+    return OpContext(
+        spatial_ndim=ndim, stat=stats.get(step.index), spacing=spacing, box=box, shape=shape
+    )
 
 
 def _core_of(box: Box, data: np.ndarray, core: Box) -> np.ndarray:
@@ -275,7 +282,8 @@ def apply_steps(
     """Run ``steps`` on ``data`` (covering ``box``), shrinking the box after local steps."""
     ndim = len(shape)
     for step in steps:
-        data = step.op.apply(data, step.params, _context(step, stats, ndim, spacing))
+        ctx = _context(step, stats, ndim, spacing, box, shape)
+        data = step.op.apply(data, step.params, ctx)
         if step.op.kind == "local":
             inner = shrink_box(box, step.op.halo_of(step.params, ndim, spacing), shape)
             data, box = data[(slice(None), *relative(inner, box))], inner
@@ -340,7 +348,7 @@ def label_block(
     spacing: tuple[float, ...],
 ) -> LabelTile:
     """Label a block's core, measure its objects and decide those complete inside it."""
-    ctx = _context(step, stats, len(shape), spacing)
+    ctx = _context(step, stats, len(shape), spacing, block.core, shape)
     labels = step.op.apply(core, step.params, ctx)[0]
     n = int(labels.max(initial=0))
     rule = step.op.rule_for(step.params, ctx)

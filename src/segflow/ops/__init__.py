@@ -9,6 +9,7 @@ from segflow.ops import (
     morphology,
     objects,
     threshold,
+    watershed,
 )
 from segflow.ops.registry import (
     Done,
@@ -42,4 +43,5 @@ __all__ = [
     "objects",
     "register",
     "threshold",
+    "watershed",
 ]

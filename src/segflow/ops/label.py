@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 from scipy import ndimage as ndi
+from skimage import measure
 
 from segflow.ops.registry import OpContext, Operation, OpParams, register
 
@@ -37,23 +38,9 @@ def label_block(mask: np.ndarray, params: LabelParams, ctx: OpContext) -> np.nda
     if not params.classes:
         labels, _ = ndi.label(mask[0], structure=structure)
         return labels[np.newaxis]
-    values = mask[0]
-    labels = np.zeros(values.shape, dtype=np.int32)
-    offset = 0
-    for value in _present_classes(values):
-        part, n = ndi.label(values == value, structure=structure)
-        inside = part != 0
-        labels[inside] = part[inside] + offset
-        offset += n
-    return labels[np.newaxis]
-
-
-def _present_classes(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind in "ub" and values.dtype.itemsize <= 2:
-        present = np.flatnonzero(np.bincount(values.ravel().astype(np.intp)))
-    else:
-        present = np.unique(values)
-    return present[present != 0]
+    # Neighbours with equal values join: components of every class in one pass.
+    labels = measure.label(mask[0], background=0, connectivity=params.connectivity)
+    return labels.astype(np.int32, copy=False)[np.newaxis]
 
 
 def _check_classes(dtype: np.dtype, params: LabelParams) -> np.dtype:

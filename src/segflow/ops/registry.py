@@ -56,11 +56,18 @@ class OpContext:
         The finished global statistic, for ``global`` operations only.
     spacing : tuple of float
         Physical size of a pixel along each spatial axis (``(z), y, x``).
+    box : tuple of slice
+        Where the block's data lies in the item (spatial axes), for operations whose output
+        names item positions; empty when unknown.
+    shape : tuple of int
+        The item's spatial shape.
     """
 
     spatial_ndim: int
     stat: Any = None
     spacing: tuple[float, ...] = ()
+    box: tuple[slice, ...] = ()
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from skimage import morphology
 from skimage.filters import apply_hysteresis_threshold
+from skimage.segmentation import flood
 
 from segflow import segment
 from segflow.engine.api import run_item
@@ -288,3 +289,63 @@ def test_streaming_mode_equals_keeping_blocks(
         _, kept_table = segment(image, pipeline, block_shape=blocks, regions=True)
         _, table = segment(image, pipeline, block_shape=blocks, regions=True, keep_limit=0)
         pd.testing.assert_frame_equal(table, kept_table)
+
+
+def _grow_reference(
+    image: np.ndarray, low: float, high: float, seeds: np.ndarray, connectivity: int
+) -> np.ndarray:
+    accepted = (image >= low) & (image <= high)
+    grown = np.zeros(image.shape, dtype=bool)
+    for seed in seeds:
+        if accepted[tuple(seed)]:
+            grown |= flood(accepted, tuple(int(i) for i in seed), connectivity=connectivity)
+    return grown
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([1, 2]), st.integers(1, 5), st.floats(0.4, 0.5))
+def test_region_grow_from_points(layout: Layout, connectivity: int, n: int, low: float) -> None:
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed)
+    rng = np.random.default_rng(seed + 1)
+    seeds = np.stack([rng.integers(0, s, size=n) for s in shape], axis=1)
+    step = {
+        "op": "region_grow",
+        "low": low,
+        "high": 0.62,
+        "seeds": seeds.tolist(),
+        "connectivity": connectivity,
+    }
+    result = segment(image, [step], block_shape=blocks)
+    expected = _grow_reference(image, low, 0.62, seeds, connectivity)
+    np.testing.assert_array_equal(result, expected)
+
+
+@SETTINGS
+@given(layouts(ndim=3, max_side=12))
+def test_region_grow_from_a_seed_mask_channel(layout: Layout) -> None:
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed, sigma=1.0)
+    seeds_mask = np.random.default_rng(seed).random(shape) < 0.02
+    stacked = np.stack([image, seeds_mask.astype(np.float32)])
+    step = {"op": "region_grow", "low": 0.45, "high": 0.7}
+    result = segment(stacked, [step], block_shape=blocks, channel_axis=0)
+    expected = _grow_reference(image, 0.45, 0.7, np.argwhere(seeds_mask), 1)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_region_grow_checks_its_seeds() -> None:
+    with pytest.raises(PlanError, match="every seed needs 2 coordinates"):
+        compile_pipeline(
+            [{"op": "region_grow", "low": 0, "high": 1, "seeds": [[1, 2, 3]]}],
+            spatial_ndim=2,
+            channels=1,
+            dtype="float32",
+        )
+    with pytest.raises(PlanError, match="without `seeds`, region_grow needs 2 channels"):
+        compile_pipeline(
+            [{"op": "region_grow", "low": 0, "high": 1}],
+            spatial_ndim=2,
+            channels=1,
+            dtype="float32",
+        )

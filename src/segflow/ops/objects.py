@@ -262,3 +262,97 @@ register(
         needs_single_channel=True,
     )
 )
+
+
+# --- region_grow -----------------------------------------------------------------------------
+
+
+class RegionGrowParams(OpParams):
+    low: float = Field(description="pixels with value >= low (and <= high) may join a region")
+    high: float = Field(description="upper end of the accepted range")
+    seeds: list[list[int]] | None = Field(
+        None,
+        description="seed pixels as item coordinates [[y, x], ...] ((z, y, x) in 3D); "
+        "without it, channel 2 of the input is a seed mask (non-zero = seed)",
+    )
+    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RegionGrowParams:
+        if self.low > self.high:
+            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
+        return self
+
+
+def _accepted(image: np.ndarray, params: RegionGrowParams) -> np.ndarray:
+    values = image[0]
+    return (values >= params.low) & (values <= params.high)
+
+
+def _label_accepted(image: np.ndarray, params: RegionGrowParams, ctx: OpContext) -> np.ndarray:
+    return _label_mask(_accepted(image, params), params.connectivity)[np.newaxis]
+
+
+def _seeds_in(
+    params: RegionGrowParams, source: np.ndarray, box: Box
+) -> tuple[np.ndarray, ...] | np.ndarray:
+    """This block's seed pixels: the points inside its core, or its seed-mask channel."""
+    if params.seeds is None:
+        return source[1] != 0
+    points = np.asarray(params.seeds, dtype=np.int64).reshape(-1, len(box))
+    inside = np.ones(len(points), dtype=bool)
+    for axis, s in enumerate(box):
+        inside &= (points[:, axis] >= s.start) & (points[:, axis] < s.stop)
+    local = points[inside] - np.array([s.start for s in box])
+    return tuple(local.T)
+
+
+def _grow_rule(params: RegionGrowParams, ctx: OpContext) -> ObjectRule:
+    def measure(
+        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        seeded = labels[_seeds_in(params, source, box)]
+        return np.bincount(seeded.ravel(), minlength=n + 1).astype(np.float64)[:, np.newaxis]
+
+    return ObjectRule(
+        columns=("seeds",),
+        reduce=("sum",),
+        measure=measure,
+        keep=lambda features: features[:, 0] > 0,
+    )
+
+
+def _check_seed_channels(channels: int, params: RegionGrowParams) -> str | None:
+    if params.seeds is None and channels != 2:
+        return (
+            f"without `seeds`, region_grow needs 2 channels (intensity, seed mask), got {channels}"
+        )
+    if params.seeds is not None and channels != 1:
+        return f"with `seeds`, region_grow needs a single-channel image, got {channels}"
+    return None
+
+
+def _check_seed_points(params: RegionGrowParams, ndim: int) -> tuple[int, ...]:
+    if params.seeds is not None and any(len(p) != ndim for p in params.seeds):
+        raise ValueError(f"every seed needs {ndim} coordinates, got {params.seeds}")
+    return (0,) * ndim
+
+
+register(
+    Operation(
+        name="region_grow",
+        kind="connectivity",
+        params=RegionGrowParams,
+        apply=_label_accepted,
+        rule=_grow_rule,
+        finish=_kept_mask,
+        summary="grow regions from seed points (or a seed-mask channel) through connected "
+        "pixels within [low, high], across blocks (skimage.segmentation.flood on the "
+        "in-range mask, for every seed)",
+        halo=_check_seed_points,
+        halo_rule="0 (seeds are merged globally)",
+        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_channels=lambda channels, p: 1,
+        check_channels=_check_seed_channels,
+    )
+)

@@ -99,7 +99,7 @@ def run_segflow(client: Any, source: Path, store: Path, block: int) -> tuple[flo
         block_shape=block,
         executor=DaskExecutor(client),
         regions=True,
-        regions_intensity=False,
+        regions_intensity=None,
     )
     if result.status != "done":
         raise RuntimeError(result.error)

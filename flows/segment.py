@@ -174,6 +174,7 @@ def segment_collection(
                     chunks=cfg.output.chunks,
                     shards=cfg.output.shards,
                     regions=cfg.output.regions,
+                    regions_intensity=cfg.output.regions_intensity,
                     config_hash=config_hash,
                     scheduler_address=address,
                 )

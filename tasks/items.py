@@ -59,6 +59,7 @@ def segment_item_task(
     chunks: list[int] | None,
     shards: list[int] | None,
     regions: bool = False,
+    regions_intensity: str | None = "input",
     config_hash: str,
     scheduler_address: str,
 ) -> dict[str, Any]:
@@ -89,6 +90,7 @@ def segment_item_task(
             chunks=chunks,
             shards=shards,
             regions=regions,
+            regions_intensity=regions_intensity,
             config_hash=config_hash,
             progress=functools.partial(report_progress, item_id),
         )

@@ -34,7 +34,12 @@ class OutputConfig(_Model):
     regions: bool = Field(
         False,
         description="also write ITEM/regions.parquet: per-object area, box, centroid and "
-        "intensity of the input (the pipeline must end in labels)",
+        "intensity (the pipeline must end in labels)",
+    )
+    regions_intensity: str | None = Field(
+        "input",
+        description="what the regions' intensity columns summarise: 'input' (the item), the "
+        "name of a `save_as` array, or null for none",
     )
     overwrite: bool = Field(
         False, description="redo items already done with the same input, config and code"
@@ -83,7 +88,7 @@ class SegflowConfig(_Model):
             "shards": self.output.shards,
         }
         if self.output.regions:
-            payload["regions"] = True
+            payload["regions"] = self.output.regions_intensity or True
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -158,8 +158,22 @@ def test_panoptic_output_classes_and_instances(tmp_path) -> None:
             block_shape=16,
             executor=executor,
             regions=True,
+            regions_intensity="classes",  # summarise the saved class map
+        )
+        wrong = segment_item(
+            ArrayReader(image, "other"),
+            pipeline,
+            store=store,
+            block_shape=16,
+            executor=executor,
+            regions=True,
+            regions_intensity="nope",
         )
     assert result.status == "done", result.error
+    assert wrong.status == "failed"
+    assert "`output.regions_intensity` 'nope' is neither 'input' nor a `save_as` array" in str(
+        wrong.error
+    )
     consolidate_store(store)
     ds = xr.open_zarr(store, group="scene")
     classes, labels = ds["classes"].values, ds["labels"].values
@@ -170,6 +184,8 @@ def test_panoptic_output_classes_and_instances(tmp_path) -> None:
     class_of[labels.ravel()] = classes.ravel()
     assert (class_of[labels] == classes).all()  # one class per instance
     np.testing.assert_array_equal(table["class"], class_of[table["label"]])
+    np.testing.assert_array_equal(table["intensity_max"], table["class"])
+    np.testing.assert_array_equal(table["intensity_min"], table["class"])
     reference = 0
     for value in (1, 2, 3):
         reference += ndi.label(classes == value)[1]

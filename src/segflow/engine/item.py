@@ -62,7 +62,7 @@ def segment_item(
     shards: Sequence[int] | None = None,
     config_hash: str = "",
     regions: bool = False,
-    regions_intensity: bool = True,
+    regions_intensity: str | bool | None = "input",
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> ItemResult:
@@ -71,7 +71,9 @@ def segment_item(
     Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
     the item and the reason, so the rest of the collection goes on. With ``regions``, the
     objects' properties go to ``STORE/ITEM_ID/regions.parquet`` and the result carries the
-    5th, 50th and 95th percentiles of their areas.
+    5th, 50th and 95th percentiles of their areas; ``regions_intensity`` says what the
+    intensity columns summarise: ``"input"`` (or ``True``), the name of a ``save_as``
+    array, or ``None`` (or ``False``) for none.
     """
     from segflow.engine.run import RegionsSpec
     from segflow.store.layout import (
@@ -120,6 +122,7 @@ def segment_item(
             return ZarrRegionWriter(store, info.id, plan.out_kind)
 
         regions_sink = None
+        intensity_source = None
         if regions:
             if plan.out_kind != "labels":
                 raise PlanError(
@@ -130,6 +133,7 @@ def segment_item(
                 store, info.id, spacing=info.spacing, origin=info.origin, units=info.units
             )
             regions_sink.clear()
+            intensity_source = _intensity_source(regions_intensity, reader, plan, store)
         run = run_item(
             reader,
             plan,
@@ -140,7 +144,7 @@ def segment_item(
             storage_unit=shard or chunk,
             regions=None
             if regions_sink is None
-            else RegionsSpec(regions_sink, intensity=reader if regions_intensity else None),
+            else RegionsSpec(regions_sink, intensity=intensity_source),
             keep_limit=keep_limit,
             progress=progress,
         )
@@ -166,3 +170,30 @@ def segment_item(
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"pipeline[{index}].{plan.steps[index].op.name}{suffix}"] = float(v)
     return result
+
+
+class _SavedArray:
+    """A ``save_as`` array of this run, read like an item (channel axis first)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self.writer.read(region))[np.newaxis]
+
+
+def _intensity_source(choice: str | bool | None, reader: Reader, plan: Any, store: str) -> Any:
+    """What the regions' intensity columns read: the item, a saved array, or nothing."""
+    from segflow.store.layout import ZarrRegionWriter
+
+    if choice is None or choice is False:
+        return None
+    if choice is True or choice == "input":
+        return reader
+    if choice not in plan.saved:
+        saved = ", ".join(sorted(plan.saved)) or "none"
+        raise PlanError(
+            f"`output.regions_intensity` {choice!r} is neither 'input' nor a `save_as` array "
+            f"of the pipeline (saved: {saved})"
+        )
+    return _SavedArray(ZarrRegionWriter(store, reader.info.id, str(choice)))

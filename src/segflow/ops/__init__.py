@@ -2,6 +2,7 @@
 
 from segflow.ops import (
     distance,
+    edges,
     filters,
     intensity,
     label,
@@ -33,6 +34,7 @@ __all__ = [
     "Operation",
     "describe_params",
     "distance",
+    "edges",
     "filters",
     "get_operation",
     "intensity",

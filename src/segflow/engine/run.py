@@ -25,7 +25,7 @@ from segflow.engine.blocks import Block, BlockGrid, Box, grow_box, intersect, re
 from segflow.engine.executor import Executor, ProgressCallback
 from segflow.engine.pipeline import Phase, Plan, Step
 from segflow.io.base import Reader
-from segflow.ops.registry import Done, GlobalStatistic, OpContext
+from segflow.ops.registry import Done, GlobalStatistic, OpContext, map_statistic
 from segflow.stitch.labels import (
     BlockObjects,
     BlockRelabel,
@@ -239,7 +239,8 @@ def run_block(
         keep = intersect(grow_box(block.core, keep_halo, shape), box)
         data = data[(slice(None), *relative(keep, box))]
         tile = Tile(keep, data)
-        tile.partial = statistic.map(_core_of(keep, data, block.core), state)
+        core = _core_of(keep, data, block.core)
+        tile.partial = map_statistic(statistic, core, state, block.core, shape)
         return tile
     core = _core_of(box, data, block.core)
     if label is not None:
@@ -369,8 +370,16 @@ def tile_partial(tile: Tile) -> Any:
     return tile.partial
 
 
-def tile_statistic(tile: Tile, block: Block, *, statistic: GlobalStatistic, state: Any) -> Any:
-    return statistic.map(_core_of(tile.box, tile.data, block.core), state)
+def tile_statistic(
+    tile: Tile,
+    block: Block,
+    *,
+    statistic: GlobalStatistic,
+    state: Any,
+    shape: tuple[int, ...],
+) -> Any:
+    core = _core_of(tile.box, tile.data, block.core)
+    return map_statistic(statistic, core, state, block.core, shape)
 
 
 def label_summary(tile: LabelTile) -> LabelSummary:
@@ -592,7 +601,12 @@ class _PlanRun:
                 )
             else:
                 handles = executor.map(
-                    tile_statistic, tiles, self.blocks, statistic=statistic, state=state
+                    tile_statistic,
+                    tiles,
+                    self.blocks,
+                    statistic=statistic,
+                    state=state,
+                    shape=self.shape,
                 )
             partials = executor.gather(handles)
         self.done.append(phase)

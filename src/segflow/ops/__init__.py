@@ -1,6 +1,7 @@
 """Pipeline operations. Importing this package registers every built-in operation."""
 
 from segflow.ops import (
+    cluster,
     distance,
     edges,
     filters,
@@ -32,6 +33,7 @@ __all__ = [
     "OpKind",
     "OpParams",
     "Operation",
+    "cluster",
     "describe_params",
     "distance",
     "edges",

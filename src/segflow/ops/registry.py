@@ -77,12 +77,27 @@ class Done:
     value: Any
 
 
+def map_statistic(
+    statistic: GlobalStatistic,
+    core: np.ndarray,
+    state: Any,
+    box: tuple[slice, ...],
+    shape: tuple[int, ...],
+) -> Any:
+    """Call ``statistic.map`` with the block's position when the statistic asks for it."""
+    if getattr(statistic, "positional", False):
+        return statistic.map(core, state, box=box, shape=shape)  # type: ignore[call-arg]
+    return statistic.map(core, state)
+
+
 class GlobalStatistic(Protocol):
     """A statistic reduced over all blocks of an item, in one or more passes.
 
     The engine calls ``start`` once, then repeats: ``map`` on the core of every block (on the
     workers, where the blocks live), ``combine`` on the small partial results (on the client),
-    until ``combine`` returns :class:`Done`. States and partials must be small.
+    until ``combine`` returns :class:`Done`. States and partials must be small. A statistic
+    with ``positional = True`` gets ``map(core, state, box=..., shape=...)``: where the core
+    lies in the item (for samples that must not depend on the block layout).
     """
 
     def start(self) -> Any: ...

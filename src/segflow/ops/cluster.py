@@ -1,0 +1,157 @@
+"""K-means clustering of pixel features: centres from a sample of the whole item.
+
+The sample does not depend on the block layout: a pixel is in it when a hash of its item-wide
+linear index falls below a rate chosen from the item's size, and the sample is sorted by that
+index before fitting. Fitting is deterministic (seeded), so every layout gets the same centres,
+and the assignment is pointwise: blockwise output equals a whole-array assignment with the
+same centres, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from scipy.cluster.vq import kmeans2
+
+from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a cheap, well-spread index hash
+_FULL_LIMIT = 200_000  # above this many samples, fit with mini-batches
+
+
+class KMeansParams(OpParams):
+    k: int = Field(3, ge=2, le=254, description="number of clusters; output classes 1..k")
+    sample: int = Field(100_000, ge=10, description="pixels drawn from the whole item to fit")
+    position: float = Field(
+        0.0, ge=0, description="weight of the pixel position (item-relative, 0..1) as features"
+    )
+    seed: int = Field(0, description="seed of the sample and of the fit")
+    max_iter: int = Field(50, ge=1, description="iterations of the fit")
+    batch: int = Field(4096, ge=16, description="mini-batch size for samples above 200,000")
+
+
+def features(
+    image: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...], position: float
+) -> np.ndarray:
+    """``(pixels, features)`` float64: every channel, then the weighted position."""
+    columns = [c.ravel().astype(np.float64) for c in image]
+    if position > 0:
+        grids = np.meshgrid(
+            *[np.arange(s.start, s.stop) / max(n - 1, 1) for s, n in zip(box, shape, strict=True)],
+            indexing="ij",
+        )
+        columns += [position * g.ravel() for g in grids]
+    return np.stack(columns, axis=1)
+
+
+def _linear_index(box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
+    return np.ravel_multi_index(tuple(grids), shape).ravel().astype(np.uint64)
+
+
+def _hash_unit(index: np.ndarray, seed: int) -> np.ndarray:
+    """A deterministic pseudo-random number in [0, 1) per item pixel index."""
+    mixed = (index + np.uint64(seed & 0xFFFFFFFF)) * _MIX
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass(frozen=True)
+class _Rate:
+    rate: float
+
+
+@dataclass(frozen=True)
+class KMeansCentres:
+    """Pass 1 counts the item's pixels, pass 2 draws the sample, then the client fits."""
+
+    params: KMeansParams
+    positional = True
+
+    def start(self) -> Any:
+        return None
+
+    def map(
+        self,
+        core: np.ndarray,
+        state: Any,
+        *,
+        box: tuple[slice, ...] = (),
+        shape: tuple[int, ...] = (),
+    ) -> Any:
+        if state is None:
+            return int(np.prod(core.shape[1:]))
+        index = _linear_index(box, shape)
+        chosen = _hash_unit(index, self.params.seed) < state.rate
+        data = features(core, box, shape, self.params.position)[chosen]
+        return index[chosen], data
+
+    def combine(self, partials: Sequence[Any], state: Any) -> Any:
+        if state is None:
+            total = sum(partials)
+            return _Rate(min(1.0, self.params.sample / max(total, 1)))
+        index = np.concatenate([p[0] for p in partials])
+        data = np.concatenate([p[1] for p in partials])
+        order = np.argsort(index, kind="stable")
+        return Done(fit_kmeans(data[order], self.params))
+
+
+def fit_kmeans(data: np.ndarray, params: KMeansParams) -> np.ndarray:
+    """Centres ``(k, features)``: k-means++ seeding, then Lloyd (or mini-batch) iterations."""
+    rng = np.random.default_rng(params.seed)
+    if len(data) < params.k:
+        raise ValueError(f"k-means needs at least k={params.k} samples, the item gave {len(data)}")
+    if len(data) <= _FULL_LIMIT:
+        centres, _ = kmeans2(data, params.k, iter=params.max_iter, minit="++", rng=rng)
+        return np.asarray(centres)
+    start = data[rng.choice(len(data), params.batch, replace=False)]
+    centres, _ = kmeans2(start, params.k, iter=1, minit="++", rng=rng)
+    counts = np.zeros(params.k)
+    for _ in range(params.max_iter):  # Sculley's mini-batch k-means
+        batch = data[rng.integers(0, len(data), params.batch)]
+        nearest = assign(batch, centres)
+        for j in range(params.k):
+            members = batch[nearest == j]
+            if len(members):
+                counts[j] += len(members)
+                centres[j] += (members.sum(axis=0) - len(members) * centres[j]) / counts[j]
+    return np.asarray(centres)
+
+
+def assign(data: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre for each row (first on ties)."""
+    best = np.full(len(data), np.inf)
+    nearest = np.zeros(len(data), dtype=np.intp)
+    for j, centre in enumerate(centres):
+        distance = ((data - centre) ** 2).sum(axis=1)
+        closer = distance < best
+        best[closer] = distance[closer]
+        nearest[closer] = j
+    return nearest
+
+
+def kmeans_classes(image: np.ndarray, params: KMeansParams, ctx: OpContext) -> np.ndarray:
+    """Class ``1..k`` of the nearest centre for every pixel (centres from the whole item)."""
+    spatial = image.shape[1:]
+    box = ctx.box if ctx.box else tuple(slice(0, n) for n in spatial)
+    shape = ctx.shape if ctx.shape else spatial
+    nearest = assign(features(image, box, shape, params.position), np.asarray(ctx.stat))
+    return (nearest.reshape(spatial) + 1).astype(np.uint8)[np.newaxis]
+
+
+register(
+    Operation(
+        name="kmeans",
+        kind="global",
+        params=KMeansParams,
+        apply=kmeans_classes,
+        summary="k-means classes 1..k of the pixel features (all bands, optionally the "
+        "position); centres fitted on a layout-independent sample of the whole item",
+        statistic=lambda p: KMeansCentres(p),
+        out_channels=lambda channels, p: 1,
+        out_dtype=lambda dtype, p: np.dtype(np.uint8),
+    )
+)

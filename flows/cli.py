@@ -139,6 +139,69 @@ def run(configs: ConfigPaths, set_: SetOption = None) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command()
+def evaluate(
+    configs: ConfigPaths,
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            help="Reference masks: a file, a folder or a glob (label images or GeoJSON).",
+        ),
+    ],
+    set_: SetOption = None,
+) -> None:
+    """Score each config's store against reference masks and print a summary table.
+
+    Exit status: 0 when every matched item was scored, 1 when one failed, 2 on an invalid
+    config.
+    """
+    overrides = list(set_ or [])
+    loaded = [_load_or_report(path, overrides) for path in configs]
+    if any(config is None for config in loaded):
+        raise typer.Exit(EXIT_INVALID)
+
+    from flows.evaluate import evaluate_collection
+
+    failed = False
+    for path in configs:
+        with _prefect_logs_to(Console(stderr=True)):
+            summary = evaluate_collection(str(path), reference, overrides)
+        _print_scores(summary)
+        failed |= bool(summary["failed"])
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_scores(summary: dict[str, Any]) -> None:
+    console = Console()
+    table = Table(title=f"{summary['name']}: scores against the references ({summary['store']})")
+    rows = summary["scored"]
+    columns = ["ap50", "ap50_95", "matched", "n_pred", "n_ref", "dice_1", "iou_1"]
+    columns = [c for c in columns if any(c in r for r in rows)]
+    table.add_column("item")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["id"], *[_cell(row.get(c)) for c in columns])
+    if len(rows) > 1:
+        means = [sum(float(r.get(c, 0)) for r in rows) / len(rows) for c in columns]
+        table.add_row("mean", *[_cell(m) for m in means])
+    console.print(table)
+    for row in summary["failed"]:
+        typer.echo(row["eval_error"], err=True)
+    if summary["unmatched"]:
+        typer.echo(f"no reference for: {', '.join(summary['unmatched'])}", err=True)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
 @contextmanager
 def _shared_cluster(configs: Sequence[Any]) -> Iterator[str | None]:
     """One LocalCluster for several configs that would each start the same one.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import xarray
 from typer.testing import CliRunner
@@ -143,3 +144,25 @@ def test_run_exits_1_when_an_item_fails(tmp_path: Path, dask_address: str) -> No
     assert "nuclei: 0 done, 0 skipped (already done), 1 failed" in result.stdout
     [failure] = [line for line in result.stdout.splitlines() if line.startswith("  failed ")]
     assert f"{tmp_path / 'broken.png'}" in failure and "ItemReadError" not in failure
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_evaluate_scores_the_store_against_reference_labels(
+    tmp_path: Path, dask_address: str
+) -> None:
+    store = tmp_path / "nuclei.zarr"
+    common = ["--set", f"output.store={store}", "--set", f"cluster.address={dask_address}"]
+    assert runner.invoke(app, ["run", str(CONFIGS / "nuclei.yaml"), *common]).exit_code == 0
+    labels = str(CONFIGS.parent / "tests" / "data" / "nuclei" / "*" / "labels.tif")
+
+    result = runner.invoke(
+        app, ["evaluate", str(CONFIGS / "nuclei.yaml"), "--reference", labels, *common]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "ap50" in result.stdout and "matched" in result.stdout
+    scores = pd.read_parquet(store / "evaluation.parquet").set_index("id")
+    index = read_index(store).set_index("id")
+    assert 0.5 < scores.loc["image", "ap50"] <= 1.0  # the bundled config finds most nuclei
+    assert index.loc["image", "ap50"] == scores.loc["image", "ap50"]
+    assert scores.loc["image", "n_ref"] == 36  # nuclei in the bundled reference

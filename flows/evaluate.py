@@ -1,0 +1,72 @@
+"""The ``evaluate`` flow: score a store's items against reference masks.
+
+Scores go into the collection index (``ap50``, ``ap50_95``, ``dice_1``, ...) and into
+``STORE/evaluation.parquet`` (one row per item, every score); see ``segflow.evaluate`` for
+the definitions.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.segment import resolve_config
+from segflow.evaluate import match_references
+from tasks.evaluate import evaluate_item_task
+from tasks.store import read_index_task, write_index_task
+
+REFERENCE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr", ".geojson", ".json")
+
+
+def find_references(reference: str, base: Path | None = None) -> list[str]:
+    """Reference files named by a file, a folder (searched recursively) or a glob."""
+    path = Path(reference)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if path.is_file() or path.suffix == ".zarr":
+        return [str(path)]
+    if path.is_dir():
+        found = [p for p in path.rglob("*") if p.name.lower().endswith(REFERENCE_SUFFIXES)]
+        return sorted(str(p) for p in found)
+    return sorted(glob.glob(str(path), recursive=True))
+
+
+@flow(name="evaluate-collection", validate_parameters=True)
+def evaluate_collection(
+    config: dict[str, Any] | str, reference: str, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Score every done item of ``config``'s store against the matching reference.
+
+    ``reference`` is a file, folder or glob; a reference matches an item with the same file
+    stem, the item's id, or as the only reference in the item's source folder.
+    """
+    import pandas as pd
+
+    logger = get_run_logger()
+    cfg = resolve_config(config, overrides or ())
+    store = cfg.output.store
+    rows = {r["id"]: r for r in read_index_task(store) if r.get("status") == "done"}
+    references = find_references(reference)
+    matched = match_references([(i, str(r["source"])) for i, r in rows.items()], references)
+    logger.info("%d of %d items have a reference", len(matched), len(rows))
+    futures = [
+        evaluate_item_task.submit(
+            store, item_id, str(rows[item_id]["source"]), str(rows[item_id]["output"]), path
+        )
+        for item_id, path in sorted(matched.items())
+    ]
+    scores = [f.result() for f in futures]
+    if scores:
+        write_index_task(store, [{**rows[s["id"]], **s} for s in scores])
+        pd.DataFrame(scores).to_parquet(Path(store) / "evaluation.parquet", index=False)
+    return {
+        "name": cfg.name,
+        "store": store,
+        "items": len(rows),
+        "scored": [s for s in scores if "eval_error" not in s],
+        "failed": [s for s in scores if "eval_error" in s],
+        "unmatched": sorted(set(rows) - set(matched)),
+    }

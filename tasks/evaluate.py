@@ -1,0 +1,37 @@
+"""The task that scores one item of a store against its reference (a thin engine call)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+
+@task(name="evaluate-item", retries=0, cache_policy=NO_CACHE, task_run_name="evaluate-{item_id}")
+def evaluate_item_task(
+    store: str, item_id: str, source: str, output: str, reference: str
+) -> dict[str, Any]:
+    """Scores of ``STORE/ITEM_ID/OUTPUT`` against ``reference``; never raises for a bad item."""
+    from segflow.engine.executor import LocalExecutor
+    from segflow.evaluate import evaluate_item, open_reference
+    from segflow.io import open_item
+    from segflow.store.layout import ZarrRegionWriter
+
+    row: dict[str, Any] = {"id": item_id, "reference": reference}
+    try:
+        info = open_item(source, item_id).info
+        with LocalExecutor() as executor:
+            scores = evaluate_item(
+                ZarrRegionWriter(store, item_id, output),
+                open_reference(reference, info),
+                info.spatial_shape,
+                instances=output == "labels",
+                executor=executor,
+            )
+    except Exception as error:  # one bad reference must not stop the others
+        row["eval_error"] = f"item {item_id!r} ({reference}): {type(error).__name__}: {error}"
+        get_run_logger().error(row["eval_error"])
+        return row
+    row.update(scores)
+    return row

@@ -1,0 +1,125 @@
+"""Blockwise scores equal scores computed on the whole arrays by brute force."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rasterio.features import rasterize
+from rasterio.transform import Affine
+from scipy import ndimage as ndi
+
+from segflow.engine.executor import LocalExecutor
+from segflow.evaluate import (
+    THRESHOLDS,
+    PolygonReference,
+    evaluate_item,
+    match_references,
+)
+from segflow.io import ArrayReader
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class _Array:
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        return self.array[region]
+
+
+def brute_force(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    pred_ids = [i for i in np.unique(pred) if i]
+    ref_ids = [i for i in np.unique(ref) if i]
+    iou = np.zeros((len(pred_ids), len(ref_ids)))
+    for a, p in enumerate(pred_ids):
+        for b, r in enumerate(ref_ids):
+            inter = np.sum((pred == p) & (ref == r))
+            iou[a, b] = inter / np.sum((pred == p) | (ref == r))
+    aps = []
+    for t in THRESHOLDS:
+        tp = int(np.sum(iou > t))
+        total = len(pred_ids) + len(ref_ids) - tp
+        aps.append(tp / total if total else 1.0)
+    fg_tp = np.sum((pred > 0) & (ref > 0))
+    fg = (pred > 0).sum() + (ref > 0).sum()
+    return {"ap50": aps[0], "ap50_95": float(np.mean(aps)), "dice_1": 2 * fg_tp / fg}
+
+
+@SETTINGS
+@given(st.integers(8, 40), st.integers(8, 40), st.integers(0, 2**32 - 1), st.data())
+def test_instance_scores_equal_brute_force(h: int, w: int, seed: int, data: st.DataObject) -> None:
+    rng = np.random.default_rng(seed)
+    ref, _ = ndi.label(ndi.gaussian_filter(rng.random((h, w)), 1.5) > 0.5)
+    noisy = ndi.gaussian_filter(rng.random((h, w)), 1.5) * 0.3 + (ref > 0) * 0.6
+    pred, _ = ndi.label(noisy > 0.55)
+    if not pred.any() or not ref.any():
+        return
+    blocks = (data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
+    with LocalExecutor(2) as executor:
+        scores = evaluate_item(
+            _Array(pred), _Array(ref), (h, w), instances=True, executor=executor,
+            block_shape=blocks,
+        )  # fmt: skip
+    expected = brute_force(pred, ref)
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(value, rel=1e-12), key
+    assert scores["n_pred"] == pred.max() and scores["n_ref"] == ref.max()
+
+
+def test_semantic_scores_per_class() -> None:
+    pred = np.array([[1, 1, 2, 2], [0, 1, 2, 0]])
+    ref = np.array([[1, 2, 2, 2], [0, 1, 0, 0]])
+    with LocalExecutor(2) as executor:
+        scores = evaluate_item(
+            _Array(pred), _Array(ref), (2, 4), instances=False, executor=executor, block_shape=1
+        )
+    assert scores["dice_1"] == pytest.approx(2 * 2 / (3 + 2))
+    assert scores["iou_2"] == pytest.approx(2 / 4)
+
+
+def test_polygon_references_are_rasterised_on_the_item_grid(tmp_path) -> None:
+    transform = Affine(0.5, 0, 100.0, 0, -0.5, 200.0)
+
+    def square(x0: float, y0: float, x1: float, y1: float) -> dict[str, object]:
+        ring = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+        return {"type": "Polygon", "coordinates": [ring]}
+
+    squares = [square(101, 199, 104, 196), square(105, 195, 107, 190)]
+    path = tmp_path / "buildings.geojson"
+    features = [{"type": "Feature", "properties": {}, "geometry": g} for g in squares]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    reader = ArrayReader(np.zeros((30, 20), dtype=np.uint8), "tile")
+    info = dataclasses.replace(reader.info, transform=tuple(transform)[:6])
+    reference = PolygonReference(str(path), info)
+    whole = rasterize([(g, i + 1) for i, g in enumerate(squares)], out_shape=(30, 20),
+                      transform=transform, dtype="int32")  # fmt: skip
+    pieces = np.zeros_like(whole)
+    for rows in (slice(0, 7), slice(7, 30)):
+        for cols in (slice(0, 9), slice(9, 20)):
+            pieces[rows, cols] = reference.read((rows, cols))[0]
+    np.testing.assert_array_equal(pieces, whole)
+    assert set(np.unique(whole)) == {0, 1, 2}
+
+
+def test_references_match_by_stem_id_or_folder(tmp_path) -> None:
+    items = [
+        ("a_image", f"{tmp_path}/a/image.png"),
+        ("tile_7", f"{tmp_path}/images/tile_7.tif"),
+        ("scan", f"{tmp_path}/ct/scan.nii.gz"),
+    ]
+    references = [
+        f"{tmp_path}/a/labels.tif",
+        f"{tmp_path}/masks/tile_7.geojson",
+        f"{tmp_path}/masks/scan.nii.gz",
+    ]
+    assert match_references(items, references) == {
+        "a_image": references[0],
+        "tile_7": references[1],
+        "scan": references[2],
+    }

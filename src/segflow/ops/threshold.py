@@ -134,7 +134,11 @@ _FINISHERS = {
     "otsu": lambda counts, centers, p: threshold_otsu(hist=(counts, centers)),
     "yen": lambda counts, centers, p: threshold_yen(hist=(counts, centers)),
     "triangle": lambda counts, centers, p: triangle_threshold(counts, centers),
-    "multi_otsu": lambda counts, centers, p: threshold_multiotsu(hist=(counts, centers), classes=p),
+    # scikit-image normalises the histogram it computes from an image (not one it is given)
+    # before its float32 search: normalise the same way, or near-ties can break differently.
+    "multi_otsu": lambda counts, centers, p: threshold_multiotsu(
+        hist=(counts / np.sum(counts), centers), classes=p
+    ),
 }
 
 

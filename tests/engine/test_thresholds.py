@@ -7,9 +7,11 @@ import pytest
 from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from skimage.filters import threshold_multiotsu, threshold_triangle, threshold_yen
+from skimage.filters import threshold_li, threshold_multiotsu, threshold_triangle, threshold_yen
 
 from segflow import segment
+from segflow.engine.pipeline import compile_pipeline
+from segflow.errors import PlanError
 from segflow.ops.threshold import triangle_threshold
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -72,3 +74,22 @@ def test_constant_items_give_their_value() -> None:
     image = np.full((9, 9), 5, dtype=np.uint8)
     for method in ("yen", "triangle"):
         assert not segment(image, [{"op": method}], block_shape=4).any()
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from(["uint8", "uint16", "float64"]))
+def test_li(layout: Layout, dtype: str) -> None:
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed, sigma=1.0).astype(np.float64)
+    if dtype != "float64":
+        image = (image * 200 + 3).astype(dtype)
+    if len(np.unique(image)) < 2:
+        return
+    tolerance = None if dtype != "float64" else 1e-4
+    result = segment(image, [{"op": "li", "tolerance": tolerance}], block_shape=blocks)
+    np.testing.assert_array_equal(result, image > threshold_li(image, tolerance=tolerance))
+
+
+def test_li_needs_a_tolerance_for_float_images() -> None:
+    with pytest.raises(PlanError, match="give `tolerance` for float images"):
+        compile_pipeline([{"op": "li"}], spatial_ndim=2, channels=1, dtype="float32")

@@ -23,8 +23,9 @@ class DistanceParams(OpParams):
     )
 
 
-def _sizes(params: DistanceParams, ndim: int, spacing: tuple[float, ...]) -> tuple[float, ...]:
-    if params.sampling == "pixel" or not spacing:
+def pixel_sizes(sampling: str, ndim: int, spacing: tuple[float, ...]) -> tuple[float, ...]:
+    """Pixel size per axis for distances: the item's spacing, or 1 with ``sampling: pixel``."""
+    if sampling == "pixel" or not spacing:
         return (1.0,) * ndim
     return tuple(abs(float(s)) for s in spacing)
 
@@ -32,7 +33,8 @@ def _sizes(params: DistanceParams, ndim: int, spacing: tuple[float, ...]) -> tup
 def distance_halo(params: DistanceParams, ndim: int, spacing: tuple[float, ...]) -> tuple[int, ...]:
     """Pixels per axis that cover ``max_distance``: every background pixel closer than the
     bound lies inside the block's window."""
-    return tuple(math.ceil(params.max_distance / s) for s in _sizes(params, ndim, spacing))
+    sizes = pixel_sizes(params.sampling, ndim, spacing)
+    return tuple(math.ceil(params.max_distance / s) for s in sizes)
 
 
 def distance_transform(image: np.ndarray, params: DistanceParams, ctx: OpContext) -> np.ndarray:
@@ -47,7 +49,7 @@ def distance_transform(image: np.ndarray, params: DistanceParams, ctx: OpContext
     measure to a point outside its corner instead).
     """
     foreground = image[0] != 0
-    sizes = _sizes(params, ctx.spatial_ndim, ctx.spacing)
+    sizes = pixel_sizes(params.sampling, ctx.spatial_ndim, ctx.spacing)
     limit = np.float32(params.max_distance)
     if foreground.all():
         return np.full((1, *foreground.shape), limit, dtype=np.float32)

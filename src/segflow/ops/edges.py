@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from skimage.feature import _canny
 from skimage.filters import scharr, sobel, threshold_local
 from skimage.util.dtype import dtype_limits
 
 from segflow.ops.filters import gaussian_radius
-from segflow.ops.registry import OpContext, Operation, OpParams, register
+from segflow.ops.registry import LowHighParams, OpContext, Operation, OpParams, register
 
 # --- gradient magnitude -------------------------------------------------------------------------
 
@@ -103,16 +103,10 @@ register(
 # --- Canny ----------------------------------------------------------------------------------------
 
 
-class CannyParams(OpParams):
+class CannyParams(LowHighParams):
     sigma: float = Field(1.0, ge=0, description="gaussian smoothing before the gradient")
     low: float = Field(0.1, ge=0, description="low threshold of the gradient magnitude")
     high: float = Field(0.2, ge=0, description="high threshold of the gradient magnitude")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> CannyParams:
-        if self.low > self.high:
-            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
-        return self
 
 
 def _canny_halo(params: CannyParams, ndim: int) -> tuple[int, ...]:

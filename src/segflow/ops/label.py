@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from pydantic import Field
 from scipy import ndimage as ndi
@@ -9,11 +11,14 @@ from skimage import measure
 
 from segflow.ops.registry import OpContext, Operation, OpParams, register
 
+#: The ``connectivity`` parameter of every operation that joins neighbouring pixels.
+Connectivity = Annotated[
+    int, Field(ge=1, le=3, description="neighbours: 1 = faces (4/6), ndim = all (8/26)")
+]
+
 
 class LabelParams(OpParams):
-    connectivity: int = Field(
-        1, ge=1, le=3, description="neighbours: 1 = faces (4/6), ndim = all (8/26)"
-    )
+    connectivity: Connectivity = 1
     classes: bool = Field(
         False,
         description="components per class of a class map (neighbours join only if their "

@@ -14,6 +14,8 @@ from pydantic import Field
 from skimage.segmentation import expand_labels as _expand_labels
 from skimage.segmentation import find_boundaries
 
+from segflow.ops.distance import pixel_sizes
+from segflow.ops.label import Connectivity
 from segflow.ops.registry import OpContext, Operation, OpParams, register
 
 
@@ -26,22 +28,17 @@ class ExpandParams(OpParams):
     )
 
 
-def _sizes(params: ExpandParams, ndim: int, spacing: tuple[float, ...]) -> tuple[float, ...]:
-    if params.sampling == "pixel" or not spacing:
-        return (1.0,) * ndim
-    return tuple(abs(float(s)) for s in spacing)
-
-
 def _expand_halo(params: ExpandParams, ndim: int, spacing: tuple[float, ...]) -> tuple[int, ...]:
     # One pixel more than the reach: a pixel's nearest label and its competitors must both be
     # inside the window for ties to break as they do on the whole array.
-    return tuple(math.ceil(params.distance / s) + 1 for s in _sizes(params, ndim, spacing))
+    sizes = pixel_sizes(params.sampling, ndim, spacing)
+    return tuple(math.ceil(params.distance / s) + 1 for s in sizes)
 
 
 def expand_labels(labels: np.ndarray, params: ExpandParams, ctx: OpContext) -> np.ndarray:
     """``skimage.segmentation.expand_labels``: background pixels within ``distance`` of a
     label take the nearest label's id; labels never overlap."""
-    sizes = _sizes(params, ctx.spatial_ndim, ctx.spacing)
+    sizes = pixel_sizes(params.sampling, ctx.spatial_ndim, ctx.spacing)
     return _expand_labels(labels[0], distance=params.distance, spacing=sizes)[np.newaxis]
 
 
@@ -62,7 +59,7 @@ register(
 
 class BoundaryParams(OpParams):
     mode: Literal["thick", "inner", "outer", "subpixel"] = "thick"
-    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+    connectivity: Connectivity = 1
 
 
 def label_boundaries(labels: np.ndarray, params: BoundaryParams, ctx: OpContext) -> np.ndarray:

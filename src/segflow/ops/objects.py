@@ -9,23 +9,39 @@ equals the whole-array reference named in the docstring, whatever the block layo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
 from scipy import ndimage as ndi
 
-from segflow.ops.label import connectivity_structure
-from segflow.ops.registry import OpContext, Operation, OpParams, register
+from segflow.ops.label import Connectivity, connectivity_structure
+from segflow.ops.registry import LowHighParams, OpContext, Operation, OpParams, register
 from segflow.stitch.labels import Box, ObjectRule
 
 
-def _structure(connectivity: int, ndim: int) -> np.ndarray:
-    return connectivity_structure(connectivity, ndim)
-
-
 def _label_mask(mask: np.ndarray, connectivity: int) -> np.ndarray:
-    labels, _ = ndi.label(mask, structure=_structure(connectivity, mask.ndim))
+    labels, _ = ndi.label(mask, structure=connectivity_structure(connectivity, mask.ndim))
     return labels
+
+
+def _keep_marked(mark: Callable[[np.ndarray, Box], Any]) -> ObjectRule:
+    """Keep the objects that hold a marked pixel anywhere in the item; ``mark(source, box)``
+    indexes a block's marked pixels (a mask or coordinates)."""
+
+    def measure(
+        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        marked = labels[mark(source, box)]
+        return np.bincount(marked.ravel(), minlength=n + 1).astype(np.float64)[:, np.newaxis]
+
+    return ObjectRule(
+        columns=("marked",),
+        reduce=("sum",),
+        measure=measure,
+        keep=lambda features: features[:, 0] > 0,
+    )
 
 
 def _counts(labels: np.ndarray, n: int) -> np.ndarray:
@@ -64,7 +80,7 @@ class RemoveSmallParams(OpParams):
         ge=0,
         description="remove objects of this physical size or less (item units^ndim: m^2, mm^3)",
     )
-    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+    connectivity: Connectivity = 1
 
     @model_validator(mode="after")
     def _one_size(self) -> RemoveSmallParams:
@@ -118,7 +134,7 @@ register(
 
 class KeepLargestParams(OpParams):
     k: int = Field(1, ge=1, description="how many of the largest objects to keep")
-    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+    connectivity: Connectivity = 1
 
 
 def _largest_rule(params: KeepLargestParams, ctx: OpContext) -> ObjectRule:
@@ -153,8 +169,8 @@ register(
 
 
 class FillHolesParams(OpParams):
-    connectivity: int = Field(
-        1, ge=1, le=3, description="connectivity of the background: 1 = faces, ndim = all"
+    connectivity: Connectivity = Field(
+        1, description="connectivity of the background: 1 = faces, ndim = all"
     )
     max_size: int | None = Field(
         None, ge=0, description="fill only holes of this many pixels or fewer (default: all)"
@@ -216,16 +232,10 @@ register(
 # --- hysteresis ------------------------------------------------------------------------------
 
 
-class HysteresisParams(OpParams):
+class HysteresisParams(LowHighParams):
     low: float = Field(description="pixels above `low` may belong to an object")
     high: float = Field(description="an object is kept if any of its pixels is above `high`")
-    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> HysteresisParams:
-        if self.low > self.high:
-            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
-        return self
+    connectivity: Connectivity = 1
 
 
 def _label_weak(image: np.ndarray, params: HysteresisParams, ctx: OpContext) -> np.ndarray:
@@ -233,18 +243,7 @@ def _label_weak(image: np.ndarray, params: HysteresisParams, ctx: OpContext) -> 
 
 
 def _strong_rule(params: HysteresisParams, ctx: OpContext) -> ObjectRule:
-    def measure(
-        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
-    ) -> np.ndarray:
-        strong = source[0] > params.high
-        return np.bincount(labels[strong], minlength=n + 1).astype(np.float64)[:, np.newaxis]
-
-    return ObjectRule(
-        columns=("strong",),
-        reduce=("sum",),
-        measure=measure,
-        keep=lambda features: features[:, 0] > 0,
-    )
+    return _keep_marked(lambda source, box: source[0] > params.high)
 
 
 register(
@@ -267,7 +266,7 @@ register(
 # --- region_grow -----------------------------------------------------------------------------
 
 
-class RegionGrowParams(OpParams):
+class RegionGrowParams(LowHighParams):
     low: float = Field(description="pixels with value >= low (and <= high) may join a region")
     high: float = Field(description="upper end of the accepted range")
     seeds: list[list[int]] | None = Field(
@@ -275,13 +274,7 @@ class RegionGrowParams(OpParams):
         description="seed pixels as item coordinates [[y, x], ...] ((z, y, x) in 3D); "
         "without it, channel 2 of the input is a seed mask (non-zero = seed)",
     )
-    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
-
-    @model_validator(mode="after")
-    def _check(self) -> RegionGrowParams:
-        if self.low > self.high:
-            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
-        return self
+    connectivity: Connectivity = 1
 
 
 def _accepted(image: np.ndarray, params: RegionGrowParams) -> np.ndarray:
@@ -308,18 +301,7 @@ def _seeds_in(
 
 
 def _grow_rule(params: RegionGrowParams, ctx: OpContext) -> ObjectRule:
-    def measure(
-        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
-    ) -> np.ndarray:
-        seeded = labels[_seeds_in(params, source, box)]
-        return np.bincount(seeded.ravel(), minlength=n + 1).astype(np.float64)[:, np.newaxis]
-
-    return ObjectRule(
-        columns=("seeds",),
-        reduce=("sum",),
-        measure=measure,
-        keep=lambda features: features[:, 0] > 0,
-    )
+    return _keep_marked(lambda source, box: _seeds_in(params, source, box))
 
 
 def _check_seed_channels(channels: int, params: RegionGrowParams) -> str | None:

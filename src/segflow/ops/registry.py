@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from segflow.stitch.labels import ObjectRule
 
@@ -39,6 +39,20 @@ class OpParams(BaseModel):
     """Base of every operation's parameter model: strict, immutable, no unknown keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LowHighParams(OpParams):
+    """Parameters with a ``low <= high`` pair (subclasses redeclare them with defaults and
+    descriptions; the check stays)."""
+
+    low: float = Field(description="lower bound")
+    high: float = Field(description="upper bound")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LowHighParams:
+        if self.low > self.high:
+            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
+        return self
 
 
 P = TypeVar("P", bound=OpParams)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 from skimage.filters import threshold_multiotsu, threshold_otsu, threshold_yen
 
-from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
+from segflow.ops.registry import Done, LowHighParams, OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Histogram, Percentiles
 
 
@@ -24,15 +24,8 @@ def threshold_value(image: np.ndarray, params: ThresholdParams, ctx: OpContext) 
     return image > params.value
 
 
-class RangeParams(OpParams):
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _check(self) -> RangeParams:
-        if self.low > self.high:
-            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
-        return self
+class RangeParams(LowHighParams):
+    pass
 
 
 def threshold_range(image: np.ndarray, params: RangeParams, ctx: OpContext) -> np.ndarray:

@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed as _watershed
 
-from segflow.ops.label import connectivity_structure
+from segflow.ops.label import Connectivity, connectivity_structure
 from segflow.ops.registry import OpContext, Operation, OpParams, register
 
 
@@ -38,7 +38,7 @@ class WatershedParams(OpParams):
         description="largest extent of a foreground region in pixels along any axis (the "
         "halo); a larger region stops the item with an error",
     )
-    connectivity: int = Field(1, ge=1, le=3, description="1 = faces (4/6), ndim = all (8/26)")
+    connectivity: Connectivity = 1
 
 
 def split_touching(mask: np.ndarray, params: WatershedParams, ctx: OpContext) -> np.ndarray:

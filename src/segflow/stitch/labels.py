@@ -173,13 +173,6 @@ class BlockObjects:
     kept_before: np.ndarray  # per node: labels decided and kept in the block with a smaller id
     n_kept: int  # labels decided and kept in the block
 
-    @classmethod
-    def plain(cls, n: int, nodes: np.ndarray) -> BlockObjects:
-        """Every label kept (plain labelling): the client only needs the face labels."""
-        nodes = np.asarray(nodes, dtype=np.int64)
-        kept_before = nodes - 1 - np.arange(len(nodes))
-        return cls(n, nodes, np.empty((len(nodes), 0)), kept_before, n - len(nodes))
-
 
 def decide_block(
     faces: Faces, n: int, features: np.ndarray | None, rule: ObjectRule | None

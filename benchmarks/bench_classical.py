@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from _child import run_daskimage
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
@@ -113,27 +113,6 @@ def _daskimage_pipeline(source: str, target: str, workers: int, block: int) -> N
         print(json.dumps({"seconds": time.perf_counter() - started, "objects": int(n_value)}))
 
 
-def run_daskimage(
-    source: Path, target: Path, workers: int, block: int, timeout: float
-) -> tuple[float | None, int | None, str | None]:
-    """Time dask-image in a child process (its own 2-worker cluster, started before timing)."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import bench_classical as b; "
-        "b._daskimage_pipeline(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))"
-    )
-    here = str(Path(__file__).resolve().parent)
-    command = [sys.executable, "-c", code, here, str(source), str(target), str(workers), str(block)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, None, f"timed out after {timeout:.0f} s"
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, None, f"exit {done.returncode}: {last}"
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(result["seconds"]), int(result["objects"]), None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
@@ -196,6 +175,7 @@ def main() -> None:
                 flush=True,
             )
             dask_s, _, dask_error = run_daskimage(
+                "bench_classical",
                 source,
                 workdir / f"daskimage-{size}.zarr",
                 args.workers,

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from _child import run_daskimage
 
 PIPELINE = [{"op": "threshold", "value": 0}, {"op": "label", "connectivity": 1}]
 PROPERTIES = ("label", "area", "bbox", "centroid", "equivalent_diameter_area")
@@ -153,26 +153,6 @@ def _daskimage_pipeline(source: str, target: str, workers: int, block: int) -> N
         print(json.dumps({"seconds": time.perf_counter() - started, "objects": int(n_value)}))
 
 
-def run_daskimage(
-    source: Path, target: Path, workers: int, block: int, timeout: float
-) -> tuple[float | None, int | None, str | None]:
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import bench_labels as b; "
-        "b._daskimage_pipeline(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))"
-    )
-    here = str(Path(__file__).resolve().parent)
-    command = [sys.executable, "-c", code, here, str(source), str(target), str(workers), str(block)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, None, f"timed out after {timeout:.0f} s"
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, None, f"exit {done.returncode}: {last}"
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(result["seconds"]), int(result["objects"]), None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
@@ -214,7 +194,12 @@ def main() -> None:
             raise SystemExit(f"object counts differ: segflow {seg_n}, in-memory {inmem_n}")
         print(f"segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s", file=sys.stderr, flush=True)
         dask_s, dask_n, dask_error = run_daskimage(
-            source, workdir / "daskimage.zarr", args.workers, args.block, args.daskimage_timeout
+            "bench_labels",
+            source,
+            workdir / "daskimage.zarr",
+            args.workers,
+            args.block,
+            args.daskimage_timeout,
         )
         if dask_n is not None and dask_n != seg_n:
             dask_error = f"dask-image found {dask_n} objects, segflow {seg_n}"

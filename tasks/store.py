@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +51,5 @@ def consolidate_store_task(store: str) -> bool:
     """Consolidate the Zarr metadata of ``store``; False when no Zarr group exists yet."""
     if not (Path(store) / "zarr.json").exists():
         return False
-    with warnings.catch_warnings():
-        # zarr lists every key of the store and notes that index.parquet (the collection
-        # index, which segflow keeps beside the groups) is not a Zarr node. It is not meant
-        # to be one.
-        warnings.filterwarnings(
-            "ignore", message="Object at index.parquet is not recognized", category=UserWarning
-        )
-        consolidate_store(store)
+    consolidate_store(store)  # it knows the Parquet tables beside the groups are not nodes
     return True

@@ -442,12 +442,19 @@ def run_plan(
     blocks it is working on (the memory of a 16384^2 item is that of a 4096^2 one). Pipelines
     with local steps after a connectivity step keep their intermediates regardless.
     """
-    run = _PlanRun(plan, grid, executor, tuple(float(s) for s in spacing), saved, progress)
-    run.regions = regions
     limit = KEEP_LIMIT if keep_limit is None else keep_limit
-    run.stream = 8 * math.prod(grid.shape) > limit and can_stream(plan)
-    run.reader = reader
-    sources = run.read_once(reader)
+    run = _PlanRun(
+        plan,
+        grid,
+        executor,
+        reader,
+        spacing=tuple(float(s) for s in spacing),
+        saved=saved,
+        regions=regions,
+        stream=8 * math.prod(grid.shape) > limit and can_stream(plan),
+        progress=progress,
+    )
+    sources = run.read_once()
     for number, phase in enumerate(plan.phases):
         label = f"phase {number + 1}/{len(plan.phases)}"
         if phase.ends_with == "statistic":
@@ -473,21 +480,24 @@ class _PlanRun:
         plan: Plan,
         grid: BlockGrid,
         executor: Executor,
+        reader: Any,
+        *,
         spacing: tuple[float, ...],
         saved: Mapping[str, Sink] | None,
+        regions: RegionsSpec | None,
+        stream: bool,
         progress: ProgressCallback | None,
     ) -> None:
-        self.plan, self.grid, self.executor = plan, grid, executor
+        self.plan, self.grid, self.executor, self.reader = plan, grid, executor, reader
         self.blocks = grid.blocks()
         self.shape = grid.shape
         self.spacing = spacing
         self.saved = saved
+        self.regions = regions
+        self.stream = stream
         self.progress = progress
         self.stats: dict[int, Any] = {}
         self.n_labels: int | None = None
-        self.regions: RegionsSpec | None = None
-        self.stream = False
-        self.reader: Any = None
         self.done: list[Phase] = []  # streaming: phases to replay, with their merges
         self.relabel_lists: list[Sequence[BlockRelabel]] = []
         self.finishes: list[Finish] = []
@@ -514,15 +524,16 @@ class _PlanRun:
             **kwargs,
         )
 
-    def read_once(self, reader: Reader) -> _Sources:
+    def read_once(self) -> _Sources:
         """Sources for the first phase: each core read once, halos from strips.
 
         With no halo (or one block), or in streaming mode, the first phase reads its region
-        from ``reader``.
+        from the reader.
         """
+        readers = [self.reader] * len(self.blocks)
         if self.stream or not any(self.grid.halo) or len(self.blocks) == 1:
-            return _Sources([reader] * len(self.blocks), self._none(), [None] * len(self.blocks))
-        cores = self.executor.map(read_core, [reader] * len(self.blocks), self.blocks)
+            return _Sources(readers, self._none(), [None] * len(self.blocks))
+        cores = self.executor.map(read_core, readers, self.blocks)
         return _Sources(cores, self.exchange(cores, self.grid.halo), [None] * len(self.blocks))
 
     def exchange(self, cores: list[Any], halo: tuple[int, ...]) -> list[Any]:

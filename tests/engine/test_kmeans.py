@@ -31,7 +31,7 @@ def _run(image: np.ndarray, step: dict[str, object], blocks: tuple[int, ...]):
     for summary in run.blocks:
         region, data = summary.written
         out[region] = data
-    return out, np.asarray(run.stats[0])
+    return out, np.asarray(run.stats["pipeline[0].kmeans"])
 
 
 @SETTINGS

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from skimage import morphology
 from skimage.filters import apply_hysteresis_threshold
-from skimage.segmentation import flood
+from skimage.segmentation import flood, relabel_sequential
 
 from segflow import segment
 from segflow.engine.api import run_item
@@ -270,6 +270,8 @@ STREAMED = [
         {"op": "label"},
     ],
     [{"op": "label", "classes": True}, {"op": "threshold", "value": 2}],
+    [{"op": "region_grow", "tolerance": 0.08, "seeds": [[3, 4], [30, 40], [20, 2]]}],
+    [{"op": "relabel"}],
 ]
 
 
@@ -280,12 +282,12 @@ def test_streaming_mode_equals_keeping_blocks(
 ) -> None:
     """With nothing kept between phases (keep_limit=0) every phase recomputes: same output."""
     image = smooth_noise((40, 45), 7)
-    if pipeline[0].get("classes"):
-        image = (image * 5).astype(np.uint8)
+    if pipeline[0].get("classes") or pipeline[0]["op"] == "relabel":
+        image = (image * 5).astype(np.uint8)  # a class map / a label image
     kept = segment(image, pipeline, block_shape=blocks)
     streamed = segment(image, pipeline, block_shape=blocks, keep_limit=0)
     np.testing.assert_array_equal(streamed, kept)
-    if pipeline[-1]["op"] == "label":
+    if pipeline[-1]["op"] in ("label", "relabel"):
         _, kept_table = segment(image, pipeline, block_shape=blocks, regions=True)
         _, table = segment(image, pipeline, block_shape=blocks, regions=True, keep_limit=0)
         pd.testing.assert_frame_equal(table, kept_table)
@@ -334,6 +336,90 @@ def test_region_grow_from_a_seed_mask_channel(layout: Layout) -> None:
     np.testing.assert_array_equal(result, expected)
 
 
+def _flood_reference(
+    image: np.ndarray, seeds: np.ndarray, tolerance: float, connectivity: int
+) -> np.ndarray:
+    grown = np.zeros(image.shape, dtype=bool)
+    for seed in seeds:
+        point = tuple(int(i) for i in seed)
+        grown |= flood(image, point, tolerance=tolerance, connectivity=connectivity)
+    return grown
+
+
+@SETTINGS
+@given(
+    layouts(),
+    st.sampled_from([1, 2, 3]),
+    st.integers(1, 4),
+    st.floats(0.01, 0.15),
+)
+def test_region_grow_within_a_tolerance_of_each_seed(
+    layout: Layout, connectivity: int, n: int, tolerance: float
+) -> None:
+    shape, blocks, seed = layout
+    connectivity = min(connectivity, len(shape))
+    image = smooth_noise(shape, seed)
+    rng = np.random.default_rng(seed + 2)
+    seeds = np.stack([rng.integers(0, s, size=n) for s in shape], axis=1)
+    step = {
+        "op": "region_grow",
+        "tolerance": tolerance,
+        "seeds": seeds.tolist(),
+        "connectivity": connectivity,
+    }
+    result = segment(image, [step], block_shape=blocks)
+    np.testing.assert_array_equal(result, _flood_reference(image, seeds, tolerance, connectivity))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
+def test_region_grow_tolerance_bounds_like_flood_for_integers(dtype: type) -> None:
+    """Bounds are clipped to the dtype and cast to it (a fractional tolerance truncates)."""
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    image = rng.integers(info.min, info.min + 12, size=(40, 50)).astype(dtype)
+    image[20:, :] = rng.integers(info.max - 12, info.max, size=(20, 50), endpoint=True)
+    seeds = np.array([[0, 0], [39, 49], [10, 25]])
+    for tolerance in [0, 2.5, 3, 7.9]:
+        step = {"op": "region_grow", "tolerance": tolerance, "seeds": seeds.tolist()}
+        expected = _flood_reference(image, seeds, tolerance, 1)
+        for blocks in [(40, 50), (9, 11), (1, 50)]:
+            result = segment(image, [step], block_shape=blocks)
+            np.testing.assert_array_equal(result, expected, err_msg=f"{tolerance} {blocks}")
+
+
+def test_region_grow_tolerance_reports_seed_values_and_checks_its_input() -> None:
+    image = np.arange(30 * 40, dtype=np.float32).reshape(30, 40)
+    step = {"op": "region_grow", "tolerance": 3, "seeds": [[2, 3], [20, 30]]}
+    plan = compile_pipeline([step], spatial_ndim=2, channels=1, dtype="float32")
+    with LocalExecutor(1) as executor:
+        run = run_item(
+            ArrayReader(image, "item"),
+            plan,
+            block_shape=(8, 8),
+            executor=executor,
+            make_sink=lambda dtype: ArraySink(),
+        )
+    assert run.stats == {
+        "pipeline[0].region_grow.seed0": 83.0,
+        "pipeline[0].region_grow.seed1": 830.0,
+    }
+    with pytest.raises(ValueError, match=r"seed \[30, 3\] lies outside the item"):
+        segment(image, [{**step, "seeds": [[30, 3]]}], block_shape=(8, 8))
+    for wrong, message in [
+        ({"low": 1, "high": 2}, "either `tolerance` or `low`/`high`"),
+        ({"seeds": None}, "`tolerance` needs seed points"),
+        ({"tolerance": -1}, "greater than or equal to 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            compile_pipeline([{**step, **wrong}], spatial_ndim=2, channels=1, dtype="float32")
+    with pytest.raises(PlanError, match=r"pipeline\[0\] 'region_grow' needs a single-channel"):
+        compile_pipeline([step], spatial_ndim=2, channels=2, dtype="float32")
+    with pytest.raises(ConfigError, match="unknown operation '_grow_seed'"):
+        compile_pipeline(
+            [{"op": "_grow_seed", "seed": [1, 1]}], spatial_ndim=2, channels=1, dtype="float32"
+        )
+
+
 def test_region_grow_checks_its_seeds() -> None:
     with pytest.raises(PlanError, match="every seed needs 2 coordinates"):
         compile_pipeline(
@@ -349,3 +435,39 @@ def test_region_grow_checks_its_seeds() -> None:
             channels=1,
             dtype="float32",
         )
+
+
+def _label_image(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Arbitrary, sparse ids (some far apart, some objects in several disconnected parts)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(2**40, size=6, replace=False).astype(np.int64)
+    ids[0] = 0
+    pick = (smooth_noise(shape, seed) * 17).astype(np.int64) % len(ids)
+    return ids[pick]
+
+
+@SETTINGS
+@given(layouts(), st.sampled_from([np.int64, np.uint16, np.int8]))
+def test_relabel_equals_relabel_sequential(layout: Layout, dtype: type) -> None:
+    shape, blocks, seed = layout
+    image = _label_image(shape, seed)
+    if dtype is not np.int64:
+        image = np.unique(image, return_inverse=True)[1].reshape(shape).astype(dtype) * 3
+    result = segment(image, [{"op": "relabel"}], block_shape=blocks)
+    expected = relabel_sequential(image)[0]
+    np.testing.assert_array_equal(result, expected)
+    assert result.dtype == np.uint8  # the smallest dtype that holds every new id
+
+
+def test_relabel_keeps_disconnected_parts_together_and_gives_labels() -> None:
+    image = np.zeros((20, 30), dtype=np.int32)
+    image[2:5, 2:5] = image[15:18, 20:25] = 70_000  # one object in two parts
+    image[8:10, 8:28] = 12
+    plan = compile_pipeline([{"op": "relabel"}], spatial_ndim=2, channels=1, dtype="int32")
+    assert plan.out_kind == "labels"
+    result, table = segment(image, [{"op": "relabel"}], block_shape=(6, 7), regions=True)
+    assert set(np.unique(result)) == {0, 1, 2}
+    assert (result[2:5, 2:5] == 2).all() and (result[15:18, 20:25] == 2).all()
+    assert table.set_index("label").loc[2, "area"] == 9 + 15
+    with pytest.raises(PlanError, match="relabel needs an integer label image, got float32"):
+        compile_pipeline([{"op": "relabel"}], spatial_ndim=2, channels=1, dtype="float32")

@@ -164,11 +164,11 @@ def segment_item(
     result.foreground_fraction = foreground / max(int(np.prod(spatial)), 1)
     result.n_blocks = run.n_blocks
     result.seconds = time.perf_counter() - started
-    for index, value in run.stats.items():
+    for key, value in run.stats.items():
         values = np.atleast_1d(np.asarray(value, dtype=np.float64))
         for k, v in enumerate(values):
             suffix = "" if values.size == 1 else f".{k}"
-            result.statistics[f"pipeline[{index}].{plan.steps[index].op.name}{suffix}"] = float(v)
+            result.statistics[f"{key}{suffix}"] = float(v)
     return result
 
 

@@ -27,27 +27,52 @@ from segflow.ops.registry import Operation, OpParams, get_operation
 
 @dataclass(frozen=True)
 class Step:
-    """One validated pipeline step: the operation, its parameters and its position."""
+    """One validated pipeline step: the operation, its parameters and its position.
+
+    A configured step whose operation expands (``Operation.expand``) becomes several steps
+    with the same ``index``; ``part`` names each (``"seed1"``) and ``origin`` is the operation
+    the user wrote, so messages and statistics still point at the configured step.
+    """
 
     index: int
     op: Operation[Any]
     params: OpParams
     save_as: str | None = None
+    origin: str | None = None
+    part: str = ""
 
     @property
     def name(self) -> str:
         return self.op.name
 
+    @property
+    def key(self) -> str:
+        """Unique within a plan: ``pipeline[i].name`` (``pipeline[i].origin.part`` when
+        expanded); global statistics are stored and reported under it."""
+        if self.origin is None:
+            return f"pipeline[{self.index}].{self.op.name}"
+        return f"pipeline[{self.index}].{self.origin}.{self.part}"
+
     def describe(self) -> str:
-        return f"pipeline[{self.index}] {self.op.name!r}"
+        return f"pipeline[{self.index}] {self.origin or self.op.name!r}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Workers look the operation up by name: functions are never pickled by value.
-        return (_make_step, (self.index, self.op.name, self.params, self.save_as))
+        return (
+            _make_step,
+            (self.index, self.op.name, self.params, self.save_as, self.origin, self.part),
+        )
 
 
-def _make_step(index: int, name: str, params: OpParams, save_as: str | None) -> Step:
-    return Step(index, get_operation(name), params, save_as)
+def _make_step(
+    index: int,
+    name: str,
+    params: OpParams,
+    save_as: str | None,
+    origin: str | None = None,
+    part: str = "",
+) -> Step:
+    return Step(index, get_operation(name), params, save_as, origin, part)
 
 
 @dataclass(frozen=True)
@@ -97,7 +122,8 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
         raise ConfigError(["pipeline: must list at least one step, got an empty list"])
     for i, raw in enumerate(pipeline):
         if isinstance(raw, Step):
-            steps.append(Step(i, raw.op, raw.params, raw.save_as))
+            expanded = raw.origin is not None  # already one part of an expansion: keep it
+            steps.append(raw if expanded else Step(i, raw.op, raw.params, raw.save_as))
             continue
         if not isinstance(raw, Mapping):
             problems.append(f"pipeline[{i}]: expected a mapping with an `op` key, got {raw!r}")
@@ -109,7 +135,7 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
             problems.append(f"pipeline[{i}]: missing `op` (the operation name)")
             continue
         try:
-            op = get_operation(str(name))
+            op = get_operation(str(name), public=True)
         except KeyError as error:
             problems.append(f"pipeline[{i}].op: {error.args[0]}")
             continue
@@ -129,10 +155,29 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
         if save_as is not None and not str(save_as).isidentifier():
             problems.append(f"pipeline[{i}].save_as: {save_as!r} is not a valid array name")
             continue
-        steps.append(Step(i, op, params, None if save_as is None else str(save_as)))
+        steps.extend(_expand(Step(i, op, params, None if save_as is None else str(save_as))))
     if problems:
         raise ConfigError(problems)
     return tuple(steps)
+
+
+def _expand(step: Step) -> list[Step]:
+    """The steps a configured step runs as: itself, or its operation's expansion."""
+    parts = [] if step.op.expand is None else step.op.expand(step.params)
+    if not parts:
+        return [step]
+    last = len(parts) - 1
+    return [
+        Step(
+            step.index,
+            get_operation(name),
+            params,
+            step.save_as if k == last else None,
+            origin=step.op.name,
+            part=part,
+        )
+        for k, (part, name, params) in enumerate(parts)
+    ]
 
 
 def compile_pipeline(
@@ -184,6 +229,8 @@ def compile_pipeline(
             raise PlanError(f"{where}: {error}") from None
         if step.op.kind == "connectivity":
             labels_out = step.op.finish is None
+        elif step.op.makes_labels:
+            labels_out = True
         elif dtype != before:
             labels_out = False
         if step.save_as is not None:

@@ -124,7 +124,7 @@ class ItemRun:
     n_blocks: int
     n_labels: int | None
     out_dtype: np.dtype
-    stats: dict[int, Any]
+    stats: dict[str, Any]  # by Step.key
     seconds: float
     blocks: list[BlockSummary] = field(default_factory=list)
     regions: list[Any] | None = None  # what the regions sink returned, per part
@@ -132,14 +132,14 @@ class ItemRun:
 
 def _context(
     step: Step,
-    stats: Mapping[int, Any],
+    stats: Mapping[str, Any],
     ndim: int,
     spacing: tuple[float, ...],
     box: Box = (),
     shape: tuple[int, ...] = (),
 ) -> OpContext:
     return OpContext(
-        spatial_ndim=ndim, stat=stats.get(step.index), spacing=spacing, box=box, shape=shape
+        spatial_ndim=ndim, stat=stats.get(step.key), spacing=spacing, box=box, shape=shape
     )
 
 
@@ -190,9 +190,10 @@ def finish_block(
     ids = relabel.table(tile.keep, finish.dtype)[tile.labels]
     step = finish.step
     out = ids if step.op.finish is None else step.op.finish(ids, tile.source, step.params)
+    out = out if out.ndim > tile.labels.ndim else out[np.newaxis]
     if step.save_as is not None and saved is not None:
-        saved[step.save_as].write(block.core, _storable(out))
-    return out[np.newaxis]
+        saved[step.save_as].write(block.core, _storable(out[0]))
+    return out
 
 
 def run_block(
@@ -200,9 +201,10 @@ def run_block(
     block: Block,
     strips: Strips = (),
     relabel: BlockRelabel | None = None,
+    own_stats: Mapping[str, Any] | None = None,
     *,
     steps: Sequence[Step],
-    stats: Mapping[int, Any],
+    stats: Mapping[str, Any],
     shape: tuple[int, ...],
     halo: tuple[int, ...],
     keep_halo: tuple[int, ...],
@@ -220,8 +222,11 @@ def run_block(
 
     ``source`` is the kept tile of the previous phase, a labelled block to finish with
     ``relabel``, this block's core (then ``strips`` complete its ``halo``), or a reader to
-    read the block's region from.
+    read the block's region from. ``own_stats`` are the statistics only this block sees
+    (``Done.per_block``).
     """
+    if own_stats:
+        stats = {**stats, **own_stats}
     if isinstance(source, Tile):
         box, data = source.box, source.data
     elif isinstance(source, LabelTile):
@@ -257,7 +262,8 @@ def run_block(
             assert relabel is not None and finish is not None
             # The local labels are dense already: no sort of the block to number its objects.
             dense, finals = source.labels, relabel.table(source.keep, np.dtype(np.int64))
-            classes = source.source if finish.step.op.pairs_by_class(finish.step.params) else None
+            by_class = finish.step.op.pairs_by_class(finish.step.params)
+            classes = source.source[0] if by_class and source.source is not None else None
         else:
             uniq, inverse = np.unique(stored, return_inverse=True)
             if uniq[0] != 0:
@@ -275,7 +281,7 @@ def apply_steps(
     box: Box,
     data: np.ndarray,
     block: Block,
-    stats: Mapping[int, Any],
+    stats: Mapping[str, Any],
     shape: tuple[int, ...],
     spacing: tuple[float, ...],
     saved: Mapping[str, Sink] | None,
@@ -298,6 +304,7 @@ def stream_block(
     reader: Reader,
     block: Block,
     relabels: Sequence[BlockRelabel],
+    own_stats: Mapping[str, Any],
     *,
     replay: Sequence[Phase],
     finishes: Sequence[Finish],
@@ -311,7 +318,8 @@ def stream_block(
     only what the caller needs: a statistic partial, the label summary, or the block summary.
     Intermediate writes (``save_as``) happen only in the phase that first computes them.
     """
-    shape, stats, spacing = phase["shape"], phase["stats"], phase["spacing"]
+    phase["stats"] = stats = {**phase["stats"], **own_stats}
+    shape, spacing = phase["shape"], phase["spacing"]
     box = grow_box(block.core, read_halo, shape)
     source: Tile | LabelTile = Tile(box, reader.read(box))
     relabel: BlockRelabel | None = None
@@ -344,7 +352,7 @@ def label_block(
     block: Block,
     step: Step,
     *,
-    stats: Mapping[int, Any],
+    stats: Mapping[str, Any],
     shape: tuple[int, ...],
     spacing: tuple[float, ...],
 ) -> LabelTile:
@@ -358,7 +366,7 @@ def label_block(
     objects, keep = decide_block(faces, n, features, rule)
     by_class = step.op.pairs_by_class(step.params)
     summary = LabelSummary(objects, faces, block_faces(core[0]) if by_class else None)
-    source = core[0] if step.op.keeps_source(step.params) else None
+    source = core if step.op.keeps_source(step.params) else None
     return LabelTile(labels, keep, source, summary)
 
 
@@ -496,7 +504,8 @@ class _PlanRun:
         self.regions = regions
         self.stream = stream
         self.progress = progress
-        self.stats: dict[int, Any] = {}
+        self.stats: dict[str, Any] = {}
+        self.block_stats: dict[str, Sequence[Any]] = {}  # Done.per_block, by Step.key
         self.n_labels: int | None = None
         self.done: list[Phase] = []  # streaming: phases to replay, with their merges
         self.relabel_lists: list[Sequence[BlockRelabel]] = []
@@ -506,6 +515,10 @@ class _PlanRun:
     def _none(self) -> list[Any]:
         return [()] * len(self.blocks)
 
+    def own_stats(self) -> list[dict[str, Any]]:
+        """For each block, the statistics only it sees."""
+        return [{k: v[b.linear] for k, v in self.block_stats.items()} for b in self.blocks]
+
     def stream_map(self, phase: Phase, **kwargs: Any) -> list[Any]:
         """Streaming mode: one :func:`stream_block` task per block."""
         relabels = [[r[b.linear] for r in self.relabel_lists] for b in self.blocks]
@@ -514,6 +527,7 @@ class _PlanRun:
             [self.reader] * len(self.blocks),
             self.blocks,
             relabels,
+            self.own_stats(),
             replay=list(self.done),
             finishes=list(self.finishes),
             read_halo=self.grid.halo,
@@ -568,6 +582,7 @@ class _PlanRun:
             self.blocks,
             sources.strips,
             sources.relabels,
+            self.own_stats(),
             steps=phase.steps,
             stats=dict(self.stats),
             shape=self.shape,
@@ -603,7 +618,11 @@ class _PlanRun:
         while True:
             result = statistic.combine(partials, state)
             if isinstance(result, Done):
-                self.stats[stat_step.index] = result.value
+                self.stats[stat_step.key] = result.value
+                if result.per_block is not None:
+                    self.block_stats[stat_step.key] = result.per_block
+                if stat_step.op.makes_labels:
+                    self.n_labels = int(result.value)
                 break
             state = result
             if self.stream:  # another pass: recompute, without writing saved arrays again

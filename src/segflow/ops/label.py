@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field
 from scipy import ndimage as ndi
 from skimage import measure
 
-from segflow.ops.registry import OpContext, Operation, OpParams, register
+from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
 
 #: The ``connectivity`` parameter of every operation that joins neighbouring pixels.
 Connectivity = Annotated[
@@ -65,5 +66,62 @@ register(
         out_dtype=_check_classes,
         needs_single_channel=True,
         by_class=lambda p: p.classes,
+    )
+)
+
+
+# --- relabel ---------------------------------------------------------------------------------
+
+
+class DistinctIds:
+    """Each block's sorted distinct ids; the client ranks their union and hands every block
+    the ranks of its own ids only (``Done.per_block``), never the whole table."""
+
+    def start(self) -> Any:
+        return None
+
+    def map(self, core: np.ndarray, state: Any) -> np.ndarray:
+        return np.unique(core[0])
+
+    def combine(self, partials: Sequence[np.ndarray], state: Any) -> Done:
+        ids = np.unique(np.concatenate(partials))
+        objects = ids[ids != 0]
+        per_block = [
+            (own, np.where(own == 0, 0, np.searchsorted(objects, own) + 1)) for own in partials
+        ]
+        return Done(len(objects), per_block=per_block)
+
+
+def relabel_sequential(image: np.ndarray, params: OpParams, ctx: OpContext) -> np.ndarray:
+    """Renumber the ids of a label image to ``1..n`` in increasing order of the old ids; 0
+    stays background. Equals ``skimage.segmentation.relabel_sequential(labels)[0]`` on the
+    whole item: the ids are ranked among the item's distinct ids (one pass over the blocks).
+
+    Unlike ``label``, pixels keep their object when its parts do not touch (an id spread
+    over several places stays one object); use it for label images made by another tool.
+    """
+    own, ranks = ctx.stat
+    index = np.searchsorted(own, image[0])
+    return ranks.astype(np.uint64)[index][np.newaxis]
+
+
+def _integer_labels(dtype: np.dtype, params: OpParams) -> np.dtype:
+    if np.dtype(dtype).kind not in "uib":
+        raise ValueError(f"relabel needs an integer label image, got {np.dtype(dtype)}")
+    return np.dtype(np.uint64)
+
+
+register(
+    Operation(
+        name="relabel",
+        kind="global",
+        params=OpParams,
+        apply=relabel_sequential,
+        statistic=lambda p: DistinctIds(),
+        summary="renumber a label image's ids to consecutive 1..n, keeping their order "
+        "(skimage.segmentation.relabel_sequential), from per-block tables",
+        out_dtype=_integer_labels,
+        needs_single_channel=True,
+        makes_labels=True,
     )
 )

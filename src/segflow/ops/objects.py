@@ -9,7 +9,7 @@ equals the whole-array reference named in the docstring, whatever the block layo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from scipy import ndimage as ndi
 
 from segflow.ops.label import Connectivity, connectivity_structure
-from segflow.ops.registry import LowHighParams, OpContext, Operation, OpParams, register
+from segflow.ops.registry import Done, LowHighParams, OpContext, Operation, OpParams, register
 from segflow.stitch.labels import Box, ObjectRule
 
 
@@ -209,7 +209,7 @@ def _holes_rule(params: FillHolesParams, ctx: OpContext) -> ObjectRule:
 
 def _fill(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
     assert source is not None
-    return (source != 0) | (ids != 0)
+    return (source[0] != 0) | (ids != 0)
 
 
 register(
@@ -266,15 +266,40 @@ register(
 # --- region_grow -----------------------------------------------------------------------------
 
 
-class RegionGrowParams(LowHighParams):
-    low: float = Field(description="pixels with value >= low (and <= high) may join a region")
-    high: float = Field(description="upper end of the accepted range")
+class RegionGrowParams(OpParams):
+    low: float | None = Field(
+        None, description="pixels with value >= low (and <= high) may join a region"
+    )
+    high: float | None = Field(None, description="upper end of the accepted range")
+    tolerance: float | None = Field(
+        None,
+        ge=0,
+        description="instead of low/high: a pixel may join a seed's region when it lies "
+        "within tolerance of that seed's own value (needs `seeds`)",
+    )
     seeds: list[list[int]] | None = Field(
         None,
         description="seed pixels as item coordinates [[y, x], ...] ((z, y, x) in 3D); "
         "without it, channel 2 of the input is a seed mask (non-zero = seed)",
     )
     connectivity: Connectivity = 1
+
+    @model_validator(mode="after")
+    def _one_range(self) -> RegionGrowParams:
+        if self.tolerance is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either `tolerance` or `low`/`high`, not both")
+            if not self.seeds:
+                raise ValueError(
+                    "`tolerance` needs seed points (`seeds`); with a seed-mask channel, "
+                    "give the accepted range as `low`/`high`"
+                )
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give the accepted range as `low` and `high`, or a `tolerance`")
+        if self.low > self.high:
+            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
+        return self
 
 
 def _accepted(image: np.ndarray, params: RegionGrowParams) -> np.ndarray:
@@ -286,18 +311,22 @@ def _label_accepted(image: np.ndarray, params: RegionGrowParams, ctx: OpContext)
     return _label_mask(_accepted(image, params), params.connectivity)[np.newaxis]
 
 
+def _points_in(points: np.ndarray, box: Box) -> tuple[np.ndarray, ...]:
+    """Block-local index arrays of the ``(n, ndim)`` item ``points`` inside ``box``."""
+    inside = np.ones(len(points), dtype=bool)
+    for axis, s in enumerate(box):
+        inside &= (points[:, axis] >= s.start) & (points[:, axis] < s.stop)
+    local = points[inside] - np.array([s.start for s in box])
+    return tuple(local.T)
+
+
 def _seeds_in(
     params: RegionGrowParams, source: np.ndarray, box: Box
 ) -> tuple[np.ndarray, ...] | np.ndarray:
     """This block's seed pixels: the points inside its core, or its seed-mask channel."""
     if params.seeds is None:
         return source[1] != 0
-    points = np.asarray(params.seeds, dtype=np.int64).reshape(-1, len(box))
-    inside = np.ones(len(points), dtype=bool)
-    for axis, s in enumerate(box):
-        inside &= (points[:, axis] >= s.start) & (points[:, axis] < s.stop)
-    local = points[inside] - np.array([s.start for s in box])
-    return tuple(local.T)
+    return _points_in(np.asarray(params.seeds, dtype=np.int64).reshape(-1, len(box)), box)
 
 
 def _grow_rule(params: RegionGrowParams, ctx: OpContext) -> ObjectRule:
@@ -320,6 +349,28 @@ def _check_seed_points(params: RegionGrowParams, ndim: int) -> tuple[int, ...]:
     return (0,) * ndim
 
 
+def _grow_parts(params: RegionGrowParams) -> list[tuple[str, str, OpParams]]:
+    """With a ``tolerance``, each seed accepts a range of its own: one flood per seed.
+
+    Seed ``k`` becomes two passes over the item: ``_seed_range`` reads the seed's value (a
+    global statistic) and marks the pixels within tolerance of it; ``_grow_seed`` keeps the
+    component of that mask holding the seed (stitched across blocks) and adds it to a union
+    channel carried beside the image. ``_grow_start``/``_grow_end`` add and return the union.
+    """
+    if params.tolerance is None or params.seeds is None:
+        return []
+    parts: list[tuple[str, str, OpParams]] = [("start", "_grow_start", OpParams())]
+    seeds = list(dict.fromkeys(tuple(p) for p in params.seeds))  # each seed once, in order
+    for k, seed in enumerate(seeds):
+        point, tolerance, connectivity = list(seed), params.tolerance, params.connectivity
+        parts.append((f"seed{k}", "_seed_range", SeedParams(seed=point, tolerance=tolerance)))
+        parts.append(
+            (f"grow{k}", "_grow_seed", GrowSeedParams(seed=point, connectivity=connectivity))
+        )
+    parts.append(("end", "_grow_end", OpParams()))
+    return parts
+
+
 register(
     Operation(
         name="region_grow",
@@ -329,12 +380,137 @@ register(
         rule=_grow_rule,
         finish=_kept_mask,
         summary="grow regions from seed points (or a seed-mask channel) through connected "
-        "pixels within [low, high], across blocks (skimage.segmentation.flood on the "
-        "in-range mask, for every seed)",
+        "pixels within [low, high] (skimage.segmentation.flood on the in-range mask, for "
+        "every seed), or within `tolerance` of each seed's own value (skimage.segmentation."
+        "flood(image, seed, tolerance=...), OR-ed over the seeds; two passes per seed), "
+        "across blocks",
         halo=_check_seed_points,
         halo_rule="0 (seeds are merged globally)",
         out_dtype=lambda dtype, p: np.dtype(bool),
         out_channels=lambda channels, p: 1,
         check_channels=_check_seed_channels,
+        expand=_grow_parts,
+    )
+)
+
+
+# The parts of region_grow with a tolerance (not for configs: their names start with "_").
+# Channels between them: (image, union[, in-range mask]), all in the image's dtype.
+
+
+class SeedParams(OpParams):
+    seed: list[int]
+    tolerance: float = Field(ge=0)
+
+
+class SeedValue:
+    """The image value at one seed point (positional: only the block holding it answers)."""
+
+    positional = True
+
+    def __init__(self, seed: list[int]) -> None:
+        self.seed = np.asarray(seed, dtype=np.int64).reshape(1, -1)
+
+    def start(self) -> Any:
+        return None
+
+    def map(
+        self, core: np.ndarray, state: Any, *, box: Box = (), shape: tuple[int, ...] = ()
+    ) -> Any:
+        if np.any(self.seed[0] < 0) or np.any(self.seed[0] >= np.asarray(shape)):
+            return f"seed {self.seed[0].tolist()} lies outside the item of shape {shape}"
+        index = _points_in(self.seed, box)
+        return core[(0, *index)][0] if index[0].size else None
+
+    def combine(self, partials: Sequence[Any], state: Any) -> Done:
+        for found in partials:
+            if isinstance(found, str):
+                raise ValueError(f"region_grow: {found}")
+            if found is not None:
+                return Done(found)
+        raise AssertionError("a seed inside the item lies in some block")
+
+
+def _within_tolerance(image: np.ndarray, params: SeedParams, ctx: OpContext) -> np.ndarray:
+    """Append the mask of pixels within ``tolerance`` of the seed's value, with the bounds
+    clipped to the dtype and cast to it as ``skimage.segmentation.flood`` does."""
+    value, dtype = ctx.stat, image.dtype
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else np.finfo(dtype)
+    low = np.array(max(float(info.min), float(value) - params.tolerance)).astype(dtype)
+    high = np.array(min(float(info.max), float(value) + params.tolerance)).astype(dtype)
+    inside = (image[0] >= low) & (image[0] <= high)
+    return np.concatenate([image, inside.astype(dtype)[np.newaxis]])
+
+
+def _check_seed(params: SeedParams, ndim: int) -> tuple[int, ...]:
+    if len(params.seed) != ndim:
+        raise ValueError(f"every seed needs {ndim} coordinates, got {params.seed}")
+    return (0,) * ndim
+
+
+class GrowSeedParams(OpParams):
+    seed: list[int]
+    connectivity: Connectivity = 1
+
+
+def _label_within(image: np.ndarray, params: GrowSeedParams, ctx: OpContext) -> np.ndarray:
+    return _label_mask(image[2] != 0, params.connectivity)[np.newaxis]
+
+
+def _seed_rule(params: GrowSeedParams, ctx: OpContext) -> ObjectRule:
+    point = np.asarray(params.seed, dtype=np.int64).reshape(1, -1)
+    return _keep_marked(lambda source, box: _points_in(point, box))
+
+
+def _add_grown(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
+    assert source is not None
+    union = np.maximum(source[1], (ids != 0).astype(source.dtype))
+    return np.stack([source[0], union])
+
+
+register(
+    Operation(
+        name="_grow_start",
+        kind="pointwise",
+        params=OpParams,
+        apply=lambda image, p, ctx: np.concatenate([image, np.zeros_like(image)]),
+        summary="region_grow: add an empty union channel",
+        out_channels=lambda channels, p: 2,
+        needs_single_channel=True,
+    )
+)
+register(
+    Operation(
+        name="_seed_range",
+        kind="global",
+        params=SeedParams,
+        apply=_within_tolerance,
+        statistic=lambda p: SeedValue(p.seed),
+        summary="region_grow: mark the pixels within tolerance of one seed's value",
+        halo=_check_seed,
+        out_channels=lambda channels, p: 3,
+    )
+)
+register(
+    Operation(
+        name="_grow_seed",
+        kind="connectivity",
+        params=GrowSeedParams,
+        apply=_label_within,
+        rule=_seed_rule,
+        finish=_add_grown,
+        summary="region_grow: add the marked component holding one seed to the union",
+        out_channels=lambda channels, p: 2,
+    )
+)
+register(
+    Operation(
+        name="_grow_end",
+        kind="pointwise",
+        params=OpParams,
+        apply=lambda image, p, ctx: image[1:2] != 0,
+        summary="region_grow: the union of the grown regions",
+        out_channels=lambda channels, p: 1,
+        out_dtype=lambda dtype, p: np.dtype(bool),
     )
 )

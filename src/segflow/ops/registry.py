@@ -86,9 +86,15 @@ class OpContext:
 
 @dataclass(frozen=True)
 class Done:
-    """Returned by :meth:`GlobalStatistic.combine` when the statistic is final."""
+    """Returned by :meth:`GlobalStatistic.combine` when the statistic is final.
+
+    ``value`` is what every block's ``ctx.stat`` holds (and what the run reports), unless
+    ``per_block`` is given: then block ``i`` (in the order of the partials) gets only
+    ``per_block[i]``, so a per-block table never travels to every block.
+    """
 
     value: Any
+    per_block: Sequence[Any] | None = None
 
 
 def map_statistic(
@@ -128,6 +134,10 @@ class Operation(Generic[P]):
     ``apply(image, params, ctx)`` maps a block shaped ``(c, *spatial)`` to a new block with the
     same spatial shape. ``halo(params, spatial_ndim)`` gives the halo per spatial axis.
     ``out_channels`` and ``out_dtype`` let the planner check a pipeline before any data moves.
+    ``expand(params)``, when it returns parts ``(part, op_name, op_params)``, replaces the
+    configured step by those steps (an operation that needs several passes of its own).
+    ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
+    without a channel axis, or with one for several channels.
     """
 
     name: str
@@ -147,6 +157,8 @@ class Operation(Generic[P]):
     finish: Callable[[np.ndarray, np.ndarray | None, P], np.ndarray] | None = None
     by_class: Callable[[P], bool] | None = None
     halo_spacing: Callable[[P, int, tuple[float, ...]], tuple[int, ...]] | None = None
+    expand: Callable[[P], Sequence[tuple[str, str, OpParams]]] | None = None
+    makes_labels: bool = False  # a global op whose output is instance ids (stat = their count)
 
     def rule_for(self, params: P, ctx: OpContext) -> ObjectRule | None:
         return None if self.rule is None else self.rule(params, ctx)
@@ -202,24 +214,24 @@ def register(op: Operation[Any]) -> Operation[Any]:
     return op
 
 
-def get_operation(name: str) -> Operation[Any]:
-    """Return the registered operation called ``name``.
+def get_operation(name: str, *, public: bool = False) -> Operation[Any]:
+    """Return the registered operation called ``name``; with ``public``, only operations a
+    config may name (those starting with ``_`` are parts of another operation's expansion).
 
     Raises
     ------
     KeyError
         If no operation has that name; the message lists the known names.
     """
-    try:
+    if name in _REGISTRY and not (public and name.startswith("_")):
         return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown operation {name!r}; known operations: {known}") from None
+    known = ", ".join(op.name for op in list_operations())
+    raise KeyError(f"unknown operation {name!r}; known operations: {known}")
 
 
 def list_operations() -> list[Operation[Any]]:
-    """All registered operations, sorted by name."""
-    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+    """The operations a config may name, sorted by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY) if not name.startswith("_")]
 
 
 def describe_params(op: Operation[Any]) -> list[tuple[str, str, str]]:

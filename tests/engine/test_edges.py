@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,6 +11,8 @@ from skimage.feature import canny
 from skimage.filters import scharr, sobel, threshold_local
 
 from segflow import segment
+from segflow.engine.pipeline import compile_pipeline
+from segflow.errors import ConfigError
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Layout = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -66,3 +69,39 @@ def test_canny_with_global_hysteresis(layout: Layout, sigma: float, integer: boo
     result = segment(image, pipeline, block_shape=blocks)
     expected = canny(image, sigma=sigma, low_threshold=low, high_threshold=high)
     np.testing.assert_array_equal(result, expected)
+
+
+@SETTINGS
+@given(
+    layouts(max_side=60),
+    st.floats(0.5, 2.0),
+    st.booleans(),
+    st.floats(0.0, 0.9),
+    st.floats(0.0, 0.1),
+)
+def test_canny_with_quantile_thresholds(
+    layout: Layout, sigma: float, integer: bool, low: float, gap: float
+) -> None:
+    """Thresholds as exact quantiles of the whole item's gradient magnitude."""
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed, sigma=1.0)
+    if integer:
+        image = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    high = min(low + gap, 1.0)
+    pipeline = [
+        {"op": "canny", "sigma": sigma, "low": low, "high": high, "use_quantiles": True},
+        {"op": "hysteresis", "low": 0.5, "high": 1.5, "connectivity": 2},
+    ]
+    result = segment(image, pipeline, block_shape=blocks)
+    expected = canny(image, sigma=sigma, low_threshold=low, high_threshold=high, use_quantiles=True)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_canny_quantiles_must_lie_in_0_1() -> None:
+    with pytest.raises(ConfigError, match=r"with `use_quantiles`, low/high are 0\.\.1"):
+        compile_pipeline(
+            [{"op": "canny", "low": 2, "high": 5, "use_quantiles": True}],
+            spatial_ndim=2,
+            channels=1,
+            dtype="float32",
+        )

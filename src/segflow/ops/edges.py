@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from skimage.feature import _canny
 from skimage.filters import scharr, sobel, threshold_local
 from skimage.util.dtype import dtype_limits
 
 from segflow.ops.filters import gaussian_radius
 from segflow.ops.registry import LowHighParams, OpContext, Operation, OpParams, register
+from segflow.ops.statistics import Percentiles
 
 # --- gradient magnitude -------------------------------------------------------------------------
 
@@ -107,11 +108,41 @@ class CannyParams(LowHighParams):
     sigma: float = Field(1.0, ge=0, description="gaussian smoothing before the gradient")
     low: float = Field(0.1, ge=0, description="low threshold of the gradient magnitude")
     high: float = Field(0.2, ge=0, description="high threshold of the gradient magnitude")
+    use_quantiles: bool = Field(
+        False,
+        description="low/high are quantiles (0..1) of the item's gradient magnitude "
+        "(exact, over every block) instead of values",
+    )
+
+    @model_validator(mode="after")
+    def _quantiles_in_range(self) -> CannyParams:
+        if self.use_quantiles and not self.high <= 1:
+            raise ValueError(f"with `use_quantiles`, low/high are 0..1, got high={self.high}")
+        return self
 
 
 def _canny_halo(params: CannyParams, ndim: int) -> tuple[int, ...]:
     # smoothing radius, then the 3x3 Sobel, then the 3x3 non-maximum suppression
     return (gaussian_radius(params.sigma, 4.0) + 2,) * ndim
+
+
+def _maxima(values: np.ndarray, sigma: float, low: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient magnitude and its non-maximum-suppressed maxima at or above ``low``, with
+    scikit-image's own smoothing and suppression (private helpers of canny(): the tests
+    compare with skimage.feature.canny, so a change there shows at once)."""
+    smoothed, eroded = _canny._preprocess(values, None, sigma, "constant", 0.0)
+    jsobel = _canny.ndi.sobel(smoothed, axis=1)
+    isobel = _canny.ndi.sobel(smoothed, axis=0)
+    magnitude = np.sqrt(isobel * isobel + jsobel * jsobel)
+    return magnitude, _canny._nonmaximum_suppression_bilinear(
+        isobel, jsobel, magnitude, eroded, low
+    )
+
+
+def _weak_strong(maxima: np.ndarray, high: float) -> np.ndarray:
+    out = (maxima > 0).astype(np.uint8)
+    out[(maxima >= high) & (out > 0)] = 2
+    return out
 
 
 def canny_candidates(image: np.ndarray, params: CannyParams, ctx: OpContext) -> np.ndarray:
@@ -120,23 +151,41 @@ def canny_candidates(image: np.ndarray, params: CannyParams, ctx: OpContext) -> 
 
     Follow it with ``{op: hysteresis, low: 0.5, high: 1.5, connectivity: 2}``: the edge
     tracking is then global, and the result equals ``skimage.feature.canny(image, sigma,
-    low, high)`` on the whole item (thresholds are scaled by the dtype's maximum for integer
-    images, as there).
+    low, high, use_quantiles)`` on the whole item (value thresholds are scaled by the
+    dtype's maximum for integer images, as there). With ``use_quantiles`` the step runs as
+    two: the magnitude and its maxima (local), then the exact quantiles of the item's
+    magnitude (a global statistic) turn the maxima into weak/strong candidates.
     """
     values = image[0]
     scale = dtype_limits(values, clip_negative=False)[1]
-    low, high = params.low / scale, params.high / scale
-    # scikit-image's own smoothing and non-maximum suppression (private helpers of canny()):
-    # the tests compare with skimage.feature.canny, so a change there shows at once.
-    smoothed, eroded = _canny._preprocess(values, None, params.sigma, "constant", 0.0)
-    jsobel = _canny.ndi.sobel(smoothed, axis=1)
-    isobel = _canny.ndi.sobel(smoothed, axis=0)
-    magnitude = np.sqrt(isobel * isobel + jsobel * jsobel)
-    maxima = _canny._nonmaximum_suppression_bilinear(isobel, jsobel, magnitude, eroded, low)
-    out = (maxima > 0).astype(np.uint8)
-    out[maxima >= high] = 2
-    out[maxima <= 0] = 0
-    return out[np.newaxis]
+    _, maxima = _maxima(values, params.sigma, params.low / scale)
+    return _weak_strong(maxima, params.high / scale)[np.newaxis]
+
+
+def _canny_parts(params: CannyParams) -> list[tuple[str, str, OpParams]]:
+    if not params.use_quantiles:
+        return []
+    return [("maxima", "_canny_maxima", params), ("quantiles", "_canny_quantiles", params)]
+
+
+def _all_maxima(image: np.ndarray, params: CannyParams, ctx: OpContext) -> np.ndarray:
+    """Channels (maxima at or above 0, magnitude): thresholding the first at ``t`` later
+    equals suppressing with ``low = t`` (the suppression tests the magnitude first)."""
+    magnitude, maxima = _maxima(image[0], params.sigma, 0.0)
+    return np.stack([maxima, magnitude])
+
+
+class _MagnitudeQuantiles(Percentiles):
+    """Exact percentiles of the magnitude channel only."""
+
+    def map(self, core: np.ndarray, state: Any) -> Any:
+        return super().map(core[1:], state)
+
+
+def _quantile_candidates(image: np.ndarray, params: CannyParams, ctx: OpContext) -> np.ndarray:
+    low, high = ctx.stat
+    maxima = np.where(image[0] >= low, image[0], 0)
+    return _weak_strong(maxima, high)[np.newaxis]
 
 
 register(
@@ -152,5 +201,32 @@ register(
         out_dtype=lambda dtype, p: np.dtype(np.uint8),
         needs_single_channel=True,
         ndims=(2,),
+        expand=_canny_parts,
+    )
+)
+register(
+    Operation(
+        name="_canny_maxima",
+        kind="local",
+        params=CannyParams,
+        apply=_all_maxima,
+        summary="canny: gradient magnitude and its maxima",
+        halo=_canny_halo,
+        out_channels=lambda channels, p: 2,
+        out_dtype=lambda dtype, p: np.dtype(np.float32 if dtype == np.float32 else np.float64),
+        needs_single_channel=True,
+        ndims=(2,),
+    )
+)
+register(
+    Operation(
+        name="_canny_quantiles",
+        kind="global",
+        params=CannyParams,
+        apply=_quantile_candidates,
+        statistic=lambda p: _MagnitudeQuantiles((100.0 * p.low, 100.0 * p.high)),
+        summary="canny: weak/strong candidates from quantiles of the magnitude",
+        out_channels=lambda channels, p: 1,
+        out_dtype=lambda dtype, p: np.dtype(np.uint8),
     )
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from _layouts import layouts, smooth_noise
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from segflow import segment
 from segflow.engine.api import run_item
 from segflow.engine.executor import LocalExecutor
+from segflow.engine.item import segment_item
 from segflow.engine.pipeline import compile_pipeline
 from segflow.engine.run import ArraySink
 from segflow.io.zarr import ArrayReader
@@ -69,3 +72,21 @@ def test_mini_batch_fit_for_large_samples() -> None:
     np.testing.assert_allclose(np.sort(centres[:, 0]), [0.0, 20.0], atol=0.2)
     with pytest.raises(ValueError, match="needs at least k=3 samples"):
         fit_kmeans(data[:2], KMeansParams(k=3))
+
+
+def test_kmeans_item_reports_its_centres(tmp_path: Path) -> None:
+    """Through the store path: the index gets each centre coordinate as a statistic."""
+    rng = np.random.default_rng(3)
+    image = np.stack([rng.normal(0, 1, (40, 50)), rng.normal(5, 1, (40, 50))]).astype("f4")
+    with LocalExecutor(2) as executor:
+        result = segment_item(
+            ArrayReader(image, "scene", channel_axis=0),
+            [{"op": "kmeans", "k": 2}],
+            store=str(tmp_path / "out.zarr"),
+            block_shape=(16, 16),
+            executor=executor,
+        )
+    assert result.status == "done", result.error
+    assert len([k for k in result.statistics if k.startswith("pipeline[0].kmeans")]) == 4
+    centres = np.array([result.statistics[f"pipeline[0].kmeans.{i}"] for i in range(4)])
+    assert abs(centres.reshape(2, 2)[:, 1].mean() - 5) < 1  # (k, features), row by row

@@ -165,7 +165,7 @@ def segment_item(
     result.n_blocks = run.n_blocks
     result.seconds = time.perf_counter() - started
     for key, value in run.stats.items():
-        values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        values = np.asarray(value, dtype=np.float64).ravel()  # k-means: k x features
         for k, v in enumerate(values):
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"{key}{suffix}"] = float(v)

@@ -9,6 +9,7 @@ import pytest
 from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.cluster.vq import vq
 
 from segflow import segment
 from segflow.engine.api import run_item
@@ -16,6 +17,7 @@ from segflow.engine.executor import LocalExecutor
 from segflow.engine.item import segment_item
 from segflow.engine.pipeline import compile_pipeline
 from segflow.engine.run import ArraySink
+from segflow.io import discover_items
 from segflow.io.zarr import ArrayReader
 from segflow.ops.cluster import KMeansParams, assign, features, fit_kmeans
 
@@ -90,3 +92,20 @@ def test_kmeans_item_reports_its_centres(tmp_path: Path) -> None:
     assert len([k for k in result.statistics if k.startswith("pipeline[0].kmeans")]) == 4
     centres = np.array([result.statistics[f"pipeline[0].kmeans.{i}"] for i in range(4)])
     assert abs(centres.reshape(2, 2)[:, 1].mean() - 5) < 1  # (k, features), row by row
+
+
+@pytest.mark.parametrize("blocks", [(64, 97), (300, 13)])
+def test_kmeans_on_a_real_landsat_scene(blocks: tuple[int, int]) -> None:
+    """Three Landsat bands (bundled sample): same centres and assignment as one block, and
+    the whole-array nearest-centre assignment (scipy.cluster.vq.vq) with those centres."""
+    readers, _ = discover_items(str(Path(__file__).parents[1] / "data" / "aerial" / "*.tif"))
+    bands = readers[0].read((slice(200, 500), slice(250, 550)))
+    step = {"op": "kmeans", "k": 4, "sample": 5000}
+    result, centres = _run(bands, step, blocks)
+    whole, whole_centres = _run(bands, step, bands.shape[1:])
+    np.testing.assert_array_equal(centres, whole_centres)
+    np.testing.assert_array_equal(result, whole)
+    pixels = bands.reshape(3, -1).T.astype(np.float64)
+    nearest, _ = vq(pixels, centres)
+    np.testing.assert_array_equal(result, nearest.reshape(bands.shape[1:]) + 1)
+    assert len(np.unique(result)) == 4

@@ -70,10 +70,56 @@ def _local_halo(params: LocalThresholdParams, ndim: int) -> tuple[int, ...]:
     return (params.block_size // 2,) * ndim
 
 
+# scipy.ndimage border modes as numpy.pad names them
+_NUMPY_PAD = {
+    "reflect": "symmetric",
+    "mirror": "reflect",
+    "nearest": "edge",
+    "constant": "constant",
+}
+
+
+def local_mean(values: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Mean over a ``size``-wide cube around each pixel, the same arithmetic wherever the
+    pixel lies (``scipy.ndimage.uniform_filter`` keeps a running sum from the start of each
+    line, so its rounding depends on where a block starts).
+
+    Integer images: exact window sums (int64 cumulative sums) divided once. Float images:
+    float64 sums of the window's values in a fixed order per axis.
+    """
+    padded = np.pad(values, size // 2, mode=_NUMPY_PAD[mode])  # type: ignore[call-overload]
+    integer = values.dtype.kind in "uib"
+    sums = padded.astype(np.int64 if integer else np.float64)
+    for axis in range(values.ndim):
+        n = values.shape[axis]
+        if integer:
+            running = np.cumsum(sums, axis=axis)
+            zero = np.zeros_like(running.take([0], axis=axis))
+            running = np.concatenate([zero, running], axis=axis)
+            sums = running.take(np.arange(size, size + n), axis=axis) - running.take(
+                np.arange(n), axis=axis
+            )
+        else:
+            total = sums.take(np.arange(n), axis=axis)
+            for k in range(1, size):
+                total = total + sums.take(np.arange(k, k + n), axis=axis)
+            sums = total
+    return sums / float(size**values.ndim)
+
+
 def local_threshold(image: np.ndarray, params: LocalThresholdParams, ctx: OpContext) -> np.ndarray:
     """Foreground where the pixel exceeds its neighbourhood's threshold:
-    ``image > skimage.filters.threshold_local(image, block_size, method, offset)``."""
+    ``image > skimage.filters.threshold_local(image, block_size, method, offset)``.
+
+    The gaussian and median methods are scikit-image's, bit for bit. The mean method uses
+    :func:`local_mean`, which does not depend on the block layout; it equals scikit-image
+    except where a pixel equals its local mean within rounding (flat regions of integer
+    images): there scikit-image's running-sum rounding decides, here exact arithmetic does.
+    """
     values = image[0]
+    if params.method == "mean":
+        threshold = local_mean(values, params.block_size, params.mode) - params.offset
+        return (values > threshold)[np.newaxis]
     threshold = threshold_local(
         values,
         params.block_size,

@@ -21,12 +21,13 @@ def evaluate_item_task(
     row: dict[str, Any] = {"id": item_id, "reference": reference}
     try:
         info = open_item(source, item_id).info
+        instances = output == "labels"
         with LocalExecutor() as executor:
             scores = evaluate_item(
                 ZarrRegionWriter(store, item_id, output),
-                open_reference(reference, info),
+                open_reference(reference, info, instances=instances),
                 info.spatial_shape,
-                instances=output == "labels",
+                instances=instances,
                 executor=executor,
             )
     except Exception as error:  # one bad reference must not stop the others

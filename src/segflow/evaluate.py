@@ -13,7 +13,8 @@ they give exactly the whole-array scores:
   ``t = 0.5`` and ``ap50_95`` the mean over ``t = 0.50, 0.55, ..., 0.95``.
 
 References are label or class images (any reader: TIFF, PNG, NIfTI, Zarr, GeoTIFF) or
-GeoJSON polygons rasterised onto the item's grid (one object per polygon).
+GeoJSON polygons rasterised onto the item's grid: one object per polygon when instances are
+scored, class 1 (the mask's foreground) for a semantic output.
 """
 
 from __future__ import annotations
@@ -131,9 +132,10 @@ def semantic_scores(confusion: dict[tuple[int, int], int]) -> dict[str, float]:
 
 
 class PolygonReference:
-    """GeoJSON polygons rasterised onto an item's grid, one id per polygon, read by window."""
+    """GeoJSON polygons rasterised onto an item's grid, read by window: one id per polygon
+    (``instances``), or 1 inside any polygon (a semantic reference for a mask)."""
 
-    def __init__(self, path: str, info: ItemInfo) -> None:
+    def __init__(self, path: str, info: ItemInfo, *, instances: bool = True) -> None:
         if info.transform is None:
             raise ValueError(
                 f"reference '{path}': polygons need a georeferenced item, "
@@ -142,7 +144,11 @@ class PolygonReference:
         self.path = path
         self.transform = info.transform
         features = json.loads(Path(path).read_text())["features"]
-        self.shapes = [(f["geometry"], i + 1) for i, f in enumerate(features) if f["geometry"]]
+        self.shapes = [
+            (f["geometry"], i + 1 if instances else 1)
+            for i, f in enumerate(features)
+            if f["geometry"]
+        ]
 
     def read(self, region: Box) -> np.ndarray:
         from affine import Affine
@@ -158,11 +164,11 @@ class PolygonReference:
         return burned[np.newaxis]
 
 
-def open_reference(path: str, info: ItemInfo) -> Any:
+def open_reference(path: str, info: ItemInfo, *, instances: bool = True) -> Any:
     """A reader for a reference: label/class images through segflow's readers, GeoJSON
-    polygons rasterised on the item's grid."""
+    polygons rasterised on the item's grid (one id each for ``instances``, else class 1)."""
     if path.lower().endswith((".geojson", ".json")):
-        return PolygonReference(path, info)
+        return PolygonReference(path, info, instances=instances)
     from segflow.io import open_item
 
     return open_item(path, f"reference-{info.id}")

@@ -105,6 +105,19 @@ def test_polygon_references_are_rasterised_on_the_item_grid(tmp_path) -> None:
             pieces[rows, cols] = reference.read((rows, cols))[0]
     np.testing.assert_array_equal(pieces, whole)
     assert set(np.unique(whole)) == {0, 1, 2}
+    # A mask is scored against the union of the polygons (class 1), not polygon 1 alone.
+    semantic = PolygonReference(str(path), info, instances=False)
+    np.testing.assert_array_equal(semantic.read((slice(0, 30), slice(0, 20)))[0], whole > 0)
+    with LocalExecutor(1) as executor:
+        scores = evaluate_item(
+            _Array((whole > 0).astype(np.uint8)),
+            semantic,
+            (30, 20),
+            instances=False,
+            executor=executor,
+            block_shape=7,
+        )
+    assert scores == {"dice_1": 1.0, "iou_1": 1.0}
 
 
 def test_references_match_by_stem_id_or_folder(tmp_path) -> None:

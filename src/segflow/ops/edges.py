@@ -79,31 +79,47 @@ _NUMPY_PAD = {
 }
 
 
+def _window_sums(values: np.ndarray, size: int, axis: int, n: int) -> np.ndarray:
+    """Sums of ``size`` consecutive values along ``axis`` (``n`` of them), from sums of
+    power-of-two runs: every output is the same few additions in the same order, wherever
+    it lies (``size`` = 35 is runs of 32, 2 and 1)."""
+
+    def cut(array: np.ndarray, start: int, length: int) -> np.ndarray:
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(start, start + length)
+        return array[tuple(index)]
+
+    runs = {1: values}
+    width = 1
+    while 2 * width <= size:
+        run = runs[width]
+        length = run.shape[axis] - width
+        runs[2 * width] = cut(run, 0, length) + cut(run, width, length)
+        width *= 2
+    total, offset = None, 0
+    while width:
+        if size & width:
+            part = cut(runs[width], offset, n)
+            total = part.copy() if total is None else np.add(total, part, out=total)
+            offset += width
+        width //= 2
+    assert total is not None
+    return total
+
+
 def local_mean(values: np.ndarray, size: int, mode: str) -> np.ndarray:
     """Mean over a ``size``-wide cube around each pixel, the same arithmetic wherever the
     pixel lies (``scipy.ndimage.uniform_filter`` keeps a running sum from the start of each
     line, so its rounding depends on where a block starts).
 
-    Integer images: exact window sums (int64 cumulative sums) divided once. Float images:
-    float64 sums of the window's values in a fixed order per axis.
+    Integer images sum exactly (int64); float images in their float type (at least
+    float32), each window from the same power-of-two runs (:func:`_window_sums`).
     """
     padded = np.pad(values, size // 2, mode=_NUMPY_PAD[mode])  # type: ignore[call-overload]
-    integer = values.dtype.kind in "uib"
-    sums = padded.astype(np.int64 if integer else np.float64)
+    exact = values.dtype.kind in "uib"
+    sums = padded.astype(np.int64 if exact else np.result_type(values.dtype, np.float32))
     for axis in range(values.ndim):
-        n = values.shape[axis]
-        if integer:
-            running = np.cumsum(sums, axis=axis)
-            zero = np.zeros_like(running.take([0], axis=axis))
-            running = np.concatenate([zero, running], axis=axis)
-            sums = running.take(np.arange(size, size + n), axis=axis) - running.take(
-                np.arange(n), axis=axis
-            )
-        else:
-            total = sums.take(np.arange(n), axis=axis)
-            for k in range(1, size):
-                total = total + sums.take(np.arange(k, k + n), axis=axis)
-            sums = total
+        sums = _window_sums(sums, size, axis, values.shape[axis])
     return sums / float(size**values.ndim)
 
 

@@ -277,9 +277,20 @@ class LiThreshold:
 
     def map(self, core: np.ndarray, state: Any) -> Any:
         if isinstance(state, _LiPass):
-            values = core.astype(np.float64, copy=False).ravel() - state.low
-            above = values > state.t
-            return values[above].sum(), int(above.sum()), values[~above].sum(), int((~above).sum())
+            # Sums of (value - low) above and below t, in float64, without float64 copies of
+            # the block (the comparison and the sums convert as they go).
+            values = core.ravel()
+            above = values > np.float64(state.t + state.low)
+            n_above = int(np.count_nonzero(above))
+            total = float(np.sum(values, dtype=np.float64))
+            part = float(np.sum(values, where=above, dtype=np.float64))
+            n_below = values.size - n_above
+            return (
+                part - n_above * state.low,
+                n_above,
+                total - part - n_below * state.low,
+                n_below,
+            )
         if not isinstance(state, _LiFloat):
             return Histogram().map(core, state)
         values = core.astype(np.float64, copy=False).ravel()

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zarr
 from scipy import ndimage as ndi
-from scipy.cluster.vq import kmeans2
+from scipy.cluster.vq import kmeans2, vq
 from skimage import filters
 from skimage.feature import canny, peak_local_max
 from skimage.segmentation import flood, watershed
@@ -81,17 +81,13 @@ def _watershed(mask: Array) -> Array:
 
 
 def _kmeans(bands: Array) -> Array:
+    """What one would write in memory: fit on a random sample, assign with scipy's vq."""
     data = bands.reshape(len(bands), -1).T.astype(np.float64)
     rng = np.random.default_rng(0)
     sample = data[rng.choice(len(data), 100_000, replace=False)]
     centres, _ = kmeans2(sample, 3, iter=50, minit="++", rng=rng)
-    best = np.full(len(data), np.inf)
-    nearest = np.zeros(len(data), dtype=np.uint8)
-    for j, centre in enumerate(centres):
-        distance = ((data - centre) ** 2).sum(axis=1)
-        nearest[distance < best] = j + 1
-        np.minimum(best, distance, out=best)
-    return nearest.reshape(bands.shape[1:])
+    nearest, _ = vq(data, centres, check_finite=False)
+    return (nearest + 1).astype(np.uint8).reshape(bands.shape[1:])
 
 
 def _normalized_difference(bands: Array) -> Array:

@@ -34,18 +34,31 @@ class KMeansParams(OpParams):
     batch: int = Field(4096, ge=16, description="mini-batch size for samples above 200,000")
 
 
+def feature_columns(
+    image: np.ndarray,
+    box: tuple[slice, ...],
+    shape: tuple[int, ...],
+    position: float,
+    chosen: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """The features as float64 columns: every channel, then the weighted position; only the
+    pixels at the flat indices ``chosen`` when given."""
+    flat = image.reshape(len(image), -1)
+    columns = [(c if chosen is None else c[chosen]).astype(np.float64) for c in flat]
+    if position > 0:
+        local = np.unravel_index(
+            np.arange(flat.shape[1]) if chosen is None else chosen, image.shape[1:]
+        )
+        for axis, (s, n) in enumerate(zip(box, shape, strict=True)):
+            columns.append(position * ((local[axis] + s.start) / max(n - 1, 1)))
+    return columns
+
+
 def features(
     image: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...], position: float
 ) -> np.ndarray:
     """``(pixels, features)`` float64: every channel, then the weighted position."""
-    columns = [c.ravel().astype(np.float64) for c in image]
-    if position > 0:
-        grids = np.meshgrid(
-            *[np.arange(s.start, s.stop) / max(n - 1, 1) for s, n in zip(box, shape, strict=True)],
-            indexing="ij",
-        )
-        columns += [position * g.ravel() for g in grids]
-    return np.stack(columns, axis=1)
+    return np.stack(feature_columns(image, box, shape, position), axis=1)
 
 
 def _linear_index(box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -85,9 +98,9 @@ class KMeansCentres:
         if state is None:
             return int(np.prod(core.shape[1:]))
         index = _linear_index(box, shape)
-        chosen = _hash_unit(index, self.params.seed) < state.rate
-        data = features(core, box, shape, self.params.position)[chosen]
-        return index[chosen], data
+        chosen = np.flatnonzero(_hash_unit(index, self.params.seed) < state.rate)
+        columns = feature_columns(core, box, shape, self.params.position, chosen)
+        return index[chosen], np.stack(columns, axis=1)
 
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         if state is None:
@@ -121,16 +134,29 @@ def fit_kmeans(data: np.ndarray, params: KMeansParams) -> np.ndarray:
     return np.asarray(centres)
 
 
-def assign(data: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre for each row (first on ties)."""
-    best = np.full(len(data), np.inf)
-    nearest = np.zeros(len(data), dtype=np.intp)
+def nearest_centre(columns: Sequence[np.ndarray], centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre (squared distance summed feature by feature, in order)
+    for each pixel of the feature ``columns``; the first centre on ties."""
+    n = len(columns[0])
+    best = np.full(n, np.inf)
+    nearest = np.zeros(n, dtype=np.intp)
+    distance, term = np.empty(n), np.empty(n)
     for j, centre in enumerate(centres):
-        distance = ((data - centre) ** 2).sum(axis=1)
+        np.subtract(columns[0], centre[0], out=distance)
+        np.square(distance, out=distance)
+        for column, value in zip(columns[1:], centre[1:], strict=True):
+            np.subtract(column, value, out=term)
+            np.square(term, out=term)
+            distance += term
         closer = distance < best
-        best[closer] = distance[closer]
+        np.copyto(best, distance, where=closer)
         nearest[closer] = j
     return nearest
+
+
+def assign(data: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre for each row of ``(pixels, features)`` data."""
+    return nearest_centre([data[:, j] for j in range(data.shape[1])], centres)
 
 
 def kmeans_classes(image: np.ndarray, params: KMeansParams, ctx: OpContext) -> np.ndarray:
@@ -138,7 +164,8 @@ def kmeans_classes(image: np.ndarray, params: KMeansParams, ctx: OpContext) -> n
     spatial = image.shape[1:]
     box = ctx.box if ctx.box else tuple(slice(0, n) for n in spatial)
     shape = ctx.shape if ctx.shape else spatial
-    nearest = assign(features(image, box, shape, params.position), np.asarray(ctx.stat))
+    columns = feature_columns(image, box, shape, params.position)
+    nearest = nearest_centre(columns, np.asarray(ctx.stat))
     return (nearest.reshape(spatial) + 1).astype(np.uint8)[np.newaxis]
 
 

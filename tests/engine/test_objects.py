@@ -348,7 +348,7 @@ def _flood_reference(
 
 @SETTINGS
 @given(
-    layouts(),
+    st.one_of(layouts(), layouts(ndim=3, max_side=12)),
     st.sampled_from([1, 2, 3]),
     st.integers(1, 4),
     st.floats(0.01, 0.15),
@@ -447,7 +447,10 @@ def _label_image(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 @SETTINGS
-@given(layouts(), st.sampled_from([np.int64, np.uint16, np.int8]))
+@given(
+    st.one_of(layouts(), layouts(ndim=3, max_side=12)),
+    st.sampled_from([np.int64, np.uint16, np.int8]),
+)
 def test_relabel_equals_relabel_sequential(layout: Layout, dtype: type) -> None:
     shape, blocks, seed = layout
     image = _label_image(shape, seed)

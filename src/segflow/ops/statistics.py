@@ -90,52 +90,143 @@ class Histogram:
 
 
 @dataclass(frozen=True)
-class _Refine:
-    """Histogram pass over ``[low, high]`` to narrow down where the wanted ranks lie."""
+class _Select:
+    """Narrow down the order statistics: each wanted rank lies among the values whose
+    order-preserving key starts with ``prefixes[k]`` (``bits`` bits long; 0 bits at first)."""
 
-    low: float
-    high: float
     ranks: tuple[int, ...]
+    prefixes: tuple[int, ...]
+    bits: int
+    dtype: np.dtype
     size: int
+    low: Any = None  # the item's range, once known
+    high: Any = None
 
 
 @dataclass(frozen=True)
 class _Gather:
     """Collect the distinct values (with counts) inside narrow intervals around each rank."""
 
-    intervals: tuple[tuple[float, float], ...]
+    intervals: tuple[tuple[Any, Any], ...]
     ranks: tuple[int, ...]
     size: int
 
 
-_REFINE_BINS = 4096
-_GATHER_LIMIT = 2_000_000  # distinct candidate values we accept to gather on the client
+_DIGIT = 16  # key bits resolved per counting pass (65,536 counters)
+_GATHER_LIMIT = 2_000_000  # candidate values we accept to gather on the client
+
+
+def _sortable_keys(values: np.ndarray) -> np.ndarray:
+    """Unsigned integer keys that sort like ``values``: integers with the sign bit flipped;
+    floats with every bit flipped for negatives and the sign bit set for the rest (the IEEE
+    754 order; -0.0 sorts just below 0.0)."""
+    width = 8 * values.dtype.itemsize
+    unsigned = np.dtype(f"uint{width}")
+    bits = values.view(unsigned)
+    sign = unsigned.type(1 << (width - 1))
+    if values.dtype.kind == "f":
+        negative = (bits >> unsigned.type(width - 1)).astype(bool)
+        return np.where(negative, ~bits, bits | sign)
+    if values.dtype.kind == "i":
+        return bits ^ sign
+    return bits
+
+
+def _key_values(dtype: np.dtype, prefix: int, bits: int) -> tuple[Any, Any]:
+    """The smallest and largest value (in ``dtype``) whose key starts with ``prefix``."""
+    width = 8 * dtype.itemsize
+    unsigned = np.dtype(f"uint{width}")
+    rest = width - bits
+    sign = 1 << (width - 1)
+
+    def value(key: int) -> Any:
+        if dtype.kind == "f":
+            pattern = key ^ sign if key & sign else ~key & ((1 << width) - 1)
+        elif dtype.kind == "i":
+            pattern = key ^ sign
+        else:
+            pattern = key
+        return np.array(pattern, dtype=unsigned).view(dtype)[()]
+
+    low, high = value(prefix << rest), value(((prefix + 1) << rest) - 1)
+    if dtype.kind == "f":  # keys past the infinities are NaN bit patterns
+        low = dtype.type(-np.inf) if np.isnan(low) else low
+        high = dtype.type(np.inf) if np.isnan(high) else high
+    return low, high
+
+
+def _count_digits(values: np.ndarray, prefixes: Sequence[int], bits: int) -> list[Any]:
+    """For each distinct prefix: how many keys sort below it, and the counts of the next
+    digit among the keys that start with it, sparse (digits, counts): real data fill few of
+    the 65,536 counters, and every block sends its counts to the client."""
+    width = 8 * values.dtype.itemsize
+    keys = _sortable_keys(values)
+    step = min(_DIGIT, width - bits)
+    unsigned = keys.dtype.type
+    head = keys >> unsigned(width - bits) if bits else np.zeros_like(keys)
+    digit = (keys >> unsigned(width - bits - step)) & unsigned((1 << step) - 1)
+    out = []
+    for prefix in sorted(set(prefixes)):
+        mine = head == unsigned(prefix)
+        below = int(np.count_nonzero(head < unsigned(prefix)))
+        counts = np.bincount(digit[mine], minlength=1 << step)
+        filled = np.flatnonzero(counts)
+        out.append((prefix, below, (filled, counts[filled])))
+    return out
+
+
+def _first_digit_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse counts of the first key digit (top 16 bits, all bits of 8-bit data): the raw
+    top bits are counted as they are (a view of the high half-words, no key array), then the
+    65,536 counters are put in key order."""
+    width = 8 * values.dtype.itemsize
+    step = min(_DIGIT, width)
+    raw_type = np.dtype(f"uint{step}")
+    if np.little_endian and width > step:
+        top = values.view(raw_type)[width // step - 1 :: width // step]
+    else:
+        top = values.view(f"uint{width}") >> np.uint64(width - step).astype(f"uint{width}")
+    counts = np.bincount(top, minlength=1 << step)
+    patterns = np.arange(1 << step, dtype=np.int64)
+    sign = 1 << (step - 1)
+    if values.dtype.kind == "f":
+        order = np.where(patterns & sign, ~patterns & ((1 << step) - 1), patterns | sign)
+    elif values.dtype.kind == "i":
+        order = patterns ^ sign
+    else:
+        order = patterns
+    ordered = np.zeros_like(counts)
+    ordered[order] = counts
+    filled = np.flatnonzero(ordered)
+    return filled, ordered[filled]
 
 
 @dataclass(frozen=True)
 class Percentiles:
     """Exact percentiles of the whole item, as ``numpy.percentile(image, q)`` computes them.
 
-    Pass 1 finds the range, pass 2 (repeated while needed) counts a histogram to find the bins
-    that hold the wanted order statistics, pass 3 gathers the distinct values of those bins
-    with their counts and counts the values below them. The order statistics are therefore
-    exact, and the final linear interpolation uses numpy's own formula.
+    A radix selection on an order-preserving integer key of the values: the first pass
+    counts the top 16 key bits of every value (and the item's range); while the bin that
+    holds a wanted order statistic has more than ``_GATHER_LIMIT`` values, another pass counts
+    the next 16 bits inside it (at most 3 more for 64-bit data, usually none); the last pass
+    gathers the distinct values of each bin with their counts and the number of values below.
+    The counts are exact integers, so are the order statistics; the final linear
+    interpolation uses numpy's own formula.
     """
 
     q: tuple[float, ...]
 
     def start(self) -> Any:
-        return _Range()
+        return None
 
     def map(self, core: np.ndarray, state: Any) -> Any:
         values = core.ravel()
-        if isinstance(state, _Range):
-            return (_block_range(core), values.size)
-        if isinstance(state, _Refine):
-            below = int(np.count_nonzero(values < state.low))
-            # np.histogram leaves out the values outside its range: no filtered copy needed
-            counts, _ = np.histogram(values, bins=_REFINE_BINS, range=(state.low, state.high))
-            return below, counts
+        if values.dtype == np.bool_:
+            values = values.view(np.uint8)
+        if state is None:
+            return _block_range(core), values.size, values.dtype, _first_digit_counts(values)
+        if isinstance(state, _Select):
+            return _count_digits(values, state.prefixes, state.bits)
         result = []
         for low, high in state.intervals:
             below = int(np.count_nonzero(values < low))
@@ -145,9 +236,10 @@ class Percentiles:
         return result
 
     def _ranks(self, size: int) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-        # numpy's "linear" method: virtual index = n*q + (1 + q*(1 - 1 - 1)) - 1.
+        # numpy's "linear" method: virtual index = (n - 1) * q, written as numpy writes it
+        # (the general alpha/beta formula rounds differently).
         quantiles = np.true_divide(np.asarray(self.q, dtype=np.float64), 100)
-        virtual = size * quantiles + (1 + quantiles * (1 - 1 - 1)) - 1
+        virtual = (size - 1) * quantiles
         previous = np.floor(virtual)
         previous = np.clip(previous, 0, size - 1).astype(np.int64)
         following = np.clip(previous + 1, 0, size - 1)
@@ -156,40 +248,51 @@ class Percentiles:
         return ranks, np.stack([previous, following]), gamma
 
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
-        if isinstance(state, _Range):
-            size = sum(n for _, n in partials)
+        if state is None:
+            size = sum(p[1] for p in partials)
             if size == 0:
                 raise ValueError("percentiles of an empty item are undefined")
-            low, high = _merge_ranges([r for r, _ in partials])
+            low, high = _merge_ranges([p[0] for p in partials])
             ranks = self._ranks(size)[0]
             if low == high:
                 return Done(tuple(np.asarray(low, dtype=np.float64) for _ in self.q))
-            return _Refine(low=float(low), high=float(high), ranks=ranks, size=size)
-        if isinstance(state, _Refine):
-            below = sum(b for b, _ in partials)
-            counts = np.sum([c for _, c in partials], axis=0)
-            edges = np.linspace(state.low, state.high, _REFINE_BINS + 1)
+            dtype = np.dtype(partials[0][2])
+            start = _Select(ranks, (0,) * len(ranks), 0, dtype, size, low, high)
+            counted = [[(0, 0, p[3])] for p in partials]  # the first digits, counted
+            return self._narrow(start, counted)
+        if isinstance(state, _Select):
+            return self._narrow(state, partials)
+        return self._finish(state, partials)
+
+    def _narrow(self, state: _Select, partials: Sequence[Any]) -> Any:
+        """One more digit of each rank's key; gather once every bin is small enough."""
+        width = 8 * state.dtype.itemsize
+        step = min(_DIGIT, width - state.bits)
+        merged: dict[int, tuple[int, np.ndarray]] = {}
+        for part in partials:
+            for prefix, below, (filled, counts) in part:
+                before, total = merged.get(prefix, (0, np.zeros(1 << step, dtype=np.int64)))
+                np.add.at(total, filled, counts)
+                merged[prefix] = (before + below, total)
+        prefixes, sizes = [], {}
+        for rank, prefix in zip(state.ranks, state.prefixes, strict=True):
+            below, counts = merged[prefix]
             cumulative = below + np.cumsum(counts)
-            intervals = []
-            for rank in state.ranks:
-                # The bin whose cumulative count first exceeds the rank holds it; widen by one
-                # bin on each side so rounding in the binning can never put it outside.
-                i = int(np.searchsorted(cumulative, rank, side="right"))
-                lo_i, hi_i = max(i - 1, 0), min(i + 2, _REFINE_BINS)
-                intervals.append((float(edges[lo_i]), float(edges[hi_i])))
-            estimate = sum(
-                counts[
-                    max(int(np.searchsorted(edges, lo)) - 1, 0) : int(np.searchsorted(edges, hi))
-                ].sum()
-                for lo, hi in intervals
-            )
-            narrow = all(hi - lo < (state.high - state.low) for lo, hi in intervals)
-            if estimate > _GATHER_LIMIT and narrow:
-                # Too many candidates: zoom into the span of the intervals and count again.
-                lo = min(lo for lo, _ in intervals)
-                hi = max(hi for _, hi in intervals)
-                return _Refine(low=lo, high=hi, ranks=state.ranks, size=state.size)
-            return _Gather(intervals=tuple(intervals), ranks=state.ranks, size=state.size)
+            digit = int(np.searchsorted(cumulative, rank, side="right"))
+            chosen = (prefix << step) | digit
+            prefixes.append(chosen)
+            sizes[chosen] = int(counts[digit])
+        bits = state.bits + step
+        if sum(sizes.values()) > _GATHER_LIMIT and bits < width:
+            return _Select(state.ranks, tuple(prefixes), bits, state.dtype, state.size,
+                           state.low, state.high)  # fmt: skip
+        intervals = []
+        for prefix in prefixes:
+            low, high = _key_values(state.dtype, prefix, bits)
+            intervals.append((max(low, state.low), min(high, state.high)))
+        return _Gather(intervals=tuple(intervals), ranks=state.ranks, size=state.size)
+
+    def _finish(self, state: _Gather, partials: Sequence[Any]) -> Done:
         values: dict[int, Any] = {}
         for k, rank in enumerate(state.ranks):
             below = sum(p[k][0] for p in partials)

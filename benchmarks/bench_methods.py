@@ -80,6 +80,13 @@ def _watershed(mask: Array) -> Array:
     return watershed(flooding_order(distance), markers, mask=mask)
 
 
+def _marker_watershed(image: Array) -> Array:
+    markers = np.zeros(image.shape, dtype=np.int8)
+    markers[image < 0.6] = 1
+    markers[image > 0.7] = 2
+    return watershed(filters.sobel(image), markers) == 2
+
+
 def _kmeans(bands: Array) -> Array:
     """What one would write in memory: fit on a random sample, assign with scipy's vq."""
     data = bands.reshape(len(bands), -1).T.astype(np.float64)
@@ -159,6 +166,12 @@ def methods(size: int) -> list[Method]:
             "discs",
             [{"op": "watershed", "min_distance": 5, "max_object_size": 48}],
             _watershed,
+        ),
+        Method(
+            "marker_watershed",
+            "blobs",
+            [{"op": "marker_watershed", "low": 0.6, "high": 0.7, "max_region_size": 64}],
+            _marker_watershed,
         ),
         Method("kmeans", "bands", [{"op": "kmeans", "k": 3}], _kmeans),
         Method(

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from _compare import assert_same_labels
+from _layouts import smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
+from skimage.filters import sobel
 from skimage.segmentation import watershed
 
 from segflow import segment
-from segflow.ops.watershed import flooding_order
+from segflow.io import discover_items
+from segflow.ops.watershed import flooding_order, gradient_markers, rank_order
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -79,3 +84,59 @@ def test_watershed_refuses_regions_larger_than_its_halo() -> None:
     pipeline[1]["max_object_size"] = 110
     result = segment(mask, pipeline, block_shape=(40, 30))
     assert_same_labels(result, reference(mask.astype(bool), 3))
+
+
+def gradient_reference(image: np.ndarray, low: float, high: float, connectivity: int = 1):
+    """The whole-array recipe: markers from the intensity, flooding the Sobel gradient (ties
+    in scan order, see rank_order), objects = the regions of the object marker."""
+    markers = gradient_markers(image, low, high)
+    elevation = rank_order(sobel(image.astype(np.float64)))
+    return watershed(elevation, markers, connectivity=connectivity) == 2
+
+
+@SETTINGS
+@given(
+    st.integers(8, 60),
+    st.integers(8, 60),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 2]),
+    st.booleans(),
+    st.data(),
+)
+def test_marker_watershed_on_the_gradient_equals_whole_array(
+    h: int, w: int, seed: int, connectivity: int, integer: bool, data: st.DataObject
+) -> None:
+    image = smooth_noise((h, w), seed, sigma=2.0)
+    if integer:  # plateaus: equal gradients, where the scan-order tie rule matters
+        image = (image * 12).astype(np.uint8)
+        low, high = 5, 6
+    else:
+        low, high = 0.45, 0.55
+    blocks = (data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
+    step = {
+        "op": "marker_watershed",
+        "low": low,
+        "high": high,
+        "max_region_size": max(h, w),
+        "connectivity": connectivity,
+    }
+    result = segment(image, [step], block_shape=blocks)
+    np.testing.assert_array_equal(result, gradient_reference(image, low, high, connectivity))
+
+
+def test_marker_watershed_on_a_real_image_and_its_limit() -> None:
+    """The bundled nuclei image: equal to the recipe with scan-order ties, close to plain
+    scikit-image (which breaks equal gradients by heap order), and a region wider than
+    max_region_size is refused rather than cut."""
+    folder = Path(__file__).parents[1] / "data" / "nuclei"
+    readers, _ = discover_items(str(folder / "*" / "image.png"))
+    image = readers[0].read((slice(0, 256), slice(0, 256)))[1]
+    low, high = 20, 60
+    step = {"op": "marker_watershed", "low": low, "high": high, "max_region_size": 120}
+    expected = gradient_reference(image, low, high)
+    for blocks in [(64, 97), (256, 13)]:
+        np.testing.assert_array_equal(segment(image, [step], block_shape=blocks), expected)
+    plain = watershed(sobel(image.astype(np.float64)), gradient_markers(image, low, high)) == 2
+    assert (plain != expected).mean() < 0.01
+    with pytest.raises(ValueError, match=r"`max_region_size` \(3\) must exceed"):
+        segment(image, [{**step, "max_region_size": 3}], block_shape=(64, 64))

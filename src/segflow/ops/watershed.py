@@ -19,14 +19,14 @@ stitched across blocks.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import sobel
 from skimage.segmentation import watershed as _watershed
 
 from segflow.ops.label import Connectivity, connectivity_structure
-from segflow.ops.registry import OpContext, Operation, OpParams, register
+from segflow.ops.registry import LowHighParams, OpContext, Operation, OpParams, register
 
 
 class WatershedParams(OpParams):
@@ -147,7 +147,7 @@ register(
 # --- marker-controlled watershed on the gradient --------------------------------------------
 
 
-class MarkerWatershedParams(OpParams):
+class MarkerWatershedParams(LowHighParams):
     low: float = Field(description="background markers: pixels below this value")
     high: float = Field(description="object markers: pixels above this value")
     max_region_size: int = Field(
@@ -157,12 +157,6 @@ class MarkerWatershedParams(OpParams):
         "[low, high]) along any axis; the halo. A larger region stops the item with an error",
     )
     connectivity: Connectivity = 1
-
-    @model_validator(mode="after")
-    def _ordered(self) -> MarkerWatershedParams:
-        if self.low > self.high:
-            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
-        return self
 
 
 def rank_order(elevation: np.ndarray) -> np.ndarray:

@@ -187,14 +187,10 @@ def _first_digit_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     else:
         top = values.view(f"uint{width}") >> np.uint64(width - step).astype(f"uint{width}")
     counts = np.bincount(top, minlength=1 << step)
-    patterns = np.arange(1 << step, dtype=np.int64)
-    sign = 1 << (step - 1)
-    if values.dtype.kind == "f":
-        order = np.where(patterns & sign, ~patterns & ((1 << step) - 1), patterns | sign)
-    elif values.dtype.kind == "i":
-        order = patterns ^ sign
-    else:
-        order = patterns
+    # The key transform is bitwise, so the top bits' key is the key of the top bits read as
+    # a value of the same kind (float16 for floats: sign bit first, like the wider types).
+    patterns = np.arange(1 << step, dtype=raw_type).view(f"{values.dtype.kind}{step // 8}")
+    order = _sortable_keys(patterns).astype(np.int64)
     ordered = np.zeros_like(counts)
     ordered[order] = counts
     filled = np.flatnonzero(ordered)

@@ -343,9 +343,10 @@ def _check_seed_channels(channels: int, params: RegionGrowParams) -> str | None:
     return None
 
 
-def _check_seed_points(params: RegionGrowParams, ndim: int) -> tuple[int, ...]:
-    if params.seeds is not None and any(len(p) != ndim for p in params.seeds):
-        raise ValueError(f"every seed needs {ndim} coordinates, got {params.seeds}")
+def _seeds_halo(seeds: list[list[int]] | None, ndim: int) -> tuple[int, ...]:
+    """Halo 0 (seeds are merged globally), once every seed has ``ndim`` coordinates."""
+    if seeds is not None and any(len(p) != ndim for p in seeds):
+        raise ValueError(f"every seed needs {ndim} coordinates, got {seeds}")
     return (0,) * ndim
 
 
@@ -384,7 +385,7 @@ register(
         "every seed), or within `tolerance` of each seed's own value (skimage.segmentation."
         "flood(image, seed, tolerance=...), OR-ed over the seeds; two passes per seed), "
         "across blocks",
-        halo=_check_seed_points,
+        halo=lambda p, ndim: _seeds_halo(p.seeds, ndim),
         halo_rule="0 (seeds are merged globally)",
         out_dtype=lambda dtype, p: np.dtype(bool),
         out_channels=lambda channels, p: 1,
@@ -442,12 +443,6 @@ def _within_tolerance(image: np.ndarray, params: SeedParams, ctx: OpContext) -> 
     return np.concatenate([image, inside.astype(dtype)[np.newaxis]])
 
 
-def _check_seed(params: SeedParams, ndim: int) -> tuple[int, ...]:
-    if len(params.seed) != ndim:
-        raise ValueError(f"every seed needs {ndim} coordinates, got {params.seed}")
-    return (0,) * ndim
-
-
 class GrowSeedParams(OpParams):
     seed: list[int]
     connectivity: Connectivity = 1
@@ -487,7 +482,7 @@ register(
         apply=_within_tolerance,
         statistic=lambda p: SeedValue(p.seed),
         summary="region_grow: mark the pixels within tolerance of one seed's value",
-        halo=_check_seed,
+        halo=lambda p, ndim: _seeds_halo([p.seed], ndim),
         out_channels=lambda channels, p: 3,
     )
 )

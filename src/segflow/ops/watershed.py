@@ -159,13 +159,18 @@ class MarkerWatershedParams(LowHighParams):
     connectivity: Connectivity = 1
 
 
-def rank_order(elevation: np.ndarray) -> np.ndarray:
+def rank_order(elevation: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
     """Flooding priority: the rank of each pixel by elevation, ties in scan order. Ranks in a
-    window order any two of its pixels as ranks over the whole item would."""
+    window order any two of its pixels as ranks over the whole item would.
+
+    With ``where``, only those pixels are ranked (from 1; the others get 0): the order among
+    them is the same.
+    """
     flat = elevation.ravel()
-    order = np.lexsort((np.arange(flat.size), flat))
-    ranks = np.empty(flat.size, dtype=np.float64)
-    ranks[order] = np.arange(flat.size, dtype=np.float64)
+    index = np.arange(flat.size) if where is None else np.flatnonzero(where)
+    order = index[np.argsort(flat[index], kind="stable")]
+    ranks = np.zeros(flat.size, dtype=np.float64)
+    ranks[order] = np.arange(1, order.size + 1, dtype=np.float64)
     return ranks.reshape(elevation.shape)
 
 
@@ -197,7 +202,8 @@ def marker_watershed(
         raise ValueError("marker_watershed needs the block's position in the item")
     markers = gradient_markers(values, params.low, params.high)
     structure = connectivity_structure(params.connectivity, ctx.spatial_ndim)
-    regions, _ = ndi.label(markers == 0, structure=structure)
+    between = markers == 0
+    regions, _ = ndi.label(between, structure=structure)
     _check_window(
         regions,
         params.max_region_size,
@@ -207,8 +213,17 @@ def marker_watershed(
         name="max_region_size",
     )
     elevation = sobel(values.astype(np.float64))
-    flooded = _watershed(rank_order(elevation), markers, connectivity=params.connectivity)
-    return (flooded == 2)[np.newaxis]
+    # Only the pixels between the markers and the marker pixels next to them take part in
+    # the flooding (a marker pixel with only marker neighbours labels nothing), so the
+    # watershed runs on those alone: the same labels, about half the heap on typical images.
+    flooding = ndi.binary_dilation(between, structure=structure)
+    flooded = _watershed(
+        rank_order(elevation, flooding),
+        markers,
+        mask=flooding,
+        connectivity=params.connectivity,
+    )
+    return np.where(flooding, flooded == 2, markers == 2)[np.newaxis]
 
 
 register(

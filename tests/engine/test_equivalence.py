@@ -258,3 +258,27 @@ def test_band_ops_on_multichannel_image() -> None:
     )
     red = segment(rgb, [{"op": "select_bands", "bands": [1]}], block_shape=8, channel_axis=0)
     np.testing.assert_array_equal(red, rgb[0])
+
+
+@pytest.mark.parametrize(("block", "read_once"), [(16, True), (4, False)])
+def test_input_read_once_unless_the_halo_is_wider_than_a_block(
+    monkeypatch: pytest.MonkeyPatch, block: int, read_once: bool
+) -> None:
+    """Each block reads its core and gets its halo from its neighbours' strips; where the
+    halo (6 px here) is wider than a block, each block reads its whole window instead."""
+    from segflow.io.zarr import ArrayReader
+
+    read: list[int] = []
+    plain_read = ArrayReader.read
+
+    def counted(self: ArrayReader, region: tuple[slice, ...]) -> np.ndarray:
+        data = plain_read(self, region)
+        read.append(data[0].size)
+        return data
+
+    image = smooth_noise((48, 40), 0)
+    step = {"op": "gaussian", "sigma": 1.5}
+    expected = segment(image, [step], block_shape=48)
+    monkeypatch.setattr(ArrayReader, "read", counted)
+    np.testing.assert_array_equal(segment(image, [step], block_shape=block), expected)
+    assert (sum(read) == image.size) is read_once

@@ -112,8 +112,8 @@ def test_marker_watershed_on_the_gradient_equals_whole_array(
         low, high = 5, 6
     else:
         low, high = 0.45, 0.55
-    # Blocks of at least 4 px: the halo here spans the whole image, and with 1-px blocks each
-    # of thousands of blocks would receive a strip from every other one (minutes, GBs).
+    # Blocks of at least 4 px: the halo here spans the whole image, so each of thousands of
+    # 1-px blocks would run a watershed of the whole image (seconds per example).
     blocks = (data.draw(st.integers(min(4, h), h)), data.draw(st.integers(min(4, w), w)))
     step = {
         "op": "marker_watershed",

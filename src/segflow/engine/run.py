@@ -541,11 +541,15 @@ class _PlanRun:
     def read_once(self) -> _Sources:
         """Sources for the first phase: each core read once, halos from strips.
 
-        With no halo (or one block), or in streaming mode, the first phase reads its region
-        from the reader.
+        With no halo (or one block), in streaming mode, or where the halo is wider than a
+        block, the first phase reads its region from the reader: a halo past the next block
+        would make every block wait on strips from many others, (2 * halo / block + 1)^ndim
+        of them, where reading the window costs about the same bytes.
         """
         readers = [self.reader] * len(self.blocks)
-        if self.stream or not any(self.grid.halo) or len(self.blocks) == 1:
+        grid = self.grid
+        wide = any(h > b for h, b in zip(grid.halo, grid.block_shape, strict=True))
+        if self.stream or not any(grid.halo) or len(self.blocks) == 1 or wide:
             return _Sources(readers, self._none(), [None] * len(self.blocks))
         cores = self.executor.map(read_core, readers, self.blocks)
         return _Sources(cores, self.exchange(cores, self.grid.halo), [None] * len(self.blocks))

@@ -45,18 +45,38 @@ def _values(dtype: str, n: int, seed: int) -> np.ndarray:
     st.integers(0, 2**32 - 1),
     st.lists(st.floats(0, 100), min_size=1, max_size=3),
     st.booleans(),
+    st.booleans(),
 )
 def test_percentiles_equal_numpy_for_every_dtype(
-    dtype: str, n: int, seed: int, q: list[float], few_gathered: bool
+    dtype: str, n: int, seed: int, q: list[float], few_gathered: bool, special: bool
 ) -> None:
     """Bit-exact ``numpy.percentile`` whatever the split, through the gather path and, with
-    a tiny gather limit, through the refining histogram passes."""
+    a tiny gather limit, through the refining histogram passes; with NaN (left out, as
+    ``numpy.nanpercentile``) and infinities among float values when ``special``."""
     values = _values(dtype, n, seed)
+    if special and values.dtype.kind == "f":
+        rng = np.random.default_rng(seed + 1)
+        draw = rng.random(n)
+        values[draw < 0.1] = np.nan
+        values[(draw >= 0.1) & (draw < 0.13)] = np.inf
+        values[(draw >= 0.13) & (draw < 0.15)] = -np.inf
+        # NaN with the sign bit set, and with payload bits: NaN whatever its bit pattern
+        values[(draw >= 0.15) & (draw < 0.17)] = -np.nan
     cuts = np.sort(np.random.default_rng(seed).integers(0, n, 3))
     blocks = [b for b in np.split(values, cuts) if b.size]
     with pytest.MonkeyPatch.context() as patch:
         if few_gathered:
             patch.setattr(statistics, "_GATHER_LIMIT", 8)
+        if np.isnan(values).all():
+            with pytest.raises(ValueError, match="no values"):
+                _reduce(Percentiles(tuple(q)), blocks)
+            return
         result = _reduce(Percentiles(tuple(q)), blocks)
-    expected = np.percentile(values, q)
+    with np.errstate(invalid="ignore"):  # next to an infinity numpy interpolates to NaN
+        expected = np.nanpercentile(values, q)
+    # ... even between two equal infinities, where the percentile is that infinity
+    ordered = np.sort(values[~np.isnan(values)])
+    below = np.floor((len(ordered) - 1) * np.asarray(q) / 100).astype(int)
+    low, high = ordered[below], ordered[np.minimum(below + 1, len(ordered) - 1)]
+    expected = np.where(np.isnan(expected) & (low == high), low, expected)
     np.testing.assert_array_equal(np.asarray(result, dtype=np.float64), expected)

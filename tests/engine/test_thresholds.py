@@ -7,7 +7,13 @@ import pytest
 from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from skimage.filters import threshold_li, threshold_multiotsu, threshold_triangle, threshold_yen
+from skimage.filters import (
+    threshold_li,
+    threshold_multiotsu,
+    threshold_otsu,
+    threshold_triangle,
+    threshold_yen,
+)
 
 from segflow import segment
 from segflow.engine.pipeline import compile_pipeline
@@ -93,3 +99,61 @@ def test_li(layout: Layout, dtype: str) -> None:
 def test_li_needs_a_tolerance_for_float_images() -> None:
     with pytest.raises(PlanError, match="give `tolerance` for float images"):
         compile_pipeline([{"op": "li"}], spatial_ndim=2, channels=1, dtype="float32")
+
+
+_ON_VALUES = {  # scikit-image / numpy on the item's values (NaN left out), as a 1-D array
+    "otsu": lambda v: v > threshold_otsu(v),
+    "yen": lambda v: v > threshold_yen(v),
+    "triangle": lambda v: v > threshold_triangle(v),
+    "li": lambda v: v > threshold_li(v, tolerance=1e-4),
+    "threshold_percentile": lambda v: v > np.percentile(v, 30),
+    "multi_otsu": lambda v: np.digitize(v, threshold_multiotsu(v, classes=3)) + 1,
+}
+
+
+@SETTINGS
+@given(layouts(), st.floats(0, 0.9), st.sampled_from(sorted(_ON_VALUES)), st.data())
+def test_nan_pixels_have_no_value(
+    layout: Layout, fraction: float, method: str, data: st.DataObject
+) -> None:
+    """NaN is nodata: every global threshold is the one of the other values, and a NaN pixel
+    is background (class 0 for multi_otsu)."""
+    shape, blocks, seed = layout
+    image = smooth_noise(shape, seed, sigma=1.0).astype(data.draw(st.sampled_from(["f4", "f8"])))
+    image[np.random.default_rng(seed).random(shape) < fraction] = np.nan
+    values = image[~np.isnan(image)]
+    if len(np.unique(values)) <= 3:
+        return  # constant items and too few values for 3 classes: covered elsewhere
+    step = {"op": method, "q": 30} if method == "threshold_percentile" else {"op": method}
+    if method == "li":
+        step["tolerance"] = 1e-4
+    result = segment(image, [step], block_shape=blocks)
+    expected = np.zeros(shape, dtype=result.dtype)
+    expected[~np.isnan(image)] = _ON_VALUES[method](values)
+    np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.parametrize("method", ["otsu", "li", "threshold_percentile"])
+def test_an_item_of_nan_only_is_refused_by_name(method: str) -> None:
+    image = np.full((8, 8), np.nan, dtype=np.float32)
+    step = {"op": method, "q": 30} if method == "threshold_percentile" else {"op": method}
+    if method == "li":
+        step["tolerance"] = 1e-4
+    with pytest.raises(ValueError, match=rf"pipeline\[0\]\.{method}: .*no values"):
+        segment(image, [step], block_shape=3)
+
+
+def test_infinite_values_are_refused_where_a_histogram_needs_a_range() -> None:
+    image = smooth_noise((20, 20), 0)
+    image[3, 4] = np.inf
+    with pytest.raises(ValueError, match=r"pipeline\[1\]\.otsu: the item has infinite values"):
+        segment(image, [{"op": "gaussian", "sigma": 1}, {"op": "otsu"}], block_shape=7)
+    # Percentiles are defined with infinities (numpy orders them; next to one, numpy's
+    # interpolation gives NaN, and so no foreground); clipping makes Otsu work.
+    for q in (50, 99.9):
+        result = segment(image, [{"op": "threshold_percentile", "q": q}], block_shape=7)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(result, image > np.percentile(image, q))
+    clipped = segment(image, [{"op": "clip", "high": 1}, {"op": "otsu"}], block_shape=7)
+    finite = np.clip(image, None, 1)
+    np.testing.assert_array_equal(clipped, finite > threshold_otsu(finite))

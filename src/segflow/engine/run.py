@@ -620,7 +620,10 @@ class _PlanRun:
                 executor.map(tile_partial, tiles), label=label, progress=self.progress
             )
         while True:
-            result = statistic.combine(partials, state)
+            try:
+                result = statistic.combine(partials, state)
+            except ValueError as error:  # say which step's statistic could not be taken
+                raise ValueError(f"{stat_step.key}: {error}") from error
             if isinstance(result, Done):
                 self.stats[stat_step.key] = result.value
                 if result.per_block is not None:

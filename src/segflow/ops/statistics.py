@@ -3,6 +3,11 @@
 Each statistic follows :class:`segflow.ops.registry.GlobalStatistic`: ``map`` runs on a block
 core where the block lives, ``combine`` runs on the small partials. Nothing here ever holds
 more than one block plus a histogram.
+
+NaN means "no value" (the usual nodata of float rasters): every statistic is taken over the
+item's other values, as scikit-image / numpy would compute it on ``image[~np.isnan(image)]``.
+An item with no other value is an error; so are infinite values where a histogram needs a
+finite range.
 """
 
 from __future__ import annotations
@@ -30,16 +35,38 @@ class _Histogram:
 
 
 def _block_range(core: np.ndarray) -> tuple[Any, Any] | None:
+    """The core's minimum and maximum, NaN left out; None when it has no other value."""
     if core.size == 0:
         return None
-    return core.min(), core.max()
+    low, high = core.min(), core.max()
+    if core.dtype.kind == "f" and (np.isnan(low) or np.isnan(high)):
+        low, high = np.fmin.reduce(core, axis=None), np.fmax.reduce(core, axis=None)
+        if np.isnan(low):
+            return None
+    return low, high
 
 
 def _merge_ranges(partials: Sequence[tuple[Any, Any] | None]) -> tuple[Any, Any]:
     ranges = [p for p in partials if p is not None]
+    if not ranges:
+        raise ValueError("the item has no values (every pixel is NaN or the item is empty)")
     lows, highs = zip(*ranges, strict=True)
     # min()/max() of numpy scalars keep the data dtype, which fixes the bin edges' dtype below.
     return min(lows), max(highs)
+
+
+def without_nan(values: np.ndarray) -> np.ndarray:
+    """The values that are not NaN (the same array where there is none)."""
+    if values.dtype.kind != "f" or values.size == 0 or not np.isnan(values.min()):
+        return values
+    return values[~np.isnan(values)]
+
+
+def nan_pixels(image: np.ndarray) -> np.ndarray | None:
+    """Where some channel of a ``(channels, ...)`` block is NaN; None where none is."""
+    if image.dtype.kind != "f" or image.size == 0 or not np.isnan(image.min()):
+        return None
+    return np.isnan(image).any(axis=0)
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,11 @@ class Histogram:
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         if isinstance(state, _Range):
             low, high = _merge_ranges(partials)
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise ValueError(
+                    f"the item has infinite values (range {low} to {high}); a histogram "
+                    "needs a finite range: clip them first, e.g. {op: clip, low: ..., high: ...}"
+                )
             if low == high:
                 return Done(("constant", low))
             integer = np.issubdtype(np.asarray(low).dtype, np.integer)
@@ -199,7 +231,8 @@ def _first_digit_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Percentiles:
-    """Exact percentiles of the whole item, as ``numpy.percentile(image, q)`` computes them.
+    """Exact percentiles of the whole item, as ``numpy.percentile(image, q)`` computes them
+    (``numpy.nanpercentile``: NaN is left out).
 
     A radix selection on an order-preserving integer key of the values: the first pass
     counts the top 16 key bits of every value (and the item's range); while the bin that
@@ -219,8 +252,9 @@ class Percentiles:
         values = core.ravel()
         if values.dtype == np.bool_:
             values = values.view(np.uint8)
+        values = without_nan(values)
         if state is None:
-            return _block_range(core), values.size, values.dtype, _first_digit_counts(values)
+            return _block_range(values), values.size, values.dtype, _first_digit_counts(values)
         if isinstance(state, _Select):
             return _count_digits(values, state.prefixes, state.bits)
         result = []
@@ -247,7 +281,10 @@ class Percentiles:
         if state is None:
             size = sum(p[1] for p in partials)
             if size == 0:
-                raise ValueError("percentiles of an empty item are undefined")
+                raise ValueError(
+                    "percentiles are undefined: the item has no values (every pixel is NaN "
+                    "or the item is empty)"
+                )
             low, high = _merge_ranges([p[0] for p in partials])
             ranks = self._ranks(size)[0]
             if low == high:
@@ -311,10 +348,14 @@ class Percentiles:
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, t: float) -> Any:
-    """numpy.percentile's interpolation, written out so the result matches it bit for bit."""
+    """numpy.percentile's interpolation, written out so the result matches it bit for bit;
+    between two equal infinities, that infinity (where numpy gives NaN)."""
+    if a == b and np.isinf(a):
+        return a[()]
     t_arr = np.asarray(t, dtype=np.result_type(a.dtype, np.float64))
-    diff = b - a
-    result = np.add(a, diff * t_arr)
-    if t >= 0.5:
-        result = np.subtract(b, diff * (1 - t_arr))
+    with np.errstate(invalid="ignore"):  # next to an infinity: NaN, as numpy gives (warning)
+        diff = b - a
+        result = np.add(a, diff * t_arr)
+        if t >= 0.5:
+            result = np.subtract(b, diff * (1 - t_arr))
     return result[()]

@@ -12,7 +12,7 @@ from pydantic import Field
 from skimage.filters import threshold_multiotsu, threshold_otsu, threshold_yen
 
 from segflow.ops.registry import Done, LowHighParams, OpContext, Operation, OpParams, register
-from segflow.ops.statistics import Histogram, Percentiles
+from segflow.ops.statistics import Histogram, Percentiles, nan_pixels, without_nan
 
 
 class ThresholdParams(OpParams):
@@ -198,9 +198,14 @@ def multi_otsu_classes(image: np.ndarray, params: MultiOtsuParams, ctx: OpContex
     """Class ``1..classes`` of each pixel between the item's multi-Otsu thresholds.
 
     ``numpy.digitize(image, skimage.filters.threshold_multiotsu(image, classes)) + 1`` on the
-    whole item (``+ 1``: class 0 stays free for "no class", as with ``classify``).
+    whole item (``+ 1``: class 0 stays free for "no class", as with ``classify``, and is
+    given to NaN pixels).
     """
-    return (np.digitize(image, np.asarray(ctx.stat)) + 1).astype(np.uint8)
+    classes = (np.digitize(image, np.asarray(ctx.stat)) + 1).astype(np.uint8)
+    missing = nan_pixels(image)
+    if missing is not None:
+        classes[:, missing] = 0
+    return classes
 
 
 register(
@@ -280,9 +285,12 @@ class LiThreshold:
             # Sums of (value - low) above and below t, in float64, without float64 copies of
             # the block (the comparison and the sums convert as they go).
             values = core.ravel()
+            total = float(np.sum(values, dtype=np.float64))
+            if np.isnan(total):  # NaN has no value: leave it out (a copy only then)
+                values = without_nan(values)
+                total = float(np.sum(values, dtype=np.float64))
             above = values > np.float64(state.t + state.low)
             n_above = int(np.count_nonzero(above))
-            total = float(np.sum(values, dtype=np.float64))
             part = float(np.sum(values, where=above, dtype=np.float64))
             n_below = values.size - n_above
             return (
@@ -293,8 +301,8 @@ class LiThreshold:
             )
         if not isinstance(state, _LiFloat):
             return Histogram().map(core, state)
-        values = core.astype(np.float64, copy=False).ravel()
-        return values.sum(), values.size
+        values = without_nan(core.ravel())
+        return float(np.sum(values, dtype=np.float64)), values.size
 
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         if isinstance(state, _LiPass):

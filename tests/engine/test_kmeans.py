@@ -109,3 +109,25 @@ def test_kmeans_on_a_real_landsat_scene(blocks: tuple[int, int]) -> None:
     nearest, _ = vq(pixels, centres)
     np.testing.assert_array_equal(result, nearest.reshape(bands.shape[1:]) + 1)
     assert len(np.unique(result)) == 4
+
+
+@SETTINGS
+@given(layouts(max_side=40), st.floats(0.05, 0.8))
+def test_kmeans_leaves_nan_pixels_out(layout: Layout, fraction: float) -> None:
+    """A pixel with a NaN band has no value: never sampled, class 0; the rest as without it."""
+    shape, blocks, seed = layout
+    bands = np.stack([smooth_noise(shape, seed), smooth_noise(shape, seed + 1)])
+    missing = np.random.default_rng(seed).random(shape) < fraction
+    bands[1][missing] = np.nan
+    if np.count_nonzero(~missing) < 8:
+        return
+    step = {"op": "kmeans", "k": 2, "sample": 10_000}  # more than the pixels: all are fitted
+    result, centres = _run(bands, step, blocks)
+    whole, whole_centres = _run(bands, step, shape)
+    np.testing.assert_array_equal(centres, whole_centres)
+    np.testing.assert_array_equal(result, whole)
+    assert np.isfinite(centres).all()
+    valid = bands[:, ~missing].T.astype(np.float64)
+    np.testing.assert_array_equal(centres, fit_kmeans(valid, KMeansParams(k=2, sample=10_000)))
+    assert (result[missing] == 0).all()
+    np.testing.assert_array_equal(result[~missing], assign(valid, centres) + 1)

@@ -18,6 +18,7 @@ from pydantic import Field
 from scipy.cluster.vq import kmeans2
 
 from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
+from segflow.ops.statistics import nan_pixels
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a cheap, well-spread index hash
 _FULL_LIMIT = 200_000  # above this many samples, fit with mini-batches
@@ -95,10 +96,15 @@ class KMeansCentres:
         box: tuple[slice, ...] = (),
         shape: tuple[int, ...] = (),
     ) -> Any:
+        missing = nan_pixels(core)  # a pixel with a NaN feature has no value: left out
         if state is None:
-            return int(np.prod(core.shape[1:]))
+            size = int(np.prod(core.shape[1:]))
+            return size if missing is None else size - int(np.count_nonzero(missing))
         index = _linear_index(box, shape)
-        chosen = np.flatnonzero(_hash_unit(index, self.params.seed) < state.rate)
+        drawn = _hash_unit(index, self.params.seed) < state.rate
+        if missing is not None:
+            drawn &= ~missing.ravel()
+        chosen = np.flatnonzero(drawn)
         columns = feature_columns(core, box, shape, self.params.position, chosen)
         return index[chosen], np.stack(columns, axis=1)
 
@@ -160,13 +166,18 @@ def assign(data: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def kmeans_classes(image: np.ndarray, params: KMeansParams, ctx: OpContext) -> np.ndarray:
-    """Class ``1..k`` of the nearest centre for every pixel (centres from the whole item)."""
+    """Class ``1..k`` of the nearest centre for every pixel (centres from the whole item);
+    0 where a feature is NaN (such pixels are not sampled either)."""
     spatial = image.shape[1:]
     box = ctx.box if ctx.box else tuple(slice(0, n) for n in spatial)
     shape = ctx.shape if ctx.shape else spatial
     columns = feature_columns(image, box, shape, params.position)
     nearest = nearest_centre(columns, np.asarray(ctx.stat))
-    return (nearest.reshape(spatial) + 1).astype(np.uint8)[np.newaxis]
+    classes = (nearest.reshape(spatial) + 1).astype(np.uint8)
+    missing = nan_pixels(image)
+    if missing is not None:
+        classes[missing] = 0
+    return classes[np.newaxis]
 
 
 register(

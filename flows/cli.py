@@ -252,6 +252,7 @@ def _check_items(config: Any) -> list[str]:
                 channels=info.n_channels,
                 dtype=info.dtype,
                 spacing=info.spacing,
+                nodata=info.nodata,
             )
         except (SegflowError, ValueError) as error:
             problems.append(f"item {info.id!r} ({info.path}): {error}")

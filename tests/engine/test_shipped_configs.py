@@ -65,9 +65,14 @@ def test_config_blockwise_equals_whole(config_path: Path) -> None:
         shape = info.spatial_shape
         image = reader.read(tuple(slice(0, n) for n in shape))
         plan = compile_pipeline(
-            config.pipeline, spatial_ndim=len(shape), channels=info.n_channels, dtype=info.dtype
+            config.pipeline,
+            spatial_ndim=len(shape),
+            channels=info.n_channels,
+            dtype=info.dtype,
+            nodata=info.nodata,
         )
-        whole = segment(image, config.pipeline, block_shape=shape, channel_axis=0)
+        nodata = info.nodata
+        whole = segment(image, config.pipeline, block_shape=shape, channel_axis=0, nodata=nodata)
         assert whole.any(), f"{info.id}: the reference found nothing; the test would be vacuous"
         for layout in _layouts(shape, config.blocks.shape):
             tiny = layout == (7,) * len(shape) or layout[0] == 1
@@ -76,7 +81,9 @@ def test_config_blockwise_equals_whole(config_path: Path) -> None:
                 # real shared-data items, a block of 7 pixels with the ~130 px halo of a
                 # watershed is the whole image thousands of times over (minutes per config)
                 continue
-            result = segment(image, config.pipeline, block_shape=layout, channel_axis=0)
+            result = segment(
+                image, config.pipeline, block_shape=layout, channel_axis=0, nodata=nodata
+            )
             if plan.out_kind == "labels":
                 assert_same_labels(result, whole)
             else:

@@ -55,12 +55,12 @@ def test_validate_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> Non
 
 def test_validate_names_the_step_parameter_and_value() -> None:
     result = runner.invoke(
-        app, ["validate", str(CONFIGS / "aerial.yaml"), "--set", "pipeline.1.sigma=-1"]
+        app, ["validate", str(CONFIGS / "aerial.yaml"), "--set", "pipeline.2.sigma=-1"]
     )
 
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
-    assert line.startswith(f"{CONFIGS / 'aerial.yaml'}: pipeline[1].sigma: ")
+    assert line.startswith(f"{CONFIGS / 'aerial.yaml'}: pipeline[2].sigma: ")
     assert "must be >= 0" in line and "-1" in line
 
 

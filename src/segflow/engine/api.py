@@ -29,6 +29,7 @@ def segment(
     regions: bool = False,
     keep_limit: int | None = None,
     spacing: Sequence[float] | None = None,
+    nodata: float | None = None,
 ) -> Any:
     """Run a pipeline blockwise on an array and return the result; no Prefect needed.
 
@@ -55,6 +56,9 @@ def segment(
     spacing
         Physical pixel size per spatial axis (for ``distance_transform``, physical sizes and
         the regions' physical columns); 1 per axis by default.
+    nodata
+        The image's nodata value (e.g. a rasterio dataset's ``nodata``), for ``mask_nodata``
+        steps without a ``value``.
     keep_limit
         Bytes of intermediates kept on the workers between phases; a larger item streams
         (recomputes each phase from the input, in bounded memory). Default 1 GiB.
@@ -83,6 +87,8 @@ def segment(
     reader = ArrayReader(np.asarray(image), "array", channel_axis=channel_axis)
     if spacing is not None:
         reader.info = dataclasses.replace(reader.info, spacing=tuple(float(s) for s in spacing))
+    if nodata is not None:
+        reader.info = dataclasses.replace(reader.info, nodata=float(nodata))
     info = reader.info
     plan = compile_pipeline(
         pipeline,
@@ -90,6 +96,7 @@ def segment(
         channels=info.n_channels,
         dtype=info.dtype,
         spacing=info.spacing,
+        nodata=info.nodata,
     )
     if regions and plan.out_kind != "labels":
         raise PlanError(

@@ -102,6 +102,7 @@ def segment_item(
             channels=info.n_channels,
             dtype=info.dtype,
             spacing=info.spacing,
+            nodata=info.nodata,
         )
         block = block_shape_for(block_shape, len(spatial))
         chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))

@@ -14,7 +14,7 @@ starts from finished cores and gets its halo from the neighbours' strips.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -187,8 +187,10 @@ def compile_pipeline(
     channels: int,
     dtype: np.dtype | str,
     spacing: Sequence[float] = (),
+    nodata: float | None = None,
 ) -> Plan:
-    """Check a pipeline against an item's layout and split it into phases.
+    """Check a pipeline against an item's layout and split it into phases; ``nodata`` is the
+    item's nodata value from its metadata (for ``mask_nodata`` without a ``value``).
 
     Examples
     --------
@@ -200,13 +202,18 @@ def compile_pipeline(
     >>> plan.halo
     (8, 8)
     """
-    steps = parse_steps(pipeline)
+    steps = list(parse_steps(pipeline))
     dtype = np.dtype(dtype)
     sizes = tuple(float(s) for s in spacing)
     saved: dict[str, np.dtype] = {}
     labels_out = False
-    for step in steps:
+    for i, step in enumerate(steps):
         where = step.describe()
+        if step.op.item_nodata is not None:
+            try:
+                step = steps[i] = replace(step, params=step.op.item_nodata(step.params, nodata))
+            except ValueError as error:
+                raise PlanError(f"{where}: {error}") from None
         if spatial_ndim not in step.op.ndims:
             raise PlanError(
                 f"{where} works on {step.op.ndims}-D items, this item is {spatial_ndim}-D"
@@ -238,7 +245,7 @@ def compile_pipeline(
     phases = _split_phases(steps, spatial_ndim, sizes)
     out_kind = "labels" if labels_out else _output_kind(dtype)
     return Plan(
-        steps=steps,
+        steps=tuple(steps),
         phases=phases,
         halo=phases[0].halo_in,
         out_dtype=_storage_dtype(dtype),

@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from segflow.ops.registry import OpContext, Operation, OpParams, register
-from segflow.ops.statistics import Percentiles
+from segflow.ops.statistics import Percentiles, nan_pixels
 
 
 class ClipParams(OpParams):
@@ -135,7 +135,46 @@ def classify_intensity(image: np.ndarray, params: ClassifyParams, ctx: OpContext
     For CT in Hounsfield units, ``edges: [-400, 300]`` gives 1 = air/lung, 2 = soft tissue,
     3 = bone. 0 is left free for "no data".
     """
-    return (np.digitize(image, params.edges) + 1).astype(np.uint8)
+    classes = (np.digitize(image, params.edges) + 1).astype(np.uint8)
+    missing = nan_pixels(image)
+    if missing is not None:
+        classes[:, missing] = 0
+    return classes
+
+
+class MaskNodataParams(OpParams):
+    value: float | None = Field(
+        None,
+        description="the nodata value; by default the item's own (a GeoTIFF's nodata tag)",
+    )
+
+
+def float_for(dtype: np.dtype) -> np.dtype:
+    """The float type that holds every value of ``dtype``: the same for floats, float32 for
+    integers up to 16 bits, float64 above."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return dtype
+    return np.dtype(np.float32 if dtype.itemsize <= 2 else np.float64)
+
+
+def mask_nodata(image: np.ndarray, params: MaskNodataParams, ctx: OpContext) -> np.ndarray:
+    """Each band's nodata pixels become NaN (the image becomes float, see :func:`float_for`),
+    so the steps after leave them out: global statistics skip NaN and thresholds make them
+    background. Filters spread NaN over their window, as scipy's do."""
+    if params.value is None:
+        raise ValueError("mask_nodata: no `value` and no item nodata")  # compile fills it
+    out = image.astype(float_for(image.dtype))
+    out[image == params.value] = np.nan
+    return out
+
+
+def _item_nodata(params: MaskNodataParams, nodata: float | None) -> MaskNodataParams:
+    if params.value is not None:
+        return params
+    if nodata is None:
+        raise ValueError("the item has no nodata value in its metadata; give `value`")
+    return params.model_copy(update={"value": float(nodata)})  # NaN: already missing
 
 
 def _check_bands(bands: list[int], channels: int) -> str | None:
@@ -145,6 +184,18 @@ def _check_bands(bands: list[int], channels: int) -> str | None:
     return None
 
 
+register(
+    Operation(
+        name="mask_nodata",
+        kind="pointwise",
+        params=MaskNodataParams,
+        apply=mask_nodata,
+        summary="nodata pixels (the item's nodata value by default) -> NaN, which the "
+        "statistics leave out; the image becomes float",
+        out_dtype=lambda dtype, p: float_for(dtype),
+        item_nodata=_item_nodata,
+    )
+)
 register(
     Operation(
         name="clip",

@@ -136,6 +136,8 @@ class Operation(Generic[P]):
     ``out_channels`` and ``out_dtype`` let the planner check a pipeline before any data moves.
     ``expand(params)``, when it returns parts ``(part, op_name, op_params)``, replaces the
     configured step by those steps (an operation that needs several passes of its own).
+    ``item_nodata(params, nodata)`` fills parameters that default to the item's nodata value
+    (``None`` when its metadata has none), or raises ``ValueError``.
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
     """
@@ -159,6 +161,7 @@ class Operation(Generic[P]):
     halo_spacing: Callable[[P, int, tuple[float, ...]], tuple[int, ...]] | None = None
     expand: Callable[[P], Sequence[tuple[str, str, OpParams]]] | None = None
     makes_labels: bool = False  # a global op whose output is instance ids (stat = their count)
+    item_nodata: Callable[[P, float | None], P] | None = None
 
     def rule_for(self, params: P, ctx: OpContext) -> ObjectRule | None:
         return None if self.rule is None else self.rule(params, ctx)

@@ -75,18 +75,50 @@ def test_remove_small_objects_3d(layout: Layout, connectivity: int, max_size: in
     np.testing.assert_array_equal(result, expected)
 
 
-def test_remove_small_objects_by_physical_size_uses_the_item_spacing() -> None:
+@SETTINGS
+@given(
+    st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=12)),
+    st.sampled_from([1, 2]),
+    st.integers(1, 30),
+)
+def test_remove_large_objects(layout: Layout, connectivity: int, min_size: int) -> None:
+    """Objects of min_size pixels or more go: what remove_small_objects(max_size=min_size-1)
+    would remove is what stays."""
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.45)
+    step = {"op": "remove_large_objects", "min_size": min_size, "connectivity": connectivity}
+    result = _run(mask, step, blocks)
+    bigger = morphology.remove_small_objects(mask, max_size=min_size - 1, connectivity=connectivity)
+    np.testing.assert_array_equal(result, mask & ~bigger)
+
+
+def test_remove_large_objects_needs_one_size() -> None:
+    for sizes in ({}, {"min_size": 4, "min_physical_size": 1.0}):
+        with pytest.raises(ConfigError, match="give exactly one of `min_size`"):
+            compile_pipeline([{"op": "remove_large_objects", **sizes}], spatial_ndim=2,
+                             channels=1, dtype="uint8")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sizes", "kept"),
+    [
+        ({"remove_small_objects": {"max_physical_size": 1.0}}, 9),
+        ({"remove_large_objects": {"min_physical_size": 2.25}}, 4),
+        ({"remove_large_objects": {"min_physical_size": 2.3}}, 13),
+    ],
+)
+def test_objects_by_physical_size_use_the_item_spacing(
+    sizes: dict[str, dict[str, float]], kept: int
+) -> None:
     mask = np.zeros((12, 12), dtype=np.uint8)
     mask[0:2, 0:2] = 1  # 4 pixels = 1.0 mm^2 at 0.5 mm
     mask[5:8, 5:8] = 1  # 9 pixels = 2.25 mm^2
     reader = ArrayReader(mask, "spaced")
     # Signed spacing, as north-up rasters and LPS volumes have it.
     reader.info = dataclasses.replace(reader.info, spacing=(0.5, -0.5))
+    [(op, size)] = sizes.items()
     plan = compile_pipeline(
-        [
-            {"op": "threshold", "value": 0},
-            {"op": "remove_small_objects", "max_physical_size": 1.0},
-        ],
+        [{"op": "threshold", "value": 0}, {"op": op, **size}],
         spatial_ndim=2,
         channels=1,
         dtype="uint8",
@@ -99,7 +131,7 @@ def test_remove_small_objects_by_physical_size_uses_the_item_spacing() -> None:
     for summary in run.blocks:
         region, data = summary.written
         out[region] = data
-    assert out.sum() == 9 and out[6, 6] == 1 and out[0, 0] == 0
+    assert out.sum() == kept
 
 
 def _keep_largest_reference(mask: np.ndarray, k: int, connectivity: int) -> np.ndarray:

@@ -98,18 +98,23 @@ def _kept_mask(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> 
     return ids != 0
 
 
+def _sizes_rule(keep: Callable[[np.ndarray], np.ndarray]) -> ObjectRule:
+    """Keep the objects whose whole-item size (pixels) passes ``keep``."""
+    return ObjectRule(
+        columns=("size",),
+        reduce=("sum",),
+        measure=lambda source, labels, n, box, shape: _counts(labels, n)[:, np.newaxis],
+        keep=lambda features: keep(features[:, 0]),
+    )
+
+
 def _size_rule(params: RemoveSmallParams, ctx: OpContext) -> ObjectRule:
     if params.max_size is not None:
         limit, scale = float(params.max_size), 1.0
     else:
         assert params.max_physical_size is not None
         limit, scale = params.max_physical_size, _voxel_size(ctx)
-    return ObjectRule(
-        columns=("size",),
-        reduce=("sum",),
-        measure=lambda source, labels, n, box, shape: _counts(labels, n)[:, np.newaxis],
-        keep=lambda features: features[:, 0] * scale > limit,
-    )
+    return _sizes_rule(lambda size: size * scale > limit)
 
 
 register(
@@ -122,6 +127,53 @@ register(
         finish=_kept_mask,
         summary="drop connected objects of max_size pixels or fewer (or a physical size), "
         "sizes counted over the whole item (skimage.morphology.remove_small_objects)",
+        halo_rule="0 (object sizes are merged globally)",
+        out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)
+
+
+# --- remove_large_objects --------------------------------------------------------------------
+
+
+class RemoveLargeParams(OpParams):
+    min_size: int | None = Field(
+        None, ge=1, description="remove objects of this many pixels (voxels) or more"
+    )
+    min_physical_size: float | None = Field(
+        None,
+        gt=0,
+        description="remove objects of this physical size or more (item units^ndim: m^2, mm^3)",
+    )
+    connectivity: Connectivity = 1
+
+    @model_validator(mode="after")
+    def _one_size(self) -> RemoveLargeParams:
+        if (self.min_size is None) == (self.min_physical_size is None):
+            raise ValueError("give exactly one of `min_size` (pixels) or `min_physical_size`")
+        return self
+
+
+def _large_rule(params: RemoveLargeParams, ctx: OpContext) -> ObjectRule:
+    if params.min_size is not None:
+        limit, scale = float(params.min_size), 1.0
+    else:
+        assert params.min_physical_size is not None
+        limit, scale = params.min_physical_size, _voxel_size(ctx)
+    return _sizes_rule(lambda size: size * scale < limit)
+
+
+register(
+    Operation(
+        name="remove_large_objects",
+        kind="connectivity",
+        params=RemoveLargeParams,
+        apply=_label_foreground,
+        rule=_large_rule,
+        finish=_kept_mask,
+        summary="drop connected objects of min_size pixels or more (or a physical size), "
+        "sizes counted over the whole item: background, sky, a whole-slide smear",
         halo_rule="0 (object sizes are merged globally)",
         out_dtype=lambda dtype, p: np.dtype(bool),
         needs_single_channel=True,

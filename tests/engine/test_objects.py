@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from skimage import morphology
 from skimage.filters import apply_hysteresis_threshold
-from skimage.segmentation import flood, relabel_sequential
+from skimage.segmentation import clear_border, flood, relabel_sequential
 
 from segflow import segment
 from segflow.engine.api import run_item
@@ -132,6 +132,29 @@ def test_objects_by_physical_size_use_the_item_spacing(
         region, data = summary.written
         out[region] = data
     assert out.sum() == kept
+
+
+@SETTINGS
+@given(
+    st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=12)),
+    st.booleans(),
+    st.integers(0, 4),
+)
+def test_clear_border(layout: Layout, full: bool, buffer_size: int) -> None:
+    """skimage.segmentation.clear_border (which labels with full connectivity) on the whole
+    item; with face connectivity, objects are the face-connected components."""
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.45)
+    connectivity = len(shape) if full else 1
+    step = {"op": "clear_border", "buffer_size": buffer_size, "connectivity": connectivity}
+    result = _run(mask, step, blocks)
+    if buffer_size >= min(shape):  # scikit-image refuses; every pixel is near the border
+        assert not result.any()
+        return
+    labels, _ = ndi.label(mask, _structure(mask.ndim, connectivity))
+    np.testing.assert_array_equal(result, clear_border(labels, buffer_size=buffer_size) != 0)
+    if full:
+        np.testing.assert_array_equal(result, clear_border(mask, buffer_size=buffer_size))
 
 
 def _keep_largest_reference(mask: np.ndarray, k: int, connectivity: int) -> np.ndarray:

@@ -233,14 +233,18 @@ def _label_background(image: np.ndarray, params: FillHolesParams, ctx: OpContext
     return _label_mask(image[0] == 0, params.connectivity)[np.newaxis]
 
 
-def _border_labels(labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]) -> np.ndarray:
-    """1 for labels with a pixel on the item's border, else 0."""
+def _border_labels(
+    labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...], width: int = 1
+) -> np.ndarray:
+    """1 for labels with a pixel within ``width`` pixels of the item's border, else 0."""
     touches = np.zeros(n + 1)
     for axis, (s, size) in enumerate(zip(box, shape, strict=True)):
-        if s.start == 0:
-            touches[np.take(labels, 0, axis=axis)] = 1
-        if s.stop == size:
-            touches[np.take(labels, -1, axis=axis)] = 1
+        if s.start < width:
+            touches[np.take(labels, range(width - s.start), axis=axis, mode="clip")] = 1
+        if s.stop > size - width:
+            last = s.stop - s.start
+            near = range(max(size - width - s.start, 0), last)
+            touches[np.take(labels, near, axis=axis)] = 1
     return touches
 
 
@@ -274,6 +278,49 @@ register(
         finish=_fill,
         summary="fill background regions that do not touch the item border "
         "(scipy.ndimage.binary_fill_holes), optionally only those of max_size pixels or fewer",
+        halo_rule="0 (border contact is merged globally)",
+        out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)
+
+
+# --- clear_border ----------------------------------------------------------------------------
+
+
+class ClearBorderParams(OpParams):
+    buffer_size: int = Field(
+        0, ge=0, description="also remove objects within this many pixels of the border"
+    )
+    connectivity: Connectivity = 1
+
+
+def _border_rule(params: ClearBorderParams, ctx: OpContext) -> ObjectRule:
+    width = params.buffer_size + 1
+
+    def measure(
+        source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        return _border_labels(labels, n, box, shape, width)[:, np.newaxis]
+
+    return ObjectRule(
+        columns=("on_border",),
+        reduce=("max",),
+        measure=measure,
+        keep=lambda features: features[:, 0] == 0,
+    )
+
+
+register(
+    Operation(
+        name="clear_border",
+        kind="connectivity",
+        params=ClearBorderParams,
+        apply=_label_foreground,
+        rule=_border_rule,
+        finish=_kept_mask,
+        summary="drop objects that touch the item's border (skimage.segmentation.clear_border "
+        "on the whole item), e.g. the air around a CT body, cells cut by the field of view",
         halo_rule="0 (border contact is merged globally)",
         out_dtype=lambda dtype, p: np.dtype(bool),
         needs_single_channel=True,

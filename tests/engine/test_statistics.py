@@ -80,3 +80,77 @@ def test_percentiles_equal_numpy_for_every_dtype(
     low, high = ordered[below], ordered[np.minimum(below + 1, len(ordered) - 1)]
     expected = np.where(np.isnan(expected) & (low == high), low, expected)
     np.testing.assert_array_equal(np.asarray(result, dtype=np.float64), expected)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["otsu", "li", "yen", "multi_otsu", "threshold_percentile", "canny"]),
+    st.sampled_from(["uint8", "uint16", "float32"]),
+    st.integers(0, 2**32 - 1),
+    st.integers(2, 4),
+)
+def test_statistics_merged_as_a_tree_on_the_workers(
+    op: str, dtype: str, seed: int, fan_in: int
+) -> None:
+    """With many blocks, partials are merged in groups of FAN_IN before the client sees them;
+    the result equals the whole-array reference, and progress still counts every block."""
+    from scipy import ndimage as ndi
+    from skimage import feature, filters
+
+    from segflow import segment
+    from segflow.engine import run
+
+    rng = np.random.default_rng(seed)
+    image = ndi.gaussian_filter(rng.random((48, 40)), 1.0)
+    if dtype != "float32":
+        image = (image * (200 if dtype == "uint8" else 40000)).astype(dtype)
+    else:
+        image = image.astype(dtype)
+        image[rng.random(image.shape) < 0.05] = np.nan
+    values = image[~np.isnan(image)] if dtype == "float32" else image.ravel()
+    if len(np.unique(values)) < 4:
+        return
+    step: dict[str, Any] = {"op": op}
+    if op == "li":
+        step["tolerance"] = 1e-4 if dtype == "float32" else None
+    if op == "threshold_percentile":
+        step["q"] = 37.5
+    if op == "canny":
+        image = np.nan_to_num(image.astype(np.float32), nan=0.0)
+        step.update(sigma=1.0, low=0.3, high=0.8, use_quantiles=True)
+    merges, seen = [], []
+    merge = run.merge_partials
+
+    def counted(partials: list[Any], **kwargs: Any) -> Any:
+        merges.append(len(partials))
+        return merge(partials, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "FAN_IN", fan_in)
+        patch.setattr(run, "merge_partials", counted)
+        pipeline = [step]
+        if op == "canny":  # the candidates, then edge tracking = skimage.feature.canny
+            pipeline.append({"op": "hysteresis", "low": 0.5, "high": 1.5, "connectivity": 2})
+        result = segment(image, pipeline, block_shape=(7, 6), progress=lambda *a: seen.append(a))
+    assert merges and max(merges) <= fan_in
+    assert any(total == 7 * 7 for _, _, total in seen)  # 7 x 7 blocks reported
+    finite = values.astype(np.float64) if dtype == "float32" else values
+    reference = {
+        "otsu": lambda: image > filters.threshold_otsu(finite.astype(image.dtype)),
+        "li": lambda: (
+            image > filters.threshold_li(finite.astype(image.dtype), tolerance=1e-4)
+            if dtype == "float32"
+            else image > filters.threshold_li(image)
+        ),
+        "yen": lambda: image > filters.threshold_yen(finite.astype(image.dtype)),
+        "multi_otsu": lambda: np.where(
+            np.isnan(image) if dtype == "float32" else False,
+            0,
+            np.digitize(image, filters.threshold_multiotsu(finite.astype(image.dtype))) + 1,
+        ),
+        "threshold_percentile": lambda: image > np.percentile(finite, 37.5),
+        "canny": lambda: feature.canny(
+            image, sigma=1.0, low_threshold=0.3, high_threshold=0.8, use_quantiles=True
+        ),
+    }[op]()
+    np.testing.assert_array_equal(result, reference)

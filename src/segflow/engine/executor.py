@@ -31,6 +31,10 @@ class Executor(Protocol):
         """Wait for handles and return their values, in order."""
         ...
 
+    def wait(self, handles: Sequence[Any], *, label: str, progress: ProgressCallback) -> None:
+        """Report ``progress`` as handles finish, without fetching their values."""
+        ...
+
 
 class LocalExecutor:
     """Run block tasks on a thread pool in this process (numpy and scipy release the GIL)."""
@@ -56,6 +60,10 @@ class LocalExecutor:
             for done, _ in enumerate(cf.as_completed(handles), start=1):
                 progress(label, done, len(handles))
         return [h.result() for h in handles]
+
+    def wait(self, handles: Sequence[Any], *, label: str, progress: ProgressCallback) -> None:
+        for done, _ in enumerate(cf.as_completed(handles), start=1):
+            progress(label, done, len(handles))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -103,3 +111,9 @@ class DaskExecutor:
             for done, _ in enumerate(as_completed(handles), start=1):
                 progress(label, done, len(handles))
         return list(self.client.gather(list(handles)))
+
+    def wait(self, handles: Sequence[Any], *, label: str, progress: ProgressCallback) -> None:
+        from distributed import as_completed
+
+        for done, _ in enumerate(as_completed(handles), start=1):
+            progress(label, done, len(handles))

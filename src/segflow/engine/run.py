@@ -390,6 +390,13 @@ def tile_statistic(
     return map_statistic(statistic, core, state, block.core, shape)
 
 
+FAN_IN = 16  # partial results merged per task in a statistic's tree reduction
+
+
+def merge_partials(partials: list[Any], *, statistic: GlobalStatistic, state: Any) -> Any:
+    return statistic.merge(partials, state)  # type: ignore[attr-defined]
+
+
 def label_summary(tile: LabelTile) -> LabelSummary:
     return tile.summary
 
@@ -607,18 +614,17 @@ class _PlanRun:
         state = statistic.start()
         if self.stream:
             tiles = []
-            partials = executor.gather(
+            partials = self.reduce(
                 self.stream_map(
                     phase, keep_halo=keep_halo, reduce=(statistic, state), saved=self.saved
                 ),
+                statistic,
+                state,
                 label=label,
-                progress=self.progress,
             )
         else:
             tiles = self.map_blocks(phase, sources, keep_halo=keep_halo, reduce=(statistic, state))
-            partials = executor.gather(
-                executor.map(tile_partial, tiles), label=label, progress=self.progress
-            )
+            partials = self.reduce(executor.map(tile_partial, tiles), statistic, state, label=label)
         while True:
             try:
                 result = statistic.combine(partials, state)
@@ -645,9 +651,28 @@ class _PlanRun:
                     state=state,
                     shape=self.shape,
                 )
-            partials = executor.gather(handles)
+            partials = self.reduce(handles, statistic, state)
         self.done.append(phase)
         return _Sources(tiles, self._none(), [None] * len(self.blocks))
+
+    def reduce(
+        self, handles: list[Any], statistic: GlobalStatistic, state: Any, *, label: str = ""
+    ) -> list[Any]:
+        """The blocks' partial results, merged on the workers in groups of ``FAN_IN`` (a
+        tree) where the statistic can merge them, so the client receives at most
+        ``FAN_IN`` of them however many blocks the item has. Progress (for a ``label``d
+        pass) counts the blocks."""
+        executor = self.executor
+        progress = self.progress if label else None
+        leaves = handles
+        if getattr(statistic, "merge", None) is not None:
+            while len(handles) > FAN_IN:
+                groups = [handles[i : i + FAN_IN] for i in range(0, len(handles), FAN_IN)]
+                handles = executor.map(merge_partials, groups, statistic=statistic, state=state)
+        if handles is not leaves and progress is not None:
+            executor.wait(leaves, label=label, progress=progress)
+            return executor.gather(handles)
+        return executor.gather(handles, label=label, progress=progress)
 
     def label_phase(self, phase: Phase, sources: _Sources, label: str) -> _Sources:
         executor, grid = self.executor, self.grid

@@ -117,7 +117,9 @@ class GlobalStatistic(Protocol):
     workers, where the blocks live), ``combine`` on the small partial results (on the client),
     until ``combine`` returns :class:`Done`. States and partials must be small. A statistic
     with ``positional = True`` gets ``map(core, state, box=..., shape=...)``: where the core
-    lies in the item (for samples that must not depend on the block layout).
+    lies in the item (for samples that must not depend on the block layout). A statistic
+    with ``merge(partials, state)`` (several partials as one, associative) is reduced as a
+    tree on the workers: the client then receives a few partials, not one per block.
     """
 
     def start(self) -> Any: ...

@@ -55,6 +55,20 @@ def _merge_ranges(partials: Sequence[tuple[Any, Any] | None]) -> tuple[Any, Any]
     return min(lows), max(highs)
 
 
+def _merge_optional_ranges(partials: Sequence[tuple[Any, Any] | None]) -> tuple[Any, Any] | None:
+    return _merge_ranges(partials) if any(p is not None for p in partials) else None
+
+
+def _sum_sparse(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse counts ``(indices, counts)`` added up."""
+    size = max((int(f[-1]) + 1 for f, _ in parts if len(f)), default=0)
+    total = np.zeros(size, dtype=np.int64)
+    for filled, counts in parts:
+        total[filled] += counts  # indices are distinct within a part
+    filled = np.flatnonzero(total)
+    return filled, total[filled]
+
+
 def without_nan(values: np.ndarray) -> np.ndarray:
     """The values that are not NaN (the same array where there is none)."""
     if values.dtype.kind != "f" or values.size == 0 or not np.isnan(values.min()):
@@ -98,6 +112,13 @@ class Histogram:
             return np.bincount(shifted, minlength=int(state.high) - int(state.low) + 1)
         counts, _ = np.histogram(core, bins=state.nbins, range=(state.low, state.high))
         return counts
+
+    def merge(self, partials: Sequence[Any], state: Any) -> Any:
+        """Several blocks' partials as one (on a worker: a tree reduction)."""
+        if isinstance(state, _Range):
+            return _merge_optional_ranges(partials)
+        counts = [p for p in partials if p is not None]
+        return np.sum(counts, axis=0) if counts else None
 
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         if isinstance(state, _Range):
@@ -264,6 +285,30 @@ class Percentiles:
             uniques, counts = np.unique(inside, return_counts=True)
             result.append((below, uniques, counts))
         return result
+
+    def merge(self, partials: Sequence[Any], state: Any) -> Any:
+        """Several blocks' partials as one (on a worker: a tree reduction)."""
+        if state is None:
+            extent = _merge_optional_ranges([p[0] for p in partials])
+            size = sum(p[1] for p in partials)
+            return extent, size, partials[0][2], _sum_sparse([p[3] for p in partials])
+        if isinstance(state, _Select):
+            merged: dict[int, tuple[int, list[Any]]] = {}
+            for part in partials:
+                for prefix, below, counts in part:
+                    before, parts = merged.get(prefix, (0, []))
+                    merged[prefix] = (before + below, [*parts, counts])
+            return [(k, below, _sum_sparse(parts)) for k, (below, parts) in sorted(merged.items())]
+        out = []
+        for k in range(len(state.intervals)):
+            below = sum(p[k][0] for p in partials)
+            values, inverse = np.unique(
+                np.concatenate([p[k][1] for p in partials]), return_inverse=True
+            )
+            counts = np.zeros(len(values), dtype=np.int64)
+            np.add.at(counts, inverse, np.concatenate([p[k][2] for p in partials]))
+            out.append((below, values, counts))
+        return out
 
     def _ranks(self, size: int) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
         # numpy's "linear" method: virtual index = (n - 1) * q, written as numpy writes it

@@ -304,6 +304,12 @@ class LiThreshold:
         values = without_nan(core.ravel())
         return float(np.sum(values, dtype=np.float64)), values.size
 
+    def merge(self, partials: Sequence[Any], state: Any) -> Any:
+        """Several blocks' partials as one (on a worker: a tree reduction)."""
+        if isinstance(state, _LiPass | _LiFloat):
+            return tuple(np.sum(np.asarray(partials, dtype=np.float64), axis=0))
+        return Histogram().merge(partials, state)
+
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         if isinstance(state, _LiPass):
             sums = np.sum(np.asarray(partials, dtype=np.float64), axis=0)

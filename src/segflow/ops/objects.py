@@ -84,8 +84,7 @@ class RemoveSmallParams(OpParams):
 
     @model_validator(mode="after")
     def _one_size(self) -> RemoveSmallParams:
-        if (self.max_size is None) == (self.max_physical_size is None):
-            raise ValueError("give exactly one of `max_size` (pixels) or `max_physical_size`")
+        _one_size(self.max_size, self.max_physical_size, "max")
         return self
 
 
@@ -108,12 +107,21 @@ def _sizes_rule(keep: Callable[[np.ndarray], np.ndarray]) -> ObjectRule:
     )
 
 
+def _one_size(pixels: int | None, physical: float | None, bound: str) -> None:
+    if (pixels is None) == (physical is None):
+        raise ValueError(f"give exactly one of `{bound}_size` (pixels) or `{bound}_physical_size`")
+
+
+def _size_limit(pixels: int | None, physical: float | None, ctx: OpContext) -> tuple[float, float]:
+    """The size limit and the size of a pixel in its units (1 for a pixel count)."""
+    if pixels is not None:
+        return float(pixels), 1.0
+    assert physical is not None
+    return physical, _voxel_size(ctx)
+
+
 def _size_rule(params: RemoveSmallParams, ctx: OpContext) -> ObjectRule:
-    if params.max_size is not None:
-        limit, scale = float(params.max_size), 1.0
-    else:
-        assert params.max_physical_size is not None
-        limit, scale = params.max_physical_size, _voxel_size(ctx)
+    limit, scale = _size_limit(params.max_size, params.max_physical_size, ctx)
     return _sizes_rule(lambda size: size * scale > limit)
 
 
@@ -150,17 +158,12 @@ class RemoveLargeParams(OpParams):
 
     @model_validator(mode="after")
     def _one_size(self) -> RemoveLargeParams:
-        if (self.min_size is None) == (self.min_physical_size is None):
-            raise ValueError("give exactly one of `min_size` (pixels) or `min_physical_size`")
+        _one_size(self.min_size, self.min_physical_size, "min")
         return self
 
 
 def _large_rule(params: RemoveLargeParams, ctx: OpContext) -> ObjectRule:
-    if params.min_size is not None:
-        limit, scale = float(params.min_size), 1.0
-    else:
-        assert params.min_physical_size is not None
-        limit, scale = params.min_physical_size, _voxel_size(ctx)
+    limit, scale = _size_limit(params.min_size, params.min_physical_size, ctx)
     return _sizes_rule(lambda size: size * scale < limit)
 
 

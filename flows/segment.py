@@ -57,6 +57,37 @@ def resolve_config(
     return parse_config(apply_overrides(config, overrides), base_dir=Path.cwd())
 
 
+def keep_recorded_ids(
+    items: list[dict[str, str]],
+    failed_rows: list[dict[str, Any]],
+    index_rows: list[dict[str, Any]],
+) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Give every item the id the store's index recorded for its source.
+
+    Discovery names items by file stem, prefixed with folders only where stems collide, so a
+    file joining the collection can rename others (``a/tile.tif`` is ``tile`` until
+    ``b/tile.tif`` appears, then ``a_tile``): on the next scheduled run its output would be
+    redone under a new name. Here an id in the store stays with its source, and is never
+    given to another one (a new item whose id is taken gets ``_2``, ``_3``, ...).
+    """
+    recorded = {row["source"]: row["id"] for row in index_rows if row.get("source")}
+    used = {row["id"] for row in index_rows}
+    sources = [entry.get("path", entry.get("source", "")) for entry in [*items, *failed_rows]]
+    ids: list[str] = [recorded.get(source, "") for source in sources]
+    for i, entry in enumerate([*items, *failed_rows]):
+        if ids[i]:
+            continue
+        unique, n = entry["id"], 1
+        while unique in used or unique in ids:
+            n += 1
+            unique = f"{entry['id']}_{n}"
+        ids[i] = unique
+        used.add(unique)
+    renamed_items = [{**item, "id": ids[i]} for i, item in enumerate(items)]
+    renamed_rows = [{**row, "id": ids[len(items) + i]} for i, row in enumerate(failed_rows)]
+    return renamed_items, renamed_rows
+
+
 def select_items(
     items: list[dict[str, str]],
     index_rows: list[dict[str, Any]],
@@ -136,9 +167,11 @@ def segment_collection(
     store = cfg.output.store
     config_hash = cfg.config_hash()
     items, failed_rows = discover_items_task(cfg.input.path)
+    index_rows = read_index_task(store)
+    items, failed_rows = keep_recorded_ids(items, failed_rows, index_rows)
     todo, skipped = select_items(
         items,
-        read_index_task(store),
+        index_rows,
         config_hash=config_hash,
         overwrite=cfg.output.overwrite if overwrite is None else overwrite,
         item_filter=item_filter,

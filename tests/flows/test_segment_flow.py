@@ -120,3 +120,42 @@ def test_backfill_redoes_matching_items_of_a_config(tmp_path: Path, dask_address
     none = backfill(str(config), items=["no_such_*"], overrides=overrides)
 
     assert [(s["done"], s["skipped"]) for s in (first, redo, none)] == [(1, 0), (1, 0), (0, 0)]
+
+
+def test_ids_recorded_in_the_store_survive_new_files(tmp_path: Path, dask_address: str) -> None:
+    """A scheduled run over a growing folder: a second tile.tif would make discovery call the
+    first one a_tile; the store's id stays, so it is skipped, and the new one is added."""
+    folder = tmp_path / "tiles"
+    (folder / "a").mkdir(parents=True)
+    write_geotiff(folder / "a" / "tile.tif", blob_image())
+    config = collection_config(folder, tmp_path / "out.zarr", dask_address)
+    assert [r["id"] for r in run(config)[1]["rows"]] == ["tile"]  # type: ignore[index]
+
+    (folder / "b").mkdir()
+    write_geotiff(folder / "b" / "tile.tif", blob_image())
+    state, summary = run(config)
+
+    assert state == "COMPLETED"
+    rows = [(r["id"], r["status"]) for r in summary["rows"]]  # type: ignore[attr-defined]
+    assert rows == [("b_tile", "done"), ("tile", "skipped")]
+    index = pd.read_parquet(tmp_path / "out.zarr" / "index.parquet").set_index("id")
+    assert index.loc["tile", "source"].endswith(os.path.join("a", "tile.tif"))
+
+
+def test_keep_recorded_ids_never_reuses_an_id_for_another_source() -> None:
+    from flows.segment import keep_recorded_ids
+
+    index = [
+        {"id": "tile", "source": "/t/a/tile.tif", "status": "done"},
+        {"id": "old", "source": "/t/gone.tif", "status": "done"},  # its file was removed
+    ]
+    items = [
+        {"id": "a_tile", "path": "/t/a/tile.tif", "fingerprint": "1"},
+        {"id": "tile", "path": "/t/c/tile.tif", "fingerprint": "2"},  # cannot take "tile"
+        {"id": "old", "path": "/t/x/old.tif", "fingerprint": "3"},  # nor "old"
+    ]
+    failed = [{"id": "bad", "source": "/t/bad.tif", "status": "failed"}]
+    renamed, rows = keep_recorded_ids(items, failed, index)
+    assert [i["id"] for i in renamed] == ["tile", "tile_2", "old_2"]
+    assert [r["id"] for r in rows] == ["bad"]
+    assert keep_recorded_ids(items, failed, []) == (items, failed)  # a new store: as found

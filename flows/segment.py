@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.cluster import dashboard_link, dask_client
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
 from segflow.engine.item import code_version
+from segflow.io import unused_id
 from tasks.artifacts import open_line, report_items_task
 from tasks.items import discover_items_task, segment_item_task
 from tasks.progress import report_progress
@@ -71,21 +72,15 @@ def keep_recorded_ids(
     given to another one (a new item whose id is taken gets ``_2``, ``_3``, ...).
     """
     recorded = {row["source"]: row["id"] for row in index_rows if row.get("source")}
-    used = {row["id"] for row in index_rows}
-    sources = [entry.get("path", entry.get("source", "")) for entry in [*items, *failed_rows]]
-    ids: list[str] = [recorded.get(source, "") for source in sources]
-    for i, entry in enumerate([*items, *failed_rows]):
-        if ids[i]:
-            continue
-        unique, n = entry["id"], 1
-        while unique in used or unique in ids:
-            n += 1
-            unique = f"{entry['id']}_{n}"
-        ids[i] = unique
-        used.add(unique)
-    renamed_items = [{**item, "id": ids[i]} for i, item in enumerate(items)]
-    renamed_rows = [{**row, "id": ids[len(items) + i]} for i, row in enumerate(failed_rows)]
-    return renamed_items, renamed_rows
+    taken = {row["id"] for row in index_rows}
+
+    def renamed(entry: dict[str, Any], source: str) -> dict[str, Any]:
+        return {**entry, "id": recorded.get(source) or unused_id(entry["id"], taken)}
+
+    return (
+        [renamed(item, item["path"]) for item in items],
+        [renamed(row, row["source"]) for row in failed_rows],
+    )
 
 
 def select_items(

@@ -1,7 +1,13 @@
 """Readers: one item of a collection as metadata plus windowed reads, channels first."""
 
 from segflow.io.base import Format, ItemInfo, Reader
-from segflow.io.discover import ITEM_SUFFIXES, assign_item_ids, discover_items, open_item
+from segflow.io.discover import (
+    ITEM_SUFFIXES,
+    assign_item_ids,
+    discover_items,
+    open_item,
+    unused_id,
+)
 from segflow.io.geotiff import GeoTIFFReader
 from segflow.io.image import ImageReader
 from segflow.io.nifti import NiftiReader
@@ -18,6 +24,7 @@ __all__ = [
     "Reader",
     "ZarrReader",
     "assign_item_ids",
+    "unused_id",
     "discover_items",
     "open_item",
 ]

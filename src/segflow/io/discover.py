@@ -166,16 +166,19 @@ def assign_item_ids(paths: list[str]) -> list[str]:
                     deepened = True
         if not groups or not deepened:
             break
-    ids = [make_id(i) for i in range(len(paths))]
     seen: set[str] = set()
-    for i, item_id in enumerate(ids):
-        unique, n = item_id, 1
-        while unique in seen:
-            n += 1
-            unique = f"{item_id}_{n}"
-        ids[i] = unique
-        seen.add(unique)
-    return ids
+    return [unused_id(make_id(i), seen) for i in range(len(paths))]
+
+
+def unused_id(item_id: str, taken: set[str]) -> str:
+    """``item_id``, or ``item_id_2``, ``item_id_3``, ... whichever is not in ``taken``; the
+    answer is added to ``taken``."""
+    unique, n = item_id, 1
+    while unique in taken:
+        n += 1
+        unique = f"{item_id}_{n}"
+    taken.add(unique)
+    return unique
 
 
 def _group_collisions(ids: list[str]) -> list[list[int]]:

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from flows.segment import resolve_config
 from segflow.evaluate import match_references
 from tasks.evaluate import evaluate_item_task
-from tasks.store import read_index_task, write_index_task
+from tasks.store import current_run_id, read_index_task, write_index_task, writing_store
 
 REFERENCE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr", ".geojson", ".json")
 
@@ -60,8 +60,9 @@ def evaluate_collection(
     ]
     scores = [f.result() for f in futures]
     if scores:
-        write_index_task(store, [{**rows[s["id"]], **s} for s in scores])
-        pd.DataFrame(scores).to_parquet(Path(store) / "evaluation.parquet", index=False)
+        with writing_store(store, current_run_id()):  # one writer per store, as a run
+            write_index_task(store, [{**rows[s["id"]], **s} for s in scores])
+            pd.DataFrame(scores).to_parquet(Path(store) / "evaluation.parquet", index=False)
     return {
         "name": cfg.name,
         "store": store,

@@ -8,7 +8,7 @@ a scheduled run only does new or changed items.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,11 @@ from tasks.artifacts import open_line, report_items_task
 from tasks.items import discover_items_task, segment_item_task
 from tasks.progress import report_progress
 from tasks.store import (
-    consolidate_store_task,
-    prepare_store_task,
+    current_run_id,
+    read_commits_task,
     read_index_task,
-    write_index_task,
+    record_items_task,
+    writing_store,
 )
 
 # Items segmented at once. Dask already spreads each item's blocks over every worker; a few
@@ -89,13 +90,17 @@ def select_items(
     *,
     config_hash: str,
     overwrite: bool,
+    commits: Mapping[str, Mapping[str, Any] | None],
     item_filter: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """Split ``items`` into those to segment and the index rows of those to skip.
 
     An item is skipped when its index row says ``done`` with the same (non-empty)
-    fingerprint, config hash and code version, unless ``overwrite``. With ``item_filter``
-    (glob patterns on ids), items that match none are left out altogether.
+    fingerprint, config hash and code version, and its group's commit record (``commits``,
+    by id: :func:`segflow.store.commit.read_commit`) says the same: a ``done`` row over a
+    group that was never committed, was interrupted or is gone is redone. Never skipped
+    with ``overwrite``. With ``item_filter`` (glob patterns on ids), items that match none
+    are left out altogether.
     """
     if item_filter:
         items = [i for i in items if any(fnmatch.fnmatchcase(i["id"], p) for p in item_filter)]
@@ -104,13 +109,14 @@ def select_items(
     todo, skipped = [], []
     for item in items:
         row = done.get(item["id"])
+        commit = commits.get(item["id"]) or {}
         if (
             not overwrite
             and row is not None
             and item["fingerprint"]  # no fingerprint (some URLs): always redo
-            and row.get("fingerprint") == item["fingerprint"]
-            and row.get("config_hash") == config_hash
-            and row.get("code_version") == version
+            and row.get("fingerprint") == item["fingerprint"] == commit.get("fingerprint")
+            and row.get("config_hash") == config_hash == commit.get("config_hash")
+            and row.get("code_version") == version == commit.get("code_version")
         ):
             skipped.append({**row, "status": "skipped"})
         else:
@@ -161,14 +167,17 @@ def segment_collection(
     cfg = resolve_config(config, overrides or ())
     store = cfg.output.store
     config_hash = cfg.config_hash()
+    run_id = current_run_id()
     items, failed_rows = discover_items_task(cfg.input.path)
     index_rows = read_index_task(store)
     items, failed_rows = keep_recorded_ids(items, failed_rows, index_rows)
+    done_ids = [r["id"] for r in index_rows if r.get("status") == "done"]
     todo, skipped = select_items(
         items,
         index_rows,
         config_hash=config_hash,
         overwrite=cfg.output.overwrite if overwrite is None else overwrite,
+        commits=read_commits_task(store, done_ids) if done_ids else {},
         item_filter=item_filter,
     )
     if item_filter:
@@ -179,42 +188,12 @@ def segment_collection(
         logger.info("item %s: skipped, already done with this input, config and code", row["id"])
         report_progress(row["id"], "skipped", 1, 1)
     rows: list[dict[str, Any]] = list(failed_rows)
-    if failed_rows:
-        write_index_task(store, failed_rows)
-    if todo:
-        prepare_store_task(store)
-        with dask_client(cfg.cluster) as client:
-            address = client.scheduler.address
-            logger.info(
-                "segmenting %d items on Dask %s (%d workers)%s",
-                len(todo),
-                address,
-                len(client.scheduler_info()["workers"]),
-                f", dashboard {link}" if (link := dashboard_link(client)) else "",
-            )
-            futures = [
-                segment_item_task.submit(
-                    item["id"],
-                    item["path"],
-                    cfg.pipeline,
-                    store=store,
-                    block_shape=cfg.blocks.shape,
-                    chunks=cfg.output.chunks,
-                    shards=cfg.output.shards,
-                    regions=cfg.output.regions,
-                    regions_intensity=cfg.output.regions_intensity,
-                    config_hash=config_hash,
-                    scheduler_address=address,
-                )
-                for item in todo
-            ]
-            for future in as_completed(futures):
-                row = future.result()
-                # Recorded as each item finishes, after its data is written: a killed run
-                # resumes where it stopped.
-                write_index_task(store, [row])
-                rows.append(row)
-        consolidate_store_task(store)
+    if todo or failed_rows:
+        with writing_store(store, run_id):
+            if failed_rows:
+                record_items_task(store, run_id, failed_rows)
+            if todo:
+                rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
     rows += skipped
     rows.sort(key=lambda r: r["id"])
     summary = summarize(cfg, rows)
@@ -228,6 +207,48 @@ def segment_collection(
         return Failed(message=message, data=ItemsFailedError(summary))
     logger.info("%s", message)
     return Completed(message=message, data=summary)
+
+
+def segment_items(
+    cfg: SegflowConfig, todo: list[dict[str, str]], *, config_hash: str, run_id: str
+) -> list[dict[str, Any]]:
+    """Segment ``todo`` on the run's Dask cluster, recording each item as it finishes."""
+    logger = get_run_logger()
+    store = cfg.output.store
+    rows = []
+    with dask_client(cfg.cluster) as client:
+        address = client.scheduler.address
+        logger.info(
+            "segmenting %d items on Dask %s (%d workers)%s",
+            len(todo),
+            address,
+            len(client.scheduler_info()["workers"]),
+            f", dashboard {link}" if (link := dashboard_link(client)) else "",
+        )
+        futures = [
+            segment_item_task.submit(
+                item["id"],
+                item["path"],
+                cfg.pipeline,
+                store=store,
+                block_shape=cfg.blocks.shape,
+                chunks=cfg.output.chunks,
+                shards=cfg.output.shards,
+                regions=cfg.output.regions,
+                regions_intensity=cfg.output.regions_intensity,
+                config_hash=config_hash,
+                scheduler_address=address,
+                run_id=run_id,
+            )
+            for item in todo
+        ]
+        for future in as_completed(futures):
+            row = future.result()
+            # Recorded as each item finishes, after its data is committed: a killed run
+            # keeps the records of what it finished.
+            record_items_task(store, run_id, [row])
+            rows.append(row)
+    return rows
 
 
 def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -62,6 +62,7 @@ def segment_item_task(
     regions_intensity: str | None = "input",
     config_hash: str,
     scheduler_address: str,
+    run_id: str,
 ) -> dict[str, Any]:
     """Segment one item on the Dask cluster at ``scheduler_address``; return its index row.
 
@@ -93,6 +94,7 @@ def segment_item_task(
             regions_intensity=regions_intensity,
             config_hash=config_hash,
             progress=functools.partial(report_progress, item_id),
+            run_id=run_id,
         )
         row = result.as_row()
     if row["status"] == "done":

@@ -1,7 +1,10 @@
-"""Tasks that record results in the output store: the Parquet index and consolidation."""
+"""Tasks that record results in the output store: its lock, the item records, the index."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,33 @@ from pandas.api.types import is_scalar
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from segflow.store import consolidate_store, read_index, write_index
+from segflow.store import consolidate_store, read_index
+from segflow.store.commit import check_store, discard_staging, prepare_store, read_commit
+from segflow.store.index import append_records, compact_index
+from segflow.store.lock import hold_store_lock
+
+
+def current_run_id() -> str:
+    """The Prefect flow run's id, or a new id outside a flow run."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or uuid.uuid4().hex)
+
+
+@contextmanager
+def writing_store(store: str, run_id: str) -> Iterator[None]:
+    """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it; at
+    the end fold the run's records into the index, consolidate, drop what was staged and
+    not committed, and release the lock (also when the run fails or is interrupted)."""
+    check_store(store)  # before the lock file is written into the folder
+    with hold_store_lock(store, run_id=run_id):
+        prepare_store(store)
+        try:
+            yield
+        finally:
+            discard_staging(store, run_id)
+            compact_index(store)
+            consolidate_store(store)
 
 
 @task(name="read-index", retries=0, cache_policy=NO_CACHE)
@@ -26,30 +55,23 @@ def read_index_task(store: str) -> list[dict[str, Any]]:
     ]
 
 
+@task(name="read-commits", retries=0, cache_policy=NO_CACHE)
+def read_commits_task(store: str, item_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The commit record of each item's group (None where there is none)."""
+    if not Path(store).exists() and "://" not in store:
+        return dict.fromkeys(item_ids)
+    return {item_id: read_commit(store, item_id) for item_id in item_ids}
+
+
+@task(name="record-items", retries=0, cache_policy=NO_CACHE)
+def record_items_task(store: str, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Append the items' index rows to the run's record file (durable at once)."""
+    append_records(store, run_id, rows)
+
+
 @task(name="write-index", retries=0, cache_policy=NO_CACHE)
 def write_index_task(store: str, rows: list[dict[str, Any]]) -> str:
     """Merge ``rows`` into ``STORE/index.parquet`` (keyed by item id); return its path."""
+    from segflow.store import write_index
+
     return str(write_index(store, rows))
-
-
-@task(name="prepare-store", retries=0, cache_policy=NO_CACHE)
-def prepare_store_task(store: str) -> None:
-    """Create the store's root group if missing and drop its consolidated metadata.
-
-    Done once before items run concurrently: otherwise every item's first write races to
-    create (or rewrite) the same root document. ``consolidate_store_task`` restores the
-    consolidated metadata at the end of the run.
-    """
-    import zarr
-
-    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-    root.update_attributes({})  # rewrites the root document without consolidated metadata
-
-
-@task(name="consolidate-store", retries=0, cache_policy=NO_CACHE)
-def consolidate_store_task(store: str) -> bool:
-    """Consolidate the Zarr metadata of ``store``; False when no Zarr group exists yet."""
-    if not (Path(store) / "zarr.json").exists():
-        return False
-    consolidate_store(store)  # it knows the Parquet tables beside the groups are not nodes
-    return True

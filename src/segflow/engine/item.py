@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import shutil
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -65,8 +69,15 @@ def segment_item(
     regions_intensity: str | bool | None = "input",
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
+    run_id: str | None = None,
 ) -> ItemResult:
-    """Run ``pipeline`` on one item and write it to ``STORE/ITEM_ID``.
+    """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
+
+    The item is written into the run's staging area, checked (every array and storage
+    unit on disk, one region row per object) and only then swapped in with its commit
+    record (:mod:`segflow.store.commit`): until then ``STORE/ITEM_ID`` keeps its previous
+    complete result, and a failed or interrupted item leaves it untouched. ``run_id``
+    names the staging area (default: a new one per call).
 
     Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
     the item and the reason, so the rest of the collection goes on. With ``regions``, the
@@ -76,6 +87,7 @@ def segment_item(
     array, or ``None`` (or ``False``) for none.
     """
     from segflow.engine.run import RegionsSpec
+    from segflow.store.commit import begin_item, check_item, commit_item, staging_root
     from segflow.store.layout import (
         ArraySpec,
         ZarrRegionWriter,
@@ -85,6 +97,9 @@ def segment_item(
     from segflow.store.regions import ParquetRegionsSink
 
     info = reader.info
+    own_staging = run_id is None  # nobody else stages there: removed when the item ends
+    run_id = run_id or uuid.uuid4().hex
+    root = staging_root(store, run_id)
     started = time.perf_counter()
     result = ItemResult(
         id=info.id,
@@ -112,15 +127,19 @@ def segment_item(
             shard = tuple(
                 min(s, -(-n // c) * c) for s, c, n in zip(shards, chunk, spatial, strict=True)
             )
-        create_item_group(store, info, overwrite=True)
+        begin_item(store, info.id)
+        create_item_group(root, info, overwrite=True)
         saved = {}
+        written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
-            create_output_array(store, info, ArraySpec(name, str(dtype), chunk, shard))
-            saved[name] = ZarrRegionWriter(store, info.id, name)
+            create_output_array(root, info, ArraySpec(name, str(dtype), chunk, shard))
+            saved[name] = ZarrRegionWriter(root, info.id, name)
+            written[name] = str(np.dtype(dtype))
 
         def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
-            create_output_array(store, info, ArraySpec(plan.out_kind, str(dtype), chunk, shard))
-            return ZarrRegionWriter(store, info.id, plan.out_kind)
+            create_output_array(root, info, ArraySpec(plan.out_kind, str(dtype), chunk, shard))
+            written[plan.out_kind] = str(np.dtype(dtype))
+            return ZarrRegionWriter(root, info.id, plan.out_kind)
 
         regions_sink = None
         intensity_source = None
@@ -131,10 +150,10 @@ def segment_item(
                     f"{plan.out_kind}"
                 )
             regions_sink = ParquetRegionsSink(
-                store, info.id, spacing=info.spacing, origin=info.origin, units=info.units
+                root, info.id, spacing=info.spacing, origin=info.origin, units=info.units
             )
             regions_sink.clear()
-            intensity_source = _intensity_source(regions_intensity, reader, plan, store)
+            intensity_source = _intensity_source(regions_intensity, reader, plan, root)
         run = run_item(
             reader,
             plan,
@@ -154,10 +173,35 @@ def segment_item(
             result.area_p05, result.area_p50, result.area_p95 = regions_sink.area_percentiles(
                 (0.05, 0.5, 0.95)
             )
+        check_item(
+            root,
+            info.id,
+            shape=spatial,
+            arrays=written,
+            object_count=run.n_labels,
+            regions=regions_sink is not None,
+        )
+        commit_item(
+            store,
+            root,
+            info.id,
+            {
+                "run_id": run_id,
+                "fingerprint": info.fingerprint,
+                "config_hash": config_hash,
+                "code_version": result.code_version,
+                "arrays": written,
+                "object_count": run.n_labels,
+                "committed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
     except Exception as error:  # one bad item must not stop the collection
         result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"
         result.seconds = time.perf_counter() - started
+        _discard_staged(store, root, info.id, whole=own_staging)
         return result
+    if own_staging:
+        _discard_staged(store, root, info.id, whole=True)
     foreground = sum(b.foreground for b in run.blocks)
     result.status = "done"
     result.output = plan.out_kind
@@ -171,6 +215,16 @@ def segment_item(
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"{key}{suffix}"] = float(v)
     return result
+
+
+def _discard_staged(store: str, root: str, item_id: str, *, whole: bool) -> None:
+    """Drop what an item staged (``whole``: the staging root too); the store's committed
+    result is untouched."""
+    from segflow.store.lock import is_local, local_path
+
+    if is_local(store) and root != store:
+        path = local_path(root) if whole else os.path.join(local_path(root), item_id)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _SavedArray:

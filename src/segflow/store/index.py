@@ -1,7 +1,17 @@
-"""The collection index: one Parquet row per item (status, error, counts, hashes)."""
+"""The collection index: one Parquet row per item (status, error, counts, hashes).
+
+During a run each finished item appends one JSON line to its run's record file
+(``STORE/.segflow/records/RUN.jsonl``, flushed and fsynced): an append, never a
+read-modify-write of a growing table, so recording an item costs the same at 100,000 items
+as at 10, and a killed run keeps the records of the items it finished. The records are
+compacted into ``index.parquet`` when the run ends (or by the next run); :func:`read_index`
+reads both, a later record replacing an earlier row of the same id.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pathlib
 from collections.abc import Sequence
@@ -11,6 +21,7 @@ import pandas as pd
 from pandas.api.extensions import ExtensionDtype
 
 from segflow.errors import StoreError
+from segflow.store.lock import bookkeeping_path
 
 INDEX_NAME = "index.parquet"
 STATUSES = ("done", "failed", "skipped")
@@ -43,13 +54,61 @@ def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
     ['id', 'source', 'status']
     """
     path = pathlib.Path(store) / INDEX_NAME
-    if not path.exists():
-        return _empty_index()
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:
-        raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
-    return _with_core_columns(frame)
+    frame = _empty_index()
+    if path.exists():
+        try:
+            frame = _with_core_columns(pd.read_parquet(path))
+        except Exception as exc:
+            raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
+    records = [row for _, rows in _record_files(store) for row in rows]
+    if not records:
+        return frame
+    latest = {str(row["id"]): row for row in records}  # a later record wins
+    new = _with_core_columns(pd.DataFrame([_normalise_row(r) for r in latest.values()]))
+    frame = frame[~frame["id"].isin(new["id"])]
+    merged = new if frame.empty else pd.concat([frame, new], ignore_index=True)
+    return _with_core_columns(merged).sort_values("id", ignore_index=True)
+
+
+def append_records(
+    store: str | os.PathLike[str], run_id: str, rows: Sequence[dict[str, Any]]
+) -> None:
+    """Append ``rows`` to this run's record file, durably (flushed and fsynced).
+
+    Call after an item's data is committed. Rows are checked as :func:`write_index` checks
+    them; :func:`compact_index` folds the records into ``index.parquet``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp()
+    >>> append_records(store, "run-1", [{"id": "a", "status": "done"}])
+    >>> read_index(store).loc[0, "status"]
+    'done'
+    """
+    _check_rows(rows)
+    path = pathlib.Path(bookkeeping_path(str(store), "records", f"{run_id}.jsonl"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(_jsonable(row), default=str) + "\n" for row in rows)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def compact_index(store: str | os.PathLike[str]) -> pathlib.Path | None:
+    """Fold every record file into ``index.parquet`` and remove them; None without any.
+
+    Call while holding the store's lock (no run appends meanwhile).
+    """
+    files = _record_files(store)
+    if not files:
+        return None
+    frame = read_index(store)
+    path = _replace_index(store, frame)
+    for file, _ in files:
+        file.unlink(missing_ok=True)
+    return path
 
 
 def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> pathlib.Path:
@@ -79,6 +138,18 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
     >>> read_index("/tmp/doc_store.zarr").loc[0, "status"]
     'done'
     """
+    _check_rows(rows)
+    new = _with_core_columns(pd.DataFrame([_normalise_row(row) for row in rows]))
+    old = read_index(store)
+    old = old[~old["id"].isin(new["id"])]
+    merged = new if old.empty else pd.concat([old, new], ignore_index=True)
+    path = _replace_index(store, _with_core_columns(merged).sort_values("id", ignore_index=True))
+    for file, _ in _record_files(store):  # now folded into the table
+        file.unlink(missing_ok=True)
+    return path
+
+
+def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
     ids = [str(row.get("id")) for row in rows]
     for row in rows:
         if not row.get("id"):
@@ -90,11 +161,9 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
     if len(set(ids)) != len(ids):
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"index rows repeat ids {repeated}")
-    new = _with_core_columns(pd.DataFrame([_normalise_row(row) for row in rows]))
-    old = read_index(store)
-    old = old[~old["id"].isin(new["id"])]
-    merged = new if old.empty else pd.concat([old, new], ignore_index=True)
-    merged = _with_core_columns(merged).sort_values("id", ignore_index=True)
+
+
+def _replace_index(store: str | os.PathLike[str], merged: pd.DataFrame) -> pathlib.Path:
     path = pathlib.Path(store) / INDEX_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
@@ -105,6 +174,33 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write index '{path}' ({type(exc).__name__}: {exc})") from exc
     return path
+
+
+def _record_files(store: str | os.PathLike[str]) -> list[tuple[pathlib.Path, list[dict[str, Any]]]]:
+    """Every run's record file, oldest first, with its complete lines (a line cut short by
+    a kill is left out)."""
+    folder = pathlib.Path(bookkeeping_path(str(store), "records"))
+    if not folder.is_dir():
+        return []
+    out = []
+    for file in sorted(folder.glob("*.jsonl"), key=lambda f: (f.stat().st_mtime_ns, f.name)):
+        rows = []
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("id"):
+                rows.append(row)
+        out.append((file, rows))
+    return out
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: missing numbers become null."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+    }
 
 
 def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -252,6 +252,12 @@ def consolidate_store(store: str) -> None:
                 message=r"Object at .*\.parquet is not recognized as a component",
                 category=ZarrUserWarning,
             )
+            # Nor is segflow's bookkeeping folder (lock, records, staging: store.commit).
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Object at \.segflow is not recognized as a component",
+                category=ZarrUserWarning,
+            )
             zarr.consolidate_metadata(store, zarr_format=3)
     except Exception as exc:
         raise StoreError(
@@ -332,9 +338,11 @@ class ZarrRegionWriter:
     def _open(self) -> Any:
         if self._array is None or self._pid != os.getpid():
             try:
+                # Every storage unit is written, empty or not, so a finished item can be
+                # checked for completeness by counting them (store.commit.check_item).
                 self._array = zarr.open_array(
                     self.store, path=self._label, mode="r+", zarr_format=3
-                )
+                ).with_config({"write_empty_chunks": True})
             except Exception as exc:
                 raise StoreError(
                     f"cannot open array '{self._label}' in store '{self.store}' "

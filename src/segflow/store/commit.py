@@ -1,0 +1,280 @@
+"""The commit protocol: an item is ``done`` only once its data is complete on disk.
+
+A run writes each item into a staging group ``STORE/.segflow/staging/RUN/ITEM``, checks it
+(every array has the item's shape and dtype and every storage unit on disk; the region
+table has one row per object), writes a commit record into the group's attributes
+(``segflow_commit``: run, fingerprint, config hash, code version, arrays, object count), and
+only then swaps it in: the previous ``STORE/ITEM`` is renamed into
+``STORE/.segflow/trash/RUN/``, the staged group renamed to ``STORE/ITEM``, and the trash
+removed. Renames within one local filesystem are atomic, so at every instant ``STORE/ITEM``
+is either the previous complete result or the new one; a kill between the two renames
+leaves it missing, and :func:`prepare_store` moves the previous result back on the next run.
+The index row that says ``done`` is written after the swap, and skipping an item needs
+both that row and a matching commit record (:func:`read_commit`).
+
+Object stores have no rename: there an item is written in place after its commit record is
+removed, so an interrupted rewrite leaves a group without a commit record, which the next
+run redoes (the previous result is not readable meanwhile).
+
+A store is a folder whose root ``zarr.json`` carries ``segflow`` attributes; an existing
+folder without them is refused unless empty (:func:`prepare_store`), and a folder in the
+store that is not a segflow item group is never replaced or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from segflow.errors import StoreError
+from segflow.store.lock import SEGFLOW_DIR, bookkeeping_path, is_local, local_path
+
+COMMIT_ATTR = "segflow_commit"
+STORE_ATTR = "segflow"
+STORE_FORMAT = 1
+# Files an earlier segflow (before the store marker) left at a store's root.
+_LEGACY_MARKERS = ("index.parquet",)
+
+
+class ForeignStoreError(StoreError):
+    """A folder that segflow did not make is where a store or an item group should be."""
+
+
+def prepare_store(store: str) -> None:
+    """Make ``store`` ready for a run: create it, or check that segflow made it.
+
+    Call while holding the store's lock (:mod:`segflow.store.lock`). Creates the folder and
+    its root group with the ``segflow`` marker when missing or empty; adds the marker to a
+    store an earlier segflow wrote (it has ``index.parquet``); moves back an item whose
+    swap a killed run left half done; drops other runs' staging folders.
+
+    Raises
+    ------
+    ForeignStoreError
+        If ``store`` is a file, or a non-empty folder segflow did not make.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/out.zarr"
+    >>> prepare_store(store)
+    >>> is_segflow_store(store)
+    True
+    """
+    check_store(store)
+    import zarr
+
+    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
+    marker: Any = dict(root.attrs).get(STORE_ATTR)
+    if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
+        root.update_attributes({STORE_ATTR: {"format": STORE_FORMAT}})
+    if is_local(store):
+        _recover_swaps(local_path(store))
+        shutil.rmtree(local_path(bookkeeping_path(store, "staging")), ignore_errors=True)
+
+
+def check_store(store: str) -> None:
+    """Refuse a ``store`` path that holds something segflow did not write (read-only).
+
+    Raises
+    ------
+    ForeignStoreError
+        If ``store`` is a file, or a non-empty folder without segflow's root metadata.
+    """
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(store))
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise ForeignStoreError(
+            f"output.store '{store}' is a file, not a folder: choose a path for the Zarr store"
+        )
+    if is_segflow_store(store):
+        return
+    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+    names.discard(SEGFLOW_DIR)  # this run's lock, taken before the marker is written
+    if names and not names & set(_LEGACY_MARKERS):
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise ForeignStoreError(
+            f"output.store '{store}' exists and is not a segflow store (no segflow metadata "
+            f"in its zarr.json; it holds {shown}): choose a new path or an empty folder"
+        )
+
+
+def is_segflow_store(store: str) -> bool:
+    """True when the root ``zarr.json`` of ``store`` carries segflow's marker."""
+    metadata = _read_json(f"{str(store).rstrip('/')}/zarr.json")
+    return bool(metadata and STORE_ATTR in metadata.get("attributes", {}))
+
+
+def staging_root(store: str, run_id: str) -> str:
+    """Where a run stages its items: ``STORE/.segflow/staging/RUN`` (its own Zarr root).
+
+    On an object store items are written in place (``store`` itself): see the module note.
+    """
+    return bookkeeping_path(store, "staging", run_id) if is_local(store) else str(store)
+
+
+def begin_item(store: str, item_id: str) -> None:
+    """Before writing an item: make sure ``store`` is a segflow store, refuse a foreign
+    folder of the item's name; on object stores drop its commit record, so an interrupted
+    rewrite is never taken for done."""
+    if not is_segflow_store(store):
+        prepare_store(store)  # a direct call (notebook, test) without a flow's preparation
+    target = f"{str(store).rstrip('/')}/{item_id}"
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(target)
+    if fs.exists(path) and _read_json(f"{target}/zarr.json") is None:
+        raise ForeignStoreError(
+            f"item '{item_id}': '{target}' exists and is not a segflow item group; segflow "
+            "never replaces what it did not write: rename or remove it"
+        )
+    if not is_local(store):
+        metadata = _read_json(f"{target}/zarr.json")
+        if metadata and COMMIT_ATTR in metadata.get("attributes", {}):
+            del metadata["attributes"][COMMIT_ATTR]
+            fs.pipe_file(f"{path}/zarr.json", json.dumps(metadata, indent=2).encode())
+
+
+def check_item(
+    root: str,
+    item_id: str,
+    *,
+    shape: Sequence[int],
+    arrays: Mapping[str, str],
+    object_count: int | None = None,
+    regions: bool = False,
+) -> None:
+    """Check that ``ROOT/ITEM`` is complete: arrays, storage units, region rows.
+
+    Parameters
+    ----------
+    root : str
+        The Zarr root the item was written under (staging, or the store).
+    item_id : str
+        The item's group.
+    shape : sequence of int
+        The item's spatial shape: every array's shape.
+    arrays : mapping
+        Array name to dtype name, every array the run wrote.
+    object_count : int, optional
+        With ``regions``, the number of rows ``regions.parquet`` must have.
+    regions : bool
+        Whether the item has a region table.
+
+    Raises
+    ------
+    StoreError
+        Naming the array or table and what is missing.
+    """
+    import fsspec
+    import zarr
+
+    for name, dtype in arrays.items():
+        label = f"item '{item_id}': array '{name}'"
+        try:
+            array = zarr.open_array(root, path=f"{item_id}/{name}", mode="r", zarr_format=3)
+        except Exception as exc:
+            raise StoreError(f"{label} is missing after the run ({exc})") from exc
+        if tuple(array.shape) != tuple(shape) or str(array.dtype) != dtype:
+            raise StoreError(
+                f"{label} is {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} {dtype}"
+            )
+        unit = array.shards if array.shards is not None else array.chunks
+        expected = math.prod(-(-n // u) for n, u in zip(array.shape, unit, strict=True))
+        fs, path = fsspec.core.url_to_fs(f"{str(root).rstrip('/')}/{item_id}/{name}/c")
+        found = len(fs.find(path)) if fs.exists(path) else 0
+        if found != expected:
+            raise StoreError(
+                f"{label} has {found} of its {expected} storage units on disk: a block's "
+                "write is missing"
+            )
+    if regions:
+        import pyarrow.parquet as pq
+
+        table = f"{str(root).rstrip('/')}/{item_id}/regions.parquet"
+        try:
+            with fsspec.open(table, "rb") as handle:
+                rows = pq.ParquetFile(handle).metadata.num_rows
+        except Exception as exc:
+            raise StoreError(f"item '{item_id}': regions.parquet is unreadable ({exc})") from exc
+        if object_count is not None and rows != object_count:
+            raise StoreError(
+                f"item '{item_id}': regions.parquet has {rows} rows for {object_count} objects"
+            )
+
+
+def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) -> None:
+    """Write the commit record into ``ROOT/ITEM`` and make it ``STORE/ITEM``.
+
+    ``root`` is :func:`staging_root` of the run; for a local store the staged group is
+    swapped in by two renames (see the module note), for an object store (``root`` is the
+    store) the record is written in place.
+    """
+    import zarr
+
+    group = zarr.open_group(root, path=item_id, mode="r+", zarr_format=3)
+    group.update_attributes({COMMIT_ATTR: dict(record)})
+    if not is_local(store) or root == store:
+        return
+    staged = os.path.join(local_path(root), item_id)
+    final = os.path.join(local_path(store), item_id)
+    trash_dir = local_path(bookkeeping_path(store, "trash", os.path.basename(root)))
+    trash = os.path.join(trash_dir, item_id)
+    if os.path.exists(final):
+        if _read_json(os.path.join(final, "zarr.json")) is None:
+            raise ForeignStoreError(
+                f"item '{item_id}': '{final}' exists and is not a segflow item group; "
+                "segflow never replaces what it did not write: rename or remove it"
+            )
+        os.makedirs(trash_dir, exist_ok=True)
+        os.rename(final, trash)
+    os.rename(staged, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_commit(store: str, item_id: str) -> dict[str, Any] | None:
+    """The commit record of ``STORE/ITEM``, or None when it has none (never committed,
+    interrupted, written by an older segflow, or not there)."""
+    metadata = _read_json(f"{str(store).rstrip('/')}/{item_id}/zarr.json")
+    if not metadata:
+        return None
+    record = metadata.get("attributes", {}).get(COMMIT_ATTR)
+    return record if isinstance(record, dict) else None
+
+
+def discard_staging(store: str, run_id: str) -> None:
+    """Remove what a run staged and did not commit (failed or interrupted items)."""
+    if is_local(store):
+        shutil.rmtree(local_path(staging_root(store, run_id)), ignore_errors=True)
+        shutil.rmtree(local_path(bookkeeping_path(store, "trash", run_id)), ignore_errors=True)
+
+
+def _recover_swaps(store: str) -> None:
+    """Move back each previous result whose replacement a killed run never swapped in."""
+    trash = local_path(bookkeeping_path(store, "trash"))
+    if not os.path.isdir(trash):
+        return
+    for run in os.listdir(trash):
+        for item_id in os.listdir(os.path.join(trash, run)):
+            final = os.path.join(store, item_id)
+            if not os.path.exists(final):
+                os.rename(os.path.join(trash, run, item_id), final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _read_json(url: str) -> dict[str, Any] | None:
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as handle:
+            value = json.loads(handle.read())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

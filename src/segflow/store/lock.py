@@ -1,0 +1,281 @@
+"""One writer per store: a lock file with owner, host, PID, run id and a heartbeat.
+
+``STORE/.segflow/lock.json`` is created exclusively (``O_EXCL``) before a run writes
+anything, refreshed by a heartbeat thread, and removed when the run ends. A second run is
+refused with a message naming the holder. A lock is broken only when it is stale: its
+heartbeat is older than ``stale_after`` seconds, or its process is gone (same host only).
+Breaking is itself exclusive: the stale file is renamed away first, so of two runs that find
+the same stale lock, one takes it and the other is refused.
+
+Object stores (``s3://`` ...) have no exclusive create through fsspec; there the lock is
+written, read back after a short pause and kept only if it still names this run: a race of
+two starts within that pause is not excluded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from segflow.errors import StoreError
+
+LOCK_NAME = "lock.json"
+SEGFLOW_DIR = ".segflow"  # segflow's bookkeeping inside a store: lock, records, staging
+STALE_AFTER = 60.0  # seconds without a heartbeat after which a lock may be broken
+HEARTBEAT_EVERY = 5.0
+
+
+class StoreLockedError(StoreError):
+    """Another run holds the store's lock; ``holder`` is what its lock file says."""
+
+    def __init__(self, message: str, holder: dict[str, Any]) -> None:
+        self.holder = holder
+        super().__init__(message)
+
+
+def bookkeeping_path(store: str, *parts: str) -> str:
+    """``STORE/.segflow/PARTS...`` (a path or URL)."""
+    return "/".join([str(store).rstrip("/"), SEGFLOW_DIR, *parts])
+
+
+def is_local(store: str) -> bool:
+    """True for a local path (or ``file://`` URL), where renames are atomic."""
+    return "://" not in str(store) or str(store).startswith("file://")
+
+
+def local_path(store: str) -> str:
+    return str(store)[len("file://") :] if str(store).startswith("file://") else str(store)
+
+
+class StoreLock:
+    """The lock of one store, held by this process until :meth:`release`.
+
+    Parameters
+    ----------
+    store : str
+        Path or URL of the store.
+    run_id : str
+        The run that holds it (a Prefect flow run id, or any unique string).
+    stale_after : float
+        Seconds without a heartbeat after which another run may break the lock.
+    heartbeat_every : float
+        Seconds between heartbeats.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/out.zarr"
+    >>> with hold_store_lock(store, run_id="run-1") as lock:
+    ...     read_lock(store)["run_id"]
+    'run-1'
+    >>> read_lock(store) is None
+    True
+    """
+
+    def __init__(
+        self,
+        store: str,
+        *,
+        run_id: str,
+        stale_after: float = STALE_AFTER,
+        heartbeat_every: float = HEARTBEAT_EVERY,
+    ) -> None:
+        self.store = str(store)
+        self.run_id = run_id
+        self.stale_after = stale_after
+        self.heartbeat_every = heartbeat_every
+        self.path = bookkeeping_path(self.store, LOCK_NAME)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        now = _now()
+        self.record = {
+            "run_id": run_id,
+            "owner": _user(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": now,
+            "heartbeat": now,
+            "token": uuid.uuid4().hex,
+        }
+
+    def acquire(self) -> None:
+        """Take the lock, breaking a stale one; start the heartbeat.
+
+        Raises
+        ------
+        StoreLockedError
+            If another live run holds it.
+        """
+        for _ in range(3):
+            if self._create():
+                break
+            holder = read_lock(self.store)
+            if holder is None:
+                continue  # released between our attempt and the read
+            if not self._is_stale(holder):
+                raise StoreLockedError(_locked_message(self.store, holder), holder)
+            self._break(holder)
+        else:
+            raise StoreError(f"store '{self.store}': could not take its lock {self.path}")
+        self._thread = threading.Thread(target=self._beat, name="segflow-store-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock file if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        holder = read_lock(self.store)
+        if holder is not None and holder.get("token") == self.record["token"]:
+            _remove(self.path)
+
+    def _create(self) -> bool:
+        data = json.dumps(self.record).encode()
+        if is_local(self.store):
+            path = local_path(self.path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.path)
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        time.sleep(1.0)  # let a concurrent starter's write land, then see who won
+        holder = read_lock(self.store)
+        return holder is not None and holder.get("token") == self.record["token"]
+
+    def _is_stale(self, holder: dict[str, Any]) -> bool:
+        if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+            return True
+        try:
+            beat = dt.datetime.fromisoformat(str(holder["heartbeat"]))
+        except (KeyError, ValueError):
+            return True  # unreadable lock: nobody can be refreshing it properly
+        return (dt.datetime.now(dt.UTC) - beat).total_seconds() > self.stale_after
+
+    def _break(self, holder: dict[str, Any]) -> None:
+        if is_local(self.store):
+            stale = f"{local_path(self.path)}.stale-{uuid.uuid4().hex}"
+            try:
+                os.rename(local_path(self.path), stale)  # only one breaker wins the rename
+            except FileNotFoundError:
+                return
+            os.unlink(stale)
+        else:
+            _remove(self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_every):
+            self.record["heartbeat"] = _now()
+            try:
+                _write_atomic(self.path, json.dumps(self.record).encode())
+            except OSError:
+                pass  # a missed beat is retried; staleness needs many in a row
+
+
+@contextmanager
+def hold_store_lock(
+    store: str, *, run_id: str, stale_after: float = STALE_AFTER
+) -> Iterator[StoreLock]:
+    """Hold the store's lock for the duration of the ``with`` block (see :class:`StoreLock`)."""
+    lock = StoreLock(store, run_id=run_id, stale_after=stale_after)
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def read_lock(store: str) -> dict[str, Any] | None:
+    """What the store's lock file says, or None when there is none."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(bookkeeping_path(str(store), LOCK_NAME))
+    try:
+        with fs.open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"heartbeat": ""}  # torn or foreign content: treated as stale
+    return value if isinstance(value, dict) else {"heartbeat": ""}
+
+
+def _locked_message(store: str, holder: dict[str, Any]) -> str:
+    age = ""
+    try:
+        beat = dt.datetime.fromisoformat(str(holder["heartbeat"]))
+        age = f", last heartbeat {(dt.datetime.now(dt.UTC) - beat).total_seconds():.0f} s ago"
+    except (KeyError, ValueError):
+        pass
+    return (
+        f"store '{store}' is in use by another segflow run (run {holder.get('run_id')} of "
+        f"{holder.get('owner')}@{holder.get('host')}, PID {holder.get('pid')}, started "
+        f"{holder.get('started')}{age}); wait for it to end (its lock is taken over once its "
+        f"heartbeat is {STALE_AFTER:.0f} s old or its process is gone)"
+    )
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    if is_local(path):
+        local = local_path(path)
+        tmp = f"{local}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, local)
+        return
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    fs.pipe_file(target, data)  # one PUT: atomic on object stores
+
+
+def _remove(path: str) -> None:
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    try:
+        fs.rm(target)
+    except FileNotFoundError:
+        pass
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # someone else's process, or unreadable: assume alive
+    return True
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry (containers)
+        return str(os.getuid())
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

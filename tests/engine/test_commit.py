@@ -1,0 +1,208 @@
+"""The store never lies: staged commits, foreign folders, the lock, append-only records."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from segflow.engine.executor import LocalExecutor
+from segflow.engine.item import segment_item
+from segflow.io import ArrayReader
+from segflow.store.commit import (
+    ForeignStoreError,
+    check_item,
+    check_store,
+    prepare_store,
+    read_commit,
+)
+from segflow.store.index import append_records, compact_index, read_index
+from segflow.store.lock import StoreLock, StoreLockedError, hold_store_lock, read_lock
+
+PIPELINE = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((40, 50)) > 0.7).astype(np.float32)
+
+
+class _FailingReader(ArrayReader):
+    """Reads like ArrayReader until the block at ``fail_at`` (a disk that goes away)."""
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        if region[-2].start >= 16:
+            raise OSError("input/output error")
+        return super().read(region)
+
+
+def _segment(store: str, reader: ArrayReader, **kwargs: Any) -> Any:
+    with LocalExecutor(2) as executor:
+        return segment_item(
+            reader, PIPELINE, store=store, block_shape=16, executor=executor, **kwargs
+        )
+
+
+def test_a_failed_overwrite_keeps_the_previous_complete_result(tmp_path: pathlib.Path) -> None:
+    store = str(tmp_path / "out.zarr")
+    first = _segment(store, ArrayReader(_image(), "tile"), config_hash="h1", regions=True)
+    assert first.status == "done", first.error
+    before = zarr.open_array(store, path="tile/labels", mode="r")[:]
+    commit = read_commit(store, "tile")
+
+    again = _segment(store, _FailingReader(_image(1), "tile"), config_hash="h2", regions=True)
+
+    assert again.status == "failed" and "input/output error" in str(again.error)
+    after = zarr.open_array(store, path="tile/labels", mode="r")[:]
+    np.testing.assert_array_equal(after, before)
+    assert read_commit(store, "tile") == commit
+    assert commit is not None and commit["config_hash"] == "h1"
+    assert os.listdir(tmp_path / "out.zarr" / ".segflow" / "staging") == []  # nothing left
+
+
+def test_a_swap_cut_between_its_renames_is_undone_by_the_next_run(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = tmp_path / "out.zarr"
+    assert _segment(str(store), ArrayReader(_image(), "tile")).status == "done"
+    # What a kill between "previous result -> trash" and "staged -> STORE/ITEM" leaves.
+    trash = store / ".segflow" / "trash" / "run-x"
+    trash.mkdir(parents=True)
+    os.rename(store / "tile", trash / "tile")
+    assert read_commit(str(store), "tile") is None  # so the item is not skipped meanwhile
+
+    prepare_store(str(store))
+
+    assert read_commit(str(store), "tile") is not None
+    assert not (store / ".segflow" / "trash").exists()
+
+
+def test_a_missing_storage_unit_or_region_row_fails_the_check(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "out.zarr"
+    result = _segment(str(store), ArrayReader(_image(), "tile"), regions=True)
+    assert result.status == "done"
+    commit = read_commit(str(store), "tile")
+    assert commit is not None
+    shape, arrays = (40, 50), commit["arrays"]
+    check_item(
+        str(store),
+        "tile",
+        shape=shape,
+        arrays=arrays,
+        object_count=result.object_count,
+        regions=True,
+    )
+    with pytest.raises(Exception, match=r"regions.parquet has \d+ rows for \d+ objects"):
+        check_item(
+            str(store),
+            "tile",
+            shape=shape,
+            arrays=arrays,
+            object_count=result.object_count + 1,
+            regions=True,
+        )
+    chunk = next((store / "tile" / "labels" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    with pytest.raises(Exception, match=r"array 'labels' has 11 of its 12 storage units on disk"):
+        check_item(str(store), "tile", shape=shape, arrays=arrays)
+
+
+def test_a_foreign_folder_is_refused_and_left_untouched(tmp_path: pathlib.Path) -> None:
+    foreign = tmp_path / "photos"
+    (foreign / "tile").mkdir(parents=True)
+    (foreign / "tile" / "holiday.jpg").write_bytes(b"not mine")
+    (foreign / "notes.txt").write_text("keep me")
+
+    with pytest.raises(ForeignStoreError, match=r"'.*photos' exists and is not a segflow store"):
+        check_store(str(foreign))
+    result = _segment(str(foreign), ArrayReader(_image(), "tile"))
+
+    assert result.status == "failed"
+    assert "is not a segflow store" in str(result.error)
+    assert sorted(p.name for p in foreign.rglob("*")) == ["holiday.jpg", "notes.txt", "tile"]
+
+
+def test_a_file_is_not_a_store(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "out.zarr").write_text("x")
+    with pytest.raises(ForeignStoreError, match=r"output.store '.*out.zarr' is a file"):
+        check_store(str(tmp_path / "out.zarr"))
+
+
+def test_an_item_never_replaces_a_folder_segflow_did_not_write(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "out.zarr"
+    prepare_store(str(store))
+    (store / "tile").mkdir()
+    (store / "tile" / "data.csv").write_text("1,2")
+
+    result = _segment(str(store), ArrayReader(_image(), "tile"))
+
+    assert result.status == "failed"
+    assert "'tile': " in str(result.error) and "is not a segflow item group" in str(result.error)
+    assert (store / "tile" / "data.csv").read_text() == "1,2"
+
+
+def test_an_empty_folder_and_an_older_segflow_store_are_accepted(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "empty").mkdir()
+    check_store(str(tmp_path / "empty"))
+    older = tmp_path / "older.zarr"
+    older.mkdir()
+    (older / "index.parquet").write_bytes(b"")  # what segflow wrote before the marker
+    check_store(str(older))
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path: pathlib.Path) -> None:
+    store = str(tmp_path / "out.zarr")
+    with hold_store_lock(store, run_id="run-1"):
+        with pytest.raises(StoreLockedError, match=r"is in use by another segflow run \(run run-1"):
+            StoreLock(store, run_id="run-2").acquire()
+    assert read_lock(store) is None
+    with hold_store_lock(store, run_id="run-2"):
+        assert read_lock(store)["run_id"] == "run-2"  # type: ignore[index]
+
+
+def test_a_stale_lock_is_broken(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "out.zarr"
+    (store / ".segflow").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    holder = {"run_id": "gone", "host": os.uname().nodename, "pid": int(dead.stdout)}
+    (store / ".segflow" / "lock.json").write_text(json.dumps({**holder, "heartbeat": "x"}))
+    with hold_store_lock(str(store), run_id="next"):
+        assert read_lock(str(store))["run_id"] == "next"  # type: ignore[index]
+    # Another host's lock with a fresh heartbeat holds; an old heartbeat does not.
+    other = {"run_id": "far", "host": "elsewhere", "pid": 1}
+    (store / ".segflow" / "lock.json").write_text(
+        json.dumps({**other, "heartbeat": "2999-01-01T00:00:00+00:00"})
+    )
+    with pytest.raises(StoreLockedError, match="far of None@elsewhere"):
+        StoreLock(str(store), run_id="next").acquire()
+    (store / ".segflow" / "lock.json").write_text(
+        json.dumps({**other, "heartbeat": "2000-01-01T00:00:00+00:00"})
+    )
+    with hold_store_lock(str(store), run_id="next"):
+        pass
+
+
+def test_records_are_appended_read_with_the_index_and_compacted(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "out.zarr"
+    append_records(str(store), "run-1", [{"id": "a", "status": "done", "object_count": 3}])
+    append_records(str(store), "run-1", [{"id": "b", "status": "failed", "error": "bad"}])
+    record_file = store / ".segflow" / "records" / "run-1.jsonl"
+    with open(record_file, "a") as handle:
+        handle.write('{"id": "c", "status": "do')  # a line cut short by a kill
+
+    frame = read_index(str(store))
+    assert frame["id"].tolist() == ["a", "b"]
+    assert compact_index(str(store)) == store / "index.parquet"
+    assert not record_file.exists()
+    append_records(str(store), "run-2", [{"id": "a", "status": "failed", "error": "later"}])
+    assert read_index(str(store))["status"].tolist() == ["failed", "failed"]

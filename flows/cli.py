@@ -7,6 +7,7 @@ segflow-owned folder unless the user configured Prefect.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,12 +117,25 @@ def run(configs: ConfigPaths, set_: SetOption = None) -> None:
     if any(config is None for config in loaded):
         raise typer.Exit(EXIT_INVALID)
 
-    from flows.segment import ItemsFailedError, segment_collection
+    from flows._server import prefect_api, watch_api
+    from flows._signals import stop_on_signals
+    from segflow.engine.interrupt import stop_requested
 
     console = Console(stderr=True)
     failed = False
-    with _shared_cluster(loaded) as shared:
+    stores = [config.output.store for config in loaded]
+    with (
+        stop_on_signals(),
+        _exit_when_stuck(stores),
+        prefect_api() as api_url,
+        watch_api(api_url, _api_lost),
+        _shared_cluster(loaded) as shared,
+    ):
+        from flows.segment import ItemsFailedError, segment_collection
+
         for path in configs:
+            if stop_requested():
+                break
             run_overrides = overrides + ([f"cluster.address={shared}"] if shared else [])
             with _progress_bar(console, str(path)):
                 state = segment_collection(str(path), run_overrides, return_state=True)
@@ -135,8 +149,81 @@ def run(configs: ConfigPaths, set_: SetOption = None) -> None:
             summary: dict[str, Any] = result
             failed |= bool(summary["failed"])
             _print_summary(summary)
+    if (reason := stop_requested()) is not None:
+        typer.echo(f"segflow: stopped ({reason}); committed items are kept, rerun to finish",
+                   err=True)  # fmt: skip
+        raise typer.Exit(_stop_status(reason))
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+# Seconds a stopped run may take to record what finished before the command exits anyway.
+STOP_DEADLINE = 10.0
+
+
+def _api_lost(reason: str) -> None:
+    from segflow.engine.interrupt import request_stop
+
+    request_stop(reason)
+
+
+def _stop_status(reason: str) -> int:
+    from flows._signals import EXIT_SIGNAL
+
+    return EXIT_SIGNAL.get(reason, EXIT_FAILED)
+
+
+@contextmanager
+def _exit_when_stuck(stores: Sequence[str]) -> Iterator[None]:
+    """Once a stop is requested, exit within :data:`STOP_DEADLINE` seconds even if Prefect
+    is stuck (a dead API): fold this process's records into each store's index first.
+    Everything committed is durable already; the next run redoes the rest."""
+    import os
+    import threading
+
+    from segflow.engine.interrupt import stop_requested
+
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(0.2):
+            if (reason := stop_requested()) is None:
+                continue
+            if finished.wait(STOP_DEADLINE):
+                return
+            _finish_stores(stores)
+            print(
+                f"segflow: stopped ({reason}); committed items are kept, rerun to finish",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(_stop_status(reason))
+
+    thread = threading.Thread(target=watch, name="segflow-stop-deadline", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+
+
+def _finish_stores(stores: Sequence[str]) -> None:
+    """Best effort, for stores whose lock this process holds: compact and consolidate."""
+    import os
+
+    from segflow.store import consolidate_store
+    from segflow.store.index import compact_index
+    from segflow.store.lock import read_lock
+
+    for store in stores:
+        try:
+            holder = read_lock(store)
+            if holder is None or holder.get("pid") != os.getpid():
+                continue
+            compact_index(store)
+            consolidate_store(store)
+        except Exception:
+            continue
 
 
 @app.command()
@@ -263,7 +350,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console = Console()
     console.print(
         f"[bold]{summary['name']}[/]: {summary['done']} done, {summary['skipped']} skipped "
-        f"(already done), {summary['failed']} failed",
+        f"(already done), {summary['failed']} failed"
+        + (f", {n} interrupted (not recorded)" if (n := summary.get("interrupted")) else ""),
         highlight=False,
     )
     for failure in summary["failures"]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,14 +35,15 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
             client.close()
         return
     with _quiet_dask():
-        local = start_local_cluster(
-            cluster.n_workers or os.cpu_count() or 1,
-            threads_per_worker=cluster.threads_per_worker,
-            memory_limit=cluster.memory_limit,
-            # None would still bind the HTTP server to 8787; ":0" picks a free port.
-            dashboard_address=":0",
-            silence_logs=logging.WARNING,
-        )
+        with _workers_ignore_sigint():
+            local = start_local_cluster(
+                cluster.n_workers or os.cpu_count() or 1,
+                threads_per_worker=cluster.threads_per_worker,
+                memory_limit=cluster.memory_limit,
+                # None would still bind the HTTP server to 8787; ":0" picks a free port.
+                dashboard_address=":0",
+                silence_logs=logging.WARNING,
+            )
         try:
             with Client(local) as client:
                 yield client
@@ -68,6 +71,24 @@ def _quiet_dask() -> Iterator[None]:
             os.environ.pop("DASK_LOGGING__DISTRIBUTED", None)
         else:
             os.environ["DASK_LOGGING__DISTRIBUTED"] = old_env
+
+
+@contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start local worker processes with SIGINT ignored (Python keeps an inherited ignore).
+
+    A Ctrl-C reaches every process of the terminal's foreground group: the workers died of
+    it with a KeyboardInterrupt traceback each, while the ``segflow`` process was still
+    stopping the run cleanly. Only that process should decide; it closes the cluster.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def dashboard_link(client: Any) -> str | None:

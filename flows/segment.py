@@ -14,11 +14,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._signals import stop_on_signals
 from flows.cluster import dashboard_link, dask_client
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
+from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
 from segflow.io import unused_id
 from tasks.artifacts import open_line, report_items_task
@@ -189,7 +191,7 @@ def segment_collection(
         report_progress(row["id"], "skipped", 1, 1)
     rows: list[dict[str, Any]] = list(failed_rows)
     if todo or failed_rows:
-        with writing_store(store, run_id):
+        with stop_on_signals(), writing_store(store, run_id):
             if failed_rows:
                 record_items_task(store, run_id, failed_rows)
             if todo:
@@ -202,6 +204,14 @@ def segment_collection(
         f"{cfg.name}: {summary['done']} done, {summary['skipped']} skipped, "
         f"{summary['failed']} failed -> {store}"
     )
+    if (reason := stop_requested()) is not None:
+        message = (
+            f"{cfg.name}: interrupted ({reason}): {summary['done']} done, "
+            f"{summary['interrupted']} interrupted or not started, {summary['failed']} failed, "
+            f"{summary['skipped']} skipped -> {store}"
+        )
+        logger.warning("%s", message)
+        return Cancelled(message=message, data=summary)
     if summary["failed"]:
         logger.error("%s", message)
         return Failed(message=message, data=ItemsFailedError(summary))
@@ -244,16 +254,19 @@ def segment_items(
         ]
         for future in as_completed(futures):
             row = future.result()
+            rows.append(row)
+            if row["status"] == "interrupted":
+                continue  # neither done nor failed: its previous result stays as it was
             # Recorded as each item finishes, after its data is committed: a killed run
             # keeps the records of what it finished.
             record_items_task(store, run_id, [row])
-            rows.append(row)
     return rows
 
 
 def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The small summary a run returns (and the CLI prints)."""
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "skipped")}
+    statuses = ("done", "failed", "skipped", "interrupted")
+    counts = {s: sum(r["status"] == s for r in rows) for s in statuses}
     opened = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
     return {
         "name": cfg.name,

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from segflow.engine.executor import DaskExecutor
+from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import ItemResult, segment_item
 from segflow.io import assign_item_ids, discover_items, open_item
 from tasks.progress import report_progress
@@ -72,6 +73,10 @@ def segment_item_task(
     from distributed import get_client
 
     logger = get_run_logger()
+    if (reason := stop_requested()) is not None:  # queued when the run was asked to stop
+        return ItemResult(
+            id=item_id, source=path, status="interrupted", error=f"not started ({reason})"
+        ).as_row()
     try:
         reader = open_item(path, item_id)
     except Exception as error:  # the file changed or vanished since discovery
@@ -97,7 +102,9 @@ def segment_item_task(
             run_id=run_id,
         )
         row = result.as_row()
-    if row["status"] == "done":
+    if row["status"] == "interrupted":
+        logger.warning("item %s: interrupted, its previous result is unchanged", item_id)
+    elif row["status"] == "done":
         logger.info(
             "item %s: done, %s objects, %d blocks, %.2f s -> %s",
             item_id,

@@ -14,7 +14,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from segflow.store import consolidate_store, read_index
-from segflow.store.commit import check_store, discard_staging, prepare_store, read_commit
+from segflow.store.commit import (
+    check_store,
+    discard_staging,
+    prepare_staging,
+    prepare_store,
+    read_commit,
+)
 from segflow.store.index import append_records, compact_index
 from segflow.store.lock import hold_store_lock
 
@@ -34,6 +40,7 @@ def writing_store(store: str, run_id: str) -> Iterator[None]:
     check_store(store)  # before the lock file is written into the folder
     with hold_store_lock(store, run_id=run_id):
         prepare_store(store)
+        prepare_staging(store, run_id)
         try:
             yield
         finally:

@@ -13,7 +13,12 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from segflow.engine.interrupt import raise_if_stopped, stop_requested
+from segflow.faults import fault_point
+
 ProgressCallback = Callable[[str, int, int], None]
+# How often a wait for blocks checks for a stop request (segflow.engine.interrupt).
+POLL_SECONDS = 0.25
 
 
 class Executor(Protocol):
@@ -31,8 +36,12 @@ class Executor(Protocol):
         """Wait for handles and return their values, in order."""
         ...
 
-    def wait(self, handles: Sequence[Any], *, label: str, progress: ProgressCallback) -> None:
-        """Report ``progress`` as handles finish, without fetching their values."""
+    def wait(
+        self, handles: Sequence[Any], *, label: str, progress: ProgressCallback | None
+    ) -> None:
+        """Report ``progress`` as handles finish, without fetching their values; raise
+        :class:`~segflow.engine.interrupt.Interrupted` (after cancelling what is left) when
+        a stop is requested."""
         ...
 
 
@@ -56,14 +65,24 @@ class LocalExecutor:
         label: str = "",
         progress: ProgressCallback | None = None,
     ) -> list[Any]:
-        if progress is not None:
-            for done, _ in enumerate(cf.as_completed(handles), start=1):
-                progress(label, done, len(handles))
+        self.wait(handles, label=label, progress=progress)
         return [h.result() for h in handles]
 
-    def wait(self, handles: Sequence[Any], *, label: str, progress: ProgressCallback) -> None:
-        for done, _ in enumerate(cf.as_completed(handles), start=1):
-            progress(label, done, len(handles))
+    def wait(
+        self, handles: Sequence[Any], *, label: str, progress: ProgressCallback | None
+    ) -> None:
+        pending, finished = set(handles), 0
+        while pending:
+            if stop_requested():
+                for handle in pending:
+                    handle.cancel()
+                raise_if_stopped()
+            done, pending = cf.wait(pending, timeout=POLL_SECONDS, return_when=cf.FIRST_COMPLETED)
+            finished += len(done)
+            for _ in done:
+                fault_point("block-done")
+            if done and progress is not None:
+                progress(label, finished, len(handles))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -105,15 +124,25 @@ class DaskExecutor:
         label: str = "",
         progress: ProgressCallback | None = None,
     ) -> list[Any]:
-        if progress is not None and handles:
-            from distributed import as_completed
-
-            for done, _ in enumerate(as_completed(handles), start=1):
-                progress(label, done, len(handles))
+        self.wait(handles, label=label, progress=progress)
         return list(self.client.gather(list(handles)))
 
-    def wait(self, handles: Sequence[Any], *, label: str, progress: ProgressCallback) -> None:
-        from distributed import as_completed
+    def wait(
+        self, handles: Sequence[Any], *, label: str, progress: ProgressCallback | None
+    ) -> None:
+        from distributed import wait
 
-        for done, _ in enumerate(as_completed(handles), start=1):
-            progress(label, done, len(handles))
+        pending, finished = set(handles), 0
+        while pending:
+            if stop_requested():
+                self.client.cancel(list(pending))
+                raise_if_stopped()
+            try:
+                done, pending = wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                continue
+            finished += len(done)
+            for _ in done:
+                fault_point("block-done")
+            if done and progress is not None:
+                progress(label, finished, len(handles))

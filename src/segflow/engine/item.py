@@ -16,8 +16,10 @@ import numpy as np
 from segflow.engine.api import run_item
 from segflow.engine.blocks import block_shape_for
 from segflow.engine.executor import Executor, ProgressCallback
+from segflow.engine.interrupt import stop_requested
 from segflow.engine.pipeline import compile_pipeline
 from segflow.errors import PlanError
+from segflow.faults import fault_point
 from segflow.io.base import Reader
 
 
@@ -33,7 +35,7 @@ class ItemResult:
 
     id: str
     source: str
-    status: str  # "done", "failed" or "skipped"
+    status: str  # "done", "failed", "skipped" or "interrupted" (never recorded)
     error: str | None = None
     shape: str = ""
     output: str = ""
@@ -87,7 +89,13 @@ def segment_item(
     array, or ``None`` (or ``False``) for none.
     """
     from segflow.engine.run import RegionsSpec
-    from segflow.store.commit import begin_item, check_item, commit_item, staging_root
+    from segflow.store.commit import (
+        begin_item,
+        check_item,
+        commit_item,
+        prepare_staging,
+        staging_root,
+    )
     from segflow.store.layout import (
         ArraySpec,
         ZarrRegionWriter,
@@ -127,7 +135,8 @@ def segment_item(
             shard = tuple(
                 min(s, -(-n // c) * c) for s, c, n in zip(shards, chunk, spatial, strict=True)
             )
-        begin_item(store, info.id)
+        begin_item(store, info.id)  # refuses a foreign store or folder before any write
+        prepare_staging(store, run_id)
         create_item_group(root, info, overwrite=True)
         saved = {}
         written: dict[str, str] = {}
@@ -181,6 +190,7 @@ def segment_item(
             object_count=run.n_labels,
             regions=regions_sink is not None,
         )
+        fault_point("item-staged")
         commit_item(
             store,
             root,
@@ -196,10 +206,13 @@ def segment_item(
             },
         )
     except Exception as error:  # one bad item must not stop the collection
+        if stop_requested():  # whatever broke (a worker killed by the same Ctrl-C), it is
+            result.status = "interrupted"  # not the item's fault: not recorded, redone
         result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"
         result.seconds = time.perf_counter() - started
         _discard_staged(store, root, info.id, whole=own_staging)
         return result
+    fault_point("item-committed")
     if own_staging:
         _discard_staged(store, root, info.id, whole=True)
     foreground = sum(b.foreground for b in run.blocks)

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from segflow.errors import StoreError
+from segflow.faults import fault_point
 from segflow.store.lock import SEGFLOW_DIR, bookkeeping_path, is_local, local_path
 
 COMMIT_ATTR = "segflow_commit"
@@ -118,6 +119,16 @@ def staging_root(store: str, run_id: str) -> str:
     On an object store items are written in place (``store`` itself): see the module note.
     """
     return bookkeeping_path(store, "staging", run_id) if is_local(store) else str(store)
+
+
+def prepare_staging(store: str, run_id: str) -> str:
+    """Create the run's staging root once, before its items stage there concurrently."""
+    import zarr
+
+    root = staging_root(store, run_id)
+    if root != str(store):
+        zarr.open_group(root, mode="a", zarr_format=3, use_consolidated=False)
+    return root
 
 
 def begin_item(store: str, item_id: str) -> None:
@@ -235,6 +246,7 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
             )
         os.makedirs(trash_dir, exist_ok=True)
         os.rename(final, trash)
+        fault_point("item-swap")
     os.rename(staged, final)
     shutil.rmtree(trash, ignore_errors=True)
 

@@ -21,6 +21,7 @@ import pandas as pd
 from pandas.api.extensions import ExtensionDtype
 
 from segflow.errors import StoreError
+from segflow.faults import fault_point
 from segflow.store.lock import bookkeeping_path
 
 INDEX_NAME = "index.parquet"
@@ -94,6 +95,7 @@ def append_records(
         handle.write(lines)
         handle.flush()
         os.fsync(handle.fileno())
+    fault_point("record-written")
 
 
 def compact_index(store: str | os.PathLike[str]) -> pathlib.Path | None:
@@ -106,6 +108,7 @@ def compact_index(store: str | os.PathLike[str]) -> pathlib.Path | None:
         return None
     frame = read_index(store)
     path = _replace_index(store, frame)
+    fault_point("index-compact")
     for file, _ in files:
         file.unlink(missing_ok=True)
     return path

@@ -1,0 +1,31 @@
+"""Fault injection for segflow's crash tests: ``SEGFLOW_FAULT=NAME[@N]`` in the environment
+kills this process with SIGKILL the Nth time (default: the first) it reaches point NAME.
+
+The points sit where a crash is most likely to leave a store half written: ``item-staged``
+(data written and checked, not yet swapped in), ``item-swap`` (between the two renames of
+the swap), ``item-committed`` (swapped in, not yet recorded), ``record-written``,
+``index-compact`` (index.parquet replaced, records not yet removed) and ``block-done``
+(each time a block task finishes, seen from the client). Without the variable a point
+costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_hits: Counter[str] = Counter()
+
+
+def fault_point(name: str) -> None:
+    """Kill this process here when ``SEGFLOW_FAULT`` names this point (and this hit)."""
+    wanted = os.environ.get("SEGFLOW_FAULT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    _hits[name] += 1
+    if _hits[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

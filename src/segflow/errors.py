@@ -25,3 +25,7 @@ class ItemReadError(SegflowError, OSError):
 
 class StoreError(SegflowError, OSError):
     """An output store cannot be created or written as asked."""
+
+
+class ModelError(SegflowError, ValueError):
+    """A model, its checkpoint or its card cannot be used as asked (file, card, channels)."""

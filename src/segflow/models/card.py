@@ -1,0 +1,263 @@
+"""The model card: everything needed to run a network right, stored as JSON next to its weights.
+
+A card names the architecture and its parameters, the input channels and how each is
+normalised, the output channels (classes or an instance-friendly head), the tile, overlap and
+blending window of tiled inference, the physical spacing the model expects, the training data
+(fingerprint, licence) and the metrics it reached. It is data, never code: a pydantic model
+with unknown keys refused, read and written as JSON.
+
+Normalisation uses statistics of the whole item (for example its 1st and 99th percentiles),
+supplied by the engine's global-statistic pass, never statistics of one tile or block: a tile
+normalised on its own would change with its neighbourhood and seams would appear.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from segflow.errors import ModelError
+from segflow.models.inference import Activation
+from segflow.models.networks import ARCHITECTURES, NetworkSpec, check_tile
+from segflow.models.tiling import BlendWindow
+
+Head = Literal["semantic", "foreground_boundary", "foreground_distance"]
+
+#: Output channels of the instance-friendly heads (semantic heads name their own classes).
+HEAD_CLASSES: dict[str, tuple[str, ...]] = {
+    "foreground_boundary": ("background", "foreground", "boundary"),
+    "foreground_distance": ("foreground", "distance"),
+}
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Card):
+    """How one input channel is scaled before the network sees it.
+
+    ``percentile``: ``(x - P_low) / (P_high - P_low)`` with the item's percentiles ``low`` and
+    ``high`` (in 0..100); ``fixed``: the same with the values ``low`` and ``high`` themselves
+    (a CT window in HU, say); ``zscore``: ``(x - mean) / std`` of the item; ``none``: as is.
+    ``clip`` clips the scaled values to [0, 1] (``percentile`` and ``fixed`` only).
+    """
+
+    method: Literal["percentile", "fixed", "zscore", "none"] = "percentile"
+    low: float = 1.0
+    high: float = 99.0
+    clip: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Normalization:
+        if self.method in ("percentile", "fixed") and not self.low < self.high:
+            raise ValueError(f"`low` ({self.low}) must be below `high` ({self.high})")
+        if self.method == "percentile" and not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"percentiles ({self.low}, {self.high}) must lie in [0, 100]")
+        return self
+
+
+class ChannelCard(_Card):
+    name: str
+    normalization: Normalization = Normalization()
+
+
+class TrainingCard(_Card):
+    data: str = Field(default="", description="what the model was trained on, in words")
+    data_fingerprint: str = Field(default="", description="content hash of the training arrays")
+    licence: str = Field(
+        default="unknown", description="licence of the training data, e.g. CC0-1.0"
+    )
+    epochs: int = 0
+    seed: int | None = None
+
+
+class WeightsCard(_Card):
+    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    format: Literal["torch"] = "torch"
+
+
+class ArchitectureCard(_Card):
+    name: str
+    params: dict[str, Any] = {}
+
+
+class ModelCard(_Card):
+    """A model card (see the module docstring).
+
+    Examples
+    --------
+    >>> card = ModelCard(
+    ...     name="nuclei",
+    ...     architecture={"name": "segnet", "params": {"features": [8, 16]}},
+    ...     spatial_dims=2,
+    ...     channels=[{"name": "dapi"}],
+    ...     head="foreground_boundary",
+    ...     tile=(64, 64),
+    ... )
+    >>> card.classes, card.activation
+    (('background', 'foreground', 'boundary'), 'softmax')
+    >>> ModelCard.model_validate_json(card.model_dump_json()) == card
+    True
+    """
+
+    format: Literal["segflow-model-card"] = "segflow-model-card"
+    version: Literal[1] = 1
+    name: str
+    architecture: ArchitectureCard
+    spatial_dims: Literal[2, 3]
+    channels: tuple[ChannelCard, ...] = Field(min_length=1)
+    head: Head = "semantic"
+    classes: tuple[str, ...] = ()
+    tile: tuple[int, ...]
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    window: BlendWindow = "gaussian"
+    spacing: tuple[float, ...] | None = None
+    training: TrainingCard = TrainingCard()
+    metrics: dict[str, float] = {}
+    weights: WeightsCard | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _head_classes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("classes") and data.get("head") in HEAD_CLASSES:
+            data = {**data, "classes": HEAD_CLASSES[data["head"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if self.head in HEAD_CLASSES and self.classes != HEAD_CLASSES[self.head]:
+            raise ValueError(
+                f"head {self.head!r} has the classes {HEAD_CLASSES[self.head]}, not {self.classes}"
+            )
+        if self.head == "semantic" and len(self.classes) < 2:
+            raise ValueError(
+                f"a semantic head needs at least 2 classes (background first), got {self.classes}"
+            )
+        if len(self.tile) != self.spatial_dims:
+            raise ValueError(f"`tile` {self.tile} must have {self.spatial_dims} sides")
+        if self.spacing is not None and len(self.spacing) != self.spatial_dims:
+            raise ValueError(f"`spacing` {self.spacing} must have {self.spatial_dims} values")
+        if self.architecture.name in ARCHITECTURES:
+            check_tile(self.network_spec(), self.tile)
+        return self
+
+    @property
+    def activation(self) -> Activation:
+        """What turns the network's output into the blended map: softmax over the classes,
+        or nothing for the distance head (its foreground channel is a logit)."""
+        return "none" if self.head == "foreground_distance" else "softmax"
+
+    def network_spec(self) -> NetworkSpec:
+        """The network this card describes (channels from ``channels`` and ``classes``)."""
+        return NetworkSpec(
+            name=self.architecture.name,
+            spatial_dims=self.spatial_dims,
+            in_channels=len(self.channels),
+            out_channels=len(self.classes),
+            params=self.architecture.params,
+        )
+
+    def identity_json(self) -> str:
+        """Canonical JSON of the card without its ``weights`` entry (which depends on how the
+        weights were serialised): the card's part of the model hash."""
+        return json.dumps(
+            self.model_dump(mode="json", exclude={"weights"}), sort_keys=True, separators=(",", ":")
+        )
+
+
+def check_item(card: ModelCard, *, channels: int, spatial_ndim: int, item: str = "") -> None:
+    """Refuse an item whose channel count or dimensionality the model cannot take.
+
+    Examples
+    --------
+    >>> card = ModelCard(name="ct", architecture={"name": "segnet"}, spatial_dims=3,
+    ...                  channels=[{"name": "hu"}], classes=["background", "tumour"],
+    ...                  tile=(32, 32, 32))
+    >>> check_item(card, channels=1, spatial_ndim=3, item="case_01")
+    >>> check_item(card, channels=1, spatial_ndim=2, item="slice_7")
+    Traceback (most recent call last):
+    ...
+    segflow.errors.ModelError: item 'slice_7' is 2-D, model 'ct' is 3-D
+    """
+    if spatial_ndim != card.spatial_dims:
+        raise ModelError(
+            f"item {item!r} is {spatial_ndim}-D, model {card.name!r} is {card.spatial_dims}-D"
+        )
+    if channels != len(card.channels):
+        names = ", ".join(c.name for c in card.channels)
+        raise ModelError(
+            f"item {item!r} has {channels} channels, model {card.name!r} expects "
+            f"{len(card.channels)} ({names})"
+        )
+
+
+def item_statistics(
+    image: np.ndarray, channels: Sequence[ChannelCard]
+) -> list[tuple[float, float]]:
+    """Per channel, the two numbers its normalisation needs, from the whole item ``(c, ...)``.
+
+    The engine computes the same numbers with a global-statistic pass over the blocks; this
+    in-memory version serves training and small items.
+
+    Examples
+    --------
+    >>> image = np.arange(101, dtype=np.float32).reshape(1, 1, 101)
+    >>> item_statistics(image, [ChannelCard(name="x")])
+    [(1.0, 99.0)]
+    """
+    stats = []
+    for plane, channel in zip(image, channels, strict=True):
+        norm = channel.normalization
+        values = np.asarray(plane, dtype=np.float64)
+        if norm.method == "percentile":
+            low, high = np.percentile(values, [norm.low, norm.high])
+        elif norm.method == "zscore":
+            low, high = values.mean(), values.std()
+        elif norm.method == "fixed":
+            low, high = norm.low, norm.high
+        else:
+            low, high = 0.0, 1.0
+        stats.append((float(low), float(high)))
+    return stats
+
+
+def normalize_image(
+    image: np.ndarray,
+    channels: Sequence[ChannelCard],
+    stats: Sequence[tuple[float, float]],
+) -> np.ndarray:
+    """``image`` ``(c, ...)`` scaled channel by channel as the card says, float32.
+
+    ``stats`` are the item's numbers from :func:`item_statistics` (or the engine's pass). A
+    channel whose two numbers coincide (a constant item) is scaled by 1 rather than divided
+    by zero.
+
+    Examples
+    --------
+    >>> image = np.array([[[0.0, 5.0, 10.0]]])
+    >>> normalize_image(image, [ChannelCard(name="x")], [(0.0, 10.0)])
+    array([[[0. , 0.5, 1. ]]], dtype=float32)
+    """
+    if len(image) != len(channels) or len(stats) != len(channels):
+        raise ModelError(
+            f"normalisation: image has {len(image)} channels, the card {len(channels)}, "
+            f"the statistics {len(stats)}"
+        )
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, (channel, (a, b)) in enumerate(zip(channels, stats, strict=True)):
+        norm = channel.normalization
+        if norm.method == "none":
+            out[c] = image[c]
+            continue
+        offset, scale = (a, b) if norm.method == "zscore" else (a, b - a)
+        scale = scale if scale > 0 else 1.0
+        out[c] = (np.asarray(image[c], dtype=np.float32) - np.float32(offset)) / np.float32(scale)
+        if norm.clip and norm.method != "zscore":
+            np.clip(out[c], 0.0, 1.0, out=out[c])
+    return out

@@ -1,0 +1,464 @@
+"""Training a segmentation network on in-memory (image, labels) pairs, resumable and seeded.
+
+The engine-level loop the ``train`` flow will call. Each epoch draws ``steps_per_epoch``
+batches of patches (a share of them centred on a foreground pixel), augments them (flips,
+90-degree rotations in the ``y, x`` plane, intensity scale and shift), minimises soft Dice +
+cross-entropy with AdamW under a polynomial learning-rate decay, then scores the validation
+pairs with the same tiled inference the pipeline uses (:func:`~segflow.models.inference.
+predict_image`). The best epoch is saved as a checkpoint with its model card
+(:func:`~segflow.models.checkpoint.save_checkpoint`); training stops early after
+``patience`` epochs without improvement.
+
+Everything random comes from generators seeded by ``(seed, epoch)``, and the state after each
+epoch (weights, optimiser, counters) is written to ``out_dir/last``: a run killed after any
+epoch and resumed gives the same weights, bit for bit on CPU, as the run left alone.
+
+Images are ``(c, (z), y, x)`` in their raw values (each is normalised with its own whole-item
+statistics, as the card says); labels are ``((z), y, x)`` integers: class ids for a semantic
+head, instance ids for the instance-friendly heads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.segmentation import find_boundaries
+from torch.nn import functional as F
+
+from segflow.errors import ModelError
+from segflow.models.card import Head, ModelCard, TrainingCard, item_statistics, normalize_image
+from segflow.models.checkpoint import save_checkpoint
+from segflow.models.inference import predict_image
+from segflow.models.networks import build_network, check_tile
+
+Pair = tuple[np.ndarray, np.ndarray]
+STATE_FILE = "training_state.pt"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``patch`` defaults to the card's tile."""
+
+    patch: tuple[int, ...] | None = None
+    batch_size: int = 8
+    steps_per_epoch: int = 20
+    max_epochs: int = 50
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    foreground_fraction: float = 0.5
+    patience: int = 8
+    min_delta: float = 1e-3
+    validation_fraction: float = 0.2
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What the callback hears after each epoch (after its state is saved)."""
+
+    epoch: int
+    loss: float
+    val_score: float
+    best_score: float
+    improved: bool
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best: Path
+    last: Path
+    best_score: float
+    best_epoch: int
+    epochs: int
+    stopped_early: bool
+    history: list[EpochReport] = field(default_factory=list)
+
+
+def make_targets(labels: np.ndarray, head: Head) -> np.ndarray:
+    """Training targets for ``head`` from integer ``labels``.
+
+    ``semantic``: the labels themselves (class ids); ``foreground_boundary``: 0 background,
+    1 inside an object, 2 on its inner boundary (instance ids in); ``foreground_distance``:
+    float32 ``(2, ...)``, the foreground mask and each object's distance to its border divided
+    by the object's largest distance (1 at its centre).
+
+    Examples
+    --------
+    >>> labels = np.zeros((5, 6), int); labels[1:4, 1:5] = 7
+    >>> make_targets(labels, "foreground_boundary")[2]
+    array([0, 2, 1, 1, 2, 0])
+    >>> make_targets(labels, "foreground_distance")[1, 2]
+    array([0. , 0.5, 1. , 1. , 0.5, 0. ], dtype=float32)
+    """
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ModelError(f"labels must be integers, got dtype {labels.dtype}")
+    if head == "semantic":
+        return labels.astype(np.int64)
+    boundary = find_boundaries(labels, mode="inner") & (labels > 0)
+    if head == "foreground_boundary":
+        targets = (labels > 0).astype(np.int64)
+        targets[boundary] = 2
+        return targets
+    inner = (labels > 0) & ~boundary
+    distance = ndi.distance_transform_edt(inner) + (labels > 0)
+    ids = np.unique(labels[labels > 0])
+    peak = np.zeros(int(labels.max()) + 1)
+    if ids.size:
+        peak[ids] = ndi.maximum(distance, labels, ids)
+    scaled = np.where(labels > 0, distance / np.maximum(peak[labels], 1), 0.0)
+    return np.stack([labels > 0, scaled]).astype(np.float32)
+
+
+def split_validation(
+    pairs: Sequence[Pair], *, fraction: float, seed: int = 0
+) -> tuple[list[Pair], list[Pair]]:
+    """Hold out ``fraction`` of the pairs for validation (at least one), chosen by ``seed``.
+
+    A single pair is split in space instead: the last ``fraction`` of its longest axis.
+
+    Examples
+    --------
+    >>> pair = (np.zeros((1, 10, 20)), np.zeros((10, 20), int))
+    >>> train, val = split_validation([pair], fraction=0.25)
+    >>> train[0][0].shape, val[0][1].shape
+    ((1, 10, 15), (10, 5))
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"`fraction` ({fraction}) must be in (0, 1)")
+    if len(pairs) >= 2:
+        order = np.random.default_rng(seed).permutation(len(pairs))
+        n_val = max(1, round(fraction * len(pairs)))
+        return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+    image, labels = pairs[0]
+    axis = int(np.argmax(labels.shape))
+    cut = labels.shape[axis] - max(1, round(fraction * labels.shape[axis]))
+    head = [slice(None)] * labels.ndim
+    tail = [slice(None)] * labels.ndim
+    head[axis], tail[axis] = slice(0, cut), slice(cut, None)
+    return (
+        [(image[(slice(None), *head)], labels[tuple(head)])],
+        [(image[(slice(None), *tail)], labels[tuple(tail)])],
+    )
+
+
+def data_fingerprint(pairs: Sequence[Pair]) -> str:
+    """SHA-256 of the training arrays (shapes, dtypes and bytes), for the model card."""
+    digest = hashlib.sha256()
+    for image, labels in pairs:
+        for array in (np.ascontiguousarray(image), np.ascontiguousarray(labels)):
+            digest.update(f"{array.dtype}|{array.shape}|".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Prepared:
+    image: np.ndarray
+    targets: np.ndarray
+    foreground: np.ndarray  # coordinates of foreground pixels, (n, ndim)
+
+
+def _prepare(pairs: Sequence[Pair], card: ModelCard, patch: tuple[int, ...]) -> list[_Prepared]:
+    prepared = []
+    for i, (image, labels) in enumerate(pairs):
+        if image.ndim != card.spatial_dims + 1 or image.shape[1:] != labels.shape:
+            raise ModelError(
+                f"training pair {i}: image {image.shape} and labels {labels.shape} must be "
+                f"(c, *spatial) and (*spatial) with {card.spatial_dims} spatial axes"
+            )
+        if image.shape[0] != len(card.channels):
+            raise ModelError(
+                f"training pair {i} has {image.shape[0]} channels, the card {len(card.channels)}"
+            )
+        norm = normalize_image(image, card.channels, item_statistics(image, card.channels))
+        targets = make_targets(labels, card.head)
+        if card.head == "semantic" and targets.max(initial=0) >= len(card.classes):
+            raise ModelError(
+                f"training pair {i} has class id {targets.max()}, the card names "
+                f"{len(card.classes)} classes"
+            )
+        # Pad up to the patch (after the data): zeros, background.
+        pads = [(0, max(p - n, 0)) for p, n in zip(patch, labels.shape, strict=True)]
+        norm = np.pad(norm, [(0, 0), *pads])
+        targets = np.pad(targets, [(0, 0)] * (targets.ndim - len(pads)) + pads)
+        prepared.append(_Prepared(norm, targets, np.argwhere(np.pad(labels, pads) > 0)))
+    return prepared
+
+
+def _sample_batch(
+    data: list[_Prepared], patch: tuple[int, ...], config: TrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = [], []
+    ndim = len(patch)
+    for _ in range(config.batch_size):
+        item = data[rng.integers(len(data))]
+        shape = item.image.shape[1:]
+        if len(item.foreground) and rng.random() < config.foreground_fraction:
+            centre = item.foreground[rng.integers(len(item.foreground))]
+            start = [
+                int(np.clip(c - p // 2, 0, n - p))
+                for c, p, n in zip(centre, patch, shape, strict=True)
+            ]
+        else:
+            start = [int(rng.integers(n - p + 1)) for p, n in zip(patch, shape, strict=True)]
+        box = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
+        x = item.image[(slice(None), *box)]
+        y = item.targets[(Ellipsis, *box)]  # type: ignore[arg-type]
+        if config.augment:
+            for axis in range(ndim):
+                if rng.random() < 0.5:
+                    x, y = np.flip(x, axis - ndim), np.flip(y, axis - ndim)
+            k = int(rng.integers(4)) if patch[-1] == patch[-2] else 2 * int(rng.integers(2))
+            x, y = np.rot90(x, k, axes=(-2, -1)), np.rot90(y, k, axes=(-2, -1))
+            scale = rng.uniform(0.8, 1.2, size=(x.shape[0],) + (1,) * ndim)
+            shift = rng.uniform(-0.1, 0.1, size=(x.shape[0],) + (1,) * ndim)
+            x = x * scale + shift
+        images.append(np.ascontiguousarray(x, dtype=np.float32))
+        targets.append(np.ascontiguousarray(y))
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(targets))
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:
+    """Soft Dice + cross-entropy (the distance head: + mean squared error of the distance)."""
+    spatial = tuple(range(2, logits.ndim))
+    if head == "foreground_distance":
+        foreground, distance = targets[:, 0], targets[:, 1]
+        probability = torch.sigmoid(logits[:, 0])
+        dims = tuple(range(1, probability.ndim))
+        overlap = (probability * foreground).sum(dims)
+        dice = 1 - (2 * overlap + 1) / (probability.sum(dims) + foreground.sum(dims) + 1)
+        bce = F.binary_cross_entropy_with_logits(logits[:, 0], foreground)
+        return bce + dice.mean() + F.mse_loss(logits[:, 1], distance)
+    probability = torch.softmax(logits, dim=1)
+    one_hot = F.one_hot(targets, logits.shape[1]).movedim(-1, 1).to(probability.dtype)
+    overlap = (probability * one_hot).sum(spatial)
+    dice = 1 - (2 * overlap + 1) / (probability.sum(spatial) + one_hot.sum(spatial) + 1)
+    return F.cross_entropy(logits, targets) + dice.mean()
+
+
+def foreground_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union of two masks (1.0 when both are empty).
+
+    Examples
+    --------
+    >>> foreground_iou(np.array([1, 1, 0, 0]), np.array([0, 1, 1, 0]))
+    0.3333333333333333
+    """
+    predicted, truth = np.asarray(predicted) > 0, np.asarray(truth) > 0
+    union = np.logical_or(predicted, truth).sum()
+    return 1.0 if union == 0 else float(np.logical_and(predicted, truth).sum() / union)
+
+
+def predict_mask(
+    model: torch.nn.Module, image: np.ndarray, card: ModelCard, *, batch_size: int = 4
+) -> np.ndarray:
+    """The model's class map (semantic, boundary heads) or foreground mask (distance head)
+    for a raw ``image``, normalised with its own statistics and tiled as the card says."""
+    norm = normalize_image(image, card.channels, item_statistics(image, card.channels))
+    out = predict_image(
+        model,
+        norm,
+        tile=card.tile,
+        overlap=card.overlap,
+        window=card.window,
+        activation=card.activation,
+        batch_size=batch_size,
+    )
+    if card.head == "foreground_distance":
+        return (out[0] > 0).astype(np.int64)  # logit > 0 is probability > 0.5
+    return out.argmax(0)
+
+
+def _score(model: torch.nn.Module, pairs: Sequence[Pair], card: ModelCard, batch: int) -> float:
+    """Mean foreground IoU over the validation pairs (semantic: over the foreground classes)."""
+    scores = []
+    for image, labels in pairs:
+        predicted = predict_mask(model, image, card, batch_size=batch)
+        if card.head == "semantic":
+            scores += [
+                foreground_iou(predicted == k, labels == k) for k in range(1, len(card.classes))
+            ]
+        else:
+            scores.append(foreground_iou(predicted > 0, labels > 0))
+    return float(np.mean(scores))
+
+
+def _save_state(path: Path, state: dict[str, object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_model(
+    pairs: Sequence[Pair],
+    *,
+    card: ModelCard,
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig = TrainConfig(),
+    validation: Sequence[Pair] | None = None,
+    callback: Callable[[EpochReport], None] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train the network ``card`` describes; write ``out_dir/best`` and ``out_dir/last``.
+
+    Parameters
+    ----------
+    pairs : sequence of (image, labels)
+        Training data in memory (see the module docstring for axes and label meaning).
+    card : ModelCard
+        The model to train: architecture, channels, head, tile. Its training section and
+        metrics are filled in on the saved checkpoint (data fingerprint, epochs, seed, the
+        validation score ``val_foreground_iou``).
+    out_dir : path
+        Where ``best/`` (a checkpoint) and ``last/`` (the resumable state) go.
+    config : TrainConfig
+    validation : sequence of (image, labels), optional
+        Pairs to score each epoch; by default :func:`split_validation` of ``pairs``.
+    callback : callable, optional
+        Called with an :class:`EpochReport` after each epoch, once its state is saved.
+    resume : bool
+        Continue the run saved in ``out_dir/last`` (same data, card and config, else an
+        error); without a saved run, start afresh.
+
+    Returns
+    -------
+    TrainResult
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> rng = np.random.default_rng(0)
+    >>> labels = (rng.random((32, 32)) > 0.7).astype(np.int64)
+    >>> image = (labels + rng.normal(0, 0.3, labels.shape))[None].astype(np.float32)
+    >>> card = ModelCard(name="toy", architecture={"name": "segnet", "params": {"features": [4]}},
+    ...                  spatial_dims=2, channels=[{"name": "x"}], classes=["bg", "fg"],
+    ...                  tile=(16, 16))
+    >>> config = TrainConfig(batch_size=2, steps_per_epoch=2, max_epochs=2)
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     result = train_model([(image, labels)], card=card, out_dir=out, config=config)
+    >>> result.epochs, 0.0 <= result.best_score <= 1.0
+    (2, True)
+    """
+    out = Path(out_dir)
+    patch = check_tile(card.network_spec(), config.patch or card.tile)
+    if not pairs:
+        raise ModelError("`pairs` is empty: training needs at least one (image, labels) pair")
+    if validation is None:
+        train_pairs, val_pairs = split_validation(
+            pairs, fraction=config.validation_fraction, seed=config.seed
+        )
+    else:
+        train_pairs, val_pairs = list(pairs), list(validation)
+    fingerprint = data_fingerprint([*train_pairs, *val_pairs])
+    data = _prepare(train_pairs, card, patch)
+    run = {
+        "card": json.loads(card.identity_json()),
+        "config": {**asdict(config), "patch": list(patch)},
+        "data_fingerprint": fingerprint,
+    }
+    last = out / "last"
+    last.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)
+    model = build_network(card.network_spec())
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    epoch, best_score, best_epoch, bad_epochs = 0, -1.0, 0, 0
+    history: list[EpochReport] = []
+    state_path = last / STATE_FILE
+    if resume and state_path.is_file():
+        saved_run = json.loads((last / RUN_FILE).read_text())
+        if saved_run != json.loads(json.dumps(run)):
+            changed = sorted(k for k in run if saved_run.get(k) != json.loads(json.dumps(run[k])))
+            raise ModelError(
+                f"cannot resume the run in '{out}': its {', '.join(changed)} differ from "
+                "this call's; use another out_dir or resume=False"
+            )
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, best_score = int(state["epoch"]), float(state["best_score"])
+        best_epoch, bad_epochs = int(state["best_epoch"]), int(state["bad_epochs"])
+        history = [EpochReport(*row) for row in state["history"]]
+    else:
+        (last / RUN_FILE).write_text(json.dumps(run, indent=2))
+
+    while epoch < config.max_epochs and bad_epochs < config.patience:
+        rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, if the network has any
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * (1 - epoch / config.max_epochs) ** 0.9
+        model.train()
+        losses = []
+        for _ in range(config.steps_per_epoch):
+            x, y = _sample_batch(data, patch, config, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(model(x), y, card.head)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        score = _score(model, val_pairs, card, config.batch_size)
+        epoch += 1
+        improved = score > best_score + config.min_delta
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            best_card = card.model_copy(
+                update={
+                    "metrics": {**card.metrics, "val_foreground_iou": score},
+                    "training": TrainingCard(
+                        **{
+                            **card.training.model_dump(),
+                            "data_fingerprint": fingerprint,
+                            "epochs": epoch,
+                            "seed": config.seed,
+                        }
+                    ),
+                }
+            )
+            save_checkpoint(out / "best", model, best_card)
+        else:
+            bad_epochs += 1
+        report = EpochReport(epoch, float(np.mean(losses)), score, best_score, improved)
+        history.append(report)
+        _save_state(
+            state_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "history": [list(asdict(h).values()) for h in history],
+            },
+        )
+        if callback is not None:
+            callback(report)
+    return TrainResult(
+        best=out / "best",
+        last=last,
+        best_score=best_score,
+        best_epoch=best_epoch,
+        epochs=epoch,
+        stopped_early=bad_epochs >= config.patience,
+        history=history,
+    )

@@ -4,11 +4,12 @@ A run writes each item into a staging group ``STORE/.segflow/staging/RUN/ITEM``,
 (every array has the item's shape and dtype and every storage unit on disk; the region
 table has one row per object), writes a commit record into the group's attributes
 (``segflow_commit``: run, fingerprint, config hash, code version, arrays, object count), and
-only then swaps it in: the previous ``STORE/ITEM`` is renamed into
-``STORE/.segflow/trash/RUN/``, the staged group renamed to ``STORE/ITEM``, and the trash
-removed. Renames within one local filesystem are atomic, so at every instant ``STORE/ITEM``
-is either the previous complete result or the new one; a kill between the two renames
-leaves it missing, and :func:`prepare_store` moves the previous result back on the next run.
+only then swaps it in: on Linux the staged group and the previous ``STORE/ITEM`` are
+exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``, so at every instant ``STORE/ITEM``
+is either the previous complete result or the new one. Where the filesystem cannot
+exchange, the previous group is renamed into ``STORE/.segflow/trash/RUN/`` and the staged
+one renamed into place: a kill between the two renames leaves ``STORE/ITEM`` missing (never
+wrong), and :func:`prepare_store` moves the previous result back on the next run.
 The index row that says ``done`` is written after the swap, and skipping an item needs
 both that row and a matching commit record (:func:`read_commit`).
 
@@ -23,10 +24,12 @@ store that is not a segflow item group is never replaced or deleted.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -244,6 +247,10 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
                 f"item '{item_id}': '{final}' exists and is not a segflow item group; "
                 "segflow never replaces what it did not write: rename or remove it"
             )
+        if _exchange(staged, final):  # one atomic step: no instant without STORE/ITEM
+            fault_point("item-swap")
+            shutil.rmtree(staged, ignore_errors=True)  # now the previous result
+            return
         os.makedirs(trash_dir, exist_ok=True)
         os.rename(final, trash)
         fault_point("item-swap")
@@ -266,6 +273,21 @@ def discard_staging(store: str, run_id: str) -> None:
     if is_local(store):
         shutil.rmtree(local_path(staging_root(store, run_id)), ignore_errors=True)
         shutil.rmtree(local_path(bookkeeping_path(store, "trash", run_id)), ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or filesystem cannot, and the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(result == 0)
 
 
 def _recover_swaps(store: str) -> None:

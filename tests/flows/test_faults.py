@@ -1,0 +1,190 @@
+"""Fault injection: ``segflow run`` killed at the points where a store is half written.
+
+Each case runs the real command in a subprocess (against the session's Prefect test server
+and its Dask cluster), kills it (SIGKILL at a named point through ``SEGFLOW_FAULT``, or
+SIGINT to its process group as a terminal's Ctrl-C does), then reruns it plainly and checks
+that every item is done and bit-identical to a clean run, and that no item was ever
+``done`` without its data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from _geodata import write_geotiff
+
+from segflow.store import read_index
+from segflow.store.commit import read_commit
+
+pytestmark = pytest.mark.slow
+
+N_ITEMS = 3
+
+
+@pytest.fixture(scope="module")
+def api_url(prefect_harness: None) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def config(tmp_path: Path, dask_address: str) -> Path:
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i in range(N_ITEMS):
+        image = (rng.random((1, 96, 112)) * 255).astype(np.uint8)
+        write_geotiff(folder / f"t{i}.tif", image, x0=500_000.0 + 2_000 * i)
+    path = tmp_path / "faults.yaml"
+    path.write_text(
+        "name: faults\n"
+        "input: {path: tiles}\n"
+        "output: {store: out.zarr, chunks: [32, 32], regions: true}\n"
+        "blocks: {shape: [32, 32]}\n"
+        "pipeline: [{op: gaussian, sigma: 1}, {op: otsu}, {op: label}]\n"
+        f"cluster: {{address: '{dask_address}'}}\n"
+    )
+    return path
+
+
+def _segflow(
+    config: Path, api_url: str, *args: str, fault: str | None = None, wait: bool = True
+) -> Any:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
+    env.pop("SEGFLOW_FAULT", None)
+    if fault:
+        env["SEGFLOW_FAULT"] = fault
+    command = [sys.executable, "-m", "flows", "run", str(config), *args]
+    process = subprocess.Popen(
+        command,
+        cwd=config.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=240)
+    return process.returncode, output
+
+
+def _outputs(store: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """Each done item's labels and region row count; asserts done items have their data."""
+    frame = read_index(str(store))
+    found = {}
+    for item_id in frame.loc[frame["status"] == "done", "id"]:
+        labels = zarr.open_array(str(store), path=f"{item_id}/labels", mode="r")[:]
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(store / item_id / "regions.parquet").metadata.num_rows
+        assert rows == labels.max(), item_id
+        found[item_id] = (labels, rows)
+    return found
+
+
+@pytest.fixture(scope="module")
+def clean_outputs() -> dict[str, Any]:
+    """The outputs of the first complete run (every case makes the same images), which
+    every recovered store must equal."""
+    return {}
+
+
+def _assert_complete(store: Path, reference: dict[str, Any]) -> None:
+    outputs = _outputs(store)
+    assert sorted(outputs) == [f"t{i}" for i in range(N_ITEMS)]
+    for item_id, (labels, rows) in outputs.items():
+        assert read_commit(str(store), item_id) is not None
+        if item_id in reference:
+            np.testing.assert_array_equal(labels, reference[item_id][0])
+            assert rows == reference[item_id][1]
+        else:
+            reference[item_id] = (labels, rows)
+
+
+@pytest.mark.parametrize(
+    ("fault", "overwrite"),
+    [
+        ("block-done@5", False),  # during the blocks of the first item
+        ("item-staged", True),  # data written and checked, not yet swapped in
+        ("item-swap@2", True),  # between the two renames of the second item's swap
+        ("item-committed", False),  # swapped in, not yet recorded
+        ("record-written@2", True),
+        ("index-compact", False),  # index.parquet replaced, records not yet removed
+    ],
+)
+def test_a_killed_run_never_leaves_done_without_data_and_a_rerun_completes(
+    config: Path, api_url: str, clean_outputs: dict[str, Any], fault: str, overwrite: bool
+) -> None:
+    store = config.parent / "out.zarr"
+    if overwrite:  # an overwrite run over a complete store
+        code, output = _segflow(config, api_url)
+        assert code == 0, output
+        _assert_complete(store, clean_outputs)
+    extra = ["--set", "output.overwrite=true"] if overwrite else []
+
+    code, output = _segflow(config, api_url, *extra, fault=fault)
+
+    assert code == -signal.SIGKILL, output
+    _outputs(store)  # whatever the index says done has its data
+    code, output = _segflow(config, api_url)
+    assert code == 0, output
+    _assert_complete(store, clean_outputs)
+
+
+def test_ctrl_c_stops_within_seconds_and_keeps_the_previous_results(
+    config: Path, api_url: str, clean_outputs: dict[str, Any]
+) -> None:
+    store = config.parent / "out.zarr"
+    code, output = _segflow(config, api_url)
+    assert code == 0, output
+    process = _segflow(config, api_url, "--set", "output.overwrite=true", wait=False)
+    deadline = time.monotonic() + 120
+    while not (store / ".segflow" / "lock.json").exists():  # the run has started writing
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    sent = time.monotonic()
+    output, _ = process.communicate(timeout=60)
+
+    assert time.monotonic() - sent < 15, output
+    assert process.returncode == 128 + signal.SIGINT, output
+    assert "segflow: stopped (SIGINT); committed items are kept" in output
+    assert "Traceback" not in output
+    _assert_complete(store, clean_outputs)
+    assert not (store / ".segflow" / "lock.json").exists()
+
+
+def test_a_second_run_on_the_same_store_is_refused(config: Path, api_url: str) -> None:
+    # The first writer is another live process holding the store's lock (as a run does
+    # from its first write to its end); a real run on these tiny items ends too fast to
+    # be caught reliably.
+    store = config.parent / "out.zarr"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from segflow.store.lock import hold_store_lock\n"
+         f"with hold_store_lock({str(store)!r}, run_id='nightly'):\n"
+         "    print('held', flush=True); time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        code, output = _segflow(config, api_url)
+    finally:
+        holder.kill()
+        holder.communicate()
+
+    assert code == 1, output
+    assert "is in use by another segflow run (run nightly of" in output
+    assert not (store / "t0").exists()  # nothing was written

@@ -13,6 +13,7 @@ output, relabelling in the same task.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -392,6 +393,11 @@ def tile_statistic(
 
 FAN_IN = 16  # partial results merged per task in a statistic's tree reduction
 
+#: A global statistic that has not finished after this many passes over the item stops the
+#: item with an error naming its step: no statistic may loop for ever (Li's iteration stops
+#: itself well before this; exact percentiles need at most 5 passes).
+MAX_STATISTIC_PASSES = 1000
+
 
 def merge_partials(partials: list[Any], *, statistic: GlobalStatistic, state: Any) -> Any:
     return statistic.merge(partials, state)  # type: ignore[attr-defined]
@@ -625,7 +631,12 @@ class _PlanRun:
         else:
             tiles = self.map_blocks(phase, sources, keep_halo=keep_halo, reduce=(statistic, state))
             partials = self.reduce(executor.map(tile_partial, tiles), statistic, state, label=label)
-        while True:
+        for passes in itertools.count(1):
+            if passes > MAX_STATISTIC_PASSES:
+                raise RuntimeError(
+                    f"{stat_step.key}: the statistic gave no result after "
+                    f"{MAX_STATISTIC_PASSES} passes over the item; please report this"
+                )
             try:
                 result = statistic.combine(partials, state)
             except ValueError as error:  # say which step's statistic could not be taken

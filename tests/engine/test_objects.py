@@ -137,24 +137,70 @@ def test_objects_by_physical_size_use_the_item_spacing(
 @SETTINGS
 @given(
     st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=12)),
-    st.booleans(),
-    st.integers(0, 4),
+    st.sampled_from([None, 1]),
+    st.integers(0, 3),
 )
-def test_clear_border(layout: Layout, full: bool, buffer_size: int) -> None:
-    """skimage.segmentation.clear_border (which labels with full connectivity) on the whole
-    item; with face connectivity, objects are the face-connected components."""
+def test_clear_border_of_a_mask(layout: Layout, connectivity: int | None, buffer_size: int) -> None:
+    """skimage.segmentation.clear_border (full connectivity, the default here too) on the
+    whole item; with face connectivity, objects are the face-connected components."""
     shape, blocks, seed = layout
+    if buffer_size >= min(shape):
+        return  # refused: see test_clear_border_refuses_a_buffer_as_wide_as_the_item
     mask = _mask(shape, seed, 0.45)
-    connectivity = len(shape) if full else 1
     step = {"op": "clear_border", "buffer_size": buffer_size, "connectivity": connectivity}
     result = _run(mask, step, blocks)
-    if buffer_size >= min(shape):  # scikit-image refuses; every pixel is near the border
-        assert not result.any()
-        return
-    labels, _ = ndi.label(mask, _structure(mask.ndim, connectivity))
-    np.testing.assert_array_equal(result, clear_border(labels, buffer_size=buffer_size) != 0)
-    if full:
+    if connectivity is None:
         np.testing.assert_array_equal(result, clear_border(mask, buffer_size=buffer_size))
+    else:
+        labels, _ = ndi.label(mask, _structure(mask.ndim, connectivity))
+        expected = clear_border(labels, buffer_size=buffer_size) != 0
+        np.testing.assert_array_equal(result, expected)
+
+
+@SETTINGS
+@given(st.one_of(layouts(max_side=30), layouts(ndim=3, max_side=10)), st.integers(0, 2))
+def test_clear_border_of_a_label_image(layout: Layout, buffer_size: int) -> None:
+    """Each label's own components are the objects (touching labels stay apart) and the
+    kept pixels keep their ids, as scikit-image."""
+    shape, blocks, seed = layout
+    if buffer_size >= min(shape):
+        return
+    labels = (smooth_noise(shape, seed, sigma=1.0) * 12).astype(np.uint16) % 5
+    step = {"op": "clear_border", "buffer_size": buffer_size}
+    result = segment(labels, [step], block_shape=blocks)
+    assert result.dtype == labels.dtype
+    np.testing.assert_array_equal(result, clear_border(labels, buffer_size=buffer_size))
+
+
+def test_clear_border_peer_cases() -> None:
+    """scikit-image's test_clear_border.py: touching labels, a diagonal chain to a corner."""
+    labels = np.array([[1, 2, 3, 1, 2], [3, 3, 5, 4, 2], [3, 4, 5, 4, 2], [3, 3, 2, 1, 2]])
+    chain = np.zeros((6, 6), dtype=bool)
+    chain[0, 0] = chain[1, 1] = chain[2, 2] = True  # touches the corner diagonally only
+    for blocks in [(4, 5), (2, 2), (1, 3)]:
+        result = segment(labels, [{"op": "clear_border"}], block_shape=blocks)
+        np.testing.assert_array_equal(result, clear_border(labels))
+        assert np.count_nonzero(result) == 5  # labels 5 and 4 inside
+        np.testing.assert_array_equal(
+            segment(chain, [{"op": "clear_border"}], block_shape=blocks), clear_border(chain)
+        )
+        assert not clear_border(chain).any()
+
+
+def test_clear_border_refuses_a_buffer_as_wide_as_the_item() -> None:
+    with pytest.raises(ValueError, match="buffer size may not be greater"):
+        clear_border(np.ones((4, 6), dtype=bool), buffer_size=4)
+    with pytest.raises(
+        ValueError,
+        match=r"pipeline\[0\]\.clear_border: `buffer_size` \(4\) must be smaller than every "
+        r"side of the item \(4, 6\)",
+    ):
+        segment(np.ones((4, 6), dtype=bool), [{"op": "clear_border", "buffer_size": 4}])
+    with pytest.raises(
+        PlanError,
+        match=r"clear_border takes a mask or a label image \(bool or integer\), got float32",
+    ):
+        segment(np.ones((4, 6), dtype=np.float32), [{"op": "clear_border"}])
 
 
 def _keep_largest_reference(mask: np.ndarray, k: int, connectivity: int) -> np.ndarray:

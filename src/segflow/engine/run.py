@@ -259,7 +259,7 @@ def run_block(
         block.core, sink.write(block.core, stored), int(np.count_nonzero(stored))
     )
     if regions is not None:
-        if isinstance(source, LabelTile) and not steps:
+        if isinstance(source, LabelTile) and not steps and finish_is_ids(finish):
             assert relabel is not None and finish is not None
             # The local labels are dense already: no sort of the block to number its objects.
             dense, finals = source.labels, relabel.table(source.keep, np.dtype(np.int64))
@@ -275,6 +275,12 @@ def run_block(
         complete = regions.sink.write(f"part-{block.linear:06d}", rows.take(~on_faces))
         summary.regions = (complete, rows.take(on_faces))
     return summary
+
+
+def finish_is_ids(finish: Finish | None) -> bool:
+    """Whether a finished connectivity step writes its stitched ids (not a mask, not the
+    input's own ids)."""
+    return finish is not None and finish.step.op.finish is None
 
 
 def apply_steps(
@@ -359,9 +365,12 @@ def label_block(
 ) -> LabelTile:
     """Label a block's core, measure its objects and decide those complete inside it."""
     ctx = _context(step, stats, len(shape), spacing, block.core, shape)
-    labels = step.op.apply(core, step.params, ctx)[0]
+    try:
+        labels = step.op.apply(core, step.params, ctx)[0]
+        rule = step.op.rule_for(step.params, ctx)
+    except ValueError as error:  # bad input found in the data: say which step refused it
+        raise ValueError(f"{step.key}: {error}") from error
     n = int(labels.max(initial=0))
-    rule = step.op.rule_for(step.params, ctx)
     features = None if rule is None else rule.measure(core, labels, n, block.core, shape)
     faces = block_faces(labels)
     objects, keep = decide_block(faces, n, features, rule)
@@ -689,7 +698,7 @@ class _PlanRun:
         executor, grid = self.executor, self.grid
         step = phase.connectivity
         assert step is not None
-        connectivity = int(step.params.connectivity)  # type: ignore[attr-defined]
+        connectivity = step.op.connectivity_of(step.params, grid.ndim)
         if self.stream:
             tiles = []
             summaries = self.stream_map(

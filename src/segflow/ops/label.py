@@ -17,6 +17,17 @@ Connectivity = Annotated[
     int, Field(ge=1, le=3, description="neighbours: 1 = faces (4/6), ndim = all (8/26)")
 ]
 
+#: ``connectivity`` where the reference's default is full connectivity (``None``: ndim).
+OptionalConnectivity = Annotated[
+    int | None,
+    Field(ge=1, le=3, description="neighbours: 1 = faces (4/6), ndim = all (8/26, the default)"),
+]
+
+
+def resolve_connectivity(connectivity: int | None, ndim: int) -> int:
+    """``connectivity``, or ``ndim`` (every neighbour) where it is ``None``."""
+    return ndim if connectivity is None else int(connectivity)
+
 
 class LabelParams(OpParams):
     connectivity: Connectivity = 1

@@ -15,8 +15,14 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 from scipy import ndimage as ndi
+from skimage import measure
 
-from segflow.ops.label import Connectivity, connectivity_structure
+from segflow.ops.label import (
+    Connectivity,
+    OptionalConnectivity,
+    connectivity_structure,
+    resolve_connectivity,
+)
 from segflow.ops.registry import Done, LowHighParams, OpContext, Operation, OpParams, register
 from segflow.stitch.labels import Box, ObjectRule
 
@@ -295,13 +301,32 @@ class ClearBorderParams(OpParams):
     buffer_size: int = Field(
         0, ge=0, description="also remove objects within this many pixels of the border"
     )
-    connectivity: Connectivity = 1
+    connectivity: OptionalConnectivity = None
+
+
+def label_values(image: np.ndarray, connectivity: int) -> np.ndarray:
+    """Components of equal non-zero values (a label image's objects, a mask's components),
+    numbered in scan order of their first pixel: ``skimage.measure.label(image,
+    background=0)``."""
+    if image.dtype == np.bool_:
+        return _label_mask(image, connectivity)
+    return measure.label(image, background=0, connectivity=connectivity)
+
+
+def _label_objects(image: np.ndarray, params: ClearBorderParams, ctx: OpContext) -> np.ndarray:
+    connectivity = resolve_connectivity(params.connectivity, ctx.spatial_ndim)
+    return label_values(image[0], connectivity).astype(np.int32, copy=False)[np.newaxis]
 
 
 def _border_rule(params: ClearBorderParams, ctx: OpContext) -> ObjectRule:
     width = params.buffer_size + 1
+    if ctx.shape and any(params.buffer_size >= n for n in ctx.shape):
+        raise ValueError(
+            f"`buffer_size` ({params.buffer_size}) must be smaller than every side of the "
+            f"item {ctx.shape}, as in skimage.segmentation.clear_border"
+        )
 
-    def measure(
+    def measure_border(
         source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
     ) -> np.ndarray:
         return _border_labels(labels, n, box, shape, width)[:, np.newaxis]
@@ -309,9 +334,28 @@ def _border_rule(params: ClearBorderParams, ctx: OpContext) -> ObjectRule:
     return ObjectRule(
         columns=("on_border",),
         reduce=("max",),
-        measure=measure,
+        measure=measure_border,
         keep=lambda features: features[:, 0] == 0,
     )
+
+
+def _kept_values(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
+    """The input's values (a label image's ids, a mask's True) on the kept objects, else 0."""
+    assert source is not None
+    return np.where(ids != 0, source[0], source.dtype.type(0))
+
+
+def _integer_or_mask(name: str) -> Callable[[np.dtype, OpParams], np.dtype]:
+    def check(dtype: np.dtype, params: OpParams) -> np.dtype:
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "uib":  # checked at plan time: PlanError, a ValueError
+            raise ValueError(
+                f"{name} takes a mask or a label image (bool or integer), got {dtype}; "
+                "threshold or `label` it first"
+            )
+        return dtype
+
+    return check
 
 
 register(
@@ -319,14 +363,17 @@ register(
         name="clear_border",
         kind="connectivity",
         params=ClearBorderParams,
-        apply=_label_foreground,
+        apply=_label_objects,
         rule=_border_rule,
-        finish=_kept_mask,
+        finish=_kept_values,
         summary="drop objects that touch the item's border (skimage.segmentation.clear_border "
-        "on the whole item), e.g. the air around a CT body, cells cut by the field of view",
+        "on the whole item: each label's components, connectivity ndim by default), e.g. the "
+        "air around a CT body, cells cut by the field of view; ids are kept",
         halo_rule="0 (border contact is merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_integer_or_mask("clear_border"),
         needs_single_channel=True,
+        by_class=lambda p: True,
+        keeps_ids=True,
     )
 )
 

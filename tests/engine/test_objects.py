@@ -99,6 +99,67 @@ def test_remove_large_objects_needs_one_size() -> None:
                              channels=1, dtype="uint8")  # fmt: skip
 
 
+def _scattered_ids(shape: tuple[int, ...], seed: int, n: int) -> np.ndarray:
+    """Ids 1..n-1 scattered over the item: touching ids, one id in many separate places."""
+    labels = np.random.default_rng(seed).integers(0, n, shape).astype(np.uint16)
+    labels[smooth_noise(shape, seed) < 0.5] = 0
+    return labels
+
+
+@SETTINGS
+@given(
+    st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=12)),
+    st.integers(3, 40),
+    st.integers(0, 30),
+)
+def test_remove_small_and_large_objects_of_a_label_image(layout: Layout, n: int, size: int) -> None:
+    """Each id is one object wherever its pixels lie (sizes summed over the item), touching
+    ids stay apart, and the kept pixels keep their ids: remove_small_objects on an integer
+    image, as scikit-image; remove_large_objects keeps what it removes."""
+    shape, blocks, seed = layout
+    labels = _scattered_ids(shape, seed, n)
+    small = segment(labels, [{"op": "remove_small_objects", "max_size": size}], block_shape=blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Only one label was provided"
+        expected = morphology.remove_small_objects(labels, max_size=size)
+    assert small.dtype == labels.dtype
+    np.testing.assert_array_equal(small, expected)
+    step = {"op": "remove_large_objects", "min_size": size + 1}
+    large = segment(labels, [step], block_shape=blocks)
+    np.testing.assert_array_equal(large, np.where(expected == 0, labels, 0))
+
+
+def test_remove_small_objects_of_touching_labels_peer_case() -> None:
+    """scikit-image test_misc.py: label 2 (2 px) touches label 1 (4 px) and goes alone."""
+    labels = np.array([[1, 1, 2], [1, 1, 2]])
+    for blocks in [(2, 3), (1, 1), (2, 2)]:
+        result = segment(
+            labels, [{"op": "remove_small_objects", "max_size": 2}], block_shape=blocks
+        )
+        np.testing.assert_array_equal(result, morphology.remove_small_objects(labels, max_size=2))
+        np.testing.assert_array_equal(result, [[1, 1, 0], [1, 1, 0]])
+
+
+@pytest.mark.parametrize("op", ["remove_small_objects", "remove_large_objects"])
+def test_size_filters_refuse_float_and_negative_input(op: str) -> None:
+    step = {"op": op, "max_size" if op == "remove_small_objects" else "min_size": 3}
+    with pytest.raises(TypeError, match="Only bool or integer image types are supported"):
+        morphology.remove_small_objects(np.zeros((4, 4)), max_size=3)
+    with pytest.raises(
+        PlanError,
+        match=rf"pipeline\[0\] '{op}': {op} takes a mask or a label image \(bool or integer\), "
+        "got float64",
+    ):
+        segment(np.zeros((4, 4)), [step])
+    negative = np.array([[1, -1, 0], [2, 2, 0]])
+    with pytest.raises(ValueError, match="Negative value labels are not supported"):
+        morphology.remove_small_objects(negative, max_size=3)
+    with pytest.raises(
+        ValueError, match=rf"pipeline\[0\]\.{op}: label ids must not be negative, got -1"
+    ):
+        segment(negative, [step], block_shape=2)
+
+
 @pytest.mark.parametrize(
     ("sizes", "kept"),
     [
@@ -373,6 +434,7 @@ STREAMED = [
     [{"op": "label", "classes": True}, {"op": "threshold", "value": 2}],
     [{"op": "region_grow", "tolerance": 0.08, "seeds": [[3, 4], [30, 40], [20, 2]]}],
     [{"op": "relabel"}],
+    [{"op": "remove_small_objects", "max_size": 30}],
 ]
 
 
@@ -383,7 +445,7 @@ def test_streaming_mode_equals_keeping_blocks(
 ) -> None:
     """With nothing kept between phases (keep_limit=0) every phase recomputes: same output."""
     image = smooth_noise((40, 45), 7)
-    if pipeline[0].get("classes") or pipeline[0]["op"] == "relabel":
+    if pipeline[0].get("classes") or pipeline[0]["op"] in ("relabel", "remove_small_objects"):
         image = (image * 5).astype(np.uint8)  # a class map / a label image
     kept = segment(image, pipeline, block_shape=blocks)
     streamed = segment(image, pipeline, block_shape=blocks, keep_limit=0)

@@ -372,8 +372,9 @@ def label_block(
         raise ValueError(f"{step.key}: {error}") from error
     n = int(labels.max(initial=0))
     features = None if rule is None else rule.measure(core, labels, n, block.core, shape)
+    keys = None if rule is None or rule.ids is None else rule.ids(core, labels, n)
     faces = block_faces(labels)
-    objects, keep = decide_block(faces, n, features, rule)
+    objects, keep = decide_block(faces, n, features, rule, keys)
     by_class = step.op.pairs_by_class(step.params)
     summary = LabelSummary(objects, faces, block_faces(core[0]) if by_class else None)
     source = core if step.op.keeps_source(step.params) else None

@@ -103,13 +103,64 @@ def _kept_mask(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> 
     return ids != 0
 
 
+def _label_ids(image: np.ndarray, params: OpParams, ctx: OpContext) -> np.ndarray:
+    """A mask's connected components, or a label image's ids as local labels ``1..n`` (one
+    per distinct id in the block, numbered in scan order of their first pixel): there each id
+    is one object wherever it lies, as ``skimage.morphology.remove_small_objects`` measures
+    an integer image."""
+    values = image[0]
+    if values.dtype == np.bool_:
+        return _label_foreground(image, params, ctx)
+    if values.dtype.kind == "i" and values.size and values.min() < 0:
+        raise ValueError(
+            f"label ids must not be negative, got {values.min()} (as scikit-image refuses "
+            "them); relabel the image, e.g. {op: relabel} after shifting it"
+        )
+    ids, first, inverse = np.unique(values.ravel(), return_index=True, return_inverse=True)
+    foreground = np.flatnonzero(ids != 0)
+    order = foreground[np.argsort(first[foreground], kind="stable")]  # by first pixel
+    local = np.zeros(len(ids), dtype=np.int32)
+    local[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return local[inverse].reshape(values.shape)[np.newaxis]
+
+
+def _local_ids(source: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray | None:
+    """The label image's id of each local label from :func:`_label_ids` (None for masks)."""
+    if source.dtype == np.bool_:
+        return None
+    ids = np.zeros(n + 1, dtype=source.dtype)
+    ids[labels.ravel()] = source[0].ravel()  # every pixel of a label holds the same id
+    return ids
+
+
+def _kept_values(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
+    """The input's values (a label image's ids, a mask's True) on the kept objects, else 0."""
+    assert source is not None
+    return np.where(ids != 0, source[0], source.dtype.type(0))
+
+
+def _integer_or_mask(name: str) -> Callable[[np.dtype, OpParams], np.dtype]:
+    def check(dtype: np.dtype, params: OpParams) -> np.dtype:
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "uib":  # checked at plan time: PlanError, a ValueError
+            raise ValueError(
+                f"{name} takes a mask or a label image (bool or integer), got {dtype}; "
+                "threshold or `label` it first"
+            )
+        return dtype
+
+    return check
+
+
 def _sizes_rule(keep: Callable[[np.ndarray], np.ndarray]) -> ObjectRule:
-    """Keep the objects whose whole-item size (pixels) passes ``keep``."""
+    """Keep the objects whose whole-item size (pixels) passes ``keep``: a mask's connected
+    components, or a label image's ids."""
     return ObjectRule(
         columns=("size",),
         reduce=("sum",),
         measure=lambda source, labels, n, box, shape: _counts(labels, n)[:, np.newaxis],
         keep=lambda features: keep(features[:, 0]),
+        ids=_local_ids,
     )
 
 
@@ -136,14 +187,17 @@ register(
         name="remove_small_objects",
         kind="connectivity",
         params=RemoveSmallParams,
-        apply=_label_foreground,
+        apply=_label_ids,
         rule=_size_rule,
-        finish=_kept_mask,
-        summary="drop connected objects of max_size pixels or fewer (or a physical size), "
-        "sizes counted over the whole item (skimage.morphology.remove_small_objects)",
+        finish=_kept_values,
+        summary="drop objects of max_size pixels or fewer (or a physical size), sizes counted "
+        "over the whole item (skimage.morphology.remove_small_objects): a mask's connected "
+        "components, or each id of a label image (ids are kept)",
         halo_rule="0 (object sizes are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_integer_or_mask("remove_small_objects"),
         needs_single_channel=True,
+        by_class=lambda p: True,
+        keeps_ids=True,
     )
 )
 
@@ -178,14 +232,17 @@ register(
         name="remove_large_objects",
         kind="connectivity",
         params=RemoveLargeParams,
-        apply=_label_foreground,
+        apply=_label_ids,
         rule=_large_rule,
-        finish=_kept_mask,
-        summary="drop connected objects of min_size pixels or more (or a physical size), "
-        "sizes counted over the whole item: background, sky, a whole-slide smear",
+        finish=_kept_values,
+        summary="drop objects of min_size pixels or more (or a physical size), sizes counted "
+        "over the whole item: background, sky, a whole-slide smear; a mask's connected "
+        "components, or each id of a label image (ids are kept)",
         halo_rule="0 (object sizes are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_integer_or_mask("remove_large_objects"),
         needs_single_channel=True,
+        by_class=lambda p: True,
+        keeps_ids=True,
     )
 )
 
@@ -337,25 +394,6 @@ def _border_rule(params: ClearBorderParams, ctx: OpContext) -> ObjectRule:
         measure=measure_border,
         keep=lambda features: features[:, 0] == 0,
     )
-
-
-def _kept_values(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
-    """The input's values (a label image's ids, a mask's True) on the kept objects, else 0."""
-    assert source is not None
-    return np.where(ids != 0, source[0], source.dtype.type(0))
-
-
-def _integer_or_mask(name: str) -> Callable[[np.dtype, OpParams], np.dtype]:
-    def check(dtype: np.dtype, params: OpParams) -> np.dtype:
-        dtype = np.dtype(dtype)
-        if dtype.kind not in "uib":  # checked at plan time: PlanError, a ValueError
-            raise ValueError(
-                f"{name} takes a mask or a label image (bool or integer), got {dtype}; "
-                "threshold or `label` it first"
-            )
-        return dtype
-
-    return check
 
 
 register(

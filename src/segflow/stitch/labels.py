@@ -149,6 +149,10 @@ class ObjectRule:
     Either ``keep(features) -> bool array`` decides each object on its own, or ``top_k``
     keeps the ``top_k`` objects with the largest first feature (ties: the smaller second
     feature first, for example the object's first pixel in item scan order).
+
+    ``ids(source, labels, n)``, where given, returns the ``(n + 1,)`` integer id each local
+    label has in a label image (or ``None`` for a mask): labels with equal ids are one object
+    wherever they lie in the item, touching or not, as scikit-image measures label images.
     """
 
     columns: tuple[str, ...]
@@ -156,6 +160,7 @@ class ObjectRule:
     measure: Callable[[np.ndarray, np.ndarray, int, Box, tuple[int, ...]], np.ndarray]
     keep: Callable[[np.ndarray], np.ndarray] | None = None
     top_k: int | None = None
+    ids: Callable[[np.ndarray, np.ndarray, int], np.ndarray | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,22 +177,31 @@ class BlockObjects:
     features: np.ndarray  # (len(nodes), F) float64
     kept_before: np.ndarray  # per node: labels decided and kept in the block with a smaller id
     n_kept: int  # labels decided and kept in the block
+    keys: np.ndarray | None = None  # per node: its label-image id (ObjectRule.ids)
 
 
 def decide_block(
-    faces: Faces, n: int, features: np.ndarray | None, rule: ObjectRule | None
+    faces: Faces,
+    n: int,
+    features: np.ndarray | None,
+    rule: ObjectRule | None,
+    keys: np.ndarray | None = None,
 ) -> tuple[BlockObjects, np.ndarray]:
     """Split a block's labels into those it decides itself and those the client decides.
 
     ``faces`` are the block's :func:`block_faces`: a label on a face may continue in a
-    neighbour, so the client decides it. Returns the :class:`BlockObjects` for the client and
-    the ``(n + 1,)`` boolean array of labels kept by the block's own decision (false for
-    every node and for label 0).
+    neighbour, so the client decides it. With ``keys`` (each label's id in a label image,
+    from :attr:`ObjectRule.ids`) an id may continue anywhere in the item, so the client
+    decides every label. Returns the :class:`BlockObjects` for the client and the
+    ``(n + 1,)`` boolean array of labels kept by the block's own decision (false for every
+    node and for label 0).
     """
     on_faces = np.zeros(n + 1, dtype=bool)
     for first, last in faces:
         on_faces[first] = True
         on_faces[last] = True
+    if keys is not None:
+        on_faces[:] = True
     on_faces[0] = False
     inner = ~on_faces
     inner[0] = False
@@ -211,7 +225,8 @@ def decide_block(
     before = np.cumsum(keep)
     kept_before = before[nodes - 1] if len(nodes) else np.empty(0, np.int64)
     feats = features[nodes] if features is not None else np.empty((len(nodes), 0))
-    return BlockObjects(n, nodes, feats, kept_before, int(before[-1])), keep
+    node_keys = None if keys is None else keys[nodes]
+    return BlockObjects(n, nodes, feats, kept_before, int(before[-1]), node_keys), keep
 
 
 @dataclass(frozen=True)
@@ -278,9 +293,12 @@ def merge_objects(
     gids = (node_block.astype(np.uint64) << _SHIFT) | node_local.astype(np.uint64)
     edges = np.concatenate(pairs) if len(pairs) else np.empty((0, 2), np.uint64)
     n_nodes = len(gids)
-    if len(edges):
-        a = np.searchsorted(gids, edges[:, 0])
-        b = np.searchsorted(gids, edges[:, 1])
+    a = np.searchsorted(gids, edges[:, 0])
+    b = np.searchsorted(gids, edges[:, 1])
+    if blocks and all(blk.keys is not None for blk in blocks):  # label-image ids join
+        same_a, same_b = _equal_key_edges(np.concatenate([_keys(blk) for blk in blocks]))
+        a, b = np.concatenate([a, same_a]), np.concatenate([b, same_b])
+    if len(a):
         graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n_nodes, n_nodes))
         _, component = connected_components(graph, directed=False)
     else:
@@ -323,6 +341,17 @@ def merge_objects(
         for i, (lo, hi) in enumerate(itertools.pairwise(block_first_node))
     )
     return MergeResult(int(n_kept.sum()), relabels)
+
+
+def _keys(block: BlockObjects) -> np.ndarray:
+    return block.keys if block.keys is not None else np.zeros(len(block.nodes), np.int64)
+
+
+def _equal_key_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Node pairs that chain together every run of equal keys (sorted, then neighbours)."""
+    order = np.argsort(keys, kind="stable")
+    same = keys[order[1:]] == keys[order[:-1]]
+    return order[:-1][same], order[1:][same]
 
 
 def smallest_label_dtype(n_labels: int) -> np.dtype:

@@ -637,3 +637,34 @@ def test_relabel_keeps_disconnected_parts_together_and_gives_labels() -> None:
     assert table.set_index("label").loc[2, "area"] == 9 + 15
     with pytest.raises(PlanError, match="relabel needs an integer label image, got float32"):
         compile_pipeline([{"op": "relabel"}], spatial_ndim=2, channels=1, dtype="float32")
+
+
+def test_relabel_refuses_negative_ids_as_scikit_image() -> None:
+    image = np.array([[0, 3, -2], [5, 5, 0]])
+    with pytest.raises(ValueError, match="Cannot relabel array that contains negative values"):
+        relabel_sequential(image)
+    with pytest.raises(
+        ValueError, match=r"pipeline\[0\]\.relabel: label ids must not be negative, got -2"
+    ):
+        segment(image, [{"op": "relabel"}], block_shape=2)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"op": "region_grow", "low": 0.2, "high": 0.6, "seeds": [[1, 1]]},
+        {"op": "region_grow", "tolerance": 0.1, "seeds": [[1, 1]]},
+    ],
+)
+def test_region_grow_refuses_float16_as_flood(step: dict[str, object]) -> None:
+    image = np.full((6, 6), 0.5, dtype=np.float16)
+    with pytest.raises(TypeError, match="float16 which is not supported"):
+        flood(image, (1, 1), tolerance=0.1)
+    with pytest.raises(
+        PlanError,
+        match=r"pipeline\[0\] 'region_grow': float16 images are not supported \(as "
+        r"skimage\.segmentation\.flood\); convert to float32 first",
+    ):
+        segment(image, [step])
+    as_float32 = segment(image.astype(np.float32), [step])  # the suggested conversion works
+    np.testing.assert_array_equal(as_float32, np.ones((6, 6), dtype=np.uint8))

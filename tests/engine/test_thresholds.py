@@ -96,6 +96,18 @@ def test_constant_items_give_their_value() -> None:
         assert not segment(image, [{"op": method}], block_shape=4).any()
 
 
+@pytest.mark.parametrize("image", [np.full((9, 9), 5, np.uint8), np.full((9, 9), 0.5)])
+def test_multi_otsu_refuses_a_constant_item_as_scikit_image(image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="has only 1 different values"):
+        threshold_multiotsu(image)
+    with pytest.raises(
+        ValueError,
+        match=r"pipeline\[0\]\.multi_otsu: the item has only 1 distinct value \(0?\.?5\.?0?\): "
+        r"it cannot be thresholded in 3 classes",
+    ):
+        segment(image, [{"op": "multi_otsu"}], block_shape=4)
+
+
 @SETTINGS
 @given(layouts(), st.sampled_from(["uint8", "uint16", "float64"]))
 def test_li(layout: Layout, dtype: str) -> None:

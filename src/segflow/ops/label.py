@@ -96,6 +96,8 @@ class DistinctIds:
 
     def combine(self, partials: Sequence[np.ndarray], state: Any) -> Done:
         ids = np.unique(np.concatenate(partials))
+        if len(ids) and ids[0] < 0:  # skimage.segmentation.relabel_sequential refuses them
+            raise ValueError(f"label ids must not be negative, got {ids[0]}")
         objects = ids[ids != 0]
         per_block = [
             (own, np.where(own == 0, 0, np.searchsorted(objects, own) + 1)) for own in partials

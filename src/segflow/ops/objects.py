@@ -520,6 +520,21 @@ def _grow_rule(params: RegionGrowParams, ctx: OpContext) -> ObjectRule:
     return _keep_marked(lambda source, box: _seeds_in(params, source, box))
 
 
+def _check_flood_dtype(dtype: np.dtype, params: OpParams) -> np.dtype:
+    """skimage.segmentation.flood's refusal: float16 images (cast to float32 first)."""
+    if np.dtype(dtype) == np.float16:
+        raise ValueError(
+            "float16 images are not supported (as skimage.segmentation.flood); convert to "
+            "float32 first, e.g. {op: combine_bands, weights: [1]}"
+        )
+    return np.dtype(dtype)
+
+
+def _grown_mask(dtype: np.dtype, params: OpParams) -> np.dtype:
+    _check_flood_dtype(dtype, params)
+    return np.dtype(bool)
+
+
 def _check_seed_channels(channels: int, params: RegionGrowParams) -> str | None:
     if params.seeds is None and channels != 2:
         return (
@@ -574,7 +589,7 @@ register(
         "across blocks",
         halo=lambda p, ndim: _seeds_halo(p.seeds, ndim),
         halo_rule="0 (seeds are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_grown_mask,
         out_channels=lambda channels, p: 1,
         check_channels=_check_seed_channels,
         expand=_grow_parts,
@@ -658,6 +673,7 @@ register(
         apply=lambda image, p, ctx: np.concatenate([image, np.zeros_like(image)]),
         summary="region_grow: add an empty union channel",
         out_channels=lambda channels, p: 2,
+        out_dtype=_check_flood_dtype,
         needs_single_channel=True,
     )
 )

@@ -140,7 +140,8 @@ class HistogramThreshold(Histogram):
     """The item histogram (see :class:`Histogram`), finished by a named method.
 
     ``method`` is ``"yen"``, ``"triangle"`` or ``"multi_otsu"`` (``classes - 1``
-    thresholds); a constant item gives its value (every method would).
+    thresholds); a constant item gives its value (Yen and triangle), or is refused by
+    multi-Otsu, as scikit-image refuses an image with fewer distinct values than classes.
     """
 
     method: str = "yen"
@@ -152,7 +153,12 @@ class HistogramThreshold(Histogram):
             return result
         if isinstance(result.value[0], str):  # ("constant", value)
             value = result.value[1]
-            return Done(np.full(self.classes - 1, value) if self.method == "multi_otsu" else value)
+            if self.method == "multi_otsu":  # scikit-image refuses, as for too few values
+                raise ValueError(
+                    f"the item has only 1 distinct value ({value}): it cannot be "
+                    f"thresholded in {self.classes} classes"
+                )
+            return Done(value)
         counts, centers = result.value
         return Done(_FINISHERS[self.method](counts, centers, self.classes))
 

@@ -32,8 +32,10 @@ from segflow.stitch.labels import (
     BlockRelabel,
     Faces,
     block_faces,
+    block_order,
     decide_block,
     face_pairs,
+    first_pixels,
     merge_objects,
     neighbor_offsets,
     smallest_label_dtype,
@@ -374,7 +376,11 @@ def label_block(
     features = None if rule is None else rule.measure(core, labels, n, block.core, shape)
     keys = None if rule is None or rule.ids is None else rule.ids(core, labels, n)
     faces = block_faces(labels)
-    objects, keep = decide_block(faces, n, features, rule, keys)
+    if step.op.finish is None:  # the ids are the output: number objects in item scan order
+        first = first_pixels(labels, n, block.core, shape)
+    else:
+        first = block_order(block.linear, n)
+    objects, keep = decide_block(faces, n, features, rule, keys, first)
     by_class = step.op.pairs_by_class(step.params)
     summary = LabelSummary(objects, faces, block_faces(core[0]) if by_class else None)
     source = core if step.op.keeps_source(step.params) else None

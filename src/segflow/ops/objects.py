@@ -24,7 +24,7 @@ from segflow.ops.label import (
     resolve_connectivity,
 )
 from segflow.ops.registry import Done, LowHighParams, OpContext, Operation, OpParams, register
-from segflow.stitch.labels import Box, ObjectRule
+from segflow.stitch.labels import Box, ObjectRule, first_pixels
 
 
 def _label_mask(mask: np.ndarray, connectivity: int) -> np.ndarray:
@@ -52,22 +52,6 @@ def _keep_marked(mark: Callable[[np.ndarray, Box], Any]) -> ObjectRule:
 
 def _counts(labels: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
-
-
-def _first_pixels(labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]) -> np.ndarray:
-    """Item-wide linear index of each label's first pixel in item scan order.
-
-    ``scipy.ndimage.label`` numbers labels in the order of their first pixel, so the running
-    maximum of the flat labels steps up exactly at each label's first pixel.
-    """
-    flat = labels.ravel()
-    running = np.maximum.accumulate(flat)
-    starts = np.flatnonzero(np.diff(running, prepend=0) > 0)
-    local = np.unravel_index(starts, labels.shape)
-    item = np.ravel_multi_index(tuple(i + s.start for i, s in zip(local, box, strict=True)), shape)
-    first = np.full(n + 1, np.inf)
-    first[flat[starts]] = item
-    return first
 
 
 def _voxel_size(ctx: OpContext) -> float:
@@ -259,7 +243,9 @@ def _largest_rule(params: KeepLargestParams, ctx: OpContext) -> ObjectRule:
     def measure(
         source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
     ) -> np.ndarray:
-        return np.stack([_counts(labels, n), _first_pixels(labels, n, box, shape)], axis=1)
+        return np.stack(
+            [_counts(labels, n), first_pixels(labels, n, box, shape).astype(np.float64)], axis=1
+        )
 
     return ObjectRule(
         columns=("size", "first_pixel"), reduce=("sum", "min"), measure=measure, top_k=params.k

@@ -334,6 +334,48 @@ def test_fill_holes_ring_spanning_every_block() -> None:
 
 
 @SETTINGS
+@given(
+    st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=10)),
+    st.sampled_from([1, 2]),
+    st.integers(0, 12),
+)
+def test_remove_small_holes(layout: Layout, connectivity: int, max_size: int) -> None:
+    """skimage.morphology.remove_small_holes: background regions of max_size pixels or
+    fewer are filled, at the item border too."""
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.6)
+    step = {"op": "remove_small_holes", "max_size": max_size, "connectivity": connectivity}
+    result = segment(mask, [step], block_shape=blocks)
+    expected = morphology.remove_small_holes(mask, max_size=max_size, connectivity=connectivity)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_remove_small_holes_fills_at_the_border_where_fill_holes_does_not() -> None:
+    mask = np.ones((8, 9), dtype=bool)
+    mask[0, 3:5] = False  # 2 px of background on the border
+    mask[4, 4] = False  # a 1 px hole inside
+    for blocks in [(8, 9), (3, 2)]:
+        filled = segment(mask, [{"op": "remove_small_holes", "max_size": 2}], block_shape=blocks)
+        np.testing.assert_array_equal(filled, morphology.remove_small_holes(mask, max_size=2))
+        assert filled.all()
+        fill_holes = segment(mask, [{"op": "fill_holes", "max_size": 2}], block_shape=blocks)
+        assert not fill_holes[0, 3:5].any() and fill_holes[4, 4]
+
+
+def test_remove_small_holes_of_a_label_image_is_its_mask() -> None:
+    labels = np.array([[1, 1, 2, 2], [1, 0, 2, 2], [3, 3, 0, 0]], dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "labeled images ... as a boolean array"
+        expected = morphology.remove_small_holes(labels, max_size=1)
+    result = segment(labels, [{"op": "remove_small_holes", "max_size": 1}], block_shape=2)
+    np.testing.assert_array_equal(result, expected)
+    with pytest.raises(
+        PlanError, match=r"remove_small_holes takes a mask or a label image .* got float32"
+    ):
+        segment(labels.astype(np.float32), [{"op": "remove_small_holes"}])
+
+
+@SETTINGS
 @given(layouts(), st.floats(0.3, 0.5), st.floats(0.0, 0.2))
 def test_hysteresis_2d(layout: Layout, low: float, gap: float) -> None:
     shape, blocks, seed = layout

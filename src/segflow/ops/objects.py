@@ -136,15 +136,15 @@ def _integer_or_mask(name: str) -> Callable[[np.dtype, OpParams], np.dtype]:
     return check
 
 
-def _sizes_rule(keep: Callable[[np.ndarray], np.ndarray]) -> ObjectRule:
-    """Keep the objects whose whole-item size (pixels) passes ``keep``: a mask's connected
-    components, or a label image's ids."""
+def _sizes_rule(keep: Callable[[np.ndarray], np.ndarray], *, by_id: bool = True) -> ObjectRule:
+    """Keep the objects whose whole-item size (pixels) passes ``keep``: connected components
+    of a mask, or (``by_id``) a label image's ids."""
     return ObjectRule(
         columns=("size",),
         reduce=("sum",),
         measure=lambda source, labels, n, box, shape: _counts(labels, n)[:, np.newaxis],
         keep=lambda features: keep(features[:, 0]),
-        ids=_local_ids,
+        ids=_local_ids if by_id else None,
     )
 
 
@@ -329,9 +329,49 @@ register(
         rule=_holes_rule,
         finish=_fill,
         summary="fill background regions that do not touch the item border "
-        "(scipy.ndimage.binary_fill_holes), optionally only those of max_size pixels or fewer",
+        "(scipy.ndimage.binary_fill_holes), optionally only those of max_size pixels or "
+        "fewer (a small region at the border stays open: remove_small_holes fills those)",
         halo_rule="0 (border contact is merged globally)",
         out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)
+
+
+# --- remove_small_holes -----------------------------------------------------------------------
+
+
+class RemoveSmallHolesParams(OpParams):
+    max_size: int = Field(
+        64, ge=0, description="fill background regions of this many pixels (voxels) or fewer"
+    )
+    connectivity: Connectivity = Field(
+        1, description="connectivity of the background: 1 = faces, ndim = all"
+    )
+
+
+def _small_holes_rule(params: RemoveSmallHolesParams, ctx: OpContext) -> ObjectRule:
+    return _sizes_rule(lambda size: size <= params.max_size, by_id=False)
+
+
+def _holes_filled(dtype: np.dtype, params: OpParams) -> np.dtype:
+    _integer_or_mask("remove_small_holes")(dtype, params)
+    return np.dtype(bool)
+
+
+register(
+    Operation(
+        name="remove_small_holes",
+        kind="connectivity",
+        params=RemoveSmallHolesParams,
+        apply=_label_background,
+        rule=_small_holes_rule,
+        finish=_fill,
+        summary="fill background regions of max_size pixels or fewer, wherever they lie "
+        "(also at the item border), sizes counted over the whole item "
+        "(skimage.morphology.remove_small_holes; a label image counts as its mask)",
+        halo_rule="0 (region sizes are merged globally)",
+        out_dtype=_holes_filled,
         needs_single_channel=True,
     )
 )

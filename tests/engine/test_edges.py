@@ -8,12 +8,13 @@ from _compare import assert_threshold_equal
 from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from skimage import data
 from skimage.feature import canny
 from skimage.filters import scharr, sobel, threshold_local
 
 from segflow import segment
 from segflow.engine.pipeline import compile_pipeline
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, PlanError
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Layout = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -111,3 +112,57 @@ def test_canny_quantiles_must_lie_in_0_1() -> None:
             channels=1,
             dtype="float32",
         )
+
+
+CANNY_EDGES = [
+    {"op": "canny"},
+    {"op": "hysteresis", "low": 0.5, "high": 1.5, "connectivity": 2},
+]
+
+
+@pytest.mark.parametrize("blocks", [(512, 512), (100, 130)])
+def test_canny_default_thresholds_on_an_integer_image_are_scikit_image_defaults(
+    blocks: tuple[int, int],
+) -> None:
+    """Without low/high, 0.1 and 0.2 of the float-converted range (10 % / 20 % of 255):
+    once they were taken as 0.1 and 0.2 grey levels, marking about 3x the edges."""
+    camera = data.camera()
+    result = segment(camera, CANNY_EDGES, block_shape=blocks)
+    np.testing.assert_array_equal(result, canny(camera))
+    assert 20_000 < result.sum() < 30_000  # the reference itself, not an empty mask
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])
+def test_canny_defaults_for_other_dtypes(dtype: str) -> None:
+    image = smooth_noise((48, 40), 2, sigma=1.0)
+    if dtype != "float32":
+        image = (image * np.iinfo(dtype).max).astype(dtype)
+    result = segment(image, CANNY_EDGES, block_shape=(16, 13))
+    np.testing.assert_array_equal(result, canny(image))
+    quantiles = [{**CANNY_EDGES[0], "use_quantiles": True}, CANNY_EDGES[1]]
+    result = segment(image, quantiles, block_shape=(16, 13))
+    np.testing.assert_array_equal(result, canny(image, use_quantiles=True))
+    assert result.any()
+
+
+@pytest.mark.parametrize("dtype", ["int64", "uint64"])
+@pytest.mark.parametrize("quantiles", [False, True])
+def test_canny_refuses_64_bit_integer_images_as_scikit_image(dtype: str, quantiles: bool) -> None:
+    with pytest.raises(ValueError, match="64-bit integer images are not supported"):
+        canny(np.zeros((8, 8), dtype=dtype))
+    step = {"op": "canny", "use_quantiles": quantiles}
+    with pytest.raises(
+        PlanError,
+        match=rf"pipeline\[0\] 'canny': 64-bit integer images are not supported \(got {dtype}\)",
+    ):
+        segment(np.zeros((8, 8), dtype=dtype), [step])
+
+
+def test_canny_high_below_low_after_scaling_is_refused() -> None:
+    """A high value given for a uint8 image (10 / 255) below the default low (0.1)."""
+    with pytest.raises(ValueError, match="low_threshold should be lower"):
+        canny(np.zeros((8, 8), np.uint8), high_threshold=10)
+    with pytest.raises(
+        PlanError, match=r"pipeline\[0\] 'canny': the high threshold \(0.0392157\) is below"
+    ):
+        segment(np.zeros((8, 8), np.uint8), [{"op": "canny", "high": 10}])

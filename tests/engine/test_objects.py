@@ -13,12 +13,12 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from _compare import assert_same_labels
+from _compare import assert_labels_equal
 from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
-from skimage import morphology
+from skimage import measure, morphology
 from skimage.filters import apply_hysteresis_threshold
 from skimage.segmentation import clear_border, flood, relabel_sequential
 
@@ -99,6 +99,67 @@ def test_remove_large_objects_needs_one_size() -> None:
                              channels=1, dtype="uint8")  # fmt: skip
 
 
+def _scattered_ids(shape: tuple[int, ...], seed: int, n: int) -> np.ndarray:
+    """Ids 1..n-1 scattered over the item: touching ids, one id in many separate places."""
+    labels = np.random.default_rng(seed).integers(0, n, shape).astype(np.uint16)
+    labels[smooth_noise(shape, seed) < 0.5] = 0
+    return labels
+
+
+@SETTINGS
+@given(
+    st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=12)),
+    st.integers(3, 40),
+    st.integers(0, 30),
+)
+def test_remove_small_and_large_objects_of_a_label_image(layout: Layout, n: int, size: int) -> None:
+    """Each id is one object wherever its pixels lie (sizes summed over the item), touching
+    ids stay apart, and the kept pixels keep their ids: remove_small_objects on an integer
+    image, as scikit-image; remove_large_objects keeps what it removes."""
+    shape, blocks, seed = layout
+    labels = _scattered_ids(shape, seed, n)
+    small = segment(labels, [{"op": "remove_small_objects", "max_size": size}], block_shape=blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Only one label was provided"
+        expected = morphology.remove_small_objects(labels, max_size=size)
+    assert small.dtype == labels.dtype
+    np.testing.assert_array_equal(small, expected)
+    step = {"op": "remove_large_objects", "min_size": size + 1}
+    large = segment(labels, [step], block_shape=blocks)
+    np.testing.assert_array_equal(large, np.where(expected == 0, labels, 0))
+
+
+def test_remove_small_objects_of_touching_labels_peer_case() -> None:
+    """scikit-image test_misc.py: label 2 (2 px) touches label 1 (4 px) and goes alone."""
+    labels = np.array([[1, 1, 2], [1, 1, 2]])
+    for blocks in [(2, 3), (1, 1), (2, 2)]:
+        result = segment(
+            labels, [{"op": "remove_small_objects", "max_size": 2}], block_shape=blocks
+        )
+        np.testing.assert_array_equal(result, morphology.remove_small_objects(labels, max_size=2))
+        np.testing.assert_array_equal(result, [[1, 1, 0], [1, 1, 0]])
+
+
+@pytest.mark.parametrize("op", ["remove_small_objects", "remove_large_objects"])
+def test_size_filters_refuse_float_and_negative_input(op: str) -> None:
+    step = {"op": op, "max_size" if op == "remove_small_objects" else "min_size": 3}
+    with pytest.raises(TypeError, match="Only bool or integer image types are supported"):
+        morphology.remove_small_objects(np.zeros((4, 4)), max_size=3)
+    with pytest.raises(
+        PlanError,
+        match=rf"pipeline\[0\] '{op}': {op} takes a mask or a label image \(bool or integer\), "
+        "got float64",
+    ):
+        segment(np.zeros((4, 4)), [step])
+    negative = np.array([[1, -1, 0], [2, 2, 0]])
+    with pytest.raises(ValueError, match="Negative value labels are not supported"):
+        morphology.remove_small_objects(negative, max_size=3)
+    with pytest.raises(
+        ValueError, match=rf"pipeline\[0\]\.{op}: label ids must not be negative, got -1"
+    ):
+        segment(negative, [step], block_shape=2)
+
+
 @pytest.mark.parametrize(
     ("sizes", "kept"),
     [
@@ -137,24 +198,70 @@ def test_objects_by_physical_size_use_the_item_spacing(
 @SETTINGS
 @given(
     st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=12)),
-    st.booleans(),
-    st.integers(0, 4),
+    st.sampled_from([None, 1]),
+    st.integers(0, 3),
 )
-def test_clear_border(layout: Layout, full: bool, buffer_size: int) -> None:
-    """skimage.segmentation.clear_border (which labels with full connectivity) on the whole
-    item; with face connectivity, objects are the face-connected components."""
+def test_clear_border_of_a_mask(layout: Layout, connectivity: int | None, buffer_size: int) -> None:
+    """skimage.segmentation.clear_border (full connectivity, the default here too) on the
+    whole item; with face connectivity, objects are the face-connected components."""
     shape, blocks, seed = layout
+    if buffer_size >= min(shape):
+        return  # refused: see test_clear_border_refuses_a_buffer_as_wide_as_the_item
     mask = _mask(shape, seed, 0.45)
-    connectivity = len(shape) if full else 1
     step = {"op": "clear_border", "buffer_size": buffer_size, "connectivity": connectivity}
     result = _run(mask, step, blocks)
-    if buffer_size >= min(shape):  # scikit-image refuses; every pixel is near the border
-        assert not result.any()
-        return
-    labels, _ = ndi.label(mask, _structure(mask.ndim, connectivity))
-    np.testing.assert_array_equal(result, clear_border(labels, buffer_size=buffer_size) != 0)
-    if full:
+    if connectivity is None:
         np.testing.assert_array_equal(result, clear_border(mask, buffer_size=buffer_size))
+    else:
+        labels, _ = ndi.label(mask, _structure(mask.ndim, connectivity))
+        expected = clear_border(labels, buffer_size=buffer_size) != 0
+        np.testing.assert_array_equal(result, expected)
+
+
+@SETTINGS
+@given(st.one_of(layouts(max_side=30), layouts(ndim=3, max_side=10)), st.integers(0, 2))
+def test_clear_border_of_a_label_image(layout: Layout, buffer_size: int) -> None:
+    """Each label's own components are the objects (touching labels stay apart) and the
+    kept pixels keep their ids, as scikit-image."""
+    shape, blocks, seed = layout
+    if buffer_size >= min(shape):
+        return
+    labels = (smooth_noise(shape, seed, sigma=1.0) * 12).astype(np.uint16) % 5
+    step = {"op": "clear_border", "buffer_size": buffer_size}
+    result = segment(labels, [step], block_shape=blocks)
+    assert result.dtype == labels.dtype
+    np.testing.assert_array_equal(result, clear_border(labels, buffer_size=buffer_size))
+
+
+def test_clear_border_peer_cases() -> None:
+    """scikit-image's test_clear_border.py: touching labels, a diagonal chain to a corner."""
+    labels = np.array([[1, 2, 3, 1, 2], [3, 3, 5, 4, 2], [3, 4, 5, 4, 2], [3, 3, 2, 1, 2]])
+    chain = np.zeros((6, 6), dtype=bool)
+    chain[0, 0] = chain[1, 1] = chain[2, 2] = True  # touches the corner diagonally only
+    for blocks in [(4, 5), (2, 2), (1, 3)]:
+        result = segment(labels, [{"op": "clear_border"}], block_shape=blocks)
+        np.testing.assert_array_equal(result, clear_border(labels))
+        assert np.count_nonzero(result) == 5  # labels 5 and 4 inside
+        np.testing.assert_array_equal(
+            segment(chain, [{"op": "clear_border"}], block_shape=blocks), clear_border(chain)
+        )
+        assert not clear_border(chain).any()
+
+
+def test_clear_border_refuses_a_buffer_as_wide_as_the_item() -> None:
+    with pytest.raises(ValueError, match="buffer size may not be greater"):
+        clear_border(np.ones((4, 6), dtype=bool), buffer_size=4)
+    with pytest.raises(
+        ValueError,
+        match=r"pipeline\[0\]\.clear_border: `buffer_size` \(4\) must be smaller than every "
+        r"side of the item \(4, 6\)",
+    ):
+        segment(np.ones((4, 6), dtype=bool), [{"op": "clear_border", "buffer_size": 4}])
+    with pytest.raises(
+        PlanError,
+        match=r"clear_border takes a mask or a label image \(bool or integer\), got float32",
+    ):
+        segment(np.ones((4, 6), dtype=np.float32), [{"op": "clear_border"}])
 
 
 def _keep_largest_reference(mask: np.ndarray, k: int, connectivity: int) -> np.ndarray:
@@ -227,6 +334,48 @@ def test_fill_holes_ring_spanning_every_block() -> None:
 
 
 @SETTINGS
+@given(
+    st.one_of(layouts(max_side=40), layouts(ndim=3, max_side=10)),
+    st.sampled_from([1, 2]),
+    st.integers(0, 12),
+)
+def test_remove_small_holes(layout: Layout, connectivity: int, max_size: int) -> None:
+    """skimage.morphology.remove_small_holes: background regions of max_size pixels or
+    fewer are filled, at the item border too."""
+    shape, blocks, seed = layout
+    mask = _mask(shape, seed, 0.6)
+    step = {"op": "remove_small_holes", "max_size": max_size, "connectivity": connectivity}
+    result = segment(mask, [step], block_shape=blocks)
+    expected = morphology.remove_small_holes(mask, max_size=max_size, connectivity=connectivity)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_remove_small_holes_fills_at_the_border_where_fill_holes_does_not() -> None:
+    mask = np.ones((8, 9), dtype=bool)
+    mask[0, 3:5] = False  # 2 px of background on the border
+    mask[4, 4] = False  # a 1 px hole inside
+    for blocks in [(8, 9), (3, 2)]:
+        filled = segment(mask, [{"op": "remove_small_holes", "max_size": 2}], block_shape=blocks)
+        np.testing.assert_array_equal(filled, morphology.remove_small_holes(mask, max_size=2))
+        assert filled.all()
+        fill_holes = segment(mask, [{"op": "fill_holes", "max_size": 2}], block_shape=blocks)
+        assert not fill_holes[0, 3:5].any() and fill_holes[4, 4]
+
+
+def test_remove_small_holes_of_a_label_image_is_its_mask() -> None:
+    labels = np.array([[1, 1, 2, 2], [1, 0, 2, 2], [3, 3, 0, 0]], dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "labeled images ... as a boolean array"
+        expected = morphology.remove_small_holes(labels, max_size=1)
+    result = segment(labels, [{"op": "remove_small_holes", "max_size": 1}], block_shape=2)
+    np.testing.assert_array_equal(result, expected)
+    with pytest.raises(
+        PlanError, match=r"remove_small_holes takes a mask or a label image .* got float32"
+    ):
+        segment(labels.astype(np.float32), [{"op": "remove_small_holes"}])
+
+
+@SETTINGS
 @given(layouts(), st.floats(0.3, 0.5), st.floats(0.0, 0.2))
 def test_hysteresis_2d(layout: Layout, low: float, gap: float) -> None:
     shape, blocks, seed = layout
@@ -268,14 +417,9 @@ def test_label_per_class(layout: Layout, connectivity: int) -> None:
     classes = np.random.default_rng(seed).integers(0, 4, size=shape).astype(np.uint8)
     step = {"op": "label", "connectivity": connectivity, "classes": True}
     result = segment(classes, [step], block_shape=blocks)
-    structure = _structure(2, connectivity)
-    reference = np.zeros(shape, dtype=np.int64)
-    offset = 0
-    for value in (1, 2, 3):
-        part, n = ndi.label(classes == value, structure)
-        reference[part > 0] = part[part > 0] + offset
-        offset += n
-    assert_same_labels(result, reference)
+    # skimage.measure.label joins equal neighbours and numbers in scan order, as ndi.label
+    reference = measure.label(classes, background=0, connectivity=connectivity)
+    assert_labels_equal(result, reference)
 
 
 @SETTINGS
@@ -298,7 +442,7 @@ def test_chain_after_connectivity_steps(layout: Layout) -> None:
         mask = morphology.binary_opening(mask, morphology.disk(1))
     mask = morphology.remove_small_objects(mask, max_size=3)
     reference, _ = ndi.label(mask, _structure(2, 2))
-    assert_same_labels(result, reference)
+    assert_labels_equal(result, reference)
 
 
 def test_object_ops_validate_their_parameters() -> None:
@@ -327,6 +471,7 @@ STREAMED = [
     [{"op": "label", "classes": True}, {"op": "threshold", "value": 2}],
     [{"op": "region_grow", "tolerance": 0.08, "seeds": [[3, 4], [30, 40], [20, 2]]}],
     [{"op": "relabel"}],
+    [{"op": "remove_small_objects", "max_size": 30}],
 ]
 
 
@@ -337,7 +482,7 @@ def test_streaming_mode_equals_keeping_blocks(
 ) -> None:
     """With nothing kept between phases (keep_limit=0) every phase recomputes: same output."""
     image = smooth_noise((40, 45), 7)
-    if pipeline[0].get("classes") or pipeline[0]["op"] == "relabel":
+    if pipeline[0].get("classes") or pipeline[0]["op"] in ("relabel", "remove_small_objects"):
         image = (image * 5).astype(np.uint8)  # a class map / a label image
     kept = segment(image, pipeline, block_shape=blocks)
     streamed = segment(image, pipeline, block_shape=blocks, keep_limit=0)
@@ -529,3 +674,34 @@ def test_relabel_keeps_disconnected_parts_together_and_gives_labels() -> None:
     assert table.set_index("label").loc[2, "area"] == 9 + 15
     with pytest.raises(PlanError, match="relabel needs an integer label image, got float32"):
         compile_pipeline([{"op": "relabel"}], spatial_ndim=2, channels=1, dtype="float32")
+
+
+def test_relabel_refuses_negative_ids_as_scikit_image() -> None:
+    image = np.array([[0, 3, -2], [5, 5, 0]])
+    with pytest.raises(ValueError, match="Cannot relabel array that contains negative values"):
+        relabel_sequential(image)
+    with pytest.raises(
+        ValueError, match=r"pipeline\[0\]\.relabel: label ids must not be negative, got -2"
+    ):
+        segment(image, [{"op": "relabel"}], block_shape=2)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"op": "region_grow", "low": 0.2, "high": 0.6, "seeds": [[1, 1]]},
+        {"op": "region_grow", "tolerance": 0.1, "seeds": [[1, 1]]},
+    ],
+)
+def test_region_grow_refuses_float16_as_flood(step: dict[str, object]) -> None:
+    image = np.full((6, 6), 0.5, dtype=np.float16)
+    with pytest.raises(TypeError, match="float16 which is not supported"):
+        flood(image, (1, 1), tolerance=0.1)
+    with pytest.raises(
+        PlanError,
+        match=r"pipeline\[0\] 'region_grow': float16 images are not supported \(as "
+        r"skimage\.segmentation\.flood\); convert to float32 first",
+    ):
+        segment(image, [step])
+    as_float32 = segment(image.astype(np.float32), [step])  # the suggested conversion works
+    np.testing.assert_array_equal(as_float32, np.ones((6, 6), dtype=np.uint8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _compare import segment_with_timeout
 from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,12 +17,25 @@ from skimage.filters import (
 )
 
 from segflow import segment
+from segflow.engine import run
 from segflow.engine.pipeline import compile_pipeline
 from segflow.errors import PlanError
-from segflow.ops.threshold import triangle_threshold
+from segflow.ops.registry import Done
+from segflow.ops.threshold import LiThreshold, triangle_threshold
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Layout = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def _squares_on_zero(n: int) -> list[np.ndarray]:
+    """A bright square of values in [0.8, 0.9) on zeros: float Li once never stopped on 3
+    of these 10 (the background mean rounded below 0)."""
+    squares = []
+    for seed in range(n):
+        image = np.zeros((64, 64))
+        image[20:40, 20:40] = np.random.default_rng(seed).uniform(0.8, 0.9, (20, 20))
+        squares.append(image)
+    return squares
 
 
 def _image(shape: tuple[int, ...], seed: int, integer: bool) -> np.ndarray:
@@ -80,6 +94,18 @@ def test_constant_items_give_their_value() -> None:
     image = np.full((9, 9), 5, dtype=np.uint8)
     for method in ("yen", "triangle"):
         assert not segment(image, [{"op": method}], block_shape=4).any()
+
+
+@pytest.mark.parametrize("image", [np.full((9, 9), 5, np.uint8), np.full((9, 9), 0.5)])
+def test_multi_otsu_refuses_a_constant_item_as_scikit_image(image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="has only 1 different values"):
+        threshold_multiotsu(image)
+    with pytest.raises(
+        ValueError,
+        match=r"pipeline\[0\]\.multi_otsu: the item has only 1 distinct value \(0?\.?5\.?0?\): "
+        r"it cannot be thresholded in 3 classes",
+    ):
+        segment(image, [{"op": "multi_otsu"}], block_shape=4)
 
 
 @SETTINGS
@@ -157,3 +183,57 @@ def test_infinite_values_are_refused_where_a_histogram_needs_a_range() -> None:
     clipped = segment(image, [{"op": "clip", "high": 1}, {"op": "otsu"}], block_shape=7)
     finite = np.clip(image, None, 1)
     np.testing.assert_array_equal(clipped, finite > threshold_otsu(finite))
+
+
+def test_li_on_float_images_returns_scikit_image_threshold() -> None:
+    """Cases where the background sum once rounded below 0, log gave NaN and the iteration
+    never stopped; they run in a child process with a time limit, so a hang fails."""
+    cases = [
+        # scikit-image test_thresholding.py (test_li_pathological)
+        (np.array([[0.1, 0.8, 0.9]]), 0.05, 3),
+        *[(square, 1e-3, 64) for square in _squares_on_zero(10)],
+        *[(square, 1e-3, 7) for square in _squares_on_zero(3)],
+    ]
+    results = segment_with_timeout(
+        [(image, [{"op": "li", "tolerance": tol}], blocks) for image, tol, blocks in cases],
+        seconds=120,
+    )
+    for (image, tolerance, _), result in zip(cases, results, strict=True):
+        np.testing.assert_array_equal(result, image > threshold_li(image, tolerance=tolerance))
+    assert threshold_li(cases[0][0], tolerance=0.05) == pytest.approx(0.6)  # as scikit-image's test
+
+
+def _run_statistic(statistic: LiThreshold, image: np.ndarray) -> object:
+    """Drive a statistic over one block to its end, as the engine does."""
+    state = statistic.start()
+    while True:
+        result = statistic.combine([statistic.map(image, state)], state)
+        if isinstance(result, Done):
+            return result.value
+        state = result
+
+
+def test_li_stops_with_an_error_after_max_passes() -> None:
+    image = smooth_noise((40, 40), 0).astype(np.float64)
+    # With this tolerance scikit-image iterates 9 times on this image: 3 passes are too few.
+    with pytest.raises(
+        ValueError, match=r"still moved by .* after 3 passes .*`tolerance` \(1e-12\)"
+    ):
+        _run_statistic(LiThreshold(1e-12, max_passes=3), image)
+    assert _run_statistic(LiThreshold(1e-12), image) == pytest.approx(
+        threshold_li(image, tolerance=1e-12), abs=1e-9
+    )
+    # An integer image: scikit-image's histogram iteration takes 5 steps here.
+    integer = (np.random.default_rng(0).gamma(2.0, size=(40, 40)) * 1000).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"after 2 passes .*`tolerance` \(0.5\)"):
+        _run_statistic(LiThreshold(None, max_passes=2), integer)
+    assert _run_statistic(LiThreshold(None), integer) == threshold_li(integer)
+
+
+def test_a_statistic_that_never_finishes_stops_the_item_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run, "MAX_STATISTIC_PASSES", 3)
+    image = smooth_noise((40, 40), 0).astype(np.float64)
+    with pytest.raises(RuntimeError, match=r"pipeline\[0\]\.li: .* no result after 3 passes"):
+        segment(image, [{"op": "li", "tolerance": 1e-12}], block_shape=16)

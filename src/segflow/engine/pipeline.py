@@ -235,7 +235,8 @@ def compile_pipeline(
         except ValueError as error:
             raise PlanError(f"{where}: {error}") from None
         if step.op.kind == "connectivity":
-            labels_out = step.op.finish is None
+            # Ids kept from a label image stay labels; a mask stays a mask.
+            labels_out = step.op.finish is None or (step.op.keeps_ids and labels_out)
         elif step.op.makes_labels:
             labels_out = True
         elif dtype != before:

@@ -13,6 +13,7 @@ output, relabelling in the same task.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,8 +32,10 @@ from segflow.stitch.labels import (
     BlockRelabel,
     Faces,
     block_faces,
+    block_order,
     decide_block,
     face_pairs,
+    first_pixels,
     merge_objects,
     neighbor_offsets,
     smallest_label_dtype,
@@ -258,7 +261,7 @@ def run_block(
         block.core, sink.write(block.core, stored), int(np.count_nonzero(stored))
     )
     if regions is not None:
-        if isinstance(source, LabelTile) and not steps:
+        if isinstance(source, LabelTile) and not steps and finish_is_ids(finish):
             assert relabel is not None and finish is not None
             # The local labels are dense already: no sort of the block to number its objects.
             dense, finals = source.labels, relabel.table(source.keep, np.dtype(np.int64))
@@ -274,6 +277,12 @@ def run_block(
         complete = regions.sink.write(f"part-{block.linear:06d}", rows.take(~on_faces))
         summary.regions = (complete, rows.take(on_faces))
     return summary
+
+
+def finish_is_ids(finish: Finish | None) -> bool:
+    """Whether a finished connectivity step writes its stitched ids (not a mask, not the
+    input's own ids)."""
+    return finish is not None and finish.step.op.finish is None
 
 
 def apply_steps(
@@ -358,12 +367,20 @@ def label_block(
 ) -> LabelTile:
     """Label a block's core, measure its objects and decide those complete inside it."""
     ctx = _context(step, stats, len(shape), spacing, block.core, shape)
-    labels = step.op.apply(core, step.params, ctx)[0]
+    try:
+        labels = step.op.apply(core, step.params, ctx)[0]
+        rule = step.op.rule_for(step.params, ctx)
+    except ValueError as error:  # bad input found in the data: say which step refused it
+        raise ValueError(f"{step.key}: {error}") from error
     n = int(labels.max(initial=0))
-    rule = step.op.rule_for(step.params, ctx)
     features = None if rule is None else rule.measure(core, labels, n, block.core, shape)
+    keys = None if rule is None or rule.ids is None else rule.ids(core, labels, n)
     faces = block_faces(labels)
-    objects, keep = decide_block(faces, n, features, rule)
+    if step.op.finish is None:  # the ids are the output: number objects in item scan order
+        first = first_pixels(labels, n, block.core, shape)
+    else:
+        first = block_order(block.linear, n)
+    objects, keep = decide_block(faces, n, features, rule, keys, first)
     by_class = step.op.pairs_by_class(step.params)
     summary = LabelSummary(objects, faces, block_faces(core[0]) if by_class else None)
     source = core if step.op.keeps_source(step.params) else None
@@ -391,6 +408,11 @@ def tile_statistic(
 
 
 FAN_IN = 16  # partial results merged per task in a statistic's tree reduction
+
+#: A global statistic that has not finished after this many passes over the item stops the
+#: item with an error naming its step: no statistic may loop for ever (Li's iteration stops
+#: itself well before this; exact percentiles need at most 5 passes).
+MAX_STATISTIC_PASSES = 1000
 
 
 def merge_partials(partials: list[Any], *, statistic: GlobalStatistic, state: Any) -> Any:
@@ -625,7 +647,12 @@ class _PlanRun:
         else:
             tiles = self.map_blocks(phase, sources, keep_halo=keep_halo, reduce=(statistic, state))
             partials = self.reduce(executor.map(tile_partial, tiles), statistic, state, label=label)
-        while True:
+        for passes in itertools.count(1):
+            if passes > MAX_STATISTIC_PASSES:
+                raise RuntimeError(
+                    f"{stat_step.key}: the statistic gave no result after "
+                    f"{MAX_STATISTIC_PASSES} passes over the item; please report this"
+                )
             try:
                 result = statistic.combine(partials, state)
             except ValueError as error:  # say which step's statistic could not be taken
@@ -678,7 +705,7 @@ class _PlanRun:
         executor, grid = self.executor, self.grid
         step = phase.connectivity
         assert step is not None
-        connectivity = int(step.params.connectivity)  # type: ignore[attr-defined]
+        connectivity = step.op.connectivity_of(step.params, grid.ndim)
         if self.stream:
             tiles = []
             summaries = self.stream_map(

@@ -11,7 +11,7 @@ from skimage.filters import scharr, sobel, threshold_local
 from skimage.util.dtype import dtype_limits
 
 from segflow.ops.filters import gaussian_radius
-from segflow.ops.registry import LowHighParams, OpContext, Operation, OpParams, register
+from segflow.ops.registry import OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Percentiles
 
 # --- gradient magnitude -------------------------------------------------------------------------
@@ -166,21 +166,77 @@ register(
 # --- Canny ----------------------------------------------------------------------------------------
 
 
-class CannyParams(LowHighParams):
+#: scikit-image's thresholds where none is given: fractions of the range of the image after
+#: its conversion to float (``img_as_float``: 0..1 for unsigned integers), or quantiles.
+CANNY_LOW, CANNY_HIGH = 0.1, 0.2
+
+
+class CannyParams(OpParams):
     sigma: float = Field(1.0, ge=0, description="gaussian smoothing before the gradient")
-    low: float = Field(0.1, ge=0, description="low threshold of the gradient magnitude")
-    high: float = Field(0.2, ge=0, description="high threshold of the gradient magnitude")
+    low: float | None = Field(
+        None,
+        ge=0,
+        description="low threshold of the gradient magnitude, in the image's units (scaled "
+        "by the dtype's maximum for integer images); default: 0.1 of the float-converted "
+        "image's range (10 % of the dtype maximum), as skimage.feature.canny",
+    )
+    high: float | None = Field(
+        None,
+        ge=0,
+        description="high threshold, as `low`; default: 0.2 of the float-converted range "
+        "(20 % of the dtype maximum)",
+    )
     use_quantiles: bool = Field(
         False,
         description="low/high are quantiles (0..1) of the item's gradient magnitude "
-        "(exact, over every block) instead of values",
+        "(exact, over every block) instead of values; defaults 0.1 and 0.2",
     )
 
     @model_validator(mode="after")
-    def _quantiles_in_range(self) -> CannyParams:
-        if self.use_quantiles and not self.high <= 1:
-            raise ValueError(f"with `use_quantiles`, low/high are 0..1, got high={self.high}")
+    def _thresholds(self) -> CannyParams:
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"`low` ({self.low}) must not exceed `high` ({self.high})")
+        if self.use_quantiles:
+            for name, value in (("low", self.low), ("high", self.high)):
+                if value is not None and not value <= 1:
+                    raise ValueError(f"with `use_quantiles`, low/high are 0..1, got {name}={value}")
         return self
+
+
+def canny_thresholds(params: CannyParams, dtype: np.dtype) -> tuple[float, float]:
+    """``(low, high)`` as the suppression compares them: on the float-converted magnitude
+    (value thresholds divided by the dtype's maximum; defaults 0.1 and 0.2 as they are), or
+    quantiles. As ``skimage.feature.canny`` computes them."""
+    scale = (
+        1.0
+        if params.use_quantiles
+        else float(dtype_limits(np.empty(0, dtype), clip_negative=False)[1])
+    )
+    low = CANNY_LOW if params.low is None else params.low / scale
+    high = CANNY_HIGH if params.high is None else params.high / scale
+    return low, high
+
+
+def _check_canny_dtype(dtype: np.dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype in (np.dtype(np.int64), np.dtype(np.uint64)):
+        raise ValueError(
+            f"64-bit integer images are not supported (got {dtype}), as in "
+            "skimage.feature.canny; convert to float64 or a narrower integer first"
+        )
+    return dtype
+
+
+def _check_canny(dtype: np.dtype, params: CannyParams) -> np.dtype:
+    """The refusals of ``skimage.feature.canny``, at plan time."""
+    dtype = _check_canny_dtype(dtype)
+    low, high = canny_thresholds(params, dtype)
+    if high < low:
+        raise ValueError(
+            f"the high threshold ({high:g}) is below the low one ({low:g}) after scaling "
+            f"to the {dtype} image's float range; give both `low` and `high`"
+        )
+    return np.dtype(np.uint8)
 
 
 def _canny_halo(params: CannyParams, ndim: int) -> tuple[int, ...]:
@@ -213,15 +269,17 @@ def canny_candidates(image: np.ndarray, params: CannyParams, ctx: OpContext) -> 
 
     Follow it with ``{op: hysteresis, low: 0.5, high: 1.5, connectivity: 2}``: the edge
     tracking is then global, and the result equals ``skimage.feature.canny(image, sigma,
-    low, high, use_quantiles)`` on the whole item (value thresholds are scaled by the
-    dtype's maximum for integer images, as there). With ``use_quantiles`` the step runs as
+    low, high, use_quantiles)`` on the whole item: value thresholds are scaled by the
+    dtype's maximum for integer images, and without them the defaults are 0.1 and 0.2 of
+    the float-converted image's range (10 % and 20 % of an integer dtype's maximum), as
+    there. With ``use_quantiles`` the step runs as
     two: the magnitude and its maxima (local), then the exact quantiles of the item's
     magnitude (a global statistic) turn the maxima into weak/strong candidates.
     """
     values = image[0]
-    scale = dtype_limits(values, clip_negative=False)[1]
-    _, maxima = _maxima(values, params.sigma, params.low / scale)
-    return _weak_strong(maxima, params.high / scale)[np.newaxis]
+    low, high = canny_thresholds(params, values.dtype)
+    _, maxima = _maxima(values, params.sigma, low)
+    return _weak_strong(maxima, high)[np.newaxis]
 
 
 def _canny_parts(params: CannyParams) -> list[tuple[str, str, OpParams]]:
@@ -257,10 +315,12 @@ register(
         params=CannyParams,
         apply=canny_candidates,
         summary="Canny edge candidates (0 none, 1 weak, 2 strong); follow with "
-        "{op: hysteresis, low: 0.5, high: 1.5, connectivity: 2} for skimage.feature.canny",
+        "{op: hysteresis, low: 0.5, high: 1.5, connectivity: 2} for skimage.feature.canny; "
+        "default low/high: 10 % / 20 % of the dtype's maximum (0.1 / 0.2 for float images), "
+        "as scikit-image",
         halo=_canny_halo,
         halo_rule="int(4 * sigma + 0.5) + 2",
-        out_dtype=lambda dtype, p: np.dtype(np.uint8),
+        out_dtype=_check_canny,
         needs_single_channel=True,
         ndims=(2,),
         expand=_canny_parts,
@@ -275,7 +335,9 @@ register(
         summary="canny: gradient magnitude and its maxima",
         halo=_canny_halo,
         out_channels=lambda channels, p: 2,
-        out_dtype=lambda dtype, p: np.dtype(np.float32 if dtype == np.float32 else np.float64),
+        out_dtype=lambda dtype, p: np.dtype(
+            np.float32 if _check_canny_dtype(dtype) == np.float32 else np.float64
+        ),
         needs_single_channel=True,
         ndims=(2,),
     )
@@ -286,7 +348,9 @@ register(
         kind="global",
         params=CannyParams,
         apply=_quantile_candidates,
-        statistic=lambda p: _MagnitudeQuantiles((100.0 * p.low, 100.0 * p.high)),
+        statistic=lambda p: _MagnitudeQuantiles(
+            tuple(100.0 * q for q in canny_thresholds(p, np.dtype(np.float64)))
+        ),
         summary="canny: weak/strong candidates from quantiles of the magnitude",
         out_channels=lambda channels, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.uint8),

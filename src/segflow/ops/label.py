@@ -17,6 +17,17 @@ Connectivity = Annotated[
     int, Field(ge=1, le=3, description="neighbours: 1 = faces (4/6), ndim = all (8/26)")
 ]
 
+#: ``connectivity`` where the reference's default is full connectivity (``None``: ndim).
+OptionalConnectivity = Annotated[
+    int | None,
+    Field(ge=1, le=3, description="neighbours: 1 = faces (4/6), ndim = all (8/26, the default)"),
+]
+
+
+def resolve_connectivity(connectivity: int | None, ndim: int) -> int:
+    """``connectivity``, or ``ndim`` (every neighbour) where it is ``None``."""
+    return ndim if connectivity is None else int(connectivity)
+
 
 class LabelParams(OpParams):
     connectivity: Connectivity = 1
@@ -85,6 +96,8 @@ class DistinctIds:
 
     def combine(self, partials: Sequence[np.ndarray], state: Any) -> Done:
         ids = np.unique(np.concatenate(partials))
+        if len(ids) and ids[0] < 0:  # skimage.segmentation.relabel_sequential refuses them
+            raise ValueError(f"label ids must not be negative, got {ids[0]}")
         objects = ids[ids != 0]
         per_block = [
             (own, np.where(own == 0, 0, np.searchsorted(objects, own) + 1)) for own in partials

@@ -15,10 +15,16 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 from scipy import ndimage as ndi
+from skimage import measure
 
-from segflow.ops.label import Connectivity, connectivity_structure
+from segflow.ops.label import (
+    Connectivity,
+    OptionalConnectivity,
+    connectivity_structure,
+    resolve_connectivity,
+)
 from segflow.ops.registry import Done, LowHighParams, OpContext, Operation, OpParams, register
-from segflow.stitch.labels import Box, ObjectRule
+from segflow.stitch.labels import Box, ObjectRule, first_pixels
 
 
 def _label_mask(mask: np.ndarray, connectivity: int) -> np.ndarray:
@@ -46,22 +52,6 @@ def _keep_marked(mark: Callable[[np.ndarray, Box], Any]) -> ObjectRule:
 
 def _counts(labels: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
-
-
-def _first_pixels(labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]) -> np.ndarray:
-    """Item-wide linear index of each label's first pixel in item scan order.
-
-    ``scipy.ndimage.label`` numbers labels in the order of their first pixel, so the running
-    maximum of the flat labels steps up exactly at each label's first pixel.
-    """
-    flat = labels.ravel()
-    running = np.maximum.accumulate(flat)
-    starts = np.flatnonzero(np.diff(running, prepend=0) > 0)
-    local = np.unravel_index(starts, labels.shape)
-    item = np.ravel_multi_index(tuple(i + s.start for i, s in zip(local, box, strict=True)), shape)
-    first = np.full(n + 1, np.inf)
-    first[flat[starts]] = item
-    return first
 
 
 def _voxel_size(ctx: OpContext) -> float:
@@ -97,13 +87,64 @@ def _kept_mask(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> 
     return ids != 0
 
 
-def _sizes_rule(keep: Callable[[np.ndarray], np.ndarray]) -> ObjectRule:
-    """Keep the objects whose whole-item size (pixels) passes ``keep``."""
+def _label_ids(image: np.ndarray, params: OpParams, ctx: OpContext) -> np.ndarray:
+    """A mask's connected components, or a label image's ids as local labels ``1..n`` (one
+    per distinct id in the block, numbered in scan order of their first pixel): there each id
+    is one object wherever it lies, as ``skimage.morphology.remove_small_objects`` measures
+    an integer image."""
+    values = image[0]
+    if values.dtype == np.bool_:
+        return _label_foreground(image, params, ctx)
+    if values.dtype.kind == "i" and values.size and values.min() < 0:
+        raise ValueError(
+            f"label ids must not be negative, got {values.min()} (as scikit-image refuses "
+            "them); relabel the image, e.g. {op: relabel} after shifting it"
+        )
+    ids, first, inverse = np.unique(values.ravel(), return_index=True, return_inverse=True)
+    foreground = np.flatnonzero(ids != 0)
+    order = foreground[np.argsort(first[foreground], kind="stable")]  # by first pixel
+    local = np.zeros(len(ids), dtype=np.int32)
+    local[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return local[inverse].reshape(values.shape)[np.newaxis]
+
+
+def _local_ids(source: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray | None:
+    """The label image's id of each local label from :func:`_label_ids` (None for masks)."""
+    if source.dtype == np.bool_:
+        return None
+    ids = np.zeros(n + 1, dtype=source.dtype)
+    ids[labels.ravel()] = source[0].ravel()  # every pixel of a label holds the same id
+    return ids
+
+
+def _kept_values(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -> np.ndarray:
+    """The input's values (a label image's ids, a mask's True) on the kept objects, else 0."""
+    assert source is not None
+    return np.where(ids != 0, source[0], source.dtype.type(0))
+
+
+def _integer_or_mask(name: str) -> Callable[[np.dtype, OpParams], np.dtype]:
+    def check(dtype: np.dtype, params: OpParams) -> np.dtype:
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "uib":  # checked at plan time: PlanError, a ValueError
+            raise ValueError(
+                f"{name} takes a mask or a label image (bool or integer), got {dtype}; "
+                "threshold or `label` it first"
+            )
+        return dtype
+
+    return check
+
+
+def _sizes_rule(keep: Callable[[np.ndarray], np.ndarray], *, by_id: bool = True) -> ObjectRule:
+    """Keep the objects whose whole-item size (pixels) passes ``keep``: connected components
+    of a mask, or (``by_id``) a label image's ids."""
     return ObjectRule(
         columns=("size",),
         reduce=("sum",),
         measure=lambda source, labels, n, box, shape: _counts(labels, n)[:, np.newaxis],
         keep=lambda features: keep(features[:, 0]),
+        ids=_local_ids if by_id else None,
     )
 
 
@@ -130,14 +171,17 @@ register(
         name="remove_small_objects",
         kind="connectivity",
         params=RemoveSmallParams,
-        apply=_label_foreground,
+        apply=_label_ids,
         rule=_size_rule,
-        finish=_kept_mask,
-        summary="drop connected objects of max_size pixels or fewer (or a physical size), "
-        "sizes counted over the whole item (skimage.morphology.remove_small_objects)",
+        finish=_kept_values,
+        summary="drop objects of max_size pixels or fewer (or a physical size), sizes counted "
+        "over the whole item (skimage.morphology.remove_small_objects): a mask's connected "
+        "components, or each id of a label image (ids are kept)",
         halo_rule="0 (object sizes are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_integer_or_mask("remove_small_objects"),
         needs_single_channel=True,
+        by_class=lambda p: True,
+        keeps_ids=True,
     )
 )
 
@@ -172,14 +216,17 @@ register(
         name="remove_large_objects",
         kind="connectivity",
         params=RemoveLargeParams,
-        apply=_label_foreground,
+        apply=_label_ids,
         rule=_large_rule,
-        finish=_kept_mask,
-        summary="drop connected objects of min_size pixels or more (or a physical size), "
-        "sizes counted over the whole item: background, sky, a whole-slide smear",
+        finish=_kept_values,
+        summary="drop objects of min_size pixels or more (or a physical size), sizes counted "
+        "over the whole item: background, sky, a whole-slide smear; a mask's connected "
+        "components, or each id of a label image (ids are kept)",
         halo_rule="0 (object sizes are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_integer_or_mask("remove_large_objects"),
         needs_single_channel=True,
+        by_class=lambda p: True,
+        keeps_ids=True,
     )
 )
 
@@ -196,7 +243,9 @@ def _largest_rule(params: KeepLargestParams, ctx: OpContext) -> ObjectRule:
     def measure(
         source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
     ) -> np.ndarray:
-        return np.stack([_counts(labels, n), _first_pixels(labels, n, box, shape)], axis=1)
+        return np.stack(
+            [_counts(labels, n), first_pixels(labels, n, box, shape).astype(np.float64)], axis=1
+        )
 
     return ObjectRule(
         columns=("size", "first_pixel"), reduce=("sum", "min"), measure=measure, top_k=params.k
@@ -280,9 +329,49 @@ register(
         rule=_holes_rule,
         finish=_fill,
         summary="fill background regions that do not touch the item border "
-        "(scipy.ndimage.binary_fill_holes), optionally only those of max_size pixels or fewer",
+        "(scipy.ndimage.binary_fill_holes), optionally only those of max_size pixels or "
+        "fewer (a small region at the border stays open: remove_small_holes fills those)",
         halo_rule="0 (border contact is merged globally)",
         out_dtype=lambda dtype, p: np.dtype(bool),
+        needs_single_channel=True,
+    )
+)
+
+
+# --- remove_small_holes -----------------------------------------------------------------------
+
+
+class RemoveSmallHolesParams(OpParams):
+    max_size: int = Field(
+        64, ge=0, description="fill background regions of this many pixels (voxels) or fewer"
+    )
+    connectivity: Connectivity = Field(
+        1, description="connectivity of the background: 1 = faces, ndim = all"
+    )
+
+
+def _small_holes_rule(params: RemoveSmallHolesParams, ctx: OpContext) -> ObjectRule:
+    return _sizes_rule(lambda size: size <= params.max_size, by_id=False)
+
+
+def _holes_filled(dtype: np.dtype, params: OpParams) -> np.dtype:
+    _integer_or_mask("remove_small_holes")(dtype, params)
+    return np.dtype(bool)
+
+
+register(
+    Operation(
+        name="remove_small_holes",
+        kind="connectivity",
+        params=RemoveSmallHolesParams,
+        apply=_label_background,
+        rule=_small_holes_rule,
+        finish=_fill,
+        summary="fill background regions of max_size pixels or fewer, wherever they lie "
+        "(also at the item border), sizes counted over the whole item "
+        "(skimage.morphology.remove_small_holes; a label image counts as its mask)",
+        halo_rule="0 (region sizes are merged globally)",
+        out_dtype=_holes_filled,
         needs_single_channel=True,
     )
 )
@@ -295,13 +384,32 @@ class ClearBorderParams(OpParams):
     buffer_size: int = Field(
         0, ge=0, description="also remove objects within this many pixels of the border"
     )
-    connectivity: Connectivity = 1
+    connectivity: OptionalConnectivity = None
+
+
+def label_values(image: np.ndarray, connectivity: int) -> np.ndarray:
+    """Components of equal non-zero values (a label image's objects, a mask's components),
+    numbered in scan order of their first pixel: ``skimage.measure.label(image,
+    background=0)``."""
+    if image.dtype == np.bool_:
+        return _label_mask(image, connectivity)
+    return measure.label(image, background=0, connectivity=connectivity)
+
+
+def _label_objects(image: np.ndarray, params: ClearBorderParams, ctx: OpContext) -> np.ndarray:
+    connectivity = resolve_connectivity(params.connectivity, ctx.spatial_ndim)
+    return label_values(image[0], connectivity).astype(np.int32, copy=False)[np.newaxis]
 
 
 def _border_rule(params: ClearBorderParams, ctx: OpContext) -> ObjectRule:
     width = params.buffer_size + 1
+    if ctx.shape and any(params.buffer_size >= n for n in ctx.shape):
+        raise ValueError(
+            f"`buffer_size` ({params.buffer_size}) must be smaller than every side of the "
+            f"item {ctx.shape}, as in skimage.segmentation.clear_border"
+        )
 
-    def measure(
+    def measure_border(
         source: np.ndarray, labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]
     ) -> np.ndarray:
         return _border_labels(labels, n, box, shape, width)[:, np.newaxis]
@@ -309,7 +417,7 @@ def _border_rule(params: ClearBorderParams, ctx: OpContext) -> ObjectRule:
     return ObjectRule(
         columns=("on_border",),
         reduce=("max",),
-        measure=measure,
+        measure=measure_border,
         keep=lambda features: features[:, 0] == 0,
     )
 
@@ -319,14 +427,17 @@ register(
         name="clear_border",
         kind="connectivity",
         params=ClearBorderParams,
-        apply=_label_foreground,
+        apply=_label_objects,
         rule=_border_rule,
-        finish=_kept_mask,
+        finish=_kept_values,
         summary="drop objects that touch the item's border (skimage.segmentation.clear_border "
-        "on the whole item), e.g. the air around a CT body, cells cut by the field of view",
+        "on the whole item: each label's components, connectivity ndim by default), e.g. the "
+        "air around a CT body, cells cut by the field of view; ids are kept",
         halo_rule="0 (border contact is merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_integer_or_mask("clear_border"),
         needs_single_channel=True,
+        by_class=lambda p: True,
+        keeps_ids=True,
     )
 )
 
@@ -435,6 +546,21 @@ def _grow_rule(params: RegionGrowParams, ctx: OpContext) -> ObjectRule:
     return _keep_marked(lambda source, box: _seeds_in(params, source, box))
 
 
+def _check_flood_dtype(dtype: np.dtype, params: OpParams) -> np.dtype:
+    """skimage.segmentation.flood's refusal: float16 images (cast to float32 first)."""
+    if np.dtype(dtype) == np.float16:
+        raise ValueError(
+            "float16 images are not supported (as skimage.segmentation.flood); convert to "
+            "float32 first, e.g. {op: combine_bands, weights: [1]}"
+        )
+    return np.dtype(dtype)
+
+
+def _grown_mask(dtype: np.dtype, params: OpParams) -> np.dtype:
+    _check_flood_dtype(dtype, params)
+    return np.dtype(bool)
+
+
 def _check_seed_channels(channels: int, params: RegionGrowParams) -> str | None:
     if params.seeds is None and channels != 2:
         return (
@@ -489,7 +615,7 @@ register(
         "across blocks",
         halo=lambda p, ndim: _seeds_halo(p.seeds, ndim),
         halo_rule="0 (seeds are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=_grown_mask,
         out_channels=lambda channels, p: 1,
         check_channels=_check_seed_channels,
         expand=_grow_parts,
@@ -573,6 +699,7 @@ register(
         apply=lambda image, p, ctx: np.concatenate([image, np.zeros_like(image)]),
         summary="region_grow: add an empty union channel",
         out_channels=lambda channels, p: 2,
+        out_dtype=_check_flood_dtype,
         needs_single_channel=True,
     )
 )

@@ -163,10 +163,16 @@ class Operation(Generic[P]):
     halo_spacing: Callable[[P, int, tuple[float, ...]], tuple[int, ...]] | None = None
     expand: Callable[[P], Sequence[tuple[str, str, OpParams]]] | None = None
     makes_labels: bool = False  # a global op whose output is instance ids (stat = their count)
+    keeps_ids: bool = False  # a connectivity op whose output is its input, some objects zeroed
     item_nodata: Callable[[P, float | None], P] | None = None
 
     def rule_for(self, params: P, ctx: OpContext) -> ObjectRule | None:
         return None if self.rule is None else self.rule(params, ctx)
+
+    def connectivity_of(self, params: P, spatial_ndim: int) -> int:
+        """The step's connectivity (``None`` in the parameters: ``spatial_ndim``)."""
+        value = getattr(params, "connectivity", None)
+        return spatial_ndim if value is None else int(value)
 
     def pairs_by_class(self, params: P) -> bool:
         """Whether labels join across blocks only where the input values match."""

@@ -140,7 +140,8 @@ class HistogramThreshold(Histogram):
     """The item histogram (see :class:`Histogram`), finished by a named method.
 
     ``method`` is ``"yen"``, ``"triangle"`` or ``"multi_otsu"`` (``classes - 1``
-    thresholds); a constant item gives its value (every method would).
+    thresholds); a constant item gives its value (Yen and triangle), or is refused by
+    multi-Otsu, as scikit-image refuses an image with fewer distinct values than classes.
     """
 
     method: str = "yen"
@@ -152,7 +153,12 @@ class HistogramThreshold(Histogram):
             return result
         if isinstance(result.value[0], str):  # ("constant", value)
             value = result.value[1]
-            return Done(np.full(self.classes - 1, value) if self.method == "multi_otsu" else value)
+            if self.method == "multi_otsu":  # scikit-image refuses, as for too few values
+                raise ValueError(
+                    f"the item has only 1 distinct value ({value}): it cannot be "
+                    f"thresholded in {self.classes} classes"
+                )
+            return Done(value)
         counts, centers = result.value
         return Done(_FINISHERS[self.method](counts, centers, self.classes))
 
@@ -260,8 +266,30 @@ class LiParams(OpParams):
 
 @dataclass(frozen=True)
 class _LiPass:
-    low: float  # the item's minimum: Li works on image - min
+    low: Any  # the item's minimum (a value of the image dtype): Li works on image - min
     t: float  # split the pixels at t (in image - min units)
+    passes: int = 1  # passes over the item so far, the first (the mean) included
+
+
+#: Li's iteration stops with an error after this many passes over the item. scikit-image has
+#: no limit; its float iteration usually settles in a few dozen passes (the threshold stops
+#: moving), so a limit is reached only by a tolerance below the rounding of the means.
+LI_MAX_PASSES = 500
+
+
+def _li_not_converging(passes: int, moved: float, tolerance: float) -> ValueError:
+    return ValueError(
+        f"Li's threshold still moved by {moved:.3g} after {passes} passes over the item, more "
+        f"than `tolerance` ({tolerance:g}); give a larger `tolerance`"
+    )
+
+
+def _shifted(core: np.ndarray, low: Any) -> np.ndarray:
+    """The block's values minus the item's minimum, NaN left out, in the image dtype: the
+    array scikit-image iterates on (``image - image.min()``), so every value is >= 0 and no
+    sum of them can round below 0."""
+    values = without_nan(core.ravel())
+    return np.subtract(values, np.asarray(low, dtype=values.dtype), dtype=values.dtype)
 
 
 @dataclass(frozen=True)
@@ -270,39 +298,31 @@ class LiThreshold:
 
     Integer images: the item histogram (scikit-image's binning), then exactly
     ``skimage.filters.threshold_li``'s histogram iteration. Float images: one pass over the
-    blocks per iteration, each adding the sums and counts above and below the current
-    threshold; the result equals scikit-image's to float64 rounding of those means (for
-    float32 images scikit-image averages in float32, so the thresholds agree to about 1e-7).
+    blocks per iteration, each adding the sums and counts of ``image - min`` above and below
+    the current threshold; the result equals scikit-image's to float64 rounding of those
+    means (for float32 images scikit-image averages in float32, so the thresholds agree to
+    about 1e-7). Either iteration stops with an error after ``max_passes`` passes.
     """
 
     tolerance: float | None
+    max_passes: int = LI_MAX_PASSES
 
     def start(self) -> Any:
         return Histogram().start()
 
     def map(self, core: np.ndarray, state: Any) -> Any:
         if isinstance(state, _LiPass):
-            # Sums of (value - low) above and below t, in float64, without float64 copies of
-            # the block (the comparison and the sums convert as they go).
-            values = core.ravel()
-            total = float(np.sum(values, dtype=np.float64))
-            if np.isnan(total):  # NaN has no value: leave it out (a copy only then)
-                values = without_nan(values)
-                total = float(np.sum(values, dtype=np.float64))
-            above = values > np.float64(state.t + state.low)
+            # Sums of (value - low) above and below t, accumulated in float64.
+            shifted = _shifted(core, state.low)
+            above = shifted > np.float64(state.t)
             n_above = int(np.count_nonzero(above))
-            part = float(np.sum(values, where=above, dtype=np.float64))
-            n_below = values.size - n_above
-            return (
-                part - n_above * state.low,
-                n_above,
-                total - part - n_below * state.low,
-                n_below,
-            )
+            fore = float(np.sum(shifted, where=above, dtype=np.float64))
+            back = float(np.sum(shifted, where=~above, dtype=np.float64))
+            return fore, n_above, back, shifted.size - n_above
         if not isinstance(state, _LiFloat):
             return Histogram().map(core, state)
-        values = without_nan(core.ravel())
-        return float(np.sum(values, dtype=np.float64)), values.size
+        shifted = _shifted(core, state.low)
+        return float(np.sum(shifted, dtype=np.float64)), shifted.size
 
     def merge(self, partials: Sequence[Any], state: Any) -> Any:
         """Several blocks' partials as one (on a worker: a tree reduction)."""
@@ -313,25 +333,32 @@ class LiThreshold:
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         if isinstance(state, _LiPass):
             sums = np.sum(np.asarray(partials, dtype=np.float64), axis=0)
+            if sums[1] == 0 or sums[3] == 0:  # one side empty: nothing left to split
+                return Done(state.t + float(state.low))
             mean_fore, mean_back = sums[0] / sums[1], sums[2] / sums[3]
-            if mean_back == 0:
-                return Done(state.t + state.low)
+            if mean_back == 0:  # log(0): stop, as scikit-image does
+                return Done(state.t + float(state.low))
             t_next = (mean_back - mean_fore) / (np.log(mean_back) - np.log(mean_fore))
-            if abs(t_next - state.t) <= self._float_tolerance():
-                return Done(t_next + state.low)
-            return _LiPass(state.low, t_next)
+            tolerance = self._float_tolerance()
+            if abs(t_next - state.t) <= tolerance:
+                return Done(t_next + float(state.low))
+            if state.passes >= self.max_passes:
+                raise _li_not_converging(state.passes, abs(t_next - state.t), tolerance)
+            return _LiPass(state.low, t_next, state.passes + 1)
         if isinstance(state, _LiFloat):
             total, count = np.sum(np.asarray(partials, dtype=np.float64), axis=0)
-            return _LiPass(state.low, total / count - state.low)
+            return _LiPass(state.low, total / count)
         result = Histogram().combine(partials, state)
         if not isinstance(result, Done):
             if result.integer:
                 return result
-            return _LiFloat(float(result.low))  # floats: iterate over the pixels instead
+            return _LiFloat(result.low)  # floats: iterate over the pixels instead
         if isinstance(result.value[0], str):  # a constant item
             return Done(result.value[1])
         counts, centers = result.value
-        return Done(li_from_histogram(counts, centers, self.tolerance or 0.5))
+        return Done(
+            li_from_histogram(counts, centers, self.tolerance or 0.5, max_passes=self.max_passes)
+        )
 
     def _float_tolerance(self) -> float:
         if self.tolerance is None:
@@ -341,17 +368,24 @@ class LiThreshold:
 
 @dataclass(frozen=True)
 class _LiFloat:
-    low: float
+    low: Any
 
 
-def li_from_histogram(counts: np.ndarray, centers: np.ndarray, tolerance: float) -> float:
-    """Li's threshold of an integer image from its histogram (one bin per value)."""
+def li_from_histogram(
+    counts: np.ndarray, centers: np.ndarray, tolerance: float, *, max_passes: int = LI_MAX_PASSES
+) -> float:
+    """Li's threshold of an integer image from its histogram (one bin per value); an error
+    after ``max_passes`` iterations."""
     low = centers[0]
     bins = centers - low
     weights = counts.astype(np.float32)
     t_next = float(np.sum(bins * counts) / np.sum(counts))
     t_curr = -2 * tolerance
+    passes = 0
     while abs(t_next - t_curr) > tolerance:
+        if passes >= max_passes:
+            raise _li_not_converging(passes, abs(t_next - t_curr), tolerance)
+        passes += 1
         t_curr = t_next
         fore = bins > t_curr
         mean_fore = np.average(bins[fore], weights=weights[fore])

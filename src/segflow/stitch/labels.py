@@ -7,13 +7,17 @@
    edges and corners, as the connectivity allows) the voxel pairs that touch across the
    boundary give label pairs.
 3. On one node, the pairs (small: they live on faces) are merged with
-   ``scipy.sparse.csgraph.connected_components``; every component keeps the id of its first
-   member in block scan order.
-4. Each block gets a compact relabel table ``local -> final`` that holds only what that block
-   needs, and relabels its core in the same task that writes it.
+   ``scipy.sparse.csgraph.connected_components``.
+4. Every object is numbered by the position of its first pixel in item scan order (C order):
+   each block reports the first pixel of each of its labels (item-wide flat index), an
+   object spanning blocks starts at the smallest of its parts', and the merge ranks the
+   kept objects' first pixels. Each block gets a compact relabel table ``local -> final``
+   that holds only what that block needs, and relabels its core in the same task that
+   writes it.
 
-Final ids are consecutive from 1, in the order of the first voxel of each object when blocks
-are scanned in C order (and voxels in C order within a block).
+Final ids are consecutive from 1 in the order of each object's first pixel in the item, as
+``scipy.ndimage.label`` and ``skimage.measure.label`` number them: the same ids on every
+block layout.
 """
 
 from __future__ import annotations
@@ -149,6 +153,10 @@ class ObjectRule:
     Either ``keep(features) -> bool array`` decides each object on its own, or ``top_k``
     keeps the ``top_k`` objects with the largest first feature (ties: the smaller second
     feature first, for example the object's first pixel in item scan order).
+
+    ``ids(source, labels, n)``, where given, returns the ``(n + 1,)`` integer id each local
+    label has in a label image (or ``None`` for a mask): labels with equal ids are one object
+    wherever they lie in the item, touching or not, as scikit-image measures label images.
     """
 
     columns: tuple[str, ...]
@@ -156,40 +164,97 @@ class ObjectRule:
     measure: Callable[[np.ndarray, np.ndarray, int, Box, tuple[int, ...]], np.ndarray]
     keep: Callable[[np.ndarray], np.ndarray] | None = None
     top_k: int | None = None
+    ids: Callable[[np.ndarray, np.ndarray, int], np.ndarray | None] | None = None
+
+
+#: First pixel of a label that has none in the block (its local number is unused).
+NO_PIXEL = np.iinfo(np.int64).max
+
+
+def first_pixels(labels: np.ndarray, n: int, box: Box, shape: tuple[int, ...]) -> np.ndarray:
+    """Item-wide flat index (C order) of each label's first pixel: an ``(n + 1,)`` int64
+    array, :data:`NO_PIXEL` for labels absent from the block (and label 0).
+
+    ``scipy.ndimage.label`` and ``skimage.measure.label`` number labels in the order of their
+    first pixel, so the running maximum of the flat labels steps up exactly at each label's
+    first pixel (one pass, no sort); other numberings take a slower ``minimum.at``.
+    """
+    flat = labels.ravel()
+    first = np.full(n + 1, NO_PIXEL, dtype=np.int64)
+    if flat.size == 0 or n == 0:
+        return first
+    running = np.maximum.accumulate(flat)
+    starts = np.flatnonzero(running[1:] != running[:-1]) + 1
+    if flat[0] != 0:
+        starts = np.concatenate([[0], starts])
+    if len(starts) != n:  # not numbered in scan order (or with gaps)
+        local = np.full(n + 1, flat.size, dtype=np.int64)
+        np.minimum.at(local, flat, np.arange(flat.size, dtype=np.int64))
+        present = np.flatnonzero(local < flat.size)
+        starts, owners = local[present], present
+    else:
+        owners = flat[starts]
+    index = np.unravel_index(starts, labels.shape)
+    item = tuple(i + s.start for i, s in zip(index, box, strict=True))
+    first[owners] = np.ravel_multi_index(item, shape)
+    first[0] = NO_PIXEL
+    return first
+
+
+def block_order(linear: int, n: int) -> np.ndarray:
+    """A stand-in for :func:`first_pixels` where the numbering does not matter (the step
+    writes a mask or its input's ids): block scan order, then the local labels."""
+    order = (np.int64(linear) << np.int64(32)) | np.arange(n + 1, dtype=np.int64)
+    order[0] = NO_PIXEL
+    return order
 
 
 @dataclass(frozen=True)
 class BlockObjects:
-    """What one block tells the client about its objects (small: face labels only).
+    """What one block tells the client about its objects.
 
     ``nodes`` are the local labels whose fate the client decides: labels on the block's
     faces (they may continue in a neighbour) and, for top-k rules, the block's own best
-    candidates. Every other label is complete inside the block and was decided there.
+    candidates. Every other label is complete inside the block and was decided there; of
+    those, the client gets only the first pixels of the kept ones (``kept_first``, one int64
+    per object), to number every object of the item in scan order.
     """
 
     n: int
     nodes: np.ndarray  # sorted local labels (int64)
     features: np.ndarray  # (len(nodes), F) float64
-    kept_before: np.ndarray  # per node: labels decided and kept in the block with a smaller id
-    n_kept: int  # labels decided and kept in the block
+    node_first: np.ndarray  # per node: first pixel of its part here (item flat index)
+    kept_first: np.ndarray  # first pixels of the labels the block kept itself, in label order
+    keys: np.ndarray | None = None  # per node: its label-image id (ObjectRule.ids)
 
 
 def decide_block(
-    faces: Faces, n: int, features: np.ndarray | None, rule: ObjectRule | None
+    faces: Faces,
+    n: int,
+    features: np.ndarray | None,
+    rule: ObjectRule | None,
+    keys: np.ndarray | None = None,
+    first: np.ndarray | None = None,
 ) -> tuple[BlockObjects, np.ndarray]:
     """Split a block's labels into those it decides itself and those the client decides.
 
     ``faces`` are the block's :func:`block_faces`: a label on a face may continue in a
-    neighbour, so the client decides it. Returns the :class:`BlockObjects` for the client and
-    the ``(n + 1,)`` boolean array of labels kept by the block's own decision (false for
-    every node and for label 0).
+    neighbour, so the client decides it. With ``keys`` (each label's id in a label image,
+    from :attr:`ObjectRule.ids`) an id may continue anywhere in the item, so the client
+    decides every label. ``first`` is :func:`first_pixels` (or :func:`block_order`). Returns
+    the :class:`BlockObjects` for the client and the ``(n + 1,)`` boolean array of labels
+    kept by the block's own decision (false for every node and for label 0).
     """
+    if first is None:
+        first = block_order(0, n)
     on_faces = np.zeros(n + 1, dtype=bool)
-    for first, last in faces:
-        on_faces[first] = True
-        on_faces[last] = True
+    for first_slab, last_slab in faces:
+        on_faces[first_slab] = True
+        on_faces[last_slab] = True
+    if keys is not None:
+        on_faces[:] = True
     on_faces[0] = False
-    inner = ~on_faces
+    inner = ~on_faces & (first != NO_PIXEL)  # a label with no pixel is no object
     inner[0] = False
     if rule is None or features is None:
         keep = inner
@@ -208,35 +273,30 @@ def decide_block(
         inside = np.flatnonzero(inner)
         keep[inside] = rule.keep(features[inside])
         nodes = np.flatnonzero(on_faces)
-    before = np.cumsum(keep)
-    kept_before = before[nodes - 1] if len(nodes) else np.empty(0, np.int64)
     feats = features[nodes] if features is not None else np.empty((len(nodes), 0))
-    return BlockObjects(n, nodes, feats, kept_before, int(before[-1])), keep
+    node_keys = None if keys is None else keys[nodes]
+    objects = BlockObjects(n, nodes, feats, first[nodes], first[keep], node_keys)
+    return objects, keep
 
 
 @dataclass(frozen=True)
 class BlockRelabel:
     """What one block needs to turn its local labels into final ids (small).
 
-    Kept labels are numbered consecutively in block scan order: this block's own objects get
-    ``base + 1, base + 2, ...`` in the order of their local ids; ``fixed`` labels (decided on
-    the client) get ``fixed_to`` (0 when dropped); ``starts`` marks the kept fixed labels that
-    are the first part of their object, which take their place in this block's numbering.
+    The labels the block kept itself get ``own`` (in the order of their local labels);
+    ``fixed`` labels (decided on the client) get ``fixed_to`` (0 when dropped).
     """
 
-    base: int
+    own: np.ndarray  # final ids of the labels the block kept itself
     fixed: np.ndarray  # sorted local labels
     fixed_to: np.ndarray  # their final ids
-    starts: np.ndarray  # bool per fixed label
 
     def table(self, keep: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """Dense ``local -> final`` table; ``keep`` is the block's own decision per label."""
-        kept = keep.copy()
-        kept[self.fixed] = False
-        kept[self.fixed[self.starts]] = True
-        table = np.where(kept, self.base + np.cumsum(kept), 0)
+        table = np.zeros(len(keep), dtype=dtype)
+        table[keep] = self.own
         table[self.fixed] = self.fixed_to
-        return table.astype(dtype)
+        return table
 
 
 @dataclass(frozen=True)
@@ -263,31 +323,31 @@ def merge_objects(
     rule
         The operation's :class:`ObjectRule`; ``None`` keeps every object.
 
-    Only the client-decided labels (faces and top-k candidates) are held here, never a
-    whole-item table: each block gets a compact :class:`BlockRelabel`.
+    The client-decided labels (faces and top-k candidates) are held here with the first
+    pixel of every kept object (one int64 each, to rank them), never a pixel table: each
+    block gets a compact :class:`BlockRelabel` of its own labels only.
     """
     node_block = np.concatenate(
         [np.full(len(b.nodes), i, dtype=np.int64) for i, b in enumerate(blocks)]
         or [np.empty(0, np.int64)]
     )
     node_local = np.concatenate([b.nodes for b in blocks] or [np.empty(0, np.int64)])
-    node_kept_before = np.concatenate(
-        [b.kept_before for b in blocks] or [np.empty(0, np.int64)]
-    ).astype(np.int64)
+    node_first = np.concatenate([b.node_first for b in blocks] or [np.empty(0, np.int64)])
     # Provisional ids sort by block, then local label: the node order is the scan order.
     gids = (node_block.astype(np.uint64) << _SHIFT) | node_local.astype(np.uint64)
     edges = np.concatenate(pairs) if len(pairs) else np.empty((0, 2), np.uint64)
     n_nodes = len(gids)
-    if len(edges):
-        a = np.searchsorted(gids, edges[:, 0])
-        b = np.searchsorted(gids, edges[:, 1])
+    a = np.searchsorted(gids, edges[:, 0])
+    b = np.searchsorted(gids, edges[:, 1])
+    if blocks and all(blk.keys is not None for blk in blocks):  # label-image ids join
+        same_a, same_b = _equal_key_edges(np.concatenate([_keys(blk) for blk in blocks]))
+        a, b = np.concatenate([a, same_a]), np.concatenate([b, same_b])
+    if len(a):
         graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n_nodes, n_nodes))
         _, component = connected_components(graph, directed=False)
     else:
         component = np.arange(n_nodes)
     n_components = int(component.max()) + 1 if n_nodes else 0
-    root = np.full(n_components, n_nodes, dtype=np.int64)
-    np.minimum.at(root, component, np.arange(n_nodes))
 
     if rule is None:
         kept = np.ones(n_components, dtype=bool)
@@ -298,31 +358,37 @@ def merge_objects(
             merged[:, column] = _IDENTITY[how]
             _REDUCERS[how].at(merged[:, column], component, features[:, column])
         if rule.top_k is not None:
-            order = np.lexsort((merged[:, 1], -merged[:, 0]))
+            best = np.lexsort((merged[:, 1], -merged[:, 0]))
             kept = np.zeros(n_components, dtype=bool)
-            kept[order[: rule.top_k]] = True
+            kept[best[: rule.top_k]] = True
         else:
             assert rule.keep is not None
             kept = np.asarray(rule.keep(merged), dtype=bool)
 
-    # Kept objects that start at a node (their root), numbered in scan order.
-    is_root = np.zeros(n_nodes, dtype=bool)
-    is_root[root] = True
-    root_kept = is_root & kept[component]
-    roots_upto = np.concatenate([[0], np.cumsum(root_kept)])  # kept roots before each node
+    # Number every kept object by its first pixel: the blocks' own, and the merged ones
+    # (each starts at the smallest first pixel of its parts).
+    start = np.full(n_components, NO_PIXEL, dtype=np.int64)
+    np.minimum.at(start, component, node_first)
+    own = [b.kept_first for b in blocks]
+    order = np.sort(np.concatenate([*own, start[kept]]))
+    final = np.where(kept, np.searchsorted(order, start) + 1, 0)[component]
     block_first_node = np.searchsorted(node_block, np.arange(len(blocks) + 1))
-    per_block_roots = np.diff(roots_upto[block_first_node])
-    n_kept = np.array([b.n_kept for b in blocks], dtype=np.int64) + per_block_roots
-    base = np.concatenate([[0], np.cumsum(n_kept)[:-1]]).astype(np.int64)
-    rank_in_block = roots_upto[:-1] - roots_upto[block_first_node[node_block]]
-    root_final = base[node_block] + node_kept_before + rank_in_block + 1
-    final = np.where(kept[component], root_final[root[component]], 0)
-
     relabels = tuple(
-        BlockRelabel(int(base[i]), node_local[lo:hi], final[lo:hi], root_kept[lo:hi])
+        BlockRelabel(np.searchsorted(order, own[i]) + 1, node_local[lo:hi], final[lo:hi])
         for i, (lo, hi) in enumerate(itertools.pairwise(block_first_node))
     )
-    return MergeResult(int(n_kept.sum()), relabels)
+    return MergeResult(len(order), relabels)
+
+
+def _keys(block: BlockObjects) -> np.ndarray:
+    return block.keys if block.keys is not None else np.zeros(len(block.nodes), np.int64)
+
+
+def _equal_key_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Node pairs that chain together every run of equal keys (sorted, then neighbours)."""
+    order = np.argsort(keys, kind="stable")
+    same = keys[order[1:]] == keys[order[:-1]]
+    return order[:-1][same], order[1:][same]
 
 
 def smallest_label_dtype(n_labels: int) -> np.dtype:

@@ -38,9 +38,14 @@ SetOption = Annotated[
     typer.Option(
         "--set",
         "-s",
-        help="Override a config key, e.g. --set blocks.shape=[512,512] (repeatable).",
+        help="Override a config key, e.g. --set blocks.shape=[512,512] (repeatable). "
+        "Relative paths given here (input.path, output.store) are taken from the current "
+        "directory; those in the config file from the file's folder.",
         show_default=False,
     ),
+]
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show full tracebacks of unexpected errors.")
 ]
 
 EXIT_FAILED = 1  # some item (or a whole run) failed
@@ -106,16 +111,45 @@ def validate(configs: ConfigPaths, set_: SetOption = None) -> None:
 
 
 @app.command()
-def run(configs: ConfigPaths, set_: SetOption = None) -> None:
+def run(configs: ConfigPaths, set_: SetOption = None, debug: DebugOption = False) -> None:
     """Run each config as its own flow run and print where the output is.
 
-    Exit status: 0 when every item is done (or was already), 1 when any item or run failed,
-    2 when a config is invalid (then nothing runs).
+    Exit status: 0 when every item is done (or was already), 1 when any item or run failed
+    (an unreadable or unfit item fails alone: the others complete), 2 when a config is
+    invalid, its input is missing, its store path is a file or a folder segflow did not
+    make, or a shape setting does not fit the items (then nothing runs), 130 / 143 when
+    stopped by Ctrl-C / SIGTERM.
     """
-    overrides = list(set_ or [])
+    try:
+        _run(configs, list(set_ or []))
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as error:
+        if debug:
+            raise
+        typer.echo(
+            f"segflow: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _run(configs: Sequence[Path], overrides: list[str]) -> None:
     loaded = [_load_or_report(path, overrides) for path in configs]
     if any(config is None for config in loaded):
         raise typer.Exit(EXIT_INVALID)
+    invalid = False
+    for path, config in zip(configs, loaded, strict=True):
+        problems, _, _ = _collection_problems(config)
+        for problem in problems:
+            typer.echo(f"{path}: {problem}", err=True)
+        invalid |= bool(problems)
+    if invalid:
+        raise typer.Exit(EXIT_INVALID)
+    for path, config in zip(configs, loaded, strict=True):
+        if (holder := _lock_holder(config.output.store)) is not None:
+            typer.echo(f"{path}: {holder}", err=True)
+            raise typer.Exit(EXIT_FAILED)
 
     from flows._server import prefect_api, watch_api
     from flows._signals import stop_on_signals
@@ -155,6 +189,16 @@ def run(configs: ConfigPaths, set_: SetOption = None) -> None:
         raise typer.Exit(_stop_status(reason))
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _lock_holder(store: str) -> str | None:
+    """Why ``store`` cannot be written now (another live run holds it), or None."""
+    from segflow.store.lock import StoreLock, locked_message, read_lock
+
+    holder = read_lock(store)
+    if holder is None or StoreLock(store, run_id="check").is_stale(holder):
+        return None
+    return locked_message(store, holder)
 
 
 # Seconds a stopped run may take to record what finished before the command exits anyway.
@@ -319,17 +363,48 @@ def _load_or_report(path: Path, overrides: Sequence[str]) -> Any:
         return None
 
 
-def _check_items(config: Any) -> list[str]:
-    """Problems of fitting the pipeline to each item (channels, dimensions), one per line."""
-    from segflow.engine.pipeline import compile_pipeline
+def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
+    """What stops a whole run before it starts: a missing or empty input, a store path that
+    is a file or a foreign folder, shape settings that do not fit an item's axes. Also
+    returns the readable items and the unreadable files (which fail alone in a run)."""
     from segflow.errors import SegflowError
     from segflow.io import discover_items
+    from segflow.store.commit import check_store
 
+    problems = []
+    try:
+        check_store(config.output.store)
+    except SegflowError as error:
+        problems.append(f"output.store: {error}")
     try:
         readers, failures = discover_items(config.input.path)
     except SegflowError as error:
-        return [f"input.path: {error}"]
-    problems = [f"input.path: {message}" for _, message in failures]
+        return [*problems, f"input.path: {error}"], [], []
+    settings = {
+        "blocks.shape": config.blocks.shape if isinstance(config.blocks.shape, list) else None,
+        "output.chunks": config.output.chunks,
+        "output.shards": config.output.shards,
+    }
+    for reader in readers:
+        info = reader.info
+        axes = info.spatial_axes
+        for key, value in settings.items():
+            if value is not None and len(value) != len(axes):
+                problems.append(
+                    f"{key}: {value} has {len(value)} axes, item {info.id!r} ({info.path}) "
+                    f"has {len(axes)} spatial axes {axes}"
+                )
+    return problems, readers, failures
+
+
+def _check_items(config: Any) -> list[str]:
+    """Problems of the collection and of fitting the pipeline to each item (channels,
+    dimensions), one per line."""
+    from segflow.engine.pipeline import compile_pipeline
+    from segflow.errors import SegflowError
+
+    problems, readers, failures = _collection_problems(config)
+    problems += [f"input.path: {message}" for _, message in failures]
     for reader in readers:
         info = reader.info
         try:

@@ -22,6 +22,7 @@ from flows.cluster import dashboard_link, dask_client
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
+from segflow.errors import StoreError
 from segflow.io import unused_id
 from tasks.artifacts import open_line, report_items_task
 from tasks.items import discover_items_task, segment_item_task
@@ -191,11 +192,15 @@ def segment_collection(
         report_progress(row["id"], "skipped", 1, 1)
     rows: list[dict[str, Any]] = list(failed_rows)
     if todo or failed_rows:
-        with stop_on_signals(), writing_store(store, run_id):
-            if failed_rows:
-                record_items_task(store, run_id, failed_rows)
-            if todo:
-                rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
+        try:
+            with stop_on_signals(), writing_store(store, run_id):
+                if failed_rows:
+                    record_items_task(store, run_id, failed_rows)
+                if todo:
+                    rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
+        except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback
+            logger.error("%s: %s", cfg.name, error)
+            return Failed(message=f"{cfg.name}: {error}", data=error)
     rows += skipped
     rows.sort(key=lambda r: r["id"])
     summary = summarize(cfg, rows)

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from segflow.engine.pipeline import parse_steps
 from segflow.errors import ConfigError
@@ -44,6 +51,27 @@ class OutputConfig(_Model):
     overwrite: bool = Field(
         False, description="redo items already done with the same input, config and code"
     )
+
+    @field_validator("chunks", "shards")
+    @classmethod
+    def _positive_sides(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(v < 1 for v in value)):
+            raise ValueError(f"every axis must be >= 1 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _shards_hold_whole_chunks(self) -> OutputConfig:
+        if self.shards is None:
+            return self
+        if self.chunks is None:
+            return self  # chunks default to the block shape: checked against it per item
+        if len(self.shards) != len(self.chunks) or any(
+            s % c for s, c in zip(self.shards, self.chunks, strict=True)
+        ):
+            raise ValueError(
+                f"`shards` {self.shards} must be a multiple of `chunks` {self.chunks} on every axis"
+            )
+        return self
 
 
 class BlocksConfig(_Model):
@@ -131,8 +159,9 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Se
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SegflowConfig:
     """Load a YAML config, apply ``key.path=value`` overrides, validate.
 
-    Relative ``input.path`` and ``output.store`` are resolved against the config file's
-    folder. Override values are parsed as YAML scalars (``blocks.shape=[512,512]`` works).
+    Relative ``input.path`` and ``output.store`` in the file are resolved against the config
+    file's folder; given as overrides, against the current directory (where the user typed
+    them). Override values are parsed as YAML scalars (``blocks.shape=[512,512]`` works).
 
     Examples
     --------
@@ -145,8 +174,20 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SegflowConfi
         raise ConfigError([f"config {str(path)!r}: cannot read it ({error.strerror})"]) from None
     except yaml.YAMLError as error:
         raise ConfigError([f"config {str(path)!r}: not valid YAML ({error})"]) from None
+    overrides = [_absolute_path_override(o) for o in overrides]
     data = apply_overrides(data if data is not None else {}, overrides)
     return parse_config(data, base_dir=path.resolve().parent)
+
+
+PATH_KEYS = ("input.path", "output.store")
+
+
+def _absolute_path_override(override: str) -> str:
+    """``output.store=out.zarr`` typed in ``/home/me`` means ``/home/me/out.zarr``."""
+    key, sep, raw = override.partition("=")
+    if not sep or key.strip() not in PATH_KEYS or not raw.strip():
+        return override
+    return f"{key}={_resolve(raw.strip(), Path.cwd())}"
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

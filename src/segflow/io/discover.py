@@ -54,7 +54,19 @@ def open_item(path: str, item_id: str | None = None) -> Reader:
     'tiff'
     """
     path = strip_file_scheme(path)
+    reader = _open_by_suffix(path, item_id)
+    if any(n == 0 for n in reader.info.shape):
+        raise ItemReadError(
+            f"item '{path}': the image has no pixels (shape {tuple(reader.info.shape)})"
+        )
+    return reader
+
+
+def _open_by_suffix(path: str, item_id: str | None) -> Reader:
     lower = path.lower().rstrip("/")
+    known = lower.endswith(tuple(ITEM_SUFFIXES))
+    if known and not is_url(path) and os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ItemReadError(f"item '{path}': the file is empty (0 bytes)")
     if lower.endswith(ZARR_SUFFIX):
         return ZarrReader(path, item_id)
     if lower.endswith(NIFTI_SUFFIXES):

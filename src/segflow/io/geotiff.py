@@ -64,7 +64,8 @@ class GeoTIFFReader:
         """Read ``region`` = ``(rows, cols)``; returns ``(c, rows, cols)`` in the file dtype."""
         rows, cols = check_region(self.info, region)
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-        with wrap_read_errors(self.path, f"cannot read window {window}"):
+        what = f"cannot read window {window}; the file is damaged or cut short"
+        with wrap_read_errors(self.path, what):
             return np.asarray(self._dataset().read(window=window))
 
     def _dataset(self) -> Any:

@@ -98,6 +98,34 @@ def _load_gz_volume(path: str, mtime: int) -> np.ndarray:
     return array
 
 
+def _diagnose(path: str) -> str:
+    """What is wrong with a NIfTI file nibabel refused, in words."""
+    import gzip
+    import struct
+
+    try:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            head = handle.read(352)
+            handle.read()  # a cut gzip stream fails here
+    except EOFError:
+        return "the compressed data is cut short (a truncated file)"
+    except gzip.BadGzipFile:
+        return "the file is not gzip data although it is named .gz"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if len(head) < 4:
+        return f"it has {len(head)} bytes, too few for a NIfTI header"
+    sizes = {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]}
+    if not sizes & {348, 540}:
+        size = struct.unpack("<i", head[:4])[0]
+        return (
+            f"its header is not NIfTI (sizeof_hdr is {size}, expected 348 or 540): the "
+            "header is damaged or the file is another format"
+        )
+    return "its header or data is damaged"
+
+
 def _read_nifti_info(path: str, item_id: str | None) -> tuple[ItemInfo, int]:
     try:
         image = _load_image(path, mtime_ns(path))
@@ -108,7 +136,7 @@ def _read_nifti_info(path: str, item_id: str | None) -> tuple[ItemInfo, int]:
         probe = np.asarray(image.dataobj[(slice(0, 1),) * len(disk_shape)])
         space_unit = image.header.get_xyzt_units()[0]
     except Exception as exc:
-        raise_read_error(path, "not a readable NIfTI file", exc)
+        raise_read_error(path, f"not a readable NIfTI file: {_diagnose(path)}", exc)
     shape = disk_shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]

@@ -116,13 +116,20 @@ class StoreLock:
             If another live run holds it.
         """
         for _ in range(3):
-            if self._create():
+            try:
+                created = self._create()
+            except OSError as exc:
+                raise StoreError(
+                    f"store '{self.store}' cannot be written ({exc.strerror or exc}: "
+                    f"{exc.filename or self.path}); choose a writable output.store"
+                ) from exc
+            if created:
                 break
             holder = read_lock(self.store)
             if holder is None:
                 continue  # released between our attempt and the read
-            if not self._is_stale(holder):
-                raise StoreLockedError(_locked_message(self.store, holder), holder)
+            if not self.is_stale(holder):
+                raise StoreLockedError(locked_message(self.store, holder), holder)
             self._break(holder)
         else:
             raise StoreError(f"store '{self.store}': could not take its lock {self.path}")
@@ -162,7 +169,8 @@ class StoreLock:
         holder = read_lock(self.store)
         return holder is not None and holder.get("token") == self.record["token"]
 
-    def _is_stale(self, holder: dict[str, Any]) -> bool:
+    def is_stale(self, holder: dict[str, Any]) -> bool:
+        """Whether ``holder``'s lock may be broken (process gone, or heartbeat too old)."""
         if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
             return True
         try:
@@ -221,7 +229,7 @@ def read_lock(store: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else {"heartbeat": ""}
 
 
-def _locked_message(store: str, holder: dict[str, Any]) -> str:
+def locked_message(store: str, holder: dict[str, Any]) -> str:
     age = ""
     try:
         beat = dt.datetime.fromisoformat(str(holder["heartbeat"]))

@@ -1,0 +1,233 @@
+"""The bad-input catalogue: every input a user can get wrong gets one clear line.
+
+Item-level faults (damaged, empty or unfit files) fail alone: the run exits 1, names the
+item and what is wrong, and every other item completes. Collection-level faults (missing
+input, a store path that is a file or someone else's folder, shape settings that do not
+fit) exit 2 before anything runs. An occupied store exits 1 naming the run that holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+import tifffile
+import zarr
+from _geodata import N_BLOBS, blob_image, write_geotiff
+from affine import Affine
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from segflow.store import read_index
+
+runner = CliRunner()
+
+# Item-level faults: file name -> what its line must say.
+ITEM_FAULTS = {
+    "zero_byte.tif": "the file is empty (0 bytes)",
+    "zero_byte.png": "the file is empty (0 bytes)",
+    "zero_byte.nii.gz": "the file is empty (0 bytes)",
+    "text_named.tif": "not a readable GeoTIFF/TIFF (TiffFileError: not a TIFF file",
+    "truncated.tif": "the file is damaged or cut short",
+    "truncated.png": "cannot decode PNG data (OSError: image file is truncated)",
+    "truncated.nii.gz": "the compressed data is cut short (a truncated file)",
+    "header_zeroed.nii": "its header is not NIfTI (sizeof_hdr is 0, expected 348 or 540)",
+    "no_metadata.zarr": "not a readable Zarr array",
+    "no_pixels.tif": "the image has no pixels (shape (0, 5))",
+    "all_nan.tif": "pipeline[0].otsu: the item has no values (every pixel is NaN",
+    "all_inf.tif": "pipeline[0].otsu: the item has infinite values",
+    "three_bands.tif": "'otsu' needs a single-channel image, got 3 channels",
+}
+# Odd but valid inputs: segmented like any other.
+ACCEPTED = ("good", "constant", "one_pixel", "one_row", "no_crs", "lonlat")
+
+
+def _write_collection(folder: Path) -> None:
+    folder.mkdir()
+    write_geotiff(folder / "good.tif", blob_image())
+    good = (folder / "good.tif").read_bytes()
+    (folder / "zero_byte.tif").write_bytes(b"")
+    (folder / "zero_byte.png").write_bytes(b"")
+    (folder / "zero_byte.nii.gz").write_bytes(b"")
+    (folder / "text_named.tif").write_text("this is not a TIFF")
+    (folder / "truncated.tif").write_bytes(good[: len(good) // 2])
+    Image.fromarray(blob_image()[0]).save(folder / "whole.png")
+    png = (folder / "whole.png").read_bytes()
+    (folder / "whole.png").unlink()
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    volume = nib.Nifti1Image(np.arange(512, dtype=np.int16).reshape(8, 8, 8), np.eye(4))
+    nib.save(volume, folder / "whole.nii.gz")
+    packed = (folder / "whole.nii.gz").read_bytes()
+    (folder / "whole.nii.gz").unlink()
+    (folder / "truncated.nii.gz").write_bytes(packed[: len(packed) // 2])
+    nib.save(volume, folder / "whole.nii")
+    header = bytearray((folder / "whole.nii").read_bytes())
+    (folder / "whole.nii").unlink()
+    header[:348] = bytes(348)
+    (folder / "header_zeroed.nii").write_bytes(bytes(header))
+    zarr.create_array(str(folder / "no_metadata.zarr"), shape=(4, 4), dtype="uint8")
+    (folder / "no_metadata.zarr" / "zarr.json").unlink()
+    with pytest.warns(UserWarning, match="zero-size array"):
+        tifffile.imwrite(folder / "no_pixels.tif", np.zeros((0, 5), np.uint8))
+    tifffile.imwrite(folder / "all_nan.tif", np.full((16, 16), np.nan, np.float32))
+    tifffile.imwrite(folder / "all_inf.tif", np.full((16, 16), np.inf, np.float32))
+    write_geotiff(folder / "three_bands.tif", blob_image(bands=3))
+    tifffile.imwrite(folder / "constant.tif", np.full((16, 16), 7, np.uint8))
+    tifffile.imwrite(folder / "one_pixel.tif", np.ones((1, 1), np.uint8))
+    tifffile.imwrite(folder / "one_row.tif", np.arange(20, dtype=np.uint8)[np.newaxis])
+    profile = {"driver": "GTiff", "height": 64, "width": 72, "count": 1, "dtype": "uint8"}
+    with (
+        pytest.warns(rasterio.errors.NotGeoreferencedWarning),
+        rasterio.open(folder / "no_crs.tif", "w", **profile) as dst,
+    ):
+        dst.write(blob_image())
+    with rasterio.open(  # a collection may mix CRSs: each item keeps its own
+        folder / "lonlat.tif",
+        "w",
+        **profile,
+        crs="EPSG:4326",
+        transform=Affine(0.001, 0, 10.0, 0, -0.001, 50.0),
+    ) as dst:
+        dst.write(blob_image())
+
+
+def _config(tmp_path: Path, folder: Path, dask_address: str, **output: object) -> Path:
+    path = tmp_path / "bad.yaml"
+    extra = "".join(f", {k}: {v}" for k, v in output.items())
+    path.write_text(
+        "name: bad\n"
+        f"input: {{path: {folder}}}\n"
+        f"output: {{store: {tmp_path / 'out.zarr'}{extra}}}\n"
+        "blocks: {shape: [32, 32]}\n"
+        "pipeline: [{op: otsu}, {op: label}]\n"
+        f"cluster: {{address: '{dask_address}'}}\n"
+    )
+    return path
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_every_bad_item_fails_alone_with_one_line(tmp_path: Path, dask_address: str) -> None:
+    folder = tmp_path / "items"
+    _write_collection(folder)
+
+    result = runner.invoke(app, ["run", str(_config(tmp_path, folder, dask_address))])
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    failed_lines = [line for line in result.stdout.splitlines() if "failed item" in line]
+    for name, message in ITEM_FAULTS.items():
+        lines = [line for line in failed_lines if name in line]
+        assert len(lines) == 1 and message in lines[0], (name, failed_lines)
+    frame = read_index(str(tmp_path / "out.zarr")).set_index("id")
+    assert sorted(frame.index[frame["status"] == "done"]) == sorted(ACCEPTED)
+    assert int(frame.loc["good", "object_count"]) == N_BLOBS
+    assert (frame["status"] == "failed").sum() == len(ITEM_FAULTS)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (["input.path=/no/such/folder"], "input.path: collection '/no/such/folder': no such"),
+        (["output.chunks=[16,16,16]"], "output.chunks: [16, 16, 16] has 3 axes, item 'good'"),
+        (["blocks.shape=[32,32,32]"], "blocks.shape: [32, 32, 32] has 3 axes"),
+        (["output.chunks=[0,16]"], "output.chunks: every axis must be >= 1 (got [0, 16])"),
+        (["blocks.shape=[-4,32]"], "blocks.shape: every axis must be >= 1"),
+        (
+            ["output.chunks=[16,16]", "output.shards=[24,32]"],
+            "`shards` [24, 32] must be a multiple of `chunks` [16, 16] on every axis",
+        ),
+    ],
+)
+def test_config_level_faults_exit_2_before_running(
+    tmp_path: Path, dask_address: str, setting: list[str], message: str
+) -> None:
+    folder = tmp_path / "items"
+    folder.mkdir()
+    write_geotiff(folder / "good.tif", blob_image())
+    config = _config(tmp_path, folder, dask_address)
+
+    result = runner.invoke(app, ["run", str(config), *[f"--set={s}" for s in setting]])
+
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_store_paths_segflow_must_not_touch_exit_2(tmp_path: Path, dask_address: str) -> None:
+    folder = tmp_path / "items"
+    folder.mkdir()
+    write_geotiff(folder / "good.tif", blob_image())
+    config = _config(tmp_path, folder, dask_address)
+    (tmp_path / "a_file.zarr").write_text("x")
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "good").mkdir()
+    (foreign / "good" / "holiday.jpg").write_bytes(b"mine")
+
+    as_file = runner.invoke(app, ["run", str(config), f"--set=output.store={tmp_path}/a_file.zarr"])
+    adopted = runner.invoke(app, ["run", str(config), f"--set=output.store={foreign}"])
+
+    assert as_file.exit_code == 2 and "is a file, not a folder" in as_file.stderr
+    assert adopted.exit_code == 2
+    assert "exists and is not a segflow store" in adopted.stderr
+    assert (foreign / "good" / "holiday.jpg").read_bytes() == b"mine"
+    assert sorted(p.name for p in foreign.rglob("*")) == ["good", "holiday.jpg"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_occupied_and_unwritable_stores_fail_with_one_line(
+    tmp_path: Path, dask_address: str
+) -> None:
+    folder = tmp_path / "items"
+    folder.mkdir()
+    write_geotiff(folder / "good.tif", blob_image())
+    config = _config(tmp_path, folder, dask_address)
+    store = tmp_path / "out.zarr"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\n"
+         "from segflow.store.lock import hold_store_lock\n"
+         f"with hold_store_lock({str(store)!r}, run_id='backfill-7'):\n"
+         "    print('held', flush=True); time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        occupied = runner.invoke(app, ["run", str(config)])
+    finally:
+        holder.kill()
+        holder.communicate()
+    unwritable = runner.invoke(app, ["run", str(config), "--set=output.store=/proc/out.zarr"])
+
+    assert occupied.exit_code == 1
+    assert "is in use by another segflow run (run backfill-7 of" in occupied.stderr
+    assert unwritable.exit_code == 1, unwritable.output
+    assert "Traceback" not in unwritable.output
+    assert "/proc/out.zarr" in unwritable.output
+
+
+def test_relative_set_paths_are_taken_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segflow.config import load_config
+
+    config = tmp_path / "conf" / "c.yaml"
+    config.parent.mkdir()
+    config.write_text("input: {path: in}\noutput: {store: out.zarr}\npipeline: [{op: otsu}]\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    from_file = load_config(config)
+    typed = load_config(config, ["output.store=mine.zarr", "input.path=data/*.tif"])
+
+    assert from_file.output.store == str(tmp_path / "conf" / "out.zarr")
+    assert typed.output.store == os.path.join(work, "mine.zarr")
+    assert typed.input.path == os.path.join(work, "data/*.tif")

@@ -57,9 +57,11 @@ class ZarrReader:
     Examples
     --------
     >>> import numpy as np, zarr
-    >>> _ = zarr.create_array("/tmp/doc_reader.zarr", data=np.arange(12).reshape(3, 4),
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/doc_reader.zarr"
+    >>> _ = zarr.create_array(store, data=np.arange(12).reshape(3, 4),
     ...                       dimension_names=("y", "x"), overwrite=True)
-    >>> reader = ZarrReader("/tmp/doc_reader.zarr")
+    >>> reader = ZarrReader(store)
     >>> reader.info.id, reader.info.axes
     ('doc_reader', ('y', 'x'))
     >>> reader.read((slice(1, 3), slice(0, 2)))

@@ -51,7 +51,7 @@ def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
 
     Examples
     --------
-    >>> list(read_index("/tmp/no_such_store.zarr").columns)[:3]
+    >>> list(read_index("no_such_store.zarr").columns)[:3]
     ['id', 'source', 'status']
     """
     path = pathlib.Path(store) / INDEX_NAME
@@ -137,8 +137,10 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
 
     Examples
     --------
-    >>> path = write_index("/tmp/doc_store.zarr", [{"id": "a", "status": "done"}])
-    >>> read_index("/tmp/doc_store.zarr").loc[0, "status"]
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/doc_store.zarr"
+    >>> path = write_index(store, [{"id": "a", "status": "done"}])
+    >>> read_index(store).loc[0, "status"]
     'done'
     """
     _check_rows(rows)

@@ -100,8 +100,10 @@ def create_item_group(store: str, info: ItemInfo, *, overwrite: bool = True) -> 
     --------
     >>> from segflow.io import open_item
     >>> info = open_item("tests/data/aerial/RGB.byte.tif").info
-    >>> create_item_group("/tmp/doc_store.zarr", info)
-    >>> sorted(zarr.open_group("/tmp/doc_store.zarr", path=info.id).array_keys())
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/doc_store.zarr"
+    >>> create_item_group(store, info)
+    >>> sorted(zarr.open_group(store, path=info.id).array_keys())
     ['spatial_ref', 'x', 'y']
     """
     try:
@@ -174,10 +176,12 @@ def create_output_array(
     --------
     >>> from segflow.io import open_item
     >>> info = open_item("tests/data/aerial/RGB.byte.tif").info
-    >>> create_item_group("/tmp/doc_store.zarr", info)
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/doc_store.zarr"
+    >>> create_item_group(store, info)
     >>> spec = ArraySpec("labels", "uint16", chunks=(128, 128), shards=(256, 256))
-    >>> create_output_array("/tmp/doc_store.zarr", info, spec)
-    >>> zarr.open_array("/tmp/doc_store.zarr", path="RGB.byte/labels").shape
+    >>> create_output_array(store, info, spec)
+    >>> zarr.open_array(store, path="RGB.byte/labels").shape
     (718, 791)
     """
     _validate_spec(info, spec)
@@ -233,8 +237,10 @@ def consolidate_store(store: str) -> None:
     --------
     >>> from segflow.io import ArrayReader
     >>> info = ArrayReader(np.zeros((4, 4)), "demo").info
-    >>> create_item_group("/tmp/doc_consolidated.zarr", info)
-    >>> consolidate_store("/tmp/doc_consolidated.zarr")
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/doc_consolidated.zarr"
+    >>> create_item_group(store, info)
+    >>> consolidate_store(store)
     """
     try:
         with warnings.catch_warnings():
@@ -284,9 +290,11 @@ class ZarrRegionWriter:
     --------
     >>> from segflow.io import ArrayReader
     >>> info = ArrayReader(np.zeros((300, 300)), "demo").info
-    >>> create_item_group("/tmp/doc_writer.zarr", info)
-    >>> create_output_array("/tmp/doc_writer.zarr", info, ArraySpec("labels", "uint16", (256, 256)))
-    >>> writer = ZarrRegionWriter("/tmp/doc_writer.zarr", "demo", "labels")
+    >>> import tempfile
+    >>> store = tempfile.mkdtemp() + "/doc_writer.zarr"
+    >>> create_item_group(store, info)
+    >>> create_output_array(store, info, ArraySpec("labels", "uint16", (256, 256)))
+    >>> writer = ZarrRegionWriter(store, "demo", "labels")
     >>> writer.write((slice(0, 256), slice(0, 256)), np.ones((256, 256), dtype=np.uint16))
     >>> int(writer.read((slice(0, 2), slice(0, 2))).sum())
     4

@@ -5,8 +5,10 @@ The points sit where a crash is most likely to leave a store half written: ``ite
 (data written and checked, not yet swapped in), ``item-swap`` (between the two renames of
 the swap), ``item-committed`` (swapped in, not yet recorded), ``record-written``,
 ``index-compact`` (index.parquet replaced, records not yet removed) and ``block-done``
-(each time a block task finishes, seen from the client). Without the variable a point
-costs one dictionary lookup.
+(each time a block task finishes, seen from the client) and ``block-write`` (in a Dask
+worker, before a block's output is written: kills that worker). Without the variable a
+point costs one dictionary lookup. With ``SEGFLOW_FAULT_ONCE=PATH`` only the process
+that creates ``PATH`` first is killed.
 """
 
 from __future__ import annotations
@@ -27,5 +29,12 @@ def fault_point(name: str) -> None:
     if point != name:
         return
     _hits[name] += 1
-    if _hits[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits[name] != int(nth or 1):
+        return
+    once = os.environ.get("SEGFLOW_FAULT_ONCE")
+    if once:  # one kill among all processes (Dask workers, restarted ones too)
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,12 +59,20 @@ def config(tmp_path: Path, dask_address: str) -> Path:
 
 
 def _segflow(
-    config: Path, api_url: str, *args: str, fault: str | None = None, wait: bool = True
+    config: Path,
+    api_url: str,
+    *args: str,
+    fault: str | None = None,
+    wait: bool = True,
+    once: Path | None = None,
 ) -> Any:
     env = {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
     env.pop("SEGFLOW_FAULT", None)
+    env.pop("SEGFLOW_FAULT_ONCE", None)
     if fault:
         env["SEGFLOW_FAULT"] = fault
+    if once:
+        env["SEGFLOW_FAULT_ONCE"] = str(once)
     command = [sys.executable, "-m", "flows", "run", str(config), *args]
     process = subprocess.Popen(
         command,
@@ -188,3 +197,114 @@ def test_a_second_run_on_the_same_store_is_refused(config: Path, api_url: str) -
     assert code == 1, output
     assert "is in use by another segflow run (run nightly of" in output
     assert not (store / "t0").exists()  # nothing was written
+
+
+def _big_config(tmp_path: Path, n_items: int = 2, side: int = 768) -> Path:
+    """A collection that takes seconds per item on the command's own local cluster."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(n_items):
+        image = (rng.random((1, side, side)) * 255).astype(np.uint8)
+        write_geotiff(folder / f"b{i}.tif", image, x0=500_000.0 + 20_000 * i)
+    path = tmp_path / "big.yaml"
+    path.write_text(
+        "name: big\n"
+        "input: {path: big}\n"
+        "output: {store: big.zarr, chunks: [64, 64]}\n"
+        "blocks: {shape: [64, 64]}\n"
+        "pipeline: [{op: gaussian, sigma: 3}, {op: otsu}, {op: label}]\n"
+        "cluster: {n_workers: 2}\n"
+    )
+    return path
+
+
+def test_a_dask_worker_killed_mid_item_never_leaves_done_without_data(
+    tmp_path: Path, api_url: str
+) -> None:
+    config = _big_config(tmp_path, side=512)
+    store = tmp_path / "big.zarr"
+
+    # The first worker process to reach its 20th block write is killed (SIGKILL).
+    once = tmp_path / "killed-once"
+    code, output = _segflow(config, api_url, fault="block-write@20", once=once)
+
+    assert once.exists(), output  # a worker was killed
+    assert code in (0, 1), output  # its blocks rerun on the restarted worker, or the item fails
+    frame = read_index(str(store))
+    for item_id in frame.loc[frame["status"] == "done", "id"]:
+        assert read_commit(str(store), item_id) is not None
+        zarr.open_array(str(store), path=f"{item_id}/labels", mode="r")[:]
+    code, output = _segflow(config, api_url)
+    assert code == 0, output
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "big").symlink_to(tmp_path / "big")
+    (clean / "big.yaml").write_text(config.read_text())
+    assert _segflow(clean / "big.yaml", api_url)[0] == 0
+    for item_id in ("b0", "b1"):
+        np.testing.assert_array_equal(
+            zarr.open_array(str(store), path=f"{item_id}/labels", mode="r")[:],
+            zarr.open_array(str(clean / "big.zarr"), path=f"{item_id}/labels", mode="r")[:],
+        )
+
+
+def test_a_prefect_server_that_goes_away_stops_the_run_within_30_s(tmp_path: Path) -> None:
+    import httpx
+    import prefect
+
+    config = _big_config(tmp_path, n_items=4, side=1024)
+    store = tmp_path / "big.zarr"
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0"}
+    env.pop("PREFECT_API_URL", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.2)
+        process = _segflow(config, url, wait=False)
+        while not (store / ".segflow" / "lock.json").exists():
+            assert time.monotonic() < deadline + 60 and process.poll() is None
+            time.sleep(0.05)
+        server.kill()
+        server.wait()
+        killed = time.monotonic()
+        output, _ = process.communicate(timeout=90)
+    finally:
+        server.kill()
+        server.wait()
+
+    assert time.monotonic() - killed < 30, output
+    assert process.returncode == 1, output
+    assert "stopped answering" in output
+    frame = read_index(str(store))  # what finished is recorded and complete
+    for item_id in frame.loc[frame["status"] == "done", "id"]:
+        assert read_commit(str(store), item_id) is not None
+    assert not (store / ".segflow" / "lock.json").exists() or _lock_pid_dead(store)
+
+
+def _lock_pid_dead(store: Path) -> bool:
+    import json
+
+    pid = json.loads((store / ".segflow" / "lock.json").read_text())["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

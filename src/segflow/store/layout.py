@@ -13,6 +13,7 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 from segflow.errors import StoreError
+from segflow.faults import fault_point
 from segflow.io.base import ItemInfo
 
 # The 0-d CF grid-mapping variable every geo array points at (the rioxarray convention).
@@ -317,6 +318,7 @@ class ZarrRegionWriter:
         StoreError
             If the region does not cover whole storage units.
         """
+        fault_point("block-write")  # in the worker: a worker killed mid-item
         array = self._open()
         bounded = _bound_region(array.shape, region, self._label)
         expected = tuple(s.stop - s.start for s in bounded)

@@ -24,6 +24,7 @@ from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
 from segflow.errors import StoreError
 from segflow.io import unused_id
+from segflow.store.lock import has_stale_lock
 from tasks.artifacts import open_line, report_items_task
 from tasks.items import discover_items_task, segment_item_task
 from tasks.progress import report_progress
@@ -191,7 +192,9 @@ def segment_collection(
         logger.info("item %s: skipped, already done with this input, config and code", row["id"])
         report_progress(row["id"], "skipped", 1, 1)
     rows: list[dict[str, Any]] = list(failed_rows)
-    if todo or failed_rows:
+    # A dead run's lock is taken over even with nothing to do: its flow run is ended
+    # Crashed and its records compacted, so neither the UI nor the store keeps its traces.
+    if todo or failed_rows or has_stale_lock(store):
         try:
             with stop_on_signals(), writing_store(store, run_id):
                 if failed_rows:

@@ -38,7 +38,9 @@ def writing_store(store: str, run_id: str) -> Iterator[None]:
     the end fold the run's records into the index, consolidate, drop what was staged and
     not committed, and release the lock (also when the run fails or is interrupted)."""
     check_store(store)  # before the lock file is written into the folder
-    with hold_store_lock(store, run_id=run_id):
+    with hold_store_lock(store, run_id=run_id) as lock:
+        if lock.broken is not None:
+            mark_crashed(lock.broken, store)
         prepare_store(store)
         prepare_staging(store, run_id)
         try:
@@ -47,6 +49,43 @@ def writing_store(store: str, run_id: str) -> Iterator[None]:
             discard_staging(store, run_id)
             compact_index(store)
             consolidate_store(store)
+
+
+def mark_crashed(holder: dict[str, Any], store: str) -> None:
+    """End the flow run of a dead lock holder Crashed if Prefect still shows it Running.
+
+    A run killed with SIGKILL (or whose machine went away) cannot report its end, and its
+    flow run would stay Running in the UI forever; the next run on its store knows it died.
+    """
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    logger = get_run_logger()
+    logger.warning(
+        "took over the lock of a run that died: run %s (PID %s on %s)",
+        holder.get("run_id"),
+        holder.get("pid"),
+        holder.get("host"),
+    )
+    try:
+        run_id = uuid.UUID(str(holder.get("run_id")))
+    except ValueError:
+        return  # not a Prefect flow run (a notebook or test holder)
+    try:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(run_id)
+            if flow_run.state is not None and not flow_run.state.is_final():
+                client.set_flow_run_state(
+                    run_id,
+                    Crashed(
+                        message=f"its process died while writing {store}; the next run "
+                        "took over the store"
+                    ),
+                    force=True,
+                )
+    except Exception as error:  # another server, or gone: nothing to correct there
+        logger.info("could not mark run %s crashed: %s", run_id, error)
 
 
 @task(name="read-index", retries=0, cache_policy=NO_CACHE)

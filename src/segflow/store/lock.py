@@ -96,6 +96,7 @@ class StoreLock:
         self.path = bookkeeping_path(self.store, LOCK_NAME)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.broken: dict[str, Any] | None = None  # the stale lock this one replaced
         now = _now()
         self.record = {
             "run_id": run_id,
@@ -131,6 +132,7 @@ class StoreLock:
             if not self.is_stale(holder):
                 raise StoreLockedError(locked_message(self.store, holder), holder)
             self._break(holder)
+            self.broken = holder
         else:
             raise StoreError(f"store '{self.store}': could not take its lock {self.path}")
         self._thread = threading.Thread(target=self._beat, name="segflow-store-lock", daemon=True)
@@ -210,6 +212,12 @@ def hold_store_lock(
         yield lock
     finally:
         lock.release()
+
+
+def has_stale_lock(store: str) -> bool:
+    """True when ``store`` holds the lock of a run that died (see :meth:`StoreLock.is_stale`)."""
+    holder = read_lock(store)
+    return holder is not None and StoreLock(store, run_id="check").is_stale(holder)
 
 
 def read_lock(store: str) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ import numpy as np
 from segflow.engine.blocks import Block, Box, grow_box, intersect, relative, shrink_box
 from segflow.engine.halo import Strips, assemble
 from segflow.engine.pipeline import Phase, Step
+from segflow.engine.resources import get_resource
 from segflow.io.base import Reader
 from segflow.ops.registry import GlobalStatistic, OpContext, map_statistic
 from segflow.stitch.labels import (
@@ -224,9 +225,15 @@ def _context(
     spacing: tuple[float, ...],
     box: Box = (),
     shape: tuple[int, ...] = (),
+    resource: Any = None,
 ) -> OpContext:
     return OpContext(
-        spatial_ndim=ndim, stat=stats.get(step.key), spacing=spacing, box=box, shape=shape
+        spatial_ndim=ndim,
+        stat=stats.get(step.key),
+        spacing=spacing,
+        box=box,
+        shape=shape,
+        resource=resource,
     )
 
 
@@ -310,7 +317,8 @@ def apply_steps(
     """Run ``steps`` on ``data`` (covering ``box``), shrinking the box after local steps."""
     ndim = len(shape)
     for step in steps:
-        ctx = _context(step, stats, ndim, spacing, box, shape)
+        resource = get_resource(step.op, step.params)  # built once per process, then cached
+        ctx = _context(step, stats, ndim, spacing, box, shape, resource)
         data = step.op.apply(data, step.params, ctx)
         if step.op.kind == "local":
             inner = shrink_box(box, step.op.halo_of(step.params, ndim, spacing), shape)

@@ -48,6 +48,7 @@ from segflow.engine.kernels import (
     tile_statistic,
 )
 from segflow.engine.pipeline import Phase, Plan
+from segflow.engine.resources import merge_resources
 from segflow.io.base import Reader
 from segflow.ops.registry import Done, GlobalStatistic
 from segflow.stitch.labels import (
@@ -157,6 +158,11 @@ def run_plan(
     raise AssertionError("a plan always ends with an output phase")
 
 
+def phase_resources(phases: Sequence[Phase]) -> dict[str, float]:
+    """What a block task running ``phases``' steps holds (``{"GPU": 1}`` for a model step)."""
+    return merge_resources(s.op.resources_of(s.params) for p in phases for s in p.steps)
+
+
 def can_stream(plan: Plan) -> bool:
     """Whether every phase can be recomputed from the input (no halo after a label)."""
     return not any(any(p.halo_in) for p in plan.phases if p.after is not None)
@@ -228,6 +234,7 @@ class _PlanRun:
             finishes=list(self.finishes),
             read_halo=self.grid.halo,
             task=self.task(phase, end, saved),
+            resources=phase_resources([*self.done, phase]),
         )
 
     def read_once(self) -> _Sources:
@@ -281,6 +288,7 @@ class _PlanRun:
             self.own_stats(),
             task=self.task(phase, end, self.saved),
             finish=sources.finish,
+            resources=phase_resources([phase]),
         )
 
     def statistic_phase(

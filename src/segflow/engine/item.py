@@ -141,12 +141,15 @@ def segment_item(
         saved = {}
         written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
-            create_output_array(root, info, ArraySpec(name, str(dtype), chunk, shard))
+            classes = plan.saved_classes.get(name, ())
+            spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes)
+            create_output_array(root, info, spec)
             saved[name] = ZarrRegionWriter(root, info.id, name)
             written[name] = str(np.dtype(dtype))
 
         def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
-            create_output_array(root, info, ArraySpec(plan.out_kind, str(dtype), chunk, shard))
+            spec = ArraySpec(plan.out_kind, str(dtype), chunk, shard, classes=plan.out_classes)
+            create_output_array(root, info, spec)
             written[plan.out_kind] = str(np.dtype(dtype))
             return ZarrRegionWriter(root, info.id, plan.out_kind)
 
@@ -247,7 +250,8 @@ class _SavedArray:
         self.writer = writer
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(self.writer.read(region))[np.newaxis]
+        data = np.asarray(self.writer.read(region))
+        return data if data.ndim > len(region) else data[np.newaxis]
 
 
 def _intensity_source(choice: str | bool | None, reader: Reader, plan: Any, store: str) -> Any:

@@ -182,7 +182,7 @@ class Write:
         self, task: PhaseTask, block: Block, box: Box, data: np.ndarray, source: Source
     ) -> BlockSummary:
         core = _core_of(box, data, block.core)
-        result = core[0] if core.shape[0] == 1 else core
+        result = _squeeze(core)
         if self.out_dtype is None:
             stored = _storable(result)
         else:
@@ -255,7 +255,7 @@ def finish_block(
     out = ids if step.op.finish is None else step.op.finish(ids, tile.source, step.params)
     out = out if out.ndim > tile.labels.ndim else out[np.newaxis]
     if step.save_as is not None and saved is not None:
-        saved[step.save_as].write(block.core, _storable(out[0]))
+        saved[step.save_as].write(block.core, _storable(_squeeze(out)))
     return out
 
 
@@ -324,8 +324,8 @@ def apply_steps(
             inner = shrink_box(box, step.op.halo_of(step.params, ndim, spacing), shape)
             data, box = data[(slice(None), *relative(inner, box))], inner
         if step.save_as is not None and saved is not None:
-            core = _core_of(box, data, block.core)[0]
-            saved[step.save_as].write(block.core, _storable(core))
+            core = _core_of(box, data, block.core)
+            saved[step.save_as].write(block.core, _storable(_squeeze(core)))
     return box, data
 
 
@@ -405,6 +405,12 @@ def label_block(
     summary = LabelSummary(objects, faces, block_faces(core[0]) if by_class else None)
     source = core if step.op.keeps_source(step.params) else None
     return LabelTile(labels, keep, source, summary)
+
+
+def _squeeze(data: np.ndarray) -> np.ndarray:
+    """A block as stored: without its channel axis when it has one channel; several
+    channels keep it (the array's leading ``class`` axis)."""
+    return data[0] if data.shape[0] == 1 else data
 
 
 def _storable(data: np.ndarray) -> np.ndarray:

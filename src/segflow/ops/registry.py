@@ -146,6 +146,9 @@ class Operation(Generic[P]):
     (``None`` when its metadata has none), or raises ``ValueError``.
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
+    ``class_names(params)`` names the output channels of an operation that makes several
+    (a model's classes): a multi-channel final or ``save_as`` array is stored with a
+    ``class`` axis and these names as its coordinate.
     ``setup(params)`` builds what ``apply`` needs once per worker process (a loaded model),
     cached under ``setup_key(params)`` and handed over as ``ctx.resource``
     (:mod:`segflow.engine.resources`); ``resources(params)`` names scarce devices a block
@@ -174,6 +177,7 @@ class Operation(Generic[P]):
     keeps_ids: bool = False  # a connectivity op whose output is its input, some objects zeroed
     item_nodata: Callable[[P, float | None], P] | None = None
     setup: Callable[[P], Any] | None = None
+    class_names: Callable[[P], tuple[str, ...]] | None = None
     setup_key: Callable[[P], Hashable] | None = None
     resources: Callable[[P], Mapping[str, float]] | None = None
 

@@ -48,6 +48,7 @@ class ItemResult:
     area_p95: float | None = None
     fingerprint: str = ""
     config_hash: str = ""
+    model_hash: str = ""  # content hash of the pipeline's models, "" without one
     code_version: str = field(default_factory=code_version)
     statistics: dict[str, float] = field(default_factory=dict)
 
@@ -127,6 +128,7 @@ def segment_item(
             spacing=info.spacing,
             nodata=info.nodata,
         )
+        result.model_hash = _model_hash(plan)
         block = block_shape_for(block_shape, len(spatial))
         chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))
         shard = None
@@ -202,6 +204,7 @@ def segment_item(
                 "run_id": run_id,
                 "fingerprint": info.fingerprint,
                 "config_hash": config_hash,
+                "model_hash": result.model_hash,
                 "code_version": result.code_version,
                 "arrays": written,
                 "object_count": run.n_labels,
@@ -231,6 +234,13 @@ def segment_item(
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"{key}{suffix}"] = float(v)
     return result
+
+
+def _model_hash(plan: Any) -> str:
+    """The content hash of the plan's models (as :meth:`SegflowConfig.model_hash`)."""
+    from segflow.ops.model import models_hash
+
+    return models_hash([s.params.path for s in plan.steps if s.op.name == "_model_infer"])
 
 
 def _discard_staged(store: str, root: str, item_id: str, *, whole: bool) -> None:

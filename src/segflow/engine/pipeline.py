@@ -159,7 +159,10 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
         if save_as is not None and not str(save_as).isidentifier():
             problems.append(f"pipeline[{i}].save_as: {save_as!r} is not a valid array name")
             continue
-        steps.extend(_expand(Step(i, op, params, None if save_as is None else str(save_as))))
+        try:
+            steps.extend(_expand(Step(i, op, params, None if save_as is None else str(save_as))))
+        except ValueError as error:  # an expansion reads files (a model card): name the step
+            problems.append(f"pipeline[{i}] ({name}): {error}")
     if problems:
         raise ConfigError(problems)
     return tuple(steps)
@@ -231,6 +234,13 @@ def compile_pipeline(
             )
         if step.op.check_channels is not None:
             problem = step.op.check_channels(channels, step.params)
+            if problem:
+                raise PlanError(f"{where}: {problem}")
+        if step.op.check_layout is not None:
+            try:
+                problem = step.op.check_layout(step.params, channels, spatial_ndim)
+            except ValueError as error:  # e.g. the model file cannot be read
+                problem = str(error)
             if problem:
                 raise PlanError(f"{where}: {problem}")
         before, channels_before = dtype, channels

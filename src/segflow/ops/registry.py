@@ -146,6 +146,8 @@ class Operation(Generic[P]):
     (``None`` when its metadata has none), or raises ``ValueError``.
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
+    ``check_layout(params, channels, spatial_ndim)`` returns a problem (naming the file or
+    value) when the step cannot take the item's layout (a model card's channels, dims).
     ``class_names(params)`` names the output channels of an operation that makes several
     (a model's classes): a multi-channel final or ``save_as`` array is stored with a
     ``class`` axis and these names as its coordinate.
@@ -167,6 +169,7 @@ class Operation(Generic[P]):
     out_dtype: Callable[[np.dtype, P], np.dtype] | None = None
     needs_single_channel: bool = False
     check_channels: Callable[[int, P], str | None] | None = None
+    check_layout: Callable[[P, int, int], str | None] | None = None
     ndims: tuple[int, ...] = (2, 3)
     rule: Callable[[P, OpContext], ObjectRule] | None = None
     finish: Callable[[np.ndarray, np.ndarray | None, P], np.ndarray] | None = None

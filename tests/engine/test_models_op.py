@@ -193,3 +193,15 @@ def test_the_model_hash_is_part_of_the_config_hash(models: dict[str, Path], tmp_
     torch.manual_seed(99)  # retrained: same path and card, other weights
     save_checkpoint(folder, build_network(_card(2).network_spec()).eval(), _card(2))
     assert parse_config(data, base_dir=tmp_path).config_hash() != before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_path_agrees_with_cpu(models: dict[str, Path]) -> None:
+    image = np.random.default_rng(5).gamma(2.0, 50.0, (40, 44)).astype(np.float32)
+    step = {"op": "model", "path": str(models["unet2"]), "batch_size": 2, "output": "foreground"}
+    cpu = segment(image, [{**step, "device": "cpu"}], block_shape=(16, 24))
+    gpu = segment(image, [{**step, "device": "cuda"}], block_shape=(16, 24))
+    # CUDA runs under bf16 autocast (8 bits of mantissa): probabilities differ by up to a
+    # few 1e-2 from float32 CPU; 0.05 still catches a wrong tile, halo or normalisation.
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=0.05)

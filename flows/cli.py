@@ -512,3 +512,40 @@ class _ConsoleAbove:
         with self.style.capture() as captured:
             self.style.print(*objects, **kwargs)
         self.target.print(Text.from_ansi(captured.get().rstrip("\n")), soft_wrap=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="A train YAML (see configs/*-train.yaml).")],
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Drop a saved run and start afresh.")
+    ] = False,
+) -> None:
+    """Train a model (resumable: a rerun continues after the last finished epoch).
+
+    Writes OUTPUT/best (weights + model card), OUTPUT/last (the saved run) and
+    OUTPUT/loss.png; prints the loss and validation score per epoch. Exit status 2 on an
+    invalid config.
+    """
+    from segflow.errors import ConfigError
+    from segflow.train_config import load_train_config
+
+    console = Console()
+    try:
+        cfg = load_train_config(config)
+    except ConfigError as error:
+        Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
+        raise typer.Exit(EXIT_INVALID) from None
+    from flows.train import train_flow
+
+    with _prefect_logs_to(Console(stderr=True)), console.status(f"training {cfg.name} ..."):
+        summary = train_flow(str(config), restart=restart)
+    table = Table(title=f"{cfg.name}: training ({summary['best']})")
+    for column in ("epoch", "loss", "val IoU", "best"):
+        table.add_column(column, justify="right")
+    for h in summary["history"]:
+        mark = " *" if h["improved"] else ""
+        table.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{h['val_score']:.4f}{mark}",
+                      f"{h['best_score']:.4f}")  # fmt: skip
+    console.print(table)
+    console.print(f"loss curve: {summary['loss_curve']}")

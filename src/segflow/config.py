@@ -108,7 +108,9 @@ class SegflowConfig(_Model):
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig.model_validate({}))
 
     def config_hash(self) -> str:
-        """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions)."""
+        """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions,
+        and the content hash of every model the pipeline runs: a retrained checkpoint at
+        the same path redoes the items, an unchanged one lets them be skipped)."""
         payload: dict[str, Any] = {
             "pipeline": self.pipeline,
             "blocks": self.blocks.model_dump(),
@@ -117,8 +119,17 @@ class SegflowConfig(_Model):
         }
         if self.output.regions:
             payload["regions"] = self.output.regions_intensity or True
+        models = self.model_hash()
+        if models:
+            payload["models"] = models
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def model_hash(self) -> str:
+        """The content hash of the pipeline's models (``""`` without a ``model`` step)."""
+        from segflow.ops.model import model_paths, models_hash
+
+        return models_hash(model_paths(self.pipeline))
 
 
 def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> SegflowConfig:
@@ -132,6 +143,17 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Se
     if not isinstance(data, Mapping):
         raise ConfigError([f"config: expected a mapping of keys, got {type(data).__name__}"])
     problems: list[str] = []
+    if base_dir is not None and isinstance(data.get("pipeline"), list):
+        # A model's path is relative to the config file, like the input and the store.
+        data = {
+            **data,
+            "pipeline": [
+                {**step, "path": _resolve(str(step["path"]), base_dir)}
+                if isinstance(step, Mapping) and step.get("op") == "model" and "path" in step
+                else step
+                for step in data["pipeline"]
+            ],
+        }
     try:
         config = SegflowConfig.model_validate(dict(data))
     except ValidationError as error:

@@ -67,7 +67,8 @@ def segment(
     -------
     numpy.ndarray
         The output over the spatial axes: labels (consecutive ids), a mask (uint8 0/1),
-        classes or a float image, depending on the pipeline's last step.
+        classes or a float image, depending on the pipeline's last step; a multi-channel
+        output (a probability map) keeps its channel axis first.
 
     Examples
     --------
@@ -121,10 +122,11 @@ def segment(
     finally:
         if isinstance(executor, LocalExecutor):
             executor.close()
-    out = np.zeros(info.spatial_shape, dtype=run.out_dtype)
+    classes = (len(plan.out_classes),) if plan.out_classes else ()
+    out = np.zeros((*classes, *info.spatial_shape), dtype=run.out_dtype)
     for summary in run.blocks:
         region, data = summary.written
-        out[region] = data
+        out[(..., *region)] = data
     if not regions:
         return out
     from segflow.store.regions import regions_frame

@@ -9,8 +9,11 @@ the scheduler places the next task there; only the small results travel.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from segflow.engine.interrupt import raise_if_stopped, stop_requested
@@ -22,8 +25,19 @@ POLL_SECONDS = 0.25
 
 
 class Executor(Protocol):
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Any]:
-        """Submit ``fn(*args, **kwargs)`` for each tuple of arguments; return handles."""
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        resources: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Submit ``fn(*args, **kwargs)`` for each tuple of arguments; return handles.
+
+        ``resources`` (``{"GPU": 1}``) are what each task holds while it runs: Dask places
+        such tasks only on workers that advertise them; the thread pool runs at most as many
+        of them at once as there are units.
+        """
         ...
 
     def gather(
@@ -46,15 +60,43 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Run block tasks on a thread pool in this process (numpy and scipy release the GIL)."""
+    """Run block tasks on a thread pool in this process (numpy and scipy release the GIL).
 
-    def __init__(self, n_threads: int | None = None) -> None:
+    ``units`` says how many of each resource the process has (default: ``GPU`` = the
+    number of visible CUDA devices, at least 1): tasks submitted with ``resources`` wait
+    for a unit, so a pool of many threads never runs many models against one GPU (nor,
+    without a GPU, many multi-threaded torch forward passes against each other).
+    """
+
+    def __init__(
+        self, n_threads: int | None = None, *, units: Mapping[str, int] | None = None
+    ) -> None:
         self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
         self._pool = cf.ThreadPoolExecutor(self.n_threads, thread_name_prefix="segflow")
+        self._units = dict(units) if units is not None else {"GPU": _gpu_count()}
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Any]:
+    def _slot(self, name: str, amount: float) -> threading.BoundedSemaphore:
+        if name not in self._slots:
+            total = max(1, int(self._units.get(name, 1)))
+            if amount > total:
+                raise ValueError(
+                    f"a task asks for {amount:g} {name}, this process has {total}: "
+                    f"lower the step's use of {name}"
+                )
+            self._slots[name] = threading.BoundedSemaphore(total)
+        return self._slots[name]
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        resources: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        slots = [self._slot(n, a) for n, a in sorted((resources or {}).items()) if a > 0]
         return [
-            self._pool.submit(_resolve_call, fn, args, kwargs)
+            self._pool.submit(_resolve_call, fn, args, kwargs, slots)
             for args in zip(*iterables, strict=True)
         ]
 
@@ -94,9 +136,25 @@ class LocalExecutor:
         self.close()
 
 
-def _resolve_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _gpu_count() -> int:
+    """CUDA devices visible here (torch is asked only if something imported it already)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 1
+    return max(1, int(torch.cuda.device_count()))
+
+
+def _resolve_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    slots: Sequence[threading.BoundedSemaphore] = (),
+) -> Any:
     resolved = [a.result() if isinstance(a, cf.Future) else _resolve_list(a) for a in args]
-    return fn(*resolved, **kwargs)
+    with contextlib.ExitStack() as held:  # acquired in name order: no two tasks deadlock
+        for slot in slots:
+            held.enter_context(slot)
+        return fn(*resolved, **kwargs)
 
 
 def _resolve_list(value: Any) -> Any:
@@ -111,11 +169,27 @@ class DaskExecutor:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        resources: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
         columns = [list(it) for it in iterables]
         if not columns or not columns[0]:
             return []
-        return list(self.client.map(fn, *columns, pure=False, **kwargs))
+        # Explicit `resources=` at submission: graph fusion drops `dask.annotate`. Only
+        # resources some worker advertises are asked for; a task asking for one no worker
+        # has would wait for ever (a CPU-only cluster runs `device: auto` models on CPU).
+        wanted = {n: a for n, a in (resources or {}).items() if n in self._advertised()}
+        extra = {"resources": wanted} if wanted else {}
+        return list(self.client.map(fn, *columns, pure=False, **extra, **kwargs))
+
+    def _advertised(self) -> set[str]:
+        """Resource names the cluster's workers advertise (``--resources GPU=1``)."""
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        return {name for w in workers.values() for name in (w.get("resources") or {})}
 
     def gather(
         self,

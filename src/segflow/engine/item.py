@@ -48,6 +48,7 @@ class ItemResult:
     area_p95: float | None = None
     fingerprint: str = ""
     config_hash: str = ""
+    model_hash: str = ""  # content hash of the pipeline's models, "" without one
     code_version: str = field(default_factory=code_version)
     statistics: dict[str, float] = field(default_factory=dict)
 
@@ -127,6 +128,7 @@ def segment_item(
             spacing=info.spacing,
             nodata=info.nodata,
         )
+        result.model_hash = _model_hash(plan)
         block = block_shape_for(block_shape, len(spatial))
         chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))
         shard = None
@@ -141,12 +143,15 @@ def segment_item(
         saved = {}
         written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
-            create_output_array(root, info, ArraySpec(name, str(dtype), chunk, shard))
+            classes = plan.saved_classes.get(name, ())
+            spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes)
+            create_output_array(root, info, spec)
             saved[name] = ZarrRegionWriter(root, info.id, name)
             written[name] = str(np.dtype(dtype))
 
         def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
-            create_output_array(root, info, ArraySpec(plan.out_kind, str(dtype), chunk, shard))
+            spec = ArraySpec(plan.out_kind, str(dtype), chunk, shard, classes=plan.out_classes)
+            create_output_array(root, info, spec)
             written[plan.out_kind] = str(np.dtype(dtype))
             return ZarrRegionWriter(root, info.id, plan.out_kind)
 
@@ -199,6 +204,7 @@ def segment_item(
                 "run_id": run_id,
                 "fingerprint": info.fingerprint,
                 "config_hash": config_hash,
+                "model_hash": result.model_hash,
                 "code_version": result.code_version,
                 "arrays": written,
                 "object_count": run.n_labels,
@@ -230,6 +236,13 @@ def segment_item(
     return result
 
 
+def _model_hash(plan: Any) -> str:
+    """The content hash of the plan's models (as :meth:`SegflowConfig.model_hash`)."""
+    from segflow.ops.model import models_hash
+
+    return models_hash([s.params.path for s in plan.steps if s.op.name == "_model_infer"])
+
+
 def _discard_staged(store: str, root: str, item_id: str, *, whole: bool) -> None:
     """Drop what an item staged (``whole``: the staging root too); the store's committed
     result is untouched."""
@@ -247,7 +260,8 @@ class _SavedArray:
         self.writer = writer
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(self.writer.read(region))[np.newaxis]
+        data = np.asarray(self.writer.read(region))
+        return data if data.ndim > len(region) else data[np.newaxis]
 
 
 def _intensity_source(choice: str | bool | None, reader: Reader, plan: Any, store: str) -> Any:

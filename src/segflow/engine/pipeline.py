@@ -100,8 +100,12 @@ class Plan:
     phases: tuple[Phase, ...]
     halo: tuple[int, ...]  # what the first phase reads around each block
     out_dtype: np.dtype
-    out_kind: str  # "labels", "mask", "classes" or "image"
+    out_kind: str  # "labels", "mask", "classes", "image" or "probabilities"
     saved: Mapping[str, np.dtype] = field(default_factory=dict)
+    #: Channel names of a multi-channel output (stored with a leading ``class`` axis);
+    #: empty for a single-channel output. ``saved_classes`` likewise per ``save_as`` array.
+    out_classes: tuple[str, ...] = ()
+    saved_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def has_labels(self) -> bool:
@@ -155,7 +159,10 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
         if save_as is not None and not str(save_as).isidentifier():
             problems.append(f"pipeline[{i}].save_as: {save_as!r} is not a valid array name")
             continue
-        steps.extend(_expand(Step(i, op, params, None if save_as is None else str(save_as))))
+        try:
+            steps.extend(_expand(Step(i, op, params, None if save_as is None else str(save_as))))
+        except ValueError as error:  # an expansion reads files (a model card): name the step
+            problems.append(f"pipeline[{i}] ({name}): {error}")
     if problems:
         raise ConfigError(problems)
     return tuple(steps)
@@ -206,6 +213,8 @@ def compile_pipeline(
     dtype = np.dtype(dtype)
     sizes = tuple(float(s) for s in spacing)
     saved: dict[str, np.dtype] = {}
+    saved_classes: dict[str, tuple[str, ...]] = {}
+    names: tuple[str, ...] | None = None  # channel names, where an operation gave them
     labels_out = False
     for i, step in enumerate(steps):
         where = step.describe()
@@ -227,10 +236,21 @@ def compile_pipeline(
             problem = step.op.check_channels(channels, step.params)
             if problem:
                 raise PlanError(f"{where}: {problem}")
-        before = dtype
+        if step.op.check_layout is not None:
+            try:
+                problem = step.op.check_layout(step.params, channels, spatial_ndim)
+            except ValueError as error:  # e.g. the model file cannot be read
+                problem = str(error)
+            if problem:
+                raise PlanError(f"{where}: {problem}")
+        before, channels_before = dtype, channels
         try:
             step.op.halo_of(step.params, spatial_ndim, sizes)
             channels = step.op.channels_after(channels, step.params)
+            if step.op.class_names is not None:
+                names = tuple(step.op.class_names(step.params))
+            elif channels != channels_before:
+                names = None
             dtype = step.op.dtype_after(dtype, step.params)
         except ValueError as error:
             raise PlanError(f"{where}: {error}") from None
@@ -243,8 +263,15 @@ def compile_pipeline(
             labels_out = False
         if step.save_as is not None:
             saved[step.save_as] = _storage_dtype(dtype)
+            if channels > 1:
+                saved_classes[step.save_as] = _class_names(names, channels, where)
     phases = _split_phases(steps, spatial_ndim, sizes)
     out_kind = "labels" if labels_out else _output_kind(dtype)
+    out_classes: tuple[str, ...] = ()
+    if channels > 1:
+        out_classes = _class_names(names, channels, f"the pipeline's output ({out_kind})")
+        if out_kind == "image" and names is not None:  # a model's (or classifier's) map
+            out_kind = "probabilities"
     return Plan(
         steps=tuple(steps),
         phases=phases,
@@ -252,7 +279,18 @@ def compile_pipeline(
         out_dtype=_storage_dtype(dtype),
         out_kind=out_kind,
         saved=saved,
+        out_classes=out_classes,
+        saved_classes=saved_classes,
     )
+
+
+def _class_names(names: tuple[str, ...] | None, channels: int, where: str) -> tuple[str, ...]:
+    """Names of ``channels`` output channels: the operation's, else ``c0, c1, ...``."""
+    if names is None:
+        return tuple(f"c{i}" for i in range(channels))
+    if len(names) != channels:
+        raise PlanError(f"{where}: {channels} channels but {len(names)} class names {names}")
+    return names
 
 
 def _split_phases(

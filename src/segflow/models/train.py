@@ -83,6 +83,7 @@ class TrainResult:
     epochs: int
     stopped_early: bool
     history: list[EpochReport] = field(default_factory=list)
+    finished: bool = True  # False when ``stop_after`` returned before the run's end
 
 
 def make_targets(labels: np.ndarray, head: Head) -> np.ndarray:
@@ -315,6 +316,7 @@ def train_model(
     validation: Sequence[Pair] | None = None,
     callback: Callable[[EpochReport], None] | None = None,
     resume: bool = False,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train the network ``card`` describes; write ``out_dir/best`` and ``out_dir/last``.
 
@@ -336,6 +338,10 @@ def train_model(
     resume : bool
         Continue the run saved in ``out_dir/last`` (same data, card and config, else an
         error); without a saved run, start afresh.
+    stop_after : int, optional
+        Return after this many epochs of this call (the run stays resumable): the train
+        flow runs one epoch per task this way. The result's ``finished`` says whether the
+        run is over.
 
     Returns
     -------
@@ -401,7 +407,11 @@ def train_model(
     else:
         (last / RUN_FILE).write_text(json.dumps(run, indent=2))
 
+    ran = 0
     while epoch < config.max_epochs and bad_epochs < config.patience:
+        if stop_after is not None and ran >= stop_after:
+            break
+        ran += 1
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, if the network has any
         for group in optimizer.param_groups:
@@ -461,4 +471,5 @@ def train_model(
         epochs=epoch,
         stopped_early=bad_epochs >= config.patience,
         history=history,
+        finished=epoch >= config.max_epochs or bad_epochs >= config.patience,
     )

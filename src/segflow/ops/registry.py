@@ -22,7 +22,7 @@ Adding an operation is one function, one :func:`register` call and its tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -75,6 +75,9 @@ class OpContext:
         names item positions; empty when unknown.
     shape : tuple of int
         The item's spatial shape.
+    resource : Any
+        What the operation's ``setup(params)`` built (a loaded model), once per worker
+        process; ``None`` for operations without ``setup``.
     """
 
     spatial_ndim: int
@@ -82,6 +85,7 @@ class OpContext:
     spacing: tuple[float, ...] = ()
     box: tuple[slice, ...] = ()
     shape: tuple[int, ...] = ()
+    resource: Any = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,15 @@ class Operation(Generic[P]):
     (``None`` when its metadata has none), or raises ``ValueError``.
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
+    ``check_layout(params, channels, spatial_ndim)`` returns a problem (naming the file or
+    value) when the step cannot take the item's layout (a model card's channels, dims).
+    ``class_names(params)`` names the output channels of an operation that makes several
+    (a model's classes): a multi-channel final or ``save_as`` array is stored with a
+    ``class`` axis and these names as its coordinate.
+    ``setup(params)`` builds what ``apply`` needs once per worker process (a loaded model),
+    cached under ``setup_key(params)`` and handed over as ``ctx.resource``
+    (:mod:`segflow.engine.resources`); ``resources(params)`` names scarce devices a block
+    task of the step holds (``{"GPU": 1}``), passed to Dask at submission.
     """
 
     name: str
@@ -156,6 +169,7 @@ class Operation(Generic[P]):
     out_dtype: Callable[[np.dtype, P], np.dtype] | None = None
     needs_single_channel: bool = False
     check_channels: Callable[[int, P], str | None] | None = None
+    check_layout: Callable[[P, int, int], str | None] | None = None
     ndims: tuple[int, ...] = (2, 3)
     rule: Callable[[P, OpContext], ObjectRule] | None = None
     finish: Callable[[np.ndarray, np.ndarray | None, P], np.ndarray] | None = None
@@ -165,6 +179,10 @@ class Operation(Generic[P]):
     makes_labels: bool = False  # a global op whose output is instance ids (stat = their count)
     keeps_ids: bool = False  # a connectivity op whose output is its input, some objects zeroed
     item_nodata: Callable[[P, float | None], P] | None = None
+    setup: Callable[[P], Any] | None = None
+    class_names: Callable[[P], tuple[str, ...]] | None = None
+    setup_key: Callable[[P], Hashable] | None = None
+    resources: Callable[[P], Mapping[str, float]] | None = None
 
     def rule_for(self, params: P, ctx: OpContext) -> ObjectRule | None:
         return None if self.rule is None else self.rule(params, ctx)
@@ -181,6 +199,10 @@ class Operation(Generic[P]):
     def keeps_source(self, params: P) -> bool:
         """Whether the block's input must stay with its labels until the output is made."""
         return self.finish is not None or self.pairs_by_class(params)
+
+    def resources_of(self, params: P) -> Mapping[str, float]:
+        """Scarce resources a block task running this step holds (``{}`` for most)."""
+        return {} if self.resources is None else self.resources(params)
 
     def statistic_for(self, params: P) -> GlobalStatistic:
         if self.statistic is None:

@@ -196,7 +196,8 @@ def check_item(
             array = zarr.open_array(root, path=f"{item_id}/{name}", mode="r", zarr_format=3)
         except Exception as exc:
             raise StoreError(f"{label} is missing after the run ({exc})") from exc
-        if tuple(array.shape) != tuple(shape) or str(array.dtype) != dtype:
+        # A leading class axis (probabilities) is chunked whole: it counts as one unit.
+        if tuple(array.shape)[-len(shape) :] != tuple(shape) or str(array.dtype) != dtype:
             raise StoreError(
                 f"{label} is {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} {dtype}"
             )

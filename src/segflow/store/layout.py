@@ -44,6 +44,10 @@ class ArraySpec:
         Value of never-written chunks.
     attrs : dict
         Extra array attributes.
+    classes : tuple of str
+        For a multi-channel array (a probability map): the name of each channel. The array
+        then has a leading ``class`` axis, chunked whole (so a block's write still owns
+        whole storage units), and the group a ``class`` coordinate with these names.
 
     Examples
     --------
@@ -57,6 +61,7 @@ class ArraySpec:
     shards: tuple[int, ...] | None = None
     fill_value: int | float = 0
     attrs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    classes: tuple[str, ...] = ()
 
 
 def storage_unit(spec: ArraySpec) -> tuple[int, ...]:
@@ -198,15 +203,20 @@ def create_output_array(
         if _is_geo(info):
             attrs.setdefault("grid_mapping", GRID_MAPPING)
             attrs.setdefault("coordinates", GRID_MAPPING)
+        lead: tuple[int, ...] = ()
+        dims: tuple[str, ...] = tuple(info.spatial_axes)
+        if spec.classes:
+            lead = (len(spec.classes),)
+            dims = (_class_coordinate(root[info.id], spec), *dims)
         zarr.create_array(
             store,
             name=f"{info.id}/{spec.name}",
-            shape=info.spatial_shape,
+            shape=(*lead, *info.spatial_shape),
             dtype=spec.dtype,
-            chunks=spec.chunks,
-            shards=spec.shards,
+            chunks=(*lead, *spec.chunks),
+            shards=None if spec.shards is None else (*lead, *spec.shards),
             fill_value=spec.fill_value,
-            dimension_names=info.spatial_axes,
+            dimension_names=dims,
             attributes=attrs,
             overwrite=overwrite,
             zarr_format=3,
@@ -218,6 +228,28 @@ def create_output_array(
             f"cannot create array '{info.id}/{spec.name}' in store '{store}' "
             f"({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _class_coordinate(group: Any, spec: ArraySpec) -> str:
+    """The name of the class axis of ``spec``'s array, with its coordinate in ``group``:
+    ``class``, or ``NAME_class`` where another array of the item names other classes."""
+    names = np.asarray(spec.classes, dtype=str)
+    for dim in ("class", f"{spec.name}_class"):
+        if dim in group:
+            if np.array_equal(np.asarray(group[dim][:], dtype=str), names):
+                return dim
+            continue
+        coord = group.create_array(
+            dim,
+            shape=(len(names),),
+            dtype=str,
+            chunks=(len(names),),
+            dimension_names=(dim,),
+            attributes={"long_name": "class (channel) of the array"},
+        )
+        coord[:] = names
+        return dim
+    raise StoreError(f"array '{spec.name}': cannot name its class axis (both names taken)")
 
 
 def consolidate_store(store: str) -> None:
@@ -320,6 +352,8 @@ class ZarrRegionWriter:
         """
         fault_point("block-write")  # in the worker: a worker killed mid-item
         array = self._open()
+        if array.ndim == len(region) + 1:  # a class axis, stored whole: every class at once
+            region = (slice(None), *region)
         bounded = _bound_region(array.shape, region, self._label)
         expected = tuple(s.stop - s.start for s in bounded)
         if data.shape != expected:
@@ -337,8 +371,10 @@ class ZarrRegionWriter:
         array[bounded] = data
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        """Read ``region`` of the array."""
+        """Read ``region`` of the array (every class of an array with a class axis)."""
         array = self._open()
+        if array.ndim == len(region) + 1:
+            region = (slice(None), *region)
         return np.asarray(array[_bound_region(array.shape, region, self._label)])
 
     @property

@@ -1,0 +1,53 @@
+"""The ``train`` flow: one task per epoch of a resumable run, then the loss curve and metrics.
+
+Each task continues the run saved in ``OUTPUT/last`` (segflow.models.train), so a flow run
+killed at any point and started again picks up after the last finished epoch; the best
+checkpoint (weights + card) is in ``OUTPUT/best``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from tasks.train import train_epoch_task
+
+
+@flow(name="train-model", validate_parameters=True)
+def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
+    """Train the model ``config`` (a train YAML) describes; ``restart`` drops a saved run."""
+    import imageio.v3 as iio
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from segflow.train_config import draw_loss_curve, load_train_config
+
+    logger = get_run_logger()
+    cfg = load_train_config(config)
+    row: dict[str, Any] = {"epochs": 0, "history": [], "finished": False}
+    for k in range(cfg.training.max_epochs + 1):
+        row = train_epoch_task(config, k + 1, resume=not (restart and k == 0))
+        if row["finished"]:
+            break
+    history = row["history"]
+    out = Path(cfg.output)
+    curve = out / "loss.png"
+    iio.imwrite(
+        curve, draw_loss_curve([h["loss"] for h in history], [h["val_score"] for h in history])
+    )
+    create_table_artifact(
+        key="train-metrics",
+        table=[
+            {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history
+        ],
+        description=f"{cfg.name}: loss and validation foreground IoU per epoch",
+    )
+    create_markdown_artifact(
+        key="train-summary",
+        markdown=f"**{cfg.name}**: best validation foreground IoU "
+        f"{row.get('best_score', 0):.4f} at epoch {row.get('best_epoch', 0)}; checkpoint "
+        f"`{row.get('best', '')}`; loss curve `{curve}` (blue: loss / max, orange: IoU).",
+    )
+    logger.info("best checkpoint: %s", row.get("best"))
+    return {**row, "loss_curve": str(curve), "name": cfg.name}

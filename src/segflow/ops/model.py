@@ -1,0 +1,413 @@
+"""Tiled deep-learning inference as a pipeline step: ``{op: model, path: ...}``.
+
+The step expands into two parts (see DESIGN.md, "Deep-learning inference"):
+
+``_model_statistics`` (global)
+    The card's per-channel normalisation numbers of the *whole item* (exact percentiles,
+    mean and standard deviation), reduced over every block before the block pass, then the
+    normalisation itself. A tile or block normalised on its own statistics would change with
+    its neighbourhood and leave seams. Skipped when every channel's normalisation is fixed.
+``_model_infer`` (local)
+    Every tile of the item's global tile grid that overlaps the block's output, blended
+    (:func:`segflow.models.inference.predict_region`). The halo is ``tile - 1`` per axis,
+    what any core can need (:attr:`segflow.models.tiling.TileGrid.halo`), so a block's output
+    equals the whole item's sliding-window output.
+
+Instances come from exact post-processing of the blended map with the usual blockwise-exact
+steps (``threshold``, ``distance_transform``, ``watershed``, ``label``), never from merging
+per-block model instances across block faces (what distributed Cellpose does, and why its
+users report masks cut along the block grid: cellpose issues #1364 and #1148).
+
+The model is loaded once per worker process (cached by path, weights hash and device) and
+never travels through the task graph; the step's block tasks hold ``GPU=1`` unless the
+device is ``cpu``. The card is read at planning: a checkpoint whose channels or
+dimensionality do not fit the item is refused before any block runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from segflow.engine.blocks import relative, shrink_box
+from segflow.errors import ModelError
+from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
+from segflow.ops.statistics import Percentiles
+
+if TYPE_CHECKING:
+    from segflow.models.card import ModelCard
+    from segflow.models.checkpoint import LoadedModel
+
+ModelOutput = Literal["classes", "probabilities", "foreground"]
+
+
+class ModelParams(OpParams):
+    path: str = Field(
+        description="checkpoint folder (card.json + weights), .pt2 program or TorchScript file "
+        "with a .json card beside it"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs (auto: CUDA when the worker has one)"
+    )
+    batch_size: int = Field(4, ge=1, description="tiles per forward pass")
+    output: ModelOutput = Field(
+        "classes",
+        description="classes: argmax (uint8); probabilities: every class (float16, class "
+        "axis); foreground: 1 - P(background) (float32)",
+    )
+    tta: bool = Field(False, description="average over flips of each tile's axes")
+
+
+# -- the card, read once per process and file version ------------------------------------------
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _card_path(path: Path) -> Path:
+    return path / "card.json" if path.is_dir() else path.with_suffix(".json")
+
+
+def model_card(path: str) -> ModelCard:
+    """The card of the model at ``path`` (checkpoint folder or a file's ``.json`` sidecar).
+
+    Raises :class:`~segflow.errors.ModelError` naming the file when it is missing or invalid.
+    """
+    resolved = Path(path).expanduser().resolve()
+    card_path = _card_path(resolved)
+    return _read_card(str(card_path), _stamp(card_path), str(path))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_card(card_path: str, stamp: tuple[int, int], given: str) -> ModelCard:
+    from segflow.models.checkpoint import read_card
+
+    if not Path(given).expanduser().exists():
+        raise ModelError(f"`path` {given!r}: no such checkpoint folder or model file")
+    if not Path(card_path).is_file():
+        raise ModelError(
+            f"model {given!r} has no model card ({card_path}): segflow needs the card "
+            "(channels, classes, tile, normalisation) to run a model"
+        )
+    return read_card(card_path)
+
+
+def model_identity(path: str) -> str:
+    """The model hash of ``path`` (weights + card, :func:`segflow.models.model_hash`),
+    computed once per process and file version: what the config hash and the index record.
+    """
+    resolved = Path(path).expanduser().resolve()
+    files = [resolved] if resolved.is_file() else sorted(resolved.iterdir())
+    stamps = tuple((str(f), _stamp(f)) for f in files if f.is_file())
+    return _identity(str(resolved), stamps)
+
+
+@functools.lru_cache(maxsize=32)
+def _identity(path: str, stamps: tuple[tuple[str, tuple[int, int]], ...]) -> str:
+    from segflow.models.checkpoint import load_model
+
+    return load_model(path, device="cpu").hash
+
+
+def _setup_key(params: ModelParams) -> Hashable:
+    from segflow.models.inference import resolve_device
+
+    card = model_card(params.path)
+    weights = card.weights.sha256 if card.weights is not None else ""
+    if not weights:  # a TorchScript or export file: its bytes' version
+        weights = repr(_stamp(Path(params.path).expanduser().resolve()))
+    device = str(resolve_device(params.device))
+    return (str(Path(params.path).expanduser().resolve()), weights, card.identity_json(), device)
+
+
+def _load(params: ModelParams) -> LoadedModel:
+    from segflow.models.checkpoint import load_model
+
+    return load_model(Path(params.path).expanduser(), device=params.device)
+
+
+def _resources(params: ModelParams) -> dict[str, float]:
+    return {} if params.device == "cpu" else {"GPU": 1}
+
+
+# -- planning checks ----------------------------------------------------------------------------
+
+
+def _check_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str | None:
+    card = model_card(params.path)
+    where = f"model {params.path!r} (card {_card_path(Path(params.path).expanduser())})"
+    if spatial_ndim != card.spatial_dims:
+        return f"{where} is {card.spatial_dims}-D, the item is {spatial_ndim}-D"
+    if channels != len(card.channels):
+        names = ", ".join(c.name for c in card.channels)
+        return (
+            f"{where} expects {len(card.channels)} channels ({names}), the image has "
+            f"{channels} at this step: add 'select_bands' or 'combine_bands' before it"
+        )
+    return None
+
+
+def _halo(params: ModelParams, spatial_ndim: int) -> tuple[int, ...]:
+    card = model_card(params.path)
+    if len(card.tile) != spatial_ndim:
+        return (0,) * spatial_ndim  # refused by _check_layout with the file's name
+    return tuple(t - 1 for t in card.tile)
+
+
+def _out_channels(channels: int, params: ModelParams) -> int:
+    return len(model_card(params.path).classes) if params.output == "probabilities" else 1
+
+
+def _out_dtype(dtype: np.dtype, params: ModelParams) -> np.dtype:
+    return np.dtype(
+        {"classes": np.uint8, "probabilities": np.float16, "foreground": np.float32}[params.output]
+    )
+
+
+def _class_names(params: ModelParams) -> tuple[str, ...]:
+    if params.output == "probabilities":
+        return tuple(model_card(params.path).classes)
+    return (params.output,)
+
+
+# -- the whole-item normalisation statistic -----------------------------------------------------
+
+
+def _needs_statistics(card: ModelCard) -> bool:
+    return any(c.normalization.method in ("percentile", "zscore") for c in card.channels)
+
+
+class Moments:
+    """Mean and (population) standard deviation of the whole item, NaN left out, merged as
+    Chan et al.'s parallel variance (count, mean, M2): no catastrophic cancellation."""
+
+    def start(self) -> Any:
+        return None
+
+    def map(self, core: np.ndarray, state: Any) -> Any:
+        values = np.asarray(core, dtype=np.float64).ravel()
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            return (0, 0.0, 0.0)
+        mean = float(values.mean())
+        return (int(values.size), mean, float(((values - mean) ** 2).sum()))
+
+    def merge(self, partials: Sequence[Any], state: Any) -> Any:
+        n, mean, m2 = 0, 0.0, 0.0
+        for count, m, s in partials:
+            if count == 0:
+                continue
+            total = n + count
+            delta = m - mean
+            mean += delta * count / total
+            m2 += s + delta * delta * n * count / total
+            n = total
+        return (n, mean, m2)
+
+    def combine(self, partials: Sequence[Any], state: Any) -> Any:
+        n, mean, m2 = self.merge(partials, state)
+        if n == 0:
+            raise ValueError("mean and standard deviation are undefined: the item has no values")
+        return Done((mean, float(np.sqrt(m2 / n))))
+
+
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """One statistic per input channel (``None``: the card's fixed numbers), reduced
+    together; the result is the list of ``(a, b)`` pairs :func:`normalize_image` takes."""
+
+    parts: tuple[Any, ...]
+    fixed: tuple[tuple[float, float], ...]
+
+    def start(self) -> Any:
+        return tuple(None if p is None else ("run", p.start()) for p in self.parts)
+
+    def map(self, core: np.ndarray, state: Any) -> Any:
+        return tuple(
+            None if s is None or s[0] == "done" else p.map(core[c : c + 1], s[1])
+            for c, (p, s) in enumerate(zip(self.parts, state, strict=True))
+        )
+
+    def merge(self, partials: Sequence[Any], state: Any) -> Any:
+        return tuple(
+            None if s is None or s[0] == "done" else p.merge([part[c] for part in partials], s[1])
+            for c, (p, s) in enumerate(zip(self.parts, state, strict=True))
+        )
+
+    def combine(self, partials: Sequence[Any], state: Any) -> Any:
+        new = []
+        for c, (p, s) in enumerate(zip(self.parts, state, strict=True)):
+            if s is None or s[0] == "done":
+                new.append(s)
+                continue
+            result = p.combine([part[c] for part in partials], s[1])
+            new.append(("done", result.value) if isinstance(result, Done) else ("run", result))
+        if all(s is None or s[0] == "done" for s in new):
+            stats = []
+            for s, fixed in zip(new, self.fixed, strict=True):
+                stats.append(fixed if s is None else tuple(float(v) for v in s[1]))
+            return Done(tuple(stats))
+        return tuple(new)
+
+
+def _statistic(params: ModelParams) -> ChannelStatistics:
+    card = model_card(params.path)
+    parts: list[Any] = []
+    fixed: list[tuple[float, float]] = []
+    for channel in card.channels:
+        norm = channel.normalization
+        if norm.method == "percentile":
+            parts.append(Percentiles(q=(norm.low, norm.high)))
+        elif norm.method == "zscore":
+            parts.append(Moments())
+        else:
+            parts.append(None)
+        fixed.append((norm.low, norm.high) if norm.method == "fixed" else (0.0, 1.0))
+    return ChannelStatistics(tuple(parts), tuple(fixed))
+
+
+def _fixed_stats(card: ModelCard) -> list[tuple[float, float]]:
+    return [
+        (c.normalization.low, c.normalization.high)
+        if c.normalization.method == "fixed"
+        else (0.0, 1.0)
+        for c in card.channels
+    ]
+
+
+def _normalize(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray:
+    from segflow.models.card import normalize_image
+
+    card = model_card(params.path)
+    return normalize_image(image, card.channels, list(ctx.stat))
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray:
+    """Blended model output over the part of ``ctx.box`` whose tiles ``image`` holds."""
+    from segflow.models.card import normalize_image
+    from segflow.models.inference import predict_region
+    from segflow.models.tiling import plan_tiles
+
+    loaded: LoadedModel = ctx.resource
+    card = loaded.card
+    assert card is not None  # the planner refused a model without a card
+    if not _needs_statistics(card):  # no statistics pass ran: the card's own numbers
+        image = normalize_image(image, card.channels, _fixed_stats(card))
+    box, shape = ctx.box, ctx.shape
+    inner = shrink_box(box, _halo(params, len(shape)), shape)
+    grid = plan_tiles(shape, tile=card.tile, overlap=card.overlap)
+    probs = predict_region(
+        loaded.module,
+        lambda window: image[(slice(None), *relative(window, box))],
+        inner,
+        grid=grid,
+        window=card.window,
+        batch_size=params.batch_size,
+        activation=card.activation,
+        tta=params.tta,
+        device=params.device,
+    )
+    if params.output == "classes":
+        result = np.argmax(probs, axis=0).astype(np.uint8)[np.newaxis]
+    elif params.output == "foreground":
+        result = (1.0 - probs[:1]).astype(np.float32)
+    else:
+        result = probs.astype(np.float16)
+    out = np.zeros((len(result), *(b.stop - b.start for b in box)), dtype=result.dtype)
+    out[(slice(None), *relative(inner, box))] = result
+    return out
+
+
+def _parts(params: ModelParams) -> list[tuple[str, str, OpParams]]:
+    parts: list[tuple[str, str, OpParams]] = []
+    if _needs_statistics(model_card(params.path)):
+        parts.append(("statistics", "_model_statistics", params))
+    parts.append(("infer", "_model_infer", params))
+    return parts
+
+
+def _unexpanded(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray:
+    raise AssertionError("the model step always runs as its parts (_model_statistics, infer)")
+
+
+register(
+    Operation(
+        name="model",
+        kind="local",
+        params=ModelParams,
+        apply=_unexpanded,
+        summary="tiled inference of a segflow model (blended global tile grid; whole-item "
+        "normalisation); follow with threshold/label/watershed for instances",
+        halo=_halo,
+        halo_rule="tile - 1 per axis (from the model card)",
+        expand=_parts,
+    )
+)
+register(
+    Operation(
+        name="_model_statistics",
+        kind="global",
+        params=ModelParams,
+        apply=_normalize,
+        summary="the model card's normalisation with whole-item statistics",
+        statistic=_statistic,
+        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        check_layout=_check_layout,
+    )
+)
+register(
+    Operation(
+        name="_model_infer",
+        kind="local",
+        params=ModelParams,
+        apply=_infer,
+        summary="tiled, blended model inference",
+        halo=_halo,
+        halo_rule="tile - 1 per axis (from the model card)",
+        out_channels=_out_channels,
+        out_dtype=_out_dtype,
+        class_names=_class_names,
+        check_layout=_check_layout,
+        setup=_load,
+        setup_key=_setup_key,
+        resources=_resources,
+    )
+)
+
+
+def model_paths(pipeline: Sequence[Any]) -> list[str]:
+    """The ``path`` of every ``model`` step of a raw pipeline (for the config hash)."""
+    return [
+        str(step["path"])
+        for step in pipeline
+        if isinstance(step, dict) and step.get("op") == "model" and "path" in step
+    ]
+
+
+def models_hash(paths: Sequence[str]) -> str:
+    """One hash of the models at ``paths``: the model hash of a single model, a hash of
+    the hashes for several, ``""`` for none."""
+    if not paths:
+        return ""
+    if len(paths) == 1:
+        return model_identity(os.fspath(paths[0]))
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(model_identity(os.fspath(path)).encode())
+    return digest.hexdigest()

@@ -1,0 +1,63 @@
+"""Smoke test of the train flow and ``segflow train``: small, real files, real Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from segflow.models.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _write_data(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        item = folder / f"cell_{k}"
+        item.mkdir(parents=True)
+        labels = np.zeros((32, 32), np.uint16)
+        labels[4:12, 5:13], labels[18:28, 16:24] = 1, 2
+        rgb = np.repeat((labels > 0)[None] * 180 + 20, 3, axis=0) + rng.integers(0, 20, (3, 32, 32))
+        tifffile.imwrite(item / "image.tif", rgb.astype(np.uint8).transpose(1, 2, 0))
+        tifffile.imwrite(item / "labels.tif", labels)
+
+
+def test_train_cli_writes_a_checkpoint_and_resumes(tmp_path: Path) -> None:
+    _write_data(tmp_path / "data")
+    config = {
+        "name": "tiny-nuclei",
+        "data": {"images": "data/*/image.tif", "references": "{dir}/labels.tif",
+                 "channels": "luma", "validation": ["cell_2"]},
+        "model": {"architecture": {"name": "segnet", "params": {"features": [4, 8]}},
+                  "spatial_dims": 2, "channels": [{"name": "luma"}],
+                  "head": "foreground_boundary", "tile": [16, 16],
+                  "training": {"data": "synthetic", "licence": "CC0-1.0"}},
+        "training": {"batch_size": 2, "steps_per_epoch": 2, "max_epochs": 2, "seed": 1},
+        "output": "model",
+    }  # fmt: skip
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "tiny-nuclei: training" in result.output
+    loaded = load_checkpoint(tmp_path / "model" / "best")
+    assert loaded.card is not None and loaded.card.channels[0].name == "luma"
+    assert (tmp_path / "model" / "loss.png").stat().st_size > 0
+
+    # A rerun resumes the finished run: no epoch is trained again, same best checkpoint.
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "model" / "best").hash == loaded.hash
+
+    config["data"]["images"] = "nowhere/*.tif"  # type: ignore[index]
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code != 0
+    assert "data.images: no file matches" in str(result.exception) + result.output

@@ -162,9 +162,18 @@ def test_unet_by_regions_equals_the_whole_sliding_window(
     blocks = _predict_blocks(model, image, block, grid, batch_size=3)
     reference = _reference_sliding_window(model, image, grid)
     np.testing.assert_allclose(blocks, reference, rtol=0, atol=UNET_ATOL)
-    np.testing.assert_array_equal(blocks.argmax(0), reference.argmax(0))
+    # The batch-1 reference rounds differently (other kernels): where its top two classes
+    # are within the tolerance of each other the argmax may flip, legitimately.
+    top2 = np.sort(reference, axis=0)[-2:]
+    decided = top2[1] - top2[0] > 2 * UNET_ATOL
+    np.testing.assert_array_equal(blocks.argmax(0)[decided], reference.argmax(0)[decided])
     whole = predict_image(model, image, tile=tile, overlap=0.5, batch_size=3)
     np.testing.assert_allclose(blocks, whole, rtol=0, atol=UNET_ATOL)
+    # A tile's output can move by float32 rounding with its batch neighbours: compare the
+    # class maps where the whole item's top two classes are further apart than that.
+    top2 = np.sort(whole, axis=0)[-2:]
+    decided = top2[1] - top2[0] > 2 * UNET_ATOL
+    np.testing.assert_array_equal(blocks.argmax(0)[decided], whole.argmax(0)[decided])
 
 
 @pytest.mark.parametrize("name", ["deeplab", "segnet", "unet"])

@@ -24,6 +24,7 @@ from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
 from segflow.errors import StoreError
 from segflow.io import unused_id
+from segflow.store.commit import stage_name
 from segflow.store.lock import has_stale_lock
 from tasks.artifacts import open_line, report_items_task
 from tasks.items import discover_items_task, segment_item_task
@@ -196,7 +197,10 @@ def segment_collection(
     # Crashed and its records compacted, so neither the UI nor the store keeps its traces.
     if todo or failed_rows or has_stale_lock(store):
         try:
-            with stop_on_signals(), writing_store(store, run_id):
+            stages = [
+                stage_name(i["id"], config_hash, i["fingerprint"], code_version()) for i in todo
+            ]
+            with stop_on_signals(), writing_store(store, run_id, keep_stages=stages):
                 if failed_rows:
                     record_items_task(store, run_id, failed_rows)
                 if todo:

@@ -100,6 +100,7 @@ def segment_item_task(
             config_hash=config_hash,
             progress=functools.partial(report_progress, item_id),
             run_id=run_id,
+            resumable=True,
         )
         row = result.as_row()
     if row["status"] == "interrupted":

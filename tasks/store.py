@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from segflow.store import consolidate_store, read_index
 from segflow.store.commit import (
     check_store,
-    discard_staging,
-    prepare_staging,
+    discard_trash,
     prepare_store,
     read_commit,
 )
@@ -33,20 +32,20 @@ def current_run_id() -> str:
 
 
 @contextmanager
-def writing_store(store: str, run_id: str) -> Iterator[None]:
-    """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it; at
-    the end fold the run's records into the index, consolidate, drop what was staged and
-    not committed, and release the lock (also when the run fails or is interrupted)."""
+def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ()) -> Iterator[None]:
+    """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it
+    (keeping the staged items of ``keep_stages`` to resume); at the end fold the run's
+    records into the index, consolidate and release the lock (also when the run fails or
+    is interrupted)."""
     check_store(store)  # before the lock file is written into the folder
     with hold_store_lock(store, run_id=run_id) as lock:
         if lock.broken is not None:
             mark_crashed(lock.broken, store)
-        prepare_store(store)
-        prepare_staging(store, run_id)
+        prepare_store(store, keep_stages=keep_stages)
         try:
             yield
         finally:
-            discard_staging(store, run_id)
+            discard_trash(store, run_id)
             compact_index(store)
             consolidate_store(store)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import zarr
 
 from segflow.engine.executor import LocalExecutor
@@ -25,6 +26,7 @@ from segflow.store.commit import (
 )
 from segflow.store.index import append_records, compact_index, read_index
 from segflow.store.lock import StoreLock, StoreLockedError, hold_store_lock, read_lock
+from segflow.store.regions import read_regions
 
 PIPELINE = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
 
@@ -206,3 +208,57 @@ def test_records_are_appended_read_with_the_index_and_compacted(tmp_path: pathli
     assert not record_file.exists()
     append_records(str(store), "run-2", [{"id": "a", "status": "failed", "error": "later"}])
     assert read_index(str(store))["status"].tolist() == ["failed", "failed"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_interrupted_item_resumes_from_its_written_blocks(
+    tmp_path: pathlib.Path, stream: bool
+) -> None:
+    from segflow.engine.interrupt import clear_stop, request_stop
+
+    rng = np.random.default_rng(5)
+    image = (rng.random((96, 128)) > 0.6).astype(np.float32)
+    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
+    store = str(tmp_path / "out.zarr")
+    written: list[int] = []
+
+    def stop_halfway(label: str, done: int, total: int) -> None:
+        if label.startswith("phase 2/2") and done >= total // 2:
+            written.append(done)
+            request_stop("test")  # as a Ctrl-C halfway through the output phase
+
+    def segment(progress: Any = None) -> Any:
+        with LocalExecutor(2) as executor:
+            return segment_item(
+                ArrayReader(image, "tile"),
+                pipeline,
+                store=store,
+                block_shape=16,
+                executor=executor,
+                regions=True,
+                resumable=True,
+                progress=progress,
+                keep_limit=0 if stream else None,  # 0: streaming mode, every phase rereads
+            )
+
+    try:
+        first = segment(stop_halfway)
+    finally:
+        clear_stop()
+    assert first.status == "interrupted", first.error
+    assert read_commit(store, "tile") is None  # nothing committed
+
+    resumed = segment()
+
+    assert resumed.status == "done", resumed.error
+    n_blocks = resumed.n_blocks
+    assert n_blocks == 48 and written[0] >= n_blocks // 2
+    # Blocks finished before the stop are not written again (some ran on as it came).
+    assert n_blocks // 2 <= resumed.n_resumed < n_blocks
+    labels = zarr.open_array(store, path="tile/labels", mode="r")[:]
+    reference = scipy.ndimage.label(image > 0.5)[0]
+    np.testing.assert_array_equal(labels, reference)  # ids in scan order, as scipy
+    table = read_regions(store, "tile")
+    assert len(table) == labels.max()
+    assert table["label"].tolist() == list(range(1, len(table) + 1))
+    assert os.listdir(tmp_path / "out.zarr" / ".segflow" / "staging") == []

@@ -316,3 +316,28 @@ def _lock_pid_dead(store: Path) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def test_a_run_killed_halfway_through_an_item_resumes_from_its_written_blocks(
+    tmp_path: Path, api_url: str
+) -> None:
+    config = _big_config(tmp_path, n_items=1, side=512)  # 64 blocks of 64^2
+    store = tmp_path / "big.zarr"
+
+    code, output = _segflow(config, api_url, fault="output-block-done@32")
+    assert code == -signal.SIGKILL, output
+    code, output = _segflow(config, api_url)
+
+    assert code == 0, output
+    row = read_index(str(store)).set_index("id").loc["b0"]
+    redone = int(row["n_blocks"]) - int(row["n_resumed"])
+    assert int(row["n_blocks"]) == 64 and redone < 0.6 * 64, (redone, output)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "big").symlink_to(tmp_path / "big")
+    (clean / "big.yaml").write_text(config.read_text())
+    assert _segflow(clean / "big.yaml", api_url)[0] == 0
+    np.testing.assert_array_equal(
+        zarr.open_array(str(store), path="b0/labels", mode="r")[:],
+        zarr.open_array(str(clean / "big.zarr"), path="b0/labels", mode="r")[:],
+    )

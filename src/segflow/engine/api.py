@@ -147,6 +147,7 @@ def run_item(
     regions: RegionsSpec | None = None,
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
+    records: Any = None,
 ) -> ItemRun:
     """Plan the blocks of one item and run ``plan`` on them (used by ``segment_item``)."""
     grid = plan_blocks(
@@ -163,4 +164,5 @@ def run_item(
         regions=regions,
         keep_limit=keep_limit,
         progress=progress,
+        records=records,
     )

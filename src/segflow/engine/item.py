@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import time
 import uuid
@@ -43,6 +42,7 @@ class ItemResult:
     foreground_fraction: float | None = None
     seconds: float = 0.0
     n_blocks: int = 0
+    n_resumed: int = 0  # output blocks a crashed or interrupted run had already written
     area_p05: float | None = None  # object areas in pixels, with `regions`
     area_p50: float | None = None
     area_p95: float | None = None
@@ -73,6 +73,7 @@ def segment_item(
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
     run_id: str | None = None,
+    resumable: bool = False,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
@@ -80,7 +81,13 @@ def segment_item(
     unit on disk, one region row per object) and only then swapped in with its commit
     record (:mod:`segflow.store.commit`): until then ``STORE/ITEM_ID`` keeps its previous
     complete result, and a failed or interrupted item leaves it untouched. ``run_id``
-    names the staging area (default: a new one per call).
+    goes into the commit record.
+
+    With ``resumable`` (and a local store and an input fingerprint), the staging area is
+    named by the item, its input, the config and the code, and each block of the output
+    phase records itself once written (:mod:`segflow.store.blocks`): after a crash or a
+    Ctrl-C, the next run of the same item recomputes the earlier phases and writes only
+    the blocks that have no record.
 
     Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
     the item and the reason, so the rest of the collection goes on. With ``regions``, the
@@ -90,25 +97,31 @@ def segment_item(
     array, or ``None`` (or ``False``) for none.
     """
     from segflow.engine.run import RegionsSpec
+    from segflow.store.blocks import BlockRecords, output_key
     from segflow.store.commit import (
         begin_item,
         check_item,
         commit_item,
-        prepare_staging,
+        is_staged,
+        stage_name,
         staging_root,
     )
     from segflow.store.layout import (
         ArraySpec,
         ZarrRegionWriter,
         create_item_group,
-        create_output_array,
     )
     from segflow.store.regions import ParquetRegionsSink
 
     info = reader.info
-    own_staging = run_id is None  # nobody else stages there: removed when the item ends
     run_id = run_id or uuid.uuid4().hex
-    root = staging_root(store, run_id)
+    resume_name = (
+        stage_name(info.id, config_hash, info.fingerprint, code_version())
+        if resumable and info.fingerprint
+        else None
+    )
+    root = staging_root(store, resume_name or f"{info.id}.{uuid.uuid4().hex}")
+    resuming = resume_name is not None and is_staged(root, info.id)
     started = time.perf_counter()
     result = ItemResult(
         id=info.id,
@@ -138,22 +151,26 @@ def segment_item(
                 min(s, -(-n // c) * c) for s, c, n in zip(shards, chunk, spatial, strict=True)
             )
         begin_item(store, info.id)  # refuses a foreign store or folder before any write
-        prepare_staging(store, run_id)
-        create_item_group(root, info, overwrite=True)
+        if not resuming:
+            create_item_group(root, info, overwrite=True)
         saved = {}
         written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
             classes = plan.saved_classes.get(name, ())
             spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes)
-            create_output_array(root, info, spec)
+            _ensure_array(root, info, spec, reuse=resuming)
             saved[name] = ZarrRegionWriter(root, info.id, name)
             written[name] = str(np.dtype(dtype))
 
         def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
             spec = ArraySpec(plan.out_kind, str(dtype), chunk, shard, classes=plan.out_classes)
-            create_output_array(root, info, spec)
+            _ensure_array(root, info, spec, reuse=resuming)
             written[plan.out_kind] = str(np.dtype(dtype))
             return ZarrRegionWriter(root, info.id, plan.out_kind)
+
+        def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
+            key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
+            return BlockRecords(f"{root}/.blocks", key)
 
         regions_sink = None
         intensity_source = None
@@ -166,7 +183,8 @@ def segment_item(
             regions_sink = ParquetRegionsSink(
                 root, info.id, spacing=info.spacing, origin=info.origin, units=info.units
             )
-            regions_sink.clear()
+            if not resuming:
+                regions_sink.clear()
             intensity_source = _intensity_source(regions_intensity, reader, plan, root)
         run = run_item(
             reader,
@@ -181,7 +199,12 @@ def segment_item(
             else RegionsSpec(regions_sink, intensity=intensity_source),
             keep_limit=keep_limit,
             progress=progress,
+            records=records if resume_name is not None else None,
         )
+        result.n_resumed = run.n_resumed
+        # The output phase is over: from here on (joining tables, the commit) a rerun
+        # starts the item afresh, so its block records go before the region parts do.
+        _remove(f"{root}/.blocks")
         if regions_sink is not None:
             regions_sink.join()
             result.area_p05, result.area_p50, result.area_p95 = regions_sink.area_percentiles(
@@ -216,11 +239,11 @@ def segment_item(
             result.status = "interrupted"  # not the item's fault: not recorded, redone
         result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"
         result.seconds = time.perf_counter() - started
-        _discard_staged(store, root, info.id, whole=own_staging)
+        if result.status != "interrupted" or resume_name is None:
+            _remove(root)  # the store's committed result is untouched
         return result
     fault_point("item-committed")
-    if own_staging:
-        _discard_staged(store, root, info.id, whole=True)
+    _remove(root)
     foreground = sum(b.foreground for b in run.blocks)
     result.status = "done"
     result.output = plan.out_kind
@@ -243,14 +266,28 @@ def _model_hash(plan: Any) -> str:
     return models_hash([s.params.path for s in plan.steps if s.op.name == "_model_infer"])
 
 
-def _discard_staged(store: str, root: str, item_id: str, *, whole: bool) -> None:
-    """Drop what an item staged (``whole``: the staging root too); the store's committed
-    result is untouched."""
-    from segflow.store.lock import is_local, local_path
+def _remove(path: str) -> None:
+    """Remove a staging folder (local: staging is only local; see staging_root)."""
+    from segflow.store.lock import SEGFLOW_DIR, is_local, local_path
 
-    if is_local(store) and root != store:
-        path = local_path(root) if whole else os.path.join(local_path(root), item_id)
-        shutil.rmtree(path, ignore_errors=True)
+    if is_local(path) and f"/{SEGFLOW_DIR}/" in path:  # never anything outside staging
+        shutil.rmtree(local_path(path), ignore_errors=True)
+
+
+def _ensure_array(root: str, info: Any, spec: Any, *, reuse: bool) -> None:
+    """Create an output array, or keep the staged one of a resumed item if it fits."""
+    import zarr
+
+    from segflow.store.layout import create_output_array
+
+    if reuse:
+        try:
+            array = zarr.open_array(root, path=f"{info.id}/{spec.name}", mode="r")
+        except Exception:
+            array = None
+        if array is not None and str(array.dtype) == str(np.dtype(spec.dtype)):
+            return
+    create_output_array(root, info, spec)
 
 
 class _SavedArray:

@@ -177,6 +177,7 @@ class Write:
     sink: Sink
     out_dtype: np.dtype | None = None
     regions: RegionsSpec | None = None
+    records: Any = None  # store.blocks.BlockRecords: a block records itself once written
 
     def end(
         self, task: PhaseTask, block: Block, box: Box, data: np.ndarray, source: Source
@@ -192,6 +193,8 @@ class Write:
         )
         if self.regions is not None:
             summary.regions = self._measure(task, block, stored, source)
+        if self.records is not None:
+            self.records.write(block.linear, summary)
         return summary
 
     def _measure(

@@ -49,6 +49,7 @@ from segflow.engine.kernels import (
 )
 from segflow.engine.pipeline import Phase, Plan
 from segflow.engine.resources import merge_resources
+from segflow.faults import fault_point
 from segflow.io.base import Reader
 from segflow.ops.registry import Done, GlobalStatistic
 from segflow.stitch.labels import (
@@ -95,6 +96,7 @@ class ItemRun:
     seconds: float
     blocks: list[BlockSummary] = field(default_factory=list)
     regions: list[Any] | None = None  # what the regions sink returned, per part
+    n_resumed: int = 0  # output blocks an earlier, interrupted run had written
 
 
 @dataclass
@@ -119,8 +121,13 @@ def run_plan(
     regions: RegionsSpec | None = None,
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
+    records: Callable[[np.dtype, int | None, Mapping[str, Any]], Any] | None = None,
 ) -> ItemRun:
     """Run every phase of ``plan`` over ``grid`` and write the result through ``make_sink``.
+
+    With ``records`` (``records(dtype, n_labels, stats)`` gives the
+    :class:`~segflow.store.blocks.BlockRecords` of the output phase), each output block
+    records itself once written, and blocks an earlier run recorded are not run again.
 
     ``reader`` may be a Dask future of a reader (scattered once, read on the workers).
     ``make_sink(dtype)`` is called once, on the caller, when the output dtype is known (for
@@ -144,6 +151,7 @@ def run_plan(
         regions=regions,
         stream=8 * math.prod(grid.shape) > limit and can_stream(plan),
         progress=progress,
+        records=records,
     )
     sources = run.read_once()
     for number, phase in enumerate(plan.phases):
@@ -183,6 +191,7 @@ class _PlanRun:
         regions: RegionsSpec | None,
         stream: bool,
         progress: ProgressCallback | None,
+        records: Callable[[np.dtype, int | None, Mapping[str, Any]], Any] | None = None,
     ) -> None:
         self.plan, self.grid, self.executor, self.reader = plan, grid, executor, reader
         self.blocks = grid.blocks()
@@ -192,6 +201,7 @@ class _PlanRun:
         self.regions = regions
         self.stream = stream
         self.progress = progress
+        self.records = records
         self.stats: dict[str, Any] = {}
         self.block_stats: dict[str, Sequence[Any]] = {}  # Done.per_block, by Step.key
         self.n_labels: int | None = None
@@ -199,6 +209,11 @@ class _PlanRun:
         self.relabel_lists: list[Sequence[BlockRelabel]] = []
         self.finishes: list[Finish] = []
         self.started = time.perf_counter()
+
+    def _output_progress(self, label: str, done: int, total: int) -> None:
+        fault_point("output-block-done")  # the crash tests' "killed mid output phase"
+        if self.progress is not None:
+            self.progress(label, done, total)
 
     def _none(self) -> list[Any]:
         return [()] * len(self.blocks)
@@ -220,16 +235,22 @@ class _PlanRun:
         )
 
     def stream_map(
-        self, phase: Phase, end: PhaseEnd, saved: Mapping[str, Sink] | None
+        self,
+        phase: Phase,
+        end: PhaseEnd,
+        saved: Mapping[str, Sink] | None,
+        only: Sequence[int] | None = None,
     ) -> list[Any]:
-        """Streaming mode: one :func:`stream_block` task per block."""
-        relabels = [[r[b.linear] for r in self.relabel_lists] for b in self.blocks]
+        """Streaming mode: one :func:`stream_block` task per block (of ``only``)."""
+        blocks = self.blocks if only is None else [self.blocks[i] for i in only]
+        relabels = [[r[b.linear] for r in self.relabel_lists] for b in blocks]
+        own = self.own_stats()
         return self.executor.map(
             stream_block,
-            [self.reader] * len(self.blocks),
-            self.blocks,
+            [self.reader] * len(blocks),
+            blocks,
             relabels,
-            self.own_stats(),
+            [own[b.linear] for b in blocks],
             replay=list(self.done),
             finishes=list(self.finishes),
             read_halo=self.grid.halo,
@@ -277,15 +298,19 @@ class _PlanRun:
         strips = self.exchange(cores, phase.halo_in)
         return _Sources(cores, strips, [None] * len(self.blocks))
 
-    def map_blocks(self, phase: Phase, sources: _Sources, end: PhaseEnd) -> list[Any]:
+    def map_blocks(
+        self, phase: Phase, sources: _Sources, end: PhaseEnd, only: Sequence[int] | None = None
+    ) -> list[Any]:
         sources = self.start(phase, sources)
+        pick = range(len(self.blocks)) if only is None else only
+        own = self.own_stats()
         return self.executor.map(
             run_block,
-            sources.items,
-            self.blocks,
-            sources.strips,
-            sources.relabels,
-            self.own_stats(),
+            [sources.items[i] for i in pick],
+            [self.blocks[i] for i in pick],
+            [sources.strips[i] for i in pick],
+            [sources.relabels[i] for i in pick],
+            [own[i] for i in pick],
             task=self.task(phase, end, self.saved),
             finish=sources.finish,
             resources=phase_resources([phase]),
@@ -415,12 +440,17 @@ class _PlanRun:
         else:
             dtype = self.plan.out_dtype
         sink = make_sink(dtype)
-        end = Write(sink, dtype, self.regions)
+        records = None if self.records is None else self.records(dtype, self.n_labels, self.stats)
+        done = {} if records is None else records.load()
+        todo = [b.linear for b in self.blocks if b.linear not in done]
+        end = Write(sink, dtype, self.regions, records)
         if self.stream:
-            handles = self.stream_map(phase, end, self.saved)
+            handles = self.stream_map(phase, end, self.saved, todo)
         else:
-            handles = self.map_blocks(phase, sources, end)
-        summaries = self.executor.gather(handles, label=label, progress=self.progress)
+            handles = self.map_blocks(phase, sources, end, todo)
+        fresh = self.executor.gather(handles, label=label, progress=self._output_progress)
+        by_block = {**done, **dict(zip(todo, fresh, strict=True))}
+        summaries = [by_block[b.linear] for b in self.blocks]
         written = None
         if self.regions is not None:
             faces = merge_rows([s.regions[1] for s in summaries if s.regions is not None])
@@ -428,6 +458,7 @@ class _PlanRun:
             written.append(self.regions.sink.write("part-faces", faces))
         return ItemRun(
             n_blocks=len(self.blocks),
+            n_resumed=len(done),
             n_labels=self.n_labels if self.plan.out_kind == "labels" else None,
             out_dtype=np.dtype(dtype),
             stats=self.stats,

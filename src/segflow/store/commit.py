@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from segflow.errors import StoreError
@@ -48,13 +48,14 @@ class ForeignStoreError(StoreError):
     """A folder that segflow did not make is where a store or an item group should be."""
 
 
-def prepare_store(store: str) -> None:
+def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
     """Make ``store`` ready for a run: create it, or check that segflow made it.
 
     Call while holding the store's lock (:mod:`segflow.store.lock`). Creates the folder and
     its root group with the ``segflow`` marker when missing or empty; adds the marker to a
     store an earlier segflow wrote (it has ``index.parquet``); moves back an item whose
-    swap a killed run left half done; drops other runs' staging folders.
+    swap a killed run left half done; drops staging folders except ``keep_stages`` (the
+    :func:`stage_name` of items this run may resume).
 
     Raises
     ------
@@ -78,7 +79,10 @@ def prepare_store(store: str) -> None:
         root.update_attributes({STORE_ATTR: {"format": STORE_FORMAT}})
     if is_local(store):
         _recover_swaps(local_path(store))
-        shutil.rmtree(local_path(bookkeeping_path(store, "staging")), ignore_errors=True)
+        staging = local_path(bookkeeping_path(store, "staging"))
+        for name in os.listdir(staging) if os.path.isdir(staging) else ():
+            if name not in keep_stages:
+                shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
 
 
 def check_store(store: str) -> None:
@@ -116,22 +120,27 @@ def is_segflow_store(store: str) -> bool:
     return bool(metadata and STORE_ATTR in metadata.get("attributes", {}))
 
 
-def staging_root(store: str, run_id: str) -> str:
-    """Where a run stages its items: ``STORE/.segflow/staging/RUN`` (its own Zarr root).
+def staging_root(store: str, name: str) -> str:
+    """Where an item is staged: ``STORE/.segflow/staging/NAME`` (a Zarr root of its own,
+    holding the group ``ITEM``; ``NAME`` from :func:`stage_name` for a resumable item).
 
     On an object store items are written in place (``store`` itself): see the module note.
     """
-    return bookkeeping_path(store, "staging", run_id) if is_local(store) else str(store)
+    return bookkeeping_path(store, "staging", name) if is_local(store) else str(store)
 
 
-def prepare_staging(store: str, run_id: str) -> str:
-    """Create the run's staging root once, before its items stage there concurrently."""
-    import zarr
+def stage_name(item_id: str, config_hash: str, fingerprint: str, code_version: str) -> str:
+    """The staging name of an item: the same for the same item, input, config and code,
+    so a rerun after a crash finds what the crashed run staged."""
+    import hashlib
 
-    root = staging_root(store, run_id)
-    if root != str(store):
-        zarr.open_group(root, mode="a", zarr_format=3, use_consolidated=False)
-    return root
+    key = hashlib.sha256("\0".join([config_hash, fingerprint, code_version]).encode())
+    return f"{item_id}.{key.hexdigest()[:16]}"
+
+
+def is_staged(root: str, item_id: str) -> bool:
+    """Whether ``ROOT/ITEM`` holds a staged group (a crashed run's, to resume)."""
+    return _read_json(f"{str(root).rstrip('/')}/{item_id}/zarr.json") is not None
 
 
 def begin_item(store: str, item_id: str) -> None:
@@ -240,7 +249,7 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
         return
     staged = os.path.join(local_path(root), item_id)
     final = os.path.join(local_path(store), item_id)
-    trash_dir = local_path(bookkeeping_path(store, "trash", os.path.basename(root)))
+    trash_dir = local_path(bookkeeping_path(store, "trash", str(record.get("run_id", "run"))))
     trash = os.path.join(trash_dir, item_id)
     if os.path.exists(final):
         if _read_json(os.path.join(final, "zarr.json")) is None:
@@ -269,10 +278,9 @@ def read_commit(store: str, item_id: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def discard_staging(store: str, run_id: str) -> None:
-    """Remove what a run staged and did not commit (failed or interrupted items)."""
+def discard_trash(store: str, run_id: str) -> None:
+    """Remove what a run's swaps set aside (normally removed by each swap already)."""
     if is_local(store):
-        shutil.rmtree(local_path(staging_root(store, run_id)), ignore_errors=True)
         shutil.rmtree(local_path(bookkeeping_path(store, "trash", run_id)), ignore_errors=True)
 
 

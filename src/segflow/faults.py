@@ -4,7 +4,8 @@ kills this process with SIGKILL the Nth time (default: the first) it reaches poi
 The points sit where a crash is most likely to leave a store half written: ``item-staged``
 (data written and checked, not yet swapped in), ``item-swap`` (between the two renames of
 the swap), ``item-committed`` (swapped in, not yet recorded), ``record-written``,
-``index-compact`` (index.parquet replaced, records not yet removed), ``block-done`` (each
+``index-compact`` (index.parquet replaced, records not yet removed), ``regions-joined``
+(an item's region table written, its parts not yet removed), ``block-done`` (each
 time a block task finishes, seen from the client), ``output-block-done`` (each time a
 block of an item's output phase finishes, seen from the client) and ``block-write`` (in a
 Dask worker, before a block's output is written: kills that worker). Without the variable

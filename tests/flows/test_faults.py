@@ -130,6 +130,7 @@ def _assert_complete(store: Path, reference: dict[str, Any]) -> None:
         ("item-swap@2", True),  # between the two renames of the second item's swap
         ("item-committed", False),  # swapped in, not yet recorded
         ("record-written@2", True),
+        ("regions-joined@2", True),  # the second item's region table written, not committed
         ("index-compact", False),  # index.parquet replaced, records not yet removed
     ],
 )

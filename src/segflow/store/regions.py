@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segflow.faults import fault_point
 from segflow.stitch.regions import RegionPartial, region_columns
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class ParquetRegionsSink:
                     writer.write_table(table)
                 if writer is not None:
                     writer.close()
+            fault_point("regions-joined")  # the table written, its parts not yet removed
         finally:
             fs.rm(parts, recursive=True)
 

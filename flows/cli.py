@@ -54,6 +54,14 @@ EXIT_INVALID = 2  # a config is invalid: nothing ran
 
 def main() -> None:
     """Entry point of the ``segflow`` console script."""
+    import sys
+
+    if "--debug" not in sys.argv:
+        import flows.cluster
+        from flows._quiet import quiet_libraries
+
+        quiet_libraries()
+        flows.cluster.QUIET_WORKERS = True
     app()
 
 

@@ -42,13 +42,18 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
                 memory_limit=cluster.memory_limit,
                 # None would still bind the HTTP server to 8787; ":0" picks a free port.
                 dashboard_address=":0",
-                silence_logs=logging.WARNING,
+                silence_logs=logging.CRITICAL if QUIET_WORKERS else logging.WARNING,
+                preload=["flows._quiet"] if QUIET_WORKERS else [],
             )
         try:
             with Client(local) as client:
                 yield client
         finally:
             local.close()
+
+
+# Set by the ``segflow`` command (not by tests or library use): see flows._quiet.
+QUIET_WORKERS = False
 
 
 @contextmanager

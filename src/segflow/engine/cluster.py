@@ -11,7 +11,7 @@ heap and are reused, at the price of up to 128 MiB of freed memory kept per work
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 WORKER_ENV: dict[str, int] = {
@@ -31,11 +31,13 @@ def start_local_cluster(
     dashboard_address: str | None = ":0",
     silence_logs: int = logging.WARNING,
     resources: Mapping[str, float] | None = None,
+    preload: Sequence[str] = (),
 ) -> Any:
     """Start a process-based ``distributed.LocalCluster`` with :data:`WORKER_ENV`.
 
     ``resources`` are what each worker advertises (``{"GPU": 1}`` on a GPU machine): block
     tasks of model steps are submitted with ``resources={"GPU": 1}`` and land only there.
+    ``preload`` names modules each worker imports at start (Dask's ``dask_setup`` hook).
 
     Examples
     --------
@@ -56,4 +58,5 @@ def start_local_cluster(
             dashboard_address=dashboard_address,
             silence_logs=silence_logs,
             **({"resources": dict(resources)} if resources else {}),
+            **({"preload": list(preload)} if preload else {}),
         )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +49,21 @@ def collection_config(folder: Path, store: Path, address: str) -> dict[str, obje
         "pipeline": [{"op": "threshold", "value": 100}, {"op": "label"}],
         "cluster": {"address": address},
     }
+
+
+@contextmanager
+def lock_held_elsewhere(store: Path, run_id: str) -> Iterator[None]:
+    """The store's lock held by another live process (as a run holds it while writing)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\n"
+         "from segflow.store.lock import hold_store_lock\n"
+         f"with hold_store_lock({str(store)!r}, run_id={run_id!r}):\n"
+         "    print('held', flush=True); time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.communicate()

@@ -9,8 +9,6 @@ fit) exit 2 before anything runs. An occupied store exits 1 naming the run that 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +17,7 @@ import pytest
 import rasterio
 import tifffile
 import zarr
-from _geodata import N_BLOBS, blob_image, write_geotiff
+from _geodata import N_BLOBS, blob_image, lock_held_elsewhere, write_geotiff
 from affine import Affine
 from PIL import Image
 from typer.testing import CliRunner
@@ -191,19 +189,8 @@ def test_occupied_and_unwritable_stores_fail_with_one_line(
     write_geotiff(folder / "good.tif", blob_image())
     config = _config(tmp_path, folder, dask_address)
     store = tmp_path / "out.zarr"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\n"
-         "from segflow.store.lock import hold_store_lock\n"
-         f"with hold_store_lock({str(store)!r}, run_id='backfill-7'):\n"
-         "    print('held', flush=True); time.sleep(120)\n"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with lock_held_elsewhere(store, "backfill-7"):
         occupied = runner.invoke(app, ["run", str(config)])
-    finally:
-        holder.kill()
-        holder.communicate()
     unwritable = runner.invoke(app, ["run", str(config), "--set=output.store=/proc/out.zarr"])
 
     assert occupied.exit_code == 1

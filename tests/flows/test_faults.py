@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from _geodata import write_geotiff
+from _geodata import lock_held_elsewhere, write_geotiff
 
 from segflow.store import read_index
 from segflow.store.commit import read_commit
@@ -189,19 +189,8 @@ def test_a_second_run_on_the_same_store_is_refused(config: Path, api_url: str) -
     # from its first write to its end); a real run on these tiny items ends too fast to
     # be caught reliably.
     store = config.parent / "out.zarr"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\n"
-         "from segflow.store.lock import hold_store_lock\n"
-         f"with hold_store_lock({str(store)!r}, run_id='nightly'):\n"
-         "    print('held', flush=True); time.sleep(120)\n"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with lock_held_elsewhere(store, "nightly"):
         code, output = _segflow(config, api_url)
-    finally:
-        holder.kill()
-        holder.communicate()
 
     assert code == 1, output
     assert "is in use by another segflow run (run nightly of" in output

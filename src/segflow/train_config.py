@@ -57,6 +57,11 @@ class TrainLoop(_Model):
     patience: int = Field(8, ge=1)
     min_delta: float = 1e-3
     validation_fraction: float = Field(0.2, ge=0, lt=1)
+    validation_split: Literal["pairs", "strips"] = Field(
+        "pairs",
+        description="without data.validation: hold out whole images (pairs) or the last "
+        "validation_fraction of every image's longest axis (strips)",
+    )
     augment: bool = True
     seed: int = 0
 

@@ -67,7 +67,7 @@ class TrainLoop(_Model):
 
 
 class TrainFile(_Model):
-    """A whole ``segflow train`` config (see ``configs/nuclei-unet-train.yaml``)."""
+    """A whole ``segflow train`` config (see ``configs/train/nuclei-unet.yaml``)."""
 
     name: str = "train"
     data: TrainData

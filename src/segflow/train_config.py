@@ -18,9 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from segflow.errors import ConfigError
-
-#: ITU-R BT.601 luma weights, for RGB(A) images fed to a single-channel model.
-LUMA = (0.299, 0.587, 0.114)
+from segflow.ops.intensity import to_luma
 
 
 class _Model(BaseModel):
@@ -37,7 +35,8 @@ class TrainData(_Model):
     channels: Literal["as_is", "luma"] = Field(
         "as_is",
         description="luma: RGB(A) images become one channel (BT.601 weights, alpha dropped); "
-        "single-channel images stay as they are",
+        "single-channel images stay as they are (the pipeline's `luma` op does the same "
+        "before the model)",
     )
     validation: list[str] = Field(
         default_factory=list,
@@ -58,12 +57,17 @@ class TrainLoop(_Model):
     patience: int = Field(8, ge=1)
     min_delta: float = 1e-3
     validation_fraction: float = Field(0.2, ge=0, lt=1)
+    validation_split: Literal["pairs", "strips"] = Field(
+        "pairs",
+        description="without data.validation: hold out whole images (pairs) or the last "
+        "validation_fraction of every image's longest axis (strips)",
+    )
     augment: bool = True
     seed: int = 0
 
 
 class TrainFile(_Model):
-    """A whole ``segflow train`` config (see ``configs/nuclei-unet-train.yaml``)."""
+    """A whole ``segflow train`` config (see ``configs/train/nuclei-unet.yaml``)."""
 
     name: str = "train"
     data: TrainData
@@ -133,23 +137,6 @@ def find_pairs(data: TrainData) -> list[tuple[str, str]]:
             raise ConfigError([f"data.references: image {image!r} has no reference {reference!r}"])
         pairs.append((image, reference))
     return pairs
-
-
-def to_luma(image: np.ndarray) -> np.ndarray:
-    """``(c, ...)`` RGB(A) as one luma channel (float32); one channel stays as it is.
-
-    Examples
-    --------
-    >>> to_luma(np.array([[[255]], [[0]], [[0]], [[255]]], dtype=np.uint8)).round(3)
-    array([[[76.245]]], dtype=float32)
-    """
-    if image.shape[0] == 1:
-        return image
-    if image.shape[0] not in (3, 4):
-        raise ValueError(f"luma needs 1, 3 or 4 channels (RGB(A)), got {image.shape[0]}")
-    rgb = image[:3].astype(np.float32)
-    weights = np.asarray(LUMA, dtype=np.float32).reshape(3, *([1] * (image.ndim - 1)))
-    return (rgb * weights).sum(axis=0, keepdims=True, dtype=np.float32)
 
 
 def read_pairs(

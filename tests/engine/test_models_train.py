@@ -173,6 +173,12 @@ def test_split_and_input_errors(tmp_path: Path) -> None:
     pairs = [(np.zeros((1, 8, 8)), np.zeros((8, 8), np.int64)) for _ in range(5)]
     train, val = split_validation(pairs, fraction=0.2, seed=1)
     assert len(train) == 4 and len(val) == 1
+    # strips: every pair is split along its longest axis, 6 + 2 rows of 8 (0.2 * 8 rounds to 2)
+    train, val = split_validation(pairs, fraction=0.2, by="strips")
+    assert [t[0].shape for t in train] == [(1, 6, 8)] * 5
+    assert [v[1].shape for v in val] == [(2, 8)] * 5
+    with pytest.raises(ValueError, match=r"`by` \('tiles'\) must be 'pairs' or 'strips'"):
+        split_validation(pairs, fraction=0.2, by="tiles")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`fraction` \(1.0\) must be in \(0, 1\)"):
         split_validation(pairs, fraction=1.0)
     image, instances = _nuclei()

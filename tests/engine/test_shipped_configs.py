@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from _compare import assert_labels_equal
 
 from segflow import segment
@@ -76,6 +77,12 @@ def test_config_blockwise_equals_whole(config_path: Path) -> None:
         assert whole.any(), f"{info.id}: the reference found nothing; the test would be vacuous"
         for layout in _layouts(shape, config.blocks.shape):
             tiny = layout == (7,) * len(shape) or layout[0] == 1
+            has_model = any(step.get("op") == "model" for step in config.pipeline)
+            if tiny and has_model:
+                # every 7-px block runs the whole 256^2 tile the item fits in: ~1,300 forward
+                # passes of the network (minutes on CPU); tests/engine/test_models_op.py runs
+                # the model step on tiny blocks with small tiles
+                continue
             if tiny and (np.prod(shape) > 200_000 or shared):
                 # thousands of tiny blocks: covered by the smaller (bundled) items; on the
                 # real shared-data items, a block of 7 pixels with the ~130 px halo of a
@@ -176,3 +183,76 @@ def test_ct_body_holds_every_tumour_voxel() -> None:
         assert tumour.any()
         assert body[tumour].all(), f"{reader.info.id}: tumour voxels outside the body mask"
         assert 0.3 < body.mean() < 0.95, f"{reader.info.id}: body fraction {body.mean():.3f}"
+
+
+UNET = CONFIGS[0].parent / "nuclei-unet.yaml"
+
+#: AP50 of configs/nuclei-unet.yaml on the bundled sample, 003cee89... (an image the shipped
+#: model never saw in training): measured 1.000 (36 of 36 nuclei matched) on 2026-11-30, from
+#: the PNG and from its 1-band TIFF alike. The floor leaves room for three nuclei lost or
+#: split (0.9 ~ 34 of 36 matched with 2 extra or missed objects) by float-kernel differences
+#: between CPUs; the classical nuclei.yaml scores 0.892 there, so the floor still says the
+#: model is at least as good as the classical pipeline.
+UNET_SAMPLE_AP50_FLOOR = 0.9
+
+
+def _ap50(labels: np.ndarray, reference: np.ndarray) -> float:
+    with LocalExecutor(1) as executor:
+        result = evaluate_item(
+            _Array(labels), _Array(reference), labels.shape, instances=True, executor=executor
+        )
+    return float(result["ap50"])
+
+
+def test_nuclei_unet_on_the_bundled_png_and_a_one_band_tiff(tmp_path: Path) -> None:
+    """The shipped model config takes the RGBA PNG and a single-channel fluorescence TIFF of
+    the same image (its `luma` step makes both one channel) and finds the nuclei in both."""
+    config = load_config(UNET)
+    readers, failures = discover_items(config.input.path)
+    assert len(readers) == 1 and not failures
+    rgba = _whole(readers[0])
+    assert rgba.shape[0] == 4 and (rgba[0] == rgba[1]).all() and (rgba[0] == rgba[2]).all()
+    tiff = tmp_path / "image.tif"
+    tifffile.imwrite(tiff, rgba[0])  # the grey plane, as a microscope writes it: (y, x) uint8
+    band = _whole(open_item(str(tiff)))
+    assert band.shape == (1, *rgba.shape[1:])
+    folder = Path(readers[0].info.path).parent
+    reference = _whole(open_item(str(folder / "labels.tif"), "reference"))[0]
+
+    block = tuple(config.blocks.shape)
+    from_png = segment(rgba, config.pipeline, block_shape=block, channel_axis=0)
+    from_tiff = segment(band, config.pipeline, block_shape=block, channel_axis=0)
+    for labels in (from_png, from_tiff):
+        assert _ap50(labels, reference) >= UNET_SAMPLE_AP50_FLOOR
+    # luma of a grey RGBA pixel is its grey value up to float32 rounding (see test_intensity),
+    # so both inputs give the same nuclei (measured: identical labels). A few pixels are
+    # allowed to differ where the network's argmax sits on a near-tie that this rounding
+    # can tip.
+    assert from_png.max() == from_tiff.max()
+    assert ((from_png > 0) != (from_tiff > 0)).sum() <= 10
+
+
+#: configs/nuclei-unet.yaml on the DSB2018 fluorescence images, as the README's table reports
+#: them (`segflow run` + `segflow evaluate`, 2026-11-30): 003cee89... was held out of the
+#: shipped model's training, the other two were trained on.
+UNET_AP50 = {"003cee89": 1.000, "10ba6cbe": 0.871, "538b7673": 0.459}
+
+
+@pytest.mark.shared_data
+def test_nuclei_unet_ap50_table_on_dsb2018() -> None:
+    folder = SHARED / "microscopy" / "dsb2018_nuclei"
+    if not folder.is_dir():
+        pytest.skip(f"shared data not found at {folder}")
+    config = load_config(UNET)
+    scores = {}
+    for short in UNET_AP50:
+        (path,) = folder.glob(f"{short}*/image.png")
+        image = _whole(open_item(str(path)))
+        labels = segment(image, config.pipeline, block_shape=(256, 256), channel_axis=0)
+        reference = _whole(open_item(str(path.parent / "labels.tif"), "reference"))[0]
+        scores[short] = _ap50(labels, reference)
+    # 0.03: float kernels of another CPU may move a few boundary pixels and flip one or two
+    # matches at IoU 0.5 (one nucleus of 67 is 0.015 AP50 on 10ba6cbe...); a retrained or
+    # altered checkpoint moves these scores by far more.
+    for short, expected in UNET_AP50.items():
+        assert scores[short] == pytest.approx(expected, abs=0.03), scores

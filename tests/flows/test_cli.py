@@ -31,7 +31,7 @@ def test_ops_lists_every_operation_with_kind_halo_and_defaults() -> None:
     assert "value: float (required)" in result.output
 
 
-@pytest.mark.parametrize("name", ["aerial", "ct", "nuclei"])
+@pytest.mark.parametrize("name", ["aerial", "ct", "nuclei", "nuclei-unet"])
 def test_validate_accepts_the_shipped_configs(name: str) -> None:
     result = runner.invoke(app, ["validate", str(CONFIGS / f"{name}.yaml")])
 

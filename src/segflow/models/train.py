@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ class TrainConfig:
     patience: int = 8
     min_delta: float = 1e-3
     validation_fraction: float = 0.2
+    validation_split: Literal["pairs", "strips"] = "pairs"
     augment: bool = True
     seed: int = 0
 
@@ -123,11 +125,18 @@ def make_targets(labels: np.ndarray, head: Head) -> np.ndarray:
 
 
 def split_validation(
-    pairs: Sequence[Pair], *, fraction: float, seed: int = 0
+    pairs: Sequence[Pair],
+    *,
+    fraction: float,
+    seed: int = 0,
+    by: Literal["pairs", "strips"] = "pairs",
 ) -> tuple[list[Pair], list[Pair]]:
-    """Hold out ``fraction`` of the pairs for validation (at least one), chosen by ``seed``.
+    """Hold out ``fraction`` of the data for validation.
 
-    A single pair is split in space instead: the last ``fraction`` of its longest axis.
+    ``by="pairs"``: whole pairs (at least one), chosen by ``seed``; a single pair is split in
+    space instead. ``by="strips"``: the last ``fraction`` of every pair's longest axis, so that
+    every image is trained on and validated on (with few images, holding one out would leave
+    too little to train on, or hold out the image a leave-one-out test keeps for itself).
 
     Examples
     --------
@@ -135,23 +144,29 @@ def split_validation(
     >>> train, val = split_validation([pair], fraction=0.25)
     >>> train[0][0].shape, val[0][1].shape
     ((1, 10, 15), (10, 5))
+    >>> other = (np.zeros((1, 40, 8)), np.zeros((40, 8), int))
+    >>> train, val = split_validation([pair, other], fraction=0.25, by="strips")
+    >>> [t[1].shape for t in train], [v[1].shape for v in val]
+    ([(10, 15), (30, 8)], [(10, 5), (10, 8)])
     """
     if not 0 < fraction < 1:
         raise ValueError(f"`fraction` ({fraction}) must be in (0, 1)")
-    if len(pairs) >= 2:
+    if by not in ("pairs", "strips"):
+        raise ValueError(f"`by` ({by!r}) must be 'pairs' or 'strips'")
+    if by == "pairs" and len(pairs) >= 2:
         order = np.random.default_rng(seed).permutation(len(pairs))
         n_val = max(1, round(fraction * len(pairs)))
         return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
-    image, labels = pairs[0]
-    axis = int(np.argmax(labels.shape))
-    cut = labels.shape[axis] - max(1, round(fraction * labels.shape[axis]))
-    head = [slice(None)] * labels.ndim
-    tail = [slice(None)] * labels.ndim
-    head[axis], tail[axis] = slice(0, cut), slice(cut, None)
-    return (
-        [(image[(slice(None), *head)], labels[tuple(head)])],
-        [(image[(slice(None), *tail)], labels[tuple(tail)])],
-    )
+    train, val = [], []
+    for image, labels in pairs:
+        axis = int(np.argmax(labels.shape))
+        cut = labels.shape[axis] - max(1, round(fraction * labels.shape[axis]))
+        head = [slice(None)] * labels.ndim
+        tail = [slice(None)] * labels.ndim
+        head[axis], tail[axis] = slice(0, cut), slice(cut, None)
+        train.append((image[(slice(None), *head)], labels[tuple(head)]))
+        val.append((image[(slice(None), *tail)], labels[tuple(tail)]))
+    return train, val
 
 
 def data_fingerprint(pairs: Sequence[Pair]) -> str:
@@ -368,7 +383,7 @@ def train_model(
         raise ModelError("`pairs` is empty: training needs at least one (image, labels) pair")
     if validation is None:
         train_pairs, val_pairs = split_validation(
-            pairs, fraction=config.validation_fraction, seed=config.seed
+            pairs, fraction=config.validation_fraction, seed=config.seed, by=config.validation_split
         )
     else:
         train_pairs, val_pairs = list(pairs), list(validation)

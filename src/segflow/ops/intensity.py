@@ -69,6 +69,43 @@ def combine_bands(image: np.ndarray, params: CombineBandsParams, ctx: OpContext)
     return out[np.newaxis].astype(np.float32, copy=False)
 
 
+#: ITU-R BT.601 luma weights of R, G and B.
+LUMA = (0.299, 0.587, 0.114)
+
+
+class LumaParams(OpParams):
+    pass
+
+
+def to_luma(image: np.ndarray) -> np.ndarray:
+    """``(c, ...)`` with 1, 3 (RGB) or 4 (RGBA) channels as one float32 luma channel.
+
+    RGB(A) becomes the ITU-R BT.601 weighted sum of R, G and B (alpha dropped); one channel
+    (a fluorescence or greyscale TIFF) is kept as it is, as float32. A model trained on luma
+    (``segflow train`` with ``data.channels: luma``) thus sees the same values from a 1-band
+    TIFF and from an RGB(A) PNG of the same grey image.
+
+    Examples
+    --------
+    >>> to_luma(np.array([[[255]], [[0]], [[0]], [[255]]], dtype=np.uint8)).round(3)
+    array([[[76.245]]], dtype=float32)
+    >>> to_luma(np.array([[[7]]], dtype=np.uint16))
+    array([[[7.]]], dtype=float32)
+    """
+    if image.shape[0] == 1:
+        return image.astype(np.float32, copy=False)
+    if image.shape[0] not in (3, 4):
+        raise ValueError(f"luma needs 1, 3 or 4 channels (RGB(A)), got {image.shape[0]}")
+    weights = np.asarray(LUMA, dtype=np.float32)
+    out = np.tensordot(weights, image[:3].astype(np.float32, copy=False), axes=(0, 0))
+    return out[np.newaxis].astype(np.float32, copy=False)
+
+
+def luma(image: np.ndarray, params: LumaParams, ctx: OpContext) -> np.ndarray:
+    """One channel whatever the input: see :func:`to_luma`."""
+    return to_luma(image)
+
+
 class NormalizedDifferenceParams(OpParams):
     band_a: int = Field(ge=1, description="1-based band number (e.g. near infrared)")
     band_b: int = Field(ge=1, description="1-based band number (e.g. red)")
@@ -237,6 +274,21 @@ register(
             None
             if len(p.weights) == c
             else f"`weights` has {len(p.weights)} values, the image has {c} bands"
+        ),
+        out_channels=lambda c, p: 1,
+        out_dtype=lambda dtype, p: np.dtype(np.float32),
+    )
+)
+register(
+    Operation(
+        name="luma",
+        kind="pointwise",
+        params=LumaParams,
+        apply=luma,
+        summary="one float32 channel: BT.601 luma of RGB(A) (alpha dropped), a single band "
+        "as it is",
+        check_channels=lambda c, p: (
+            None if c in (1, 3, 4) else f"luma needs 1, 3 or 4 bands (RGB(A)), the image has {c}"
         ),
         out_channels=lambda c, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.float32),

@@ -155,7 +155,7 @@ def _check_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str 
         names = ", ".join(c.name for c in card.channels)
         return (
             f"{where} expects {len(card.channels)} channels ({names}), the image has "
-            f"{channels} at this step: add 'select_bands' or 'combine_bands' before it"
+            f"{channels} at this step: add 'select_bands', 'combine_bands' or 'luma' before it"
         )
     return None
 

@@ -524,7 +524,7 @@ class _ConsoleAbove:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="A train YAML (see configs/*-train.yaml).")],
+    config: Annotated[Path, typer.Argument(help="A train YAML (see configs/train/).")],
     restart: Annotated[
         bool, typer.Option("--restart", help="Drop a saved run and start afresh.")
     ] = False,

@@ -265,7 +265,9 @@ def segment_items(
             for item in todo
         ]
         for future in as_completed(futures):
-            row = future.result()
+            row = future.result(raise_on_failure=False)  # a failed item's state holds its row
+            if isinstance(row, BaseException):  # the task itself broke (a bug): say so
+                raise row
             rows.append(row)
             if row["status"] == "interrupted":
                 continue  # neither done nor failed: its previous result stays as it was

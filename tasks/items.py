@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, Failed
 
 from segflow.engine.executor import DaskExecutor
 from segflow.engine.interrupt import stop_requested
@@ -64,8 +65,9 @@ def segment_item_task(
     config_hash: str,
     scheduler_address: str,
     run_id: str,
-) -> dict[str, Any]:
-    """Segment one item on the Dask cluster at ``scheduler_address``; return its index row.
+) -> Any:
+    """Segment one item on the Dask cluster at ``scheduler_address``; return its index row
+    (as the data of a Failed or Cancelled state when the item failed or was interrupted).
 
     The blocks run on the Dask workers; only the small row comes back. Never raises for a
     bad item: the row says ``failed`` and its ``error`` names the item and the reason.
@@ -117,4 +119,10 @@ def segment_item_task(
     else:
         logger.error("%s", row["error"])
     report_progress(item_id, row["status"], 1, 1)
+    # The task run's state says what happened to the item (a failed item is red in the UI,
+    # with its reason as the message); the row travels as the state's data either way.
+    if row["status"] == "failed":
+        return Failed(message=str(row["error"]), data=row)
+    if row["status"] == "interrupted":
+        return Cancelled(message=str(row["error"]), data=row)
     return row

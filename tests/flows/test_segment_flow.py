@@ -41,6 +41,20 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
     assert set(errors) == {"broken", "rgb"}
     assert "broken.tif" in errors["broken"] and "not a readable GeoTIFF/TIFF" in errors["broken"]
     assert "'rgb'" in errors["rgb"] and "single-channel" in errors["rgb"]
+    # The failed item's task run is red in the UI with the reason; the others are green.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(sort="START_TIME_DESC", limit=1)[0]
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    states = {r.name: r.state for r in runs if r.name.startswith("segment-")}
+    assert {name: s.type.value for name, s in states.items()} == {  # type: ignore[union-attr]
+        "segment-rgb": "FAILED", "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED"
+    }  # fmt: skip
+    assert "single-channel" in str(states["segment-rgb"].message)  # type: ignore[union-attr]
 
     ds = xarray.open_zarr(store, group="tile_a")
     assert ds["labels"].dims == ("y", "x")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import zarr
 from _child import run_daskimage
+from _inputs import write_blobs
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
@@ -37,14 +38,7 @@ PIPELINE = [{"op": "gaussian", "sigma": SIGMA}, {"op": "otsu"}, {"op": "label", 
 
 
 def make_input(path: Path, size: int, chunk: int) -> None:
-    """Blobs of several sizes plus noise, written chunk by chunk (never whole in memory twice)."""
-    array = zarr.create_array(str(path), shape=(size, size), chunks=(chunk, chunk), dtype="float32")
-    rng = np.random.default_rng(0)
-    coarse = ndi.zoom(rng.random((size // 64 + 2, size // 64 + 2)), 64, order=1)
-    for i in range(0, size, chunk):
-        rows = slice(i, min(i + chunk, size))
-        noise = rng.random((rows.stop - rows.start, size), dtype=np.float32)
-        array[rows, :] = (coarse[rows, :size] + 0.8 * noise).astype(np.float32)
+    write_blobs(path, size, chunk, blob=64)
 
 
 def warm_up(client: Any) -> None:

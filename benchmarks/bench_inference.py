@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from _inputs import write_blobs
 
 TILE = 256
 OVERLAP = 0.25
@@ -81,16 +82,7 @@ def make_model(folder: Path) -> torch.nn.Module:
 
 
 def make_input(path: Path, size: int, chunk: int) -> None:
-    """Smooth blobs plus noise in [0, ~1.8], written a band of rows at a time."""
-    from scipy import ndimage as ndi
-
-    array = zarr.create_array(str(path), shape=(size, size), chunks=(chunk, chunk), dtype="float32")
-    rng = np.random.default_rng(0)
-    coarse = ndi.zoom(rng.random((size // 32 + 2, size // 32 + 2)), 32, order=1)
-    for i in range(0, size, chunk):
-        rows = slice(i, min(i + chunk, size))
-        noise = rng.random((rows.stop - rows.start, size), dtype=np.float32)
-        array[rows, :] = (coarse[rows, :size] + 0.8 * noise).astype(np.float32)
+    write_blobs(path, size, chunk, blob=32)
 
 
 def warm_up(client: Any, model: Path, workdir: Path, batch_size: int, block: int) -> None:

@@ -192,8 +192,7 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
             failed |= bool(summary["failed"])
             _print_summary(summary)
     if (reason := stop_requested()) is not None:
-        typer.echo(f"segflow: stopped ({reason}); committed items are kept, rerun to finish",
-                   err=True)  # fmt: skip
+        typer.echo(_stopped_line(reason), err=True)
         raise typer.Exit(_stop_status(reason))
     if failed:
         raise typer.Exit(EXIT_FAILED)
@@ -201,12 +200,10 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
 
 def _lock_holder(store: str) -> str | None:
     """Why ``store`` cannot be written now (another live run holds it), or None."""
-    from segflow.store.lock import StoreLock, locked_message, read_lock
+    from segflow.store.lock import live_holder, locked_message
 
-    holder = read_lock(store)
-    if holder is None or StoreLock(store, run_id="check").is_stale(holder):
-        return None
-    return locked_message(store, holder)
+    holder = live_holder(store)
+    return None if holder is None else locked_message(store, holder)
 
 
 # Seconds a stopped run may take to record what finished before the command exits anyway.
@@ -217,6 +214,10 @@ def _api_lost(reason: str) -> None:
     from segflow.engine.interrupt import request_stop
 
     request_stop(reason)
+
+
+def _stopped_line(reason: str) -> str:
+    return f"segflow: stopped ({reason}); committed items are kept, rerun to finish"
 
 
 def _stop_status(reason: str) -> int:
@@ -244,11 +245,7 @@ def _exit_when_stuck(stores: Sequence[str]) -> Iterator[None]:
             if finished.wait(STOP_DEADLINE):
                 return
             _finish_stores(stores)
-            print(
-                f"segflow: stopped ({reason}); committed items are kept, rerun to finish",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(_stopped_line(reason), file=sys.stderr, flush=True)
             os._exit(_stop_status(reason))
 
     thread = threading.Thread(target=watch, name="segflow-stop-deadline", daemon=True)

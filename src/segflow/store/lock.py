@@ -172,14 +172,8 @@ class StoreLock:
         return holder is not None and holder.get("token") == self.record["token"]
 
     def is_stale(self, holder: dict[str, Any]) -> bool:
-        """Whether ``holder``'s lock may be broken (process gone, or heartbeat too old)."""
-        if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
-            return True
-        try:
-            beat = dt.datetime.fromisoformat(str(holder["heartbeat"]))
-        except (KeyError, ValueError):
-            return True  # unreadable lock: nobody can be refreshing it properly
-        return (dt.datetime.now(dt.UTC) - beat).total_seconds() > self.stale_after
+        """Whether ``holder``'s lock may be broken (see :func:`is_stale`)."""
+        return is_stale(holder, stale_after=self.stale_after)
 
     def _break(self, holder: dict[str, Any]) -> None:
         if is_local(self.store):
@@ -214,10 +208,28 @@ def hold_store_lock(
         lock.release()
 
 
-def has_stale_lock(store: str) -> bool:
-    """True when ``store`` holds the lock of a run that died (see :meth:`StoreLock.is_stale`)."""
+def is_stale(holder: dict[str, Any], *, stale_after: float = STALE_AFTER) -> bool:
+    """Whether a lock may be broken: its process is gone (same host), or its heartbeat is
+    older than ``stale_after`` seconds (or unreadable)."""
+    if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+        return True
+    try:
+        beat = dt.datetime.fromisoformat(str(holder["heartbeat"]))
+    except (KeyError, ValueError):
+        return True  # unreadable lock: nobody can be refreshing it properly
+    return (dt.datetime.now(dt.UTC) - beat).total_seconds() > stale_after
+
+
+def live_holder(store: str) -> dict[str, Any] | None:
+    """What the lock of a live run on ``store`` says, or None (no lock, or a stale one)."""
     holder = read_lock(store)
-    return holder is not None and StoreLock(store, run_id="check").is_stale(holder)
+    return None if holder is None or is_stale(holder) else holder
+
+
+def has_stale_lock(store: str) -> bool:
+    """True when ``store`` holds the lock of a run that died (see :func:`is_stale`)."""
+    holder = read_lock(store)
+    return holder is not None and is_stale(holder)
 
 
 def read_lock(store: str) -> dict[str, Any] | None:

@@ -16,8 +16,18 @@ import os
 NOISY_LOGGERS = ("rasterio._env", "rasterio", "tifffile", "nibabel", "py.warnings")
 
 
+class _NoStateEcho(logging.Filter):
+    """Drop Prefect's "Task run failed with state: ..." for an item task that returned its
+    Failed state: the item's reason was logged just before, and Prefect logs this line with
+    ``exc_info`` but no exception, which prints a stray "NoneType: None"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task run failed with state:")
+
+
 def quiet_libraries() -> None:
     """Route Python warnings to logging and keep only errors of the noisy libraries."""
+    logging.getLogger("prefect.task_runs").addFilter(_NoStateEcho())
     logging.captureWarnings(True)
     # GDAL prints with its own handler where rasterio's is not installed (worker threads).
     os.environ.setdefault("CPL_LOG", os.devnull)

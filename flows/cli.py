@@ -390,16 +390,21 @@ def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[
         "output.chunks": config.output.chunks,
         "output.shards": config.output.shards,
     }
-    for reader in readers:
-        info = reader.info
-        axes = info.spatial_axes
-        for key, value in settings.items():
-            if value is not None and len(value) != len(axes):
-                problems.append(
-                    f"{key}: {value} has {len(value)} axes, item {info.id!r} ({info.path}) "
-                    f"has {len(axes)} spatial axes {axes}"
-                )
+    misfits = [_shape_misfit(reader.info, settings) for reader in readers]
+    if readers and all(misfits):  # no item fits: the settings are wrong, not the items
+        problems += [m for m in misfits if m]
     return problems, readers, failures
+
+
+def _shape_misfit(info: Any, settings: dict[str, Any]) -> str | None:
+    """One line when a shape setting has another axis count than the item, else None."""
+    axes = info.spatial_axes
+    wrong = [f"{k} {v}" for k, v in settings.items() if v is not None and len(v) != len(axes)]
+    if not wrong:
+        return None
+    return (
+        f"{' and '.join(wrong)}: item {info.id!r} ({info.path}) has {len(axes)} spatial axes {axes}"
+    )
 
 
 def _check_items(config: Any) -> list[str]:
@@ -410,8 +415,16 @@ def _check_items(config: Any) -> list[str]:
 
     problems, readers, failures = _collection_problems(config)
     problems += [f"input.path: {message}" for _, message in failures]
+    settings = {
+        "blocks.shape": config.blocks.shape if isinstance(config.blocks.shape, list) else None,
+        "output.chunks": config.output.chunks,
+        "output.shards": config.output.shards,
+    }
     for reader in readers:
         info = reader.info
+        if not problems and (misfit := _shape_misfit(info, settings)):
+            problems.append(misfit)  # in a run, this item fails alone
+            continue
         try:
             compile_pipeline(
                 config.pipeline,

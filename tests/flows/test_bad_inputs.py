@@ -42,6 +42,8 @@ ITEM_FAULTS = {
     "all_nan.tif": "pipeline[0].otsu: the item has no values (every pixel is NaN",
     "all_inf.tif": "pipeline[0].otsu: the item has infinite values",
     "three_bands.tif": "'otsu' needs a single-channel image, got 3 channels",
+    # Two planes read as a 2-slice z-stack: the 2-D blocks do not fit it, the others run.
+    "two_planes.tif": "PlanError: `blocks.shape` (32, 32) has 2 axes, the item has 3",
 }
 # Odd but valid inputs: segmented like any other.
 ACCEPTED = ("good", "constant", "one_pixel", "one_row", "no_crs", "lonlat")
@@ -77,6 +79,7 @@ def _write_collection(folder: Path) -> None:
     tifffile.imwrite(folder / "all_nan.tif", np.full((16, 16), np.nan, np.float32))
     tifffile.imwrite(folder / "all_inf.tif", np.full((16, 16), np.inf, np.float32))
     write_geotiff(folder / "three_bands.tif", blob_image(bands=3))
+    tifffile.imwrite(folder / "two_planes.tif", np.stack([blob_image()[0]] * 2))
     tifffile.imwrite(folder / "constant.tif", np.full((16, 16), 7, np.uint8))
     tifffile.imwrite(folder / "one_pixel.tif", np.ones((1, 1), np.uint8))
     tifffile.imwrite(folder / "one_row.tif", np.arange(20, dtype=np.uint8)[np.newaxis])
@@ -133,8 +136,8 @@ def test_every_bad_item_fails_alone_with_one_line(tmp_path: Path, dask_address: 
     ("setting", "message"),
     [
         (["input.path=/no/such/folder"], "input.path: collection '/no/such/folder': no such"),
-        (["output.chunks=[16,16,16]"], "output.chunks: [16, 16, 16] has 3 axes, item 'good'"),
-        (["blocks.shape=[32,32,32]"], "blocks.shape: [32, 32, 32] has 3 axes"),
+        (["output.chunks=[16,16,16]"], "output.chunks [16, 16, 16]: item 'good' ("),
+        (["blocks.shape=[32,32,32]"], "blocks.shape [32, 32, 32]: item 'good' ("),
         (["output.chunks=[0,16]"], "output.chunks: every axis must be >= 1 (got [0, 16])"),
         (["blocks.shape=[-4,32]"], "blocks.shape: every axis must be >= 1"),
         (

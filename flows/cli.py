@@ -532,6 +532,39 @@ class _ConsoleAbove:
         self.target.print(Text.from_ansi(captured.get().rstrip("\n")), soft_wrap=True)
 
 
+@contextmanager
+def _train_progress(console: Console, name: str, max_epochs: int) -> Iterator[None]:
+    """Two live bars for ``segflow train`` on a terminal: epochs (with the last epoch's loss
+    and validation score) and the optimiser steps of the running epoch; elsewhere one line
+    per finished epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks.progress import listen_progress
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    epochs = progress.add_task(f"{name} epochs", total=max_epochs)
+    steps = progress.add_task("steps", total=None)
+
+    def update(_: str, phase: str, step: int, total: int) -> None:
+        if " done: " in phase:  # "epoch E done: loss L, val V, best B"
+            epoch = int(phase.split()[1])
+            progress.update(epochs, completed=epoch, description=f"{name} {phase}")
+            if not console.is_terminal:
+                console.print(f"{name} {phase}", highlight=False)
+        else:
+            progress.update(steps, completed=step, total=total, description=phase)
+
+    with progress, listen_progress(update), _prefect_logs_to(progress.console):
+        yield
+
+
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="A train YAML (see configs/train/).")],
@@ -546,17 +579,18 @@ def train(
     invalid config.
     """
     from segflow.errors import ConfigError
-    from segflow.train_config import load_train_config
+    from segflow.train_config import find_pairs, load_train_config
 
     console = Console()
     try:
         cfg = load_train_config(config)
+        find_pairs(cfg.data)  # every image has its reference, before Prefect starts
     except ConfigError as error:
         Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
         raise typer.Exit(EXIT_INVALID) from None
     from flows.train import train_flow
 
-    with _prefect_logs_to(Console(stderr=True)), console.status(f"training {cfg.name} ..."):
+    with _train_progress(console, cfg.name, cfg.training.max_epochs):
         summary = train_flow(str(config), restart=restart)
     table = Table(title=f"{cfg.name}: training ({summary['best']})")
     for column in ("epoch", "loss", "val IoU", "best"):

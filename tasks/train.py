@@ -8,19 +8,42 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.progress import report_progress
+
 
 @task(name="train-epoch", retries=0, cache_policy=NO_CACHE, task_run_name="epoch-{epoch}")
 def train_epoch_task(config: str, epoch: int, *, resume: bool = True) -> dict[str, Any]:
-    """Run the next epoch of ``config``'s training (resuming its saved state)."""
+    """Run the next epoch of ``config``'s training (resuming its saved state).
+
+    Progress goes to :mod:`tasks.progress` listeners as ``(name, phase, step, steps)``: phase
+    ``"epoch E: loss L"`` per optimiser step, ``"validating epoch E"`` once the steps are
+    done, and ``"epoch E done: loss L, val V, best B"`` at the end (step = steps).
+    """
     from segflow.train_config import load_train_config, train_from_config
 
-    result = train_from_config(load_train_config(config), stop_after=1, resume=resume)
+    cfg = load_train_config(config)
+
+    def on_step(epoch_: int, step: int, steps: int, loss: float) -> None:
+        phase = f"epoch {epoch_}: loss {loss:.4f}"
+        report_progress(cfg.name, phase, step, steps)
+        if step == steps:
+            report_progress(cfg.name, f"validating epoch {epoch_}", step, steps)
+
+    result = train_from_config(cfg, stop_after=1, resume=resume, on_step=on_step)
     last = result.history[-1] if result.history else None
     if last is not None:
         get_run_logger().info(
             "epoch %d: loss %.4f, validation foreground IoU %.4f (best %.4f)",
             last.epoch, last.loss, last.val_score, last.best_score,
         )  # fmt: skip
+        steps = cfg.training.steps_per_epoch
+        report_progress(
+            cfg.name,
+            f"epoch {last.epoch} done: loss {last.loss:.4f}, val {last.val_score:.4f}, "
+            f"best {last.best_score:.4f}",
+            steps,
+            steps,
+        )
     return {
         "epochs": result.epochs,
         "finished": result.finished,

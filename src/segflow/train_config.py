@@ -9,7 +9,7 @@ reference per image (a label image, or GeoJSON polygons rasterised on the image'
 from __future__ import annotations
 
 import glob
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,10 @@ class _Model(BaseModel):
 
 
 class TrainData(_Model):
-    images: str = Field(description="glob of training images (relative to the config file)")
+    images: str | list[str] = Field(
+        description="glob(s) of training images (relative to the config file); a list is the "
+        "union of its globs"
+    )
     references: str = Field(
         description="each image's reference: a path template with {dir} (the image's folder) "
         "and {stem} (its name without extension), e.g. '{dir}/labels.tif' or "
@@ -41,6 +44,17 @@ class TrainData(_Model):
     validation: list[str] = Field(
         default_factory=list,
         description="stems of the images kept for validation (default: a seeded split)",
+    )
+    reference_values: dict[int, int] | None = Field(
+        None,
+        description="map each reference value to a class id (e.g. {0: 0, 255: 1} for a 0/255 "
+        "mask); a value the map does not name is an error. Default: values are class ids "
+        "(semantic head) or instance ids",
+    )
+    crop: list[list[int | None]] | None = Field(
+        None,
+        description="train on a window of every image: one [start, stop] per spatial axis "
+        "(null: the whole axis), e.g. [[0, 450], [null, null]] for the top 450 rows",
     )
 
 
@@ -112,9 +126,12 @@ def parse_train_config(data: Mapping[str, Any], *, base_dir: Path) -> TrainFile:
         config.card()
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
+    images = config.data.images
     data_ = config.data.model_copy(
         update={
-            "images": str(base_dir / config.data.images),
+            "images": str(base_dir / images)
+            if isinstance(images, str)
+            else [str(base_dir / glob_) for glob_ in images],
             "references": str(base_dir / config.data.references)
             if not config.data.references.startswith("{dir}")
             else config.data.references,
@@ -125,7 +142,8 @@ def parse_train_config(data: Mapping[str, Any], *, base_dir: Path) -> TrainFile:
 
 def find_pairs(data: TrainData) -> list[tuple[str, str]]:
     """``(image, reference)`` paths; an image without its reference is an error naming it."""
-    images = sorted(glob.glob(data.images, recursive=True))
+    patterns = [data.images] if isinstance(data.images, str) else data.images
+    images = sorted({path for p in patterns for path in glob.glob(p, recursive=True)})
     if not images:
         raise ConfigError([f"data.images: no file matches {data.images!r}"])
     pairs = []
@@ -140,39 +158,88 @@ def find_pairs(data: TrainData) -> list[tuple[str, str]]:
 
 
 def read_pairs(
-    pairs: Sequence[tuple[str, str]], *, channels: str = "as_is"
+    pairs: Sequence[tuple[str, str]],
+    *,
+    channels: str = "as_is",
+    reference_values: Mapping[int, int] | None = None,
+    crop: Sequence[Sequence[int | None]] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The images ``(c, ...)`` and their reference labels ``(...)`` in memory."""
+    """The images ``(c, ...)`` and their reference labels ``(...)`` in memory, with
+    ``reference_values`` mapped to class ids and cut to the ``crop`` window."""
     from segflow.evaluate import open_reference
     from segflow.io import open_item
 
     out = []
     for image_path, reference_path in pairs:
         reader = open_item(image_path)
-        whole = tuple(slice(0, n) for n in reader.info.spatial_shape)
-        image = np.asarray(reader.read(whole))
+        shape = reader.info.spatial_shape
+        if crop is not None and len(crop) != len(shape):
+            raise ConfigError(
+                [f"data.crop: {list(crop)} has {len(crop)} axes, {image_path!r} has {len(shape)}"]
+            )
+        window = tuple(
+            slice(*slice(*(crop[axis] if crop else (None, None))).indices(n)[:2])
+            for axis, n in enumerate(shape)
+        )
+        if any(w.stop <= w.start for w in window):
+            raise ConfigError([f"data.crop: {list(crop or [])} is empty on {image_path!r} {shape}"])
+        image = np.asarray(reader.read(window))
         if channels == "luma":
             image = to_luma(image)
-        labels = np.asarray(open_reference(reference_path, reader.info).read(whole))
+        labels = np.asarray(open_reference(reference_path, reader.info).read(window))
         labels = labels[0] if labels.ndim == image.ndim else labels
         if labels.shape != image.shape[1:]:
             raise ValueError(
                 f"reference {reference_path!r} is {labels.shape}, image {image_path!r} is "
                 f"{image.shape[1:]}"
             )
+        if reference_values is not None:
+            labels = _map_values(labels, reference_values, reference_path)
         out.append((image, labels.astype(np.int64)))
     return out
 
 
+def _map_values(labels: np.ndarray, mapping: Mapping[int, int], path: str) -> np.ndarray:
+    """``labels`` with every value replaced by ``mapping[value]``.
+
+    Examples
+    --------
+    >>> _map_values(np.array([0, 255, 255]), {0: 0, 255: 1}, "mask.png")
+    array([0, 1, 1])
+    """
+    values, inverse = np.unique(labels, return_inverse=True)
+    unknown = [int(v) for v in values if int(v) not in mapping]
+    if unknown:
+        raise ConfigError(
+            [
+                f"data.reference_values: reference {path!r} has the value(s) {unknown[:5]} "
+                f"that the map {dict(mapping)} does not name"
+            ]
+        )
+    return np.array([mapping[int(v)] for v in values], dtype=np.int64)[inverse].reshape(
+        labels.shape
+    )
+
+
 def train_from_config(
-    config: TrainFile, *, stop_after: int | None = None, resume: bool = True
+    config: TrainFile,
+    *,
+    stop_after: int | None = None,
+    resume: bool = True,
+    on_step: Callable[[int, int, int, float], None] | None = None,
 ) -> Any:
     """Run (or continue) the training ``config`` describes with
-    :func:`segflow.models.train.train_model`; returns its ``TrainResult``."""
+    :func:`segflow.models.train.train_model` (``on_step`` as there); returns its
+    ``TrainResult``."""
     from segflow.models.train import train_model
 
     pairs = find_pairs(config.data)
-    data = read_pairs(pairs, channels=config.data.channels)
+    data = read_pairs(
+        pairs,
+        channels=config.data.channels,
+        reference_values=config.data.reference_values,
+        crop=config.data.crop,
+    )
     validation = None
     train = data
     if config.data.validation:
@@ -188,6 +255,7 @@ def train_from_config(
         validation=validation,
         resume=resume,
         stop_after=stop_after,
+        on_step=on_step,
     )
 
 

@@ -192,3 +192,45 @@ def test_split_and_input_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"`tile` \(30, 30\) must be a multiple of 8"):
         train_model([(image, instances)], card=card, out_dir=tmp_path,
                     config=TrainConfig(patch=(30, 30)))  # fmt: skip
+
+
+def test_train_data_globs_value_map_and_crop(tmp_path: Path) -> None:
+    from segflow.errors import ConfigError
+    from segflow.train_config import find_pairs, parse_train_config, read_pairs
+
+    (tmp_path / "image").mkdir()
+    (tmp_path / "label").mkdir()
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 10:20] = 255
+    for k in range(12):
+        iio.imwrite(tmp_path / "image" / f"{k}.png", (mask // 2 + k).astype(np.uint8))
+        iio.imwrite(tmp_path / "label" / f"{k}.png", mask)
+    config = parse_train_config(
+        {
+            "data": {
+                "images": ["image/[0-2].png", "image/1[01].png"],  # 0, 1, 2, 10, 11
+                "references": "{dir}/../label/{stem}.png",
+                "reference_values": {0: 0, 255: 1},
+                "crop": [[None, 10], [12, None]],
+            },
+            "model": {"architecture": {"name": "segnet"}, "spatial_dims": 2,
+                      "channels": [{"name": "em"}], "classes": ["membrane", "cell"],
+                      "tile": [8, 8]},
+            "output": "out",
+        },  # fmt: skip
+        base_dir=tmp_path,
+    )
+    pairs = find_pairs(config.data)
+    assert [Path(image).stem for image, _ in pairs] == ["0", "1", "10", "11", "2"]
+    data = read_pairs(pairs, reference_values={0: 0, 255: 1}, crop=config.data.crop)
+    image, labels = data[2]
+    assert image.shape == (1, 10, 18) and labels.shape == (10, 18)
+    np.testing.assert_array_equal(labels, (mask[:10, 12:] == 255).astype(np.int64))
+    np.testing.assert_array_equal(image[0], mask[:10, 12:] // 2 + 10)
+
+    with pytest.raises(ConfigError, match=r"has the value\(s\) \[255\] that the map"):
+        read_pairs(pairs[:1], reference_values={0: 0})
+    with pytest.raises(ConfigError, match=r"data.crop: \[\[0, 5\]\] has 1 axes"):
+        read_pairs(pairs[:1], crop=[[0, 5]])
+    with pytest.raises(ConfigError, match=r"data.crop: .* is empty"):
+        read_pairs(pairs[:1], crop=[[30, 40], [None, None]])

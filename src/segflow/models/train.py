@@ -330,6 +330,7 @@ def train_model(
     config: TrainConfig = TrainConfig(),
     validation: Sequence[Pair] | None = None,
     callback: Callable[[EpochReport], None] | None = None,
+    on_step: Callable[[int, int, int, float], None] | None = None,
     resume: bool = False,
     stop_after: int | None = None,
 ) -> TrainResult:
@@ -350,6 +351,10 @@ def train_model(
         Pairs to score each epoch; by default :func:`split_validation` of ``pairs``.
     callback : callable, optional
         Called with an :class:`EpochReport` after each epoch, once its state is saved.
+    on_step : callable, optional
+        Called as ``on_step(epoch, step, steps, mean_loss)`` after every optimiser step
+        (``epoch`` counts from 1, ``mean_loss`` over the epoch's steps so far), and once as
+        ``on_step(epoch, steps, steps, mean_loss)`` before validation starts.
     resume : bool
         Continue the run saved in ``out_dir/last`` (same data, card and config, else an
         error); without a saved run, start afresh.
@@ -440,6 +445,8 @@ def train_model(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(epoch + 1, len(losses), config.steps_per_epoch, float(np.mean(losses)))
         model.eval()
         score = _score(model, val_pairs, card, config.batch_size)
         epoch += 1

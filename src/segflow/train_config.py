@@ -77,6 +77,21 @@ class TrainLoop(_Model):
         "validation_fraction of every image's longest axis (strips)",
     )
     augment: bool = True
+    zoom: list[float] = Field(
+        default_factory=lambda: [1.0, 1.0],
+        min_length=2,
+        max_length=2,
+        description="[low, high]: each patch is scaled by a factor drawn log-uniformly from "
+        "this range (objects of other sizes than the training images'); [1, 1]: off",
+    )
+    gamma: list[float] = Field(
+        default_factory=lambda: [1.0, 1.0],
+        min_length=2,
+        max_length=2,
+        description="[low, high]: a gamma drawn log-uniformly from this range bends the "
+        "normalised intensities (dim and bright objects); [1, 1]: off",
+    )
+    noise: float = Field(0.0, ge=0, description="Gaussian noise, sigma drawn from [0, noise]")
     seed: int = 0
 
 
@@ -99,6 +114,7 @@ class TrainFile(_Model):
 
         values = self.training.model_dump()
         values["patch"] = None if values["patch"] is None else tuple(values["patch"])
+        values["zoom"], values["gamma"] = tuple(values["zoom"]), tuple(values["gamma"])
         return TrainConfig(**values)
 
 
@@ -121,11 +137,17 @@ def load_train_config(path: str | Path, base_dir: Path | None = None) -> TrainFi
 def parse_train_config(data: Mapping[str, Any], *, base_dir: Path) -> TrainFile:
     from segflow.config import _describe
 
+    from segflow.errors import ModelError
+
     try:
         config = TrainFile.model_validate(dict(data))
         config.card()
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
+    try:
+        config.loop()
+    except ModelError as error:
+        raise ConfigError([f"training: {error}"]) from None
     images = config.data.images
     data_ = config.data.model_copy(
         update={

@@ -169,6 +169,34 @@ def test_patches_favour_foreground() -> None:
     assert (y_biased > 0).float().mean() > 2 * (y_uniform > 0).float().mean()
 
 
+def test_zoom_gamma_and_noise_augmentation() -> None:
+    image, instances = _nuclei()
+    data = _prepare([(image, instances)], _card("foreground_boundary"), (32, 32))
+    plain = TrainConfig(batch_size=32, foreground_fraction=1.0, augment=False)
+    _, y_plain = _sample_batch(data, (32, 32), plain, np.random.default_rng(0))
+    # zoomed in 2x, a nucleus covers about 4x the pixels of a patch; zoomed out, a quarter
+    mean_area = {}
+    for zoom in (0.5, 2.0):
+        config = TrainConfig(batch_size=32, foreground_fraction=1.0, zoom=(zoom, zoom))
+        x, y = _sample_batch(data, (32, 32), config, np.random.default_rng(0))
+        assert x.shape == (32, 1, 32, 32) and y.shape == (32, 32, 32) and y.dtype == torch.int64
+        assert set(torch.unique(y).tolist()) <= {0, 1, 2}  # nearest neighbour: classes stay
+        mean_area[zoom] = float((y > 0).float().mean())
+    assert mean_area[2.0] > 1.5 * float((y_plain > 0).float().mean()) > 2 * mean_area[0.5]
+    # one patch each: the gamma draw moves the generator on for the next patch
+    flat = TrainConfig(batch_size=1, augment=True, gamma=(1.0, 1.0))
+    bent = TrainConfig(batch_size=1, augment=True, gamma=(3.0, 3.0), noise=0.0)
+    x_flat, _ = _sample_batch(data, (32, 32), flat, np.random.default_rng(1))
+    x_bent, _ = _sample_batch(data, (32, 32), bent, np.random.default_rng(1))
+    positive = x_flat > 0
+    torch.testing.assert_close(x_bent[positive], x_flat[positive] ** 3)
+    noisy = TrainConfig(batch_size=1, augment=True, noise=0.2)
+    x_noisy, _ = _sample_batch(data, (32, 32), noisy, np.random.default_rng(1))
+    assert float((x_noisy - x_flat).std()) > 0.01
+    with pytest.raises(ModelError, match=r"`zoom` \(2.0, 0.5\) must satisfy 0 < low <= high"):
+        TrainConfig(zoom=(2.0, 0.5))
+
+
 def test_split_and_input_errors(tmp_path: Path) -> None:
     pairs = [(np.zeros((1, 8, 8)), np.zeros((8, 8), np.int64)) for _ in range(5)]
     train, val = split_validation(pairs, fraction=0.2, seed=1)

@@ -1,8 +1,9 @@
 """Training a segmentation network on in-memory (image, labels) pairs, resumable and seeded.
 
 The engine-level loop the ``train`` flow will call. Each epoch draws ``steps_per_epoch``
-batches of patches (a share of them centred on a foreground pixel), augments them (flips,
-90-degree rotations in the ``y, x`` plane, intensity scale and shift), minimises soft Dice +
+batches of patches (a share of them centred on a foreground pixel), augments them (a random
+zoom, flips, 90-degree rotations in the ``y, x`` plane, intensity scale and shift, gamma,
+Gaussian noise; zoom, gamma and noise are off by default), minimises soft Dice +
 cross-entropy with AdamW under a polynomial learning-rate decay, then scores the validation
 pairs with the same tiled inference the pipeline uses (:func:`~segflow.models.inference.
 predict_image`). The best epoch is saved as a checkpoint with its model card
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
+from skimage.transform import resize
 from torch.nn import functional as F
 
 from segflow.errors import ModelError
@@ -62,7 +64,18 @@ class TrainConfig:
     validation_fraction: float = 0.2
     validation_split: Literal["pairs", "strips"] = "pairs"
     augment: bool = True
+    zoom: tuple[float, float] = (1.0, 1.0)
+    gamma: tuple[float, float] = (1.0, 1.0)
+    noise: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("zoom", "gamma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ModelError(f"`{name}` ({low}, {high}) must satisfy 0 < low <= high")
+        if self.noise < 0:
+            raise ModelError(f"`noise` ({self.noise}) must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -221,17 +234,28 @@ def _sample_batch(
     for _ in range(config.batch_size):
         item = data[rng.integers(len(data))]
         shape = item.image.shape[1:]
+        zoom = 1.0
+        if config.augment and config.zoom != (1.0, 1.0):
+            zoom = float(np.exp(rng.uniform(*np.log(config.zoom))))
+        # The window read from the item: ``patch / zoom`` pixels, resized to ``patch`` below.
+        window = tuple(min(n, max(1, round(p / zoom))) for p, n in zip(patch, shape, strict=True))
         if len(item.foreground) and rng.random() < config.foreground_fraction:
             centre = item.foreground[rng.integers(len(item.foreground))]
             start = [
-                int(np.clip(c - p // 2, 0, n - p))
-                for c, p, n in zip(centre, patch, shape, strict=True)
+                int(np.clip(c - w // 2, 0, n - w))
+                for c, w, n in zip(centre, window, shape, strict=True)
             ]
         else:
-            start = [int(rng.integers(n - p + 1)) for p, n in zip(patch, shape, strict=True)]
-        box = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
+            start = [int(rng.integers(n - w + 1)) for w, n in zip(window, shape, strict=True)]
+        box = tuple(slice(s, s + w) for s, w in zip(start, window, strict=True))
         x = item.image[(slice(None), *box)]
         y = item.targets[(Ellipsis, *box)]  # type: ignore[arg-type]
+        if window != patch:
+            shrink = zoom < 1  # the window is larger than the patch: smooth before sampling
+            x = resize(x, (x.shape[0], *patch), order=1, anti_aliasing=shrink, preserve_range=True)
+            lead = y.shape[: y.ndim - ndim]
+            y = resize(y, (*lead, *patch), order=0, anti_aliasing=False, preserve_range=True)
+            y = y.astype(item.targets.dtype)
         if config.augment:
             for axis in range(ndim):
                 if rng.random() < 0.5:
@@ -241,6 +265,11 @@ def _sample_batch(
             scale = rng.uniform(0.8, 1.2, size=(x.shape[0],) + (1,) * ndim)
             shift = rng.uniform(-0.1, 0.1, size=(x.shape[0],) + (1,) * ndim)
             x = x * scale + shift
+            if config.gamma != (1.0, 1.0):  # on the positive part of the normalised values
+                gamma = float(np.exp(rng.uniform(*np.log(config.gamma))))
+                x = np.where(x > 0, np.abs(x) ** gamma, x)
+            if config.noise > 0:
+                x = x + rng.normal(0.0, rng.uniform(0, config.noise), size=x.shape)
         images.append(np.ascontiguousarray(x, dtype=np.float32))
         targets.append(np.ascontiguousarray(y))
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(targets))

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from segflow.config import ClusterConfig
-from segflow.engine.cluster import start_local_cluster
+from segflow.engine.cluster import start_local_cluster, visible_gpus
 
 
 @contextmanager
@@ -22,8 +22,10 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
     With ``cluster.address`` it connects to that scheduler (Kubernetes, dask-jobqueue, a cloud
     service) and leaves it running. Without, it starts a process-based ``LocalCluster`` with
     ``n_workers`` (default: one per core) of ``threads_per_worker`` threads, and shuts it
-    down after the run. Its HTTP server (the dashboard, when bokeh is installed) takes a free
-    port, so two runs or another cluster on 8787 never clash.
+    down after the run; the first ``gpu_workers`` of them (default: one per visible CUDA
+    device) each own one GPU and take the model steps' block tasks. Its HTTP server (the
+    dashboard, when bokeh is installed) takes a free port, so two runs or another cluster on
+    8787 never clash.
     """
     from distributed import Client
 
@@ -34,10 +36,15 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
         finally:
             client.close()
         return
+    n_workers = cluster.n_workers or os.cpu_count() or 1
+    gpus = visible_gpus()
+    if cluster.gpu_workers is not None:  # more than the devices: ids repeat (tests, MIG)
+        gpus = [gpus[i % len(gpus)] if gpus else str(i) for i in range(cluster.gpu_workers)]
     with _quiet_dask():
         with _workers_ignore_sigint():
             local = start_local_cluster(
-                cluster.n_workers or os.cpu_count() or 1,
+                max(n_workers, len(gpus)),
+                gpus=gpus,
                 threads_per_worker=cluster.threads_per_worker,
                 memory_limit=cluster.memory_limit,
                 # None would still bind the HTTP server to 8787; ":0" picks a free port.

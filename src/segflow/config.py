@@ -95,6 +95,12 @@ class ClusterConfig(_Model):
     n_workers: int | None = Field(None, ge=1, description="local workers; default: one per core")
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = Field("auto", description="per local worker, e.g. '4GiB'")
+    gpu_workers: int | None = Field(
+        None,
+        ge=0,
+        description="local workers that each own one GPU (they advertise GPU=1, so model "
+        "steps run one at a time per GPU); default: one per visible CUDA device",
+    )
 
 
 class SegflowConfig(_Model):

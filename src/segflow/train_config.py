@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, ModelError
 from segflow.ops.intensity import to_luma
 
 
@@ -136,8 +136,6 @@ def load_train_config(path: str | Path, base_dir: Path | None = None) -> TrainFi
 
 def parse_train_config(data: Mapping[str, Any], *, base_dir: Path) -> TrainFile:
     from segflow.config import _describe
-
-    from segflow.errors import ModelError
 
     try:
         config = TrainFile.model_validate(dict(data))

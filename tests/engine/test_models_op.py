@@ -205,3 +205,32 @@ def test_the_cuda_path_agrees_with_cpu(models: dict[str, Path]) -> None:
     # CUDA runs under bf16 autocast (8 bits of mantissa): probabilities differ by up to a
     # few 1e-2 from float32 CPU; 0.05 still catches a wrong tile, halo or normalisation.
     np.testing.assert_allclose(gpu, cpu, rtol=0, atol=0.05)
+
+
+def test_local_cluster_gpu_workers_take_every_model_task(models: dict[str, Path]) -> None:
+    """A GPU worker (faked here: CUDA_VISIBLE_DEVICES=0 on a CPU machine) advertises GPU=1;
+    the model step's block tasks run on it alone, the other worker never loads the model."""
+    from distributed import Client
+
+    from segflow.engine.cluster import start_local_cluster
+
+    image = np.random.default_rng(0).random((64, 96), dtype=np.float32)
+    step = {"op": "model", "path": str(models["unet2"]), "output": "foreground"}
+    with (
+        start_local_cluster(2, gpus=["0"], dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        workers = client.scheduler_info()["workers"].values()
+        assert sorted(str(w.get("resources")) for w in workers) == ["{'GPU': 1}", "{}"]
+        out = segment(image, [step], block_shape=(32, 32), client=client)
+
+        def report() -> tuple[str | None, int]:
+            import os
+
+            from segflow.engine.resources import builds
+
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), builds()
+
+        seen = sorted(client.run(report).values(), key=str)
+    assert seen == [("0", 1), (None, 0)]  # 6 blocks, one model load, on the GPU worker only
+    np.testing.assert_allclose(out, segment(image, [step], block_shape=(32, 32)), atol=1e-6)

@@ -10,8 +10,11 @@ heap and are reused, at the price of up to 128 MiB of freed memory kept per work
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 WORKER_ENV: dict[str, int] = {
@@ -23,6 +26,19 @@ WORKER_ENV: dict[str, int] = {
 }
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, without importing torch.
+
+    ``CUDA_VISIBLE_DEVICES`` when it is set (empty: none), else one id per NVIDIA GPU the
+    driver lists in ``/proc/driver/nvidia/gpus`` (none where there is no driver).
+    """
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip() and d.strip() != "-1"]
+    listed = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(listed.iterdir())))] if listed.is_dir() else []
+
+
 def start_local_cluster(
     n_workers: int,
     *,
@@ -31,27 +47,33 @@ def start_local_cluster(
     dashboard_address: str | None = ":0",
     silence_logs: int = logging.WARNING,
     resources: Mapping[str, float] | None = None,
+    gpus: Sequence[str] = (),
     preload: Sequence[str] = (),
 ) -> Any:
     """Start a process-based ``distributed.LocalCluster`` with :data:`WORKER_ENV`.
 
-    ``resources`` are what each worker advertises (``{"GPU": 1}`` on a GPU machine): block
-    tasks of model steps are submitted with ``resources={"GPU": 1}`` and land only there.
+    ``resources`` are what every worker advertises. ``gpus`` (CUDA device ids) make the
+    first ``len(gpus)`` workers GPU workers: worker ``i`` advertises ``{"GPU": 1}`` and sees
+    only device ``gpus[i]`` (``CUDA_VISIBLE_DEVICES``), so the block tasks of model steps,
+    submitted with ``resources={"GPU": 1}``, run one at a time per GPU and never two models
+    share one; the other workers (and the GPU workers between model tasks) run the rest.
     ``preload`` names modules each worker imports at start (Dask's ``dask_setup`` hook).
 
     Examples
     --------
-    >>> cluster = start_local_cluster(1, dashboard_address=None)  # doctest: +SKIP
+    >>> cluster = start_local_cluster(2, gpus=["0"], dashboard_address=None)  # doctest: +SKIP
     >>> cluster.close()  # doctest: +SKIP
     """
     import dask
     from distributed import LocalCluster
 
+    if len(gpus) > n_workers:
+        raise ValueError(f"{len(gpus)} GPUs need at least as many workers, got {n_workers}")
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.update(WORKER_ENV)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return LocalCluster(
-            n_workers=n_workers,
+        cluster = LocalCluster(
+            n_workers=0 if gpus else n_workers,
             threads_per_worker=threads_per_worker,
             memory_limit=memory_limit,
             processes=True,
@@ -60,3 +82,21 @@ def start_local_cluster(
             **({"resources": dict(resources)} if resources else {}),
             **({"preload": list(preload)} if preload else {}),
         )
+        if not gpus:
+            return cluster
+        try:
+            # LocalCluster gives every worker the same options: lay the workers out by hand
+            # from its template, then start them (SpecCluster's worker_spec + scale).
+            for i in range(n_workers):
+                spec = copy.deepcopy(cluster.new_spec)
+                if i < len(gpus):
+                    options = spec["options"]
+                    options["resources"] = {**options.get("resources", {}), "GPU": 1}
+                    options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i]}
+                cluster.worker_spec[i] = spec
+            cluster.scale(n_workers)
+            cluster.wait_for_workers(n_workers, timeout=120)
+        except BaseException:
+            cluster.close()
+            raise
+        return cluster

@@ -6,10 +6,11 @@ from typing import Any, Literal, cast
 
 from prefect import flow
 
-from flows.segment import segment_collection
+from flows.naming import RunNamer, add_flow_run_tags, run_tags
+from flows.segment import config_name, resolve_config, segment_collection
 
 
-@flow(name="backfill")
+@flow(name="backfill", flow_run_name=RunNamer(config_name, kind="backfill"))
 def backfill(
     config: str,
     items: list[str] | None = None,
@@ -35,6 +36,8 @@ def backfill(
     dict
         The summary of the ``segment-collection`` subflow run.
     """
+    cfg = resolve_config(config, overrides or ())
+    add_flow_run_tags([*run_tags(cfg.name, cfg.output.store), "backfill"])
     # Called as a subflow, segment_collection gives its final state's result: the summary.
     summary = segment_collection(
         config, overrides, overwrite=policy == "overwrite", item_filter=items

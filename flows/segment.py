@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._signals import stop_on_signals
 from flows.cluster import dashboard_link, dask_client
+from flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
@@ -129,8 +130,14 @@ def select_items(
     return todo, skipped
 
 
+def config_name(parameters: Mapping[str, Any]) -> str:
+    """The name of the config a ``segment-collection`` run was given (for its run name)."""
+    return resolve_config(parameters["config"], parameters.get("overrides") or ()).name
+
+
 @flow(
     name="segment-collection",
+    flow_run_name=RunNamer(config_name),
     # Prefect's stubs declare TaskRunner invariant in its future type, so its own
     # ThreadPoolTaskRunner does not type-check here.
     task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT),  # type: ignore[arg-type]
@@ -171,6 +178,7 @@ def segment_collection(
     logger = get_run_logger()
     cfg = resolve_config(config, overrides or ())
     store = cfg.output.store
+    add_flow_run_tags(run_tags(cfg.name, store))
     config_hash = cfg.config_hash()
     run_id = current_run_id()
     items, failed_rows = discover_items_task(cfg.input.path)

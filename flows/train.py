@@ -7,15 +7,28 @@ checkpoint (weights + card) is in ``OUTPUT/best``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.naming import RunNamer, add_flow_run_tags, run_tags
 from tasks.train import train_epoch_task
 
 
-@flow(name="train-model", validate_parameters=True)
+def train_config_name(parameters: Mapping[str, Any]) -> str:
+    """The name of the train config a ``train-model`` run was given (for its run name)."""
+    from segflow.train_config import load_train_config
+
+    return load_train_config(parameters["config"]).name
+
+
+@flow(
+    name="train-model",
+    flow_run_name=RunNamer(train_config_name),
+    validate_parameters=True,
+)
 def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
     """Train the model ``config`` (a train YAML) describes; ``restart`` drops a saved run."""
     import imageio.v3 as iio
@@ -25,6 +38,7 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
 
     logger = get_run_logger()
     cfg = load_train_config(config)
+    add_flow_run_tags([*run_tags(cfg.name, cfg.output, output_kind="output"), "train"])
     row: dict[str, Any] = {"epochs": 0, "history": [], "finished": False}
     for k in range(cfg.training.max_epochs + 1):
         row = train_epoch_task(config, k + 1, resume=not (restart and k == 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )
+    # The runs list says what ran: the config's name and the time, the config and the store.
+    assert re.fullmatch(r"tiles-\d{4}-\d\d-\d\dT\d\d:\d\dZ", flow_run.name), flow_run.name
+    assert {"segflow", "config:tiles", f"store:{store}"} <= set(flow_run.tags)
     states = {r.name: r.state for r in runs if r.name.startswith("segment-")}
     assert {name: s.type.value for name, s in states.items()} == {  # type: ignore[union-attr]
         "segment-rgb": "FAILED", "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED"
@@ -129,11 +133,37 @@ def test_backfill_redoes_matching_items_of_a_config(tmp_path: Path, dask_address
     config = Path(__file__).parents[2] / "configs" / "nuclei.yaml"
     overrides = [f"output.store={tmp_path / 'n.zarr'}", f"cluster.address={dask_address}"]
 
-    first = backfill(str(config), items=["ima*"], policy="missing", overrides=overrides)
+    state = backfill(str(config), items=["ima*"], policy="missing", overrides=overrides,
+                     return_state=True)  # fmt: skip
+    first = state.result()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(state.state_details.flow_run_id)
+    assert parent.name.startswith("nuclei-backfill-")
+    assert {"backfill", "config:nuclei", f"store:{tmp_path / 'n.zarr'}"} <= set(parent.tags)
     redo = backfill(str(config), items=["image"], policy="overwrite", overrides=overrides)
     none = backfill(str(config), items=["no_such_*"], overrides=overrides)
 
     assert [(s["done"], s["skipped"]) for s in (first, redo, none)] == [(1, 0), (1, 0), (0, 0)]
+
+
+def test_runs_are_named_after_the_config_and_tagged_with_it(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.backfill import backfill
+
+    missing = tmp_path / "ct-nightly.yaml"  # no such file: the run fails, but is named
+    state = segment_collection(str(missing), return_state=True)
+    failed = backfill(str(missing), return_state=True)
+
+    assert state.is_failed() and failed.is_failed()
+    with get_client(sync_client=True) as client:
+        named = {client.read_flow_run(s.state_details.flow_run_id).name for s in (state, failed)}
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\dZ"
+    assert sorted(re.sub(stamp, "TIME", name) for name in named) == [
+        "ct-nightly-TIME", "ct-nightly-backfill-TIME"
+    ]  # fmt: skip
 
 
 def test_ids_recorded_in_the_store_survive_new_files(tmp_path: Path, dask_address: str) -> None:

@@ -27,7 +27,7 @@ from segflow.errors import StoreError
 from segflow.io import unused_id
 from segflow.store.commit import stage_name
 from segflow.store.lock import has_stale_lock
-from tasks.artifacts import open_line, report_items_task
+from tasks.artifacts import open_line, publish_progress, report_items_task
 from tasks.items import discover_items_task, segment_item_task
 from tasks.progress import report_progress
 from tasks.store import (
@@ -246,7 +246,7 @@ def segment_items(
     logger = get_run_logger()
     store = cfg.output.store
     rows = []
-    with dask_client(cfg.cluster) as client:
+    with dask_client(cfg.cluster) as client, publish_progress(cfg.name, todo):
         address = client.scheduler.address
         logger.info(
             "segmenting %d items on Dask %s (%d workers)%s",

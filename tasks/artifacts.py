@@ -1,13 +1,31 @@
-"""Prefect artifacts of a run: a table of the items and a note on where the output is."""
+"""Prefect artifacts of a run: its progress, a table of the items and a note on where the
+output is."""
 
 from __future__ import annotations
 
+import contextvars
 import re
-from typing import Any
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+from uuid import UUID
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+
+from tasks.progress import ItemsProgress, listen_progress
+
+# Seconds between two updates of a run's progress artifact (one API call each).
+PROGRESS_INTERVAL = 2.0
+# Rows of the queued-items table: a 100,000-item run lists the first ones and says so.
+QUEUED_ROWS = 500
 
 TABLE_COLUMNS = ("id", "status", "object_count", "seconds", "n_blocks", "shape", "error", "source")
 
@@ -67,3 +85,73 @@ def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None
         key=artifact_key(name, "output"),
         description=f"where the output of {name!r} is",
     )
+
+
+@contextmanager
+def publish_progress(
+    name: str, items: list[dict[str, str]], *, interval: float = PROGRESS_INTERVAL
+) -> Iterator[ItemsProgress]:
+    """Show the run's progress in Prefect while the block runs.
+
+    Creates a progress artifact (per cent of the items' work done; its description says
+    how many items finished, which are running and which are queued) and a table of the
+    queued items, then updates the progress from the engine's reports at most every
+    ``interval`` seconds from a thread of its own (the items' threads never wait for the
+    API), and once more at the end. A Prefect API that refuses an artifact costs the run
+    its progress display, never its work.
+    """
+    logger = get_run_logger()
+    progress = ItemsProgress([item["id"] for item in items])
+    try:
+        artifact_id = cast(
+            UUID,
+            create_progress_artifact(
+                progress.percent(),
+                key=artifact_key(name, "progress"),
+                description=progress.describe(),
+            ),
+        )
+        create_table_artifact(
+            table=[{"id": i["id"], "source": i["path"]} for i in items[:QUEUED_ROWS]],
+            description=f"{name}: the {len(items)} items of this run, in the order they are "
+            "submitted" + (f" (the first {QUEUED_ROWS} shown)" if len(items) > QUEUED_ROWS else ""),
+        )
+    except Exception as error:
+        logger.warning("no progress artifact for this run: %s", error)
+        yield progress
+        return
+
+    changed = threading.Event()
+    stopped = threading.Event()
+
+    def listen(item_id: str, phase: str, done: int, total: int) -> None:
+        if progress.update(item_id, phase, done, total):
+            changed.set()
+
+    def publish() -> None:
+        try:
+            update_progress_artifact(artifact_id, progress.percent(), progress.describe())
+        except Exception as error:  # the next update may get through
+            logger.debug("progress artifact not updated: %s", error)
+
+    def publish_changes() -> None:
+        while not stopped.wait(interval):
+            if changed.is_set():
+                changed.clear()
+                publish()
+
+    # The thread runs in a copy of this context: the flow run and the API settings.
+    thread = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(publish_changes,),
+        name="segflow-progress-artifact",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        with listen_progress(listen):
+            yield progress
+    finally:
+        stopped.set()
+        thread.join()
+        publish()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,18 @@ def run(config: dict[str, object], **kwargs: object) -> tuple[str, dict[str, obj
         return state.type.value, result.summary
     assert isinstance(result, dict), result
     return state.type.value, result
+
+
+def artifacts_of(flow_run_id: object) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])  # type: ignore[list-item]
+            )
+        )
 
 
 def test_bad_items_fail_alone_and_reruns_skip_done_items(
@@ -54,6 +67,10 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
     # The runs list says what ran: the config's name and the time, the config and the store.
     assert re.fullmatch(r"tiles-\d{4}-\d\d-\d\dT\d\d:\d\dZ", flow_run.name), flow_run.name
     assert {"segflow", "config:tiles", f"store:{store}"} <= set(flow_run.tags)
+    # Progress: the run's progress artifact ends at 100 % with the items' outcome.
+    [progress] = [a for a in artifacts_of(flow_run.id) if a.type == "progress"]
+    assert progress.data == 100.0
+    assert progress.description == "**3 of 3 items finished** (2 done, 1 failed)"
     states = {r.name: r.state for r in runs if r.name.startswith("segment-")}
     assert {name: s.type.value for name, s in states.items()} == {  # type: ignore[union-attr]
         "segment-rgb": "FAILED", "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED"

@@ -246,7 +246,7 @@ def segment_items(
     logger = get_run_logger()
     store = cfg.output.store
     rows = []
-    with dask_client(cfg.cluster) as client, publish_progress(cfg.name, todo):
+    with dask_client(cfg.cluster) as client, publish_progress(cfg.name, store, todo):
         address = client.scheduler.address
         logger.info(
             "segmenting %d items on Dask %s (%d workers)%s",

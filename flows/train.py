@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.naming import RunNamer, add_flow_run_tags, run_tags
+from tasks.artifacts import artifact_key
 from tasks.train import train_epoch_task
 
 
@@ -51,14 +52,14 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
         curve, draw_loss_curve([h["loss"] for h in history], [h["val_score"] for h in history])
     )
     create_table_artifact(
-        key="train-metrics",
+        key=artifact_key(cfg.name, cfg.output, "metrics"),
         table=[
             {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history
         ],
         description=f"{cfg.name}: loss and validation foreground IoU per epoch",
     )
     create_markdown_artifact(
-        key="train-summary",
+        key=artifact_key(cfg.name, cfg.output, "summary"),
         markdown=f"**{cfg.name}**: best validation foreground IoU "
         f"{row.get('best_score', 0):.4f} at epoch {row.get('best_epoch', 0)}; checkpoint "
         f"`{row.get('best', '')}`; loss curve `{curve}` (blue: loss / max, orange: IoU).",

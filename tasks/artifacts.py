@@ -4,6 +4,8 @@ output is."""
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from segflow.io._common import is_url, strip_file_scheme
 from tasks.progress import ItemsProgress, listen_progress
 
 # Seconds between two updates of a run's progress artifact (one API call each).
@@ -35,10 +38,30 @@ def open_line(store: str, item_id: str) -> str:
     return f"xarray.open_zarr({store!r}, group={item_id!r})"
 
 
-def artifact_key(name: str, suffix: str) -> str:
-    """A valid artifact key (lowercase letters, digits, dashes) from a run name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "segment"
-    return f"segflow-{slug}-{suffix}"
+def artifact_key(name: str, output: str, suffix: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for one config writing to
+    one output: ``segflow-NAME-HASH-SUFFIX``.
+
+    ``HASH`` is the first 8 hex digits of the SHA-256 of the output's absolute path or URL,
+    so a benchmark or test that runs the aerial config into a throw-away store never
+    becomes the "latest" items table of the real one, and a store keeps its key whatever
+    the working directory.
+
+    Examples
+    --------
+    >>> artifact_key("Aerial tiles_2024", "s3://bucket/aerial.zarr", "items")
+    'segflow-aerial-tiles-2024-ab56ed8b-items'
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-") or "segment"
+    return f"segflow-{slug}-{output_hash(output)}-{suffix}"
+
+
+def output_hash(output: str) -> str:
+    """8 hex digits of the SHA-256 of ``output``'s absolute path (a local path, relative
+    or ``file://``) or URL (``s3://…``), without a trailing slash."""
+    output = strip_file_scheme(str(output))
+    absolute = output if is_url(output) else os.path.abspath(output)
+    return hashlib.sha256(absolute.rstrip("/").encode()).hexdigest()[:8]
 
 
 @task(name="report-items", retries=0, cache_policy=NO_CACHE)
@@ -54,7 +77,9 @@ def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None
         for row in rows
     ]
     create_table_artifact(
-        table=table, key=artifact_key(name, "items"), description=f"segflow items of {name!r}"
+        table=table,
+        key=artifact_key(name, store, "items"),
+        description=f"segflow items of {name!r} in {store}",
     )
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     done = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
@@ -82,14 +107,14 @@ def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None
         lines += ["## Failed items", ""] + [f"- `{r['id']}`: {r['error']}" for r in failed]
     create_markdown_artifact(
         markdown="\n".join(lines),
-        key=artifact_key(name, "output"),
+        key=artifact_key(name, store, "output"),
         description=f"where the output of {name!r} is",
     )
 
 
 @contextmanager
 def publish_progress(
-    name: str, items: list[dict[str, str]], *, interval: float = PROGRESS_INTERVAL
+    name: str, store: str, items: list[dict[str, str]], *, interval: float = PROGRESS_INTERVAL
 ) -> Iterator[ItemsProgress]:
     """Show the run's progress in Prefect while the block runs.
 
@@ -107,7 +132,7 @@ def publish_progress(
             UUID,
             create_progress_artifact(
                 progress.percent(),
-                key=artifact_key(name, "progress"),
+                key=artifact_key(name, store, "progress"),
                 description=progress.describe(),
             ),
         )

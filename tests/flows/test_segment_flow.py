@@ -14,6 +14,7 @@ import xarray
 from _geodata import N_BLOBS, blob_image, collection_config, write_geotiff
 
 from flows.segment import ItemsFailedError, segment_collection
+from tasks.artifacts import output_hash
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -68,9 +69,15 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
     assert re.fullmatch(r"tiles-\d{4}-\d\d-\d\dT\d\d:\d\dZ", flow_run.name), flow_run.name
     assert {"segflow", "config:tiles", f"store:{store}"} <= set(flow_run.tags)
     # Progress: the run's progress artifact ends at 100 % with the items' outcome.
-    [progress] = [a for a in artifacts_of(flow_run.id) if a.type == "progress"]
+    artifacts = artifacts_of(flow_run.id)
+    [progress] = [a for a in artifacts if a.type == "progress"]
     assert progress.data == 100.0
     assert progress.description == "**3 of 3 items finished** (2 done, 1 failed)"
+    # Keyed by config and store: another store of the same config never becomes "latest".
+    digest = output_hash(str(store))
+    assert {a.key for a in artifacts if a.key} == {
+        f"segflow-tiles-{digest}-{suffix}" for suffix in ("items", "output", "progress")
+    }
     states = {r.name: r.state for r in runs if r.name.startswith("segment-")}
     assert {name: s.type.value for name, s in states.items()} == {  # type: ignore[union-attr]
         "segment-rgb": "FAILED", "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from segflow.store import write_index
 from tasks.artifacts import artifact_key, open_line, publish_progress
@@ -25,9 +28,32 @@ def test_progress_reaches_listeners_only_while_listening() -> None:
     assert seen == [("tile_a", "phase 1/2", 3, 12)]
 
 
-def test_artifact_keys_are_valid_prefect_keys() -> None:
-    assert artifact_key("Aerial tiles_2024", "items") == "segflow-aerial-tiles-2024-items"
-    assert artifact_key("___", "output") == "segflow-segment-output"
+def test_artifact_keys_are_valid_prefect_keys_unique_per_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.types.names import raise_on_name_alphanumeric_dashes_only
+
+    store = str(tmp_path / "out.zarr")
+    keys = [
+        artifact_key("Aerial tiles_2024", store, "items"),
+        artifact_key("___", store, "output"),
+        artifact_key("x" * 300, "s3://bucket/out.zarr/", "items"),
+    ]
+    for key in keys:
+        assert raise_on_name_alphanumeric_dashes_only(key) == key
+    assert re.fullmatch(r"segflow-aerial-tiles-2024-[0-9a-f]{8}-items", keys[0])
+    assert keys[1].startswith("segflow-segment-") and len(keys[2]) < 70
+
+    # One store, one key, however it is written; another store, another key.
+    monkeypatch.chdir(tmp_path)
+    assert artifact_key("aerial", "out.zarr", "items") == artifact_key("aerial", store, "items")
+    assert artifact_key("aerial", f"file://{store}/", "items") == artifact_key(
+        "aerial", store, "items"
+    )
+    assert artifact_key("aerial", store + "2", "items") != artifact_key("aerial", store, "items")
+    assert artifact_key("aerial", "s3://b/out.zarr", "items") != artifact_key(
+        "aerial", "s3://c/out.zarr", "items"
+    )
 
 
 def test_open_line_is_python_that_names_store_and_group() -> None:
@@ -99,7 +125,7 @@ def test_progress_artifact_follows_the_reports_while_the_run_goes_on(
     def two_items() -> tuple[str, list[str]]:
         items = [{"id": "a", "path": "/in/a.tif"}, {"id": "b", "path": "/in/b.tif"}]
         seen = []
-        with publish_progress("unit", items, interval=0.05):
+        with publish_progress("unit", "/out/unit.zarr", items, interval=0.05):
             seen.append(progress_when(flow_run.id, 0.0))
             report_progress("a", "phase 1/2", 2, 2)
             seen.append(progress_when(flow_run.id, 25.0))

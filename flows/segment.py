@@ -200,17 +200,17 @@ def segment_collection(
     for row in skipped:
         logger.info("item %s: skipped, already done with this input, config and code", row["id"])
         report_progress(row["id"], "skipped", 1, 1)
-    rows: list[dict[str, Any]] = list(failed_rows)
+    stages = [stage_name(i["id"], config_hash, i["fingerprint"], code_version()) for i in todo]
+    # A file discovery could not open is tried by a task of its own like any item: it fails
+    # there, with the same reason, as a Failed task run of that item in the UI.
+    unreadable = [{"id": r["id"], "path": r["source"], "fingerprint": ""} for r in failed_rows]
+    todo = sorted(todo + unreadable, key=lambda item: item["path"])
+    rows: list[dict[str, Any]] = []
     # A dead run's lock is taken over even with nothing to do: its flow run is ended
     # Crashed and its records compacted, so neither the UI nor the store keeps its traces.
-    if todo or failed_rows or has_stale_lock(store):
+    if todo or has_stale_lock(store):
         try:
-            stages = [
-                stage_name(i["id"], config_hash, i["fingerprint"], code_version()) for i in todo
-            ]
             with stop_on_signals(), writing_store(store, run_id, keep_stages=stages):
-                if failed_rows:
-                    record_items_task(store, run_id, failed_rows)
                 if todo:
                     rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
         except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback

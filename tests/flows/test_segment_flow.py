@@ -72,7 +72,7 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
     artifacts = artifacts_of(flow_run.id)
     [progress] = [a for a in artifacts if a.type == "progress"]
     assert progress.data == 100.0
-    assert progress.description == "**3 of 3 items finished** (2 done, 1 failed)"
+    assert progress.description == "**4 of 4 items finished** (2 done, 2 failed)"
     # Keyed by config and store: another store of the same config never becomes "latest".
     digest = output_hash(str(store))
     assert {a.key for a in artifacts if a.key} == {
@@ -80,9 +80,12 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
     }
     states = {r.name: r.state for r in runs if r.name.startswith("segment-")}
     assert {name: s.type.value for name, s in states.items()} == {  # type: ignore[union-attr]
-        "segment-rgb": "FAILED", "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED"
+        "segment-broken": "FAILED", "segment-rgb": "FAILED",
+        "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED",
     }  # fmt: skip
     assert "single-channel" in str(states["segment-rgb"].message)  # type: ignore[union-attr]
+    # An unreadable file too, with the reason discovery found.
+    assert str(states["segment-broken"].message) == errors["broken"]  # type: ignore[union-attr]
 
     ds = xarray.open_zarr(store, group="tile_a")
     assert ds["labels"].dims == ("y", "x")

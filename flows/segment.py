@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import Cancelled, Completed, Failed, State
@@ -43,16 +44,29 @@ from tasks.store import (
 ITEMS_IN_FLIGHT = 3
 
 
-class ItemsFailedError(RuntimeError):
-    """Some items of a run failed; ``summary`` is the run's summary (the others completed)."""
+# Rows and failures a run's summary lists at most (the rest are in the store's index), so
+# the persisted flow result stays small whatever the collection's size.
+SUMMARY_ROWS = 1000
 
-    def __init__(self, summary: dict[str, Any]) -> None:
+
+class ItemsFailedError(RuntimeError):
+    """Some items of a run failed; ``summary`` is the run's summary (the others completed).
+
+    Read back from a persisted (JSON) flow result, the error has its message only and
+    ``summary`` is None.
+    """
+
+    def __init__(self, summary: dict[str, Any] | str) -> None:
+        if isinstance(summary, str):
+            self.summary: dict[str, Any] | None = None
+            super().__init__(summary)
+            return
         self.summary = summary
         failures = "; ".join(f["error"] or f["id"] for f in summary["failures"])
         super().__init__(f"{summary['failed']} item(s) of {summary['name']!r} failed: {failures}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.summary,))
+        return (type(self), (self.summary if self.summary is not None else str(self),))
 
 
 def resolve_config(
@@ -142,6 +156,11 @@ def config_name(parameters: Mapping[str, Any]) -> str:
     # ThreadPoolTaskRunner does not type-check here.
     task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT),  # type: ignore[arg-type]
     validate_parameters=True,
+    # The summary is written as JSON to Prefect's result storage (local files under
+    # PREFECT_LOCAL_STORAGE_PATH unless configured), so a parent run, the API and the UI
+    # can read it after the process is gone.
+    persist_result=True,
+    result_serializer="json",
 )
 def segment_collection(
     config: dict[str, Any] | str,
@@ -286,16 +305,30 @@ def segment_items(
 
 
 def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The small summary a run returns (and the CLI prints)."""
+    """The small, JSON-serialisable summary a run returns (and the CLI prints).
+
+    ``rows`` and ``failures`` list at most :data:`SUMMARY_ROWS` items each (in id order);
+    ``rows_omitted`` and ``failures_omitted`` count the others, which the store's index has.
+    """
     statuses = ("done", "failed", "skipped", "interrupted")
     counts = {s: sum(r["status"] == s for r in rows) for s in statuses}
     opened = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
+    failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     return {
         "name": cfg.name,
         "store": cfg.output.store,
         "index": str(Path(cfg.output.store) / "index.parquet"),
         **counts,
-        "failures": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"],
+        "failures": failures[:SUMMARY_ROWS],
+        "failures_omitted": max(len(failures) - SUMMARY_ROWS, 0),
         "open": open_line(cfg.output.store, opened[0]) if opened else None,
-        "rows": rows,
+        "rows": [_plain(row) for row in rows[:SUMMARY_ROWS]],
+        "rows_omitted": max(len(rows) - SUMMARY_ROWS, 0),
+    }
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with numpy scalars as Python numbers (JSON has no numpy types)."""
+    return {
+        key: value.item() if isinstance(value, np.generic) else value for key, value in row.items()
     }

@@ -29,6 +29,8 @@ def train_config_name(parameters: Mapping[str, Any]) -> str:
     name="train-model",
     flow_run_name=RunNamer(train_config_name),
     validate_parameters=True,
+    persist_result=True,  # the summary, as JSON in Prefect's result storage
+    result_serializer="json",
 )
 def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
     """Train the model ``config`` (a train YAML) describes; ``restart`` drops a saved run."""

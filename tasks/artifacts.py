@@ -180,3 +180,26 @@ def publish_progress(
         stopped.set()
         thread.join()
         publish()
+
+
+def publish_summary(name: str, store: str, summary: dict[str, Any], *, run: str) -> None:
+    """A markdown artifact with the summary of the flow run ``run`` (a parent run, such as
+    a backfill, shows its child's outcome on its own page)."""
+    lines = [
+        f"# {summary['name']}: run `{run}`",
+        "",
+        f"**Items:** {summary['done']} done, {summary['skipped']} skipped (already done), "
+        f"{summary['failed']} failed, {summary['interrupted']} interrupted  ",
+        f"**Store:** `{summary['store']}`  ",
+        f"**Index:** `{summary['index']}`",
+    ]
+    if summary["failures"]:
+        lines += ["", "## Failed items", ""]
+        lines += [f"- `{f['id']}`: {f['error']}" for f in summary["failures"]]
+        if summary.get("failures_omitted"):
+            lines.append(f"- … and {summary['failures_omitted']} more (see the index)")
+    create_markdown_artifact(
+        markdown="\n".join(lines),
+        key=artifact_key(name, store, "summary"),
+        description=f"the outcome of {run}",
+    )

@@ -175,6 +175,58 @@ def test_backfill_redoes_matching_items_of_a_config(tmp_path: Path, dask_address
     assert [(s["done"], s["skipped"]) for s in (first, redo, none)] == [(1, 0), (1, 0), (0, 0)]
 
 
+def test_a_backfill_shows_its_child_summary_read_back_from_the_api(
+    collection: Path, tmp_path: Path, dask_address: str
+) -> None:
+    """Results are persisted (JSON, local files): the API gives a finished run's summary,
+    and the backfill's page has its child's summary, failures included."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    from flows.backfill import backfill
+
+    config = tmp_path / "tiles.yaml"
+    config.write_text(
+        json.dumps(collection_config(collection, tmp_path / "out.zarr", dask_address))
+    )
+    state = backfill(str(config), items=["tile_*", "broken"], return_state=True)
+
+    assert state.is_failed()  # as its child: the broken file failed
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(state.state_details.flow_run_id)  # type: ignore[arg-type]
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent.id]))
+        )
+        [child] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])
+            )
+        )
+    summary = child.state.result(raise_on_failure=False)  # type: ignore[union-attr]
+    # Read back from JSON, the failure keeps its message (not the summary object).
+    assert isinstance(summary, ItemsFailedError) and summary.summary is None
+    assert f"1 item(s) of 'tiles' failed: item '{collection / 'broken.tif'}'" in str(summary)
+    [note] = [a for a in artifacts_of(parent.id) if a.key and a.key.endswith("-summary")]
+    assert f"run `{child.name}`" in str(note.data)
+    assert "2 done, 0 skipped (already done), 1 failed" in str(note.data)
+    assert f"- `broken`: item '{collection / 'broken.tif'}'" in str(note.data)
+    # Prefect links the child to the parent through a task run of the parent.
+    assert [r.name for r in task_runs] == ["segment-collection-0"]
+
+    # A completed run's summary comes back from the API whole, and is plain JSON.
+    done = backfill(str(config), items=["tile_a"], return_state=True)
+    with get_client(sync_client=True) as client:
+        read_back = client.read_flow_run(done.state_details.flow_run_id).state.result()  # type: ignore[arg-type,union-attr]
+    assert read_back == json.loads(json.dumps(done.result()))
+    assert (read_back["done"], read_back["rows"][0]["id"]) == (1, "tile_a")
+
+
 def test_runs_are_named_after_the_config_and_tagged_with_it(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 

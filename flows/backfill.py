@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Any, Literal
+from uuid import UUID
 
 from prefect import flow
+from prefect.states import Cancelled, Failed
 
-from flows.segment import segment_collection
+from flows.naming import RunNamer, add_flow_run_tags, run_tags
+from flows.segment import ItemsFailedError, config_name, resolve_config, segment_collection
+from tasks.artifacts import publish_summary
 
 
-@flow(name="backfill")
+@flow(
+    name="backfill",
+    flow_run_name=RunNamer(config_name, kind="backfill"),
+    persist_result=True,  # the child's summary, as JSON in Prefect's result storage
+    result_serializer="json",
+)
 def backfill(
     config: str,
     items: list[str] | None = None,
     policy: Literal["overwrite", "missing"] = "overwrite",
     overrides: list[str] | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Segment the items of ``config`` whose ids match ``items`` (glob patterns).
 
     Parameters
@@ -33,10 +42,33 @@ def backfill(
     Returns
     -------
     dict
-        The summary of the ``segment-collection`` subflow run.
+        The summary of the ``segment-collection`` subflow run, also shown on this run's
+        page as a markdown artifact. When the subflow run fails or is cancelled, this run
+        ends in the same state (after publishing the summary).
     """
-    # Called as a subflow, segment_collection gives its final state's result: the summary.
-    summary = segment_collection(
-        config, overrides, overwrite=policy == "overwrite", item_filter=items
+    cfg = resolve_config(config, overrides or ())
+    add_flow_run_tags([*run_tags(cfg.name, cfg.output.store), "backfill"])
+    state = segment_collection(
+        config, overrides, overwrite=policy == "overwrite", item_filter=items, return_state=True
     )
-    return cast(dict[str, Any], summary)
+    result = state.result(raise_on_failure=False)
+    summary = result.summary if isinstance(result, ItemsFailedError) else result
+    if isinstance(summary, dict):
+        child = state.state_details.flow_run_id
+        publish_summary(cfg.name, cfg.output.store, summary, run=_run_name(child))
+    if state.is_failed():  # this run ends as its child did, with the same message
+        return Failed(message=state.message, data=result)
+    if state.is_cancelled():
+        return Cancelled(message=state.message, data=result)
+    return summary
+
+
+def _run_name(flow_run_id: UUID | None) -> str:
+    """The name of a flow run (its id when the API does not answer)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return str(client.read_flow_run(flow_run_id).name)  # type: ignore[arg-type]
+    except Exception:
+        return str(flow_run_id)

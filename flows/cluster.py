@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -103,8 +102,24 @@ def _workers_ignore_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def dashboard_link(client: Any) -> str | None:
-    """The Dask dashboard URL, or None when bokeh (which serves it) is not installed."""
-    if importlib.util.find_spec("bokeh") is None:
+def dashboard_link(client: Any, *, timeout: float = 2.0) -> str | None:
+    """The Dask dashboard URL, or None unless the dashboard answers there.
+
+    A scheduler always runs its HTTP server (and reports it as its ``dashboard``
+    service), but serves the dashboard only where bokeh is installed, on the scheduler's
+    machine; elsewhere its status page says bokeh is missing. So the link is given only
+    when the list of the dashboard's plots (``individual-plots.json``, empty without the
+    dashboard) answers from here with some.
+    """
+    import httpx
+
+    try:
+        link = str(client.dashboard_link)
+    except Exception:  # no dashboard service at all
         return None
-    return str(client.dashboard_link)
+    root = link.removesuffix("status") if link.endswith("/status") else link.rstrip("/") + "/"
+    try:
+        plots = httpx.get(root + "individual-plots.json", timeout=timeout).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return link if plots else None

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import Cancelled, Completed, Failed, State
@@ -19,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._signals import stop_on_signals
 from flows.cluster import dashboard_link, dask_client
+from flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
@@ -26,7 +28,7 @@ from segflow.errors import StoreError
 from segflow.io import unused_id
 from segflow.store.commit import stage_name
 from segflow.store.lock import has_stale_lock
-from tasks.artifacts import open_line, report_items_task
+from tasks.artifacts import open_line, publish_progress, report_items_task
 from tasks.items import discover_items_task, segment_item_task
 from tasks.progress import report_progress
 from tasks.store import (
@@ -42,16 +44,29 @@ from tasks.store import (
 ITEMS_IN_FLIGHT = 3
 
 
-class ItemsFailedError(RuntimeError):
-    """Some items of a run failed; ``summary`` is the run's summary (the others completed)."""
+# Rows and failures a run's summary lists at most (the rest are in the store's index), so
+# the persisted flow result stays small whatever the collection's size.
+SUMMARY_ROWS = 1000
 
-    def __init__(self, summary: dict[str, Any]) -> None:
+
+class ItemsFailedError(RuntimeError):
+    """Some items of a run failed; ``summary`` is the run's summary (the others completed).
+
+    Read back from a persisted (JSON) flow result, the error has its message only and
+    ``summary`` is None.
+    """
+
+    def __init__(self, summary: dict[str, Any] | str) -> None:
+        if isinstance(summary, str):
+            self.summary: dict[str, Any] | None = None
+            super().__init__(summary)
+            return
         self.summary = summary
         failures = "; ".join(f["error"] or f["id"] for f in summary["failures"])
         super().__init__(f"{summary['failed']} item(s) of {summary['name']!r} failed: {failures}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.summary,))
+        return (type(self), (self.summary if self.summary is not None else str(self),))
 
 
 def resolve_config(
@@ -129,12 +144,23 @@ def select_items(
     return todo, skipped
 
 
+def config_name(parameters: Mapping[str, Any]) -> str:
+    """The name of the config a ``segment-collection`` run was given (for its run name)."""
+    return resolve_config(parameters["config"], parameters.get("overrides") or ()).name
+
+
 @flow(
     name="segment-collection",
+    flow_run_name=RunNamer(config_name),
     # Prefect's stubs declare TaskRunner invariant in its future type, so its own
     # ThreadPoolTaskRunner does not type-check here.
     task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT),  # type: ignore[arg-type]
     validate_parameters=True,
+    # The summary is written as JSON to Prefect's result storage (local files under
+    # PREFECT_LOCAL_STORAGE_PATH unless configured), so a parent run, the API and the UI
+    # can read it after the process is gone.
+    persist_result=True,
+    result_serializer="json",
 )
 def segment_collection(
     config: dict[str, Any] | str,
@@ -171,6 +197,7 @@ def segment_collection(
     logger = get_run_logger()
     cfg = resolve_config(config, overrides or ())
     store = cfg.output.store
+    add_flow_run_tags(run_tags(cfg.name, store))
     config_hash = cfg.config_hash()
     run_id = current_run_id()
     items, failed_rows = discover_items_task(cfg.input.path)
@@ -192,17 +219,17 @@ def segment_collection(
     for row in skipped:
         logger.info("item %s: skipped, already done with this input, config and code", row["id"])
         report_progress(row["id"], "skipped", 1, 1)
-    rows: list[dict[str, Any]] = list(failed_rows)
+    stages = [stage_name(i["id"], config_hash, i["fingerprint"], code_version()) for i in todo]
+    # A file discovery could not open is tried by a task of its own like any item: it fails
+    # there, with the same reason, as a Failed task run of that item in the UI.
+    unreadable = [{"id": r["id"], "path": r["source"], "fingerprint": ""} for r in failed_rows]
+    todo = sorted(todo + unreadable, key=lambda item: item["path"])
+    rows: list[dict[str, Any]] = []
     # A dead run's lock is taken over even with nothing to do: its flow run is ended
     # Crashed and its records compacted, so neither the UI nor the store keeps its traces.
-    if todo or failed_rows or has_stale_lock(store):
+    if todo or has_stale_lock(store):
         try:
-            stages = [
-                stage_name(i["id"], config_hash, i["fingerprint"], code_version()) for i in todo
-            ]
             with stop_on_signals(), writing_store(store, run_id, keep_stages=stages):
-                if failed_rows:
-                    record_items_task(store, run_id, failed_rows)
                 if todo:
                     rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
         except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback
@@ -238,7 +265,7 @@ def segment_items(
     logger = get_run_logger()
     store = cfg.output.store
     rows = []
-    with dask_client(cfg.cluster) as client:
+    with dask_client(cfg.cluster) as client, publish_progress(cfg.name, store, todo):
         address = client.scheduler.address
         logger.info(
             "segmenting %d items on Dask %s (%d workers)%s",
@@ -278,16 +305,30 @@ def segment_items(
 
 
 def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The small summary a run returns (and the CLI prints)."""
+    """The small, JSON-serialisable summary a run returns (and the CLI prints).
+
+    ``rows`` and ``failures`` list at most :data:`SUMMARY_ROWS` items each (in id order);
+    ``rows_omitted`` and ``failures_omitted`` count the others, which the store's index has.
+    """
     statuses = ("done", "failed", "skipped", "interrupted")
     counts = {s: sum(r["status"] == s for r in rows) for s in statuses}
     opened = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
+    failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     return {
         "name": cfg.name,
         "store": cfg.output.store,
         "index": str(Path(cfg.output.store) / "index.parquet"),
         **counts,
-        "failures": [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"],
+        "failures": failures[:SUMMARY_ROWS],
+        "failures_omitted": max(len(failures) - SUMMARY_ROWS, 0),
         "open": open_line(cfg.output.store, opened[0]) if opened else None,
-        "rows": rows,
+        "rows": [_plain(row) for row in rows[:SUMMARY_ROWS]],
+        "rows_omitted": max(len(rows) - SUMMARY_ROWS, 0),
+    }
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with numpy scalars as Python numbers (JSON has no numpy types)."""
+    return {
+        key: value.item() if isinstance(value, np.generic) else value for key, value in row.items()
     }

@@ -7,15 +7,31 @@ checkpoint (weights + card) is in ``OUTPUT/best``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.naming import RunNamer, add_flow_run_tags, run_tags
+from tasks.artifacts import artifact_key
 from tasks.train import train_epoch_task
 
 
-@flow(name="train-model", validate_parameters=True)
+def train_config_name(parameters: Mapping[str, Any]) -> str:
+    """The name of the train config a ``train-model`` run was given (for its run name)."""
+    from segflow.train_config import load_train_config
+
+    return load_train_config(parameters["config"]).name
+
+
+@flow(
+    name="train-model",
+    flow_run_name=RunNamer(train_config_name),
+    validate_parameters=True,
+    persist_result=True,  # the summary, as JSON in Prefect's result storage
+    result_serializer="json",
+)
 def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
     """Train the model ``config`` (a train YAML) describes; ``restart`` drops a saved run."""
     import imageio.v3 as iio
@@ -25,6 +41,7 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
 
     logger = get_run_logger()
     cfg = load_train_config(config)
+    add_flow_run_tags([*run_tags(cfg.name, cfg.output, output_kind="output"), "train"])
     row: dict[str, Any] = {"epochs": 0, "history": [], "finished": False}
     for k in range(cfg.training.max_epochs + 1):
         row = train_epoch_task(config, k + 1, resume=not (restart and k == 0))
@@ -37,14 +54,14 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
         curve, draw_loss_curve([h["loss"] for h in history], [h["val_score"] for h in history])
     )
     create_table_artifact(
-        key="train-metrics",
+        key=artifact_key(cfg.name, cfg.output, "metrics"),
         table=[
             {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history
         ],
         description=f"{cfg.name}: loss and validation foreground IoU per epoch",
     )
     create_markdown_artifact(
-        key="train-summary",
+        key=artifact_key(cfg.name, cfg.output, "summary"),
         markdown=f"**{cfg.name}**: best validation foreground IoU "
         f"{row.get('best_score', 0):.4f} at epoch {row.get('best_epoch', 0)}; checkpoint "
         f"`{row.get('best', '')}`; loss curve `{curve}` (blue: loss / max, orange: IoU).",

@@ -1,13 +1,34 @@
-"""Prefect artifacts of a run: a table of the items and a note on where the output is."""
+"""Prefect artifacts of a run: its progress, a table of the items and a note on where the
+output is."""
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
+import os
 import re
-from typing import Any
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+from uuid import UUID
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+
+from segflow.io._common import is_url, strip_file_scheme
+from tasks.progress import ItemsProgress, listen_progress
+
+# Seconds between two updates of a run's progress artifact (one API call each).
+PROGRESS_INTERVAL = 2.0
+# Rows of the queued-items table: a 100,000-item run lists the first ones and says so.
+QUEUED_ROWS = 500
 
 TABLE_COLUMNS = ("id", "status", "object_count", "seconds", "n_blocks", "shape", "error", "source")
 
@@ -17,10 +38,30 @@ def open_line(store: str, item_id: str) -> str:
     return f"xarray.open_zarr({store!r}, group={item_id!r})"
 
 
-def artifact_key(name: str, suffix: str) -> str:
-    """A valid artifact key (lowercase letters, digits, dashes) from a run name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "segment"
-    return f"segflow-{slug}-{suffix}"
+def artifact_key(name: str, output: str, suffix: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for one config writing to
+    one output: ``segflow-NAME-HASH-SUFFIX``.
+
+    ``HASH`` is the first 8 hex digits of the SHA-256 of the output's absolute path or URL,
+    so a benchmark or test that runs the aerial config into a throw-away store never
+    becomes the "latest" items table of the real one, and a store keeps its key whatever
+    the working directory.
+
+    Examples
+    --------
+    >>> artifact_key("Aerial tiles_2024", "s3://bucket/aerial.zarr", "items")
+    'segflow-aerial-tiles-2024-ab56ed8b-items'
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-") or "segment"
+    return f"segflow-{slug}-{output_hash(output)}-{suffix}"
+
+
+def output_hash(output: str) -> str:
+    """8 hex digits of the SHA-256 of ``output``'s absolute path (a local path, relative
+    or ``file://``) or URL (``s3://…``), without a trailing slash."""
+    output = strip_file_scheme(str(output))
+    absolute = output if is_url(output) else os.path.abspath(output)
+    return hashlib.sha256(absolute.rstrip("/").encode()).hexdigest()[:8]
 
 
 @task(name="report-items", retries=0, cache_policy=NO_CACHE)
@@ -36,7 +77,9 @@ def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None
         for row in rows
     ]
     create_table_artifact(
-        table=table, key=artifact_key(name, "items"), description=f"segflow items of {name!r}"
+        table=table,
+        key=artifact_key(name, store, "items"),
+        description=f"segflow items of {name!r} in {store}",
     )
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     done = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
@@ -64,6 +107,99 @@ def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None
         lines += ["## Failed items", ""] + [f"- `{r['id']}`: {r['error']}" for r in failed]
     create_markdown_artifact(
         markdown="\n".join(lines),
-        key=artifact_key(name, "output"),
+        key=artifact_key(name, store, "output"),
         description=f"where the output of {name!r} is",
+    )
+
+
+@contextmanager
+def publish_progress(
+    name: str, store: str, items: list[dict[str, str]], *, interval: float = PROGRESS_INTERVAL
+) -> Iterator[ItemsProgress]:
+    """Show the run's progress in Prefect while the block runs.
+
+    Creates a progress artifact (per cent of the items' work done; its description says
+    how many items finished, which are running and which are queued) and a table of the
+    queued items, then updates the progress from the engine's reports at most every
+    ``interval`` seconds from a thread of its own (the items' threads never wait for the
+    API), and once more at the end. A Prefect API that refuses an artifact costs the run
+    its progress display, never its work.
+    """
+    logger = get_run_logger()
+    progress = ItemsProgress([item["id"] for item in items])
+    try:
+        artifact_id = cast(
+            UUID,
+            create_progress_artifact(
+                progress.percent(),
+                key=artifact_key(name, store, "progress"),
+                description=progress.describe(),
+            ),
+        )
+        create_table_artifact(
+            table=[{"id": i["id"], "source": i["path"]} for i in items[:QUEUED_ROWS]],
+            description=f"{name}: the {len(items)} items of this run, in the order they are "
+            "submitted" + (f" (the first {QUEUED_ROWS} shown)" if len(items) > QUEUED_ROWS else ""),
+        )
+    except Exception as error:
+        logger.warning("no progress artifact for this run: %s", error)
+        yield progress
+        return
+
+    changed = threading.Event()
+    stopped = threading.Event()
+
+    def listen(item_id: str, phase: str, done: int, total: int) -> None:
+        if progress.update(item_id, phase, done, total):
+            changed.set()
+
+    def publish() -> None:
+        try:
+            update_progress_artifact(artifact_id, progress.percent(), progress.describe())
+        except Exception as error:  # the next update may get through
+            logger.debug("progress artifact not updated: %s", error)
+
+    def publish_changes() -> None:
+        while not stopped.wait(interval):
+            if changed.is_set():
+                changed.clear()
+                publish()
+
+    # The thread runs in a copy of this context: the flow run and the API settings.
+    thread = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(publish_changes,),
+        name="segflow-progress-artifact",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        with listen_progress(listen):
+            yield progress
+    finally:
+        stopped.set()
+        thread.join()
+        publish()
+
+
+def publish_summary(name: str, store: str, summary: dict[str, Any], *, run: str) -> None:
+    """A markdown artifact with the summary of the flow run ``run`` (a parent run, such as
+    a backfill, shows its child's outcome on its own page)."""
+    lines = [
+        f"# {summary['name']}: run `{run}`",
+        "",
+        f"**Items:** {summary['done']} done, {summary['skipped']} skipped (already done), "
+        f"{summary['failed']} failed, {summary['interrupted']} interrupted  ",
+        f"**Store:** `{summary['store']}`  ",
+        f"**Index:** `{summary['index']}`",
+    ]
+    if summary["failures"]:
+        lines += ["", "## Failed items", ""]
+        lines += [f"- `{f['id']}`: {f['error']}" for f in summary["failures"]]
+        if summary.get("failures_omitted"):
+            lines.append(f"- … and {summary['failures_omitted']} more (see the index)")
+    create_markdown_artifact(
+        markdown="\n".join(lines),
+        key=artifact_key(name, store, "summary"),
+        description=f"the outcome of {run}",
     )

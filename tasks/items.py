@@ -35,10 +35,10 @@ def discover_items_task(input_path: str) -> tuple[list[dict[str, str]], list[dic
         ItemResult(id=ids[path], source=path, status="failed", error=message).as_row()
         for path, message in failures
     ]
-    logger = get_run_logger()
-    logger.info("found %d items under %s (%d unreadable)", len(items), input_path, len(rows))
-    for row in rows:
-        logger.error("%s", row["error"])
+    # Each unreadable file's reason is logged by its own (failed) segment-item task run.
+    get_run_logger().info(
+        "found %d items under %s (%d unreadable)", len(items), input_path, len(rows)
+    )
     return items, rows
 
 

@@ -233,21 +233,15 @@ def test_train_data_globs_value_map_and_crop(tmp_path: Path) -> None:
     for k in range(12):
         iio.imwrite(tmp_path / "image" / f"{k}.png", (mask // 2 + k).astype(np.uint8))
         iio.imwrite(tmp_path / "label" / f"{k}.png", mask)
-    config = parse_train_config(
-        {
-            "data": {
-                "images": ["image/[0-2].png", "image/1[01].png"],  # 0, 1, 2, 10, 11
-                "references": "{dir}/../label/{stem}.png",
-                "reference_values": {0: 0, 255: 1},
-                "crop": [[None, 10], [12, None]],
-            },
-            "model": {"architecture": {"name": "segnet"}, "spatial_dims": 2,
-                      "channels": [{"name": "em"}], "classes": ["membrane", "cell"],
-                      "tile": [8, 8]},
-            "output": "out",
-        },  # fmt: skip
-        base_dir=tmp_path,
-    )
+    model = {"architecture": {"name": "segnet"}, "spatial_dims": 2, "channels": [{"name": "em"}],
+             "classes": ["membrane", "cell"], "tile": [8, 8]}  # fmt: skip
+    data = {
+        "images": ["image/[0-2].png", "image/1[01].png"],  # 0, 1, 2, 10, 11
+        "references": "{dir}/../label/{stem}.png",
+        "reference_values": {0: 0, 255: 1},
+        "crop": [[None, 10], [12, None]],
+    }
+    config = parse_train_config({"data": data, "model": model, "output": "out"}, base_dir=tmp_path)
     pairs = find_pairs(config.data)
     assert [Path(image).stem for image, _ in pairs] == ["0", "1", "10", "11", "2"]
     data = read_pairs(pairs, reference_values={0: 0, 255: 1}, crop=config.data.crop)

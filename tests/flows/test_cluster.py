@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flows.cluster import dask_client
+import httpx
+from distributed import Client, LocalCluster
+
+from flows.cluster import dashboard_link, dask_client
 from segflow.config import ClusterConfig
 
 
@@ -18,3 +21,24 @@ def test_local_cluster_follows_the_config_and_is_closed_after() -> None:
 
     assert client.status == "closed"
     assert cluster.status.name == "closed"
+
+
+def test_dashboard_link_is_given_only_where_the_dashboard_answers() -> None:
+    with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1)) as client:
+        link = dashboard_link(client)
+        assert link is not None and link.endswith("/status")
+        assert "Dask" in httpx.get(link, timeout=5).text
+
+    # The scheduler's HTTP server runs without the dashboard (as where bokeh is missing):
+    # its "dashboard" service is there, the dashboard is not.
+    with (
+        LocalCluster(
+            n_workers=1,
+            processes=False,
+            dashboard_address=":0",
+            scheduler_kwargs={"dashboard": False},
+        ) as bare,
+        Client(bare) as client,
+    ):
+        assert "dashboard" in client.scheduler_info()["services"]
+        assert dashboard_link(client) is None

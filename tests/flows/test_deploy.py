@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +36,23 @@ def test_deployment_loads_and_validates(
     assert (ROOT / deployment["parameters"]["config"]).is_file()
     for schedule in deployment.get("schedules", []):
         CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["name"])
+def test_deployment_runs_are_named_and_tagged_after_their_config(
+    deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    from segflow.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    config_name = load_config(ROOT / deployment["parameters"]["config"]).name
+    nightly = datetime(2026, 11, 30, 2, 0, 3, tzinfo=UTC)  # a run starts a few s late
+
+    name = flow.flow_run_name.name_for(deployment["parameters"], nightly)  # type: ignore[union-attr]
+
+    kind = "-backfill" if deployment["entrypoint"].endswith(":backfill") else ""
+    assert name == f"{config_name}{kind}-2026-11-30T02:00Z"
+    assert f"config:{config_name}" in deployment["tags"]

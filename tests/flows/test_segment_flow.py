@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import xarray
 from _geodata import N_BLOBS, blob_image, collection_config, write_geotiff
 
 from flows.segment import ItemsFailedError, segment_collection
+from tasks.artifacts import output_hash
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -23,6 +26,18 @@ def run(config: dict[str, object], **kwargs: object) -> tuple[str, dict[str, obj
         return state.type.value, result.summary
     assert isinstance(result, dict), result
     return state.type.value, result
+
+
+def artifacts_of(flow_run_id: object) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])  # type: ignore[list-item]
+            )
+        )
 
 
 def test_bad_items_fail_alone_and_reruns_skip_done_items(
@@ -50,11 +65,27 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )
+    # The runs list says what ran: the config's name and the time, the config and the store.
+    assert re.fullmatch(r"tiles-\d{4}-\d\d-\d\dT\d\d:\d\dZ", flow_run.name), flow_run.name
+    assert {"segflow", "config:tiles", f"store:{store}"} <= set(flow_run.tags)
+    # Progress: the run's progress artifact ends at 100 % with the items' outcome.
+    artifacts = artifacts_of(flow_run.id)
+    [progress] = [a for a in artifacts if a.type == "progress"]
+    assert progress.data == 100.0
+    assert progress.description == "**4 of 4 items finished** (2 done, 2 failed)"
+    # Keyed by config and store: another store of the same config never becomes "latest".
+    digest = output_hash(str(store))
+    assert {a.key for a in artifacts if a.key} == {
+        f"segflow-tiles-{digest}-{suffix}" for suffix in ("items", "output", "progress")
+    }
     states = {r.name: r.state for r in runs if r.name.startswith("segment-")}
     assert {name: s.type.value for name, s in states.items()} == {  # type: ignore[union-attr]
-        "segment-rgb": "FAILED", "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED"
+        "segment-broken": "FAILED", "segment-rgb": "FAILED",
+        "segment-tile_a": "COMPLETED", "segment-tile_b": "COMPLETED",
     }  # fmt: skip
     assert "single-channel" in str(states["segment-rgb"].message)  # type: ignore[union-attr]
+    # An unreadable file too, with the reason discovery found.
+    assert str(states["segment-broken"].message) == errors["broken"]  # type: ignore[union-attr]
 
     ds = xarray.open_zarr(store, group="tile_a")
     assert ds["labels"].dims == ("y", "x")
@@ -129,11 +160,89 @@ def test_backfill_redoes_matching_items_of_a_config(tmp_path: Path, dask_address
     config = Path(__file__).parents[2] / "configs" / "nuclei.yaml"
     overrides = [f"output.store={tmp_path / 'n.zarr'}", f"cluster.address={dask_address}"]
 
-    first = backfill(str(config), items=["ima*"], policy="missing", overrides=overrides)
+    state = backfill(str(config), items=["ima*"], policy="missing", overrides=overrides,
+                     return_state=True)  # fmt: skip
+    first = state.result()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(state.state_details.flow_run_id)
+    assert parent.name.startswith("nuclei-backfill-")
+    assert {"backfill", "config:nuclei", f"store:{tmp_path / 'n.zarr'}"} <= set(parent.tags)
     redo = backfill(str(config), items=["image"], policy="overwrite", overrides=overrides)
     none = backfill(str(config), items=["no_such_*"], overrides=overrides)
 
     assert [(s["done"], s["skipped"]) for s in (first, redo, none)] == [(1, 0), (1, 0), (0, 0)]
+
+
+def test_a_backfill_shows_its_child_summary_read_back_from_the_api(
+    collection: Path, tmp_path: Path, dask_address: str
+) -> None:
+    """Results are persisted (JSON, local files): the API gives a finished run's summary,
+    and the backfill's page has its child's summary, failures included."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    from flows.backfill import backfill
+
+    config = tmp_path / "tiles.yaml"
+    config.write_text(
+        json.dumps(collection_config(collection, tmp_path / "out.zarr", dask_address))
+    )
+    state = backfill(str(config), items=["tile_*", "broken"], return_state=True)
+
+    assert state.is_failed()  # as its child: the broken file failed
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(state.state_details.flow_run_id)  # type: ignore[arg-type]
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent.id]))
+        )
+        [child] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])
+            )
+        )
+    summary = child.state.result(raise_on_failure=False)  # type: ignore[union-attr]
+    # Read back from JSON, the failure keeps its message (not the summary object).
+    assert isinstance(summary, ItemsFailedError) and summary.summary is None
+    assert f"1 item(s) of 'tiles' failed: item '{collection / 'broken.tif'}'" in str(summary)
+    [note] = [a for a in artifacts_of(parent.id) if a.key and a.key.endswith("-summary")]
+    assert f"run `{child.name}`" in str(note.data)
+    assert "2 done, 0 skipped (already done), 1 failed" in str(note.data)
+    assert f"- `broken`: item '{collection / 'broken.tif'}'" in str(note.data)
+    # Prefect links the child to the parent through a task run of the parent.
+    assert [r.name for r in task_runs] == ["segment-collection-0"]
+
+    # A completed run's summary comes back from the API whole, and is plain JSON.
+    done = backfill(str(config), items=["tile_a"], return_state=True)
+    with get_client(sync_client=True) as client:
+        read_back = client.read_flow_run(done.state_details.flow_run_id).state.result()  # type: ignore[arg-type,union-attr]
+    assert read_back == json.loads(json.dumps(done.result()))
+    assert (read_back["done"], read_back["rows"][0]["id"]) == (1, "tile_a")
+
+
+def test_runs_are_named_after_the_config_and_tagged_with_it(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.backfill import backfill
+
+    missing = tmp_path / "ct-nightly.yaml"  # no such file: the run fails, but is named
+    state = segment_collection(str(missing), return_state=True)
+    failed = backfill(str(missing), return_state=True)
+
+    assert state.is_failed() and failed.is_failed()
+    with get_client(sync_client=True) as client:
+        named = {client.read_flow_run(s.state_details.flow_run_id).name for s in (state, failed)}
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\dZ"
+    assert sorted(re.sub(stamp, "TIME", name) for name in named) == [
+        "ct-nightly-TIME", "ct-nightly-backfill-TIME"
+    ]  # fmt: skip
 
 
 def test_ids_recorded_in_the_store_survive_new_files(tmp_path: Path, dask_address: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,17 @@ def test_train_cli_writes_a_checkpoint_and_resumes(tmp_path: Path) -> None:
     # Not a terminal: one line per finished epoch with its loss and validation score.
     assert "tiny-nuclei epoch 2 done: loss" in result.output
     assert ", val " in result.output
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["train-model"])),
+            sort="START_TIME_DESC",
+            limit=1,
+        )
+    assert re.fullmatch(r"tiny-nuclei-\d{4}-\d\d-\d\dT\d\d:\d\dZ", flow_run.name)
+    assert {"train", "config:tiny-nuclei", f"output:{tmp_path / 'model'}"} <= set(flow_run.tags)
     loaded = load_checkpoint(tmp_path / "model" / "best")
     assert loaded.card is not None and loaded.card.channels[0].name == "luma"
     assert (tmp_path / "model" / "loss.png").stat().st_size > 0

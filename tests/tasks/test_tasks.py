@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from segflow.store import write_index
-from tasks.artifacts import artifact_key, open_line
-from tasks.progress import listen_progress, report_progress
+from tasks.artifacts import artifact_key, open_line, publish_progress
+from tasks.progress import ItemsProgress, listen_progress, report_progress
 from tasks.store import read_index_task
 
 
@@ -23,9 +28,32 @@ def test_progress_reaches_listeners_only_while_listening() -> None:
     assert seen == [("tile_a", "phase 1/2", 3, 12)]
 
 
-def test_artifact_keys_are_valid_prefect_keys() -> None:
-    assert artifact_key("Aerial tiles_2024", "items") == "segflow-aerial-tiles-2024-items"
-    assert artifact_key("___", "output") == "segflow-segment-output"
+def test_artifact_keys_are_valid_prefect_keys_unique_per_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.types.names import raise_on_name_alphanumeric_dashes_only
+
+    store = str(tmp_path / "out.zarr")
+    keys = [
+        artifact_key("Aerial tiles_2024", store, "items"),
+        artifact_key("___", store, "output"),
+        artifact_key("x" * 300, "s3://bucket/out.zarr/", "items"),
+    ]
+    for key in keys:
+        assert raise_on_name_alphanumeric_dashes_only(key) == key
+    assert re.fullmatch(r"segflow-aerial-tiles-2024-[0-9a-f]{8}-items", keys[0])
+    assert keys[1].startswith("segflow-segment-") and len(keys[2]) < 70
+
+    # One store, one key, however it is written; another store, another key.
+    monkeypatch.chdir(tmp_path)
+    assert artifact_key("aerial", "out.zarr", "items") == artifact_key("aerial", store, "items")
+    assert artifact_key("aerial", f"file://{store}/", "items") == artifact_key(
+        "aerial", store, "items"
+    )
+    assert artifact_key("aerial", store + "2", "items") != artifact_key("aerial", store, "items")
+    assert artifact_key("aerial", "s3://b/out.zarr", "items") != artifact_key(
+        "aerial", "s3://c/out.zarr", "items"
+    )
 
 
 def test_open_line_is_python_that_names_store_and_group() -> None:
@@ -44,3 +72,75 @@ def test_read_index_task_gives_plain_rows_with_none_for_missing(tmp_path: Path) 
 
     assert (row["id"], row["status"], row["fingerprint"]) == ("a", "done", "f1")
     assert row["error"] is None and row["object_count"] is None
+
+
+def test_items_progress_counts_phases_blocks_and_final_states() -> None:
+    progress = ItemsProgress(["a", "b", "c"])
+
+    assert progress.update("a", "phase 1/2", 1, 4)
+    assert not progress.update("a", "phase 1/2", 1, 8)  # a second pass never goes back
+    assert progress.update("a", "phase 2/2", 2, 4)  # (1 + 0.5) / 2 of item a
+    assert not progress.update("other", "done", 1, 1)  # not an item of this run
+    assert progress.percent() == 25.0  # 0.75 of 3 items
+    assert progress.update("b", "failed", 1, 1) and progress.update("a", "done", 1, 1)
+    assert not progress.update("a", "phase 2/2", 4, 4)  # finished stays finished
+
+    assert progress.percent() == round(200 / 3, 1)
+    assert progress.queued() == ["c"]
+    assert progress.describe() == "**2 of 3 items finished** (1 done, 1 failed) · 1 queued: `c`"
+
+
+def test_items_progress_names_only_the_first_queued_items() -> None:
+    progress = ItemsProgress([f"tile_{k}" for k in range(8)])
+    assert progress.describe(names=2) == (
+        "**0 of 8 items finished** · 8 queued: `tile_0`, `tile_1`, … (6 more)"
+    )
+
+
+def test_progress_artifact_follows_the_reports_while_the_run_goes_on(
+    prefect_harness: None,
+) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.runtime import flow_run
+
+    def artifacts(run_id: str) -> list[Any]:
+        with get_client(sync_client=True) as client:
+            return client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
+
+    def progress_when(run_id: str, percent: float) -> str:
+        """The progress artifact's description once it shows ``percent`` (within 10 s)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            [artifact] = [a for a in artifacts(run_id) if a.type == "progress"]
+            if artifact.data == percent:
+                return str(artifact.description)
+            time.sleep(0.05)
+        raise AssertionError(f"progress never reached {percent}: {artifact.data}")
+
+    @flow
+    def two_items() -> tuple[str, list[str]]:
+        items = [{"id": "a", "path": "/in/a.tif"}, {"id": "b", "path": "/in/b.tif"}]
+        seen = []
+        with publish_progress("unit", "/out/unit.zarr", items, interval=0.05):
+            seen.append(progress_when(flow_run.id, 0.0))
+            report_progress("a", "phase 1/2", 2, 2)
+            seen.append(progress_when(flow_run.id, 25.0))
+            report_progress("a", "done", 1, 1)
+            seen.append(progress_when(flow_run.id, 50.0))
+            report_progress("b", "failed", 1, 1)
+        return flow_run.id, seen
+
+    run_id, seen = two_items()
+
+    assert seen == [
+        "**0 of 2 items finished** · 2 queued: `a`, `b`",
+        "**0 of 2 items finished** · 1 running: `a` 50 % · 1 queued: `b`",
+        "**1 of 2 items finished** (1 done) · 1 queued: `b`",
+    ]
+    assert progress_when(run_id, 100.0) == "**2 of 2 items finished** (1 done, 1 failed)"
+    [table] = [a for a in artifacts(run_id) if a.type == "table"]
+    assert "/in/b.tif" in str(table.data)

@@ -211,7 +211,19 @@ def evaluate_item(
 
 def match_references(items: Sequence[tuple[str, str]], references: Sequence[str]) -> dict[str, str]:
     """Pair items ``(id, source path)`` with reference files: same stem as the item's
-    source, then the item id, then the only reference in the source's folder."""
+    source, then the item id, then the only reference in the source's folder; a lone
+    GeoJSON reference (vectors in map coordinates: a city's footprints, say) serves every
+    item left, and a lone raster reference a lone item.
+
+    Examples
+    --------
+    >>> match_references([("a", "x/a.tif"), ("b", "y/b.tif")], ["refs/city.geojson"])
+    {'a': 'refs/city.geojson', 'b': 'refs/city.geojson'}
+    >>> match_references([("a", "x/a.tif")], ["refs/mask.tif"])
+    {'a': 'refs/mask.tif'}
+    >>> match_references([("a", "x/a.tif"), ("b", "y/b.tif")], ["refs/mask.tif"])
+    {}
+    """
     by_stem: dict[str, str] = {}
     by_folder: dict[str, list[str]] = {}
     for path in references:
@@ -228,4 +240,8 @@ def match_references(items: Sequence[tuple[str, str]], references: Sequence[str]
             matched[item_id] = by_stem[item_id]
         elif len(folder) == 1:
             matched[item_id] = folder[0]
+        elif len(references) == 1 and (
+            references[0].lower().endswith((".geojson", ".json")) or len(items) == 1
+        ):
+            matched[item_id] = references[0]
     return matched

@@ -39,3 +39,32 @@ def test_luma_refuses_two_bands_at_planning() -> None:
         compile_pipeline([{"op": "luma"}], spatial_ndim=2, channels=2, dtype=np.dtype(np.uint8))
     with pytest.raises(ValueError, match="luma needs 1, 3 or 4 channels"):
         to_luma(np.zeros((2, 4, 4)))
+
+
+def test_rgb_keeps_the_colour_bands_and_refuses_other_counts() -> None:
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (4, 20, 30), dtype=np.uint8)
+
+    for image in (rgba, rgba[:3]):
+        blockwise = segment(image, [{"op": "rgb"}], block_shape=(8, 8), channel_axis=0)
+        np.testing.assert_array_equal(blockwise, rgba[:3])
+    for bands in (1, 2, 5):
+        with pytest.raises(
+            PlanError,
+            match=rf"pipeline\[0\] 'rgb': the image has {bands} band\(s\); this step needs "
+            r"colour: an RGB or RGBA image \(3 or 4 bands\)",
+        ):
+            compile_pipeline([{"op": "rgb"}], spatial_ndim=2, channels=bands, dtype="uint8")
+
+
+def test_expect_bands_passes_the_image_and_names_a_wrong_count() -> None:
+    volume = np.arange(2 * 3 * 4, dtype=np.int16).reshape(1, 2, 3, 4) - 10
+    steps = [{"op": "expect_bands", "count": 1}]
+
+    same = segment(volume, steps, block_shape=(1, 2, 2), channel_axis=0)
+
+    np.testing.assert_array_equal(same, volume[0])
+    with pytest.raises(
+        PlanError, match=r"'expect_bands': the image has 3 band\(s\), the pipeline expects 1"
+    ):
+        compile_pipeline(steps, spatial_ndim=3, channels=3, dtype="int16")

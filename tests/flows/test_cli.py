@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import xarray
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -39,6 +41,53 @@ def test_validate_accepts_the_shipped_configs(name: str) -> None:
     assert result.output.startswith(f"OK {CONFIGS / name}.yaml: {name}: ")
 
 
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_validate_checks_each_shipped_config_against_1_3_and_4_bands(
+    config: Path, tmp_path: Path
+) -> None:
+    """A 1-band, an RGB and an RGBA TIFF of the bundled grey nuclei image: configs starting
+    with `luma` take all three, `rgb` (colour) refuses the 1-band one and `expect_bands`
+    (Hounsfield units) the colour ones, each with one line naming the item and the count."""
+    import tifffile
+
+    from segflow.io import open_item
+
+    png = CONFIGS.parent / "tests" / "data" / "nuclei"
+    (path,) = png.glob("*/image.png")
+    grey = open_item(str(path)).read((slice(0, 256), slice(0, 256)))[0]
+    files = {
+        "one": grey,
+        "rgb": np.stack([grey] * 3, axis=-1),
+        "rgba": np.stack([grey] * 3 + [np.full_like(grey, 255)], axis=-1),
+    }
+    for name, image in files.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", image)
+    settings = yaml.safe_load(config.read_text())
+    first = settings["pipeline"][0]["op"]
+    refused = {"rgb": {"one": 1}, "expect_bands": {"rgb": 3, "rgba": 4}}.get(first, {})
+    overrides = [f"input.path={tmp_path}/*.tif", f"output.store={tmp_path / 'out.zarr'}"]
+    if first == "mask_nodata":  # aerial: a plain TIFF has no nodata tag to default to
+        overrides.append("pipeline.0.value=0")
+    if len(settings["blocks"]["shape"]) == 3:  # CT: these are 2-D slices
+        overrides += ["blocks.shape=[128,128]", "output.chunks=[128,128]"]
+
+    result = runner.invoke(
+        app, ["validate", str(config), *[f"--set={override}" for override in overrides]]
+    )
+
+    assert result.exit_code == (2 if refused else 0), result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(refused), lines
+    for line, (name, bands) in zip(lines, sorted(refused.items()), strict=True):
+        assert line.startswith(f"{config}: item {name!r} ({tmp_path / name}.tif): pipeline[0] ")
+        assert f"the image has {bands} band(s)" in line
+    if not refused:
+        assert result.stdout.startswith(f"OK {config}: ")
+
+
 def test_validate_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("input: {path: x}\nouput: {store: y}\npipeline: [{op: otsu}]\n")
@@ -65,16 +114,17 @@ def test_validate_names_the_step_parameter_and_value() -> None:
 
 
 def test_validate_checks_the_pipeline_against_the_items() -> None:
-    # Without combine_bands, otsu gets the 3 bands kept by select_bands.
+    # With the RGBA PNG's colour bands instead of its luma, otsu gets 3 bands.
     result = runner.invoke(
         app,
-        ["validate", str(CONFIGS / "nuclei.yaml"), "--set", "pipeline.1={op: gaussian, sigma: 1}"],
-    )
+        ["validate", str(CONFIGS / "nuclei.yaml"), "--set", "pipeline.0={op: select_bands, "
+         "bands: [1, 2, 3]}"],
+    )  # fmt: skip
 
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
     assert "item 'image'" in line
-    assert "pipeline[3] 'otsu' needs a single-channel image, got 3 channels" in line
+    assert "pipeline[2] 'otsu' needs a single-channel image, got 3 channels" in line
 
 
 def test_validate_reports_a_missing_input_path() -> None:

@@ -106,6 +106,35 @@ def luma(image: np.ndarray, params: LumaParams, ctx: OpContext) -> np.ndarray:
     return to_luma(image)
 
 
+class RgbParams(OpParams):
+    pass
+
+
+def rgb(image: np.ndarray, params: RgbParams, ctx: OpContext) -> np.ndarray:
+    """The R, G and B bands of an RGB or RGBA image (alpha dropped), for colour-based steps
+    (stain contrast) that have no meaning on one band; planning refuses other band counts."""
+    return image[:3]
+
+
+def _check_rgb(channels: int) -> str | None:
+    if channels in (3, 4):
+        return None
+    return (
+        f"the image has {channels} band(s); this step needs colour: an RGB or RGBA image "
+        "(3 or 4 bands)"
+    )
+
+
+class ExpectBandsParams(OpParams):
+    count: int = Field(ge=1, description="the number of bands the pipeline is made for")
+
+
+def expect_bands(image: np.ndarray, params: ExpectBandsParams, ctx: OpContext) -> np.ndarray:
+    """The image as it is; planning refuses an item with another band count than ``count``,
+    naming both (a CT pipeline in Hounsfield units has no meaning on an RGB rendering)."""
+    return image
+
+
 class NormalizedDifferenceParams(OpParams):
     band_a: int = Field(ge=1, description="1-based band number (e.g. near infrared)")
     band_b: int = Field(ge=1, description="1-based band number (e.g. red)")
@@ -292,6 +321,30 @@ register(
         ),
         out_channels=lambda c, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.float32),
+    )
+)
+register(
+    Operation(
+        name="rgb",
+        kind="pointwise",
+        params=RgbParams,
+        apply=rgb,
+        summary="the R, G, B bands of an RGB(A) image (alpha dropped); other band counts are "
+        "refused",
+        check_channels=lambda c, p: _check_rgb(c),
+        out_channels=lambda c, p: 3,
+    )
+)
+register(
+    Operation(
+        name="expect_bands",
+        kind="pointwise",
+        params=ExpectBandsParams,
+        apply=expect_bands,
+        summary="the image unchanged; refuses an item with another number of bands",
+        check_channels=lambda c, p: (
+            None if c == p.count else f"the image has {c} band(s), the pipeline expects {p.count}"
+        ),
     )
 )
 register(

@@ -7,6 +7,7 @@ segflow-owned folder unless the user configured Prefect.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,32 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # what segflow.__version__ says (the index's code_version), without the engine
+        number = version("segflow")
+    except PackageNotFoundError:
+        number = "0.0.0+source"
+    typer.echo(f"segflow {number} (Python {sys.version.split()[0]}, {sys.executable})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Segment huge image collections block by block (Dask blocks, Prefect flows, Zarr)."""
+
 
 ConfigPaths = Annotated[
     list[Path], typer.Argument(help="YAML pipeline configs (see configs/).", show_default=False)
@@ -57,33 +84,51 @@ def main() -> None:
     import sys
 
     if "--debug" not in sys.argv:
-        import flows.cluster
-        from flows._quiet import quiet_libraries
+        from flows import _quiet
 
-        quiet_libraries()
-        flows.cluster.QUIET_WORKERS = True
+        _quiet.quiet_libraries()
+        _quiet.QUIET_WORKERS = True  # not importing flows.cluster here: it imports Dask
     app()
 
 
 @app.command()
-def ops() -> None:
-    """List the pipeline operations: kind, halo rule, parameters with defaults."""
-    from segflow.ops import describe_params, list_operations
+def ops(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="One operation: its parameters, defaults and halo rule.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """List the pipeline operations, one line each; with NAME, one operation in full."""
+    from segflow.ops import get_operation, list_operations
 
-    table = Table(title="segflow operations (use as pipeline steps: {op: NAME, PARAM: VALUE})")
-    table.add_column("op", style="bold cyan", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("halo rule", ratio=1)
-    table.add_column("parameters (type = default)", ratio=2)
-    table.add_column("summary", ratio=3)
-    for op in list_operations():
-        params = "\n".join(
-            f"{name}: {_type_name(op.params, name, kind)}"
-            + (" (required)" if default == "required" else f" = {default}")
-            for name, kind, default in describe_params(op)
-        )
-        table.add_row(op.name, op.kind, op.halo_rule, params or "-", op.summary)
-    Console().print(table, markup=False)
+    if name is None:
+        width = max(shutil.get_terminal_size().columns, 60)
+        column = max(len(op.name) for op in list_operations()) + 2
+        typer.echo("segflow operations (pipeline steps: {op: NAME, PARAM: VALUE}):")
+        for op in list_operations():
+            typer.echo(f"  {op.name:<{column}}{_one_line(op.summary, width - column - 2)}")
+        typer.echo("segflow ops NAME: its parameters, defaults and halo rule")
+        return
+    try:
+        op = get_operation(name, public=True)
+    except KeyError as error:
+        typer.echo(f"segflow ops: {error.args[0]}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    _print_operation(op)
+
+
+def _one_line(summary: str, width: int) -> str:
+    """The head of an operation's summary that fits ``width``: its first clause, without a
+    parenthesised aside, cut at a word with "..." if still too long."""
+    line = summary.split("; ")[0]
+    aside = line.find(" (")
+    if len(line) > width and aside >= 20:
+        line = line[:aside]
+    if len(line) > width:
+        line = line[: width - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+    return line
 
 
 def _type_name(model: Any, name: str, described: str) -> str:
@@ -94,6 +139,20 @@ def _type_name(model: Any, name: str, described: str) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " | ".join(repr(choice) for choice in typing.get_args(annotation))
     return described
+
+
+def _print_operation(op: Any) -> None:
+    from segflow.ops import describe_params
+
+    typer.echo(f"{op.name} ({op.kind}): {op.summary}")
+    typer.echo(f"halo: {op.halo_rule}")
+    rows = describe_params(op)
+    typer.echo("parameters:" if rows else "parameters: none")
+    for param, kind, default in rows:
+        field = op.params.model_fields[param]
+        head = f"  {param}: {_type_name(op.params, param, kind)}"
+        head += " (required)" if default == "required" else f" = {default}"
+        typer.echo(head + (f"  - {field.description}" if field.description else ""))
 
 
 @app.command()
@@ -147,17 +206,28 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
     if any(config is None for config in loaded):
         raise typer.Exit(EXIT_INVALID)
     invalid = False
+    collections = []
     for path, config in zip(configs, loaded, strict=True):
-        problems, _, _ = _collection_problems(config)
+        problems, readers, failures = _collection_problems(config)
         for problem in problems:
             typer.echo(f"{path}: {problem}", err=True)
         invalid |= bool(problems)
+        collections.append((readers, failures))
     if invalid:
         raise typer.Exit(EXIT_INVALID)
     for path, config in zip(configs, loaded, strict=True):
         if (holder := _lock_holder(config.output.store)) is not None:
             typer.echo(f"{path}: {holder}", err=True)
             raise typer.Exit(EXIT_FAILED)
+    if (summaries := _summaries_if_nothing_to_do(loaded, collections)) is not None:
+        for unchanged in summaries:
+            _print_summary(unchanged)
+        typer.echo(
+            "nothing to do: every item is done with this input, config and code "
+            "(no Prefect server, flow run or Dask cluster was started)",
+            err=True,
+        )
+        return
 
     from flows._server import prefect_api, watch_api
     from flows._signals import stop_on_signals
@@ -196,6 +266,35 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
         raise typer.Exit(_stop_status(reason))
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _summaries_if_nothing_to_do(
+    configs: Sequence[Any], collections: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[dict[str, Any]] | None:
+    """Each config's summary when no config has anything to do, else None.
+
+    Decided with the store's own skip rule (:func:`segflow.store.select.plan_items`: an
+    index row *and* a commit record with this input, config and code), before Prefect is
+    imported or a server or cluster started. An unreadable file (to record as failed) or a
+    dead run's lock (to take over) is something to do.
+    """
+    from segflow.store.select import plan_items, run_summary
+
+    summaries = []
+    for config, (readers, failures) in zip(configs, collections, strict=True):
+        store = config.output.store
+        plan = plan_items(
+            readers,
+            failures,
+            store,
+            config_hash=config.config_hash(),
+            overwrite=config.output.overwrite,
+        )
+        if not plan.nothing_to_do:
+            return None
+        rows = sorted(plan.skipped, key=lambda row: str(row["id"]))
+        summaries.append(run_summary(config.name, store, rows))
+    return summaries
 
 
 def _lock_holder(store: str) -> str | None:

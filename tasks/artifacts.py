@@ -9,12 +9,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from segflow.store.select import open_line
+
 TABLE_COLUMNS = ("id", "status", "object_count", "seconds", "n_blocks", "shape", "error", "source")
-
-
-def open_line(store: str, item_id: str) -> str:
-    """The Python line that opens one item of the output."""
-    return f"xarray.open_zarr({store!r}, group={item_id!r})"
 
 
 def artifact_key(name: str, suffix: str) -> str:

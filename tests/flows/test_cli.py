@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +21,6 @@ from segflow.store.regions import read_regions
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 runner = CliRunner()
-
-
-def test_ops_lists_every_operation_with_kind_halo_and_defaults() -> None:
-    from segflow.ops import list_operations
-
-    result = runner.invoke(app, ["ops"], env={"COLUMNS": "200"})
-
-    assert result.exit_code == 0, result.output
-    for op in list_operations():
-        assert op.name in result.output
-    assert "int(truncate * sigma + 0.5)" in result.output  # gaussian's halo rule
-    assert "truncate: float = 4.0" in result.output
-    assert "footprint: 'disk' | 'square' = 'disk'" in result.output
-    assert "value: float (required)" in result.output
 
 
 @pytest.mark.parametrize("name", ["aerial", "ct", "nuclei", "nuclei-unet"])
@@ -216,3 +206,129 @@ def test_evaluate_scores_the_store_against_reference_labels(
     assert 0.5 < scores.loc["image", "ap50"] <= 1.0  # the bundled config finds most nuclei
     assert index.loc["image", "ap50"] == scores.loc["image", "ap50"]
     assert scores.loc["image", "n_ref"] == 36  # nuclei in the bundled reference
+
+
+def _flow_runs() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs())
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_with_nothing_to_do_starts_no_flow_but_redoes_an_uncommitted_item(
+    tmp_path: Path, dask_address: str
+) -> None:
+    store = tmp_path / "nuclei.zarr"
+    command = [
+        "run", str(CONFIGS / "nuclei.yaml"),
+        "--set", f"output.store={store}", "--set", f"cluster.address={dask_address}",
+    ]  # fmt: skip
+    assert runner.invoke(app, command).exit_code == 0
+    runs = _flow_runs()
+
+    again = runner.invoke(app, command)
+
+    assert again.exit_code == 0, again.output
+    assert "nuclei: 0 done, 1 skipped (already done), 0 failed" in again.stdout
+    assert f"xarray.open_zarr({str(store)!r}, group='image')" in again.stdout
+    assert again.stderr.startswith("nothing to do: every item is done")
+    assert _flow_runs() == runs  # decided before any flow run
+
+    # A done index row over a group without its commit record (an interrupted rewrite on
+    # an object store leaves that) is redone, by a flow run.
+    metadata_path = store / "image" / "zarr.json"
+    metadata = json.loads(metadata_path.read_text())
+    del metadata["attributes"]["segflow_commit"]
+    metadata_path.write_text(json.dumps(metadata))
+
+    redo = runner.invoke(app, command)
+
+    assert redo.exit_code == 0, redo.output
+    assert "nuclei: 1 done, 0 skipped (already done), 0 failed" in redo.stdout
+    assert "nothing to do" not in redo.output
+    assert _flow_runs() == runs + 1
+
+
+def test_run_with_nothing_to_do_imports_neither_prefect_nor_dask(tmp_path: Path) -> None:
+    """The command decides before importing Prefect or Dask (a real process: in this one
+    the test harness has imported both). The store is made by the engine, as a run would."""
+    from segflow.config import load_config
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.item import segment_item
+    from segflow.io import discover_items
+    from segflow.store.index import write_index
+
+    store = str(tmp_path / "nuclei.zarr")
+    config = load_config(CONFIGS / "nuclei.yaml", [f"output.store={store}"])
+    (reader,), _ = discover_items(config.input.path)
+    with LocalExecutor(1) as executor:
+        result = segment_item(
+            reader, config.pipeline, store=store, block_shape=config.blocks.shape,
+            executor=executor, chunks=config.output.chunks, config_hash=config.config_hash(),
+            regions=config.output.regions,
+        )  # fmt: skip
+    assert result.status == "done", result.error
+    write_index(store, [result.as_row()])
+    check = (
+        "import sys\nfrom flows.cli import main\n"
+        f"sys.argv = ['segflow', 'run', {str(CONFIGS / 'nuclei.yaml')!r}, "
+        f"'--set', 'output.store={store}']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print(sorted(m for m in ('prefect', 'distributed', 'dask') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    done = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "nuclei: 0 done, 1 skipped (already done), 0 failed" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_ops_lists_one_line_per_operation() -> None:
+    from segflow.ops import list_operations
+
+    result = runner.invoke(app, ["ops"], env={"COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(list_operations()) + 2  # a title, one per operation, a hint
+    for op, line in zip(list_operations(), lines[1:-1], strict=True):
+        assert line.split()[0] == op.name
+        assert len(line) <= 80
+    assert "  otsu" in result.stdout and "Otsu threshold of the whole item" in result.stdout
+    assert lines[-1] == "segflow ops NAME: its parameters, defaults and halo rule"
+
+
+def test_ops_name_shows_parameters_defaults_and_halo_rule() -> None:
+    gaussian = runner.invoke(app, ["ops", "gaussian"])
+    opening = runner.invoke(app, ["ops", "binary_opening"])
+    threshold = runner.invoke(app, ["ops", "threshold"])
+
+    assert gaussian.exit_code == opening.exit_code == threshold.exit_code == 0
+    assert gaussian.stdout.startswith("gaussian (local): ")
+    assert "halo: int(truncate * sigma + 0.5)" in gaussian.stdout
+    assert "  truncate: float = 4.0" in gaussian.stdout
+    assert "  footprint: 'disk' | 'square' = 'disk'" in opening.stdout
+    assert "  value: float (required)" in threshold.stdout
+
+
+def test_ops_with_an_unknown_name_exits_2_with_one_line() -> None:
+    result = runner.invoke(app, ["ops", "no_such_op"])
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("segflow ops: unknown operation 'no_such_op'")
+
+
+def test_version_is_the_code_version_the_index_records() -> None:
+    import segflow
+
+    result = runner.invoke(app, ["--version"])
+
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"segflow {segflow.__version__} (Python ")
+    assert sys.executable in result.stdout

@@ -341,7 +341,7 @@ register(
         kind="pointwise",
         params=ExpectBandsParams,
         apply=expect_bands,
-        summary="the image unchanged; refuses an item with another number of bands",
+        summary="refuse an item with another number of bands (the image passes unchanged)",
         check_channels=lambda c, p: (
             None if c == p.count else f"the image has {c} band(s), the pipeline expects {p.count}"
         ),

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from segflow.engine.pipeline import parse_steps
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, did_you_mean
 
 
 class _Model(BaseModel):
@@ -266,12 +266,24 @@ def _describe(error: ValidationError) -> list[str]:
         if problem["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         elif problem["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key (got {problem.get('input')!r})")
+            lines.append(f"{where}: unknown key; {_known_keys_hint(problem['loc'])}")
         else:
             message = str(problem["msg"]).removeprefix("Value error, ")
             got = f" (got {problem.get('input')!r})" if "(got" not in message else ""
             lines.append(f"{where}: {message}{got}")
     return lines
+
+
+def _known_keys_hint(loc: tuple[int | str, ...]) -> str:
+    """The closest keys of the section that ``loc`` names, or all of them (a few)."""
+    model: Any = SegflowConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return "not a key of the config"
+    known = list(model.model_fields)
+    return did_you_mean(str(loc[-1]), known) or f"expected one of: {', '.join(known)}"
 
 
 def _resolve(path: str, base_dir: Path) -> str:

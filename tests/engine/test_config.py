@@ -36,7 +36,16 @@ def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
     [
         ({"output": {}}, "output.store: required key is missing"),
         ({"blocks": {"shape": 0}}, "blocks.shape: every axis must be >= 1 (got 0)"),
-        ({"colour": "red"}, "colour: unknown key (got 'red')"),
+        (
+            {"colour": "red"},
+            "colour: unknown key; expected one of: name, input, output, blocks, pipeline, cluster",
+        ),
+        ({"ouput": {"store": "y"}}, "ouput: unknown key; did you mean 'output'?"),
+        (
+            {"output": {"store": "y", "chunk": [8]}},
+            "output.chunk: unknown key; did you mean 'chunks'?",
+        ),
+        ({"cluster": {"n_worker": 2}}, "cluster.n_worker: unknown key; did you mean 'n_workers'?"),
         (
             {"cluster": {"n_workers": 0}},
             "cluster.n_workers: Input should be greater than or equal to 1 (got 0)",
@@ -47,7 +56,8 @@ def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
         ),
         (
             {"pipeline": [{"op": "gausian", "sigma": 1}]},
-            "pipeline[0].op: unknown operation 'gausian'; known operations: ",
+            "pipeline[0].op: unknown operation 'gausian'; did you mean 'gaussian'? (`segflow ops` "
+            "lists every operation)",
         ),
         (
             {"pipeline": [{"op": "median", "size": 4}]},
@@ -55,7 +65,23 @@ def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
         ),
         (
             {"pipeline": [{"op": "otsu", "bins": 3}]},
-            "pipeline[0].bins: unknown parameter of 'otsu' (got 3)",
+            "pipeline[0].bins: unknown parameter of 'otsu' (got 3); did you mean 'nbins'?",
+        ),
+        (
+            {"pipeline": [{"op": "qqq"}]},
+            "pipeline[0].op: unknown operation 'qqq'; none is close to it (`segflow ops` lists",
+        ),
+        (
+            {"pipeline": [{"op": "gaussian", "sigma": 1, "mod": "wrap"}]},
+            "pipeline[0].mod: unknown parameter of 'gaussian' (got 'wrap'); did you mean 'mode'?",
+        ),
+        (
+            {"pipeline": [{"op": "threshold", "value": 1, "level": 2}]},
+            "pipeline[0].level: unknown parameter of 'threshold' (got 2); its parameters: value",
+        ),
+        (
+            {"pipeline": [{"op": "luma", "weights": [1]}]},
+            "pipeline[0].weights: unknown parameter of 'luma' (got [1]); it takes no parameters",
         ),
         ({"pipeline": [{"sigma": 1}]}, "pipeline[0]: missing `op` (the operation name)"),
         ({"pipeline": []}, "pipeline: must list at least one step, got an empty list"),

@@ -87,7 +87,7 @@ def test_validate_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> Non
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
         f"{config}: output: required key is missing",
-        f"{config}: ouput: unknown key (got {{'store': 'y'}})",
+        f"{config}: ouput: unknown key; did you mean 'output'?",
     ]
     assert "Traceback" not in result.output
 
@@ -317,11 +317,11 @@ def test_ops_name_shows_parameters_defaults_and_halo_rule() -> None:
 
 
 def test_ops_with_an_unknown_name_exits_2_with_one_line() -> None:
-    result = runner.invoke(app, ["ops", "no_such_op"])
+    result = runner.invoke(app, ["ops", "gausian"])
 
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
-    assert line.startswith("segflow ops: unknown operation 'no_such_op'")
+    assert line.startswith("segflow ops: unknown operation 'gausian'; did you mean 'gaussian'?")
 
 
 def test_version_is_the_code_version_the_index_records() -> None:

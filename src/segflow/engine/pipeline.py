@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 import segflow.ops  # noqa: F401  (registers the built-in operations)
-from segflow.errors import ConfigError, PlanError
+from segflow.errors import ConfigError, PlanError, did_you_mean
 from segflow.ops.registry import Operation, OpParams, get_operation
 
 
@@ -112,6 +112,15 @@ class Plan:
         return any(p.connectivity is not None for p in self.phases)
 
 
+def _unknown_parameter(key: str, value: Any, op_name: str, known: list[str]) -> str:
+    """``unknown parameter of 'otsu' (got 3); did you mean 'nbins'?``, or the parameters
+    when none is close (an operation has a handful)."""
+    hint = did_you_mean(key, known)
+    if not hint:
+        hint = f"its parameters: {', '.join(known)}" if known else "it takes no parameters"
+    return f"unknown parameter of {op_name!r} (got {value!r}); {hint}"
+
+
 def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...]:
     """Validate raw pipeline steps (``{"op": NAME, **params}``) against the registry.
 
@@ -152,7 +161,8 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
                 key = f"pipeline[{i}].{where}" if where else f"pipeline[{i}] ({name})"
                 message = str(problem["msg"]).removeprefix("Value error, ")
                 if problem["type"] == "extra_forbidden":
-                    message = f"unknown parameter of {name!r}"
+                    known = list(op.params.model_fields)
+                    message = _unknown_parameter(str(where), value, str(name), known)
                 shown = "" if not where or "(got" in message else f" (got {value!r})"
                 problems.append(f"{key}: {message}{shown}")
             continue

@@ -29,6 +29,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from segflow.errors import did_you_mean
 from segflow.stitch.labels import ObjectRule
 
 OpKind = Literal["pointwise", "local", "global", "connectivity"]
@@ -254,12 +255,15 @@ def get_operation(name: str, *, public: bool = False) -> Operation[Any]:
     Raises
     ------
     KeyError
-        If no operation has that name; the message lists the known names.
+        If no operation has that name; the message suggests the closest names.
     """
     if name in _REGISTRY and not (public and name.startswith("_")):
         return _REGISTRY[name]
-    known = ", ".join(op.name for op in list_operations())
-    raise KeyError(f"unknown operation {name!r}; known operations: {known}")
+    hint = did_you_mean(name, [op.name for op in list_operations()])
+    raise KeyError(
+        f"unknown operation {name!r}; {hint or 'none is close to it'} "
+        "(`segflow ops` lists every operation)"
+    )
 
 
 def list_operations() -> list[Operation[Any]]:

@@ -460,11 +460,14 @@ def _load_or_report(path: Path, overrides: Sequence[str]) -> Any:
     from segflow.errors import ConfigError
 
     try:
-        return load_config(path, overrides)
+        config = load_config(path, overrides)
     except ConfigError as error:
         for problem in error.problems:
             typer.echo(f"{path}: {problem}", err=True)
         return None
+    for note in config.notes:  # what loading derived from the --set values
+        typer.echo(f"{path}: {note}", err=True)
+    return config
 
 
 def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
@@ -484,26 +487,48 @@ def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[
         readers, failures = discover_items(config.input.path)
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []
-    settings = {
-        "blocks.shape": config.blocks.shape if isinstance(config.blocks.shape, list) else None,
-        "output.chunks": config.output.chunks,
-        "output.shards": config.output.shards,
-    }
-    misfits = [_shape_misfit(reader.info, settings) for reader in readers]
+    misfits = [_shape_misfit(reader.info, config) for reader in readers]
     if readers and all(misfits):  # no item fits: the settings are wrong, not the items
         problems += [m for m in misfits if m]
     return problems, readers, failures
 
 
-def _shape_misfit(info: Any, settings: dict[str, Any]) -> str | None:
-    """One line when a shape setting has another axis count than the item, else None."""
+def _shape_misfit(info: Any, config: Any) -> str | None:
+    """One line when a shape setting has another axis count than the item, or blocks that
+    do not cover whole storage units of it (naming the ``--set`` that fixes it), else None."""
+    from segflow.engine.blocks import plan_blocks
+    from segflow.errors import PlanError
+
+    blocks = config.blocks.shape
+    settings = {
+        "blocks.shape": blocks if isinstance(blocks, list) else None,
+        "output.chunks": config.output.chunks,
+        "output.shards": config.output.shards,
+    }
     axes = info.spatial_axes
     wrong = [f"{k} {v}" for k, v in settings.items() if v is not None and len(v) != len(axes)]
-    if not wrong:
-        return None
-    return (
-        f"{' and '.join(wrong)}: item {info.id!r} ({info.path}) has {len(axes)} spatial axes {axes}"
-    )
+    where = f"item {info.id!r} ({info.path})"
+    if wrong:
+        return f"{' and '.join(wrong)}: {where} has {len(axes)} spatial axes {axes}"
+    unit = config.output.shards or config.output.chunks
+    try:
+        plan_blocks(info.spatial_shape, blocks, storage_unit=unit)
+    except PlanError as error:
+        return f"{where}: {error} ({_unit_fix(blocks, config.output)})"
+    return None
+
+
+def _unit_fix(blocks: Any, output: Any) -> str:
+    """The ``--set`` that makes blocks cover whole storage units."""
+
+    def shape(value: Any) -> str:
+        return "[" + ",".join(str(v) for v in value) + "]"
+
+    if output.shards is not None:
+        return f"--set blocks.shape={shape(output.shards)} fixes it: blocks of whole shards"
+    fixes = f"--set output.chunks={shape(blocks)}" if isinstance(blocks, list) else ""
+    either = f"{fixes} or " if fixes else ""
+    return f"{either}--set blocks.shape={shape(output.chunks)} fixes it"
 
 
 def _check_items(config: Any) -> list[str]:
@@ -514,14 +539,9 @@ def _check_items(config: Any) -> list[str]:
 
     problems, readers, failures = _collection_problems(config)
     problems += [f"input.path: {message}" for _, message in failures]
-    settings = {
-        "blocks.shape": config.blocks.shape if isinstance(config.blocks.shape, list) else None,
-        "output.chunks": config.output.chunks,
-        "output.shards": config.output.shards,
-    }
     for reader in readers:
         info = reader.info
-        if not problems and (misfit := _shape_misfit(info, settings)):
+        if not problems and (misfit := _shape_misfit(info, config)):
             problems.append(misfit)  # in a run, this item fails alone
             continue
         try:

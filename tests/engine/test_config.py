@@ -143,3 +143,41 @@ def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     bad.write_text("input: [unclosed\n")
     with pytest.raises(ConfigError, match=r"config '.*bad.yaml': not valid YAML"):
         load_config(bad)
+
+
+UNITS = "input: {path: x}\noutput: {store: y, chunks: [256, 256]}\nblocks: {shape: [256, 256]}\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "blocks", "chunks", "note"),
+    [
+        (  # blocks alone, smaller than the file's chunks: the chunks follow
+            ["blocks.shape=[128,128]"], [128, 128], [128, 128],
+            "output.chunks [256, 256] (from the file) do not divide --set blocks.shape "
+            "[128, 128]: using output.chunks=[128, 128]",
+        ),
+        (  # chunks alone, no divisor of the file's blocks: the smallest multiple holding them
+            ["output.chunks=[100,96]"], [300, 288], [100, 96],
+            "blocks.shape [256, 256] (from the file) is no multiple of --set output.chunks "
+            "[100, 96]: using blocks.shape=[300, 288]",
+        ),
+        (["blocks.shape=[512,512]"], [512, 512], [256, 256], None),  # fits: unchanged
+        (["output.chunks=[128,128]"], [256, 256], [128, 128], None),  # fits: unchanged
+        # both set: the user's word stands (a misfit is reported per item, with the fix)
+        (["blocks.shape=[128,128]", "output.chunks=[256,256]"], [128, 128], [256, 256], None),
+        # shards: the storage unit is the shard; nothing is guessed
+        (["blocks.shape=[128,128]", "output.shards=[512,512]"], [128, 128], [256, 256], None),
+    ],
+)  # fmt: skip
+def test_setting_blocks_or_chunks_alone_derives_the_other(
+    tmp_path: Path, overrides: list[str], blocks: list[int], chunks: list[int], note: str | None
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(UNITS + "pipeline: [{op: otsu}]\n")
+
+    config = load_config(path, overrides)
+
+    assert (config.blocks.shape, config.output.chunks) == (blocks, chunks)
+    assert config.notes == ([note] if note else [])
+    unchanged = load_config(path)
+    assert unchanged.notes == [] and unchanged.output.chunks == [256, 256]

@@ -332,3 +332,36 @@ def test_version_is_the_code_version_the_index_records() -> None:
     assert result.exit_code == 0
     assert result.stdout.startswith(f"segflow {segflow.__version__} (Python ")
     assert sys.executable in result.stdout
+
+
+def test_validate_says_what_it_derived_from_blocks_shape_alone() -> None:
+    config = CONFIGS / "aerial.yaml"  # output.chunks [256, 256]
+
+    result = runner.invoke(app, ["validate", str(config), "--set", "blocks.shape=[128,128]"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"{config}: output.chunks [256, 256] (from the file) do not divide --set blocks.shape "
+        "[128, 128]: using output.chunks=[128, 128]"
+    ]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_blocks_that_miss_the_storage_unit_name_the_fix_before_running(
+    command: str, tmp_path: Path
+) -> None:
+    config = CONFIGS / "aerial.yaml"
+    sets = ["blocks.shape=[128,128]", "output.chunks=[256,256]"]  # both set: nothing derived
+
+    result = runner.invoke(
+        app,
+        [command, str(config), "--set", f"output.store={tmp_path / 'a.zarr'}",
+         *[f"--set={s}" for s in sets]],
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{config}: item 'RGB.byte' (")
+    assert "`blocks.shape` (128, 128) does not align with the output storage unit" in line
+    assert line.endswith("(--set output.chunks=[128,128] or --set blocks.shape=[256,256] fixes it)")
+    assert not (tmp_path / "a.zarr").exists()  # nothing ran

@@ -389,11 +389,20 @@ def evaluate(
     """Score each config's store against reference masks and print a summary table.
 
     Exit status: 0 when every matched item was scored, 1 when one failed, 2 on an invalid
-    config.
+    config, a store with no segmented item, or a --reference that names no file.
     """
     overrides = list(set_ or [])
     loaded = [_load_or_report(path, overrides) for path in configs]
     if any(config is None for config in loaded):
+        raise typer.Exit(EXIT_INVALID)
+    problems = [
+        f"{path}: {problem}"
+        for path, config in zip(configs, loaded, strict=True)
+        if (problem := _nothing_to_score(path, config, reference, overrides))
+    ]
+    if problems:
+        for line in problems:
+            typer.echo(line, err=True)
         raise typer.Exit(EXIT_INVALID)
 
     from flows.evaluate import evaluate_collection
@@ -406,6 +415,25 @@ def evaluate(
         failed |= bool(summary["failed"])
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _nothing_to_score(
+    path: Path, config: Any, reference: str, overrides: Sequence[str]
+) -> str | None:
+    """Why ``evaluate`` cannot score anything for ``config`` (checked before Prefect starts):
+    its store has no segmented item, or ``reference`` names no file."""
+    from segflow.evaluate import find_references
+    from segflow.store.select import index_rows
+
+    store = config.output.store
+    if not any(row.get("status") == "done" for row in index_rows(store)):
+        same = " with the same --set options" if overrides else ""
+        return (
+            f"store '{store}' has no segmented item to score: run `segflow run {path}`{same} first"
+        )
+    if not find_references(reference):
+        return f"--reference {reference!r} names no file (a file, a folder or a glob)"
+    return None
 
 
 def _print_scores(summary: dict[str, Any]) -> None:
@@ -423,6 +451,9 @@ def _print_scores(summary: dict[str, Any]) -> None:
         means = [sum(float(r.get(c, 0)) for r in rows) / len(rows) for c in columns]
         table.add_row("mean", *[_cell(m) for m in means])
     console.print(table)
+    for row in rows:
+        if row.get("eval_note"):
+            typer.echo(f"{row['id']}: {row['eval_note']}", err=True)
     for row in summary["failed"]:
         typer.echo(row["eval_error"], err=True)
     if summary["unmatched"]:

@@ -365,3 +365,58 @@ def test_blocks_that_miss_the_storage_unit_name_the_fix_before_running(
     assert "`blocks.shape` (128, 128) does not align with the output storage unit" in line
     assert line.endswith("(--set output.chunks=[128,128] or --set blocks.shape=[256,256] fixes it)")
     assert not (tmp_path / "a.zarr").exists()  # nothing ran
+
+
+def test_evaluate_a_store_never_run_exits_2_with_one_line(tmp_path: Path) -> None:
+    config = CONFIGS / "nuclei.yaml"
+    store = tmp_path / "never.zarr"
+
+    result = runner.invoke(
+        app,
+        ["evaluate", str(config), "--reference", str(tmp_path), "--set", f"output.store={store}"],
+    )
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"{config}: store '{store}' has no segmented item to score: run `segflow run "
+        f"{config}` with the same --set options first"
+    ]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_evaluate_with_a_reference_that_names_no_file_or_a_binary_mask(
+    tmp_path: Path, dask_address: str
+) -> None:
+    import tifffile
+
+    from segflow.io import open_item
+
+    store = tmp_path / "nuclei.zarr"
+    common = ["--set", f"output.store={store}", "--set", f"cluster.address={dask_address}"]
+    config = str(CONFIGS / "nuclei.yaml")
+    assert runner.invoke(app, ["run", config, *common]).exit_code == 0
+    nothing = runner.invoke(app, ["evaluate", config, "--reference", "/no/such/*.tif", *common])
+
+    assert nothing.exit_code == 2
+    assert nothing.stderr.splitlines() == [
+        f"{config}: --reference '/no/such/*.tif' names no file (a file, a folder or a glob)"
+    ]
+
+    # The sample's labels as a 0/255 mask named like the item's source (image.png).
+    (labels,) = (CONFIGS.parent / "tests" / "data" / "nuclei").glob("*/labels.tif")
+    mask = (open_item(str(labels)).read((slice(0, 256), slice(0, 256)))[0] > 0) * np.uint8(255)
+    tifffile.imwrite(tmp_path / "image.tif", mask)
+
+    binary = runner.invoke(
+        app, ["evaluate", config, "--reference", str(tmp_path / "image.tif"), *common]
+    )
+
+    assert binary.exit_code == 0, binary.output
+    assert "dice_1" in binary.stdout and "ap50" not in binary.stdout
+    assert (  # after Prefect's log lines
+        "image: the reference has one value besides 0 (255), a mask: scored as a mask: Dice/IoU "
+        "of the foreground; AP needs an instance label image (one id per object)"
+    ) in binary.stderr.splitlines()
+    scores = pd.read_parquet(store / "evaluation.parquet").set_index("id")
+    assert 0.5 < scores.loc["image", "dice_1"] <= 1
+    assert scores.loc["image", "eval_note"].startswith("the reference has one value besides 0")

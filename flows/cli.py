@@ -7,6 +7,7 @@ segflow-owned folder unless the user configured Prefect.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -601,15 +602,40 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print(
             f"  [red]failed[/] {escape(failure['error'])}", highlight=False, soft_wrap=True
         )
+    if made := _made_line(summary["rows"]):
+        console.print(f"  made:   {made}", highlight=False, soft_wrap=True)
     console.print(f"  output: {summary['store']}", highlight=False, soft_wrap=True)
     console.print(f"  index:  {summary['index']}", highlight=False, soft_wrap=True)
     if summary["open"]:
+        # The interpreter that runs segflow has xarray; a bare `python` may not.
+        python = shlex.quote(sys.executable)
         console.print(
-            f'  open:   python -c "import xarray; print({summary["open"]})"',
+            f'  open:   {python} -c "import xarray; print({summary["open"]})"',
             highlight=False,
             markup=False,
             soft_wrap=True,
         )
+
+
+def _made_line(rows: Sequence[dict[str, Any]]) -> str:
+    """What the done (or already done) items hold: their objects, or for masks and class
+    maps the share of foreground pixels (the mean over items)."""
+    from segflow.engine.item import describe_output
+
+    rows = [r for r in rows if r["status"] in ("done", "skipped")]
+    if not rows:
+        return ""
+    if len(rows) == 1:
+        return describe_output(rows[0].get("object_count"), rows[0].get("foreground_fraction"))
+    counts = [int(r["object_count"]) for r in rows if r.get("object_count") is not None]
+    fractions = [
+        float(r["foreground_fraction"]) for r in rows if r.get("foreground_fraction") is not None
+    ]
+    if len(counts) == len(rows):
+        return f"{describe_output(sum(counts), None)} in {len(rows)} items"
+    if len(fractions) == len(rows):
+        return f"{describe_output(None, sum(fractions) / len(rows))} (mean of {len(rows)} items)"
+    return ""
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from prefect.states import Cancelled, Failed
 
 from segflow.engine.executor import DaskExecutor
 from segflow.engine.interrupt import stop_requested
-from segflow.engine.item import ItemResult, segment_item
+from segflow.engine.item import ItemResult, describe_output, segment_item
 from segflow.io import discover_items, open_item
 from segflow.store.select import item_references
 from tasks.progress import report_progress
@@ -100,9 +100,9 @@ def segment_item_task(
         logger.warning("item %s: interrupted, its previous result is unchanged", item_id)
     elif row["status"] == "done":
         logger.info(
-            "item %s: done, %s objects, %d blocks, %.2f s -> %s",
+            "item %s: done, %s, %d blocks, %.2f s -> %s",
             item_id,
-            row["object_count"],
+            describe_output(row["object_count"], row["foreground_fraction"]) or "no count",
             row["n_blocks"],
             row["seconds"],
             os.path.join(store, item_id, row["output"]),

@@ -155,7 +155,7 @@ def test_run_applies_overrides_and_prints_how_to_open(tmp_path: Path, dask_addre
     assert "aerial: 1 done, 0 skipped (already done), 0 failed" in result.stdout
     assert f"output: {store}" in result.stdout
     opener = f"xarray.open_zarr({str(store)!r}, group='RGB.byte')"
-    assert opener in result.stdout
+    assert f'open:   {sys.executable} -c "import xarray; print({opener})"' in result.stdout
     ds = xarray.open_zarr(store, group="RGB.byte")
     assert ds["labels"].dims == ("y", "x")
     assert ds["labels"].encoding["chunks"] == (256, 256)  # the --set chunks were used
@@ -163,6 +163,7 @@ def test_run_applies_overrides_and_prints_how_to_open(tmp_path: Path, dask_addre
     assert len(regions) == int(ds["labels"].max()) and regions["label"].is_unique
     index = read_index(store).set_index("id")
     assert index.loc["RGB.byte", "object_count"] == len(regions)
+    assert f"  made:   {len(regions)} objects\n" in result.stdout
     assert index.loc["RGB.byte", "area_p50"] == regions["area"].median()
 
 
@@ -420,3 +421,27 @@ def test_evaluate_with_a_reference_that_names_no_file_or_a_binary_mask(
     scores = pd.read_parquet(store / "evaluation.parquet").set_index("id")
     assert 0.5 < scores.loc["image", "dice_1"] <= 1
     assert scores.loc["image", "eval_note"].startswith("the reference has one value besides 0")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_mask_pipeline_says_how_much_foreground_it_made(
+    tmp_path: Path, dask_address: str
+) -> None:
+    store = tmp_path / "mask.zarr"
+
+    result = runner.invoke(
+        app,
+        [
+            "run", str(CONFIGS / "nuclei.yaml"),
+            "--set", f"output.store={store}", "--set", f"cluster.address={dask_address}",
+            "--set", "pipeline.4={op: fill_holes}", "--set", "output.regions=false",
+        ],
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    mask = xarray.open_zarr(store, group="image")["mask"].values
+    made = f"{100 * mask.mean():.1f} % foreground"
+    assert 1 < 100 * mask.mean() < 50  # the nuclei of the sample, not nothing or everything
+    assert f"  made:   {made}\n" in result.stdout
+    assert f"item image: done, {made}, " in result.stderr  # Prefect's log line
+    assert "None objects" not in result.output

@@ -58,6 +58,22 @@ class ItemResult:
         return row
 
 
+def describe_output(object_count: Any, foreground_fraction: Any) -> str:
+    """What an item's output holds, in words: ``"322 objects"`` for labels, ``"12.4 %
+    foreground"`` for a mask or class map (non-zero pixels), ``""`` when neither is known.
+
+    Examples
+    --------
+    >>> describe_output(322, 0.3), describe_output(None, 0.1238), describe_output(None, None)
+    ('322 objects', '12.4 % foreground', '')
+    """
+    if object_count is not None:
+        return f"{int(object_count):,} object{'' if int(object_count) == 1 else 's'}"
+    if foreground_fraction is not None:
+        return f"{100 * float(foreground_fraction):.1f} % foreground"
+    return ""
+
+
 def segment_item(
     reader: Reader,
     pipeline: Sequence[Mapping[str, Any]],

@@ -173,13 +173,21 @@ def segment_item(
         written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
             classes = plan.saved_classes.get(name, ())
-            spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes)
+            categories = plan.saved_categories.get(name, ())
+            spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes, categories=categories)
             _ensure_array(root, info, spec, reuse=resuming)
             saved[name] = ZarrRegionWriter(root, info.id, name)
             written[name] = str(np.dtype(dtype))
 
         def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
-            spec = ArraySpec(plan.out_kind, str(dtype), chunk, shard, classes=plan.out_classes)
+            spec = ArraySpec(
+                plan.out_kind,
+                str(dtype),
+                chunk,
+                shard,
+                classes=plan.out_classes,
+                categories=plan.out_categories,
+            )
             _ensure_array(root, info, spec, reuse=resuming)
             written[plan.out_kind] = str(np.dtype(dtype))
             return ZarrRegionWriter(root, info.id, plan.out_kind)

@@ -58,6 +58,9 @@ class LowHighParams(OpParams):
 
 P = TypeVar("P", bound=OpParams)
 
+#: The classes of a class map: ``(value, name, colour or None)`` each, by value.
+Categories = tuple[tuple[int, str, str | None], ...]
+
 
 @dataclass(frozen=True)
 class OpContext:
@@ -152,6 +155,9 @@ class Operation(Generic[P]):
     ``class_names(params)`` names the output channels of an operation that makes several
     (a model's classes): a multi-channel final or ``save_as`` array is stored with a
     ``class`` axis and these names as its coordinate.
+    ``categories(params)`` names the values of a one-channel class map (``classify``):
+    ``(value, name, colour or None)`` per class, stored with the array that holds the
+    step's output (its attributes and ``NAME_value`` / ``NAME_name`` coordinates).
     ``setup(params)`` builds what ``apply`` needs once per worker process (a loaded model),
     cached under ``setup_key(params)`` and handed over as ``ctx.resource``
     (:mod:`segflow.engine.resources`); ``resources(params)`` names scarce devices a block
@@ -182,6 +188,7 @@ class Operation(Generic[P]):
     item_nodata: Callable[[P, float | None], P] | None = None
     setup: Callable[[P], Any] | None = None
     class_names: Callable[[P], tuple[str, ...]] | None = None
+    categories: Callable[[P], Categories] | None = None
     setup_key: Callable[[P], Hashable] | None = None
     resources: Callable[[P], Mapping[str, float]] | None = None
 

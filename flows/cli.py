@@ -1,6 +1,8 @@
-"""The ``segflow`` command: ``run``, ``validate`` and ``ops``.
+"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``evaluate`` and ``train``.
 
-Prefect is imported only by ``run``, so ``segflow ops`` and ``segflow validate`` answer fast.
+Prefect is imported only by ``run`` (and only when some item is to do: the store's skip rule
+is applied first), ``evaluate`` and ``train``, so ``segflow ops``, ``segflow validate`` and
+a run with nothing to do answer fast (``benchmarks/bench_cli.py``).
 Before that import, :func:`flows._env.isolate_prefect` keeps Prefect's state in a
 segflow-owned folder unless the user configured Prefect.
 """

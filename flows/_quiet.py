@@ -13,6 +13,10 @@ from __future__ import annotations
 import logging
 import os
 
+# Set by the ``segflow`` command (not by tests or library use): its local cluster's workers
+# then keep only critical messages (read by flows.cluster when it starts them).
+QUIET_WORKERS = False
+
 NOISY_LOGGERS = ("rasterio._env", "rasterio", "tifffile", "nibabel", "py.warnings")
 
 

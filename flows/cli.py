@@ -1,12 +1,16 @@
-"""The ``segflow`` command: ``run``, ``validate`` and ``ops``.
+"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``evaluate`` and ``train``.
 
-Prefect is imported only by ``run``, so ``segflow ops`` and ``segflow validate`` answer fast.
+Prefect is imported only by ``run`` (and only when some item is to do: the store's skip rule
+is applied first), ``evaluate`` and ``train``, so ``segflow ops``, ``segflow validate`` and
+a run with nothing to do answer fast (``benchmarks/bench_cli.py``).
 Before that import, :func:`flows._env.isolate_prefect` keeps Prefect's state in a
 segflow-owned folder unless the user configured Prefect.
 """
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +33,32 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # what segflow.__version__ says (the index's code_version), without the engine
+        number = version("segflow")
+    except PackageNotFoundError:
+        number = "0.0.0+source"
+    typer.echo(f"segflow {number} (Python {sys.version.split()[0]}, {sys.executable})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Segment huge image collections block by block (Dask blocks, Prefect flows, Zarr)."""
+
 
 ConfigPaths = Annotated[
     list[Path], typer.Argument(help="YAML pipeline configs (see configs/).", show_default=False)
@@ -57,33 +87,51 @@ def main() -> None:
     import sys
 
     if "--debug" not in sys.argv:
-        import flows.cluster
-        from flows._quiet import quiet_libraries
+        from flows import _quiet
 
-        quiet_libraries()
-        flows.cluster.QUIET_WORKERS = True
+        _quiet.quiet_libraries()
+        _quiet.QUIET_WORKERS = True  # not importing flows.cluster here: it imports Dask
     app()
 
 
 @app.command()
-def ops() -> None:
-    """List the pipeline operations: kind, halo rule, parameters with defaults."""
-    from segflow.ops import describe_params, list_operations
+def ops(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="One operation: its parameters, defaults and halo rule.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """List the pipeline operations, one line each; with NAME, one operation in full."""
+    from segflow.ops import get_operation, list_operations
 
-    table = Table(title="segflow operations (use as pipeline steps: {op: NAME, PARAM: VALUE})")
-    table.add_column("op", style="bold cyan", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("halo rule", ratio=1)
-    table.add_column("parameters (type = default)", ratio=2)
-    table.add_column("summary", ratio=3)
-    for op in list_operations():
-        params = "\n".join(
-            f"{name}: {_type_name(op.params, name, kind)}"
-            + (" (required)" if default == "required" else f" = {default}")
-            for name, kind, default in describe_params(op)
-        )
-        table.add_row(op.name, op.kind, op.halo_rule, params or "-", op.summary)
-    Console().print(table, markup=False)
+    if name is None:
+        width = max(shutil.get_terminal_size().columns, 60)
+        column = max(len(op.name) for op in list_operations()) + 2
+        typer.echo("segflow operations (pipeline steps: {op: NAME, PARAM: VALUE}):")
+        for op in list_operations():
+            typer.echo(f"  {op.name:<{column}}{_one_line(op.summary, width - column - 2)}")
+        typer.echo("segflow ops NAME: its parameters, defaults and halo rule")
+        return
+    try:
+        op = get_operation(name, public=True)
+    except KeyError as error:
+        typer.echo(f"segflow ops: {error.args[0]}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    _print_operation(op)
+
+
+def _one_line(summary: str, width: int) -> str:
+    """The head of an operation's summary that fits ``width``: its first clause, without a
+    parenthesised aside, cut at a word with "..." if still too long."""
+    line = summary.split("; ")[0]
+    aside = line.find(" (")
+    if len(line) > width and aside >= 20:
+        line = line[:aside]
+    if len(line) > width:
+        line = line[: width - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+    return line
 
 
 def _type_name(model: Any, name: str, described: str) -> str:
@@ -94,6 +142,20 @@ def _type_name(model: Any, name: str, described: str) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " | ".join(repr(choice) for choice in typing.get_args(annotation))
     return described
+
+
+def _print_operation(op: Any) -> None:
+    from segflow.ops import describe_params
+
+    typer.echo(f"{op.name} ({op.kind}): {op.summary}")
+    typer.echo(f"halo: {op.halo_rule}")
+    rows = describe_params(op)
+    typer.echo("parameters:" if rows else "parameters: none")
+    for param, kind, default in rows:
+        field = op.params.model_fields[param]
+        head = f"  {param}: {_type_name(op.params, param, kind)}"
+        head += " (required)" if default == "required" else f" = {default}"
+        typer.echo(head + (f"  - {field.description}" if field.description else ""))
 
 
 @app.command()
@@ -147,17 +209,28 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
     if any(config is None for config in loaded):
         raise typer.Exit(EXIT_INVALID)
     invalid = False
+    collections = []
     for path, config in zip(configs, loaded, strict=True):
-        problems, _, _ = _collection_problems(config)
+        problems, readers, failures = _collection_problems(config)
         for problem in problems:
             typer.echo(f"{path}: {problem}", err=True)
         invalid |= bool(problems)
+        collections.append((readers, failures))
     if invalid:
         raise typer.Exit(EXIT_INVALID)
     for path, config in zip(configs, loaded, strict=True):
         if (holder := _lock_holder(config.output.store)) is not None:
             typer.echo(f"{path}: {holder}", err=True)
             raise typer.Exit(EXIT_FAILED)
+    if (summaries := _summaries_if_nothing_to_do(loaded, collections)) is not None:
+        for unchanged in summaries:
+            _print_summary(unchanged)
+        typer.echo(
+            "nothing to do: every item is done with this input, config and code "
+            "(no Prefect server, flow run or Dask cluster was started)",
+            err=True,
+        )
+        return
 
     from flows._server import prefect_api, watch_api
     from flows._signals import stop_on_signals
@@ -196,6 +269,35 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
         raise typer.Exit(_stop_status(reason))
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _summaries_if_nothing_to_do(
+    configs: Sequence[Any], collections: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[dict[str, Any]] | None:
+    """Each config's summary when no config has anything to do, else None.
+
+    Decided with the store's own skip rule (:func:`segflow.store.select.plan_items`: an
+    index row *and* a commit record with this input, config and code), before Prefect is
+    imported or a server or cluster started. An unreadable file (to record as failed) or a
+    dead run's lock (to take over) is something to do.
+    """
+    from segflow.store.select import plan_items, run_summary
+
+    summaries = []
+    for config, (readers, failures) in zip(configs, collections, strict=True):
+        store = config.output.store
+        plan = plan_items(
+            readers,
+            failures,
+            store,
+            config_hash=config.config_hash(),
+            overwrite=config.output.overwrite,
+        )
+        if not plan.nothing_to_do:
+            return None
+        rows = sorted(plan.skipped, key=lambda row: str(row["id"]))
+        summaries.append(run_summary(config.name, store, rows))
+    return summaries
 
 
 def _lock_holder(store: str) -> str | None:
@@ -290,11 +392,20 @@ def evaluate(
     """Score each config's store against reference masks and print a summary table.
 
     Exit status: 0 when every matched item was scored, 1 when one failed, 2 on an invalid
-    config.
+    config, a store with no segmented item, or a --reference that names no file.
     """
     overrides = list(set_ or [])
     loaded = [_load_or_report(path, overrides) for path in configs]
     if any(config is None for config in loaded):
+        raise typer.Exit(EXIT_INVALID)
+    problems = [
+        f"{path}: {problem}"
+        for path, config in zip(configs, loaded, strict=True)
+        if (problem := _nothing_to_score(path, config, reference, overrides))
+    ]
+    if problems:
+        for line in problems:
+            typer.echo(line, err=True)
         raise typer.Exit(EXIT_INVALID)
 
     from flows.evaluate import evaluate_collection
@@ -307,6 +418,25 @@ def evaluate(
         failed |= bool(summary["failed"])
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _nothing_to_score(
+    path: Path, config: Any, reference: str, overrides: Sequence[str]
+) -> str | None:
+    """Why ``evaluate`` cannot score anything for ``config`` (checked before Prefect starts):
+    its store has no segmented item, or ``reference`` names no file."""
+    from segflow.evaluate import find_references
+    from segflow.store.select import index_rows
+
+    store = config.output.store
+    if not any(row.get("status") == "done" for row in index_rows(store)):
+        same = " with the same --set options" if overrides else ""
+        return (
+            f"store '{store}' has no segmented item to score: run `segflow run {path}`{same} first"
+        )
+    if not find_references(reference):
+        return f"--reference {reference!r} names no file (a file, a folder or a glob)"
+    return None
 
 
 def _print_scores(summary: dict[str, Any]) -> None:
@@ -324,6 +454,9 @@ def _print_scores(summary: dict[str, Any]) -> None:
         means = [sum(float(r.get(c, 0)) for r in rows) / len(rows) for c in columns]
         table.add_row("mean", *[_cell(m) for m in means])
     console.print(table)
+    for row in rows:
+        if row.get("eval_note"):
+            typer.echo(f"{row['id']}: {row['eval_note']}", err=True)
     for row in summary["failed"]:
         typer.echo(row["eval_error"], err=True)
     if summary["unmatched"]:
@@ -361,11 +494,14 @@ def _load_or_report(path: Path, overrides: Sequence[str]) -> Any:
     from segflow.errors import ConfigError
 
     try:
-        return load_config(path, overrides)
+        config = load_config(path, overrides)
     except ConfigError as error:
         for problem in error.problems:
             typer.echo(f"{path}: {problem}", err=True)
         return None
+    for note in config.notes:  # what loading derived from the --set values
+        typer.echo(f"{path}: {note}", err=True)
+    return config
 
 
 def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
@@ -385,26 +521,48 @@ def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[
         readers, failures = discover_items(config.input.path)
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []
-    settings = {
-        "blocks.shape": config.blocks.shape if isinstance(config.blocks.shape, list) else None,
-        "output.chunks": config.output.chunks,
-        "output.shards": config.output.shards,
-    }
-    misfits = [_shape_misfit(reader.info, settings) for reader in readers]
+    misfits = [_shape_misfit(reader.info, config) for reader in readers]
     if readers and all(misfits):  # no item fits: the settings are wrong, not the items
         problems += [m for m in misfits if m]
     return problems, readers, failures
 
 
-def _shape_misfit(info: Any, settings: dict[str, Any]) -> str | None:
-    """One line when a shape setting has another axis count than the item, else None."""
+def _shape_misfit(info: Any, config: Any) -> str | None:
+    """One line when a shape setting has another axis count than the item, or blocks that
+    do not cover whole storage units of it (naming the ``--set`` that fixes it), else None."""
+    from segflow.engine.blocks import plan_blocks
+    from segflow.errors import PlanError
+
+    blocks = config.blocks.shape
+    settings = {
+        "blocks.shape": blocks if isinstance(blocks, list) else None,
+        "output.chunks": config.output.chunks,
+        "output.shards": config.output.shards,
+    }
     axes = info.spatial_axes
     wrong = [f"{k} {v}" for k, v in settings.items() if v is not None and len(v) != len(axes)]
-    if not wrong:
-        return None
-    return (
-        f"{' and '.join(wrong)}: item {info.id!r} ({info.path}) has {len(axes)} spatial axes {axes}"
-    )
+    where = f"item {info.id!r} ({info.path})"
+    if wrong:
+        return f"{' and '.join(wrong)}: {where} has {len(axes)} spatial axes {axes}"
+    unit = config.output.shards or config.output.chunks
+    try:
+        plan_blocks(info.spatial_shape, blocks, storage_unit=unit)
+    except PlanError as error:
+        return f"{where}: {error} ({_unit_fix(blocks, config.output)})"
+    return None
+
+
+def _unit_fix(blocks: Any, output: Any) -> str:
+    """The ``--set`` that makes blocks cover whole storage units."""
+
+    def shape(value: Any) -> str:
+        return "[" + ",".join(str(v) for v in value) + "]"
+
+    if output.shards is not None:
+        return f"--set blocks.shape={shape(output.shards)} fixes it: blocks of whole shards"
+    fixes = f"--set output.chunks={shape(blocks)}" if isinstance(blocks, list) else ""
+    either = f"{fixes} or " if fixes else ""
+    return f"{either}--set blocks.shape={shape(output.chunks)} fixes it"
 
 
 def _check_items(config: Any) -> list[str]:
@@ -415,14 +573,9 @@ def _check_items(config: Any) -> list[str]:
 
     problems, readers, failures = _collection_problems(config)
     problems += [f"input.path: {message}" for _, message in failures]
-    settings = {
-        "blocks.shape": config.blocks.shape if isinstance(config.blocks.shape, list) else None,
-        "output.chunks": config.output.chunks,
-        "output.shards": config.output.shards,
-    }
     for reader in readers:
         info = reader.info
-        if not problems and (misfit := _shape_misfit(info, settings)):
+        if not problems and (misfit := _shape_misfit(info, config)):
             problems.append(misfit)  # in a run, this item fails alone
             continue
         try:
@@ -451,11 +604,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print(
             f"  [red]failed[/] {escape(failure['error'])}", highlight=False, soft_wrap=True
         )
+    if made := summary.get("made"):
+        console.print(f"  made:   {made}", highlight=False, soft_wrap=True)
     console.print(f"  output: {summary['store']}", highlight=False, soft_wrap=True)
     console.print(f"  index:  {summary['index']}", highlight=False, soft_wrap=True)
     if summary["open"]:
+        # The interpreter that runs segflow has xarray; a bare `python` may not.
+        python = shlex.quote(sys.executable)
         console.print(
-            f'  open:   python -c "import xarray; print({summary["open"]})"',
+            f'  open:   {python} -c "import xarray; print({summary["open"]})"',
             highlight=False,
             markup=False,
             soft_wrap=True,

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from flows import _quiet
 from segflow.config import ClusterConfig
 from segflow.engine.cluster import start_local_cluster, visible_gpus
 
@@ -48,18 +49,14 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
                 memory_limit=cluster.memory_limit,
                 # None would still bind the HTTP server to 8787; ":0" picks a free port.
                 dashboard_address=":0",
-                silence_logs=logging.CRITICAL if QUIET_WORKERS else logging.WARNING,
-                preload=["flows._quiet"] if QUIET_WORKERS else [],
+                silence_logs=logging.CRITICAL if _quiet.QUIET_WORKERS else logging.WARNING,
+                preload=["flows._quiet"] if _quiet.QUIET_WORKERS else [],
             )
         try:
             with Client(local) as client:
                 yield client
         finally:
             local.close()
-
-
-# Set by the ``segflow`` command (not by tests or library use): see flows._quiet.
-QUIET_WORKERS = False
 
 
 @contextmanager

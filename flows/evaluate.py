@@ -7,31 +7,15 @@ the definitions.
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.segment import resolve_config
-from segflow.evaluate import match_references
+from segflow.evaluate import find_references, match_references
 from tasks.evaluate import evaluate_item_task
 from tasks.store import current_run_id, read_index_task, write_index_task, writing_store
-
-REFERENCE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr", ".geojson", ".json")
-
-
-def find_references(reference: str, base: Path | None = None) -> list[str]:
-    """Reference files named by a file, a folder (searched recursively) or a glob."""
-    path = Path(reference)
-    if base is not None and not path.is_absolute():
-        path = base / path
-    if path.is_file() or path.suffix == ".zarr":
-        return [str(path)]
-    if path.is_dir():
-        found = [p for p in path.rglob("*") if p.name.lower().endswith(REFERENCE_SUFFIXES)]
-        return sorted(str(p) for p in found)
-    return sorted(glob.glob(str(path), recursive=True))
 
 
 @flow(name="evaluate-collection", validate_parameters=True)

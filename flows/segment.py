@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import Cancelled, Completed, Failed, State
@@ -25,10 +24,10 @@ from segflow.config import SegflowConfig, apply_overrides, load_config, parse_co
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
 from segflow.errors import StoreError
-from segflow.io import unused_id
 from segflow.store.commit import stage_name
 from segflow.store.lock import has_stale_lock
-from tasks.artifacts import open_line, publish_progress, report_items_task
+from segflow.store.select import keep_recorded_ids, run_summary, select_items
+from tasks.artifacts import publish_progress, report_items_task
 from tasks.items import discover_items_task, segment_item_task
 from tasks.progress import report_progress
 from tasks.store import (
@@ -42,11 +41,6 @@ from tasks.store import (
 # Items segmented at once. Dask already spreads each item's blocks over every worker; a few
 # items in flight hide the round trips between an item's phases.
 ITEMS_IN_FLIGHT = 3
-
-
-# Rows and failures a run's summary lists at most (the rest are in the store's index), so
-# the persisted flow result stays small whatever the collection's size.
-SUMMARY_ROWS = 1000
 
 
 class ItemsFailedError(RuntimeError):
@@ -77,71 +71,6 @@ def resolve_config(
     if isinstance(config, str | Path):
         return load_config(config, overrides)
     return parse_config(apply_overrides(config, overrides), base_dir=Path.cwd())
-
-
-def keep_recorded_ids(
-    items: list[dict[str, str]],
-    failed_rows: list[dict[str, Any]],
-    index_rows: list[dict[str, Any]],
-) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Give every item the id the store's index recorded for its source.
-
-    Discovery names items by file stem, prefixed with folders only where stems collide, so a
-    file joining the collection can rename others (``a/tile.tif`` is ``tile`` until
-    ``b/tile.tif`` appears, then ``a_tile``): on the next scheduled run its output would be
-    redone under a new name. Here an id in the store stays with its source, and is never
-    given to another one (a new item whose id is taken gets ``_2``, ``_3``, ...).
-    """
-    recorded = {row["source"]: row["id"] for row in index_rows if row.get("source")}
-    taken = {row["id"] for row in index_rows}
-
-    def renamed(entry: dict[str, Any], source: str) -> dict[str, Any]:
-        return {**entry, "id": recorded.get(source) or unused_id(entry["id"], taken)}
-
-    return (
-        [renamed(item, item["path"]) for item in items],
-        [renamed(row, row["source"]) for row in failed_rows],
-    )
-
-
-def select_items(
-    items: list[dict[str, str]],
-    index_rows: list[dict[str, Any]],
-    *,
-    config_hash: str,
-    overwrite: bool,
-    commits: Mapping[str, Mapping[str, Any] | None],
-    item_filter: Sequence[str] | None = None,
-) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Split ``items`` into those to segment and the index rows of those to skip.
-
-    An item is skipped when its index row says ``done`` with the same (non-empty)
-    fingerprint, config hash and code version, and its group's commit record (``commits``,
-    by id: :func:`segflow.store.commit.read_commit`) says the same: a ``done`` row over a
-    group that was never committed, was interrupted or is gone is redone. Never skipped
-    with ``overwrite``. With ``item_filter`` (glob patterns on ids), items that match none
-    are left out altogether.
-    """
-    if item_filter:
-        items = [i for i in items if any(fnmatch.fnmatchcase(i["id"], p) for p in item_filter)]
-    done = {row["id"]: row for row in index_rows if row.get("status") == "done"}
-    version = code_version()
-    todo, skipped = [], []
-    for item in items:
-        row = done.get(item["id"])
-        commit = commits.get(item["id"]) or {}
-        if (
-            not overwrite
-            and row is not None
-            and item["fingerprint"]  # no fingerprint (some URLs): always redo
-            and row.get("fingerprint") == item["fingerprint"] == commit.get("fingerprint")
-            and row.get("config_hash") == config_hash == commit.get("config_hash")
-            and row.get("code_version") == version == commit.get("code_version")
-        ):
-            skipped.append({**row, "status": "skipped"})
-        else:
-            todo.append(item)
-    return todo, skipped
 
 
 def config_name(parameters: Mapping[str, Any]) -> str:
@@ -305,30 +234,6 @@ def segment_items(
 
 
 def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The small, JSON-serialisable summary a run returns (and the CLI prints).
-
-    ``rows`` and ``failures`` list at most :data:`SUMMARY_ROWS` items each (in id order);
-    ``rows_omitted`` and ``failures_omitted`` count the others, which the store's index has.
-    """
-    statuses = ("done", "failed", "skipped", "interrupted")
-    counts = {s: sum(r["status"] == s for r in rows) for s in statuses}
-    opened = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
-    failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
-    return {
-        "name": cfg.name,
-        "store": cfg.output.store,
-        "index": str(Path(cfg.output.store) / "index.parquet"),
-        **counts,
-        "failures": failures[:SUMMARY_ROWS],
-        "failures_omitted": max(len(failures) - SUMMARY_ROWS, 0),
-        "open": open_line(cfg.output.store, opened[0]) if opened else None,
-        "rows": [_plain(row) for row in rows[:SUMMARY_ROWS]],
-        "rows_omitted": max(len(rows) - SUMMARY_ROWS, 0),
-    }
-
-
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with numpy scalars as Python numbers (JSON has no numpy types)."""
-    return {
-        key: value.item() if isinstance(value, np.generic) else value for key, value in row.items()
-    }
+    """The small, JSON-serialisable summary a run returns (and the CLI prints): see
+    :func:`segflow.store.select.run_summary`."""
+    return run_summary(cfg.name, cfg.output.store, rows)

@@ -23,6 +23,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from segflow.io._common import is_url, strip_file_scheme
+from segflow.store.select import open_line
 from tasks.progress import ItemsProgress, listen_progress
 
 # Seconds between two updates of a run's progress artifact (one API call each).
@@ -31,11 +32,6 @@ PROGRESS_INTERVAL = 2.0
 QUEUED_ROWS = 500
 
 TABLE_COLUMNS = ("id", "status", "object_count", "seconds", "n_blocks", "shape", "error", "source")
-
-
-def open_line(store: str, item_id: str) -> str:
-    """The Python line that opens one item of the output."""
-    return f"xarray.open_zarr({store!r}, group={item_id!r})"
 
 
 def artifact_key(name: str, output: str, suffix: str) -> str:

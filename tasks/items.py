@@ -12,8 +12,9 @@ from prefect.states import Cancelled, Failed
 
 from segflow.engine.executor import DaskExecutor
 from segflow.engine.interrupt import stop_requested
-from segflow.engine.item import ItemResult, segment_item
-from segflow.io import assign_item_ids, discover_items, open_item
+from segflow.engine.item import ItemResult, describe_output, segment_item
+from segflow.io import discover_items, open_item
+from segflow.store.select import item_references
 from tasks.progress import report_progress
 
 
@@ -24,17 +25,7 @@ def discover_items_task(input_path: str) -> tuple[list[dict[str, str]], list[dic
     Returns ``(items, failures)``: ``items`` are ``{"id", "path", "fingerprint"}`` references;
     ``failures`` are index rows (status ``failed``) for files that could not be opened.
     """
-    readers, failures = discover_items(input_path)
-    items = [
-        {"id": r.info.id, "path": r.info.path, "fingerprint": r.info.fingerprint} for r in readers
-    ]
-    # Ids of unreadable files, assigned as discovery assigned the readable ones.
-    paths = sorted([r.info.path for r in readers] + [path for path, _ in failures])
-    ids = dict(zip(paths, assign_item_ids(paths), strict=True))
-    rows = [
-        ItemResult(id=ids[path], source=path, status="failed", error=message).as_row()
-        for path, message in failures
-    ]
+    items, rows = item_references(*discover_items(input_path))
     # Each unreadable file's reason is logged by its own (failed) segment-item task run.
     get_run_logger().info(
         "found %d items under %s (%d unreadable)", len(items), input_path, len(rows)
@@ -109,9 +100,9 @@ def segment_item_task(
         logger.warning("item %s: interrupted, its previous result is unchanged", item_id)
     elif row["status"] == "done":
         logger.info(
-            "item %s: done, %s objects, %d blocks, %.2f s -> %s",
+            "item %s: done, %s, %d blocks, %.2f s -> %s",
             item_id,
-            row["object_count"],
+            describe_output(row["object_count"], row["foreground_fraction"]) or "no count",
             row["n_blocks"],
             row["seconds"],
             os.path.join(store, item_id, row["output"]),

@@ -5,23 +5,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from pandas.api.types import is_scalar
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from segflow.store import consolidate_store, read_index
+from segflow.store import consolidate_store
 from segflow.store.commit import (
     check_store,
     discard_trash,
     prepare_store,
-    read_commit,
 )
 from segflow.store.index import append_records, compact_index
 from segflow.store.lock import hold_store_lock
+from segflow.store.select import index_rows, read_commits
 
 
 def current_run_id() -> str:
@@ -90,22 +87,13 @@ def mark_crashed(holder: dict[str, Any], store: str) -> None:
 @task(name="read-index", retries=0, cache_policy=NO_CACHE)
 def read_index_task(store: str) -> list[dict[str, Any]]:
     """The rows of ``STORE/index.parquet`` (none when the store is new), as plain dicts."""
-    frame = read_index(store)
-    return [
-        {
-            key: (None if is_scalar(value) and pd.isna(value) else value)
-            for key, value in row.items()
-        }
-        for row in frame.to_dict(orient="records")
-    ]
+    return index_rows(store)
 
 
 @task(name="read-commits", retries=0, cache_policy=NO_CACHE)
 def read_commits_task(store: str, item_ids: list[str]) -> dict[str, dict[str, Any] | None]:
     """The commit record of each item's group (None where there is none)."""
-    if not Path(store).exists() and "://" not in store:
-        return dict.fromkeys(item_ids)
-    return {item_id: read_commit(store, item_id) for item_id in item_ids}
+    return read_commits(store, item_ids)
 
 
 @task(name="record-items", retries=0, cache_policy=NO_CACHE)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from segflow.engine.pipeline import parse_steps
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, did_you_mean
 
 
 class _Model(BaseModel):
@@ -112,6 +113,14 @@ class SegflowConfig(_Model):
     blocks: BlocksConfig = Field(default_factory=lambda: BlocksConfig(shape=None))
     pipeline: list[dict[str, Any]]
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig.model_validate({}))
+    # What loading derived from the overrides (see fit_blocks_to_chunks); not hashed.
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per setting that loading derived (``--set blocks.shape`` alone that did
+        not fit the file's ``output.chunks`` changes the chunks too), to show the user."""
+        return list(self._notes)
 
     def config_hash(self) -> str:
         """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions,
@@ -204,7 +213,65 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SegflowConfi
         raise ConfigError([f"config {str(path)!r}: not valid YAML ({error})"]) from None
     overrides = [_absolute_path_override(o) for o in overrides]
     data = apply_overrides(data if data is not None else {}, overrides)
-    return parse_config(data, base_dir=path.resolve().parent)
+    data, notes = fit_blocks_to_chunks(data, {o.partition("=")[0].strip() for o in overrides})
+    config = parse_config(data, base_dir=path.resolve().parent)
+    config._notes = notes
+    return config
+
+
+def fit_blocks_to_chunks(
+    data: dict[str, Any], overridden: Collection[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Derive ``output.chunks`` or ``blocks.shape`` when an override set only the other and
+    it no longer fits: every block must cover whole chunks.
+
+    ``--set blocks.shape=B`` alone, over file chunks that do not divide ``B``: the chunks
+    become ``B``. ``--set output.chunks=C`` alone, under file blocks that are no multiple of
+    ``C``: the blocks become the smallest multiple of ``C`` holding the file's blocks.
+    Returns the data and one note per derived setting. Nothing is derived with shards, when
+    both or neither are overridden, or when the two already fit (a misfit left is reported
+    per item, naming the ``--set`` that fixes it).
+
+    Examples
+    --------
+    >>> data = {"blocks": {"shape": [128, 128]}, "output": {"chunks": [256, 256]}}
+    >>> fitted, notes = fit_blocks_to_chunks(data, {"blocks.shape"})
+    >>> fitted["output"]["chunks"]
+    [128, 128]
+    >>> fit_blocks_to_chunks(data, {"output.chunks"})[0]["blocks"]["shape"]
+    [256, 256]
+    """
+    blocks_set, chunks_set = "blocks.shape" in overridden, "output.chunks" in overridden
+    blocks: Any = (data.get("blocks") or {}).get("shape")
+    output = data.get("output") or {}
+    chunks: Any = output.get("chunks")
+    if blocks_set == chunks_set or output.get("shards") is not None:
+        return data, []
+    if not (_is_shape(chunks) and (_is_shape(blocks) or _is_side(blocks))):
+        return data, []  # invalid or default: validation or planning reports it
+    blocks = [blocks] * len(chunks) if isinstance(blocks, int) else blocks
+    if len(blocks) != len(chunks) or all(b % c == 0 for b, c in zip(blocks, chunks, strict=True)):
+        return data, []
+    if blocks_set:
+        note = (
+            f"output.chunks {chunks} (from the file) do not divide --set blocks.shape "
+            f"{blocks}: using output.chunks={blocks}"
+        )
+        return {**data, "output": {**output, "chunks": list(blocks)}}, [note]
+    fitted = [-(-b // c) * c for b, c in zip(blocks, chunks, strict=True)]
+    note = (
+        f"blocks.shape {blocks} (from the file) is no multiple of --set output.chunks "
+        f"{chunks}: using blocks.shape={fitted}"
+    )
+    return {**data, "blocks": {**(data.get("blocks") or {}), "shape": fitted}}, [note]
+
+
+def _is_side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_side(v) for v in value)
 
 
 PATH_KEYS = ("input.path", "output.store")
@@ -272,12 +339,24 @@ def _describe(error: ValidationError) -> list[str]:
         if problem["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         elif problem["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key (got {problem.get('input')!r})")
+            lines.append(f"{where}: unknown key; {_known_keys_hint(problem['loc'])}")
         else:
             message = str(problem["msg"]).removeprefix("Value error, ")
             got = f" (got {problem.get('input')!r})" if "(got" not in message else ""
             lines.append(f"{where}: {message}{got}")
     return lines
+
+
+def _known_keys_hint(loc: tuple[int | str, ...]) -> str:
+    """The closest keys of the section that ``loc`` names, or all of them (a few)."""
+    model: Any = SegflowConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return "not a key of the config"
+    known = list(model.model_fields)
+    return did_you_mean(str(loc[-1]), known) or f"expected one of: {', '.join(known)}"
 
 
 def _resolve(path: str, base_dir: Path) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class SegflowError(Exception):
     """Base class of every error segflow raises on purpose."""
@@ -29,3 +32,18 @@ class StoreError(SegflowError, OSError):
 
 class ModelError(SegflowError, ValueError):
     """A model, its checkpoint or its card cannot be used as asked (file, card, channels)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'gaussian'?"`` for the choices closest to ``word`` (``difflib``),
+    or ``""`` when none is close.
+
+    Examples
+    --------
+    >>> did_you_mean("gausian", ["gaussian", "median", "otsu"])
+    "did you mean 'gaussian'?"
+    >>> did_you_mean("xyz", ["gaussian"])
+    ''
+    """
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.7)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -14,7 +14,10 @@ they give exactly the whole-array scores:
 
 References are label or class images (any reader: TIFF, PNG, NIfTI, Zarr, GeoTIFF) or
 GeoJSON polygons rasterised onto the item's grid: one object per polygon when instances are
-scored, class 1 (the mask's foreground) for a semantic output.
+scored, class 1 (the mask's foreground) for a semantic output. A reference image with one
+value besides 0 (a 0/255 mask, as EM and building masks come) is a mask, not one object:
+it is scored by Dice and IoU of the foreground (class 1), with a note that AP needs an
+instance label image.
 """
 
 from __future__ import annotations
@@ -189,8 +192,12 @@ def evaluate_item(
     instances: bool,
     executor: Executor,
     block_shape: Sequence[int] | int | None = None,
-) -> dict[str, float | int]:
-    """Scores of one item: ``prediction`` and ``reference`` read windows (``read(region)``)."""
+) -> dict[str, float | int | str]:
+    """Scores of one item: ``prediction`` and ``reference`` read windows (``read(region)``).
+
+    A reference with one value besides 0 is scored as a mask (Dice/IoU, no AP) and the
+    scores carry an ``eval_note`` saying so.
+    """
     grid = plan_blocks(tuple(shape), block_shape)
     regions = [b.core for b in grid.blocks()]
     parts = executor.gather(
@@ -203,10 +210,51 @@ def evaluate_item(
         )
     )
     merged = merge_overlaps(parts)
-    scores: dict[str, float | int] = dict(semantic_scores(merged.confusion))
+    ref_values = sorted({r for _, r in merged.confusion if r != 0})
+    if instances and len(merged.ref_area) == 1:
+        # One reference "object" covering every non-zero pixel: a binary mask (or an image
+        # with one object, which is the same picture). Its AP would compare every predicted
+        # object with the whole mask: score the foreground instead, and say so.
+        value = int(merged.ref_area[0, 0])
+        scores: dict[str, float | int | str] = dict(semantic_scores(merged.confusion))
+        scores["eval_note"] = _mask_note(value, "scored as a mask: Dice/IoU of the foreground")
+        return scores
+    pred_values = {p for p, _ in merged.confusion if p != 0}
+    if not instances and len(ref_values) == 1 and ref_values[0] != 1 and pred_values <= {1}:
+        value = ref_values[0]  # a 0/255 mask against a mask output (0/1): 255 is class 1
+        confusion = {(p, 1 if r == value else r): n for (p, r), n in merged.confusion.items()}
+        scores = dict(semantic_scores(confusion))
+        scores["eval_note"] = _mask_note(value, "scored as class 1 (the foreground)")
+        return scores
+    scores = dict(semantic_scores(merged.confusion))
     if instances:
         scores.update(instance_scores(merged))
     return scores
+
+
+def _mask_note(value: int, how: str) -> str:
+    return (
+        f"the reference has one value besides 0 ({value}), a mask: {how}; AP needs an "
+        "instance label image (one id per object)"
+    )
+
+
+REFERENCE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr", ".geojson", ".json")
+
+
+def find_references(reference: str, base: Path | None = None) -> list[str]:
+    """Reference files named by a file, a folder (searched recursively) or a glob."""
+    import glob
+
+    path = Path(reference)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if path.is_file() or path.suffix == ".zarr":
+        return [str(path)]
+    if path.is_dir():
+        found = [p for p in path.rglob("*") if p.name.lower().endswith(REFERENCE_SUFFIXES)]
+        return sorted(str(p) for p in found)
+    return sorted(glob.glob(str(path), recursive=True))
 
 
 def match_references(items: Sequence[tuple[str, str]], references: Sequence[str]) -> dict[str, str]:

@@ -36,7 +36,16 @@ def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
     [
         ({"output": {}}, "output.store: required key is missing"),
         ({"blocks": {"shape": 0}}, "blocks.shape: every axis must be >= 1 (got 0)"),
-        ({"colour": "red"}, "colour: unknown key (got 'red')"),
+        (
+            {"colour": "red"},
+            "colour: unknown key; expected one of: name, input, output, blocks, pipeline, cluster",
+        ),
+        ({"ouput": {"store": "y"}}, "ouput: unknown key; did you mean 'output'?"),
+        (
+            {"output": {"store": "y", "chunk": [8]}},
+            "output.chunk: unknown key; did you mean 'chunks'?",
+        ),
+        ({"cluster": {"n_worker": 2}}, "cluster.n_worker: unknown key; did you mean 'n_workers'?"),
         (
             {"cluster": {"n_workers": 0}},
             "cluster.n_workers: Input should be greater than or equal to 1 (got 0)",
@@ -47,7 +56,8 @@ def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
         ),
         (
             {"pipeline": [{"op": "gausian", "sigma": 1}]},
-            "pipeline[0].op: unknown operation 'gausian'; known operations: ",
+            "pipeline[0].op: unknown operation 'gausian'; did you mean 'gaussian'? (`segflow ops` "
+            "lists every operation)",
         ),
         (
             {"pipeline": [{"op": "median", "size": 4}]},
@@ -55,7 +65,23 @@ def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
         ),
         (
             {"pipeline": [{"op": "otsu", "bins": 3}]},
-            "pipeline[0].bins: unknown parameter of 'otsu' (got 3)",
+            "pipeline[0].bins: unknown parameter of 'otsu' (got 3); did you mean 'nbins'?",
+        ),
+        (
+            {"pipeline": [{"op": "qqq"}]},
+            "pipeline[0].op: unknown operation 'qqq'; none is close to it (`segflow ops` lists",
+        ),
+        (
+            {"pipeline": [{"op": "gaussian", "sigma": 1, "mod": "wrap"}]},
+            "pipeline[0].mod: unknown parameter of 'gaussian' (got 'wrap'); did you mean 'mode'?",
+        ),
+        (
+            {"pipeline": [{"op": "threshold", "value": 1, "level": 2}]},
+            "pipeline[0].level: unknown parameter of 'threshold' (got 2); its parameters: value",
+        ),
+        (
+            {"pipeline": [{"op": "luma", "weights": [1]}]},
+            "pipeline[0].weights: unknown parameter of 'luma' (got [1]); it takes no parameters",
         ),
         ({"pipeline": [{"sigma": 1}]}, "pipeline[0]: missing `op` (the operation name)"),
         ({"pipeline": []}, "pipeline: must list at least one step, got an empty list"),
@@ -117,3 +143,41 @@ def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     bad.write_text("input: [unclosed\n")
     with pytest.raises(ConfigError, match=r"config '.*bad.yaml': not valid YAML"):
         load_config(bad)
+
+
+UNITS = "input: {path: x}\noutput: {store: y, chunks: [256, 256]}\nblocks: {shape: [256, 256]}\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "blocks", "chunks", "note"),
+    [
+        (  # blocks alone, smaller than the file's chunks: the chunks follow
+            ["blocks.shape=[128,128]"], [128, 128], [128, 128],
+            "output.chunks [256, 256] (from the file) do not divide --set blocks.shape "
+            "[128, 128]: using output.chunks=[128, 128]",
+        ),
+        (  # chunks alone, no divisor of the file's blocks: the smallest multiple holding them
+            ["output.chunks=[100,96]"], [300, 288], [100, 96],
+            "blocks.shape [256, 256] (from the file) is no multiple of --set output.chunks "
+            "[100, 96]: using blocks.shape=[300, 288]",
+        ),
+        (["blocks.shape=[512,512]"], [512, 512], [256, 256], None),  # fits: unchanged
+        (["output.chunks=[128,128]"], [256, 256], [128, 128], None),  # fits: unchanged
+        # both set: the user's word stands (a misfit is reported per item, with the fix)
+        (["blocks.shape=[128,128]", "output.chunks=[256,256]"], [128, 128], [256, 256], None),
+        # shards: the storage unit is the shard; nothing is guessed
+        (["blocks.shape=[128,128]", "output.shards=[512,512]"], [128, 128], [256, 256], None),
+    ],
+)  # fmt: skip
+def test_setting_blocks_or_chunks_alone_derives_the_other(
+    tmp_path: Path, overrides: list[str], blocks: list[int], chunks: list[int], note: str | None
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(UNITS + "pipeline: [{op: otsu}]\n")
+
+    config = load_config(path, overrides)
+
+    assert (config.blocks.shape, config.output.chunks) == (blocks, chunks)
+    assert config.notes == ([note] if note else [])
+    unchanged = load_config(path)
+    assert unchanged.notes == [] and unchanged.output.chunks == [256, 256]

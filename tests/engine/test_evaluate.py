@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -58,8 +59,8 @@ def test_instance_scores_equal_brute_force(h: int, w: int, seed: int, data: st.D
     ref, _ = ndi.label(ndi.gaussian_filter(rng.random((h, w)), 1.5) > 0.5)
     noisy = ndi.gaussian_filter(rng.random((h, w)), 1.5) * 0.3 + (ref > 0) * 0.6
     pred, _ = ndi.label(noisy > 0.55)
-    if not pred.any() or not ref.any():
-        return
+    if not pred.any() or ref.max() < 2:
+        return  # a reference with one object is a mask: see the test below
     blocks = (data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
     with LocalExecutor(2) as executor:
         scores = evaluate_item(
@@ -81,6 +82,40 @@ def test_semantic_scores_per_class() -> None:
         )
     assert scores["dice_1"] == pytest.approx(2 * 2 / (3 + 2))
     assert scores["iou_2"] == pytest.approx(2 / 4)
+
+
+def test_a_binary_reference_is_scored_as_a_mask_with_a_note() -> None:
+    """A 0/255 reference (EM, building masks) is not one object: labels are scored by the
+    Dice/IoU of their foreground, a mask output against 255 as class 1, and AP is left out
+    with a note that it needs instance labels."""
+    ref = np.zeros((12, 16), dtype=np.uint8)
+    ref[1:5, 1:6] = ref[7:11, 8:15] = 255
+    labels = np.zeros((12, 16), dtype=np.int32)
+    labels[1:5, 1:5], labels[7:11, 8:12], labels[7:11, 12:15] = 1, 2, 3  # 4 px missed
+    dice = 2 * (ref > 0)[labels > 0].sum() / ((ref > 0).sum() + (labels > 0).sum())
+    with LocalExecutor(2) as executor:
+        as_labels = evaluate_item(
+            _Array(labels), _Array(ref), ref.shape, instances=True, executor=executor,
+            block_shape=5,
+        )  # fmt: skip
+        as_mask = evaluate_item(
+            _Array((labels > 0).astype(np.uint8)), _Array(ref), ref.shape, instances=False,
+            executor=executor, block_shape=5,
+        )  # fmt: skip
+        one_class = evaluate_item(  # a class map against a reference of the same one class
+            _Array((labels > 0) * np.uint8(3)), _Array((ref > 0) * np.uint8(3)), ref.shape,
+            instances=False, executor=executor,
+        )  # fmt: skip
+
+    note = (
+        r"the reference has one value besides 0 \(255\), a mask: .*; AP needs an instance "
+        r"label image \(one id per object\)"
+    )
+    for scores in (as_labels, as_mask):
+        assert scores["dice_1"] == pytest.approx(dice)
+        assert "ap50" not in scores and "dice_255" not in scores
+        assert re.fullmatch(note, str(scores["eval_note"]))
+    assert one_class == {"dice_3": pytest.approx(dice), "iou_3": pytest.approx(dice / (2 - dice))}
 
 
 def test_polygon_references_are_rasterised_on_the_item_grid(tmp_path) -> None:

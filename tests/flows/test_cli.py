@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import xarray
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -17,26 +23,59 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 runner = CliRunner()
 
 
-def test_ops_lists_every_operation_with_kind_halo_and_defaults() -> None:
-    from segflow.ops import list_operations
-
-    result = runner.invoke(app, ["ops"], env={"COLUMNS": "200"})
-
-    assert result.exit_code == 0, result.output
-    for op in list_operations():
-        assert op.name in result.output
-    assert "int(truncate * sigma + 0.5)" in result.output  # gaussian's halo rule
-    assert "truncate: float = 4.0" in result.output
-    assert "footprint: 'disk' | 'square' = 'disk'" in result.output
-    assert "value: float (required)" in result.output
-
-
 @pytest.mark.parametrize("name", ["aerial", "ct", "nuclei", "nuclei-unet"])
 def test_validate_accepts_the_shipped_configs(name: str) -> None:
     result = runner.invoke(app, ["validate", str(CONFIGS / f"{name}.yaml")])
 
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"OK {CONFIGS / name}.yaml: {name}: ")
+
+
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_validate_checks_each_shipped_config_against_1_3_and_4_bands(
+    config: Path, tmp_path: Path
+) -> None:
+    """A 1-band, an RGB and an RGBA TIFF of the bundled grey nuclei image: configs starting
+    with `luma` take all three, `rgb` (colour) refuses the 1-band one and `expect_bands`
+    (Hounsfield units) the colour ones, each with one line naming the item and the count."""
+    import tifffile
+
+    from segflow.io import open_item
+
+    png = CONFIGS.parent / "tests" / "data" / "nuclei"
+    (path,) = png.glob("*/image.png")
+    grey = open_item(str(path)).read((slice(0, 256), slice(0, 256)))[0]
+    files = {
+        "one": grey,
+        "rgb": np.stack([grey] * 3, axis=-1),
+        "rgba": np.stack([grey] * 3 + [np.full_like(grey, 255)], axis=-1),
+    }
+    for name, image in files.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", image)
+    settings = yaml.safe_load(config.read_text())
+    first = settings["pipeline"][0]["op"]
+    refused = {"rgb": {"one": 1}, "expect_bands": {"rgb": 3, "rgba": 4}}.get(first, {})
+    overrides = [f"input.path={tmp_path}/*.tif", f"output.store={tmp_path / 'out.zarr'}"]
+    if first == "mask_nodata":  # aerial: a plain TIFF has no nodata tag to default to
+        overrides.append("pipeline.0.value=0")
+    if len(settings["blocks"]["shape"]) == 3:  # CT: these are 2-D slices
+        overrides += ["blocks.shape=[128,128]", "output.chunks=[128,128]"]
+
+    result = runner.invoke(
+        app, ["validate", str(config), *[f"--set={override}" for override in overrides]]
+    )
+
+    assert result.exit_code == (2 if refused else 0), result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(refused), lines
+    for line, (name, bands) in zip(lines, sorted(refused.items()), strict=True):
+        assert line.startswith(f"{config}: item {name!r} ({tmp_path / name}.tif): pipeline[0] ")
+        assert f"the image has {bands} band(s)" in line
+    if not refused:
+        assert result.stdout.startswith(f"OK {config}: ")
 
 
 def test_validate_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:
@@ -48,7 +87,7 @@ def test_validate_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> Non
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
         f"{config}: output: required key is missing",
-        f"{config}: ouput: unknown key (got {{'store': 'y'}})",
+        f"{config}: ouput: unknown key; did you mean 'output'?",
     ]
     assert "Traceback" not in result.output
 
@@ -65,16 +104,17 @@ def test_validate_names_the_step_parameter_and_value() -> None:
 
 
 def test_validate_checks_the_pipeline_against_the_items() -> None:
-    # Without combine_bands, otsu gets the 3 bands kept by select_bands.
+    # With the RGBA PNG's colour bands instead of its luma, otsu gets 3 bands.
     result = runner.invoke(
         app,
-        ["validate", str(CONFIGS / "nuclei.yaml"), "--set", "pipeline.1={op: gaussian, sigma: 1}"],
-    )
+        ["validate", str(CONFIGS / "nuclei.yaml"), "--set", "pipeline.0={op: select_bands, "
+         "bands: [1, 2, 3]}"],
+    )  # fmt: skip
 
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
     assert "item 'image'" in line
-    assert "pipeline[3] 'otsu' needs a single-channel image, got 3 channels" in line
+    assert "pipeline[2] 'otsu' needs a single-channel image, got 3 channels" in line
 
 
 def test_validate_reports_a_missing_input_path() -> None:
@@ -115,7 +155,7 @@ def test_run_applies_overrides_and_prints_how_to_open(tmp_path: Path, dask_addre
     assert "aerial: 1 done, 0 skipped (already done), 0 failed" in result.stdout
     assert f"output: {store}" in result.stdout
     opener = f"xarray.open_zarr({str(store)!r}, group='RGB.byte')"
-    assert opener in result.stdout
+    assert f'open:   {sys.executable} -c "import xarray; print({opener})"' in result.stdout
     ds = xarray.open_zarr(store, group="RGB.byte")
     assert ds["labels"].dims == ("y", "x")
     assert ds["labels"].encoding["chunks"] == (256, 256)  # the --set chunks were used
@@ -123,6 +163,7 @@ def test_run_applies_overrides_and_prints_how_to_open(tmp_path: Path, dask_addre
     assert len(regions) == int(ds["labels"].max()) and regions["label"].is_unique
     index = read_index(store).set_index("id")
     assert index.loc["RGB.byte", "object_count"] == len(regions)
+    assert f"  made:   {len(regions)} objects\n" in result.stdout
     assert index.loc["RGB.byte", "area_p50"] == regions["area"].median()
 
 
@@ -166,3 +207,241 @@ def test_evaluate_scores_the_store_against_reference_labels(
     assert 0.5 < scores.loc["image", "ap50"] <= 1.0  # the bundled config finds most nuclei
     assert index.loc["image", "ap50"] == scores.loc["image", "ap50"]
     assert scores.loc["image", "n_ref"] == 36  # nuclei in the bundled reference
+
+
+def _flow_runs() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs())
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_with_nothing_to_do_starts_no_flow_but_redoes_an_uncommitted_item(
+    tmp_path: Path, dask_address: str
+) -> None:
+    store = tmp_path / "nuclei.zarr"
+    command = [
+        "run", str(CONFIGS / "nuclei.yaml"),
+        "--set", f"output.store={store}", "--set", f"cluster.address={dask_address}",
+    ]  # fmt: skip
+    assert runner.invoke(app, command).exit_code == 0
+    runs = _flow_runs()
+
+    again = runner.invoke(app, command)
+
+    assert again.exit_code == 0, again.output
+    assert "nuclei: 0 done, 1 skipped (already done), 0 failed" in again.stdout
+    assert f"xarray.open_zarr({str(store)!r}, group='image')" in again.stdout
+    assert again.stderr.startswith("nothing to do: every item is done")
+    assert _flow_runs() == runs  # decided before any flow run
+
+    # A done index row over a group without its commit record (an interrupted rewrite on
+    # an object store leaves that) is redone, by a flow run.
+    metadata_path = store / "image" / "zarr.json"
+    metadata = json.loads(metadata_path.read_text())
+    del metadata["attributes"]["segflow_commit"]
+    metadata_path.write_text(json.dumps(metadata))
+
+    redo = runner.invoke(app, command)
+
+    assert redo.exit_code == 0, redo.output
+    assert "nuclei: 1 done, 0 skipped (already done), 0 failed" in redo.stdout
+    assert "nothing to do" not in redo.output
+    assert _flow_runs() == runs + 1
+
+
+def test_run_with_nothing_to_do_imports_neither_prefect_nor_dask(tmp_path: Path) -> None:
+    """The command decides before importing Prefect or Dask (a real process: in this one
+    the test harness has imported both). The store is made by the engine, as a run would."""
+    from segflow.config import load_config
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.item import segment_item
+    from segflow.io import discover_items
+    from segflow.store.index import write_index
+
+    store = str(tmp_path / "nuclei.zarr")
+    config = load_config(CONFIGS / "nuclei.yaml", [f"output.store={store}"])
+    (reader,), _ = discover_items(config.input.path)
+    with LocalExecutor(1) as executor:
+        result = segment_item(
+            reader, config.pipeline, store=store, block_shape=config.blocks.shape,
+            executor=executor, chunks=config.output.chunks, config_hash=config.config_hash(),
+            regions=config.output.regions,
+        )  # fmt: skip
+    assert result.status == "done", result.error
+    write_index(store, [result.as_row()])
+    check = (
+        "import sys\nfrom flows.cli import main\n"
+        f"sys.argv = ['segflow', 'run', {str(CONFIGS / 'nuclei.yaml')!r}, "
+        f"'--set', 'output.store={store}']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print(sorted(m for m in ('prefect', 'distributed', 'dask') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    done = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "nuclei: 0 done, 1 skipped (already done), 0 failed" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_ops_lists_one_line_per_operation() -> None:
+    from segflow.ops import list_operations
+
+    result = runner.invoke(app, ["ops"], env={"COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(list_operations()) + 2  # a title, one per operation, a hint
+    for op, line in zip(list_operations(), lines[1:-1], strict=True):
+        assert line.split()[0] == op.name
+        assert len(line) <= 80
+    assert "  otsu" in result.stdout and "Otsu threshold of the whole item" in result.stdout
+    assert lines[-1] == "segflow ops NAME: its parameters, defaults and halo rule"
+
+
+def test_ops_name_shows_parameters_defaults_and_halo_rule() -> None:
+    gaussian = runner.invoke(app, ["ops", "gaussian"])
+    opening = runner.invoke(app, ["ops", "binary_opening"])
+    threshold = runner.invoke(app, ["ops", "threshold"])
+
+    assert gaussian.exit_code == opening.exit_code == threshold.exit_code == 0
+    assert gaussian.stdout.startswith("gaussian (local): ")
+    assert "halo: int(truncate * sigma + 0.5)" in gaussian.stdout
+    assert "  truncate: float = 4.0" in gaussian.stdout
+    assert "  footprint: 'disk' | 'square' = 'disk'" in opening.stdout
+    assert "  value: float (required)" in threshold.stdout
+
+
+def test_ops_with_an_unknown_name_exits_2_with_one_line() -> None:
+    result = runner.invoke(app, ["ops", "gausian"])
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("segflow ops: unknown operation 'gausian'; did you mean 'gaussian'?")
+
+
+def test_version_is_the_code_version_the_index_records() -> None:
+    import segflow
+
+    result = runner.invoke(app, ["--version"])
+
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"segflow {segflow.__version__} (Python ")
+    assert sys.executable in result.stdout
+
+
+def test_validate_says_what_it_derived_from_blocks_shape_alone() -> None:
+    config = CONFIGS / "aerial.yaml"  # output.chunks [256, 256]
+
+    result = runner.invoke(app, ["validate", str(config), "--set", "blocks.shape=[128,128]"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"{config}: output.chunks [256, 256] (from the file) do not divide --set blocks.shape "
+        "[128, 128]: using output.chunks=[128, 128]"
+    ]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_blocks_that_miss_the_storage_unit_name_the_fix_before_running(
+    command: str, tmp_path: Path
+) -> None:
+    config = CONFIGS / "aerial.yaml"
+    sets = ["blocks.shape=[128,128]", "output.chunks=[256,256]"]  # both set: nothing derived
+
+    result = runner.invoke(
+        app,
+        [command, str(config), "--set", f"output.store={tmp_path / 'a.zarr'}",
+         *[f"--set={s}" for s in sets]],
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{config}: item 'RGB.byte' (")
+    assert "`blocks.shape` (128, 128) does not align with the output storage unit" in line
+    assert line.endswith("(--set output.chunks=[128,128] or --set blocks.shape=[256,256] fixes it)")
+    assert not (tmp_path / "a.zarr").exists()  # nothing ran
+
+
+def test_evaluate_a_store_never_run_exits_2_with_one_line(tmp_path: Path) -> None:
+    config = CONFIGS / "nuclei.yaml"
+    store = tmp_path / "never.zarr"
+
+    result = runner.invoke(
+        app,
+        ["evaluate", str(config), "--reference", str(tmp_path), "--set", f"output.store={store}"],
+    )
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"{config}: store '{store}' has no segmented item to score: run `segflow run "
+        f"{config}` with the same --set options first"
+    ]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_evaluate_with_a_reference_that_names_no_file_or_a_binary_mask(
+    tmp_path: Path, dask_address: str
+) -> None:
+    import tifffile
+
+    from segflow.io import open_item
+
+    store = tmp_path / "nuclei.zarr"
+    common = ["--set", f"output.store={store}", "--set", f"cluster.address={dask_address}"]
+    config = str(CONFIGS / "nuclei.yaml")
+    assert runner.invoke(app, ["run", config, *common]).exit_code == 0
+    nothing = runner.invoke(app, ["evaluate", config, "--reference", "/no/such/*.tif", *common])
+
+    assert nothing.exit_code == 2
+    assert nothing.stderr.splitlines() == [
+        f"{config}: --reference '/no/such/*.tif' names no file (a file, a folder or a glob)"
+    ]
+
+    # The sample's labels as a 0/255 mask named like the item's source (image.png).
+    (labels,) = (CONFIGS.parent / "tests" / "data" / "nuclei").glob("*/labels.tif")
+    mask = (open_item(str(labels)).read((slice(0, 256), slice(0, 256)))[0] > 0) * np.uint8(255)
+    tifffile.imwrite(tmp_path / "image.tif", mask)
+
+    binary = runner.invoke(
+        app, ["evaluate", config, "--reference", str(tmp_path / "image.tif"), *common]
+    )
+
+    assert binary.exit_code == 0, binary.output
+    assert "dice_1" in binary.stdout and "ap50" not in binary.stdout
+    assert (  # after Prefect's log lines
+        "image: the reference has one value besides 0 (255), a mask: scored as a mask: Dice/IoU "
+        "of the foreground; AP needs an instance label image (one id per object)"
+    ) in binary.stderr.splitlines()
+    scores = pd.read_parquet(store / "evaluation.parquet").set_index("id")
+    assert 0.5 < scores.loc["image", "dice_1"] <= 1
+    assert scores.loc["image", "eval_note"].startswith("the reference has one value besides 0")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_mask_pipeline_says_how_much_foreground_it_made(
+    tmp_path: Path, dask_address: str
+) -> None:
+    store = tmp_path / "mask.zarr"
+
+    result = runner.invoke(
+        app,
+        [
+            "run", str(CONFIGS / "nuclei.yaml"),
+            "--set", f"output.store={store}", "--set", f"cluster.address={dask_address}",
+            "--set", "pipeline.4={op: fill_holes}", "--set", "output.regions=false",
+        ],
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    mask = xarray.open_zarr(store, group="image")["mask"].values
+    made = f"{100 * mask.mean():.1f} % foreground"
+    assert 1 < 100 * mask.mean() < 50  # the nuclei of the sample, not nothing or everything
+    assert f"  made:   {made}\n" in result.stdout
+    assert f"item image: done, {made}, " in result.stderr  # Prefect's log line
+    assert "None objects" not in result.output

@@ -266,7 +266,7 @@ def test_ids_recorded_in_the_store_survive_new_files(tmp_path: Path, dask_addres
 
 
 def test_keep_recorded_ids_never_reuses_an_id_for_another_source() -> None:
-    from flows.segment import keep_recorded_ids
+    from segflow.store.select import keep_recorded_ids
 
     index = [
         {"id": "tile", "source": "/t/a/tile.tif", "status": "done"},

@@ -58,6 +58,22 @@ class ItemResult:
         return row
 
 
+def describe_output(object_count: Any, foreground_fraction: Any) -> str:
+    """What an item's output holds, in words: ``"322 objects"`` for labels, ``"12.4 %
+    foreground"`` for a mask or class map (non-zero pixels), ``""`` when neither is known.
+
+    Examples
+    --------
+    >>> describe_output(322, 0.3), describe_output(None, 0.1238), describe_output(None, None)
+    ('322 objects', '12.4 % foreground', '')
+    """
+    if object_count is not None:
+        return f"{int(object_count):,} object{'' if int(object_count) == 1 else 's'}"
+    if foreground_fraction is not None:
+        return f"{100 * float(foreground_fraction):.1f} % foreground"
+    return ""
+
+
 def segment_item(
     reader: Reader,
     pipeline: Sequence[Mapping[str, Any]],
@@ -157,13 +173,21 @@ def segment_item(
         written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
             classes = plan.saved_classes.get(name, ())
-            spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes)
+            categories = plan.saved_categories.get(name, ())
+            spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes, categories=categories)
             _ensure_array(root, info, spec, reuse=resuming)
             saved[name] = ZarrRegionWriter(root, info.id, name)
             written[name] = str(np.dtype(dtype))
 
         def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
-            spec = ArraySpec(plan.out_kind, str(dtype), chunk, shard, classes=plan.out_classes)
+            spec = ArraySpec(
+                plan.out_kind,
+                str(dtype),
+                chunk,
+                shard,
+                classes=plan.out_classes,
+                categories=plan.out_categories,
+            )
             _ensure_array(root, info, spec, reuse=resuming)
             written[plan.out_kind] = str(np.dtype(dtype))
             return ZarrRegionWriter(root, info.id, plan.out_kind)

@@ -21,8 +21,8 @@ import numpy as np
 from pydantic import ValidationError
 
 import segflow.ops  # noqa: F401  (registers the built-in operations)
-from segflow.errors import ConfigError, PlanError
-from segflow.ops.registry import Operation, OpParams, get_operation
+from segflow.errors import ConfigError, PlanError, did_you_mean
+from segflow.ops.registry import Categories, Operation, OpParams, get_operation
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,23 @@ class Plan:
     #: empty for a single-channel output. ``saved_classes`` likewise per ``save_as`` array.
     out_classes: tuple[str, ...] = ()
     saved_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: ``(value, name, colour)`` of the classes of a one-channel class map (``classify``
+    #: with names), for the output and per ``save_as`` array; empty when unnamed.
+    out_categories: Categories = ()
+    saved_categories: Mapping[str, Categories] = field(default_factory=dict)
 
     @property
     def has_labels(self) -> bool:
         return any(p.connectivity is not None for p in self.phases)
+
+
+def _unknown_parameter(key: str, value: Any, op_name: str, known: list[str]) -> str:
+    """``unknown parameter of 'otsu' (got 3); did you mean 'nbins'?``, or the parameters
+    when none is close (an operation has a handful)."""
+    hint = did_you_mean(key, known)
+    if not hint:
+        hint = f"its parameters: {', '.join(known)}" if known else "it takes no parameters"
+    return f"unknown parameter of {op_name!r} (got {value!r}); {hint}"
 
 
 def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...]:
@@ -152,7 +165,8 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
                 key = f"pipeline[{i}].{where}" if where else f"pipeline[{i}] ({name})"
                 message = str(problem["msg"]).removeprefix("Value error, ")
                 if problem["type"] == "extra_forbidden":
-                    message = f"unknown parameter of {name!r}"
+                    known = list(op.params.model_fields)
+                    message = _unknown_parameter(str(where), value, str(name), known)
                 shown = "" if not where or "(got" in message else f" (got {value!r})"
                 problems.append(f"{key}: {message}{shown}")
             continue
@@ -215,6 +229,8 @@ def compile_pipeline(
     saved: dict[str, np.dtype] = {}
     saved_classes: dict[str, tuple[str, ...]] = {}
     names: tuple[str, ...] | None = None  # channel names, where an operation gave them
+    saved_categories: dict[str, Categories] = {}
+    categories: Categories = ()  # the value names of the last step's class map, if any
     labels_out = False
     for i, step in enumerate(steps):
         where = step.describe()
@@ -254,6 +270,8 @@ def compile_pipeline(
             dtype = step.op.dtype_after(dtype, step.params)
         except ValueError as error:
             raise PlanError(f"{where}: {error}") from None
+        # Value names hold for this step's output only: any later step changes the values.
+        categories = () if step.op.categories is None else step.op.categories(step.params)
         if step.op.kind == "connectivity":
             # Ids kept from a label image stay labels; a mask stays a mask.
             labels_out = step.op.finish is None or (step.op.keeps_ids and labels_out)
@@ -265,6 +283,8 @@ def compile_pipeline(
             saved[step.save_as] = _storage_dtype(dtype)
             if channels > 1:
                 saved_classes[step.save_as] = _class_names(names, channels, where)
+            if categories:
+                saved_categories[step.save_as] = categories
     phases = _split_phases(steps, spatial_ndim, sizes)
     out_kind = "labels" if labels_out else _output_kind(dtype)
     out_classes: tuple[str, ...] = ()
@@ -281,6 +301,8 @@ def compile_pipeline(
         saved=saved,
         out_classes=out_classes,
         saved_classes=saved_classes,
+        out_categories=categories,
+        saved_categories=saved_categories,
     )
 
 

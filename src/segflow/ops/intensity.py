@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from pydantic import Field, model_validator
 
-from segflow.ops.registry import OpContext, Operation, OpParams, register
+from segflow.ops.registry import Categories, OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Percentiles, nan_pixels
 
 
@@ -106,6 +108,35 @@ def luma(image: np.ndarray, params: LumaParams, ctx: OpContext) -> np.ndarray:
     return to_luma(image)
 
 
+class RgbParams(OpParams):
+    pass
+
+
+def rgb(image: np.ndarray, params: RgbParams, ctx: OpContext) -> np.ndarray:
+    """The R, G and B bands of an RGB or RGBA image (alpha dropped), for colour-based steps
+    (stain contrast) that have no meaning on one band; planning refuses other band counts."""
+    return image[:3]
+
+
+def _check_rgb(channels: int) -> str | None:
+    if channels in (3, 4):
+        return None
+    return (
+        f"the image has {channels} band(s); this step needs colour: an RGB or RGBA image "
+        "(3 or 4 bands)"
+    )
+
+
+class ExpectBandsParams(OpParams):
+    count: int = Field(ge=1, description="the number of bands the pipeline is made for")
+
+
+def expect_bands(image: np.ndarray, params: ExpectBandsParams, ctx: OpContext) -> np.ndarray:
+    """The image as it is; planning refuses an item with another band count than ``count``,
+    naming both (a CT pipeline in Hounsfield units has no meaning on an RGB rendering)."""
+    return image
+
+
 class NormalizedDifferenceParams(OpParams):
     band_a: int = Field(ge=1, description="1-based band number (e.g. near infrared)")
     band_b: int = Field(ge=1, description="1-based band number (e.g. red)")
@@ -152,18 +183,42 @@ def normalize_percentile(image: np.ndarray, params: PercentileParams, ctx: OpCon
 
 class ClassifyParams(OpParams):
     edges: list[float] = Field(min_length=1, description="increasing class boundaries")
-    names: list[str] | None = None
+    names: list[str] | None = Field(
+        None, description="one name per class (stored with the output, shown by xarray)"
+    )
+    colors: list[str] | None = Field(
+        None, description="one colour per class, '#rrggbb' or '#rrggbbaa' (for viewers)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyParams:
         if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
             raise ValueError(f"`edges` {self.edges} must be strictly increasing")
-        if self.names is not None and len(self.names) != len(self.edges) + 1:
-            raise ValueError(
-                f"`names` has {len(self.names)} entries, `edges` makes {len(self.edges) + 1} "
-                "classes"
-            )
+        for key in ("names", "colors"):
+            given = getattr(self, key)
+            if given is not None and len(given) != len(self.edges) + 1:
+                raise ValueError(
+                    f"`{key}` has {len(given)} entries, `edges` makes {len(self.edges) + 1} classes"
+                )
+        hex_colour = r"#[0-9a-fA-F]{6}([0-9a-fA-F]{2})?"
+        bad = [c for c in self.colors or [] if not re.fullmatch(hex_colour, c)]
+        if bad:
+            raise ValueError(f"`colors` {bad} must be '#rrggbb' or '#rrggbbaa'")
         return self
+
+
+def classify_categories(params: ClassifyParams) -> Categories:
+    """``(value, name, colour)`` of each class ``1..n+1``; unnamed classes are called
+    ``class_VALUE``; none without names or colours."""
+    if params.names is None and params.colors is None:
+        return ()
+    count = len(params.edges) + 1
+    names = params.names or [f"class_{v}" for v in range(1, count + 1)]
+    colors: list[str | None] = list(params.colors) if params.colors else [None] * count
+    return tuple(
+        (value, name, color)
+        for value, (name, color) in enumerate(zip(names, colors, strict=True), 1)
+    )
 
 
 def classify_intensity(image: np.ndarray, params: ClassifyParams, ctx: OpContext) -> np.ndarray:
@@ -296,6 +351,30 @@ register(
 )
 register(
     Operation(
+        name="rgb",
+        kind="pointwise",
+        params=RgbParams,
+        apply=rgb,
+        summary="the R, G, B bands of an RGB(A) image (alpha dropped); other band counts are "
+        "refused",
+        check_channels=lambda c, p: _check_rgb(c),
+        out_channels=lambda c, p: 3,
+    )
+)
+register(
+    Operation(
+        name="expect_bands",
+        kind="pointwise",
+        params=ExpectBandsParams,
+        apply=expect_bands,
+        summary="refuse an item with another number of bands (the image passes unchanged)",
+        check_channels=lambda c, p: (
+            None if c == p.count else f"the image has {c} band(s), the pipeline expects {p.count}"
+        ),
+    )
+)
+register(
+    Operation(
         name="normalized_difference",
         kind="pointwise",
         params=NormalizedDifferenceParams,
@@ -312,9 +391,11 @@ register(
         kind="pointwise",
         params=ClassifyParams,
         apply=classify_intensity,
-        summary="class ids 1..n+1 from increasing intensity edges (uint8)",
+        summary="class ids 1..n+1 from increasing intensity edges (uint8); `names` and "
+        "`colors` are stored with the output",
         out_dtype=lambda dtype, p: np.dtype(np.uint8),
         needs_single_channel=True,
+        categories=classify_categories,
     )
 )
 register(

@@ -29,6 +29,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from segflow.errors import did_you_mean
 from segflow.stitch.labels import ObjectRule
 
 OpKind = Literal["pointwise", "local", "global", "connectivity"]
@@ -56,6 +57,9 @@ class LowHighParams(OpParams):
 
 
 P = TypeVar("P", bound=OpParams)
+
+#: The classes of a class map: ``(value, name, colour or None)`` each, by value.
+Categories = tuple[tuple[int, str, str | None], ...]
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,9 @@ class Operation(Generic[P]):
     ``class_names(params)`` names the output channels of an operation that makes several
     (a model's classes): a multi-channel final or ``save_as`` array is stored with a
     ``class`` axis and these names as its coordinate.
+    ``categories(params)`` names the values of a one-channel class map (``classify``):
+    ``(value, name, colour or None)`` per class, stored with the array that holds the
+    step's output (its attributes and ``NAME_value`` / ``NAME_name`` coordinates).
     ``setup(params)`` builds what ``apply`` needs once per worker process (a loaded model),
     cached under ``setup_key(params)`` and handed over as ``ctx.resource``
     (:mod:`segflow.engine.resources`); ``resources(params)`` names scarce devices a block
@@ -181,6 +188,7 @@ class Operation(Generic[P]):
     item_nodata: Callable[[P, float | None], P] | None = None
     setup: Callable[[P], Any] | None = None
     class_names: Callable[[P], tuple[str, ...]] | None = None
+    categories: Callable[[P], Categories] | None = None
     setup_key: Callable[[P], Hashable] | None = None
     resources: Callable[[P], Mapping[str, float]] | None = None
 
@@ -254,12 +262,15 @@ def get_operation(name: str, *, public: bool = False) -> Operation[Any]:
     Raises
     ------
     KeyError
-        If no operation has that name; the message lists the known names.
+        If no operation has that name; the message suggests the closest names.
     """
     if name in _REGISTRY and not (public and name.startswith("_")):
         return _REGISTRY[name]
-    known = ", ".join(op.name for op in list_operations())
-    raise KeyError(f"unknown operation {name!r}; known operations: {known}")
+    hint = did_you_mean(name, [op.name for op in list_operations()])
+    raise KeyError(
+        f"unknown operation {name!r}; {hint or 'none is close to it'} "
+        "(`segflow ops` lists every operation)"
+    )
 
 
 def list_operations() -> list[Operation[Any]]:

@@ -48,6 +48,12 @@ class ArraySpec:
         For a multi-channel array (a probability map): the name of each channel. The array
         then has a leading ``class`` axis, chunked whole (so a block's write still owns
         whole storage units), and the group a ``class`` coordinate with these names.
+    categories : tuple of (int, str, str or None)
+        For a class map (one channel of class ids): ``(value, name, colour)`` of each
+        class. The array's attributes then hold them (CF ``flag_values`` and
+        ``flag_meanings``, and ``class_names``, ``class_colors``), and the group has the
+        coordinates ``NAME_value`` (the ids) with ``NAME_name`` (and ``NAME_color``) along
+        it, which xarray shows with the array.
 
     Examples
     --------
@@ -62,6 +68,7 @@ class ArraySpec:
     fill_value: int | float = 0
     attrs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     classes: tuple[str, ...] = ()
+    categories: tuple[tuple[int, str, str | None], ...] = ()
 
 
 def storage_unit(spec: ArraySpec) -> tuple[int, ...]:
@@ -203,6 +210,10 @@ def create_output_array(
         if _is_geo(info):
             attrs.setdefault("grid_mapping", GRID_MAPPING)
             attrs.setdefault("coordinates", GRID_MAPPING)
+        if spec.categories:
+            attrs.update(_category_coordinates(root[info.id], spec))
+            coordinates = [attrs.get("coordinates"), *attrs.pop("category_coordinates")]
+            attrs["coordinates"] = " ".join(c for c in coordinates if c)
         lead: tuple[int, ...] = ()
         dims: tuple[str, ...] = tuple(info.spatial_axes)
         if spec.classes:
@@ -250,6 +261,33 @@ def _class_coordinate(group: Any, spec: ArraySpec) -> str:
         coord[:] = names
         return dim
     raise StoreError(f"array '{spec.name}': cannot name its class axis (both names taken)")
+
+
+def _category_coordinates(group: Any, spec: ArraySpec) -> dict[str, Any]:
+    """Write ``NAME_value`` (the class ids, a dimension coordinate) and ``NAME_name`` /
+    ``NAME_color`` along it into ``group``; return the array's attributes that name them."""
+    values, names, colors = zip(*spec.categories, strict=True)
+    dim = f"{spec.name}_value"
+    columns: dict[str, tuple[Any, ...]] = {dim: values, f"{spec.name}_name": names}
+    if any(c is not None for c in colors):
+        columns[f"{spec.name}_color"] = tuple(c or "" for c in colors)
+    for key, column in columns.items():
+        dtype: Any = spec.dtype if key == dim else str  # str: zarr's variable-length strings
+        if key in group:
+            del group[key]
+        coord = group.create_array(
+            key, shape=(len(column),), dtype=dtype, chunks=(len(column),), dimension_names=(dim,)
+        )
+        coord[:] = np.asarray(column, dtype=spec.dtype if key == dim else str)
+    attrs: dict[str, Any] = {
+        "flag_values": [int(v) for v in values],
+        "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
+        "class_names": list(names),
+        "category_coordinates": [k for k in columns if k != dim],
+    }
+    if f"{spec.name}_color" in columns:
+        attrs["class_colors"] = list(columns[f"{spec.name}_color"])
+    return attrs
 
 
 def consolidate_store(store: str) -> None:

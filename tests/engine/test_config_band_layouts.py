@@ -19,6 +19,7 @@ from segflow import segment
 from segflow.config import load_config
 from segflow.errors import PlanError
 from segflow.io import discover_items
+from segflow.ops.model import model_paths
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -37,6 +38,8 @@ FITS: dict[str, set[int]] = {
     "nuclei-histology": {3, 4},
     "nuclei-tissue": {1, 3, 4},
     "nuclei-unet": {1, 3, 4},
+    "em-unet": {1, 3, 4},
+    "buildings-unet": {1, 3, 4},
 }
 
 #: The message each refusal gives (after "pipeline[0] 'OP': "), by what the config needs.
@@ -58,6 +61,8 @@ def _sample(config_path: Path) -> tuple[np.ndarray, float | None]:
     """A centred crop of the config's first item, ``(c, (z), y, x)``, and its nodata."""
     config = load_config(config_path)
     path = config.input.path
+    if untrained := [p for p in model_paths(config.pipeline) if not Path(p).exists()]:
+        pytest.skip(f"{config_path.name}: its model is not trained here ({untrained[0]})")
     if not (Path(path).exists() or glob.glob(path, recursive=True)):
         pytest.skip(f"{config_path.name}: sample not found at {path} (../shared/data absent)")
     readers, _ = discover_items(path)

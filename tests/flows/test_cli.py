@@ -56,6 +56,13 @@ def test_validate_checks_each_shipped_config_against_1_3_and_4_bands(
     for name, image in files.items():
         tifffile.imwrite(tmp_path / f"{name}.tif", image)
     settings = yaml.safe_load(config.read_text())
+    untrained = [
+        step["path"]
+        for step in settings["pipeline"]
+        if step["op"] == "model" and not (config.parent / step["path"]).exists()
+    ]
+    if untrained:  # a recipe whose weights are not shipped (licence): `segflow train` makes them
+        pytest.skip(f"{config.name}: its model is not trained here ({untrained[0]})")
     first = settings["pipeline"][0]["op"]
     refused = {"rgb": {"one": 1}, "expect_bands": {"rgb": 3, "rgba": 4}}.get(first, {})
     overrides = [f"input.path={tmp_path}/*.tif", f"output.store={tmp_path / 'out.zarr'}"]

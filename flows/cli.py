@@ -454,9 +454,13 @@ def _print_scores(summary: dict[str, Any]) -> None:
         means = [sum(float(r.get(c, 0)) for r in rows) / len(rows) for c in columns]
         table.add_row("mean", *[_cell(m) for m in means])
     console.print(table)
+    notes: dict[str, list[str]] = {}  # one line per note, naming the items it concerns
     for row in rows:
         if row.get("eval_note"):
-            typer.echo(f"{row['id']}: {row['eval_note']}", err=True)
+            notes.setdefault(row["eval_note"], []).append(row["id"])
+    for note, ids in notes.items():
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        typer.echo(f"{shown}: {note}", err=True)
     for row in summary["failed"]:
         typer.echo(row["eval_error"], err=True)
     if summary["unmatched"]:

@@ -9,6 +9,7 @@ reference per image (a label image, or GeoJSON polygons rasterised on the image'
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -146,18 +147,19 @@ def parse_train_config(data: Mapping[str, Any], *, base_dir: Path) -> TrainFile:
         config.loop()
     except ModelError as error:
         raise ConfigError([f"training: {error}"]) from None
+    def resolve(path: str) -> str:  # "configs/train/../../outputs" reads as "outputs"
+        return os.path.normpath(base_dir / path)
+
     images = config.data.images
     data_ = config.data.model_copy(
         update={
-            "images": str(base_dir / images)
-            if isinstance(images, str)
-            else [str(base_dir / glob_) for glob_ in images],
-            "references": str(base_dir / config.data.references)
+            "images": resolve(images) if isinstance(images, str) else [resolve(i) for i in images],
+            "references": resolve(config.data.references)
             if not config.data.references.startswith("{dir}")
             else config.data.references,
         }
     )
-    return config.model_copy(update={"data": data_, "output": str(base_dir / config.output)})
+    return config.model_copy(update={"data": data_, "output": resolve(config.output)})
 
 
 def find_pairs(data: TrainData) -> list[tuple[str, str]]:

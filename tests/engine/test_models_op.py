@@ -41,6 +41,14 @@ def _card(spatial_dims: int, **changes: object) -> ModelCard:
     return ModelCard.model_validate(fields)
 
 
+def _basic_unet_card(spatial_dims: int) -> ModelCard:
+    return _card(
+        spatial_dims,
+        architecture={"name": "basic_unet", "params": {"features": [4, 4, 8, 8, 16, 4]}},
+        tile=(32, 32) if spatial_dims == 2 else (16, 32, 32),
+    )
+
+
 def _plus_one() -> torch.nn.Module:
     """``x -> (x + 1, 2 x)``: exact in float32, so tiling and blending must give it back."""
     conv = torch.nn.Conv2d(1, 2, 1)
@@ -60,6 +68,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         net = build_network(card.network_spec()).eval()
         paths[f"unet{ndim}"] = folder / f"unet{ndim}"
         save_checkpoint(paths[f"unet{ndim}"], net, card)
+        # A real U-Net (MONAI BasicUNet: skip connections, four poolings: tiles of 16k, one >= 32).
+        torch.manual_seed(10 + ndim)
+        card = _basic_unet_card(ndim)
+        net = build_network(card.network_spec()).eval()
+        paths[f"basic_unet{ndim}"] = folder / f"basic_unet{ndim}"
+        save_checkpoint(paths[f"basic_unet{ndim}"], net, card)
     # A user's TorchScript file with a card beside it: the distance head has no activation,
     # so the op's "probabilities" are the model's raw output.
     path = folder / "plus_one.pt"
@@ -116,20 +130,26 @@ def test_a_pointwise_model_comes_back_exact_through_the_op(
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("network", ["unet", "basic_unet"])  # SegNet-style; MONAI BasicUNet
 @pytest.mark.parametrize(
     ("ndim", "shape", "blocks"),
     [(2, (37, 45), (37, 45)), (2, (37, 45), (8, 16)), (2, (9, 11), (4, 5)),
      (3, (11, 20, 18), (11, 20, 18)), (3, (11, 20, 18), (4, 8, 6))],
 )  # fmt: skip
 def test_a_random_unet_blockwise_equals_the_whole_item_sliding_window(
-    models: dict[str, Path], ndim: int, shape: tuple[int, ...], blocks: tuple[int, ...]
+    models: dict[str, Path],
+    network: str,
+    ndim: int,
+    shape: tuple[int, ...],
+    blocks: tuple[int, ...],
 ) -> None:
-    path = models[f"unet{ndim}"]
+    path = models[f"{network}{ndim}"]
     image = np.random.default_rng(ndim).gamma(2.0, 50.0, shape).astype(np.float32)
     step = {"op": "model", "path": str(path), "device": "cpu", "batch_size": 2,
             "output": "foreground"}  # fmt: skip
     out = segment(image, [step], block_shape=blocks)
-    reference = _reference(path, image, _card(ndim))
+    card = _card(ndim) if network == "unet" else _basic_unet_card(ndim)
+    reference = _reference(path, image, card)
     # A block runs the same tiles in batches of the same shape and sums them in the same
     # order as the whole item, so the outputs agree to float32 rounding of the network's
     # kernels: 1e-6 on probabilities in [0, 1] (measured: bit-identical here).

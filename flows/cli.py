@@ -1,7 +1,7 @@
 """The ``segflow`` command: ``run``, ``validate`` and ``ops``.
 
 Prefect is imported only by ``run``, so ``segflow ops`` and ``segflow validate`` answer fast.
-Before that import, :func:`flows._env.isolate_prefect` keeps Prefect's state in a
+Before that import, :func:`segflow.flows._env.isolate_prefect` keeps Prefect's state in a
 segflow-owned folder unless the user configured Prefect.
 """
 
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows._env import isolate_prefect
+from segflow.flows._env import isolate_prefect
 
 isolate_prefect()  # before anything imports prefect
 
@@ -57,11 +57,11 @@ def main() -> None:
     import sys
 
     if "--debug" not in sys.argv:
-        import flows.cluster
-        from flows._quiet import quiet_libraries
+        import segflow.flows.cluster
+        from segflow.flows._quiet import quiet_libraries
 
         quiet_libraries()
-        flows.cluster.QUIET_WORKERS = True
+        segflow.flows.cluster.QUIET_WORKERS = True
     app()
 
 
@@ -159,9 +159,9 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
             typer.echo(f"{path}: {holder}", err=True)
             raise typer.Exit(EXIT_FAILED)
 
-    from flows._server import prefect_api, watch_api
-    from flows._signals import stop_on_signals
     from segflow.engine.interrupt import stop_requested
+    from segflow.flows._server import prefect_api, watch_api
+    from segflow.flows._signals import stop_on_signals
 
     console = Console(stderr=True)
     failed = False
@@ -173,7 +173,7 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
         watch_api(api_url, _api_lost),
         _shared_cluster(loaded) as shared,
     ):
-        from flows.segment import ItemsFailedError, segment_collection
+        from segflow.flows.segment import ItemsFailedError, segment_collection
 
         for path in configs:
             if stop_requested():
@@ -221,7 +221,7 @@ def _stopped_line(reason: str) -> str:
 
 
 def _stop_status(reason: str) -> int:
-    from flows._signals import EXIT_SIGNAL
+    from segflow.flows._signals import EXIT_SIGNAL
 
     return EXIT_SIGNAL.get(reason, EXIT_FAILED)
 
@@ -297,7 +297,7 @@ def evaluate(
     if any(config is None for config in loaded):
         raise typer.Exit(EXIT_INVALID)
 
-    from flows.evaluate import evaluate_collection
+    from segflow.flows.evaluate import evaluate_collection
 
     failed = False
     for path in configs:
@@ -349,7 +349,7 @@ def _shared_cluster(configs: Sequence[Any]) -> Iterator[str | None]:
     if len(configs) < 2 or len(clusters) > 1 or configs[0].cluster.address:
         yield None
         return
-    from flows.cluster import dask_client
+    from segflow.flows.cluster import dask_client
 
     with dask_client(configs[0].cluster) as client:
         yield str(client.scheduler.address)
@@ -467,7 +467,7 @@ def _progress_bar(console: Console, title: str) -> Iterator[None]:
     """A rich progress bar per item, fed by the engine's block progress."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.progress import listen_progress
+    from segflow.tasks.progress import listen_progress
 
     progress = Progress(
         TextColumn("{task.description}"),
@@ -539,7 +539,7 @@ def _train_progress(console: Console, name: str, max_epochs: int) -> Iterator[No
     per finished epoch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.progress import listen_progress
+    from segflow.tasks.progress import listen_progress
 
     progress = Progress(
         TextColumn("{task.description}"),
@@ -588,7 +588,7 @@ def train(
     except ConfigError as error:
         Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
         raise typer.Exit(EXIT_INVALID) from None
-    from flows.train import train_flow
+    from segflow.flows.train import train_flow
 
     with _train_progress(console, cfg.name, cfg.training.max_epochs):
         summary = train_flow(str(config), restart=restart)

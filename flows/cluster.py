@@ -49,7 +49,7 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
                 # None would still bind the HTTP server to 8787; ":0" picks a free port.
                 dashboard_address=":0",
                 silence_logs=logging.CRITICAL if QUIET_WORKERS else logging.WARNING,
-                preload=["flows._quiet"] if QUIET_WORKERS else [],
+                preload=["segflow.flows._quiet"] if QUIET_WORKERS else [],
             )
         try:
             with Client(local) as client:
@@ -58,7 +58,7 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
             local.close()
 
 
-# Set by the ``segflow`` command (not by tests or library use): see flows._quiet.
+# Set by the ``segflow`` command (not by tests or library use): see segflow.flows._quiet.
 QUIET_WORKERS = False
 
 

@@ -18,20 +18,20 @@ from prefect.futures import as_completed
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._signals import stop_on_signals
-from flows.cluster import dashboard_link, dask_client
-from flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
 from segflow.errors import StoreError
+from segflow.flows._signals import stop_on_signals
+from segflow.flows.cluster import dashboard_link, dask_client
+from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.io import unused_id
 from segflow.store.commit import stage_name
 from segflow.store.lock import has_stale_lock
-from tasks.artifacts import open_line, publish_progress, report_items_task
-from tasks.items import discover_items_task, segment_item_task
-from tasks.progress import report_progress
-from tasks.store import (
+from segflow.tasks.artifacts import open_line, publish_progress, report_items_task
+from segflow.tasks.items import discover_items_task, segment_item_task
+from segflow.tasks.progress import report_progress
+from segflow.tasks.store import (
     current_run_id,
     read_commits_task,
     read_index_task,

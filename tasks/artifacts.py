@@ -23,7 +23,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from segflow.io._common import is_url, strip_file_scheme
-from tasks.progress import ItemsProgress, listen_progress
+from segflow.tasks.progress import ItemsProgress, listen_progress
 
 # Seconds between two updates of a run's progress artifact (one API call each).
 PROGRESS_INTERVAL = 2.0

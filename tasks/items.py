@@ -14,7 +14,7 @@ from segflow.engine.executor import DaskExecutor
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import ItemResult, segment_item
 from segflow.io import assign_item_ids, discover_items, open_item
-from tasks.progress import report_progress
+from segflow.tasks.progress import report_progress
 
 
 @task(name="discover-items", retries=0, cache_policy=NO_CACHE)

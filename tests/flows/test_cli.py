@@ -9,7 +9,7 @@ import pytest
 import xarray
 from typer.testing import CliRunner
 
-from flows.cli import app
+from segflow.flows.cli import app
 from segflow.store import read_index
 from segflow.store.regions import read_regions
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 from distributed import Client, LocalCluster
 
-from flows.cluster import dashboard_link, dask_client
 from segflow.config import ClusterConfig
+from segflow.flows.cluster import dashboard_link, dask_client
 
 
 def test_local_cluster_follows_the_config_and_is_closed_after() -> None:

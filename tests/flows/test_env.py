@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows._env import isolate_prefect
+from segflow.flows._env import isolate_prefect
 
 
 @pytest.fixture

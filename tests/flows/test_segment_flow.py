@@ -13,8 +13,8 @@ import pytest
 import xarray
 from _geodata import N_BLOBS, blob_image, collection_config, write_geotiff
 
-from flows.segment import ItemsFailedError, segment_collection
-from tasks.artifacts import output_hash
+from segflow.flows.segment import ItemsFailedError, segment_collection
+from segflow.tasks.artifacts import output_hash
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -155,7 +155,7 @@ def test_sample_nuclei_config_runs_from_its_yaml(tmp_path: Path, dask_address: s
 
 
 def test_backfill_redoes_matching_items_of_a_config(tmp_path: Path, dask_address: str) -> None:
-    from flows.backfill import backfill
+    from segflow.flows.backfill import backfill
 
     config = Path(__file__).parents[2] / "configs" / "nuclei.yaml"
     overrides = [f"output.store={tmp_path / 'n.zarr'}", f"cluster.address={dask_address}"]
@@ -189,7 +189,7 @@ def test_a_backfill_shows_its_child_summary_read_back_from_the_api(
         FlowRunFilterParentFlowRunId,
     )
 
-    from flows.backfill import backfill
+    from segflow.flows.backfill import backfill
 
     config = tmp_path / "tiles.yaml"
     config.write_text(
@@ -230,7 +230,7 @@ def test_a_backfill_shows_its_child_summary_read_back_from_the_api(
 def test_runs_are_named_after_the_config_and_tagged_with_it(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    from flows.backfill import backfill
+    from segflow.flows.backfill import backfill
 
     missing = tmp_path / "ct-nightly.yaml"  # no such file: the run fails, but is named
     state = segment_collection(str(missing), return_state=True)
@@ -266,7 +266,7 @@ def test_ids_recorded_in_the_store_survive_new_files(tmp_path: Path, dask_addres
 
 
 def test_keep_recorded_ids_never_reuses_an_id_for_another_source() -> None:
-    from flows.segment import keep_recorded_ids
+    from segflow.flows.segment import keep_recorded_ids
 
     index = [
         {"id": "tile", "source": "/t/a/tile.tif", "status": "done"},

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.segment import select_items
 from segflow.engine.item import code_version
+from segflow.flows.segment import select_items
 
 ITEMS = [
     {"id": "a", "path": "/d/a.tif", "fingerprint": "fa"},

@@ -57,6 +57,14 @@ def test_the_console_script_and_the_deployments_point_into_the_package(wheel: Pa
         assert f"{module.replace('.', '/')}.py" in zipfile.ZipFile(wheel).namelist()
 
 
+def test_the_wheel_and_the_checkout_have_the_same_code_version(wheel: Path, tmp_path: Path) -> None:
+    from segflow.engine.item import source_digest
+
+    zipfile.ZipFile(wheel).extractall(tmp_path)
+
+    assert source_digest(tmp_path / "segflow") == source_digest(ROOT / "src" / "segflow")
+
+
 def test_the_links_point_at_the_repository_folders() -> None:
     for layer in ("flows", "tasks"):
         link = ROOT / "src" / "segflow" / layer

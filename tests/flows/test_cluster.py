@@ -23,6 +23,18 @@ def test_local_cluster_follows_the_config_and_is_closed_after() -> None:
     assert cluster.status.name == "closed"
 
 
+def test_without_an_address_dasks_scheduler_address_setting_is_used(dask_address: str) -> None:
+    import dask
+
+    with dask.config.set({"scheduler-address": dask_address}):  # DASK_SCHEDULER_ADDRESS
+        with dask_client(ClusterConfig(n_workers=3)) as client:
+            assert client.scheduler.address == dask_address
+            assert client.cluster is None  # connected, nothing started here
+
+    with Client(dask_address) as other:  # the shared cluster is left running
+        assert other.submit(sum, [1, 2]).result() == 3
+
+
 def test_dashboard_link_is_given_only_where_the_dashboard_answers() -> None:
     with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1)) as client:
         link = dashboard_link(client)

@@ -28,6 +28,7 @@ from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.io import unused_id
 from segflow.store.commit import stage_name
 from segflow.store.lock import has_stale_lock
+from segflow.tasks import artifacts
 from segflow.tasks.artifacts import open_line, publish_progress, report_items_task
 from segflow.tasks.items import discover_items_task, segment_item_task
 from segflow.tasks.progress import report_progress
@@ -288,8 +289,9 @@ def segment_items(
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,
+                quicklook=position < artifacts.QUICKLOOK_ITEMS,
             )
-            for item in todo
+            for position, item in enumerate(todo)
         ]
         for future in as_completed(futures):
             row = future.result(raise_on_failure=False)  # a failed item's state holds its row

@@ -1,6 +1,6 @@
-"""``python -m flows`` runs the ``segflow`` command."""
+"""``python -m segflow.flows`` (or ``python -m flows`` in a checkout) runs ``segflow``."""
 
-from flows.cli import main
+from segflow.flows.cli import main
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,14 @@ Here the temporary server is started in a session of its own (it never sees the
 terminal's signals) and stopped when the command ends. A watchdog polls the API's health
 while flows run: when it stops answering, the run is asked to stop (it fails within
 seconds with one line, keeping every committed item) instead of hanging in retries.
+
+The command enters :func:`prefect_api` once, around all its configs, so it starts one
+server however many configs it runs. Starting takes several seconds (7-13 s measured on a
+loaded 2-core machine), so the command says what it is waiting for, every
+:data:`WAIT_NOTE_EVERY` seconds while it waits, and gives up after Prefect's
+``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (the ``segflow`` command raises
+Prefect's default of 20 s to :data:`segflow.flows._env.STARTUP_TIMEOUT`; Prefect's own
+temporary server, started by ``segflow evaluate`` and ``train``, obeys it too).
 """
 
 from __future__ import annotations
@@ -22,18 +30,27 @@ from collections.abc import Callable, Iterator
 # Consecutive failed health checks, POLL seconds apart, before the API counts as gone.
 POLL = 2.0
 MISSES = 3
-STARTUP_TIMEOUT = 120.0
+WAIT_NOTE_EVERY = 15.0  # seconds between "still waiting" lines while the server starts
+
+
+def say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """Yield the API URL flows will use: the configured one, or a temporary server's."""
+def prefect_api(say: Callable[[str], None] = say_on_stderr) -> Iterator[str | None]:
+    """Yield the API URL flows will use: the configured one, or a temporary server's.
+
+    ``say`` gets one line when a temporary server starts, a line every
+    :data:`WAIT_NOTE_EVERY` seconds while it does not answer yet, and one when it answers.
+    """
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    configured = get_current_settings().api.url
-    if configured:
-        yield str(configured)
+    settings = get_current_settings()
+    if settings.api.url:
+        yield str(settings.api.url)
         return
+    timeout = float(settings.server.ephemeral.startup_timeout_seconds)
     import httpx
     import prefect
 
@@ -42,7 +59,7 @@ def prefect_api() -> Iterator[str | None]:
         port = sock.getsockname()[1]
     env = {
         **os.environ,
-        **get_current_settings().to_environment_variables(exclude_unset=True),
+        **settings.to_environment_variables(exclude_unset=True),
         "PREFECT_UI_ENABLED": "0",
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
@@ -53,14 +70,7 @@ def prefect_api() -> Iterator[str | None]:
     server = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _healthy(httpx, url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the temporary Prefect server did not start (exit status "
-                    f"{server.poll()}); set PREFECT_API_URL to use a running server"
-                )
-            time.sleep(0.2)
+        _wait_until_healthy(httpx, server, url, timeout, say)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
                 yield url
@@ -73,6 +83,40 @@ def prefect_api() -> Iterator[str | None]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _wait_until_healthy(
+    httpx: object,
+    server: subprocess.Popen[bytes],
+    url: str,
+    timeout: float,
+    say: Callable[[str], None],
+) -> None:
+    say(
+        f"segflow: starting a temporary Prefect server (PREFECT_API_URL is not set); waiting "
+        f"up to {timeout:.0f} s for {url}/health to answer"
+    )
+    start = time.monotonic()
+    next_note = start + WAIT_NOTE_EVERY
+    while not _healthy(httpx, url):
+        now = time.monotonic()
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"the temporary Prefect server exited with status {server.poll()} before "
+                f"answering; set PREFECT_API_URL to use a running server"
+            )
+        if now - start > timeout:
+            raise RuntimeError(
+                f"the temporary Prefect server did not answer at {url} within {timeout:.0f} s; "
+                f"raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL "
+                f"to use a running server"
+            )
+        if now >= next_note:
+            say(f"segflow: still waiting for the temporary Prefect server ({now - start:.0f} s "
+                f"of {timeout:.0f} s)")  # fmt: skip
+            next_note += WAIT_NOTE_EVERY
+        time.sleep(0.2)
+    say(f"segflow: temporary Prefect server ready after {time.monotonic() - start:.1f} s")
 
 
 @contextlib.contextmanager

@@ -8,9 +8,9 @@ from uuid import UUID
 from prefect import flow
 from prefect.states import Cancelled, Failed
 
-from flows.naming import RunNamer, add_flow_run_tags, run_tags
-from flows.segment import ItemsFailedError, config_name, resolve_config, segment_collection
-from tasks.artifacts import publish_summary
+from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
+from segflow.flows.segment import ItemsFailedError, config_name, resolve_config, segment_collection
+from segflow.tasks.artifacts import publish_summary
 
 
 @flow(

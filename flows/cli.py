@@ -3,7 +3,7 @@
 Prefect is imported only by ``run`` (and only when some item is to do: the store's skip rule
 is applied first), ``evaluate`` and ``train``, so ``segflow ops``, ``segflow validate`` and
 a run with nothing to do answer fast (``benchmarks/bench_cli.py``).
-Before that import, :func:`flows._env.isolate_prefect` keeps Prefect's state in a
+Before that import, :func:`segflow.flows._env.isolate_prefect` keeps Prefect's state in a
 segflow-owned folder unless the user configured Prefect.
 """
 
@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows._env import isolate_prefect
+from segflow.flows._env import isolate_prefect
 
 isolate_prefect()  # before anything imports prefect
 
@@ -87,10 +87,10 @@ def main() -> None:
     import sys
 
     if "--debug" not in sys.argv:
-        from flows import _quiet
+        from segflow.flows import _quiet
 
         _quiet.quiet_libraries()
-        _quiet.QUIET_WORKERS = True  # not importing flows.cluster here: it imports Dask
+        _quiet.QUIET_WORKERS = True  # not importing segflow.flows.cluster here: it imports Dask
     app()
 
 
@@ -232,9 +232,9 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
         )
         return
 
-    from flows._server import prefect_api, watch_api
-    from flows._signals import stop_on_signals
     from segflow.engine.interrupt import stop_requested
+    from segflow.flows._server import prefect_api, watch_api
+    from segflow.flows._signals import stop_on_signals
 
     console = Console(stderr=True)
     failed = False
@@ -246,7 +246,7 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
         watch_api(api_url, _api_lost),
         _shared_cluster(loaded) as shared,
     ):
-        from flows.segment import ItemsFailedError, segment_collection
+        from segflow.flows.segment import ItemsFailedError, segment_collection
 
         for path in configs:
             if stop_requested():
@@ -323,7 +323,7 @@ def _stopped_line(reason: str) -> str:
 
 
 def _stop_status(reason: str) -> int:
-    from flows._signals import EXIT_SIGNAL
+    from segflow.flows._signals import EXIT_SIGNAL
 
     return EXIT_SIGNAL.get(reason, EXIT_FAILED)
 
@@ -408,7 +408,7 @@ def evaluate(
             typer.echo(line, err=True)
         raise typer.Exit(EXIT_INVALID)
 
-    from flows.evaluate import evaluate_collection
+    from segflow.flows.evaluate import evaluate_collection
 
     failed = False
     for path in configs:
@@ -486,7 +486,7 @@ def _shared_cluster(configs: Sequence[Any]) -> Iterator[str | None]:
     if len(configs) < 2 or len(clusters) > 1 or configs[0].cluster.address:
         yield None
         return
-    from flows.cluster import dask_client
+    from segflow.flows.cluster import dask_client
 
     with dask_client(configs[0].cluster) as client:
         yield str(client.scheduler.address)
@@ -628,7 +628,7 @@ def _progress_bar(console: Console, title: str) -> Iterator[None]:
     """A rich progress bar per item, fed by the engine's block progress."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.progress import listen_progress
+    from segflow.tasks.progress import listen_progress
 
     progress = Progress(
         TextColumn("{task.description}"),
@@ -700,7 +700,7 @@ def _train_progress(console: Console, name: str, max_epochs: int) -> Iterator[No
     per finished epoch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.progress import listen_progress
+    from segflow.tasks.progress import listen_progress
 
     progress = Progress(
         TextColumn("{task.description}"),
@@ -749,7 +749,7 @@ def train(
     except ConfigError as error:
         Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
         raise typer.Exit(EXIT_INVALID) from None
-    from flows.train import train_flow
+    from segflow.flows.train import train_flow
 
     with _train_progress(console, cfg.name, cfg.training.max_epochs):
         summary = train_flow(str(config), restart=restart)

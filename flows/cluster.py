@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flows import _quiet
 from segflow.config import ClusterConfig
 from segflow.engine.cluster import start_local_cluster, visible_gpus
+from segflow.flows import _quiet
 
 
 @contextmanager
@@ -20,17 +20,21 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
     """Yield a ``distributed.Client``; close what was started here on exit.
 
     With ``cluster.address`` it connects to that scheduler (Kubernetes, dask-jobqueue, a cloud
-    service) and leaves it running. Without, it starts a process-based ``LocalCluster`` with
+    service) and leaves it running; without, to Dask's own ``scheduler-address`` setting
+    (``DASK_SCHEDULER_ADDRESS``) when that is set, so every flow run of a Prefect worker with
+    that variable shares one cluster. Otherwise it starts a process-based ``LocalCluster`` with
     ``n_workers`` (default: one per core) of ``threads_per_worker`` threads, and shuts it
     down after the run; the first ``gpu_workers`` of them (default: one per visible CUDA
     device) each own one GPU and take the model steps' block tasks. Its HTTP server (the
     dashboard, when bokeh is installed) takes a free port, so two runs or another cluster on
     8787 never clash.
     """
+    import dask
     from distributed import Client
 
-    if cluster.address:
-        client = Client(cluster.address)
+    address = cluster.address or dask.config.get("scheduler-address", None)
+    if address:
+        client = Client(address)
         try:
             yield client
         finally:
@@ -50,7 +54,7 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
                 # None would still bind the HTTP server to 8787; ":0" picks a free port.
                 dashboard_address=":0",
                 silence_logs=logging.CRITICAL if _quiet.QUIET_WORKERS else logging.WARNING,
-                preload=["flows._quiet"] if _quiet.QUIET_WORKERS else [],
+                preload=["segflow.flows._quiet"] if _quiet.QUIET_WORKERS else [],
             )
         try:
             with Client(local) as client:

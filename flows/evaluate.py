@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.segment import resolve_config
 from segflow.evaluate import find_references, match_references
-from tasks.evaluate import evaluate_item_task
-from tasks.store import current_run_id, read_index_task, write_index_task, writing_store
+from segflow.flows.segment import resolve_config
+from segflow.tasks.evaluate import evaluate_item_task
+from segflow.tasks.store import current_run_id, read_index_task, write_index_task, writing_store
 
 
 @flow(name="evaluate-collection", validate_parameters=True)

@@ -17,20 +17,21 @@ from prefect.futures import as_completed
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._signals import stop_on_signals
-from flows.cluster import dashboard_link, dask_client
-from flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import code_version
 from segflow.errors import StoreError
+from segflow.flows._signals import stop_on_signals
+from segflow.flows.cluster import dashboard_link, dask_client
+from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.store.commit import stage_name
 from segflow.store.lock import has_stale_lock
 from segflow.store.select import keep_recorded_ids, run_summary, select_items
-from tasks.artifacts import publish_progress, report_items_task
-from tasks.items import discover_items_task, segment_item_task
-from tasks.progress import report_progress
-from tasks.store import (
+from segflow.tasks import artifacts
+from segflow.tasks.artifacts import publish_progress, report_items_task
+from segflow.tasks.items import discover_items_task, segment_item_task
+from segflow.tasks.progress import report_progress
+from segflow.tasks.store import (
     current_run_id,
     read_commits_task,
     read_index_task,
@@ -217,8 +218,9 @@ def segment_items(
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,
+                quicklook=position < artifacts.QUICKLOOK_ITEMS,
             )
-            for item in todo
+            for position, item in enumerate(todo)
         ]
         for future in as_completed(futures):
             row = future.result(raise_on_failure=False)  # a failed item's state holds its row

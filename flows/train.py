@@ -13,9 +13,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.naming import RunNamer, add_flow_run_tags, run_tags
-from tasks.artifacts import artifact_key
-from tasks.train import train_epoch_task
+from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
+from segflow.tasks.artifacts import artifact_key
+from segflow.tasks.train import train_epoch_task
 
 
 def train_config_name(parameters: Mapping[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """Prefect tasks: thin adapters over the segflow engine that pass references, not arrays."""
 
-from tasks.artifacts import report_items_task
-from tasks.items import discover_items_task, segment_item_task
-from tasks.store import (
+from segflow.tasks.artifacts import report_items_task
+from segflow.tasks.items import discover_items_task, segment_item_task
+from segflow.tasks.store import (
     read_commits_task,
     read_index_task,
     record_items_task,

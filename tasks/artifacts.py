@@ -3,6 +3,7 @@ output is."""
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import hashlib
 import os
@@ -23,13 +24,20 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from segflow.io._common import is_url, strip_file_scheme
+from segflow.io.base import Reader
+from segflow.store.quicklook import render_quicklook
 from segflow.store.select import open_line
-from tasks.progress import ItemsProgress, listen_progress
+from segflow.tasks.progress import ItemsProgress, listen_progress
 
 # Seconds between two updates of a run's progress artifact (one API call each).
 PROGRESS_INTERVAL = 2.0
 # Rows of the queued-items table: a 100,000-item run lists the first ones and says so.
 QUEUED_ROWS = 500
+# Items of a run that get a quick look (the first ones submitted), and its longer side in
+# pixels: each is a PNG of some 10-150 kB stored in the Prefect database, and reads the
+# item's input once more (in bands), so a large run shows a sample, not every item.
+QUICKLOOK_ITEMS = 10
+QUICKLOOK_SIZE = 256
 
 TABLE_COLUMNS = ("id", "status", "object_count", "seconds", "n_blocks", "shape", "error", "source")
 
@@ -50,6 +58,21 @@ def artifact_key(name: str, output: str, suffix: str) -> str:
     """
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-") or "segment"
     return f"segflow-{slug}-{output_hash(output)}-{suffix}"
+
+
+def publish_quicklook(reader: Reader, store: str, row: dict[str, Any]) -> None:
+    """A markdown artifact of the current task run: the done item ``row`` of ``store``,
+    downsampled, with its output's outline (:func:`segflow.store.quicklook.render_quicklook`)
+    as an inline PNG."""
+    png = render_quicklook(reader, store, row["id"], row["output"], size=QUICKLOOK_SIZE)
+    image = base64.b64encode(png).decode("ascii")
+    create_markdown_artifact(
+        markdown=(
+            f"**{row['id']}**: {row['object_count']} objects, {row['output']} outlined in "
+            f"yellow\n\n![quick look of {row['id']}](data:image/png;base64,{image})"
+        ),
+        description=f"quick look of {row['id']} ({row['source']})",
+    )
 
 
 def output_hash(output: str) -> str:

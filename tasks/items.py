@@ -15,7 +15,8 @@ from segflow.engine.interrupt import stop_requested
 from segflow.engine.item import ItemResult, describe_output, segment_item
 from segflow.io import discover_items, open_item
 from segflow.store.select import item_references
-from tasks.progress import report_progress
+from segflow.tasks.artifacts import publish_quicklook
+from segflow.tasks.progress import report_progress
 
 
 @task(name="discover-items", retries=0, cache_policy=NO_CACHE)
@@ -56,12 +57,14 @@ def segment_item_task(
     config_hash: str,
     scheduler_address: str,
     run_id: str,
+    quicklook: bool = False,
 ) -> Any:
     """Segment one item on the Dask cluster at ``scheduler_address``; return its index row
     (as the data of a Failed or Cancelled state when the item failed or was interrupted).
 
     The blocks run on the Dask workers; only the small row comes back. Never raises for a
-    bad item: the row says ``failed`` and its ``error`` names the item and the reason.
+    bad item: the row says ``failed`` and its ``error`` names the item and the reason. With
+    ``quicklook``, a done item gets a quick-look artifact (a failure there is only logged).
     """
     from distributed import get_client
 
@@ -107,6 +110,13 @@ def segment_item_task(
             row["seconds"],
             os.path.join(store, item_id, row["output"]),
         )
+        if quicklook:
+            try:
+                publish_quicklook(reader, store, row)
+            except Exception as error:  # a picture never fails the item
+                logger.warning(
+                    "item %s: no quick look (%s: %s)", item_id, type(error).__name__, error
+                )
     else:
         logger.error("%s", row["error"])
     report_progress(item_id, row["status"], 1, 1)

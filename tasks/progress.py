@@ -4,7 +4,7 @@ bar, the run's Prefect progress artifact).
 The engine reports ``progress(phase, done, total)`` per item; tasks forward it here with the
 item id. Listeners are process-local callables, never Prefect parameters: nothing is sent to
 the Prefect API per block (the progress artifact is updated at most every few seconds, see
-:func:`tasks.artifacts.publish_progress`).
+:func:`segflow.tasks.artifacts.publish_progress`).
 """
 
 from __future__ import annotations

@@ -8,16 +8,16 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.progress import report_progress
+from segflow.tasks.progress import report_progress
 
 
 @task(name="train-epoch", retries=0, cache_policy=NO_CACHE, task_run_name="epoch-{epoch}")
 def train_epoch_task(config: str, epoch: int, *, resume: bool = True) -> dict[str, Any]:
     """Run the next epoch of ``config``'s training (resuming its saved state).
 
-    Progress goes to :mod:`tasks.progress` listeners as ``(name, phase, step, steps)``: phase
-    ``"epoch E: loss L"`` per optimiser step, ``"validating epoch E"`` once the steps are
-    done, and ``"epoch E done: loss L, val V, best B"`` at the end (step = steps).
+    Progress goes to :mod:`segflow.tasks.progress` listeners as ``(name, phase, step,
+    steps)``: phase ``"epoch E: loss L"`` per optimiser step, ``"validating epoch E"`` once
+    the steps are done, and ``"epoch E done: loss L, val V, best B"`` at the end (step = steps).
     """
     from segflow.train_config import load_train_config, train_from_config
 

@@ -1,6 +1,7 @@
 """segflow: segment huge image collections block by block.
 
-The engine (this package) never imports Prefect; the ``flows`` and ``tasks`` packages wrap it.
+The engine (this package) never imports Prefect; ``segflow.flows`` and ``segflow.tasks`` (the
+repository's ``flows/`` and ``tasks/`` folders) wrap it.
 """
 
 from importlib.metadata import PackageNotFoundError, version

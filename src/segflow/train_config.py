@@ -147,6 +147,7 @@ def parse_train_config(data: Mapping[str, Any], *, base_dir: Path) -> TrainFile:
         config.loop()
     except ModelError as error:
         raise ConfigError([f"training: {error}"]) from None
+
     def resolve(path: str) -> str:  # "configs/train/../../outputs" reads as "outputs"
         return os.path.normpath(base_dir / path)
 

@@ -22,7 +22,7 @@ from affine import Affine
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from segflow.flows.cli import app
 from segflow.store import read_index
 
 runner = CliRunner()

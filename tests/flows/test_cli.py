@@ -15,7 +15,7 @@ import xarray
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from segflow.flows.cli import app
 from segflow.store import read_index
 from segflow.store.regions import read_regions
 
@@ -279,7 +279,7 @@ def test_run_with_nothing_to_do_imports_neither_prefect_nor_dask(tmp_path: Path)
     assert result.status == "done", result.error
     write_index(store, [result.as_row()])
     check = (
-        "import sys\nfrom flows.cli import main\n"
+        "import sys\nfrom segflow.flows.cli import main\n"
         f"sys.argv = ['segflow', 'run', {str(CONFIGS / 'nuclei.yaml')!r}, "
         f"'--set', 'output.store={store}']\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 from distributed import Client, LocalCluster
 
-from flows.cluster import dashboard_link, dask_client
 from segflow.config import ClusterConfig
+from segflow.flows.cluster import dashboard_link, dask_client
 
 
 def test_local_cluster_follows_the_config_and_is_closed_after() -> None:
@@ -21,6 +21,18 @@ def test_local_cluster_follows_the_config_and_is_closed_after() -> None:
 
     assert client.status == "closed"
     assert cluster.status.name == "closed"
+
+
+def test_without_an_address_dasks_scheduler_address_setting_is_used(dask_address: str) -> None:
+    import dask
+
+    with dask.config.set({"scheduler-address": dask_address}):  # DASK_SCHEDULER_ADDRESS
+        with dask_client(ClusterConfig(n_workers=3)) as client:
+            assert client.scheduler.address == dask_address
+            assert client.cluster is None  # connected, nothing started here
+
+    with Client(dask_address) as other:  # the shared cluster is left running
+        assert other.submit(sum, [1, 2]).result() == 3
 
 
 def test_dashboard_link_is_given_only_where_the_dashboard_answers() -> None:

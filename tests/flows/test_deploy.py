@@ -18,7 +18,7 @@ DEPLOYMENTS: list[dict[str, Any]] = yaml.safe_load((ROOT / "deploy" / "prefect.y
 def test_there_is_a_scheduled_incremental_run_and_a_backfill() -> None:
     scheduled = [d for d in DEPLOYMENTS if d.get("schedules")]
     assert scheduled and all("overwrite" not in d["parameters"] for d in scheduled)
-    assert any(d["entrypoint"] == "flows/backfill.py:backfill" for d in DEPLOYMENTS)
+    assert any(d["entrypoint"] == "segflow.flows.backfill:backfill" for d in DEPLOYMENTS)
     assert any(d["parameters"].get("overwrite") is True for d in DEPLOYMENTS)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows._env import isolate_prefect
+from segflow.flows._env import isolate_prefect
 
 
 @pytest.fixture
@@ -18,6 +18,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     for name in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_PROFILES_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
     return home
 
 
@@ -54,3 +55,17 @@ def test_a_user_profile_file_counts_as_configured(clean_env: Path) -> None:
     isolate_prefect()
 
     assert "PREFECT_HOME" not in os.environ
+
+
+def test_a_temporary_server_may_take_two_minutes_unless_the_user_says(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    isolate_prefect()
+    default = os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    isolate_prefect()
+
+    assert default == "120"
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "300"

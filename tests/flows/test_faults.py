@@ -73,7 +73,7 @@ def _segflow(
         env["SEGFLOW_FAULT"] = fault
     if once:
         env["SEGFLOW_FAULT_ONCE"] = str(once)
-    command = [sys.executable, "-m", "flows", "run", str(config), *args]
+    command = [sys.executable, "-m", "segflow.flows", "run", str(config), *args]
     process = subprocess.Popen(
         command,
         cwd=config.parent,

@@ -10,7 +10,7 @@ import torch
 import xarray
 from _geodata import blob_image, collection_config, write_geotiff
 
-from flows.segment import segment_collection
+from segflow.flows.segment import segment_collection
 from segflow.models.card import ModelCard
 from segflow.models.checkpoint import load_checkpoint, save_checkpoint
 from segflow.models.networks import build_network

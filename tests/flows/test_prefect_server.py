@@ -25,7 +25,7 @@ import pytest
 import yaml
 from _geodata import blob_image, write_geotiff
 
-from tasks.artifacts import output_hash
+from segflow.tasks.artifacts import output_hash
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_a_run_against_a_real_server_shows_names_tags_failed_items_and_artifacts
         temporary_settings,
     )
 
-    from flows.segment import ItemsFailedError
+    from segflow.flows.segment import ItemsFailedError
 
     folder = tmp_path / "tiles"
     folder.mkdir()
@@ -124,7 +124,7 @@ def test_a_run_against_a_real_server_shows_names_tags_failed_items_and_artifacts
     }
 
     command = subprocess.run(
-        [sys.executable, "-m", "flows", "run", str(config)],
+        [sys.executable, "-m", "segflow.flows", "run", str(config)],
         env=env,
         capture_output=True,
         text=True,

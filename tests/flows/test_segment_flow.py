@@ -13,8 +13,8 @@ import pytest
 import xarray
 from _geodata import N_BLOBS, blob_image, collection_config, write_geotiff
 
-from flows.segment import ItemsFailedError, segment_collection
-from tasks.artifacts import output_hash
+from segflow.flows.segment import ItemsFailedError, segment_collection
+from segflow.tasks.artifacts import output_hash
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -155,7 +155,7 @@ def test_sample_nuclei_config_runs_from_its_yaml(tmp_path: Path, dask_address: s
 
 
 def test_backfill_redoes_matching_items_of_a_config(tmp_path: Path, dask_address: str) -> None:
-    from flows.backfill import backfill
+    from segflow.flows.backfill import backfill
 
     config = Path(__file__).parents[2] / "configs" / "nuclei.yaml"
     overrides = [f"output.store={tmp_path / 'n.zarr'}", f"cluster.address={dask_address}"]
@@ -189,7 +189,7 @@ def test_a_backfill_shows_its_child_summary_read_back_from_the_api(
         FlowRunFilterParentFlowRunId,
     )
 
-    from flows.backfill import backfill
+    from segflow.flows.backfill import backfill
 
     config = tmp_path / "tiles.yaml"
     config.write_text(
@@ -230,7 +230,7 @@ def test_a_backfill_shows_its_child_summary_read_back_from_the_api(
 def test_runs_are_named_after_the_config_and_tagged_with_it(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    from flows.backfill import backfill
+    from segflow.flows.backfill import backfill
 
     missing = tmp_path / "ct-nightly.yaml"  # no such file: the run fails, but is named
     state = segment_collection(str(missing), return_state=True)
@@ -282,3 +282,39 @@ def test_keep_recorded_ids_never_reuses_an_id_for_another_source() -> None:
     assert [i["id"] for i in renamed] == ["tile", "tile_2", "old_2"]
     assert [r["id"] for r in rows] == ["bad"]
     assert keep_recorded_ids(items, failed, []) == (items, failed)  # a new store: as found
+
+
+def test_the_first_items_of_a_run_get_a_quick_look(
+    tmp_path: Path, dask_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    import imageio.v3 as iio
+    from prefect.client.orchestration import get_client
+
+    from segflow.tasks import artifacts
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for k in range(3):
+        write_geotiff(folder / f"tile_{k}.tif", blob_image(), x0=500_000.0 + 720 * k)
+    monkeypatch.setattr(artifacts, "QUICKLOOK_ITEMS", 2)  # of 3 items
+
+    state, summary = run(collection_config(folder, tmp_path / "out.zarr", dask_address))
+
+    assert (state, summary["done"]) == ("COMPLETED", 3)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(sort="START_TIME_DESC", limit=1)[0]
+    looks = [
+        a
+        for a in artifacts_of(flow_run.id)
+        if a.type == "markdown" and "data:image/png;base64," in str(a.data)
+    ]
+    assert len(looks) == 2
+    for look in looks:
+        assert look.task_run_id is not None  # on its item's task run
+        encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", str(look.data))
+        assert encoded is not None
+        picture = iio.imread(base64.b64decode(encoded.group(1)), extension=".png")
+        assert max(picture.shape[:2]) <= artifacts.QUICKLOOK_SIZE and picture.shape[2] == 3
+        assert (picture == (255, 221, 0)).all(axis=-1).any()  # the blobs' outlines

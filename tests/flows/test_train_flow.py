@@ -11,7 +11,7 @@ import tifffile
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from segflow.flows.cli import app
 from segflow.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

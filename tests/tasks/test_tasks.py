@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from segflow.store import write_index
-from tasks.artifacts import artifact_key, open_line, publish_progress
-from tasks.progress import ItemsProgress, listen_progress, report_progress
-from tasks.store import read_index_task
+from segflow.tasks.artifacts import artifact_key, open_line, publish_progress
+from segflow.tasks.progress import ItemsProgress, listen_progress, report_progress
+from segflow.tasks.store import read_index_task
 
 
 def test_progress_reaches_listeners_only_while_listening() -> None:

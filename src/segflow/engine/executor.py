@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from segflow.engine.interrupt import raise_if_stopped, stop_requested
+from segflow.engine.retry import DEFAULT_RETRY, Retrying, RetryPolicy
 from segflow.faults import fault_point
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -65,12 +66,19 @@ class LocalExecutor:
     ``units`` says how many of each resource the process has (default: ``GPU`` = the
     number of visible CUDA devices, at least 1): tasks submitted with ``resources`` wait
     for a unit, so a pool of many threads never runs many models against one GPU (nor,
-    without a GPU, many multi-threaded torch forward passes against each other).
+    without a GPU, many multi-threaded torch forward passes against each other). A task
+    that hits a transient error (a dropped connection to a remote input or store) is tried
+    again as ``retry`` says (:mod:`segflow.engine.retry`).
     """
 
     def __init__(
-        self, n_threads: int | None = None, *, units: Mapping[str, int] | None = None
+        self,
+        n_threads: int | None = None,
+        *,
+        units: Mapping[str, int] | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
+        self.retry = retry
         self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
         self._pool = cf.ThreadPoolExecutor(self.n_threads, thread_name_prefix="segflow")
         self._units = dict(units) if units is not None else {"GPU": _gpu_count()}
@@ -95,8 +103,9 @@ class LocalExecutor:
         **kwargs: Any,
     ) -> list[Any]:
         slots = [self._slot(n, a) for n, a in sorted((resources or {}).items()) if a > 0]
+        task = Retrying(fn, self.retry)
         return [
-            self._pool.submit(_resolve_call, fn, args, kwargs, slots)
+            self._pool.submit(_resolve_call, task, args, kwargs, slots)
             for args in zip(*iterables, strict=True)
         ]
 
@@ -164,10 +173,15 @@ def _resolve_list(value: Any) -> Any:
 
 
 class DaskExecutor:
-    """Run block tasks on a ``distributed.Client``; handles are Dask futures."""
+    """Run block tasks on a ``distributed.Client``; handles are Dask futures.
 
-    def __init__(self, client: Any) -> None:
+    A task that hits a transient error (a dropped connection to a remote input or store) is
+    tried again on its worker as ``retry`` says (:mod:`segflow.engine.retry`).
+    """
+
+    def __init__(self, client: Any, *, retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self.client = client
+        self.retry = retry
 
     def map(
         self,
@@ -184,7 +198,8 @@ class DaskExecutor:
         # has would wait for ever (a CPU-only cluster runs `device: auto` models on CPU).
         wanted = {n: a for n, a in (resources or {}).items() if n in self._advertised()}
         extra = {"resources": wanted} if wanted else {}
-        return list(self.client.map(fn, *columns, pure=False, **extra, **kwargs))
+        task = Retrying(fn, self.retry)
+        return list(self.client.map(task, *columns, pure=False, **extra, **kwargs))
 
     def _advertised(self) -> set[str]:
         """Resource names the cluster's workers advertise (``--resources GPU=1``)."""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
+import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,11 +25,47 @@ from segflow.errors import PlanError
 from segflow.faults import fault_point
 from segflow.io.base import Reader
 
+# The Prefect layer's folders inside the package (links in a checkout, folders in the wheel).
+PREFECT_LAYER = ("flows", "tasks")  # segflow.flows, segflow.tasks: not the engine
 
+
+@functools.cache
 def code_version() -> str:
+    """The version of the code that segments items: ``VERSION+src.DIGEST``.
+
+    ``DIGEST`` is 12 hex digits of :func:`source_digest` of this package, so any change to the
+    engine's sources (a commit, or an uncommitted edit in a checkout) gives a new code
+    version and the next run redoes the collection's items, while a change elsewhere (the
+    Prefect layer, docs, configs) does not. A wheel and the checkout it was built from agree.
+    """
     from segflow import __version__
 
-    return __version__
+    return f"{__version__}+src.{source_digest(Path(__file__).parents[1])[:12]}"
+
+
+def source_digest(package: Path) -> str:
+    """SHA-256 over the ``.py`` files of the engine package folder ``package``.
+
+    Files are taken in order of their path relative to ``package`` (with ``/``), each as its
+    path and its bytes. Left out: ``flows/`` and ``tasks/`` directly under ``package`` (the
+    Prefect layer, links in a checkout and folders in the wheel) and ``__pycache__``.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(_engine_sources(package), key=lambda p: p.relative_to(package).as_posix()):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _engine_sources(package: Path) -> Iterator[Path]:
+    for folder, subfolders, files in os.walk(package):  # links are not followed
+        here = Path(folder)
+        subfolders[:] = [
+            name
+            for name in subfolders
+            if name != "__pycache__" and not (here == package and name in PREFECT_LAYER)
+        ]
+        yield from (here / name for name in files if name.endswith(".py"))
 
 
 @dataclass

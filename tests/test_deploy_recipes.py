@@ -1,0 +1,287 @@
+"""deploy/: every recipe parses and hangs together (Docker, Compose and Kubernetes do not run
+here, so these are the checks that can be made without them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+DEPLOY = ROOT / "deploy"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile*"))
+COMPOSE_FILE = DEPLOY / "compose" / "docker-compose.yaml"
+KUBERNETES = DEPLOY / "kubernetes"
+
+
+def test_every_recipe_folder_has_a_readme() -> None:
+    for folder in ("docker", "compose", "kubernetes", "slurm"):
+        assert (DEPLOY / folder / "README.md").is_file(), folder
+
+
+# --- Dockerfiles -------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments left out."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    pairs = [line.split(None, 1) for line in lines if line and not line.startswith("#")]
+    return [(p[0].upper(), p[1] if len(p) > 1 else "") for p in pairs]
+
+
+def test_there_is_a_cpu_and_a_cuda_dockerfile() -> None:
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile", "Dockerfile.cuda"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_what_exists_and_installs_the_package(dockerfile: Path) -> None:
+    from packaging.requirements import Requirement
+
+    steps = dockerfile_instructions(dockerfile)
+    kinds = [kind for kind, _ in steps]
+    sources = [
+        source
+        for kind, args in steps
+        if kind in ("COPY", "ADD")
+        for source in shlex.split(args)[:-1]
+        if not source.startswith("--")
+    ]
+
+    assert kinds[0] in ("FROM", "ARG") and "FROM" in kinds
+    for source in sources:  # the build context is the repository root
+        assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source}: no such path"
+    for link in (ROOT / "src" / "segflow").iterdir():  # the wheel follows these links
+        if link.is_symlink():
+            assert link.resolve().relative_to(ROOT.resolve()).as_posix() in sources
+    runs = " ".join(args for kind, args in steps if kind == "RUN")
+    torch = Requirement(
+        next(r for r in PYPROJECT["project"]["dependencies"] if r.startswith("torch"))
+    )
+    pinned = re.search(r'"torch==([^"]+)"', runs)
+    assert pinned and torch.specifier.contains(pinned.group(1))
+    extras = re.findall(r'pip install "\.\[([a-z,]+)\]"', runs)
+    assert extras and set(extras[0].split(",")) <= set(
+        PYPROJECT["project"]["optional-dependencies"]
+    )
+    assert any(kind == "USER" and args != "root" for kind, args in steps)
+    command = json.loads(next(args for kind, args in steps if kind == "CMD"))
+    assert command[0] in PYPROJECT["project"]["scripts"]
+
+
+def test_the_build_context_leaves_out_the_venv_and_git() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "outputs"} <= set(ignored)
+
+
+# --- docker compose ----------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return loaded
+
+
+def test_compose_has_the_prefect_and_dask_services() -> None:
+    services = compose()["services"]
+    commands = {name: " ".join(s.get("command", [])) for name, s in services.items()}
+
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert commands["prefect-server"].startswith("prefect server start")
+    assert commands["dask-scheduler"].startswith("dask scheduler")
+    assert commands["dask-worker"].startswith("dask worker tcp://dask-scheduler:8786")
+    assert commands["prefect-worker"].startswith("prefect worker start --pool segflow")
+    assert "--resources GPU=1" in commands["dask-gpu-worker"]
+    database = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert database.startswith("postgresql+asyncpg://")
+
+
+def test_compose_references_resolve() -> None:
+    spec = compose()
+    services = spec["services"]
+    declared_volumes = set(spec.get("volumes") or {})
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        if "build" in service:
+            context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
+            assert context == ROOT.resolve(), name
+            assert (context / service["build"]["dockerfile"]).is_file(), name
+        depends = service.get("depends_on") or []
+        for other in depends if isinstance(depends, list) else depends.keys():
+            assert other in services, f"{name} depends on unknown service {other}"
+        for volume in service.get("volumes") or []:
+            source = volume.split(":")[0]
+            assert source.startswith((".", "/")) or source in declared_volumes, (name, source)
+        for value in (service.get("environment") or {}).values():
+            host = urlsplit(str(value)).hostname if "://" in str(value) else None
+            assert host in (None, "localhost", *services), f"{name}: {value}: no such service"
+        command = service.get("command") or []
+        if command:  # executables the image has: this environment's console scripts
+            assert (Path(sys.executable).parent / command[0]).exists(), (name, command[0])
+
+
+def test_compose_flow_runs_share_the_scheduler_and_the_store_volume() -> None:
+    services = compose()["services"]
+    worker = services["prefect-worker"]
+    scheduler_port = services["dask-scheduler"]["command"][
+        services["dask-scheduler"]["command"].index("--port") + 1
+    ]
+
+    assert (
+        worker["environment"]["DASK_SCHEDULER_ADDRESS"] == f"tcp://dask-scheduler:{scheduler_port}"
+    )
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    for name in ("prefect-worker", "dask-worker", "dask-gpu-worker"):
+        assert "outputs:/opt/segflow/outputs" in services[name]["volumes"], name
+    prefect_file = services["deploy"]["command"][
+        services["deploy"]["command"].index("--prefect-file") + 1
+    ]
+    assert (ROOT / prefect_file).is_file()  # the image's /opt/segflow mirrors the repository
+
+
+# --- Kubernetes --------------------------------------------------------------------------
+
+
+def kubernetes_objects() -> dict[str, dict[str, Any]]:
+    documents = yaml.safe_load_all((KUBERNETES / "dask-cluster.yaml").read_text())
+    return {document["kind"]: document for document in documents}
+
+
+def base_job_template() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((KUBERNETES / "base-job-template.json").read_text())
+    return loaded
+
+
+def test_kubernetes_objects_are_well_formed_and_refer_to_each_other() -> None:
+    objects = kubernetes_objects()
+    cluster, gpu_group, claim = (
+        objects["DaskCluster"],
+        objects["DaskWorkerGroup"],
+        objects["PersistentVolumeClaim"],
+    )
+
+    for document in objects.values():
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(document)
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", document["metadata"]["name"])
+    assert cluster["apiVersion"] == gpu_group["apiVersion"] == "kubernetes.dask.org/v1"
+    assert gpu_group["spec"]["cluster"] == cluster["metadata"]["name"]
+    ports = {p["port"] for p in cluster["spec"]["scheduler"]["service"]["ports"]}
+    assert 8786 in ports
+    gpu_container = gpu_group["spec"]["worker"]["spec"]["containers"][0]
+    assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "GPU=1" in gpu_container["args"]
+    for pods in (cluster["spec"]["worker"]["spec"], gpu_group["spec"]["worker"]["spec"]):
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pods["volumes"]}
+        assert claims == {claim["metadata"]["name"]}
+        assert "ReadWriteMany" in claim["spec"]["accessModes"]
+
+
+def test_the_base_job_template_declares_every_placeholder_and_a_valid_schema() -> None:
+    import jsonschema
+    from prefect.utilities.templating import find_placeholders
+
+    template = base_job_template()
+    declared = set(template["variables"]["properties"])
+
+    used = {p.name for p in find_placeholders(template["job_configuration"])}
+
+    assert used <= declared, used - declared
+    jsonschema.Draft202012Validator.check_schema(template["variables"])
+    defaults = {
+        k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v
+    }
+    jsonschema.validate(defaults, template["variables"])
+
+
+def test_the_base_job_template_renders_a_job_with_a_gpu_limit_and_the_shared_cluster() -> None:
+    from prefect.utilities.templating import apply_values
+
+    template = base_job_template()
+    properties = template["variables"]["properties"]
+    values = {k: v["default"] for k, v in properties.items() if "default" in v}
+    values |= {"gpus": 1, "name": "segflow-run", "command": "prefect flow-run execute"}
+
+    job = apply_values(template["job_configuration"], values)["job_manifest"]
+
+    # The parts prefect-kubernetes's worker requires of a job manifest.
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    pod = job["spec"]["template"]["spec"]
+    assert (pod["restartPolicy"], pod["parallelism"], pod["completions"]) == ("Never", 1, 1)
+    container = pod["containers"][0]
+    assert container["name"] == "prefect-job"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    cluster = kubernetes_objects()["DaskCluster"]["metadata"]["name"]
+    address = values["env"]["DASK_SCHEDULER_ADDRESS"]
+    assert address == f"tcp://{cluster}-scheduler.{values['namespace']}.svc.cluster.local:8786"
+    claim = kubernetes_objects()["PersistentVolumeClaim"]["metadata"]["name"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+
+
+def test_the_helm_values_use_the_charts_keys_and_our_prefect_version() -> None:
+    values = yaml.safe_load((KUBERNETES / "prefect-worker-values.yaml").read_text())
+    worker = values["worker"]
+    prefect_version = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())["prefect-version"]
+
+    assert set(values) == {"worker"}
+    assert set(worker) <= {"image", "config", "apiConfig", "selfHostedServerApiConfig", "resources"}
+    # The enums of the prefect-worker chart's values.schema.json.
+    assert worker["apiConfig"] in ("cloud", "customerManagedCloud", "selfHostedServer")
+    assert worker["config"]["installPolicy"] in ("always", "if-not-present", "never", "prompt")
+    assert worker["config"]["type"] == "kubernetes"
+    assert worker["selfHostedServerApiConfig"]["apiUrl"].endswith("/api")
+    assert worker["image"]["prefectTag"].startswith(f"{prefect_version}-python3.11")
+
+
+# --- SLURM -------------------------------------------------------------------------------
+
+
+def slurm_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "segflow_slurm", DEPLOY / "slurm" / "segflow_slurm.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_the_slurm_cluster_writes_segflow_worker_jobs(gpu: bool) -> None:
+    with slurm_module().make_cluster(queue="q1", cores=8, memory="16GiB", gpu=gpu) as cluster:
+        script = cluster.job_script()
+        address = cluster.scheduler_address
+
+    assert "#SBATCH -p q1" in script and "#SBATCH --cpus-per-task=8" in script
+    assert address.endswith(":8786")
+    if gpu:
+        assert "#SBATCH --gres=gpu:1" in script
+        assert "--resources GPU=1" in script and "--nworkers" not in script
+    else:
+        assert "--gres" not in script and "--resources" not in script
+        assert "--nworkers 2" in script and "--nthreads 4" in script
+
+
+# --- prefect.yaml ------------------------------------------------------------------------
+
+
+def test_prefect_yaml_has_only_keys_prefect_reads() -> None:
+    from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, WorkPoolConfig
+
+    raw = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
+
+    PrefectYamlModel.model_validate(raw)
+    for deployment in raw["deployments"]:
+        # Prefect ignores unknown keys (a misspelt `retries:` would be dropped silently).
+        assert set(deployment) <= set(DeploymentConfig.model_fields), deployment["name"]
+        assert set(deployment["work_pool"]) <= set(WorkPoolConfig.model_fields)

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 # Consecutive failed health checks, POLL seconds apart, before the API counts as gone.
 POLL = 2.0
@@ -67,10 +68,17 @@ def prefect_api(say: Callable[[str], None] = say_on_stderr) -> Iterator[str | No
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
     command += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    server = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    # The server's own messages (errors while it stops, say) go to a log file, not into the
+    # command's output; a server that dies before answering has their tail in the error.
+    log_path = Path(settings.home) / "segflow-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log
+        )
     url = f"http://127.0.0.1:{port}/api"
     try:
-        _wait_until_healthy(httpx, server, url, timeout, say)
+        _wait_until_healthy(httpx, server, url, timeout, say, log_path)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
                 yield url
@@ -91,6 +99,7 @@ def _wait_until_healthy(
     url: str,
     timeout: float,
     say: Callable[[str], None],
+    log_path: Path | None = None,
 ) -> None:
     say(
         f"segflow: starting a temporary Prefect server (PREFECT_API_URL is not set); waiting "
@@ -101,9 +110,14 @@ def _wait_until_healthy(
     while not _healthy(httpx, url):
         now = time.monotonic()
         if server.poll() is not None:
+            tail = ""
+            if log_path is not None and log_path.is_file():
+                lines = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                tail = "".join(f"\n  {line}" for line in lines)
             raise RuntimeError(
                 f"the temporary Prefect server exited with status {server.poll()} before "
-                f"answering; set PREFECT_API_URL to use a running server"
+                f"answering; set PREFECT_API_URL to use a running server (its log: "
+                f"{log_path}){tail}"
             )
         if now - start > timeout:
             raise RuntimeError(

@@ -408,14 +408,16 @@ def evaluate(
             typer.echo(line, err=True)
         raise typer.Exit(EXIT_INVALID)
 
+    from segflow.flows._server import prefect_api
     from segflow.flows.evaluate import evaluate_collection
 
     failed = False
-    for path in configs:
-        with _prefect_logs_to(Console(stderr=True)):
-            summary = evaluate_collection(str(path), reference, overrides)
-        _print_scores(summary)
-        failed |= bool(summary["failed"])
+    with prefect_api():  # one temporary server for every config, quiet when it stops
+        for path in configs:
+            with _prefect_logs_to(Console(stderr=True)):
+                summary = evaluate_collection(str(path), reference, overrides)
+            _print_scores(summary)
+            failed |= bool(summary["failed"])
     if failed:
         raise typer.Exit(EXIT_FAILED)
 
@@ -749,9 +751,10 @@ def train(
     except ConfigError as error:
         Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
         raise typer.Exit(EXIT_INVALID) from None
+    from segflow.flows._server import prefect_api
     from segflow.flows.train import train_flow
 
-    with _train_progress(console, cfg.name, cfg.training.max_epochs):
+    with prefect_api(), _train_progress(console, cfg.name, cfg.training.max_epochs):
         summary = train_flow(str(config), restart=restart)
     table = Table(title=f"{cfg.name}: training ({summary['best']})")
     for column in ("epoch", "loss", "val IoU", "best"):

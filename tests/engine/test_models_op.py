@@ -237,7 +237,7 @@ def test_local_cluster_gpu_workers_take_every_model_task(models: dict[str, Path]
     image = np.random.default_rng(0).random((64, 96), dtype=np.float32)
     step = {"op": "model", "path": str(models["unet2"]), "output": "foreground"}
     with (
-        start_local_cluster(2, gpus=["0"], dashboard_address=None) as cluster,
+        start_local_cluster(2, gpus=["0"], dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         workers = client.scheduler_info()["workers"].values()
@@ -252,5 +252,38 @@ def test_local_cluster_gpu_workers_take_every_model_task(models: dict[str, Path]
             return os.environ.get("CUDA_VISIBLE_DEVICES"), builds()
 
         seen = sorted(client.run(report).values(), key=str)
-    assert seen == [("0", 1), (None, 0)]  # 6 blocks, one model load, on the GPU worker only
+    assert seen == [("", 0), ("0", 1)]  # 6 blocks, one model load, on the GPU worker only
     np.testing.assert_allclose(out, segment(image, [step], block_shape=(32, 32)), atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_local_cluster_runs_model_blocks_on_its_gpu_worker(models: dict[str, Path]) -> None:
+    """On a GPU machine: one worker per visible device, the model loaded on CUDA there only,
+    and the blockwise output as on CPU (bf16 tolerance)."""
+    from distributed import Client
+
+    from segflow.engine.cluster import start_local_cluster, visible_gpus
+
+    gpus = visible_gpus()
+    assert gpus, "torch sees a GPU but neither CUDA_VISIBLE_DEVICES nor the driver lists one"
+    image = np.random.default_rng(0).random((256, 320), dtype=np.float32)
+    step = {"op": "model", "path": str(models["basic_unet2"]), "output": "foreground"}
+    with (
+        start_local_cluster(len(gpus) + 1, gpus=gpus, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        out = segment(image, [step], block_shape=(128, 128), client=client)
+
+        def report() -> tuple[bool, int]:
+            from segflow.engine.resources import builds
+
+            return torch.cuda.is_available(), builds()
+
+        seen = sorted(client.run(report).values())
+    # the GPU workers loaded the model at most once each (with several GPUs, one may get no
+    # block); the other worker sees no GPU and loads none
+    assert seen[0] == (False, 0) and all(cuda and n <= 1 for cuda, n in seen[1:])
+    assert len(seen) == len(gpus) + 1 and sum(n for _, n in seen) >= 1
+    cpu = segment(image, [{**step, "device": "cpu"}], block_shape=(128, 128))
+    np.testing.assert_allclose(out, cpu, rtol=0, atol=0.05)

@@ -56,7 +56,8 @@ def start_local_cluster(
     first ``len(gpus)`` workers GPU workers: worker ``i`` advertises ``{"GPU": 1}`` and sees
     only device ``gpus[i]`` (``CUDA_VISIBLE_DEVICES``), so the block tasks of model steps,
     submitted with ``resources={"GPU": 1}``, run one at a time per GPU and never two models
-    share one; the other workers (and the GPU workers between model tasks) run the rest.
+    share one; the other workers see no GPU (``CUDA_VISIBLE_DEVICES=""``) and run the rest,
+    as do the GPU workers between model tasks.
     ``preload`` names modules each worker imports at start (Dask's ``dask_setup`` hook).
 
     Examples
@@ -89,10 +90,12 @@ def start_local_cluster(
             # from its template, then start them (SpecCluster's worker_spec + scale).
             for i in range(n_workers):
                 spec = copy.deepcopy(cluster.new_spec)
+                options = spec["options"]
+                # The other workers see no GPU at all: nothing they run can land on one.
+                device = gpus[i] if i < len(gpus) else ""
+                options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": device}
                 if i < len(gpus):
-                    options = spec["options"]
                     options["resources"] = {**options.get("resources", {}), "GPU": 1}
-                    options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i]}
                 cluster.worker_spec[i] = spec
             cluster.scale(n_workers)
             cluster.wait_for_workers(n_workers, timeout=120)

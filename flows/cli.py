@@ -591,6 +591,7 @@ def _check_items(config: Any) -> list[str]:
                 channels=info.n_channels,
                 dtype=info.dtype,
                 spacing=info.spacing,
+                units=info.units,
                 nodata=info.nodata,
             )
         except (SegflowError, ValueError) as error:

@@ -186,6 +186,30 @@ def test_mismatches_are_refused_at_planning_naming_the_file(models: dict[str, Pa
                          dtype="uint8")  # fmt: skip
 
 
+def test_an_item_of_another_pixel_size_is_refused(tmp_path: Path) -> None:
+    card = _card(2, spacing=(0.5, 0.5), units="m")
+    save_checkpoint(tmp_path / "m", build_network(card.network_spec()).eval(), card)
+    step = {"op": "model", "path": str(tmp_path / "m")}
+
+    def plan(spacing: tuple[float, float], units: str, **params: object) -> object:
+        return compile_pipeline([{**step, **params}], spatial_ndim=2, channels=1,
+                                dtype="uint16", spacing=spacing, units=units)  # fmt: skip
+
+    refused = (
+        r"trained at a pixel size of \(0.5, 0.5\) m, the item's is \(0.3, 0.3\) m, off by "
+        r"more than spacing_tolerance 0.25"
+    )
+    with pytest.raises(PlanError, match=refused):
+        plan((0.3, 0.3), "m")
+    with pytest.raises(PlanError, match=r"the item's is \(0.5, 2\) m"):
+        plan((500.0, 2000.0), "mm")  # converted; one axis off is enough
+    plan((0.6, 0.45), "m")  # within 25 %
+    plan((500.0, 500.0), "mm")  # the same size in other units
+    plan((1.0, 1.0), "pixel")  # no physical size: nothing to compare
+    plan((0.3, 0.3), "m", spacing_tolerance=None)  # the user's call
+    plan((0.3, 0.3), "m", spacing_tolerance=0.7)
+
+
 def test_the_plan_has_the_tile_halo_and_a_statistics_pass(models: dict[str, Path]) -> None:
     plan = compile_pipeline(
         [{"op": "model", "path": str(models["unet2"]), "output": "probabilities"}],
@@ -196,7 +220,7 @@ def test_the_plan_has_the_tile_halo_and_a_statistics_pass(models: dict[str, Path
     assert plan.out_classes == ("background", "foreground", "boundary")
     assert plan.out_kind == "probabilities"
     names = [row[0] for row in describe_params(get_operation("model", public=True))]
-    assert names == ["path", "device", "batch_size", "output", "tta"]
+    assert names == ["path", "device", "batch_size", "output", "tta", "spacing_tolerance"]
 
 
 def test_the_model_hash_is_part_of_the_config_hash(models: dict[str, Path], tmp_path: Path) -> None:

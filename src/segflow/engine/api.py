@@ -97,6 +97,7 @@ def segment(
         channels=info.n_channels,
         dtype=info.dtype,
         spacing=info.spacing,
+        units=info.units,
         nodata=info.nodata,
     )
     if regions and plan.out_kind != "labels":

@@ -195,6 +195,7 @@ def segment_item(
             channels=info.n_channels,
             dtype=info.dtype,
             spacing=info.spacing,
+            units=info.units,
             nodata=info.nodata,
         )
         result.model_hash = _model_hash(plan)

@@ -208,10 +208,12 @@ def compile_pipeline(
     channels: int,
     dtype: np.dtype | str,
     spacing: Sequence[float] = (),
+    units: str = "pixel",
     nodata: float | None = None,
 ) -> Plan:
     """Check a pipeline against an item's layout and split it into phases; ``nodata`` is the
-    item's nodata value from its metadata (for ``mask_nodata`` without a ``value``).
+    item's nodata value from its metadata (for ``mask_nodata`` without a ``value``);
+    ``spacing`` (in ``units``) is the item's pixel size, when known.
 
     Examples
     --------
@@ -257,6 +259,10 @@ def compile_pipeline(
                 problem = step.op.check_layout(step.params, channels, spatial_ndim)
             except ValueError as error:  # e.g. the model file cannot be read
                 problem = str(error)
+            if problem:
+                raise PlanError(f"{where}: {problem}")
+        if step.op.check_spacing is not None and sizes:
+            problem = step.op.check_spacing(step.params, sizes, units)
             if problem:
                 raise PlanError(f"{where}: {problem}")
         before, channels_before = dtype, channels

@@ -118,6 +118,11 @@ class ModelCard(_Card):
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     window: BlendWindow = "gaussian"
     spacing: tuple[float, ...] | None = None
+    units: str | None = Field(
+        default=None,
+        description="units of `spacing` as item metadata names them (m, mm, um, ...); with "
+        "both, the model step refuses items of another pixel size (see its spacing_tolerance)",
+    )
     training: TrainingCard = TrainingCard()
     metrics: dict[str, float] = {}
     weights: WeightsCard | None = None

@@ -64,6 +64,12 @@ class ModelParams(OpParams):
         "axis); foreground: 1 - P(background) (float32)",
     )
     tta: bool = Field(False, description="average over flips of each tile's axes")
+    spacing_tolerance: float | None = Field(
+        0.25,
+        ge=0,
+        description="refuse an item whose pixel size differs from the card's spacing by more "
+        "than this fraction on an axis (when both are in physical units); null: never",
+    )
 
 
 # -- the card, read once per process and file version ------------------------------------------
@@ -158,6 +164,34 @@ def _check_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str 
             f"{channels} at this step: add 'select_bands', 'combine_bands' or 'luma' before it"
         )
     return None
+
+
+#: Metres per unit, for the units item metadata and model cards use.
+_METRES = {"m": 1.0, "metre": 1.0, "meter": 1.0, "cm": 1e-2, "mm": 1e-3, "um": 1e-6,
+           "µm": 1e-6, "micron": 1e-6, "micrometer": 1e-6, "nm": 1e-9}  # fmt: skip
+
+
+def _check_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) -> str | None:
+    """A problem when the item's pixel size is off the card's by more than the tolerance;
+    nothing when either side has no physical units (pixels, or a card without spacing)."""
+    card = model_card(params.path)
+    if params.spacing_tolerance is None or card.spacing is None or card.units is None:
+        return None
+    if units not in _METRES or card.units not in _METRES or len(spacing) != len(card.spacing):
+        return None
+    scale = _METRES[units] / _METRES[card.units]
+    item = tuple(s * scale for s in spacing)
+    tolerance = params.spacing_tolerance
+    if all(abs(i / c - 1) <= tolerance for i, c in zip(item, card.spacing, strict=True)):
+        return None
+    shown = ", ".join(f"{i:.4g}" for i in item)
+    wanted = ", ".join(f"{c:.4g}" for c in card.spacing)
+    return (
+        f"model {params.path!r} was trained at a pixel size of ({wanted}) {card.units}, the "
+        f"item's is ({shown}) {card.units}, off by more than spacing_tolerance "
+        f"{params.spacing_tolerance}: resample the item, train at this size, or set "
+        "spacing_tolerance: null to run it anyway"
+    )
 
 
 def _halo(params: ModelParams, spatial_ndim: int) -> tuple[int, ...]:
@@ -384,6 +418,7 @@ register(
         out_dtype=_out_dtype,
         class_names=_class_names,
         check_layout=_check_layout,
+        check_spacing=_check_spacing,
         setup=_load,
         setup_key=_setup_key,
         resources=_resources,

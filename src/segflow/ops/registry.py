@@ -151,7 +151,9 @@ class Operation(Generic[P]):
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
     ``check_layout(params, channels, spatial_ndim)`` returns a problem (naming the file or
-    value) when the step cannot take the item's layout (a model card's channels, dims).
+    value) when the step cannot take the item's layout (a model card's channels, dims);
+    ``check_spacing(params, spacing, units)`` one when it cannot take the item's pixel size
+    (a model trained at another resolution).
     ``class_names(params)`` names the output channels of an operation that makes several
     (a model's classes): a multi-channel final or ``save_as`` array is stored with a
     ``class`` axis and these names as its coordinate.
@@ -177,6 +179,7 @@ class Operation(Generic[P]):
     needs_single_channel: bool = False
     check_channels: Callable[[int, P], str | None] | None = None
     check_layout: Callable[[P, int, int], str | None] | None = None
+    check_spacing: Callable[[P, tuple[float, ...], str], str | None] | None = None
     ndims: tuple[int, ...] = (2, 3)
     rule: Callable[[P, OpContext], ObjectRule] | None = None
     finish: Callable[[np.ndarray, np.ndarray | None, P], np.ndarray] | None = None

@@ -191,15 +191,12 @@ def predict_region(
     region_shape = tuple(r.stop - r.start for r in region)
     numerator: np.ndarray | None = None
     denominator = np.zeros(region_shape, dtype=np.float64)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch_device.type == "cuda")
-    for first in range(0, len(starts), batch_size):
-        chunk = starts[first : first + batch_size]
-        tiles = [_read_tile(data, box, s, grid, pad_mode) for s in chunk]
-        tiles += [tiles[-1]] * (batch_size - len(tiles))
-        batch = torch.from_numpy(np.stack(tiles)).to(torch_device)
-        with torch.inference_mode(), autocast:
-            out = _forward(model, batch, activation=activation, tta=tta)
-        outputs = out.cpu().numpy()
+    cuda = torch_device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    def accumulate(chunk: Sequence[tuple[int, ...]], out: torch.Tensor) -> None:
+        nonlocal numerator
+        outputs = out.float().cpu().numpy()  # waits for this batch's forward pass
         if outputs.ndim != grid.ndim + 2 or outputs.shape[2:] != grid.tile:
             raise ModelError(
                 f"the model's output has shape {outputs.shape[1:]} per tile, expected "
@@ -218,6 +215,24 @@ def predict_region(
             w = weights[tuple(in_tile)]
             numerator[(slice(None), *in_region)] += output[(slice(None), *in_tile)] * w
             denominator[tuple(in_region)] += w
+
+    # On CUDA the forward pass runs asynchronously: batch k+1 is cut, pinned and launched
+    # before batch k's output is fetched and blended, so the GPU is busy while the CPU
+    # prepares. On CPU this is the plain loop (same order of sums, same result).
+    pending: tuple[Sequence[tuple[int, ...]], torch.Tensor] | None = None
+    for first in range(0, len(starts), batch_size):
+        chunk = starts[first : first + batch_size]
+        tiles = [_read_tile(data, box, s, grid, pad_mode) for s in chunk]
+        tiles += [tiles[-1]] * (batch_size - len(tiles))
+        batch = torch.from_numpy(np.stack(tiles))
+        batch = batch.pin_memory().to(torch_device, non_blocking=True) if cuda else batch
+        with torch.inference_mode(), autocast:
+            out = _forward(model, batch, activation=activation, tta=tta)
+        if pending is not None:
+            accumulate(*pending)
+        pending = (chunk, out)
+    if pending is not None:
+        accumulate(*pending)
     assert numerator is not None
     return (numerator / denominator).astype(np.float32)
 

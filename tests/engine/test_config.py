@@ -45,7 +45,10 @@ def test_valid_config_and_its_hash_ignore_the_input_path() -> None:
             {"output": {"store": "y", "chunk": [8]}},
             "output.chunk: unknown key; did you mean 'chunks'?",
         ),
-        ({"cluster": {"n_worker": 2}}, "cluster.n_worker: unknown key; did you mean 'n_workers' or 'gpu_workers'?"),
+        (
+            {"cluster": {"n_worker": 2}},
+            "cluster.n_worker: unknown key; did you mean 'n_workers' or 'gpu_workers'?",
+        ),
         (
             {"cluster": {"n_workers": 0}},
             "cluster.n_workers: Input should be greater than or equal to 1 (got 0)",

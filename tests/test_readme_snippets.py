@@ -188,7 +188,7 @@ class ConfigComment:
 def needs(config: Path) -> str | None:
     """Why ``config`` cannot run here, or None."""
     text = config.read_text(encoding="utf-8")
-    if "shared/data/" in text and not (SHARED / "data").is_dir():
+    if reads_shared_data(config) and not (SHARED / "data").is_dir():
         return f"{config.name} reads ../shared/data, which is absent"
     trained = re.search(r"op: model, path: (\.\./outputs/train/\S+?),", text)
     if trained:
@@ -199,14 +199,22 @@ def needs(config: Path) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[config.stem for config in CONFIGS])
-def test_config_comment_commands(
-    config: Path, clone: Path, prefect_harness: None, request: pytest.FixtureRequest
-) -> None:
+def reads_shared_data(config: Path) -> bool:
+    return "shared/data/" in config.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(config, id=config.stem, marks=[pytest.mark.shared_data])
+        if reads_shared_data(config)
+        else pytest.param(config, id=config.stem)
+        for config in CONFIGS
+    ],
+)
+def test_config_comment_commands(config: Path, clone: Path, prefect_harness: None) -> None:
     comment = ConfigComment.read(config)
     assert comment.commands, f"{config.name} has no '# Run:' line"
-    if "shared/data/" in config.read_text(encoding="utf-8"):
-        request.applymarker(pytest.mark.shared_data)
     reason = needs(config)
     if reason:
         pytest.skip(reason)

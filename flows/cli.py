@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -248,11 +249,11 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
     ):
         from segflow.flows.segment import ItemsFailedError, segment_collection
 
-        for path in configs:
+        for path, (readers, failures) in zip(configs, collections, strict=True):
             if stop_requested():
                 break
             run_overrides = overrides + ([f"cluster.address={shared}"] if shared else [])
-            with _progress_bar(console, str(path)):
+            with _progress_bar(console, str(path), len(readers) + len(failures)):
                 state = segment_collection(str(path), run_overrides, return_state=True)
             result: Any = state.result(raise_on_failure=False)
             if isinstance(result, ItemsFailedError):
@@ -627,8 +628,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _progress_bar(console: Console, title: str) -> Iterator[None]:
-    """A rich progress bar per item, fed by the engine's block progress."""
+def _progress_bar(console: Console, title: str, n_items: int) -> Iterator[None]:
+    """One bar for the items of a run on a terminal; elsewhere one line per finished item.
+
+    The bar counts finished items (done, skipped, failed or interrupted) out of ``n_items``
+    and shows the elapsed time and the last report of a running item (its shortened id,
+    phase and blocks). Off a terminal (a log file, CI) a live bar would print nothing
+    useful, so each item that is done, failed or interrupted prints one plain line,
+    ``[3/12] tile_0042: done``; skipped items only count (a rerun would print thousands).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from segflow.tasks.progress import listen_progress
@@ -637,23 +645,52 @@ def _progress_bar(console: Console, title: str) -> Iterator[None]:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("items"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        disable=not console.is_terminal,
     )
-    bars: dict[str, Any] = {}
-    styles = {"done": "green", "skipped": "cyan", "failed": "red"}
+    label = escape(title)
+    bar = progress.add_task(label, total=n_items)
+    finished: set[str] = set()
+    lock = threading.Lock()  # reports come from the flow's task threads
 
     def update(item_id: str, phase: str, done: int, total: int) -> None:
-        if item_id not in bars:
-            bars[item_id] = progress.add_task(item_id, total=total)
-        style = styles.get(phase)
-        label = f"{item_id} [{style}]{phase}[/]" if style else f"{item_id} {phase}"
-        progress.update(bars[item_id], description=label, completed=done, total=total)
+        with lock:
+            if phase not in _FINAL_PHASES:
+                running = f"{_shorten(item_id)} {phase} {done}/{total} blocks"
+                progress.update(bar, description=f"{label} · {escape(running)}")
+                return
+            if item_id in finished:
+                return
+            finished.add(item_id)
+            count = f"{len(finished)}/{max(n_items, len(finished))}"
+            progress.update(bar, description=label, completed=len(finished))
+            if not console.is_terminal and phase != "skipped":
+                console.print(f"[{count}] {item_id}: {phase}", highlight=False, markup=False)
 
     with progress, listen_progress(update), _prefect_logs_to(progress.console):
-        progress.console.print(f"[bold]segflow run {title}[/]", highlight=False)
+        progress.console.print(f"[bold]segflow run {label}[/]", highlight=False)
         yield
+
+
+_FINAL_PHASES = ("done", "skipped", "failed", "interrupted")
+
+
+def _shorten(item_id: str, width: int = 32) -> str:
+    """``item_id`` cut in the middle to ``width`` characters, keeping both ends.
+
+    Examples
+    --------
+    >>> _shorten("0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9_image", 20)
+    '0a7d30b25…e4e9_image'
+    """
+    if len(item_id) <= width:
+        return item_id
+    head = (width - 1) // 2
+    tail = width - 1 - head
+    return f"{item_id[:head]}…{item_id[-tail:]}"
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import xarray
 import yaml
+from _geodata import blob_image, collection_config, write_geotiff
 from typer.testing import CliRunner
 
 from segflow.flows.cli import app
@@ -172,6 +174,33 @@ def test_run_applies_overrides_and_prints_how_to_open(tmp_path: Path, dask_addre
     assert index.loc["RGB.byte", "object_count"] == len(regions)
     assert f"  made:   {len(regions)} objects\n" in result.stdout
     assert index.loc["RGB.byte", "area_p50"] == regions["area"].median()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_off_a_terminal_prints_one_line_per_finished_item(
+    tmp_path: Path, dask_address: str
+) -> None:
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    write_geotiff(folder / "tile_a.tif", blob_image())
+    config = tmp_path / "tiles.yaml"
+    config.write_text(
+        yaml.safe_dump(collection_config(folder, tmp_path / "out.zarr", dask_address))
+    )
+    args = ["run", str(config)]
+
+    first = runner.invoke(app, args)  # CliRunner's stderr is not a terminal
+    write_geotiff(folder / "tile_b.tif", blob_image(), x0=500_720.0)
+    second = runner.invoke(app, args)
+
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    item_lines = [
+        [line for line in result.stderr.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+        for result in (first, second)
+    ]
+    # tile_a, skipped in the second run, counts towards 2/2 without a line of its own.
+    assert item_lines == [["[1/1] tile_a: done"], ["[2/2] tile_b: done"]]
+    assert "━" not in first.stderr + second.stderr  # no live bar drawn into a log
 
 
 @pytest.mark.usefixtures("prefect_harness")

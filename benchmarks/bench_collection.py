@@ -144,9 +144,9 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
     return time.perf_counter() - started, dict(totals), done
 
 
-def run_flow(config: dict[str, Any]) -> tuple[float, int, list[Any]]:
-    """``segment_collection`` on the config; returns (seconds, items done, the flow run's
-    task runs, read through the API afterwards)."""
+def run_flow(config: dict[str, Any]) -> tuple[float, int, Any, list[Any]]:
+    """``segment_collection`` on the config; returns (seconds, items done, the flow run and
+    its task runs, read through the API afterwards)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -158,28 +158,46 @@ def run_flow(config: dict[str, Any]) -> tuple[float, int, list[Any]]:
     summary = state.result(raise_on_failure=False)
     done = int(summary["done"]) if isinstance(summary, dict) else 0
     runs: list[Any] = []
+    flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        flow_run = client.read_flow_run(flow_run_id)
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         while True:  # the API pages its answers (at most 200 per call)
             page = client.read_task_runs(flow_run_filter=flow_runs, offset=len(runs), limit=200)
             runs += page
             if len(page) < 200:
                 break
-    return seconds, done, runs
+    return seconds, done, flow_run, runs
 
 
-def profile_task_runs(runs: list[Any], quicklook_ids: set[str]) -> dict[str, tuple[int, float]]:
-    """Task runs per task (its function's name): count and summed run time in seconds
-    (the time Prefect records between a run's Running and final states). The items given
-    a quick look (``quicklook_ids``) are counted apart."""
-    profile: dict[str, tuple[int, float]] = {}
+def profile_task_runs(
+    runs: list[Any], quicklook_ids: set[str]
+) -> dict[str, tuple[int, float, float]]:
+    """Task runs per task (its function's name): count, summed run time (between the run's
+    Running and final states) and summed time from its creation to its end (with the
+    orchestration around it), in seconds. The items given a quick look (``quicklook_ids``)
+    are counted apart."""
+    profile: dict[str, tuple[int, float, float]] = {}
     for run in runs:
         name = run.task_key.rsplit("-", 1)[0]
         if name == "segment_item_task" and run.name.removeprefix("segment-") in quicklook_ids:
             name += " (quick look)"
-        count, total = profile.get(name, (0, 0.0))
-        profile[name] = (count + 1, total + run.total_run_time.total_seconds())
+        count, running, whole = profile.get(name, (0, 0.0, 0.0))
+        span = (run.end_time - run.created).total_seconds() if run.end_time else 0.0
+        profile[name] = (count + 1, running + run.total_run_time.total_seconds(), whole + span)
     return profile
+
+
+def item_span(flow_run: Any, runs: list[Any]) -> tuple[float, float]:
+    """Seconds from the flow run's start to the first item task's start, and from the last
+    item task's end to the flow run's end."""
+    items = [r for r in runs if r.task_key.startswith("segment_item_task") and r.start_time]
+    first = min(r.start_time for r in items)
+    last = max(r.end_time for r in items if r.end_time)
+    return (
+        (first - flow_run.start_time).total_seconds(),
+        (flow_run.end_time - last).total_seconds(),
+    )
 
 
 def main() -> None:
@@ -216,7 +234,7 @@ def main() -> None:
 
                 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
                 with prefect_test_harness(server_startup_timeout=180):
-                    flow_s, flow_done, runs = run_flow(
+                    flow_s, flow_done, flow_run, runs = run_flow(
                         make_config(folder / "tiles", folder / "flow.zarr", address)
                     )
         finally:
@@ -240,8 +258,15 @@ def main() -> None:
     from segflow.tasks.artifacts import QUICKLOOK_ITEMS
 
     quicklook_ids = {f"tile_{i:06d}" for i in range(QUICKLOOK_ITEMS)}
-    for task_name, (count, total) in sorted(profile_task_runs(runs, quicklook_ids).items()):
-        print(f"    {task_name:<26}{count:6d} runs, {total:8.2f} s running in all")
+    profile = profile_task_runs(runs, quicklook_ids)
+    for task_name, (count, running, whole) in sorted(profile.items()):
+        print(
+            f"    {task_name:<32}{count:6d} runs, {running:8.2f} s running, "
+            f"{whole:8.2f} s created to end"
+        )
+    before, after = item_span(flow_run, runs)
+    print(f"  flow start to first item    {before:8.2f} s")
+    print(f"  last item to flow end       {after:8.2f} s")
     print(f"  Prefect per item            {1000 * (flow_s - engine_s) / args.items:8.1f} ms")
     print(f"overhead fraction             {overhead:8.3f}  (target <= 0.05)")
     print(
@@ -255,7 +280,10 @@ def main() -> None:
         "engine_s": round(engine_s, 3),
         "overhead_fraction": round(overhead, 4),
         "engine_bookkeeping_fraction": round(bookkeeping / engine_s, 4),
+        "engine_item_s": round(breakdown["items (summed over threads)"], 3),
         "task_runs": task_runs,
+        "item_task_s": round(sum(v[1] for k, v in profile.items() if "segment" in k), 3),
+        "record_task_s": round(profile.get("record_items_task", (0, 0.0, 0.0))[2], 3),
         "load": round(load, 2),
     }
     print(json.dumps(result))

@@ -55,7 +55,8 @@ class ItemsProgress:
     FINAL = ("done", "failed", "interrupted")
 
     def __init__(self, item_ids: list[str]) -> None:
-        self.item_ids = list(item_ids)
+        self.item_ids = list(item_ids)  # submission order, for the queued list
+        self._known = set(self.item_ids)  # membership per report: O(1), not O(items)
         self.running: dict[str, float] = {}
         self.finished: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -63,7 +64,7 @@ class ItemsProgress:
     def update(self, item_id: str, phase: str, done: int, total: int) -> bool:
         """Take one report (a :data:`ProgressListener`); True when anything changed."""
         with self._lock:
-            if item_id not in self.item_ids or item_id in self.finished:
+            if item_id not in self._known or item_id in self.finished:
                 return False
             if phase in self.FINAL:
                 self.running.pop(item_id, None)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _configs import skip_untrained
 
 from segflow import segment
 from segflow.config import load_config
 from segflow.errors import PlanError
 from segflow.io import discover_items
-from segflow.ops.model import model_paths
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -59,10 +59,9 @@ def test_every_shipped_config_is_in_the_table() -> None:
 
 def _sample(config_path: Path) -> tuple[np.ndarray, float | None]:
     """A centred crop of the config's first item, ``(c, (z), y, x)``, and its nodata."""
+    skip_untrained(config_path)
     config = load_config(config_path)
     path = config.input.path
-    if untrained := [p for p in model_paths(config.pipeline) if not Path(p).exists()]:
-        pytest.skip(f"{config_path.name}: its model is not trained here ({untrained[0]})")
     if not (Path(path).exists() or glob.glob(path, recursive=True)):
         pytest.skip(f"{config_path.name}: sample not found at {path} (../shared/data absent)")
     readers, _ = discover_items(path)
@@ -86,6 +85,7 @@ def _layouts(image: np.ndarray) -> dict[int, np.ndarray]:
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_takes_or_refuses_each_band_layout(config_path: Path) -> None:
+    skip_untrained(config_path)
     config = load_config(config_path)
     sample, nodata = _sample(config_path)
     colour = sample.shape[0] >= 3 and not (sample[0] == sample[1]).all()

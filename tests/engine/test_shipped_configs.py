@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 from _compare import assert_labels_equal
+from _configs import skip_untrained
 
 from segflow import segment
 from segflow.config import load_config
@@ -21,7 +22,6 @@ from segflow.engine import compile_pipeline
 from segflow.engine.executor import LocalExecutor
 from segflow.evaluate import evaluate_item
 from segflow.io import discover_items, open_item
-from segflow.ops.model import model_paths
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -54,15 +54,13 @@ def _has_items(input_path: str) -> bool:
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_blockwise_equals_whole(config_path: Path) -> None:
+    skip_untrained(config_path)  # a recipe whose weights are not shipped (licence)
     config = load_config(config_path)
     shared = _reads_shared_data(config.input.path)
     if shared and not _has_items(config.input.path):
         # Configs tuned on ../shared/data (not in the repository): skip where it is absent;
         # the configs on bundled data (tests/data) must still find their input.
         pytest.skip(f"{config_path.name}: shared data not found at {config.input.path}")
-    if untrained := [p for p in model_paths(config.pipeline) if not Path(p).exists()]:
-        # A recipe whose weights are not shipped (licence): `segflow train` makes them.
-        pytest.skip(f"{config_path.name}: its model is not trained here ({untrained[0]})")
     readers, failures = discover_items(config.input.path)
     assert readers and not failures
     for reader in readers:

@@ -113,9 +113,11 @@ def quick_start(clone: Path) -> subprocess.CompletedProcess[str]:
 def test_make_demo_runs_the_command_the_readme_shows() -> None:
     (_, make_block), (_, demo_block) = QUICK_START[:2]
     assert command_lines(make_block) == ["make demo", "make test"]
-    # -o: take the install stamp as up to date, so only the demo's own command is printed.
+    # -o: take the install stamp as up to date, so only the demo's own command is printed;
+    # --no-print-directory: under `make test` this is a sub-make, which would add "Entering
+    # directory" lines.
     dry_run = subprocess.run(
-        ["make", "--dry-run", "-o", ".venv/.segflow-installed", "demo"],
+        ["make", "--no-print-directory", "--dry-run", "-o", ".venv/.segflow-installed", "demo"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -247,6 +247,9 @@ def test_an_interrupted_item_resumes_from_its_written_blocks(
         clear_stop()
     assert first.status == "interrupted", first.error
     assert read_commit(store, "tile") is None  # nothing committed
+    # A process killed inside a storage unit's write leaves zarr's temporary file behind.
+    (chunk_dir,) = (tmp_path / "out.zarr" / ".segflow" / "staging").glob("*/tile/labels/c/0")
+    (chunk_dir / "7.0123abcd.partial").write_bytes(b"cut short")
 
     resumed = segment()
 

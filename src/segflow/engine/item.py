@@ -158,6 +158,7 @@ def segment_item(
         begin_item,
         check_item,
         commit_item,
+        drop_partial_writes,
         is_staged,
         stage_name,
         staging_root,
@@ -208,7 +209,9 @@ def segment_item(
                 min(s, -(-n // c) * c) for s, c, n in zip(shards, chunk, spatial, strict=True)
             )
         begin_item(store, info.id)  # refuses a foreign store or folder before any write
-        if not resuming:
+        if resuming:
+            drop_partial_writes(root, info.id)  # a write the kill cut short is redone
+        else:
             create_item_group(root, info, overwrite=True)
         saved = {}
         written: dict[str, str] = {}

@@ -213,7 +213,9 @@ def check_item(
         unit = array.shards if array.shards is not None else array.chunks
         expected = math.prod(-(-n // u) for n, u in zip(array.shape, unit, strict=True))
         fs, path = fsspec.core.url_to_fs(f"{str(root).rstrip('/')}/{item_id}/{name}/c")
-        found = len(fs.find(path)) if fs.exists(path) else 0
+        found = (
+            sum(1 for key in fs.find(path) if _is_chunk_key(key, path)) if fs.exists(path) else 0
+        )
         if found != expected:
             raise StoreError(
                 f"{label} has {found} of its {expected} storage units on disk: a block's "
@@ -232,6 +234,31 @@ def check_item(
             raise StoreError(
                 f"item '{item_id}': regions.parquet has {rows} rows for {object_count} objects"
             )
+
+
+def _is_chunk_key(key: str, prefix: str) -> bool:
+    """Whether ``key`` (under an array's ``c`` folder) is a storage unit: ``c/0/1``, not a
+    temporary file a killed write left (zarr's ``1.<hex>.partial``)."""
+    parts = key[len(prefix.rstrip("/")) + 1 :].split("/")
+    return all(part.isdigit() for part in parts)
+
+
+def drop_partial_writes(root: str, item_id: str) -> int:
+    """Remove the temporary files of writes a killed run left in its staged ``ROOT/ITEM``.
+
+    zarr's local store writes a storage unit to ``NAME.<hex>.partial`` and renames it into
+    place; a process killed in between leaves the temporary file. Only a staged group (the
+    run's own, being resumed) is cleaned, never a committed one. Returns how many went.
+    """
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{str(root).rstrip('/')}/{item_id}")
+    if not fs.exists(path):
+        return 0
+    stale = [key for key in fs.find(path) if key.endswith(".partial")]
+    for key in stale:
+        fs.rm_file(key)
+    return len(stale)
 
 
 def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) -> None:

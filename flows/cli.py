@@ -123,6 +123,20 @@ def ops(
     _print_operation(op)
 
 
+@app.command()
+def formats() -> None:
+    """List the input formats segflow reads: what makes an item, and what metadata is kept."""
+    from segflow.io import describe_formats
+
+    typer.echo("segflow input formats (tried in this order; `input.options` per reader):")
+    for row in describe_formats():
+        typer.echo(f"  {row['name']:<10}{row['description']}")
+        typer.echo(f"  {'':<10}item: {row['item']}, names: {row['suffixes']}")
+        typer.echo(f"  {'':<10}keeps: {row['metadata']}")
+        if row["options"]:
+            typer.echo(f"  {'':<10}options: {row['options']}")
+
+
 def _one_line(summary: str, width: int) -> str:
     """The head of an operation's summary that fits ``width``: its first clause, without a
     parenthesised aside, cut at a word with "..." if still too long."""
@@ -525,7 +539,7 @@ def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[
     except SegflowError as error:
         problems.append(f"output.store: {error}")
     try:
-        readers, failures = discover_items(config.input.path)
+        readers, failures = discover_items(config.input.path, **config.input.options)
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []
     misfits = [_shape_misfit(reader.info, config) for reader in readers]

@@ -130,7 +130,7 @@ def segment_collection(
     add_flow_run_tags(run_tags(cfg.name, store))
     config_hash = cfg.config_hash()
     run_id = current_run_id()
-    items, failed_rows = discover_items_task(cfg.input.path)
+    items, failed_rows = discover_items_task(cfg.input.path, cfg.input.options)
     index_rows = read_index_task(store)
     items, failed_rows = keep_recorded_ids(items, failed_rows, index_rows)
     done_ids = [r["id"] for r in index_rows if r.get("status") == "done"]
@@ -219,6 +219,7 @@ def segment_items(
                 scheduler_address=address,
                 run_id=run_id,
                 quicklook=position < artifacts.QUICKLOOK_ITEMS,
+                reader_options=cfg.input.options,
             )
             for position, item in enumerate(todo)
         ]

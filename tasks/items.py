@@ -20,17 +20,21 @@ from segflow.tasks.progress import report_progress
 
 
 @task(name="discover-items", retries=0, cache_policy=NO_CACHE)
-def discover_items_task(input_path: str) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Find the items under ``input_path``.
+def discover_items_task(
+    input_path: str, options: dict[str, Any] | None = None
+) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Find the items under ``input_path`` (``options``: the readers' ``input.options``).
 
     Returns ``(items, failures)``: ``items`` are ``{"id", "path", "fingerprint"}`` references;
     ``failures`` are index rows (status ``failed``) for files that could not be opened.
     """
-    items, rows = item_references(*discover_items(input_path))
+    notes: list[str] = []
+    items, rows = item_references(*discover_items(input_path, notes=notes, **(options or {})))
+    logger = get_run_logger()
     # Each unreadable file's reason is logged by its own (failed) segment-item task run.
-    get_run_logger().info(
-        "found %d items under %s (%d unreadable)", len(items), input_path, len(rows)
-    )
+    logger.info("found %d items under %s (%d unreadable)", len(items), input_path, len(rows))
+    for note in notes:  # left out on purpose (a DICOM folder's RTSTRUCT, say)
+        logger.info("%s", note)
     return items, rows
 
 
@@ -57,6 +61,7 @@ def segment_item_task(
     config_hash: str,
     scheduler_address: str,
     run_id: str,
+    reader_options: dict[str, Any] | None = None,
     quicklook: bool = False,
 ) -> Any:
     """Segment one item on the Dask cluster at ``scheduler_address``; return its index row
@@ -74,7 +79,7 @@ def segment_item_task(
             id=item_id, source=path, status="interrupted", error=f"not started ({reason})"
         ).as_row()
     try:
-        reader = open_item(path, item_id)
+        reader = open_item(path, item_id, **(reader_options or {}))
     except Exception as error:  # the file changed or vanished since discovery
         reason = (
             str(error)

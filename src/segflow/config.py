@@ -33,6 +33,11 @@ class _Model(BaseModel):
 
 class InputConfig(_Model):
     path: str = Field(description="a file, folder, glob or fsspec URL")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="reader options, e.g. {level: 1} for an OME-TIFF pyramid level "
+        "(`segflow formats` lists each reader's)",
+    )
 
 
 class OutputConfig(_Model):
@@ -184,7 +189,9 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Se
     if base_dir is not None:
         config = config.model_copy(
             update={
-                "input": InputConfig(path=_resolve(config.input.path, base_dir)),
+                "input": config.input.model_copy(
+                    update={"path": _resolve(config.input.path, base_dir)}
+                ),
                 "output": config.output.model_copy(
                     update={"store": _resolve(config.output.store, base_dir)}
                 ),

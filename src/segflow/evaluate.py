@@ -170,7 +170,7 @@ class PolygonReference:
 def open_reference(path: str, info: ItemInfo, *, instances: bool = True) -> Any:
     """A reader for a reference: label/class images through segflow's readers, GeoJSON
     polygons rasterised on the item's grid (one id each for ``instances``, else class 1)."""
-    if path.lower().endswith((".geojson", ".json")):
+    if path.lower().endswith(VECTOR_SUFFIXES):
         return PolygonReference(path, info, instances=instances)
     from segflow.io import open_item
 
@@ -239,20 +239,24 @@ def _mask_note(value: int, how: str) -> str:
     )
 
 
-REFERENCE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr", ".geojson", ".json")
+VECTOR_SUFFIXES = (".geojson", ".json")  # polygons, rasterised on the item's grid
 
 
 def find_references(reference: str, base: Path | None = None) -> list[str]:
-    """Reference files named by a file, a folder (searched recursively) or a glob."""
+    """Reference files named by a file, a folder (searched recursively) or a glob: what a
+    reader of the registry takes (:mod:`segflow.io.registry`), and GeoJSON."""
     import glob
+
+    from segflow.io.registry import claimed_suffixes, folder_suffixes
 
     path = Path(reference)
     if base is not None and not path.is_absolute():
         path = base / path
-    if path.is_file() or path.suffix == ".zarr":
+    if path.is_file() or path.name.lower().endswith(folder_suffixes()):
         return [str(path)]
     if path.is_dir():
-        found = [p for p in path.rglob("*") if p.name.lower().endswith(REFERENCE_SUFFIXES)]
+        suffixes = (*claimed_suffixes(), *VECTOR_SUFFIXES)
+        found = [p for p in path.rglob("*") if p.name.lower().endswith(suffixes)]
         return sorted(str(p) for p in found)
     return sorted(glob.glob(str(path), recursive=True))
 
@@ -289,7 +293,7 @@ def match_references(items: Sequence[tuple[str, str]], references: Sequence[str]
         elif len(folder) == 1:
             matched[item_id] = folder[0]
         elif len(references) == 1 and (
-            references[0].lower().endswith((".geojson", ".json")) or len(items) == 1
+            references[0].lower().endswith(VECTOR_SUFFIXES) or len(items) == 1
         ):
             matched[item_id] = references[0]
     return matched

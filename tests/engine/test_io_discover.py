@@ -168,11 +168,11 @@ def test_fingerprint_follows_content_changes(tmp_path: pathlib.Path) -> None:
 
 
 def test_open_item_unknown_extension(tmp_path: pathlib.Path) -> None:
-    (tmp_path / "scan.dcm").write_bytes(b"")
+    (tmp_path / "scan.bmp").write_bytes(b"BM")
     with pytest.raises(
-        ItemReadError, match=r"item '.*scan\.dcm': unknown file type, expected one of \.tif"
+        ItemReadError, match=r"item '.*scan\.bmp': unknown file type, expected one of .*\.tif"
     ):
-        open_item(str(tmp_path / "scan.dcm"))
+        open_item(str(tmp_path / "scan.bmp"))
 
 
 def test_world_file_makes_a_tiff_geo(tmp_path: pathlib.Path) -> None:

@@ -2,7 +2,6 @@
 
 from segflow.io.base import Format, ItemInfo, Reader
 from segflow.io.discover import (
-    ITEM_SUFFIXES,
     assign_item_ids,
     discover_items,
     open_item,
@@ -11,10 +10,16 @@ from segflow.io.discover import (
 from segflow.io.geotiff import GeoTIFFReader
 from segflow.io.image import ImageReader
 from segflow.io.nifti import NiftiReader
+from segflow.io.registry import (
+    ReaderBackend,
+    backend_for,
+    backends,
+    describe_formats,
+    register_reader,
+)
 from segflow.io.zarr import ArrayReader, ZarrReader
 
 __all__ = [
-    "ITEM_SUFFIXES",
     "ArrayReader",
     "Format",
     "GeoTIFFReader",
@@ -22,8 +27,13 @@ __all__ = [
     "ItemInfo",
     "NiftiReader",
     "Reader",
+    "ReaderBackend",
     "ZarrReader",
     "assign_item_ids",
+    "backend_for",
+    "backends",
+    "describe_formats",
+    "register_reader",
     "unused_id",
     "discover_items",
     "open_item",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-Format = Literal["geotiff", "nifti", "nrrd", "tiff", "png", "jpeg", "zarr", "array"]
+Format = Literal[
+    "geotiff", "nifti", "nrrd", "dicom", "ome-tiff", "tiff", "png", "jpeg", "zarr", "array"
+]
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,37 @@ class Reader(Protocol):
         of length 1 for single-channel items.
         """
         ...
+
+
+class LazyHandleReader:
+    """Base of readers that keep an open handle (a GDAL dataset, a Zarr array, a TIFF file).
+
+    The handle is opened by :meth:`open_handle` on first use, once per process and thread
+    (GDAL and TIFF handles are not thread-safe), and never pickled: a pickled reader is its
+    plain attributes (path, :class:`ItemInfo`, options) and opens its own handle where it
+    lands, on a Dask worker say.
+    """
+
+    info: ItemInfo
+    path: str
+
+    def open_handle(self) -> Any:
+        raise NotImplementedError
+
+    def handle(self) -> Any:
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__["_local"] = threading.local()
+        handle = getattr(local, "handle", None)
+        if handle is None or getattr(handle, "closed", False):
+            handle = local.handle = self.open_handle()
+        return handle
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, item_id={self.info.id!r})"

@@ -5,36 +5,40 @@ from __future__ import annotations
 import glob
 import os
 from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 from segflow.errors import ItemReadError
 from segflow.io._common import is_url, sanitize_id, strip_file_scheme
 from segflow.io.base import Reader
-from segflow.io.geotiff import GeoTIFFReader
-from segflow.io.image import PICTURE_SUFFIXES, TIFF_SUFFIXES, ImageReader
-from segflow.io.nifti import NiftiReader
-from segflow.io.zarr import ZarrReader
+from segflow.io.registry import (
+    ReaderBackend,
+    backend_for,
+    backends,
+    claimed_suffixes,
+    folder_suffixes,
+    might_open,
+    strip_item_suffix,
+)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ZARR_SUFFIX = ".zarr"
-ITEM_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES + NIFTI_SUFFIXES + (ZARR_SUFFIX,)
-# World files and GDAL sidecars that georeference a TIFF without GeoTIFF tags.
-_GEO_SIDECARS = (".tfw", ".tifw", ".tiffw", ".wld", ".aux.xml")
 _GLOB_CHARS = frozenset("*?[")
 
 
-def open_item(path: str, item_id: str | None = None) -> Reader:
-    """Open one item with the reader its extension calls for.
+def open_item(path: str, item_id: str | None = None, **options: Any) -> Reader:
+    """Open one item with the reader the registry picks for it (:mod:`segflow.io.registry`).
 
     ``.tif``/``.tiff`` files with GeoTIFF tags (or a world-file sidecar) and TIFF URLs go to
-    :class:`GeoTIFFReader`; plain TIFFs (labels, z-stacks, RGB) to :class:`ImageReader`.
+    the GeoTIFF reader, OME-TIFFs to the OME-TIFF reader, other TIFFs (labels, z-stacks,
+    RGB) to the plain image reader; a DICOM file opens the whole series it belongs to.
 
     Parameters
     ----------
     path : str
-        Path or URL of a ``.tif``, ``.tiff``, ``.png``, ``.jpg``, ``.jpeg``, ``.nii``,
-        ``.nii.gz`` file or ``.zarr`` folder.
+        Path or URL of a file or folder item (``segflow formats`` lists them).
     item_id : str, optional
         Item id; defaults to the file stem made safe for Zarr.
+    **options
+        Reader options (``input.options`` of a config), e.g. ``level`` for OME-TIFF.
 
     Returns
     -------
@@ -44,7 +48,7 @@ def open_item(path: str, item_id: str | None = None) -> Reader:
     Raises
     ------
     ItemReadError
-        If the extension is unknown or the file cannot be read; the message names the path.
+        If no reader takes the path or the file cannot be read; the message names the path.
 
     Examples
     --------
@@ -54,7 +58,20 @@ def open_item(path: str, item_id: str | None = None) -> Reader:
     'tiff'
     """
     path = strip_file_scheme(path)
-    reader = _open_by_suffix(path, item_id)
+    backend = backend_for(path)
+    if backend is None:
+        known = ", ".join(claimed_suffixes())
+        raise ItemReadError(f"item '{path}': unknown file type, expected one of {known}")
+    if not is_url(path) and os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ItemReadError(f"item '{path}': the file is empty (0 bytes)")
+    unknown = sorted(set(options) - set(backend.options))
+    if unknown:
+        takes = ", ".join(backend.options) or "none"
+        raise ItemReadError(
+            f"item '{path}': the {backend.name} reader takes no option(s) {unknown} "
+            f"(`input.options`; it takes: {takes})"
+        )
+    reader = backend.open(path, item_id, **options)
     if any(n == 0 for n in reader.info.shape):
         raise ItemReadError(
             f"item '{path}': the image has no pixels (shape {tuple(reader.info.shape)})"
@@ -62,35 +79,22 @@ def open_item(path: str, item_id: str | None = None) -> Reader:
     return reader
 
 
-def _open_by_suffix(path: str, item_id: str | None) -> Reader:
-    lower = path.lower().rstrip("/")
-    known = lower.endswith(tuple(ITEM_SUFFIXES))
-    if known and not is_url(path) and os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ItemReadError(f"item '{path}': the file is empty (0 bytes)")
-    if lower.endswith(ZARR_SUFFIX):
-        return ZarrReader(path, item_id)
-    if lower.endswith(NIFTI_SUFFIXES):
-        return NiftiReader(path, item_id)
-    if lower.endswith(PICTURE_SUFFIXES):
-        return ImageReader(path, item_id)
-    if lower.endswith(TIFF_SUFFIXES):
-        if is_url(path) or _is_georeferenced(path):
-            return GeoTIFFReader(path, item_id)
-        return ImageReader(path, item_id)
-    raise ItemReadError(
-        f"item '{path}': unknown file type, expected one of {', '.join(ITEM_SUFFIXES)}"
-    )
-
-
-def discover_items(path: str) -> tuple[list[Reader], list[tuple[str, str]]]:
+def discover_items(
+    path: str, *, notes: list[str] | None = None, **options: Any
+) -> tuple[list[Reader], list[tuple[str, str]]]:
     """Find and open every item under ``path``; one bad item never stops the others.
 
     Parameters
     ----------
     path : str
-        A file or ``.zarr`` folder (one item); a folder, searched recursively for files with
-        a known extension and ``.zarr`` folders (hidden names skipped); a glob pattern
-        (``**`` allowed); or an fsspec URL to a file, folder or glob.
+        A file or folder item (``.zarr``); a folder, searched recursively for files some
+        reader takes (hidden names skipped) and folder items; a glob pattern (``**``
+        allowed); or an fsspec URL to a file, folder or glob. Files of a series format
+        (DICOM) are grouped into one item per series.
+    notes : list of str, optional
+        Receives what discovery left out on purpose (non-image DICOM objects, say).
+    **options
+        Reader options passed to every reader (``input.options``).
 
     Returns
     -------
@@ -104,7 +108,7 @@ def discover_items(path: str) -> tuple[list[Reader], list[tuple[str, str]]]:
     Raises
     ------
     ItemReadError
-        If ``path`` does not exist, or nothing with a known extension was found.
+        If ``path`` does not exist, or nothing any reader takes was found.
 
     Examples
     --------
@@ -117,22 +121,26 @@ def discover_items(path: str) -> tuple[list[Reader], list[tuple[str, str]]]:
         paths = _list_url(path)
     elif _GLOB_CHARS & set(path):
         paths = [p for p in sorted(glob.glob(path, recursive=True)) if _is_item_path(p)]
-    elif os.path.isdir(path) and not path.rstrip("/").lower().endswith(ZARR_SUFFIX):
+    elif os.path.isdir(path) and not _is_folder_item(path):
         paths = _walk_folder(path)
     elif os.path.exists(path):
         paths = [path]
     else:
         raise ItemReadError(f"collection '{path}': no such file or folder")
+    paths, series_names = _group_series(paths, notes)
     if not paths:
+        suffixes = [s for s in claimed_suffixes() if s not in folder_suffixes()]
         raise ItemReadError(
             f"collection '{path}': no items found, looked for files ending in "
-            f"{', '.join(ITEM_SUFFIXES[:-1])} and {ZARR_SUFFIX} folders"
+            f"{', '.join(suffixes)}, DICOM files by content and "
+            f"{' '.join(folder_suffixes())} folders"
         )
     readers: list[Reader] = []
     failures: list[tuple[str, str]] = []
-    for item_path, item_id in zip(paths, assign_item_ids(paths), strict=True):
+    ids = assign_item_ids(paths, names=[series_names.get(p) for p in paths])
+    for item_path, item_id in zip(paths, ids, strict=True):
         try:
-            readers.append(open_item(item_path, item_id))
+            readers.append(open_item(item_path, item_id, **options))
         except ItemReadError as exc:
             failures.append((item_path, str(exc)))
         except Exception as exc:  # a reader bug on one file must not stop the collection
@@ -140,8 +148,44 @@ def discover_items(path: str) -> tuple[list[Reader], list[tuple[str, str]]]:
     return readers, failures
 
 
-def assign_item_ids(paths: list[str]) -> list[str]:
+def _series_backend(path: str, series: dict[str, ReaderBackend]) -> ReaderBackend | None:
+    """The series backend that takes ``path``, if any (no other reader claims it first)."""
+    if not series or is_url(path):
+        return None
+    for backend in backends():
+        if backend.claims_suffix(path) and backend.name not in series:
+            return None
+    return next((b for b in series.values() if b.guess_can_open(path)), None)
+
+
+def _group_series(
+    paths: list[str], notes: list[str] | None
+) -> tuple[list[str], dict[str, str | None]]:
+    """Collapse the files of series formats (DICOM) into one path per series; the series'
+    item names (number and description) by path."""
+    by_backend: dict[str, list[str]] = defaultdict(list)
+    series: dict[str, ReaderBackend] = {b.name: b for b in backends() if b.item == "series"}
+    kept: list[str] = []
+    for path in paths:
+        backend = _series_backend(path, series)
+        if backend is not None:
+            by_backend[backend.name].append(path)
+        else:
+            kept.append(path)
+    names: dict[str, str | None] = {}
+    for name, members in by_backend.items():
+        grouped, skipped = series[name].group(members)
+        kept.extend(grouped)
+        names.update((p, series[name].item_name(p)) for p in grouped)
+        if notes is not None:
+            notes.extend(skipped)
+    return sorted(kept), names
+
+
+def assign_item_ids(paths: list[str], names: Sequence[str | None] | None = None) -> list[str]:
     """Unique, Zarr-safe item ids for ``paths``: stems, prefixed by parent folders on collision.
+
+    ``names`` replaces a path's stem where given (a DICOM series' number and description).
 
     Files of the same stem in one folder keep their extension (``a.tif``, ``a.png``); any
     collision left after that gets a numeric suffix (``_2``, ``_3``) in path order.
@@ -151,16 +195,19 @@ def assign_item_ids(paths: list[str]) -> list[str]:
     >>> assign_item_ids(["d/x/image.png", "d/y/image.png", "d/ct.nii.gz"])
     ['x_image', 'y_image', 'ct']
     """
-    names = [p.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] for p in paths]
+    files = [p.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] for p in paths]
     dirs = [os.path.dirname(p.rstrip("/")) for p in paths]
-    stems = [_strip_suffix(n) for n in names]
+    stems = [
+        given if given else _strip_suffix(n)
+        for n, given in zip(files, names or [None] * len(paths), strict=True)
+    ]
     by_folder_stem: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, key in enumerate(zip(dirs, stems, strict=True)):
         by_folder_stem[key].append(i)
     for members in by_folder_stem.values():
         if len(members) > 1:
             for i in members:
-                stems[i] = names[i]
+                stems[i] = files[i]
     common = os.path.commonpath(dirs) if len(set(dirs)) > 1 else (dirs[0] if dirs else "")
     parents = [_relative_parts(d, common) for d in dirs]  # nearest folder first
     depth = [0] * len(paths)
@@ -207,47 +254,46 @@ def _relative_parts(folder: str, root: str) -> list[str]:
 
 
 def _strip_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in (*NIFTI_SUFFIXES, ZARR_SUFFIX):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name.rsplit(".", 1)[0] if "." in name else name
+    return strip_item_suffix(name)
+
+
+def _is_folder_item(path: str) -> bool:
+    return path.rstrip("/").lower().endswith(folder_suffixes())
 
 
 def _is_item_path(path: str) -> bool:
-    lower = path.lower().rstrip("/")
-    if lower.endswith(ZARR_SUFFIX):
+    if _is_folder_item(path):
         return os.path.isdir(path)
-    return lower.endswith(ITEM_SUFFIXES) and os.path.isfile(path)
+    return os.path.isfile(path) and might_open(path)
 
 
 def _walk_folder(root: str) -> list[str]:
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        # Zarr folders are items, not folders to search; hidden names (.git, ._x.tif) are skipped.
+        # Folder items (.zarr) are not searched; hidden names (.git, ._x.tif) are skipped.
         for name in sorted(dirnames):
-            if name.lower().endswith(ZARR_SUFFIX) and not name.startswith("."):
+            if _is_folder_item(name) and not name.startswith("."):
                 found.append(os.path.join(dirpath, name))
         dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not d.lower().endswith(ZARR_SUFFIX)
+            d for d in dirnames if not d.startswith(".") and not _is_folder_item(d)
         )
         found.extend(
             os.path.join(dirpath, f)
             for f in filenames
-            if not f.startswith(".") and f.lower().endswith(ITEM_SUFFIXES[:-1])
+            if not f.startswith(".") and might_open(os.path.join(dirpath, f))
         )
     return sorted(found)
 
 
 def _list_url(url: str) -> list[str]:
-    """Item URLs under an fsspec URL (file, folder or glob); zarr prefixes count once."""
+    """Item URLs under an fsspec URL (file, folder or glob); folder items count once."""
     import fsspec
 
     try:
         fs, root = fsspec.core.url_to_fs(url)
         if _GLOB_CHARS & set(root):
             listed = sorted(fs.glob(root))
-        elif fs.isdir(root) and not root.rstrip("/").lower().endswith(ZARR_SUFFIX):
+        elif fs.isdir(root) and not _is_folder_item(root):
             listed = sorted(fs.find(root))
         else:
             return [url]
@@ -255,29 +301,15 @@ def _list_url(url: str) -> list[str]:
         reason = f"{type(exc).__name__}: {exc}"
         raise ItemReadError(f"collection '{url}': cannot list ({reason})") from exc
     found: list[str] = []
+    folders = folder_suffixes()
     for entry in listed:
         lower = entry.lower()
-        if ".zarr/" in lower:
-            entry = entry[: lower.index(".zarr/") + len(ZARR_SUFFIX)]
-        elif not lower.endswith(ITEM_SUFFIXES):
+        inside = [s for s in folders if f"{s}/" in lower]
+        if inside:
+            entry = entry[: lower.index(f"{inside[0]}/") + len(inside[0])]
+        elif not any(b.claims_suffix(entry) for b in backends()):
             continue
         full = fs.unstrip_protocol(entry)
         if full not in found:
             found.append(full)
     return found
-
-
-def _is_georeferenced(path: str) -> bool:
-    """Whether a local TIFF has GeoTIFF tags or a world-file / GDAL sidecar."""
-    import tifffile
-
-    base = path.rsplit(".", 1)[0]
-    if any(os.path.exists(base + s) or os.path.exists(path + s) for s in _GEO_SIDECARS):
-        return True
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return bool(tif.pages.first.is_geotiff)
-    except Exception as exc:
-        raise ItemReadError(
-            f"item '{path}': not a readable GeoTIFF/TIFF ({type(exc).__name__}: {exc})"
-        ) from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
 from typing import Any
 
@@ -19,13 +18,13 @@ from segflow.io._common import (
     strip_file_scheme,
     wrap_read_errors,
 )
-from segflow.io.base import ItemInfo
+from segflow.io.base import ItemInfo, LazyHandleReader
 
 # rasterio spells linear units as GDAL does; ItemInfo.units uses short names where one exists.
 _UNIT_NAMES = {"metre": "m", "meter": "m", "metres": "m", "meters": "m", "foot": "ft"}
 
 
-class GeoTIFFReader:
+class GeoTIFFReader(LazyHandleReader):
     """Windowed reads of a georeferenced raster, bands first: ``(c, y, x)``.
 
     Metadata (CRS as WKT, affine transform, nodata) is read once when the reader is built.
@@ -58,7 +57,6 @@ class GeoTIFFReader:
     def __init__(self, path: str, item_id: str | None = None) -> None:
         self.path = strip_file_scheme(path)
         self.info = _read_geotiff_info(self.path, item_id)
-        self._local = threading.local()
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """Read ``region`` = ``(rows, cols)``; returns ``(c, rows, cols)`` in the file dtype."""
@@ -66,25 +64,10 @@ class GeoTIFFReader:
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         what = f"cannot read window {window}; the file is damaged or cut short"
         with wrap_read_errors(self.path, what):
-            return np.asarray(self._dataset().read(window=window))
+            return np.asarray(self.handle().read(window=window))
 
-    def _dataset(self) -> Any:
-        dataset = getattr(self._local, "dataset", None)
-        if dataset is None or dataset.closed:
-            dataset = _open_dataset(self.path)
-            self._local.dataset = dataset
-        return dataset
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"path": self.path, "info": self.info}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = state["path"]
-        self.info = state["info"]
-        self._local = threading.local()
-
-    def __repr__(self) -> str:
-        return f"GeoTIFFReader({self.path!r}, item_id={self.info.id!r})"
+    def open_handle(self) -> Any:
+        return _open_dataset(self.path)
 
 
 def _open_dataset(path: str) -> Any:

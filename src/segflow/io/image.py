@@ -129,7 +129,7 @@ def _read_picture_info(path: str, item_id: str | None) -> tuple[ItemInfo, int | 
         raise_read_error(path, "not a readable PNG/JPEG image", exc)
     shape = tuple(int(n) for n in props.shape)
     channel_axis = 2 if len(shape) == 3 else None
-    fmt: Format = "png" if path.lower().endswith(".png") else "jpeg"
+    fmt: Format = "png" if _suffix(path) == ".png" else "jpeg"
     return _make_info(path, item_id, fmt, shape, str(props.dtype), channel_axis), channel_axis
 
 
@@ -141,6 +141,17 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _suffix(path: str) -> str:
+    """The decoder's extension: from the file's first bytes (a JPEG named .png is JPEG),
+    else from its name."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError:
+        head = b""
+    if head.startswith(b"\x89PNG"):
+        return ".png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return ".jpg"
     return "." + path.rsplit(".", 1)[-1].lower()
 
 

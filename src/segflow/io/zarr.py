@@ -20,13 +20,13 @@ from segflow.io._common import (
     strip_file_scheme,
     wrap_read_errors,
 )
-from segflow.io.base import ItemInfo
+from segflow.io.base import ItemInfo, LazyHandleReader
 
 # Dimension names read as the channel axis; every other name is spatial.
 CHANNEL_NAMES = frozenset({"c", "band", "bands", "channel", "channels"})
 
 
-class ZarrReader:
+class ZarrReader(LazyHandleReader):
     """Windowed reads of a Zarr array as ``(c, (z), y, x)``, slicing the array directly.
 
     Axes come from the array's ``dimension_names`` (v3), its ``_ARRAY_DIMENSIONS`` attribute
@@ -102,27 +102,16 @@ class ZarrReader:
             units=units,
             fingerprint=_fingerprint_zarr(label, node),
         )
-        self._array: Any = node
+        self.path = self.store_path
+
+    def open_handle(self) -> Any:
+        return zarr.open_array(store=self.store_path, path=self.array_path, mode="r")
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """Read ``region`` in ``(z), y, x`` order; returns ``(c, *region_shape)``."""
         bounded = check_region(self.info, region)
-        if self._array is None:
-            self._array = zarr.open_array(store=self.store_path, path=self.array_path, mode="r")
         with wrap_read_errors(self.info.path, "cannot read Zarr chunks"):
-            return _read_ordered(self._array, self._order, self.info, bounded)
-
-    def __getstate__(self) -> dict[str, object]:
-        return {
-            "store_path": self.store_path,
-            "array_path": self.array_path,
-            "info": self.info,
-            "_order": self._order,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._array = None
+            return _read_ordered(self.handle(), self._order, self.info, bounded)
 
     def __repr__(self) -> str:
         return f"ZarrReader({self.store_path!r}, item_id={self.info.id!r})"

@@ -7,7 +7,6 @@ the definitions.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -46,7 +45,9 @@ def evaluate_collection(
     if scores:
         with writing_store(store, current_run_id()):  # one writer per store, as a run
             write_index_task(store, [{**rows[s["id"]], **s} for s in scores])
-            pd.DataFrame(scores).to_parquet(Path(store) / "evaluation.parquet", index=False)
+            pd.DataFrame(scores).to_parquet(
+                f"{store.rstrip('/')}/evaluation.parquet", index=False
+            )  # pandas writes local paths and fsspec URLs (s3://) alike
     return {
         "name": cfg.name,
         "store": store,

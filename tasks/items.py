@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -113,7 +112,7 @@ def segment_item_task(
             describe_output(row["object_count"], row["foreground_fraction"]) or "no count",
             row["n_blocks"],
             row["seconds"],
-            os.path.join(store, item_id, row["output"]),
+            f"{store.rstrip('/')}/{item_id}/{row['output']}",
         )
         if quicklook:
             try:

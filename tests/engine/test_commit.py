@@ -204,7 +204,7 @@ def test_records_are_appended_read_with_the_index_and_compacted(tmp_path: pathli
 
     frame = read_index(str(store))
     assert frame["id"].tolist() == ["a", "b"]
-    assert compact_index(str(store)) == store / "index.parquet"
+    assert compact_index(str(store)) == str(store / "index.parquet")
     assert not record_file.exists()
     append_records(str(store), "run-2", [{"id": "a", "status": "failed", "error": "later"}])
     assert read_index(str(store))["status"].tolist() == ["failed", "failed"]

@@ -293,7 +293,7 @@ def test_index_write_merge_and_read(tmp_path: pathlib.Path) -> None:
             {"id": "a", "status": "done", "shape": (718, 791), "object_count": 12, "seconds": 1.5},
         ],
     )
-    assert path == store / "index.parquet"
+    assert path == str(store / "index.parquet")
     write_index(
         str(store),
         [{"id": "b", "status": "done", "object_count": 3, "seconds": 0.5, "model": "unet"}],

@@ -168,6 +168,7 @@ def segment_item(
         ZarrRegionWriter,
         create_item_group,
     )
+    from segflow.store.lock import bookkeeping_path, is_local
     from segflow.store.regions import ParquetRegionsSink
 
     info = reader.info
@@ -178,7 +179,19 @@ def segment_item(
         else None
     )
     root = staging_root(store, resume_name or f"{info.id}.{uuid.uuid4().hex}")
-    resuming = resume_name is not None and is_staged(root, info.id)
+    # Block records: in the item's own staging root, or (object stores, written in place)
+    # under the store's bookkeeping, named like a stage so only the same item, input,
+    # config and code finds them.
+    blocks_dir = (
+        f"{root}/.blocks"
+        if is_local(store)
+        else bookkeeping_path(store, "blocks", resume_name or f"{info.id}.{run_id}")
+    )
+    resuming = (
+        resume_name is not None
+        and is_staged(root, info.id)
+        and (is_local(store) or _exists(blocks_dir))
+    )
     started = time.perf_counter()
     result = ItemResult(
         id=info.id,
@@ -238,7 +251,7 @@ def segment_item(
 
         def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
             key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
-            return BlockRecords(f"{root}/.blocks", key)
+            return BlockRecords(blocks_dir, key)
 
         regions_sink = None
         intensity_source = None
@@ -272,7 +285,7 @@ def segment_item(
         result.n_resumed = run.n_resumed
         # The output phase is over: from here on (joining tables, the commit) a rerun
         # starts the item afresh, so its block records go before the region parts do.
-        _remove(f"{root}/.blocks")
+        _remove(blocks_dir)
         if regions_sink is not None:
             regions_sink.join()
             result.area_p05, result.area_p50, result.area_p95 = regions_sink.area_percentiles(
@@ -335,11 +348,27 @@ def _model_hash(plan: Any) -> str:
 
 
 def _remove(path: str) -> None:
-    """Remove a staging folder (local: staging is only local; see staging_root)."""
+    """Remove a staging or block-record folder; never anything outside the store's
+    bookkeeping folder (on an object store the item itself is written in place)."""
     from segflow.store.lock import SEGFLOW_DIR, is_local, local_path
 
-    if is_local(path) and f"/{SEGFLOW_DIR}/" in path:  # never anything outside staging
+    if f"/{SEGFLOW_DIR}/" not in path:
+        return
+    if is_local(path):
         shutil.rmtree(local_path(path), ignore_errors=True)
+        return
+    from segflow.store.fs import fresh_fs
+
+    fs, inner = fresh_fs(path)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
+def _exists(path: str) -> bool:
+    from segflow.store.fs import fresh_fs
+
+    fs, inner = fresh_fs(path)
+    return bool(fs.exists(inner))
 
 
 def _ensure_array(root: str, info: Any, spec: Any, *, reuse: bool) -> None:

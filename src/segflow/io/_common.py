@@ -86,8 +86,36 @@ def _hash_parts(*parts: str) -> str:
 
 
 def mtime_ns(path: str) -> int:
-    """Modification time of a local file, used to key per-process caches of decoded files."""
+    """Modification stamp of a file, keying per-process caches of decoded files: the local
+    mtime, or for a URL a number from its size and modification time or ETag (one HEAD)."""
+    if is_url(path):
+        return int(fingerprint_url(path) or "0", 16)
     return os.stat(path).st_mtime_ns
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file at a local path or fsspec URL (formats that are decoded whole)."""
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "rb") as remote:
+            return bytes(remote.read())
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def read_head(path: str, size: int) -> bytes:
+    """The first ``size`` bytes of a local file or URL (b"" when it cannot be read)."""
+    try:
+        if is_url(path):
+            import fsspec
+
+            with fsspec.open(path, "rb") as remote:
+                return bytes(remote.read(size))
+        with open(path, "rb") as file:
+            return file.read(size)
+    except (OSError, ValueError):
+        return b""
 
 
 def check_region(info: ItemInfo, region: tuple[slice, ...]) -> tuple[slice, ...]:

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from segflow.errors import ItemReadError
-from segflow.io._common import is_url
+from segflow.io._common import is_url, read_head
 from segflow.io.base import Reader
 from segflow.io.registry import ReaderBackend
 
@@ -182,9 +182,4 @@ def is_georeferenced(path: str) -> bool:
 
 
 def _starts_with(path: str, magic: bytes, *, offset: int = 0) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(len(magic)) == magic
-    except OSError:
-        return False
+    return read_head(path, offset + len(magic))[offset:] == magic

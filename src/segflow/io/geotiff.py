@@ -13,6 +13,7 @@ from rasterio.windows import Window
 from segflow.io._common import (
     check_region,
     fingerprint_file,
+    is_url,
     raise_read_error,
     sanitize_id,
     strip_file_scheme,
@@ -64,6 +65,12 @@ class GeoTIFFReader(LazyHandleReader):
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         what = f"cannot read window {window}; the file is damaged or cut short"
         with wrap_read_errors(self.path, what):
+            if _through_fsspec(self.path):
+                # rasterio's Python opener must be closed in the context that opened it
+                # (a handle kept per thread and closed by the garbage collector is not):
+                # one open per window, whose cost is a small ranged read of the header.
+                with _open_dataset(self.path) as dataset:
+                    return np.asarray(dataset.read(window=window))
             return np.asarray(self.handle().read(window=window))
 
     def open_handle(self) -> Any:
@@ -75,7 +82,21 @@ def _open_dataset(path: str) -> Any:
     # identity, which _read_geotiff_info handles, so GDAL's warning about it is noise here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        if _through_fsspec(path):
+            # Object stores through fsspec, as every other segflow path: the same
+            # credentials and endpoint (AWS_ENDPOINT_URL, a profile) for reads and writes.
+            # GDAL reads through the file object in ranges, never the whole file.
+            import fsspec
+
+            fs, inner = fsspec.core.url_to_fs(path)
+            return rasterio.open(inner, opener=fs)
         return rasterio.open(path)
+
+
+def _through_fsspec(path: str) -> bool:
+    """Object-store URLs (s3://, gs://, az://...) are read through fsspec; http(s) and local
+    paths through GDAL itself."""
+    return is_url(path) and not path.startswith(("http://", "https://"))
 
 
 def _read_geotiff_info(path: str, item_id: str | None) -> ItemInfo:

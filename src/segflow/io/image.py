@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 
 import imageio.v3 as iio
 import numpy as np
@@ -11,8 +12,11 @@ import tifffile
 from segflow.io._common import (
     check_region,
     fingerprint_file,
+    is_url,
     mtime_ns,
     raise_read_error,
+    read_bytes,
+    read_head,
     sanitize_id,
     strip_file_scheme,
     wrap_read_errors,
@@ -87,7 +91,7 @@ class ImageReader:
 def _load_channels_first(path: str, mtime: int, channel_axis: int | None) -> np.ndarray:
     """The whole image of ``path`` as ``(c, (z), y, x)``; ``mtime`` keys the cache."""
     if path.lower().endswith(TIFF_SUFFIXES):
-        array = np.asarray(tifffile.imread(path))
+        array = np.asarray(tifffile.imread(io.BytesIO(read_bytes(path)) if is_url(path) else path))
     else:
         array = np.asarray(iio.imread(_read_bytes(path), extension=_suffix(path)))
     if channel_axis is None:
@@ -101,7 +105,7 @@ def _load_channels_first(path: str, mtime: int, channel_axis: int | None) -> np.
 
 def _read_tiff_info(path: str, item_id: str | None) -> tuple[ItemInfo, int | None]:
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(io.BytesIO(read_bytes(path)) if is_url(path) else path) as tif:
             series = tif.series[0]
             shape = tuple(int(n) for n in series.shape)
             axes = str(series.axes)
@@ -136,18 +140,13 @@ def _read_picture_info(path: str, item_id: str | None) -> tuple[ItemInfo, int | 
 def _read_bytes(path: str) -> bytes:
     # imageio given a path leaves file handles open when its plugins fail on a broken file;
     # given bytes, nothing is left open. These files are decoded whole anyway.
-    with open(path, "rb") as file:
-        return file.read()
+    return read_bytes(path)
 
 
 def _suffix(path: str) -> str:
     """The decoder's extension: from the file's first bytes (a JPEG named .png is JPEG),
     else from its name."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(8)
-    except OSError:
-        head = b""
+    head = read_head(path, 8)
     if head.startswith(b"\x89PNG"):
         return ".png"
     if head.startswith(b"\xff\xd8\xff"):

@@ -11,8 +11,10 @@ import numpy as np
 from segflow.io._common import (
     check_region,
     fingerprint_file,
+    is_url,
     mtime_ns,
     raise_read_error,
+    read_bytes,
     sanitize_id,
     strip_file_scheme,
     wrap_read_errors,
@@ -74,7 +76,7 @@ class NiftiReader:
         # Trailing singleton dimensions on disk (x, y, z, 1) are indexed away with 0.
         file_region = bounded[::-1] + (0,) * (self._disk_ndim - len(bounded))
         with wrap_read_errors(self.path, "cannot read NIfTI data"):
-            if self.path.endswith(".gz"):
+            if self.path.endswith(".gz") or is_url(self.path):
                 block = _load_gz_volume(self.path, mtime_ns(self.path))[file_region]
             else:
                 block = np.asarray(_load_image(self.path, mtime_ns(self.path)).dataobj[file_region])
@@ -87,6 +89,13 @@ class NiftiReader:
 @functools.lru_cache(maxsize=16)
 def _load_image(path: str, mtime: int) -> Any:
     """The nibabel image (header + lazy data proxy) of ``path``; ``mtime`` keys the cache."""
+    if is_url(path):  # nibabel reads local files: a remote volume is fetched whole, once
+        import gzip
+
+        data = read_bytes(path)
+        if path.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+        return nib.Nifti1Image.from_bytes(data)
     return nib.load(path)
 
 

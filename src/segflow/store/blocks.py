@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from segflow.store.fs import fresh_fs
+
 
 class BlockRecords:
     """Completion records of one staged item; picklable (a path and a key).
@@ -51,10 +53,9 @@ class BlockRecords:
 
     def write(self, linear: int, summary: Any) -> None:
         """Record that block ``linear`` is written (its ``summary`` for the merge)."""
-        import fsspec
 
         data = pickle.dumps(summary, protocol=pickle.HIGHEST_PROTOCOL)
-        fs, path = fsspec.core.url_to_fs(f"{self.path}/{linear:08d}.pkl")
+        fs, path = fresh_fs(f"{self.path}/{linear:08d}.pkl")
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         fs.pipe_file(tmp, data)
@@ -62,9 +63,8 @@ class BlockRecords:
 
     def load(self) -> dict[int, Any]:
         """Every recorded block's summary, by linear index (none when the key changed)."""
-        import fsspec
 
-        fs, path = fsspec.core.url_to_fs(self.path)
+        fs, path = fresh_fs(self.path)
         if not fs.exists(path):
             return {}
         found = {}

@@ -35,6 +35,7 @@ from typing import Any
 
 from segflow.errors import StoreError
 from segflow.faults import fault_point
+from segflow.store.fs import fresh_fs
 from segflow.store.lock import SEGFLOW_DIR, bookkeeping_path, is_local, local_path
 
 COMMIT_ATTR = "segflow_commit"
@@ -83,6 +84,11 @@ def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
         for name in os.listdir(staging) if os.path.isdir(staging) else ():
             if name not in keep_stages:
                 shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+    else:  # items are written in place there; only block records of dead runs remain
+        fs, blocks = fresh_fs(bookkeeping_path(store, "blocks"))
+        for entry in fs.ls(blocks, detail=False) if fs.isdir(blocks) else ():
+            if entry.rstrip("/").rsplit("/", 1)[-1] not in keep_stages:
+                fs.rm(entry, recursive=True)
 
 
 def check_store(store: str) -> None:
@@ -93,9 +99,8 @@ def check_store(store: str) -> None:
     ForeignStoreError
         If ``store`` is a file, or a non-empty folder without segflow's root metadata.
     """
-    import fsspec
 
-    fs, path = fsspec.core.url_to_fs(str(store))
+    fs, path = fresh_fs(str(store))
     if not fs.exists(path):
         return
     if not fs.isdir(path):
@@ -150,9 +155,8 @@ def begin_item(store: str, item_id: str) -> None:
     if not is_segflow_store(store):
         prepare_store(store)  # a direct call (notebook, test) without a flow's preparation
     target = f"{str(store).rstrip('/')}/{item_id}"
-    import fsspec
 
-    fs, path = fsspec.core.url_to_fs(target)
+    fs, path = fresh_fs(target)
     if fs.exists(path) and _read_json(f"{target}/zarr.json") is None:
         raise ForeignStoreError(
             f"item '{item_id}': '{target}' exists and is not a segflow item group; segflow "
@@ -212,7 +216,7 @@ def check_item(
             )
         unit = array.shards if array.shards is not None else array.chunks
         expected = math.prod(-(-n // u) for n, u in zip(array.shape, unit, strict=True))
-        fs, path = fsspec.core.url_to_fs(f"{str(root).rstrip('/')}/{item_id}/{name}/c")
+        fs, path = fresh_fs(f"{str(root).rstrip('/')}/{item_id}/{name}/c")
         found = (
             sum(1 for key in fs.find(path) if _is_chunk_key(key, path)) if fs.exists(path) else 0
         )
@@ -250,9 +254,8 @@ def drop_partial_writes(root: str, item_id: str) -> int:
     place; a process killed in between leaves the temporary file. Only a staged group (the
     run's own, being resumed) is cleaned, never a committed one. Returns how many went.
     """
-    import fsspec
 
-    fs, path = fsspec.core.url_to_fs(f"{str(root).rstrip('/')}/{item_id}")
+    fs, path = fresh_fs(f"{str(root).rstrip('/')}/{item_id}")
     if not fs.exists(path):
         return 0
     stale = [key for key in fs.find(path) if key.endswith(".partial")]

@@ -6,14 +6,20 @@ read-modify-write of a growing table, so recording an item costs the same at 100
 as at 10, and a killed run keeps the records of the items it finished. The records are
 compacted into ``index.parquet`` when the run ends (or by the next run); :func:`read_index`
 reads both, a later record replacing an earlier row of the same id.
+
+Every path goes through fsspec, so a store on ``s3://`` (or ``gs://``, ``az://``) keeps its
+index exactly as a local one. Object stores have no append: there each call writes its own
+small record object (``RUN.<time>.jsonl``), and ``index.parquet`` is replaced in one PUT.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import pathlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +28,8 @@ from pandas.api.extensions import ExtensionDtype
 
 from segflow.errors import StoreError
 from segflow.faults import fault_point
-from segflow.store.lock import bookkeeping_path
+from segflow.store.fs import fresh_fs
+from segflow.store.lock import bookkeeping_path, is_local, local_path
 
 INDEX_NAME = "index.parquet"
 STATUSES = ("done", "failed", "skipped")
@@ -54,11 +61,13 @@ def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
     >>> list(read_index("no_such_store.zarr").columns)[:3]
     ['id', 'source', 'status']
     """
-    path = pathlib.Path(store) / INDEX_NAME
+    path = _join(store, INDEX_NAME)
     frame = _empty_index()
-    if path.exists():
+    fs, inner = _fs(path)
+    if fs.exists(inner):
         try:
-            frame = _with_core_columns(pd.read_parquet(path))
+            with fs.open(inner, "rb") as handle:
+                frame = _with_core_columns(pd.read_parquet(handle))
         except Exception as exc:
             raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
     records = [row for _, rows in _record_files(store) for row in rows]
@@ -88,17 +97,22 @@ def append_records(
     'done'
     """
     _check_rows(rows)
-    path = pathlib.Path(bookkeeping_path(str(store), "records", f"{run_id}.jsonl"))
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(_jsonable(row), default=str) + "\n" for row in rows)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
+    if is_local(str(store)):
+        path = pathlib.Path(local_path(bookkeeping_path(str(store), "records", f"{run_id}.jsonl")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+    else:  # no appends on object stores: one small object per call, ordered by its name
+        name = f"{run_id}.{time.time_ns():020d}.jsonl"
+        fs, inner = _fs(bookkeeping_path(str(store), "records", name))
+        fs.pipe_file(inner, lines.encode())
     fault_point("record-written")
 
 
-def compact_index(store: str | os.PathLike[str]) -> pathlib.Path | None:
+def compact_index(store: str | os.PathLike[str]) -> str | None:
     """Fold every record file into ``index.parquet`` and remove them; None without any.
 
     Call while holding the store's lock (no run appends meanwhile).
@@ -109,12 +123,11 @@ def compact_index(store: str | os.PathLike[str]) -> pathlib.Path | None:
     frame = read_index(store)
     path = _replace_index(store, frame)
     fault_point("index-compact")
-    for file, _ in files:
-        file.unlink(missing_ok=True)
+    _remove_records(store, files)
     return path
 
 
-def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> pathlib.Path:
+def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> str:
     """Merge ``rows`` into ``STORE/index.parquet``, keyed by item id, and return its path.
 
     A row replaces the stored row with the same ``id``; other stored rows are kept. Rows are
@@ -125,7 +138,7 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
     Parameters
     ----------
     store : str or path
-        Local path of the output store.
+        Path or URL of the output store.
     rows : sequence of dict
         One dict per item with at least ``id`` and ``status`` (``"done"``, ``"failed"`` or
         ``"skipped"``); any of the core columns and extra keys.
@@ -149,8 +162,7 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
     old = old[~old["id"].isin(new["id"])]
     merged = new if old.empty else pd.concat([old, new], ignore_index=True)
     path = _replace_index(store, _with_core_columns(merged).sort_values("id", ignore_index=True))
-    for file, _ in _record_files(store):  # now folded into the table
-        file.unlink(missing_ok=True)
+    _remove_records(store, _record_files(store))  # now folded into the table
     return path
 
 
@@ -168,37 +180,78 @@ def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
         raise ValueError(f"index rows repeat ids {repeated}")
 
 
-def _replace_index(store: str | os.PathLike[str], merged: pd.DataFrame) -> pathlib.Path:
-    path = pathlib.Path(store) / INDEX_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
+def _replace_index(store: str | os.PathLike[str], merged: pd.DataFrame) -> str:
+    path = _join(store, INDEX_NAME)
     try:
-        merged.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        if is_local(path):
+            local = pathlib.Path(local_path(path))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
+            try:
+                merged.to_parquet(tmp, index=False)
+                os.replace(tmp, local)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:  # one PUT: an object store never shows half a table
+            fs, inner = _fs(path)
+            buffer = io.BytesIO()
+            merged.to_parquet(buffer, index=False)
+            fs.pipe_file(inner, buffer.getvalue())
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write index '{path}' ({type(exc).__name__}: {exc})") from exc
     return path
 
 
-def _record_files(store: str | os.PathLike[str]) -> list[tuple[pathlib.Path, list[dict[str, Any]]]]:
+def _record_files(store: str | os.PathLike[str]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Every run's record file, oldest first, with its complete lines (a line cut short by
     a kill is left out)."""
-    folder = pathlib.Path(bookkeeping_path(str(store), "records"))
-    if not folder.is_dir():
+    fs, folder = _fs(bookkeeping_path(str(store), "records"))
+    if not fs.isdir(folder):
         return []
+    listed = fs.find(folder, detail=True)
+    files = sorted(
+        (info for name, info in listed.items() if name.endswith(".jsonl")),
+        key=lambda info: (_modified(info), info["name"]),
+    )
     out = []
-    for file in sorted(folder.glob("*.jsonl"), key=lambda f: (f.stat().st_mtime_ns, f.name)):
+    for info in files:
         rows = []
-        for line in file.read_text(encoding="utf-8").splitlines():
+        for line in fs.cat_file(info["name"]).decode("utf-8").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
             if isinstance(row, dict) and row.get("id"):
                 rows.append(row)
-        out.append((file, rows))
+        out.append((str(info["name"]), rows))
     return out
+
+
+def _remove_records(store: str | os.PathLike[str], files: Sequence[tuple[str, Any]]) -> None:
+    fs, _ = _fs(bookkeeping_path(str(store), "records"))
+    for name, _rows in files:
+        try:
+            fs.rm_file(name)
+        except FileNotFoundError:
+            pass
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """A listing entry's modification time in seconds (local mtime, S3 LastModified)."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is not None:
+            return value.timestamp() if hasattr(value, "timestamp") else float(value)
+    return 0.0
+
+
+def _join(store: str | os.PathLike[str], name: str) -> str:
+    return f"{str(store).rstrip('/')}/{name}"
+
+
+def _fs(path: str) -> tuple[Any, str]:
+
+    return fresh_fs(path)
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -517,6 +517,8 @@ def _group_attrs(info: ItemInfo) -> dict[str, Any]:
         attrs["transform"] = list(info.transform)
     if info.affine is not None:
         attrs["affine"] = [list(row) for row in info.affine]
+    # What the reader kept besides (orientation code, DICOM series UID, channel names...).
+    attrs.update({k: v for k, v in info.attrs.items() if k not in attrs})
     return attrs
 
 

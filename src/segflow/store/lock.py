@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from segflow.errors import StoreError
+from segflow.store.fs import fresh_fs
 
 LOCK_NAME = "lock.json"
 SEGFLOW_DIR = ".segflow"  # segflow's bookkeeping inside a store: lock, records, staging
@@ -161,9 +162,8 @@ class StoreLock:
                 handle.flush()
                 os.fsync(handle.fileno())
             return True
-        import fsspec
 
-        fs, path = fsspec.core.url_to_fs(self.path)
+        fs, path = fresh_fs(self.path)
         if fs.exists(path):
             return False
         fs.pipe_file(path, data)
@@ -234,9 +234,8 @@ def has_stale_lock(store: str) -> bool:
 
 def read_lock(store: str) -> dict[str, Any] | None:
     """What the store's lock file says, or None when there is none."""
-    import fsspec
 
-    fs, path = fsspec.core.url_to_fs(bookkeeping_path(str(store), LOCK_NAME))
+    fs, path = fresh_fs(bookkeeping_path(str(store), LOCK_NAME))
     try:
         with fs.open(path, "rb") as handle:
             raw = handle.read()
@@ -272,16 +271,14 @@ def _write_atomic(path: str, data: bytes) -> None:
             handle.write(data)
         os.replace(tmp, local)
         return
-    import fsspec
 
-    fs, target = fsspec.core.url_to_fs(path)
+    fs, target = fresh_fs(path)
     fs.pipe_file(target, data)  # one PUT: atomic on object stores
 
 
 def _remove(path: str) -> None:
-    import fsspec
 
-    fs, target = fsspec.core.url_to_fs(path)
+    fs, target = fresh_fs(path)
     try:
         fs.rm(target)
     except FileNotFoundError:

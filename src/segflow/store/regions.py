@@ -16,6 +16,7 @@ import numpy as np
 
 from segflow.faults import fault_point
 from segflow.stitch.regions import RegionPartial, region_columns
+from segflow.store.fs import fresh_fs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,7 +60,7 @@ class ParquetRegionsSink:
         import fsspec
         import pyarrow.parquet as pq
 
-        fs, parts = fsspec.core.url_to_fs(self.parts)
+        fs, parts = fresh_fs(self.parts)
         names = sorted(fs.glob(f"{parts}/*.parquet"))
         writer = None
         try:
@@ -82,10 +83,9 @@ class ParquetRegionsSink:
 
     def clear(self) -> None:
         """Remove an earlier run's table and parts (the item is being rewritten)."""
-        import fsspec
 
         for target in (self.path, self.parts):
-            fs, path = fsspec.core.url_to_fs(target)
+            fs, path = fresh_fs(target)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
 

@@ -199,7 +199,7 @@ def run_summary(name: str, store: str, rows: list[dict[str, Any]]) -> dict[str, 
     return {
         "name": name,
         "store": store,
-        "index": str(Path(store) / "index.parquet"),
+        "index": f"{str(store).rstrip('/')}/index.parquet",
         **counts,
         "failures": failures[:SUMMARY_ROWS],
         "failures_omitted": max(len(failures) - SUMMARY_ROWS, 0),

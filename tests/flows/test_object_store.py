@@ -1,0 +1,164 @@
+"""`segflow run` from s3:// to s3:// against a real local S3 server (moto's server mode).
+
+The server is a separate process on 127.0.0.1 speaking the S3 HTTP API; segflow reaches it
+through fsspec/s3fs (and GDAL through fsspec) exactly as it would reach AWS, given the
+endpoint in ``AWS_ENDPOINT_URL``. The run's store must hold what the same run writes to a
+local folder, and a second run must find nothing to do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import zarr
+from affine import Affine
+
+from segflow.store.regions import read_regions
+
+pytest.importorskip("moto", reason="moto[server] is a dev dependency (the local S3 server)")
+s3fs = pytest.importorskip("s3fs", reason="s3fs is a dev dependency (s3:// through fsspec)")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server for this module and the environment that points clients at it."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("the moto S3 server did not answer within 60 s")
+            time.sleep(0.3)
+    env = {
+        "AWS_ACCESS_KEY_ID": "segflow-test",
+        "AWS_SECRET_ACCESS_KEY": "segflow-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    try:
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _write_tiles(folder: Path) -> None:
+    """Two one-band uint16 GeoTIFFs in UTM 33N (not the bundled RGB sample's layout)."""
+    rng = np.random.default_rng(11)
+    folder.mkdir(parents=True)
+    for i in range(2):
+        field = rng.normal(1000, 200, size=(150, 170))
+        field[40:80, 30 + 20 * i : 90 + 20 * i] += 2500  # a bright field per tile
+        profile = {
+            "driver": "GTiff", "width": 170, "height": 150, "count": 1, "dtype": "uint16",
+            "crs": "EPSG:32633",
+            "transform": Affine(2.5, 0, 400_000 + 3_000 * i, 0, -3.0, 5_600_000),
+            "tiled": True, "blockxsize": 64, "blockysize": 64,
+        }  # fmt: skip
+        with rasterio.open(folder / f"tile{i}.tif", "w", **profile) as out:
+            out.write(np.clip(field, 0, 65535).astype(np.uint16)[np.newaxis])
+
+
+def _run(config: Path, env: dict[str, str], *args: str) -> tuple[int, str]:
+    full = {**os.environ, **env, "COLUMNS": "200"}
+    full.pop("PREFECT_API_URL", None)  # its own temporary server, as a user's first run
+    result = subprocess.run(
+        [sys.executable, "-m", "segflow.flows", "run", str(config), *args],
+        cwd=config.parent,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def _contents(store: str) -> dict[str, Any]:
+    """What a store holds: every item's labels, region table and index row."""
+    index = pd.read_parquet(f"{store}/index.parquet")
+    found: dict[str, Any] = {"index": index[["id", "status", "object_count"]].to_dict("records")}
+    for item in index["id"]:
+        labels = zarr.open_array(store, path=f"{item}/labels", mode="r")[:]
+        found[item] = (labels, read_regions(store, item))
+    return found
+
+
+def test_s3_input_and_store_give_the_local_run_and_rerun_nothing(
+    tmp_path: Path, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3_env.items():  # this process reads the store as the runs do
+        monkeypatch.setenv(key, value)
+    tiles = tmp_path / "tiles"
+    _write_tiles(tiles)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("segflow-in")
+    fs.mkdir("segflow-out")
+    fs.put(str(tiles) + "/", "segflow-in/tiles/", recursive=True)
+    config = tmp_path / "tiles.yaml"
+    config.write_text(
+        "name: tiles\n"
+        "input: {path: tiles}\n"
+        "output: {store: local.zarr, chunks: [64, 64], regions: true}\n"
+        "blocks: {shape: [64, 64]}\n"
+        "pipeline: [{op: gaussian, sigma: 1.5}, {op: otsu}, {op: binary_opening, radius: 1},\n"
+        "           {op: label}]\n"
+    )
+
+    code, output = _run(config, s3_env)
+    assert code == 0, output
+    remote = ["--set", "input.path=s3://segflow-in/tiles"]
+    remote += ["--set", "output.store=s3://segflow-out/tiles.zarr"]
+    code, output = _run(config, s3_env, *remote)
+    assert code == 0, output
+    assert "tiles: 2 done" in output, output
+
+    local = _contents(str(tmp_path / "local.zarr"))
+    on_s3 = _contents("s3://segflow-out/tiles.zarr")
+    assert (
+        local["index"] == on_s3["index"] and [r["status"] for r in local["index"]] == ["done"] * 2
+    )
+    for item in ("tile0", "tile1"):
+        np.testing.assert_array_equal(on_s3[item][0], local[item][0])
+        assert on_s3[item][0].max() > 0
+        pd.testing.assert_frame_equal(on_s3[item][1], local[item][1])
+    assert not fs.exists("segflow-out/tiles.zarr/.segflow/lock.json")  # released
+
+    code, output = _run(config, s3_env, *remote)  # incremental: nothing changed
+    assert code == 0, output
+    assert "nothing to do" in output, output
+
+    fs.put(str(tiles / "tile0.tif"), "segflow-in/tiles/tile2.tif")  # a new tile arrives
+    code, output = _run(config, s3_env, *remote)
+    assert code == 0, output
+    assert "tiles: 1 done, 2 skipped" in output, output

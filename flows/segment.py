@@ -215,6 +215,7 @@ def segment_items(
                 shards=cfg.output.shards,
                 regions=cfg.output.regions,
                 regions_intensity=cfg.output.regions_intensity,
+                vectors=cfg.output.vectors,
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,

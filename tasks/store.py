@@ -108,3 +108,15 @@ def write_index_task(store: str, rows: list[dict[str, Any]]) -> str:
     from segflow.store import write_index
 
     return str(write_index(store, rows))
+
+
+@task(name="compact-vectors", retries=0, cache_policy=NO_CACHE)
+def compact_vectors_task(store: str) -> str | None:
+    """Write ``STORE/vectors.parquet`` from every committed item's vectors; log what was done."""
+    from prefect import get_run_logger
+
+    from segflow.store.vectors import compact_vectors
+
+    path, note = compact_vectors(store)
+    get_run_logger().info("%s", note)
+    return path

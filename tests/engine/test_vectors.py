@@ -31,7 +31,7 @@ from segflow.errors import StoreError
 from segflow.io import ArrayReader, open_item
 from segflow.store.commit import check_item
 from segflow.store.regions import read_regions
-from segflow.store.vectors import read_vectors
+from segflow.store.vectors import compact_vectors, read_vectors
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -193,3 +193,47 @@ def test_vectors_are_part_of_the_config_hash() -> None:
     base = {"input": {"path": "in"}, "output": {"store": "out.zarr"}, "pipeline": [{"op": "otsu"}]}
     with_vectors = {**base, "output": {"store": "out.zarr", "vectors": True}}
     assert parse_config(base).config_hash() != parse_config(with_vectors).config_hash()
+
+
+def _write_tile(path: pathlib.Path, *, epsg: int, x0: float, seed: int) -> pathlib.Path:
+    rng = np.random.default_rng(seed)
+    image = (rng.random((30, 40)) > 0.7).astype(np.uint8) * 200
+    with rasterio.open(
+        path, "w", driver="GTiff", height=30, width=40, count=1, dtype="uint8",
+        crs=CRS.from_epsg(epsg), transform=Affine(10.0, 0.0, x0, 0.0, -10.0, 6_000_000.0),
+    ) as dst:  # fmt: skip
+        dst.write(image[np.newaxis])
+    return path
+
+
+def test_collection_vectors_in_one_file_with_an_item_column(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "c.zarr"
+    pipeline = [{"op": "threshold", "value": 100}, {"op": "label"}]
+    counts = {}
+    for k, x0 in enumerate((500_000.0, 500_400.0)):
+        reader = open_item(str(_write_tile(tmp_path / f"t{k}.tif", epsg=32633, x0=x0, seed=k)))
+        result = _segment(reader, pipeline, store, block_shape=16, regions=k == 0)
+        assert result.status == "done", result.error
+        counts[reader.info.id] = result.object_count
+    path, note = compact_vectors(str(store))
+    assert path == f"{store}/vectors.parquet"
+    assert note == "vectors.parquet: the vectors of 2 item(s) in one GeoParquet file"
+    frame = gpd.read_parquet(path)
+    assert frame.crs.to_epsg() == 32633
+    assert list(frame.columns[:3]) == ["item", "label", "geometry"]
+    assert frame.groupby("item").size().to_dict() == counts
+    assert frame.loc[frame["item"] == "t1", "area"].isna().all()  # t1 had no region table
+    assert frame.loc[frame["item"] == "t0", "area"].notna().all()
+    pixel = 10.0 * 10.0
+    t0 = frame[frame["item"] == "t0"]
+    np.testing.assert_allclose(t0.geometry.area, t0["area"] * pixel, rtol=1e-9)
+    both = read_vectors(str(store))
+    assert len(both) == len(frame) and both.crs.to_epsg() == 32633
+
+    other = open_item(str(_write_tile(tmp_path / "t2.tif", epsg=32634, x0=500_000.0, seed=2)))
+    assert _segment(other, pipeline, store, block_shape=16).status == "done"
+    path, note = compact_vectors(str(store))
+    assert path is None
+    assert note.startswith(f"the items of {store} have 2 different CRSs: vectors.parquet not")
+    with pytest.raises(ValueError, match=r"have 2 CRSs .* read them one CRS at a time"):
+        read_vectors(str(store))

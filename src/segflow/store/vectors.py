@@ -381,21 +381,95 @@ def vectorize_block(
     return cut, [bytes(w) for w in shapely.to_wkb(pieces)] if pieces else []
 
 
+COLLECTION_NAME = "vectors.parquet"  # STORE/vectors.parquet: every item's rows, ``item`` first
+
+
+def compact_vectors(store: str) -> tuple[str | None, str]:
+    """Write ``STORE/vectors.parquet``: the vector rows of every committed item, with an
+    ``item`` column first, streamed one item at a time (one row group per item).
+
+    Items whose tables differ in columns (another config) share the union of the columns,
+    missing values null. A GeoParquet column has one CRS: when the items have several,
+    nothing is written. The file is written beside and renamed into place, so readers see
+    the previous one or the new one. Returns the path (or None) and a line saying what
+    was done, for the run's log.
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from segflow.store.commit import read_commit
+
+    root = str(store).rstrip("/")
+    fs, path = fsspec.core.url_to_fs(root)
+    found = sorted(fs.glob(f"{path}/*/{VECTORS_NAME}"))
+    items = [name.rstrip("/").rsplit("/", 2)[-2] for name in found]
+    pairs = [(i, n) for i, n in zip(items, found, strict=True) if read_commit(root, i)]
+    if not pairs:
+        return None, f"no item of {root} has vectors: {COLLECTION_NAME} not written"
+    schemas, crss, types, first = [], set(), set(), None
+    for _, name in pairs:
+        with fs.open(name, "rb") as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+        geo = json.loads((schema.metadata or {}).get(b"geo", b"{}"))
+        first = first or geo
+        column = geo.get("columns", {}).get("geometry", {})
+        crss.add(json.dumps(column.get("crs"), sort_keys=True))
+        types.update(column.get("geometry_types", []))
+        schemas.append(schema.remove_metadata())
+    if len(crss) > 1:
+        return None, (
+            f"the items of {root} have {len(crss)} different CRSs: {COLLECTION_NAME} not "
+            "written (read each item's vectors.parquet, or segflow.store.vectors.read_vectors "
+            "with item_ids of one CRS)"
+        )
+    unified = pa.unify_schemas(schemas, promote_options="permissive")
+    schema = pa.schema([pa.field("item", pa.string()), *unified])
+    assert first is not None
+    first["columns"]["geometry"]["geometry_types"] = sorted(types)
+    schema = schema.with_metadata({"geo": json.dumps(first)})
+    target = f"{path}/{COLLECTION_NAME}"
+    partial = f"{target}.partial"
+    with fs.open(partial, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
+        for item_id, name in pairs:
+            with fs.open(name, "rb") as part:
+                table = pq.read_table(part)
+            n = table.num_rows
+            columns = [
+                pa.array([item_id] * n, pa.string())
+                if field.name == "item"
+                else (
+                    table[field.name].cast(field.type)
+                    if field.name in table.column_names
+                    else pa.nulls(n, field.type)
+                )
+                for field in schema
+            ]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+    fs.mv(partial, target)
+    return f"{root}/{COLLECTION_NAME}", (
+        f"{COLLECTION_NAME}: the vectors of {len(pairs)} item(s) in one GeoParquet file"
+    )
+
+
 def read_vectors(store: str, item_ids: Sequence[str] | None = None) -> gpd.GeoDataFrame:
     """Vectors of one or more items of ``store`` as one GeoDataFrame (``item`` column first).
 
-    ``item_ids`` default to every item group that has a vector table. Items of different
+    ``item_ids`` default to every committed item that has a vector table. Items of different
     CRSs cannot share a frame: read them one at a time (``geopandas.read_parquet``).
     """
     import fsspec
     import geopandas as gpd
     import pandas as pd
 
+    from segflow.store.commit import read_commit
+
     root = str(store).rstrip("/")
     if item_ids is None:
         fs, path = fsspec.core.url_to_fs(root)
         found = fs.glob(f"{path}/*/{VECTORS_NAME}")
-        item_ids = sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in found)
+        names = sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in found)
+        item_ids = [i for i in names if read_commit(root, i)]  # not a half-written group
     frames = []
     for item_id in item_ids:
         frame = gpd.read_parquet(f"{root}/{item_id}/{VECTORS_NAME}")

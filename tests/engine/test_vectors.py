@@ -160,7 +160,10 @@ def test_vectors_refuse_a_volume(tmp_path: pathlib.Path) -> None:
     pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
     result = _segment(reader, pipeline, tmp_path / "v.zarr", block_shape=8)
     assert result.status == "failed"
-    assert "item 'vol': `output.vectors` (true) needs a 2-D item (y, x)" in str(result.error)
+    assert str(result.error).startswith(
+        "item 'vol' (<array vol>): PlanError: `output.vectors` (true) needs a 2-D item (y, x), "
+        "this one has 3 spatial axes ('z', 'y', 'x'): set output.vectors: false for volumes"
+    )
     assert not (tmp_path / "v.zarr" / "vol").exists()
 
 

@@ -47,7 +47,7 @@ CONNECTIVITY = 4
 
 
 def check_vectors(info: ItemInfo, out_kind: str) -> None:
-    """Refuse ``output.vectors`` for an item it cannot apply to.
+    """Refuse ``output.vectors`` for an item it cannot apply to (callers name the item).
 
     Raises
     ------
@@ -62,8 +62,8 @@ def check_vectors(info: ItemInfo, out_kind: str) -> None:
     axes = info.spatial_axes
     if len(axes) != 2:
         raise PlanError(
-            f"item '{info.id}': `output.vectors` (true) needs a 2-D item (y, x), this one has "
-            f"{len(axes)} spatial axes {axes}: set output.vectors: false for volumes"
+            f"`output.vectors` (true) needs a 2-D item (y, x), this one has {len(axes)} "
+            f"spatial axes {axes}: set output.vectors: false for volumes"
         )
 
 

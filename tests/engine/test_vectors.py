@@ -11,6 +11,7 @@ float rounding of applying the affine differs (in the last bits of coordinates o
 from __future__ import annotations
 
 import pathlib
+import tempfile
 import warnings
 
 import geopandas as gpd
@@ -19,10 +20,14 @@ import pytest
 import rasterio
 import shapely
 import zarr
+from _layouts import layouts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
 from rasterio.transform import Affine
+from scipy import ndimage as ndi
 
 from segflow.config import load_config, parse_config
 from segflow.engine.executor import LocalExecutor
@@ -31,7 +36,12 @@ from segflow.errors import StoreError
 from segflow.io import ArrayReader, open_item
 from segflow.store.commit import check_item
 from segflow.store.regions import read_regions
-from segflow.store.vectors import compact_vectors, read_vectors
+from segflow.store.vectors import (
+    ParquetVectorsSink,
+    compact_vectors,
+    read_vectors,
+    write_vectors,
+)
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -240,3 +250,43 @@ def test_collection_vectors_in_one_file_with_an_item_column(tmp_path: pathlib.Pa
     assert note.startswith(f"the items of {store} have 2 different CRSs: vectors.parquet not")
     with pytest.raises(ValueError, match=r"have 2 CRSs .* read them one CRS at a time"):
         read_vectors(str(store))
+
+
+class _Labels:
+    """A label array read like the stored one (``read(region)``)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        return self.labels[region]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts(max_side=30), st.sampled_from([1, 2]))
+def test_blockwise_polygons_equal_whole_array_polygons(layout, connectivity: int) -> None:
+    """Any block layout (one block, even, uneven, 1-pixel blocks), 4- and 8-connected
+    objects (8-connected ones touching at a corner become MultiPolygons)."""
+    shape, blocks, seed = layout
+    mask = np.random.default_rng(seed).random(shape) > 0.55
+    structure = ndi.generate_binary_structure(2, connectivity)
+    labels, _ = ndi.label(mask, structure)
+    transform = Affine(0.5, 0.0, 100.0, 0.0, -2.0, 50.0)
+    with tempfile.TemporaryDirectory() as folder:
+        sink = ParquetVectorsSink(folder, "item", transform=transform[:6], crs_wkt=None)
+        write_vectors(
+            _Labels(labels), shape, block_shape=blocks, executor=LocalExecutor(2), sink=sink
+        )
+        frame = gpd.read_parquet(sink.path)
+    assert frame.crs is None
+    _assert_equal_polygons(frame, labels, transform)
+
+
+def test_an_item_without_objects_has_an_empty_table(tmp_path: pathlib.Path) -> None:
+    reader = ArrayReader(np.zeros((20, 30), np.float32), item_id="empty")
+    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
+    result = _segment(reader, pipeline, tmp_path / "e.zarr", block_shape=8)
+    assert result.status == "done", result.error
+    frame = gpd.read_parquet(tmp_path / "e.zarr" / "empty" / "vectors.parquet")
+    assert len(frame) == 0 and result.object_count == 0
+    assert list(frame.columns[:2]) == ["label", "geometry"] and "area" in frame

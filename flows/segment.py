@@ -163,13 +163,10 @@ def segment_collection(
             with stop_on_signals(), writing_store(store, run_id, keep_stages=stages):
                 if todo:
                     rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
-                if (
-                    cfg.output.vectors
-                    and any(r["status"] == "done" for r in rows)
-                    and stop_requested() is None
-                ):
-                    # While the lock is held: the collection's vectors in one file.
-                    compact_vectors_task(store)
+                if any(r["status"] == "done" for r in rows) and stop_requested() is None:
+                    # While the lock is held: the collection's vectors in one file (or
+                    # an earlier run's file brought up to date, never left stale).
+                    compact_vectors_task(store, vectors=cfg.output.vectors)
         except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback
             logger.error("%s: %s", cfg.name, error)
             return Failed(message=f"{cfg.name}: {error}", data=error)

@@ -111,12 +111,14 @@ def write_index_task(store: str, rows: list[dict[str, Any]]) -> str:
 
 
 @task(name="compact-vectors", retries=0, cache_policy=NO_CACHE)
-def compact_vectors_task(store: str) -> str | None:
-    """Write ``STORE/vectors.parquet`` from every committed item's vectors; log what was done."""
+def compact_vectors_task(store: str, *, vectors: bool) -> str | None:
+    """Write ``STORE/vectors.parquet`` from every committed item's vectors; without
+    ``vectors`` (the run's ``output.vectors``) only refresh one an earlier run wrote."""
     from prefect import get_run_logger
 
     from segflow.store.vectors import compact_vectors
 
-    path, note = compact_vectors(store)
-    get_run_logger().info("%s", note)
+    path, note = compact_vectors(store, refresh_only=not vectors)
+    if note:
+        get_run_logger().info("%s", note)
     return path

@@ -247,7 +247,12 @@ def test_collection_vectors_in_one_file_with_an_item_column(tmp_path: pathlib.Pa
     assert _segment(other, pipeline, store, block_shape=16).status == "done"
     path, note = compact_vectors(str(store))
     assert path is None
-    assert note.startswith(f"the items of {store} have 2 different CRSs: vectors.parquet not")
+    assert note.startswith(
+        f"the items of {store} have 2 different CRSs: vectors.parquet not written, the "
+        "previous one removed (read each item's"
+    )
+    assert not (store / "vectors.parquet").exists()  # never left stale
+    assert compact_vectors(str(store), refresh_only=True) == (None, "")
     with pytest.raises(ValueError, match=r"have 2 CRSs .* read them one CRS at a time"):
         read_vectors(str(store))
 

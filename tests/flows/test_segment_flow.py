@@ -341,3 +341,9 @@ def test_vectors_per_item_and_for_the_collection(tmp_path: Path, dask_address: s
     assert collection.groupby("item").size().to_dict() == {"east": N_BLOBS, "west": N_BLOBS}
     np.testing.assert_allclose(collection.geometry.area, collection["area"] * 100.0)
     assert xarray.open_zarr(store, group="east")["labels"].shape == (64, 72)
+
+    # Redone without vectors: no item has them any more, so neither has the collection.
+    config["output"] = {**config["output"], "vectors": False}
+    assert run(config, overwrite=True)[0] == "COMPLETED"
+    assert not (store / "east" / "vectors.parquet").exists()
+    assert not (store / "vectors.parquet").exists()

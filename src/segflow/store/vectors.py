@@ -384,15 +384,17 @@ def vectorize_block(
 COLLECTION_NAME = "vectors.parquet"  # STORE/vectors.parquet: every item's rows, ``item`` first
 
 
-def compact_vectors(store: str) -> tuple[str | None, str]:
+def compact_vectors(store: str, *, refresh_only: bool = False) -> tuple[str | None, str]:
     """Write ``STORE/vectors.parquet``: the vector rows of every committed item, with an
     ``item`` column first, streamed one item at a time (one row group per item).
 
     Items whose tables differ in columns (another config) share the union of the columns,
     missing values null. A GeoParquet column has one CRS: when the items have several,
     nothing is written. The file is written beside and renamed into place, so readers see
-    the previous one or the new one. Returns the path (or None) and a line saying what
-    was done, for the run's log.
+    the previous one or the new one; a previous one that can no longer be written (no item
+    has vectors any more, or the CRSs differ now) is removed rather than left stale. With
+    ``refresh_only`` (a run without ``output.vectors``) nothing happens unless the file
+    exists. Returns the path (or None) and a line saying what was done, for the run's log.
     """
     import fsspec
     import pyarrow as pa
@@ -402,11 +404,14 @@ def compact_vectors(store: str) -> tuple[str | None, str]:
 
     root = str(store).rstrip("/")
     fs, path = fsspec.core.url_to_fs(root)
+    target = f"{path}/{COLLECTION_NAME}"
+    if refresh_only and not fs.exists(target):
+        return None, ""
     found = sorted(fs.glob(f"{path}/*/{VECTORS_NAME}"))
     items = [name.rstrip("/").rsplit("/", 2)[-2] for name in found]
     pairs = [(i, n) for i, n in zip(items, found, strict=True) if read_commit(root, i)]
     if not pairs:
-        return None, f"no item of {root} has vectors: {COLLECTION_NAME} not written"
+        return None, _drop_stale(fs, target, f"no item of {root} has vectors")
     schemas, crss, types, first = [], set(), set(), None
     for _, name in pairs:
         with fs.open(name, "rb") as handle:
@@ -418,17 +423,16 @@ def compact_vectors(store: str) -> tuple[str | None, str]:
         types.update(column.get("geometry_types", []))
         schemas.append(schema.remove_metadata())
     if len(crss) > 1:
-        return None, (
-            f"the items of {root} have {len(crss)} different CRSs: {COLLECTION_NAME} not "
-            "written (read each item's vectors.parquet, or segflow.store.vectors.read_vectors "
-            "with item_ids of one CRS)"
+        reason = f"the items of {root} have {len(crss)} different CRSs"
+        return None, _drop_stale(fs, target, reason) + (
+            " (read each item's vectors.parquet, or segflow.store.vectors.read_vectors with "
+            "item_ids of one CRS)"
         )
     unified = pa.unify_schemas(schemas, promote_options="permissive")
     schema = pa.schema([pa.field("item", pa.string()), *unified])
     assert first is not None
     first["columns"]["geometry"]["geometry_types"] = sorted(types)
     schema = schema.with_metadata({"geo": json.dumps(first)})
-    target = f"{path}/{COLLECTION_NAME}"
     partial = f"{target}.partial"
     with fs.open(partial, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
         for item_id, name in pairs:
@@ -450,6 +454,14 @@ def compact_vectors(store: str) -> tuple[str | None, str]:
     return f"{root}/{COLLECTION_NAME}", (
         f"{COLLECTION_NAME}: the vectors of {len(pairs)} item(s) in one GeoParquet file"
     )
+
+
+def _drop_stale(fs: Any, target: str, reason: str) -> str:
+    """Remove a collection file that can no longer be rewritten; say so."""
+    if fs.exists(target):
+        fs.rm(target)
+        return f"{reason}: {COLLECTION_NAME} not written, the previous one removed"
+    return f"{reason}: {COLLECTION_NAME} not written"
 
 
 def read_vectors(store: str, item_ids: Sequence[str] | None = None) -> gpd.GeoDataFrame:

@@ -130,9 +130,9 @@ class SegflowConfig(_Model):
 
     def config_hash(self) -> str:
         """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions,
-        vectors,
-        and the content hash of every model the pipeline runs: a retrained checkpoint at
-        the same path redoes the items, an unchanged one lets them be skipped)."""
+        vectors, and the content hash of every model the pipeline runs: a retrained
+        checkpoint at the same path redoes the items, an unchanged one lets them be
+        skipped)."""
         payload: dict[str, Any] = {
             "pipeline": self.pipeline,
             "blocks": self.blocks.model_dump(),

@@ -273,10 +273,11 @@ def polygonize_block(
     local = local.reshape(labels.shape).astype(np.int32)  # shapes() takes int32, not int64
     parts: dict[int, list[Any]] = {}
     with _SHAPES_LOCK, warnings.catch_warnings():
-        # shapes() wraps the array in an in-memory dataset whose creation warns that it has
-        # no geotransform (the transform applied is the one passed here). rasterio silences
-        # that with catch_warnings, which is not thread-safe: two threads polygonising at
-        # once undo each other's filters, so calls here take turns.
+        # shapes() wraps the array in an in-memory dataset, and with two threads calling it
+        # at once (the local executor) that dataset's NotGeoreferencedWarning escaped now
+        # and then, failing tests that turn warnings into errors. Warning filters are
+        # process-wide, not per thread, so calls take turns and ignore that warning (the
+        # transform applied is the one passed here).
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         for geometry, value in shapes(
             local,

@@ -295,3 +295,26 @@ def test_an_item_without_objects_has_an_empty_table(tmp_path: pathlib.Path) -> N
     frame = gpd.read_parquet(tmp_path / "e.zarr" / "empty" / "vectors.parquet")
     assert len(frame) == 0 and result.object_count == 0
     assert list(frame.columns[:2]) == ["label", "geometry"] and "area" in frame
+
+
+def test_vectors_through_an_fsspec_url() -> None:
+    """Paths go through fsspec only (stores may be s3://): fsspec's in-memory filesystem."""
+    import fsspec
+
+    image = np.zeros((40, 50), np.float32)
+    image[5:35, 8:42] = 1
+    image[12:28, 15:30] = 0
+    store = "memory://vectors-test/out.zarr"
+    reader = ArrayReader(image, item_id="ring")
+    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
+    try:
+        assert _segment(reader, pipeline, store, block_shape=16).status == "done"
+        assert compact_vectors(store)[0] == f"{store}/vectors.parquet"
+        frame = read_vectors(store)
+        assert frame["item"].tolist() == ["ring"] and frame.geometry[0].area == 30 * 34 - 16 * 15
+        with fsspec.open(f"{store}/vectors.parquet", "rb") as handle:
+            assert len(gpd.read_parquet(handle)) == 1
+        fs = fsspec.filesystem("memory")
+        assert not [p for p in fs.find("/vectors-test") if "parts" in p]  # scratch removed
+    finally:
+        fsspec.filesystem("memory").rm("/vectors-test", recursive=True)

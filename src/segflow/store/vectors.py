@@ -145,7 +145,7 @@ class ParquetVectorsSink:
         properties = None
         if regions is not None:
             with fsspec.open(regions, "rb") as handle:
-                properties = pq.read_table(handle)
+                properties = pq.ParquetFile(handle).read()
         try:
             with fsspec.open(self.path, "wb", auto_mkdir=True) as handle:
                 writer = None
@@ -207,7 +207,7 @@ def _read_part(fs: Any, name: str) -> pa.Table:
     import pyarrow.parquet as pq
 
     with fs.open(name, "rb") as part:
-        return pq.read_table(part).replace_schema_metadata(None)
+        return pq.ParquetFile(part).read().replace_schema_metadata(None)
 
 
 def _join_properties(table: pa.Table, properties: pa.Table | None) -> pa.Table:
@@ -438,7 +438,7 @@ def compact_vectors(store: str, *, refresh_only: bool = False) -> tuple[str | No
     with fs.open(partial, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
         for item_id, name in pairs:
             with fs.open(name, "rb") as part:
-                table = pq.read_table(part)
+                table = pq.ParquetFile(part).read()
             n = table.num_rows
             columns = [
                 pa.array([item_id] * n, pa.string())

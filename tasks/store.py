@@ -118,7 +118,17 @@ def compact_vectors_task(store: str, *, vectors: bool) -> str | None:
 
     from segflow.store.vectors import compact_vectors
 
-    path, note = compact_vectors(store, refresh_only=not vectors)
+    logger = get_run_logger()
+    try:
+        path, note = compact_vectors(store, refresh_only=not vectors)
+    except Exception as error:  # the items are done and committed: only this file is lost
+        logger.error(
+            "%s/vectors.parquet not written (%s: %s); each item's vectors.parquet is complete",
+            store.rstrip("/"),
+            type(error).__name__,
+            error,
+        )
+        return None
     if note:
-        get_run_logger().info("%s", note)
+        logger.info("%s", note)
     return path

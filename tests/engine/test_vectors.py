@@ -16,6 +16,7 @@ import warnings
 
 import geopandas as gpd
 import numpy as np
+import pyarrow
 import pytest
 import rasterio
 import shapely
@@ -318,3 +319,19 @@ def test_vectors_through_an_fsspec_url() -> None:
         assert not [p for p in fs.find("/vectors-test") if "parts" in p]  # scratch removed
     finally:
         fsspec.filesystem("memory").rm("/vectors-test", recursive=True)
+
+
+def test_a_collection_file_that_cannot_be_rewritten_is_removed(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "c.zarr"
+    pipeline = [{"op": "threshold", "value": 100}, {"op": "label"}]
+    for k in range(2):
+        reader = open_item(str(_write_tile(tmp_path / f"t{k}.tif", epsg=32633, x0=0.0, seed=k)))
+        assert _segment(reader, pipeline, store, block_shape=16).status == "done"
+    assert compact_vectors(str(store))[0] is not None
+    (store / "t1" / "vectors.parquet").write_bytes(b"not parquet")  # a damaged item table
+
+    with pytest.raises(pyarrow.ArrowInvalid, match="Parquet magic bytes not found"):
+        compact_vectors(str(store))
+
+    assert not (store / "vectors.parquet").exists()  # not left holding t1's old rows
+    assert not (store / "vectors.parquet.partial").exists()

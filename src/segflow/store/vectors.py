@@ -396,18 +396,38 @@ def compact_vectors(store: str, *, refresh_only: bool = False) -> tuple[str | No
     has vectors any more, or the CRSs differ now) is removed rather than left stale. With
     ``refresh_only`` (a run without ``output.vectors``) nothing happens unless the file
     exists. Returns the path (or None) and a line saying what was done, for the run's log.
+
+    Raises
+    ------
+    OSError, pyarrow.ArrowException
+        When an item's table cannot be read or the file written; the previous file is
+        removed first (it would be stale).
     """
     import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from segflow.store.commit import read_commit
 
     root = str(store).rstrip("/")
     fs, path = fsspec.core.url_to_fs(root)
     target = f"{path}/{COLLECTION_NAME}"
     if refresh_only and not fs.exists(target):
         return None, ""
+    try:
+        return _write_collection(fs, root, target)
+    except Exception:
+        # The previous file would now be stale: better none (the caller reports why).
+        for leftover in (f"{target}.partial", target):
+            if fs.exists(leftover):
+                fs.rm(leftover)
+        raise
+
+
+def _write_collection(fs: Any, root: str, target: str) -> tuple[str | None, str]:
+    """The body of :func:`compact_vectors` (``target`` on ``fs``, the store's URL ``root``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from segflow.store.commit import read_commit
+
+    path = target.rsplit("/", 1)[0]
     found = sorted(fs.glob(f"{path}/*/{VECTORS_NAME}"))
     items = [name.rstrip("/").rsplit("/", 2)[-2] for name in found]
     pairs = [(i, n) for i, n in zip(items, found, strict=True) if read_commit(root, i)]

@@ -591,6 +591,7 @@ def _check_items(config: Any) -> list[str]:
     dimensions), one per line."""
     from segflow.engine.pipeline import compile_pipeline
     from segflow.errors import SegflowError
+    from segflow.store.vectors import check_vectors
 
     problems, readers, failures = _collection_problems(config)
     problems += [f"input.path: {message}" for _, message in failures]
@@ -600,7 +601,7 @@ def _check_items(config: Any) -> list[str]:
             problems.append(misfit)  # in a run, this item fails alone
             continue
         try:
-            compile_pipeline(
+            plan = compile_pipeline(
                 config.pipeline,
                 spatial_ndim=len(info.spatial_shape),
                 channels=info.n_channels,
@@ -609,6 +610,8 @@ def _check_items(config: Any) -> list[str]:
                 units=info.units,
                 nodata=info.nodata,
             )
+            if config.output.vectors:
+                check_vectors(info, plan.out_kind)
         except (SegflowError, ValueError) as error:
             problems.append(f"item {info.id!r} ({info.path}): {error}")
     return problems

@@ -32,6 +32,7 @@ from segflow.tasks.artifacts import publish_progress, report_items_task
 from segflow.tasks.items import discover_items_task, segment_item_task
 from segflow.tasks.progress import report_progress
 from segflow.tasks.store import (
+    compact_vectors_task,
     current_run_id,
     read_commits_task,
     read_index_task,
@@ -162,6 +163,10 @@ def segment_collection(
             with stop_on_signals(), writing_store(store, run_id, keep_stages=stages):
                 if todo:
                     rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
+                if any(r["status"] == "done" for r in rows) and stop_requested() is None:
+                    # While the lock is held: the collection's vectors in one file (or
+                    # an earlier run's file brought up to date, never left stale).
+                    compact_vectors_task(store, vectors=cfg.output.vectors)
         except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback
             logger.error("%s: %s", cfg.name, error)
             return Failed(message=f"{cfg.name}: {error}", data=error)
@@ -215,6 +220,7 @@ def segment_items(
                 shards=cfg.output.shards,
                 regions=cfg.output.regions,
                 regions_intensity=cfg.output.regions_intensity,
+                vectors=cfg.output.vectors,
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,

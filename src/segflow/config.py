@@ -54,6 +54,12 @@ class OutputConfig(_Model):
         description="what the regions' intensity columns summarise: 'input' (the item), the "
         "name of a `save_as` array, or null for none",
     )
+    vectors: bool = Field(
+        False,
+        description="also write ITEM/vectors.parquet: each object's polygon (holes kept) in "
+        "the item's CRS, GeoParquet with the region columns (2-D items; the pipeline must end "
+        "in labels)",
+    )
     overwrite: bool = Field(
         False, description="redo items already done with the same input, config and code"
     )
@@ -129,8 +135,9 @@ class SegflowConfig(_Model):
 
     def config_hash(self) -> str:
         """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions,
-        and the content hash of every model the pipeline runs: a retrained checkpoint at
-        the same path redoes the items, an unchanged one lets them be skipped)."""
+        vectors, and the content hash of every model the pipeline runs: a retrained
+        checkpoint at the same path redoes the items, an unchanged one lets them be
+        skipped)."""
         payload: dict[str, Any] = {
             "pipeline": self.pipeline,
             "blocks": self.blocks.model_dump(),
@@ -139,6 +146,8 @@ class SegflowConfig(_Model):
         }
         if self.output.regions:
             payload["regions"] = self.output.regions_intensity or True
+        if self.output.vectors:
+            payload["vectors"] = True
         models = self.model_hash()
         if models:
             payload["models"] = models

@@ -5,9 +5,10 @@ The points sit where a crash is most likely to leave a store half written: ``ite
 (data written and checked, not yet swapped in), ``item-swap`` (between the two renames of
 the swap), ``item-committed`` (swapped in, not yet recorded), ``record-written``,
 ``index-compact`` (index.parquet replaced, records not yet removed), ``regions-joined``
-(an item's region table written, its parts not yet removed), ``block-done`` (each
-time a block task finishes, seen from the client), ``output-block-done`` (each time a
-block of an item's output phase finishes, seen from the client) and ``block-write`` (in a
+(an item's region table written, its parts not yet removed), ``vectors-joined`` (the
+same for its vector table), ``block-done`` (each time a block task finishes, seen from the
+client), ``output-block-done`` (each time a block of an item's output phase finishes, seen
+from the client) and ``block-write`` (in a
 Dask worker, before a block's output is written: kills that worker). Without the variable
 a point costs one dictionary lookup. With ``SEGFLOW_FAULT_ONCE=PATH`` only the process
 that creates ``PATH`` first is killed.

@@ -126,6 +126,20 @@ def test_validate_checks_the_pipeline_against_the_items() -> None:
     assert "pipeline[2] 'otsu' needs a single-channel image, got 3 channels" in line
 
 
+def test_validate_refuses_vectors_for_a_volume() -> None:
+    result = runner.invoke(
+        app, ["validate", str(CONFIGS / "ct.yaml"), "--set", "output.vectors=true"]
+    )
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert "item 'CT_image' (" in line
+    assert line.endswith(
+        "`output.vectors` (true) needs a 2-D item (y, x), this one has 3 spatial axes "
+        "('z', 'y', 'x'): set output.vectors: false for volumes"
+    )
+
+
 def test_validate_reports_a_missing_input_path() -> None:
     result = runner.invoke(
         app, ["validate", str(CONFIGS / "ct.yaml"), "--set", "input.path=/no/such/ct.nii.gz"]

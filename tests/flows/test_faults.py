@@ -50,7 +50,7 @@ def config(tmp_path: Path, dask_address: str) -> Path:
     path.write_text(
         "name: faults\n"
         "input: {path: tiles}\n"
-        "output: {store: out.zarr, chunks: [32, 32], regions: true}\n"
+        "output: {store: out.zarr, chunks: [32, 32], regions: true, vectors: true}\n"
         "blocks: {shape: [32, 32]}\n"
         "pipeline: [{op: gaussian, sigma: 1}, {op: otsu}, {op: label}]\n"
         f"cluster: {{address: '{dask_address}'}}\n"
@@ -99,6 +99,8 @@ def _outputs(store: Path) -> dict[str, tuple[np.ndarray, int]]:
 
         rows = pq.ParquetFile(store / item_id / "regions.parquet").metadata.num_rows
         assert rows == labels.max(), item_id
+        polygons = pq.ParquetFile(store / item_id / "vectors.parquet").metadata.num_rows
+        assert polygons == rows, item_id
         found[item_id] = (labels, rows)
     return found
 
@@ -131,6 +133,7 @@ def _assert_complete(store: Path, reference: dict[str, Any]) -> None:
         ("item-committed", False),  # swapped in, not yet recorded
         ("record-written@2", True),
         ("regions-joined@2", True),  # the second item's region table written, not committed
+        ("vectors-joined@2", True),  # the same for its vector table
         ("index-compact", False),  # index.parquet replaced, records not yet removed
     ],
 )

@@ -318,3 +318,32 @@ def test_the_first_items_of_a_run_get_a_quick_look(
         picture = iio.imread(base64.b64decode(encoded.group(1)), extension=".png")
         assert max(picture.shape[:2]) <= artifacts.QUICKLOOK_SIZE and picture.shape[2] == 3
         assert (picture == (255, 221, 0)).all(axis=-1).any()  # the blobs' outlines
+
+
+def test_vectors_per_item_and_for_the_collection(tmp_path: Path, dask_address: str) -> None:
+    import geopandas as gpd
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    write_geotiff(folder / "east.tif", blob_image())
+    write_geotiff(folder / "west.tif", blob_image(), x0=499_280.0)
+    store = tmp_path / "out.zarr"
+    config = collection_config(folder, store, dask_address)
+    config["output"] = {**config["output"], "regions": True, "vectors": True}
+
+    state, summary = run(config)
+
+    assert state == "COMPLETED", summary
+    east = gpd.read_parquet(store / "east" / "vectors.parquet")
+    assert len(east) == N_BLOBS == summary["rows"][0]["object_count"]  # type: ignore[index]
+    assert east.crs.to_epsg() == 32633
+    collection = gpd.read_parquet(store / "vectors.parquet")
+    assert collection.groupby("item").size().to_dict() == {"east": N_BLOBS, "west": N_BLOBS}
+    np.testing.assert_allclose(collection.geometry.area, collection["area"] * 100.0)
+    assert xarray.open_zarr(store, group="east")["labels"].shape == (64, 72)
+
+    # Redone without vectors: no item has them any more, so neither has the collection.
+    config["output"] = {**config["output"], "vectors": False}
+    assert run(config, overwrite=True)[0] == "COMPLETED"
+    assert not (store / "east" / "vectors.parquet").exists()
+    assert not (store / "vectors.parquet").exists()

@@ -126,6 +126,7 @@ def segment_item(
     config_hash: str = "",
     regions: bool = False,
     regions_intensity: str | bool | None = "input",
+    vectors: bool = False,
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
     run_id: str | None = None,
@@ -150,7 +151,9 @@ def segment_item(
     objects' properties go to ``STORE/ITEM_ID/regions.parquet`` and the result carries the
     5th, 50th and 95th percentiles of their areas; ``regions_intensity`` says what the
     intensity columns summarise: ``"input"`` (or ``True``), the name of a ``save_as``
-    array, or ``None`` (or ``False``) for none.
+    array, or ``None`` (or ``False``) for none. With ``vectors`` (a 2-D item whose
+    pipeline ends in labels), each object's polygon goes to ``STORE/ITEM_ID/vectors.parquet``
+    (GeoParquet in the item's CRS, with the region columns; :mod:`segflow.store.vectors`).
     """
     from segflow.engine.run import RegionsSpec
     from segflow.store.blocks import BlockRecords, output_key
@@ -170,6 +173,12 @@ def segment_item(
     )
     from segflow.store.lock import bookkeeping_path, is_local
     from segflow.store.regions import ParquetRegionsSink
+    from segflow.store.vectors import (
+        ParquetVectorsSink,
+        check_vectors,
+        item_transform,
+        write_vectors,
+    )
 
     info = reader.info
     run_id = run_id or uuid.uuid4().hex
@@ -267,6 +276,12 @@ def segment_item(
             if not resuming:
                 regions_sink.clear()
             intensity_source = _intensity_source(regions_intensity, reader, plan, root)
+        vectors_sink = None
+        if vectors:
+            check_vectors(info, plan.out_kind)  # before any block runs
+            vectors_sink = ParquetVectorsSink(
+                root, info.id, transform=item_transform(info), crs_wkt=info.crs_wkt
+            )
         run = run_item(
             reader,
             plan,
@@ -291,6 +306,16 @@ def segment_item(
             result.area_p05, result.area_p50, result.area_p95 = regions_sink.area_percentiles(
                 (0.05, 0.5, 0.95)
             )
+        if vectors_sink is not None:
+            write_vectors(
+                ZarrRegionWriter(root, info.id, plan.out_kind),
+                spatial,
+                block_shape=block,
+                executor=executor,
+                sink=vectors_sink,
+                regions=None if regions_sink is None else regions_sink.path,
+                progress=progress,
+            )
         check_item(
             root,
             info.id,
@@ -298,6 +323,7 @@ def segment_item(
             arrays=written,
             object_count=run.n_labels,
             regions=regions_sink is not None,
+            vectors=vectors_sink is not None,
         )
         fault_point("item-staged")
         commit_item(

@@ -2,7 +2,7 @@
 
 A run writes each item into a staging group ``STORE/.segflow/staging/RUN/ITEM``, checks it
 (every array has the item's shape and dtype and every storage unit on disk; the region
-table has one row per object), writes a commit record into the group's attributes
+and vector tables have one row per object), writes a commit record into the group's attributes
 (``segflow_commit``: run, fingerprint, config hash, code version, arrays, object count), and
 only then swaps it in: on Linux the staged group and the previous ``STORE/ITEM`` are
 exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``, so at every instant ``STORE/ITEM``
@@ -177,8 +177,9 @@ def check_item(
     arrays: Mapping[str, str],
     object_count: int | None = None,
     regions: bool = False,
+    vectors: bool = False,
 ) -> None:
-    """Check that ``ROOT/ITEM`` is complete: arrays, storage units, region rows.
+    """Check that ``ROOT/ITEM`` is complete: arrays, storage units, region and vector rows.
 
     Parameters
     ----------
@@ -191,9 +192,11 @@ def check_item(
     arrays : mapping
         Array name to dtype name, every array the run wrote.
     object_count : int, optional
-        With ``regions``, the number of rows ``regions.parquet`` must have.
+        With ``regions`` or ``vectors``, the number of rows their tables must have.
     regions : bool
         Whether the item has a region table.
+    vectors : bool
+        Whether the item has a vector table (``vectors.parquet``).
 
     Raises
     ------
@@ -225,19 +228,24 @@ def check_item(
                 f"{label} has {found} of its {expected} storage units on disk: a block's "
                 "write is missing"
             )
-    if regions:
-        import pyarrow.parquet as pq
+    for name, present in (("regions.parquet", regions), ("vectors.parquet", vectors)):
+        if present:
+            _check_table_rows(root, item_id, name, object_count)
 
-        table = f"{str(root).rstrip('/')}/{item_id}/regions.parquet"
-        try:
-            with fsspec.open(table, "rb") as handle:
-                rows = pq.ParquetFile(handle).metadata.num_rows
-        except Exception as exc:
-            raise StoreError(f"item '{item_id}': regions.parquet is unreadable ({exc})") from exc
-        if object_count is not None and rows != object_count:
-            raise StoreError(
-                f"item '{item_id}': regions.parquet has {rows} rows for {object_count} objects"
-            )
+
+def _check_table_rows(root: str, item_id: str, name: str, object_count: int | None) -> None:
+    """A table of ``ROOT/ITEM`` is readable and has one row per object."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    table = f"{str(root).rstrip('/')}/{item_id}/{name}"
+    try:
+        with fsspec.open(table, "rb") as handle:
+            rows = pq.ParquetFile(handle).metadata.num_rows
+    except Exception as exc:
+        raise StoreError(f"item '{item_id}': {name} is unreadable ({exc})") from exc
+    if object_count is not None and rows != object_count:
+        raise StoreError(f"item '{item_id}': {name} has {rows} rows for {object_count} objects")
 
 
 def _is_chunk_key(key: str, prefix: str) -> bool:

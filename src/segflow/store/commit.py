@@ -203,7 +203,6 @@ def check_item(
     StoreError
         Naming the array or table and what is missing.
     """
-    import fsspec
     import zarr
 
     for name, dtype in arrays.items():

@@ -31,6 +31,7 @@ import numpy as np
 
 from segflow.errors import PlanError
 from segflow.faults import fault_point
+from segflow.store.fs import fresh_fs
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -135,7 +136,7 @@ class ParquetVectorsSink:
         import fsspec
         import pyarrow.parquet as pq
 
-        fs, parts = fsspec.core.url_to_fs(self.parts)
+        fs, parts = fresh_fs(self.parts)
         names = sorted(fs.glob(f"{parts}/*.parquet")) if fs.exists(parts) else []
         types: set[str] = set()
         for name in names:
@@ -180,10 +181,9 @@ class ParquetVectorsSink:
 
     def clear(self) -> None:
         """Remove an earlier run's table and parts (the item is being rewritten)."""
-        import fsspec
 
         for target in (self.path, self.parts):
-            fs, path = fsspec.core.url_to_fs(target)
+            fs, path = fresh_fs(target)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
 
@@ -403,10 +403,9 @@ def compact_vectors(store: str, *, refresh_only: bool = False) -> tuple[str | No
         When an item's table cannot be read or the file written; the previous file is
         removed first (it would be stale).
     """
-    import fsspec
 
     root = str(store).rstrip("/")
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = fresh_fs(root)
     target = f"{path}/{COLLECTION_NAME}"
     if refresh_only and not fs.exists(target):
         return None, ""
@@ -491,7 +490,6 @@ def read_vectors(store: str, item_ids: Sequence[str] | None = None) -> gpd.GeoDa
     ``item_ids`` default to every committed item that has a vector table. Items of different
     CRSs cannot share a frame: read them one at a time (``geopandas.read_parquet``).
     """
-    import fsspec
     import geopandas as gpd
     import pandas as pd
 
@@ -499,7 +497,7 @@ def read_vectors(store: str, item_ids: Sequence[str] | None = None) -> gpd.GeoDa
 
     root = str(store).rstrip("/")
     if item_ids is None:
-        fs, path = fsspec.core.url_to_fs(root)
+        fs, path = fresh_fs(root)
         found = fs.glob(f"{path}/*/{VECTORS_NAME}")
         names = sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in found)
         item_ids = [i for i in names if read_commit(root, i)]  # not a half-written group

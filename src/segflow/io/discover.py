@@ -58,6 +58,8 @@ def open_item(path: str, item_id: str | None = None, **options: Any) -> Reader:
     'tiff'
     """
     path = strip_file_scheme(path)
+    if "stack" in options:
+        return _open_stack(path, item_id, options)
     backend = backend_for(path)
     if backend is None:
         known = ", ".join(claimed_suffixes())
@@ -117,7 +119,9 @@ def discover_items(
     (['image', 'labels'], [])
     """
     path = strip_file_scheme(path)
-    if is_url(path):
+    if "stack" in options:
+        paths = _stack_folders(path)
+    elif is_url(path):
         paths = _list_url(path)
     elif _GLOB_CHARS & set(path):
         paths = [p for p in sorted(glob.glob(path, recursive=True)) if _is_item_path(p)]
@@ -127,7 +131,7 @@ def discover_items(
         paths = [path]
     else:
         raise ItemReadError(f"collection '{path}': no such file or folder")
-    paths, series_names = _group_series(paths, notes)
+    paths, series_names = _group_series(paths, notes) if "stack" not in options else (paths, {})
     if not paths:
         suffixes = [s for s in claimed_suffixes() if s not in folder_suffixes()]
         raise ItemReadError(
@@ -146,6 +150,37 @@ def discover_items(
         except Exception as exc:  # a reader bug on one file must not stop the collection
             failures.append((item_path, f"item '{item_path}': {type(exc).__name__}: {exc}"))
     return readers, failures
+
+
+def _open_stack(path: str, item_id: str | None, options: dict[str, Any]) -> Reader:
+    from segflow.io.stack import StackReader
+
+    stack = options["stack"]
+    settings = {} if stack is True else stack
+    if not isinstance(settings, dict) or set(options) - {"stack"}:
+        raise ItemReadError(
+            f"item '{path}': `input.options.stack` must be true or a mapping of spacing, "
+            f"units and pattern, alone in `input.options` (got {options!r})"
+        )
+    unknown = sorted(set(settings) - {"spacing", "units", "pattern"})
+    if unknown:
+        raise ItemReadError(
+            f"item '{path}': `input.options.stack` takes spacing, units and pattern, not {unknown}"
+        )
+    return StackReader(path, item_id, **settings)
+
+
+def _stack_folders(path: str) -> list[str]:
+    """The folders a stack input names: the folder itself, or the folders a glob matches."""
+    if is_url(path):
+        raise ItemReadError(f"collection '{path}': stacks are read from local folders")
+    if _GLOB_CHARS & set(path):
+        return [p for p in sorted(glob.glob(path, recursive=True)) if os.path.isdir(p)]
+    if os.path.isdir(path):
+        return [path.rstrip("/")]
+    raise ItemReadError(
+        f"collection '{path}': a stack input is a folder of slices (or a glob of folders)"
+    )
 
 
 def _series_backend(path: str, series: dict[str, ReaderBackend]) -> ReaderBackend | None:

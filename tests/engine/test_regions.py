@@ -124,6 +124,9 @@ def test_segment_item_writes_the_region_table_with_world_coordinates(tmp_path) -
         )
     assert result.status == "done", result.error
     table = read_regions(str(tmp_path / "out.zarr"), "tile")
+    # The file itself is in label order, as a reader outside segflow finds it.
+    raw = pd.read_parquet(tmp_path / "out.zarr" / "tile" / "regions.parquet")
+    assert raw["label"].tolist() == [1, 2, 3]
     assert table["area"].tolist() == [24, 36, 20]
     np.testing.assert_allclose(table["area_physical"], [6.0, 9.0, 5.0])
     np.testing.assert_allclose(table["centroid-0"], [3.5, 28.5, 30.5])
@@ -190,3 +193,54 @@ def test_panoptic_output_classes_and_instances(tmp_path) -> None:
     for value in (1, 2, 3):
         reference += ndi.label(classes == value)[1]
     assert labels.max() == reference
+
+
+def test_objects_in_a_geographic_crs_get_areas_in_square_metres(tmp_path) -> None:
+    """EPSG:4326 pixels are degrees: `area_m2` is what pyproj's geodesic polygon areas of
+    the objects' pixels add up to (a tile near 60 N, where a degree of longitude is half
+    that at the equator)."""
+    import dataclasses
+
+    pyproj = pytest.importorskip("pyproj", reason="pyproj (with geopandas, a dev extra)")
+    import rasterio.crs
+
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.item import segment_item
+    from segflow.io import ArrayReader
+    from segflow.store.regions import read_regions
+
+    image = np.zeros((60, 80), dtype=np.float32)
+    image[5:25, 10:30] = 1.0  # a square field
+    image[30:58, 50:54] = 1.0  # a tall strip crossing blocks
+    step = 0.0005  # degrees (about 55 m north-south)
+    reader = ArrayReader(image, "tile")
+    reader.info = dataclasses.replace(
+        reader.info,
+        spacing=(-step, step),
+        origin=(60.2 - step / 2, 10.0 + step / 2),
+        units="degree",
+        crs_wkt=rasterio.crs.CRS.from_epsg(4326).to_wkt(),
+    )
+    with LocalExecutor(2) as executor:
+        result = segment_item(
+            reader,
+            [{"op": "threshold", "value": 0.5}, {"op": "label"}],
+            store=str(tmp_path / "out.zarr"),
+            block_shape=16,
+            executor=executor,
+            regions=True,
+        )
+    assert result.status == "done", result.error
+    table = read_regions(str(tmp_path / "out.zarr"), "tile")
+
+    geod = pyproj.Geod(ellps="WGS84")
+    expected = []
+    for rows, cols in (((5, 25), (10, 30)), ((30, 58), (50, 54))):
+        top, bottom = 60.2 - rows[0] * step, 60.2 - rows[1] * step
+        left, right = 10.0 + cols[0] * step, 10.0 + cols[1] * step
+        area, _ = geod.polygon_area_perimeter(
+            [left, right, right, left], [bottom, bottom, top, top]
+        )
+        expected.append(abs(area))
+    np.testing.assert_allclose(table["area_m2"], expected, rtol=1e-6)
+    assert table["area_physical"].tolist() == pytest.approx([400 * step**2, 112 * step**2])

@@ -271,7 +271,12 @@ def segment_item(
                     f"{plan.out_kind}"
                 )
             regions_sink = ParquetRegionsSink(
-                root, info.id, spacing=info.spacing, origin=info.origin, units=info.units
+                root,
+                info.id,
+                spacing=info.spacing,
+                origin=info.origin,
+                units=info.units,
+                crs_wkt=info.crs_wkt,
             )
             if not resuming:
                 regions_sink.clear()

@@ -210,12 +210,16 @@ def region_columns(
     *,
     spacing: Sequence[float],
     origin: Sequence[float],
+    ellipsoid: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """The finished table: ``regionprops_table`` names plus physical and world columns.
 
     ``area_physical`` is in the item's units to the power of its dimensionality;
     ``centroid_world-i`` is the centre in the item's coordinates (CRS units or millimetres),
-    ``origin + centroid * spacing``, as in the labels' coordinate variables.
+    ``origin + centroid * spacing``, as in the labels' coordinate variables. For a 2-D
+    item in a geographic CRS (degrees), ``ellipsoid`` (semi-major axis in metres, inverse
+    flattening) adds ``area_m2``: :func:`geodesic_cell_area` at each object's centroid
+    latitude times its pixel count.
     """
     ndim = rows.coord_sum.shape[1]
     count = rows.count.astype(np.float64)
@@ -235,6 +239,10 @@ def region_columns(
         columns[f"centroid-{axis}"] = centroid[:, axis]
     for axis in range(ndim):
         columns[f"centroid_world-{axis}"] = origin[axis] + centroid[:, axis] * spacing[axis]
+    if ellipsoid is not None and ndim == 2:
+        latitude = columns["centroid_world-0"]
+        cell = geodesic_cell_area(latitude, abs(spacing[0]), abs(spacing[1]), *ellipsoid)
+        columns["area_m2"] = count * cell
     columns["equivalent_diameter_area"] = (2 * ndim * count / math.pi) ** (1 / ndim)
     if rows.intensity_sum is not None:
         assert rows.intensity_min is not None and rows.intensity_max is not None
@@ -248,3 +256,37 @@ def region_columns(
             for c in range(channels):
                 columns[name if channels == 1 else f"{name}-{c}"] = values[:, c]
     return columns
+
+
+def geodesic_cell_area(
+    latitude: np.ndarray,
+    dlat: float,
+    dlon: float,
+    semi_major: float = 6378137.0,
+    inverse_flattening: float = 298.257223563,
+) -> np.ndarray:
+    """Area in m^2 of a ``dlat`` x ``dlon`` degree cell centred at ``latitude``, on the
+    ellipsoid (WGS 84 by default): the zone between its two latitudes, exactly
+    (the authalic-latitude formula), times its share of the longitudes.
+
+    An object's area from this at its centroid latitude differs from the sum over its
+    rows by the curvature of the cosine: under 1e-6 relative for objects less than
+    0.1 degree tall.
+
+    Examples
+    --------
+    >>> round(float(geodesic_cell_area(np.array([0.0]), 1.0, 1.0)[0]) / 1e6)  # km^2
+    12309
+    """
+    flattening = 1.0 / inverse_flattening
+    e2 = flattening * (2 - flattening)
+    e = math.sqrt(e2)
+
+    def q(phi: np.ndarray) -> np.ndarray:
+        s = np.sin(phi)
+        return s / (1 - e2 * s * s) + np.log((1 + e * s) / (1 - e * s)) / (2 * e)
+
+    lat = np.radians(np.asarray(latitude, dtype=np.float64))
+    half = math.radians(dlat) / 2
+    zone = semi_major**2 * (1 - e2) / 2 * (q(lat + half) - q(lat - half))
+    return np.abs(zone) * math.radians(dlon)

@@ -25,6 +25,9 @@ REGIONS_NAME = "regions.parquet"
 PARTS_NAME = "regions.parts"  # scratch folder, removed once the parts are joined
 
 
+SORT_ROWS = 5_000_000  # region rows sorted by label in memory when joined (~1 GB at most)
+
+
 class ParquetRegionsSink:
     """Writes parts of one item's region table; picklable (a path and the item's geometry)."""
 
@@ -36,6 +39,7 @@ class ParquetRegionsSink:
         spacing: Sequence[float],
         origin: Sequence[float],
         units: str,
+        crs_wkt: str | None = None,
     ) -> None:
         group = f"{str(store).rstrip('/')}/{item_id}"
         self.path = f"{group}/{REGIONS_NAME}"
@@ -43,34 +47,58 @@ class ParquetRegionsSink:
         self.spacing = tuple(float(s) for s in spacing)
         self.origin = tuple(float(o) for o in origin)
         self.units = units
+        # Areas in m^2 beside the square degrees of a geographic CRS.
+        self.ellipsoid = ellipsoid_of(crs_wkt) if units == "degree" and crs_wkt else None
 
     def write(self, name: str, rows: RegionPartial) -> None:
         import fsspec
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = region_columns(rows, spacing=self.spacing, origin=self.origin)
+        columns = region_columns(
+            rows, spacing=self.spacing, origin=self.origin, ellipsoid=self.ellipsoid
+        )
         units = {"segflow.units": self.units, "segflow.area_physical_units": self._area_units}
+        if self.ellipsoid is not None:
+            units["segflow.area_m2"] = (
+                "ellipsoidal area (a={}, 1/f={}) of a pixel at the object's centroid "
+                "latitude, times its pixel count".format(*self.ellipsoid)
+            )
         table = pa.table(columns).replace_schema_metadata(units)
         with fsspec.open(f"{self.parts}/{name}.parquet", "wb", auto_mkdir=True) as handle:
             pq.write_table(table, handle)
 
     def join(self) -> None:
-        """Stream every part into ``regions.parquet`` and drop the parts (on the client)."""
+        """Join every part into ``regions.parquet``, sorted by label, and drop the parts
+        (on the client). Up to :data:`SORT_ROWS` rows are sorted in memory (about 200 B a
+        row); a larger table is streamed part by part, each part sorted."""
         import fsspec
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, parts = fresh_fs(self.parts)
         names = sorted(fs.glob(f"{parts}/*.parquet"))
+        rows = 0
+        for name in names:
+            with fs.open(name, "rb") as part:
+                rows += pq.ParquetFile(part).metadata.num_rows
         writer = None
         try:
             with fsspec.open(self.path, "wb", auto_mkdir=True) as handle:
+                tables = []
                 for name in names:
                     with fs.open(name, "rb") as part:
-                        table = pq.read_table(part)
+                        table = pq.read_table(part).sort_by("label")
+                    if rows <= SORT_ROWS:
+                        tables.append(table)
+                        continue
                     if writer is None:
                         writer = pq.ParquetWriter(handle, table.schema)
                     writer.write_table(table)
+                if tables:
+                    whole = pa.concat_tables(tables).sort_by("label")
+                    writer = pq.ParquetWriter(handle, whole.schema)
+                    writer.write_table(whole)
                 if writer is not None:
                     writer.close()
             fault_point("regions-joined")  # the table written, its parts not yet removed
@@ -124,3 +152,20 @@ def regions_frame(parts: Sequence[RegionPartial], **geometry: Any) -> pd.DataFra
 
     columns = region_columns(merge_rows(parts), **geometry)
     return pd.DataFrame(columns).sort_values("label", ignore_index=True)
+
+
+def ellipsoid_of(crs_wkt: str) -> tuple[float, float]:
+    """Semi-major axis (m) and inverse flattening of a CRS's ellipsoid, from its WKT (WGS 84
+    where the WKT names none).
+
+    Examples
+    --------
+    >>> ellipsoid_of('GEOGCS["NAD83",DATUM["x",SPHEROID["GRS 1980",6378137,298.257222101]]]')
+    (6378137.0, 298.257222101)
+    """
+    import re
+
+    found = re.search(r'(?:SPHEROID|ELLIPSOID)\["[^"]*",\s*([0-9.eE+-]+),\s*([0-9.eE+-]+)', crs_wkt)
+    if found is None:
+        return 6378137.0, 298.257223563
+    return float(found.group(1)), float(found.group(2))

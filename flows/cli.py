@@ -9,6 +9,7 @@ segflow-owned folder unless the user configured Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 import sys
@@ -77,6 +78,15 @@ SetOption = Annotated[
 ]
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Show full tracebacks of unexpected errors.")
+]
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Print Prefect's log lines here too; by default they go to a log file whose "
+        "path is printed (and to the Prefect UI).",
+    ),
 ]
 
 EXIT_FAILED = 1  # some item (or a whole run) failed
@@ -196,7 +206,12 @@ def validate(configs: ConfigPaths, set_: SetOption = None) -> None:
 
 
 @app.command()
-def run(configs: ConfigPaths, set_: SetOption = None, debug: DebugOption = False) -> None:
+def run(
+    configs: ConfigPaths,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+    verbose: VerboseOption = False,
+) -> None:
     """Run each config as its own flow run and print where the output is.
 
     Exit status: 0 when every item is done (or was already), 1 when any item or run failed
@@ -206,7 +221,7 @@ def run(configs: ConfigPaths, set_: SetOption = None, debug: DebugOption = False
     stopped by Ctrl-C / SIGTERM.
     """
     try:
-        _run(configs, list(set_ or []))
+        _run(configs, list(set_ or []), verbose=verbose or debug)
     except (typer.Exit, SystemExit):
         raise
     except Exception as error:
@@ -219,7 +234,7 @@ def run(configs: ConfigPaths, set_: SetOption = None, debug: DebugOption = False
         raise typer.Exit(EXIT_FAILED) from None
 
 
-def _run(configs: Sequence[Path], overrides: list[str]) -> None:
+def _run(configs: Sequence[Path], overrides: list[str], *, verbose: bool = False) -> None:
     loaded = [_load_or_report(path, overrides) for path in configs]
     if any(config is None for config in loaded):
         raise typer.Exit(EXIT_INVALID)
@@ -255,6 +270,7 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
     failed = False
     stores = [config.output.store for config in loaded]
     with (
+        _prefect_log_file(verbose),
         stop_on_signals(),
         _exit_when_stuck(stores),
         prefect_api() as api_url,
@@ -284,6 +300,27 @@ def _run(configs: Sequence[Path], overrides: list[str]) -> None:
         raise typer.Exit(_stop_status(reason))
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def _prefect_log_file(verbose: bool) -> Iterator[None]:
+    """Unless ``verbose``, Prefect's INFO lines go to a log file named on the terminal."""
+    if verbose:
+        yield
+        return
+    from prefect.logging.configuration import setup_logging
+
+    from segflow.flows._logs import log_file_path, restore, route_prefect_logs
+
+    setup_logging()  # Prefect's own configuration first (it is done once per process)
+
+    path = log_file_path()
+    handler = route_prefect_logs(path)
+    typer.echo(f"segflow: Prefect's log: {path} (--verbose prints it here)", err=True)
+    try:
+        yield
+    finally:
+        restore(handler)
 
 
 def _summaries_if_nothing_to_do(

@@ -208,6 +208,7 @@ def segment_items(
             address,
             len(client.scheduler_info()["workers"]),
             f", dashboard {link}" if (link := dashboard_link(client)) else "",
+            extra={"segflow_console": True},  # shown on the terminal too (flows/_logs.py)
         )
         futures = [
             segment_item_task.submit(

@@ -188,6 +188,11 @@ def test_run_applies_overrides_and_prints_how_to_open(tmp_path: Path, dask_addre
     assert index.loc["RGB.byte", "object_count"] == len(regions)
     assert f"  made:   {len(regions)} objects\n" in result.stdout
     assert index.loc["RGB.byte", "area_p50"] == regions["area"].median()
+    # Prefect's INFO lines went to the log file the command named, not to the terminal.
+    [log_line] = [line for line in result.output.splitlines() if "Prefect's log: " in line]
+    log = Path(log_line.split("Prefect's log: ")[1].split(" (--verbose")[0]).read_text()
+    assert f"item RGB.byte: done, {len(regions)} objects" in log
+    assert "Finished in state Completed()" in log
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -163,14 +163,12 @@ def segment_item(
         stage_name,
         staging_root,
     )
-    from segflow.store.layout import (
-        ArraySpec,
-        ZarrRegionWriter,
-        create_item_group,
-    )
+    from segflow.store.layout import ArraySpec
+    from segflow.store.output import XarrayLayout
     from segflow.store.regions import ParquetRegionsSink
 
     info = reader.info
+    layout = XarrayLayout()
     run_id = run_id or uuid.uuid4().hex
     resume_name = (
         stage_name(info.id, config_hash, info.fingerprint, code_version())
@@ -212,18 +210,18 @@ def segment_item(
         if resuming:
             drop_partial_writes(root, info.id)  # a write the kill cut short is redone
         else:
-            create_item_group(root, info, overwrite=True)
+            layout.create_item(root, info)
         saved = {}
         written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
             classes = plan.saved_classes.get(name, ())
             categories = plan.saved_categories.get(name, ())
             spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes, categories=categories)
-            _ensure_array(root, info, spec, reuse=resuming)
-            saved[name] = ZarrRegionWriter(root, info.id, name)
+            saved[name] = _ensure_array(layout, root, info, spec, reuse=resuming)
             written[name] = str(np.dtype(dtype))
+        output: list[ArraySpec] = []  # the output array's spec, once its dtype is known
 
-        def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
+        def make_sink(dtype: np.dtype) -> Any:
             spec = ArraySpec(
                 plan.out_kind,
                 str(dtype),
@@ -232,9 +230,9 @@ def segment_item(
                 classes=plan.out_classes,
                 categories=plan.out_categories,
             )
-            _ensure_array(root, info, spec, reuse=resuming)
+            output[:] = [spec]
             written[plan.out_kind] = str(np.dtype(dtype))
-            return ZarrRegionWriter(root, info.id, plan.out_kind)
+            return _ensure_array(layout, root, info, spec, reuse=resuming)
 
         def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
             key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
@@ -278,6 +276,10 @@ def segment_item(
             result.area_p05, result.area_p50, result.area_p95 = regions_sink.area_percentiles(
                 (0.05, 0.5, 0.95)
             )
+        # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
+        derived = (
+            layout.finalize_item(root, info, output=output[0], executor=executor) if output else {}
+        )
         check_item(
             root,
             info.id,
@@ -285,6 +287,7 @@ def segment_item(
             arrays=written,
             object_count=run.n_labels,
             regions=regions_sink is not None,
+            derived=derived,
         )
         fault_point("item-staged")
         commit_item(
@@ -342,11 +345,12 @@ def _remove(path: str) -> None:
         shutil.rmtree(local_path(path), ignore_errors=True)
 
 
-def _ensure_array(root: str, info: Any, spec: Any, *, reuse: bool) -> None:
-    """Create an output array, or keep the staged one of a resumed item if it fits."""
+def _ensure_array(layout: Any, root: str, info: Any, spec: Any, *, reuse: bool) -> Any:
+    """Create an output array through ``layout`` (or keep the staged one of a resumed item
+    if it fits); return its sink."""
     import zarr
 
-    from segflow.store.layout import create_output_array
+    from segflow.store.layout import ZarrRegionWriter
 
     if reuse:
         try:
@@ -354,8 +358,8 @@ def _ensure_array(root: str, info: Any, spec: Any, *, reuse: bool) -> None:
         except Exception:
             array = None
         if array is not None and str(array.dtype) == str(np.dtype(spec.dtype)):
-            return
-    create_output_array(root, info, spec)
+            return ZarrRegionWriter(root, info.id, spec.name)
+    return layout.create_array(root, info, spec)
 
 
 class _SavedArray:

@@ -215,6 +215,8 @@ def segment_items(
                 shards=cfg.output.shards,
                 regions=cfg.output.regions,
                 regions_intensity=cfg.output.regions_intensity,
+                ome=cfg.output.ome,
+                pyramid=cfg.output.pyramid,
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,

@@ -130,6 +130,8 @@ def segment_item(
     progress: ProgressCallback | None = None,
     run_id: str | None = None,
     resumable: bool = False,
+    ome: bool = True,
+    pyramid: int | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
@@ -151,6 +153,11 @@ def segment_item(
     5th, 50th and 95th percentiles of their areas; ``regions_intensity`` says what the
     intensity columns summarise: ``"input"`` (or ``True``), the name of a ``save_as``
     array, or ``None`` (or ``False``) for none.
+
+    The store's layout (:mod:`segflow.store.output`) is the xarray/CF one, plus with ``ome``
+    an OME-Zarr 0.5 multiscale view of the output (``pyramid`` caps its levels beyond the
+    full resolution; None: until a level fits one chunk), written in staging before the
+    check, so a committed item always has its whole pyramid.
     """
     from segflow.engine.run import RegionsSpec
     from segflow.store.blocks import BlockRecords, output_key
@@ -164,11 +171,11 @@ def segment_item(
         staging_root,
     )
     from segflow.store.layout import ArraySpec
-    from segflow.store.output import XarrayLayout
+    from segflow.store.output import output_layout
     from segflow.store.regions import ParquetRegionsSink
 
     info = reader.info
-    layout = XarrayLayout()
+    layout = output_layout(ome=ome, pyramid=pyramid)
     run_id = run_id or uuid.uuid4().hex
     resume_name = (
         stage_name(info.id, config_hash, info.fingerprint, code_version())

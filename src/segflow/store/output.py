@@ -8,6 +8,7 @@ arrays it wrote, so the commit check (:func:`segflow.store.commit.check_item`) v
 too. Everything happens inside the item's staging group, before the check and the commit.
 
 - :class:`XarrayLayout`: the CF/xarray layout (:mod:`segflow.store.cf`).
+- :class:`OmeZarrLayout`: the same, plus the OME-Zarr 0.5 view (:mod:`segflow.store.ome`).
 """
 
 from __future__ import annotations
@@ -72,3 +73,42 @@ class XarrayLayout:
         self, root: str, info: ItemInfo, *, output: ArraySpec, executor: Any
     ) -> DerivedArrays:
         return {}
+
+
+@dataclass(frozen=True)
+class OmeZarrLayout(XarrayLayout):
+    """The xarray layout plus an OME-Zarr 0.5 multiscale view of the item's output.
+
+    ``max_levels`` caps the pyramid's levels beyond level 0 (None: until one chunk holds a
+    level; 0: level 0 only). See :mod:`segflow.store.ome` for the layout and its reasons.
+    """
+
+    max_levels: int | None = None
+
+    def finalize_item(
+        self, root: str, info: ItemInfo, *, output: ArraySpec, executor: Any
+    ) -> DerivedArrays:
+        from segflow.store.ome import write_pyramid
+
+        return write_pyramid(
+            root,
+            info,
+            output.name,
+            executor=executor,
+            categories=output.categories,
+            kind=output.name,
+            max_levels=self.max_levels,
+        )
+
+
+def output_layout(*, ome: bool = True, pyramid: int | None = None) -> OutputLayout:
+    """The layout of ``output.ome`` and ``output.pyramid``.
+
+    Examples
+    --------
+    >>> output_layout(ome=False)
+    XarrayLayout()
+    >>> output_layout(pyramid=2)
+    OmeZarrLayout(max_levels=2)
+    """
+    return OmeZarrLayout(max_levels=pyramid) if ome else XarrayLayout()

@@ -257,3 +257,15 @@ def test_probabilities_pyramid_keeps_the_class_axis_whole(tmp_path: pathlib.Path
     )
     # Not a label image: the item group lists no labels.
     assert "ome" not in dict(zarr.open_group(store, path="p", mode="r").attrs)
+
+
+def test_object_store_gets_the_same_view(tmp_path: pathlib.Path) -> None:
+    """An fsspec URL store (no rename: written in place, as on s3://) validates too."""
+    store = f"memory://{tmp_path.name}/out.zarr"
+    segment(ArrayReader(blobs((100, 90)), "m"), LABELS, store, block=32)
+    group = zarr.open_group(store, path="m", mode="r")
+    Labels.from_zarr(group)
+    full = group["labels"][:]
+    for level in ("1", "2"):
+        step = 2 ** int(level)
+        np.testing.assert_array_equal(group["labels_pyramid"][level][:], full[::step, ::step])

@@ -269,3 +269,41 @@ def test_object_store_gets_the_same_view(tmp_path: pathlib.Path) -> None:
     for level in ("1", "2"):
         step = 2 ** int(level)
         np.testing.assert_array_equal(group["labels_pyramid"][level][:], full[::step, ::step])
+
+
+def test_class_map_colours_and_names_become_image_label_metadata(tmp_path: pathlib.Path) -> None:
+    store = str(tmp_path / "classes.zarr")
+    step = {
+        "op": "classify",
+        "edges": [0.3, 0.6],
+        "names": ["low", "mid", "high"],
+        "colors": ["#000080", "#00ff00", "#ff000080"],
+    }
+    segment(ArrayReader(blobs((90, 80)), "c"), [step], store)
+    group = zarr.open_group(store, path="c", mode="r")
+    Labels.from_zarr(group)
+    (name,) = list(group.group_keys())
+    label = dict(group[name].attrs)["ome"]["image-label"]
+    assert label["colors"] == [
+        {"label-value": 0, "rgba": [0, 0, 0, 0]},
+        {"label-value": 1, "rgba": [0, 0, 128, 255]},
+        {"label-value": 2, "rgba": [0, 255, 0, 255]},
+        {"label-value": 3, "rgba": [255, 0, 0, 128]},
+    ]
+    assert [p["name"] for p in label["properties"]] == ["background", "low", "mid", "high"]
+    ds = xr.open_zarr(store, group="c", consolidated=False)
+    output = name.removesuffix("_pyramid")
+    assert list(ds[f"{output}_name"].values) == ["low", "mid", "high"]
+
+
+def test_named_classes_without_colours_get_palette_colours() -> None:
+    from ome_zarr_models.v05.image_label_types import Label
+
+    from segflow.store.ome import image_label_metadata
+
+    metadata = image_label_metadata("classes", [(1, "air", None), (2, "bone", "#ffffff")])
+    assert metadata["colors"][1:] == [
+        {"label-value": 1, "rgba": [31, 119, 180, 255]},
+        {"label-value": 2, "rgba": [255, 255, 255, 255]},
+    ]
+    Label.model_validate(metadata)  # colours and names cover the same values

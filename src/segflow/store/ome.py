@@ -202,29 +202,48 @@ def ome_axes(info: ItemInfo, lead_names: Sequence[str] = ()) -> list[dict[str, A
 def image_label_metadata(
     kind: str, categories: Sequence[tuple[int, str, str | None]] = ()
 ) -> dict[str, Any]:
-    """The ``image-label`` metadata of an integer output: colours (and names) of its
-    classes; background 0 is transparent, a mask's foreground gets one colour, instance
-    labels no other (viewers pick one per id).
+    """The ``image-label`` metadata of an integer output: a colour and a name per class.
+
+    Background 0 is transparent; a mask's foreground and each named class get a colour
+    (the class's own, else one from a fixed palette) and a name; instance labels get no
+    other colour (viewers pick one per id). Colours and names cover the same values, as
+    ome-zarr-models requires.
 
     Examples
     --------
     >>> image_label_metadata("mask")["colors"][1]
     {'label-value': 1, 'rgba': [255, 200, 0, 255]}
+    >>> image_label_metadata("labels")["colors"]
+    [{'label-value': 0, 'rgba': [0, 0, 0, 0]}]
     """
-    colors: list[dict[str, Any]] = [{"label-value": 0, "rgba": [0, 0, 0, 0]}]
-    properties: list[dict[str, Any]] = []
-    for value, name, color in categories:
-        properties.append({"label-value": int(value), "name": name})
-        rgba = _rgba(color)
-        if rgba is not None:
-            colors = [c for c in colors if c["label-value"] != int(value)]
-            colors.append({"label-value": int(value), "rgba": rgba})
+    classes: list[tuple[int, str, list[int]]] = [(0, "background", [0, 0, 0, 0])]
     if kind == "mask" and not categories:
-        colors.append({"label-value": 1, "rgba": [255, 200, 0, 255]})
-    metadata: dict[str, Any] = {"colors": colors}
-    if properties:
-        metadata["properties"] = properties
+        classes.append((1, "foreground", [255, 200, 0, 255]))
+    for position, (value, name, color) in enumerate(categories):
+        rgba = _rgba(color) or _PALETTE[position % len(_PALETTE)]
+        classes = [c for c in classes if c[0] != int(value)] + [(int(value), name, rgba)]
+    metadata: dict[str, Any] = {
+        "colors": [{"label-value": value, "rgba": rgba} for value, _, rgba in classes]
+    }
+    if len(classes) > 1:
+        metadata["properties"] = [
+            {"label-value": value, "name": name} for value, name, _ in classes
+        ]
     return metadata
+
+
+# Colours of classes that name none (RGBA, opaque): distinct on a dark and a light background.
+_PALETTE = [
+    [31, 119, 180, 255],
+    [255, 127, 14, 255],
+    [44, 160, 44, 255],
+    [214, 39, 40, 255],
+    [148, 103, 189, 255],
+    [140, 86, 75, 255],
+    [227, 119, 194, 255],
+    [188, 189, 34, 255],
+    [23, 190, 207, 255],
+]
 
 
 def _rgba(color: str | None) -> list[int] | None:

@@ -222,6 +222,8 @@ def segment_items(
                 regions=cfg.output.regions,
                 regions_intensity=cfg.output.regions_intensity,
                 vectors=cfg.output.vectors,
+                ome=cfg.output.ome,
+                pyramid=cfg.output.pyramid,
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,

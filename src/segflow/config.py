@@ -63,6 +63,17 @@ class OutputConfig(_Model):
     overwrite: bool = Field(
         False, description="redo items already done with the same input, config and code"
     )
+    ome: bool = Field(
+        True,
+        description="also write the OME-Zarr 0.5 view of each item (ITEM/NAME_pyramid: a "
+        "multiscale label image napari opens); false: the xarray layout only",
+    )
+    pyramid: int | None = Field(
+        None,
+        ge=0,
+        description="with `ome`: at most this many pyramid levels beyond full resolution "
+        "(null: halve until a level fits one chunk; 0: full resolution only)",
+    )
 
     @field_validator("chunks", "shards")
     @classmethod

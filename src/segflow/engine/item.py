@@ -131,6 +131,8 @@ def segment_item(
     progress: ProgressCallback | None = None,
     run_id: str | None = None,
     resumable: bool = False,
+    ome: bool = True,
+    pyramid: int | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
@@ -154,6 +156,11 @@ def segment_item(
     array, or ``None`` (or ``False``) for none. With ``vectors`` (a 2-D item whose
     pipeline ends in labels), each object's polygon goes to ``STORE/ITEM_ID/vectors.parquet``
     (GeoParquet in the item's CRS, with the region columns; :mod:`segflow.store.vectors`).
+
+    The store's layout (:mod:`segflow.store.output`) is the xarray/CF one, plus with ``ome``
+    an OME-Zarr 0.5 multiscale view of the output (``pyramid`` caps its levels beyond the
+    full resolution; None: until a level fits one chunk), written in staging before the
+    check, so a committed item always has its whole pyramid.
     """
     from segflow.engine.run import RegionsSpec
     from segflow.store.blocks import BlockRecords, output_key
@@ -166,12 +173,9 @@ def segment_item(
         stage_name,
         staging_root,
     )
-    from segflow.store.layout import (
-        ArraySpec,
-        ZarrRegionWriter,
-        create_item_group,
-    )
+    from segflow.store.layout import ArraySpec, ZarrRegionWriter
     from segflow.store.lock import bookkeeping_path, is_local
+    from segflow.store.output import output_layout
     from segflow.store.regions import ParquetRegionsSink
     from segflow.store.vectors import (
         ParquetVectorsSink,
@@ -181,6 +185,7 @@ def segment_item(
     )
 
     info = reader.info
+    layout = output_layout(ome=ome, pyramid=pyramid)
     run_id = run_id or uuid.uuid4().hex
     resume_name = (
         stage_name(info.id, config_hash, info.fingerprint, code_version())
@@ -234,18 +239,18 @@ def segment_item(
         if resuming:
             drop_partial_writes(root, info.id)  # a write the kill cut short is redone
         else:
-            create_item_group(root, info, overwrite=True)
+            layout.create_item(root, info)
         saved = {}
         written: dict[str, str] = {}
         for name, dtype in plan.saved.items():
             classes = plan.saved_classes.get(name, ())
             categories = plan.saved_categories.get(name, ())
             spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes, categories=categories)
-            _ensure_array(root, info, spec, reuse=resuming)
-            saved[name] = ZarrRegionWriter(root, info.id, name)
+            saved[name] = _ensure_array(layout, root, info, spec, reuse=resuming)
             written[name] = str(np.dtype(dtype))
+        output: list[ArraySpec] = []  # the output array's spec, once its dtype is known
 
-        def make_sink(dtype: np.dtype) -> ZarrRegionWriter:
+        def make_sink(dtype: np.dtype) -> Any:
             spec = ArraySpec(
                 plan.out_kind,
                 str(dtype),
@@ -254,9 +259,9 @@ def segment_item(
                 classes=plan.out_classes,
                 categories=plan.out_categories,
             )
-            _ensure_array(root, info, spec, reuse=resuming)
+            output[:] = [spec]
             written[plan.out_kind] = str(np.dtype(dtype))
-            return ZarrRegionWriter(root, info.id, plan.out_kind)
+            return _ensure_array(layout, root, info, spec, reuse=resuming)
 
         def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
             key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
@@ -321,6 +326,10 @@ def segment_item(
                 regions=None if regions_sink is None else regions_sink.path,
                 progress=progress,
             )
+        # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
+        derived = (
+            layout.finalize_item(root, info, output=output[0], executor=executor) if output else {}
+        )
         check_item(
             root,
             info.id,
@@ -329,6 +338,7 @@ def segment_item(
             object_count=run.n_labels,
             regions=regions_sink is not None,
             vectors=vectors_sink is not None,
+            derived=derived,
         )
         fault_point("item-staged")
         commit_item(
@@ -402,11 +412,12 @@ def _exists(path: str) -> bool:
     return bool(fs.exists(inner))
 
 
-def _ensure_array(root: str, info: Any, spec: Any, *, reuse: bool) -> None:
-    """Create an output array, or keep the staged one of a resumed item if it fits."""
+def _ensure_array(layout: Any, root: str, info: Any, spec: Any, *, reuse: bool) -> Any:
+    """Create an output array through ``layout`` (or keep the staged one of a resumed item
+    if it fits); return its sink."""
     import zarr
 
-    from segflow.store.layout import create_output_array
+    from segflow.store.layout import ZarrRegionWriter
 
     if reuse:
         try:
@@ -414,8 +425,8 @@ def _ensure_array(root: str, info: Any, spec: Any, *, reuse: bool) -> None:
         except Exception:
             array = None
         if array is not None and str(array.dtype) == str(np.dtype(spec.dtype)):
-            return
-    create_output_array(root, info, spec)
+            return ZarrRegionWriter(root, info.id, spec.name)
+    return layout.create_array(root, info, spec)
 
 
 class _SavedArray:

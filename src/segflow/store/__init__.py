@@ -5,8 +5,8 @@ The index helpers import pandas, which workers never need: they load on first us
 
 from typing import Any
 
+from segflow.store.cf import GRID_MAPPING
 from segflow.store.layout import (
-    GRID_MAPPING,
     ArraySpec,
     ZarrRegionWriter,
     consolidate_store,

@@ -178,6 +178,7 @@ def check_item(
     object_count: int | None = None,
     regions: bool = False,
     vectors: bool = False,
+    derived: Mapping[str, tuple[str, Sequence[int]]] | None = None,
 ) -> None:
     """Check that ``ROOT/ITEM`` is complete: arrays, storage units, region and vector rows.
 
@@ -197,36 +198,22 @@ def check_item(
         Whether the item has a region table.
     vectors : bool
         Whether the item has a vector table (``vectors.parquet``).
+    derived : mapping, optional
+        Arrays a layout derived from the output (the OME-Zarr pyramid levels): path
+        relative to the item group -> (dtype name, whole shape). Each must exist with that
+        shape and dtype and every storage unit on disk, like the output arrays.
 
     Raises
     ------
     StoreError
         Naming the array or table and what is missing.
     """
-    import zarr
 
     for name, dtype in arrays.items():
-        label = f"item '{item_id}': array '{name}'"
-        try:
-            array = zarr.open_array(root, path=f"{item_id}/{name}", mode="r", zarr_format=3)
-        except Exception as exc:
-            raise StoreError(f"{label} is missing after the run ({exc})") from exc
         # A leading class axis (probabilities) is chunked whole: it counts as one unit.
-        if tuple(array.shape)[-len(shape) :] != tuple(shape) or str(array.dtype) != dtype:
-            raise StoreError(
-                f"{label} is {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} {dtype}"
-            )
-        unit = array.shards if array.shards is not None else array.chunks
-        expected = math.prod(-(-n // u) for n, u in zip(array.shape, unit, strict=True))
-        fs, path = fresh_fs(f"{str(root).rstrip('/')}/{item_id}/{name}/c")
-        found = (
-            sum(1 for key in fs.find(path) if _is_chunk_key(key, path)) if fs.exists(path) else 0
-        )
-        if found != expected:
-            raise StoreError(
-                f"{label} has {found} of its {expected} storage units on disk: a block's "
-                "write is missing"
-            )
+        _check_array(root, item_id, name, dtype, shape, suffix=True)
+    for name, (dtype, whole) in (derived or {}).items():
+        _check_array(root, item_id, name, dtype, whole, suffix=False)
     for name, present in (("regions.parquet", regions), ("vectors.parquet", vectors)):
         if present:
             _check_table_rows(root, item_id, name, object_count)
@@ -245,6 +232,33 @@ def _check_table_rows(root: str, item_id: str, name: str, object_count: int | No
         raise StoreError(f"item '{item_id}': {name} is unreadable ({exc})") from exc
     if object_count is not None and rows != object_count:
         raise StoreError(f"item '{item_id}': {name} has {rows} rows for {object_count} objects")
+
+
+def _check_array(
+    root: str, item_id: str, name: str, dtype: str, shape: Sequence[int], *, suffix: bool
+) -> None:
+    """Check one array's shape (its trailing axes with ``suffix``), dtype and storage units."""
+    import zarr
+
+    label = f"item '{item_id}': array '{name}'"
+    try:
+        array = zarr.open_array(root, path=f"{item_id}/{name}", mode="r", zarr_format=3)
+    except Exception as exc:
+        raise StoreError(f"{label} is missing after the run ({exc})") from exc
+    found_shape = tuple(array.shape)[-len(shape) :] if suffix else tuple(array.shape)
+    if found_shape != tuple(shape) or str(array.dtype) != dtype:
+        raise StoreError(
+            f"{label} is {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} {dtype}"
+        )
+    unit = array.shards if array.shards is not None else array.chunks
+    expected = math.prod(-(-n // u) for n, u in zip(array.shape, unit, strict=True))
+    fs, path = fresh_fs(f"{str(root).rstrip('/')}/{item_id}/{name}/c")
+    found = sum(1 for key in fs.find(path) if _is_chunk_key(key, path)) if fs.exists(path) else 0
+    if found != expected:
+        raise StoreError(
+            f"{label} has {found} of its {expected} storage units on disk: a block's "
+            "write is missing"
+        )
 
 
 def _is_chunk_key(key: str, prefix: str) -> bool:

@@ -1,0 +1,414 @@
+"""OME-Zarr 0.5 view of an item group: a multiscale pyramid of its output for viewers.
+
+Layout of ``STORE/ITEM`` (one store serves xarray and OME-Zarr readers)::
+
+    ITEM/                  xarray group (segflow.store.cf): x, y (z), spatial_ref, labels, ...
+                           attributes: ome = {"version": "0.5", "labels": ["labels_pyramid"]}
+    ITEM/labels            full resolution, what xarray opens (dimension_names, coordinates)
+    ITEM/labels_pyramid/   OME-Zarr label image: ome.multiscales + ome.image-label
+        0, 1, 2, ...       level 0 (a copy of ITEM/labels), then each level halved
+
+Why a separate pyramid group rather than OME metadata on ``ITEM`` pointing at ``ITEM/labels``:
+in OME-Zarr the name ``labels`` inside an image group is reserved for the labels group, so an
+item group whose full-resolution array is called ``labels`` cannot itself be a valid OME
+image (ome-zarr-models refuses it: "expected a group at labels, found an array"), and a
+multiscales dataset path cannot point outside its group (``../labels``). Renaming the array
+would break every xarray reader of the store. So the item group is an OME-Zarr *labels
+group* (its ``ome.labels`` lists the label image), and the label image is a child group with
+its own level 0. The price is one copy of the full-resolution output, written blockwise
+like the other levels (labels compress well; ``output.ome: false`` drops the whole view).
+An output that is not a label image (a float ``probabilities`` or ``image`` map) gets an OME
+image group ``ITEM/NAME_pyramid`` (multiscales without ``image-label``), not listed as a label.
+
+Pyramid: each level halves y and x, and z only while the volume is "isotropic enough": an
+axis is halved when its spacing is less than twice the finest spacing of that level (so a CT
+with 5 mm slices and 0.7 mm pixels keeps all slices until the pixels reach 2.8 mm). Levels
+stop once every spatial side of a level fits in one chunk, or at ``max_levels``. Integer
+outputs (labels, masks, class maps) are downsampled by nearest neighbour (the first pixel of
+each 2x2(x2) window, so ids stay ids and level k equals level 0 sampled every 2**k pixels);
+float outputs by the mean of each window. Each level is written blockwise on the engine's
+executor, one task per storage unit of the level, reading the previous level.
+
+Coordinate transformations: level k has ``scale = |spacing| * factor`` and ``translation`` the
+physical centre of its first pixel (``origin`` for nearest, ``origin + (factor - 1) / 2 *
+spacing`` for the mean), in the item's units (mapped to OME's unit names: ``m`` ->
+``meter``, ``mm`` -> ``millimeter``, ``um`` -> ``micrometer``; pixel or degree units are
+omitted). OME-Zarr scales are positive: an axis with negative spacing (a north-up raster's
+y) is given as its negation (``-y``, a southing), which keeps sizes and distances right; the
+CRS coordinates are the xarray view's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from segflow.errors import StoreError
+from segflow.io.base import ItemInfo
+
+OME_VERSION = "0.5"
+PYRAMID_SUFFIX = "_pyramid"
+
+# Item units (segflow.io readers) -> OME-Zarr 0.5 space units; others are left out.
+_OME_UNITS = {
+    "m": "meter",
+    "metre": "meter",
+    "meter": "meter",
+    "km": "kilometer",
+    "kilometer": "kilometer",
+    "cm": "centimeter",
+    "centimeter": "centimeter",
+    "mm": "millimeter",
+    "millimeter": "millimeter",
+    "um": "micrometer",
+    "µm": "micrometer",
+    "micron": "micrometer",
+    "micrometer": "micrometer",
+    "nm": "nanometer",
+    "nanometer": "nanometer",
+    "angstrom": "angstrom",
+    "ft": "foot",
+    "foot": "foot",
+}
+
+Method = Literal["nearest", "mean"]
+
+
+@dataclass(frozen=True)
+class PyramidLevel:
+    """One level of a pyramid: its path in the pyramid group, shape and factor per axis."""
+
+    path: str
+    shape: tuple[int, ...]
+    factor: tuple[int, ...]
+
+
+def plan_levels(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    chunks: Sequence[int],
+    *,
+    max_levels: int | None = None,
+) -> list[PyramidLevel]:
+    """The levels of a pyramid over spatial ``shape``: level 0, then halvings.
+
+    An axis is halved when its spacing is below twice the level's finest spacing and its
+    side is above 1; levels stop once every side fits in one chunk, or after ``max_levels``
+    levels beyond level 0.
+
+    Examples
+    --------
+    >>> [lv.shape for lv in plan_levels((718, 791), (1.0, 1.0), (256, 256))]
+    [(718, 791), (359, 396), (180, 198)]
+    >>> [lv.factor for lv in plan_levels((8, 64, 64), (5.0, 1.0, 1.0), (8, 16, 16))]
+    [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
+    """
+    shape = tuple(int(n) for n in shape)
+    levels = [PyramidLevel("0", shape, (1,) * len(shape))]
+    while max_levels is None or len(levels) <= max_levels:
+        last = levels[-1]
+        if all(n <= c for n, c in zip(last.shape, chunks, strict=True)):
+            break
+        step = [abs(s) * f for s, f in zip(spacing, last.factor, strict=True)]
+        finest = min(s for s, n in zip(step, last.shape, strict=True) if n > 1)
+        halve = [n > 1 and s < 2 * finest for s, n in zip(step, last.shape, strict=True)]
+        levels.append(
+            PyramidLevel(
+                str(len(levels)),
+                tuple(-(-n // 2) if h else n for n, h in zip(last.shape, halve, strict=True)),
+                tuple(f * 2 if h else f for f, h in zip(last.factor, halve, strict=True)),
+            )
+        )
+    return levels
+
+
+def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.ndarray:
+    """Downsample the trailing ``len(factor)`` axes of ``data`` by ``factor``.
+
+    ``nearest`` keeps the first element of each window; ``mean`` averages each window (a
+    window cut by the array edge averages what it has).
+
+    Examples
+    --------
+    >>> downsample(np.arange(16).reshape(4, 4), (2, 2), "nearest").tolist()
+    [[0, 2], [8, 10]]
+    >>> downsample(np.arange(6.0).reshape(2, 3), (2, 2), "mean").tolist()
+    [[2.0, 3.5]]
+    """
+    lead = data.ndim - len(factor)
+    if method == "nearest":
+        keep: tuple[Any, ...] = (Ellipsis, *(slice(None, None, f) for f in factor))
+        return data[keep]
+    out = data.astype(np.float64)
+    for axis, f in enumerate(factor, start=lead):
+        if f == 1:
+            continue
+        n = out.shape[axis]
+        starts = np.arange(0, n, f)
+        counts = np.diff(np.append(starts, n)).astype(np.float64)
+        out = np.add.reduceat(out, starts, axis=axis)
+        out /= counts.reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+    return out.astype(data.dtype)
+
+
+def downsample_method(dtype: Any) -> Method:
+    """``nearest`` for integer and boolean outputs (ids stay ids), ``mean`` for floats."""
+    return "mean" if np.issubdtype(np.dtype(dtype), np.floating) else "nearest"
+
+
+def ome_unit(units: str) -> str | None:
+    """The OME-Zarr space unit of an item's ``units``, or None (pixel, degree, unknown).
+
+    Examples
+    --------
+    >>> ome_unit("mm"), ome_unit("m"), ome_unit("pixel")
+    ('millimeter', 'meter', None)
+    """
+    return _OME_UNITS.get(units.strip().lower())
+
+
+def level_transforms(
+    info: ItemInfo, factor: Sequence[int], method: Method, n_lead: int = 0
+) -> list[dict[str, Any]]:
+    """``coordinateTransformations`` of a level: scale and translation per axis (a leading
+    class axis gets scale 1 and translation 0)."""
+    scale = [1.0] * n_lead
+    translation = [0.0] * n_lead
+    for step, origin, f in zip(info.spacing, info.origin, factor, strict=True):
+        centre = origin + (step * (f - 1) / 2 if method == "mean" else 0.0)
+        scale.append(abs(step) * f)
+        translation.append(centre if step >= 0 else -centre)
+    return [
+        {"type": "scale", "scale": scale},
+        {"type": "translation", "translation": translation},
+    ]
+
+
+def ome_axes(info: ItemInfo, lead_names: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The OME ``axes`` of an output: channel axes first, then the spatial axes."""
+    unit = ome_unit(info.units)
+    axes: list[dict[str, Any]] = [{"name": name, "type": "channel"} for name in lead_names]
+    for name in info.spatial_axes:
+        axis: dict[str, Any] = {"name": name, "type": "space"}
+        if unit is not None:
+            axis["unit"] = unit
+        axes.append(axis)
+    return axes
+
+
+def image_label_metadata(
+    kind: str, categories: Sequence[tuple[int, str, str | None]] = ()
+) -> dict[str, Any]:
+    """The ``image-label`` metadata of an integer output: a colour and a name per class.
+
+    Background 0 is transparent; a mask's foreground and each named class get a colour
+    (the class's own, else one from a fixed palette) and a name; instance labels get no
+    other colour (viewers pick one per id). Colours and names cover the same values, as
+    ome-zarr-models requires.
+
+    Examples
+    --------
+    >>> image_label_metadata("mask")["colors"][1]
+    {'label-value': 1, 'rgba': [255, 200, 0, 255]}
+    >>> image_label_metadata("labels")["colors"]
+    [{'label-value': 0, 'rgba': [0, 0, 0, 0]}]
+    """
+    classes: list[tuple[int, str, list[int]]] = [(0, "background", [0, 0, 0, 0])]
+    if kind == "mask" and not categories:
+        classes.append((1, "foreground", [255, 200, 0, 255]))
+    for position, (value, name, color) in enumerate(categories):
+        rgba = _rgba(color) or _PALETTE[position % len(_PALETTE)]
+        classes = [c for c in classes if c[0] != int(value)] + [(int(value), name, rgba)]
+    metadata: dict[str, Any] = {
+        "colors": [{"label-value": value, "rgba": rgba} for value, _, rgba in classes]
+    }
+    if len(classes) > 1:
+        metadata["properties"] = [
+            {"label-value": value, "name": name} for value, name, _ in classes
+        ]
+    return metadata
+
+
+# Colours of classes that name none (RGBA, opaque): distinct on a dark and a light background.
+_PALETTE = [
+    [31, 119, 180, 255],
+    [255, 127, 14, 255],
+    [44, 160, 44, 255],
+    [214, 39, 40, 255],
+    [148, 103, 189, 255],
+    [140, 86, 75, 255],
+    [227, 119, 194, 255],
+    [188, 189, 34, 255],
+    [23, 190, 207, 255],
+]
+
+
+def _rgba(color: str | None) -> list[int] | None:
+    """``#rrggbb`` or ``#rrggbbaa`` as 0-255 RGBA, else None."""
+    if not color or not color.startswith("#") or len(color) not in (7, 9):
+        return None
+    try:
+        values = [int(color[i : i + 2], 16) for i in range(1, len(color), 2)]
+    except ValueError:
+        return None
+    return values + [255] * (4 - len(values))
+
+
+def _downsample_unit(
+    source: Any, target: Any, region: tuple[slice, ...], factor: tuple[int, ...], method: Method
+) -> None:
+    """One task: read the previous level under ``region`` of the next, write it reduced."""
+    src = tuple(slice(s.start * f, s.stop * f) for s, f in zip(region, factor, strict=True))
+    target.write(region, downsample(source.read(src), factor, method))
+
+
+def _unit_regions(shape: Sequence[int], unit: Sequence[int]) -> list[tuple[slice, ...]]:
+    grids = [range(0, n, u) for n, u in zip(shape, unit, strict=True)]
+    out: list[tuple[slice, ...]] = []
+    for starts in np.ndindex(*(len(g) for g in grids)):
+        out.append(
+            tuple(
+                slice(g[i], min(g[i] + u, n))
+                for g, i, u, n in zip(grids, starts, unit, shape, strict=True)
+            )
+        )
+    return out
+
+
+def write_pyramid(
+    root: str,
+    info: ItemInfo,
+    name: str,
+    *,
+    executor: Any,
+    categories: Sequence[tuple[int, str, str | None]] = (),
+    kind: str = "labels",
+    max_levels: int | None = None,
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Write ``ROOT/ITEM/NAME_pyramid`` (levels and OME metadata) from ``ROOT/ITEM/NAME``.
+
+    Each level is written blockwise on ``executor`` (one task per storage unit of the
+    level), then the multiscales (and ``image-label``) metadata, then the item group's
+    ``ome.labels`` entry. Returns every level array written, as ``path -> (dtype, shape)``
+    relative to the item group, for :func:`segflow.store.commit.check_item`.
+
+    Raises
+    ------
+    StoreError
+        If ``ROOT/ITEM/NAME`` is missing or a level cannot be written.
+    """
+    import zarr
+
+    from segflow.store.layout import ZarrRegionWriter
+
+    try:
+        base = zarr.open_array(root, path=f"{info.id}/{name}", mode="r", zarr_format=3)
+    except Exception as exc:
+        raise StoreError(
+            f"item '{info.id}': cannot build the OME-Zarr pyramid of '{name}' ({exc})"
+        ) from exc
+    n_lead = base.ndim - len(info.spatial_shape)
+    lead_shape = tuple(base.shape[:n_lead])
+    dims: Any = getattr(base.metadata, "dimension_names", None)  # v3 metadata
+    lead_names = tuple(str(d) for d in dims or ())[:n_lead] or ("c",) * n_lead
+    chunks = tuple(base.chunks[n_lead:])
+    shards = None if base.shards is None else tuple(base.shards[n_lead:])
+    method = downsample_method(base.dtype)
+    group_name = f"{name}{PYRAMID_SUFFIX}"
+    levels = plan_levels(info.spatial_shape, info.spacing, chunks, max_levels=max_levels)
+    written: dict[str, tuple[str, tuple[int, ...]]] = {}
+    datasets = []
+    try:
+        zarr.open_group(root, mode="a", zarr_format=3).require_group(f"{info.id}/{group_name}")
+        source = ZarrRegionWriter(root, info.id, name)
+        previous = (1,) * len(chunks)
+        for level in levels:
+            chunk = tuple(min(c, n) for c, n in zip(chunks, level.shape, strict=True))
+            shard = None
+            if shards is not None:
+                shard = tuple(
+                    min(s, -(-n // c) * c)
+                    for s, c, n in zip(shards, chunk, level.shape, strict=True)
+                )
+            path = f"{group_name}/{level.path}"
+            zarr.create_array(
+                root,
+                name=f"{info.id}/{path}",
+                shape=(*lead_shape, *level.shape),
+                dtype=base.dtype,
+                chunks=(*lead_shape, *chunk),
+                shards=None if shard is None else (*lead_shape, *shard),
+                fill_value=base.fill_value,
+                dimension_names=(*lead_names, *info.spatial_axes),
+                overwrite=True,
+                zarr_format=3,
+            )
+            target = ZarrRegionWriter(root, info.id, path)
+            step = tuple(f // p for f, p in zip(level.factor, previous, strict=True))
+            regions = _unit_regions(level.shape, shard or chunk)
+            handles = executor.map(
+                _downsample_unit,
+                [source] * len(regions),
+                [target] * len(regions),
+                regions,
+                [step] * len(regions),
+                [method] * len(regions),
+            )
+            executor.gather(handles, label=f"pyramid {level.path}")
+            written[path] = (str(base.dtype), (*lead_shape, *level.shape))
+            datasets.append(
+                {
+                    "path": level.path,
+                    "coordinateTransformations": level_transforms(
+                        info, level.factor, method, n_lead
+                    ),
+                }
+            )
+            source, previous = target, level.factor
+        ome: dict[str, Any] = {
+            "version": OME_VERSION,
+            "multiscales": [
+                {
+                    "name": name,
+                    "axes": ome_axes(info, lead_names),
+                    "datasets": datasets,
+                    "type": method,
+                }
+            ],
+        }
+        is_label = method == "nearest" and n_lead == 0
+        if is_label:
+            ome["image-label"] = image_label_metadata(kind, categories)
+        group = zarr.open_group(root, path=f"{info.id}/{group_name}", mode="r+", zarr_format=3)
+        group.update_attributes({"ome": ome})
+        if is_label:
+            item = zarr.open_group(root, path=info.id, mode="r+", zarr_format=3)
+            current: Any = dict(item.attrs).get("ome") or {}
+            names = [n for n in current.get("labels", []) if n != group_name] + [group_name]
+            item.update_attributes({"ome": {"version": OME_VERSION, "labels": names}})
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(
+            f"item '{info.id}': cannot write the OME-Zarr pyramid of '{name}' "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return written
+
+
+__all__ = [
+    "OME_VERSION",
+    "PYRAMID_SUFFIX",
+    "PyramidLevel",
+    "downsample",
+    "downsample_method",
+    "image_label_metadata",
+    "level_transforms",
+    "ome_axes",
+    "ome_unit",
+    "plan_levels",
+    "write_pyramid",
+]

@@ -60,11 +60,12 @@ def open_item(path: str, item_id: str | None = None, **options: Any) -> Reader:
     path = strip_file_scheme(path)
     if "stack" in options:
         return _open_stack(path, item_id, options)
-    backend = backend_for(path)
-    if backend is None:
+    empty = not is_url(path) and os.path.isfile(path) and os.path.getsize(path) == 0
+    backend = None if empty else backend_for(path)
+    if backend is None and not (empty and might_open(path)):
         known = ", ".join(claimed_suffixes())
         raise ItemReadError(f"item '{path}': unknown file type, expected one of {known}")
-    if not is_url(path) and os.path.isfile(path) and os.path.getsize(path) == 0:
+    if empty or backend is None:
         raise ItemReadError(f"item '{path}': the file is empty (0 bytes)")
     unknown = sorted(set(options) - set(backend.options))
     if unknown:

@@ -221,6 +221,7 @@ def segment_items(
                 regions=cfg.output.regions,
                 regions_intensity=cfg.output.regions_intensity,
                 vectors=cfg.output.vectors,
+                dicom_seg=cfg.output.dicom_seg,
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,

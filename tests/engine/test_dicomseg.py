@@ -200,7 +200,7 @@ def test_an_output_that_is_not_a_segmentation_is_refused() -> None:
         check_dicom_seg(info, "probabilities")
 
 
-def test_check_item_verifies_the_seg_frames(tmp_path: Path) -> None:
+def test_check_item_verifies_the_seg_frames_and_reruns_keep_the_uids(tmp_path: Path) -> None:
     write_series(tmp_path / "ct", _volume(4), spacing=(1, 1, 1), origin=(0, 0, 0))
     reader = open_item(str(sorted((tmp_path / "ct").iterdir())[0]))
     store = tmp_path / "out.zarr"
@@ -208,6 +208,10 @@ def test_check_item_verifies_the_seg_frames(tmp_path: Path) -> None:
     item, shape = reader.info.id, reader.info.spatial_shape
 
     check_item(str(store), item, shape=shape, arrays={}, dicom_seg=4)
+    uids = pydicom.dcmread(store / item / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
+    assert _segment(reader, LABEL_PIPELINE, store).status == "done"  # the same item again
+    again = pydicom.dcmread(store / item / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
+    assert again == uids  # same input, config and code: the same UIDs
     with pytest.raises(StoreError, match=rf"item '{item}': seg.dcm has 4 frames, expected 5"):
         check_item(str(store), item, shape=shape, arrays={}, dicom_seg=5)
     (store / item / "seg.dcm").write_bytes(b"not dicom")

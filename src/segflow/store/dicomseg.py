@@ -15,20 +15,23 @@ What the segments are:
   the segment's tracking id, ``ARRAY/NAME``).
 
 The segmentation type is ``BINARY`` (one bit per voxel and segment): segments may overlap
-(the body and its bone), and it is the type every SEG reader handles; ``LABELMAP`` (new in
-DICOM 2024) would not save segments either, since it also needs a description per value.
+(the body and its bone), and it is the type SEG readers have supported longest; the newer
+``LABELMAP`` type would not save segments either, since it also needs a description per
+value.
+
 Every frame is kept, empty or not, so the object has ``slices x segments`` frames: that is
 what :func:`check_seg` verifies. The plane of segflow's slice ``k`` (the reader's order,
 along the slice normal) becomes a frame that references the source instance of slice
 ``k`` (and its frame, for an enhanced multi-frame source), with that slice's position and
 orientation. highdicom stores the frames segment by segment, each segment's frames sorted
-along the normal in its own direction (the reverse of segflow's ``z`` for axial CT):
+along the normal in its own direction (for the axial test series, the reverse of ``z``):
 readers place frames by their references and positions, never by their order.
 
 Memory: the stored arrays are read one slice at a time, but highdicom builds the object
 from one array in memory: ``slices x rows x columns x segments`` bytes (one byte per
-voxel and segment), plus the packed frames (an eighth of that) while writing; a
-512 x 512 x 600 CT with four segments takes about 0.7 GB.
+voxel and segment), plus the encoded file (an eighth of that: one bit per voxel and
+segment) two or three times over while writing; a 512 x 512 x 600 CT with four segments
+takes about 0.7 GB.
 """
 
 from __future__ import annotations
@@ -187,14 +190,12 @@ def write_dicom_seg(
             plane = planes[segment.array].reshape(volume_shape[1:])
             stack[k, ..., s] = plane != 0 if segment.value is None else plane == segment.value
 
+    # In slice order, one header per file: highdicom pairs array plane k with source k...
     files = list(dict.fromkeys(file for file, _ in sources))
     headers = [_complete(pydicom.dcmread(file, stop_before_pixels=True), file) for file in files]
     if any(frame is not None for _, frame in sources):
-        # One enhanced multi-frame source: highdicom pairs array plane i with its frame i.
-        order = np.argsort([int(frame or 0) for _, frame in sources])
-        stack = stack[order]
-    else:
-        headers = [headers[files.index(file)] for file, _ in sources]  # slice order
+        # ...or, for one enhanced multi-frame source, with its frame k.
+        stack = stack[np.argsort([int(frame or 0) for _, frame in sources])]
     family = (
         codes.cid7162.ArtificialIntelligence
         if algorithm_family == "model"
@@ -240,7 +241,7 @@ def write_dicom_seg(
     buffer = io.BytesIO()
     seg.save_as(buffer)
     with fsspec.open(path, "wb", auto_mkdir=True) as handle:
-        handle.write(buffer.getvalue())
+        handle.write(buffer.getbuffer())
     return volume_shape[0] * len(segments)  # every frame kept: what check_seg expects
 
 

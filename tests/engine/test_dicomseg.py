@@ -147,6 +147,26 @@ def test_named_class_maps_of_the_ct_config_become_named_segments(tmp_path: Path)
     assert int(seg.NumberOfFrames) == 6 * 4
 
 
+def test_an_unnamed_class_map_output_gives_a_segment_per_class_found(tmp_path: Path) -> None:
+    hu = _volume(4, seed=7)
+    hu[:, 20:, 20:] = 2000  # ids 1 (air), 2 and 3 present; 4 (>= 1000 HU) only here
+    write_series(tmp_path / "ct", hu, spacing=(1, 1, 1), origin=(0, 0, 0))
+    reader = open_item(str(sorted((tmp_path / "ct").iterdir())[0]))
+    store = tmp_path / "out.zarr"
+
+    result = _segment(reader, [{"op": "classify", "edges": [-400, 300, 1000]}], store)
+
+    assert result.status == "done", result.error
+    seg = hd.seg.segread(store / reader.info.id / "seg.dcm")
+    names = [seg.get_segment_description(n).segment_label for n in seg.segment_numbers]
+    assert names == ["class 1", "class 2", "class 3", "class 4"]
+    classes = _stored(store, reader.info.id, "classes")
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+            for f, _ in reader.slice_sources]  # fmt: skip
+    labelmap = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    np.testing.assert_array_equal(labelmap, classes)  # segment n holds class id n
+
+
 def test_an_enhanced_multiframe_source_is_referenced_frame_by_frame(tmp_path: Path) -> None:
     hu = _volume(5, seed=5)
     write_multiframe(tmp_path / "enhanced.dcm", hu, spacing=(2.5, 0.8, 0.8), origin=(-5, 7, 100))

@@ -628,6 +628,7 @@ def _check_items(config: Any) -> list[str]:
     dimensions), one per line."""
     from segflow.engine.pipeline import compile_pipeline
     from segflow.errors import SegflowError
+    from segflow.store.dicomseg import check_dicom_seg
     from segflow.store.vectors import check_vectors
 
     problems, readers, failures = _collection_problems(config)
@@ -649,6 +650,8 @@ def _check_items(config: Any) -> list[str]:
             )
             if config.output.vectors:
                 check_vectors(info, plan.out_kind)
+            if config.output.dicom_seg:
+                check_dicom_seg(info, plan.out_kind)
         except (SegflowError, ValueError) as error:
             problems.append(f"item {info.id!r} ({info.path}): {error}")
     return problems

@@ -224,6 +224,7 @@ def segment_items(
                 vectors=cfg.output.vectors,
                 ome=cfg.output.ome,
                 pyramid=cfg.output.pyramid,
+                dicom_seg=cfg.output.dicom_seg,
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,

@@ -60,6 +60,12 @@ class OutputConfig(_Model):
         "the item's CRS, GeoParquet with the region columns (2-D items; the pipeline must end "
         "in labels)",
     )
+    dicom_seg: bool = Field(
+        False,
+        description="also write ITEM/seg.dcm: the output (and named class maps) as a DICOM "
+        "Segmentation referencing the source series, for a PACS or a DICOM viewer (DICOM "
+        "items only; the pipeline must end in labels, a mask or classes)",
+    )
     overwrite: bool = Field(
         False, description="redo items already done with the same input, config and code"
     )
@@ -146,7 +152,7 @@ class SegflowConfig(_Model):
 
     def config_hash(self) -> str:
         """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions,
-        vectors, and the content hash of every model the pipeline runs: a retrained
+        vectors, dicom_seg, and the content hash of every model the pipeline runs: a retrained
         checkpoint at the same path redoes the items, an unchanged one lets them be
         skipped)."""
         payload: dict[str, Any] = {
@@ -159,6 +165,8 @@ class SegflowConfig(_Model):
             payload["regions"] = self.output.regions_intensity or True
         if self.output.vectors:
             payload["vectors"] = True
+        if self.output.dicom_seg:  # only when set: earlier configs keep their hash
+            payload["dicom_seg"] = True
         models = self.model_hash()
         if models:
             payload["models"] = models

@@ -66,7 +66,7 @@ def write_series(
     order them). ``spacing`` is (dz, dy, dx) and ``origin`` the LPS position of the first
     slice's first pixel. Returns the series UID."""
     folder.mkdir(parents=True, exist_ok=True)
-    series_uid, study_uid = generate_uid(), generate_uid()
+    series_uid, study_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     row_dir = np.array(orientation[:3], dtype=float)
     col_dir = np.array(orientation[3:], dtype=float)
     normal = np.cross(row_dir, col_dir)
@@ -82,6 +82,7 @@ def write_series(
             if positions is not None
             else np.asarray(origin, dtype=float) + k * spacing[0] * normal
         )
+        ds.FrameOfReferenceUID = frame_uid
         ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
         ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[2]:.6f}"]
@@ -135,6 +136,7 @@ def write_multiframe(
     ds = _image_dataset(ENHANCED_CT, generate_uid(), generate_uid(), *hu.shape[1:])
     n = len(hu)
     ds.NumberOfFrames = n
+    ds.FrameOfReferenceUID = generate_uid()
     shared = Dataset()
     orientation = Dataset()
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]

@@ -140,6 +140,20 @@ def test_validate_refuses_vectors_for_a_volume() -> None:
     )
 
 
+def test_validate_refuses_dicom_seg_for_a_nifti_item() -> None:
+    result = runner.invoke(
+        app, ["validate", str(CONFIGS / "ct.yaml"), "--set", "output.dicom_seg=true"]
+    )
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert "item 'CT_image' (" in line
+    assert line.endswith(
+        "`output.dicom_seg` (true) needs a DICOM series as input, this item is 'nifti': a SEG "
+        "references the source images; set output.dicom_seg: false for other formats"
+    )
+
+
 def test_validate_reports_a_missing_input_path() -> None:
     result = runner.invoke(
         app, ["validate", str(CONFIGS / "ct.yaml"), "--set", "input.path=/no/such/ct.nii.gz"]

@@ -347,3 +347,33 @@ def test_vectors_per_item_and_for_the_collection(tmp_path: Path, dask_address: s
     assert run(config, overwrite=True)[0] == "COMPLETED"
     assert not (store / "east" / "vectors.parquet").exists()
     assert not (store / "vectors.parquet").exists()
+
+
+def test_dicom_seg_from_a_dicom_series_through_the_flow(tmp_path: Path, dask_address: str) -> None:
+    import importlib.util
+
+    import pydicom
+
+    # The DICOM writer of the engine tests (tests/engine is not on this folder's path).
+    spec = importlib.util.spec_from_file_location(
+        "_dicom", Path(__file__).parents[1] / "engine" / "_dicom.py"
+    )
+    assert spec is not None and spec.loader is not None
+    dicom = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dicom)
+    hu = np.full((5, 40, 50), -900.0)
+    hu[1:4, 10:30, 12:40] = 400.0
+    dicom.write_series(tmp_path / "export", hu, spacing=(2.0, 0.8, 0.8), origin=(0, 0, 0))
+    store = tmp_path / "out.zarr"
+    config = collection_config(tmp_path / "export", store, dask_address)
+    config["output"] = {"store": str(store), "chunks": [4, 32, 32], "dicom_seg": True}
+    config["blocks"] = {"shape": [4, 32, 32]}
+
+    state, summary = run(config)
+
+    assert state == "COMPLETED", summary
+    seg = pydicom.dcmread(store / "3_CT_CHEST" / "seg.dcm")
+    assert seg.Modality == "SEG" and int(seg.NumberOfFrames) == 5
+    assert int(seg.pixel_array.sum()) == 3 * 20 * 28  # the block of bone, every voxel
+    # The file beside the arrays leaves the consolidated store readable without warnings.
+    assert xarray.open_zarr(store, group="3_CT_CHEST")["labels"].shape == (5, 40, 50)

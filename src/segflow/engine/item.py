@@ -127,6 +127,7 @@ def segment_item(
     regions: bool = False,
     regions_intensity: str | bool | None = "input",
     vectors: bool = False,
+    dicom_seg: bool = False,
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
     run_id: str | None = None,
@@ -161,6 +162,10 @@ def segment_item(
     an OME-Zarr 0.5 multiscale view of the output (``pyramid`` caps its levels beyond the
     full resolution; None: until a level fits one chunk), written in staging before the
     check, so a committed item always has its whole pyramid.
+
+    With ``dicom_seg`` (an item read from a DICOM series), the output and the named class
+    maps go to ``STORE/ITEM_ID/seg.dcm``, a DICOM Segmentation that references the source
+    images (:mod:`segflow.store.dicomseg`).
     """
     from segflow.engine.run import RegionsSpec
     from segflow.store.blocks import BlockRecords, output_key
@@ -173,6 +178,7 @@ def segment_item(
         stage_name,
         staging_root,
     )
+    from segflow.store.dicomseg import check_dicom_seg
     from segflow.store.layout import ArraySpec, ZarrRegionWriter
     from segflow.store.lock import bookkeeping_path, is_local
     from segflow.store.output import output_layout
@@ -292,6 +298,8 @@ def segment_item(
             vectors_sink = ParquetVectorsSink(
                 root, info.id, transform=item_transform(info), crs_wkt=info.crs_wkt
             )
+        if dicom_seg:
+            check_dicom_seg(info, plan.out_kind)  # before any block runs
         run = run_item(
             reader,
             plan,
@@ -330,6 +338,9 @@ def segment_item(
         derived = (
             layout.finalize_item(root, info, output=output[0], executor=executor) if output else {}
         )
+        seg_frames = None
+        if dicom_seg:
+            seg_frames = _write_seg(reader, plan, root, config_hash=config_hash)
         check_item(
             root,
             info.id,
@@ -339,6 +350,7 @@ def segment_item(
             regions=regions_sink is not None,
             vectors=vectors_sink is not None,
             derived=derived,
+            dicom_seg=seg_frames,
         )
         fault_point("item-staged")
         commit_item(
@@ -379,6 +391,47 @@ def segment_item(
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"{key}{suffix}"] = float(v)
     return result
+
+
+def _write_seg(reader: Reader, plan: Any, root: str, *, config_hash: str) -> int:
+    """Write ``ROOT/ITEM/seg.dcm`` from the staged arrays; return its frame count."""
+    from segflow.store.dicomseg import SEG_NAME, class_values, plan_segments, write_dicom_seg
+    from segflow.store.layout import ZarrRegionWriter
+
+    info = reader.info
+    sources = getattr(reader, "slice_sources", None)
+    if sources is None:  # a reader of format "dicom" that does not say its slices
+        raise PlanError(
+            f"`output.dicom_seg` (true): the reader {type(reader).__name__} does not give "
+            "the source slices (slice_sources) a SEG must reference"
+        )
+    spatial = info.spatial_shape
+    output = ZarrRegionWriter(root, info.id, plan.out_kind)
+    values = (
+        class_values(output, spatial)
+        if plan.out_kind == "classes" and not plan.out_categories
+        else []
+    )
+    segments = plan_segments(
+        plan.out_kind, plan.out_categories, dict(plan.saved_categories), out_values=values
+    )
+    arrays = {s.array: ZarrRegionWriter(root, info.id, s.array) for s in segments}
+    has_model = any(s.op.name == "_model_infer" for s in plan.steps)
+    return write_dicom_seg(
+        f"{str(root).rstrip('/')}/{info.id}/{SEG_NAME}",
+        sources=sources,
+        arrays=arrays,
+        shape=spatial,
+        segments=segments,
+        uid_seed=[
+            str(info.attrs.get("dicom_series_instance_uid", info.path)),
+            info.fingerprint,
+            config_hash,
+            code_version(),
+        ],
+        software_version=code_version(),
+        algorithm_family="model" if has_model else "rules",
+    )
 
 
 def _model_hash(plan: Any) -> str:

@@ -107,6 +107,13 @@ class DicomSeriesReader:
         self.files = files
         self._slices, self.info = _read_series(files, self.path, uid, item_id)
 
+    @property
+    def slice_sources(self) -> tuple[tuple[str, int | None], ...]:
+        """Where each slice of the item comes from, in the item's ``z`` order: ``(file,
+        frame)``, the frame index of an enhanced multi-frame object or None for a
+        single-frame file (what a DICOM SEG of the item must reference, slice by slice)."""
+        return tuple((s.path, s.frame) for s in self._slices)
+
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """Read ``region`` in ``(z), y, x`` order; returns ``(1, *region_shape)``."""
         bounded = check_region(self.info, region)

@@ -2,14 +2,15 @@
 
 A run writes each item into a staging group ``STORE/.segflow/staging/RUN/ITEM``, checks it
 (every array has the item's shape and dtype and every storage unit on disk; the region
-and vector tables have one row per object), writes a commit record into the group's attributes
-(``segflow_commit``: run, fingerprint, config hash, code version, arrays, object count), and
-only then swaps it in: on Linux the staged group and the previous ``STORE/ITEM`` are
-exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``, so at every instant ``STORE/ITEM``
-is either the previous complete result or the new one. Where the filesystem cannot
-exchange, the previous group is renamed into ``STORE/.segflow/trash/RUN/`` and the staged
-one renamed into place: a kill between the two renames leaves ``STORE/ITEM`` missing (never
-wrong), and :func:`prepare_store` moves the previous result back on the next run.
+and vector tables have one row per object; a DICOM SEG is readable, with every frame),
+writes a commit record into the group's attributes (``segflow_commit``: run, fingerprint,
+config hash, code version, arrays, object count), and only then swaps it in: on Linux the
+staged group and the previous ``STORE/ITEM`` are exchanged in one atomic
+``renameat2(RENAME_EXCHANGE)``, so at every instant ``STORE/ITEM`` is either the previous
+complete result or the new one. Where the filesystem cannot exchange, the previous group
+is renamed into ``STORE/.segflow/trash/RUN/`` and the staged one renamed into place: a
+kill between the two renames leaves ``STORE/ITEM`` missing (never wrong), and
+:func:`prepare_store` moves the previous result back on the next run.
 The index row that says ``done`` is written after the swap, and skipping an item needs
 both that row and a matching commit record (:func:`read_commit`).
 
@@ -179,8 +180,10 @@ def check_item(
     regions: bool = False,
     vectors: bool = False,
     derived: Mapping[str, tuple[str, Sequence[int]]] | None = None,
+    dicom_seg: int | None = None,
 ) -> None:
-    """Check that ``ROOT/ITEM`` is complete: arrays, storage units, region and vector rows.
+    """Check that ``ROOT/ITEM`` is complete: arrays, storage units, region and vector rows,
+    the DICOM SEG.
 
     Parameters
     ----------
@@ -202,6 +205,8 @@ def check_item(
         Arrays a layout derived from the output (the OME-Zarr pyramid levels): path
         relative to the item group -> (dtype name, whole shape). Each must exist with that
         shape and dtype and every storage unit on disk, like the output arrays.
+    dicom_seg : int, optional
+        When the item has a DICOM SEG (``seg.dcm``): the number of frames it must have.
 
     Raises
     ------
@@ -217,6 +222,10 @@ def check_item(
     for name, present in (("regions.parquet", regions), ("vectors.parquet", vectors)):
         if present:
             _check_table_rows(root, item_id, name, object_count)
+    if dicom_seg is not None:
+        from segflow.store.dicomseg import SEG_NAME, check_seg
+
+        check_seg(f"{str(root).rstrip('/')}/{item_id}/{SEG_NAME}", item_id, dicom_seg)
 
 
 def _check_table_rows(root: str, item_id: str, name: str, object_count: int | None) -> None:

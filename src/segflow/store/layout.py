@@ -244,6 +244,12 @@ def consolidate_store(store: str) -> None:
                 message=r"Object at .*\.parquet is not recognized as a component",
                 category=ZarrUserWarning,
             )
+            # Nor is a DICOM SEG beside them (ITEM/seg.dcm: store.dicomseg).
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Object at .*seg\.dcm is not recognized as a component",
+                category=ZarrUserWarning,
+            )
             # Nor is segflow's bookkeeping folder (lock, records, staging: store.commit).
             warnings.filterwarnings(
                 "ignore",

@@ -307,3 +307,28 @@ def test_named_classes_without_colours_get_palette_colours() -> None:
         {"label-value": 2, "rgba": [255, 255, 255, 255]},
     ]
     Label.model_validate(metadata)  # colours and names cover the same values
+
+
+def test_napari_plugin_reader_gives_a_labels_layer(geo_store: tuple[str, str]) -> None:
+    """napari-ome-zarr's own reader hook, as napari calls it on `napari STORE/ITEM` (no
+    window: the hook returns the layer data napari would add)."""
+    import warnings
+
+    store, item = geo_store
+    with warnings.catch_warnings():  # napari's own deprecation warnings (pydantic, ...)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        reader_module = pytest.importorskip(
+            "napari_ome_zarr._reader", reason="napari-ome-zarr (a dev dependency, with napari)"
+        )
+        reader = reader_module.napari_get_reader(f"{store}/{item}")
+        assert reader is not None
+        layers = reader(f"{store}/{item}")
+
+    kinds = [kind for _data, _meta, kind in layers]
+    assert kinds == ["labels"]
+    data, meta, _ = layers[0]
+    full = zarr.open_array(store, path=f"{item}/labels", mode="r")
+    assert [level.shape for level in data] == [(718, 791), (359, 396), (180, 198)]
+    np.testing.assert_array_equal(np.asarray(data[0]), full[:])
+    # Physical pixel size from the multiscales' scale (north-up y appears positive).
+    np.testing.assert_allclose(meta["scale"], [300.041782729805, 300.0379266750948])

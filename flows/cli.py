@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from segflow.flows._env import isolate_prefect
 
@@ -63,13 +64,17 @@ def _options(
 
 
 ConfigPaths = Annotated[
-    list[Path], typer.Argument(help="YAML pipeline configs (see configs/).", show_default=False)
+    list[Path],
+    typer.Argument(
+        metavar="CONFIG", help="YAML pipeline configs (see configs/).", show_default=False
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
         "-s",
+        metavar="KEY=VALUE",
         help="Override a config key, e.g. --set blocks.shape=[512,512] (repeatable). "
         "Relative paths given here (input.path, output.store) are taken from the current "
         "directory; those in the config file from the file's folder.",
@@ -91,6 +96,26 @@ VerboseOption = Annotated[
 
 EXIT_FAILED = 1  # some item (or a whole run) failed
 EXIT_INVALID = 2  # a config is invalid: nothing ran
+
+
+class _ReadableHelp(TyperCommand):
+    """Help that shows types a user reads: ``PATH...`` for config files, ``KEY=VALUE`` for
+    ``--set``, nothing for on/off flags (typer's own help prints ``<list[Path]>`` and
+    ``<bool>``)."""
+
+    def get_params(self, ctx: Any) -> Any:
+        params = super().get_params(ctx)
+        for param in params:
+            shown: str | None = None
+            if isinstance(param, TyperArgument):
+                bare = param.bare_type()
+                shown = "PATH" if "Path" in bare else bare.removeprefix("list[").rstrip("]")
+                shown = shown.upper() + ("..." if param.nargs != 1 else "")
+            elif isinstance(param, TyperOption) and param.is_flag:
+                shown = ""
+            if shown is not None:
+                param.display_type_rich = lambda ctx, shown=shown: shown  # type: ignore[attr-defined]
+        return params
 
 
 def main() -> None:
@@ -436,6 +461,7 @@ def evaluate(
         str,
         typer.Option(
             "--reference",
+            metavar="PATH",
             help="Reference masks: a file, a folder or a glob (label images or GeoJSON).",
         ),
     ],
@@ -860,3 +886,7 @@ def train(
                       f"{h['best_score']:.4f}")  # fmt: skip
     console.print(table)
     console.print(f"loss curve: {summary['loss_curve']}")
+
+
+for _command in app.registered_commands:  # every command's help: see _ReadableHelp
+    _command.cls = _ReadableHelp

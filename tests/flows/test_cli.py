@@ -520,3 +520,13 @@ def _prefect_log(output: str) -> str:
     """The log file a run named on its first line (Prefect's INFO lines go there)."""
     [line] = [line for line in output.splitlines() if "Prefect's log: " in line]
     return Path(line.split("Prefect's log: ")[1].split(" (--verbose")[0]).read_text()
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "evaluate", "train", "ops", "formats"])
+def test_help_shows_types_a_user_reads(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "120"})
+
+    assert result.exit_code == 0, result.output
+    assert "<" not in result.output and ">" not in result.output  # no <list[Path]>, <bool>
+    if command in ("run", "validate", "evaluate"):
+        assert "PATH..." in result.output and "KEY=VALUE" in result.output

@@ -126,17 +126,24 @@ def main() -> None:
         shoot(chromium, page, args.out / "prefect-run-page.png", width=args.width,
               height=args.height)  # fmt: skip
         artifacts = api(url, "/api/artifacts/filter", {"sort": "CREATED_DESC", "limit": 50})
-        wanted = {  # figure name -> how its artifact is told apart
-            "prefect-items-table.png": lambda a: str(a.get("key") or "").endswith("-items"),
-            "prefect-quicklook.png": lambda a: "quick look" in str(a.get("description")),
+        wanted = {  # figure name -> (how its artifact is told apart, page height)
+            "prefect-progress.png": (lambda a: a.get("type") == "progress", 260),
+            "prefect-items-table.png": (
+                lambda a: str(a.get("key") or "").endswith("-items"),
+                480,
+            ),
+            "prefect-quicklook.png": (
+                lambda a: "quick look" in str(a.get("description")),
+                480,
+            ),
         }
-        for name, match in wanted.items():
+        for name, (match, height) in wanted.items():
             artifact = next((a for a in artifacts if match(a)), None)  # type: ignore[union-attr]
             if artifact is None:
                 print(f"no artifact for {name}")
                 continue
             shoot(chromium, f"{url}/artifacts/artifact/{artifact['id']}", args.out / name,
-                  width=args.width, height=args.height)  # fmt: skip
+                  width=args.width, height=height)  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=60)

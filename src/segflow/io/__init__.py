@@ -1,4 +1,13 @@
-"""Readers: one item of a collection as metadata plus windowed reads, channels first."""
+"""Readers: one item of a collection as metadata plus windowed reads, channels first.
+
+The reader classes load their libraries (rasterio, nibabel, zarr, ...) when first asked
+for, so ``import segflow.io`` (and a CLI that only checks what is to do) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from segflow.io.base import Format, ItemInfo, Reader
 from segflow.io.discover import (
@@ -7,9 +16,6 @@ from segflow.io.discover import (
     open_item,
     unused_id,
 )
-from segflow.io.geotiff import GeoTIFFReader
-from segflow.io.image import ImageReader
-from segflow.io.nifti import NiftiReader
 from segflow.io.registry import (
     ReaderBackend,
     backend_for,
@@ -17,7 +23,27 @@ from segflow.io.registry import (
     describe_formats,
     register_reader,
 )
-from segflow.io.zarr import ArrayReader, ZarrReader
+
+if TYPE_CHECKING:
+    from segflow.io.geotiff import GeoTIFFReader
+    from segflow.io.image import ImageReader
+    from segflow.io.nifti import NiftiReader
+    from segflow.io.zarr import ArrayReader, ZarrReader
+
+_LAZY = {
+    "ArrayReader": "segflow.io.zarr",
+    "ZarrReader": "segflow.io.zarr",
+    "GeoTIFFReader": "segflow.io.geotiff",
+    "ImageReader": "segflow.io.image",
+    "NiftiReader": "segflow.io.nifti",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'segflow.io' has no attribute {name!r}")
+
 
 __all__ = [
     "ArrayReader",

@@ -183,3 +183,58 @@ def test_readers_from_entry_points_go_first(monkeypatch: pytest.MonkeyPatch) -> 
         assert registry.backends()[0].name == "npy-test"
     finally:
         registry._load_entry_points.cache_clear()
+
+
+def test_a_geotiff_over_http_is_read_in_ranges_never_whole(tmp_path: Path) -> None:
+    """A tiled GeoTIFF on a web server that answers range requests (as object stores and
+    COG hosts do): discovery by URL, a window equal to the local file's, and no request
+    for the whole file (every GET of it is a 206 partial response)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import rasterio
+    from affine import Affine
+
+    pytest.importorskip("RangeHTTPServer", reason="rangehttpserver (a dev dependency)")
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 4000, size=(2, 1024, 1024), dtype=np.uint16)
+    profile = {
+        "driver": "GTiff", "width": 1024, "height": 1024, "count": 2, "dtype": "uint16",
+        "crs": "EPSG:32633", "transform": Affine(10, 0, 500_000, 0, -10, 6_000_000),
+        "tiled": True, "blockxsize": 256, "blockysize": 256,
+    }  # fmt: skip
+    with rasterio.open(tmp_path / "cog.tif", "w", **profile) as out:
+        out.write(data)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "server.log"
+    with open(log, "w") as handle:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "RangeHTTPServer", str(port), "--bind", "127.0.0.1"],
+            cwd=tmp_path,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/cog.tif"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        (reader,), failures = discover_items(url)
+        assert failures == [] and reader.info.format == "geotiff"
+        assert reader.info.shape == (2, 1024, 1024) and reader.info.units == "m"
+        window = reader.read((slice(300, 400), slice(600, 700)))
+        np.testing.assert_array_equal(window, data[:, 300:400, 600:700])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    requests = [line for line in log.read_text().splitlines() if "/cog.tif" in line]
+    assert any('"GET /cog.tif HTTP/1.1" 206' in line for line in requests), requests
+    assert not any('"GET /cog.tif HTTP/1.1" 200' in line for line in requests), requests

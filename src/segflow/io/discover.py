@@ -325,6 +325,9 @@ def _list_url(url: str) -> list[str]:
     """Item URLs under an fsspec URL (file, folder or glob); folder items count once."""
     import fsspec
 
+    if not _GLOB_CHARS & set(url) and any(b.claims_suffix(url) for b in backends()):
+        if not _is_folder_item(url):
+            return [url]  # a file item: never list it (over http that is a GET of it all)
     try:
         fs, root = fsspec.core.url_to_fs(url)
         if _GLOB_CHARS & set(root):

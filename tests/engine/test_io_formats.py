@@ -238,3 +238,22 @@ def test_a_geotiff_over_http_is_read_in_ranges_never_whole(tmp_path: Path) -> No
     requests = [line for line in log.read_text().splitlines() if "/cog.tif" in line]
     assert any('"GET /cog.tif HTTP/1.1" 206' in line for line in requests), requests
     assert not any('"GET /cog.tif HTTP/1.1" 200' in line for line in requests), requests
+
+
+def test_a_tiff_without_axis_metadata_takes_its_axes_from_input_options(tmp_path: Path) -> None:
+    """Two stains saved as a bare (2, y, x) TIFF read as two z slices unless the config
+    says what the first dimension is."""
+    stains = np.stack([np.full((20, 30), 7, np.uint16), np.full((20, 30), 9, np.uint16)])
+    tifffile.imwrite(tmp_path / "stains.tif", stains, metadata=None)
+
+    assert open_item(str(tmp_path / "stains.tif")).info.axes == ("z", "y", "x")
+    readers, failures = discover_items(str(tmp_path), axes="cyx")
+
+    (reader,) = readers
+    assert failures == [] and reader.info.axes == ("c", "y", "x")
+    assert reader.info.shape == (2, 20, 30)
+    np.testing.assert_array_equal(reader.read((slice(0, 20), slice(0, 30))), stains)
+    with pytest.raises(ItemReadError, match=r"`input.options.axes` 'cxy' does not fit"):
+        open_item(str(tmp_path / "stains.tif"), axes="cxy")
+    with pytest.raises(ItemReadError, match=r"does not fit the image's 3 dimensions"):
+        open_item(str(tmp_path / "stains.tif"), axes="yx")

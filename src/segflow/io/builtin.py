@@ -128,12 +128,13 @@ class TiffBackend(ReaderBackend):
     name = "tiff"
     description = "TIFF image or z-stack (channels from its axes)"
     suffixes = TIFF_SUFFIXES
-    metadata = "channel axis; no physical size (spacing 1 pixel)"
+    metadata = "channel axis (from the file, or `input.options.axes`); no physical size"
+    options = ("axes",)
 
     def open(self, path: str, item_id: str | None = None, **options: Any) -> Reader:
         from segflow.io.image import ImageReader
 
-        return ImageReader(path, item_id)
+        return ImageReader(path, item_id, **options)
 
 
 class PictureBackend(ReaderBackend):

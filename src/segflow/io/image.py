@@ -9,6 +9,7 @@ import imageio.v3 as iio
 import numpy as np
 import tifffile
 
+from segflow.errors import ItemReadError
 from segflow.io._common import (
     check_region,
     fingerprint_file,
@@ -64,11 +65,11 @@ class ImageReader:
 
     info: ItemInfo
 
-    def __init__(self, path: str, item_id: str | None = None) -> None:
+    def __init__(self, path: str, item_id: str | None = None, *, axes: str | None = None) -> None:
         self.path = strip_file_scheme(path)
         lower = self.path.lower()
         if lower.endswith(TIFF_SUFFIXES):
-            self.info, self._channel_axis = _read_tiff_info(self.path, item_id)
+            self.info, self._channel_axis = _read_tiff_info(self.path, item_id, axes)
         elif lower.endswith(PICTURE_SUFFIXES):
             self.info, self._channel_axis = _read_picture_info(self.path, item_id)
         else:
@@ -103,7 +104,9 @@ def _load_channels_first(path: str, mtime: int, channel_axis: int | None) -> np.
     return array
 
 
-def _read_tiff_info(path: str, item_id: str | None) -> tuple[ItemInfo, int | None]:
+def _read_tiff_info(
+    path: str, item_id: str | None, given: str | None = None
+) -> tuple[ItemInfo, int | None]:
     try:
         with tifffile.TiffFile(io.BytesIO(read_bytes(path)) if is_url(path) else path) as tif:
             series = tif.series[0]
@@ -112,6 +115,8 @@ def _read_tiff_info(path: str, item_id: str | None) -> tuple[ItemInfo, int | Non
             dtype = str(np.dtype(series.dtype))
     except Exception as exc:
         raise_read_error(path, "not a readable TIFF", exc)
+    if given is not None:  # `input.options.axes`: the user says what the dimensions are
+        axes = _given_axes(path, given, shape)
     channel_axes = [i for i, a in enumerate(axes) if a in "SC"]
     if len(channel_axes) > 1:
         raise_read_error(
@@ -124,6 +129,25 @@ def _read_tiff_info(path: str, item_id: str | None) -> tuple[ItemInfo, int | Non
     else:
         channel_axis = None
     return _make_info(path, item_id, "tiff", shape, dtype, channel_axis), channel_axis
+
+
+def _given_axes(path: str, given: str, shape: tuple[int, ...]) -> str:
+    """``input.options.axes`` (``"cyx"``, ``"zyx"``, ``"yxc"``...) checked against the
+    file's dimensions, in tifffile's letters (C for channels)."""
+    letters = given.strip().upper()
+    spatial = letters.replace("C", "")
+    if (
+        len(letters) != len(shape)
+        or set(letters) - set("CZYX")
+        or len(set(letters)) != len(letters)
+        or spatial not in ("YX", "ZYX")
+    ):
+        raise ItemReadError(
+            f"item '{path}': `input.options.axes` {given!r} does not fit the image's "
+            f"{len(shape)} dimensions {shape}: give one of c, z, y, x per dimension, the "
+            f"spatial ones in z, y, x order, e.g. {'cyx' if len(shape) == 3 else 'czyx'!r}"
+        )
+    return letters
 
 
 def _read_picture_info(path: str, item_id: str | None) -> tuple[ItemInfo, int | None]:

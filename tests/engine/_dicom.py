@@ -20,9 +20,8 @@ RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
-def _image_dataset(
-    sop_class: str, series_uid: str, study_uid: str, rows: int, cols: int, **series: object
-) -> Dataset:
+def _new_dataset(sop_class: str) -> Dataset:
+    """A dataset of ``sop_class`` with its file meta and a fresh SOP instance UID."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -31,6 +30,13 @@ def _image_dataset(
     ds.file_meta = meta
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def _image_dataset(
+    sop_class: str, series_uid: str, study_uid: str, rows: int, cols: int, **series: object
+) -> Dataset:
+    ds = _new_dataset(sop_class)
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.Modality = "CT"
@@ -114,14 +120,7 @@ def _set_pixels(ds: Dataset, frame: np.ndarray, transfer_syntax: str | None) -> 
 
 def write_non_image(folder: Path, name: str = "RS0001.dcm") -> None:
     """An RTSTRUCT-like object (no pixel data) in the folder, as exports carry them."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTSTRUCT
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = RTSTRUCT
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = _new_dataset(RTSTRUCT)
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "RTSTRUCT"
     ds.save_as(folder / name, enforce_file_format=True)

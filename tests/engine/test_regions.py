@@ -98,10 +98,7 @@ def test_regions_need_labels() -> None:
 def test_segment_item_writes_the_region_table_with_world_coordinates(tmp_path) -> None:
     import dataclasses
 
-    from segflow.engine.executor import LocalExecutor
-    from segflow.engine.item import segment_item
     from segflow.io import ArrayReader
-    from segflow.store.regions import read_regions
 
     image = np.zeros((40, 50), dtype=np.float32)
     image[2:6, 3:9] = 1.0  # 24 px
@@ -112,18 +109,7 @@ def test_segment_item_writes_the_region_table_with_world_coordinates(tmp_path) -
     reader.info = dataclasses.replace(
         reader.info, spacing=(-0.5, 0.5), origin=(1000.0, 200.0), units="m"
     )
-    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
-    with LocalExecutor(2) as executor:
-        result = segment_item(
-            reader,
-            pipeline,
-            store=str(tmp_path / "out.zarr"),
-            block_shape=16,
-            executor=executor,
-            regions=True,
-        )
-    assert result.status == "done", result.error
-    table = read_regions(str(tmp_path / "out.zarr"), "tile")
+    result, table = _threshold_label_regions(reader, tmp_path)
     # The file itself is in label order, as a reader outside segflow finds it.
     raw = pd.read_parquet(tmp_path / "out.zarr" / "tile" / "regions.parquet")
     assert raw["label"].tolist() == [1, 2, 3]
@@ -204,10 +190,7 @@ def test_objects_in_a_geographic_crs_get_areas_in_square_metres(tmp_path) -> Non
     pyproj = pytest.importorskip("pyproj", reason="pyproj (with geopandas, a dev extra)")
     import rasterio.crs
 
-    from segflow.engine.executor import LocalExecutor
-    from segflow.engine.item import segment_item
     from segflow.io import ArrayReader
-    from segflow.store.regions import read_regions
 
     image = np.zeros((60, 80), dtype=np.float32)
     image[5:25, 10:30] = 1.0  # a square field
@@ -221,17 +204,7 @@ def test_objects_in_a_geographic_crs_get_areas_in_square_metres(tmp_path) -> Non
         units="degree",
         crs_wkt=rasterio.crs.CRS.from_epsg(4326).to_wkt(),
     )
-    with LocalExecutor(2) as executor:
-        result = segment_item(
-            reader,
-            [{"op": "threshold", "value": 0.5}, {"op": "label"}],
-            store=str(tmp_path / "out.zarr"),
-            block_shape=16,
-            executor=executor,
-            regions=True,
-        )
-    assert result.status == "done", result.error
-    table = read_regions(str(tmp_path / "out.zarr"), "tile")
+    _, table = _threshold_label_regions(reader, tmp_path)
 
     geod = pyproj.Geod(ellps="WGS84")
     expected = []
@@ -244,3 +217,23 @@ def test_objects_in_a_geographic_crs_get_areas_in_square_metres(tmp_path) -> Non
         expected.append(abs(area))
     np.testing.assert_allclose(table["area_m2"], expected, rtol=1e-6)
     assert table["area_physical"].tolist() == pytest.approx([400 * step**2, 112 * step**2])
+
+
+def _threshold_label_regions(reader, tmp_path):  # type: ignore[no-untyped-def]
+    """Threshold 0.5 and label ``reader`` into ``tmp_path/out.zarr`` with 16 px blocks and
+    regions; the item's result and its region table."""
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.item import segment_item
+    from segflow.store.regions import read_regions
+
+    with LocalExecutor(2) as executor:
+        result = segment_item(
+            reader,
+            [{"op": "threshold", "value": 0.5}, {"op": "label"}],
+            store=str(tmp_path / "out.zarr"),
+            block_shape=16,
+            executor=executor,
+            regions=True,
+        )
+    assert result.status == "done", result.error
+    return result, read_regions(str(tmp_path / "out.zarr"), "tile")

@@ -87,6 +87,7 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
     than the wall time when items overlap); the other keys are wall time on this thread.
     """
     from segflow.config import parse_config
+    from segflow.engine.collection import plan_items
     from segflow.engine.executor import DaskExecutor
     from segflow.engine.item import segment_item
     from segflow.io import discover_items, open_item
@@ -94,7 +95,6 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
     from segflow.store.commit import check_store, discard_trash, prepare_store
     from segflow.store.index import append_records, compact_index
     from segflow.store.lock import hold_store_lock
-    from segflow.store.select import plan_items
 
     totals: dict[str, float] = defaultdict(float)
     started = time.perf_counter()

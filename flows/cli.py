@@ -353,12 +353,12 @@ def _summaries_if_nothing_to_do(
 ) -> list[dict[str, Any]] | None:
     """Each config's summary when no config has anything to do, else None.
 
-    Decided with the store's own skip rule (:func:`segflow.store.select.plan_items`: an
+    Decided with the store's own skip rule (:func:`segflow.engine.collection.plan_items`: an
     index row *and* a commit record with this input, config and code), before Prefect is
     imported or a server or cluster started. An unreadable file (to record as failed) or a
     dead run's lock (to take over) is something to do.
     """
-    from segflow.store.select import plan_items, run_summary
+    from segflow.engine.collection import plan_items, run_summary
 
     summaries = []
     for config, (readers, failures) in zip(configs, collections, strict=True):
@@ -505,8 +505,8 @@ def _nothing_to_score(
 ) -> str | None:
     """Why ``evaluate`` cannot score anything for ``config`` (checked before Prefect starts):
     its store has no segmented item, or ``reference`` names no file."""
+    from segflow.engine.collection import index_rows
     from segflow.evaluate import find_references
-    from segflow.store.select import index_rows
 
     store = config.output.store
     if not any(row.get("status") == "done" for row in index_rows(store)):

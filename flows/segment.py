@@ -1,13 +1,15 @@
 """The ``segment`` flow: segment every item of a collection into one Zarr store.
 
-Prefect runs one task per item (a few at a time); Dask runs the blocks of each item. Items
-already done with the same input fingerprint, config hash and code version are skipped, so
-a scheduled run only does new or changed items.
+The flow only composes tasks: plan the run (discovery and the store's skip rule), hold the
+store while the items run, gather the collection's vectors, report. Prefect runs one task
+per item, or per batch of items in a large collection of small ones (``run.batch``), a few
+at a time; Dask runs the blocks of each item. Items already done with the same input
+fingerprint, config hash and code version are skipped, so a scheduled run only does new or
+changed items.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,31 +20,22 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from segflow.config import SegflowConfig, apply_overrides, load_config, parse_config
+from segflow.engine.collection import (
+    ITEMS_IN_FLIGHT,
+    Item,
+    batch_size,
+    batches,
+    run_summary,
+)
 from segflow.engine.interrupt import stop_requested
-from segflow.engine.item import code_version
 from segflow.errors import StoreError
 from segflow.flows._signals import stop_on_signals
 from segflow.flows.cluster import dashboard_link, dask_client
 from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
-from segflow.store.commit import stage_name
-from segflow.store.lock import has_stale_lock
-from segflow.store.select import keep_recorded_ids, run_summary, select_items
 from segflow.tasks import artifacts
 from segflow.tasks.artifacts import publish_progress, report_items_task
-from segflow.tasks.items import discover_items_task, segment_item_task
-from segflow.tasks.progress import report_progress
-from segflow.tasks.store import (
-    compact_vectors_task,
-    current_run_id,
-    read_commits_task,
-    read_index_task,
-    record_items_task,
-    writing_store,
-)
-
-# Items segmented at once. Dask already spreads each item's blocks over every worker; a few
-# items in flight hide the round trips between an item's phases.
-ITEMS_IN_FLIGHT = 3
+from segflow.tasks.items import plan_items_task, segment_items_task
+from segflow.tasks.store import compact_vectors_task, current_run_id, writing_store
 
 
 class ItemsFailedError(RuntimeError):
@@ -131,38 +124,17 @@ def segment_collection(
     add_flow_run_tags(run_tags(cfg.name, store))
     config_hash = cfg.config_hash()
     run_id = current_run_id()
-    items, failed_rows = discover_items_task(cfg.input.path, cfg.input.options)
-    index_rows = read_index_task(store)
-    items, failed_rows = keep_recorded_ids(items, failed_rows, index_rows)
-    done_ids = [r["id"] for r in index_rows if r.get("status") == "done"]
-    todo, skipped = select_items(
-        items,
-        index_rows,
-        config_hash=config_hash,
-        overwrite=cfg.output.overwrite if overwrite is None else overwrite,
-        commits=read_commits_task(store, done_ids) if done_ids else {},
-        item_filter=item_filter,
-    )
-    if item_filter:
-        failed_rows = [
-            r for r in failed_rows if any(fnmatch.fnmatchcase(r["id"], p) for p in item_filter)
-        ]
-    for row in skipped:
-        logger.info("item %s: skipped, already done with this input, config and code", row["id"])
-        report_progress(row["id"], "skipped", 1, 1)
-    stages = [stage_name(i["id"], config_hash, i["fingerprint"], code_version()) for i in todo]
-    # A file discovery could not open is tried by a task of its own like any item: it fails
-    # there, with the same reason, as a Failed task run of that item in the UI.
-    unreadable = [{"id": r["id"], "path": r["source"], "fingerprint": ""} for r in failed_rows]
-    todo = sorted(todo + unreadable, key=lambda item: item["path"])
+    plan = plan_items_task(cfg, overwrite, item_filter)
+    work = plan.work()
     rows: list[dict[str, Any]] = []
     # A dead run's lock is taken over even with nothing to do: its flow run is ended
     # Crashed and its records compacted, so neither the UI nor the store keeps its traces.
-    if todo or has_stale_lock(store):
+    if work or plan.stale_lock:
         try:
-            with stop_on_signals(), writing_store(store, run_id, keep_stages=stages):
-                if todo:
-                    rows += segment_items(cfg, todo, config_hash=config_hash, run_id=run_id)
+            keep = plan.stages(config_hash)
+            with stop_on_signals(), writing_store(store, run_id, keep_stages=keep):
+                if work:
+                    rows += segment_items(cfg, work, config_hash=config_hash, run_id=run_id)
                 if any(r["status"] == "done" for r in rows) and stop_requested() is None:
                     # While the lock is held: the collection's vectors in one file (or
                     # an earlier run's file brought up to date, never left stale).
@@ -170,7 +142,7 @@ def segment_collection(
         except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback
             logger.error("%s: %s", cfg.name, error)
             return Failed(message=f"{cfg.name}: {error}", data=error)
-    rows += skipped
+    rows += plan.skipped
     rows.sort(key=lambda r: r["id"])
     summary = summarize(cfg, rows)
     report_items_task(cfg.name, store, rows)
@@ -194,59 +166,46 @@ def segment_collection(
 
 
 def segment_items(
-    cfg: SegflowConfig, todo: list[dict[str, str]], *, config_hash: str, run_id: str
+    cfg: SegflowConfig, work: list[Item], *, config_hash: str, run_id: str
 ) -> list[dict[str, Any]]:
-    """Segment ``todo`` on the run's Dask cluster, recording each item as it finishes."""
+    """Segment ``work`` on the run's Dask cluster, in task runs of one item or a batch
+    (``run.batch``); each item records itself as it finishes."""
     logger = get_run_logger()
-    store = cfg.output.store
-    rows = []
-    with dask_client(cfg.cluster) as client, publish_progress(cfg.name, store, todo):
+    size = batch_size(work, cfg.run.batch)
+    with dask_client(cfg.cluster) as client, publish_progress(cfg.name, cfg.output.store, work):
         address = client.scheduler.address
         logger.info(
-            "segmenting %d items on Dask %s (%d workers)%s",
-            len(todo),
+            "segmenting %d items%s on Dask %s (%d workers)%s",
+            len(work),
+            f" in task runs of {size}" if size > 1 else "",
             address,
             len(client.scheduler_info()["workers"]),
             f", dashboard {link}" if (link := dashboard_link(client)) else "",
             extra={"segflow_console": True},  # shown on the terminal too (flows/_logs.py)
         )
+        quicklook = {item["id"] for item in work[: artifacts.QUICKLOOK_ITEMS]}
         futures = [
-            segment_item_task.submit(
-                item["id"],
-                item["path"],
-                cfg.pipeline,
-                store=store,
-                block_shape=cfg.blocks.shape,
-                chunks=cfg.output.chunks,
-                shards=cfg.output.shards,
-                regions=cfg.output.regions,
-                regions_intensity=cfg.output.regions_intensity,
-                vectors=cfg.output.vectors,
-                ome=cfg.output.ome,
-                pyramid=cfg.output.pyramid,
-                dicom_seg=cfg.output.dicom_seg,
+            segment_items_task.submit(
+                cfg,
+                batch,
                 config_hash=config_hash,
                 scheduler_address=address,
                 run_id=run_id,
-                quicklook=position < artifacts.QUICKLOOK_ITEMS,
-                reader_options=cfg.input.options,
+                quicklook=[item["id"] for item in batch if item["id"] in quicklook],
             )
-            for position, item in enumerate(todo)
+            for batch in batches(work, size)
         ]
+        rows = []
         for future in as_completed(futures):
-            row = future.result(raise_on_failure=False)  # a failed item's state holds its row
-            if isinstance(row, BaseException):  # the task itself broke (a bug): say so
-                raise row
-            rows.append(row)
-            if row["status"] == "interrupted":
-                continue  # neither done nor failed: its previous result stays as it was
-            # Recorded as each item finishes, after its data is committed: a killed run
-            # keeps the records of what it finished.
-            record_items_task(store, run_id, [row])
+            # A Failed or Cancelled batch's state holds its rows too.
+            result = future.result(raise_on_failure=False)
+            if isinstance(result, BaseException):  # the task itself broke (a bug): say so
+                raise result
+            rows += result
     return rows
 
 
 def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The small, JSON-serialisable summary a run returns (and the CLI prints): see
-    :func:`segflow.store.select.run_summary`."""
+    :func:`segflow.engine.collection.run_summary`."""
     return run_summary(cfg.name, cfg.output.store, rows)

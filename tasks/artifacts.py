@@ -23,10 +23,10 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from segflow.engine.collection import open_line
 from segflow.io._common import is_url, strip_file_scheme
 from segflow.io.base import Reader
 from segflow.store.quicklook import render_quicklook
-from segflow.store.select import open_line
 from segflow.tasks.progress import ItemsProgress, listen_progress
 
 # Seconds between two updates of a run's progress artifact (one API call each).

@@ -1,141 +1,142 @@
-"""Tasks that find items and segment one item: references in, small dicts out."""
+"""Tasks that plan a collection's run and segment its items: references in, small dicts out.
+
+The work itself is the engine's (:mod:`segflow.engine.collection`); these tasks give it a
+Prefect task run each, with a state that says what happened (a failed item is red in the
+UI, with its reason as the message) and the log lines a platform team reads.
+"""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Failed
 
+from segflow.config import SegflowConfig
+from segflow.engine.collection import Item, ItemPlan, plan_collection, run_item
 from segflow.engine.executor import DaskExecutor
-from segflow.engine.interrupt import stop_requested
-from segflow.engine.item import ItemResult, describe_output, segment_item
-from segflow.io import discover_items, open_item
-from segflow.store.select import item_references
+from segflow.engine.item import describe_output
 from segflow.tasks.artifacts import publish_quicklook
 from segflow.tasks.progress import report_progress
 
+# Ids a run's log names when it speaks of many items at once (the rest are counted).
+NAMED_IDS = 5
 
-@task(name="discover-items", retries=0, cache_policy=NO_CACHE)
-def discover_items_task(
-    input_path: str, options: dict[str, Any] | None = None
-) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Find the items under ``input_path`` (``options``: the readers' ``input.options``).
 
-    Returns ``(items, failures)``: ``items`` are ``{"id", "path", "fingerprint"}`` references;
-    ``failures`` are index rows (status ``failed``) for files that could not be opened.
-    """
-    notes: list[str] = []
-    items, rows = item_references(*discover_items(input_path, notes=notes, **(options or {})))
+@task(name="plan-items", retries=0, cache_policy=NO_CACHE)
+def plan_items_task(
+    cfg: SegflowConfig, overwrite: bool | None = None, item_filter: Sequence[str] | None = None
+) -> ItemPlan:
+    """Discover ``cfg``'s collection and decide what this run does (the store's skip rule,
+    its recorded ids, ``item_filter``): :func:`segflow.engine.collection.plan_collection`."""
     logger = get_run_logger()
-    # Each unreadable file's reason is logged by its own (failed) segment-item task run.
-    logger.info("found %d items under %s (%d unreadable)", len(items), input_path, len(rows))
+    notes: list[str] = []
+    plan = plan_collection(cfg, overwrite=overwrite, item_filter=item_filter, notes=notes)
     for note in notes:  # left out on purpose (a DICOM folder's RTSTRUCT, say)
         logger.info("%s", note)
-    return items, rows
+    # Each unreadable file's reason is logged by its own (failed) segment task run.
+    logger.info(
+        "%s: %d items to segment, %d skipped (already done with this input, config and "
+        "code%s), %d unreadable",
+        cfg.input.path,
+        len(plan.todo),
+        len(plan.skipped),
+        f": {_first_ids(plan.skipped)}" if plan.skipped else "",
+        len(plan.failed),
+    )
+    for row in plan.skipped:  # the command's progress bar counts them
+        report_progress(row["id"], "skipped", 1, 1)
+    return plan
+
+
+def batch_run_name(parameters: dict[str, Any]) -> str:
+    """``segment-ITEM`` for one item, ``segment-FIRST..LAST (N items)`` for a batch."""
+    items = parameters["items"]
+    if len(items) == 1:
+        return f"segment-{items[0]['id']}"
+    return f"segment-{items[0]['id']}..{items[-1]['id']} ({len(items)} items)"
 
 
 @task(
-    name="segment-item",
-    task_run_name="segment-{item_id}",
+    name="segment-items",
+    # Prefect's protocol for a callable name also asks for a classmethod no function has.
+    task_run_name=batch_run_name,  # type: ignore[arg-type]
     retries=0,  # failures are deterministic (bad input, bad config): retrying repeats them
     cache_policy=NO_CACHE,  # skipping done items is decided by the index fingerprints
     # Tags cost an API call per task run (Prefect checks tag concurrency limits), so only
-    # this task has them: `prefect concurrency-limit create segment N` caps items in flight.
+    # this task has them: `prefect concurrency-limit create segment N` caps batches in flight.
     tags=["segflow", "segment"],
 )
-def segment_item_task(
-    item_id: str,
-    path: str,
-    pipeline: list[dict[str, Any]],
+def segment_items_task(
+    cfg: SegflowConfig,
+    items: list[Item],
     *,
-    store: str,
-    block_shape: list[int] | int | None,
-    chunks: list[int] | None,
-    shards: list[int] | None,
-    regions: bool = False,
-    regions_intensity: str | None = "input",
-    vectors: bool = False,
-    ome: bool = True,
-    pyramid: int | None = None,
-    dicom_seg: bool = False,
     config_hash: str,
     scheduler_address: str,
     run_id: str,
-    reader_options: dict[str, Any] | None = None,
-    quicklook: bool = False,
+    quicklook: Sequence[str] = (),
 ) -> Any:
-    """Segment one item on the Dask cluster at ``scheduler_address``; return its index row
-    (as the data of a Failed or Cancelled state when the item failed or was interrupted).
+    """Segment ``items`` one after another on the Dask cluster at ``scheduler_address``,
+    recording each as it finishes; return their index rows.
 
-    The blocks run on the Dask workers; only the small row comes back. Never raises for a
-    bad item: the row says ``failed`` and its ``error`` names the item and the reason. With
-    ``quicklook``, a done item gets a quick-look artifact (a failure there is only logged).
+    The blocks run on the Dask workers; only small rows come back. A bad item never stops
+    the others: the task run ends *Failed* when any item failed, its message naming them
+    and their reasons (*Cancelled* when the run was stopped), with the rows as the state's
+    data either way. The items whose ids are in ``quicklook`` get a quick-look artifact
+    when done (a failure there is only logged).
     """
     from distributed import get_client
 
     logger = get_run_logger()
-    if (reason := stop_requested()) is not None:  # queued when the run was asked to stop
-        return ItemResult(
-            id=item_id, source=path, status="interrupted", error=f"not started ({reason})"
-        ).as_row()
-    try:
-        reader = open_item(path, item_id, **(reader_options or {}))
-    except Exception as error:  # the file changed or vanished since discovery
-        reason = (
-            str(error)
-            if item_id in str(error) or path in str(error)
-            else (f"item {item_id!r} ({path}): {type(error).__name__}: {error}")
-        )
-        row = ItemResult(id=item_id, source=path, status="failed", error=reason).as_row()
-    else:
-        result = segment_item(
-            reader,
-            pipeline,
-            store=store,
-            block_shape=block_shape,
-            executor=DaskExecutor(get_client(scheduler_address)),
-            chunks=chunks,
-            shards=shards,
-            regions=regions,
-            regions_intensity=regions_intensity,
-            vectors=vectors,
-            ome=ome,
-            pyramid=pyramid,
-            dicom_seg=dicom_seg,
-            config_hash=config_hash,
-            progress=functools.partial(report_progress, item_id),
+    executor = DaskExecutor(get_client(scheduler_address))
+    rows = []
+    for item in items:
+        row, reader = run_item(
+            cfg,
+            item,
+            executor=executor,
             run_id=run_id,
-            resumable=True,
+            config_hash=config_hash,
+            progress=report_progress,
         )
-        row = result.as_row()
+        rows.append(row)
+        _log_item(logger, cfg.output.store, row)
+        if reader is not None and row["status"] == "done" and row["id"] in quicklook:
+            try:
+                publish_quicklook(reader, cfg.output.store, row)
+            except Exception as error:  # a picture never fails the item
+                logger.warning(
+                    "item %s: no quick look (%s: %s)", row["id"], type(error).__name__, error
+                )
+    failed = [row for row in rows if row["status"] == "failed"]
+    if failed:
+        message = "; ".join(str(row["error"]) for row in failed)
+        if len(rows) > 1:
+            message = f"{len(failed)} of {len(rows)} items failed: {message}"
+        return Failed(message=message, data=rows)
+    if interrupted := [row for row in rows if row["status"] == "interrupted"]:
+        return Cancelled(message=str(interrupted[0]["error"]), data=rows)
+    return rows
+
+
+def _log_item(logger: Any, store: str, row: dict[str, Any]) -> None:
     if row["status"] == "interrupted":
-        logger.warning("item %s: interrupted, its previous result is unchanged", item_id)
+        logger.warning("item %s: interrupted, its previous result is unchanged", row["id"])
     elif row["status"] == "done":
         logger.info(
             "item %s: done, %s, %d blocks, %.2f s -> %s",
-            item_id,
+            row["id"],
             describe_output(row["object_count"], row["foreground_fraction"]) or "no count",
             row["n_blocks"],
             row["seconds"],
-            f"{store.rstrip('/')}/{item_id}/{row['output']}",
+            f"{store.rstrip('/')}/{row['id']}/{row['output']}",
         )
-        if quicklook:
-            try:
-                publish_quicklook(reader, store, row)
-            except Exception as error:  # a picture never fails the item
-                logger.warning(
-                    "item %s: no quick look (%s: %s)", item_id, type(error).__name__, error
-                )
     else:
         logger.error("%s", row["error"])
-    report_progress(item_id, row["status"], 1, 1)
-    # The task run's state says what happened to the item (a failed item is red in the UI,
-    # with its reason as the message); the row travels as the state's data either way.
-    if row["status"] == "failed":
-        return Failed(message=str(row["error"]), data=row)
-    if row["status"] == "interrupted":
-        return Cancelled(message=str(row["error"]), data=row)
-    return row
+
+
+def _first_ids(rows: Sequence[Mapping[str, Any]]) -> str:
+    ids = [str(row["id"]) for row in rows[:NAMED_IDS]]
+    return ", ".join(ids) + (f", … ({len(rows) - NAMED_IDS} more)" if len(rows) > NAMED_IDS else "")

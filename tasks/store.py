@@ -1,4 +1,7 @@
-"""Tasks that record results in the output store: its lock, the item records, the index."""
+"""Tasks that hold and read the output store: its lock, its index, the collection's vectors.
+
+Items record themselves as they finish (:func:`segflow.engine.collection.run_item`, in their
+own task runs): no task run per record on the flow's thread."""
 
 from __future__ import annotations
 
@@ -10,15 +13,15 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from segflow.engine.collection import index_rows
 from segflow.store import consolidate_store
 from segflow.store.commit import (
     check_store,
     discard_trash,
     prepare_store,
 )
-from segflow.store.index import append_records, compact_index
+from segflow.store.index import compact_index
 from segflow.store.lock import hold_store_lock
-from segflow.store.select import index_rows, read_commits
 
 
 def current_run_id() -> str:
@@ -88,18 +91,6 @@ def mark_crashed(holder: dict[str, Any], store: str) -> None:
 def read_index_task(store: str) -> list[dict[str, Any]]:
     """The rows of ``STORE/index.parquet`` (none when the store is new), as plain dicts."""
     return index_rows(store)
-
-
-@task(name="read-commits", retries=0, cache_policy=NO_CACHE)
-def read_commits_task(store: str, item_ids: list[str]) -> dict[str, dict[str, Any] | None]:
-    """The commit record of each item's group (None where there is none)."""
-    return read_commits(store, item_ids)
-
-
-@task(name="record-items", retries=0, cache_policy=NO_CACHE)
-def record_items_task(store: str, run_id: str, rows: list[dict[str, Any]]) -> None:
-    """Append the items' index rows to the run's record file (durable at once)."""
-    append_records(store, run_id, rows)
 
 
 @task(name="write-index", retries=0, cache_policy=NO_CACHE)

@@ -132,6 +132,21 @@ class ClusterConfig(_Model):
     )
 
 
+class RunConfig(_Model):
+    batch: int | None = Field(
+        None,
+        ge=1,
+        description="items per task run; default: 1 below 100 items, else about 16 Mpx of "
+        "input per task run (at most 64 items)",
+    )
+    item_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds an item may run; one still running then fails (its blocks are "
+        "cancelled) and the run goes on; default: no limit",
+    )
+
+
 class SegflowConfig(_Model):
     """The whole pipeline configuration (see ``configs/`` for examples)."""
 
@@ -141,6 +156,7 @@ class SegflowConfig(_Model):
     blocks: BlocksConfig = Field(default_factory=lambda: BlocksConfig(shape=None))
     pipeline: list[dict[str, Any]]
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig.model_validate({}))
+    run: RunConfig = Field(default_factory=lambda: RunConfig.model_validate({}))
     # What loading derived from the overrides (see fit_blocks_to_chunks); not hashed.
     _notes: list[str] = PrivateAttr(default_factory=list)
 

@@ -120,6 +120,43 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
     assert rows["tile_b"]["object_count"] == N_BLOBS + 1
 
 
+def test_a_batch_of_items_is_one_task_run_red_when_any_of_its_items_failed(
+    collection: Path, tmp_path: Path, dask_address: str
+) -> None:
+    """With ``run.batch``, several items share a task run: it is named after its first and
+    last item, ends Failed naming the items that failed, and every item still has its own
+    row, record and progress."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    store = tmp_path / "out.zarr"
+    config = {**collection_config(collection, store, dask_address), "run": {"batch": 3}}
+
+    state, summary = run(config)
+
+    assert state == "FAILED"
+    assert (summary["done"], summary["failed"]) == (2, 2)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(sort="START_TIME_DESC", limit=1)[0]
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    states = {r.name: r.state for r in runs if r.name.startswith("segment-")}
+    assert {name: s.type.value for name, s in states.items()} == {  # type: ignore[union-attr]
+        "segment-broken..tile_a (3 items)": "FAILED", "segment-tile_b": "COMPLETED",
+    }  # fmt: skip
+    message = str(states["segment-broken..tile_a (3 items)"].message)  # type: ignore[union-attr]
+    assert message.startswith("2 of 3 items failed: ")
+    assert "not a readable GeoTIFF/TIFF" in message and "single-channel" in message
+    [progress] = [a for a in artifacts_of(flow_run.id) if a.type == "progress"]
+    assert progress.description == "**4 of 4 items finished** (2 done, 2 failed)"
+    index = pd.read_parquet(store / "index.parquet").set_index("id")
+    assert index["status"].to_dict() == {
+        "broken": "failed", "rgb": "failed", "tile_a": "done", "tile_b": "done"
+    }  # fmt: skip
+    assert int(xarray.open_zarr(store, group="tile_a")["labels"].max()) == N_BLOBS
+
+
 def test_overwrite_and_item_filter_redo_only_matching_items(
     tmp_path: Path, dask_address: str
 ) -> None:
@@ -266,7 +303,7 @@ def test_ids_recorded_in_the_store_survive_new_files(tmp_path: Path, dask_addres
 
 
 def test_keep_recorded_ids_never_reuses_an_id_for_another_source() -> None:
-    from segflow.store.select import keep_recorded_ids
+    from segflow.engine.collection import keep_recorded_ids
 
     index = [
         {"id": "tile", "source": "/t/a/tile.tif", "status": "done"},

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from segflow.engine.interrupt import raise_if_stopped, stop_requested
+from segflow.engine.interrupt import raise_if_stopped, should_stop
 from segflow.engine.retry import DEFAULT_RETRY, Retrying, RetryPolicy
 from segflow.faults import fault_point
 
@@ -124,7 +124,7 @@ class LocalExecutor:
     ) -> None:
         pending, finished = set(handles), 0
         while pending:
-            if stop_requested():
+            if should_stop():
                 for handle in pending:
                     handle.cancel()
                 raise_if_stopped()
@@ -223,7 +223,7 @@ class DaskExecutor:
 
         pending, finished = set(handles), 0
         while pending:
-            if stop_requested():
+            if should_stop():
                 self.client.cancel(list(pending))
                 raise_if_stopped()
             try:

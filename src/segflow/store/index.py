@@ -19,7 +19,9 @@ import json
 import math
 import os
 import pathlib
+import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ from segflow.store.fs import fresh_fs
 from segflow.store.lock import bookkeeping_path, is_local, local_path
 
 INDEX_NAME = "index.parquet"
+_appending = threading.Lock()  # one record file per run, appended to by the run's items
 STATUSES = ("done", "failed", "skipped")
 # Core columns and their dtypes; rows may add more columns, which are kept as given.
 _TEXT = pd.StringDtype()
@@ -101,12 +104,12 @@ def append_records(
     if is_local(str(store)):
         path = pathlib.Path(local_path(bookkeeping_path(str(store), "records", f"{run_id}.jsonl")))
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as handle:
+        with _appending, open(path, "a", encoding="utf-8") as handle:  # items of several threads
             handle.write(lines)
             handle.flush()
             os.fsync(handle.fileno())
     else:  # no appends on object stores: one small object per call, ordered by its name
-        name = f"{run_id}.{time.time_ns():020d}.jsonl"
+        name = f"{run_id}.{time.time_ns():020d}.{uuid.uuid4().hex[:8]}.jsonl"
         fs, inner = _fs(bookkeeping_path(str(store), "records", name))
         fs.pipe_file(inner, lines.encode())
     fault_point("record-written")

@@ -1,0 +1,436 @@
+"""A collection run's bookkeeping, without Prefect: which items, under which ids, which
+are skipped, how they are batched, one item run with a config's settings and its record,
+and the run's summary.
+
+An item is skipped only when its index row says ``done`` *and* its group's commit record
+says the same input fingerprint, config hash and code version (:func:`select_items`). The
+``segment`` flow (through its tasks) and the ``segflow run`` command decide with the same
+functions; the command decides before it starts Prefect or Dask, so a run with nothing to
+do costs no server or cluster start.
+
+Items travel as small references, ``{"id", "path", "fingerprint", "pixels"}``, never as
+arrays or open files: a task gets the references of its batch and opens each item itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segflow.engine.item import ItemResult, code_version
+from segflow.io import Reader, assign_item_ids, unused_id
+from segflow.store.commit import read_commit, stage_name
+from segflow.store.lock import has_stale_lock
+
+# An item's reference: {"id", "path", "fingerprint", "pixels"} (pixels: of the whole input,
+# channels included; 0 for a file discovery could not open).
+Item = dict[str, Any]
+
+if TYPE_CHECKING:
+    from segflow.config import SegflowConfig
+    from segflow.engine.executor import Executor
+
+# Items segmented at once (in a flow run: task runs in flight). Dask already spreads each
+# item's blocks over every worker; a few items in flight hide the round trips between an
+# item's phases.
+ITEMS_IN_FLIGHT = 3
+
+
+def item_references(
+    readers: Sequence[Reader], failures: Sequence[tuple[str, str]]
+) -> tuple[list[Item], list[dict[str, Any]]]:
+    """``{"id", "path", "fingerprint"}`` for each readable item, and an index row (status
+    ``failed``) for each file that could not be opened, with the id discovery would give it.
+    """
+    items = [
+        {
+            "id": r.info.id,
+            "path": r.info.path,
+            "fingerprint": r.info.fingerprint,
+            "pixels": math.prod(r.info.shape),
+        }
+        for r in readers
+    ]
+    paths = sorted([r.info.path for r in readers] + [path for path, _ in failures])
+    ids = dict(zip(paths, assign_item_ids(paths), strict=True))
+    rows = [
+        ItemResult(id=ids[path], source=path, status="failed", error=message).as_row()
+        for path, message in failures
+    ]
+    return items, rows
+
+
+def index_rows(store: str) -> list[dict[str, Any]]:
+    """The rows of ``STORE/index.parquet`` and its pending records (none for a new store),
+    as plain dicts (missing values as None)."""
+    import pandas as pd
+    from pandas.api.types import is_scalar
+
+    from segflow.store.index import read_index
+
+    return [
+        {
+            str(key): (None if is_scalar(value) and pd.isna(value) else value)
+            for key, value in row.items()
+        }
+        for row in read_index(store).to_dict(orient="records")
+    ]
+
+
+def read_commits(store: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """The commit record of each item's group (None where there is none)."""
+    if not Path(store).exists() and "://" not in store:
+        return dict.fromkeys(item_ids)
+    return {item_id: read_commit(store, item_id) for item_id in item_ids}
+
+
+def keep_recorded_ids(
+    items: list[Item],
+    failed_rows: list[dict[str, Any]],
+    index_rows: list[dict[str, Any]],
+) -> tuple[list[Item], list[dict[str, Any]]]:
+    """Give every item the id the store's index recorded for its source.
+
+    Discovery names items by file stem, prefixed with folders only where stems collide, so a
+    file joining the collection can rename others (``a/tile.tif`` is ``tile`` until
+    ``b/tile.tif`` appears, then ``a_tile``): on the next scheduled run its output would be
+    redone under a new name. Here an id in the store stays with its source, and is never
+    given to another one (a new item whose id is taken gets ``_2``, ``_3``, ...).
+    """
+    recorded = {row["source"]: row["id"] for row in index_rows if row.get("source")}
+    taken = {row["id"] for row in index_rows}
+
+    def renamed(entry: dict[str, Any], source: str) -> dict[str, Any]:
+        return {**entry, "id": recorded.get(source) or unused_id(entry["id"], taken)}
+
+    return (
+        [renamed(item, item["path"]) for item in items],
+        [renamed(row, row["source"]) for row in failed_rows],
+    )
+
+
+def select_items(
+    items: list[Item],
+    index_rows: list[dict[str, Any]],
+    *,
+    config_hash: str,
+    overwrite: bool,
+    commits: Mapping[str, Mapping[str, Any] | None],
+) -> tuple[list[Item], list[dict[str, Any]]]:
+    """Split ``items`` into those to segment and the index rows of those to skip.
+
+    An item is skipped when its index row says ``done`` with the same (non-empty)
+    fingerprint, config hash and code version, and its group's commit record (``commits``,
+    by id: :func:`segflow.store.commit.read_commit`) says the same: a ``done`` row over a
+    group that was never committed, was interrupted or is gone is redone. Never skipped
+    with ``overwrite``.
+    """
+    done = {row["id"]: row for row in index_rows if row.get("status") == "done"}
+    version = code_version()
+    todo, skipped = [], []
+    for item in items:
+        row = done.get(item["id"])
+        commit = commits.get(item["id"]) or {}
+        if (
+            not overwrite
+            and row is not None
+            and item["fingerprint"]  # no fingerprint (some URLs): always redo
+            and row.get("fingerprint") == item["fingerprint"] == commit.get("fingerprint")
+            and row.get("config_hash") == config_hash == commit.get("config_hash")
+            and row.get("code_version") == version == commit.get("code_version")
+        ):
+            skipped.append({**row, "status": "skipped"})
+        else:
+            todo.append(item)
+    return todo, skipped
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    """What a run of one collection does: segment ``todo``, record ``failed`` (files that
+    cannot be opened), skip ``skipped`` (their index rows); ``stale_lock`` when a dead
+    run's lock is to be taken over (its records compacted)."""
+
+    todo: list[Item]
+    skipped: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    stale_lock: bool
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not (self.todo or self.failed or self.stale_lock)
+
+    def work(self) -> list[Item]:
+        """The items to run, in path order: ``todo`` and each file that could not be opened,
+        which is tried like any item and fails there with the same reason (so it is a failed
+        item of the run, a Failed task run in the UI, not only a line of the discovery log).
+        """
+        unreadable = [
+            {"id": row["id"], "path": row["source"], "fingerprint": "", "pixels": 0}
+            for row in self.failed
+        ]
+        return sorted(self.todo + unreadable, key=lambda item: str(item["path"]))
+
+    def stages(self, config_hash: str) -> list[str]:
+        """The staging names of ``todo`` (:func:`segflow.store.commit.stage_name`): what a
+        killed run left staged for these items is kept, to resume."""
+        version = code_version()
+        return [stage_name(i["id"], config_hash, i["fingerprint"], version) for i in self.todo]
+
+
+def plan_items(
+    readers: Sequence[Reader],
+    failures: Sequence[tuple[str, str]],
+    store: str,
+    *,
+    config_hash: str,
+    overwrite: bool,
+    item_filter: Sequence[str] | None = None,
+) -> ItemPlan:
+    """Apply the skip rule to a discovered collection (``readers``, unreadable ``failures``)
+    against ``store``, reading only its index, commit records and lock. With
+    ``item_filter`` (glob patterns on the ids the items have in the store), items and
+    unreadable files that match none are left out altogether.
+
+    Examples
+    --------
+    >>> plan = plan_items([], [], "no_such_store.zarr", config_hash="h", overwrite=False)
+    >>> plan.nothing_to_do
+    True
+    """
+    items, failed = item_references(readers, failures)
+    rows = index_rows(store)
+    items, failed = keep_recorded_ids(items, failed, rows)
+    if item_filter:
+        items = [i for i in items if _matches(i["id"], item_filter)]
+        failed = [r for r in failed if _matches(r["id"], item_filter)]
+    done_ids = [r["id"] for r in rows if r.get("status") == "done"]
+    commits = read_commits(store, done_ids) if done_ids else {}
+    todo, skipped = select_items(
+        items, rows, config_hash=config_hash, overwrite=overwrite, commits=commits
+    )
+    return ItemPlan(todo, skipped, failed, has_stale_lock(store))
+
+
+def _matches(item_id: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(item_id, pattern) for pattern in patterns)
+
+
+def plan_collection(
+    cfg: SegflowConfig,
+    *,
+    overwrite: bool | None = None,
+    item_filter: Sequence[str] | None = None,
+    notes: list[str] | None = None,
+) -> ItemPlan:
+    """Discover ``cfg``'s collection and plan its run (:func:`plan_items`); ``overwrite``
+    defaults to the config's ``output.overwrite``. ``notes`` receives discovery's notes on
+    files left out on purpose (a DICOM folder's RTSTRUCT, say)."""
+    from segflow.io import discover_items
+
+    readers, failures = discover_items(cfg.input.path, notes=notes, **cfg.input.options)
+    return plan_items(
+        readers,
+        failures,
+        cfg.output.store,
+        config_hash=cfg.config_hash(),
+        overwrite=cfg.output.overwrite if overwrite is None else overwrite,
+        item_filter=item_filter,
+    )
+
+
+# Automatic batching (``run.batch`` unset). A task run costs Prefect some 80-150 ms here (its
+# API calls and logs), as much as a tiny item's whole work: a collection of many small
+# tiles puts several items in one task run, so task runs grow with the work, not with the
+# file count. Small collections keep one task run per item (the clearest view in the UI).
+BATCH_FROM_ITEMS = 100
+BATCH_PIXELS = 2**24  # about this much input per automatic batch (a 4096^2 tile is one item)
+BATCH_MAX = 64
+# An automatic batch leaves each of the run's slots at least this many batches, so progress
+# moves and the last batches do not run alone.
+BATCHES_PER_SLOT = 8
+
+
+def batch_size(items: Sequence[Item], setting: int | None = None) -> int:
+    """Items per task run: ``setting`` (``run.batch``) when given; else 1 below
+    :data:`BATCH_FROM_ITEMS` items, and otherwise as many items as make about
+    :data:`BATCH_PIXELS` of input (by the median item), at most :data:`BATCH_MAX`, and few
+    enough to give every one of the :data:`ITEMS_IN_FLIGHT` slots
+    :data:`BATCHES_PER_SLOT` batches.
+
+    Examples
+    --------
+    >>> tiles = [{"pixels": 256 * 256}] * 10_000
+    >>> batch_size(tiles), batch_size(tiles[:99]), batch_size(tiles[:600]), batch_size(tiles, 5)
+    (64, 1, 25, 5)
+    >>> batch_size([{"pixels": 4096 * 4096}] * 10_000)
+    1
+    """
+    if setting is not None:
+        return setting
+    if len(items) < BATCH_FROM_ITEMS:
+        return 1
+    pixels = int(np.median([max(int(item["pixels"]), 1) for item in items]))
+    by_size = BATCH_PIXELS // pixels
+    by_count = len(items) // (ITEMS_IN_FLIGHT * BATCHES_PER_SLOT)
+    return max(1, min(by_size, by_count, BATCH_MAX))
+
+
+def batches(items: Sequence[Item], size: int) -> list[list[Item]]:
+    """``items`` cut into consecutive batches of ``size`` (the last one may be shorter).
+
+    Examples
+    --------
+    >>> [[i["id"] for i in b] for b in batches([{"id": c} for c in "abcde"], 2)]
+    [['a', 'b'], ['c', 'd'], ['e']]
+    """
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
+ItemProgress = Callable[[str, str, int, int], None]  # (item id, phase, done, total)
+
+
+def run_item(
+    cfg: SegflowConfig,
+    item: Item,
+    *,
+    executor: Executor,
+    run_id: str,
+    config_hash: str | None = None,
+    progress: ItemProgress | None = None,
+) -> tuple[dict[str, Any], Reader | None]:
+    """Open and segment one item with ``cfg``'s settings, record its result in the store's
+    index records, and report its end to ``progress``; return its index row and its reader
+    (None when it could not be opened).
+
+    Never raises for a bad item: the row says ``failed`` and its ``error`` names the item and
+    the reason. An item not started because the run was asked to stop, or stopped midway,
+    says ``interrupted`` and is not recorded (its previous result stays as it was). With
+    ``run.item_timeout``, an item still waiting for its blocks after that many seconds has
+    them cancelled and fails. Call while holding the store's lock.
+    """
+    from segflow.engine.interrupt import item_deadline, stop_requested
+    from segflow.engine.item import segment_item
+    from segflow.io import open_item
+    from segflow.store.index import append_records
+
+    item_id, path = str(item["id"]), str(item["path"])
+    report = progress or (lambda *_: None)
+    reader = None
+    if (reason := stop_requested()) is not None:  # queued when the run was asked to stop
+        row = ItemResult(
+            id=item_id, source=path, status="interrupted", error=f"not started ({reason})"
+        ).as_row()
+    else:
+        with item_deadline(cfg.run.item_timeout):
+            try:
+                reader = open_item(path, item_id, **cfg.input.options)
+            except Exception as error:  # unreadable, or changed or gone since discovery
+                row = ItemResult(
+                    id=item_id, source=path, status="failed", error=_named(error, item_id, path)
+                ).as_row()
+            else:
+                output = cfg.output
+                row = segment_item(
+                    reader,
+                    cfg.pipeline,
+                    store=output.store,
+                    block_shape=cfg.blocks.shape,
+                    executor=executor,
+                    chunks=output.chunks,
+                    shards=output.shards,
+                    config_hash=cfg.config_hash() if config_hash is None else config_hash,
+                    regions=output.regions,
+                    regions_intensity=output.regions_intensity,
+                    vectors=output.vectors,
+                    dicom_seg=output.dicom_seg,
+                    ome=output.ome,
+                    pyramid=output.pyramid,
+                    progress=lambda phase, done, total: report(item_id, phase, done, total),
+                    run_id=run_id,
+                    resumable=True,
+                ).as_row()
+    if row["status"] != "interrupted":
+        # After the item's data is committed, durable at once: a killed run keeps the
+        # records of what it finished.
+        append_records(cfg.output.store, run_id, [row])
+    report(item_id, row["status"], 1, 1)
+    return row, reader
+
+
+def _named(error: Exception, item_id: str, path: str) -> str:
+    """``error``'s message, prefixed with the item and its path unless it names one."""
+    text = str(error)
+    if item_id in text or path in text:
+        return text
+    return f"item {item_id!r} ({path}): {type(error).__name__}: {error}"
+
+
+def open_line(store: str, item_id: str) -> str:
+    """The Python expression that opens one item of the output."""
+    return f"xarray.open_zarr({store!r}, group={item_id!r})"
+
+
+# Rows and failures a run's summary lists at most (the rest are in the store's index), so
+# the persisted flow result stays small whatever the collection's size.
+SUMMARY_ROWS = 1000
+
+
+def run_summary(name: str, store: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The small, JSON-serialisable summary a run returns (and the command prints), from its
+    index ``rows``.
+
+    ``rows`` and ``failures`` list at most :data:`SUMMARY_ROWS` items each (in id order);
+    ``rows_omitted`` and ``failures_omitted`` count the others, which the store's index has.
+    ``made`` says what the done items hold, over all of them (:func:`made_line`).
+    """
+    statuses = ("done", "failed", "skipped", "interrupted")
+    counts = {s: sum(r["status"] == s for r in rows) for s in statuses}
+    opened = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
+    failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
+    return {
+        "name": name,
+        "store": store,
+        "index": f"{str(store).rstrip('/')}/index.parquet",
+        **counts,
+        "failures": failures[:SUMMARY_ROWS],
+        "failures_omitted": max(len(failures) - SUMMARY_ROWS, 0),
+        "made": made_line(rows),
+        "open": open_line(store, opened[0]) if opened else None,
+        "rows": [_plain(row) for row in rows[:SUMMARY_ROWS]],
+        "rows_omitted": max(len(rows) - SUMMARY_ROWS, 0),
+    }
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with numpy scalars as Python numbers (JSON has no numpy types)."""
+    return {
+        key: value.item() if isinstance(value, np.generic) else value for key, value in row.items()
+    }
+
+
+def made_line(rows: Sequence[dict[str, Any]]) -> str:
+    """What the done (or already done) items hold: their objects, or for masks and class
+    maps the share of foreground pixels (the mean over items); "" when nothing is done."""
+    from segflow.engine.item import describe_output
+
+    rows = [r for r in rows if r["status"] in ("done", "skipped")]
+    if not rows:
+        return ""
+    if len(rows) == 1:
+        return describe_output(rows[0].get("object_count"), rows[0].get("foreground_fraction"))
+    counts = [int(r["object_count"]) for r in rows if r.get("object_count") is not None]
+    fractions = [
+        float(r["foreground_fraction"]) for r in rows if r.get("foreground_fraction") is not None
+    ]
+    if len(counts) == len(rows):
+        return f"{describe_output(sum(counts), None)} in {len(rows)} items"
+    if len(fractions) == len(rows):
+        return f"{describe_output(None, sum(fractions) / len(rows))} (mean of {len(rows)} items)"
+    return ""

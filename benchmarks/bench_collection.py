@@ -5,13 +5,15 @@ then segments them (gaussian -> Otsu -> label, one 64^2 block per item) into a f
 store twice, on one local Dask cluster of ``--workers`` processes started before timing
 (and warmed by a few items):
 
-- **engine**: discovery and the skip rule (``plan_items``), the store's lock, then
-  ``segment_item`` per item, ``ITEMS_IN_FLIGHT`` at a time from a thread pool as the flow
-  does, each row appended to the run's records as it finishes, then the index compacted and
-  the store consolidated. No Prefect imported on this side's path.
+- **engine**: ``segflow.engine.collection`` alone, as the flow's tasks call it: discovery
+  and the skip rule (``plan_collection``), the store's lock, then ``run_item`` per item
+  (segment, append its record), ``ITEMS_IN_FLIGHT`` at a time from a thread pool as the
+  flow does, then the index compacted and the store consolidated. No Prefect imported on
+  this side's path.
 - **flow**: ``segment_collection`` with the same config pointing at the same cluster
   (``cluster.address``), under ``prefect_test_harness`` (a temporary Prefect server in a
-  subprocess with its own database; its start-up is not timed).
+  subprocess with its own database; its start-up is not timed). Items are batched into
+  task runs as the config's ``run.batch`` says (``--batch``; default: automatic).
 
 ``overhead_fraction`` is ``(flow_s - engine_s) / flow_s``: the share of the flow's wall
 time that is Prefect (task runs, state round trips to the server, logs and artifacts sent
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -42,9 +45,6 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-# Items in flight at once, as the flow has them (segflow.flows.segment.ITEMS_IN_FLIGHT, checked
-# in main: importing it here would import Prefect on the engine's side).
-ITEMS_IN_FLIGHT = 3
 PIPELINE = [{"op": "gaussian", "sigma": 1.0}, {"op": "otsu"}, {"op": "label"}]
 TILE = 64
 
@@ -59,7 +59,7 @@ def write_tiles(folder: Path, count: int) -> None:
         Image.fromarray(tile).save(folder / f"tile_{i:06d}.png")
 
 
-def make_config(tiles: Path, store: Path, address: str) -> dict[str, Any]:
+def make_config(tiles: Path, store: Path, address: str, batch: int | None = None) -> dict[str, Any]:
     """The collection's config, as the flow takes it (absolute paths)."""
     return {
         "name": "bench-collection",
@@ -68,6 +68,7 @@ def make_config(tiles: Path, store: Path, address: str) -> dict[str, Any]:
         "blocks": {"shape": [TILE, TILE]},
         "pipeline": PIPELINE,
         "cluster": {"address": address},
+        "run": {"batch": batch},
     }
 
 
@@ -80,20 +81,42 @@ def timed(totals: dict[str, float], key: str) -> Iterator[None]:
         totals[key] += time.perf_counter() - started
 
 
+@contextmanager
+def timed_records(totals: dict[str, float]) -> Iterator[None]:
+    """Add the time spent appending item records (on every thread) to ``totals``."""
+    import segflow.store.index as index
+
+    original = index.append_records
+    lock = threading.Lock()
+
+    def append_records(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            original(*args, **kwargs)
+        finally:
+            with lock:
+                totals["append records (summed)"] += time.perf_counter() - started
+
+    index.append_records = append_records
+    try:
+        yield
+    finally:
+        index.append_records = original
+
+
 def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, float], int]:
     """The flow's work through the engine alone; returns (seconds, breakdown, items done).
 
-    The breakdown's ``items`` is the sum of ``segment_item`` times over the threads (more
-    than the wall time when items overlap); the other keys are wall time on this thread.
+    The breakdown's ``items`` is the sum of ``run_item`` times over the threads (more than
+    the wall time when items overlap; it includes the records, also given apart); the other
+    keys are wall time on this thread.
     """
     from segflow.config import parse_config
-    from segflow.engine.collection import plan_items
+    from segflow.engine.collection import ITEMS_IN_FLIGHT, plan_collection, run_item
     from segflow.engine.executor import DaskExecutor
-    from segflow.engine.item import segment_item
-    from segflow.io import discover_items, open_item
     from segflow.store import consolidate_store
     from segflow.store.commit import check_store, discard_trash, prepare_store
-    from segflow.store.index import append_records, compact_index
+    from segflow.store.index import compact_index
     from segflow.store.lock import hold_store_lock
 
     totals: dict[str, float] = defaultdict(float)
@@ -103,39 +126,25 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
     config_hash = cfg.config_hash()
     run_id = uuid.uuid4().hex
     with timed(totals, "discover + select"):
-        plan = plan_items(
-            *discover_items(cfg.input.path), store, config_hash=config_hash, overwrite=False
-        )
+        plan = plan_collection(cfg)
     executor = DaskExecutor(client)
 
-    def segment_one(item: dict[str, str]) -> tuple[dict[str, Any], float]:
+    def segment_one(item: dict[str, Any]) -> tuple[dict[str, Any], float]:
         begun = time.perf_counter()
-        result = segment_item(
-            open_item(item["path"], item["id"]),
-            cfg.pipeline,
-            store=store,
-            block_shape=cfg.blocks.shape,
-            executor=executor,
-            chunks=cfg.output.chunks,
-            config_hash=config_hash,
-            run_id=run_id,
-            resumable=True,
-        )
-        return result.as_row(), time.perf_counter() - begun
+        row, _ = run_item(cfg, item, executor=executor, run_id=run_id, config_hash=config_hash)
+        return row, time.perf_counter() - begun
 
     done = 0
     check_store(store)
-    with hold_store_lock(store, run_id=run_id):
+    with hold_store_lock(store, run_id=run_id), timed_records(totals):
         with timed(totals, "prepare store"):
             prepare_store(store)
         with ThreadPoolExecutor(ITEMS_IN_FLIGHT) as pool:
-            futures = [pool.submit(segment_one, item) for item in plan.todo]
+            futures = [pool.submit(segment_one, item) for item in plan.work()]
             for future in as_completed(futures):
                 row, seconds = future.result()
                 totals["items (summed over threads)"] += seconds
                 done += row["status"] == "done"
-                with timed(totals, "append records"):
-                    append_records(store, run_id, [row])
         with timed(totals, "compact index"):
             discard_trash(store, run_id)
             compact_index(store)
@@ -170,7 +179,7 @@ def run_flow(config: dict[str, Any]) -> tuple[float, int, Any, list[Any]]:
     return seconds, done, flow_run, runs
 
 
-def profile_task_runs(runs: list[Any], quicklook_ids: set[str]) -> dict[str, tuple[int, float]]:
+def profile_task_runs(runs: list[Any]) -> dict[str, tuple[int, float]]:
     """Task runs per task (its function's name): count and summed run time in seconds
     (between the run's Running and final states). The items given a quick look
     (``quicklook_ids``) are counted apart. (A task run's ``created`` is no measure of its
@@ -179,8 +188,6 @@ def profile_task_runs(runs: list[Any], quicklook_ids: set[str]) -> dict[str, tup
     profile: dict[str, tuple[int, float]] = {}
     for run in runs:
         name = run.task_key.rsplit("-", 1)[0]
-        if name == "segment_item_task" and run.name.removeprefix("segment-") in quicklook_ids:
-            name += " (quick look)"
         count, running = profile.get(name, (0, 0.0))
         profile[name] = (count + 1, running + run.total_run_time.total_seconds())
     return profile
@@ -189,7 +196,7 @@ def profile_task_runs(runs: list[Any], quicklook_ids: set[str]) -> dict[str, tup
 def item_span(flow_run: Any, runs: list[Any]) -> tuple[float, float]:
     """Seconds from the flow run's start to the first item task's start, and from the last
     item task's end to the flow run's end."""
-    items = [r for r in runs if r.task_key.startswith("segment_item_task") and r.start_time]
+    items = [r for r in runs if r.task_key.startswith("segment_items_task") and r.start_time]
     first = min(r.start_time for r in items)
     last = max(r.end_time for r in items if r.end_time)
     return (
@@ -202,6 +209,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=150, help="tiles in the collection")
     parser.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="the flow's run.batch (default: automatic)"
+    )
     args = parser.parse_args()
 
     from distributed import Client
@@ -225,15 +235,10 @@ def main() -> None:
                 load_engine = os.getloadavg()[0]
                 from prefect.testing.utilities import prefect_test_harness
 
-                from segflow.flows import segment
-
-                if segment.ITEMS_IN_FLIGHT != ITEMS_IN_FLIGHT:
-                    raise SystemExit(f"the flow runs {segment.ITEMS_IN_FLIGHT} items at once")
-
                 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
                 with prefect_test_harness(server_startup_timeout=180):
                     flow_s, flow_done, flow_run, runs = run_flow(
-                        make_config(folder / "tiles", folder / "flow.zarr", address)
+                        make_config(folder / "tiles", folder / "flow.zarr", address, args.batch)
                     )
         finally:
             cluster.close()
@@ -242,7 +247,13 @@ def main() -> None:
         raise SystemExit(f"items done: engine {engine_done}, flow {flow_done} of {args.items}")
     overhead = (flow_s - engine_s) / flow_s
     bookkeeping = sum(v for k, v in breakdown.items() if not k.startswith("items"))
-    print(f"items                         {args.items}  ({args.workers} Dask workers)")
+    from segflow.engine.collection import batch_size
+
+    batch = args.batch or batch_size([{"pixels": TILE * TILE}] * args.items)
+    print(
+        f"items                         {args.items}  ({args.workers} Dask workers, "
+        f"flow batches of {batch})"
+    )
     per_item = 1000 * engine_s / args.items
     print(f"engine alone                  {engine_s:8.2f} s  {per_item:6.1f} ms/item")
     for key, seconds in breakdown.items():
@@ -253,10 +264,7 @@ def main() -> None:
     )
     task_runs = len(runs)
     print(f"  task runs                   {task_runs:8d}  ({task_runs / args.items:.2f} per item)")
-    from segflow.tasks.artifacts import QUICKLOOK_ITEMS
-
-    quicklook_ids = {f"tile_{i:06d}" for i in range(QUICKLOOK_ITEMS)}
-    profile = profile_task_runs(runs, quicklook_ids)
+    profile = profile_task_runs(runs)
     for task_name, (count, running) in sorted(profile.items()):
         print(f"    {task_name:<32}{count:6d} runs, {running:8.2f} s running in all")
     before, after = item_span(flow_run, runs)
@@ -271,6 +279,7 @@ def main() -> None:
     result = {
         "items": args.items,
         "workers": args.workers,
+        "batch": batch,
         "flow_s": round(flow_s, 3),
         "engine_s": round(engine_s, 3),
         "overhead_fraction": round(overhead, 4),
@@ -278,7 +287,7 @@ def main() -> None:
         "engine_item_s": round(breakdown["items (summed over threads)"], 3),
         "task_runs": task_runs,
         "item_task_s": round(sum(v[1] for k, v in profile.items() if "segment" in k), 3),
-        "record_task_s": round(profile.get("record_items_task", (0, 0.0))[1], 3),
+        "engine_records_s": round(breakdown.get("append records (summed)", 0.0), 3),
         "load": round(load, 2),
     }
     print(json.dumps(result))

@@ -145,7 +145,7 @@ def segment_collection(
     rows += plan.skipped
     rows.sort(key=lambda r: r["id"])
     summary = summarize(cfg, rows)
-    report_items_task(cfg.name, store, rows)
+    report_items_task(summary, rows)
     message = (
         f"{cfg.name}: {summary['done']} done, {summary['skipped']} skipped, "
         f"{summary['failed']} failed -> {store}"

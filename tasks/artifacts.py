@@ -23,7 +23,6 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from segflow.engine.collection import open_line
 from segflow.io._common import is_url, strip_file_scheme
 from segflow.io.base import Reader
 from segflow.store.quicklook import render_quicklook
@@ -39,6 +38,9 @@ QUEUED_ROWS = 500
 QUICKLOOK_ITEMS = 10
 QUICKLOOK_SIZE = 256
 
+# Rows of the items table: a 100,000-item run shows its failed items, then the first others
+# by id, and says so (the store's index has them all).
+TABLE_ROWS = 1000
 TABLE_COLUMNS = ("id", "status", "object_count", "seconds", "n_blocks", "shape", "error", "source")
 
 
@@ -84,8 +86,12 @@ def output_hash(output: str) -> str:
 
 
 @task(name="report-items", retries=0, cache_policy=NO_CACHE)
-def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None:
-    """Publish the items table and a markdown note with the output location."""
+def report_items_task(summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Publish the items table (failed items first, at most :data:`TABLE_ROWS` rows) and a
+    markdown note of the run's ``summary`` (:func:`segflow.engine.collection.run_summary`)
+    with the output location."""
+    name, store = summary["name"], summary["store"]
+    ordered = sorted(rows, key=lambda row: row["status"] != "failed")  # stable: ids stay sorted
     table = [
         {
             column: round(row[column], 2)
@@ -93,42 +99,43 @@ def report_items_task(name: str, store: str, rows: list[dict[str, Any]]) -> None
             else row.get(column)
             for column in TABLE_COLUMNS
         }
-        for row in rows
+        for row in ordered[:TABLE_ROWS]
     ]
+    shown = (
+        f" (the first {TABLE_ROWS} of {len(rows)}, failed first)" if len(rows) > TABLE_ROWS else ""
+    )
     create_table_artifact(
         table=table,
         key=artifact_key(name, store, "items"),
-        description=f"segflow items of {name!r} in {store}",
+        description=f"segflow items of {name!r} in {store}{shown}",
     )
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
-    done = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
-    lines = [
-        f"# segflow: {name}",
-        "",
-        f"**Store:** `{store}`  ",
-        f"**Items:** {counts['done']} done, {counts['skipped']} skipped (already done), "
-        f"{counts['failed']} failed  ",
-        f"**Index:** `{store}/index.parquet`",
-        "",
-    ]
-    if done:
-        lines += [
-            "Open an item in Python:",
-            "",
-            "```python",
-            "import xarray",
-            f"ds = {open_line(store, done[0])}",
-            "```",
-            "",
-        ]
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        lines += ["## Failed items", ""] + [f"- `{r['id']}`: {r['error']}" for r in failed]
+    lines = [f"# segflow: {name}", "", *summary_lines(summary)]
+    if summary["open"]:
+        lines += ["", "Open an item in Python:", "", "```python", "import xarray"]
+        lines += [f"ds = {summary['open']}", "```"]
     create_markdown_artifact(
         markdown="\n".join(lines),
         key=artifact_key(name, store, "output"),
         description=f"where the output of {name!r} is",
     )
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """Markdown lines of a run's summary: its counts, store and index, its failed items."""
+    lines = [
+        f"**Items:** {summary['done']} done, {summary['skipped']} skipped (already done), "
+        f"{summary['failed']} failed"
+        + (f", {summary['interrupted']} interrupted" if summary["interrupted"] else "")
+        + "  ",
+        f"**Store:** `{summary['store']}`  ",
+        f"**Index:** `{summary['index']}`",
+    ]
+    if summary["failures"]:
+        lines += ["", "## Failed items", ""]
+        lines += [f"- `{f['id']}`: {f['error']}" for f in summary["failures"]]
+        if summary.get("failures_omitted"):
+            lines.append(f"- … and {summary['failures_omitted']} more (see the index)")
+    return lines
 
 
 @contextmanager
@@ -204,21 +211,8 @@ def publish_progress(
 def publish_summary(name: str, store: str, summary: dict[str, Any], *, run: str) -> None:
     """A markdown artifact with the summary of the flow run ``run`` (a parent run, such as
     a backfill, shows its child's outcome on its own page)."""
-    lines = [
-        f"# {summary['name']}: run `{run}`",
-        "",
-        f"**Items:** {summary['done']} done, {summary['skipped']} skipped (already done), "
-        f"{summary['failed']} failed, {summary['interrupted']} interrupted  ",
-        f"**Store:** `{summary['store']}`  ",
-        f"**Index:** `{summary['index']}`",
-    ]
-    if summary["failures"]:
-        lines += ["", "## Failed items", ""]
-        lines += [f"- `{f['id']}`: {f['error']}" for f in summary["failures"]]
-        if summary.get("failures_omitted"):
-            lines.append(f"- … and {summary['failures_omitted']} more (see the index)")
     create_markdown_artifact(
-        markdown="\n".join(lines),
+        markdown="\n".join([f"# {summary['name']}: run `{run}`", "", *summary_lines(summary)]),
         key=artifact_key(name, store, "summary"),
         description=f"the outcome of {run}",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -9,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from segflow.engine.collection import open_line
 from segflow.store import write_index
-from segflow.tasks.artifacts import artifact_key, open_line, publish_progress
+from segflow.tasks.artifacts import artifact_key, publish_progress
 from segflow.tasks.progress import ItemsProgress, listen_progress, report_progress
 from segflow.tasks.store import read_index_task
 
@@ -144,3 +146,30 @@ def test_progress_artifact_follows_the_reports_while_the_run_goes_on(
     assert progress_when(run_id, 100.0) == "**2 of 2 items finished** (1 done, 1 failed)"
     [table] = [a for a in artifacts(run_id) if a.type == "table"]
     assert "/in/b.tif" in str(table.data)
+
+
+def test_items_table_lists_failed_items_first_and_at_most_table_rows(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from segflow.engine.collection import run_summary
+    from segflow.tasks import artifacts
+
+    monkeypatch.setattr(artifacts, "TABLE_ROWS", 3)
+    rows = [{"id": f"t{i}", "status": "done", "error": None} for i in range(5)]
+    rows[3] = {"id": "t3", "status": "failed", "error": "item 't3': damaged"}
+    summary = run_summary("unit", "/out/table-unit.zarr", rows)
+
+    flow(artifacts.report_items_task.fn)(summary, rows)
+
+    key = artifacts.artifact_key("unit", "/out/table-unit.zarr", "items")
+    with get_client(sync_client=True) as client:
+        [table] = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["id"] for row in data] == ["t3", "t0", "t1"]
+    assert "the first 3 of 5, failed first" in str(table.description)

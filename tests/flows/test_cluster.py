@@ -24,6 +24,7 @@ from segflow.engine.cluster import (
     default_workers,
     running_clusters,
     size_local_cluster,
+    usable_cores,
 )
 from segflow.flows.cluster import dashboard_link, dask_client
 
@@ -84,6 +85,7 @@ def test_default_workers_share_the_usable_cores_among_the_running_clusters() -> 
     assert [default_workers(8, running) for running in range(5)] == [8, 4, 2, 2, 1]
     assert default_workers(2, 7) == 1  # never none
     assert default_workers(1, 0) == 1
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_explicit_settings_are_kept_and_auto_memory_is_shared_with_the_running_clusters() -> None:

@@ -219,7 +219,8 @@ def _format_limit(limit: str | int) -> str:
 
 def cluster_registry() -> Path:
     """Where segflow's local clusters register: ``$XDG_RUNTIME_DIR/segflow/clusters`` (a
-    per-user folder emptied at logout and reboot), else ``~/.cache/segflow/clusters``."""
+    per-user folder emptied at logout and reboot), else ``$XDG_CACHE_HOME/segflow/clusters``
+    or ``~/.cache/segflow/clusters``."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = runtime or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "segflow" / "clusters"

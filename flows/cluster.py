@@ -11,8 +11,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from segflow.config import ClusterConfig
-from segflow.engine.cluster import start_local_cluster, visible_gpus
+from segflow.engine.cluster import claim_local_cluster, start_local_cluster, visible_gpus
 from segflow.flows import _quiet
+
+logger = logging.getLogger("segflow")
 
 
 @contextmanager
@@ -23,8 +25,11 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
     service) and leaves it running; without, to Dask's own ``scheduler-address`` setting
     (``DASK_SCHEDULER_ADDRESS``) when that is set, so every flow run of a Prefect worker with
     that variable shares one cluster. Otherwise it starts a process-based ``LocalCluster`` with
-    ``n_workers`` (default: one per core) of ``threads_per_worker`` threads, and shuts it
-    down after the run; the first ``gpu_workers`` of them (default: one per visible CUDA
+    ``n_workers`` of ``threads_per_worker`` threads, and shuts it down after the run. By
+    default (``claim_local_cluster``) it takes one worker per usable core (CPU affinity,
+    cgroup quota) shared equally with the other segflow local clusters running on the
+    machine, and with ``memory_limit="auto"`` and such others, an equal share of the memory
+    among all their workers; the first ``gpu_workers`` of them (default: one per visible CUDA
     device) each own one GPU and take the model steps' block tasks. Its HTTP server (the
     dashboard, when bokeh is installed) takes a free port, so two runs or another cluster on
     8787 never clash.
@@ -40,27 +45,33 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
         finally:
             client.close()
         return
-    n_workers = cluster.n_workers or os.cpu_count() or 1
     gpus = visible_gpus()
     if cluster.gpu_workers is not None:  # more than the devices: ids repeat (tests, MIG)
         gpus = [gpus[i % len(gpus)] if gpus else str(i) for i in range(cluster.gpu_workers)]
-    with _quiet_dask():
-        with _workers_ignore_sigint():
-            local = start_local_cluster(
-                max(n_workers, len(gpus)),
-                gpus=gpus,
-                threads_per_worker=cluster.threads_per_worker,
-                memory_limit=cluster.memory_limit,
-                # None would still bind the HTTP server to 8787; ":0" picks a free port.
-                dashboard_address=":0",
-                silence_logs=logging.CRITICAL if _quiet.QUIET_WORKERS else logging.WARNING,
-                preload=["segflow.flows._quiet"] if _quiet.QUIET_WORKERS else [],
-            )
-        try:
-            with Client(local) as client:
-                yield client
-        finally:
-            local.close()
+    with claim_local_cluster(
+        n_workers=cluster.n_workers,
+        memory_limit=cluster.memory_limit,
+        min_workers=max(1, len(gpus)),
+    ) as size:
+        if size.reason:
+            logger.info("Dask LocalCluster: %s", size.reason)
+        with _quiet_dask():
+            with _workers_ignore_sigint():
+                local = start_local_cluster(
+                    size.n_workers,
+                    gpus=gpus,
+                    threads_per_worker=cluster.threads_per_worker,
+                    memory_limit=size.memory_limit,
+                    # None would still bind the HTTP server to 8787; ":0" picks a free port.
+                    dashboard_address=":0",
+                    silence_logs=logging.CRITICAL if _quiet.QUIET_WORKERS else logging.WARNING,
+                    preload=["segflow.flows._quiet"] if _quiet.QUIET_WORKERS else [],
+                )
+            try:
+                with Client(local) as client:
+                    yield client
+            finally:
+                local.close()
 
 
 @contextmanager

@@ -121,7 +121,12 @@ class BlocksConfig(_Model):
 
 class ClusterConfig(_Model):
     address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
-    n_workers: int | None = Field(None, ge=1, description="local workers; default: one per core")
+    n_workers: int | None = Field(
+        None,
+        ge=1,
+        description="local workers; default: the usable cores, shared with the other segflow "
+        "local clusters running on the machine",
+    )
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = Field("auto", description="per local worker, e.g. '4GiB'")
     gpu_workers: int | None = Field(

@@ -147,9 +147,9 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
                 done += row["status"] == "done"
         with timed(totals, "compact index"):
             discard_trash(store, run_id)
-            compact_index(store)
+            recorded = compact_index(store)
         with timed(totals, "consolidate"):
-            consolidate_store(store)
+            consolidate_store(store, items=recorded)
     return time.perf_counter() - started, dict(totals), done
 
 

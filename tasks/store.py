@@ -36,7 +36,12 @@ def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ())
     """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it
     (keeping the staged items of ``keep_stages`` to resume); at the end fold the run's
     records into the index, consolidate and release the lock (also when the run fails or
-    is interrupted)."""
+    is interrupted).
+
+    The consolidated metadata is brought up to date for the items this run recorded only;
+    after a run that died (its lock taken over here), for the whole store, since it may
+    have swapped in an item it did not live to record.
+    """
     check_store(store)  # before the lock file is written into the folder
     with hold_store_lock(store, run_id=run_id) as lock:
         if lock.broken is not None:
@@ -46,8 +51,8 @@ def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ())
             yield
         finally:
             discard_trash(store, run_id)
-            compact_index(store)
-            consolidate_store(store)
+            recorded = compact_index(store)
+            consolidate_store(store, items=None if lock.broken is not None else recorded)
 
 
 def mark_crashed(holder: dict[str, Any], store: str) -> None:

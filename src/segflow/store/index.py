@@ -115,19 +115,20 @@ def append_records(
     fault_point("record-written")
 
 
-def compact_index(store: str | os.PathLike[str]) -> str | None:
-    """Fold every record file into ``index.parquet`` and remove them; None without any.
+def compact_index(store: str | os.PathLike[str]) -> set[str]:
+    """Fold every record file into ``index.parquet`` and remove them; return the ids of the
+    items they recorded (none without records: the index is left as it is).
 
     Call while holding the store's lock (no run appends meanwhile).
     """
     files = _record_files(store)
     if not files:
-        return None
+        return set()
     frame = read_index(store)
-    path = _replace_index(store, frame)
+    _replace_index(store, frame)
     fault_point("index-compact")
     _remove_records(store, files)
-    return path
+    return {str(row["id"]) for _, rows in files for row in rows}
 
 
 def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> str:

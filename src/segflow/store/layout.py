@@ -7,14 +7,14 @@ item in :mod:`segflow.store.ome`.
 
 from __future__ import annotations
 
+import json
 import os
-import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.errors import ZarrUserWarning
 
 from segflow.errors import StoreError
 from segflow.faults import fault_point
@@ -205,14 +205,21 @@ def create_output_array(
         ) from exc
 
 
-def consolidate_store(store: str) -> None:
-    """Consolidate the metadata of the whole store into its root ``zarr.json``.
+def consolidate_store(store: str, items: Collection[str] | None = None) -> None:
+    """Consolidate the metadata of the store into its root ``zarr.json``.
 
     Afterwards ``xarray.open_zarr(store, group=item_id)`` opens without warnings and with one
     metadata read. Call it once all groups and arrays of a run exist: the consolidated copy is
-    dropped by :func:`create_item_group` and :func:`create_output_array`, so a stale copy can
-    never hide or misdescribe an array (``consolidated=False`` always works, consolidated or
-    not).
+    dropped by :func:`create_item_group` and :func:`create_output_array` where they write into
+    the store itself, so a stale copy can never hide or misdescribe an array
+    (``consolidated=False`` always works, consolidated or not).
+
+    With ``items`` (the ids of the items a run changed) and a root that is consolidated
+    already, only those items' entries are replaced: a run that adds 10 items to a
+    100,000-item store reads 10 items' metadata, not every node of the store. An item whose
+    group is gone loses its entries. The entries are what zarr's own consolidation writes
+    (a test compares them), read as JSON: 0.55 ms per item here against zarr's 5.5-7 ms,
+    which made consolidation some 10 minutes of every run at 100,000 items.
 
     Raises
     ------
@@ -227,40 +234,99 @@ def consolidate_store(store: str) -> None:
     >>> store = tempfile.mkdtemp() + "/doc_consolidated.zarr"
     >>> create_item_group(store, info)
     >>> consolidate_store(store)
+    >>> consolidate_store(store, items=["demo"])
     """
+    from segflow.store.fs import fresh_fs
+
     try:
-        with warnings.catch_warnings():
-            # zarr notes that consolidated metadata is not (yet) part of the v3 spec. It is
-            # what xarray reads first, and zarr-python and xarray both read it, so opt in.
-            warnings.filterwarnings(
-                "ignore",
-                message="Consolidated metadata is currently not part",
-                category=ZarrUserWarning,
-            )
-            # The Parquet tables beside the arrays (index.parquet, ITEM/regions.parquet) are
-            # not Zarr nodes; zarr skips them and says so.
-            warnings.filterwarnings(
-                "ignore",
-                message=r"Object at .*\.parquet is not recognized as a component",
-                category=ZarrUserWarning,
-            )
-            # Nor is a DICOM SEG beside them (ITEM/seg.dcm: store.dicomseg).
-            warnings.filterwarnings(
-                "ignore",
-                message=r"Object at .*seg\.dcm is not recognized as a component",
-                category=ZarrUserWarning,
-            )
-            # Nor is segflow's bookkeeping folder (lock, records, staging: store.commit).
-            warnings.filterwarnings(
-                "ignore",
-                message=r"Object at \.segflow is not recognized as a component",
-                category=ZarrUserWarning,
-            )
-            zarr.consolidate_metadata(store, zarr_format=3)
+        root = _read_node(store)
+        if root is None:
+            raise StoreError(f"'{store}' has no zarr.json: not a Zarr store")
+        consolidated = root.get("consolidated_metadata")
+        if items is not None and consolidated is not None:
+            if not items:
+                return  # nothing changed since it was consolidated
+            entries = consolidated["metadata"]
+            for item_id in items:
+                for key in [k for k in entries if k == item_id or k.startswith(f"{item_id}/")]:
+                    del entries[key]
+                entries.update(_item_entries(store, item_id))
+        else:
+            fs, path = fresh_fs(store)
+            entries = {}
+            for child in fs.ls(path, detail=True):
+                if child["type"] == "directory":
+                    entries.update(_item_entries(store, _basename(child["name"])))
+        root["consolidated_metadata"] = _inline(dict(sorted(entries.items())))
+        _write_node(store, root)
+    except StoreError:
+        raise
     except Exception as exc:
         raise StoreError(
             f"cannot consolidate store '{store}' ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _inline(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "inline", "must_understand": False, "metadata": metadata}
+
+
+def _basename(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _item_entries(store: str, item_id: str) -> dict[str, Any]:
+    """The consolidated entries of one item, as zarr writes them: each Zarr node under
+    ``STORE/ITEM`` by its path, its ``zarr.json`` as it is (a group's with an empty inline
+    ``consolidated_metadata``). Arrays are not walked into (their chunks are no nodes)."""
+    from segflow.store.fs import fresh_fs
+
+    fs, base = fresh_fs(f"{str(store).rstrip('/')}/{item_id}")
+    entries: dict[str, Any] = {}
+
+    def visit(path: str, key: str) -> None:
+        try:
+            node = json.loads(fs.cat_file(f"{path}/zarr.json"))
+        except (FileNotFoundError, NotADirectoryError):
+            return  # not a Zarr node, or gone
+        entries[key] = node
+        if node.get("node_type") != "group":
+            return
+        node["consolidated_metadata"] = _inline({})
+        for child in fs.ls(path, detail=True):
+            if child["type"] == "directory":
+                visit(child["name"].rstrip("/"), f"{key}/{_basename(child['name'])}")
+
+    visit(base.rstrip("/"), item_id)
+    return entries
+
+
+def _read_node(store: str) -> dict[str, Any] | None:
+    """The root ``zarr.json`` of ``store`` as a dict (None without one)."""
+    from segflow.store.fs import fresh_fs
+
+    fs, path = fresh_fs(f"{str(store).rstrip('/')}/zarr.json")
+    try:
+        value = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _write_node(store: str, node: dict[str, Any]) -> None:
+    """Replace the root ``zarr.json`` of ``store`` (locally: write aside, then rename)."""
+    from segflow.store.fs import fresh_fs
+    from segflow.store.lock import is_local, local_path
+
+    data = json.dumps(node, indent=2).encode()
+    if is_local(store):
+        path = os.path.join(local_path(store), "zarr.json")
+        with open(f"{path}.segflow-tmp", "wb") as handle:
+            handle.write(data)
+        os.replace(f"{path}.segflow-tmp", path)
+        return
+    fs, path = fresh_fs(f"{str(store).rstrip('/')}/zarr.json")
+    fs.pipe_file(path, data)
 
 
 class ZarrRegionWriter:

@@ -193,7 +193,8 @@ def segment_items(
                 run_id=run_id,
                 quicklook=[item["id"] for item in batch if item["id"] in quicklook],
             )
-            for batch in batches(work, size)
+            # Automatic batches taper off at the end; a run.batch is kept as given.
+            for batch in batches(work, size, taper=cfg.run.batch is None)
         ]
         rows = []
         for future in as_completed(futures):

@@ -7,6 +7,7 @@ UI, with its reason as the message) and the log lines a platform team reads.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from segflow.tasks.progress import report_progress
 
 # Ids a run's log names when it speaks of many items at once (the rest are counted).
 NAMED_IDS = 5
+STATUSES = ("done", "failed", "interrupted")
 
 
 @task(name="plan-items", retries=0, cache_policy=NO_CACHE)
@@ -81,7 +83,9 @@ def segment_items_task(
     """Segment ``items`` one after another on the Dask cluster at ``scheduler_address``,
     recording each as it finishes; return their index rows.
 
-    The blocks run on the Dask workers; only small rows come back. A bad item never stops
+    The blocks run on the Dask workers; only small rows come back. One item logs a line of
+    its own; a batch logs a line per item that failed or was interrupted and one line for
+    the batch at its end (the items table and the index have every item). A bad item never stops
     the others: the task run ends *Failed* when any item failed, its message naming them
     and their reasons (*Cancelled* when the run was stopped), with the rows as the state's
     data either way. The items whose ids are in ``quicklook`` get a quick-look artifact
@@ -91,6 +95,7 @@ def segment_items_task(
 
     logger = get_run_logger()
     executor = DaskExecutor(get_client(scheduler_address))
+    started = time.perf_counter()
     rows = []
     for item in items:
         row, reader = run_item(
@@ -102,7 +107,10 @@ def segment_items_task(
             progress=report_progress,
         )
         rows.append(row)
-        _log_item(logger, cfg.output.store, row)
+        # A batch says what each item did once, at its end (below), and only what went wrong
+        # item by item: at 100,000 items a line each would be 100,000 log records to store.
+        if len(items) == 1 or row["status"] != "done":
+            _log_item(logger, cfg.output.store, row)
         if reader is not None and row["status"] == "done" and row["id"] in quicklook:
             try:
                 publish_quicklook(reader, cfg.output.store, row)
@@ -110,6 +118,14 @@ def segment_items_task(
                 logger.warning(
                     "item %s: no quick look (%s: %s)", row["id"], type(error).__name__, error
                 )
+    if len(items) > 1:
+        logger.info(
+            "%d items: %s, %.1f s -> %s",
+            len(rows),
+            ", ".join(f"{n} {s}" for s in STATUSES if (n := sum(r["status"] == s for r in rows))),
+            time.perf_counter() - started,
+            cfg.output.store,
+        )
     failed = [row for row in rows if row["status"] == "failed"]
     if failed:
         message = "; ".join(str(row["error"]) for row in failed)

@@ -138,6 +138,10 @@ def test_automatic_batches_grow_with_the_collection_and_shrink_with_item_size() 
     cut = batches(tiles[:130], 64)
     assert [len(b) for b in cut] == [64, 64, 2]
     assert [i for b in cut for i in b] == tiles[:130]
+    tapered = batches(tiles[:1000], 64, taper=True)
+    assert [i for b in tapered for i in b] == tiles[:1000]  # every item once, in order
+    sizes = [len(b) for b in tapered]
+    assert sizes[0] == 64 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
 
 
 def test_run_item_records_done_and_failed_items_but_not_interrupted_ones(tmp_path: Path) -> None:

@@ -293,15 +293,28 @@ def batch_size(items: Sequence[Item], setting: int | None = None) -> int:
     return max(1, min(by_size, by_count, BATCH_MAX))
 
 
-def batches(items: Sequence[Item], size: int) -> list[list[Item]]:
+def batches(items: Sequence[Item], size: int, *, taper: bool = False) -> list[list[Item]]:
     """``items`` cut into consecutive batches of ``size`` (the last one may be shorter).
+
+    With ``taper``, the batches shrink towards the end of the run (each at most the
+    remaining items over twice the :data:`ITEMS_IN_FLIGHT` slots, down to one item), so that
+    no slot is left running one last long batch while the others wait: fixed batches of 50
+    small tiles left some 10 s of idle slots at the end of a 1,200-item run here.
 
     Examples
     --------
     >>> [[i["id"] for i in b] for b in batches([{"id": c} for c in "abcde"], 2)]
     [['a', 'b'], ['c', 'd'], ['e']]
+    >>> [len(b) for b in batches([{"id": i} for i in range(40)], 8, taper=True)]
+    [7, 6, 5, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1, 1]
     """
-    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+    cut, start = [], 0
+    while start < len(items):
+        remaining = len(items) - start
+        n = min(size, math.ceil(remaining / (2 * ITEMS_IN_FLIGHT))) if taper else size
+        cut.append(list(items[start : start + n]))
+        start += n
+    return cut
 
 
 ItemProgress = Callable[[str, str, int, int], None]  # (item id, phase, done, total)

@@ -8,7 +8,8 @@ store twice, on one local Dask cluster of ``--workers`` processes started before
 - **engine**: ``segflow.engine.collection`` alone, as the flow's tasks call it: discovery
   and the skip rule (``plan_collection``), the store's lock, then ``run_item`` per item
   (segment, append its record), ``ITEMS_IN_FLIGHT`` at a time from a thread pool as the
-  flow does, then the index compacted and the store consolidated. No Prefect imported on
+  flow does, then the index compacted and the store consolidated; once before the flow
+  and once after (``engine_s`` is their mean: the machine varies). No Prefect imported on
   this side's path.
 - **flow**: ``segment_collection`` with the same config pointing at the same cluster
   (``cluster.address``), under ``prefect_test_harness`` (a temporary Prefect server in a
@@ -240,11 +241,19 @@ def main() -> None:
                     flow_s, flow_done, flow_run, runs = run_flow(
                         make_config(folder / "tiles", folder / "flow.zarr", address, args.batch)
                     )
+                # The engine again, after the flow: on a shared machine the same work
+                # varies by 10-20 % from one minute to the next, so engine_s is the mean of
+                # one run before and one after the flow (both printed).
+                engine_after_s, _, after_done = run_engine(
+                    make_config(folder / "tiles", folder / "engine-after.zarr", address), client
+                )
         finally:
             cluster.close()
     load = os.getloadavg()[0]
-    if engine_done != args.items or flow_done != args.items:
+    if args.items != engine_done or args.items != flow_done or args.items != after_done:
         raise SystemExit(f"items done: engine {engine_done}, flow {flow_done} of {args.items}")
+    engine_before_s = engine_s
+    engine_s = (engine_before_s + engine_after_s) / 2
     overhead = (flow_s - engine_s) / flow_s
     bookkeeping = sum(v for k, v in breakdown.items() if not k.startswith("items"))
     from segflow.engine.collection import batch_size
@@ -255,10 +264,13 @@ def main() -> None:
         f"flow batches of {batch})"
     )
     per_item = 1000 * engine_s / args.items
-    print(f"engine alone                  {engine_s:8.2f} s  {per_item:6.1f} ms/item")
+    print(
+        f"engine alone (mean)           {engine_s:8.2f} s  {per_item:6.1f} ms/item  "
+        f"(before the flow {engine_before_s:.2f} s, after {engine_after_s:.2f} s)"
+    )
     for key, seconds in breakdown.items():
         print(f"  {key:<28}{seconds:8.2f} s")
-    print(f"  share of all but the items  {bookkeeping / engine_s:8.3f}")
+    print(f"  share of all but the items  {bookkeeping / engine_before_s:8.3f}")
     print(
         f"flow                          {flow_s:8.2f} s  {1000 * flow_s / args.items:6.1f} ms/item"
     )
@@ -282,8 +294,10 @@ def main() -> None:
         "batch": batch,
         "flow_s": round(flow_s, 3),
         "engine_s": round(engine_s, 3),
+        "engine_before_s": round(engine_before_s, 3),
+        "engine_after_s": round(engine_after_s, 3),
         "overhead_fraction": round(overhead, 4),
-        "engine_bookkeeping_fraction": round(bookkeeping / engine_s, 4),
+        "engine_bookkeeping_fraction": round(bookkeeping / engine_before_s, 4),  # first run
         "engine_item_s": round(breakdown["items (summed over threads)"], 3),
         "task_runs": task_runs,
         "item_task_s": round(sum(v[1] for k, v in profile.items() if "segment" in k), 3),

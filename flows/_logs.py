@@ -26,10 +26,23 @@ def log_file_path() -> Path:
 
 class _TerminalFilter(logging.Filter):
     """On the terminal: warnings, errors, and the few INFO lines marked for it (the Dask
-    dashboard link) with ``extra={"segflow_console": True}``."""
+    dashboard link) with ``extra={"segflow_console": True}``.
+
+    Left out: lines marked ``extra={"segflow_console": False}`` (the command prints them
+    itself) and Prefect's ``Finished in state Failed(...)`` line of each flow and task run,
+    which repeats the reason the item's own error line (or the command's summary) gives:
+    a failed item was told three times.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or bool(getattr(record, "segflow_console", False))
+        marked = getattr(record, "segflow_console", None)
+        if marked is not None:
+            return bool(marked)
+        if record.name.startswith("prefect") and record.getMessage().startswith(
+            "Finished in state"
+        ):
+            return False
+        return record.levelno >= logging.WARNING
 
 
 _FILTER = _TerminalFilter()

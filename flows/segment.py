@@ -37,6 +37,9 @@ from segflow.tasks.artifacts import publish_progress, report_items_task
 from segflow.tasks.items import plan_items_task, segment_items_task
 from segflow.tasks.store import compact_vectors_task, current_run_id, writing_store
 
+# The run's outcome, in its log; the segflow command prints its own summary instead of it.
+SUMMARY_LINE = {"segflow_console": False}
+
 
 class ItemsFailedError(RuntimeError):
     """Some items of a run failed; ``summary`` is the run's summary (the others completed).
@@ -140,7 +143,7 @@ def segment_collection(
                     # an earlier run's file brought up to date, never left stale).
                     compact_vectors_task(store, vectors=cfg.output.vectors)
         except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback
-            logger.error("%s: %s", cfg.name, error)
+            logger.error("%s: %s", cfg.name, error, extra=SUMMARY_LINE)
             return Failed(message=f"{cfg.name}: {error}", data=error)
     rows += plan.skipped
     rows.sort(key=lambda r: r["id"])
@@ -156,10 +159,10 @@ def segment_collection(
             f"{summary['interrupted']} interrupted or not started, {summary['failed']} failed, "
             f"{summary['skipped']} skipped -> {store}"
         )
-        logger.warning("%s", message)
+        logger.warning("%s", message, extra=SUMMARY_LINE)
         return Cancelled(message=message, data=summary)
     if summary["failed"]:
-        logger.error("%s", message)
+        logger.error("%s", message, extra=SUMMARY_LINE)
         return Failed(message=message, data=ItemsFailedError(summary))
     logger.info("%s", message)
     return Completed(message=message, data=summary)

@@ -683,6 +683,10 @@ def _check_items(config: Any) -> list[str]:
     return problems
 
 
+# Failed items a summary names; the store's index has every one with its reason.
+FAILURES_SHOWN = 20
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     console = Console()
     console.print(
@@ -691,9 +695,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
         + (f", {n} interrupted (not recorded)" if (n := summary.get("interrupted")) else ""),
         highlight=False,
     )
-    for failure in summary["failures"]:
+    failures = summary["failures"]
+    for failure in failures[:FAILURES_SHOWN]:
         console.print(
             f"  [red]failed[/] {escape(failure['error'])}", highlight=False, soft_wrap=True
+        )
+    if (more := len(failures) - FAILURES_SHOWN + summary.get("failures_omitted", 0)) > 0:
+        console.print(
+            f"  [red]failed[/] … and {more} more (each with its reason in the index)",
+            highlight=False,
         )
     if made := summary.get("made"):
         console.print(f"  made:   {made}", highlight=False, soft_wrap=True)

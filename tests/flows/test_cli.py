@@ -530,3 +530,20 @@ def test_help_shows_types_a_user_reads(command: str) -> None:
     assert "<" not in result.output and ">" not in result.output  # no <list[Path]>, <bool>
     if command in ("run", "validate", "evaluate"):
         assert "PATH..." in result.output and "KEY=VALUE" in result.output
+
+
+def test_the_summary_names_the_first_failures_and_counts_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from segflow.engine.collection import run_summary
+    from segflow.flows.cli import FAILURES_SHOWN, _print_summary
+
+    rows = [
+        {"id": f"t{i:03d}", "status": "failed", "error": f"item 't{i:03d}': too many bands"}
+        for i in range(FAILURES_SHOWN + 5)
+    ]
+    _print_summary(run_summary("many", "/out/many.zarr", rows))
+
+    out = capsys.readouterr().out
+    assert out.count("too many bands") == FAILURES_SHOWN
+    assert "… and 5 more (each with its reason in the index)" in out

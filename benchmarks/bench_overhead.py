@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -111,36 +110,6 @@ def time_process(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    """A ``prefect server start`` on a free port of 127.0.0.1; returns it and its API URL
-    once its health check answers (exits after 180 s without)."""
-    import urllib.request
-
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=3).close()
-            return server, api
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise SystemExit("prefect server start did not answer within 180 s") from None
-            time.sleep(1)
-
-
 def item_seconds(store: Path) -> float:
     """The ``seconds`` the store's index recorded for its one item."""
     from segflow.store.index import read_index
@@ -166,6 +135,7 @@ def main() -> None:
         server_child()
         return
 
+    from _prefect_server import free_port, prefect_server
     from distributed import Client
 
     from segflow.engine.cluster import start_local_cluster
@@ -213,12 +183,8 @@ def main() -> None:
                         make_config(folder / "item", folder / "served.zarr", args.block, address)
                     )
                 )
-                server, api = start_prefect_server(env)
-                try:
-                    prefect_s, _ = time_process(command, {**env, "PREFECT_API_URL": api})
-                finally:
-                    server.terminate()
-                    server.wait(timeout=60)
+                with prefect_server(env, free_port()) as url:
+                    prefect_s, _ = time_process(command, {**env, "PREFECT_API_URL": f"{url}/api"})
             server_process_s, out = time_process([sys.executable, __file__, "--server-child"], env)
             server = json.loads(out.strip().splitlines()[-1])
             engine_item = item_seconds(folder / "engine.zarr")

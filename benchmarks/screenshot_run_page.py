@@ -16,33 +16,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
+from _prefect_server import free_port, prefect_server
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=3).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not answer within {timeout:.0f} s") from None
-            time.sleep(1)
 
 
 def api(url: str, path: str, body: dict) -> object:
@@ -94,59 +76,49 @@ def main() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_API_URL": f"{url}/api",
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
     try:
-        wait_for(f"{url}/api/health")
-        tiles = work / "tiles"
-        tiles.mkdir()
-        shutil.copy(ROOT / "tests" / "data" / "aerial" / "RGB.byte.tif", tiles / "ortho_a.tif")
-        shutil.copy(ROOT / "tests" / "data" / "aerial" / "RGB.byte.tif", tiles / "ortho_b.tif")
-        data = (ROOT / "tests" / "data" / "aerial" / "RGB.byte.tif").read_bytes()
-        (tiles / "ortho_cut.tif").write_bytes(data[: len(data) // 3])  # a tile cut short
-        run_env = {**env, "PREFECT_API_URL": f"{url}/api"}
-        command = [
-            str(Path(sys.executable).parent / "segflow"),
-            "run",
-            str(ROOT / "configs" / "aerial.yaml"),
-            "--set", f"input.path={tiles}",
-            "--set", f"output.store={work / 'aerial.zarr'}",
-        ]  # fmt: skip
-        result = subprocess.run(command, env=run_env, capture_output=True, text=True)
-        print(result.stdout[-2000:])
-        runs = api(url, "/api/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
-        run_id = runs[0]["id"]  # type: ignore[index]
-        page = f"{url}/runs/flow-run/{run_id}"
-        shoot(chromium, page, args.out / "prefect-run-page.png", width=args.width,
-              height=args.height)  # fmt: skip
-        artifacts = api(url, "/api/artifacts/filter", {"sort": "CREATED_DESC", "limit": 50})
-        wanted = {  # figure name -> (how its artifact is told apart, page height)
-            "prefect-progress.png": (lambda a: a.get("type") == "progress", 260),
-            "prefect-items-table.png": (
-                lambda a: str(a.get("key") or "").endswith("-items"),
-                480,
-            ),
-            "prefect-quicklook.png": (
-                lambda a: "quick look" in str(a.get("description")),
-                480,
-            ),
-        }
-        for name, (match, height) in wanted.items():
-            artifact = next((a for a in artifacts if match(a)), None)  # type: ignore[union-attr]
-            if artifact is None:
-                print(f"no artifact for {name}")
-                continue
-            shoot(chromium, f"{url}/artifacts/artifact/{artifact['id']}", args.out / name,
-                  width=args.width, height=height)  # fmt: skip
+        with prefect_server(env, port):
+            tiles = work / "tiles"
+            tiles.mkdir()
+            shutil.copy(ROOT / "tests" / "data" / "aerial" / "RGB.byte.tif", tiles / "ortho_a.tif")
+            shutil.copy(ROOT / "tests" / "data" / "aerial" / "RGB.byte.tif", tiles / "ortho_b.tif")
+            data = (ROOT / "tests" / "data" / "aerial" / "RGB.byte.tif").read_bytes()
+            (tiles / "ortho_cut.tif").write_bytes(data[: len(data) // 3])  # a tile cut short
+            run_env = {**env, "PREFECT_API_URL": f"{url}/api"}
+            command = [
+                str(Path(sys.executable).parent / "segflow"),
+                "run",
+                str(ROOT / "configs" / "aerial.yaml"),
+                "--set", f"input.path={tiles}",
+                "--set", f"output.store={work / 'aerial.zarr'}",
+            ]  # fmt: skip
+            result = subprocess.run(command, env=run_env, capture_output=True, text=True)
+            print(result.stdout[-2000:])
+            runs = api(url, "/api/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+            run_id = runs[0]["id"]  # type: ignore[index]
+            page = f"{url}/runs/flow-run/{run_id}"
+            shoot(chromium, page, args.out / "prefect-run-page.png", width=args.width,
+                  height=args.height)  # fmt: skip
+            artifacts = api(url, "/api/artifacts/filter", {"sort": "CREATED_DESC", "limit": 50})
+            wanted = {  # figure name -> (how its artifact is told apart, page height)
+                "prefect-progress.png": (lambda a: a.get("type") == "progress", 260),
+                "prefect-items-table.png": (
+                    lambda a: str(a.get("key") or "").endswith("-items"),
+                    480,
+                ),
+                "prefect-quicklook.png": (
+                    lambda a: "quick look" in str(a.get("description")),
+                    480,
+                ),
+            }
+            for name, (match, height) in wanted.items():
+                artifact = next((a for a in artifacts if match(a)), None)  # type: ignore[union-attr]
+                if artifact is None:
+                    print(f"no artifact for {name}")
+                    continue
+                shoot(chromium, f"{url}/artifacts/artifact/{artifact['id']}", args.out / name,
+                      width=args.width, height=height)  # fmt: skip
     finally:
-        server.terminate()
-        server.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -20,11 +20,10 @@ from segflow.engine.collection import Item, ItemPlan, plan_collection, run_item
 from segflow.engine.executor import DaskExecutor
 from segflow.engine.item import describe_output
 from segflow.tasks.artifacts import publish_quicklook
-from segflow.tasks.progress import report_progress
+from segflow.tasks.progress import ItemsProgress, report_progress
 
 # Ids a run's log names when it speaks of many items at once (the rest are counted).
 NAMED_IDS = 5
-STATUSES = ("done", "failed", "interrupted")
 
 
 @task(name="plan-items", retries=0, cache_policy=NO_CACHE)
@@ -119,10 +118,15 @@ def segment_items_task(
                     "item %s: no quick look (%s: %s)", row["id"], type(error).__name__, error
                 )
     if len(items) > 1:
+        counts = {s: sum(r["status"] == s for r in rows) for s in ItemsProgress.FINAL}
         logger.info(
             "%d items: %s, %.1f s -> %s",
             len(rows),
-            ", ".join(f"{n} {s}" for s in STATUSES if (n := sum(r["status"] == s for r in rows))),
+            ", ".join(
+                f"{n} {s}"
+                for s in ItemsProgress.FINAL
+                if (n := sum(r["status"] == s for r in rows))
+            ),
             time.perf_counter() - started,
             cfg.output.store,
         )

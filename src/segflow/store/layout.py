@@ -236,10 +236,11 @@ def consolidate_store(store: str, items: Collection[str] | None = None) -> None:
     >>> consolidate_store(store)
     >>> consolidate_store(store, items=["demo"])
     """
+    from segflow.store.commit import _read_json
     from segflow.store.fs import fresh_fs
 
     try:
-        root = _read_node(store)
+        root = _read_json(f"{str(store).rstrip('/')}/zarr.json")
         if root is None:
             raise StoreError(f"'{store}' has no zarr.json: not a Zarr store")
         consolidated = root.get("consolidated_metadata")
@@ -299,18 +300,6 @@ def _item_entries(store: str, item_id: str) -> dict[str, Any]:
 
     visit(base.rstrip("/"), item_id)
     return entries
-
-
-def _read_node(store: str) -> dict[str, Any] | None:
-    """The root ``zarr.json`` of ``store`` as a dict (None without one)."""
-    from segflow.store.fs import fresh_fs
-
-    fs, path = fresh_fs(f"{str(store).rstrip('/')}/zarr.json")
-    try:
-        value = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _write_node(store: str, node: dict[str, Any]) -> None:

@@ -122,11 +122,7 @@ def segment_items_task(
         logger.info(
             "%d items: %s, %.1f s -> %s",
             len(rows),
-            ", ".join(
-                f"{n} {s}"
-                for s in ItemsProgress.FINAL
-                if (n := sum(r["status"] == s for r in rows))
-            ),
+            ", ".join(f"{n} {status}" for status, n in counts.items() if n),
             time.perf_counter() - started,
             cfg.output.store,
         )

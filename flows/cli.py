@@ -694,6 +694,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"(already done), {summary['failed']} failed"
         + (f", {n} interrupted (not recorded)" if (n := summary.get("interrupted")) else ""),
         highlight=False,
+        soft_wrap=True,  # one line, however narrow the terminal or file
     )
     failures = summary["failures"]
     for failure in failures[:FAILURES_SHOWN]:

@@ -138,7 +138,11 @@ def segment_items_task(
 
 
 def _log_item(logger: Any, store: str, row: dict[str, Any]) -> None:
-    if row["status"] == "interrupted":
+    if row["status"] == "interrupted" and str(row["error"]).startswith("not started"):
+        # Queued when the run was asked to stop: the run's summary counts them (a line
+        # each on the terminal would be one per item of the collection).
+        logger.info("item %s: %s", row["id"], row["error"])
+    elif row["status"] == "interrupted":
         logger.warning("item %s: interrupted, its previous result is unchanged", row["id"])
     elif row["status"] == "done":
         logger.info(

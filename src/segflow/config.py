@@ -172,33 +172,75 @@ class SegflowConfig(_Model):
         return list(self._notes)
 
     def config_hash(self) -> str:
-        """Hash of what determines the outputs (pipeline, blocks, chunks, shards, regions,
-        vectors, dicom_seg, and the content hash of every model the pipeline runs: a retrained
-        checkpoint at the same path redoes the items, an unchanged one lets them be
-        skipped)."""
-        payload: dict[str, Any] = {
-            "pipeline": self.pipeline,
-            "blocks": self.blocks.model_dump(),
-            "chunks": self.output.chunks,
-            "shards": self.output.shards,
-        }
-        if self.output.regions:
-            payload["regions"] = self.output.regions_intensity or True
-        if self.output.vectors:
-            payload["vectors"] = True
-        if self.output.dicom_seg:  # only when set: earlier configs keep their hash
-            payload["dicom_seg"] = True
+        """The identity of what this config writes: 16 hex digits of SHA-256 over
+        :meth:`result_settings` (every setting but those in :data:`HASH_OPT_OUT`, and the
+        content hash of every model the pipeline runs: a retrained checkpoint at the same
+        path redoes the items, an unchanged one lets them be skipped).
+
+        Derived, not listed: a field added to any section is part of the hash unless it is
+        opted out, so no setting can change a stored byte while a rerun skips the item.
+        """
+        text = json.dumps(self.result_settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def result_settings(self) -> dict[str, Any]:
+        """Every setting that can change a stored byte, as plain JSON data: the config less
+        :data:`HASH_OPT_OUT`, pipeline steps with their parameters' defaults filled in (so
+        ``sigma: 2`` and ``sigma: 2.0`` are one setting), and ``models``, the pipeline's
+        models' content hash (when it runs any).
+
+        Examples
+        --------
+        >>> config = parse_config(
+        ...     {"input": {"path": "in"}, "output": {"store": "o.zarr"}, "pipeline": [{"op": "otsu"}]}
+        ... )
+        >>> sorted(config.result_settings())
+        ['blocks', 'input', 'output', 'pipeline']
+        >>> sorted(config.result_settings()["output"])  # doctest: +NORMALIZE_WHITESPACE
+        ['chunks', 'dicom_seg', 'ome', 'pyramid', 'regions', 'regions_intensity', 'shards',
+         'vectors']
+        """
+        settings = self.model_dump(mode="json")
+        for dotted in HASH_OPT_OUT:
+            *parents, last = dotted.split(".")
+            section = settings
+            for parent in parents:
+                section = section[parent]
+            del section[last]
+        settings["pipeline"] = [_step_settings(step) for step in self.pipeline]
         models = self.model_hash()
         if models:
-            payload["models"] = models
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+            settings["models"] = models
+        return settings
 
     def model_hash(self) -> str:
         """The content hash of the pipeline's models (``""`` without a ``model`` step)."""
         from segflow.ops.model import model_paths, models_hash
 
         return models_hash(model_paths(self.pipeline))
+
+
+# Settings that cannot change a stored byte, and why; every other setting of the config, in
+# every section and every field added later, is part of a result's identity (config_hash).
+HASH_OPT_OUT: dict[str, str] = {
+    "name": "names the config; the store records it beside each item to refuse another config",
+    "input.path": "where the files are; an item is its source file and that file's fingerprint",
+    "output.store": "where the results go, not what they hold",
+    "output.overwrite": "whether done items are redone, not what is written",
+    "cluster": "where blocks run; a block's result is the same on any worker",
+    "run": "how items are batched and how long they may run, not what they give",
+}
+
+
+def _step_settings(step: Mapping[str, Any]) -> dict[str, Any]:
+    """A raw pipeline step with its operation's defaults filled in and its values in their
+    validated types (``{"op": "gaussian", "sigma": 2}`` and ``sigma: 2.0`` are one step)."""
+    from segflow.ops.registry import get_operation
+
+    data = dict(step)
+    name, save_as = data.pop("op"), data.pop("save_as", None)
+    params = get_operation(str(name), public=True).params.model_validate(data)
+    return {"op": name, "save_as": save_as, **params.model_dump(mode="json")}
 
 
 def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> SegflowConfig:

@@ -214,11 +214,13 @@ def validate(configs: ConfigPaths, set_: SetOption = None) -> None:
     against each item's channels and dimensions); print OK or one line per problem.
     """
     invalid = False
+    valid: list[tuple[Path, Any]] = []
     for path in configs:
         config = _load_or_report(path, set_ or [])
         if config is None:
             invalid = True
             continue
+        valid.append((path, config))
         problems = _check_items(config)
         for problem in problems:
             typer.echo(f"{path}: {problem}", err=True)
@@ -226,6 +228,7 @@ def validate(configs: ConfigPaths, set_: SetOption = None) -> None:
         if not problems:
             steps = " -> ".join(str(step["op"]) for step in config.pipeline)
             typer.echo(f"OK {path}: {config.name}: {steps}; output {config.output.store}")
+    invalid |= _report(_shared_store_problems([p for p, _ in valid], [c for _, c in valid]))
     if invalid:
         raise typer.Exit(EXIT_INVALID)
 
@@ -263,7 +266,7 @@ def _run(configs: Sequence[Path], overrides: list[str], *, verbose: bool = False
     loaded = [_load_or_report(path, overrides) for path in configs]
     if any(config is None for config in loaded):
         raise typer.Exit(EXIT_INVALID)
-    invalid = False
+    invalid = _report(_shared_store_problems(configs, loaded))
     collections = []
     for path, config in zip(configs, loaded, strict=True):
         problems, readers, failures = _collection_problems(config)
@@ -506,13 +509,17 @@ def _nothing_to_score(
     """Why ``evaluate`` cannot score anything for ``config`` (checked before Prefect starts):
     its store has no segmented item, or ``reference`` names no file."""
     from segflow.engine.collection import index_rows
-    from segflow.evaluate import find_references
+    from segflow.evaluate import find_references, made_by
 
     store = config.output.store
-    if not any(row.get("status") == "done" for row in index_rows(store)):
+    rows = index_rows(store)
+    if not made_by(rows, config.name):
         same = " with the same --set options" if overrides else ""
+        others = sorted({str(r["config_name"]) for r in rows if r.get("config_name")})
+        made = f" (its items were made by config {', '.join(map(repr, others))})" if others else ""
         return (
-            f"store '{store}' has no segmented item to score: run `segflow run {path}`{same} first"
+            f"store '{store}' has no item made by config {config.name!r} to score{made}: run "
+            f"`segflow run {path}`{same} first"
         )
     if not find_references(reference):
         return f"--reference {reference!r} names no file (a file, a folder or a glob)"
@@ -588,17 +595,49 @@ def _load_or_report(path: Path, overrides: Sequence[str]) -> Any:
     return config
 
 
+def _report(lines: Sequence[str]) -> bool:
+    """Print each line on stderr; True when there was any."""
+    for line in lines:
+        typer.echo(line, err=True)
+    return bool(lines)
+
+
+def _shared_store_problems(paths: Sequence[Path], configs: Sequence[Any]) -> list[str]:
+    """One line per store that configs of different names given together would write into
+    (each would replace the other's items), unless each allows it."""
+    names: dict[str, dict[str, Path]] = {}
+    for path, config in zip(paths, configs, strict=True):
+        if not config.output.allow_other_configs:
+            names.setdefault(str(config.output.store).rstrip("/"), {})[config.name] = path
+    return [
+        f"{list(by_name.values())[1]}: output.store: configs "
+        f"{' and '.join(repr(n) for n in by_name)} ({', '.join(str(p) for p in by_name.values())}) "
+        f"would write into one store '{store}' and replace each other's items: give each its "
+        f"own output.store, or --set output.allow_other_configs=true to let them share it"
+        for store, by_name in names.items()
+        if len(by_name) > 1
+    ]
+
+
 def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
     """What stops a whole run before it starts: a missing or empty input, a store path that
     is a file or a foreign folder, shape settings that do not fit an item's axes. Also
     returns the readable items and the unreadable files (which fail alone in a run)."""
+    from segflow.engine.collection import check_config_owner, index_rows
     from segflow.errors import SegflowError
     from segflow.io import discover_items
     from segflow.store.commit import check_store
 
     problems = []
+    output = config.output
     try:
-        check_store(config.output.store)
+        check_store(output.store)
+        check_config_owner(
+            output.store,
+            index_rows(output.store),
+            config_name=config.name,
+            allow=output.allow_other_configs,
+        )
     except SegflowError as error:
         problems.append(f"output.store: {error}")
     try:

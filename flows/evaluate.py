@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from segflow.evaluate import find_references, match_references
+from segflow.evaluate import find_references, made_by, match_references
 from segflow.flows.segment import resolve_config
 from segflow.tasks.evaluate import evaluate_item_task
 from segflow.tasks.store import current_run_id, read_index_task, write_index_task, writing_store
@@ -31,7 +31,10 @@ def evaluate_collection(
     logger = get_run_logger()
     cfg = resolve_config(config, overrides or ())
     store = cfg.output.store
-    rows = {r["id"]: r for r in read_index_task(store) if r.get("status") == "done"}
+    index = read_index_task(store)
+    rows = {r["id"]: r for r in made_by(index, cfg.name)}
+    if others := sum(r.get("status") == "done" for r in index) - len(rows):
+        logger.warning("%d done items of %s were made by another config: not scored", others, store)
     references = find_references(reference)
     matched = match_references([(i, str(r["source"])) for i, r in rows.items()], references)
     logger.info("%d of %d items have a reference", len(matched), len(rows))
@@ -45,7 +48,9 @@ def evaluate_collection(
     if scores:
         with writing_store(store, current_run_id()):  # one writer per store, as a run
             write_index_task(store, [{**rows[s["id"]], **s} for s in scores])
-            pd.DataFrame(scores).to_parquet(
+            made = ("config_name", "config_hash", "model_hash", "code_version")
+            scored = [{**s, **{k: rows[s["id"]].get(k) for k in made}} for s in scores]
+            pd.DataFrame(scored).to_parquet(
                 f"{store.rstrip('/')}/evaluation.parquet", index=False
             )  # pandas writes local paths and fsspec URLs (s3://) alike
     return {

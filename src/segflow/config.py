@@ -69,6 +69,11 @@ class OutputConfig(_Model):
     overwrite: bool = Field(
         False, description="redo items already done with the same input, config and code"
     )
+    allow_other_configs: bool = Field(
+        False,
+        description="let this config write into a store whose items another config (another "
+        "`name`) made; an item both make is replaced by the later run. Default: refused",
+    )
     ome: bool = Field(
         True,
         description="also write the OME-Zarr 0.5 view of each item (ITEM/NAME_pyramid: a "
@@ -191,9 +196,8 @@ class SegflowConfig(_Model):
 
         Examples
         --------
-        >>> config = parse_config(
-        ...     {"input": {"path": "in"}, "output": {"store": "o.zarr"}, "pipeline": [{"op": "otsu"}]}
-        ... )
+        >>> data = {"input": {"path": "in"}, "output": {"store": "o.zarr"}}
+        >>> config = parse_config({**data, "pipeline": [{"op": "otsu"}]})
         >>> sorted(config.result_settings())
         ['blocks', 'input', 'output', 'pipeline']
         >>> sorted(config.result_settings()["output"])  # doctest: +NORMALIZE_WHITESPACE
@@ -227,6 +231,7 @@ HASH_OPT_OUT: dict[str, str] = {
     "input.path": "where the files are; an item is its source file and that file's fingerprint",
     "output.store": "where the results go, not what they hold",
     "output.overwrite": "whether done items are redone, not what is written",
+    "output.allow_other_configs": "whether another config may share the store, not its bytes",
     "cluster": "where blocks run; a block's result is the same on any worker",
     "run": "how items are batched and how long they may run, not what they give",
 }

@@ -23,7 +23,7 @@ instance label image.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +240,25 @@ def _mask_note(value: int, how: str) -> str:
 
 
 VECTOR_SUFFIXES = (".geojson", ".json")  # polygons, rasterised on the item's grid
+
+
+def made_by(rows: Sequence[Mapping[str, Any]], config_name: str) -> list[Mapping[str, Any]]:
+    """The ``done`` index ``rows`` that config ``config_name`` made (rows from before
+    segflow recorded the config's name count as its own: the store had one config then).
+
+    Examples
+    --------
+    >>> rows = [{"id": "a", "status": "done", "config_name": "nuclei"},
+    ...         {"id": "b", "status": "done", "config_name": "unet"},
+    ...         {"id": "c", "status": "failed", "config_name": "nuclei"}]
+    >>> [row["id"] for row in made_by(rows, "nuclei")]
+    ['a']
+    """
+    return [
+        row
+        for row in rows
+        if row.get("status") == "done" and row.get("config_name") in (None, "", config_name)
+    ]
 
 
 def find_references(reference: str, base: Path | None = None) -> list[str]:

@@ -216,3 +216,31 @@ def test_item_timeout_must_be_positive(tmp_path: Path, value: float) -> None:
 
 def test_an_empty_plan_has_nothing_to_do() -> None:
     assert ItemPlan([], [], [], False).nothing_to_do
+
+
+def test_the_plan_refuses_a_store_another_config_made_unless_allowed(tmp_path: Path) -> None:
+    from segflow.errors import StoreError
+
+    write_tiles(tmp_path / "in", ["a.tif"])
+    cfg = config_for(tmp_path)
+    executor = LocalExecutor(1)
+    try:
+        [_row] = [
+            run_item(cfg, i, executor=executor, run_id="r1")[0] for i in plan_collection(cfg).work()
+        ]
+    finally:
+        executor.close()
+    assert read_index(cfg.output.store).set_index("id").loc["a", "config_name"] == "tiles"
+    other = config_for(tmp_path, name="edges")
+
+    with pytest.raises(StoreError, match=r"holds 1 item made by config 'tiles'; config 'edges'"):
+        plan_collection(other)
+
+    allowed = config_for(
+        tmp_path,
+        name="edges",
+        output={**other.output.model_dump(), "allow_other_configs": True},
+        pipeline=[{"op": "otsu"}, {"op": "label", "connectivity": 2}],
+    )
+    assert [i["id"] for i in plan_collection(allowed).todo] == ["a"]
+    assert [i["id"] for i in plan_collection(cfg).todo] == []  # the maker's run still skips

@@ -275,6 +275,9 @@ def test_evaluate_scores_the_store_against_reference_labels(
     assert 0.5 < scores.loc["image", "ap50"] <= 1.0  # the bundled config finds most nuclei
     assert index.loc["image", "ap50"] == scores.loc["image", "ap50"]
     assert scores.loc["image", "n_ref"] == 36  # nuclei in the bundled reference
+    # What was scored says which config made it.
+    assert scores.loc["image", "config_name"] == index.loc["image", "config_name"] == "nuclei"
+    assert scores.loc["image", "config_hash"] == index.loc["image", "config_hash"]
 
 
 def _flow_runs() -> int:
@@ -447,8 +450,8 @@ def test_evaluate_a_store_never_run_exits_2_with_one_line(tmp_path: Path) -> Non
 
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
-        f"{config}: store '{store}' has no segmented item to score: run `segflow run "
-        f"{config}` with the same --set options first"
+        f"{config}: store '{store}' has no item made by config 'nuclei' to score: run "
+        f"`segflow run {config}` with the same --set options first"
     ]
 
 
@@ -547,3 +550,64 @@ def test_the_summary_names_the_first_failures_and_counts_the_rest(
     out = capsys.readouterr().out
     assert out.count("too many bands") == FAILURES_SHOWN
     assert "… and 5 more (each with its reason in the index)" in out
+
+
+def test_two_configs_on_one_store_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    store = tmp_path / "shared.zarr"
+    classical, unet = CONFIGS / "nuclei.yaml", CONFIGS / "nuclei-unet.yaml"
+
+    result = runner.invoke(
+        app, ["run", str(classical), str(unet), "--set", f"output.store={store}"]
+    )
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"{unet}: output.store: configs 'nuclei' and 'nuclei-unet' ({classical}, {unet}) would "
+        f"write into one store '{store}' and replace each other's items: give each its own "
+        f"output.store, or --set output.allow_other_configs=true to let them share it"
+    ]
+    assert not store.exists()
+
+
+def test_a_store_made_by_another_config_is_refused_and_not_scored(tmp_path: Path) -> None:
+    """A store one config made (here through the engine, without Prefect): another config's
+    run is refused before it starts, and evaluate says which config made the items."""
+    from segflow.config import load_config
+    from segflow.engine.collection import plan_collection, run_item
+    from segflow.engine.executor import LocalExecutor
+
+    store = tmp_path / "nuclei.zarr"
+    made = load_config(CONFIGS / "nuclei.yaml", [f"output.store={store}"])
+    executor = LocalExecutor(1)
+    try:
+        for item in plan_collection(made).work():
+            run_item(made, item, executor=executor, run_id="r1")
+    finally:
+        executor.close()
+    other = CONFIGS / "nuclei-unet.yaml"
+
+    result = runner.invoke(app, ["run", str(other), "--set", f"output.store={store}"])
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"{other}: output.store: store '{store}' holds 1 item made by config 'nuclei'; config "
+        f"'nuclei-unet' would replace or mix with them: choose another output.store, or --set "
+        f"output.allow_other_configs=true to let both write into it"
+    ]
+    scored = runner.invoke(
+        app,
+        ["evaluate", str(other), "--reference", str(tmp_path), "--set", f"output.store={store}"],
+    )
+    assert scored.exit_code == 2, scored.output
+    assert "has no item made by config 'nuclei-unet' to score (its items were made by " in (
+        scored.stderr
+    )
+    assert "config 'nuclei')" in scored.stderr
+    allowed = runner.invoke(
+        app,
+        [
+            "validate", str(other), "--set", f"output.store={store}",
+            "--set", "output.allow_other_configs=true",
+        ],
+    )  # fmt: skip
+    assert allowed.exit_code == 0, allowed.output

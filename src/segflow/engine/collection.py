@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segflow.engine.item import ItemResult, code_version
+from segflow.errors import StoreError
 from segflow.io import Reader, assign_item_ids, unused_id
 from segflow.store.commit import read_commit, stage_name
 from segflow.store.lock import has_stale_lock
@@ -203,11 +205,14 @@ def plan_items(
     config_hash: str,
     overwrite: bool,
     item_filter: Sequence[str] | None = None,
+    config_name: str | None = None,
+    allow_other_configs: bool = False,
 ) -> ItemPlan:
     """Apply the skip rule to a discovered collection (``readers``, unreadable ``failures``)
     against ``store``, reading only its index, commit records and lock. With
     ``item_filter`` (glob patterns on the ids the items have in the store), items and
-    unreadable files that match none are left out altogether.
+    unreadable files that match none are left out altogether. With ``config_name``, a store
+    whose index records items of another config is refused (:func:`check_config_owner`).
 
     Examples
     --------
@@ -217,6 +222,8 @@ def plan_items(
     """
     items, failed = item_references(readers, failures)
     rows = index_rows(store)
+    if config_name is not None:
+        check_config_owner(store, rows, config_name=config_name, allow=allow_other_configs)
     items, failed = keep_recorded_ids(items, failed, rows)
     if item_filter:
         items = [i for i in items if _matches(i["id"], item_filter)]
@@ -227,6 +234,48 @@ def plan_items(
         items, rows, config_hash=config_hash, overwrite=overwrite, commits=commits
     )
     return ItemPlan(todo, skipped, failed, has_stale_lock(store))
+
+
+def check_config_owner(
+    store: str, rows: Sequence[Mapping[str, Any]], *, config_name: str, allow: bool = False
+) -> None:
+    """Refuse to let config ``config_name`` write into ``store`` when its index ``rows``
+    record items of another config (rows written before segflow recorded the config's name
+    belong to none). Two configs on one store would replace each other's items silently, and
+    ``evaluate`` would score one config's items under the other's name.
+
+    Raises
+    ------
+    StoreError
+        Naming the store, the other config and the setting that allows it (``allow``).
+
+    Examples
+    --------
+    >>> rows = [{"config_name": "nuclei"}, {"config_name": None}]
+    >>> check_config_owner("out.zarr", rows, config_name="nuclei")  # its own: fine
+    >>> try:
+    ...     check_config_owner("out.zarr", rows, config_name="unet")
+    ... except StoreError as error:
+    ...     print(str(error).split(";")[0])
+    store 'out.zarr' holds 1 item made by config 'nuclei'
+    """
+    if allow:
+        return
+    others = Counter(
+        str(row["config_name"])
+        for row in rows
+        if row.get("config_name") and row["config_name"] != config_name
+    )
+    if not others:
+        return
+    made = ", ".join(
+        f"{n} item{'s' if n > 1 else ''} made by config {other!r}" for other, n in others.items()
+    )
+    raise StoreError(
+        f"store {store!r} holds {made}; config {config_name!r} would replace or mix with "
+        f"them: choose another output.store, or --set output.allow_other_configs=true to let "
+        f"both write into it"
+    )
 
 
 def _matches(item_id: str, patterns: Sequence[str]) -> bool:
@@ -253,6 +302,8 @@ def plan_collection(
         config_hash=cfg.config_hash(),
         overwrite=cfg.output.overwrite if overwrite is None else overwrite,
         item_filter=item_filter,
+        config_name=cfg.name,
+        allow_other_configs=cfg.output.allow_other_configs,
     )
 
 
@@ -380,6 +431,7 @@ def run_item(
                     run_id=run_id,
                     resumable=True,
                 ).as_row()
+    row["config_name"] = cfg.name
     if row["status"] != "interrupted":
         # After the item's data is committed, durable at once: a killed run keeps the
         # records of what it finished.

@@ -88,6 +88,7 @@ class ItemResult:
     area_p95: float | None = None
     fingerprint: str = ""
     config_hash: str = ""
+    config_name: str = ""  # the `name` of the config that made the row
     model_hash: str = ""  # content hash of the pipeline's models, "" without one
     code_version: str = field(default_factory=code_version)
     statistics: dict[str, float] = field(default_factory=dict)

@@ -50,6 +50,7 @@ INDEX_COLUMNS: dict[str, ExtensionDtype] = {
     "area_p95": pd.Float64Dtype(),
     "seconds": pd.Float64Dtype(),
     "config_hash": _TEXT,
+    "config_name": _TEXT,
     "model_hash": _TEXT,
     "code_version": _TEXT,
     "fingerprint": _TEXT,

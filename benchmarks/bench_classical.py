@@ -92,7 +92,7 @@ def _daskimage_pipeline(source: str, target: str, workers: int, block: int) -> N
     from segflow.engine.cluster import start_local_cluster
 
     # The same tuned worker environment as segflow's, so neither side pays the malloc penalty.
-    with start_local_cluster(workers, dashboard_address=None) as cluster, Client(cluster):
+    with start_local_cluster(workers) as cluster, Client(cluster):
         started = time.perf_counter()
         # Dask chunks = segflow's blocks: dask-image's label slows down sharply with more chunks.
         image = da.from_zarr(source, chunks=(block, block))
@@ -139,7 +139,7 @@ def main() -> None:
     }
     try:
         started = time.perf_counter()
-        cluster = start_local_cluster(args.workers, dashboard_address=None)
+        cluster = start_local_cluster(args.workers)
         client = Client(cluster)
         results["cluster_start_s"] = round(time.perf_counter() - started, 2)
         sizes = [args.size] + (

@@ -225,7 +225,7 @@ def main() -> None:
         write_tiles(folder / "tiles", args.items)
         write_tiles(folder / "warm", 6)
         print(f"wrote {args.items} tiles in {time.perf_counter() - began:.1f} s", flush=True)
-        cluster = start_local_cluster(args.workers, dashboard_address=None)
+        cluster = start_local_cluster(args.workers)
         try:
             with Client(cluster) as client:
                 address = client.scheduler.address

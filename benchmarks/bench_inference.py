@@ -210,7 +210,7 @@ def main() -> None:
         net = make_model(model_dir)
         results["parameters"] = sum(p.numel() for p in net.parameters())
         started = time.perf_counter()
-        cluster = start_local_cluster(args.workers, dashboard_address=None)
+        cluster = start_local_cluster(args.workers)
         client = Client(cluster)
         results["cluster_start_s"] = round(time.perf_counter() - started, 2)
         warm_up(client, model_dir, workdir, args.batch_size, args.block)

@@ -130,7 +130,7 @@ def measure_memory(source: Path, store: Path, workers: int, block: int) -> dict[
 
     from segflow.engine.cluster import start_local_cluster
 
-    with start_local_cluster(workers, dashboard_address=None) as cluster, Client(cluster) as c:
+    with start_local_cluster(workers) as cluster, Client(cluster) as c:
         warm_up(c)
         seconds, objects = run_segflow(c, source, store, block)
         peaks = c.run(lambda: _peak_rss_mb(os.getpid()))
@@ -144,7 +144,7 @@ def _daskimage_pipeline(source: str, target: str, workers: int, block: int) -> N
 
     from segflow.engine.cluster import start_local_cluster
 
-    with start_local_cluster(workers, dashboard_address=None) as cluster, Client(cluster):
+    with start_local_cluster(workers) as cluster, Client(cluster):
         started = time.perf_counter()
         mask = da.from_zarr(source, chunks=(block, block)) > 0
         labels, n = ndmeasure.label(mask)
@@ -180,7 +180,7 @@ def main() -> None:
         source = workdir / "blobs.zarr"
         store_mask(source, blobs(args.size), args.chunk)
         with (
-            start_local_cluster(args.workers, dashboard_address=None) as cluster,
+            start_local_cluster(args.workers) as cluster,
             Client(cluster) as client,
         ):
             warm_up(client)

@@ -273,7 +273,7 @@ def main() -> None:
         started = time.perf_counter()
         inputs = make_inputs(workdir, args.size, args.chunk)
         print(f"inputs {args.size}^2 written in {time.perf_counter() - started:.1f} s", flush=True)
-        with start_local_cluster(args.workers, dashboard_address=None) as cluster:
+        with start_local_cluster(args.workers) as cluster:
             with Client(cluster) as client:
                 print(f"{'method':<26}{'segflow s':>11}{'in-memory s':>13}{'ratio':>8}")
                 for n, method in enumerate(chosen):

@@ -155,7 +155,7 @@ def main() -> None:
             PREFECT_HOME=str(folder / "prefect"),  # the temporary server's database
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
         )
-        cluster = start_local_cluster(args.workers, dashboard_address=None)
+        cluster = start_local_cluster(args.workers)
         try:
             with Client(cluster) as client:
                 address = client.scheduler.address

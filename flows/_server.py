@@ -3,9 +3,11 @@
 Prefect's own temporary server is a child in the command's process group, so the Ctrl-C
 meant for the run killed it too, and the run then hung for minutes retrying a dead API.
 Here the temporary server is started in a session of its own (it never sees the
-terminal's signals) and stopped when the command ends. A watchdog polls the API's health
-while flows run: when it stops answering, the run is asked to stop (it fails within
-seconds with one line, keeping every committed item) instead of hanging in retries.
+terminal's signals) and stopped when the command ends; when the command is killed
+(SIGKILL, the OOM killer), the server notices and stops itself
+(:mod:`segflow.flows._tethered`). A watchdog polls the API's health while flows run: when
+it stops answering, the run is asked to stop (it fails within seconds with one line,
+keeping every committed item) instead of hanging in retries.
 
 The command enters :func:`prefect_api` once, around all its configs, so it starts one
 server however many configs it runs. Starting takes several seconds (7-13 s measured on a
@@ -27,6 +29,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from segflow.flows._tethered import tethered_command
 
 # Consecutive failed health checks, POLL seconds apart, before the API counts as gone.
 POLL = 2.0
@@ -65,9 +69,13 @@ def prefect_api(say: Callable[[str], None] = say_on_stderr) -> Iterator[str | No
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
     }
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
-    command += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    # Tethered: the server ends when this process ends, even killed by SIGKILL or the OOM
+    # killer, which leave no chance to stop it from here (flows/_tethered.py).
+    command = tethered_command(
+        "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+        "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+        "--port", str(port), "--log-level", "error", "--lifespan", "on",
+    )  # fmt: skip
     # The server's own messages (errors while it stops, say) go to a log file, not into the
     # command's output; a server that dies before answering has their tail in the error.
     log_path = Path(settings.home) / "segflow-server.log"

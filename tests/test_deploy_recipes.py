@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import socket
 import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -263,13 +266,53 @@ def test_the_slurm_cluster_writes_segflow_worker_jobs(gpu: bool) -> None:
         address = cluster.scheduler_address
 
     assert "#SBATCH -p q1" in script and "#SBATCH --cpus-per-task=8" in script
-    assert address.endswith(":8786")
+    assert urlsplit(address).scheme == "tcp" and urlsplit(address).port
     if gpu:
         assert "#SBATCH --gres=gpu:1" in script
         assert "--resources GPU=1" in script and "--nworkers" not in script
     else:
         assert "--gres" not in script and "--resources" not in script
         assert "--nworkers 2" in script and "--nthreads 4" in script
+
+
+@contextmanager
+def ports_held(*ports: int) -> Iterator[None]:
+    """Listen on each of ``ports`` on every interface, as another program would (a port
+    some process holds already is taken anyway)."""
+    with ExitStack() as stack:
+        for port in ports:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("", port))
+                sock.listen()
+            except OSError:
+                continue
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_slurm_cluster_takes_free_ports_unless_told_and_clashes_with_nothing() -> None:
+    # Dask's (8786, 8787) and Prefect's (4200) usual ports held by others: the cluster
+    # starts anyway, without a "port already in use" warning (an error in the tests).
+    with ports_held(8786, 8787, 4200):
+        with slurm_module().make_cluster(queue="q1") as cluster:
+            ports = {
+                urlsplit(cluster.scheduler_address).port,
+                urlsplit(cluster.dashboard_link).port,
+            }
+        assert not ports & {8786, 8787, 4200}
+
+        port, dashboard_port = free_port(), free_port()
+        with slurm_module().make_cluster(
+            queue="q1", port=port, dashboard_port=dashboard_port
+        ) as cluster:  # a firewall rule or an SSH tunnel names them
+            assert urlsplit(cluster.scheduler_address).port == port
+            assert urlsplit(cluster.dashboard_link).port == dashboard_port
 
 
 # --- prefect.yaml ------------------------------------------------------------------------

@@ -6,12 +6,13 @@ segflow and dask-jobqueue installed (the same one the batch jobs will use)::
     python deploy/slurm/segflow_slurm.py --jobs 4 --queue cpu
     python deploy/slurm/segflow_slurm.py --jobs 2 --queue gpu --gpu      # one GPU per job
 
-It submits ``--jobs`` batch jobs of Dask workers, prints the scheduler's address, and keeps
+It submits ``--jobs`` batch jobs of Dask workers, prints the scheduler's address (on a free
+port unless ``--port`` names one, as a firewall rule or an SSH tunnel may need), and keeps
 the cluster up until Ctrl-C (then cancels the jobs). Give that address to every run, so
 they share these workers instead of each starting its own local cluster::
 
-    DASK_SCHEDULER_ADDRESS=tcp://10.1.2.3:8786 segflow run configs/aerial.yaml
-    segflow run configs/aerial.yaml --set cluster.address=tcp://10.1.2.3:8786
+    DASK_SCHEDULER_ADDRESS=tcp://10.1.2.3:40331 segflow run configs/aerial.yaml
+    segflow run configs/aerial.yaml --set cluster.address=tcp://10.1.2.3:40331
 
 (a Prefect worker started with ``DASK_SCHEDULER_ADDRESS`` set passes it to its flow runs).
 ``--print-job-script`` shows the batch script without starting anything.
@@ -35,6 +36,8 @@ def make_cluster(
     account: str | None = None,
     gpu: bool = False,
     prologue: Sequence[str] = (),
+    port: int = 0,
+    dashboard_port: int = 0,
 ) -> Any:
     """A ``dask_jobqueue.SLURMCluster`` whose jobs each run segflow's Dask workers.
 
@@ -42,6 +45,10 @@ def make_cluster(
     the GIL in numpy/scipy, and two processes keep one slow block from holding a whole
     job). A GPU job (``gpu=True``) asks SLURM for one GPU and runs one worker process that
     advertises ``GPU=1``, so model blocks run only there, one at a time per GPU.
+
+    The scheduler listens on ``port`` and serves its dashboard on ``dashboard_port``; 0 (the
+    default) takes a free one, so a second cluster, a test, or another user's Dask on the
+    login node never clashes. Name a port where a firewall rule or an SSH tunnel needs it.
     """
     from dask_jobqueue import SLURMCluster
 
@@ -56,8 +63,7 @@ def make_cluster(
         job_extra_directives=["--gres=gpu:1"] if gpu else [],
         worker_extra_args=["--resources", "GPU=1"] if gpu else [],
         job_script_prologue=list(prologue),
-        # A fixed port, so a firewall rule or an SSH tunnel can name it; the dashboard too.
-        scheduler_options={"port": 8786, "dashboard_address": ":8787"},
+        scheduler_options={"port": port, "dashboard_address": f":{dashboard_port}"},
     )
 
 
@@ -76,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         help="a line run before the worker in each job, e.g. 'source /path/venv/bin/activate'",
     )
+    parser.add_argument(
+        "--port", type=int, default=0, help="the scheduler's port (default 0: a free one)"
+    )
+    parser.add_argument(
+        "--dashboard-port", type=int, default=0, help="the dashboard's (default 0: a free one)"
+    )
     parser.add_argument("--print-job-script", action="store_true", help="show it and exit")
     args = parser.parse_args(argv)
 
@@ -87,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         account=args.account,
         gpu=args.gpu,
         prologue=args.prologue,
+        port=args.port,
+        dashboard_port=args.dashboard_port,
     )
     with cluster:
         if args.print_job_script:

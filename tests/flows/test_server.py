@@ -2,16 +2,21 @@
 
 Each case runs in a subprocess with its own ``PREFECT_HOME`` and no ``PREFECT_API_URL``, so a
 real temporary server starts (the session's test harness would otherwise be "configured").
+Nothing a command starts outlives it, even when it is killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import psutil
 import pytest
 from _geodata import blob_image, write_geotiff
 
@@ -113,3 +118,71 @@ def test_one_command_starts_one_server_for_all_its_configs(
     assert done.stderr.count("segflow: starting a temporary Prefect server") == 1
     assert "waiting up to 120 s" in done.stderr  # the command's limit, not Prefect's 20 s
     assert done.stderr.count("segflow: temporary Prefect server ready after") == 1
+
+
+def _descendants(process: psutil.Process) -> dict[int, tuple[float, str]]:
+    """PID -> (start time, command line) of every live descendant of ``process``."""
+    found = {}
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            found[child.pid] = (child.create_time(), " ".join(child.cmdline()))
+    return found
+
+
+def _alive(pid: int, started: float) -> bool:
+    """Whether ``pid`` still runs as the process that started at ``started`` (a reused PID
+    is another process; a zombie has ended)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - started) < 1
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_nothing_outlives_a_command_killed_with_sigkill(tmp_path: Path) -> None:
+    # Eight 512 x 512 tiles: the run is still busy when its server and cluster are up.
+    rng = np.random.default_rng(0)
+    (tmp_path / "tiles").mkdir()
+    for i in range(8):
+        image = (rng.random((1, 512, 512)) * 255).astype(np.uint8)
+        write_geotiff(tmp_path / "tiles" / f"t{i}.tif", image, x0=500_000.0 + 10_000 * i)
+    (tmp_path / "kill.yaml").write_text(
+        "name: kill\n"
+        "input: {path: tiles}\n"
+        "output: {store: out.zarr, chunks: [128, 128]}\n"
+        "blocks: {shape: [128, 128]}\n"
+        "pipeline: [{op: gaussian, sigma: 2}, {op: otsu}, {op: label}]\n"
+        "cluster: {n_workers: 2}\n"  # a LocalCluster of this command's own
+    )
+    command = subprocess.Popen(
+        [sys.executable, "-m", "segflow.flows", "run", "kill.yaml"],
+        cwd=tmp_path,
+        env=unconfigured_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        root = psutil.Process(command.pid)
+        deadline = time.monotonic() + 240
+        while True:  # until the temporary server and both Dask workers run
+            assert command.poll() is None, "the run ended before its cluster was seen"
+            assert time.monotonic() < deadline, _descendants(root)
+            tree = _descendants(root)
+            servers = [pid for pid, (_, line) in tree.items() if "uvicorn" in line]
+            workers = [pid for pid, (_, line) in tree.items() if "spawn_main" in line]
+            if servers and len(workers) == 2:
+                break
+            time.sleep(0.1)
+        tree = _descendants(root)  # the last look before the kill
+    finally:
+        command.kill()
+        command.wait()
+
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid, (t, _) in tree.items() if _alive(pid, t)]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    for pid in alive:  # not to leave them to the next test
+        psutil.Process(pid).kill()
+    assert not alive, [tree[pid][1] for pid in alive]

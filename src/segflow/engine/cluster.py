@@ -53,7 +53,7 @@ def start_local_cluster(
     *,
     threads_per_worker: int = 1,
     memory_limit: str | int = "auto",
-    dashboard_address: str | None = ":0",
+    dashboard_address: str = ":0",
     silence_logs: int = logging.WARNING,
     resources: Mapping[str, float] | None = None,
     gpus: Sequence[str] = (),
@@ -68,10 +68,12 @@ def start_local_cluster(
     share one; the other workers see no GPU (``CUDA_VISIBLE_DEVICES=""``) and run the rest,
     as do the GPU workers between model tasks.
     ``preload`` names modules each worker imports at start (Dask's ``dask_setup`` hook).
+    ``dashboard_address`` is where the scheduler's HTTP server (the dashboard) listens:
+    ``":0"``, a free port, by default; Dask binds 8787 for ``None``, so it is not accepted.
 
     Examples
     --------
-    >>> cluster = start_local_cluster(2, gpus=["0"], dashboard_address=None)  # doctest: +SKIP
+    >>> cluster = start_local_cluster(2, gpus=["0"])  # doctest: +SKIP
     >>> cluster.close()  # doctest: +SKIP
     """
     import dask

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 
 from segflow.evaluate import find_references, match_references
 from segflow.flows.segment import resolve_config
+from segflow.store.names import EVALUATION_NAME
 from segflow.tasks.evaluate import evaluate_item_task
 from segflow.tasks.store import current_run_id, read_index_task, write_index_task, writing_store
 
@@ -46,7 +47,7 @@ def evaluate_collection(
         with writing_store(store, current_run_id()):  # one writer per store, as a run
             write_index_task(store, [{**rows[s["id"]], **s} for s in scores])
             pd.DataFrame(scores).to_parquet(
-                f"{store.rstrip('/')}/evaluation.parquet", index=False
+                f"{store.rstrip('/')}/{EVALUATION_NAME}", index=False
             )  # pandas writes local paths and fsspec URLs (s3://) alike
     return {
         "name": cfg.name,

@@ -641,7 +641,9 @@ def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[
     except SegflowError as error:
         problems.append(f"output.store: {error}")
     try:
-        readers, failures = discover_items(config.input.path, **config.input.options)
+        readers, failures = discover_items(
+            config.input.path, store=config.output.store, **config.input.options
+        )
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []
     misfits = [_shape_misfit(reader.info, config) for reader in readers]

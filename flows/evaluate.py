@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 
 from segflow.evaluate import find_references, made_by, match_references
 from segflow.flows.segment import resolve_config
+from segflow.store.names import EVALUATION_NAME
 from segflow.tasks.evaluate import evaluate_item_task
 from segflow.tasks.store import current_run_id, read_index_task, write_index_task, writing_store
 
@@ -51,7 +52,7 @@ def evaluate_collection(
             made = ("config_name", "config_hash", "model_hash", "code_version")
             scored = [{**s, **{k: rows[s["id"]].get(k) for k in made}} for s in scores]
             pd.DataFrame(scored).to_parquet(
-                f"{store.rstrip('/')}/evaluation.parquet", index=False
+                f"{store.rstrip('/')}/{EVALUATION_NAME}", index=False
             )  # pandas writes local paths and fsspec URLs (s3://) alike
     return {
         "name": cfg.name,

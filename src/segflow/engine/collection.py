@@ -29,6 +29,7 @@ from segflow.errors import StoreError
 from segflow.io import Reader, assign_item_ids, unused_id
 from segflow.store.commit import read_commit, stage_name
 from segflow.store.lock import has_stale_lock
+from segflow.store.names import is_reserved_name
 
 # An item's reference: {"id", "path", "fingerprint", "pixels"} (pixels: of the whole input,
 # channels included; 0 for a file discovery could not open).
@@ -114,9 +115,15 @@ def keep_recorded_ids(
     file joining the collection can rename others (``a/tile.tif`` is ``tile`` until
     ``b/tile.tif`` appears, then ``a_tile``): on the next scheduled run its output would be
     redone under a new name. Here an id in the store stays with its source, and is never
-    given to another one (a new item whose id is taken gets ``_2``, ``_3``, ...).
+    given to another one (a new item whose id is taken gets ``_2``, ``_3``, ...). A
+    recorded id that is one of the store's own names (``index.parquet``: an earlier segflow
+    let an image take it) is not kept: the item gets its new, unreserved id.
     """
-    recorded = {row["source"]: row["id"] for row in index_rows if row.get("source")}
+    recorded = {
+        row["source"]: row["id"]
+        for row in index_rows
+        if row.get("source") and not is_reserved_name(str(row["id"]))
+    }
     taken = {row["id"] for row in index_rows}
 
     def renamed(entry: dict[str, Any], source: str) -> dict[str, Any]:
@@ -291,10 +298,13 @@ def plan_collection(
 ) -> ItemPlan:
     """Discover ``cfg``'s collection and plan its run (:func:`plan_items`); ``overwrite``
     defaults to the config's ``output.overwrite``. ``notes`` receives discovery's notes on
-    files left out on purpose (a DICOM folder's RTSTRUCT, say)."""
+    files left out or renamed on purpose (a DICOM folder's RTSTRUCT, a segflow store in the
+    input folder, say)."""
     from segflow.io import discover_items
 
-    readers, failures = discover_items(cfg.input.path, notes=notes, **cfg.input.options)
+    readers, failures = discover_items(
+        cfg.input.path, notes=notes, store=cfg.output.store, **cfg.input.options
+    )
     return plan_items(
         readers,
         failures,

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
 from segflow.errors import ItemReadError
 from segflow.io.base import ItemInfo
-
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def is_url(path: str) -> bool:
@@ -26,12 +24,34 @@ def strip_file_scheme(path: str) -> str:
 
 
 def sanitize_id(name: str) -> str:
-    """Make ``name`` a valid Zarr node name: only ``[A-Za-z0-9._-]``, never ``.``/``..``/``__*``.
+    """Make ``name`` a valid, store-safe Zarr v3 node name.
 
-    Zarr v3 reserves names starting with ``__``, and ``.``/``..`` are path components.
+    Letters and digits of any script are kept (Zarr v3 node names are Unicode; the name is
+    NFC-normalised so that macOS's decomposed file names give the same id), as are
+    combining marks, ``.``, ``_`` and ``-``; any other character becomes ``_``. A name Zarr
+    forbids (empty, only periods, starting with the reserved prefix ``__``) gets ``item``
+    in front, and a name the store keeps for its own files
+    (:mod:`segflow.store.names`: ``index.parquet``, ``zarr.json``, ...) has its periods made
+    ``_`` (``index.parquet`` -> ``index_parquet``).
+
+    Examples
+    --------
+    >>> sanitize_id("снимок 1"), sanitize_id("__init__"), sanitize_id("index.parquet")
+    ('снимок_1', 'item__init__', 'index_parquet')
     """
-    safe = _UNSAFE_ID_CHARS.sub("_", name)
-    if safe in ("", ".", "..") or safe.startswith("__"):
+    from segflow.store.names import unreserved_id  # the store owns its reserved names
+
+    return unreserved_id(zarr_node_name(name))
+
+
+def zarr_node_name(name: str) -> str:
+    """``name`` as a valid Zarr v3 node name (:func:`sanitize_id` without the store's
+    reserved names)."""
+    safe = "".join(
+        ch if ch.isalnum() or ch in "._-" or unicodedata.category(ch) in ("Mn", "Mc") else "_"
+        for ch in unicodedata.normalize("NFC", name)
+    )
+    if not safe.strip(".") or safe.startswith("__"):
         safe = "item" + safe
     return safe
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from segflow.errors import ItemReadError
-from segflow.io._common import is_url, sanitize_id, strip_file_scheme
+from segflow.io._common import is_url, sanitize_id, strip_file_scheme, zarr_node_name
 from segflow.io.base import Reader
 from segflow.io.registry import (
     ReaderBackend,
@@ -83,7 +83,7 @@ def open_item(path: str, item_id: str | None = None, **options: Any) -> Reader:
 
 
 def discover_items(
-    path: str, *, notes: list[str] | None = None, **options: Any
+    path: str, *, notes: list[str] | None = None, store: str | None = None, **options: Any
 ) -> tuple[list[Reader], list[tuple[str, str]]]:
     """Find and open every item under ``path``; one bad item never stops the others.
 
@@ -95,7 +95,14 @@ def discover_items(
         allowed); or an fsspec URL to a file, folder or glob. Files of a series format
         (DICOM) are grouped into one item per series.
     notes : list of str, optional
-        Receives what discovery left out on purpose (non-image DICOM objects, say).
+        Receives what discovery left out or renamed on purpose (non-image DICOM objects,
+        the segflow stores below ``path``, an item whose name the store keeps for itself).
+    store : str, optional
+        The run's own output store (``output.store``), left out where it lies below
+        ``path`` even before it carries segflow's marker. Any other segflow store below
+        ``path`` (a folder whose root ``zarr.json`` has the ``segflow`` attribute:
+        :func:`segflow.store.commit.is_segflow_store`) is left out too, whatever its
+        name; a plain Zarr array or group is an item as always.
     **options
         Reader options passed to every reader (``input.options``).
 
@@ -120,18 +127,26 @@ def discover_items(
     (['image', 'labels'], [])
     """
     path = strip_file_scheme(path)
+    stores = _StoreFilter(store)
     if "stack" in options:
         paths = _stack_folders(path)
     elif is_url(path):
-        paths = _list_url(path)
+        paths = _list_url(path, stores)
     elif _GLOB_CHARS & set(path):
-        paths = [p for p in sorted(glob.glob(path, recursive=True)) if _is_item_path(p)]
+        base = _glob_base(path)
+        paths = [
+            p
+            for p in sorted(glob.glob(path, recursive=True))
+            if _is_item_path(p) and not stores.holds(p, base)
+        ]
     elif os.path.isdir(path) and not _is_folder_item(path):
-        paths = _walk_folder(path)
+        paths = _walk_folder(path, stores)
     elif os.path.exists(path):
         paths = [path]
     else:
         raise ItemReadError(f"collection '{path}': no such file or folder")
+    if stores.found and notes is not None:
+        notes.append(stores.note(path))
     paths, series_names = _group_series(paths, notes) if "stack" not in options else (paths, {})
     if not paths:
         suffixes = [s for s in claimed_suffixes() if s not in folder_suffixes()]
@@ -142,7 +157,7 @@ def discover_items(
         )
     readers: list[Reader] = []
     failures: list[tuple[str, str]] = []
-    ids = assign_item_ids(paths, names=[series_names.get(p) for p in paths])
+    ids = assign_item_ids(paths, names=[series_names.get(p) for p in paths], notes=notes)
     for item_path, item_id in zip(paths, ids, strict=True):
         try:
             readers.append(open_item(item_path, item_id, **options))
@@ -218,19 +233,35 @@ def _group_series(
     return sorted(kept), names
 
 
-def assign_item_ids(paths: list[str], names: Sequence[str | None] | None = None) -> list[str]:
+def assign_item_ids(
+    paths: list[str],
+    names: Sequence[str | None] | None = None,
+    *,
+    notes: list[str] | None = None,
+) -> list[str]:
     """Unique, Zarr-safe item ids for ``paths``: stems, prefixed by parent folders on collision.
 
     ``names`` replaces a path's stem where given (a DICOM series' number and description).
 
     Files of the same stem in one folder keep their extension (``a.tif``, ``a.png``); any
-    collision left after that gets a numeric suffix (``_2``, ``_3``) in path order.
+    collision left after that gets a numeric suffix (``_2``, ``_3``) in path order. Letters
+    of every script are kept (:func:`segflow.io._common.sanitize_id`). An id that would be
+    one of the store's own names (``index.parquet``, ``zarr.json``, ...:
+    :mod:`segflow.store.names`) has its periods made ``_`` (``index_parquet``), said in one
+    line per item in ``notes``.
 
     Examples
     --------
     >>> assign_item_ids(["d/x/image.png", "d/y/image.png", "d/ct.nii.gz"])
     ['x_image', 'y_image', 'ct']
+    >>> notes = []
+    >>> assign_item_ids(["d/index.parquet.png", "d/снимок.png"], notes=notes)
+    ['index_parquet', 'снимок']
+    >>> "'index.parquet' is where a store keeps its collection index" in notes[0]
+    True
     """
+    from segflow.store.names import reserved_role
+
     files = [p.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] for p in paths]
     dirs = [os.path.dirname(p.rstrip("/")) for p in paths]
     stems = [
@@ -249,7 +280,10 @@ def assign_item_ids(paths: list[str], names: Sequence[str | None] | None = None)
     depth = [0] * len(paths)
 
     def make_id(i: int) -> str:
-        return sanitize_id("_".join([*reversed(parents[i][: depth[i]]), stems[i]]))
+        return sanitize_id(plain_id(i))
+
+    def plain_id(i: int) -> str:
+        return "_".join([*reversed(parents[i][: depth[i]]), stems[i]])
 
     while True:
         groups = _group_collisions([make_id(i) for i in range(len(paths))])
@@ -262,7 +296,16 @@ def assign_item_ids(paths: list[str], names: Sequence[str | None] | None = None)
         if not groups or not deepened:
             break
     seen: set[str] = set()
-    return [unused_id(make_id(i), seen) for i in range(len(paths))]
+    ids = [unused_id(make_id(i), seen) for i in range(len(paths))]
+    for i, item_id in enumerate(ids):
+        plain = zarr_node_name(plain_id(i))
+        role = reserved_role(plain)
+        if role is not None and notes is not None:
+            notes.append(
+                f"item '{paths[i]}': '{plain}' is where a store keeps {role}, "
+                f"so its id is '{item_id}'"
+            )
+    return ids
 
 
 def unused_id(item_id: str, taken: set[str]) -> str:
@@ -303,16 +346,20 @@ def _is_item_path(path: str) -> bool:
     return os.path.isfile(path) and might_open(path)
 
 
-def _walk_folder(root: str) -> list[str]:
+def _walk_folder(root: str, stores: _StoreFilter) -> list[str]:
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        # Folder items (.zarr) are not searched; hidden names (.git, ._x.tif) are skipped.
-        for name in sorted(dirnames):
+        # Segflow stores are outputs, never searched; folder items (.zarr) are not
+        # searched; hidden names (.git, ._x.tif) are skipped.
+        dirnames[:] = [
+            d
+            for d in sorted(dirnames)
+            if d.startswith(".") or not stores.is_store(os.path.join(dirpath, d))
+        ]
+        for name in dirnames:
             if _is_folder_item(name) and not name.startswith("."):
                 found.append(os.path.join(dirpath, name))
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not _is_folder_item(d)
-        )
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not _is_folder_item(d)]
         found.extend(
             os.path.join(dirpath, f)
             for f in filenames
@@ -321,7 +368,61 @@ def _walk_folder(root: str) -> list[str]:
     return sorted(found)
 
 
-def _list_url(url: str) -> list[str]:
+class _StoreFilter:
+    """Tells the segflow stores among folders (by their root marker, or being the run's own
+    ``store``), and remembers those it found for the discovery note."""
+
+    def __init__(self, store: str | None) -> None:
+        own = strip_file_scheme(store) if store else None
+        self.own = None if own is None else (own if is_url(own) else os.path.abspath(own))
+        self.found: list[str] = []
+        self._known: dict[str, bool] = {}
+
+    def is_store(self, folder: str) -> bool:
+        """Whether ``folder`` (a path or URL) is a segflow store; found ones are noted."""
+        folder = folder.rstrip("/")
+        if folder not in self._known:
+            from segflow.store.commit import is_segflow_store
+
+            key = folder if is_url(folder) else os.path.abspath(folder)
+            marked = key == self.own or (
+                (is_url(folder) or os.path.isfile(os.path.join(folder, "zarr.json")))
+                and is_segflow_store(folder)
+            )
+            self._known[folder] = marked
+            if marked:
+                self.found.append(folder)
+        return self._known[folder]
+
+    def holds(self, path: str, base: str) -> bool:
+        """Whether ``path`` is a segflow store or lies in one, below the folder ``base``."""
+        folder = path.rstrip("/")
+        base = base.rstrip("/")
+        while folder and folder != base and folder.startswith(base):
+            if self.is_store(folder):
+                return True
+            parent = folder.rsplit("/", 1)[0] if "/" in folder else ""
+            if parent == folder:
+                break
+            folder = parent
+        return False
+
+    def note(self, path: str) -> str:
+        shown = ", ".join(f"'{s}'" for s in self.found[:5])
+        more = f", ... ({len(self.found)} in all)" if len(self.found) > 5 else ""
+        return (
+            f"collection '{path}': left out {len(self.found)} segflow store(s), outputs of "
+            f"segflow runs and not inputs: {shown}{more}"
+        )
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder a glob pattern searches below: its path up to the first glob character."""
+    fixed = pattern[: min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)]
+    return fixed.rsplit("/", 1)[0] if "/" in fixed else ""
+
+
+def _list_url(url: str, stores: _StoreFilter) -> list[str]:
     """Item URLs under an fsspec URL (file, folder or glob); folder items count once."""
     import fsspec
 
@@ -341,6 +442,10 @@ def _list_url(url: str) -> list[str]:
         raise ItemReadError(f"collection '{url}': cannot list ({reason})") from exc
     found: list[str] = []
     folders = folder_suffixes()
+    # Folders with Zarr metadata: those of them with segflow's marker are stores, left out
+    # with everything in them (one small GET per folder item or store candidate).
+    zarr_folders = {e.rsplit("/", 1)[0] for e in listed if e.endswith("/zarr.json")}
+    base = _glob_base(root) if _GLOB_CHARS & set(root) else root
     for entry in listed:
         lower = entry.lower()
         inside = [s for s in folders if f"{s}/" in lower]
@@ -348,7 +453,22 @@ def _list_url(url: str) -> list[str]:
             entry = entry[: lower.index(f"{inside[0]}/") + len(inside[0])]
         elif not any(b.claims_suffix(entry) for b in backends()):
             continue
+        if _in_url_store(fs, entry, base, zarr_folders, stores):
+            continue
         full = fs.unstrip_protocol(entry)
         if full not in found:
             found.append(full)
     return found
+
+
+def _in_url_store(
+    fs: Any, entry: str, base: str, zarr_folders: set[str], stores: _StoreFilter
+) -> bool:
+    """Whether the listed ``entry`` is a segflow store or lies in one below ``base``."""
+    folder = entry.rstrip("/")
+    while folder.startswith(f"{base.rstrip('/')}/"):
+        if folder in zarr_folders or (folder == entry and _is_folder_item(entry)):
+            if stores.is_store(fs.unstrip_protocol(folder)):
+                return True
+        folder = folder.rsplit("/", 1)[0]
+    return False

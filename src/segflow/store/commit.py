@@ -38,6 +38,7 @@ from segflow.errors import StoreError
 from segflow.faults import fault_point
 from segflow.store.fs import fresh_fs
 from segflow.store.lock import SEGFLOW_DIR, bookkeeping_path, is_local, local_path
+from segflow.store.names import check_reserved_names
 
 COMMIT_ATTR = "segflow_commit"
 STORE_ATTR = "segflow"
@@ -99,6 +100,9 @@ def check_store(store: str) -> None:
     ------
     ForeignStoreError
         If ``store`` is a file, or a non-empty folder without segflow's root metadata.
+    StoreError
+        If an item group sits where the store keeps a file of its own (``index.parquet``,
+        ...: :func:`segflow.store.names.check_reserved_names`).
     """
 
     fs, path = fresh_fs(str(store))
@@ -109,6 +113,7 @@ def check_store(store: str) -> None:
             f"output.store '{store}' is a file, not a folder: choose a path for the Zarr store"
         )
     if is_segflow_store(store):
+        check_reserved_names(store)
         return
     names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
     names.discard(SEGFLOW_DIR)  # this run's lock, taken before the marker is written

@@ -32,8 +32,8 @@ from segflow.errors import StoreError
 from segflow.faults import fault_point
 from segflow.store.fs import fresh_fs
 from segflow.store.lock import bookkeeping_path, is_local, local_path
+from segflow.store.names import INDEX_NAME, check_reserved_names
 
-INDEX_NAME = "index.parquet"
 _appending = threading.Lock()  # one record file per run, appended to by the run's items
 STATUSES = ("done", "failed", "skipped")
 # Core columns and their dtypes; rows may add more columns, which are kept as given.
@@ -73,6 +73,8 @@ def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
             with fs.open(inner, "rb") as handle:
                 frame = _with_core_columns(pd.read_parquet(handle))
         except Exception as exc:
+            if fs.isdir(inner):  # an item group took the index's name: say what to do
+                check_reserved_names(str(store))
             raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
     records = [row for _, rows in _record_files(store) for row in rows]
     if not records:

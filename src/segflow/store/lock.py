@@ -28,9 +28,9 @@ from typing import Any
 
 from segflow.errors import StoreError
 from segflow.store.fs import fresh_fs
+from segflow.store.names import SEGFLOW_DIR
 
 LOCK_NAME = "lock.json"
-SEGFLOW_DIR = ".segflow"  # segflow's bookkeeping inside a store: lock, records, staging
 STALE_AFTER = 60.0  # seconds without a heartbeat after which a lock may be broken
 HEARTBEAT_EVERY = 5.0
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from segflow.errors import PlanError
 from segflow.faults import fault_point
+from segflow.store import names
 from segflow.store.fs import fresh_fs
 
 if TYPE_CHECKING:
@@ -382,7 +383,8 @@ def vectorize_block(
     return cut, [bytes(w) for w in shapely.to_wkb(pieces)] if pieces else []
 
 
-COLLECTION_NAME = "vectors.parquet"  # STORE/vectors.parquet: every item's rows, ``item`` first
+# STORE/vectors.parquet: every item's rows, ``item`` first (a reserved root name)
+COLLECTION_NAME = names.VECTORS_NAME
 
 
 def compact_vectors(store: str, *, refresh_only: bool = False) -> tuple[str | None, str]:

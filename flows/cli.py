@@ -693,6 +693,7 @@ def _unit_fix(blocks: Any, output: Any) -> str:
 def _check_items(config: Any) -> list[str]:
     """Problems of the collection and of fitting the pipeline to each item (channels,
     dimensions), one per line."""
+    from segflow.engine.budget import check_item_budget
     from segflow.engine.pipeline import compile_pipeline
     from segflow.errors import SegflowError
     from segflow.store.dicomseg import check_dicom_seg
@@ -704,6 +705,11 @@ def _check_items(config: Any) -> list[str]:
         info = reader.info
         if not problems and (misfit := _shape_misfit(info, config)):
             problems.append(misfit)  # in a run, this item fails alone
+            continue
+        try:  # its message names the item
+            check_item_budget(info, config.blocks.shape, max_item_bytes=config.run.max_item_bytes)
+        except SegflowError as error:
+            problems.append(str(error))
             continue
         try:
             plan = compile_pipeline(

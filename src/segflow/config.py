@@ -155,6 +155,27 @@ class RunConfig(_Model):
         description="seconds an item may run; one still running then fails (its blocks are "
         "cancelled) and the run goes on; default: no limit",
     )
+    # A 100,000^2 RGB orthomosaic (28 GiB) or a 2,048^3 uint8 EM volume (8 GiB) fit; a
+    # larger item is segmented once the user raises the limit.
+    max_item_bytes: int = Field(
+        64 * 2**30,
+        gt=0,
+        description="the largest item to segment, in bytes of decoded input (channels "
+        "included), e.g. 2TiB; a larger one (or a header that claims so) fails alone before "
+        "it is read; default 64 GiB",
+    )
+
+    @field_validator("max_item_bytes", mode="before")
+    @classmethod
+    def _parse_bytes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from dask.utils import parse_bytes
+
+            try:
+                return parse_bytes(value)
+            except ValueError:
+                raise ValueError(f"expected a byte count such as 512GiB (got {value!r})") from None
+        return value
 
 
 class SegflowConfig(_Model):

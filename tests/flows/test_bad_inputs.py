@@ -8,6 +8,7 @@ fit) exit 2 before anything runs. An occupied store exits 1 naming the run that 
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -44,6 +45,15 @@ ITEM_FAULTS = {
     "three_bands.tif": "'otsu' needs a single-channel image, got 3 channels",
     # Two planes read as a 2-slice z-stack: the 2-D blocks do not fit it, the others run.
     "two_planes.tif": "PlanError: `blocks.shape` (32, 32) has 2 axes, the item has 3",
+    # Headers that declare more than the file holds or than a run can take: refused from
+    # their metadata, before anything is planned or read (each took the machine down).
+    "liar.nii": "its NIfTI header declares 30000 x 30000 x 30000 int16 voxels (49.1 TiB), but "
+    "the file of 476 B holds 124 B of voxel data",
+    "liar_gz.nii.gz": "voxels (49.1 TiB), but the file of 54 B can hold at most 54.4 KiB of",
+    "huge_sparse.tif": "its metadata declares 3 x 200000 x 200000 uint8, 111.8 GiB of input, "
+    "more than run.max_item_bytes (64.0 GiB)",
+    "many_blocks.tif": "60000 x 60000 uint8 in 3,515,625 blocks of 32x32 would take "
+    "about 536.4 GiB of this command's memory (160.0 KiB a block)",
 }
 # Odd but valid inputs: segmented like any other.
 ACCEPTED = ("good", "constant", "one_pixel", "one_row", "no_crs", "lonlat")
@@ -79,6 +89,7 @@ def _write_collection(folder: Path) -> None:
     tifffile.imwrite(folder / "all_nan.tif", np.full((16, 16), np.nan, np.float32))
     tifffile.imwrite(folder / "all_inf.tif", np.full((16, 16), np.inf, np.float32))
     write_geotiff(folder / "three_bands.tif", blob_image(bands=3))
+    _write_liars(folder)
     tifffile.imwrite(folder / "two_planes.tif", np.stack([blob_image()[0]] * 2))
     tifffile.imwrite(folder / "constant.tif", np.full((16, 16), 7, np.uint8))
     tifffile.imwrite(folder / "one_pixel.tif", np.ones((1, 1), np.uint8))
@@ -97,6 +108,27 @@ def _write_collection(folder: Path) -> None:
         transform=Affine(0.001, 0, 10.0, 0, -0.001, 50.0),
     ) as dst:
         dst.write(blob_image())
+
+
+def _write_liars(folder: Path) -> None:
+    """Files whose headers declare far more than they hold (NIfTI), or than a run takes
+    (sparse GeoTIFFs of a few hundred kB: every tile left out reads as zero)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.int16)
+    data = header.binaryblock + bytes(4 + 124)  # extension flag, then 124 bytes of voxels
+    (folder / "liar.nii").write_bytes(data)
+    (folder / "liar_gz.nii.gz").write_bytes(gzip.compress(data, mtime=0))
+    for name, side, bands in (("huge_sparse.tif", 200_000, 3), ("many_blocks.tif", 60_000, 1)):
+        profile = {"driver": "GTiff", "width": side, "height": side, "count": bands}
+        with (
+            pytest.warns(rasterio.errors.NotGeoreferencedWarning),
+            rasterio.open(
+                folder / name, "w", **profile, dtype="uint8", tiled=True, blockxsize=1024,
+                blockysize=1024, compress="deflate", sparse_ok=True, BIGTIFF="YES",
+            ),
+        ):  # fmt: skip
+            pass
 
 
 def _config(tmp_path: Path, folder: Path, dask_address: str, **output: object) -> Path:
@@ -221,3 +253,46 @@ def test_relative_set_paths_are_taken_from_the_current_directory(
     assert from_file.output.store == str(tmp_path / "conf" / "out.zarr")
     assert typed.output.store == os.path.join(work, "mine.zarr")
     assert typed.input.path == os.path.join(work, "data/*.tif")
+
+
+def test_headers_that_lie_fail_alone_in_seconds_within_1_gb(
+    tmp_path: Path, dask_address: str, prefect_harness: None
+) -> None:
+    """The command's own process, sampled while it runs: the lying files fail from their
+    metadata and the good item completes, far below the memory they declare."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from prefect.settings import PREFECT_API_URL
+
+    folder = tmp_path / "items"
+    folder.mkdir()
+    write_geotiff(folder / "good.tif", blob_image())
+    _write_liars(folder)
+    config = _config(tmp_path, folder, dask_address)
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "COLUMNS": "200"}
+    command = [sys.executable, "-m", "segflow.flows", "run", str(config)]
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watched, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    output = process.communicate(timeout=120)[0].decode()
+
+    assert process.returncode == 1, output
+    assert time.monotonic() - started < 90  # seconds, not the minutes the machine took
+    assert peak < 2**30, f"{peak / 2**20:.0f} MiB"
+    frame = read_index(str(tmp_path / "out.zarr")).set_index("id")["status"].to_dict()
+    assert frame == {
+        "good": "done",
+        "liar": "failed",
+        "liar_gz": "failed",
+        "huge_sparse": "failed",
+        "many_blocks": "failed",
+    }

@@ -400,6 +400,7 @@ def run_item(
     ``run.item_timeout``, an item still waiting for its blocks after that many seconds has
     them cancelled and fails. Call while holding the store's lock.
     """
+    from segflow.engine.budget import check_item_budget
     from segflow.engine.interrupt import item_deadline, stop_requested
     from segflow.engine.item import segment_item
     from segflow.io import open_item
@@ -416,7 +417,11 @@ def run_item(
         with item_deadline(cfg.run.item_timeout):
             try:
                 reader = open_item(path, item_id, **cfg.input.options)
-            except Exception as error:  # unreadable, or changed or gone since discovery
+                # Before anything of it is planned or read: a header that lies fails here.
+                check_item_budget(
+                    reader.info, cfg.blocks.shape, max_item_bytes=cfg.run.max_item_bytes
+                )
+            except Exception as error:  # unreadable, too large, or changed since discovery
                 row = ItemResult(
                     id=item_id, source=path, status="failed", error=_named(error, item_id, path)
                 ).as_row()

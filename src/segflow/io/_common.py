@@ -179,3 +179,19 @@ def wrap_read_errors(item: str, what: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise_read_error(item, what, exc)
+
+
+def format_bytes(n: int) -> str:
+    """A byte count for a person: ``480 B``, ``2.6 MiB``, ``98.2 TiB``.
+
+    Examples
+    --------
+    >>> format_bytes(480), format_bytes(2_658_000), format_bytes(30000**3 * 4)
+    ('480 B', '2.5 MiB', '98.2 TiB')
+    """
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

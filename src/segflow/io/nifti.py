@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from segflow.errors import ItemReadError
 from segflow.io._common import (
     check_region,
     fingerprint_file,
+    format_bytes,
     is_url,
     mtime_ns,
     raise_read_error,
@@ -135,6 +138,40 @@ def _diagnose(path: str) -> str:
     return "its header or data is damaged"
 
 
+# Deflate cannot shrink data more than about 1032:1 (a 258-byte match in at least 2 bits):
+# a .nii.gz of N bytes holds at most this many times N bytes of voxels.
+DEFLATE_MAX_RATIO = 1032
+
+
+def _check_data_fits_file(path: str, image: Any, disk_shape: tuple[int, ...]) -> None:
+    """Refuse a header that declares more voxel data than the file can hold: a plain
+    ``.nii`` must hold every byte after its data offset, a ``.nii.gz`` at most
+    :data:`DEFLATE_MAX_RATIO` times its size. A damaged or hostile header (480 bytes claiming
+    30000^3 voxels) is caught here, before anything is planned or allocated."""
+    if is_url(path):
+        return
+    import os
+
+    dtype = np.dtype(image.header.get_data_dtype())
+    declared = math.prod(disk_shape) * dtype.itemsize
+    size = os.path.getsize(path)
+    if path.lower().endswith(".gz"):
+        room, how = size * DEFLATE_MAX_RATIO, "can hold at most"
+    else:
+        # Voxels start after the header and its 4-byte extension flag at the earliest,
+        # whatever vox_offset says (352 bytes in NIfTI-1, 544 in NIfTI-2).
+        offset = max(int(image.dataobj.offset), len(image.header.binaryblock) + 4)
+        room, how = size - offset, "holds"
+    if declared > room:
+        dims = " x ".join(str(n) for n in disk_shape)
+        raise ItemReadError(
+            f"item '{path}': its NIfTI header declares {dims} {dtype} voxels "
+            f"({format_bytes(declared)}), but the file of {format_bytes(size)} {how} "
+            f"{format_bytes(max(room, 0))} of voxel data: the header is damaged or the data "
+            f"is cut short"
+        )
+
+
 def _read_nifti_info(path: str, item_id: str | None) -> tuple[ItemInfo, int]:
     try:
         image = _load_image(path, mtime_ns(path))
@@ -146,6 +183,7 @@ def _read_nifti_info(path: str, item_id: str | None) -> tuple[ItemInfo, int]:
         space_unit = image.header.get_xyzt_units()[0]
     except Exception as exc:
         raise_read_error(path, f"not a readable NIfTI file: {_diagnose(path)}", exc)
+    _check_data_fits_file(path, image, disk_shape)
     shape = disk_shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]

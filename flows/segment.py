@@ -127,7 +127,10 @@ def segment_collection(
     add_flow_run_tags(run_tags(cfg.name, store))
     config_hash = cfg.config_hash()
     run_id = current_run_id()
-    plan = plan_items_task(cfg, overwrite, item_filter)
+    try:
+        plan = plan_items_task(cfg, overwrite, item_filter)
+    except StoreError as error:  # another config's store, or a damaged one
+        return _refused(cfg, error)
     work = plan.work()
     rows: list[dict[str, Any]] = []
     # A dead run's lock is taken over even with nothing to do: its flow run is ended
@@ -142,9 +145,8 @@ def segment_collection(
                     # While the lock is held: the collection's vectors in one file (or
                     # an earlier run's file brought up to date, never left stale).
                     compact_vectors_task(store, vectors=cfg.output.vectors)
-        except StoreError as error:  # occupied, foreign or unwritable: one line, no traceback
-            logger.error("%s: %s", cfg.name, error, extra=SUMMARY_LINE)
-            return Failed(message=f"{cfg.name}: {error}", data=error)
+        except StoreError as error:  # occupied, foreign or unwritable
+            return _refused(cfg, error)
     rows += plan.skipped
     rows.sort(key=lambda r: r["id"])
     summary = summarize(cfg, rows)
@@ -166,6 +168,12 @@ def segment_collection(
         return Failed(message=message, data=ItemsFailedError(summary))
     logger.info("%s", message)
     return Completed(message=message, data=summary)
+
+
+def _refused(cfg: SegflowConfig, error: StoreError) -> State[Any]:
+    """The flow's end when its store refuses the run: one line, no traceback."""
+    get_run_logger().error("%s: %s", cfg.name, error, extra=SUMMARY_LINE)
+    return Failed(message=f"{cfg.name}: {error}", data=error)
 
 
 def segment_items(

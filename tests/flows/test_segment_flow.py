@@ -414,3 +414,27 @@ def test_dicom_seg_from_a_dicom_series_through_the_flow(tmp_path: Path, dask_add
     assert int(seg.pixel_array.sum()) == 3 * 20 * 28  # the block of bone, every voxel
     # The file beside the arrays leaves the consolidated store readable without warnings.
     assert xarray.open_zarr(store, group="3_CT_CHEST")["labels"].shape == (5, 40, 50)
+
+
+def test_a_deployment_run_of_another_config_is_refused_with_one_line(
+    tmp_path: Path, dask_address: str
+) -> None:
+    """Runs that do not start from `segflow run` (a deployment, a backfill) plan in the flow:
+    a store another config made ends the flow Failed with the store's line, nothing written."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_geotiff(folder / "tile.tif", blob_image())
+    store = tmp_path / "out.zarr"
+    config = collection_config(folder, store, dask_address)
+    assert run(config)[0] == "COMPLETED"
+    index_before = (store / "index.parquet").read_bytes()
+
+    state = segment_collection({**config, "name": "edges"}, return_state=True)
+
+    assert state.is_failed()
+    assert state.message == (
+        f"edges: store '{store}' holds 1 item made by config 'tiles'; config 'edges' would "
+        f"replace or mix with them: choose another output.store, or --set "
+        f"output.allow_other_configs=true to let both write into it"
+    )
+    assert (store / "index.parquet").read_bytes() == index_before

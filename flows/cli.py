@@ -697,6 +697,7 @@ def _check_items(config: Any) -> list[str]:
     from segflow.engine.pipeline import compile_pipeline
     from segflow.errors import SegflowError
     from segflow.store.dicomseg import check_dicom_seg
+    from segflow.store.regions import check_regions
     from segflow.store.vectors import check_vectors
 
     problems, readers, failures = _collection_problems(config)
@@ -721,6 +722,8 @@ def _check_items(config: Any) -> list[str]:
                 units=info.units,
                 nodata=info.nodata,
             )
+            if config.output.regions:
+                check_regions(plan.out_kind)
             if config.output.vectors:
                 check_vectors(info, plan.out_kind)
             if config.output.dicom_seg:

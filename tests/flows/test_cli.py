@@ -140,6 +140,21 @@ def test_validate_refuses_vectors_for_a_volume() -> None:
     )
 
 
+def test_validate_refuses_regions_for_a_pipeline_without_labels() -> None:
+    # nuclei.yaml ends in a label step: cut it, and its regions have no objects to describe.
+    result = runner.invoke(
+        app, ["validate", str(CONFIGS / "nuclei.yaml"), "--set", "pipeline.4={op: fill_holes}"]
+    )
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert "item 'image' (" in line
+    assert line.endswith(
+        "`output.regions` (true) needs a pipeline that ends in labels, this one gives mask: "
+        "set output.regions: false or end the pipeline with a label step"
+    )
+
+
 def test_validate_refuses_dicom_seg_for_a_nifti_item() -> None:
     result = runner.invoke(
         app, ["validate", str(CONFIGS / "ct.yaml"), "--set", "output.dicom_seg=true"]

@@ -183,7 +183,7 @@ def segment_item(
     from segflow.store.layout import ArraySpec, ZarrRegionWriter
     from segflow.store.lock import bookkeeping_path, is_local
     from segflow.store.output import output_layout
-    from segflow.store.regions import ParquetRegionsSink
+    from segflow.store.regions import ParquetRegionsSink, check_regions
     from segflow.store.vectors import (
         ParquetVectorsSink,
         check_vectors,
@@ -277,11 +277,7 @@ def segment_item(
         regions_sink = None
         intensity_source = None
         if regions:
-            if plan.out_kind != "labels":
-                raise PlanError(
-                    f"`output.regions` needs a pipeline that ends in labels, this one gives "
-                    f"{plan.out_kind}"
-                )
+            check_regions(plan.out_kind)
             regions_sink = ParquetRegionsSink(
                 root,
                 info.id,

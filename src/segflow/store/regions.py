@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from segflow.errors import PlanError
 from segflow.faults import fault_point
 from segflow.stitch.regions import RegionPartial, region_columns
 from segflow.store.fs import fresh_fs
@@ -134,6 +135,22 @@ class ArrayRegionsSink:
 
     def write(self, name: str, rows: RegionPartial) -> RegionPartial:
         return rows
+
+
+def check_regions(out_kind: str) -> None:
+    """Refuse ``output.regions`` for a pipeline that does not end in labels (callers name
+    the item).
+
+    Raises
+    ------
+    PlanError
+        Naming what the pipeline gives and the two ways out.
+    """
+    if out_kind != "labels":
+        raise PlanError(
+            f"`output.regions` (true) needs a pipeline that ends in labels, this one gives "
+            f"{out_kind}: set output.regions: false or end the pipeline with a label step"
+        )
 
 
 def read_regions(store: str, item_id: str) -> pd.DataFrame:

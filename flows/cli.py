@@ -269,20 +269,25 @@ def _run(configs: Sequence[Path], overrides: list[str], *, verbose: bool = False
     invalid = _report(_shared_store_problems(configs, loaded))
     collections = []
     for path, config in zip(configs, loaded, strict=True):
-        problems, readers, failures = _collection_problems(config)
+        notes: list[str] = []
+        problems, readers, failures = _collection_problems(config, notes)
         for problem in problems:
             typer.echo(f"{path}: {problem}", err=True)
         invalid |= bool(problems)
-        collections.append((readers, failures))
+        collections.append((readers, failures, notes))
     if invalid:
         raise typer.Exit(EXIT_INVALID)
     for path, config in zip(configs, loaded, strict=True):
         if (holder := _lock_holder(config.output.store)) is not None:
             typer.echo(f"{path}: {holder}", err=True)
             raise typer.Exit(EXIT_FAILED)
-    if (summaries := _summaries_if_nothing_to_do(loaded, collections)) is not None:
-        for unchanged in summaries:
-            _print_summary(unchanged)
+    plans = _plan_runs(loaded, collections)
+    if all(plan.nothing_to_do for plan in plans):
+        from segflow.engine.collection import run_summary
+
+        for config, plan in zip(loaded, plans, strict=True):
+            skipped = sorted(plan.skipped, key=_by_id)
+            _print_summary(run_summary(config.name, config.output.store, skipped))
         typer.echo(
             "nothing to do: every item is done with this input, config and code "
             "(no Prefect server, flow run or Dask cluster was started)",
@@ -290,6 +295,9 @@ def _run(configs: Sequence[Path], overrides: list[str], *, verbose: bool = False
         )
         return
 
+    from collections import Counter
+
+    from segflow.engine.collection import forget_plans, hand_over_plan
     from segflow.engine.interrupt import stop_requested
     from segflow.flows._server import prefect_api, watch_api
     from segflow.flows._signals import stop_on_signals
@@ -307,12 +315,19 @@ def _run(configs: Sequence[Path], overrides: list[str], *, verbose: bool = False
     ):
         from segflow.flows.segment import ItemsFailedError, segment_collection
 
-        for path, (readers, failures) in zip(configs, collections, strict=True):
+        # A config whose store another config of this command writes first plans anew.
+        stores_used = Counter(str(store).rstrip("/") for store in stores)
+        for path, config, plan in zip(configs, loaded, plans, strict=True):
             if stop_requested():
                 break
             run_overrides = overrides + ([f"cluster.address={shared}"] if shared else [])
-            with _progress_bar(console, str(path), len(readers) + len(failures)):
-                state = segment_collection(str(path), run_overrides, return_state=True)
+            if stores_used[str(config.output.store).rstrip("/")] == 1:
+                hand_over_plan(config, plan)
+            try:
+                with _progress_bar(console, str(path), len(plan.work()) + len(plan.skipped)):
+                    state = segment_collection(str(path), run_overrides, return_state=True)
+            finally:
+                forget_plans()  # taken by the flow, unless it ended before planning
             result: Any = state.result(raise_on_failure=False)
             if isinstance(result, ItemsFailedError):
                 result = result.summary
@@ -351,33 +366,34 @@ def _prefect_log_file(verbose: bool) -> Iterator[None]:
         restore(handler)
 
 
-def _summaries_if_nothing_to_do(
-    configs: Sequence[Any], collections: Sequence[tuple[Sequence[Any], Sequence[Any]]]
-) -> list[dict[str, Any]] | None:
-    """Each config's summary when no config has anything to do, else None.
+def _plan_runs(
+    configs: Sequence[Any], collections: Sequence[tuple[Sequence[Any], Sequence[Any], list[str]]]
+) -> list[Any]:
+    """Each config's plan, decided with the store's own skip rule
+    (:func:`segflow.engine.collection.plan_items`: an index row *and* a commit record with
+    this input, config and code), before Prefect is imported or a server or cluster started.
+    An unreadable file (to record as failed) or a dead run's lock (to take over) is
+    something to do. A plan goes to its flow run (:func:`_segment`), which then does not
+    discover the collection again."""
+    from segflow.engine.collection import plan_items
 
-    Decided with the store's own skip rule (:func:`segflow.engine.collection.plan_items`: an
-    index row *and* a commit record with this input, config and code), before Prefect is
-    imported or a server or cluster started. An unreadable file (to record as failed) or a
-    dead run's lock (to take over) is something to do.
-    """
-    from segflow.engine.collection import plan_items, run_summary
-
-    summaries = []
-    for config, (readers, failures) in zip(configs, collections, strict=True):
-        store = config.output.store
-        plan = plan_items(
+    return [
+        plan_items(
             readers,
             failures,
-            store,
+            config.output.store,
             config_hash=config.config_hash(),
             overwrite=config.output.overwrite,
+            config_name=config.name,
+            allow_other_configs=config.output.allow_other_configs,
+            notes=notes,
         )
-        if not plan.nothing_to_do:
-            return None
-        rows = sorted(plan.skipped, key=lambda row: str(row["id"]))
-        summaries.append(run_summary(config.name, store, rows))
-    return summaries
+        for config, (readers, failures, notes) in zip(configs, collections, strict=True)
+    ]
+
+
+def _by_id(row: dict[str, Any]) -> str:
+    return str(row["id"])
 
 
 def _lock_holder(store: str) -> str | None:
@@ -619,10 +635,13 @@ def _shared_store_problems(paths: Sequence[Path], configs: Sequence[Any]) -> lis
     ]
 
 
-def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
+def _collection_problems(
+    config: Any, notes: list[str] | None = None
+) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
     """What stops a whole run before it starts: a missing or empty input, a store path that
     is a file or a foreign folder, shape settings that do not fit an item's axes. Also
-    returns the readable items and the unreadable files (which fail alone in a run)."""
+    returns the readable items and the unreadable files (which fail alone in a run);
+    ``notes`` receives discovery's lines on files left out or renamed on purpose."""
     from segflow.engine.collection import check_config_owner, index_rows
     from segflow.errors import SegflowError
     from segflow.io import discover_items
@@ -642,7 +661,7 @@ def _collection_problems(config: Any) -> tuple[list[str], list[Any], list[tuple[
         problems.append(f"output.store: {error}")
     try:
         readers, failures = discover_items(
-            config.input.path, store=config.output.store, **config.input.options
+            config.input.path, notes=notes, store=config.output.store, **config.input.options
         )
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -626,3 +627,32 @@ def test_a_store_made_by_another_config_is_refused_and_not_scored(tmp_path: Path
         ],
     )  # fmt: skip
     assert allowed.exit_code == 0, allowed.output
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_discovers_its_collection_once(
+    tmp_path: Path, dask_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command's plan (made to tell whether anything is to do) goes to the flow run,
+    which does not walk and open the collection again."""
+    import segflow.io
+
+    calls: list[str] = []
+    discover = segflow.io.discover_items
+
+    def counted(path: str, **kwargs: Any) -> Any:
+        calls.append(path)
+        return discover(path, **kwargs)
+
+    monkeypatch.setattr(segflow.io, "discover_items", counted)
+    store = tmp_path / "nuclei.zarr"
+    command = [
+        "run", str(CONFIGS / "nuclei.yaml"),
+        "--set", f"output.store={store}", "--set", f"cluster.address={dask_address}",
+    ]  # fmt: skip
+
+    result = runner.invoke(app, command)
+
+    assert result.exit_code == 0, result.output
+    assert "nuclei: 1 done" in result.stdout
+    assert len(calls) == 1, calls

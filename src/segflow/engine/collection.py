@@ -15,6 +15,7 @@ arrays or open files: a task gets the references of its batch and opens each ite
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -175,12 +176,14 @@ def select_items(
 class ItemPlan:
     """What a run of one collection does: segment ``todo``, record ``failed`` (files that
     cannot be opened), skip ``skipped`` (their index rows); ``stale_lock`` when a dead
-    run's lock is to be taken over (its records compacted)."""
+    run's lock is to be taken over (its records compacted); ``notes``: discovery's lines on
+    files left out or renamed on purpose."""
 
     todo: list[Item]
     skipped: list[dict[str, Any]]
     failed: list[dict[str, Any]]
     stale_lock: bool
+    notes: tuple[str, ...] = ()
 
     @property
     def nothing_to_do(self) -> bool:
@@ -214,6 +217,7 @@ def plan_items(
     item_filter: Sequence[str] | None = None,
     config_name: str | None = None,
     allow_other_configs: bool = False,
+    notes: Sequence[str] = (),
 ) -> ItemPlan:
     """Apply the skip rule to a discovered collection (``readers``, unreadable ``failures``)
     against ``store``, reading only its index, commit records and lock. With
@@ -240,7 +244,7 @@ def plan_items(
     todo, skipped = select_items(
         items, rows, config_hash=config_hash, overwrite=overwrite, commits=commits
     )
-    return ItemPlan(todo, skipped, failed, has_stale_lock(store))
+    return ItemPlan(todo, skipped, failed, has_stale_lock(store), tuple(notes))
 
 
 def check_config_owner(
@@ -299,12 +303,24 @@ def plan_collection(
     """Discover ``cfg``'s collection and plan its run (:func:`plan_items`); ``overwrite``
     defaults to the config's ``output.overwrite``. ``notes`` receives discovery's notes on
     files left out or renamed on purpose (a DICOM folder's RTSTRUCT, a segflow store in the
-    input folder, say)."""
+    input folder, say).
+
+    A plan the command made for the same config, overwrite and filter
+    (:func:`hand_over_plan`) is taken instead, once: the collection is discovered once per
+    run (a minute at 100,000 items); a run started elsewhere (a deployment) plans here.
+    """
     from segflow.io import discover_items
 
+    if (handed := _HANDED.pop(_plan_key(cfg, overwrite, item_filter), None)) is not None:
+        if notes is not None:
+            notes.extend(handed.notes)
+        return handed
+    found: list[str] = []
     readers, failures = discover_items(
-        cfg.input.path, notes=notes, store=cfg.output.store, **cfg.input.options
+        cfg.input.path, notes=found, store=cfg.output.store, **cfg.input.options
     )
+    if notes is not None:
+        notes.extend(found)
     return plan_items(
         readers,
         failures,
@@ -314,7 +330,31 @@ def plan_collection(
         item_filter=item_filter,
         config_name=cfg.name,
         allow_other_configs=cfg.output.allow_other_configs,
+        notes=found,
     )
+
+
+# Plans the command made for the configs it runs next in this process (see plan_collection).
+_HANDED: dict[tuple[Any, ...], ItemPlan] = {}
+
+
+def _plan_key(
+    cfg: SegflowConfig, overwrite: bool | None, item_filter: Sequence[str] | None
+) -> tuple[Any, ...]:
+    overwrite = cfg.output.overwrite if overwrite is None else overwrite
+    where = (cfg.input.path, cfg.output.store, json.dumps(cfg.input.options, sort_keys=True))
+    return (cfg.name, cfg.config_hash(), *where, overwrite, tuple(item_filter or ()))
+
+
+def hand_over_plan(cfg: SegflowConfig, plan: ItemPlan) -> None:
+    """Keep ``plan`` (made for ``cfg`` as it stands, no filter) for the next
+    :func:`plan_collection` of the same config in this process."""
+    _HANDED[_plan_key(cfg, None, None)] = plan
+
+
+def forget_plans() -> None:
+    """Drop every plan handed over and not taken (a run that stopped before its flow)."""
+    _HANDED.clear()
 
 
 # Automatic batching (``run.batch`` unset). A task run costs Prefect some 80-150 ms here (its

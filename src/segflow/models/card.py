@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from segflow.errors import ModelError
 from segflow.models.inference import Activation
-from segflow.models.networks import ARCHITECTURES, NetworkSpec, check_tile
+from segflow.models.networks import NetworkSpec, check_tile, find_architecture
 from segflow.models.tiling import BlendWindow
 
 Head = Literal["semantic", "foreground_boundary", "foreground_distance"]
@@ -148,7 +148,7 @@ class ModelCard(_Card):
             raise ValueError(f"`tile` {self.tile} must have {self.spatial_dims} sides")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ValueError(f"`spacing` {self.spacing} must have {self.spatial_dims} values")
-        if self.architecture.name in ARCHITECTURES:
+        if find_architecture(self.architecture.name) is not None:
             check_tile(self.network_spec(), self.tile)
         return self
 

@@ -22,6 +22,7 @@ only when such a network is built.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class NetworkSpec:
 class Architecture:
     """One registry entry: its parameters, how to build it and its input-side divisor."""
 
-    params: type[_Params]
+    params: type[BaseModel]
     build: Callable[[NetworkSpec, Any], nn.Module]
     divisor: Callable[[Any], int]
     needs_monai: bool
@@ -198,8 +199,36 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# Another package adds a network without touching segflow: an entry point in this group
+# naming its Architecture, e.g. ``[project.entry-points."segflow.architectures"]``
+# ``swin_unet = "my_package.nets:SWIN_UNET"``.
+ENTRY_POINT_GROUP = "segflow.architectures"
+
+
+def find_architecture(name: str) -> Architecture | None:
+    """The architecture registered as ``name`` (built in, or from an entry point of
+    :data:`ENTRY_POINT_GROUP`), or None."""
+    if name not in ARCHITECTURES:
+        _load_entry_points()
+    return ARCHITECTURES.get(name)
+
+
+@functools.cache
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        arch = entry.load()
+        where = f"entry point {entry.name!r} ({entry.value}) of group {ENTRY_POINT_GROUP!r}"
+        if not isinstance(arch, Architecture):
+            raise TypeError(f"{where} must name an Architecture, got {type(arch).__name__}")
+        if ARCHITECTURES.get(entry.name, arch) is not arch:
+            raise ValueError(f"{where}: the network name {entry.name!r} is taken")
+        ARCHITECTURES[entry.name] = arch
+
+
 def _parse(spec: NetworkSpec) -> tuple[Architecture, Any]:
-    arch = ARCHITECTURES.get(spec.name)
+    arch = find_architecture(spec.name)
     if arch is None:
         raise ModelError(f"network {spec.name!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
     if spec.spatial_dims not in (2, 3):

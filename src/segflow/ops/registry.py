@@ -17,11 +17,18 @@ An operation declares its *kind*, which tells the engine how to run it blockwise
     blocks); an optional ``finish`` turns the kept objects into the output (a mask, holes
     filled, ...). Without ``finish`` the output is the stitched labels.
 
-Adding an operation is one function, one :func:`register` call and its tests.
+Adding an operation is one function, one :func:`register` call and its tests. A separate
+package adds one without touching segflow: an entry point in the group
+:data:`ENTRY_POINT_GROUP` naming its :class:`Operation` object, for example in its
+``pyproject.toml``::
+
+    [project.entry-points."segflow.operations"]
+    sharpen = "my_package.ops:SHARPEN"
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -242,6 +249,7 @@ class Operation(Generic[P]):
 
 
 _REGISTRY: dict[str, Operation[Any]] = {}
+ENTRY_POINT_GROUP = "segflow.operations"
 
 
 def register(op: Operation[Any]) -> Operation[Any]:
@@ -267,6 +275,8 @@ def get_operation(name: str, *, public: bool = False) -> Operation[Any]:
     KeyError
         If no operation has that name; the message suggests the closest names.
     """
+    if name not in _REGISTRY:
+        _load_entry_points()
     if name in _REGISTRY and not (public and name.startswith("_")):
         return _REGISTRY[name]
     hint = did_you_mean(name, [op.name for op in list_operations()])
@@ -278,7 +288,27 @@ def get_operation(name: str, *, public: bool = False) -> Operation[Any]:
 
 def list_operations() -> list[Operation[Any]]:
     """The operations a config may name, sorted by name."""
+    _load_entry_points()
     return [_REGISTRY[name] for name in sorted(_REGISTRY) if not name.startswith("_")]
+
+
+@functools.cache
+def _load_entry_points() -> None:
+    """Register the operations other packages declare in :data:`ENTRY_POINT_GROUP` (once
+    per process: a Dask worker looking a step up by name loads them too)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        op = entry.load()
+        where = f"entry point {entry.name!r} ({entry.value}) of group {ENTRY_POINT_GROUP!r}"
+        if not isinstance(op, Operation):
+            raise TypeError(f"{where} must name an Operation, got {type(op).__name__}")
+        if _REGISTRY.get(op.name) is op:
+            continue
+        try:
+            register(op)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
 
 
 def describe_params(op: Operation[Any]) -> list[tuple[str, str, str]]:

@@ -485,6 +485,7 @@ def evaluate(
         ),
     ],
     set_: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Score each config's store against reference masks and print a summary table.
 
@@ -509,7 +510,8 @@ def evaluate(
     from segflow.flows.evaluate import evaluate_collection
 
     failed = False
-    with prefect_api():  # one temporary server for every config, quiet when it stops
+    # One temporary server for every config, quiet when it stops.
+    with _prefect_log_file(verbose), prefect_api():
         for path in configs:
             with _prefect_logs_to(Console(stderr=True)):
                 summary = evaluate_collection(str(path), reference, overrides)
@@ -935,37 +937,65 @@ def train(
     restart: Annotated[
         bool, typer.Option("--restart", help="Drop a saved run and start afresh.")
     ] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train a model (resumable: a rerun continues after the last finished epoch).
 
     Writes OUTPUT/best (weights + model card), OUTPUT/last (the saved run) and
     OUTPUT/loss.png; prints the loss and validation score per epoch. Exit status 2 on an
-    invalid config.
+    invalid config, or when OUTPUT holds a run trained with other data or settings (then
+    --restart trains afresh).
     """
     from segflow.errors import ConfigError
-    from segflow.train_config import find_pairs, load_train_config
+    from segflow.train_config import find_pairs, load_train_config, resume_changes
 
     console = Console()
     try:
         cfg = load_train_config(config)
         find_pairs(cfg.data)  # every image has its reference, before Prefect starts
+        changes = [] if restart else resume_changes(cfg)
     except ConfigError as error:
         Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
         raise typer.Exit(EXIT_INVALID) from None
+    if changes:
+        typer.echo(_other_run_line(config, cfg.output, changes), err=True)
+        raise typer.Exit(EXIT_INVALID)
     from segflow.flows._server import prefect_api
     from segflow.flows.train import train_flow
 
-    with prefect_api(), _train_progress(console, cfg.name, cfg.training.max_epochs):
+    with (
+        _prefect_log_file(verbose),
+        prefect_api(),
+        _train_progress(console, cfg.name, cfg.training.max_epochs),
+    ):
         summary = train_flow(str(config), restart=restart)
     table = Table(title=f"{cfg.name}: training ({summary['best']})")
-    for column in ("epoch", "loss", "val IoU", "best"):
+    for column in ("epoch", "loss", "val loss", "val IoU", "best"):
         table.add_column(column, justify="right")
     for h in summary["history"]:
         mark = " *" if h["improved"] else ""
-        table.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{h['val_score']:.4f}{mark}",
-                      f"{h['best_score']:.4f}")  # fmt: skip
+        val_loss = h.get("val_loss", float("nan"))  # NaN: a run saved before it was measured
+        table.add_row(str(h["epoch"]), f"{h['loss']:.4f}",
+                      "-" if val_loss != val_loss else f"{val_loss:.4f}",
+                      f"{h['val_score']:.4f}{mark}", f"{h['best_score']:.4f}")  # fmt: skip
     console.print(table)
     console.print(f"loss curve: {summary['loss_curve']}")
+
+
+def _other_run_line(config: Path, output: str, changes: Sequence[str]) -> str:
+    """Why ``segflow train`` cannot resume the run saved in ``output``, and the fix.
+
+    Examples
+    --------
+    >>> _other_run_line(Path("train.yaml"), "models/unet", ["training.seed 1, now 2"])
+    "train.yaml: output 'models/unet' holds a run trained with other data or settings \
+(training.seed 1, now 2): rerun with --restart to train afresh there, or set another output"
+    """
+    return (
+        f"{config}: output '{output}' holds a run trained with other data or settings "
+        f"({'; '.join(changes)}): rerun with --restart to train afresh there, or set another "
+        "output"
+    )
 
 
 for _command in app.registered_commands:  # every command's help: see _ReadableHelp

@@ -12,13 +12,18 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from segflow.evaluate import find_references, made_by, match_references
-from segflow.flows.segment import resolve_config
+from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
+from segflow.flows.segment import config_name, resolve_config
 from segflow.store.names import EVALUATION_NAME
 from segflow.tasks.evaluate import evaluate_item_task
 from segflow.tasks.store import current_run_id, read_index_task, write_index_task, writing_store
 
 
-@flow(name="evaluate-collection", validate_parameters=True)
+@flow(
+    name="evaluate-collection",
+    flow_run_name=RunNamer(config_name, kind="evaluate"),
+    validate_parameters=True,
+)
 def evaluate_collection(
     config: dict[str, Any] | str, reference: str, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -32,6 +37,7 @@ def evaluate_collection(
     logger = get_run_logger()
     cfg = resolve_config(config, overrides or ())
     store = cfg.output.store
+    add_flow_run_tags([*run_tags(cfg.name, store), "evaluate"])
     index = read_index_task(store)
     rows = {r["id"]: r for r in made_by(index, cfg.name)}
     if others := sum(r.get("status") == "done" for r in index) - len(rows):

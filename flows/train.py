@@ -37,7 +37,8 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
     import imageio.v3 as iio
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from segflow.train_config import draw_loss_curve, load_train_config
+    from segflow.models.loss_plot import draw_loss_curve
+    from segflow.train_config import load_train_config
 
     logger = get_run_logger()
     cfg = load_train_config(config)
@@ -50,9 +51,9 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
     history = row["history"]
     out = Path(cfg.output)
     curve = out / "loss.png"
-    iio.imwrite(
-        curve, draw_loss_curve([h["loss"] for h in history], [h["val_score"] for h in history])
-    )
+    losses = [h["loss"] for h in history]
+    val_losses = [h.get("val_loss", float("nan")) for h in history]
+    iio.imwrite(curve, draw_loss_curve(losses, val_losses, title=f"{cfg.name}: loss per epoch"))
     create_table_artifact(
         key=artifact_key(cfg.name, cfg.output, "metrics"),
         table=[
@@ -64,7 +65,7 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
         key=artifact_key(cfg.name, cfg.output, "summary"),
         markdown=f"**{cfg.name}**: best validation foreground IoU "
         f"{row.get('best_score', 0):.4f} at epoch {row.get('best_epoch', 0)}; checkpoint "
-        f"`{row.get('best', '')}`; loss curve `{curve}` (blue: loss / max, orange: IoU).",
+        f"`{row.get('best', '')}`; loss curve `{curve}` (training and validation loss per epoch).",
     )
     logger.info("best checkpoint: %s", row.get("best"))
     return {**row, "loss_curve": str(curve), "name": cfg.name}

@@ -7,6 +7,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from segflow.errors import EvaluationError
+
+# The ``segflow evaluate`` command prints each failed item itself (flows/_logs.py).
+PRINTED_BY_COMMAND = {"segflow_console": False}
+
 
 @task(name="evaluate-item", retries=0, cache_policy=NO_CACHE, task_run_name="evaluate-{item_id}")
 def evaluate_item_task(
@@ -30,9 +35,13 @@ def evaluate_item_task(
                 instances=instances,
                 executor=executor,
             )
+    except EvaluationError as error:  # its message names the item and the reference
+        row["eval_error"] = str(error)
+        get_run_logger().error(row["eval_error"], extra=PRINTED_BY_COMMAND)
+        return row
     except Exception as error:  # one bad reference must not stop the others
         row["eval_error"] = f"item {item_id!r} ({reference}): {type(error).__name__}: {error}"
-        get_run_logger().error(row["eval_error"])
+        get_run_logger().error(row["eval_error"], extra=PRINTED_BY_COMMAND)
         return row
     row.update(scores)
     return row

@@ -34,6 +34,10 @@ class ModelError(SegflowError, ValueError):
     """A model, its checkpoint or its card cannot be used as asked (file, card, channels)."""
 
 
+class EvaluationError(SegflowError, ValueError):
+    """A reference cannot be scored against an item (another shape, no grid for polygons)."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """``"did you mean 'gaussian'?"`` for the choices closest to ``word`` (``difflib``),
     or ``""`` when none is close.

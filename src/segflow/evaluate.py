@@ -32,6 +32,7 @@ import numpy as np
 
 from segflow.engine.blocks import Box, plan_blocks
 from segflow.engine.executor import Executor
+from segflow.errors import EvaluationError
 from segflow.io.base import ItemInfo
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -169,12 +170,25 @@ class PolygonReference:
 
 def open_reference(path: str, info: ItemInfo, *, instances: bool = True) -> Any:
     """A reader for a reference: label/class images through segflow's readers, GeoJSON
-    polygons rasterised on the item's grid (one id each for ``instances``, else class 1)."""
+    polygons rasterised on the item's grid (one id each for ``instances``, else class 1).
+
+    Raises
+    ------
+    EvaluationError
+        When a reference image has another spatial shape than the item (checked once,
+        before any block is read).
+    """
     if path.lower().endswith(VECTOR_SUFFIXES):
         return PolygonReference(path, info, instances=instances)
     from segflow.io import open_item
 
-    return open_item(path, f"reference-{info.id}")
+    reader = open_item(path, f"reference-{info.id}")
+    if tuple(reader.info.spatial_shape) != tuple(info.spatial_shape):
+        raise EvaluationError(
+            f"item {info.id!r}: reference '{path}' has shape {tuple(reader.info.spatial_shape)}, "
+            f"the item has {tuple(info.spatial_shape)}"
+        )
+    return reader
 
 
 def _overlap_task(prediction: Any, reference: Any, region: Box, *, instances: bool) -> Overlap:
@@ -198,6 +212,13 @@ def evaluate_item(
     A reference with one value besides 0 is scored as a mask (Dice/IoU, no AP) and the
     scores carry an ``eval_note`` saying so.
     """
+    # A reader's own shape (open_reference's readers have one) is checked before any block.
+    reference_info = getattr(reference, "info", None)
+    if reference_info is not None and tuple(reference_info.spatial_shape) != tuple(shape):
+        raise EvaluationError(
+            f"the reference has shape {tuple(reference_info.spatial_shape)}, the item has "
+            f"{tuple(shape)}"
+        )
     grid = plan_blocks(tuple(shape), block_shape)
     regions = [b.core for b in grid.blocks()]
     parts = executor.gather(

@@ -9,6 +9,7 @@ reference per image (a label image, or GeoJSON polygons rasterised on the image'
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -244,6 +245,60 @@ def _map_values(labels: np.ndarray, mapping: Mapping[int, int], path: str) -> np
     )
 
 
+def _training_data(
+    config: TrainFile,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]] | None]:
+    """The training pairs in memory, and the validation pairs ``data.validation`` names
+    (None: the loop splits them off)."""
+    pairs = find_pairs(config.data)
+    data = read_pairs(
+        pairs,
+        channels=config.data.channels,
+        reference_values=config.data.reference_values,
+        crop=config.data.crop,
+    )
+    if not config.data.validation:
+        return data, None
+    keep = set(config.data.validation)
+    is_val = [Path(image).parent.name in keep or Path(image).stem in keep for image, _ in pairs]
+    validation = [d for d, v in zip(data, is_val, strict=True) if v]
+    return [d for d, v in zip(data, is_val, strict=True) if not v], validation
+
+
+# At most this many differences are named; the rest are counted.
+CHANGES_SHOWN = 3
+
+
+def resume_changes(config: TrainFile) -> list[str]:
+    """How the run saved in ``config.output`` differs from what ``config`` trains, in the
+    config's own keys (``training.seed 1, now 2``, ``the data (images and references)``);
+    empty when it matches or nothing is saved there. Reads the data when a run is saved.
+    """
+    from segflow.models.train import STATE_FILE
+    from segflow.models.train import resume_changes as run_changes
+
+    if not (Path(config.output) / "last" / STATE_FILE).is_file():
+        return []  # nothing saved: the data need not be read
+    train, validation = _training_data(config)
+    changes = run_changes(
+        train,
+        card=config.card(),
+        out_dir=config.output,
+        config=config.loop(),
+        validation=validation,
+    )
+    lines = []
+    for section, key, saved, now in changes:
+        if section == "data_fingerprint":
+            lines.append("the data (images and references)")
+            continue
+        key = f"training.{key}" if section == "config" else key if key == "name" else f"model.{key}"
+        lines.append(f"{key} {json.dumps(saved)}, now {json.dumps(now)}")
+    if len(lines) > CHANGES_SHOWN:
+        lines[CHANGES_SHOWN:] = [f"and {len(lines) - CHANGES_SHOWN} more"]
+    return lines
+
+
 def train_from_config(
     config: TrainFile,
     *,
@@ -256,20 +311,7 @@ def train_from_config(
     ``TrainResult``."""
     from segflow.models.train import train_model
 
-    pairs = find_pairs(config.data)
-    data = read_pairs(
-        pairs,
-        channels=config.data.channels,
-        reference_values=config.data.reference_values,
-        crop=config.data.crop,
-    )
-    validation = None
-    train = data
-    if config.data.validation:
-        keep = set(config.data.validation)
-        is_val = [Path(image).parent.name in keep or Path(image).stem in keep for image, _ in pairs]
-        validation = [d for d, v in zip(data, is_val, strict=True) if v]
-        train = [d for d, v in zip(data, is_val, strict=True) if not v]
+    train, validation = _training_data(config)
     return train_model(
         train,
         card=config.card(),
@@ -280,30 +322,3 @@ def train_from_config(
         stop_after=stop_after,
         on_step=on_step,
     )
-
-
-def draw_loss_curve(losses: Sequence[float], scores: Sequence[float]) -> np.ndarray:
-    """A small RGB plot (no plotting library): loss (blue, scaled to its maximum) and
-    validation score (orange, 0..1) per epoch, on a white 480 x 240 canvas."""
-    from skimage.draw import line
-
-    height, width, margin = 240, 480, 20
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    canvas[height - margin, margin : width - margin] = 0  # x axis
-    canvas[margin : height - margin, margin] = 0  # y axis
-    n = len(losses)
-    if n == 0:
-        return canvas
-    top = max(max(losses), 1e-12)
-    xs = np.linspace(margin, width - margin - 1, max(n, 2)).astype(int)[:n]
-
-    def y(value: float) -> int:
-        value = min(max(value, 0.0), 1.0)
-        return round(height - margin - value * (height - 2 * margin - 1))
-
-    for values, colour in (([v / top for v in losses], (31, 119, 180)), (scores, (255, 127, 14))):
-        points = [(y(v), x) for v, x in zip(values, xs, strict=False)]
-        for (r0, c0), (r1, c1) in zip(points, points[1:] or points, strict=False):
-            rr, cc = line(r0, c0, r1, c1)
-            canvas[rr, cc] = colour
-    return canvas

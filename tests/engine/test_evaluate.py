@@ -15,11 +15,13 @@ from rasterio.transform import Affine
 from scipy import ndimage as ndi
 
 from segflow.engine.executor import LocalExecutor
+from segflow.errors import EvaluationError
 from segflow.evaluate import (
     THRESHOLDS,
     PolygonReference,
     evaluate_item,
     match_references,
+    open_reference,
 )
 from segflow.io import ArrayReader
 
@@ -116,6 +118,37 @@ def test_a_binary_reference_is_scored_as_a_mask_with_a_note() -> None:
         assert "ap50" not in scores and "dice_255" not in scores
         assert re.fullmatch(note, str(scores["eval_note"]))
     assert one_class == {"dice_3": pytest.approx(dice), "iou_3": pytest.approx(dice / (2 - dice))}
+
+
+def test_a_reference_of_another_shape_is_refused_naming_both_shapes(tmp_path) -> None:
+    """Checked once per item, before any block is read: not a slice error of a block."""
+    import tifffile
+
+    path = tmp_path / "refs" / "tile.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, np.zeros((100, 100), dtype=np.uint8))
+    item = ArrayReader(np.zeros((512, 512), dtype=np.uint8), "tile").info
+
+    with pytest.raises(
+        EvaluationError,
+        match=re.escape(
+            f"item 'tile': reference '{path}' has shape (100, 100), the item has (512, 512)"
+        ),
+    ):
+        open_reference(str(path), item)
+
+    reference = ArrayReader(np.zeros((100, 100), dtype=np.uint8), "reference-tile")
+    with (
+        LocalExecutor(1) as executor,
+        pytest.raises(
+            EvaluationError,
+            match=re.escape("the reference has shape (100, 100), the item has (512, 512)"),
+        ),
+    ):
+        evaluate_item(
+            _Array(np.zeros((512, 512), np.int32)), reference, (512, 512), instances=True,
+            executor=executor, block_shape=256,
+        )  # fmt: skip
 
 
 def test_polygon_references_are_rasterised_on_the_item_grid(tmp_path) -> None:

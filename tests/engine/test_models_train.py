@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from segflow.models.train import (
     TrainConfig,
     _prepare,
     _sample_batch,
+    describe_change,
     foreground_iou,
     make_targets,
     predict_mask,
+    resume_changes,
     split_validation,
     train_model,
 )
@@ -129,8 +132,23 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
     again = train_model([pair], card=card, out_dir=tmp_path / "split", config=config, resume=True)
     assert again.history == whole.history
     other = TrainConfig(batch_size=4, steps_per_epoch=3, max_epochs=6, patch=(32, 32), seed=3)
-    with pytest.raises(ModelError, match=r"cannot resume the run in '.*split': its config diff"):
+    refusal = (
+        f"cannot resume the run in '{tmp_path / 'split'}': its config differ from this call's "
+        "(config max_epochs 4, now 6); use another out_dir or resume=False"
+    )
+    with pytest.raises(ModelError, match=re.escape(refusal)):
         train_model([pair], card=card, out_dir=tmp_path / "split", config=other, resume=True)
+    # The same differences, found without training; other data is named as such.
+    assert resume_changes([pair], card=card, out_dir=tmp_path / "split", config=other) == [
+        ("config", "max_epochs", 4, 6)
+    ]
+    flipped = (pair[0][:, ::-1].copy(), pair[1][::-1].copy())
+    changes = resume_changes([flipped], card=card, out_dir=tmp_path / "split", config=config)
+    assert [describe_change(c) for c in changes] == ["the data (images and labels)"]
+    assert resume_changes([pair], card=card, out_dir=tmp_path / "split", config=config) == []
+    assert resume_changes([pair], card=card, out_dir=tmp_path / "nothing", config=config) == []
+    # The validation loss is measured every epoch.
+    assert all(np.isfinite(h.val_loss) and h.val_loss > 0 for h in whole.history)
 
 
 def test_distance_head_trains(tmp_path: Path) -> None:

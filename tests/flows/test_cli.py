@@ -509,6 +509,30 @@ def test_evaluate_with_a_reference_that_names_no_file_or_a_binary_mask(
     assert 0.5 < scores.loc["image", "dice_1"] <= 1
     assert scores.loc["image", "eval_note"].startswith("the reference has one value besides 0")
 
+    # A reference of another shape: one line naming both shapes (not a block's slice error).
+    small = tmp_path / "small" / "image.tif"
+    small.parent.mkdir()
+    tifffile.imwrite(small, mask[:100, :100])
+    wrong = runner.invoke(app, ["evaluate", config, "--reference", str(small), *common])
+
+    assert wrong.exit_code == 1
+    shapes = f"item 'image': reference '{small}' has shape (100, 100), the item has (256, 256)"
+    assert [line for line in wrong.output.splitlines() if "shape" in line] == [shapes]
+    # As quiet as `segflow run`: Prefect's INFO lines are in the log file it names.
+    assert " | INFO " not in wrong.output
+    assert "Finished in state" in _prefect_log(wrong.output)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["evaluate-collection"])),
+            sort="START_TIME_DESC",
+            limit=1,
+        )
+    assert re.fullmatch(r"nuclei-evaluate-\d{4}-\d\d-\d\dT\d\d:\d\dZ", flow_run.name)
+    assert {"evaluate", "config:nuclei", f"store:{store}"} <= set(flow_run.tags)
+
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_mask_pipeline_says_how_much_foreground_it_made(

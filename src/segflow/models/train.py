@@ -87,6 +87,9 @@ class EpochReport:
     val_score: float
     best_score: float
     improved: bool
+    # The same loss on the validation pairs' whole-image prediction (NaN in runs saved
+    # before segflow measured it: their history rows have five values).
+    val_loss: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -311,8 +314,16 @@ def predict_mask(
 ) -> np.ndarray:
     """The model's class map (semantic, boundary heads) or foreground mask (distance head)
     for a raw ``image``, normalised with its own statistics and tiled as the card says."""
+    return _mask(_predict(model, image, card, batch_size=batch_size), card)
+
+
+def _predict(
+    model: torch.nn.Module, image: np.ndarray, card: ModelCard, *, batch_size: int
+) -> np.ndarray:
+    """The blended whole-image output: class probabilities, or the distance head's logit
+    and distance."""
     norm = normalize_image(image, card.channels, item_statistics(image, card.channels))
-    out = predict_image(
+    return predict_image(
         model,
         norm,
         tile=card.tile,
@@ -321,23 +332,41 @@ def predict_mask(
         activation=card.activation,
         batch_size=batch_size,
     )
+
+
+def _mask(out: np.ndarray, card: ModelCard) -> np.ndarray:
     if card.head == "foreground_distance":
         return (out[0] > 0).astype(np.int64)  # logit > 0 is probability > 0.5
-    return out.argmax(0)
+    return np.asarray(out.argmax(0))
 
 
-def _score(model: torch.nn.Module, pairs: Sequence[Pair], card: ModelCard, batch: int) -> float:
-    """Mean foreground IoU over the validation pairs (semantic: over the foreground classes)."""
-    scores = []
+# Probabilities are clamped here before their log: a blended probability of exactly 0
+# (float32 underflow of the softmax) would make the cross-entropy infinite.
+_TINY = 1e-7
+
+
+def _score(
+    model: torch.nn.Module, pairs: Sequence[Pair], card: ModelCard, batch: int
+) -> tuple[float, float]:
+    """Mean foreground IoU over the validation pairs (semantic: over the foreground classes),
+    and the mean training loss of the whole-image predictions (the blended probabilities'
+    log stands for the logits: their softmax is the same probabilities)."""
+    scores, losses = [], []
     for image, labels in pairs:
-        predicted = predict_mask(model, image, card, batch_size=batch)
+        out = _predict(model, image, card, batch_size=batch)
+        predicted = _mask(out, card)
         if card.head == "semantic":
             scores += [
                 foreground_iou(predicted == k, labels == k) for k in range(1, len(card.classes))
             ]
         else:
             scores.append(foreground_iou(predicted > 0, labels > 0))
-    return float(np.mean(scores))
+        logits = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None]
+        if card.activation == "softmax":
+            logits = logits.clamp_min(_TINY).log()
+        targets = torch.from_numpy(make_targets(labels, card.head))[None]
+        losses.append(float(_loss(logits, targets, card.head)))
+    return float(np.mean(scores)), float(np.mean(losses))
 
 
 def _save_state(path: Path, state: dict[str, object]) -> None:
@@ -349,6 +378,102 @@ def _save_state(path: Path, state: dict[str, object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _split(
+    pairs: Sequence[Pair], validation: Sequence[Pair] | None, config: TrainConfig
+) -> tuple[list[Pair], list[Pair]]:
+    if validation is None:
+        return split_validation(
+            pairs, fraction=config.validation_fraction, seed=config.seed, by=config.validation_split
+        )
+    return list(pairs), list(validation)
+
+
+def _run_identity(
+    train_pairs: Sequence[Pair],
+    val_pairs: Sequence[Pair],
+    card: ModelCard,
+    config: TrainConfig,
+    patch: tuple[int, ...],
+) -> dict[str, object]:
+    """What a saved run must match to be resumed (``out_dir/last/run.json``), as JSON."""
+    run = {
+        "card": json.loads(card.identity_json()),
+        "config": {**asdict(config), "patch": list(patch)},
+        "data_fingerprint": data_fingerprint([*train_pairs, *val_pairs]),
+    }
+    return dict(json.loads(json.dumps(run)))
+
+
+# One difference between a saved run and a new call: section ("card", "config" or
+# "data_fingerprint"), dotted key within it ("" for the data), saved value, new value.
+RunChange = tuple[str, str, object, object]
+
+
+def _changes(saved: object, now: object, section: str = "", key: str = "") -> list[RunChange]:
+    """The leaves where ``saved`` and ``now`` (JSON values) differ, in key order."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        found: list[RunChange] = []
+        for name in sorted(set(saved) | set(now)):
+            if not section:  # the top level names the section
+                found += _changes(saved.get(name), now.get(name), name, "")
+            else:
+                path = f"{key}.{name}" if key else str(name)
+                found += _changes(saved.get(name), now.get(name), section, path)
+        return found
+    return [] if saved == now else [(section, key, saved, now)]
+
+
+def describe_change(change: RunChange) -> str:
+    """One difference in words: ``"batch_size 2, now 4"``, ``"the data"``.
+
+    Examples
+    --------
+    >>> describe_change(("config", "batch_size", 2, 4))
+    'config batch_size 2, now 4'
+    >>> describe_change(("data_fingerprint", "", "ab12", "cd34"))
+    'the data (images and labels)'
+    """
+    section, key, saved, now = change
+    if section == "data_fingerprint":
+        return "the data (images and labels)"
+    return f"{section} {key} {json.dumps(saved)}, now {json.dumps(now)}"
+
+
+def resume_changes(
+    pairs: Sequence[Pair],
+    *,
+    card: ModelCard,
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig = TrainConfig(),
+    validation: Sequence[Pair] | None = None,
+) -> list[RunChange]:
+    """How the run saved in ``out_dir/last`` differs from what :func:`train_model` with
+    these arguments would train (empty when they match or nothing is saved): what makes
+    ``train_model(..., resume=True)`` refuse, checked without training.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> card = ModelCard(name="toy", architecture={"name": "segnet", "params": {"features": [4]}},
+    ...                  spatial_dims=2, channels=[{"name": "x"}], classes=["bg", "fg"],
+    ...                  tile=(16, 16))
+    >>> pair = (np.zeros((1, 16, 16), np.float32), np.zeros((16, 16), np.int64))
+    >>> config = TrainConfig(batch_size=1, steps_per_epoch=1, max_epochs=1)
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     _ = train_model([pair], card=card, out_dir=out, config=config)
+    ...     other = TrainConfig(batch_size=2, steps_per_epoch=1, max_epochs=1)
+    ...     resume_changes([pair], card=card, out_dir=out, config=other)
+    [('config', 'batch_size', 1, 2)]
+    """
+    run_file = Path(out_dir) / "last" / RUN_FILE
+    if not (Path(out_dir) / "last" / STATE_FILE).is_file() or not run_file.is_file():
+        return []
+    patch = check_tile(card.network_spec(), config.patch or card.tile)
+    train_pairs, val_pairs = _split(pairs, validation, config)
+    run = _run_identity(train_pairs, val_pairs, card, config, patch)
+    return _changes(json.loads(run_file.read_text()), run)
 
 
 def train_model(
@@ -415,19 +540,10 @@ def train_model(
     patch = check_tile(card.network_spec(), config.patch or card.tile)
     if not pairs:
         raise ModelError("`pairs` is empty: training needs at least one (image, labels) pair")
-    if validation is None:
-        train_pairs, val_pairs = split_validation(
-            pairs, fraction=config.validation_fraction, seed=config.seed, by=config.validation_split
-        )
-    else:
-        train_pairs, val_pairs = list(pairs), list(validation)
-    fingerprint = data_fingerprint([*train_pairs, *val_pairs])
+    train_pairs, val_pairs = _split(pairs, validation, config)
+    run = _run_identity(train_pairs, val_pairs, card, config, patch)
+    fingerprint = str(run["data_fingerprint"])
     data = _prepare(train_pairs, card, patch)
-    run = {
-        "card": json.loads(card.identity_json()),
-        "config": {**asdict(config), "patch": list(patch)},
-        "data_fingerprint": fingerprint,
-    }
     last = out / "last"
     last.mkdir(parents=True, exist_ok=True)
 
@@ -440,12 +556,12 @@ def train_model(
     history: list[EpochReport] = []
     state_path = last / STATE_FILE
     if resume and state_path.is_file():
-        saved_run = json.loads((last / RUN_FILE).read_text())
-        if saved_run != json.loads(json.dumps(run)):
-            changed = sorted(k for k in run if saved_run.get(k) != json.loads(json.dumps(run[k])))
+        if changes := _changes(json.loads((last / RUN_FILE).read_text()), run):
+            changed = sorted({section for section, *_ in changes})
+            details = "; ".join(describe_change(c) for c in changes[:3])
             raise ModelError(
                 f"cannot resume the run in '{out}': its {', '.join(changed)} differ from "
-                "this call's; use another out_dir or resume=False"
+                f"this call's ({details}); use another out_dir or resume=False"
             )
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -477,7 +593,7 @@ def train_model(
             if on_step is not None:
                 on_step(epoch + 1, len(losses), config.steps_per_epoch, float(np.mean(losses)))
         model.eval()
-        score = _score(model, val_pairs, card, config.batch_size)
+        score, val_loss = _score(model, val_pairs, card, config.batch_size)
         epoch += 1
         improved = score > best_score + config.min_delta
         if improved:
@@ -498,7 +614,7 @@ def train_model(
             save_checkpoint(out / "best", model, best_card)
         else:
             bad_epochs += 1
-        report = EpochReport(epoch, float(np.mean(losses)), score, best_score, improved)
+        report = EpochReport(epoch, float(np.mean(losses)), score, best_score, improved, val_loss)
         history.append(report)
         _save_state(
             state_path,

@@ -775,8 +775,9 @@ def _progress_bar(console: Console, title: str, n_items: int) -> Iterator[None]:
     The bar counts finished items (done, skipped, failed or interrupted) out of ``n_items``
     and shows the elapsed time and the last report of a running item (its shortened id,
     phase and blocks). Off a terminal (a log file, CI) a live bar would print nothing
-    useful, so each item that is done, failed or interrupted prints one plain line,
-    ``[3/12] tile_0042: done``; skipped items only count (a rerun would print thousands).
+    useful, so each item that is done or interrupted prints one plain line,
+    ``[3/12] tile_0042: done``; a failed item's line is its error (logged by its task, on
+    the terminal either way) and skipped items only count (a rerun would print thousands).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -808,7 +809,9 @@ def _progress_bar(console: Console, title: str, n_items: int) -> Iterator[None]:
             finished.add(item_id)
             count = f"{len(finished)}/{max(n_items, len(finished))}"
             progress.update(bar, description=label, completed=len(finished))
-            if not console.is_terminal and phase != "skipped":
+            # A failed item's own error line names it and says why: a second line saying
+            # `failed` told it twice.
+            if not console.is_terminal and phase not in ("skipped", "failed"):
                 console.print(f"[{count}] {item_id}: {phase}", highlight=False, markup=False)
 
     with progress, listen_progress(update), _prefect_logs_to(progress.console):

@@ -587,8 +587,8 @@ def _load_or_report(path: Path, overrides: Sequence[str]) -> Any:
     try:
         config = load_config(path, overrides)
     except ConfigError as error:
-        for problem in error.problems:
-            typer.echo(f"{path}: {problem}", err=True)
+        for problem in error.problems:  # a --set's problem names the --set, not the file
+            typer.echo(problem if problem.startswith("--set ") else f"{path}: {problem}", err=True)
         return None
     for note in config.notes:  # what loading derived from the --set values
         typer.echo(f"{path}: {note}", err=True)

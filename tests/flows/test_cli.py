@@ -108,8 +108,20 @@ def test_validate_names_the_step_parameter_and_value() -> None:
 
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
-    assert line.startswith(f"{CONFIGS / 'aerial.yaml'}: pipeline[2].sigma: ")
+    assert line.startswith("--set pipeline.2.sigma=-1: pipeline[2].sigma: ")
     assert "must be >= 0" in line and "-1" in line
+
+
+def test_a_value_that_fits_no_member_of_a_union_is_one_line_naming_the_set() -> None:
+    result = runner.invoke(
+        app, ["validate", str(CONFIGS / "aerial.yaml"), "--set", "pipeline.2.sigma=abc"]
+    )
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "--set pipeline.2.sigma=abc: pipeline[2].sigma expects a number or a list of numbers "
+        "(got 'abc')"
+    ]
 
 
 def test_validate_checks_the_pipeline_against_the_items() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 import segflow.ops  # noqa: F401  (registers the built-in operations)
-from segflow.errors import ConfigError, PlanError, did_you_mean
+from segflow.errors import ConfigError, PlanError, collapse_unions, did_you_mean
 from segflow.ops.registry import Categories, Operation, OpParams, get_operation
 
 
@@ -159,11 +159,14 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
         try:
             params = op.params.model_validate(data)
         except ValidationError as error:
-            for problem in error.errors():
+            for problem in collapse_unions(error.errors()):
                 where = ".".join(str(p) for p in problem["loc"])
                 value = problem.get("input")
                 key = f"pipeline[{i}].{where}" if where else f"pipeline[{i}] ({name})"
                 message = str(problem["msg"]).removeprefix("Value error, ")
+                if problem["type"] == "union":  # one line for a value that fits no member
+                    problems.append(f"{key} {message} (got {value!r})")
+                    continue
                 if problem["type"] == "extra_forbidden":
                     known = list(op.params.model_fields)
                     message = _unknown_parameter(str(where), value, str(name), known)

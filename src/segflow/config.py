@@ -297,13 +297,15 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Se
     except ValidationError as error:
         problems += _describe(error)
     pipeline = data.get("pipeline")
+    untrained: list[str] = []
     if isinstance(pipeline, list):
         try:
             parse_steps(pipeline)  # names pipeline[i].key, the value and what is expected
         except ConfigError as error:
             problems += error.problems
+            untrained += error.untrained
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, untrained=untrained)
     if base_dir is not None:
         config = config.model_copy(
             update={
@@ -342,7 +344,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SegflowConfi
     try:
         config = parse_config(data, base_dir=path.resolve().parent)
     except ConfigError as error:
-        raise ConfigError([_name_override(p, overrides) for p in error.problems]) from None
+        raise ConfigError(
+            [_name_override(p, overrides) for p in error.problems],
+            untrained=[_name_override(p, overrides) for p in error.untrained],
+        ) from None
     config._notes = notes
     return config
 

@@ -13,10 +13,13 @@ class SegflowError(Exception):
 
 
 class ConfigError(SegflowError, ValueError):
-    """A pipeline configuration is invalid; ``problems`` holds one line per problem."""
+    """A pipeline configuration is invalid; ``problems`` holds one line per problem, and
+    ``untrained`` those of them that name a model not there (yet): not trained, or not
+    copied here."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], *, untrained: Sequence[str] = ()) -> None:
         self.problems = list(problems)
+        self.untrained = [p for p in untrained if p in self.problems]
         super().__init__("\n".join(self.problems))
 
 
@@ -34,6 +37,10 @@ class StoreError(SegflowError, OSError):
 
 class ModelError(SegflowError, ValueError):
     """A model, its checkpoint or its card cannot be used as asked (file, card, channels)."""
+
+
+class ModelNotFoundError(ModelError):
+    """A model's checkpoint folder or file does not exist (not trained, or not copied here)."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

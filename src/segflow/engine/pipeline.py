@@ -21,7 +21,13 @@ import numpy as np
 from pydantic import ValidationError
 
 import segflow.ops  # noqa: F401  (registers the built-in operations)
-from segflow.errors import ConfigError, PlanError, collapse_unions, did_you_mean
+from segflow.errors import (
+    ConfigError,
+    ModelNotFoundError,
+    PlanError,
+    collapse_unions,
+    did_you_mean,
+)
 from segflow.ops.registry import Categories, Operation, OpParams, get_operation
 
 
@@ -135,6 +141,7 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
     """
     steps: list[Step] = []
     problems: list[str] = []
+    untrained: list[str] = []
     if not pipeline:
         raise ConfigError(["pipeline: must list at least one step, got an empty list"])
     for i, raw in enumerate(pipeline):
@@ -180,8 +187,10 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
             steps.extend(_expand(Step(i, op, params, None if save_as is None else str(save_as))))
         except ValueError as error:  # an expansion reads files (a model card): name the step
             problems.append(f"pipeline[{i}] ({name}): {error}")
+            if isinstance(error, ModelNotFoundError):
+                untrained.append(problems[-1])
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, untrained=untrained)
     return tuple(steps)
 
 

@@ -29,20 +29,24 @@ class _TerminalFilter(logging.Filter):
     dashboard link) with ``extra={"segflow_console": True}``.
 
     Left out: lines marked ``extra={"segflow_console": False}`` (the command prints them
-    itself) and Prefect's ``Finished in state Failed(...)`` line of each flow and task run,
-    which repeats the reason the item's own error line (or the command's summary) gives:
-    a failed item was told three times.
+    itself), Prefect's ``Finished in state Failed(...)`` line of each flow and task run, and
+    its ``Task run failed with state: Failed(...)`` line (with ``NoneType: None`` below it)
+    of a task that returns a Failed state on purpose: both repeat the reason the item's own
+    error line (or the command's summary) gives, and a failed item was told three times.
+    A task that *raises* (``Task run failed with exception``) is a bug and stays shown.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         marked = getattr(record, "segflow_console", None)
         if marked is not None:
             return bool(marked)
-        if record.name.startswith("prefect") and record.getMessage().startswith(
-            "Finished in state"
-        ):
+        if record.name.startswith("prefect") and record.getMessage().startswith(_REPEATS):
             return False
         return record.levelno >= logging.WARNING
+
+
+# Prefect's lines that repeat a failed item's or run's reason (see _TerminalFilter).
+_REPEATS = ("Finished in state", "Task run failed with state")
 
 
 _FILTER = _TerminalFilter()

@@ -243,7 +243,8 @@ def run(
     """Run each config as its own flow run and print where the output is.
 
     Exit status: 0 when every item is done (or was already), 1 when any item or run failed
-    (an unreadable or unfit item fails alone: the others complete), 2 when a config is
+    (an unreadable or unfit item fails alone: the others complete) or a config was left out
+    because its model is not trained (one line each; the other configs run), 2 when a config is
     invalid, its input is missing, its store path is a file or a folder segflow did not
     make, or a shape setting does not fit the items (then nothing runs), 130 / 143 when
     stopped by Ctrl-C / SIGTERM.
@@ -263,9 +264,26 @@ def run(
 
 
 def _run(configs: Sequence[Path], overrides: list[str], *, verbose: bool = False) -> None:
-    loaded = [_load_or_report(path, overrides) for path in configs]
-    if any(config is None for config in loaded):
+    untrained: list[Path] = []  # configs whose model is not there: reported, left out
+    loaded = [_load_or_report(path, overrides, untrained=untrained) for path in configs]
+    pairs = zip(configs, loaded, strict=True)
+    if any(config is None and path not in untrained for path, config in pairs):
         raise typer.Exit(EXIT_INVALID)
+    configs = [path for path in configs if path not in untrained]
+    loaded = [config for config in loaded if config is not None]
+    if not configs:
+        raise typer.Exit(EXIT_INVALID)
+    try:
+        _run_loaded(configs, loaded, overrides, verbose=verbose)
+    except typer.Exit as stop:
+        raise typer.Exit(stop.exit_code or (EXIT_FAILED if untrained else 0)) from None
+    if untrained:  # the others ran; the left-out ones did not
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _run_loaded(
+    configs: Sequence[Path], loaded: Sequence[Any], overrides: list[str], *, verbose: bool
+) -> None:
     invalid = _report(_shared_store_problems(configs, loaded))
     collections = []
     for path, config in zip(configs, loaded, strict=True):
@@ -597,16 +615,32 @@ def _shared_cluster(configs: Sequence[Any]) -> Iterator[str | None]:
         yield str(client.scheduler.address)
 
 
-def _load_or_report(path: Path, overrides: Sequence[str]) -> Any:
-    """The config, or None after printing one line per problem."""
+def _load_or_report(
+    path: Path, overrides: Sequence[str], *, untrained: list[Path] | None = None
+) -> Any:
+    """The config, or None after printing one line per problem.
+
+    With ``untrained``, a config whose only problem is a model not there (not trained yet,
+    or not copied here) is appended to it, its line saying it is not run and how to train
+    the model: a run of many configs leaves it out and runs the others.
+    """
     from segflow.config import load_config
     from segflow.errors import ConfigError
 
     try:
         config = load_config(path, overrides)
     except ConfigError as error:
-        for problem in error.problems:
-            typer.echo(f"{path}: {problem}", err=True)
+        if untrained is not None and error.problems == error.untrained:
+            untrained.append(path)
+            for problem in error.problems:
+                typer.echo(
+                    f"{path}: not run, its model is not trained: {problem}; train it with "
+                    "`segflow train` (see configs/train/)",
+                    err=True,
+                )
+            return None
+        for problem in error.problems:  # a --set's problem names the --set, not the file
+            typer.echo(problem if problem.startswith("--set ") else f"{path}: {problem}", err=True)
         return None
     for note in config.notes:  # what loading derived from the --set values
         typer.echo(f"{path}: {note}", err=True)
@@ -799,8 +833,9 @@ def _progress_bar(console: Console, title: str, n_items: int) -> Iterator[None]:
     The bar counts finished items (done, skipped, failed or interrupted) out of ``n_items``
     and shows the elapsed time and the last report of a running item (its shortened id,
     phase and blocks). Off a terminal (a log file, CI) a live bar would print nothing
-    useful, so each item that is done, failed or interrupted prints one plain line,
-    ``[3/12] tile_0042: done``; skipped items only count (a rerun would print thousands).
+    useful, so each item that is done or interrupted prints one plain line,
+    ``[3/12] tile_0042: done``; a failed item's line is its error (logged by its task, on
+    the terminal either way) and skipped items only count (a rerun would print thousands).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -832,7 +867,9 @@ def _progress_bar(console: Console, title: str, n_items: int) -> Iterator[None]:
             finished.add(item_id)
             count = f"{len(finished)}/{max(n_items, len(finished))}"
             progress.update(bar, description=label, completed=len(finished))
-            if not console.is_terminal and phase != "skipped":
+            # A failed item's own error line names it and says why: a second line saying
+            # `failed` told it twice.
+            if not console.is_terminal and phase not in ("skipped", "failed"):
                 console.print(f"[{count}] {item_id}: {phase}", highlight=False, markup=False)
 
     with progress, listen_progress(update), _prefect_logs_to(progress.console):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from pydantic import (
 )
 
 from segflow.engine.pipeline import parse_steps
-from segflow.errors import ConfigError, did_you_mean
+from segflow.errors import ConfigError, collapse_unions, did_you_mean
 
 
 class _Model(BaseModel):
@@ -296,13 +297,15 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Se
     except ValidationError as error:
         problems += _describe(error)
     pipeline = data.get("pipeline")
+    untrained: list[str] = []
     if isinstance(pipeline, list):
         try:
             parse_steps(pipeline)  # names pipeline[i].key, the value and what is expected
         except ConfigError as error:
             problems += error.problems
+            untrained += error.untrained
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, untrained=untrained)
     if base_dir is not None:
         config = config.model_copy(
             update={
@@ -338,9 +341,36 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SegflowConfi
     overrides = [_absolute_path_override(o) for o in overrides]
     data = apply_overrides(data if data is not None else {}, overrides)
     data, notes = fit_blocks_to_chunks(data, {o.partition("=")[0].strip() for o in overrides})
-    config = parse_config(data, base_dir=path.resolve().parent)
+    try:
+        config = parse_config(data, base_dir=path.resolve().parent)
+    except ConfigError as error:
+        raise ConfigError(
+            [_name_override(p, overrides) for p in error.problems],
+            untrained=[_name_override(p, overrides) for p in error.untrained],
+        ) from None
     config._notes = notes
     return config
+
+
+def _name_override(problem: str, overrides: Sequence[str]) -> str:
+    """``problem`` prefixed with the ``--set KEY=VALUE`` that gave the value it names.
+
+    Examples
+    --------
+    >>> _name_override("pipeline[2].sigma: must be >= 0 (got -1)", ["pipeline.2.sigma=-1"])
+    '--set pipeline.2.sigma=-1: pipeline[2].sigma: must be >= 0 (got -1)'
+    >>> _name_override("output.store: required key is missing", ["blocks.shape=64"])
+    'output.store: required key is missing'
+    """
+    located = re.match(r"[A-Za-z_][\w.\[\]]*", problem)
+    if located is None:
+        return problem
+    where = re.sub(r"\[(\d+)\]", r".\1", located.group()).rstrip(".")
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if where == key or where.startswith(f"{key}.") or key.startswith(f"{where}."):
+            return f"--set {override}: {problem}"
+    return problem
 
 
 def fit_blocks_to_chunks(
@@ -458,9 +488,11 @@ def _index(node: list[Any], part: str, where: str) -> int:
 
 def _describe(error: ValidationError) -> list[str]:
     lines = []
-    for problem in error.errors():
+    for problem in collapse_unions(error.errors()):
         where = ".".join(str(p) for p in problem["loc"]) or "config"
-        if problem["type"] == "missing":
+        if problem["type"] == "union":  # one line for a value that fits no member
+            lines.append(f"{where} {problem['msg']} (got {problem.get('input')!r})")
+        elif problem["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         elif problem["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key; {_known_keys_hint(problem['loc'])}")

@@ -184,3 +184,30 @@ def test_setting_blocks_or_chunks_alone_derives_the_other(
     assert config.notes == ([note] if note else [])
     unchanged = load_config(path)
     assert unchanged.notes == [] and unchanged.output.chunks == [256, 256]
+
+
+def test_union_errors_collapse_to_one_line_naming_what_is_expected() -> None:
+    problems = _problems(
+        {
+            "input": {"path": "x"},
+            "output": {"store": "y"},
+            "blocks": {"shape": "abc"},
+            "pipeline": [{"op": "gaussian", "sigma": [1, "q"]}],
+        }
+    )
+    assert problems == [
+        "blocks.shape expects a list of integers or an integer (got 'abc')",
+        "pipeline[0].sigma expects a number or a list of numbers (got [1, 'q'])",
+    ]
+
+
+def test_a_problem_with_a_set_value_names_the_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: a}\noutput: {store: b}\npipeline: [{op: gaussian, sigma: 1}]\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, ["pipeline.0.sigma=abc", "blocks.shape=[0,4]"])
+    assert raised.value.problems == [
+        "--set blocks.shape=[0,4]: blocks.shape: every axis must be >= 1 (got [0, 4])",
+        "--set pipeline.0.sigma=abc: pipeline[0].sigma expects a number or a list of numbers "
+        "(got 'abc')",
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -296,3 +297,35 @@ def test_headers_that_lie_fail_alone_in_seconds_within_1_gb(
         "huge_sparse": "failed",
         "many_blocks": "failed",
     }
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_damaged_tiff_reads_once_and_plainly(tmp_path: Path, dask_address: str) -> None:
+    """The reader's error crosses the Dask worker as itself (not wrapped in ``Exception``
+    by a cause that does not pickle) and each failed item prints one line."""
+    folder = tmp_path / "items"
+    folder.mkdir()
+    write_geotiff(folder / "good.tif", blob_image())
+    good = (folder / "good.tif").read_bytes()
+    (folder / "truncated.tif").write_bytes(good[: len(good) // 2])
+    (folder / "zero.tif").write_bytes(b"")
+
+    result = runner.invoke(app, ["run", str(_config(tmp_path, folder, dask_address))])
+
+    assert result.exit_code == 1, result.output
+    truncated = folder / "truncated.tif"
+    frame = read_index(str(tmp_path / "out.zarr")).set_index("id")
+    assert re.fullmatch(
+        rf"item 'truncated' \({re.escape(str(truncated))}\): cannot read window Window\(.*\); "
+        r"the file is damaged or cut short \(RasterioIOError: .*\)",
+        frame.loc["truncated", "error"],
+    )
+    # While it runs, one line per failed item (its error); then the summary's line.
+    for name in ("truncated", "zero"):
+        named = re.compile(rf"item '({name}|{re.escape(str(folder / name))}\.tif)'")
+        lines = [line for line in result.output.splitlines() if named.search(line)]
+        assert len(lines) == 2, (name, result.output)
+        assert "failed item" in lines[1]
+        assert lines[0].split(" - ", 1)[1] == lines[1].split("failed ", 1)[1]
+    assert "Exception: " not in result.output and "Task run failed" not in result.output
+    assert not [line for line in result.output.splitlines() if line.endswith(": failed")]

@@ -109,8 +109,20 @@ def test_validate_names_the_step_parameter_and_value() -> None:
 
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
-    assert line.startswith(f"{CONFIGS / 'aerial.yaml'}: pipeline[2].sigma: ")
+    assert line.startswith("--set pipeline.2.sigma=-1: pipeline[2].sigma: ")
     assert "must be >= 0" in line and "-1" in line
+
+
+def test_a_value_that_fits_no_member_of_a_union_is_one_line_naming_the_set() -> None:
+    result = runner.invoke(
+        app, ["validate", str(CONFIGS / "aerial.yaml"), "--set", "pipeline.2.sigma=abc"]
+    )
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "--set pipeline.2.sigma=abc: pipeline[2].sigma expects a number or a list of numbers "
+        "(got 'abc')"
+    ]
 
 
 def test_validate_checks_the_pipeline_against_the_items() -> None:
@@ -177,6 +189,46 @@ def test_validate_reports_a_missing_input_path() -> None:
 
     assert result.exit_code == 2
     assert "input.path: collection '/no/such/ct.nii.gz': no such file or folder" in result.stderr
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_of_many_configs_leaves_out_an_untrained_model_and_runs_the_others(
+    tmp_path: Path, dask_address: str
+) -> None:
+    """The README: `segflow run configs/*.yaml` runs every config but those whose model
+    is not trained, each reported in one line; exit 1 once the others are done."""
+    untrained = CONFIGS / "em-unet.yaml"
+    weights = yaml.safe_load(untrained.read_text())["pipeline"][1]["path"]
+    if (untrained.parent / weights).exists():
+        pytest.skip(f"{untrained.name}: its model is trained here")
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_geotiff(tiles / "tile_a.tif", blob_image())
+    good = tmp_path / "tiles.yaml"
+    good.write_text(yaml.safe_dump(collection_config(tiles, tmp_path / "out.zarr", dask_address)))
+
+    result = runner.invoke(app, ["run", str(untrained), str(good)])
+
+    assert result.exit_code == 1, result.output
+    assert [line for line in result.stderr.splitlines() if "em-unet" in line] == [
+        f"{untrained}: not run, its model is not trained: pipeline[1] (model): `path` "
+        f"'{(untrained.parent / weights).resolve()}': no such checkpoint folder or model file; "
+        "train it with `segflow train` (see configs/train/)"
+    ]
+    assert read_index(str(tmp_path / "out.zarr"))["status"].tolist() == ["done"]
+
+
+def test_run_of_only_untrained_configs_exits_2() -> None:
+    untrained = CONFIGS / "em-unet.yaml"
+    weights = yaml.safe_load(untrained.read_text())["pipeline"][1]["path"]
+    if (untrained.parent / weights).exists():
+        pytest.skip(f"{untrained.name}: its model is trained here")
+
+    result = runner.invoke(app, ["run", str(untrained)])
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{untrained}: not run, its model is not trained: pipeline[1] ")
 
 
 def test_run_with_an_invalid_config_exits_2_before_running(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import os
+import pickle
 import sys
 import threading
 import time
@@ -200,7 +201,7 @@ class DaskExecutor:
         # has would wait for ever (a CPU-only cluster runs `device: auto` models on CPU).
         wanted = {n: a for n, a in (resources or {}).items() if n in self._advertised()}
         extra = {"resources": wanted} if wanted else {}
-        task = Retrying(fn, self.retry)
+        task = _WorkerTask(fn, self.retry)
         return list(self.client.map(task, *columns, pure=False, **extra, **kwargs))
 
     def _advertised(self) -> set[str]:
@@ -248,3 +249,45 @@ class DaskExecutor:
                 fault_point("block-done")
             if progress is not None:
                 progress(label, finished, len(unique))
+
+
+class _WorkerTask(Retrying):
+    """A block task on a Dask worker, whose error reaches the client as itself.
+
+    Distributed pickles a task's error together with its causes (tblib) and, when that
+    does not load back, sends ``Exception(repr(error))`` instead: a reader's
+    ``ItemReadError`` caused by rasterio's ``CPLE_*`` errors (whose ``args`` cannot be
+    set) reached the item's record as ``Exception: ItemReadError("item ...")``. Such an
+    error leaves the worker without its causes; its message already names them
+    (``... (RasterioIOError: Read failed...)``) and the worker's log has the traceback.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as error:
+            detach_unpicklable_causes(error)
+            raise
+
+
+def detach_unpicklable_causes(error: BaseException) -> None:
+    """Cut ``error`` off its causes when they do not survive a pickle round trip the way
+    distributed sends errors (with tblib's reducers); otherwise leave it as it is."""
+    try:
+        from tblib import pickling_support
+    except ImportError:  # no distributed here: nothing pickles the error
+        return
+    chain: list[BaseException] = []
+    link = error.__cause__ or error.__context__
+    while link is not None and link not in chain and len(chain) < 100:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    if not chain:
+        return
+    pickling_support.install(error, *chain)  # what distributed does to it next
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        error.__cause__ = None
+        error.__context__ = None
+        error.__suppress_context__ = True

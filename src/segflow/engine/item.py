@@ -115,6 +115,32 @@ def describe_output(object_count: Any, foreground_fraction: Any) -> str:
     return ""
 
 
+def describe_item_error(error: BaseException, item_id: str, path: str) -> str:
+    """The one line an item's failure reads: ``item 'ID' (PATH): REASON``.
+
+    A reader's :class:`~segflow.errors.ItemReadError` says what could not be read by
+    itself, and names the file it read: its ``item '...':`` prefix and its type name are
+    left out, so the item is named once. Any other error keeps its type name
+    (``PlanError: ...``), which tells a bad config from a bad file.
+
+    Examples
+    --------
+    >>> from segflow.errors import ItemReadError, PlanError
+    >>> describe_item_error(ItemReadError("item '/in/a.tif': cut short"), "a", "/in/a.tif")
+    "item 'a' (/in/a.tif): cut short"
+    >>> describe_item_error(PlanError("3 axes, expected 2"), "a", "/in/a.tif")
+    "item 'a' (/in/a.tif): PlanError: 3 axes, expected 2"
+    """
+    from segflow.errors import ItemReadError
+
+    text = str(error)
+    if isinstance(error, ItemReadError):
+        for name in (path, item_id):
+            text = text.removeprefix(f"item '{name}': ").removeprefix(f"item {name!r}: ")
+        return f"item {item_id!r} ({path}): {text}"
+    return f"item {item_id!r} ({path}): {type(error).__name__}: {text}"
+
+
 def segment_item(
     reader: Reader,
     pipeline: Sequence[Mapping[str, Any]],
@@ -368,7 +394,7 @@ def segment_item(
     except Exception as error:  # one bad item must not stop the collection
         if stop_requested():  # whatever broke (a worker killed by the same Ctrl-C), it is
             result.status = "interrupted"  # not the item's fault: not recorded, redone
-        result.error = f"item {info.id!r} ({info.path}): {type(error).__name__}: {error}"
+        result.error = describe_item_error(error, info.id, info.path)
         result.seconds = time.perf_counter() - started
         if result.status != "interrupted" or resume_name is None:
             _remove(root)  # the store's committed result is untouched

@@ -21,7 +21,13 @@ import numpy as np
 from pydantic import ValidationError
 
 import segflow.ops  # noqa: F401  (registers the built-in operations)
-from segflow.errors import ConfigError, PlanError, did_you_mean
+from segflow.errors import (
+    ConfigError,
+    ModelNotFoundError,
+    PlanError,
+    collapse_unions,
+    did_you_mean,
+)
 from segflow.ops.registry import Categories, Operation, OpParams, get_operation
 
 
@@ -135,6 +141,7 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
     """
     steps: list[Step] = []
     problems: list[str] = []
+    untrained: list[str] = []
     if not pipeline:
         raise ConfigError(["pipeline: must list at least one step, got an empty list"])
     for i, raw in enumerate(pipeline):
@@ -159,11 +166,14 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
         try:
             params = op.params.model_validate(data)
         except ValidationError as error:
-            for problem in error.errors():
+            for problem in collapse_unions(error.errors()):
                 where = ".".join(str(p) for p in problem["loc"])
                 value = problem.get("input")
                 key = f"pipeline[{i}].{where}" if where else f"pipeline[{i}] ({name})"
                 message = str(problem["msg"]).removeprefix("Value error, ")
+                if problem["type"] == "union":  # one line for a value that fits no member
+                    problems.append(f"{key} {message} (got {value!r})")
+                    continue
                 if problem["type"] == "extra_forbidden":
                     known = list(op.params.model_fields)
                     message = _unknown_parameter(str(where), value, str(name), known)
@@ -177,8 +187,10 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
             steps.extend(_expand(Step(i, op, params, None if save_as is None else str(save_as))))
         except ValueError as error:  # an expansion reads files (a model card): name the step
             problems.append(f"pipeline[{i}] ({name}): {error}")
+            if isinstance(error, ModelNotFoundError):
+                untrained.append(problems[-1])
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, untrained=untrained)
     return tuple(steps)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import Field
 
 from segflow.engine.blocks import relative, shrink_box
-from segflow.errors import ModelError
+from segflow.errors import ModelError, ModelNotFoundError
 from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Percentiles
 
@@ -102,7 +102,7 @@ def _read_card(card_path: str, stamp: tuple[int, int], given: str) -> ModelCard:
     from segflow.models.checkpoint import read_card
 
     if not Path(given).expanduser().exists():
-        raise ModelError(f"`path` {given!r}: no such checkpoint folder or model file")
+        raise ModelNotFoundError(f"`path` {given!r}: no such checkpoint folder or model file")
     if not Path(card_path).is_file():
         raise ModelError(
             f"model {given!r} has no model card ({card_path}): segflow needs the card "

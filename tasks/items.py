@@ -108,7 +108,7 @@ def segment_items_task(
         rows.append(row)
         # A batch says what each item did once, at its end (below), and only what went wrong
         # item by item: at 100,000 items a line each would be 100,000 log records to store.
-        if len(items) == 1 or row["status"] != "done":
+        if len(items) == 1 or row["status"] != "done" or row.get("warning"):
             _log_item(logger, cfg.output.store, row)
         if reader is not None and row["status"] == "done" and row["id"] in quicklook:
             try:
@@ -144,6 +144,8 @@ def _log_item(logger: Any, store: str, row: dict[str, Any]) -> None:
         logger.info("item %s: %s", row["id"], row["error"])
     elif row["status"] == "interrupted":
         logger.warning("item %s: interrupted, its previous result is unchanged", row["id"])
+    elif row["status"] == "done" and row.get("warning"):
+        logger.warning("item %s: done, %s", row["id"], row["warning"])
     elif row["status"] == "done":
         logger.info(
             "item %s: done, %s, %d blocks, %.2f s -> %s",

@@ -85,3 +85,43 @@ def test_classify_gives_nan_pixels_class_0() -> None:
     expected = (np.digitize(image, [0.45, 0.55]) + 1).astype(np.uint8)
     expected[np.isnan(image)] = 0
     np.testing.assert_array_equal(result, expected)
+
+
+def test_an_item_nan_mostly_took_says_so_and_one_with_a_little_nan_does_not(
+    tmp_path: Path,
+) -> None:
+    """A NaN row every 7 rows: a Gaussian (sigma 1, reach 2) spreads it over 5 rows of 7
+    the item, exactly as scipy does, and Otsu sees what is left. The item is done, and its
+    row says how much NaN the statistic saw."""
+    from scipy import ndimage
+
+    from segflow.io import ArrayReader
+
+    rng = np.random.default_rng(5)
+    image = rng.random((96, 96)).astype(np.float32)
+    striped = image.copy()
+    striped[::7] = np.nan
+    pipeline = [{"op": "gaussian", "sigma": 1, "truncate": 2}, {"op": "otsu"}, {"op": "label"}]
+
+    def run(array: np.ndarray, item_id: str) -> object:
+        with LocalExecutor(2) as executor:
+            return segment_item(
+                ArrayReader(array, item_id),
+                pipeline,
+                store=str(tmp_path / "out.zarr"),
+                block_shape=(32, 32),
+                executor=executor,
+            )
+
+    striped_result = run(striped, "striped")
+    spread = np.isnan(ndimage.gaussian_filter(striped, 1, truncate=2)).mean()  # reference
+
+    assert striped_result.status == "done", striped_result.error  # type: ignore[attr-defined]
+    assert striped_result.warning == (  # type: ignore[attr-defined]
+        f"pipeline[1].otsu: {spread:.1%} of the item is NaN where this step takes its "
+        "statistic (NaN in the input spreads through filters such as gaussian); the result "
+        "describes the rest only: fill or mask the NaN first"
+    )
+    dotted = image.copy()
+    dotted[0, :5] = np.nan  # a few NaN pixels: their surroundings only
+    assert run(dotted, "dotted").warning is None  # type: ignore[attr-defined]

@@ -57,7 +57,7 @@ ITEM_FAULTS = {
     "about 536.4 GiB of this command's memory (160.0 KiB a block)",
 }
 # Odd but valid inputs: segmented like any other.
-ACCEPTED = ("good", "constant", "one_pixel", "one_row", "no_crs", "lonlat")
+ACCEPTED = ("good", "constant", "one_pixel", "one_row", "no_crs", "lonlat", "mostly_nan")
 
 
 def _write_collection(folder: Path) -> None:
@@ -93,6 +93,9 @@ def _write_collection(folder: Path) -> None:
     _write_liars(folder)
     tifffile.imwrite(folder / "two_planes.tif", np.stack([blob_image()[0]] * 2))
     tifffile.imwrite(folder / "constant.tif", np.full((16, 16), 7, np.uint8))
+    mostly_nan = np.full((16, 16), np.nan, np.float32)
+    mostly_nan[::4] = np.linspace(0, 1, 16, dtype=np.float32)  # 4 rows of 16 have values
+    tifffile.imwrite(folder / "mostly_nan.tif", mostly_nan)
     tifffile.imwrite(folder / "one_pixel.tif", np.ones((1, 1), np.uint8))
     tifffile.imwrite(folder / "one_row.tif", np.arange(20, dtype=np.uint8)[np.newaxis])
     profile = {"driver": "GTiff", "height": 64, "width": 72, "count": 1, "dtype": "uint8"}
@@ -162,6 +165,12 @@ def test_every_bad_item_fails_alone_with_one_line(tmp_path: Path, dask_address: 
     frame = read_index(str(tmp_path / "out.zarr")).set_index("id")
     assert sorted(frame.index[frame["status"] == "done"]) == sorted(ACCEPTED)
     assert int(frame.loc["good", "object_count"]) == N_BLOBS
+    # Done, and the terminal says how little of it the threshold saw.
+    assert (
+        "item mostly_nan: done, pipeline[0].otsu: 75.0% of the item is NaN where this step "
+        "takes its statistic"
+    ) in result.output
+    assert frame.loc["mostly_nan", "warning"].startswith("pipeline[0].otsu: 75.0% of the item")
     assert (frame["status"] == "failed").sum() == len(ITEM_FAULTS)
 
 

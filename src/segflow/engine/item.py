@@ -92,6 +92,7 @@ class ItemResult:
     model_hash: str = ""  # content hash of the pipeline's models, "" without one
     code_version: str = field(default_factory=code_version)
     statistics: dict[str, float] = field(default_factory=dict)
+    warning: str | None = None  # what the user should know of a done item (NaN took most)
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -339,6 +340,7 @@ def segment_item(
             records=records if resume_name is not None else None,
         )
         result.n_resumed = run.n_resumed
+        result.warning = "; ".join(run.warnings) or None
         # The output phase is over: from here on (joining tables, the commit) a rerun
         # starts the item afresh, so its block records go before the region parts do.
         _remove(blocks_dir)

@@ -47,7 +47,7 @@ from segflow.engine.kernels import (
     tile_partial,
     tile_statistic,
 )
-from segflow.engine.pipeline import Phase, Plan
+from segflow.engine.pipeline import Phase, Plan, Step
 from segflow.engine.resources import merge_resources
 from segflow.faults import fault_point
 from segflow.io.base import Reader
@@ -97,6 +97,7 @@ class ItemRun:
     blocks: list[BlockSummary] = field(default_factory=list)
     regions: list[Any] | None = None  # what the regions sink returned, per part
     n_resumed: int = 0  # output blocks an earlier, interrupted run had written
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user
 
 
 @dataclass
@@ -204,6 +205,7 @@ class _PlanRun:
         self.records = records
         self._output_done = 0
         self.stats: dict[str, Any] = {}
+        self.warnings: list[str] = []
         self.block_stats: dict[str, Sequence[Any]] = {}  # Done.per_block, by Step.key
         self.n_labels: int | None = None
         self.done: list[Phase] = []  # streaming: phases to replay, with their merges
@@ -349,6 +351,7 @@ class _PlanRun:
             except ValueError as error:  # say which step's statistic could not be taken
                 raise ValueError(f"{stat_step.key}: {error}") from error
             if isinstance(result, Done):
+                self._warn_if_mostly_nan(stat_step, result.counted)
                 self.stats[stat_step.key] = result.value
                 if result.per_block is not None:
                     self.block_stats[stat_step.key] = result.per_block
@@ -370,6 +373,19 @@ class _PlanRun:
             partials = self.reduce(handles, statistic, state)
         self.done.append(phase)
         return _Sources(tiles, self._none(), [None] * len(self.blocks))
+
+    def _warn_if_mostly_nan(self, step: Step, n: int | None) -> None:
+        """Say so when the step's statistic saw ``n`` values, less than half of the item:
+        NaN in the input spreads through filters (a Gaussian takes every pixel within its
+        reach, as scipy's does), and the result then describes what little is left."""
+        total = math.prod(self.shape)
+        if n is None or n >= total / 2:
+            return
+        self.warnings.append(
+            f"{step.key}: {1 - n / total:.1%} of the item is NaN where this step takes its "
+            f"statistic (NaN in the input spreads through filters such as gaussian); the "
+            f"result describes the rest only: fill or mask the NaN first"
+        )
 
     def reduce(
         self, handles: list[Any], statistic: GlobalStatistic, state: Any, *, label: str = ""
@@ -468,4 +484,5 @@ class _PlanRun:
             seconds=time.perf_counter() - self.started,
             blocks=summaries,
             regions=written,
+            warnings=self.warnings,
         )

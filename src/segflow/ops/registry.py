@@ -105,11 +105,14 @@ class Done:
 
     ``value`` is what every block's ``ctx.stat`` holds (and what the run reports), unless
     ``per_block`` is given: then block ``i`` (in the order of the partials) gets only
-    ``per_block[i]``, so a per-block table never travels to every block.
+    ``per_block[i]``, so a per-block table never travels to every block. ``counted``, when
+    the statistic knows it, is how many values it saw (NaN left out): the engine warns when
+    that is less than half of the item.
     """
 
     value: Any
     per_block: Sequence[Any] | None = None
+    counted: int | None = None
 
 
 def map_statistic(

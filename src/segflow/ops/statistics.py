@@ -139,7 +139,7 @@ class Histogram:
             probe = np.asarray([state.low])
             edges = np.histogram(probe, bins=state.nbins, range=(state.low, state.high))[1]
             centers = (edges[:-1] + edges[1:]) / 2.0
-        return Done((counts, centers))
+        return Done((counts, centers), counted=int(counts.sum()))
 
 
 @dataclass(frozen=True)

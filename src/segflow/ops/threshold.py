@@ -4,7 +4,7 @@ percentile thresholds from statistics of the whole item (global), never per bloc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,9 @@ class OtsuThreshold(Histogram):
 
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         result = super().combine(partials, state)
-        return Done(otsu_threshold(result.value)) if isinstance(result, Done) else result
+        if not isinstance(result, Done):
+            return result
+        return replace(result, value=otsu_threshold(result.value))
 
 
 def threshold_otsu_global(image: np.ndarray, params: OtsuParams, ctx: OpContext) -> np.ndarray:
@@ -160,7 +162,7 @@ class HistogramThreshold(Histogram):
                 )
             return Done(value)
         counts, centers = result.value
-        return Done(_FINISHERS[self.method](counts, centers, self.classes))
+        return replace(result, value=_FINISHERS[self.method](counts, centers, self.classes))
 
 
 class HistogramThresholdParams(OpParams):

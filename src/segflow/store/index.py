@@ -51,6 +51,7 @@ INDEX_COLUMNS: dict[str, ExtensionDtype] = {
     "seconds": pd.Float64Dtype(),
     "config_hash": _TEXT,
     "config_name": _TEXT,
+    "warning": _TEXT,
     "model_hash": _TEXT,
     "code_version": _TEXT,
     "fingerprint": _TEXT,

@@ -298,6 +298,7 @@ def test_headers_that_lie_fail_alone_in_seconds_within_1_gb(
     assert process.returncode == 1, output
     assert time.monotonic() - started < 90  # seconds, not the minutes the machine took
     assert peak < 2**30, f"{peak / 2**20:.0f} MiB"
+    assert not (tmp_path / "out.zarr" / ".segflow" / "lock.json").exists()  # released
     frame = read_index(str(tmp_path / "out.zarr")).set_index("id")["status"].to_dict()
     assert frame == {
         "good": "done",

@@ -391,8 +391,9 @@ def _plan_runs(
     (:func:`segflow.engine.collection.plan_items`: an index row *and* a commit record with
     this input, config and code), before Prefect is imported or a server or cluster started.
     An unreadable file (to record as failed) or a dead run's lock (to take over) is
-    something to do. A plan goes to its flow run (:func:`_segment`), which then does not
-    discover the collection again."""
+    something to do. A plan goes to its flow run, which then does not discover the
+    collection again. Which config owns the store was checked before
+    (:func:`_collection_problems`), so the index is not read for it twice."""
     from segflow.engine.collection import plan_items
 
     return [
@@ -402,8 +403,6 @@ def _plan_runs(
             config.output.store,
             config_hash=config.config_hash(),
             overwrite=config.output.overwrite,
-            config_name=config.name,
-            allow_other_configs=config.output.allow_other_configs,
             notes=notes,
         )
         for config, (readers, failures, notes) in zip(configs, collections, strict=True)

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from segflow.models.card import ModelCard
     from segflow.models.checkpoint import LoadedModel
 
-ModelOutput = Literal["classes", "probabilities", "foreground"]
+ModelOutput = Literal["classes", "probabilities", "foreground", "raw"]
 
 
 class ModelParams(OpParams):
@@ -61,7 +61,8 @@ class ModelParams(OpParams):
     output: ModelOutput = Field(
         "classes",
         description="classes: argmax (uint8); probabilities: every class (float16, class "
-        "axis); foreground: 1 - P(background) (float32)",
+        "axis); foreground: 1 - P(background) (float32); raw: every output channel as the "
+        "network gives it, blended (float32, class axis: flows, distances, logits)",
     )
     tta: bool = Field(False, description="average over flips of each tile's axes")
     spacing_tolerance: float | None = Field(
@@ -202,17 +203,23 @@ def _halo(params: ModelParams, spatial_ndim: int) -> tuple[int, ...]:
 
 
 def _out_channels(channels: int, params: ModelParams) -> int:
-    return len(model_card(params.path).classes) if params.output == "probabilities" else 1
+    wide = params.output in ("probabilities", "raw")
+    return len(model_card(params.path).classes) if wide else 1
 
 
 def _out_dtype(dtype: np.dtype, params: ModelParams) -> np.dtype:
     return np.dtype(
-        {"classes": np.uint8, "probabilities": np.float16, "foreground": np.float32}[params.output]
+        {
+            "classes": np.uint8,
+            "probabilities": np.float16,
+            "foreground": np.float32,
+            "raw": np.float32,
+        }[params.output]
     )
 
 
 def _class_names(params: ModelParams) -> tuple[str, ...]:
-    if params.output == "probabilities":
+    if params.output in ("probabilities", "raw"):
         return tuple(model_card(params.path).classes)
     return (params.output,)
 
@@ -361,6 +368,8 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
         result = np.argmax(probs, axis=0).astype(np.uint8)[np.newaxis]
     elif params.output == "foreground":
         result = (1.0 - probs[:1]).astype(np.float32)
+    elif params.output == "raw":
+        result = probs.astype(np.float32)
     else:
         result = probs.astype(np.float16)
     out = np.zeros((len(result), *(b.stop - b.start for b in box)), dtype=result.dtype)

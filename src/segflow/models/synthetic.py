@@ -63,29 +63,36 @@ def _smooth_noise(shape: Sequence[int], sigma: float, rng: np.random.Generator) 
     return (field - field.mean()) / max(float(field.std()), 1e-12)
 
 
+def _packed(
+    shape: tuple[int, int], axes: tuple[float, float], angle: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Centres on a jittered grid of nuclei with semi-axes ``axes`` lying side by side at
+    ``angle`` (edge to edge, as in an embryo's epithelium), inside a band of tissue."""
+    h, w = shape
+    along, across = 2 * axes[0] * rng.uniform(0.92, 1.05), 2 * axes[1] * rng.uniform(0.92, 1.05)
+    reach = np.hypot(h, w)
+    u, v = np.meshgrid(np.arange(-reach, reach, along), np.arange(-reach, reach, across))
+    u = u + (np.arange(u.shape[0]) % 2)[:, None] * along / 2  # staggered rows
+    cos, sin = np.cos(angle), np.sin(angle)
+    centres = np.stack([h / 2 + u * sin + v * cos, w / 2 + u * cos - v * sin], -1).reshape(-1, 2)
+    centres = centres + rng.normal(0, 0.08 * axes[1], centres.shape)
+    keep = (centres >= -along).all(1) & (centres[:, 0] < h + along) & (centres[:, 1] < w + along)
+    centres = centres[keep]
+    band = _smooth_noise(shape, max(h, w) / 6, rng) > rng.uniform(-0.6, 0.3)
+    inside = band[
+        np.clip(centres[:, 0].astype(int), 0, h - 1),
+        np.clip(centres[:, 1].astype(int), 0, w - 1),
+    ]
+    return np.asarray(centres[inside & (rng.random(len(centres)) < 0.95)])
+
+
 def _centres(
     shape: tuple[int, int], radius: float, layout: Layout, rng: np.random.Generator
 ) -> np.ndarray:
-    """Nucleus centres (n, 2) for ``layout``."""
+    """Nucleus centres (n, 2) for the ``scattered`` and ``clustered`` layouts."""
     h, w = shape
-    area = h * w
-    if layout == "packed":  # a jittered hexagonal grid inside a band of tissue
-        spacing = 2 * radius * rng.uniform(0.9, 1.1)
-        ys = np.arange(-spacing, h + spacing, spacing * np.sqrt(3) / 2)
-        points = [
-            (y, x + (spacing / 2 if i % 2 else 0))
-            for i, y in enumerate(ys)
-            for x in np.arange(-spacing, w + spacing, spacing)
-        ]
-        centres = np.array(points) + rng.normal(0, 0.12 * spacing, (len(points), 2))
-        band = _smooth_noise(shape, max(h, w) / 6, rng) > rng.uniform(-0.6, 0.3)
-        inside = band[
-            np.clip(centres[:, 0].astype(int), 0, h - 1),
-            np.clip(centres[:, 1].astype(int), 0, w - 1),
-        ]
-        return np.asarray(centres[inside & (rng.random(len(centres)) < 0.95)])
     fill = rng.uniform(0.08, 0.35)  # share of the field covered by nuclei
-    n = max(1, int(fill * area / (np.pi * radius**2)))
+    n = max(1, int(fill * h * w / (np.pi * radius**2)))
     if layout == "scattered":
         return rng.uniform((0, 0), (h, w), (n, 2))
     n_clusters = max(1, n // int(rng.integers(3, 9)))
@@ -97,11 +104,22 @@ def _centres(
 def _nuclei(
     shape: tuple[int, int], rng: np.random.Generator, layout: Layout, radius: float
 ) -> list[Nucleus]:
+    if layout == "packed":  # one elongation and direction for the whole tissue
+        stretch, direction = float(rng.uniform(1.0, 2.2)), float(rng.uniform(0, np.pi))
+        axes = (radius * np.sqrt(stretch), radius / np.sqrt(stretch))
+        centres = _packed(shape, axes, direction, rng)
+    else:
+        centres = _centres(shape, radius, layout, rng)
     nuclei = []
-    for centre in _centres(shape, radius, layout, rng):
+    for centre in centres:
         mitotic = bool(rng.random() < 0.03)
-        size = radius * float(np.exp(rng.normal(0, 0.18))) * (0.6 if mitotic else 1.0)
-        elongation = float(rng.uniform(1.0, 1.35 if layout == "packed" else 2.0))
+        size = radius * float(np.exp(rng.normal(0, 0.18 if layout != "packed" else 0.08)))
+        size *= 0.6 if mitotic else 1.0
+        if layout == "packed":
+            elongation = stretch * float(rng.uniform(0.85, 1.1))
+            angle = direction + float(rng.normal(0, 0.12))
+        else:
+            elongation, angle = float(rng.uniform(1.0, 2.0)), float(rng.uniform(0, np.pi))
         harmonics = tuple(
             (float(rng.normal(0, 0.06 / k)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3, 4)
         )
@@ -114,7 +132,7 @@ def _nuclei(
             Nucleus(
                 centre=(float(centre[0]), float(centre[1])),
                 axes=(size * np.sqrt(elongation), size / np.sqrt(elongation)),
-                angle=float(rng.uniform(0, np.pi)),
+                angle=angle,
                 harmonics=harmonics,
                 brightness=brightness,
                 mitotic=mitotic,
@@ -201,7 +219,7 @@ def _camera(
     expected: np.ndarray, rng: np.random.Generator, dtype: np.dtype, full_scale: float
 ) -> np.ndarray:
     """Poisson photons, read noise, offset and saturation, quantised to ``dtype``."""
-    photons = float(np.exp(rng.uniform(np.log(8), np.log(400))))  # photons per unit signal
+    photons = float(np.exp(rng.uniform(np.log(15), np.log(1500))))  # photons per unit signal
     counts = rng.poisson(np.clip(expected, 0, None) * photons).astype(np.float64)
     read = rng.normal(0.0, rng.uniform(0.5, 3.0), expected.shape)
     gain = full_scale / (photons * rng.uniform(2.0, 6.0))  # the brightest nuclei saturate
@@ -247,6 +265,8 @@ def synthetic_nuclei(
         raise ValueError(f"`dtype` ({dtype!r}) must be 'uint8' or 'uint16'")
     rng = np.random.default_rng(seed)
     layouts: tuple[Layout, ...] = ("scattered", "clustered", "clustered", "packed", "scattered")
+    if kind == "stained":  # tissue sections: mostly crowded
+        layouts = ("clustered", "packed", "clustered", "scattered")
     if layout is None:
         layout = layouts[int(rng.integers(len(layouts)))]
     if radius is None:
@@ -259,7 +279,33 @@ def synthetic_nuclei(
         expected = ndi.gaussian_filter(signal + background, psf)
         full = float(np.iinfo(np.dtype(dtype)).max)
         return _camera(expected, rng, np.dtype(dtype), full)[np.newaxis], labels
-    return _absorption(signal, background, psf, rng, kind, dtype), labels
+    density = signal * rng.uniform(0.5, 1.3 if kind == "brightfield" else 2.2)
+    density = density + _cytoplasm(shape, nuclei, rng) + 0.4 * background
+    return _absorption(ndi.gaussian_filter(density, psf), rng, kind, dtype), labels
+
+
+def _cytoplasm(
+    shape: tuple[int, int], nuclei: Sequence[Nucleus], rng: np.random.Generator
+) -> np.ndarray:
+    """Faint cell bodies around the nuclei (absorbing images show them; unlabelled)."""
+    field = np.zeros(shape)
+    if rng.random() < 0.3:
+        return field  # bare nuclei, or a stain that leaves the cytoplasm clear
+    level, scale = rng.uniform(0.05, 0.3), rng.uniform(1.5, 2.8)
+    for nucleus in nuclei:
+        cell = Nucleus(
+            centre=nucleus.centre,
+            axes=(nucleus.axes[0] * scale, nucleus.axes[1] * scale * rng.uniform(0.8, 1.2)),
+            angle=nucleus.angle + rng.normal(0, 0.3),
+            harmonics=tuple((3 * a, p) for a, p in nucleus.harmonics),
+            brightness=level * float(rng.uniform(0.6, 1.4)),
+            mitotic=False,
+        )
+        found = _footprint(cell, shape)
+        if found is not None:
+            box, rho = found
+            field[box] = np.maximum(field[box], np.where(rho < 1.0, cell.brightness, 0.0))
+    return field
 
 
 def _background(shape: tuple[int, int], rng: np.random.Generator, *, tissue: bool) -> np.ndarray:
@@ -275,17 +321,10 @@ def _background(shape: tuple[int, int], rng: np.random.Generator, *, tissue: boo
 
 
 def _absorption(
-    signal: np.ndarray,
-    background: np.ndarray,
-    psf: float,
-    rng: np.random.Generator,
-    kind: Kind,
-    dtype: str,
+    density: np.ndarray, rng: np.random.Generator, kind: Kind, dtype: str
 ) -> np.ndarray:
-    """Transmitted light: dark where the stain absorbs (Beer-Lambert), grey or RGB."""
-    density = ndi.gaussian_filter(
-        rng.uniform(0.4, 1.2) * signal + 0.4 * background, psf
-    )  # optical density
+    """Transmitted light through the optical ``density``: dark where the stain absorbs
+    (Beer-Lambert), grey or RGB."""
     if kind == "brightfield":
         absorb = np.array([1.0])
         white = np.array([rng.uniform(0.75, 0.98)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage as ndi
 
 from segflow.models.card import ModelCard
@@ -15,6 +16,7 @@ from segflow.models.flow_field import (
     label_flows,
     rotate_flows,
 )
+from segflow.models.inference import predict_image
 from segflow.models.synthetic import synthetic_nuclei
 from segflow.models.train import make_targets
 
@@ -127,3 +129,27 @@ def test_flows_head_card_and_targets() -> None:
     assert ModelCard.model_validate(three).classes[0] == "flow_z"
     targets = make_targets(_objects(), "flows")
     assert targets.shape == (3, 40, 48) and targets.dtype == np.float32
+
+
+def _gradient_net() -> torch.nn.Module:
+    """A 'flow head' that outputs the image's central-difference gradient (dy, dx) and the
+    image itself: flipping the input flips the output and negates that axis's flow."""
+    net = torch.nn.Conv2d(1, 3, 3, padding=1, bias=False)
+    kernel = torch.zeros(3, 1, 3, 3)
+    kernel[0, 0, 2, 1], kernel[0, 0, 0, 1] = 0.5, -0.5
+    kernel[1, 0, 1, 2], kernel[1, 0, 1, 0] = 0.5, -0.5
+    kernel[2, 0, 1, 1] = 1.0
+    net.weight.data[:] = kernel
+    return net.eval()
+
+
+def test_tta_turns_flows_with_the_flips() -> None:
+    """Test-time augmentation of a flow head un-flips the vectors: the flip-averaged output
+    of a flip-equivariant flow net is its plain output (without it, the flows cancel)."""
+    image = np.random.default_rng(0).random((1, 40, 52)).astype(np.float32)
+    net = _gradient_net()
+    plain = predict_image(net, image, tile=(32, 32), overlap=0.25, flows=True)
+    averaged = predict_image(net, image, tile=(32, 32), overlap=0.25, tta=True, flows=True)
+    np.testing.assert_allclose(averaged, plain, atol=1e-5)
+    blind = predict_image(net, image, tile=(32, 32), overlap=0.25, tta=True)
+    assert np.abs(blind[:2]).max() < 1e-5 < np.abs(plain[:2]).max()

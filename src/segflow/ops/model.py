@@ -363,6 +363,7 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
         activation=card.activation,
         tta=params.tta,
         device=params.device,
+        flows=card.head == "flows",
     )
     if params.output == "classes":
         result = np.argmax(probs, axis=0).astype(np.uint8)[np.newaxis]

@@ -125,11 +125,37 @@ def random_flows(shape: tuple[int, int], seed: int, scale: float = 3.0) -> np.nd
     return np.concatenate([flows, prob[np.newaxis]]).astype(np.float32)
 
 
+def analytic_flows_3d(shape: tuple[int, int, int], seed: int, n: int) -> np.ndarray:
+    """Overlapping balls, 5 x the unit vector to each ball's centre: (dZ, dY, dX, cellprob)."""
+    rng = np.random.default_rng(seed)
+    grid = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(np.float64)
+    labels = np.zeros(shape, dtype=np.int64)
+    for i in range(n):
+        centre = [rng.integers(0, s) for s in shape]
+        radius = rng.integers(3, 6)
+        labels[sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2] = i + 1
+    ids = np.unique(labels)[1:]
+    table = np.zeros((labels.max() + 1, 3))
+    table[ids] = ndi.center_of_mass(np.ones_like(labels), labels, ids)
+    towards = np.moveaxis(table[labels], -1, 0) - grid
+    norm = np.sqrt((towards**2).sum(axis=0)) + 1e-3
+    inside = labels > 0
+    prob = np.where(inside, 3.0, -3.0)[np.newaxis]
+    return np.concatenate([5 * towards / norm * inside, prob]).astype(np.float32)
+
+
+def random_flows_3d(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    flows = ndi.gaussian_filter(rng.normal(size=(3, *shape)), (0, 1, 1, 1)) * 9
+    prob = ndi.gaussian_filter(rng.normal(size=shape), 1) * 3
+    return np.concatenate([flows, prob[np.newaxis]]).astype(np.float32)
+
+
 def whole(image: np.ndarray, **params: Any) -> np.ndarray:
     """The op's block function on the whole item (one block, no engine)."""
     shape = image.shape[1:]
     box = tuple(slice(0, n) for n in shape)
-    ctx = OpContext(spatial_ndim=2, box=box, shape=shape)
+    ctx = OpContext(spatial_ndim=len(shape), box=box, shape=shape)
     return compute_masks_block(image, FlowDynamicsParams(**params), ctx)[0]
 
 
@@ -145,8 +171,9 @@ def cellpose_masks(image: np.ndarray, **params: Any) -> np.ndarray:
     assert cellpose_dynamics is not None
     import torch
 
+    ndim = image.shape[0] - 1
     return cellpose_dynamics.compute_masks(
-        image[:2], image[2], flow_threshold=0, device=torch.device("cpu"), **params
+        image[:ndim], image[ndim], flow_threshold=0, device=torch.device("cpu"), **params
     )
 
 
@@ -191,6 +218,20 @@ def test_max_size_fraction_equals_compute_masks() -> None:
         assert_same_partition(result, expected)
 
 
+@needs_cellpose
+@pytest.mark.parametrize("seed", range(3))
+def test_3d_masks_equal_compute_masks(seed: int) -> None:
+    """3-D: torch's scalar trilinear kernel, 5^3 seeds grown in 11^3 windows."""
+    image = random_flows_3d((14, 20, 22), seed)
+    expected = cellpose_masks(image, min_size=-1, niter=80)
+    assert expected.max() > 10
+    assert_same_partition(whole(image, min_size=0, niter=80, max_travel=80), expected)
+    image = analytic_flows_3d((16, 24, 24), seed, 6)
+    expected = cellpose_masks(image, min_size=-1)
+    assert expected.max() >= 3
+    assert_same_partition(whole(image, min_size=0), expected)
+
+
 # --- layout invariance ------------------------------------------------------------------------
 
 
@@ -213,6 +254,20 @@ def test_every_block_layout_gives_the_whole_items_labels(
     pipeline = [{"op": "flow_dynamics", **params}]
     expected = segment(image, pipeline, channel_axis=0)  # one block
     blocks = (data.draw(st.integers(3, h)), data.draw(st.integers(3, w)))
+    result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
+    np.testing.assert_array_equal(result, expected)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.data())
+def test_every_3d_block_layout_gives_the_whole_items_labels(
+    seed: int, synthetic: bool, data: st.DataObject
+) -> None:
+    shape = (12, 18, 20)
+    image = analytic_flows_3d(shape, seed, 5) if synthetic else random_flows_3d(shape, seed)
+    pipeline = [{"op": "flow_dynamics", "niter": 30, "max_travel": 30, "min_size": 5}]
+    expected = segment(image, pipeline, channel_axis=0)
+    blocks = tuple(data.draw(st.integers(3, n)) for n in shape)
     result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
     np.testing.assert_array_equal(result, expected)
 

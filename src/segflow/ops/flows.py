@@ -12,17 +12,19 @@ more than ``max_size_fraction`` of the item and masks of fewer than ``min_size``
 removed, sizes counted over the whole item.
 
 Blockwise exactness. Each block follows its points in the item's *global* coordinates, with
-the same float32 arithmetic as torch's vectorised CPU ``grid_sample`` (fused multiply-adds,
-emulated in float64), so a point's path does not depend on the block layout. A pixel whose
+the same float32 arithmetic as torch's CPU ``grid_sample`` (2-D: its vectorised AVX2/AVX-512
+kernel, whose fused multiply-adds are emulated in float64; 3-D: its scalar kernel), so a
+point's path does not depend on the block layout. A pixel whose
 path stays within ``max_travel`` pixels of it (checked: a longer path stops the item with an
 error naming the pixel) needs flows within ``3 * max_travel + 12`` pixels of the block (its
 end, the histogram there, the seeds and their growth); each mask is named by its seed's
 item position, and the size rules are decided over the whole item by segflow's label
 stitching (``_flow_sizes``, a connectivity step by id).
 
-Not done: Cellpose's ``flow_threshold`` quality control (each mask's own flows recomputed;
-only ``0``/``None`` are accepted) and its final hole filling (``fill_voids`` per mask);
-3-D items.
+Input ``(dY, dX, cellprob)`` in 2-D, ``(dZ, dY, dX, cellprob)`` in 3-D. Not done: Cellpose's
+``flow_threshold`` quality control (each mask's own flows recomputed; only ``0``/``None`` are
+accepted) and the hole filling of its ``fill_holes_and_remove_small_masks`` (``fill_voids``
+per mask, in label order): masks keep their holes.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class _Window:
     def __init__(self, images: tuple[np.ndarray, ...], box: Box, shape: tuple[int, ...]):
         self.origin = np.array([s.start for s in box]) - 1
         self.images = [np.pad(image, 1).ravel() for image in images]
-        self.padded = tuple(n + 2 for n in images[0].shape)
+        padded = tuple(n + 2 for n in images[0].shape)
+        self.strides = [int(np.prod(padded[a + 1 :])) for a in range(len(padded))]
         self.shape = shape
         # Reads just outside the item are zeros (grid_sample's zero padding); reads inside
         # the item but outside the window are refused (the halo rules them out).
@@ -199,28 +202,65 @@ def _step(
     bounds: list[tuple[np.ndarray, np.ndarray]],
     points: tuple[np.ndarray, ...],
 ) -> list[np.ndarray]:
-    """One Euler step of the active points (2-D: torch's vectorised bilinear kernel)."""
-    (py, px), (H, W) = state, window.shape
-    y = _fma(py + np.float32(1), np.float32(H) / np.float32(2), np.float32(-0.5))
-    x = _fma(px + np.float32(1), np.float32(W) / np.float32(2), np.float32(-0.5))
-    y0, x0 = np.floor(y), np.floor(x)
-    n, w = y - y0, x - x0
-    s, e = np.float32(1) - n, np.float32(1) - w
-    iy, ix = y0.astype(np.int64), x0.astype(np.int64)
-    for axis, index in enumerate((iy, ix)):
+    """One Euler step of the active points: sample, add, clamp to [-1, 1]."""
+    if len(state) == 2:
+        lows, weights, order = _bilinear(state, window.shape)
+    else:
+        lows, weights, order = _trilinear(state, window.shape)
+    base = np.zeros(len(active), dtype=np.int64)
+    for axis, index in enumerate(lows):
         _check_travel(index, active, bounds[axis], window, axis, points)
-    width = window.padded[1]
-    base = (iy - window.origin[0]) * width + (ix - window.origin[1])
-    weights = (s * e, (s * w).astype(np.float64), (n * e).astype(np.float64), n * w)
-    se = weights[3].astype(np.float64)
+        base += (index - window.origin[axis]) * window.strides[axis]
+    corners = [
+        sum(c * st for c, st in zip(corner, window.strides, strict=True)) for corner in order
+    ]
     moved = []
     for k, image in enumerate(window.images):
-        value = image[base] * weights[0]
-        value = (image[base + 1] * weights[1] + value).astype(np.float32)
-        value = (image[base + width] * weights[2] + value).astype(np.float32)
-        value = (image[base + width + 1] * se + value).astype(np.float32)
+        if len(state) == 2:  # a product, then fused multiply-adds (AVX2/AVX-512 kernel)
+            value = image[base + corners[0]] * weights[0]
+            for corner, weight in zip(corners[1:], weights[1:], strict=True):
+                value = _fma(image[base + corner], weight, value)
+        else:  # plain float32 sums in torch's corner order (its scalar 3-D kernel)
+            value = np.zeros(len(active), dtype=np.float32)
+            for corner, weight in zip(corners, weights, strict=True):
+                value = value + image[base + corner] * weight
         moved.append(np.clip(state[k] + value, np.float32(-1), np.float32(1)))
     return moved
+
+
+Weights = tuple[list[np.ndarray], list[Any], list[tuple[int, ...]]]
+
+
+def _bilinear(state: list[np.ndarray], shape: tuple[int, ...]) -> Weights:
+    """torch's vectorised 2-D kernel: ``(g + 1) * (size / 2) - 0.5`` fused, weights as
+    products of the distances ``1 - w`` and ``w``; corners nw, ne, sw, se."""
+    f32 = np.float32
+    y = _fma(state[0] + f32(1), f32(shape[0]) / f32(2), f32(-0.5))
+    x = _fma(state[1] + f32(1), f32(shape[1]) / f32(2), f32(-0.5))
+    y0, x0 = np.floor(y), np.floor(x)
+    n, w = y - y0, x - x0
+    s, e = f32(1) - n, f32(1) - w
+    weights = [s * e, s * w, n * e, n * w]
+    lows = [y0.astype(np.int64), x0.astype(np.int64)]
+    return lows, weights, [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def _trilinear(state: list[np.ndarray], shape: tuple[int, ...]) -> Weights:
+    """torch's 3-D CPU kernel: ``((g + 1) * size - 1) / 2``, weights as products (x, y, z
+    in that order) of the distances to the far and near corner planes."""
+    f32 = np.float32
+    coords = [((g + f32(1)) * f32(n) - f32(1)) / f32(2) for g, n in zip(state, shape, strict=True)]
+    near = [np.floor(c) for c in coords]
+    far = [(lo + f32(1)) - c for lo, c in zip(near, coords, strict=True)]
+    past = [c - lo for lo, c in zip(near, coords, strict=True)]
+    order: list[tuple[int, ...]] = [(z, y, x) for z in (0, 1) for y in (0, 1) for x in (0, 1)]
+    weights = []
+    for dz, dy, dx in order:
+        wx = past[2] if dx else far[2]
+        wy = past[1] if dy else far[1]
+        wz = past[0] if dz else far[0]
+        weights.append(wx * wy * wz)
+    return [lo.astype(np.int64) for lo in near], weights, order
 
 
 def _check_travel(
@@ -269,33 +309,35 @@ def seed_map(counts: np.ndarray, valid: np.ndarray, flat_origin: Any) -> np.ndar
 
 
 def _grow(counts: np.ndarray, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Seed regions: GROW_STEPS 3x3 dilations of each seed through bins with more than
-    GROW_COUNT end points, within its (2 * GROW_STEPS + 1)^2 window. Returns, per grown
+    """Seed regions: GROW_STEPS 3^ndim dilations of each seed through bins with more than
+    GROW_COUNT end points, within its (2 * GROW_STEPS + 1)^ndim window. Returns, per grown
     pixel, the seed's number and the pixel's flat index in ``counts``."""
-    r = GROW_STEPS
+    r, ndim = GROW_STEPS, counts.ndim
     padded = np.pad(counts, r)
-    width = padded.shape[1]
-    sy, sx = np.unravel_index(seeds, counts.shape)
+    where = np.unravel_index(seeds, counts.shape)
     offsets = np.arange(-r, r + 1)
-    rows = (sy[:, None, None] + r + offsets[None, :, None]) * width
-    around = padded.ravel()[rows + (sx[:, None, None] + r + offsets[None, None, :])]
-    passable = around > GROW_COUNT
+    index = []
+    for axis, coord in enumerate(where):
+        shape = [1] * (ndim + 1)
+        shape[axis + 1] = 2 * r + 1
+        index.append(coord.reshape(-1, *[1] * ndim) + r + offsets.reshape(shape))
+    passable = padded[tuple(index)] > GROW_COUNT
     region = np.zeros_like(passable)
-    region[:, r, r] = True
+    region[(slice(None), *[r] * ndim)] = True
     for _ in range(GROW_STEPS):
         region = _dilate3(region) & passable
-    number, dy, dx = np.nonzero(region)
-    pixels = (sy[number] + dy - r) * counts.shape[1] + (sx[number] + dx - r)
-    return number, pixels
+    number, *steps = np.nonzero(region)
+    pixel = tuple(c[number] + d - r for c, d in zip(where, steps, strict=True))
+    return number, np.ravel_multi_index(pixel, counts.shape)
 
 
 def _dilate3(region: np.ndarray) -> np.ndarray:
-    """3x3 dilation of each seed's window (axes 1 and 2), not beyond the window."""
-    out = region.copy()
-    for axis in (1, 2):
+    """3^ndim dilation of each seed's window (every axis but the first), not beyond it."""
+    out = region
+    for axis in range(1, region.ndim):
         grown = out.copy()
-        lead = [slice(None)] * 3
-        lag = [slice(None)] * 3
+        lead = [slice(None)] * region.ndim
+        lag = [slice(None)] * region.ndim
         lead[axis], lag[axis] = slice(1, None), slice(None, -1)
         grown[tuple(lead)] |= out[tuple(lag)]
         grown[tuple(lag)] |= out[tuple(lead)]
@@ -313,8 +355,9 @@ def compute_masks_block(
     shape, box = ctx.shape, ctx.box
     if any(n < 2 for n in shape):
         raise ValueError(f"flow_dynamics needs at least 2 pixels along every axis, got {shape}")
-    mask = image[2] > params.cellprob_threshold
-    window = _Window(_normalised(image[:2], mask, shape), box, shape)
+    ndim = len(shape)
+    mask = image[ndim] > params.cellprob_threshold
+    window = _Window(_normalised(image[:ndim], mask, shape), box, shape)
     reach = params.max_travel
     follow = _inner(box, shape, reach + 2)  # every point that may end near the core's ends
     local = np.nonzero(mask[follow])
@@ -385,9 +428,10 @@ def _parts(params: FlowDynamicsParams) -> list[tuple[str, str, OpParams]]:
     return [("masks", "_flow_masks", params), ("sizes", "_flow_sizes", sizes)]
 
 
-def _check_flow_channels(channels: int, params: FlowDynamicsParams) -> str | None:
-    if channels != 3:
-        return f"flow_dynamics needs 3 channels (dY, dX, cellprob), got {channels}"
+def _check_flow_channels(params: FlowDynamicsParams, channels: int, ndim: int) -> str | None:
+    if channels != ndim + 1:
+        names = "dZ, dY, dX, cellprob" if ndim == 3 else "dY, dX, cellprob"
+        return f"flow_dynamics needs {ndim + 1} channels ({names}) in {ndim}-D, got {channels}"
     return None
 
 
@@ -400,13 +444,13 @@ register(
         summary="Cellpose flows (dY, dX, cellprob) to instance labels: follow the flows "
         "niter steps, seeds at the end-point histogram's peaks, masks by seed, sizes "
         "(min_size, max_size_fraction) over the whole item; equals cellpose's compute_masks "
-        "with flow_threshold=0 and min_size <= 0 (no hole filling, no flow-error check; 2-D)",
+        "with flow_threshold=0 and min_size <= 0 (no hole filling, no flow-error check); 2-D "
+        "(dY, dX, cellprob) and 3-D (dZ, dY, dX, cellprob)",
         halo=flow_halo,
         halo_rule="3 * max_travel + 12 (paths longer than max_travel stop the item)",
         out_channels=lambda channels, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.int64),
-        check_channels=_check_flow_channels,
-        ndims=(2,),
+        check_layout=_check_flow_channels,
         expand=_parts,
     )
 )
@@ -420,8 +464,7 @@ register(
         halo=flow_halo,
         out_channels=lambda channels, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.int64),
-        check_channels=_check_flow_channels,
-        ndims=(2,),
+        check_layout=_check_flow_channels,
     )
 )
 register(

@@ -156,15 +156,23 @@ def follow_flows(
     state = [_start(p, n) for p, n in zip(points, shape, strict=True)]
     final = [s.copy() for s in state]
     active = np.arange(len(points[0]))
-    bounds = [(p - max_travel, p + max_travel) for p in points]
+    # Per active point and axis, the lowest and highest first corner its reads may have:
+    # within max_travel of its start, and inside the window (or one pixel past the item).
+    limits = [
+        (np.maximum(p - max_travel, low), np.minimum(p + max_travel, high) - 1)
+        for p, low, high in zip(points, window.low, window.high, strict=True)
+    ]
     saved: list[list[np.ndarray]] = []
     for t in range(niter):
-        state = _step(window, state, active, bounds, points)
+        state = _step(window, state, active, limits, points)
         left = niter - 1 - t  # steps still to go after this one
         if t % 8 in (5, 6):
             saved.append([s.copy() for s in state])
         elif t % 8 == 7:
-            state, active = _retire(state, saved, active, final, left)
+            keep = _retire(state, saved, active, final, left)
+            if keep is not None:
+                state, active = [s[keep] for s in state], active[keep]
+                limits = [(lo[keep], hi[keep]) for lo, hi in limits]
             saved = []
     for k in range(len(shape)):
         final[k][active] = state[k]
@@ -177,29 +185,28 @@ def _retire(
     active: np.ndarray,
     final: list[np.ndarray],
     left: int,
-) -> tuple[list[np.ndarray], np.ndarray]:
+) -> np.ndarray | None:
     """Retire the points whose state equals their state two steps before (``saved`` holds
     the two states before this one): the end is this state when ``left`` is even, else the
-    state before."""
+    state before. Returns which active points stay (``None``: all)."""
     two_back, one_back = saved
     same = np.ones(len(active), dtype=bool)
     for now, before in zip(state, two_back, strict=True):
         same &= now == before
     if not same.any():
-        return state, active
+        return None
     end = state if left % 2 == 0 else one_back
     done = active[same]
     for k in range(len(state)):
         final[k][done] = end[k][same]
-    keep = ~same
-    return [s[keep] for s in state], active[keep]
+    return ~same
 
 
 def _step(
     window: _Window,
     state: list[np.ndarray],
     active: np.ndarray,
-    bounds: list[tuple[np.ndarray, np.ndarray]],
+    limits: list[tuple[np.ndarray, np.ndarray]],
     points: tuple[np.ndarray, ...],
 ) -> list[np.ndarray]:
     """One Euler step of the active points: sample, add, clamp to [-1, 1]."""
@@ -209,7 +216,7 @@ def _step(
         lows, weights, order = _trilinear(state, window.shape)
     base = np.zeros(len(active), dtype=np.int64)
     for axis, index in enumerate(lows):
-        _check_travel(index, active, bounds[axis], window, axis, points)
+        _check_travel(index, active, limits[axis], axis, points)
         base += (index - window.origin[axis]) * window.strides[axis]
     corners = [
         sum(c * st for c, st in zip(corner, window.strides, strict=True)) for corner in order
@@ -266,16 +273,13 @@ def _trilinear(state: list[np.ndarray], shape: tuple[int, ...]) -> Weights:
 def _check_travel(
     index: np.ndarray,
     active: np.ndarray,
-    bounds: tuple[np.ndarray, np.ndarray],
-    window: _Window,
+    limits: tuple[np.ndarray, np.ndarray],
     axis: int,
     points: tuple[np.ndarray, ...],
 ) -> None:
     """Refuse a point that reads a flow farther than ``max_travel`` from its start (the
     halo would not hold it) or outside the block's window (which the halo rules out)."""
-    low, high = bounds[0][active], bounds[1][active]
-    outside = (index < window.low[axis]) | (index + 1 > window.high[axis])
-    bad = (index < low) | (index + 1 > high) | outside
+    bad = (index < limits[0]) | (index > limits[1])
     if bad.any():
         first = active[np.flatnonzero(bad)[0]]
         where = tuple(int(p[first]) for p in points)

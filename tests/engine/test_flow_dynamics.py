@@ -212,6 +212,27 @@ def test_masks_of_random_flows_equal_compute_masks(seed: int) -> None:
 
 
 @needs_cellpose
+@pytest.mark.slow
+def test_masks_of_a_random_cellpose_network_equal_compute_masks() -> None:
+    """Flows from Cellpose's own network (CPSAM, a ViT-L of 304 M parameters, randomly
+    initialised from a seed, 64^2 input; about 20 s on 2 cores): its raw output."""
+    import torch
+
+    pytest.importorskip("segment_anything", reason="cellpose's CPSAM needs segment-anything")
+    from cellpose import vit
+
+    torch.manual_seed(0)
+    net = vit.CPSAM(bsize=64).eval()
+    rng = np.random.default_rng(0)
+    image = ndi.gaussian_filter(rng.normal(size=(1, 3, 64, 64)), (0, 0, 2, 2)) * 5
+    with torch.no_grad():
+        output = net(torch.from_numpy(image.astype(np.float32)))[0][0].numpy()
+    expected = cellpose_masks(output, min_size=-1)
+    assert expected.max() >= 3
+    assert_same_partition(whole(output, min_size=0, max_travel=200), expected)
+
+
+@needs_cellpose
 def test_max_size_fraction_equals_compute_masks() -> None:
     labels = touching_discs((40, 40), 3, 4)
     image = analytic_flows(labels)

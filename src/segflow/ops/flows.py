@@ -46,6 +46,8 @@ SEED_POOL, SEED_COUNT, GROW_STEPS, GROW_COUNT = 5, 10, 5, 2
 #: How far (pixels) a label depends on the histogram beyond its end point: a seed within
 #: GROW_STEPS, whose detection reads SEED_POOL // 2 further and growth GROW_STEPS.
 SEED_REACH = 2 * GROW_STEPS
+#: Steps between two looks for points that cycle (each look keeps two states: cheap).
+RETIRE_EVERY = 4
 
 
 class FlowDynamicsParams(OpParams):
@@ -99,7 +101,9 @@ def _fma(a: np.ndarray, b: np.ndarray | np.floating, c: np.ndarray | np.floating
     """``a * b + c`` rounded once to float32, as the fused multiply-add of torch's AVX2 and
     AVX-512 grid_sample kernels (the float64 sum is exact but where ``c`` dwarfs ``a * b``;
     there a second rounding can differ on an exact float32 tie, about once in 2^28)."""
-    return (a.astype(np.float64) * b + c).astype(np.float32)
+    product = a.astype(np.float64) * b
+    product += c
+    return product.astype(np.float32)
 
 
 def _normalised(
@@ -150,7 +154,8 @@ def follow_flows(
     samples a position normalised by the item's shape (``(p + 1) * size / 2 - 0.5``), adds
     the sample to the position and clamps it to [-1, 1]. A step is a pure function of the
     position, so a point back at its state of two steps before cycles with period 1 or 2
-    from then on: its end is known exactly without more steps (checked every 8 steps).
+    from then on: its end is known exactly without more steps (checked every
+    :data:`RETIRE_EVERY` steps).
     """
     shape = window.shape
     state = [_start(p, n) for p, n in zip(points, shape, strict=True)]
@@ -166,9 +171,9 @@ def follow_flows(
     for t in range(niter):
         state = _step(window, state, active, limits, points)
         left = niter - 1 - t  # steps still to go after this one
-        if t % 8 in (5, 6):
+        if t % RETIRE_EVERY in (RETIRE_EVERY - 3, RETIRE_EVERY - 2):
             saved.append([s.copy() for s in state])
-        elif t % 8 == 7:
+        elif t % RETIRE_EVERY == RETIRE_EVERY - 1:
             keep = _retire(state, saved, active, final, left)
             if keep is not None:
                 state, active = [s[keep] for s in state], active[keep]
@@ -221,16 +226,17 @@ def _step(
     corners = [
         sum(c * st for c, st in zip(corner, window.strides, strict=True)) for corner in order
     ]
+    reads = [base + corner for corner in corners]
     moved = []
     for k, image in enumerate(window.images):
         if len(state) == 2:  # a product, then fused multiply-adds (AVX2/AVX-512 kernel)
-            value = image[base + corners[0]] * weights[0]
-            for corner, weight in zip(corners[1:], weights[1:], strict=True):
-                value = _fma(image[base + corner], weight, value)
+            value = image.take(reads[0]) * weights[0]
+            for read, weight in zip(reads[1:], weights[1:], strict=True):
+                value = _fma(image.take(read), weight, value)
         else:  # plain float32 sums in torch's corner order (its scalar 3-D kernel)
             value = np.zeros(len(active), dtype=np.float32)
-            for corner, weight in zip(corners, weights, strict=True):
-                value = value + image[base + corner] * weight
+            for read, weight in zip(reads, weights, strict=True):
+                value = value + image.take(read) * weight
         moved.append(np.clip(state[k] + value, np.float32(-1), np.float32(1)))
     return moved
 

@@ -9,9 +9,10 @@ Importing cellpose here: cellpose 4.2.1 imports torchvision at module level
 (``cellpose.transforms``; segment_anything for its network), and torchvision's PyPI wheels do
 not import against the CPU torch of this project (``operator torchvision::nms does not
 exist``). The mask computation never calls torchvision, so these tests put a stand-in for the
-torchvision modules into ``sys.modules`` (only where torchvision itself does not import):
-every attribute of it is a function that raises if called, so a code path that needed the
-real torchvision would fail loudly instead of being silently faked.
+torchvision modules into ``sys.modules`` while cellpose imports (only where torchvision
+itself does not import), and take it out again: every attribute of it is a function that
+raises if called, so a code path that needed the real torchvision would fail loudly instead
+of being silently faked.
 """
 
 from __future__ import annotations
@@ -64,10 +65,16 @@ def _refusing_module(name: str) -> types.ModuleType:
 
 
 def _import_cellpose() -> Any:
-    """``cellpose.dynamics``, with the torchvision stand-in where torchvision fails."""
+    """``cellpose.dynamics`` (and ``cellpose.vit`` where segment-anything is installed),
+    with the torchvision stand-in only while they import: it leaves ``sys.modules`` then,
+    so no other test mistakes it for torchvision."""
     try:
         import torchvision  # noqa: F401
     except Exception:  # not installed, or the CUDA wheel that fails against the CPU torch
+        stand_in = True
+    else:
+        stand_in = False
+    if stand_in:
         for name in _STAND_IN:
             sys.modules.pop(name, None)
         modules = {name: _refusing_module(name) for name in _STAND_IN}
@@ -76,8 +83,17 @@ def _import_cellpose() -> Any:
             if parent:
                 setattr(modules[parent], leaf, module)
             sys.modules[name] = module
-    from cellpose import dynamics
+    try:
+        from cellpose import dynamics
 
+        try:
+            from cellpose import vit  # noqa: F401  (the network test's CPSAM)
+        except ImportError:
+            pass
+    finally:
+        if stand_in:
+            for name in _STAND_IN:
+                sys.modules.pop(name, None)
     return dynamics
 
 
@@ -218,8 +234,9 @@ def test_masks_of_a_random_cellpose_network_equal_compute_masks() -> None:
     initialised from a seed, 64^2 input; about 20 s on 2 cores): its raw output."""
     import torch
 
-    pytest.importorskip("segment_anything", reason="cellpose's CPSAM needs segment-anything")
-    from cellpose import vit
+    vit = sys.modules.get("cellpose.vit")
+    if vit is None:
+        pytest.skip("cellpose.vit did not import (its CPSAM needs segment-anything)")
 
     torch.manual_seed(0)
     net = vit.CPSAM(bsize=64).eval()

@@ -177,3 +177,88 @@ def test_a_run_failed_only_on_bad_items_is_failed_without_alarms(
         "damaged": "failed",
         "good": "done",
     }
+
+
+def _slow_collection(tmp_path: Path, n_items: int = 6, side: int = 256) -> Path:
+    """Tiles that take a second or more each on the session's one-thread Dask worker."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    for i in range(n_items):
+        image = (rng.random((1, side, side)) * 255).astype(np.uint8)
+        write_geotiff(folder / f"s{i}.tif", image, x0=500_000.0 + 20_000 * i)
+    return folder
+
+
+def _wait_for(condition: Any, process: subprocess.Popen[str], what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            output = process.communicate()[0] if process.poll() is not None else ""
+            raise AssertionError(f"never saw {what}: {output}")
+        time.sleep(0.05)
+
+
+def _progress(flow_run_id: UUID) -> Any:
+    [progress] = [a for a in _artifacts(flow_run_id) if a.type == "progress"]
+    return progress
+
+
+def test_a_cancelled_run_is_cancelled_with_its_summary_and_true_progress(
+    tmp_path: Path, dask_address: str, api_url: str
+) -> None:
+    config = _config(tmp_path, _slow_collection(tmp_path), dask_address)
+    flow_run_id = _deployment_run(config)
+    process = _engine(flow_run_id, api_url, tmp_path)
+    lock = tmp_path / "out.zarr" / ".segflow" / "lock.json"
+    _wait_for(lock.exists, process, "the run's store lock")
+    time.sleep(1.0)  # some blocks of the first items done
+
+    process.send_signal(signal.SIGTERM)  # what a worker does to cancel a flow run
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 0, output
+    state = _flow_run(flow_run_id).state
+    assert state.type.value == "CANCELLED", state
+    assert state.message.startswith("outcomes: interrupted (SIGTERM): "), state.message
+    assert _errors(flow_run_id, output) == [], "\n".join(_errors(flow_run_id, output))
+    assert "Traceback" not in output and "Unexpected result" not in output
+    # The progress stays where the run stopped, with its counts.
+    progress = _progress(flow_run_id)
+    assert progress.data < 100.0, progress
+    assert "interrupted" in progress.description, progress.description
+    assert not lock.exists()
+
+
+def test_the_run_that_takes_over_a_killed_runs_store_closes_its_task_runs_and_progress(
+    tmp_path: Path, dask_address: str, api_url: str
+) -> None:
+    config = _config(tmp_path, _slow_collection(tmp_path, n_items=3), dask_address)
+    killed = _deployment_run(config)
+    process = _engine(killed, api_url, tmp_path)
+    lock = tmp_path / "out.zarr" / ".segflow" / "lock.json"
+    _wait_for(lock.exists, process, "the run's store lock")
+    # Killed as the kernel's out-of-memory killer does, while its items run.
+    _wait_for(
+        lambda: any(
+            r.state.is_running() for r in _task_runs(killed) if r.name.startswith("segment-")
+        ),
+        process,
+        "a running item",
+    )
+    process.kill()
+    process.communicate()
+    assert [r for r in _task_runs(killed) if r.state.is_running()]
+
+    taker = _deployment_run(config)
+    process = _engine(taker, api_url, tmp_path)
+    output, _ = process.communicate(timeout=180)
+
+    assert process.returncode == 0, output
+    assert _flow_run(taker).state.type.value == "COMPLETED", output
+    assert _flow_run(killed).state.type.value == "CRASHED"
+    left = {r.name: r.state.type.value for r in _task_runs(killed)}
+    assert "RUNNING" not in left.values() and "CRASHED" in left.values(), left
+    progress = _progress(killed)
+    assert progress.description.startswith(f"**Crashed at {progress.data} %**"), progress
+    assert _flow_run(taker).name in progress.description

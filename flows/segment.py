@@ -33,7 +33,6 @@ from segflow.flows._outcomes import RunOutcome, expected
 from segflow.flows._signals import stop_on_signals
 from segflow.flows.cluster import dashboard_link, dask_client
 from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
-from segflow.tasks import artifacts
 from segflow.tasks.artifacts import publish_progress, report_items_task
 from segflow.tasks.items import plan_items_task, segment_items_task
 from segflow.tasks.store import compact_vectors_task, current_run_id, writing_store
@@ -209,7 +208,7 @@ def segment_items(
             f", dashboard {link}" if (link := dashboard_link(client)) else "",
             extra={"segflow_console": True},  # shown on the terminal too (flows/_logs.py)
         )
-        quicklook = {item["id"] for item in work[: artifacts.QUICKLOOK_ITEMS]}
+        quicklook = {item["id"] for item in work[: cfg.run.quicklooks]}
         futures = [
             segment_items_task.submit(
                 cfg,

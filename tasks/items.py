@@ -114,7 +114,7 @@ def segment_items_task(
             _log_item(logger, cfg.output.store, row)
         if reader is not None and row["status"] == "done" and row["id"] in quicklook:
             try:
-                publish_quicklook(reader, cfg.output.store, row)
+                publish_quicklook(reader, cfg.output.store, row, size=cfg.run.quicklook_size)
             except Exception as error:  # a picture never fails the item
                 logger.warning(
                     "item %s: no quick look (%s: %s)", row["id"], type(error).__name__, error

@@ -262,3 +262,34 @@ def test_the_run_that_takes_over_a_killed_runs_store_closes_its_task_runs_and_pr
     progress = _progress(killed)
     assert progress.description.startswith(f"**Crashed at {progress.data} %**"), progress
     assert _flow_run(taker).name in progress.description
+
+
+def test_a_runs_artifacts_stay_small_whatever_the_number_of_quick_looks(
+    tmp_path: Path, dask_address: str, api_url: str
+) -> None:
+    from segflow.flows.segment import segment_collection
+    from segflow.store.quicklook import QUICKLOOK_NAME
+
+    n_items = 12  # more than the default 10, each 1024 px at most
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for k in range(n_items):
+        write_geotiff(folder / f"t{k:02d}.tif", blob_image(), x0=500_000.0 + 720 * k)
+    config = yaml.safe_load(_config(tmp_path, folder, dask_address).read_text())
+    config["run"] = {"quicklooks": n_items, "quicklook_size": 1024}
+
+    state = segment_collection(config, return_state=True)
+
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    artifacts = _artifacts(flow_run_id)
+    looks = [a for a in artifacts if "quick look" in str(a.description)]
+    assert len(looks) == n_items
+    assert len(list((tmp_path / "out.zarr").glob(f"*/{QUICKLOOK_NAME}"))) == n_items
+    # What Prefect's database holds of the run's artifacts: data, description, key.
+    sizes = [
+        len(json.dumps(a.data).encode()) + len((a.description or "").encode()) + len(a.key or "")
+        for a in artifacts
+    ]
+    print(f"{len(artifacts)} artifacts, {sum(sizes)} bytes ({n_items} quick looks)")
+    assert sum(sizes) < 100_000, sizes

@@ -135,8 +135,8 @@ def _finish_progress(client: Any, run_id: uuid.UUID) -> None:
             artifact.id,
             ArtifactUpdate(
                 description=f"**Crashed at {artifact.data} %**: the run's process died; run "
-                f"{flow_run.name or flow_run.id} took over its store and redoes what it had "
-                f"not finished. When it died: {last}"
+                f"{flow_run.name or flow_run.id} took over its store (its unfinished items "
+                f"are redone by the runs that follow). When it died: {last}"
             ),
         )
 

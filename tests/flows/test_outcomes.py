@@ -291,5 +291,9 @@ def test_a_runs_artifacts_stay_small_whatever_the_number_of_quick_looks(
         len(json.dumps(a.data).encode()) + len((a.description or "").encode()) + len(a.key or "")
         for a in artifacts
     ]
-    print(f"{len(artifacts)} artifacts, {sum(sizes)} bytes ({n_items} quick looks)")
+    looks_bytes = [s for a, s in zip(artifacts, sizes, strict=True) if a in looks]
+    print(
+        f"{len(artifacts)} artifacts, {sum(sizes)} bytes; {n_items} quick looks, "
+        f"{min(looks_bytes)}-{max(looks_bytes)} bytes each"
+    )
     assert sum(sizes) < 100_000, sizes

@@ -171,7 +171,7 @@ class RunConfig(_Model):
     quicklooks: int = Field(
         10,
         ge=0,
-        le=1000,
+        le=100,  # about 400 bytes of Prefect's database each: a run's stay well under 100 KB
         description="items of a run (the first submitted) that get a quick look, a PNG beside "
         "the item in the store (ITEM/quicklook.png) linked from a small artifact of their "
         "task run; 0 for none; default 10",

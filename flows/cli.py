@@ -331,7 +331,8 @@ def _run_loaded(
         watch_api(api_url, _api_lost),
         _shared_cluster(loaded) as shared,
     ):
-        from segflow.flows.segment import ItemsFailedError, segment_collection
+        from segflow.flows._outcomes import RunOutcome
+        from segflow.flows.segment import segment_collection
 
         # A config whose store another config of this command writes first plans anew.
         stores_used = Counter(str(store).rstrip("/") for store in stores)
@@ -347,7 +348,7 @@ def _run_loaded(
             finally:
                 forget_plans()  # taken by the flow, unless it ended before planning
             result: Any = state.result(raise_on_failure=False)
-            if isinstance(result, ItemsFailedError):
+            if isinstance(result, RunOutcome):  # failed items, or interrupted
                 result = result.summary
             if isinstance(result, BaseException):
                 typer.echo(f"{path}: run failed: {type(result).__name__}: {result}", err=True)

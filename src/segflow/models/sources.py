@@ -325,6 +325,41 @@ def _on_cuda(module: Any) -> bool:
     return any(p.is_cuda for p in params[:1])
 
 
+def _normalisation_text(card: ModelCard) -> str:
+    parts = []
+    for channel in card.channels:
+        norm = channel.normalization
+        if norm.method == "percentile":
+            text = f"item percentiles {norm.low:g}..{norm.high:g} -> 0..1"
+        elif norm.method == "fixed":
+            text = f"fixed {norm.low:g}..{norm.high:g} -> 0..1"
+        elif norm.method == "zscore":
+            text = "item mean / standard deviation (z-score)"
+        else:
+            text = "none (values as they are)"
+        parts.append(f"{channel.name}: {text}{', clipped' if norm.clip else ''}")
+    return "; ".join(parts)
+
+
+def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) -> list[str]:
+    """What ``segflow models inspect`` prints: the derived card, one line per part."""
+    card = card or described.card
+    axes = "c, z, y, x" if card.spatial_dims == 3 else "c, y, x"
+    spacing = "not stated" if card.spacing is None else f"{card.spacing} {card.units or ''}"
+    lines = [
+        f"model: {path}",
+        f"source: {described.source} ({described.where})",
+        f"input: {len(card.channels)} channel(s), {card.spatial_dims}-D, axes ({axes})",
+        f"normalisation (whole item): {_normalisation_text(card)}",
+        f"tile: {card.tile}{' (fixed by the model)' if described.fixed_tile else ''}, "
+        f"overlap {card.overlap:g}, blending {card.window}",
+        f"spacing: {spacing.strip()}",
+        f"output: {len(card.classes)} classes ({', '.join(card.classes)}), activation "
+        f"{card.activation} per tile, head {card.head}",
+    ]
+    return lines + [f"note: {note}" for note in described.notes]
+
+
 @functools.cache
 def _load_builtins() -> None:
     from segflow.models.monai_bundle import MonaiBundleSource
@@ -364,6 +399,7 @@ __all__ = [
     "ModelSource",
     "SourceCard",
     "TorchScriptSource",
+    "card_lines",
     "describe_model",
     "file_sha256",
     "load_source",

@@ -204,6 +204,8 @@ def derive_card(session: Any, path: Path) -> SourceCard:
                 f"fixed input {tile}"
             )
         tile, notes = tuple(meta.pop("tile")), ["tile: from the graph's metadata"]
+    if "overlap" not in meta:
+        notes.append("overlap: 0.5, segflow's default (the step's `overlap` overrides it)")
     classes_out = _output_channels(session, path, channels, tile)
     fields = _defaults(path, channels, classes_out, tile, notes)
     fields.update({k: v for k, v in meta.items() if k not in ("spatial_dims",)})

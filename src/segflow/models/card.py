@@ -139,6 +139,11 @@ class ModelCard(_Card):
         description="units of `spacing` as item metadata names them (m, mm, um, ...); with "
         "both, the model step refuses items of another pixel size (see its spacing_tolerance)",
     )
+    output_activation: Activation | None = Field(
+        default=None,
+        description="what turns the network's output into the blended map (softmax, sigmoid "
+        "or none); unset: from the head (softmax, none for the distance head)",
+    )
     training: TrainingCard = TrainingCard()
     metrics: dict[str, float] = {}
     weights: WeightsCard | None = None
@@ -170,7 +175,10 @@ class ModelCard(_Card):
     @property
     def activation(self) -> Activation:
         """What turns the network's output into the blended map: softmax over the classes,
-        or nothing for the distance and flow heads (their foreground channel is a logit)."""
+        or nothing for the distance and flow heads (their foreground channel is a logit); a
+        card derived from another format states its own (``output_activation``)."""
+        if self.output_activation is not None:
+            return self.output_activation
         return "none" if self.head in ("foreground_distance", "flows") else "softmax"
 
     def network_spec(self) -> NetworkSpec:
@@ -185,10 +193,12 @@ class ModelCard(_Card):
 
     def identity_json(self) -> str:
         """Canonical JSON of the card without its ``weights`` entry (which depends on how the
-        weights were serialised): the card's part of the model hash."""
-        return json.dumps(
-            self.model_dump(mode="json", exclude={"weights"}), sort_keys=True, separators=(",", ":")
-        )
+        weights were serialised): the card's part of the model hash. ``output_activation``
+        enters only when set, so the cards written before it existed keep their hash."""
+        data = self.model_dump(mode="json", exclude={"weights"})
+        if data["output_activation"] is None:
+            del data["output_activation"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def check_item(card: ModelCard, *, channels: int, spatial_ndim: int, item: str = "") -> None:

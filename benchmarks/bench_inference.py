@@ -32,7 +32,7 @@ the peak and segflow at 1e-4 (``segflow.models.tiling.MIN_WEIGHT``): at a tile's
 both weights are near the floor, a random network's two tiles can disagree strongly.
 
 The last line printed is one JSON object. Run: ``python benchmarks/bench_inference.py``
-(``--size 1024`` for a quick run).
+(``--size 1024`` for a quick run, ``--onnx-only`` for the two ONNX Runtime sides alone).
 """
 
 from __future__ import annotations
@@ -265,6 +265,33 @@ def run_onnx_sides(
     }
 
 
+def run_torch_references(
+    net: torch.nn.Module, source: Path, store: Path, workdir: Path, args: Any, segflow_s: float
+) -> dict[str, Any]:
+    """MONAI's sliding window and the bare forward pass, compared with segflow's output."""
+    monai_runs = [
+        run_monai(net, source, workdir / "monai.zarr", args.batch_size, args.block)
+        for _ in range(args.repeat)
+    ]
+    monai_s, tiles = min(monai_runs)
+    print(f"monai {monai_s:.2f} s ({tiles} tiles)", file=sys.stderr, flush=True)
+    raw_s = min(run_raw(net, tiles, args.batch_size) for _ in range(args.repeat))
+    print(f"raw forward {raw_s:.2f} s", file=sys.stderr, flush=True)
+    # segflow stores a float output as the item's "image" array
+    ours = zarr.open_group(str(store / "bench"), mode="r")["image"][...].astype(np.float64)
+    theirs = zarr.open_array(str(workdir / "monai.zarr"), mode="r")[...]
+    return {
+        "tiles": tiles,
+        "max_abs_diff": round(float(np.abs(ours - theirs).max()), 6),
+        "mean_abs_diff": round(float(np.abs(ours - theirs).mean()), 6),
+        "segflow_s": round(segflow_s, 3),
+        "monai_s": round(monai_s, 3),
+        "raw_forward_s": round(raw_s, 3),
+        "ratio_vs_monai": round(monai_s / segflow_s, 3),
+        "ratio_vs_raw": round(raw_s / segflow_s, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -276,6 +303,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; the best counts")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime sides")
+    parser.add_argument(
+        "--onnx-only", action="store_true", help="only the ONNX Runtime sides (no torch, MONAI)"
+    )
     args = parser.parse_args()
 
     from distributed import Client
@@ -303,7 +333,8 @@ def main() -> None:
         cluster = start_local_cluster(args.workers)
         client = Client(cluster)
         results["cluster_start_s"] = round(time.perf_counter() - started, 2)
-        warm_up(client, model_dir, workdir, args.batch_size, args.block)
+        if not args.onnx_only:
+            warm_up(client, model_dir, workdir, args.batch_size, args.block)
         graph = None if args.no_onnx else export_onnx(net, workdir / "model.onnx")
         if graph is not None:
             warm_up(client, graph, workdir, args.batch_size, args.block)
@@ -312,50 +343,20 @@ def main() -> None:
         store = workdir / "segflow.zarr"
 
         # Best of --repeat runs on each side: the machine is shared and noisy.
-        segflow_s = min(
-            run_segflow(client, source, store, model_dir, args.batch_size, args.block)
-            for _ in range(args.repeat)
-        )
-        print(f"segflow {segflow_s:.2f} s", file=sys.stderr, flush=True)
-        if graph is not None:
-            results.update(
-                run_onnx_sides(
-                    client,
-                    graph,
-                    source,
-                    workdir,
-                    args.batch_size,
-                    args.block,
-                    args.repeat,
-                    threads,
-                )
+        segflow_s = 0.0
+        if not args.onnx_only:
+            segflow_s = min(
+                run_segflow(client, source, store, model_dir, args.batch_size, args.block)
+                for _ in range(args.repeat)
             )
+            print(f"segflow {segflow_s:.2f} s", file=sys.stderr, flush=True)
+        if graph is not None:
+            sides = (client, graph, source, workdir, args.batch_size, args.block, args.repeat)
+            results.update(run_onnx_sides(*sides, threads))
         client.close()
         cluster.close()  # the workers' threads would otherwise compete with the next sides
-        monai_runs = [
-            run_monai(net, source, workdir / "monai.zarr", args.batch_size, args.block)
-            for _ in range(args.repeat)
-        ]
-        monai_s, tiles = min(monai_runs)
-        print(f"monai {monai_s:.2f} s ({tiles} tiles)", file=sys.stderr, flush=True)
-        raw_s = min(run_raw(net, tiles, args.batch_size) for _ in range(args.repeat))
-        print(f"raw forward {raw_s:.2f} s", file=sys.stderr, flush=True)
-
-        # segflow stores a float output as the item's "image" array
-        ours = zarr.open_group(str(store / "bench"), mode="r")["image"][...]
-        theirs = zarr.open_array(str(workdir / "monai.zarr"), mode="r")[...]
-        results.update(
-            {
-                "tiles": tiles,
-                "max_abs_diff": round(float(np.abs(ours.astype(np.float64) - theirs).max()), 6),
-                "mean_abs_diff": round(float(np.abs(ours.astype(np.float64) - theirs).mean()), 6),
-                "segflow_s": round(segflow_s, 3),
-                "monai_s": round(monai_s, 3),
-                "raw_forward_s": round(raw_s, 3),
-                "ratio_vs_monai": round(monai_s / segflow_s, 3),
-                "ratio_vs_raw": round(raw_s / segflow_s, 3),
-            }
-        )
+        if not args.onnx_only:
+            results.update(run_torch_references(net, source, store, workdir, args, segflow_s))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(results))

@@ -363,11 +363,13 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
 @functools.cache
 def _load_builtins() -> None:
     from segflow.models.monai_bundle import MonaiBundleSource
+    from segflow.models.nnunet_source import NnunetSource
     from segflow.models.onnx_source import OnnxSource
 
     builtins: list[type[ModelSource]] = [
         CheckpointSource,
         MonaiBundleSource,
+        NnunetSource,
         OnnxSource,
         ExportedSource,
         TorchScriptSource,

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from segflow.models.checkpoint import LoadedModel
 
 ModelOutput = Literal["classes", "probabilities", "foreground"]
-Activation = Literal["softmax", "sigmoid", "none"]  # segflow.models.inference's, torch-free
+Activation = Literal["softmax", "sigmoid", "none", "softmax_after_blending"]  # inference's
 
 
 class ModelParams(OpParams):

@@ -362,6 +362,7 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
 
 @functools.cache
 def _load_builtins() -> None:
+    from segflow.models.bioimageio_source import BioimageioSource
     from segflow.models.monai_bundle import MonaiBundleSource
     from segflow.models.nnunet_source import NnunetSource
     from segflow.models.onnx_source import OnnxSource
@@ -370,6 +371,7 @@ def _load_builtins() -> None:
         CheckpointSource,
         MonaiBundleSource,
         NnunetSource,
+        BioimageioSource,
         OnnxSource,
         ExportedSource,
         TorchScriptSource,

@@ -160,6 +160,19 @@ def test_onnx_through_segflow_equals_onnxruntime_over_the_same_tiles(
     np.testing.assert_allclose(out, 1.0 - num[0] / den, rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs onnxruntime-gpu (the CUDA execution provider) and a GPU",
+)
+def test_the_cuda_execution_provider_agrees_with_cpu(onnx_models: dict[str, Path]) -> None:
+    image = np.random.default_rng(6).gamma(2.0, 50.0, (40, 44)).astype(np.float32)
+    cpu = segment(image, [_step(onnx_models["2d"])], block_shape=(16, 24))
+    gpu = segment(image, [_step(onnx_models["2d"], device="cuda")], block_shape=(16, 24))
+    # float32 on both (no autocast for ONNX Runtime): cuDNN's kernels round differently.
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-4)
+
+
 def test_a_fixed_shape_graph_forces_its_tile(onnx_models: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match=r"`tile` \(32, 32\) cannot be used, the model's ONNX "
                        r"graph .*fixed.onnx fixes its input to \(16, 16\)"):  # fmt: skip

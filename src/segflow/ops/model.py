@@ -20,8 +20,12 @@ users report masks cut along the block grid: cellpose issues #1364 and #1148).
 
 The model is loaded once per worker process (cached by path, weights hash and device) and
 never travels through the task graph; the step's block tasks hold ``GPU=1`` unless the
-device is ``cpu``. The card is read at planning: a checkpoint whose channels or
-dimensionality do not fit the item is refused before any block runs.
+device is ``cpu``. The card is derived at planning by the model's source
+(:mod:`segflow.models.sources`: segflow checkpoints, TorchScript, ``.pt2``, ONNX graphs, MONAI
+bundles), with the step's overrides (``tile``, ``overlap``, ``normalization``,
+``activation``) where the format lacks them: a model whose channels or dimensionality do not
+fit the item is refused before any block runs, and a network whose output on a dummy batch
+does not fit its card is refused when a worker loads it.
 """
 
 from __future__ import annotations
@@ -397,8 +401,9 @@ register(
         kind="local",
         params=ModelParams,
         apply=_unexpanded,
-        summary="tiled inference of a segflow model (blended global tile grid; whole-item "
-        "normalisation); follow with threshold/label/watershed for instances",
+        summary="tiled inference of a model (segflow checkpoint, TorchScript, .pt2, ONNX, "
+        "MONAI bundle; blended global tile grid; whole-item normalisation); follow with "
+        "threshold/label/watershed for instances",
         halo=_halo,
         halo_rule="tile - 1 per axis (from the model card)",
         expand=_parts,

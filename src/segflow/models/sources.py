@@ -20,9 +20,11 @@ MONAI's ``verify_net_in_out``) before any block runs.
 Sources are tried in registration order, most specific first. A third-party package adds
 one with an entry point in the ``segflow.model_sources`` group naming a :class:`ModelSource`
 subclass; it is tried before the built-in ones (as readers are, :mod:`segflow.io.registry`).
-Sources to come (bioimage.io, nnU-Net, transformers) fit the same interface: their
-preprocessing maps onto the card's per-channel normalisation, an ensemble of folds is one
-callable averaging its members, and a target spacing is the card's ``spacing``.
+nnU-Net v2 results folders (:mod:`segflow.models.nnunet_source`: an ensemble of folds is one
+callable averaging its members, the plans' target spacing is the card's ``spacing``) and
+bioimage.io packages (:mod:`segflow.models.bioimageio_source`: their preprocessing maps onto
+the card's per-channel normalisation) fit the same interface; transformers models are to
+come.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml
 	# torchvision (whose PyPI wheels fail against the CPU torch, and may pull a CUDA torch);
 	# its other imports are in the dev extra, the tests stand in for torchvision.
 	$(BIN)/python -m pip install --quiet --no-deps "cellpose==4.2.1"
+	# nnunetv2 (dev: the nnU-Net source's comparison test) pulls unittest2, which pulls PyPI's
+	# argparse 1.4.0: Prefect's temporary server runs uvicorn with site-packages first on its
+	# path, where that file hides the standard library's argparse and the server cannot start.
+	$(BIN)/python -m pip uninstall --quiet --yes argparse
 	touch $@
 
 clean-outputs:

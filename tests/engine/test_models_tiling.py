@@ -108,5 +108,7 @@ def test_bad_grid_arguments_name_the_parameter() -> None:
         grid.window((slice(3, 3), slice(0, 4)))
     with pytest.raises(ValueError, match=r"`region` has 1 axes, the item has 2"):
         grid.overlapping((slice(0, 3),))
-    with pytest.raises(ValueError, match=r"`window` \('hann'\) must be 'gaussian' or 'cosine'"):
+    with pytest.raises(
+        ValueError, match=r"`window` \('hann'\) must be 'gaussian', 'cosine', 'constant'"
+    ):
         tile_weights((4, 4), window="hann")  # type: ignore[arg-type]

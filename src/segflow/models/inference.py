@@ -30,7 +30,9 @@ from segflow.errors import ModelError
 from segflow.models.tiling import BlendWindow, Box, TileGrid, plan_tiles, tile_weights
 
 Device = Literal["cpu", "cuda", "auto"]
-Activation = Literal["none", "softmax", "sigmoid"]
+#: ``softmax_after_blending``: tiles blend the network's logits and the softmax is taken of
+#: the blend (nnU-Net's order); the others apply to each tile's output before blending.
+Activation = Literal["none", "softmax", "sigmoid", "softmax_after_blending"]
 PadMode = Literal["constant", "reflect", "edge"]
 Reader = Callable[[Box], np.ndarray]
 
@@ -154,8 +156,10 @@ def predict_region(
     batch_size : int
         Tiles per forward pass; the last batch is filled up with copies of its last tile so
         that every pass has the same shape.
-    activation : {'none', 'softmax', 'sigmoid'}
-        Applied to each tile's output (softmax over channels) before averaging and blending.
+    activation : {'none', 'softmax', 'sigmoid', 'softmax_after_blending'}
+        Applied to each tile's output (softmax over channels) before averaging and blending;
+        ``softmax_after_blending`` blends (and averages over flips) the logits and takes the
+        softmax of the blend, as nnU-Net does.
     tta : bool
         Test-time augmentation: average each tile's outputs over all flips of its axes.
     flows : bool
@@ -245,7 +249,11 @@ def predict_region(
     if pending is not None:
         accumulate(*pending)
     assert numerator is not None
-    return (numerator / denominator).astype(np.float32)
+    blended = numerator / denominator
+    if activation == "softmax_after_blending":
+        blended = np.exp(blended - blended.max(axis=0, keepdims=True))
+        blended /= blended.sum(axis=0, keepdims=True)
+    return blended.astype(np.float32)
 
 
 def predict_image(

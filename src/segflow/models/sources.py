@@ -20,9 +20,11 @@ MONAI's ``verify_net_in_out``) before any block runs.
 Sources are tried in registration order, most specific first. A third-party package adds
 one with an entry point in the ``segflow.model_sources`` group naming a :class:`ModelSource`
 subclass; it is tried before the built-in ones (as readers are, :mod:`segflow.io.registry`).
-Sources to come (bioimage.io, nnU-Net, transformers) fit the same interface: their
-preprocessing maps onto the card's per-channel normalisation, an ensemble of folds is one
-callable averaging its members, and a target spacing is the card's ``spacing``.
+nnU-Net v2 results folders (:mod:`segflow.models.nnunet_source`: an ensemble of folds is one
+callable averaging its members, the plans' target spacing is the card's ``spacing``) and
+bioimage.io packages (:mod:`segflow.models.bioimageio_source`: their preprocessing maps onto
+the card's per-channel normalisation) and Hugging Face transformers semantic segmentation
+folders (:mod:`segflow.models.transformers_source`) fit the same interface.
 """
 
 from __future__ import annotations
@@ -341,6 +343,12 @@ def _normalisation_text(card: ModelCard) -> str:
     return "; ".join(parts)
 
 
+def _activation_text(activation: str) -> str:
+    if activation == "softmax_after_blending":
+        return "softmax of the blended logits"
+    return f"{activation} per tile"
+
+
 def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) -> list[str]:
     """What ``segflow models inspect`` prints: the derived card, one line per part."""
     card = card or described.card
@@ -355,19 +363,25 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
         f"overlap {card.overlap:g}, blending {card.window}",
         f"spacing: {spacing.strip()}",
         f"output: {len(card.classes)} classes ({', '.join(card.classes)}), activation "
-        f"{card.activation} per tile, head {card.head}",
+        f"{_activation_text(card.activation)}, head {card.head}",
     ]
     return lines + [f"note: {note}" for note in described.notes]
 
 
 @functools.cache
 def _load_builtins() -> None:
+    from segflow.models.bioimageio_source import BioimageioSource
     from segflow.models.monai_bundle import MonaiBundleSource
+    from segflow.models.nnunet_source import NnunetSource
     from segflow.models.onnx_source import OnnxSource
+    from segflow.models.transformers_source import TransformersSource
 
     builtins: list[type[ModelSource]] = [
         CheckpointSource,
         MonaiBundleSource,
+        NnunetSource,
+        BioimageioSource,
+        TransformersSource,
         OnnxSource,
         ExportedSource,
         TorchScriptSource,

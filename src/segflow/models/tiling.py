@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 Box = tuple[slice, ...]
-BlendWindow = Literal["gaussian", "cosine", "constant"]
+BlendWindow = Literal["gaussian", "cosine", "constant", "gaussian_nnunet"]
 
 #: Smallest blending weight, relative to the window's peak. A pixel covered only by the corner of
 #: one tile (an item corner, in 3-D) would otherwise get a weight near 1e-11: clamping keeps
@@ -212,8 +212,28 @@ def tile_halo(shape: Sequence[int], *, tile: Sequence[int], overlap: float) -> t
     return plan_tiles(shape, tile=tile, overlap=overlap).halo
 
 
+def _nnunet_gaussian(tile: tuple[int, ...]) -> np.ndarray:
+    """nnU-Net v2's ``compute_gaussian``: a unit impulse at ``tile // 2`` through scipy's
+    ``gaussian_filter`` (sigma tile / 8, truncated at 4 sigma), peak 1, zeros replaced by the
+    smallest non-zero weight; in float32 (nnU-Net keeps it in float16)."""
+    per_axis = []
+    for t in tile:
+        sigma = t * GAUSSIAN_SIGMA_SCALE
+        radius = int(4.0 * sigma + 0.5)
+        x = np.arange(t) - t // 2
+        per_axis.append(np.where(np.abs(x) <= radius, np.exp(-0.5 * (x / sigma) ** 2), 0.0))
+    weights = functools.reduce(np.multiply.outer, per_axis)
+    weights /= weights.max()
+    weights[weights == 0] = weights[weights > 0].min()
+    return weights.astype(np.float32)
+
+
 @functools.lru_cache(maxsize=16)
 def _weights(tile: tuple[int, ...], window: str) -> np.ndarray:
+    if window == "gaussian_nnunet":
+        weights = _nnunet_gaussian(tile)
+        weights.flags.writeable = False
+        return weights
     per_axis = []
     for t in tile:
         x = np.arange(t, dtype=np.float64)
@@ -236,7 +256,9 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
 
     ``gaussian`` has sigma = tile / 8 per axis around the tile centre (nnU-Net); ``cosine`` is
     a Hann window. Both favour the tile centre, where the network sees the most context.
-    ``constant`` weighs every pixel alike (MONAI's default ``mode="constant"``).
+    ``constant`` weighs every pixel alike (MONAI's default ``mode="constant"``);
+    ``gaussian_nnunet`` is nnU-Net v2's own (centred on ``tile // 2``, truncated at 4 sigma,
+    not clamped at :data:`MIN_WEIGHT`), for nnU-Net results folders.
     The returned array is read-only (it is cached).
 
     Examples
@@ -248,8 +270,10 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
     array([0.03, 0.17, 0.17, 0.03], dtype=float32)
     """
     tile = tuple(int(t) for t in tile)
-    if window not in ("gaussian", "cosine", "constant"):
-        raise ValueError(f"`window` ({window!r}) must be 'gaussian', 'cosine' or 'constant'")
+    if window not in ("gaussian", "cosine", "constant", "gaussian_nnunet"):
+        raise ValueError(
+            f"`window` ({window!r}) must be 'gaussian', 'cosine', 'constant' or 'gaussian_nnunet'"
+        )
     if any(t < 1 for t in tile):
         raise ValueError(f"`tile` {tile} must be positive on every axis")
     return _weights(tile, window)

@@ -22,10 +22,11 @@ The model is loaded once per worker process (cached by path, weights hash and de
 never travels through the task graph; the step's block tasks hold ``GPU=1`` unless the
 device is ``cpu``. The card is derived at planning by the model's source
 (:mod:`segflow.models.sources`: segflow checkpoints, TorchScript, ``.pt2``, ONNX graphs, MONAI
-bundles), with the step's overrides (``tile``, ``overlap``, ``normalization``,
-``activation``) where the format lacks them: a model whose channels or dimensionality do not
-fit the item is refused before any block runs, and a network whose output on a dummy batch
-does not fit its card is refused when a worker loads it.
+bundles, nnU-Net v2 results folders, bioimage.io packages), with the step's overrides
+(``tile``, ``overlap``, ``normalization``, ``activation``) where the format lacks them: a
+model whose channels or dimensionality do not fit the item is refused before any block
+runs, and a network whose output on a dummy batch does not fit its card is refused when a
+worker loads it.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ if TYPE_CHECKING:
     from segflow.models.checkpoint import LoadedModel
 
 ModelOutput = Literal["classes", "probabilities", "foreground", "raw"]
-Activation = Literal["softmax", "sigmoid", "none"]  # segflow.models.inference's, torch-free
+Activation = Literal["softmax", "sigmoid", "none", "softmax_after_blending"]  # inference's
 
 
 class ModelParams(OpParams):
     path: str = Field(
         description="the model: a checkpoint folder (card.json + weights), a .pt2 program or "
-        "TorchScript file with a .json card beside it, an ONNX graph or a MONAI bundle folder "
+        "TorchScript file with a .json card beside it, an ONNX graph, a MONAI bundle folder, "
+        "an nnU-Net v2 results folder or a bioimage.io package (folder or .zip) "
         "(`segflow models inspect PATH` shows what segflow derives from it)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -412,8 +414,8 @@ register(
         params=ModelParams,
         apply=_unexpanded,
         summary="tiled inference of a model (segflow checkpoint, TorchScript, .pt2, ONNX, "
-        "MONAI bundle; blended global tile grid; whole-item normalisation); follow with "
-        "threshold/label/watershed for instances",
+        "MONAI bundle, nnU-Net v2, bioimage.io; blended global tile grid; whole-item "
+        "normalisation); follow with threshold/label/watershed for instances",
         halo=_halo,
         halo_rule="tile - 1 per axis (from the model card)",
         expand=_parts,

@@ -57,7 +57,9 @@ def test_deployment_runs_are_named_and_tagged_after_their_config(
 
     name = flow.flow_run_name.name_for(deployment["parameters"], nightly)  # type: ignore[union-attr]
 
+    # What each run does is in its name: a backfill, a rebuild, or a nightly (no word).
     kind = "-backfill" if deployment["entrypoint"].endswith(":backfill") else ""
+    kind = "-rebuild" if deployment["parameters"].get("overwrite") is True else kind
     assert name == f"{config_name}{kind}-2026-11-30T02:00Z"
     assert f"config:{config_name}" in deployment["tags"]
 

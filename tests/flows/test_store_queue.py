@@ -1,0 +1,196 @@
+"""One queue per store, and a cancel that lands after a server restart, on a real
+``prefect server start`` with flow runs in processes of their own (as a worker starts them).
+
+Skipped, with the reason, when the server does not answer within its start-up time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _geodata import blob_image, write_geotiff
+from _prefect_server import PrefectServer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parents[2]
+RUNS = Path(__file__).with_name("_store_runs.py")
+PROCESS_TIMEOUT = 180.0  # a flow process here: 5-15 s of imports, then a second of work
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server-home"))
+    try:
+        if (why := server.start()) is not None:
+            pytest.skip(why)
+        yield server
+    finally:
+        server.stop()
+
+
+def write_config(path: Path, store: Path, tiles: Path, address: str) -> Path:
+    path.write_text(
+        yaml.safe_dump({
+            "name": path.stem,
+            "input": {"path": str(tiles)},
+            "output": {"store": str(store), "chunks": [32, 32]},
+            "blocks": {"shape": [32, 32]},
+            "pipeline": [{"op": "threshold", "value": 100}, {"op": "label"}],
+            "cluster": {"address": address},
+        })
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture
+def tiles(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    write_geotiff(folder / "good.tif", blob_image())
+    return folder
+
+
+class Run:
+    """A flow run in a process of its own (``_store_runs.py ROLE ARGS``); its output in a file."""
+
+    def __init__(self, server: PrefectServer, tmp_path: Path, name: str, *args: str) -> None:
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": server.url,
+            "PREFECT_HOME": str(tmp_path / "client-home"),
+            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        }
+        self.output = tmp_path / f"{name}.log"
+        with self.output.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(RUNS), *args], env=env, stdout=log, stderr=log
+            )
+
+    def text(self) -> str:
+        return self.output.read_text()
+
+    def finish(self) -> dict[str, Any]:
+        """The final state's type and message (the process's last line)."""
+        self.process.wait(timeout=PROCESS_TIMEOUT)
+        last = self.text().strip().splitlines()[-1]
+        try:
+            result: dict[str, Any] = json.loads(last)
+        except ValueError:
+            pytest.fail(f"no final state printed:\n{self.text()[-3000:]}")
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = PROCESS_TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.2)
+    return value
+
+
+def test_runs_on_one_store_take_turns_and_runs_on_another_store_do_not_wait(
+    server: PrefectServer, tmp_path: Path, tiles: Path, dask_address: str
+) -> None:
+    from segflow.store.lock import read_lock
+
+    shared, other = tmp_path / "shared.zarr", tmp_path / "other.zarr"
+    config = write_config(tmp_path / "nightly.yaml", shared, tiles, dask_address)
+    elsewhere_config = write_config(tmp_path / "elsewhere.yaml", other, tiles, dask_address)
+    ready, gate = tmp_path / "holding", tmp_path / "release"
+    runs = [holder := Run(server, tmp_path, "holder", "hold", str(shared), str(ready), str(gate))]
+    try:
+        wait_for(ready.exists, "slot and lock taken by the holding run")
+        holder_id = read_lock(str(shared))["run_id"]  # type: ignore[index]
+        runs += [
+            queued := Run(server, tmp_path, "queued", "segment", str(config)),
+            impatient := Run(server, tmp_path, "impatient", "segment", str(config),
+                             "run.queue_timeout=3"),
+            elsewhere := Run(server, tmp_path, "elsewhere", "segment", str(elsewhere_config)),
+        ]  # fmt: skip
+
+        # Another store: never waits for this one.
+        assert elsewhere.finish()["type"] == "COMPLETED", elsewhere.text()[-3000:]
+        # The same store, with a time limit: ends with one line naming the store and holder.
+        ended = impatient.finish()
+        assert ended["type"] == "FAILED"
+        assert ended["message"].startswith(
+            f"nightly: waited 3 s for store '{shared}' (run.queue_timeout), still written "
+            "by flow run '"
+        ), ended
+        assert holder_id in ended["message"] and "\n" not in ended["message"]
+        # The same store, no limit reached: waits, saying for whom, then runs.
+        wait_for(lambda: "this run waits its turn" in queued.text(), "waiting line")
+        assert f"store '{shared}' is written by flow run '" in queued.text()
+        assert holder_id in queued.text() and queued.process.poll() is None
+        assert holder.process.poll() is None  # still holding: nothing ran on its store
+        gate.touch()
+        assert holder.process.wait(timeout=PROCESS_TIMEOUT) == 0, holder.text()[-3000:]
+        assert queued.finish()["type"] == "COMPLETED", queued.text()[-3000:]
+        assert "in its queue: this run goes on" in queued.text()
+    finally:
+        for run in runs:
+            run.stop()
+
+
+def test_a_cancel_after_a_server_restart_ends_the_run_cancelled_within_seconds(
+    server: PrefectServer, tmp_path: Path, tiles: Path
+) -> None:
+    from distributed import LocalCluster
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    from segflow.store.lock import read_lock
+
+    store = tmp_path / "out.zarr"
+    # A scheduler without workers: the run's blocks wait, so it runs until it is stopped.
+    with LocalCluster(n_workers=0, dashboard_address=":0") as idle:
+        config = write_config(tmp_path / "stuck.yaml", store, tiles, idle.scheduler_address)
+        run = Run(server, tmp_path, "stuck", "segment", str(config))
+        try:
+            lock = wait_for(lambda: read_lock(str(store)), "store lock of the running run")
+            wait_for(lambda: "segmenting 1 items" in run.text(), "items submitted")
+            server.stop()
+            if (why := server.start()) is not None:
+                pytest.fail(why)
+            assert run.process.poll() is None  # the run lived through the restart
+
+            with temporary_settings({PREFECT_API_URL: server.url}):
+                with get_client(sync_client=True) as client:
+                    flow_run_id = uuid.UUID(lock["run_id"])
+                    client.set_flow_run_state(flow_run_id, Cancelling())  # as the CLI does
+                    asked = time.monotonic()
+
+                    def ended() -> Any:
+                        state = client.read_flow_run(flow_run_id).state
+                        return state if state is not None and state.is_final() else None
+
+                    state = wait_for(ended, "final state", timeout=60)
+                    took = time.monotonic() - asked
+            assert state.type == StateType.CANCELLED, (state, run.text()[-3000:])
+            # POLL_SECONDS (2 s) to notice, then the items stop and the run records them;
+            # a loaded 2-core machine takes a few seconds more.
+            assert took < 20, took
+            assert "stuck: interrupted (cancelled)" in str(state.message), state.message
+            assert run.finish()["type"] == "CANCELLED"
+        finally:
+            run.stop()

@@ -78,6 +78,7 @@ def deploy_pull_steps(tmp_path: Path, *, repo: Path | None) -> list[Any]:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    env["PREFECT_DEFAULT_WORK_POOL_NAME"] = "segflow"  # the one variable naming the pool
     env.pop("SEGFLOW_REPO", None)
     if repo is not None:
         env["SEGFLOW_REPO"] = str(repo)
@@ -88,6 +89,7 @@ def deploy_pull_steps(tmp_path: Path, *, repo: Path | None) -> list[Any]:
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("segment-collection/aerial-nightly")
+    assert deployment.work_pool_name == "segflow"
     return list(deployment.pull_steps or [])
 
 

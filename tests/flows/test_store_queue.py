@@ -6,26 +6,18 @@ Skipped, with the reason, when the server does not answer within its start-up ti
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from _geodata import blob_image, write_geotiff
-from _prefect_server import PrefectServer
+from _prefect_server import PROCESS_TIMEOUT, PrefectServer, Run, wait_for
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).parents[2]
-RUNS = Path(__file__).with_name("_store_runs.py")
-PROCESS_TIMEOUT = 180.0  # a flow process here: 5-15 s of imports, then a second of work
 
 
 @pytest.fixture(scope="module")
@@ -59,51 +51,6 @@ def tiles(tmp_path: Path) -> Path:
     folder.mkdir()
     write_geotiff(folder / "good.tif", blob_image())
     return folder
-
-
-class Run:
-    """A flow run in a process of its own (``_store_runs.py ROLE ARGS``); its output in a file."""
-
-    def __init__(self, server: PrefectServer, tmp_path: Path, name: str, *args: str) -> None:
-        env = {
-            **os.environ,
-            "PREFECT_API_URL": server.url,
-            "PREFECT_HOME": str(tmp_path / "client-home"),
-            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-        }
-        self.output = tmp_path / f"{name}.log"
-        with self.output.open("w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(RUNS), *args], env=env, stdout=log, stderr=log
-            )
-
-    def text(self) -> str:
-        return self.output.read_text()
-
-    def finish(self) -> dict[str, Any]:
-        """The final state's type and message (the process's last line)."""
-        self.process.wait(timeout=PROCESS_TIMEOUT)
-        last = self.text().strip().splitlines()[-1]
-        try:
-            result: dict[str, Any] = json.loads(last)
-        except ValueError:
-            pytest.fail(f"no final state printed:\n{self.text()[-3000:]}")
-        return result
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = PROCESS_TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.2)
-    return value
 
 
 def test_runs_on_one_store_take_turns_and_runs_on_another_store_do_not_wait(

@@ -9,13 +9,15 @@ its log (the store, the limit, and the run that holds the store); runs on other 
 have other limits and never wait for it. The store's own lock
 (:mod:`segflow.store.lock`) stays the last line of defence.
 
-The slot is a *lease* (Prefect 3.9's ``prefect.concurrency.sync.concurrency``): renewed
-every 45 s while the run lives, so a run killed with SIGKILL (an out-of-memory kill) frees
-the store once its lease has expired and the server's repossessor has noticed, within
-about :data:`LEASE_SECONDS` + 15 s. Prefect keeps leases in the server's memory unless
+The slot is a *lease* (the API calls of Prefect 3.9's ``prefect.concurrency.sync.concurrency``,
+one try at a time here: see :func:`_try_slot`), renewed every 45 s while the run lives, so a
+run killed with SIGKILL (an out-of-memory kill) frees the store once its lease has expired
+and the server's repossessor has noticed, within about :data:`LEASE_SECONDS` + 15 s. Prefect
+keeps leases in the server's memory unless
 ``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem``
 is set: without it a server restart forgets the leases of running runs and their slots stay
-taken (deploy/README.md).
+taken (deploy/README.md); a waiting run frees such a slot once nobody has written the store
+for :data:`LEAKED_AFTER` seconds.
 
 A run waits at most ``run.queue_timeout`` seconds, then ends *Failed* with one line
 (:class:`QueueTimeoutError`); a run cancelled while it waits ends at once.
@@ -23,10 +25,12 @@ A run waits at most ``run.queue_timeout`` seconds, then ends *Failed* with one l
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from segflow.engine.interrupt import Interrupted, stop_requested
@@ -37,6 +41,11 @@ from segflow.errors import StoreError
 LEASE_SECONDS = 60.0
 # Seconds between two tries for a busy store's slot (and checks for a cancel meanwhile).
 POLL_SECONDS = 2.0
+# A slot taken while no run has written the store for this long is a leaked one (a server
+# that kept its leases in memory restarted, forgetting the lease of a run that ended since):
+# it is freed. Far longer than a lease's expiry (60 s + 15 s) and than planning a large
+# collection before the lock is taken (about a minute at 100,000 items).
+LEAKED_AFTER = 600.0
 QUEUE_PREFIX = "segflow-store-"
 
 
@@ -71,48 +80,89 @@ def store_queue(store: str, *, timeout: float | None, logger: Any) -> Iterator[f
     stop (a cancel, a signal) while it waits.
     """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-    from prefect.concurrency.sync import concurrency
 
     name = queue_name(store)
-    run_id = _flow_run_id()
-    holder = None if run_id is None else ConcurrencyLeaseHolder(type="flow_run", id=run_id)
-    with get_client(sync_client=True) as client:
-        _ensure_limit(client, name, store, logger)
     started = time.monotonic()
     said: str | None = None
-    with ExitStack() as stack:
-        while True:
-            if (reason := stop_requested()) is not None:
-                raise Interrupted(f"stopped ({reason}) while waiting for store '{store}'")
+    unwritten = _Unwritten(store, name, logger)
+    with get_client(sync_client=True) as client:
+        _ensure_limit(client, name, store, logger)
+        while (lease := _try_slot(client, name)) is None:
             waited = time.monotonic() - started
             if timeout is not None and waited >= timeout:
                 raise QueueTimeoutError(_timeout_line(store, name, waited, _holder_name(store)))
-            wait = POLL_SECONDS if timeout is None else min(POLL_SECONDS, timeout - waited)
-            try:
-                stack.enter_context(
-                    concurrency(
-                        name,
-                        timeout_seconds=max(wait, 0.1),
-                        lease_duration=LEASE_SECONDS,
-                        strict=True,  # the limit exists (made above): never run unqueued
-                        holder=holder,
-                        # A server that restarts must not kill a run: its lease is renewed
-                        # once the server answers again.
-                        raise_on_lease_renewal_failure=False,
-                    )
-                )
-                break
-            except TimeoutError:
-                if (holding := _holder_name(store)) != said:
-                    said = holding
-                    logger.info("%s", _waiting_line(store, name, holding, timeout))
-        if said is None:  # the store was free
-            yield 0.0
-            return
-        waited = time.monotonic() - started
+            if (holding := _holder_name(store)) != said:
+                said = holding
+                logger.info("%s", _waiting_line(store, name, holding, timeout))
+            unwritten.check()
+            time.sleep(POLL_SECONDS if timeout is None else min(POLL_SECONDS, timeout - waited))
+            if (reason := stop_requested()) is not None:
+                raise Interrupted(f"stopped ({reason}) while waiting for store '{store}'")
+    waited = time.monotonic() - started if said is not None else 0.0
+    if said is not None:
         logger.info("store '%s' is free after %.0f s in its queue: this run goes on", store, waited)
+    with _renewing(lease, logger):
         yield waited
+
+
+def _try_slot(client: Any, name: str) -> uuid.UUID | None:
+    """The lease of ``name``'s slot, or None while another run holds it.
+
+    Prefect's ``concurrency()`` context manager waits in a service thread that logs each
+    timed-out try at ERROR ("failed to process item"): an alarm every poll of a waiting run.
+    These are the same API calls, one try each.
+    """
+    import httpx
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+    run_id = _flow_run_id()
+    holder = None if run_id is None else ConcurrencyLeaseHolder(type="flow_run", id=run_id)
+    try:
+        response = client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
+        )
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code == 423:  # locked: the slot is taken
+            return None
+        raise
+    answer = response.json()
+    if not answer.get("limits"):  # deleted since it was made: never run unqueued
+        raise StoreError(f"Prefect concurrency limit {name} does not exist")
+    return uuid.UUID(answer["lease_id"])
+
+
+@contextmanager
+def _renewing(lease: uuid.UUID, logger: Any) -> Iterator[None]:
+    """Renew ``lease`` every 3/4 of :data:`LEASE_SECONDS` (every 5 s after a failed try: a
+    server restarting) while the block runs, then release it."""
+    from prefect.client.orchestration import get_client
+
+    finished = threading.Event()
+
+    def renew() -> None:
+        with get_client(sync_client=True) as client:
+            wait = 0.75 * LEASE_SECONDS
+            while not finished.wait(wait):
+                try:
+                    client.renew_concurrency_lease(lease, LEASE_SECONDS)
+                    wait = 0.75 * LEASE_SECONDS
+                except Exception:  # tried again soon; the lease outlives a short outage
+                    wait = 5.0
+
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(renew,), name="segflow-queue", daemon=True
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join(timeout=1.0)
+        try:
+            with get_client(sync_client=True) as client:
+                client.release_concurrency_slots_with_lease(lease)
+        except Exception as error:  # the lease expires by itself within LEASE_SECONDS
+            logger.warning("could not release the store's queue slot (%s): it expires", error)
 
 
 def _ensure_limit(client: Any, name: str, store: str, logger: Any) -> None:
@@ -130,6 +180,49 @@ def _ensure_limit(client: Any, name: str, store: str, logger: Any) -> None:
     except ObjectAlreadyExists:
         return
     logger.info("created Prefect global concurrency limit %s (1 slot) for store '%s'", name, store)
+
+
+class _Unwritten:
+    """Frees the store's slot once no run has written the store for :data:`LEAKED_AFTER`
+    seconds while this run waited (a leaked slot: see there); the store's lock still keeps
+    two runs from writing at once if the slot was not leaked after all."""
+
+    def __init__(self, store: str, name: str, logger: Any) -> None:
+        self.store, self.name, self.logger = store, name, logger
+        self.since: float | None = None
+
+    def check(self) -> None:
+        from segflow.store.lock import live_holder
+
+        try:
+            written = live_holder(self.store) is not None
+        except Exception:  # an unreadable remote store: never free a slot on a guess
+            written = True
+        now = time.monotonic()
+        self.since = None if written else (self.since if self.since is not None else now)
+        if self.since is None or now - self.since < LEAKED_AFTER:
+            return
+        self.since = None
+        _free_leaked_slot(self.name, self.store, self.logger)
+
+
+def _free_leaked_slot(name: str, store: str, logger: Any) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+        if limit.active_slots < limit.limit:
+            return
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    logger.warning(
+        "Prefect concurrency limit %s (store '%s') was taken while no run wrote the store for "
+        "%.0f s: a leaked slot (a Prefect server restart with its leases in memory; see "
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE in deploy/README.md), freed",
+        name,
+        store,
+        LEAKED_AFTER,
+    )
 
 
 def _flow_run_id() -> uuid.UUID | None:

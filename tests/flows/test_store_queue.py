@@ -92,6 +92,7 @@ def test_runs_on_one_store_take_turns_and_runs_on_another_store_do_not_wait(
         assert holder.process.wait(timeout=PROCESS_TIMEOUT) == 0, holder.text()[-3000:]
         assert queued.finish()["type"] == "COMPLETED", queued.text()[-3000:]
         assert "in its queue: this run goes on" in queued.text()
+        assert "| ERROR" not in queued.text()  # waiting is no alarm (nor each poll of it)
     finally:
         for run in runs:
             run.stop()
@@ -141,3 +142,51 @@ def test_a_cancel_after_a_server_restart_ends_the_run_cancelled_within_seconds(
             assert run.finish()["type"] == "CANCELLED"
         finally:
             run.stop()
+
+
+def test_a_leaked_slot_is_freed_once_no_run_has_written_the_store_for_a_while(
+    server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that kept its leases in memory and restarted leaves the slot of a run that
+    ended since taken for ever; a waiting run frees it once nobody has written the store
+    for LEAKED_AFTER seconds, and never while a run writes it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from segflow.flows import store_queue
+    from segflow.store.lock import hold_store_lock
+
+    store = str(tmp_path / "out.zarr")
+    name = store_queue.queue_name(store)
+    lines: list[str] = []
+
+    class Logger:
+        def info(self, message: str, *args: Any) -> None:
+            lines.append(message % args)
+
+        warning = info
+
+    def active_slots() -> int:
+        with get_client(sync_client=True) as client:
+            return int(client.read_global_concurrency_limit_by_name(name).active_slots)
+
+    monkeypatch.setattr(store_queue, "LEAKED_AFTER", 2.0)
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        with get_client(sync_client=True) as client:  # a slot whose lease the server forgot
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1, active_slots=1)
+            )
+
+        with hold_store_lock(store, run_id="another-run"):  # a run writes the store
+            with pytest.raises(store_queue.QueueTimeoutError, match=r"^waited 5 s for store"):
+                with store_queue.store_queue(store, timeout=5, logger=Logger()):
+                    pass
+            assert active_slots() == 1 and not any("leaked slot" in line for line in lines)
+
+        with store_queue.store_queue(store, timeout=60, logger=Logger()) as waited:
+            held = active_slots()
+        assert held == 1 and waited >= 2  # freed, then taken by this run
+        assert active_slots() == 0  # and given back
+    [freed] = [line for line in lines if "leaked slot" in line]
+    assert freed.startswith(f"Prefect concurrency limit {name} (store '{store}') was taken")

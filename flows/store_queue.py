@@ -26,11 +26,15 @@ A run waits at most ``run.queue_timeout`` seconds, then ends *Failed* with one l
 from __future__ import annotations
 
 import contextvars
+import json
+import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from segflow.engine.interrupt import Interrupted, stop_requested
@@ -95,14 +99,20 @@ def store_queue(store: str, *, timeout: float | None, logger: Any) -> Iterator[f
                 said = holding
                 logger.info("%s", _waiting_line(store, name, holding, timeout))
             unwritten.check()
+            if _free_dead_holder(client, name, store, logger):
+                continue  # its slot is free now: try again at once
             time.sleep(POLL_SECONDS if timeout is None else min(POLL_SECONDS, timeout - waited))
             if (reason := stop_requested()) is not None:
                 raise Interrupted(f"stopped ({reason}) while waiting for store '{store}'")
     waited = time.monotonic() - started if said is not None else 0.0
     if said is not None:
         logger.info("store '%s' is free after %.0f s in its queue: this run goes on", store, waited)
-    with _renewing(lease, logger):
-        yield waited
+    record = _record_holder(name, lease)
+    try:
+        with _renewing(lease, logger):
+            yield waited
+    finally:
+        _forget_holder(record, lease)
 
 
 def _try_slot(client: Any, name: str) -> uuid.UUID | None:
@@ -180,6 +190,73 @@ def _ensure_limit(client: Any, name: str, store: str, logger: Any) -> None:
     except ObjectAlreadyExists:
         return
     logger.info("created Prefect global concurrency limit %s (1 slot) for store '%s'", name, store)
+
+
+# --- a holder that died on this machine ---------------------------------------------------
+# A run killed with SIGKILL (the OOM killer, `kill -9`, a killed `segflow run`) cannot give
+# its slot back; its lease would keep the store for up to LEASE_SECONDS + 15 s. The holder
+# records its lease in a small file of this machine (per user, like the cluster registry),
+# so a run that waits on the same machine sees that the holder's process is gone and
+# releases its lease at once. A holder on another machine is freed by its lease's expiry.
+
+
+def _holder_file(name: str) -> Path:
+    from segflow.engine.cluster import cluster_registry
+
+    return cluster_registry().parent / "queues" / f"{name}.json"
+
+
+def _record_holder(name: str, lease: uuid.UUID) -> Path:
+    path = _holder_file(name)
+    record = {"lease_id": str(lease), "pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(record))
+        os.replace(partial, path)
+    except OSError:  # no such record: a dead holder is then freed by its lease's expiry
+        pass
+    return path
+
+
+def _forget_holder(path: Path, lease: uuid.UUID) -> None:
+    try:
+        if json.loads(path.read_text()).get("lease_id") == str(lease):
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _free_dead_holder(client: Any, name: str, store: str, logger: Any) -> bool:
+    """Release the lease of ``name``'s holder if it was a process of this machine that is
+    gone; True when one was released."""
+    path = _holder_file(name)
+    try:
+        record = json.loads(path.read_text())
+        if record.get("host") != socket.gethostname() or _alive(int(record["pid"])):
+            return False
+        lease = uuid.UUID(str(record["lease_id"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    client.release_concurrency_slots_with_lease(lease)  # a lease gone already: no change
+    path.unlink(missing_ok=True)
+    logger.info(
+        "the run that held store '%s' (PID %s on this machine) is gone: its slot of %s is freed",
+        store,
+        record["pid"],
+        name,
+    )
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class _Unwritten:

@@ -238,7 +238,7 @@ def _free_dead_holder(client: Any, name: str, store: str, logger: Any) -> bool:
         lease = uuid.UUID(str(record["lease_id"]))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    client.release_concurrency_slots_with_lease(lease)  # a lease gone already: no change
+    _release_dead_lease(client, name, store, lease)
     path.unlink(missing_ok=True)
     logger.info(
         "the run that held store '%s' (PID %s on this machine) is gone: its slot of %s is freed",
@@ -247,6 +247,28 @@ def _free_dead_holder(client: Any, name: str, store: str, logger: Any) -> bool:
         name,
     )
     return True
+
+
+def _release_dead_lease(client: Any, name: str, store: str, lease: uuid.UUID) -> None:
+    """Release ``lease``; when the server no longer knows it (a server restarted with its
+    leases in memory, as every temporary server of ``segflow run`` is) while its slot is
+    still counted and nobody writes the store, take that slot off the count."""
+    import httpx
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from segflow.store.lock import live_holder
+
+    try:
+        client.renew_concurrency_lease(lease, LEASE_SECONDS)  # does the server know it?
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code != 410:  # 410 Gone: expired, revoked or forgotten
+            raise
+        limit = client.read_global_concurrency_limit_by_name(name)
+        if limit.active_slots >= limit.limit and live_holder(store) is None:
+            slots = GlobalConcurrencyLimitUpdate(active_slots=limit.active_slots - 1)
+            client.update_global_concurrency_limit(name, slots)
+        return
+    client.release_concurrency_slots_with_lease(lease)
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,8 @@ Skipped, with the reason, when the server does not answer within its start-up ti
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -231,3 +233,50 @@ def test_the_slot_of_a_run_killed_on_this_machine_is_freed_at_once(
         and line.endswith(f"its slot of {queue_name(store)} is freed")
         for line in lines
     ), lines
+
+
+def test_a_dead_holders_slot_is_freed_even_when_the_server_forgot_its_lease(
+    server: PrefectServer, tmp_path: Path
+) -> None:
+    """`segflow run`'s temporary server keeps leases in memory and its database on disk: a
+    run killed with it leaves its slot counted and its lease unknown to the next server."""
+    import json
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from segflow.flows import store_queue
+
+    store = str(tmp_path / "out.zarr")
+    name = store_queue.queue_name(store)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process of this machine that is gone
+    record = store_queue._holder_file(name)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps({"lease_id": str(uuid.uuid4()), "pid": dead.pid, "host": os.uname().nodename})
+    )
+    lines: list[str] = []
+
+    class Logger:
+        def info(self, message: str, *args: Any) -> None:
+            lines.append(message % args)
+
+        warning = info
+
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        with get_client(sync_client=True) as client:  # its slot, its lease forgotten
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1, active_slots=1)
+            )
+        started = time.monotonic()
+        with store_queue.store_queue(store, timeout=30, logger=Logger()):
+            took = time.monotonic() - started
+        with get_client(sync_client=True) as client:
+            after = client.read_global_concurrency_limit_by_name(name).active_slots
+
+    assert took < 15 and after == 0, (took, after, lines)
+    assert any("is gone: its slot of" in line for line in lines), lines
+    assert not record.exists()  # this run's own record is gone with its slot

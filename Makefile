@@ -25,11 +25,15 @@ lint: $(STAMP)
 install: $(STAMP)
 
 # torch first, pinned: its CPU build satisfies pyproject's range; a looser request can pull
-# a multi-GB CUDA build.
+# a multi-GB CUDA build. cellpose last, with --no-deps (see below).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench,ml]"
+	# cellpose for the flow_dynamics comparison tests and benchmark, without its requirement
+	# torchvision (whose PyPI wheels fail against the CPU torch, and may pull a CUDA torch);
+	# its other imports are in the dev extra, the tests stand in for torchvision.
+	$(BIN)/python -m pip install --quiet --no-deps "cellpose==4.2.1"
 	touch $@
 
 clean-outputs:

@@ -14,7 +14,13 @@ with ``--block``^2 chunks:
   ``sigma_scale=0.125``, ``overlap=0.25``, ``sw_batch_size`` = segflow's batch size) on the
   softmax of the same network, write;
 * raw forward: the network alone, in batches, over as many 256^2 tiles as MONAI runs (no
-  reading, blending or writing): the floor any tiled inference pays.
+  reading, blending or writing): the floor any tiled inference pays;
+* ONNX Runtime (unless ``--no-onnx``): the same network exported to ONNX (fixed 256^2 tiles,
+  dynamic batch), run by segflow's ONNX source (the same ``segment_item`` on the same
+  cluster, one intra-op thread per worker) against ONNX Runtime alone in this process (2
+  intra-op threads): read the whole array, every tile of the same global grid in batches,
+  softmax and Gaussian blend in NumPy, write. ``ratio_onnx`` is the second's seconds over
+  the first's (target >= 1.0 on CPU); ``onnx_max_abs_diff`` compares their outputs.
 
 Same total threads on every side: Dask workers run with ``OMP_NUM_THREADS=1``
 (``segflow.engine.cluster.WORKER_ENV``), so 2 workers are 2 threads; MONAI and the raw forward
@@ -85,6 +91,61 @@ def make_input(path: Path, size: int, chunk: int) -> None:
     write_blobs(path, size, chunk, blob=32)
 
 
+def export_onnx(net: torch.nn.Module, path: Path) -> Path:
+    """The benchmark network as an ONNX graph: fixed 256^2 tiles (which the ONNX source takes
+    as its tile), dynamic batch, the overlap and classes in the graph's metadata."""
+    import warnings
+
+    import onnx
+
+    with warnings.catch_warnings():  # torch 2.13 calls the TorchScript-based exporter legacy
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (torch.zeros(1, 1, TILE, TILE),), str(path), dynamo=False,
+            input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}},
+        )  # fmt: skip
+    graph = onnx.load(str(path))
+    card = {"classes": ["background", "foreground"], "overlap": OVERLAP}
+    graph.metadata_props.add(key="segflow.card", value=json.dumps(card))
+    onnx.save(graph, str(path))
+    return path
+
+
+def run_onnxruntime(
+    graph: Path, source: Path, target: Path, batch_size: int, block: int, threads: int
+) -> tuple[float, int]:
+    """Read, ONNX Runtime over every tile of the global grid (softmax, Gaussian blend in
+    NumPy), write; seconds and the number of tiles run."""
+    import onnxruntime as ort
+
+    from segflow.models.tiling import plan_tiles, tile_weights
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    started = time.perf_counter()
+    image = zarr.open_array(str(source), mode="r")[...]
+    grid = plan_tiles(image.shape, tile=(TILE, TILE), overlap=OVERLAP)
+    weights = tile_weights((TILE, TILE))
+    num = np.zeros(image.shape, np.float32)
+    den = np.zeros(image.shape, np.float32)
+    starts = list(grid.all_tiles())
+    for first in range(0, len(starts), batch_size):
+        chunk = starts[first : first + batch_size]
+        boxes = [(slice(y, y + TILE), slice(x, x + TILE)) for y, x in chunk]
+        batch = np.stack([image[box][None] for box in boxes])
+        logits = session.run(None, {"image": batch})[0]
+        background = 1.0 / (1.0 + np.exp(logits[:, 1] - logits[:, 0]))  # softmax's class 0
+        for box, p in zip(boxes, background, strict=True):
+            num[box] += (1.0 - p) * weights
+            den[box] += weights
+    out = zarr.create_array(
+        str(target), shape=image.shape, chunks=(block, block), dtype="float32", overwrite=True
+    )
+    out[...] = num / den
+    return time.perf_counter() - started, len(starts)
+
+
 def warm_up(client: Any, model: Path, workdir: Path, batch_size: int, block: int) -> None:
     """Import the engine and torch on every worker and load the model there (one small item
     per worker's share), so the timed run measures inference, not start-up."""
@@ -97,10 +158,11 @@ def warm_up(client: Any, model: Path, workdir: Path, batch_size: int, block: int
         import segflow.store  # noqa: F401
 
     client.run(_import)
-    small = workdir / "warm.zarr"
+    small = workdir / f"warm-{model.name}.zarr"
     make_input(small, 2 * TILE, TILE)
     for k in range(2):  # two blocks: each worker gets one and loads the model
-        run_segflow(client, small, workdir / f"warm-out-{k}.zarr", model, batch_size, TILE)
+        out = workdir / f"warm-out-{model.name}-{k}.zarr"
+        run_segflow(client, small, out, model, batch_size, TILE)
 
 
 def pipeline(model: Path, batch_size: int) -> list[dict[str, Any]]:
@@ -176,6 +238,33 @@ def run_raw(net: torch.nn.Module, tiles: int, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
+def run_onnx_sides(
+    client: Any, graph: Path, source: Path, workdir: Path, batch_size: int, block: int,
+    repeat: int, threads: int,
+) -> dict[str, Any]:  # fmt: skip
+    """segflow's ONNX source on the cluster against ONNX Runtime alone in this process.
+    The cluster's workers idle meanwhile (no task), so they do not compete for the cores."""
+    store = workdir / "segflow-onnx.zarr"
+    ours_s = min(
+        run_segflow(client, source, store, graph, batch_size, block) for _ in range(repeat)
+    )
+    print(f"segflow (ONNX source) {ours_s:.2f} s", file=sys.stderr, flush=True)
+    target = workdir / "onnxruntime.zarr"
+    runs = [run_onnxruntime(graph, source, target, batch_size, block, threads)
+            for _ in range(repeat)]  # fmt: skip
+    theirs_s, tiles = min(runs)
+    print(f"onnxruntime {theirs_s:.2f} s ({tiles} tiles)", file=sys.stderr, flush=True)
+    ours = zarr.open_group(str(store / "bench"), mode="r")["image"][...].astype(np.float64)
+    theirs = zarr.open_array(str(target), mode="r")[...]
+    return {
+        "onnx_tiles": tiles,
+        "segflow_onnx_s": round(ours_s, 3),
+        "onnxruntime_s": round(theirs_s, 3),
+        "ratio_onnx": round(theirs_s / ours_s, 3),
+        "onnx_max_abs_diff": round(float(np.abs(ours - theirs).max()), 6),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -186,6 +275,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; the best counts")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime sides")
     args = parser.parse_args()
 
     from distributed import Client
@@ -214,6 +304,9 @@ def main() -> None:
         client = Client(cluster)
         results["cluster_start_s"] = round(time.perf_counter() - started, 2)
         warm_up(client, model_dir, workdir, args.batch_size, args.block)
+        graph = None if args.no_onnx else export_onnx(net, workdir / "model.onnx")
+        if graph is not None:
+            warm_up(client, graph, workdir, args.batch_size, args.block)
         source = workdir / "input.zarr"
         make_input(source, args.size, args.chunk)
         store = workdir / "segflow.zarr"
@@ -224,6 +317,19 @@ def main() -> None:
             for _ in range(args.repeat)
         )
         print(f"segflow {segflow_s:.2f} s", file=sys.stderr, flush=True)
+        if graph is not None:
+            results.update(
+                run_onnx_sides(
+                    client,
+                    graph,
+                    source,
+                    workdir,
+                    args.batch_size,
+                    args.block,
+                    args.repeat,
+                    threads,
+                )
+            )
         client.close()
         cluster.close()  # the workers' threads would otherwise compete with the next sides
         monai_runs = [

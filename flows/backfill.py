@@ -8,8 +8,9 @@ from uuid import UUID
 from prefect import flow
 from prefect.states import Cancelled, Failed
 
+from segflow.flows._outcomes import RunOutcome, expected
 from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
-from segflow.flows.segment import ItemsFailedError, config_name, resolve_config, segment_collection
+from segflow.flows.segment import config_name, resolve_config, segment_collection
 from segflow.tasks.artifacts import publish_summary
 
 
@@ -52,14 +53,14 @@ def backfill(
         config, overrides, overwrite=policy == "overwrite", item_filter=items, return_state=True
     )
     result = state.result(raise_on_failure=False)
-    summary = result.summary if isinstance(result, ItemsFailedError) else result
+    summary = result.summary if isinstance(result, RunOutcome) else result
     if isinstance(summary, dict):
         child = state.state_details.flow_run_id
         publish_summary(cfg.name, cfg.output.store, summary, run=_run_name(child))
     if state.is_failed():  # this run ends as its child did, with the same message
-        return Failed(message=state.message, data=result)
+        return expected(Failed(message=state.message, data=result))
     if state.is_cancelled():
-        return Cancelled(message=state.message, data=result)
+        return expected(Cancelled(message=state.message, data=result))
     return summary
 
 

@@ -1,4 +1,4 @@
-"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``evaluate`` and ``train``.
+"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``models``, ``evaluate``, ``train``.
 
 Prefect is imported only by ``run`` (and only when some item is to do: the store's skip rule
 is applied first), ``evaluate`` and ``train``, so ``segflow ops``, ``segflow validate`` and
@@ -156,6 +156,41 @@ def ops(
         typer.echo(f"segflow ops: {error.args[0]}", err=True)
         raise typer.Exit(EXIT_INVALID) from None
     _print_operation(op)
+
+
+models_app = typer.Typer(
+    help="Models segflow runs: the formats it reads and the card it derives from each.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("inspect")
+def models_inspect(
+    path: Annotated[str, typer.Argument(help="A model file or folder.", show_default=False)],
+) -> None:
+    """Print the card segflow derives from a model: its source, input channels and axes,
+    normalisation, tile and overlap, spacing and output classes."""
+    from segflow.errors import ModelError
+    from segflow.models.sources import card_lines, describe_model
+
+    try:
+        described = describe_model(path)
+    except ModelError as error:
+        typer.echo(f"segflow models inspect: {error}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    for line in card_lines(path, described):
+        typer.echo(line)
+
+
+@models_app.command("sources")
+def models_sources() -> None:
+    """List the model formats segflow reads, in the order they are tried."""
+    from segflow.models.sources import sources
+
+    typer.echo("segflow model sources (tried in this order):")
+    for source in sources():
+        typer.echo(f"  {source.name:<14}{source.description}")
 
 
 @app.command()
@@ -331,7 +366,8 @@ def _run_loaded(
         watch_api(api_url, _api_lost),
         _shared_cluster(loaded) as shared,
     ):
-        from segflow.flows.segment import ItemsFailedError, segment_collection
+        from segflow.flows._outcomes import RunOutcome
+        from segflow.flows.segment import segment_collection
 
         # A config whose store another config of this command writes first plans anew.
         stores_used = Counter(str(store).rstrip("/") for store in stores)
@@ -347,7 +383,7 @@ def _run_loaded(
             finally:
                 forget_plans()  # taken by the flow, unless it ended before planning
             result: Any = state.result(raise_on_failure=False)
-            if isinstance(result, ItemsFailedError):
+            if isinstance(result, RunOutcome):  # failed items, or interrupted
                 result = result.summary
             if isinstance(result, BaseException):
                 typer.echo(f"{path}: run failed: {type(result).__name__}: {result}", err=True)

@@ -31,11 +31,11 @@ from segflow.engine.collection import (
 from segflow.engine.interrupt import Interrupted, stop_requested
 from segflow.errors import StoreError
 from segflow.flows._cancel import stop_on_cancel
+from segflow.flows._outcomes import RunOutcome, expected
 from segflow.flows._signals import stop_on_signals
 from segflow.flows.cluster import dashboard_link, dask_client
 from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags, segment_run_kind
 from segflow.flows.store_queue import QueueTimeoutError, store_queue
-from segflow.tasks import artifacts
 from segflow.tasks.artifacts import publish_progress, report_items_task
 from segflow.tasks.items import plan_items_task, segment_items_task
 from segflow.tasks.store import compact_vectors_task, current_run_id, writing_store
@@ -44,24 +44,31 @@ from segflow.tasks.store import compact_vectors_task, current_run_id, writing_st
 SUMMARY_LINE = {"segflow_console": False}
 
 
-class ItemsFailedError(RuntimeError):
+class ItemsFailedError(RunOutcome):
     """Some items of a run failed; ``summary`` is the run's summary (the others completed).
 
-    Read back from a persisted (JSON) flow result, the error has its message only and
-    ``summary`` is None.
+    The data of the run's *Failed* state (an expected outcome, not a crash: see
+    :mod:`segflow.flows._outcomes`). Read back from a persisted (JSON) flow result, the error
+    has its message only and ``summary`` is None.
     """
 
-    def __init__(self, summary: dict[str, Any] | str) -> None:
-        if isinstance(summary, str):
-            self.summary: dict[str, Any] | None = None
-            super().__init__(summary)
-            return
-        self.summary = summary
+    def describe(self, summary: dict[str, Any]) -> str:
         failures = "; ".join(f["error"] or f["id"] for f in summary["failures"])
-        super().__init__(f"{summary['failed']} item(s) of {summary['name']!r} failed: {failures}")
+        return f"{summary['failed']} item(s) of {summary['name']!r} failed: {failures}"
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.summary if self.summary is not None else str(self),))
+
+class RunInterrupted(RunOutcome):
+    """A run stopped by a signal or a cancel; ``summary`` is what it did before it stopped.
+
+    The data of the run's *Cancelled* state (a state's data must be an exception for
+    Prefect to read it back: a dict made ``TypeError: Unexpected result for failed state``).
+    """
+
+    def describe(self, summary: dict[str, Any]) -> str:
+        return (
+            f"{summary['name']}: interrupted: {summary['done']} done, "
+            f"{summary['interrupted']} interrupted or not started"
+        )
 
 
 def resolve_config(
@@ -121,8 +128,14 @@ def segment_collection(
     Raises
     ------
     ItemsFailedError
-        When any item failed, after every other item completed and the index was written;
-        the flow run ends Failed (red in the UI) and the error carries the summary.
+        Reading the result of a run where any item failed (after every other item completed
+        and the index was written): the flow run ends *Failed* (red in the UI) with one line
+        as its message and this error, carrying the summary, as its data.
+    RunInterrupted
+        The same for a run stopped by a signal or a cancel: it ends *Cancelled*.
+
+    Both are expected outcomes, not crashes: no traceback is logged for them
+    (:mod:`segflow.flows._outcomes`).
     """
     cfg = resolve_config(config, overrides or ())
     add_flow_run_tags(run_tags(cfg.name, cfg.output.store))
@@ -142,8 +155,9 @@ def segment_collection(
     except QueueTimeoutError as error:
         return _refused(cfg, error)
     except Interrupted as error:  # cancelled (or signalled) while waiting: nothing done
-        get_run_logger().warning("%s: %s", cfg.name, error, extra=SUMMARY_LINE)
-        return Cancelled(message=f"{cfg.name}: {error}")
+        message = f"{cfg.name}: {error}"
+        get_run_logger().warning("%s", message, extra=SUMMARY_LINE)
+        return expected(Cancelled(message=message, data=RunInterrupted(message)))
 
 
 def _segment(
@@ -189,10 +203,11 @@ def _segment(
             f"{summary['skipped']} skipped -> {store}"
         )
         logger.warning("%s", message, extra=SUMMARY_LINE)
-        return Cancelled(message=message, data=summary)
+        return expected(Cancelled(message=message, data=RunInterrupted(summary)))
     if summary["failed"]:
-        logger.error("%s", message, extra=SUMMARY_LINE)
-        return Failed(message=message, data=ItemsFailedError(summary))
+        # A bad item is an expected outcome, not an alarm: WARNING, and no traceback.
+        logger.warning("%s", message, extra=SUMMARY_LINE)
+        return expected(Failed(message=message, data=ItemsFailedError(summary)))
     logger.info("%s", message)
     return Completed(message=message, data=summary)
 
@@ -200,7 +215,7 @@ def _segment(
 def _refused(cfg: SegflowConfig, error: StoreError) -> State[Any]:
     """The flow's end when its store refuses the run: one line, no traceback."""
     get_run_logger().error("%s: %s", cfg.name, error, extra=SUMMARY_LINE)
-    return Failed(message=f"{cfg.name}: {error}", data=error)
+    return expected(Failed(message=f"{cfg.name}: {error}", data=error))
 
 
 def segment_items(
@@ -221,7 +236,7 @@ def segment_items(
             f", dashboard {link}" if (link := dashboard_link(client)) else "",
             extra={"segflow_console": True},  # shown on the terminal too (flows/_logs.py)
         )
-        quicklook = {item["id"] for item in work[: artifacts.QUICKLOOK_ITEMS]}
+        quicklook = {item["id"] for item in work[: cfg.run.quicklooks]}
         futures = [
             segment_items_task.submit(
                 cfg,

@@ -3,7 +3,6 @@ output is."""
 
 from __future__ import annotations
 
-import base64
 import contextvars
 import hashlib
 import os
@@ -11,6 +10,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
@@ -25,19 +25,13 @@ from prefect.cache_policies import NO_CACHE
 
 from segflow.io._common import is_url, strip_file_scheme
 from segflow.io.base import Reader
-from segflow.store.quicklook import render_quicklook
+from segflow.store.quicklook import write_quicklook
 from segflow.tasks.progress import ItemsProgress, listen_progress
 
 # Seconds between two updates of a run's progress artifact (one API call each).
 PROGRESS_INTERVAL = 2.0
 # Rows of the queued-items table: a 100,000-item run lists the first ones and says so.
 QUEUED_ROWS = 500
-# Items of a run that get a quick look (the first ones submitted), and its longer side in
-# pixels: each is a PNG of some 10-150 kB stored in the Prefect database, and reads the
-# item's input once more (in bands), so a large run shows a sample, not every item.
-QUICKLOOK_ITEMS = 10
-QUICKLOOK_SIZE = 256
-
 # Rows of the items table: a 100,000-item run shows its failed items, then the first others
 # by id, and says so (the store's index has them all).
 TABLE_ROWS = 1000
@@ -62,18 +56,24 @@ def artifact_key(name: str, output: str, suffix: str) -> str:
     return f"segflow-{slug}-{output_hash(output)}-{suffix}"
 
 
-def publish_quicklook(reader: Reader, store: str, row: dict[str, Any]) -> None:
-    """A markdown artifact of the current task run: the done item ``row`` of ``store``,
-    downsampled, with its output's outline (:func:`segflow.store.quicklook.render_quicklook`)
-    as an inline PNG."""
-    png = render_quicklook(reader, store, row["id"], row["output"], size=QUICKLOOK_SIZE)
-    image = base64.b64encode(png).decode("ascii")
+def publish_quicklook(reader: Reader, store: str, row: dict[str, Any], *, size: int) -> None:
+    """Write the quick look of the done item ``row`` of ``store`` beside it
+    (``STORE/ITEM/quicklook.png``, :func:`segflow.store.quicklook.write_quicklook`) and link
+    it from a markdown artifact of the current task run.
+
+    The artifact holds the picture's address, never the picture: a ``file://`` link for a
+    local store (a browser may refuse to open one from the UI's page: the path is shown to
+    copy), the object's URL for an object store. Some 300 bytes in Prefect's database
+    whatever the picture's ``size``.
+    """
+    location, nbytes = write_quicklook(reader, store, row["id"], row["output"], size=size)
+    link = location if is_url(location) else Path(location).as_uri()
+    markdown = (
+        f"**{row['id']}**: {row['object_count']} objects, {row['output']} outlined in yellow: "
+        f"[quick look]({link}) (PNG, {nbytes / 1024:.1f} KiB)\n\n`{location}`"
+    )
     create_markdown_artifact(
-        markdown=(
-            f"**{row['id']}**: {row['object_count']} objects, {row['output']} outlined in "
-            f"yellow\n\n![quick look of {row['id']}](data:image/png;base64,{image})"
-        ),
-        description=f"quick look of {row['id']} ({row['source']})",
+        markdown=markdown, description=f"quick look of {row['id']} ({row['source']})"
     )
 
 

@@ -19,6 +19,7 @@ from segflow.config import SegflowConfig
 from segflow.engine.collection import Item, ItemPlan, plan_collection, run_item
 from segflow.engine.executor import DaskExecutor
 from segflow.engine.item import describe_output
+from segflow.flows._outcomes import expected
 from segflow.tasks.artifacts import publish_quicklook
 from segflow.tasks.progress import ItemsProgress, report_progress
 
@@ -87,8 +88,9 @@ def segment_items_task(
     the batch at its end (the items table and the index have every item). A bad item never stops
     the others: the task run ends *Failed* when any item failed, its message naming them
     and their reasons (*Cancelled* when the run was stopped), with the rows as the state's
-    data either way. The items whose ids are in ``quicklook`` get a quick-look artifact
-    when done (a failure there is only logged).
+    data either way; expected outcomes, logged at WARNING without Prefect's echo of the
+    rows (:mod:`segflow.flows._outcomes`). The items whose ids are in ``quicklook`` get a
+    quick-look artifact when done (a failure there is only logged).
     """
     from distributed import get_client
 
@@ -112,7 +114,7 @@ def segment_items_task(
             _log_item(logger, cfg.output.store, row)
         if reader is not None and row["status"] == "done" and row["id"] in quicklook:
             try:
-                publish_quicklook(reader, cfg.output.store, row)
+                publish_quicklook(reader, cfg.output.store, row, size=cfg.run.quicklook_size)
             except Exception as error:  # a picture never fails the item
                 logger.warning(
                     "item %s: no quick look (%s: %s)", row["id"], type(error).__name__, error
@@ -131,9 +133,9 @@ def segment_items_task(
         message = "; ".join(str(row["error"]) for row in failed)
         if len(rows) > 1:
             message = f"{len(failed)} of {len(rows)} items failed: {message}"
-        return Failed(message=message, data=rows)
+        return expected(Failed(message=message, data=rows))
     if interrupted := [row for row in rows if row["status"] == "interrupted"]:
-        return Cancelled(message=str(interrupted[0]["error"]), data=rows)
+        return expected(Cancelled(message=str(interrupted[0]["error"]), data=rows))
     return rows
 
 
@@ -155,8 +157,8 @@ def _log_item(logger: Any, store: str, row: dict[str, Any]) -> None:
             row["seconds"],
             f"{store.rstrip('/')}/{row['id']}/{row['output']}",
         )
-    else:
-        logger.error("%s", row["error"])
+    else:  # a bad item is an expected outcome: WARNING, the alarms are for bugs
+        logger.warning("%s", row["error"])
 
 
 def _first_ids(rows: Sequence[Mapping[str, Any]]) -> str:

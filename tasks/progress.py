@@ -47,18 +47,23 @@ class ItemsProgress:
     """Where the items of one run stand, from the progress reports (no Prefect here).
 
     An item is *queued* until its first report, *running* with the fraction of its work
-    done (the phases of its pipeline weigh the same; blocks within a phase), and
-    *finished* at a final report (``done``, ``failed``, ``interrupted``). Reports of
-    items that are not this run's are ignored.
+    done (the phases of its pipeline weigh the same; blocks within a phase), *finished* at
+    a final report (``done``, ``failed``) and *interrupted* when the run was stopped before
+    it finished (``interrupted``): an interrupted item keeps the fraction it had reached
+    (its staged blocks resume in the next run), so a run stopped at 12 % stays at 12 %, and
+    only a run whose every item finished reaches 100 %. Reports of items that are not this
+    run's are ignored.
     """
 
     FINAL = ("done", "failed", "interrupted")
+    COMPLETE = ("done", "failed")  # the ends that count as the item's whole work
 
     def __init__(self, item_ids: list[str]) -> None:
         self.item_ids = list(item_ids)  # submission order, for the queued list
         self._known = set(self.item_ids)  # membership per report: O(1), not O(items)
         self.running: dict[str, float] = {}
         self.finished: dict[str, str] = {}
+        self.stopped_at: dict[str, float] = {}  # interrupted items: the fraction reached
         self._lock = threading.Lock()
 
     def update(self, item_id: str, phase: str, done: int, total: int) -> bool:
@@ -67,7 +72,9 @@ class ItemsProgress:
             if item_id not in self._known or item_id in self.finished:
                 return False
             if phase in self.FINAL:
-                self.running.pop(item_id, None)
+                reached = self.running.pop(item_id, 0.0)
+                if phase == "interrupted":
+                    self.stopped_at[item_id] = reached
                 self.finished[item_id] = phase
                 return True
             fraction = _phase_fraction(phase, done, total)
@@ -78,15 +85,19 @@ class ItemsProgress:
             return True
 
     def percent(self) -> float:
-        """Work done in per cent: finished items, plus the running items' fractions."""
+        """Work done in per cent: finished items, plus the fractions of the running items
+        and of the interrupted ones; 100 only when every item finished."""
         with self._lock:
             if not self.item_ids:
                 return 100.0
-            work = len(self.finished) + sum(self.running.values())
-            return round(100.0 * work / len(self.item_ids), 1)
+            complete = sum(s in self.COMPLETE for s in self.finished.values())
+            work = complete + sum(self.running.values()) + sum(self.stopped_at.values())
+            value = round(100.0 * work / len(self.item_ids), 1)
+            return value if complete == len(self.item_ids) else min(value, 99.9)
 
     def describe(self, *, names: int = 5) -> str:
-        """One markdown line: finished by status, running with their share, queued.
+        """One markdown line: finished by status, interrupted, running with their share,
+        queued.
 
         Examples
         --------
@@ -95,16 +106,24 @@ class ItemsProgress:
         (True, True)
         >>> progress.describe()
         '**1 of 4 items finished** (1 done) · 1 running: `b` 62 % · 2 queued: `c`, `d`'
+        >>> progress.update("b", "interrupted", 1, 1), progress.update("c", "interrupted", 1, 1)
+        (True, True)
+        >>> progress.describe()
+        '**1 of 4 items finished** (1 done) · 2 interrupted · 1 queued: `d`'
         """
         with self._lock:
             finished = self.finished
             counts = [
-                f"{n} {s}" for s in self.FINAL if (n := sum(v == s for v in finished.values()))
+                f"{n} {s}" for s in self.COMPLETE if (n := sum(v == s for v in finished.values()))
             ]
+            complete = sum(v in self.COMPLETE for v in finished.values())
+            interrupted = len(finished) - complete
             running = [f"`{i}` {f:.0%}".replace("%", " %") for i, f in self.running.items()]
             queued = [i for i in self.item_ids if i not in finished and i not in self.running]
-        parts = [f"**{len(finished)} of {len(self.item_ids)} items finished**"]
+        parts = [f"**{complete} of {len(self.item_ids)} items finished**"]
         parts[0] += f" ({', '.join(counts)})" if counts else ""
+        if interrupted:
+            parts.append(f"{interrupted} interrupted")
         if running:
             parts.append(f"{len(running)} running: {_first(running, names)}")
         if queued:

@@ -56,14 +56,16 @@ def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ())
 
 
 def mark_crashed(holder: dict[str, Any], store: str) -> None:
-    """End the flow run of a dead lock holder Crashed if Prefect still shows it Running.
+    """Close what Prefect still shows of a dead lock holder's run: its flow run and its
+    unfinished task runs end *Crashed* and its progress artifact says where it stopped.
 
-    A run killed with SIGKILL (or whose machine went away) cannot report its end, and its
-    flow run would stay Running in the UI forever; the next run on its store knows it died.
+    A run killed with SIGKILL (an out-of-memory kill, or a machine that went away) cannot
+    report its end: its flow run, the task runs of the items it was segmenting and its
+    progress ("3 running") would stay as they were in the UI forever. The lock records the
+    run's Prefect flow run id (``run_id``); the next run on its store knows it died.
     """
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
 
     logger = get_run_logger()
     logger.warning(
@@ -76,20 +78,67 @@ def mark_crashed(holder: dict[str, Any], store: str) -> None:
         run_id = uuid.UUID(str(holder.get("run_id")))
     except ValueError:
         return  # not a Prefect flow run (a notebook or test holder)
+    message = f"its process died while writing {store}; the next run took over the store"
     try:
         with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_run(run_id)
-            if flow_run.state is not None and not flow_run.state.is_final():
-                client.set_flow_run_state(
-                    run_id,
-                    Crashed(
-                        message=f"its process died while writing {store}; the next run "
-                        "took over the store"
-                    ),
-                    force=True,
-                )
+            _crash_unfinished(client, run_id, message)
+            _finish_progress(client, run_id)
     except Exception as error:  # another server, or gone: nothing to correct there
         logger.info("could not mark run %s crashed: %s", run_id, error)
+
+
+def _crash_unfinished(client: Any, run_id: uuid.UUID, message: str) -> None:
+    """End the flow run ``run_id`` and its task runs Crashed where they are not final."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    flow_run = client.read_flow_run(run_id)
+    if flow_run.state is not None and not flow_run.state.is_final():
+        client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+    unfinished = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]
+    tasks = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+        task_run_filter=TaskRunFilter(
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=unfinished))
+        ),
+    )
+    for task_run in tasks:
+        client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+
+
+def _finish_progress(client: Any, run_id: uuid.UUID) -> None:
+    """Say on the dead run's progress artifact that it stopped there (its per cent kept)."""
+    from prefect.client.schemas.actions import ArtifactUpdate
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+    from prefect.runtime import flow_run
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+            type=ArtifactFilterType(any_=["progress"]),
+        )
+    )
+    for artifact in artifacts:
+        last = str(artifact.description or "").replace(" running: ", " were running: ")
+        client.update_artifact(
+            artifact.id,
+            ArtifactUpdate(
+                description=f"**Crashed at {artifact.data} %**: the run's process died; run "
+                f"{flow_run.name or flow_run.id} took over its store (its unfinished items "
+                f"are redone by the runs that follow). When it died: {last}"
+            ),
+        )
 
 
 @task(name="read-index", retries=0, cache_policy=NO_CACHE)

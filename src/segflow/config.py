@@ -173,6 +173,24 @@ class RunConfig(_Model):
         "it is read; default 64 GiB",
     )
 
+    # Pictures, not results (``run`` is outside the config hash): the first items a run
+    # submits get STORE/ITEM/quicklook.png, linked from a small artifact of their task run.
+    quicklooks: int = Field(
+        10,
+        ge=0,
+        le=100,  # about 400 bytes of Prefect's database each: a run's stay well under 100 KB
+        description="items of a run (the first submitted) that get a quick look, a PNG beside "
+        "the item in the store (ITEM/quicklook.png) linked from a small artifact of their "
+        "task run; 0 for none; default 10",
+    )
+    quicklook_size: int = Field(
+        256,
+        ge=16,
+        le=4096,
+        description="pixels of a quick look's longer side (the item's image thinned to it, "
+        "with the output's outline); default 256",
+    )
+
     @field_validator("max_item_bytes", mode="before")
     @classmethod
     def _parse_bytes(cls, value: Any) -> Any:

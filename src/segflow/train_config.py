@@ -27,15 +27,51 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SyntheticKind = Literal["fluorescence", "brightfield", "stained"]
+
+
+class SyntheticData(_Model):
+    """Synthetic nuclei images drawn from a seed (:mod:`segflow.models.synthetic`)."""
+
+    count: int = Field(ge=1, description="training images drawn")
+    validation: int = Field(
+        0,
+        ge=0,
+        description="more images drawn (other seeds) for choosing the best epoch, added to "
+        "the validation pairs",
+    )
+    shape: list[int] = Field(default_factory=lambda: [256, 256], min_length=2, max_length=2)
+    kinds: list[SyntheticKind] = Field(
+        default_factory=lambda: list[SyntheticKind](["fluorescence"]),
+        min_length=1,
+        description="image kinds, drawn in turn: fluorescence (bright nuclei, 1 band), "
+        "brightfield (dark nuclei, 1 band), stained (purple on pink, RGB: use channels: luma)",
+    )
+    radius: list[float] = Field(
+        default_factory=lambda: [4.0, 16.0],
+        min_length=2,
+        max_length=2,
+        description="[low, high]: each image's typical nucleus radius in pixels, drawn "
+        "log-uniformly",
+    )
+    dtype: Literal["uint8", "uint16"] = "uint16"
+    seed: int = 0
+
+
 class TrainData(_Model):
     images: str | list[str] = Field(
+        default_factory=list,
         description="glob(s) of training images (relative to the config file); a list is the "
-        "union of its globs"
+        "union of its globs; empty: synthetic images only",
     )
     references: str = Field(
+        "{dir}/labels.tif",
         description="each image's reference: a path template with {dir} (the image's folder) "
         "and {stem} (its name without extension), e.g. '{dir}/labels.tif' or "
-        "'refs/{stem}.geojson'"
+        "'refs/{stem}.geojson'",
+    )
+    synthetic: SyntheticData | None = Field(
+        None, description="synthetic nuclei added to the training (and validation) pairs"
     )
     channels: Literal["as_is", "luma"] = Field(
         "as_is",
@@ -168,6 +204,8 @@ def find_pairs(data: TrainData) -> list[tuple[str, str]]:
     """``(image, reference)`` paths; an image without its reference is an error naming it."""
     patterns = [data.images] if isinstance(data.images, str) else data.images
     images = sorted({path for p in patterns for path in glob.glob(p, recursive=True)})
+    if not patterns and data.synthetic is not None:
+        return []
     if not images:
         raise ConfigError([f"data.images: no file matches {data.images!r}"])
     pairs = []
@@ -245,11 +283,36 @@ def _map_values(labels: np.ndarray, mapping: Mapping[int, int], path: str) -> np
     )
 
 
-def _training_data(
-    config: TrainFile,
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]] | None]:
+Pairs = list[tuple[np.ndarray, np.ndarray]]
+
+
+def synthetic_pairs(spec: SyntheticData, channels: str, start: int, count: int) -> Pairs:
+    """Synthetic images ``start .. start + count - 1`` of ``spec`` (image ``i`` is drawn
+    from the seed ``(spec.seed, i)``, its kind ``spec.kinds[i % len(kinds)]``)."""
+    from segflow.models.synthetic import synthetic_nuclei
+
+    low, high = spec.radius
+    if not 0 < low <= high:
+        raise ConfigError([f"data.synthetic.radius: {spec.radius} must satisfy 0 < low <= high"])
+    out = []
+    for i in range(start, start + count):
+        radius = float(
+            np.exp(np.random.default_rng([spec.seed, i, 1]).uniform(np.log(low), np.log(high)))
+        )
+        image, labels = synthetic_nuclei(
+            (spec.shape[0], spec.shape[1]),
+            seed=[spec.seed, i],
+            kind=spec.kinds[i % len(spec.kinds)],
+            radius=radius,
+            dtype=spec.dtype,
+        )
+        out.append((to_luma(image) if channels == "luma" else image, labels.astype(np.int64)))
+    return out
+
+
+def _training_data(config: TrainFile) -> tuple[Pairs, Pairs | None]:
     """The training pairs in memory, and the validation pairs ``data.validation`` names
-    (None: the loop splits them off)."""
+    and ``data.synthetic.validation`` draws (None: the loop splits them off)."""
     pairs = find_pairs(config.data)
     data = read_pairs(
         pairs,
@@ -257,12 +320,19 @@ def _training_data(
         reference_values=config.data.reference_values,
         crop=config.data.crop,
     )
-    if not config.data.validation:
-        return data, None
-    keep = set(config.data.validation)
-    is_val = [Path(image).parent.name in keep or Path(image).stem in keep for image, _ in pairs]
-    validation = [d for d, v in zip(data, is_val, strict=True) if v]
-    return [d for d, v in zip(data, is_val, strict=True) if not v], validation
+    train, validation = data, None
+    if config.data.validation:
+        keep = set(config.data.validation)
+        is_val = [Path(image).parent.name in keep or Path(image).stem in keep for image, _ in pairs]
+        validation = [d for d, v in zip(data, is_val, strict=True) if v]
+        train = [d for d, v in zip(data, is_val, strict=True) if not v]
+    spec = config.data.synthetic
+    if spec is not None:
+        train = train + synthetic_pairs(spec, config.data.channels, 0, spec.count)
+        if spec.validation:
+            drawn = synthetic_pairs(spec, config.data.channels, spec.count, spec.validation)
+            validation = (validation or []) + drawn
+    return train, validation
 
 
 # At most this many differences are named; the rest are counted.

@@ -113,3 +113,27 @@ def test_a_segmented_item_renders_as_a_png(tmp_path: pathlib.Path) -> None:
 def test_a_bad_size_is_refused() -> None:
     with pytest.raises(ValueError, match=r"`size` \(0\) must be at least 1 pixel"):
         render_quicklook(ArrayReader(np.zeros((4, 4)), "t"), "unused", "t", "labels", size=0)
+
+
+def test_a_quick_look_is_written_beside_its_item(tmp_path: pathlib.Path) -> None:
+    from segflow.store.quicklook import QUICKLOOK_NAME, write_quicklook
+
+    image = np.zeros((64, 96), np.float32)
+    image[10:30, 20:60] = 1.0
+    store = str(tmp_path / "out.zarr")
+    with LocalExecutor(1) as executor:
+        result = segment_item(
+            ArrayReader(image, "tile"),
+            [{"op": "threshold", "value": 0.5}, {"op": "label"}],
+            store=store,
+            block_shape=32,
+            executor=executor,
+        )
+
+    location, size = write_quicklook(ArrayReader(image, "tile"), store, "tile", "labels", size=48)
+
+    path = tmp_path / "out.zarr" / "tile" / QUICKLOOK_NAME
+    assert location == str(path) and size == path.stat().st_size
+    assert iio.imread(path, extension=".png").shape == (32, 48, 3)
+    assert [p.name for p in path.parent.iterdir() if "segflow-tmp" in p.name] == []
+    assert result.status == "done"

@@ -65,6 +65,8 @@ KEPT = [
     "cluster.address=tcp://127.0.0.1:8786",
     "run.batch=5",
     "run.item_timeout=60",
+    "run.quicklooks=0",  # pictures beside the items, not results
+    "run.quicklook_size=1024",
 ]
 
 

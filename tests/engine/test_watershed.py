@@ -142,3 +142,64 @@ def test_marker_watershed_on_a_real_image_and_its_limit() -> None:
     assert (plain != expected).mean() < 0.01
     with pytest.raises(ValueError, match=r"`max_region_size` \(3\) must exceed"):
         segment(image, [{**step, "max_region_size": 3}], block_shape=(64, 64))
+
+
+def distance_head_output(mask: np.ndarray, seed: int) -> np.ndarray:
+    """What a distance head gives: a foreground logit and a noisy, smooth distance."""
+    rng = np.random.default_rng(seed)
+    distance = ndi.distance_transform_edt(mask)
+    distance = ndi.gaussian_filter(distance + rng.normal(0, 0.3, mask.shape), 1.0)
+    logit = np.where(mask, 2.0, -2.0) + rng.normal(0, 0.5, mask.shape)
+    return np.stack([logit, distance / max(float(distance.max()), 1.0)]).astype(np.float32)
+
+
+def distance_reference(head: np.ndarray, min_distance: int, min_peak: float) -> np.ndarray:
+    foreground = head[0] > 0
+    distance = np.where(foreground, head[1].astype(np.float64), 0.0)
+    regions, _ = ndi.label(foreground)
+    peaks = peak_local_max(
+        distance,
+        min_distance=min_distance,
+        labels=regions,
+        threshold_abs=min_peak,
+        exclude_border=False,
+    )
+    markers = np.zeros(foreground.shape, dtype=np.int64)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(rank_order(-distance, foreground), markers, mask=foreground)
+
+
+@SETTINGS
+@given(
+    st.integers(20, 60),
+    st.integers(20, 60),
+    st.integers(1, 25),
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 4),
+    st.data(),
+)
+def test_distance_watershed_equals_whole_array(
+    h: int, w: int, n: int, seed: int, min_distance: int, data: st.DataObject
+) -> None:
+    """Instances from a distance head's (foreground, distance) output: any block layout
+    gives the whole-array watershed from the predicted distance's peaks."""
+    head = distance_head_output(touching_discs((h, w), seed, n, radius=6), seed)
+    regions, _ = ndi.label(head[0] > 0)
+    extent = max((max(s.stop - s.start for s in o) for o in ndi.find_objects(regions)), default=1)
+    blocks = (data.draw(st.integers(4, h)), data.draw(st.integers(4, w)))
+    pipeline = [
+        {
+            "op": "distance_watershed",
+            "min_distance": min_distance,
+            "min_peak": 0.2,
+            "max_object_size": extent,
+        },
+        {"op": "label", "classes": True},
+    ]
+    result = segment(head, pipeline, block_shape=blocks, channel_axis=0)
+    assert_labels_equal(result, scan_order(distance_reference(head, min_distance, 0.2)))
+
+
+def test_distance_watershed_needs_two_channels() -> None:
+    with pytest.raises(Exception, match="2 channels of a distance head"):
+        segment(np.zeros((3, 16, 16), np.float32), [{"op": "distance_watershed"}], channel_axis=0)

@@ -322,40 +322,40 @@ def test_keep_recorded_ids_never_reuses_an_id_for_another_source() -> None:
     assert keep_recorded_ids(items, failed, []) == (items, failed)  # a new store: as found
 
 
-def test_the_first_items_of_a_run_get_a_quick_look(
-    tmp_path: Path, dask_address: str, monkeypatch: pytest.MonkeyPatch
+def test_the_first_items_of_a_run_get_a_quick_look_beside_them_linked_from_an_artifact(
+    tmp_path: Path, dask_address: str
 ) -> None:
-    import base64
-
     import imageio.v3 as iio
     from prefect.client.orchestration import get_client
 
-    from segflow.tasks import artifacts
+    from segflow.store.quicklook import OUTLINE_RGB, QUICKLOOK_NAME
 
     folder = tmp_path / "tiles"
     folder.mkdir()
     for k in range(3):
         write_geotiff(folder / f"tile_{k}.tif", blob_image(), x0=500_000.0 + 720 * k)
-    monkeypatch.setattr(artifacts, "QUICKLOOK_ITEMS", 2)  # of 3 items
+    store = tmp_path / "out.zarr"
+    config = collection_config(folder, store, dask_address)
+    config["run"] = {"quicklooks": 2, "quicklook_size": 32}  # of 3 items, 32 px
 
-    state, summary = run(collection_config(folder, tmp_path / "out.zarr", dask_address))
+    state, summary = run(config)
 
     assert (state, summary["done"]) == ("COMPLETED", 3)
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_runs(sort="START_TIME_DESC", limit=1)[0]
-    looks = [
-        a
-        for a in artifacts_of(flow_run.id)
-        if a.type == "markdown" and "data:image/png;base64," in str(a.data)
-    ]
+    looks = [a for a in artifacts_of(flow_run.id) if "quick look" in str(a.description)]
     assert len(looks) == 2
-    for look in looks:
+    pictures = sorted(store.glob(f"*/{QUICKLOOK_NAME}"))
+    assert [p.parent.name for p in pictures] == ["tile_0", "tile_1"]
+    for look, path in zip(sorted(looks, key=lambda a: str(a.description)), pictures, strict=True):
         assert look.task_run_id is not None  # on its item's task run
-        encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", str(look.data))
-        assert encoded is not None
-        picture = iio.imread(base64.b64decode(encoded.group(1)), extension=".png")
-        assert max(picture.shape[:2]) <= artifacts.QUICKLOOK_SIZE and picture.shape[2] == 3
-        assert (picture == (255, 221, 0)).all(axis=-1).any()  # the blobs' outlines
+        assert "base64" not in str(look.data) and len(str(look.data)) < 1000
+        assert f"]({path.as_uri()})" in str(look.data) and f"`{path}`" in str(look.data)
+        picture = iio.imread(path, extension=".png")
+        assert max(picture.shape[:2]) <= 32 and picture.shape[2] == 3
+        assert (picture == OUTLINE_RGB).all(axis=-1).any()  # the blobs' outlines
+    # The store stays readable with the pictures in its item groups.
+    assert xarray.open_zarr(store, group="tile_0")["labels"].shape == (64, 72)
 
 
 def test_vectors_per_item_and_for_the_collection(tmp_path: Path, dask_address: str) -> None:

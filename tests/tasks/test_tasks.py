@@ -92,6 +92,25 @@ def test_items_progress_counts_phases_blocks_and_final_states() -> None:
     assert progress.describe() == "**2 of 3 items finished** (1 done, 1 failed) · 1 queued: `c`"
 
 
+def test_items_progress_of_a_stopped_run_stays_where_it_stopped() -> None:
+    progress = ItemsProgress(["a", "b", "c", "d"])
+    progress.update("a", "done", 1, 1)
+    progress.update("b", "phase 1/2", 1, 2)  # a quarter of b
+    assert progress.percent() == 31.2  # (1 + 0.25) / 4, rounded
+
+    for item in ("b", "c", "d"):  # stopped: b midway, c and d not started
+        assert progress.update(item, "interrupted", 1, 1)
+
+    assert progress.percent() == 31.2  # b keeps what it had reached; nothing is 100 %
+    assert progress.describe() == "**1 of 4 items finished** (1 done) · 3 interrupted"
+    nearly = ItemsProgress([str(k) for k in range(2000)])
+    for k in range(1999):
+        nearly.update(str(k), "done", 1, 1)
+    nearly.update("1999", "phase 1/1", 99, 100)
+    nearly.update("1999", "interrupted", 1, 1)
+    assert nearly.percent() == 99.9  # not rounded up to 100 with an item unfinished
+
+
 def test_items_progress_names_only_the_first_queued_items() -> None:
     progress = ItemsProgress([f"tile_{k}" for k in range(8)])
     assert progress.describe(names=2) == (

@@ -25,13 +25,29 @@ from segflow.models.inference import Activation
 from segflow.models.networks import NetworkSpec, check_tile, find_architecture
 from segflow.models.tiling import BlendWindow
 
-Head = Literal["semantic", "foreground_boundary", "foreground_distance"]
+Head = Literal["semantic", "foreground_boundary", "foreground_distance", "flows"]
 
-#: Output channels of the instance-friendly heads (semantic heads name their own classes).
+#: Output channels of the instance-friendly heads (semantic heads name their own classes);
+#: ``flows`` (Cellpose's layout: a flow per spatial axis, then the cell probability's logit)
+#: in 2-D; see :func:`head_classes`.
 HEAD_CLASSES: dict[str, tuple[str, ...]] = {
     "foreground_boundary": ("background", "foreground", "boundary"),
     "foreground_distance": ("foreground", "distance"),
+    "flows": ("flow_y", "flow_x", "cellprob"),
 }
+
+
+def head_classes(head: str, spatial_dims: int) -> tuple[str, ...] | None:
+    """The output channels of an instance-friendly ``head`` (None for a semantic head).
+
+    Examples
+    --------
+    >>> head_classes("flows", 3)
+    ('flow_z', 'flow_y', 'flow_x', 'cellprob')
+    """
+    if head == "flows" and spatial_dims == 3:
+        return ("flow_z", *HEAD_CLASSES["flows"])
+    return HEAD_CLASSES.get(head)
 
 
 class _Card(BaseModel):
@@ -123,6 +139,11 @@ class ModelCard(_Card):
         description="units of `spacing` as item metadata names them (m, mm, um, ...); with "
         "both, the model step refuses items of another pixel size (see its spacing_tolerance)",
     )
+    output_activation: Activation | None = Field(
+        default=None,
+        description="what turns the network's output into the blended map (softmax, sigmoid "
+        "or none); unset: from the head (softmax, none for the distance head)",
+    )
     training: TrainingCard = TrainingCard()
     metrics: dict[str, float] = {}
     weights: WeightsCard | None = None
@@ -131,15 +152,14 @@ class ModelCard(_Card):
     @classmethod
     def _head_classes(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("classes") and data.get("head") in HEAD_CLASSES:
-            data = {**data, "classes": HEAD_CLASSES[data["head"]]}
+            data = {**data, "classes": head_classes(data["head"], data.get("spatial_dims", 2))}
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        if self.head in HEAD_CLASSES and self.classes != HEAD_CLASSES[self.head]:
-            raise ValueError(
-                f"head {self.head!r} has the classes {HEAD_CLASSES[self.head]}, not {self.classes}"
-            )
+        expected = head_classes(self.head, self.spatial_dims)
+        if expected is not None and self.classes != expected:
+            raise ValueError(f"head {self.head!r} has the classes {expected}, not {self.classes}")
         if self.head == "semantic" and len(self.classes) < 2:
             raise ValueError(
                 f"a semantic head needs at least 2 classes (background first), got {self.classes}"
@@ -155,8 +175,11 @@ class ModelCard(_Card):
     @property
     def activation(self) -> Activation:
         """What turns the network's output into the blended map: softmax over the classes,
-        or nothing for the distance head (its foreground channel is a logit)."""
-        return "none" if self.head == "foreground_distance" else "softmax"
+        or nothing for the distance and flow heads (their foreground channel is a logit); a
+        card derived from another format states its own (``output_activation``)."""
+        if self.output_activation is not None:
+            return self.output_activation
+        return "none" if self.head in ("foreground_distance", "flows") else "softmax"
 
     def network_spec(self) -> NetworkSpec:
         """The network this card describes (channels from ``channels`` and ``classes``)."""
@@ -170,10 +193,12 @@ class ModelCard(_Card):
 
     def identity_json(self) -> str:
         """Canonical JSON of the card without its ``weights`` entry (which depends on how the
-        weights were serialised): the card's part of the model hash."""
-        return json.dumps(
-            self.model_dump(mode="json", exclude={"weights"}), sort_keys=True, separators=(",", ":")
-        )
+        weights were serialised): the card's part of the model hash. ``output_activation``
+        enters only when set, so the cards written before it existed keep their hash."""
+        data = self.model_dump(mode="json", exclude={"weights"})
+        if data["output_activation"] is None:
+            del data["output_activation"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def check_item(card: ModelCard, *, channels: int, spatial_ndim: int, item: str = "") -> None:

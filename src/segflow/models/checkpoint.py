@@ -27,7 +27,7 @@ import io
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +46,19 @@ WEIGHTS_FILE = "weights.pt"
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready for inference: eval mode, on its device, with its card and identity."""
+    """A model ready for inference: eval mode, on its device, with its card and identity.
 
-    module: nn.Module
+    ``module`` maps a float32 tensor ``(batch, channels, *tile)`` to ``(batch, classes,
+    *tile)``: a torch module, or a callable of another runtime (ONNX Runtime), which then
+    takes its input on ``input_device`` (``"cpu"``) and places the work itself.
+    """
+
+    module: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     card: ModelCard | None
     hash: str
     path: Path
+    source: str = "segflow"
+    input_device: Device | None = None
 
 
 def _tensor_bytes(state: Mapping[str, torch.Tensor]) -> Iterator[bytes]:
@@ -257,7 +264,11 @@ def load_torchscript(path: str | os.PathLike[str], *, device: Device = "cpu") ->
         ) from None
     card = _sidecar_card(path)
     return LoadedModel(
-        module=module.eval(), card=card, hash=_file_model_hash(path, card), path=path
+        module=module.eval(),
+        card=card,
+        hash=_file_model_hash(path, card),
+        path=path,
+        source="torchscript",
     )
 
 
@@ -280,7 +291,13 @@ def load_exported(path: str | os.PathLike[str], *, device: Device = "cpu") -> Lo
         ) from None
     module = program.module().to(resolve_device(device))
     card = _sidecar_card(path)
-    return LoadedModel(module=module, card=card, hash=_file_model_hash(path, card), path=path)
+    return LoadedModel(
+        module=module,
+        card=card,
+        hash=_file_model_hash(path, card),
+        path=path,
+        source="torch.export",
+    )
 
 
 def load_model(path: str | os.PathLike[str], *, device: Device = "cpu") -> LoadedModel:

@@ -68,9 +68,12 @@ def _forward(
     *,
     activation: Activation,
     tta: bool,
+    flows: bool = False,
 ) -> torch.Tensor:
     """The model's (activated) output for a batch; with ``tta``, the mean over every
-    combination of flipped spatial axes (4 passes in 2-D, 8 in 3-D)."""
+    combination of flipped spatial axes (4 passes in 2-D, 8 in 3-D). With ``flows``, the
+    output leads with one flow component per spatial axis: a flip also negates the
+    component along the flipped axis."""
     if not tta:
         return _activate(model(batch), activation).float()
     spatial = range(2, batch.ndim)
@@ -80,6 +83,10 @@ def _forward(
         x = torch.flip(batch, axes) if axes else batch
         y = _activate(model(x), activation).float()
         y = torch.flip(y, axes) if axes else y
+        if flows and axes:
+            sign = torch.ones(y.shape[1], dtype=y.dtype, device=y.device)
+            sign[[axis - 2 for axis in axes]] = -1.0
+            y = y * sign.view(1, -1, *(1,) * (y.ndim - 2))
         total = y if total is None else total + y
     assert total is not None
     return total / len(flips)
@@ -126,6 +133,7 @@ def predict_region(
     tta: bool = False,
     pad_mode: PadMode = "constant",
     device: Device = "cpu",
+    flows: bool = False,
 ) -> np.ndarray:
     """Blended model output over ``region`` of an item, from the item's global tile grid.
 
@@ -150,6 +158,9 @@ def predict_region(
         Applied to each tile's output (softmax over channels) before averaging and blending.
     tta : bool
         Test-time augmentation: average each tile's outputs over all flips of its axes.
+    flows : bool
+        The output leads with a flow (vector) component per spatial axis (a flow head):
+        ``tta`` negates a component when it flips its axis.
     pad_mode : {'constant', 'reflect', 'edge'}
         How an axis shorter than the tile is padded (``numpy.pad`` modes; constant is 0).
     device : {'cpu', 'cuda', 'auto'}
@@ -227,7 +238,7 @@ def predict_region(
         batch = torch.from_numpy(np.stack(tiles))
         batch = batch.pin_memory().to(torch_device, non_blocking=True) if cuda else batch
         with torch.inference_mode(), autocast:
-            out = _forward(model, batch, activation=activation, tta=tta)
+            out = _forward(model, batch, activation=activation, tta=tta, flows=flows)
         if pending is not None:
             accumulate(*pending)
         pending = (chunk, out)
@@ -249,6 +260,7 @@ def predict_image(
     tta: bool = False,
     pad_mode: PadMode = "constant",
     device: Device = "cpu",
+    flows: bool = False,
 ) -> np.ndarray:
     """Sliding-window output of a whole in-memory ``image`` ``(c, (z), y, x)``.
 
@@ -274,4 +286,5 @@ def predict_image(
         tta=tta,
         pad_mode=pad_mode,
         device=device,
+        flows=flows,
     )

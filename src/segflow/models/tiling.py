@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 Box = tuple[slice, ...]
-BlendWindow = Literal["gaussian", "cosine"]
+BlendWindow = Literal["gaussian", "cosine", "constant"]
 
 #: Smallest blending weight, relative to the window's peak. A pixel covered only by the corner of
 #: one tile (an item corner, in 3-D) would otherwise get a weight near 1e-11: clamping keeps
@@ -220,6 +220,8 @@ def _weights(tile: tuple[int, ...], window: str) -> np.ndarray:
         if window == "gaussian":
             sigma = t * GAUSSIAN_SIGMA_SCALE
             per_axis.append(np.exp(-0.5 * ((x - (t - 1) / 2.0) / sigma) ** 2))
+        elif window == "constant":  # every pixel of a tile counts alike (MONAI's default mode)
+            per_axis.append(np.ones(t))
         else:
             # A Hann window sampled at pixel centres: zero only half a pixel outside the tile.
             per_axis.append(np.sin(np.pi * (x + 0.5) / t) ** 2)
@@ -234,6 +236,7 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
 
     ``gaussian`` has sigma = tile / 8 per axis around the tile centre (nnU-Net); ``cosine`` is
     a Hann window. Both favour the tile centre, where the network sees the most context.
+    ``constant`` weighs every pixel alike (MONAI's default ``mode="constant"``).
     The returned array is read-only (it is cached).
 
     Examples
@@ -245,8 +248,8 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
     array([0.03, 0.17, 0.17, 0.03], dtype=float32)
     """
     tile = tuple(int(t) for t in tile)
-    if window not in ("gaussian", "cosine"):
-        raise ValueError(f"`window` ({window!r}) must be 'gaussian' or 'cosine'")
+    if window not in ("gaussian", "cosine", "constant"):
+        raise ValueError(f"`window` ({window!r}) must be 'gaussian', 'cosine' or 'constant'")
     if any(t < 1 for t in tile):
         raise ValueError(f"`tile` {tile} must be positive on every axis")
     return _weights(tile, window)

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from segflow.errors import ModelError
 from segflow.models.card import Head, ModelCard, TrainingCard, item_statistics, normalize_image
 from segflow.models.checkpoint import save_checkpoint
+from segflow.models.flow_field import flip_flows, flow_targets, rotate_flows
 from segflow.models.inference import predict_image
 from segflow.models.networks import build_network, check_tile
 
@@ -110,7 +111,9 @@ def make_targets(labels: np.ndarray, head: Head) -> np.ndarray:
     ``semantic``: the labels themselves (class ids); ``foreground_boundary``: 0 background,
     1 inside an object, 2 on its inner boundary (instance ids in); ``foreground_distance``:
     float32 ``(2, ...)``, the foreground mask and each object's distance to its border divided
-    by the object's largest distance (1 at its centre).
+    by the object's largest distance (1 at its centre); ``flows``: float32 ``(ndim + 1, ...)``,
+    Cellpose-style flows towards each object's centre (times 5) and the foreground
+    (:func:`segflow.models.flow_field.flow_targets`).
 
     Examples
     --------
@@ -125,6 +128,8 @@ def make_targets(labels: np.ndarray, head: Head) -> np.ndarray:
         raise ModelError(f"labels must be integers, got dtype {labels.dtype}")
     if head == "semantic":
         return labels.astype(np.int64)
+    if head == "flows":
+        return flow_targets(labels)
     boundary = find_boundaries(labels, mode="inner") & (labels > 0)
     if head == "foreground_boundary":
         targets = (labels > 0).astype(np.int64)
@@ -200,6 +205,7 @@ class _Prepared:
     image: np.ndarray
     targets: np.ndarray
     foreground: np.ndarray  # coordinates of foreground pixels, (n, ndim)
+    flows: bool = False  # targets lead with flow vectors: flips and turns rotate them too
 
 
 def _prepare(pairs: Sequence[Pair], card: ModelCard, patch: tuple[int, ...]) -> list[_Prepared]:
@@ -225,7 +231,8 @@ def _prepare(pairs: Sequence[Pair], card: ModelCard, patch: tuple[int, ...]) -> 
         pads = [(0, max(p - n, 0)) for p, n in zip(patch, labels.shape, strict=True)]
         norm = np.pad(norm, [(0, 0), *pads])
         targets = np.pad(targets, [(0, 0)] * (targets.ndim - len(pads)) + pads)
-        prepared.append(_Prepared(norm, targets, np.argwhere(np.pad(labels, pads) > 0)))
+        foreground = np.argwhere(np.pad(labels, pads) > 0)
+        prepared.append(_Prepared(norm, targets, foreground, flows=card.head == "flows"))
     return prepared
 
 
@@ -262,9 +269,11 @@ def _sample_batch(
         if config.augment:
             for axis in range(ndim):
                 if rng.random() < 0.5:
-                    x, y = np.flip(x, axis - ndim), np.flip(y, axis - ndim)
+                    x = np.flip(x, axis - ndim)
+                    y = flip_flows(y, axis - ndim) if item.flows else np.flip(y, axis - ndim)
             k = int(rng.integers(4)) if patch[-1] == patch[-2] else 2 * int(rng.integers(2))
-            x, y = np.rot90(x, k, axes=(-2, -1)), np.rot90(y, k, axes=(-2, -1))
+            x = np.rot90(x, k, axes=(-2, -1))
+            y = rotate_flows(y, k) if item.flows else np.rot90(y, k, axes=(-2, -1))
             scale = rng.uniform(0.8, 1.2, size=(x.shape[0],) + (1,) * ndim)
             shift = rng.uniform(-0.1, 0.1, size=(x.shape[0],) + (1,) * ndim)
             x = x * scale + shift
@@ -279,8 +288,13 @@ def _sample_batch(
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:
-    """Soft Dice + cross-entropy (the distance head: + mean squared error of the distance)."""
+    """Soft Dice + cross-entropy (the distance head: + mean squared error of the distance;
+    the flow head: half the flows' mean squared error + the foreground's binary
+    cross-entropy, as Cellpose trains)."""
     spatial = tuple(range(2, logits.ndim))
+    if head == "flows":
+        flows = F.mse_loss(logits[:, :-1], targets[:, :-1]) / 2
+        return flows + F.binary_cross_entropy_with_logits(logits[:, -1], targets[:, -1])
     if head == "foreground_distance":
         foreground, distance = targets[:, 0], targets[:, 1]
         probability = torch.sigmoid(logits[:, 0])
@@ -337,6 +351,8 @@ def _predict(
 def _mask(out: np.ndarray, card: ModelCard) -> np.ndarray:
     if card.head == "foreground_distance":
         return (out[0] > 0).astype(np.int64)  # logit > 0 is probability > 0.5
+    if card.head == "flows":
+        return (out[-1] > 0).astype(np.int64)
     return np.asarray(out.argmax(0))
 
 

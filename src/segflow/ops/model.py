@@ -20,13 +20,16 @@ users report masks cut along the block grid: cellpose issues #1364 and #1148).
 
 The model is loaded once per worker process (cached by path, weights hash and device) and
 never travels through the task graph; the step's block tasks hold ``GPU=1`` unless the
-device is ``cpu``. The card is read at planning: a checkpoint whose channels or
-dimensionality do not fit the item is refused before any block runs.
+device is ``cpu``. The card is derived at planning by the model's source
+(:mod:`segflow.models.sources`: segflow checkpoints, TorchScript, ``.pt2``, ONNX graphs, MONAI
+bundles), with the step's overrides (``tile``, ``overlap``, ``normalization``,
+``activation``) where the format lacks them: a model whose channels or dimensionality do not
+fit the item is refused before any block runs, and a network whose output on a dummy batch
+does not fit its card is refused when a worker loads it.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from collections.abc import Hashable, Sequence
@@ -35,10 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from segflow.engine.blocks import relative, shrink_box
-from segflow.errors import ModelError, ModelNotFoundError
 from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Percentiles
 
@@ -46,13 +48,15 @@ if TYPE_CHECKING:
     from segflow.models.card import ModelCard
     from segflow.models.checkpoint import LoadedModel
 
-ModelOutput = Literal["classes", "probabilities", "foreground"]
+ModelOutput = Literal["classes", "probabilities", "foreground", "raw"]
+Activation = Literal["softmax", "sigmoid", "none"]  # segflow.models.inference's, torch-free
 
 
 class ModelParams(OpParams):
     path: str = Field(
-        description="checkpoint folder (card.json + weights), .pt2 program or TorchScript file "
-        "with a .json card beside it"
+        description="the model: a checkpoint folder (card.json + weights), a .pt2 program or "
+        "TorchScript file with a .json card beside it, an ONNX graph or a MONAI bundle folder "
+        "(`segflow models inspect PATH` shows what segflow derives from it)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the model runs (auto: CUDA when the worker has one)"
@@ -61,9 +65,26 @@ class ModelParams(OpParams):
     output: ModelOutput = Field(
         "classes",
         description="classes: argmax (uint8); probabilities: every class (float16, class "
-        "axis); foreground: 1 - P(background) (float32)",
+        "axis); foreground: 1 - P(background) (float32); raw: every output channel as the "
+        "network gives it, blended (float32, class axis: flows, distances, logits)",
     )
     tta: bool = Field(False, description="average over flips of each tile's axes")
+    tile: tuple[int, ...] | None = Field(
+        None,
+        description="tile side per axis where the model's format has none (an ONNX graph "
+        "with dynamic axes); null: the source's",
+    )
+    overlap: float | None = Field(
+        None, ge=0.0, lt=1.0, description="tile overlap instead of the source's; null: the source's"
+    )
+    normalization: dict[str, Any] | None = Field(
+        None,
+        description="every channel's normalisation where the format states none (e.g. "
+        "{method: percentile, low: 1, high: 99}); null: the source's",
+    )
+    activation: Activation | None = Field(
+        None, description="softmax, sigmoid or none instead of the source's; null: the source's"
+    )
     spacing_tolerance: float | None = Field(
         0.25,
         ge=0,
@@ -71,78 +92,72 @@ class ModelParams(OpParams):
         "than this fraction on an axis (when both are in physical units); null: never",
     )
 
+    @field_validator("normalization")
+    @classmethod
+    def _one_normalization(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from segflow.models.card import Normalization  # imports torch: only when one is set
 
-# -- the card, read once per process and file version ------------------------------------------
+        return None if value is None else Normalization.model_validate(value).model_dump()
+
+    @model_serializer(mode="wrap")
+    def _unset_overrides_left_out(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Overrides enter the dump (and so the config hash) only when set: configs written
+        before they existed keep their hash."""
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in OVERRIDES:
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        stat = path.stat()
-    except OSError:
-        return (0, 0)
-    return (stat.st_mtime_ns, stat.st_size)
+#: The step parameters that override what a model's format lacks (sources.CardOverrides).
+OVERRIDES = ("tile", "overlap", "normalization", "activation")
 
 
-def _card_path(path: Path) -> Path:
-    return path / "card.json" if path.is_dir() else path.with_suffix(".json")
+# -- the card, derived once per process and file version by the model's source ---------------
 
 
 def model_card(path: str) -> ModelCard:
-    """The card of the model at ``path`` (checkpoint folder or a file's ``.json`` sidecar).
+    """The card the source of the model at ``path`` derives (no step overrides).
 
     Raises :class:`~segflow.errors.ModelError` naming the file when it is missing or invalid.
     """
-    resolved = Path(path).expanduser().resolve()
-    card_path = _card_path(resolved)
-    return _read_card(str(card_path), _stamp(card_path), str(path))
+    from segflow.models.sources import describe_model
+
+    return describe_model(path).card
 
 
-@functools.lru_cache(maxsize=32)
-def _read_card(card_path: str, stamp: tuple[int, int], given: str) -> ModelCard:
-    from segflow.models.checkpoint import read_card
+def step_card(params: ModelParams) -> ModelCard:
+    """The card the step runs: the source's, with the step's overrides."""
+    from segflow.models.sources import CardOverrides, describe_model
 
-    if not Path(given).expanduser().exists():
-        raise ModelNotFoundError(f"`path` {given!r}: no such checkpoint folder or model file")
-    if not Path(card_path).is_file():
-        raise ModelError(
-            f"model {given!r} has no model card ({card_path}): segflow needs the card "
-            "(channels, classes, tile, normalisation) to run a model"
-        )
-    return read_card(card_path)
+    overrides = CardOverrides(params.tile, params.overlap, params.normalization, params.activation)
+    return overrides.apply(describe_model(params.path), params.path)
 
 
 def model_identity(path: str) -> str:
-    """The model hash of ``path`` (weights + card, :func:`segflow.models.model_hash`),
-    computed once per process and file version: what the config hash and the index record.
-    """
-    resolved = Path(path).expanduser().resolve()
-    files = [resolved] if resolved.is_file() else sorted(resolved.iterdir())
-    stamps = tuple((str(f), _stamp(f)) for f in files if f.is_file())
-    return _identity(str(resolved), stamps)
+    """The model hash of ``path`` (its source's, :meth:`ModelSource.identity`), computed
+    once per process and file version: what the config hash and the index record."""
+    from segflow.models.sources import model_identity as identity
 
-
-@functools.lru_cache(maxsize=32)
-def _identity(path: str, stamps: tuple[tuple[str, tuple[int, int]], ...]) -> str:
-    from segflow.models.checkpoint import load_model
-
-    return load_model(path, device="cpu").hash
+    return identity(path)
 
 
 def _setup_key(params: ModelParams) -> Hashable:
     from segflow.models.inference import resolve_device
 
-    card = model_card(params.path)
-    weights = card.weights.sha256 if card.weights is not None else ""
-    if not weights:  # a TorchScript or export file: its bytes' version
-        weights = repr(_stamp(Path(params.path).expanduser().resolve()))
     device = str(resolve_device(params.device))
-    return (str(Path(params.path).expanduser().resolve()), weights, card.identity_json(), device)
+    resolved = str(Path(params.path).expanduser().resolve())
+    card = step_card(params).identity_json()
+    return (resolved, model_identity(params.path), card, device, params.batch_size)
 
 
 def _load(params: ModelParams) -> LoadedModel:
-    from segflow.models.checkpoint import load_model
+    from segflow.models.sources import load_source
 
-    return load_model(Path(params.path).expanduser(), device=params.device)
+    card = step_card(params)
+    return load_source(params.path, card, device=params.device, batch_size=params.batch_size)
 
 
 def _resources(params: ModelParams) -> dict[str, float]:
@@ -153,8 +168,10 @@ def _resources(params: ModelParams) -> dict[str, float]:
 
 
 def _check_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str | None:
-    card = model_card(params.path)
-    where = f"model {params.path!r} (card {_card_path(Path(params.path).expanduser())})"
+    from segflow.models.sources import describe_model
+
+    card = step_card(params)
+    where = f"model {params.path!r} ({describe_model(params.path).where})"
     if spatial_ndim != card.spatial_dims:
         return f"{where} is {card.spatial_dims}-D, the item is {spatial_ndim}-D"
     if channels != len(card.channels):
@@ -174,7 +191,7 @@ _METRES = {"m": 1.0, "metre": 1.0, "meter": 1.0, "cm": 1e-2, "mm": 1e-3, "um": 1
 def _check_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) -> str | None:
     """A problem when the item's pixel size is off the card's by more than the tolerance;
     nothing when either side has no physical units (pixels, or a card without spacing)."""
-    card = model_card(params.path)
+    card = step_card(params)
     if params.spacing_tolerance is None or card.spacing is None or card.units is None:
         return None
     if units not in _METRES or card.units not in _METRES or len(spacing) != len(card.spacing):
@@ -195,25 +212,31 @@ def _check_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) 
 
 
 def _halo(params: ModelParams, spatial_ndim: int) -> tuple[int, ...]:
-    card = model_card(params.path)
+    card = step_card(params)
     if len(card.tile) != spatial_ndim:
         return (0,) * spatial_ndim  # refused by _check_layout with the file's name
     return tuple(t - 1 for t in card.tile)
 
 
 def _out_channels(channels: int, params: ModelParams) -> int:
-    return len(model_card(params.path).classes) if params.output == "probabilities" else 1
+    wide = params.output in ("probabilities", "raw")
+    return len(step_card(params).classes) if wide else 1
 
 
 def _out_dtype(dtype: np.dtype, params: ModelParams) -> np.dtype:
     return np.dtype(
-        {"classes": np.uint8, "probabilities": np.float16, "foreground": np.float32}[params.output]
+        {
+            "classes": np.uint8,
+            "probabilities": np.float16,
+            "foreground": np.float32,
+            "raw": np.float32,
+        }[params.output]
     )
 
 
 def _class_names(params: ModelParams) -> tuple[str, ...]:
-    if params.output == "probabilities":
-        return tuple(model_card(params.path).classes)
+    if params.output in ("probabilities", "raw"):
+        return tuple(step_card(params).classes)
     return (params.output,)
 
 
@@ -298,7 +321,7 @@ class ChannelStatistics:
 
 
 def _statistic(params: ModelParams) -> ChannelStatistics:
-    card = model_card(params.path)
+    card = step_card(params)
     parts: list[Any] = []
     fixed: list[tuple[float, float]] = []
     for channel in card.channels:
@@ -325,7 +348,7 @@ def _fixed_stats(card: ModelCard) -> list[tuple[float, float]]:
 def _normalize(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray:
     from segflow.models.card import normalize_image
 
-    card = model_card(params.path)
+    card = step_card(params)
     return normalize_image(image, card.channels, list(ctx.stat))
 
 
@@ -339,8 +362,7 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
     from segflow.models.tiling import plan_tiles
 
     loaded: LoadedModel = ctx.resource
-    card = loaded.card
-    assert card is not None  # the planner refused a model without a card
+    card = step_card(params)
     if not _needs_statistics(card):  # no statistics pass ran: the card's own numbers
         image = normalize_image(image, card.channels, _fixed_stats(card))
     box, shape = ctx.box, ctx.shape
@@ -355,12 +377,15 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
         batch_size=params.batch_size,
         activation=card.activation,
         tta=params.tta,
-        device=params.device,
+        device=loaded.input_device or params.device,  # ONNX Runtime places its own work
+        flows=card.head == "flows",
     )
     if params.output == "classes":
         result = np.argmax(probs, axis=0).astype(np.uint8)[np.newaxis]
     elif params.output == "foreground":
         result = (1.0 - probs[:1]).astype(np.float32)
+    elif params.output == "raw":
+        result = probs.astype(np.float32)
     else:
         result = probs.astype(np.float16)
     out = np.zeros((len(result), *(b.stop - b.start for b in box)), dtype=result.dtype)
@@ -370,7 +395,7 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
 
 def _parts(params: ModelParams) -> list[tuple[str, str, OpParams]]:
     parts: list[tuple[str, str, OpParams]] = []
-    if _needs_statistics(model_card(params.path)):
+    if _needs_statistics(step_card(params)):
         parts.append(("statistics", "_model_statistics", params))
     parts.append(("infer", "_model_infer", params))
     return parts
@@ -386,8 +411,9 @@ register(
         kind="local",
         params=ModelParams,
         apply=_unexpanded,
-        summary="tiled inference of a segflow model (blended global tile grid; whole-item "
-        "normalisation); follow with threshold/label/watershed for instances",
+        summary="tiled inference of a model (segflow checkpoint, TorchScript, .pt2, ONNX, "
+        "MONAI bundle; blended global tile grid; whole-item normalisation); follow with "
+        "threshold/label/watershed for instances",
         halo=_halo,
         halo_rule="tile - 1 per axis (from the model card)",
         expand=_parts,

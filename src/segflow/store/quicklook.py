@@ -3,6 +3,10 @@
 The input is read in bands of rows and thinned to every ``step``-th pixel on the way, so
 the memory held is a band and the small picture, whatever the item's size; the output array
 is read from the store the same way. Volumes show their middle ``z`` slice.
+
+A run keeps its quick looks in the store, beside the item's arrays: ``STORE/ITEM/quicklook.png``
+(:data:`QUICKLOOK_NAME`; no array takes the name, since ``save_as`` names are identifiers),
+and links them from its artifacts, so Prefect's database holds a path, not a picture.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 
 from segflow.io.base import Reader
 
+QUICKLOOK_NAME = "quicklook.png"  # STORE/ITEM/quicklook.png
 OUTLINE_RGB = (255, 221, 0)  # yellow: visible over grey, RGB and most false colours
 BAND_PIXELS = 4_000_000  # input pixels read at once (per channel)
 
@@ -46,6 +51,36 @@ def render_quicklook(
         raise ValueError(f"`size` ({size}) must be at least 1 pixel")
     rgb = quicklook_rgb(reader, store, item_id, output, size=size)
     return bytes(iio.imwrite("<bytes>", rgb, extension=".png"))
+
+
+def write_quicklook(
+    reader: Reader, store: str, item_id: str, output: str, *, size: int = 256
+) -> tuple[str, int]:
+    """Render the item's quick look (:func:`render_quicklook`) into
+    ``STORE/ITEM_ID/quicklook.png``; return where it is (an absolute path for a local store,
+    else the object's URL) and its size in bytes.
+
+    Call after the item is committed, while holding the store's lock: the picture belongs
+    to the committed result, and the next commit of the item replaces the whole group, so a
+    quick look never shows other data than the item's. A local file is written under a
+    temporary name and renamed into place (a reader never sees half a PNG).
+    """
+    import os
+
+    from segflow.store.fs import fresh_fs
+    from segflow.store.lock import is_local, local_path
+
+    png = render_quicklook(reader, store, item_id, output, size=size)
+    if is_local(store):
+        path = os.path.join(os.path.abspath(local_path(store)), item_id, QUICKLOOK_NAME)
+        partial = f"{path}.segflow-tmp"
+        with open(partial, "wb") as file:
+            file.write(png)
+        os.replace(partial, path)
+        return path, len(png)
+    fs, root = fresh_fs(store)
+    fs.pipe_file(f"{root.rstrip('/')}/{item_id}/{QUICKLOOK_NAME}", png)
+    return f"{str(store).rstrip('/')}/{item_id}/{QUICKLOOK_NAME}", len(png)
 
 
 def quicklook_rgb(

@@ -1,0 +1,345 @@
+"""flow_dynamics: Cellpose's mask computation, blockwise-exact.
+
+Two kinds of check. Layout invariance: every block layout gives the labels of the whole item
+(hypothesis draws the shapes, blocks and flow fields). Equality with Cellpose's own
+``cellpose.dynamics.compute_masks`` on whole images (the same partition; ids may differ),
+where the ``cellpose`` package imports.
+
+Importing cellpose here: cellpose 4.2.1 imports torchvision at module level
+(``cellpose.transforms``; segment_anything for its network), and torchvision's PyPI wheels do
+not import against the CPU torch of this project (``operator torchvision::nms does not
+exist``). The mask computation never calls torchvision, so these tests put a stand-in for the
+torchvision modules into ``sys.modules`` while cellpose imports (only where torchvision
+itself does not import), and take it out again: every attribute of it is a function that
+raises if called, so a code path that needed the real torchvision would fail loudly instead
+of being silently faked.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+from _compare import scan_order
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage as ndi
+
+from segflow import segment
+from segflow.ops.flows import FlowDynamicsParams, compute_masks_block
+from segflow.ops.registry import OpContext
+
+# cellpose's get_masks_torch builds a torch sparse tensor without opting in or out of its
+# invariant checks; torch warns about that inside cellpose, nothing segflow does.
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_STAND_IN = (
+    "torchvision",
+    "torchvision.ops",
+    "torchvision.ops.boxes",
+    "torchvision.transforms",
+    "torchvision.transforms.functional",
+    "torchvision.transforms._functional_tensor",
+)
+
+
+def _refusing_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    def attribute(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError(f"{name}.{attr}: a test stand-in for torchvision")
+
+        return refuse
+
+    module.__getattr__ = attribute  # type: ignore[method-assign]
+    return module
+
+
+def _import_cellpose() -> Any:
+    """``cellpose.dynamics`` (and ``cellpose.vit`` where segment-anything is installed),
+    with the torchvision stand-in only while they import: it leaves ``sys.modules`` then,
+    so no other test mistakes it for torchvision."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # not installed, or the CUDA wheel that fails against the CPU torch
+        stand_in = True
+    else:
+        stand_in = False
+    if stand_in:
+        for name in _STAND_IN:
+            sys.modules.pop(name, None)
+        modules = {name: _refusing_module(name) for name in _STAND_IN}
+        for name, module in modules.items():
+            parent, _, leaf = name.rpartition(".")
+            if parent:
+                setattr(modules[parent], leaf, module)
+            sys.modules[name] = module
+    try:
+        from cellpose import dynamics
+
+        try:
+            from cellpose import vit  # noqa: F401  (the network test's CPSAM)
+        except ImportError:
+            pass
+    finally:
+        if stand_in:
+            for name in _STAND_IN:
+                sys.modules.pop(name, None)
+    return dynamics
+
+
+try:
+    cellpose_dynamics = _import_cellpose()
+except ImportError as error:  # the package is optional
+    cellpose_dynamics = None
+    CELLPOSE_MISSING = f"cellpose does not import: {error}"
+else:
+    CELLPOSE_MISSING = ""
+
+needs_cellpose = pytest.mark.skipif(cellpose_dynamics is None, reason=CELLPOSE_MISSING)
+
+
+def touching_discs(shape: tuple[int, int], seed: int, n: int) -> np.ndarray:
+    """A label image of discs that overlap in chains (later discs on top), ids 1..k."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, dtype=np.int32)
+    for i in range(n):
+        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(3, 10)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i + 1
+    return scan_order(labels).astype(np.int32)
+
+
+def analytic_flows(labels: np.ndarray) -> np.ndarray:
+    """Cellpose-like flows of a label image: 5 x the unit vector to each object's centre
+    (cellprob +3 inside, -3 outside), ``(dY, dX, cellprob)``."""
+    yy, xx = np.mgrid[: labels.shape[0], : labels.shape[1]].astype(np.float64)
+    ids = np.arange(1, labels.max() + 1)
+    centres = np.array(ndi.center_of_mass(np.ones_like(labels), labels, ids)).reshape(-1, 2)
+    cy = np.concatenate([[0.0], centres[:, 0]])[labels] - yy
+    cx = np.concatenate([[0.0], centres[:, 1]])[labels] - xx
+    norm = np.hypot(cy, cx) + 1e-3
+    inside = labels > 0
+    prob = np.where(inside, 3.0, -3.0)
+    return np.stack([5 * cy / norm * inside, 5 * cx / norm * inside, prob]).astype(np.float32)
+
+
+def random_flows(shape: tuple[int, int], seed: int, scale: float = 3.0) -> np.ndarray:
+    """Random flows (smoothed a little, so paths converge somewhere) and a random cellprob."""
+    rng = np.random.default_rng(seed)
+    flows = ndi.gaussian_filter(rng.normal(size=(2, *shape)), (0, 1, 1)) * scale * 3
+    prob = ndi.gaussian_filter(rng.normal(size=shape), 1) * 3
+    return np.concatenate([flows, prob[np.newaxis]]).astype(np.float32)
+
+
+def analytic_flows_3d(shape: tuple[int, int, int], seed: int, n: int) -> np.ndarray:
+    """Overlapping balls, 5 x the unit vector to each ball's centre: (dZ, dY, dX, cellprob)."""
+    rng = np.random.default_rng(seed)
+    grid = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(np.float64)
+    labels = np.zeros(shape, dtype=np.int64)
+    for i in range(n):
+        centre = [rng.integers(0, s) for s in shape]
+        radius = rng.integers(3, 6)
+        labels[sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2] = i + 1
+    ids = np.unique(labels)[1:]
+    table = np.zeros((labels.max() + 1, 3))
+    table[ids] = ndi.center_of_mass(np.ones_like(labels), labels, ids)
+    towards = np.moveaxis(table[labels], -1, 0) - grid
+    norm = np.sqrt((towards**2).sum(axis=0)) + 1e-3
+    inside = labels > 0
+    prob = np.where(inside, 3.0, -3.0)[np.newaxis]
+    return np.concatenate([5 * towards / norm * inside, prob]).astype(np.float32)
+
+
+def random_flows_3d(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    flows = ndi.gaussian_filter(rng.normal(size=(3, *shape)), (0, 1, 1, 1)) * 9
+    prob = ndi.gaussian_filter(rng.normal(size=shape), 1) * 3
+    return np.concatenate([flows, prob[np.newaxis]]).astype(np.float32)
+
+
+def whole(image: np.ndarray, **params: Any) -> np.ndarray:
+    """The op's block function on the whole item (one block, no engine)."""
+    shape = image.shape[1:]
+    box = tuple(slice(0, n) for n in shape)
+    ctx = OpContext(spatial_ndim=len(shape), box=box, shape=shape)
+    return compute_masks_block(image, FlowDynamicsParams(**params), ctx)[0]
+
+
+def assert_same_partition(a: np.ndarray, b: np.ndarray) -> None:
+    """The same background and the same groups of pixels (ids may differ)."""
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a == 0, b == 0)
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()], axis=1), axis=0)
+    assert len(np.unique(pairs[:, 0])) == len(pairs) == len(np.unique(pairs[:, 1]))
+
+
+def cellpose_masks(image: np.ndarray, **params: Any) -> np.ndarray:
+    assert cellpose_dynamics is not None
+    import torch
+
+    ndim = image.shape[0] - 1
+    return cellpose_dynamics.compute_masks(
+        image[:ndim], image[ndim], flow_threshold=0, device=torch.device("cpu"), **params
+    )
+
+
+# --- equality with cellpose ------------------------------------------------------------------
+
+
+@needs_cellpose
+@pytest.mark.parametrize("seed", range(4))
+def test_masks_from_cellposes_own_flows_equal_compute_masks(seed: int) -> None:
+    """Flows made by Cellpose's own masks_to_flows from touching discs."""
+    import torch
+
+    labels = touching_discs((72, 96), seed, 30)
+    mu, _ = cellpose_dynamics.masks_to_flows_gpu(labels, device=torch.device("cpu"))
+    prob = np.where(labels > 0, 3.0, -3.0)
+    image = np.concatenate([5 * mu, prob[np.newaxis]]).astype(np.float32)
+    expected = cellpose_masks(image, min_size=-1)
+    assert expected.max() > 10  # the comparison covers many masks
+    assert_same_partition(whole(image, min_size=0, max_travel=200), expected)
+    # min_size: Cellpose also fills each mask's holes then (not done here); these discs'
+    # masks have none, so the size rule alone is compared, over the whole item.
+    for min_size in (15, 60):
+        expected = cellpose_masks(image, min_size=min_size)
+        pipeline = [{"op": "flow_dynamics", "min_size": min_size}]
+        result = segment(image, pipeline, block_shape=(24, 40), channel_axis=0)
+        assert_same_partition(result, expected)
+
+
+@needs_cellpose
+@pytest.mark.parametrize("seed", range(6))
+def test_masks_of_random_flows_equal_compute_masks(seed: int) -> None:
+    image = random_flows((48, 64), seed)
+    expected = cellpose_masks(image, min_size=-1, niter=120)
+    assert expected.max() > 3
+    assert_same_partition(whole(image, min_size=0, niter=120, max_travel=120), expected)
+
+
+@needs_cellpose
+@pytest.mark.slow
+def test_masks_of_a_random_cellpose_network_equal_compute_masks() -> None:
+    """Flows from Cellpose's own network (CPSAM, a ViT-L of 304 M parameters, randomly
+    initialised from a seed, 64^2 input; about 20 s on 2 cores): its raw output."""
+    import torch
+
+    vit = sys.modules.get("cellpose.vit")
+    if vit is None:
+        pytest.skip("cellpose.vit did not import (its CPSAM needs segment-anything)")
+
+    torch.manual_seed(0)
+    net = vit.CPSAM(bsize=64).eval()
+    rng = np.random.default_rng(0)
+    image = ndi.gaussian_filter(rng.normal(size=(1, 3, 64, 64)), (0, 0, 2, 2)) * 5
+    with torch.no_grad():
+        output = net(torch.from_numpy(image.astype(np.float32)))[0][0].numpy()
+    expected = cellpose_masks(output, min_size=-1)
+    assert expected.max() >= 3
+    assert_same_partition(whole(output, min_size=0, max_travel=200), expected)
+
+
+@needs_cellpose
+def test_max_size_fraction_equals_compute_masks() -> None:
+    labels = touching_discs((40, 40), 3, 4)
+    image = analytic_flows(labels)
+    for fraction in (0.4, 0.05, 0.02):
+        expected = cellpose_masks(image, min_size=-1, max_size_fraction=fraction)
+        result = segment(
+            image,
+            [{"op": "flow_dynamics", "min_size": 0, "max_size_fraction": fraction}],
+            channel_axis=0,
+        )
+        assert_same_partition(result, expected)
+
+
+@needs_cellpose
+@pytest.mark.parametrize("seed", range(3))
+def test_3d_masks_equal_compute_masks(seed: int) -> None:
+    """3-D: torch's scalar trilinear kernel, 5^3 seeds grown in 11^3 windows."""
+    image = random_flows_3d((14, 20, 22), seed)
+    expected = cellpose_masks(image, min_size=-1, niter=80)
+    assert expected.max() > 10
+    assert_same_partition(whole(image, min_size=0, niter=80, max_travel=80), expected)
+    image = analytic_flows_3d((16, 24, 24), seed, 6)
+    expected = cellpose_masks(image, min_size=-1)
+    assert expected.max() >= 3
+    assert_same_partition(whole(image, min_size=0), expected)
+
+
+# --- layout invariance ------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    st.integers(12, 60),
+    st.integers(12, 60),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+    st.data(),
+)
+def test_every_block_layout_gives_the_whole_items_labels(
+    h: int, w: int, seed: int, synthetic: bool, data: st.DataObject
+) -> None:
+    if synthetic:
+        image = analytic_flows(touching_discs((h, w), seed, max(h * w // 150, 1)))
+    else:
+        image = random_flows((h, w), seed, scale=1.0)
+    params = {"niter": 40, "max_travel": 40, "min_size": data.draw(st.integers(0, 20))}
+    pipeline = [{"op": "flow_dynamics", **params}]
+    expected = segment(image, pipeline, channel_axis=0)  # one block
+    blocks = (data.draw(st.integers(3, h)), data.draw(st.integers(3, w)))
+    result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
+    np.testing.assert_array_equal(result, expected)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.data())
+def test_every_3d_block_layout_gives_the_whole_items_labels(
+    seed: int, synthetic: bool, data: st.DataObject
+) -> None:
+    shape = (12, 18, 20)
+    image = analytic_flows_3d(shape, seed, 5) if synthetic else random_flows_3d(shape, seed)
+    pipeline = [{"op": "flow_dynamics", "niter": 30, "max_travel": 30, "min_size": 5}]
+    expected = segment(image, pipeline, channel_axis=0)
+    blocks = tuple(data.draw(st.integers(3, n)) for n in shape)
+    result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_sizes_are_counted_over_the_whole_item() -> None:
+    """min_size and max_size_fraction see whole masks, whatever the blocks cut."""
+    labels = touching_discs((64, 64), 7, 12)
+    image = analytic_flows(labels)
+    raw = whole(image, min_size=0)
+    sizes = np.bincount(raw.ravel())
+    limit = int(np.median(sizes[sizes > 0][1:]))
+    expected = np.where(np.isin(raw, np.flatnonzero(sizes < limit)), 0, raw)
+    pipeline = [{"op": "flow_dynamics", "min_size": limit}]
+    for blocks in ((64, 64), (16, 16), (7, 30)):
+        result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
+        assert_same_partition(result, expected)
+
+
+def test_paths_longer_than_max_travel_stop_the_item() -> None:
+    image = np.zeros((3, 20, 200), dtype=np.float32)
+    image[1] = 5.0  # every pixel moves one pixel a step to the right
+    image[2] = 1.0
+    pipeline = [{"op": "flow_dynamics", "niter": 100, "max_travel": 10}]
+    with pytest.raises(ValueError, match=r"reaches more than `max_travel` pixels"):
+        segment(image, pipeline, block_shape=(20, 50), channel_axis=0)
+
+
+def test_flow_threshold_other_than_zero_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"`flow_threshold` \(0.4\) is not supported"):
+        FlowDynamicsParams(flow_threshold=0.4)

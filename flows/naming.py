@@ -3,9 +3,11 @@
 Prefect names a flow run at random (``brave-okapi``) unless the flow says otherwise, so a
 runs list of nightly aerial and CT runs could only be told apart by opening each run's
 parameters. Here a run is named ``CONFIG-YYYY-MM-DDTHH:MMZ`` from its scheduled start time
-(UTC, the time the deployments' cron schedules use), and tagged with the config's name and
-its output (``config:aerial``, ``store:/data/outputs/aerial.zarr``), so the UI's tag filter
-finds every run of a config or of a store.
+(UTC, the time the deployments' cron schedules use; ``CONFIG-backfill-…`` and
+``CONFIG-rebuild-…`` for runs that redo chosen items or the whole collection), and tagged
+with the config's name and its output (``config:aerial``,
+``store:/data/outputs/aerial.zarr``), so the UI's tag filter finds every run of a config or
+of a store.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class RunNamer:
     """
 
     load_name: Callable[[Mapping[str, Any]], str]
-    kind: str | None = None
+    kind: str | Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __call__(self) -> str:
         from prefect.runtime import flow_run
@@ -74,7 +76,25 @@ class RunNamer:
             config_name = self.load_name(parameters)
         except Exception:
             config_name = _stem(parameters.get("config"))
-        return format_run_name(config_name, when, kind=self.kind)
+        kind = self.kind(parameters) if callable(self.kind) else self.kind
+        return format_run_name(config_name, when, kind=kind)
+
+
+def segment_run_kind(parameters: Mapping[str, Any]) -> str | None:
+    """What a ``segment-collection`` run is, from its parameters: ``backfill`` with an item
+    filter (a backfill's child run), ``rebuild`` when it redoes the whole collection
+    (``overwrite`` true, no filter), None for an incremental run (a nightly, ``segflow run``).
+
+    Examples
+    --------
+    >>> segment_run_kind({"config": "a.yaml"}), segment_run_kind({"overwrite": True})
+    (None, 'rebuild')
+    >>> segment_run_kind({"overwrite": False, "item_filter": ["RGB*"]})
+    'backfill'
+    """
+    if parameters.get("item_filter") is not None:
+        return "backfill"
+    return "rebuild" if parameters.get("overwrite") is True else None
 
 
 def _stem(config: Any) -> str:

@@ -25,14 +25,17 @@ from segflow.engine.collection import (
     Item,
     batch_size,
     batches,
+    forget_plans,
     run_summary,
 )
-from segflow.engine.interrupt import stop_requested
+from segflow.engine.interrupt import Interrupted, stop_requested
 from segflow.errors import StoreError
+from segflow.flows._cancel import stop_on_cancel
 from segflow.flows._outcomes import RunOutcome, expected
 from segflow.flows._signals import stop_on_signals
 from segflow.flows.cluster import dashboard_link, dask_client
-from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
+from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags, segment_run_kind
+from segflow.flows.store_queue import QueueTimeoutError, store_queue
 from segflow.tasks.artifacts import publish_progress, report_items_task
 from segflow.tasks.items import plan_items_task, segment_items_task
 from segflow.tasks.store import compact_vectors_task, current_run_id, writing_store
@@ -85,7 +88,7 @@ def config_name(parameters: Mapping[str, Any]) -> str:
 
 @flow(
     name="segment-collection",
-    flow_run_name=RunNamer(config_name),
+    flow_run_name=RunNamer(config_name, kind=segment_run_kind),
     # Prefect's stubs declare TaskRunner invariant in its future type, so its own
     # ThreadPoolTaskRunner does not type-check here.
     task_runner=ThreadPoolTaskRunner(max_workers=ITEMS_IN_FLIGHT),  # type: ignore[arg-type]
@@ -134,10 +137,35 @@ def segment_collection(
     Both are expected outcomes, not crashes: no traceback is logged for them
     (:mod:`segflow.flows._outcomes`).
     """
-    logger = get_run_logger()
     cfg = resolve_config(config, overrides or ())
+    add_flow_run_tags(run_tags(cfg.name, cfg.output.store))
+    # Cancelled from the UI or `prefect flow-run cancel`: stop as SIGTERM does, even when
+    # Prefect's own cancellation watcher gave up (flows/_cancel.py). One run per store at a
+    # time: others wait their turn (flows/store_queue.py).
+    try:
+        with (
+            stop_on_cancel(),
+            store_queue(
+                cfg.output.store, timeout=cfg.run.queue_timeout, logger=get_run_logger()
+            ) as waited,
+        ):
+            if waited:  # a plan the command made before the wait is out of date
+                forget_plans()
+            return _segment(cfg, overwrite, item_filter)
+    except QueueTimeoutError as error:
+        return _refused(cfg, error)
+    except Interrupted as error:  # cancelled (or signalled) while waiting: nothing done
+        message = f"{cfg.name}: {error}"
+        get_run_logger().warning("%s", message, extra=SUMMARY_LINE)
+        return expected(Cancelled(message=message, data=RunInterrupted(message)))
+
+
+def _segment(
+    cfg: SegflowConfig, overwrite: bool | None, item_filter: list[str] | None
+) -> State[Any]:
+    """The run, while this run holds its store's queue (see :func:`segment_collection`)."""
+    logger = get_run_logger()
     store = cfg.output.store
-    add_flow_run_tags(run_tags(cfg.name, store))
     config_hash = cfg.config_hash()
     run_id = current_run_id()
     try:

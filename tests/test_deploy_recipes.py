@@ -1,12 +1,17 @@
 """deploy/: every recipe parses and hangs together (Docker, Compose and Kubernetes do not run
-here, so these are the checks that can be made without them)."""
+here, so these are the checks that can be made without them), and the Dask scheduler and
+worker command lines of each recipe start from this environment exactly as written (local
+ports and 127.0.0.1 in place of the recipe's hosts) and the worker joins the scheduler."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import socket
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -102,7 +107,9 @@ def test_compose_has_the_prefect_and_dask_services() -> None:
     assert commands["prefect-server"].startswith("prefect server start")
     assert commands["dask-scheduler"].startswith("dask scheduler")
     assert commands["dask-worker"].startswith("dask worker tcp://dask-scheduler:8786")
-    assert commands["prefect-worker"].startswith("prefect worker start --pool segflow")
+    assert commands["prefect-worker"].startswith(
+        "prefect worker start --pool ${PREFECT_DEFAULT_WORK_POOL_NAME:-segflow}"
+    )
     assert "--resources GPU=1" in commands["dask-gpu-worker"]
     database = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert database.startswith("postgresql+asyncpg://")
@@ -328,3 +335,145 @@ def test_prefect_yaml_has_only_keys_prefect_reads() -> None:
         # Prefect ignores unknown keys (a misspelt `retries:` would be dropped silently).
         assert set(deployment) <= set(DeploymentConfig.model_fields), deployment["name"]
         assert set(deployment["work_pool"]) <= set(WorkPoolConfig.model_fields)
+
+
+# --- the recipes' commands, started ------------------------------------------------------
+
+BIN = Path(sys.executable).parent  # the installed environment: what the image installs
+START_TIMEOUT = 60.0  # seconds for a scheduler or worker to start; measured 3-8 s here
+
+
+@contextmanager
+def started(command: list[str], env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run ``command`` (its executable from this environment) until the block ends."""
+    executable = shutil.which(command[0], path=str(BIN))
+    assert executable, f"{command[0]!r}: no such executable in {BIN}"
+    process = subprocess.Popen(
+        [executable, *command[1:]],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def local_ports(command: list[str], ports: dict[str, int]) -> list[str]:
+    """``command`` with each port the recipe names (``8786``, ``:8787``, or in an address)
+    replaced by a local one, and the recipe's scheduler host by 127.0.0.1."""
+    out = []
+    for arg in command:
+        for recipe_port, port in ports.items():
+            arg = re.sub(rf"(^|:){recipe_port}$", rf"\g<1>{port}", arg)
+        out.append(re.sub(r"^tcp://[^:/]+:", "tcp://127.0.0.1:", arg))
+    return out
+
+
+def joined_workers(address: str, n: int) -> dict[str, Any]:
+    """The scheduler's workers once ``n`` have joined (within :data:`START_TIMEOUT`)."""
+    from distributed import Client
+
+    with Client(address, timeout=START_TIMEOUT) as client:
+        client.wait_for_workers(n, timeout=START_TIMEOUT)
+        workers: dict[str, Any] = client.scheduler_info(n_workers=-1)["workers"]
+        return workers
+
+
+def expand_kubernetes(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' ``$(VAR)`` expansion of container args from the container's env."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in args]
+
+
+def test_the_kubernetes_scheduler_and_workers_start_with_the_recipes_args() -> None:
+    import httpx
+
+    objects = kubernetes_objects()
+    scheduler = objects["DaskCluster"]["spec"]["scheduler"]["spec"]["containers"][0]
+    cpu = objects["DaskCluster"]["spec"]["worker"]["spec"]["containers"][0]
+    gpu = objects["DaskWorkerGroup"]["spec"]["worker"]["spec"]["containers"][0]
+    ports = {8786: free_port(), 8787: free_port()}
+    address = f"tcp://127.0.0.1:{ports[8786]}"
+    # What the dask-kubernetes operator gives each worker container.
+    operator_env = {"DASK_SCHEDULER_ADDRESS": address, "DASK_WORKER_NAME": "segflow-worker-x"}
+    gpu_env = {**operator_env, "DASK_WORKER_NAME": "segflow-gpu-worker-y"}
+
+    assert "command" not in scheduler and "command" not in cpu  # args: the whole command
+    with ExitStack() as stack:
+        stack.enter_context(started(local_ports(scheduler["args"], ports)))
+        stack.enter_context(started(expand_kubernetes(cpu["args"], operator_env), operator_env))
+        stack.enter_context(started(expand_kubernetes(gpu["args"], gpu_env), gpu_env))
+        workers = joined_workers(address, 2)
+        # The probes' path on the dashboard port.
+        health = httpx.get(f"http://127.0.0.1:{ports[8787]}/health", timeout=10)
+
+    by_name = {w["name"]: w for w in workers.values()}
+    assert set(by_name) == {"segflow-worker-x", "segflow-gpu-worker-y"}
+    assert by_name["segflow-gpu-worker-y"]["resources"] == {"GPU": 1}  # 1.0 compares equal
+    assert by_name["segflow-worker-x"]["nthreads"] == 2
+    assert (health.status_code, health.text) == (200, "ok")
+
+
+def test_the_compose_scheduler_and_worker_start_with_the_recipes_commands() -> None:
+    services = compose()["services"]
+    ports = {8786: free_port(), 8787: free_port()}
+    address = f"tcp://127.0.0.1:{ports[8786]}"
+
+    with ExitStack() as stack:
+        for name in ("dask-scheduler", "dask-worker", "dask-gpu-worker"):
+            stack.enter_context(started(local_ports(services[name]["command"], ports)))
+        workers = joined_workers(address, 2)
+
+    assert sorted(w["resources"].get("GPU", 0) for w in workers.values()) == [0, 1]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_the_slurm_job_scripts_worker_joins_the_cluster(gpu: bool) -> None:
+    # A job's command line as its batch script runs it, on this machine: the scheduler
+    # is the script's own (on a free port of this host).
+    with slurm_module().make_cluster(queue="q1", cores=2, memory="2GiB", gpu=gpu) as cluster:
+        command = cluster.job_script().strip().splitlines()[-1]
+        with started(shlex.split(command)):
+            workers = joined_workers(cluster.scheduler_address, 1 if gpu else 2)
+
+    assert all(w["resources"] == ({"GPU": 1} if gpu else {}) for w in workers.values())
+
+
+# --- users and the work pool --------------------------------------------------------------
+
+
+def test_pods_run_as_the_images_user_and_may_write_the_shared_volume() -> None:
+    objects = kubernetes_objects()
+    pods = [
+        objects["DaskCluster"]["spec"]["worker"]["spec"],
+        objects["DaskCluster"]["spec"]["scheduler"]["spec"],
+        objects["DaskWorkerGroup"]["spec"]["worker"]["spec"],
+        base_job_template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"],
+    ]
+    for pod in pods:
+        assert pod["securityContext"] == {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}
+    for dockerfile in DOCKERFILES:
+        runs = " ".join(args for kind, args in dockerfile_instructions(dockerfile) if kind == "RUN")
+        assert "--uid 1000 --gid 1000 segflow" in runs and "--gid 1000 segflow" in runs
+        assert ("USER", "segflow") in dockerfile_instructions(dockerfile)
+
+
+def test_the_work_pool_is_one_variable_in_prefect_yaml_and_the_recipes() -> None:
+    variable = "PREFECT_DEFAULT_WORK_POOL_NAME"
+    raw = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
+    services = compose()["services"]
+    worker = services["prefect-worker"]["command"]
+
+    # prefect deploy gives a deployment without work_pool.name this setting's pool.
+    assert all("name" not in d["work_pool"] for d in raw["deployments"])
+    assert worker[worker.index("--pool") + 1] == f"${{{variable}:-segflow}}"
+    assert services["deploy"]["environment"][variable] == f"${{{variable}:-segflow}}"
+    kubernetes = (KUBERNETES / "README.md").read_text()
+    assert f"--set worker.config.workPool=${variable}" in kubernetes
+    assert f"export {variable}=segflow-kubernetes" in kubernetes

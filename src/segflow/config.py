@@ -156,6 +156,13 @@ class RunConfig(_Model):
         description="seconds an item may run; one still running then fails (its blocks are "
         "cancelled) and the run goes on; default: no limit",
     )
+    queue_timeout: float | None = Field(
+        12 * 3600.0,
+        gt=0,
+        description="seconds a run may wait for its store while another run writes it "
+        "(runs on one store take turns); a run still waiting then ends Failed with one line "
+        "and writes nothing; null: wait as long as it takes; default 12 hours",
+    )
     # A 100,000^2 RGB orthomosaic (28 GiB) or a 2,048^3 uint8 EM volume (8 GiB) fit; a
     # larger item is segmented once the user raises the limit.
     max_item_bytes: int = Field(
@@ -273,7 +280,7 @@ HASH_OPT_OUT: dict[str, str] = {
     "output.overwrite": "whether done items are redone, not what is written",
     "output.allow_other_configs": "whether another config may share the store, not its bytes",
     "cluster": "where blocks run; a block's result is the same on any worker",
-    "run": "how items are batched and how long they may run, not what they give",
+    "run": "how items are batched, how long they may run or wait, not what they give",
 }
 
 

@@ -57,7 +57,9 @@ def test_deployment_runs_are_named_and_tagged_after_their_config(
 
     name = flow.flow_run_name.name_for(deployment["parameters"], nightly)  # type: ignore[union-attr]
 
+    # What each run does is in its name: a backfill, a rebuild, or a nightly (no word).
     kind = "-backfill" if deployment["entrypoint"].endswith(":backfill") else ""
+    kind = "-rebuild" if deployment["parameters"].get("overwrite") is True else kind
     assert name == f"{config_name}{kind}-2026-11-30T02:00Z"
     assert f"config:{config_name}" in deployment["tags"]
 
@@ -76,6 +78,7 @@ def deploy_pull_steps(tmp_path: Path, *, repo: Path | None) -> list[Any]:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    env["PREFECT_DEFAULT_WORK_POOL_NAME"] = "segflow"  # the one variable naming the pool
     env.pop("SEGFLOW_REPO", None)
     if repo is not None:
         env["SEGFLOW_REPO"] = str(repo)
@@ -86,6 +89,7 @@ def deploy_pull_steps(tmp_path: Path, *, repo: Path | None) -> list[Any]:
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("segment-collection/aerial-nightly")
+    assert deployment.work_pool_name == "segflow"
     return list(deployment.pull_steps or [])
 
 

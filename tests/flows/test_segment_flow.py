@@ -251,6 +251,7 @@ def test_a_backfill_shows_its_child_summary_read_back_from_the_api(
     assert f"1 item(s) of 'tiles' failed: item '{collection / 'broken.tif'}'" in str(summary)
     [note] = [a for a in artifacts_of(parent.id) if a.key and a.key.endswith("-summary")]
     assert f"run `{child.name}`" in str(note.data)
+    assert child.name.startswith("tiles-backfill-")  # named for what it is, not as a nightly
     assert "2 done, 0 skipped (already done), 1 failed" in str(note.data)
     assert f"- `broken`: item '{collection / 'broken.tif'}'" in str(note.data)
     # Prefect links the child to the parent through a task run of the parent.

@@ -11,7 +11,8 @@ them with images drawn here. Each image is built the way a microscope forms one:
 2. **Signal**: each nucleus has its own brightness (log-normal over about a decade, with a
    share of dim ones), a chromatin texture (smoothed noise), a rim that fades towards the
    edge; mitotic nuclei are small, condensed and saturating. Background: an offset, a
-   gradient over the field, and for tissue a diffuse signal under the nuclei.
+   gradient over the field, for tissue a diffuse signal under the nuclei, and unlabelled
+   clutter: out-of-focus haze, fibres and debris specks.
 3. **Optics and camera**: a Gaussian point-spread blur, Poisson photon noise at a random
    photon count per unit brightness (dim and bright exposures), Gaussian read noise, a
    camera offset, saturation at the top of the dtype (uint16 as microscopes write, or
@@ -274,6 +275,7 @@ def synthetic_nuclei(
     nuclei = _nuclei(shape, rng, layout, radius)
     labels, signal = _draw(shape, nuclei, rng, min_area)
     background = _background(shape, rng, tissue=layout == "packed")
+    background = background + _clutter(shape, labels, rng, radius)
     psf = rng.uniform(0.6, 2.2) * max(1.0, radius / 8)
     if kind == "fluorescence":
         expected = ndi.gaussian_filter(signal + background, psf)
@@ -306,6 +308,38 @@ def _cytoplasm(
             box, rho = found
             field[box] = np.maximum(field[box], np.where(rho < 1.0, cell.brightness, 0.0))
     return field
+
+
+def _clutter(
+    shape: tuple[int, int], labels: np.ndarray, rng: np.random.Generator, radius: float
+) -> np.ndarray:
+    """What is not a nucleus but shows: out-of-focus haze around some nuclei (cells in
+    other planes), thin fibres and streaks, and specks of debris (unlabelled, outside the
+    nuclei), in nuclear units."""
+    h, w = shape
+    field = np.zeros(shape)
+    if rng.random() < 0.6:  # haze: smooth, mottled glow over a few to many nuclear radii
+        spots = np.zeros(shape)
+        n = int(rng.integers(1, 12))
+        spots[rng.integers(0, h, n), rng.integers(0, w, n)] = rng.uniform(0.5, 1.0, n)
+        sigma = radius * float(np.exp(rng.uniform(np.log(1.5), np.log(8.0))))
+        haze = ndi.gaussian_filter(spots, sigma)
+        haze *= np.clip(1 + 0.3 * _smooth_noise(shape, rng.uniform(1.0, 3.0), rng), 0, None)
+        field += rng.uniform(0.1, 0.8) * haze / max(float(haze.max()), 1e-12)
+    if rng.random() < 0.5:  # fibres: thin random walks
+        for _ in range(int(rng.integers(1, 6))):
+            steps = np.cumsum(rng.normal(0, 1, (int(rng.integers(40, 4 * max(h, w))), 2)), 0)
+            direction = rng.normal(0, 1, 2)
+            path = rng.uniform((0, 0), (h, w)) + steps + np.outer(np.arange(len(steps)), direction)
+            at = np.rint(path).astype(int)
+            ok = (at[:, 0] >= 0) & (at[:, 0] < h) & (at[:, 1] >= 0) & (at[:, 1] < w)
+            field[at[ok, 0], at[ok, 1]] += rng.uniform(0.1, 0.6)
+    if rng.random() < 0.5:  # debris: specks smaller than any nucleus
+        n = int(rng.integers(1, 30))
+        specks = np.zeros(shape)
+        specks[rng.integers(0, h, n), rng.integers(0, w, n)] = rng.uniform(0.3, 2.0, n)
+        field += ndi.grey_dilation(specks, size=int(rng.integers(1, 3)))
+    return np.where(labels > 0, 0.0, field)
 
 
 def _background(shape: tuple[int, int], rng: np.random.Generator, *, tissue: bool) -> np.ndarray:

@@ -219,7 +219,6 @@ def segment_item(
     )
 
     info = reader.info
-    layout = output_layout(ome=ome, pyramid=pyramid)
     run_id = run_id or uuid.uuid4().hex
     resume_name = (
         stage_name(info.id, config_hash, info.fingerprint, code_version())
@@ -262,6 +261,7 @@ def segment_item(
         )
         result.model_hash = _model_hash(plan)
         block = block_shape_for(block_shape, len(spatial))
+        layout = output_layout(ome=ome, pyramid=pyramid, blocks=block)
         chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))
         shard = None
         if shards is not None:
@@ -295,7 +295,7 @@ def segment_item(
             )
             output[:] = [spec]
             written[plan.out_kind] = str(np.dtype(dtype))
-            return _ensure_array(layout, root, info, spec, reuse=resuming)
+            return _ensure_array(layout, root, info, spec, reuse=resuming, output=True)
 
         def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
             key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
@@ -490,9 +490,11 @@ def _exists(path: str) -> bool:
     return bool(fs.exists(inner))
 
 
-def _ensure_array(layout: Any, root: str, info: Any, spec: Any, *, reuse: bool) -> Any:
-    """Create an output array through ``layout`` (or keep the staged one of a resumed item
-    if it fits); return its sink."""
+def _ensure_array(
+    layout: Any, root: str, info: Any, spec: Any, *, reuse: bool, output: bool = False
+) -> Any:
+    """Create an array through ``layout`` (the pipeline's ``output``, or a ``save_as`` one),
+    or keep the staged one of a resumed item if it fits; return its sink."""
     import zarr
 
     from segflow.store.layout import ZarrRegionWriter
@@ -503,7 +505,13 @@ def _ensure_array(layout: Any, root: str, info: Any, spec: Any, *, reuse: bool) 
         except Exception:
             array = None
         if array is not None and str(array.dtype) == str(np.dtype(spec.dtype)):
-            return ZarrRegionWriter(root, info.id, spec.name)
+            if not output:
+                return ZarrRegionWriter(root, info.id, spec.name)
+            sink = layout.open_output(root, info, spec)
+            if sink is not None:
+                return sink
+    if output:
+        return layout.create_output(root, info, spec)
     return layout.create_array(root, info, spec)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 from _child import run_daskimage
+from _cpu import with_cpu
 from _inputs import write_blobs
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
@@ -166,12 +167,18 @@ def main() -> None:
                 run_inmemory(source, workdir / f"inmem-{size}.zarr", args.block)
                 for _ in range(args.repeat)
             ]
-            seg, plain = [], []
+            seg, plain, cpu_on, cpu_off = [], [], [], []
             for _ in range(args.repeat):
                 target = workdir / f"segflow-{size}.zarr"
-                seg.append(run_segflow(client, source, target, args.block))
+                result, cpu = with_cpu(client, run_segflow, client, source, target, args.block)
+                seg.append(result)
+                cpu_on.append(cpu)
                 if args.ome_ab:
-                    plain.append(run_segflow(client, source, target, args.block, ome=False))
+                    result, cpu = with_cpu(
+                        client, run_segflow, client, source, target, args.block, ome=False
+                    )
+                    plain.append(result)
+                    cpu_off.append(cpu)
             (inmem_s, inmem_n), (seg_s, seg_n) = min(inmem), min(seg)
             if seg_n != inmem_n:
                 raise SystemExit(
@@ -180,7 +187,11 @@ def main() -> None:
             ab = ""
             if plain:  # the pyramid's share: default (ome on) over ome off, same load
                 plain_s = min(plain)[0]
-                ab = f", ome off {plain_s:.2f} s (pyramid {seg_s / plain_s - 1:+.1%})"
+                ab = (
+                    f", ome off {plain_s:.2f} s (pyramid {seg_s / plain_s - 1:+.1%}); CPU "
+                    f"{min(cpu_on):.2f} s on, {min(cpu_off):.2f} s off "
+                    f"(pyramid {min(cpu_on) / min(cpu_off) - 1:+.1%})"
+                )
             print(
                 f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s{ab}",
                 file=sys.stderr,
@@ -214,6 +225,9 @@ def main() -> None:
             if plain:
                 row["ome_off_s"] = round(min(plain)[0], 3)
                 row["pyramid_cost"] = round(seg_s / min(plain)[0] - 1, 3)
+                row["cpu_s"] = round(min(cpu_on), 3)
+                row["ome_off_cpu_s"] = round(min(cpu_off), 3)
+                row["pyramid_cpu_cost"] = round(min(cpu_on) / min(cpu_off) - 1, 3)
             if size == args.size:
                 results.update(row)
             else:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from _cpu import with_cpu
 from scipy import ndimage as ndi
 from scipy.cluster.vq import kmeans2, vq
 from skimage import filters
@@ -285,19 +286,32 @@ def main() -> None:
         print(f"inputs {args.size}^2 written in {time.perf_counter() - started:.1f} s", flush=True)
         with start_local_cluster(args.workers) as cluster:
             with Client(cluster) as client:
-                extra = f"{'ome off s':>11}{'pyramid':>9}" if args.ome_ab else ""
+                extra = (
+                    f"{'ome off s':>11}{'pyramid':>9}{'cpu on':>9}{'cpu off':>9}{'pyr cpu':>9}"
+                    if args.ome_ab
+                    else ""
+                )
                 print(f"{'method':<26}{'segflow s':>11}{'in-memory s':>13}{'ratio':>8}{extra}")
                 for n, method in enumerate(chosen):
                     source = inputs[method.input]
-                    ours, theirs, plain = [], [], []
+                    ours, theirs, plain, cpu_on, cpu_off = [], [], [], [], []
                     for attempt in range(args.repeat):
                         store = workdir / f"out-{n}-{attempt}.zarr"
-                        ours.append(run_segflow(client, method, source, store, args.block))
-                        shutil.rmtree(store)
-                        if args.ome_ab:
-                            plain.append(
-                                run_segflow(client, method, source, store, args.block, ome=False)
+                        for ome, times, cpus in ((True, ours, cpu_on), (False, plain, cpu_off)):
+                            if not ome and not args.ome_ab:
+                                continue
+                            seconds, cpu = with_cpu(
+                                client,
+                                run_segflow,
+                                client,
+                                method,
+                                source,
+                                store,
+                                args.block,
+                                ome=ome,
                             )
+                            times.append(seconds)
+                            cpus.append(cpu)
                             shutil.rmtree(store)
                         target = workdir / f"ref-{n}-{attempt}.zarr"
                         theirs.append(run_inmemory(method, source, target, args.block))
@@ -312,7 +326,12 @@ def main() -> None:
                     if plain:  # the pyramid's share: default (ome on) over ome off
                         rows[method.name]["ome_off_s"] = round(min(plain), 3)
                         rows[method.name]["pyramid_cost"] = round(segflow_s / min(plain) - 1, 3)
-                        extra = f"{min(plain):>11.2f}{segflow_s / min(plain) - 1:>+9.1%}"
+                        cpu_share = min(cpu_on) / min(cpu_off) - 1
+                        rows[method.name]["pyramid_cpu_cost"] = round(cpu_share, 3)
+                        extra = (
+                            f"{min(plain):>11.2f}{segflow_s / min(plain) - 1:>+9.1%}"
+                            f"{min(cpu_on):>9.2f}{min(cpu_off):>9.2f}{cpu_share:>+9.1%}"
+                        )
                     print(
                         f"{method.name:<26}{segflow_s:>11.2f}{inmemory_s:>13.2f}"
                         f"{inmemory_s / segflow_s:>8.2f}{extra}",

@@ -226,3 +226,27 @@ def test_a_resumed_item_finishes_the_same_pyramid(tmp_path: pathlib.Path) -> Non
     assert 0 < resumed.n_resumed < resumed.n_blocks
     read_back(ArrayReader(image, "tile"), LABELS, old, block_shape=16)
     assert_same_pyramids(store, old, "tile", "labels")
+
+
+def test_level_0_shares_the_output_files_and_stays_apart_when_one_is_rewritten(
+    tmp_path: pathlib.Path,
+) -> None:
+    """On a local store level 0's storage units are hard links to the output's (nothing
+    encoded or stored twice); zarr replaces a unit's file when it writes it, so rewriting
+    the output leaves level 0 as it was."""
+    import os
+
+    store = str(tmp_path / "s.zarr")
+    run(ArrayReader(blobs((64, 64)), "a"), LABELS, store, block_shape=32)
+    output, level0 = (
+        pathlib.Path(store, "a", "labels", "c"),
+        pathlib.Path(store, "a", "labels_pyramid", "0", "c"),
+    )
+    units = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
+    assert len(units) == 4
+    for unit in units:
+        assert os.stat(output / unit).st_ino == os.stat(level0 / unit).st_ino
+    before = zarr.open_array(store, path="a/labels_pyramid/0")[...]
+    labels = zarr.open_array(store, path="a/labels", mode="r+")
+    labels[:32, :32] = 7
+    np.testing.assert_array_equal(zarr.open_array(store, path="a/labels_pyramid/0")[...], before)

@@ -144,11 +144,12 @@ def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.nd
     if method == "nearest":
         keep: tuple[Any, ...] = (Ellipsis, *(slice(None, None, f) for f in factor))
         return data[keep]
-    out = data.astype(np.float64)
+    out = data
     for axis, f in enumerate(factor, start=lead):
         if f == 2:
             out = _halve_mean(out, axis)
         elif f != 1:
+            out = out.astype(np.float64, copy=False)
             n = out.shape[axis]
             starts = np.arange(0, n, f)
             counts = np.diff(np.append(starts, n)).astype(np.float64)
@@ -158,9 +159,10 @@ def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.nd
 
 
 def _halve_mean(data: np.ndarray, axis: int) -> np.ndarray:
-    """Mean of each pair along ``axis`` (a last odd element alone): what ``add.reduceat``
-    over the pairs, divided by the counts, gives bit for bit (``a + b`` then ``/ 2``;
-    ``c / 1``), without its per-window loop (3 to 4 times faster here)."""
+    """Mean of each pair along ``axis`` in float64 (a last odd element alone): what
+    ``add.reduceat`` over the pairs, divided by the counts, gives bit for bit (``a + b``
+    then ``/ 2``; ``c / 1``), without its per-window loop or a float64 copy of ``data``
+    (the pairs are added as float64 straight from it)."""
     n = data.shape[axis]
 
     def take(start: int, stop: int) -> np.ndarray:
@@ -168,9 +170,11 @@ def _halve_mean(data: np.ndarray, axis: int) -> np.ndarray:
         index[axis] = slice(start, stop, 2 if stop - start > 1 else 1)
         return data[tuple(index)]
 
-    pairs = np.add(take(0, n - n % 2), take(1, n))
+    pairs = np.add(take(0, n - n % 2), take(1, n), dtype=np.float64)
     pairs /= 2.0
-    return np.concatenate([pairs, take(n - 1, n)], axis=axis) if n % 2 else pairs
+    if n % 2:
+        return np.concatenate([pairs, take(n - 1, n).astype(np.float64)], axis=axis)
+    return pairs
 
 
 def downsample_method(dtype: Any) -> Method:

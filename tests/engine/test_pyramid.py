@@ -250,3 +250,37 @@ def test_level_0_shares_the_output_files_and_stays_apart_when_one_is_rewritten(
     labels = zarr.open_array(store, path="a/labels", mode="r+")
     labels[:32, :32] = 7
     np.testing.assert_array_equal(zarr.open_array(store, path="a/labels_pyramid/0")[...], before)
+
+
+def _reduceat_mean(data: np.ndarray, factor: tuple[int, ...]) -> np.ndarray:
+    """The mean downsampling as segflow did it before (numpy.add.reduceat per axis)."""
+    lead = data.ndim - len(factor)
+    out = data.astype(np.float64)
+    for axis, f in enumerate(factor, start=lead):
+        if f == 1:
+            continue
+        n = out.shape[axis]
+        starts = np.arange(0, n, f)
+        counts = np.diff(np.append(starts, n)).astype(np.float64)
+        out = np.add.reduceat(out, starts, axis=axis)
+        out /= counts.reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+    return out.astype(data.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "factor"),
+    [((7, 9), (2, 2)), ((8, 8), (2, 2)), ((1, 5), (1, 2)), ((3, 5, 7), (1, 2, 2)),
+     ((2, 5, 6), (2, 2)), ((5,), (2,)), ((1, 1), (2, 2)), ((9, 9), (4, 2))],
+)  # fmt: skip
+def test_mean_downsampling_gives_the_bits_it_gave_before(
+    shape: tuple[int, ...], factor: tuple[int, ...], dtype: Any
+) -> None:
+    from segflow.store.ome import downsample
+
+    rng = np.random.default_rng(len(shape) * 10 + shape[-1])
+    data = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4, shape)).astype(dtype)
+    data.flat[0] = np.nan if data.size > 3 else data.flat[0]
+    new, old = downsample(data, factor, "mean"), _reduceat_mean(data, factor)
+    assert new.dtype == old.dtype and new.shape == old.shape
+    assert new.tobytes() == old.tobytes()

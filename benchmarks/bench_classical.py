@@ -12,7 +12,9 @@ labels to Zarr with 2048^2 chunks (one per segflow block, the engine's default f
   ``to_zarr``, on the same cluster. A failure or time-out is recorded, not hidden.
 
 The last line printed is one JSON object. Run: ``python benchmarks/bench_classical.py``
-(``--size 4096`` for a smaller run; ``--daskimage-timeout`` bounds the dask-image run).
+(``--size 4096`` for a smaller run; ``--daskimage-timeout`` bounds the dask-image run,
+``--no-daskimage`` skips it; ``--ome-ab`` also times segflow with the OME-Zarr view off,
+interleaved with the default runs, and prints the pyramid's share).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 from _child import run_daskimage
+from _cpu import with_cpu
 from _inputs import write_blobs
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
@@ -65,7 +68,9 @@ def run_inmemory(source: Path, target: Path, chunk: int) -> tuple[float, int]:
     return time.perf_counter() - started, int(n)
 
 
-def run_segflow(client: Any, source: Path, store: Path, chunk: int) -> tuple[float, int]:
+def run_segflow(
+    client: Any, source: Path, store: Path, chunk: int, *, ome: bool = True
+) -> tuple[float, int]:
     from segflow.engine.executor import DaskExecutor
     from segflow.engine.item import segment_item
     from segflow.io.zarr import ZarrReader
@@ -77,6 +82,7 @@ def run_segflow(client: Any, source: Path, store: Path, chunk: int) -> tuple[flo
         store=str(store),
         block_shape=chunk,
         executor=DaskExecutor(client),
+        ome=ome,
     )
     if result.status != "done":
         raise RuntimeError(result.error)
@@ -123,6 +129,13 @@ def main() -> None:
         default=4096,
         help="also run all three at this size, where dask-image completes",
     )
+    parser.add_argument(
+        "--ome-ab",
+        action="store_true",
+        help="also run segflow with the OME-Zarr view off (output.ome: false), interleaved "
+        "with the default runs: the pyramid's share of a run, measured under the same load",
+    )
+    parser.add_argument("--no-daskimage", action="store_true", help="skip the dask-image side")
     args = parser.parse_args()
 
     from distributed import Client
@@ -154,28 +167,46 @@ def main() -> None:
                 run_inmemory(source, workdir / f"inmem-{size}.zarr", args.block)
                 for _ in range(args.repeat)
             ]
-            seg = [
-                run_segflow(client, source, workdir / f"segflow-{size}.zarr", args.block)
-                for _ in range(args.repeat)
-            ]
+            seg, plain, cpu_on, cpu_off = [], [], [], []
+            for _ in range(args.repeat):
+                target = workdir / f"segflow-{size}.zarr"
+                result, cpu = with_cpu(client, run_segflow, client, source, target, args.block)
+                seg.append(result)
+                cpu_on.append(cpu)
+                if args.ome_ab:
+                    result, cpu = with_cpu(
+                        client, run_segflow, client, source, target, args.block, ome=False
+                    )
+                    plain.append(result)
+                    cpu_off.append(cpu)
             (inmem_s, inmem_n), (seg_s, seg_n) = min(inmem), min(seg)
             if seg_n != inmem_n:
                 raise SystemExit(
                     f"object counts differ at {size}: segflow {seg_n}, in-memory {inmem_n}"
                 )
+            ab = ""
+            if plain:  # the pyramid's share: default (ome on) over ome off, same load
+                plain_s = min(plain)[0]
+                ab = (
+                    f", ome off {plain_s:.2f} s (pyramid {seg_s / plain_s - 1:+.1%}); CPU "
+                    f"{min(cpu_on):.2f} s on, {min(cpu_off):.2f} s off "
+                    f"(pyramid {min(cpu_on) / min(cpu_off) - 1:+.1%})"
+                )
             print(
-                f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s",
+                f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s{ab}",
                 file=sys.stderr,
                 flush=True,
             )
-            dask_s, _, dask_error = run_daskimage(
-                "bench_classical",
-                source,
-                workdir / f"daskimage-{size}.zarr",
-                args.workers,
-                args.block,
-                args.daskimage_timeout,
-            )
+            dask_s, dask_error = None, "skipped (--no-daskimage)"
+            if not args.no_daskimage:
+                dask_s, _, dask_error = run_daskimage(
+                    "bench_classical",
+                    source,
+                    workdir / f"daskimage-{size}.zarr",
+                    args.workers,
+                    args.block,
+                    args.daskimage_timeout,
+                )
             print(
                 f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s, "
                 f"dask-image {f'{dask_s:.2f} s' if dask_s else dask_error}; objects {seg_n}",
@@ -191,6 +222,12 @@ def main() -> None:
                 "ratio_vs_inmemory": round(inmem_s / seg_s, 3),
                 "ratio_vs_daskimage": None if dask_s is None else round(dask_s / seg_s, 3),
             }
+            if plain:
+                row["ome_off_s"] = round(min(plain)[0], 3)
+                row["pyramid_cost"] = round(seg_s / min(plain)[0] - 1, 3)
+                row["cpu_s"] = round(min(cpu_on), 3)
+                row["ome_off_cpu_s"] = round(min(cpu_off), 3)
+                row["pyramid_cpu_cost"] = round(min(cpu_on) / min(cpu_off) - 1, 3)
             if size == args.size:
                 results.update(row)
             else:

@@ -14,7 +14,8 @@ The best of ``--repeat`` runs counts on each side. Prints a table, then, last, o
 object mapping each method to its ratio ``inmemory_s / segflow_s`` (target >= 1.2).
 
 Run: ``python benchmarks/bench_methods.py`` (``--size 4096`` for a quicker run,
-``--only otsu,canny`` for some methods).
+``--only otsu,canny`` for some methods; ``--ome-ab`` also times each method with the
+OME-Zarr view off, interleaved with the default runs, and prints the pyramid's share).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from _cpu import with_cpu
 from scipy import ndimage as ndi
 from scipy.cluster.vq import kmeans2, vq
 from skimage import filters
@@ -234,7 +236,9 @@ def run_inmemory(method: Method, source: Path, target: Path, chunk: int) -> floa
     return time.perf_counter() - started
 
 
-def run_segflow(client: Any, method: Method, source: Path, store: Path, block: int) -> float:
+def run_segflow(
+    client: Any, method: Method, source: Path, store: Path, block: int, *, ome: bool = True
+) -> float:
     from segflow.engine.executor import DaskExecutor
     from segflow.engine.item import segment_item
     from segflow.io.zarr import ZarrReader
@@ -246,6 +250,7 @@ def run_segflow(client: Any, method: Method, source: Path, store: Path, block: i
         store=str(store),
         block_shape=block,
         executor=DaskExecutor(client),
+        ome=ome,
     )
     if result.status != "done":
         raise RuntimeError(f"{method.name}: {result.error}")
@@ -260,6 +265,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2, help="runs per side; the best counts")
     parser.add_argument("--only", default="", help="comma-separated method names")
+    parser.add_argument(
+        "--ome-ab",
+        action="store_true",
+        help="also run segflow with the OME-Zarr view off (output.ome: false), interleaved "
+        "with the default runs: the pyramid's share of a run, measured under the same load",
+    )
     args = parser.parse_args()
 
     from distributed import Client
@@ -275,14 +286,33 @@ def main() -> None:
         print(f"inputs {args.size}^2 written in {time.perf_counter() - started:.1f} s", flush=True)
         with start_local_cluster(args.workers) as cluster:
             with Client(cluster) as client:
-                print(f"{'method':<26}{'segflow s':>11}{'in-memory s':>13}{'ratio':>8}")
+                extra = (
+                    f"{'ome off s':>11}{'pyramid':>9}{'cpu on':>9}{'cpu off':>9}{'pyr cpu':>9}"
+                    if args.ome_ab
+                    else ""
+                )
+                print(f"{'method':<26}{'segflow s':>11}{'in-memory s':>13}{'ratio':>8}{extra}")
                 for n, method in enumerate(chosen):
                     source = inputs[method.input]
-                    ours, theirs = [], []
+                    ours, theirs, plain, cpu_on, cpu_off = [], [], [], [], []
                     for attempt in range(args.repeat):
                         store = workdir / f"out-{n}-{attempt}.zarr"
-                        ours.append(run_segflow(client, method, source, store, args.block))
-                        shutil.rmtree(store)
+                        for ome, times, cpus in ((True, ours, cpu_on), (False, plain, cpu_off)):
+                            if not ome and not args.ome_ab:
+                                continue
+                            seconds, cpu = with_cpu(
+                                client,
+                                run_segflow,
+                                client,
+                                method,
+                                source,
+                                store,
+                                args.block,
+                                ome=ome,
+                            )
+                            times.append(seconds)
+                            cpus.append(cpu)
+                            shutil.rmtree(store)
                         target = workdir / f"ref-{n}-{attempt}.zarr"
                         theirs.append(run_inmemory(method, source, target, args.block))
                         shutil.rmtree(target)
@@ -292,9 +322,19 @@ def main() -> None:
                         "inmemory_s": round(inmemory_s, 3),
                         "ratio": round(inmemory_s / segflow_s, 2),
                     }
+                    extra = ""
+                    if plain:  # the pyramid's share: default (ome on) over ome off
+                        rows[method.name]["ome_off_s"] = round(min(plain), 3)
+                        rows[method.name]["pyramid_cost"] = round(segflow_s / min(plain) - 1, 3)
+                        cpu_share = min(cpu_on) / min(cpu_off) - 1
+                        rows[method.name]["pyramid_cpu_cost"] = round(cpu_share, 3)
+                        extra = (
+                            f"{min(plain):>11.2f}{segflow_s / min(plain) - 1:>+9.1%}"
+                            f"{min(cpu_on):>9.2f}{min(cpu_off):>9.2f}{cpu_share:>+9.1%}"
+                        )
                     print(
                         f"{method.name:<26}{segflow_s:>11.2f}{inmemory_s:>13.2f}"
-                        f"{inmemory_s / segflow_s:>8.2f}",
+                        f"{inmemory_s / segflow_s:>8.2f}{extra}",
                         flush=True,
                     )
     finally:

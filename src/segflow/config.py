@@ -86,12 +86,37 @@ class OutputConfig(_Model):
         description="with `ome`: at most this many pyramid levels beyond full resolution "
         "(null: halve until a level fits one chunk; 0: full resolution only)",
     )
+    writers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="output writers other packages register (entry point group "
+        "`segflow.writers`), by name, each with its settings: a writer runs when named, "
+        "e.g. {histogram: {bins: 32}}",
+    )
 
     @field_validator("chunks", "shards")
     @classmethod
     def _positive_sides(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and (not value or any(v < 1 for v in value)):
             raise ValueError(f"every axis must be >= 1 (got {value})")
+        return value
+
+    @field_validator("writers")
+    @classmethod
+    def _registered_writers(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from segflow.store.writers import writer_settings
+
+        for name, settings in value.items():
+            try:
+                writer_settings(name, settings)
+            except KeyError as error:
+                raise ValueError(str(error.args[0])) from None
+            except ValidationError as error:
+                problems = "; ".join(
+                    f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} "
+                    f"(got {e.get('input')!r})"
+                    for e in error.errors()
+                )
+                raise ValueError(problems) from None
         return value
 
     @model_validator(mode="after")
@@ -259,6 +284,9 @@ class SegflowConfig(_Model):
                 section = section[parent]
             del section[last]
         settings["pipeline"] = [_step_settings(step) for step in self.pipeline]
+        settings["output"]["writers"] = _writers_settings(self.output.writers)
+        if not settings["output"]["writers"]:
+            del settings["output"]["writers"]  # no writer named: the hash stores had before
         models = self.model_hash()
         if models:
             settings["models"] = models
@@ -282,6 +310,14 @@ HASH_OPT_OUT: dict[str, str] = {
     "cluster": "where blocks run; a block's result is the same on any worker",
     "run": "how items are batched, how long they may run or wait, not what they give",
 }
+
+
+def _writers_settings(writers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Each named writer's share of the hash: its settings with defaults filled in, less
+    the ones it opts out (:func:`segflow.store.writers.hashed_settings`)."""
+    from segflow.store.writers import hashed_settings
+
+    return {name: hashed_settings(name, values) for name, values in sorted(writers.items())}
 
 
 def _step_settings(step: Mapping[str, Any]) -> dict[str, Any]:

@@ -482,6 +482,7 @@ def run_item(
                     dicom_seg=output.dicom_seg,
                     ome=output.ome,
                     pyramid=output.pyramid,
+                    writers=output.writers,
                     progress=lambda phase, done, total: report(item_id, phase, done, total),
                     run_id=run_id,
                     resumable=True,

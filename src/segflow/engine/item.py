@@ -24,6 +24,8 @@ from segflow.engine.pipeline import compile_pipeline
 from segflow.errors import PlanError
 from segflow.faults import fault_point
 from segflow.io.base import Reader
+from segflow.store.output import output_layout
+from segflow.store.writers import ActiveWriters, WriteTarget
 
 # The Prefect layer's folders inside the package (links in a checkout, folders in the wheel).
 PREFECT_LAYER = ("flows", "tasks")  # segflow.flows, segflow.tasks: not the engine
@@ -162,6 +164,7 @@ def segment_item(
     resumable: bool = False,
     ome: bool = True,
     pyramid: int | None = None,
+    writers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
@@ -194,52 +197,30 @@ def segment_item(
     With ``dicom_seg`` (an item read from a DICOM series), the output and the named class
     maps go to ``STORE/ITEM_ID/seg.dcm``, a DICOM Segmentation that references the source
     images (:mod:`segflow.store.dicomseg`).
-    """
-    from segflow.engine.run import RegionsSpec
-    from segflow.store.blocks import BlockRecords, output_key
-    from segflow.store.commit import (
-        begin_item,
-        check_item,
-        commit_item,
-        drop_partial_writes,
-        is_staged,
-        stage_name,
-        staging_root,
-    )
-    from segflow.store.dicomseg import check_dicom_seg
-    from segflow.store.layout import ArraySpec, ZarrRegionWriter
-    from segflow.store.lock import bookkeeping_path, is_local
-    from segflow.store.output import output_layout
-    from segflow.store.regions import ParquetRegionsSink, check_regions
-    from segflow.store.vectors import (
-        ParquetVectorsSink,
-        check_vectors,
-        item_transform,
-        write_vectors,
-    )
 
+    ``writers`` (``output.writers``) names registered output writers with their settings
+    (:mod:`segflow.store.writers`): each checks the item before any block, runs its block
+    hook in each output block, finishes in staging and is verified with the rest.
+    """
+    options = ItemOptions(
+        store=store,
+        block_shape=block_shape,
+        chunks=None if chunks is None else tuple(chunks),
+        shards=None if shards is None else tuple(shards),
+        config_hash=config_hash,
+        regions=regions,
+        regions_intensity=regions_intensity,
+        vectors=vectors,
+        dicom_seg=dicom_seg,
+        keep_limit=keep_limit,
+        run_id=run_id or uuid.uuid4().hex,
+        resumable=resumable,
+        ome=ome,
+        pyramid=pyramid,
+        writers=writers,
+    )
     info = reader.info
-    layout = output_layout(ome=ome, pyramid=pyramid)
-    run_id = run_id or uuid.uuid4().hex
-    resume_name = (
-        stage_name(info.id, config_hash, info.fingerprint, code_version())
-        if resumable and info.fingerprint
-        else None
-    )
-    root = staging_root(store, resume_name or f"{info.id}.{uuid.uuid4().hex}")
-    # Block records: in the item's own staging root, or (object stores, written in place)
-    # under the store's bookkeeping, named like a stage so only the same item, input,
-    # config and code finds them.
-    blocks_dir = (
-        f"{root}/.blocks"
-        if is_local(store)
-        else bookkeeping_path(store, "blocks", resume_name or f"{info.id}.{run_id}")
-    )
-    resuming = (
-        resume_name is not None
-        and is_staged(root, info.id)
-        and (is_local(store) or _exists(blocks_dir))
-    )
+    stage = _Stage.of(info, options)
     started = time.perf_counter()
     result = ItemResult(
         id=info.id,
@@ -250,172 +231,348 @@ def segment_item(
         config_hash=config_hash,
     )
     try:
-        spatial = info.spatial_shape
-        plan = compile_pipeline(
-            pipeline,
-            spatial_ndim=len(spatial),
-            channels=info.n_channels,
-            dtype=info.dtype,
-            spacing=info.spacing,
-            units=info.units,
-            nodata=info.nodata,
-        )
-        result.model_hash = _model_hash(plan)
-        block = block_shape_for(block_shape, len(spatial))
-        chunk = tuple(min(c, n) for c, n in zip(chunks or block, spatial, strict=True))
-        shard = None
-        if shards is not None:
-            # A shard may exceed a small item, but must stay a multiple of the chunk.
-            shard = tuple(
-                min(s, -(-n // c) * c) for s, c, n in zip(shards, chunk, spatial, strict=True)
-            )
-        begin_item(store, info.id)  # refuses a foreign store or folder before any write
-        if resuming:
-            drop_partial_writes(root, info.id)  # a write the kill cut short is redone
-        else:
-            layout.create_item(root, info)
-        saved = {}
-        written: dict[str, str] = {}
-        for name, dtype in plan.saved.items():
-            classes = plan.saved_classes.get(name, ())
-            categories = plan.saved_categories.get(name, ())
-            spec = ArraySpec(name, str(dtype), chunk, shard, classes=classes, categories=categories)
-            saved[name] = _ensure_array(layout, root, info, spec, reuse=resuming)
-            written[name] = str(np.dtype(dtype))
-        output: list[ArraySpec] = []  # the output array's spec, once its dtype is known
-
-        def make_sink(dtype: np.dtype) -> Any:
-            spec = ArraySpec(
-                plan.out_kind,
-                str(dtype),
-                chunk,
-                shard,
-                classes=plan.out_classes,
-                categories=plan.out_categories,
-            )
-            output[:] = [spec]
-            written[plan.out_kind] = str(np.dtype(dtype))
-            return _ensure_array(layout, root, info, spec, reuse=resuming)
-
-        def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
-            key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
-            return BlockRecords(blocks_dir, key)
-
-        regions_sink = None
-        intensity_source = None
-        if regions:
-            check_regions(plan.out_kind)
-            regions_sink = ParquetRegionsSink(
-                root,
-                info.id,
-                spacing=info.spacing,
-                origin=info.origin,
-                units=info.units,
-                crs_wkt=info.crs_wkt,
-            )
-            if not resuming:
-                regions_sink.clear()
-            intensity_source = _intensity_source(regions_intensity, reader, plan, root)
-        vectors_sink = None
-        if vectors:
-            check_vectors(info, plan.out_kind)  # before any block runs
-            vectors_sink = ParquetVectorsSink(
-                root, info.id, transform=item_transform(info), crs_wkt=info.crs_wkt
-            )
-        if dicom_seg:
-            check_dicom_seg(info, plan.out_kind)  # before any block runs
-        run = run_item(
-            reader,
-            plan,
-            block_shape=block,
-            executor=executor,
-            make_sink=make_sink,
-            saved=saved,
-            storage_unit=shard or chunk,
-            regions=None
-            if regions_sink is None
-            else RegionsSpec(regions_sink, intensity=intensity_source),
-            keep_limit=keep_limit,
-            progress=progress,
-            records=records if resume_name is not None else None,
-        )
-        result.n_resumed = run.n_resumed
-        result.warning = "; ".join(run.warnings) or None
-        # The output phase is over: from here on (joining tables, the commit) a rerun
-        # starts the item afresh, so its block records go before the region parts do.
-        _remove(blocks_dir)
-        if regions_sink is not None:
-            regions_sink.join()
-            result.area_p05, result.area_p50, result.area_p95 = regions_sink.area_percentiles(
-                (0.05, 0.5, 0.95)
-            )
-        if vectors_sink is not None:
-            write_vectors(
-                ZarrRegionWriter(root, info.id, plan.out_kind),
-                spatial,
-                block_shape=block,
-                executor=executor,
-                sink=vectors_sink,
-                regions=None if regions_sink is None else regions_sink.path,
-                progress=progress,
-            )
-        # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
-        derived = (
-            layout.finalize_item(root, info, output=output[0], executor=executor) if output else {}
-        )
-        seg_frames = None
-        if dicom_seg:
-            seg_frames = _write_seg(reader, plan, root, config_hash=config_hash)
-        check_item(
-            root,
-            info.id,
-            shape=spatial,
-            arrays=written,
-            object_count=run.n_labels,
-            regions=regions_sink is not None,
-            vectors=vectors_sink is not None,
-            derived=derived,
-            dicom_seg=seg_frames,
-        )
-        fault_point("item-staged")
-        commit_item(
-            store,
-            root,
-            info.id,
-            {
-                "run_id": run_id,
-                "fingerprint": info.fingerprint,
-                "config_hash": config_hash,
-                "model_hash": result.model_hash,
-                "code_version": result.code_version,
-                "arrays": written,
-                "object_count": run.n_labels,
-                "committed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            },
-        )
+        plan, run = _segment_staged(reader, pipeline, options, stage, executor, progress, result)
     except Exception as error:  # one bad item must not stop the collection
         if stop_requested():  # whatever broke (a worker killed by the same Ctrl-C), it is
             result.status = "interrupted"  # not the item's fault: not recorded, redone
         result.error = describe_item_error(error, info.id, info.path)
         result.seconds = time.perf_counter() - started
-        if result.status != "interrupted" or resume_name is None:
-            _remove(root)  # the store's committed result is untouched
+        if result.status != "interrupted" or stage.resume_name is None:
+            _remove(stage.root)  # the store's committed result is untouched
         return result
     fault_point("item-committed")
-    _remove(root)
+    _remove(stage.root)
+    _describe_done(result, plan, run, info.spatial_shape)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass(frozen=True)
+class ItemOptions:
+    """What :func:`segment_item` is asked to write for one item (its keyword arguments)."""
+
+    store: str
+    block_shape: Sequence[int] | int | None
+    chunks: tuple[int, ...] | None = None
+    shards: tuple[int, ...] | None = None
+    config_hash: str = ""
+    regions: bool = False
+    regions_intensity: str | bool | None = "input"
+    vectors: bool = False
+    dicom_seg: bool = False
+    keep_limit: int | None = None
+    run_id: str = ""
+    resumable: bool = False
+    ome: bool = True
+    pyramid: int | None = None
+    writers: Mapping[str, Mapping[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Where an item is staged, and whether an earlier run of it is being resumed."""
+
+    root: str
+    blocks_dir: str  # the output phase's block records
+    resume_name: str | None
+    resuming: bool
+
+    @classmethod
+    def of(cls, info: Any, options: ItemOptions) -> _Stage:
+        from segflow.store.commit import is_staged, stage_name, staging_root
+        from segflow.store.lock import bookkeeping_path, is_local
+
+        store = options.store
+        resume_name = (
+            stage_name(info.id, options.config_hash, info.fingerprint, code_version())
+            if options.resumable and info.fingerprint
+            else None
+        )
+        root = staging_root(store, resume_name or f"{info.id}.{uuid.uuid4().hex}")
+        # Block records: in the item's own staging root, or (object stores, written in
+        # place) under the store's bookkeeping, named like a stage so only the same item,
+        # input, config and code finds them.
+        blocks_dir = (
+            f"{root}/.blocks"
+            if is_local(store)
+            else bookkeeping_path(store, "blocks", resume_name or f"{info.id}.{options.run_id}")
+        )
+        resuming = (
+            resume_name is not None
+            and is_staged(root, info.id)
+            and (is_local(store) or _exists(blocks_dir))
+        )
+        return cls(root, blocks_dir, resume_name, resuming)
+
+
+@dataclass
+class _Outputs:
+    """What an item writes besides its output's blocks, prepared before the blocks run."""
+
+    layout: Any
+    block: tuple[int, ...]
+    chunk: tuple[int, ...]
+    shard: tuple[int, ...] | None
+    writers: ActiveWriters
+    arrays: dict[str, str] = field(default_factory=dict)  # name -> dtype, every array
+    saved: dict[str, Any] = field(default_factory=dict)  # save_as name -> sink
+    output: Any = None  # the output's ArraySpec, once its dtype is known
+    regions: Any = None  # ParquetRegionsSink
+    intensity: Any = None  # what the regions' intensity columns read
+    vectors: Any = None  # ParquetVectorsSink
+
+
+def _segment_staged(
+    reader: Reader,
+    pipeline: Sequence[Mapping[str, Any]],
+    options: ItemOptions,
+    stage: _Stage,
+    executor: Executor,
+    progress: ProgressCallback | None,
+    result: ItemResult,
+) -> tuple[Any, Any]:
+    """Plan, check, prepare the outputs, run the blocks, finish, check and commit."""
+    info = reader.info
+    plan = compile_pipeline(
+        pipeline,
+        spatial_ndim=len(info.spatial_shape),
+        channels=info.n_channels,
+        dtype=info.dtype,
+        spacing=info.spacing,
+        units=info.units,
+        nodata=info.nodata,
+    )
+    result.model_hash = _model_hash(plan)
+    outputs = _prepare_outputs(reader, plan, options, stage)
+    run = _run_blocks(reader, plan, outputs, options, stage, executor, progress)
+    result.n_resumed = run.n_resumed
+    result.warning = "; ".join(run.warnings) or None
+    # The output phase is over: from here on (joining tables, the commit) a rerun starts
+    # the item afresh, so its block records go before the region parts do.
+    _remove(stage.blocks_dir)
+    _finish_and_commit(reader, plan, run, outputs, options, stage, executor, progress, result)
+    return plan, run
+
+
+def _prepare_outputs(reader: Reader, plan: Any, options: ItemOptions, stage: _Stage) -> _Outputs:
+    """The pre-run checks of every output, then the staged item group, its ``save_as``
+    arrays and the side outputs' sinks (nothing of the item is written before the checks)."""
+    from segflow.store.commit import begin_item, drop_partial_writes
+    from segflow.store.dicomseg import check_dicom_seg
+    from segflow.store.regions import check_regions
+    from segflow.store.vectors import check_vectors
+
+    info = reader.info
+    spatial = info.spatial_shape
+    active = ActiveWriters.of(options.writers)
+    active.check(info, plan.out_kind)
+    if options.regions:
+        check_regions(plan.out_kind)
+    if options.vectors:
+        check_vectors(info, plan.out_kind)
+    if options.dicom_seg:
+        check_dicom_seg(info, plan.out_kind)
+    block = block_shape_for(options.block_shape, len(spatial))
+    chunk = tuple(min(c, n) for c, n in zip(options.chunks or block, spatial, strict=True))
+    shard = None
+    if options.shards is not None:
+        # A shard may exceed a small item, but must stay a multiple of the chunk.
+        shard = tuple(
+            min(s, -(-n // c) * c) for s, c, n in zip(options.shards, chunk, spatial, strict=True)
+        )
+    layout = output_layout(ome=options.ome, pyramid=options.pyramid, blocks=block)
+    outputs = _Outputs(layout, block, chunk, shard, active)
+    begin_item(options.store, info.id)  # refuses a foreign store or folder before any write
+    if stage.resuming:
+        drop_partial_writes(stage.root, info.id)  # a write the kill cut short is redone
+    else:
+        layout.create_item(stage.root, info)
+    for name, dtype in plan.saved.items():
+        spec = _spec(outputs, name, dtype, plan.saved_classes, plan.saved_categories)
+        outputs.saved[name] = _ensure_array(layout, stage.root, info, spec, reuse=stage.resuming)
+        outputs.arrays[name] = str(np.dtype(dtype))
+    _side_sinks(reader, plan, options, stage, outputs)
+    return outputs
+
+
+def _spec(
+    outputs: _Outputs, name: str, dtype: Any, classes: Mapping[str, Any], categories: Mapping
+) -> Any:
+    from segflow.store.layout import ArraySpec
+
+    return ArraySpec(
+        name,
+        str(dtype),
+        outputs.chunk,
+        outputs.shard,
+        classes=classes.get(name, ()),
+        categories=categories.get(name, ()),
+    )
+
+
+def _side_sinks(
+    reader: Reader, plan: Any, options: ItemOptions, stage: _Stage, outputs: _Outputs
+) -> None:
+    """The region and vector tables' sinks (with ``output.regions``, ``output.vectors``)."""
+    from segflow.store.regions import ParquetRegionsSink
+    from segflow.store.vectors import ParquetVectorsSink, item_transform
+
+    info = reader.info
+    if options.regions:
+        outputs.regions = ParquetRegionsSink(
+            stage.root,
+            info.id,
+            spacing=info.spacing,
+            origin=info.origin,
+            units=info.units,
+            crs_wkt=info.crs_wkt,
+        )
+        if not stage.resuming:
+            outputs.regions.clear()
+        outputs.intensity = _intensity_source(options.regions_intensity, reader, plan, stage.root)
+    if options.vectors:
+        outputs.vectors = ParquetVectorsSink(
+            stage.root, info.id, transform=item_transform(info), crs_wkt=info.crs_wkt
+        )
+
+
+def _run_blocks(
+    reader: Reader,
+    plan: Any,
+    outputs: _Outputs,
+    options: ItemOptions,
+    stage: _Stage,
+    executor: Executor,
+    progress: ProgressCallback | None,
+) -> Any:
+    """Run the pipeline's phases over the blocks; the output's sink is made once its dtype
+    is known (the layout's, with the writers' block hooks)."""
+    from segflow.engine.run import RegionsSpec
+    from segflow.store.blocks import BlockRecords, output_key
+
+    info = reader.info
+
+    def make_sink(dtype: np.dtype) -> Any:
+        spec = _spec(
+            outputs,
+            plan.out_kind,
+            dtype,
+            {plan.out_kind: plan.out_classes},
+            {plan.out_kind: plan.out_categories},
+        )
+        outputs.output = spec
+        outputs.arrays[plan.out_kind] = str(np.dtype(dtype))
+        sink = _ensure_array(
+            outputs.layout, stage.root, info, spec, reuse=stage.resuming, output=True
+        )
+        return outputs.writers.sink(sink)
+
+    def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
+        key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
+        return BlockRecords(stage.blocks_dir, key)
+
+    regions = outputs.regions
+    return run_item(
+        reader,
+        plan,
+        block_shape=outputs.block,
+        executor=executor,
+        make_sink=make_sink,
+        saved=outputs.saved,
+        storage_unit=outputs.shard or outputs.chunk,
+        regions=None if regions is None else RegionsSpec(regions, intensity=outputs.intensity),
+        keep_limit=options.keep_limit,
+        progress=progress,
+        records=records if stage.resume_name is not None else None,
+    )
+
+
+def _finish_and_commit(
+    reader: Reader,
+    plan: Any,
+    run: Any,
+    outputs: _Outputs,
+    options: ItemOptions,
+    stage: _Stage,
+    executor: Executor,
+    progress: ProgressCallback | None,
+    result: ItemResult,
+) -> None:
+    """Every output's finish step in staging, the commit check, then the commit."""
+    from segflow.store.commit import check_item, commit_item
+    from segflow.store.layout import ZarrRegionWriter
+    from segflow.store.vectors import write_vectors
+
+    info, root = reader.info, stage.root
+    if outputs.regions is not None:
+        outputs.regions.join()
+        percentiles = outputs.regions.area_percentiles((0.05, 0.5, 0.95))
+        result.area_p05, result.area_p50, result.area_p95 = percentiles
+    if outputs.vectors is not None:
+        write_vectors(
+            ZarrRegionWriter(root, info.id, plan.out_kind),
+            info.spatial_shape,
+            block_shape=outputs.block,
+            executor=executor,
+            sink=outputs.vectors,
+            regions=None if outputs.regions is None else outputs.regions.path,
+            progress=progress,
+        )
+    # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
+    derived = (
+        outputs.layout.finalize_item(root, info, output=outputs.output, executor=executor)
+        if outputs.output is not None
+        else {}
+    )
+    seg_frames = None
+    if options.dicom_seg:
+        seg_frames = _write_seg(reader, plan, root, config_hash=options.config_hash)
+    target = WriteTarget(root, info, plan.out_kind, executor)
+    writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
+    check_item(
+        root,
+        info.id,
+        shape=info.spatial_shape,
+        arrays=outputs.arrays,
+        object_count=run.n_labels,
+        regions=outputs.regions is not None,
+        vectors=outputs.vectors is not None,
+        derived=derived,
+        dicom_seg=seg_frames,
+    )
+    outputs.writers.verify(target, writer_files)
+    fault_point("item-staged")
+    commit_item(options.store, root, info.id, _commit_record(info, options, result, run, outputs))
+
+
+def _commit_record(
+    info: Any, options: ItemOptions, result: ItemResult, run: Any, outputs: _Outputs
+) -> dict[str, Any]:
+    return {
+        "run_id": options.run_id,
+        "fingerprint": info.fingerprint,
+        "config_hash": options.config_hash,
+        "model_hash": result.model_hash,
+        "code_version": result.code_version,
+        "arrays": outputs.arrays,
+        "object_count": run.n_labels,
+        "committed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _describe_done(result: ItemResult, plan: Any, run: Any, spatial: Sequence[int]) -> None:
+    """Fill a committed item's row: its output, objects, foreground and statistics."""
     foreground = sum(b.foreground for b in run.blocks)
     result.status = "done"
     result.output = plan.out_kind
     result.object_count = run.n_labels
     result.foreground_fraction = foreground / max(int(np.prod(spatial)), 1)
     result.n_blocks = run.n_blocks
-    result.seconds = time.perf_counter() - started
     for key, value in run.stats.items():
         values = np.asarray(value, dtype=np.float64).ravel()  # k-means: k x features
         for k, v in enumerate(values):
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"{key}{suffix}"] = float(v)
-    return result
 
 
 def _write_seg(reader: Reader, plan: Any, root: str, *, config_hash: str) -> int:
@@ -490,9 +647,11 @@ def _exists(path: str) -> bool:
     return bool(fs.exists(inner))
 
 
-def _ensure_array(layout: Any, root: str, info: Any, spec: Any, *, reuse: bool) -> Any:
-    """Create an output array through ``layout`` (or keep the staged one of a resumed item
-    if it fits); return its sink."""
+def _ensure_array(
+    layout: Any, root: str, info: Any, spec: Any, *, reuse: bool, output: bool = False
+) -> Any:
+    """Create an array through ``layout`` (the pipeline's ``output``, or a ``save_as`` one),
+    or keep the staged one of a resumed item if it fits; return its sink."""
     import zarr
 
     from segflow.store.layout import ZarrRegionWriter
@@ -503,7 +662,13 @@ def _ensure_array(layout: Any, root: str, info: Any, spec: Any, *, reuse: bool) 
         except Exception:
             array = None
         if array is not None and str(array.dtype) == str(np.dtype(spec.dtype)):
-            return ZarrRegionWriter(root, info.id, spec.name)
+            if not output:
+                return ZarrRegionWriter(root, info.id, spec.name)
+            sink = layout.open_output(root, info, spec)
+            if sink is not None:
+                return sink
+    if output:
+        return layout.create_output(root, info, spec)
     return layout.create_array(root, info, spec)
 
 

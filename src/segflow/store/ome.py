@@ -26,8 +26,10 @@ with 5 mm slices and 0.7 mm pixels keeps all slices until the pixels reach 2.8 m
 stop once every spatial side of a level fits in one chunk, or at ``max_levels``. Integer
 outputs (labels, masks, class maps) are downsampled by nearest neighbour (the first pixel of
 each 2x2(x2) window, so ids stay ids and level k equals level 0 sampled every 2**k pixels);
-float outputs by the mean of each window. Each level is written blockwise on the engine's
-executor, one task per storage unit of the level, reading the previous level.
+float outputs by the mean of each window, level k from level k - 1. The engine builds the
+levels while its blocks write the output (:mod:`segflow.store.pyramid`: each block writes
+the levels' storage units it holds whole, a small second step the ones that span blocks);
+:func:`write_pyramid` builds the same levels by reading a written array back.
 
 Coordinate transformations: level k has ``scale = |spacing| * factor`` and ``translation`` the
 physical centre of its first pixel (``origin`` for nearest, ``origin + (factor - 1) / 2 *
@@ -142,16 +144,37 @@ def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.nd
     if method == "nearest":
         keep: tuple[Any, ...] = (Ellipsis, *(slice(None, None, f) for f in factor))
         return data[keep]
-    out = data.astype(np.float64)
+    out = data
     for axis, f in enumerate(factor, start=lead):
-        if f == 1:
-            continue
-        n = out.shape[axis]
-        starts = np.arange(0, n, f)
-        counts = np.diff(np.append(starts, n)).astype(np.float64)
-        out = np.add.reduceat(out, starts, axis=axis)
-        out /= counts.reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+        if f == 2:
+            out = _halve_mean(out, axis)
+        elif f != 1:
+            out = out.astype(np.float64, copy=False)
+            n = out.shape[axis]
+            starts = np.arange(0, n, f)
+            counts = np.diff(np.append(starts, n)).astype(np.float64)
+            out = np.add.reduceat(out, starts, axis=axis)
+            out /= counts.reshape([-1 if a == axis else 1 for a in range(out.ndim)])
     return out.astype(data.dtype)
+
+
+def _halve_mean(data: np.ndarray, axis: int) -> np.ndarray:
+    """Mean of each pair along ``axis`` in float64 (a last odd element alone): what
+    ``add.reduceat`` over the pairs, divided by the counts, gives bit for bit (``a + b``
+    then ``/ 2``; ``c / 1``), without its per-window loop or a float64 copy of ``data``
+    (the pairs are added as float64 straight from it)."""
+    n = data.shape[axis]
+
+    def take(start: int, stop: int) -> np.ndarray:
+        index: list[Any] = [slice(None)] * data.ndim
+        index[axis] = slice(start, stop, 2 if stop - start > 1 else 1)
+        return data[tuple(index)]
+
+    pairs = np.add(take(0, n - n % 2), take(1, n), dtype=np.float64)
+    pairs /= 2.0
+    if n % 2:
+        return np.concatenate([pairs, take(n - 1, n).astype(np.float64)], axis=axis)
+    return pairs
 
 
 def downsample_method(dtype: Any) -> Method:
@@ -265,7 +288,15 @@ def _downsample_unit(
     target.write(region, downsample(source.read(src), factor, method))
 
 
-def _unit_regions(shape: Sequence[int], unit: Sequence[int]) -> list[tuple[slice, ...]]:
+def unit_regions(shape: Sequence[int], unit: Sequence[int]) -> list[tuple[slice, ...]]:
+    """The storage units of an array of spatial ``shape``, as regions (the last ones cut by
+    the edge), in C order.
+
+    Examples
+    --------
+    >>> unit_regions((3, 5), (2, 4))[1:3]
+    [(slice(0, 2, None), slice(4, 5, None)), (slice(2, 3, None), slice(0, 4, None))]
+    """
     grids = [range(0, n, u) for n, u in zip(shape, unit, strict=True)]
     out: list[tuple[slice, ...]] = []
     for starts in np.ndindex(*(len(g) for g in grids)):
@@ -278,6 +309,127 @@ def _unit_regions(shape: Sequence[int], unit: Sequence[int]) -> list[tuple[slice
     return out
 
 
+_unit_regions = unit_regions  # the name this module used before
+
+
+def level_storage(
+    chunks: Sequence[int], shards: Sequence[int] | None, shape: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """A level's spatial chunk and shard (None: unsharded) from the output's: the same
+    chunk, clipped to the level; a shard clipped to the chunks that cover the level.
+
+    Examples
+    --------
+    >>> level_storage((256, 256), (1024, 1024), (359, 396))
+    ((256, 256), (512, 512))
+    """
+    chunk = tuple(min(c, n) for c, n in zip(chunks, shape, strict=True))
+    if shards is None:
+        return chunk, None
+    return chunk, tuple(
+        min(s, -(-n // c) * c) for s, c, n in zip(shards, chunk, shape, strict=True)
+    )
+
+
+@dataclass(frozen=True)
+class BaseArray:
+    """What the levels of a pyramid take from the array they are built from."""
+
+    dtype: np.dtype
+    fill_value: Any
+    lead_shape: tuple[int, ...]  # leading channel axes (a probability map's classes)
+    lead_names: tuple[str, ...]
+    chunks: tuple[int, ...]  # spatial
+    shards: tuple[int, ...] | None  # spatial
+
+    @classmethod
+    def of(cls, array: Any, n_spatial: int) -> BaseArray:
+        n_lead = array.ndim - n_spatial
+        dims: Any = getattr(array.metadata, "dimension_names", None)  # v3 metadata
+        return cls(
+            dtype=np.dtype(array.dtype),
+            fill_value=array.fill_value,
+            lead_shape=tuple(array.shape[:n_lead]),
+            lead_names=tuple(str(d) for d in dims or ())[:n_lead] or ("c",) * n_lead,
+            chunks=tuple(array.chunks[n_lead:]),
+            shards=None if array.shards is None else tuple(array.shards[n_lead:]),
+        )
+
+
+def create_level(
+    root: str, info: ItemInfo, path: str, base: BaseArray, shape: Sequence[int]
+) -> None:
+    """Create (or replace) the level array ``ROOT/ITEM/PATH`` of spatial ``shape``."""
+    import zarr
+
+    chunk, shard = level_storage(base.chunks, base.shards, shape)
+    lead = base.lead_shape
+    zarr.create_array(
+        root,
+        name=f"{info.id}/{path}",
+        shape=(*lead, *shape),
+        dtype=base.dtype,
+        chunks=(*lead, *chunk),
+        shards=None if shard is None else (*lead, *shard),
+        fill_value=base.fill_value,
+        dimension_names=(*base.lead_names, *info.spatial_axes),
+        overwrite=True,
+        zarr_format=3,
+    )
+
+
+def write_pyramid_metadata(
+    root: str,
+    info: ItemInfo,
+    name: str,
+    levels: Sequence[PyramidLevel],
+    base: BaseArray,
+    *,
+    categories: Sequence[tuple[int, str, str | None]] = (),
+    kind: str = "labels",
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Write the multiscales (and ``image-label``) metadata of ``ROOT/ITEM/NAME_pyramid``,
+    and, for a label image, the item group's ``ome.labels`` entry. Returns every level
+    array, as ``path -> (dtype, shape)`` relative to the item group."""
+    import zarr
+
+    method = downsample_method(base.dtype)
+    n_lead = len(base.lead_shape)
+    group_name = f"{name}{PYRAMID_SUFFIX}"
+    datasets = [
+        {
+            "path": level.path,
+            "coordinateTransformations": level_transforms(info, level.factor, method, n_lead),
+        }
+        for level in levels
+    ]
+    ome: dict[str, Any] = {
+        "version": OME_VERSION,
+        "multiscales": [
+            {
+                "name": name,
+                "axes": ome_axes(info, base.lead_names),
+                "datasets": datasets,
+                "type": method,
+            }
+        ],
+    }
+    is_label = method == "nearest" and n_lead == 0
+    if is_label:
+        ome["image-label"] = image_label_metadata(kind, categories)
+    group = zarr.open_group(root, path=f"{info.id}/{group_name}", mode="r+", zarr_format=3)
+    group.update_attributes({"ome": ome})
+    if is_label:
+        item = zarr.open_group(root, path=info.id, mode="r+", zarr_format=3)
+        current: Any = dict(item.attrs).get("ome") or {}
+        names = [n for n in current.get("labels", []) if n != group_name] + [group_name]
+        item.update_attributes({"ome": {"version": OME_VERSION, "labels": names}})
+    return {
+        f"{group_name}/{level.path}": (str(base.dtype), (*base.lead_shape, *level.shape))
+        for level in levels
+    }
+
+
 def write_pyramid(
     root: str,
     info: ItemInfo,
@@ -288,12 +440,16 @@ def write_pyramid(
     kind: str = "labels",
     max_levels: int | None = None,
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Write ``ROOT/ITEM/NAME_pyramid`` (levels and OME metadata) from ``ROOT/ITEM/NAME``.
+    """Write ``ROOT/ITEM/NAME_pyramid`` (levels and OME metadata) by reading ``ROOT/ITEM/NAME``
+    back: a second pass over the item.
 
-    Each level is written blockwise on ``executor`` (one task per storage unit of the
-    level), then the multiscales (and ``image-label``) metadata, then the item group's
-    ``ome.labels`` entry. Returns every level array written, as ``path -> (dtype, shape)``
-    relative to the item group, for :func:`segflow.store.commit.check_item`.
+    The engine builds the same levels while its blocks write
+    (:mod:`segflow.store.pyramid`); this is the way for an array written otherwise, and the
+    reference the blockwise pyramid is tested against. Each level is written on
+    ``executor`` (one task per storage unit of the level, reading the previous level), then
+    the multiscales (and ``image-label``) metadata, then the item group's ``ome.labels``
+    entry. Returns every level array written, as ``path -> (dtype, shape)`` relative to the
+    item group, for :func:`segflow.store.commit.check_item`.
 
     Raises
     ------
@@ -305,90 +461,35 @@ def write_pyramid(
     from segflow.store.layout import ZarrRegionWriter
 
     try:
-        base = zarr.open_array(root, path=f"{info.id}/{name}", mode="r", zarr_format=3)
+        array = zarr.open_array(root, path=f"{info.id}/{name}", mode="r", zarr_format=3)
     except Exception as exc:
         raise StoreError(
             f"item '{info.id}': cannot build the OME-Zarr pyramid of '{name}' ({exc})"
         ) from exc
-    n_lead = base.ndim - len(info.spatial_shape)
-    lead_shape = tuple(base.shape[:n_lead])
-    dims: Any = getattr(base.metadata, "dimension_names", None)  # v3 metadata
-    lead_names = tuple(str(d) for d in dims or ())[:n_lead] or ("c",) * n_lead
-    chunks = tuple(base.chunks[n_lead:])
-    shards = None if base.shards is None else tuple(base.shards[n_lead:])
+    base = BaseArray.of(array, len(info.spatial_shape))
     method = downsample_method(base.dtype)
     group_name = f"{name}{PYRAMID_SUFFIX}"
-    levels = plan_levels(info.spatial_shape, info.spacing, chunks, max_levels=max_levels)
-    written: dict[str, tuple[str, tuple[int, ...]]] = {}
-    datasets = []
+    levels = plan_levels(info.spatial_shape, info.spacing, base.chunks, max_levels=max_levels)
     try:
         zarr.open_group(root, mode="a", zarr_format=3).require_group(f"{info.id}/{group_name}")
         source = ZarrRegionWriter(root, info.id, name)
-        previous = (1,) * len(chunks)
+        previous = (1,) * len(base.chunks)
         for level in levels:
-            chunk = tuple(min(c, n) for c, n in zip(chunks, level.shape, strict=True))
-            shard = None
-            if shards is not None:
-                shard = tuple(
-                    min(s, -(-n // c) * c)
-                    for s, c, n in zip(shards, chunk, level.shape, strict=True)
-                )
             path = f"{group_name}/{level.path}"
-            zarr.create_array(
-                root,
-                name=f"{info.id}/{path}",
-                shape=(*lead_shape, *level.shape),
-                dtype=base.dtype,
-                chunks=(*lead_shape, *chunk),
-                shards=None if shard is None else (*lead_shape, *shard),
-                fill_value=base.fill_value,
-                dimension_names=(*lead_names, *info.spatial_axes),
-                overwrite=True,
-                zarr_format=3,
-            )
+            create_level(root, info, path, base, level.shape)
             target = ZarrRegionWriter(root, info.id, path)
             step = tuple(f // p for f, p in zip(level.factor, previous, strict=True))
-            regions = _unit_regions(level.shape, shard or chunk)
+            chunk, shard = level_storage(base.chunks, base.shards, level.shape)
+            regions = unit_regions(level.shape, shard or chunk)
+            n = len(regions)
             handles = executor.map(
-                _downsample_unit,
-                [source] * len(regions),
-                [target] * len(regions),
-                regions,
-                [step] * len(regions),
-                [method] * len(regions),
+                _downsample_unit, [source] * n, [target] * n, regions, [step] * n, [method] * n
             )
             executor.gather(handles, label=f"pyramid {level.path}")
-            written[path] = (str(base.dtype), (*lead_shape, *level.shape))
-            datasets.append(
-                {
-                    "path": level.path,
-                    "coordinateTransformations": level_transforms(
-                        info, level.factor, method, n_lead
-                    ),
-                }
-            )
             source, previous = target, level.factor
-        ome: dict[str, Any] = {
-            "version": OME_VERSION,
-            "multiscales": [
-                {
-                    "name": name,
-                    "axes": ome_axes(info, lead_names),
-                    "datasets": datasets,
-                    "type": method,
-                }
-            ],
-        }
-        is_label = method == "nearest" and n_lead == 0
-        if is_label:
-            ome["image-label"] = image_label_metadata(kind, categories)
-        group = zarr.open_group(root, path=f"{info.id}/{group_name}", mode="r+", zarr_format=3)
-        group.update_attributes({"ome": ome})
-        if is_label:
-            item = zarr.open_group(root, path=info.id, mode="r+", zarr_format=3)
-            current: Any = dict(item.attrs).get("ome") or {}
-            names = [n for n in current.get("labels", []) if n != group_name] + [group_name]
-            item.update_attributes({"ome": {"version": OME_VERSION, "labels": names}})
+        return write_pyramid_metadata(
+            root, info, name, levels, base, categories=categories, kind=kind
+        )
     except StoreError:
         raise
     except Exception as exc:
@@ -396,19 +497,23 @@ def write_pyramid(
             f"item '{info.id}': cannot write the OME-Zarr pyramid of '{name}' "
             f"({type(exc).__name__}: {exc})"
         ) from exc
-    return written
 
 
 __all__ = [
     "OME_VERSION",
     "PYRAMID_SUFFIX",
+    "BaseArray",
     "PyramidLevel",
+    "create_level",
     "downsample",
     "downsample_method",
     "image_label_metadata",
+    "level_storage",
     "level_transforms",
     "ome_axes",
     "ome_unit",
     "plan_levels",
+    "unit_regions",
     "write_pyramid",
+    "write_pyramid_metadata",
 ]

@@ -153,3 +153,16 @@ def test_tta_turns_flows_with_the_flips() -> None:
     np.testing.assert_allclose(averaged, plain, atol=1e-5)
     blind = predict_image(net, image, tile=(32, 32), overlap=0.25, tta=True)
     assert np.abs(blind[:2]).max() < 1e-5 < np.abs(plain[:2]).max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flow_head_tta_on_cuda_agrees_with_cpu() -> None:
+    """The flow head's test-time augmentation on CUDA (bf16) turns the flows as on CPU."""
+    image = np.random.default_rng(1).random((1, 70, 90)).astype(np.float32)
+    net = _gradient_net()
+    cpu = predict_image(net, image, tile=(32, 32), overlap=0.25, tta=True, flows=True)
+    gpu = predict_image(
+        net.cuda(), image, tile=(32, 32), overlap=0.25, tta=True, flows=True, device="cuda"
+    )
+    np.testing.assert_allclose(gpu, cpu, atol=2e-2)  # bf16: about 8 bits of mantissa

@@ -228,6 +228,44 @@ def test_masks_of_random_flows_equal_compute_masks(seed: int) -> None:
 
 
 @needs_cellpose
+def test_masks_of_the_trained_segflow_flow_head_equal_compute_masks() -> None:
+    """Flows from segflow's own trained flow head (configs/models/nuclei-flows) on the
+    bundled nuclei sample: the op, whole and in blocks, gives cellpose's partition."""
+    from pathlib import Path
+
+    from segflow.models.card import item_statistics, normalize_image
+    from segflow.models.checkpoint import load_checkpoint
+    from segflow.models.inference import predict_image
+    from segflow.ops.intensity import to_luma
+
+    root = Path(__file__).parents[2]
+    loaded = load_checkpoint(root / "configs" / "models" / "nuclei-flows")
+    card = loaded.card
+    assert card is not None and card.head == "flows"
+    (path,) = (root / "tests" / "data" / "nuclei").glob("*/image.png")
+    import imageio.v3 as iio
+
+    grey = to_luma(np.moveaxis(np.asarray(iio.imread(path)), -1, 0))
+    norm = normalize_image(grey, card.channels, item_statistics(grey, card.channels))
+    output = predict_image(
+        loaded.module,
+        norm,
+        tile=card.tile,
+        overlap=card.overlap,
+        window=card.window,
+        activation=card.activation,
+        flows=True,
+    )
+    expected = cellpose_masks(output, min_size=-1)
+    assert expected.max() >= 30  # the sample's 36 nuclei, give or take
+    assert_same_partition(whole(output, min_size=0), expected)
+    result = segment(
+        output, [{"op": "flow_dynamics", "min_size": 0}], block_shape=(64, 96), channel_axis=0
+    )
+    assert_same_partition(result, expected)
+
+
+@needs_cellpose
 @pytest.mark.slow
 def test_masks_of_a_random_cellpose_network_equal_compute_masks() -> None:
     """Flows from Cellpose's own network (CPSAM, a ViT-L of 304 M parameters, randomly

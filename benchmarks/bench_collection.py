@@ -182,8 +182,7 @@ def run_flow(config: dict[str, Any]) -> tuple[float, int, Any, list[Any]]:
 
 def profile_task_runs(runs: list[Any]) -> dict[str, tuple[int, float]]:
     """Task runs per task (its function's name): count and summed run time in seconds
-    (between the run's Running and final states). The items given a quick look
-    (``quicklook_ids``) are counted apart. (A task run's ``created`` is no measure of its
+    (between the run's Running and final states). (A task run's ``created`` is no measure of its
     orchestration: Prefect 3 reports task runs to the server by events, so the server may
     create the record after the run ended.)"""
     profile: dict[str, tuple[int, float]] = {}

@@ -168,10 +168,9 @@ def _segment(
     store = cfg.output.store
     config_hash = cfg.config_hash()
     run_id = current_run_id()
-    try:
-        plan = plan_items_task(cfg, overwrite, item_filter)
-    except StoreError as error:  # another config's store, or a damaged one
-        return _refused(cfg, error)
+    plan = plan_items_task(cfg, overwrite, item_filter)
+    if isinstance(plan, StoreError):  # another config's store, or a damaged one
+        return _refused(cfg, plan)
     work = plan.work()
     rows: list[dict[str, Any]] = []
     # A dead run's lock is taken over even with nothing to do: its flow run is ended

@@ -19,6 +19,7 @@ from segflow.config import SegflowConfig
 from segflow.engine.collection import Item, ItemPlan, plan_collection, run_item
 from segflow.engine.executor import DaskExecutor
 from segflow.engine.item import describe_output
+from segflow.errors import StoreError
 from segflow.flows._outcomes import expected
 from segflow.tasks.artifacts import publish_quicklook
 from segflow.tasks.progress import ItemsProgress, report_progress
@@ -30,12 +31,19 @@ NAMED_IDS = 5
 @task(name="plan-items", retries=0, cache_policy=NO_CACHE)
 def plan_items_task(
     cfg: SegflowConfig, overwrite: bool | None = None, item_filter: Sequence[str] | None = None
-) -> ItemPlan:
+) -> ItemPlan | StoreError:
     """Discover ``cfg``'s collection and decide what this run does (the store's skip rule,
-    its recorded ids, ``item_filter``): :func:`segflow.engine.collection.plan_collection`."""
+    its recorded ids, ``item_filter``): :func:`segflow.engine.collection.plan_collection`.
+
+    A store this config may not write (another config's, a damaged one) comes back as the
+    ``StoreError``: the flow refuses it in one line, not this task with a traceback at
+    ERROR (an expected outcome, not a crash)."""
     logger = get_run_logger()
     notes: list[str] = []
-    plan = plan_collection(cfg, overwrite=overwrite, item_filter=item_filter, notes=notes)
+    try:
+        plan = plan_collection(cfg, overwrite=overwrite, item_filter=item_filter, notes=notes)
+    except StoreError as error:
+        return error
     for note in notes:  # left out on purpose (a DICOM folder's RTSTRUCT, say)
         logger.info("%s", note)
     # Each unreadable file's reason is logged by its own (failed) segment task run.

@@ -418,7 +418,7 @@ def test_dicom_seg_from_a_dicom_series_through_the_flow(tmp_path: Path, dask_add
 
 
 def test_a_deployment_run_of_another_config_is_refused_with_one_line(
-    tmp_path: Path, dask_address: str
+    tmp_path: Path, dask_address: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Runs that do not start from `segflow run` (a deployment, a backfill) plan in the flow:
     a store another config made ends the flow Failed with the store's line, nothing written."""
@@ -430,8 +430,12 @@ def test_a_deployment_run_of_another_config_is_refused_with_one_line(
     assert run(config)[0] == "COMPLETED"
     index_before = (store / "index.parquet").read_bytes()
 
+    capfd.readouterr()
     state = segment_collection({**config, "name": "edges"}, return_state=True)
 
+    logged = "".join(capfd.readouterr())
+    # the refusal is the flow's one line; the planning task logs no failure or traceback
+    assert "Traceback" not in logged and "Task run failed" not in logged, logged
     assert state.is_failed()
     assert state.message == (
         f"edges: store '{store}' holds 1 item made by config 'tiles'; config 'edges' would "

@@ -28,7 +28,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -69,42 +68,12 @@ def write_flows(path: Path, size: int, chunk: int) -> None:
 
 
 def import_cellpose() -> Any:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # the CUDA wheel that fails against the CPU torch, or none
-        names = (
-            "torchvision",
-            "torchvision.ops",
-            "torchvision.ops.boxes",
-            "torchvision.transforms",
-            "torchvision.transforms.functional",
-            "torchvision.transforms._functional_tensor",
-        )
-        modules = {name: _refusing_module(name) for name in names}
-        for name, module in modules.items():
-            parent, _, leaf = name.rpartition(".")
-            if parent:
-                setattr(modules[parent], leaf, module)
-            sys.modules[name] = module
-    from cellpose import dynamics
+    """``cellpose.dynamics``, with the tests' torchvision stand-in while it imports
+    (tests/engine/_cellpose.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
+    from _cellpose import import_cellpose as _import
 
-    return dynamics
-
-
-def _refusing_module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-
-    def attribute(attr: str) -> Any:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise NotImplementedError(f"{name}.{attr}: a stand-in for torchvision")
-
-        return refuse
-
-    module.__getattr__ = attribute  # type: ignore[method-assign]
-    return module
+    return _import()
 
 
 def run_cellpose(source: Path) -> tuple[float, np.ndarray]:

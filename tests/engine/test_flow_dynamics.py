@@ -18,11 +18,11 @@ of being silently faked.
 from __future__ import annotations
 
 import sys
-import types
 from typing import Any
 
 import numpy as np
 import pytest
+from _cellpose import import_cellpose
 from _compare import scan_order
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,67 +38,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarn
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-_STAND_IN = (
-    "torchvision",
-    "torchvision.ops",
-    "torchvision.ops.boxes",
-    "torchvision.transforms",
-    "torchvision.transforms.functional",
-    "torchvision.transforms._functional_tensor",
-)
-
-
-def _refusing_module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-
-    def attribute(attr: str) -> Any:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise NotImplementedError(f"{name}.{attr}: a test stand-in for torchvision")
-
-        return refuse
-
-    module.__getattr__ = attribute  # type: ignore[method-assign]
-    return module
-
-
-def _import_cellpose() -> Any:
-    """``cellpose.dynamics`` (and ``cellpose.vit`` where segment-anything is installed),
-    with the torchvision stand-in only while they import: it leaves ``sys.modules`` then,
-    so no other test mistakes it for torchvision."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # not installed, or the CUDA wheel that fails against the CPU torch
-        stand_in = True
-    else:
-        stand_in = False
-    if stand_in:
-        for name in _STAND_IN:
-            sys.modules.pop(name, None)
-        modules = {name: _refusing_module(name) for name in _STAND_IN}
-        for name, module in modules.items():
-            parent, _, leaf = name.rpartition(".")
-            if parent:
-                setattr(modules[parent], leaf, module)
-            sys.modules[name] = module
-    try:
-        from cellpose import dynamics
-
-        try:
-            from cellpose import vit  # noqa: F401  (the network test's CPSAM)
-        except ImportError:
-            pass
-    finally:
-        if stand_in:
-            for name in _STAND_IN:
-                sys.modules.pop(name, None)
-    return dynamics
-
-
 try:
-    cellpose_dynamics = _import_cellpose()
+    cellpose_dynamics = import_cellpose()
 except ImportError as error:  # the package is optional
     cellpose_dynamics = None
     CELLPOSE_MISSING = f"cellpose does not import: {error}"

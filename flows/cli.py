@@ -14,6 +14,7 @@ import shlex
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -331,9 +332,7 @@ def _run_loaded(
     if invalid:
         raise typer.Exit(EXIT_INVALID)
     for path, config in zip(configs, loaded, strict=True):
-        if (holder := _lock_holder(config.output.store)) is not None:
-            typer.echo(f"{path}: {holder}", err=True)
-            raise typer.Exit(EXIT_FAILED)
+        _wait_for_store(path, config.output.store, config.run.queue_timeout)
     plans = _plan_runs(loaded, collections)
     if all(plan.nothing_to_do for plan in plans):
         from segflow.engine.collection import run_summary
@@ -447,6 +446,34 @@ def _plan_runs(
 
 def _by_id(row: dict[str, Any]) -> str:
     return str(row["id"])
+
+
+# Seconds between two looks at a busy store's lock while the command waits for it.
+STORE_POLL_SECONDS = 2.0
+
+
+def _wait_for_store(path: Path, store: str, timeout: float | None) -> None:
+    """Wait while another live run holds ``store`` (runs on one store take turns, as flow
+    runs do in the store's queue), at most ``run.queue_timeout`` seconds: one line when the
+    wait starts, one when it ends; exit 1 with the holder's line on timeout."""
+    from segflow.engine.interrupt import stop_requested
+
+    holder = _lock_holder(store)
+    if holder is None:
+        return
+    limit = "no limit" if timeout is None else f"at most {timeout:.0f} s"
+    typer.echo(f"{path}: waiting ({limit}, run.queue_timeout): {holder}", err=True)
+    started = time.monotonic()
+    while holder is not None:
+        waited = time.monotonic() - started
+        if stop_requested() or (timeout is not None and waited >= timeout):
+            typer.echo(f"{path}: gave up after {waited:.0f} s: {holder}", err=True)
+            raise typer.Exit(EXIT_FAILED)
+        time.sleep(STORE_POLL_SECONDS if timeout is None else min(STORE_POLL_SECONDS, timeout))
+        holder = _lock_holder(store)
+    typer.echo(
+        f"{path}: store '{store}' is free after {time.monotonic() - started:.0f} s", err=True
+    )
 
 
 def _lock_holder(store: str) -> str | None:

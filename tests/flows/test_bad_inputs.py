@@ -235,10 +235,12 @@ def test_occupied_and_unwritable_stores_fail_with_one_line(
     config = _config(tmp_path, folder, dask_address)
     store = tmp_path / "out.zarr"
     with lock_held_elsewhere(store, "backfill-7"):
-        occupied = runner.invoke(app, ["run", str(config)])
+        occupied = runner.invoke(app, ["run", str(config), "--set=run.queue_timeout=1"])
     unwritable = runner.invoke(app, ["run", str(config), "--set=output.store=/proc/out.zarr"])
 
     assert occupied.exit_code == 1
+    assert "waiting (at most 1 s, run.queue_timeout): store" in occupied.stderr
+    assert "gave up after 1 s: store" in occupied.stderr
     assert "is in use by another segflow run (run backfill-7 of" in occupied.stderr
     assert unwritable.exit_code == 1, unwritable.output
     assert "Traceback" not in unwritable.output

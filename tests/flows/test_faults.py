@@ -187,17 +187,29 @@ def test_ctrl_c_stops_within_seconds_and_keeps_the_previous_results(
     assert not (store / ".segflow" / "lock.json").exists()
 
 
-def test_a_second_run_on_the_same_store_is_refused(config: Path, api_url: str) -> None:
+def test_a_second_run_on_the_same_store_waits_its_turn(config: Path, api_url: str) -> None:
     # The first writer is another live process holding the store's lock (as a run does
     # from its first write to its end); a real run on these tiny items ends too fast to
-    # be caught reliably.
+    # be caught reliably. Held past run.queue_timeout: refused, nothing written; released
+    # while the second run waits: it goes on.
     store = config.parent / "out.zarr"
     with lock_held_elsewhere(store, "nightly"):
-        code, output = _segflow(config, api_url)
+        code, output = _segflow(config, api_url, "--set", "run.queue_timeout=2")
 
     assert code == 1, output
+    assert "gave up after 2 s: store" in output
     assert "is in use by another segflow run (run nightly of" in output
     assert not (store / "t0").exists()  # nothing was written
+
+    with lock_held_elsewhere(store, "nightly"):
+        process = _segflow(config, api_url, wait=False)
+        first = process.stdout.readline()  # the command's first line: it waits
+    output, _ = process.communicate(timeout=240)  # the holder is gone: it goes on
+    output = first + output
+    assert process.returncode == 0, output
+    assert "waiting (at most 43200 s, run.queue_timeout): store" in first
+    assert "is free after" in output
+    assert (store / "t0").exists()
 
 
 def _big_config(tmp_path: Path, n_items: int = 2, side: int = 768) -> Path:

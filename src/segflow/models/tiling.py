@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 Box = tuple[slice, ...]
-BlendWindow = Literal["gaussian", "cosine", "constant", "gaussian_nnunet"]
+BlendWindow = Literal["gaussian", "cosine", "constant", "gaussian_nnunet", "taper"]
 
 #: Smallest blending weight, relative to the window's peak. A pixel covered only by the corner of
 #: one tile (an item corner, in 3-D) would otherwise get a weight near 1e-11: clamping keeps
@@ -228,23 +228,36 @@ def _nnunet_gaussian(tile: tuple[int, ...]) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def _cellpose_taper(tile: tuple[int, ...]) -> list[np.ndarray]:
+    """Cellpose's ``transforms._taper_mask`` per axis: a logistic edge (scale 7.5 pixels)
+    20 pixels inside a window of ``max(224, *tile)``, the tile cut from its centre."""
+    size = max(224, *tile)
+    distance = np.abs(np.arange(size) - (size - 1) / 2.0)
+    edge = 1.0 / (1.0 + np.exp((distance - (size / 2 - 20)) / 7.5))
+    return [edge[size // 2 - t // 2 : size // 2 + t // 2 + t % 2] for t in tile]
+
+
+def _axis_weights(t: int, window: str) -> np.ndarray:
+    x = np.arange(t, dtype=np.float64)
+    if window == "gaussian":
+        sigma = t * GAUSSIAN_SIGMA_SCALE
+        return np.exp(-0.5 * ((x - (t - 1) / 2.0) / sigma) ** 2)
+    if window == "constant":  # every pixel of a tile counts alike (MONAI's default mode)
+        return np.ones(t)
+    # A Hann window sampled at pixel centres: zero only half a pixel outside the tile.
+    return np.sin(np.pi * (x + 0.5) / t) ** 2
+
+
 @functools.lru_cache(maxsize=16)
 def _weights(tile: tuple[int, ...], window: str) -> np.ndarray:
     if window == "gaussian_nnunet":
         weights = _nnunet_gaussian(tile)
         weights.flags.writeable = False
         return weights
-    per_axis = []
-    for t in tile:
-        x = np.arange(t, dtype=np.float64)
-        if window == "gaussian":
-            sigma = t * GAUSSIAN_SIGMA_SCALE
-            per_axis.append(np.exp(-0.5 * ((x - (t - 1) / 2.0) / sigma) ** 2))
-        elif window == "constant":  # every pixel of a tile counts alike (MONAI's default mode)
-            per_axis.append(np.ones(t))
-        else:
-            # A Hann window sampled at pixel centres: zero only half a pixel outside the tile.
-            per_axis.append(np.sin(np.pi * (x + 0.5) / t) ** 2)
+    if window == "taper":
+        per_axis = _cellpose_taper(tile)
+    else:
+        per_axis = [_axis_weights(t, window) for t in tile]
     weights = functools.reduce(np.multiply.outer, per_axis)
     weights = np.maximum(weights / weights.max(), MIN_WEIGHT).astype(np.float32)
     weights.flags.writeable = False
@@ -258,7 +271,9 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
     a Hann window. Both favour the tile centre, where the network sees the most context.
     ``constant`` weighs every pixel alike (MONAI's default ``mode="constant"``);
     ``gaussian_nnunet`` is nnU-Net v2's own (centred on ``tile // 2``, truncated at 4 sigma,
-    not clamped at :data:`MIN_WEIGHT`), for nnU-Net results folders.
+    not clamped at :data:`MIN_WEIGHT`), for nnU-Net results folders; ``taper`` is
+    Cellpose's (flat to 20 pixels from a 256 tile's edge, then a logistic fall to about
+    0.07), for Cellpose networks.
     The returned array is read-only (it is cached).
 
     Examples
@@ -270,9 +285,10 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
     array([0.03, 0.17, 0.17, 0.03], dtype=float32)
     """
     tile = tuple(int(t) for t in tile)
-    if window not in ("gaussian", "cosine", "constant", "gaussian_nnunet"):
+    if window not in ("gaussian", "cosine", "constant", "gaussian_nnunet", "taper"):
         raise ValueError(
-            f"`window` ({window!r}) must be 'gaussian', 'cosine', 'constant' or 'gaussian_nnunet'"
+            f"`window` ({window!r}) must be 'gaussian', 'cosine', 'constant', "
+            "'gaussian_nnunet' or 'taper'"
         )
     if any(t < 1 for t in tile):
         raise ValueError(f"`tile` {tile} must be positive on every axis")

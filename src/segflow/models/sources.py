@@ -60,7 +60,9 @@ class SourceCard:
 
     ``where`` names what the card came from (``card m/card.json``, ``ONNX graph``);
     ``fixed_tile``: the format fixes the tile (a fixed-shape graph), no override may change
-    it; ``notes``: what was defaulted or mapped, one line each (``segflow models inspect``).
+    it; ``notes``: what was defaulted or mapped, one line each (``segflow models inspect``);
+    ``channel_range``: the input channel counts the network takes where it takes several
+    (a Cellpose network: 1 to 3), the card listing the most; None: exactly the card's.
     """
 
     card: ModelCard
@@ -68,6 +70,7 @@ class SourceCard:
     where: str
     fixed_tile: bool = False
     notes: tuple[str, ...] = ()
+    channel_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class CardOverrides:
     overlap: float | None = None
     normalization: Mapping[str, Any] | None = None  # a Normalization's fields
     activation: Activation | None = None
+    channels: int | None = None
 
     def apply(self, described: SourceCard, name: str) -> ModelCard:
         """The card with these overrides; a fixed tile overridden is refused naming ``name``."""
@@ -88,6 +92,8 @@ class CardOverrides:
                 f"{described.where} fixes its input to {card.tile}"
             )
         update: dict[str, Any] = {}
+        if self.channels is not None:
+            card = card.model_copy(update={"channels": _channels(described, self.channels, name)})
         if self.tile is not None:
             update["tile"] = tuple(self.tile)
         if self.overlap is not None:
@@ -140,6 +146,19 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _channels(described: SourceCard, channels: int, name: str) -> tuple[Any, ...]:
+    """The card's first ``channels`` channels, where the network takes that many."""
+    card = described.card
+    low, high = described.channel_range or (len(card.channels), len(card.channels))
+    if not low <= channels <= high:
+        takes = f"{low} to {high}" if low < high else f"exactly {high}"
+        raise ModelError(
+            f"model {name!r}: `channels` ({channels}) cannot be used, the model's "
+            f"{described.where} takes {takes} input channels"
+        )
+    return card.channels[:channels]
 
 
 def _first_line(exc: BaseException) -> str:

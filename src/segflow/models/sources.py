@@ -24,7 +24,9 @@ nnU-Net v2 results folders (:mod:`segflow.models.nnunet_source`: an ensemble of 
 callable averaging its members, the plans' target spacing is the card's ``spacing``) and
 bioimage.io packages (:mod:`segflow.models.bioimageio_source`: their preprocessing maps onto
 the card's per-channel normalisation) and Hugging Face transformers semantic segmentation
-folders (:mod:`segflow.models.transformers_source`) fit the same interface.
+folders (:mod:`segflow.models.transformers_source`) and Cellpose 4 checkpoints
+(:mod:`segflow.models.cellpose_source`: the network as cellpose builds it, its flows raw for
+``flow_dynamics``) fit the same interface.
 """
 
 from __future__ import annotations
@@ -390,6 +392,7 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
 @functools.cache
 def _load_builtins() -> None:
     from segflow.models.bioimageio_source import BioimageioSource
+    from segflow.models.cellpose_source import CellposeSource
     from segflow.models.monai_bundle import MonaiBundleSource
     from segflow.models.nnunet_source import NnunetSource
     from segflow.models.onnx_source import OnnxSource
@@ -402,6 +405,7 @@ def _load_builtins() -> None:
         BioimageioSource,
         TransformersSource,
         OnnxSource,
+        CellposeSource,
         ExportedSource,
         TorchScriptSource,
     ]

@@ -57,7 +57,8 @@ class ModelParams(OpParams):
     path: str = Field(
         description="the model: a checkpoint folder (card.json + weights), a .pt2 program or "
         "TorchScript file with a .json card beside it, an ONNX graph, a MONAI bundle folder, "
-        "an nnU-Net v2 results folder or a bioimage.io package (folder or .zip) "
+        "an nnU-Net v2 results folder, a bioimage.io package (folder or .zip) or a Cellpose 4 "
+        "checkpoint file "
         "(`segflow models inspect PATH` shows what segflow derives from it)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(

@@ -156,7 +156,7 @@ class CellposeFlows(torch.nn.Module):
         return self.net(x)[0]
 
 
-def load_cellpose(path: Path, card: ModelCard, *, device: Device) -> torch.nn.Module:
+def load_cellpose(path: Path, *, device: Device) -> torch.nn.Module:
     """The checkpoint's network, built and loaded by cellpose, in float32, eval mode."""
     models = _import_cellpose()
     try:
@@ -183,7 +183,7 @@ class CellposeSource(ModelSource):
         return derive_card(path)
 
     def load(self, path: Path, card: ModelCard, *, device: Device) -> LoadedModel:
-        module = load_cellpose(path, card, device=device)
+        module = load_cellpose(path, device=device)
         return LoadedModel(
             module=module, card=card, hash=self.identity(path, card), path=path, source=self.name
         )

@@ -364,6 +364,10 @@ def _normalisation_text(card: ModelCard) -> str:
     return "; ".join(parts)
 
 
+def _rule_text(card: ModelCard) -> str:
+    return "" if card.tile_rule == "even" else f", placed as {card.tile_rule} places them"
+
+
 def _activation_text(activation: str) -> str:
     if activation == "softmax_after_blending":
         return "softmax of the blended logits"
@@ -381,7 +385,7 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
         f"input: {len(card.channels)} channel(s), {card.spatial_dims}-D, axes ({axes})",
         f"normalisation (whole item): {_normalisation_text(card)}",
         f"tile: {card.tile}{' (fixed by the model)' if described.fixed_tile else ''}, "
-        f"overlap {card.overlap:g}, blending {card.window}",
+        f"overlap {card.overlap:g}, blending {card.window}{_rule_text(card)}",
         f"spacing: {spacing.strip()}",
         f"output: {len(card.classes)} classes ({', '.join(card.classes)}), activation "
         f"{_activation_text(card.activation)}, head {card.head}",

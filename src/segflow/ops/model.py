@@ -381,7 +381,7 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
         image = normalize_image(image, card.channels, _fixed_stats(card))
     box, shape = ctx.box, ctx.shape
     inner = shrink_box(box, _halo(params, len(shape)), shape)
-    grid = plan_tiles(shape, tile=card.tile, overlap=card.overlap)
+    grid = plan_tiles(shape, tile=card.tile, overlap=card.overlap, rule=card.tile_rule)
     probs = predict_region(
         loaded.module,
         lambda window: image[(slice(None), *relative(window, box))],

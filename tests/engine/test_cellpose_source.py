@@ -138,7 +138,8 @@ def test_the_card_comes_from_the_checkpoint(checkpoint: Path, tmp_path: Path) ->
     assert [c.name for c in card.channels] == ["channel_0", "channel_1", "channel_2"]
     assert {(c.normalization.method, c.normalization.low, c.normalization.high)
             for c in card.channels} == {("percentile", 1.0, 99.0)}  # fmt: skip
-    assert (card.tile, card.window, card.head) == ((256, 256), "taper", "flows")
+    assert (card.tile, card.overlap, card.tile_rule) == ((256, 256), 0.1, "cellpose")
+    assert (card.window, card.head) == ("taper", "flows")
     assert card.classes == ("flow_y", "flow_x", "cellprob") and card.activation == "none"
     lines = card_lines(str(checkpoint), described)
     assert "note: takes 1 to 3 channels (the step's `channels`), as cellpose 4 does" in lines
@@ -157,23 +158,57 @@ def test_the_taper_window_is_cellposes() -> None:
 # --- equality with cellpose's own evaluation -----------------------------------------------
 
 
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(
+    ("channels", "shape"),
+    [(1, (100, 120)), (3, (100, 120)), (1, (250, 100)), (3, (300, 290)), (2, (420, 200))],
+)
 def test_flows_and_masks_equal_cellposes_eval(
-    checkpoint: Path, tiny_cpsam: None, channels: int
+    checkpoint: Path, tiny_cpsam: None, channels: int, shape: tuple[int, int]
 ) -> None:
-    """An image smaller than one tile: padded around its centre, one tile, as cellpose."""
-    image = _image(channels, (100, 120), seed=channels)
+    """One tile (padded around the image's centre), two tiles along an axis shorter than a
+    tile (250: cellpose pads it to 266), and grids of 2 x 2 and 3 x 2 tiles."""
+    image = _image(channels, shape, seed=channels)
     masks, flows = _cellpose_eval(checkpoint, image)
     step = _step(checkpoint, channels=channels)
     raw = segment(image, [step], channel_axis=0)
-    # The same float32 network on the same padded tile; the normalised input differs in
-    # rounding (cellpose subtracts float64 percentiles in place, segflow a float32 offset and
-    # scale), which the network carries to about 1e-5 on flows of magnitude ~7 (measured
-    # 9e-6); 1e-4 still fails on any other normalisation, padding or tile.
+    # The same float32 network on the same tiles; the normalised input differs in rounding
+    # (cellpose subtracts float64 percentiles in place, segflow a float32 offset and scale),
+    # which the network carries to about 1e-5 on flows of magnitude ~7 (measured 9e-6), and
+    # the blending sums in float64 here, float32 there. 1e-4 still fails on any other
+    # normalisation, padding, tile placement or window (those move flows by 1e-2 and more).
     np.testing.assert_allclose(raw, flows, rtol=0, atol=1e-4)
-    labels = segment(image, [step, DYNAMICS], channel_axis=0)
-    assert masks.max() >= 20
-    assert_same_partition(_filled(labels), masks)
+    labels = _filled(segment(image, [step, DYNAMICS], channel_axis=0))
+    assert masks.max() >= 5  # a random network: 7 to a thousand masks on these images
+    # On segflow's own flows, cellpose's mask computation gives segflow's masks exactly ...
+    assert_same_partition(labels, _filled(_compute_masks(raw)))
+    # ... and against eval's masks, from flows 1e-5 away, a pixel whose path ends on the edge
+    # of a histogram bin or a seed's region can end in another mask: at most 1 pixel in
+    # 10,000 (measured: 0 on the one-tile images, 5 of 87,000 on 300 x 290 with 1,194
+    # masks); a wrong flow, threshold or hole filling moves whole masks.
+    assert _mismatched_pixels(labels, masks) <= labels.size // 10_000
+
+
+def _compute_masks(raw: np.ndarray) -> np.ndarray:
+    from cellpose import dynamics
+
+    return dynamics.compute_masks(raw[:2], raw[2], niter=NITER, flow_threshold=0, min_size=-1,
+                                  device=torch.device("cpu"))  # fmt: skip
+
+
+def _mismatched_pixels(a: np.ndarray, b: np.ndarray) -> int:
+    """Pixels outside a one-to-one matching of ``a``'s and ``b``'s masks (background with
+    background), matched greedily by overlap, largest first."""
+    pairs, counts = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1, return_counts=True)
+    used_a: set[int] = set()
+    used_b: set[int] = set()
+    matched = 0
+    for k in np.argsort(-counts, kind="stable"):
+        i, j = int(pairs[0, k]), int(pairs[1, k])
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+            matched += int(counts[k])
+    return a.size - matched
 
 
 @given(layout=layouts(2, max_side=300))
@@ -204,7 +239,7 @@ def test_larger_than_a_tile_blocks_equal_the_whole_item(checkpoint: Path, tiny_c
     step = _step(checkpoint)
     whole = segment(image, [step, DYNAMICS], channel_axis=0)
     assert whole.max() >= 20
-    for blocks in [(300, 290), (150, 145), (97, 211)]:
+    for blocks in [(150, 145), (97, 211)]:
         assert_same_partition(segment(image, [step, DYNAMICS], channel_axis=0,
                                       block_shape=blocks), whole)  # fmt: skip
 

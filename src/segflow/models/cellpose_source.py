@@ -11,11 +11,11 @@ recognises it by its content (a torch archive whose keys include cellpose's ``W2
 * normalisation: each channel's 1st and 99th percentiles of the whole item to 0 and 1, as
   ``transforms.normalize_img`` with cellpose's defaults (a constant channel becomes 0);
 * tile: the position embedding's grid times the patch size (256 for CPSAM, which cellpose
-  runs at no other size; 384 for CPDINO, cellpose's default there); an image smaller than a
-  tile is padded with zeros around its centre, as cellpose pads it; tiles are blended with
-  cellpose's taper window; overlap 1/6 of a tile, the least overlap of cellpose's
-  ``tile_overlap=0.1`` grid (segflow's grid is its own, anchored at the item, so on images
-  larger than a tile the flows differ slightly from cellpose's where tiles meet);
+  runs at no other size; 384 for CPDINO, cellpose's default there), placed as cellpose
+  places them (``tile_rule: cellpose``: the item padded with zeros to a multiple of 16 plus
+  8 on each side, or around its centre to one tile; ``overlap`` 0.1, cellpose's
+  ``tile_overlap``) and blended with cellpose's taper window; the grid depends on the item
+  alone, so every block layout gives the whole item's flows;
 * output: 3 raw channels, ``flow_y``, ``flow_x`` (the flows towards each cell's centre) and
   ``cellprob`` (the logit of the cell probability): ``output: raw`` feeds ``flow_dynamics``.
 
@@ -43,8 +43,7 @@ from segflow.models.sources import ModelSource, SourceCard
 #: Keys every cellpose network's state dict holds (its ``BaseModel`` parameters).
 MARKERS = (b"diam_mean", b"diam_labels")
 PATCH = "encoder.patch_embed.proj.weight"
-#: cellpose's ``tile_overlap`` default; its grid steps by at most ``bsize / (1 + 2 t)``.
-TILE_OVERLAP = 0.1
+TILE_OVERLAP = 0.1  # cellpose's tile_overlap default
 
 
 def _archive_pickle(path: Path) -> bytes:
@@ -106,7 +105,8 @@ def derive_card(path: Path) -> SourceCard:
             "channels": [{"name": f"channel_{c}", "normalization": norm} for c in range(channels)],
             "head": "flows",
             "tile": (tile, tile),
-            "overlap": 2 * TILE_OVERLAP / (1 + 2 * TILE_OVERLAP),
+            "overlap": TILE_OVERLAP,
+            "tile_rule": "cellpose",
             "window": "taper",
         }
     )
@@ -115,8 +115,7 @@ def derive_card(path: Path) -> SourceCard:
         "float32 weights, bf16 autocast on CUDA (cellpose's default is bfloat16 weights)",
         "no rescaling by a cell diameter: resample items so cells are about 30 pixels across "
         "(cellpose's diameter=None)",
-        "segflow's own tile grid: on items larger than a tile, flows differ slightly from "
-        "cellpose's where tiles meet",
+        "tiles placed and blended as cellpose does (its grid, overlap as its tile_overlap)",
     )
     return SourceCard(card, "cellpose", f"checkpoint {path}", notes=notes,
                       channel_range=(1, channels))  # fmt: skip

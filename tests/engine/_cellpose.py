@@ -42,9 +42,9 @@ def _refusing_module(name: str) -> types.ModuleType:
 
 
 def import_cellpose() -> Any:
-    """``cellpose.dynamics`` (and ``cellpose.vit`` where segment-anything is installed),
-    with the torchvision stand-in only while they import: it leaves ``sys.modules`` then,
-    so no other test mistakes it for torchvision."""
+    """``cellpose.dynamics`` (and ``cellpose.vit`` and ``cellpose.models`` where
+    segment-anything is installed), with the torchvision stand-in only while they import:
+    it leaves ``sys.modules`` then, so no other test mistakes it for torchvision."""
     try:
         import torchvision  # noqa: F401
     except Exception:  # not installed, or the CUDA wheel that fails against the CPU torch
@@ -64,7 +64,7 @@ def import_cellpose() -> Any:
         from cellpose import dynamics
 
         try:
-            from cellpose import vit  # noqa: F401  (the network test's CPSAM)
+            from cellpose import models, vit  # noqa: F401  (CPSAM; CellposeModel)
         except ImportError:
             pass
     finally:

@@ -194,6 +194,7 @@ def test_the_step_overrides_enter_the_config_hash_only_when_set(
     assert hashed(normalization={"method": "zscore"}) != hashed()
     low = {"method": "percentile", "low": 1}
     assert hashed(normalization=low) == hashed(normalization={**low, "high": 99.0})
+    assert hashed(channels=1) != hashed() == hashed(channels=None)
 
 
 def test_segflow_models_inspect_prints_the_derived_card(onnx_models: dict[str, Path]) -> None:
@@ -365,6 +366,19 @@ def test_an_onnx_model_that_does_not_fit_the_item_is_refused(
         _plan(onnx_models["2d"], channels=3)
     with pytest.raises(PlanError, match=r"model '.*net3d.onnx' .* is 3-D, the item is 2-D"):
         _plan(onnx_models["3d"])
+
+
+def test_channels_cannot_be_set_for_a_network_of_one_channel_count(
+    onnx_models: dict[str, Path],
+) -> None:
+    """Only a source that states a channel range (a Cellpose network) takes `channels`."""
+    with pytest.raises(ConfigError, match=r"model '.*net2d.onnx': `channels` \(2\) cannot "
+                       r"be used, the model's ONNX graph .* takes exactly 1 input "
+                       r"channels"):  # fmt: skip
+        compile_pipeline([_step(onnx_models["2d"], channels=2)], spatial_ndim=2, channels=2,
+                         dtype="float32")  # fmt: skip
+    assert compile_pipeline([_step(onnx_models["2d"], channels=1)], spatial_ndim=2, channels=1,
+                            dtype="float32")  # fmt: skip
 
 
 def test_an_unsupported_onnx_input_layout_is_refused(tmp_path: Path) -> None:

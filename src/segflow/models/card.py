@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from segflow.errors import ModelError
 from segflow.models.inference import Activation
 from segflow.models.networks import NetworkSpec, check_tile, find_architecture
-from segflow.models.tiling import BlendWindow
+from segflow.models.tiling import BlendWindow, TileRule
 
 Head = Literal["semantic", "foreground_boundary", "foreground_distance", "flows"]
 
@@ -133,6 +133,11 @@ class ModelCard(_Card):
     tile: tuple[int, ...]
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     window: BlendWindow = "gaussian"
+    tile_rule: TileRule = Field(
+        default="even",
+        description="where the tiles go: even (segflow's grid) or cellpose (cellpose 4's grid, "
+        "`overlap` being its tile_overlap), both anchored at the item",
+    )
     spacing: tuple[float, ...] | None = None
     units: str | None = Field(
         default=None,
@@ -194,10 +199,13 @@ class ModelCard(_Card):
     def identity_json(self) -> str:
         """Canonical JSON of the card without its ``weights`` entry (which depends on how the
         weights were serialised): the card's part of the model hash. ``output_activation``
-        enters only when set, so the cards written before it existed keep their hash."""
+        enters only when set and ``tile_rule`` only when not ``even``, so the cards written
+        before they existed keep their hash."""
         data = self.model_dump(mode="json", exclude={"weights"})
         if data["output_activation"] is None:
             del data["output_activation"]
+        if data["tile_rule"] == "even":
+            del data["tile_rule"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 

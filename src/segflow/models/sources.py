@@ -24,7 +24,9 @@ nnU-Net v2 results folders (:mod:`segflow.models.nnunet_source`: an ensemble of 
 callable averaging its members, the plans' target spacing is the card's ``spacing``) and
 bioimage.io packages (:mod:`segflow.models.bioimageio_source`: their preprocessing maps onto
 the card's per-channel normalisation) and Hugging Face transformers semantic segmentation
-folders (:mod:`segflow.models.transformers_source`) fit the same interface.
+folders (:mod:`segflow.models.transformers_source`) and Cellpose 4 checkpoints
+(:mod:`segflow.models.cellpose_source`: the network as cellpose builds it, its flows raw for
+``flow_dynamics``) fit the same interface.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class SourceCard:
 
     ``where`` names what the card came from (``card m/card.json``, ``ONNX graph``);
     ``fixed_tile``: the format fixes the tile (a fixed-shape graph), no override may change
-    it; ``notes``: what was defaulted or mapped, one line each (``segflow models inspect``).
+    it; ``notes``: what was defaulted or mapped, one line each (``segflow models inspect``);
+    ``channel_range``: the input channel counts the network takes where it takes several
+    (a Cellpose network: 1 to 3), the card listing the most; None: exactly the card's.
     """
 
     card: ModelCard
@@ -68,6 +72,7 @@ class SourceCard:
     where: str
     fixed_tile: bool = False
     notes: tuple[str, ...] = ()
+    channel_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class CardOverrides:
     overlap: float | None = None
     normalization: Mapping[str, Any] | None = None  # a Normalization's fields
     activation: Activation | None = None
+    channels: int | None = None
 
     def apply(self, described: SourceCard, name: str) -> ModelCard:
         """The card with these overrides; a fixed tile overridden is refused naming ``name``."""
@@ -88,6 +94,8 @@ class CardOverrides:
                 f"{described.where} fixes its input to {card.tile}"
             )
         update: dict[str, Any] = {}
+        if self.channels is not None:
+            card = card.model_copy(update={"channels": _channels(described, self.channels, name)})
         if self.tile is not None:
             update["tile"] = tuple(self.tile)
         if self.overlap is not None:
@@ -140,6 +148,19 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _channels(described: SourceCard, channels: int, name: str) -> tuple[Any, ...]:
+    """The card's first ``channels`` channels, where the network takes that many."""
+    card = described.card
+    low, high = described.channel_range or (len(card.channels), len(card.channels))
+    if not low <= channels <= high:
+        takes = f"{low} to {high}" if low < high else f"exactly {high}"
+        raise ModelError(
+            f"model {name!r}: `channels` ({channels}) cannot be used, the model's "
+            f"{described.where} takes {takes} input channels"
+        )
+    return card.channels[:channels]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -343,6 +364,10 @@ def _normalisation_text(card: ModelCard) -> str:
     return "; ".join(parts)
 
 
+def _rule_text(card: ModelCard) -> str:
+    return "" if card.tile_rule == "even" else f", placed as {card.tile_rule} places them"
+
+
 def _activation_text(activation: str) -> str:
     if activation == "softmax_after_blending":
         return "softmax of the blended logits"
@@ -360,7 +385,7 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
         f"input: {len(card.channels)} channel(s), {card.spatial_dims}-D, axes ({axes})",
         f"normalisation (whole item): {_normalisation_text(card)}",
         f"tile: {card.tile}{' (fixed by the model)' if described.fixed_tile else ''}, "
-        f"overlap {card.overlap:g}, blending {card.window}",
+        f"overlap {card.overlap:g}, blending {card.window}{_rule_text(card)}",
         f"spacing: {spacing.strip()}",
         f"output: {len(card.classes)} classes ({', '.join(card.classes)}), activation "
         f"{_activation_text(card.activation)}, head {card.head}",
@@ -371,6 +396,7 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
 @functools.cache
 def _load_builtins() -> None:
     from segflow.models.bioimageio_source import BioimageioSource
+    from segflow.models.cellpose_source import CellposeSource
     from segflow.models.monai_bundle import MonaiBundleSource
     from segflow.models.nnunet_source import NnunetSource
     from segflow.models.onnx_source import OnnxSource
@@ -383,6 +409,7 @@ def _load_builtins() -> None:
         BioimageioSource,
         TransformersSource,
         OnnxSource,
+        CellposeSource,
         ExportedSource,
         TorchScriptSource,
     ]

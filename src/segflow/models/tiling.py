@@ -6,7 +6,9 @@ nnU-Net v2), so the first tile starts at the origin and the last one ends flush 
 edge. An axis shorter than the tile has one tile, centred: the input is padded around the item
 and the output cropped back. Because the grid depends on the item alone, never on the blocks,
 every block that runs "the tiles overlapping my core" blends exactly the outputs a whole-item
-sliding window would blend (see :mod:`segflow.models.inference`).
+sliding window would blend (see :mod:`segflow.models.inference`). Cellpose networks use
+cellpose's own grid instead (:func:`cellpose_tile_starts`), which depends on the item alone
+too.
 
 Axes are spatial only, ordered ``(z), y, x``.
 """
@@ -23,7 +25,9 @@ from typing import Literal
 import numpy as np
 
 Box = tuple[slice, ...]
-BlendWindow = Literal["gaussian", "cosine", "constant", "gaussian_nnunet"]
+BlendWindow = Literal["gaussian", "cosine", "constant", "gaussian_nnunet", "taper"]
+#: Where the tiles go: ``even`` (segflow's, below) or ``cellpose`` (:func:`cellpose_tile_starts`).
+TileRule = Literal["even", "cellpose"]
 
 #: Smallest blending weight, relative to the window's peak. A pixel covered only by the corner of
 #: one tile (an item corner, in 3-D) would otherwise get a weight near 1e-11: clamping keeps
@@ -57,6 +61,29 @@ def tile_starts(size: int, tile: int, overlap: float) -> tuple[int, ...]:
     n = math.ceil((size - tile) / max_step) + 1
     step = (size - tile) / (n - 1)
     return tuple(round(i * step) for i in range(n))
+
+
+def cellpose_tile_starts(size: int, tile: int, overlap: float) -> tuple[int, ...]:
+    """Tile starts along one axis as cellpose 4 places them (``core.run_net``), item-relative.
+
+    The axis is padded with zeros (``transforms.get_pad_yx``: to a multiple of 16 plus 8 on
+    each side, or around the centre to one tile), then ``ceil((1 + 2 overlap) * padded /
+    tile)`` tiles are spread from 0 to ``padded - tile``, truncated to integers
+    (``transforms.make_tiles``, ``overlap`` being its ``tile_overlap``, clamped to 0.05..0.5).
+
+    Examples
+    --------
+    >>> cellpose_tile_starts(100, 256, 0.1)
+    (-78,)
+    >>> cellpose_tile_starts(300, 256, 0.1)
+    (-10, 54)
+    """
+    div = 16
+    pad = div * math.ceil(size / div) - size if size >= tile else max(0, tile - size - div)
+    before, padded = div // 2 + pad // 2, size + div + pad
+    overlap = min(0.5, max(0.05, overlap))
+    n = 1 if padded <= tile else math.ceil((1.0 + 2 * overlap) * padded / tile)
+    return tuple(int(s) - before for s in np.linspace(0, padded - tile, n).astype(int))
 
 
 @dataclass(frozen=True)
@@ -163,7 +190,9 @@ class TileGrid:
         return tuple(out)
 
 
-def plan_tiles(shape: Sequence[int], *, tile: Sequence[int], overlap: float) -> TileGrid:
+def plan_tiles(
+    shape: Sequence[int], *, tile: Sequence[int], overlap: float, rule: TileRule = "even"
+) -> TileGrid:
     """The global tile grid of an item of spatial ``shape``.
 
     Parameters
@@ -174,7 +203,10 @@ def plan_tiles(shape: Sequence[int], *, tile: Sequence[int], overlap: float) -> 
         The tile shape, one side per axis (from the model card).
     overlap : float
         Fraction of a tile shared with its neighbour, in ``[0, 1)``: the step between tiles is
-        at most ``tile * (1 - overlap)``.
+        at most ``tile * (1 - overlap)`` (``rule="cellpose"``: cellpose's ``tile_overlap``).
+    rule : {'even', 'cellpose'}
+        ``even``: :func:`tile_starts`; ``cellpose``: :func:`cellpose_tile_starts` (tiles
+        may reach outside the item on both sides, where the input is padded with zeros).
 
     Returns
     -------
@@ -195,7 +227,8 @@ def plan_tiles(shape: Sequence[int], *, tile: Sequence[int], overlap: float) -> 
         raise ValueError(f"`tile` {tile} and `shape` {shape} must be positive on every axis")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"`overlap` ({overlap}) must be in [0, 1): e.g. 0.5 for half a tile")
-    starts = tuple(tile_starts(n, t, overlap) for n, t in zip(shape, tile, strict=True))
+    starts_of = cellpose_tile_starts if rule == "cellpose" else tile_starts
+    starts = tuple(starts_of(n, t, overlap) for n, t in zip(shape, tile, strict=True))
     return TileGrid(shape=shape, tile=tile, starts=starts)
 
 
@@ -228,23 +261,36 @@ def _nnunet_gaussian(tile: tuple[int, ...]) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def _cellpose_taper(tile: tuple[int, ...]) -> list[np.ndarray]:
+    """Cellpose's ``transforms._taper_mask`` per axis: a logistic edge (scale 7.5 pixels)
+    20 pixels inside a window of ``max(224, *tile)``, the tile cut from its centre."""
+    size = max(224, *tile)
+    distance = np.abs(np.arange(size) - (size - 1) / 2.0)
+    edge = 1.0 / (1.0 + np.exp((distance - (size / 2 - 20)) / 7.5))
+    return [edge[size // 2 - t // 2 : size // 2 + t // 2 + t % 2] for t in tile]
+
+
+def _axis_weights(t: int, window: str) -> np.ndarray:
+    x = np.arange(t, dtype=np.float64)
+    if window == "gaussian":
+        sigma = t * GAUSSIAN_SIGMA_SCALE
+        return np.exp(-0.5 * ((x - (t - 1) / 2.0) / sigma) ** 2)
+    if window == "constant":  # every pixel of a tile counts alike (MONAI's default mode)
+        return np.ones(t)
+    # A Hann window sampled at pixel centres: zero only half a pixel outside the tile.
+    return np.sin(np.pi * (x + 0.5) / t) ** 2
+
+
 @functools.lru_cache(maxsize=16)
 def _weights(tile: tuple[int, ...], window: str) -> np.ndarray:
     if window == "gaussian_nnunet":
         weights = _nnunet_gaussian(tile)
         weights.flags.writeable = False
         return weights
-    per_axis = []
-    for t in tile:
-        x = np.arange(t, dtype=np.float64)
-        if window == "gaussian":
-            sigma = t * GAUSSIAN_SIGMA_SCALE
-            per_axis.append(np.exp(-0.5 * ((x - (t - 1) / 2.0) / sigma) ** 2))
-        elif window == "constant":  # every pixel of a tile counts alike (MONAI's default mode)
-            per_axis.append(np.ones(t))
-        else:
-            # A Hann window sampled at pixel centres: zero only half a pixel outside the tile.
-            per_axis.append(np.sin(np.pi * (x + 0.5) / t) ** 2)
+    if window == "taper":
+        per_axis = _cellpose_taper(tile)
+    else:
+        per_axis = [_axis_weights(t, window) for t in tile]
     weights = functools.reduce(np.multiply.outer, per_axis)
     weights = np.maximum(weights / weights.max(), MIN_WEIGHT).astype(np.float32)
     weights.flags.writeable = False
@@ -258,7 +304,9 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
     a Hann window. Both favour the tile centre, where the network sees the most context.
     ``constant`` weighs every pixel alike (MONAI's default ``mode="constant"``);
     ``gaussian_nnunet`` is nnU-Net v2's own (centred on ``tile // 2``, truncated at 4 sigma,
-    not clamped at :data:`MIN_WEIGHT`), for nnU-Net results folders.
+    not clamped at :data:`MIN_WEIGHT`), for nnU-Net results folders; ``taper`` is
+    Cellpose's (flat to 20 pixels from a 256 tile's edge, then a logistic fall to about
+    0.07), for Cellpose networks.
     The returned array is read-only (it is cached).
 
     Examples
@@ -270,9 +318,10 @@ def tile_weights(tile: Sequence[int], *, window: BlendWindow = "gaussian") -> np
     array([0.03, 0.17, 0.17, 0.03], dtype=float32)
     """
     tile = tuple(int(t) for t in tile)
-    if window not in ("gaussian", "cosine", "constant", "gaussian_nnunet"):
+    if window not in ("gaussian", "cosine", "constant", "gaussian_nnunet", "taper"):
         raise ValueError(
-            f"`window` ({window!r}) must be 'gaussian', 'cosine', 'constant' or 'gaussian_nnunet'"
+            f"`window` ({window!r}) must be 'gaussian', 'cosine', 'constant', "
+            "'gaussian_nnunet' or 'taper'"
         )
     if any(t < 1 for t in tile):
         raise ValueError(f"`tile` {tile} must be positive on every axis")

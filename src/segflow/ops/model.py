@@ -57,7 +57,8 @@ class ModelParams(OpParams):
     path: str = Field(
         description="the model: a checkpoint folder (card.json + weights), a .pt2 program or "
         "TorchScript file with a .json card beside it, an ONNX graph, a MONAI bundle folder, "
-        "an nnU-Net v2 results folder or a bioimage.io package (folder or .zip) "
+        "an nnU-Net v2 results folder, a bioimage.io package (folder or .zip) or a Cellpose 4 "
+        "checkpoint file "
         "(`segflow models inspect PATH` shows what segflow derives from it)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -87,6 +88,12 @@ class ModelParams(OpParams):
     activation: Activation | None = Field(
         None, description="softmax, sigmoid or none instead of the source's; null: the source's"
     )
+    channels: int | None = Field(
+        None,
+        ge=1,
+        description="input channels where the model takes several counts (a Cellpose network: "
+        "1 to 3, as cellpose 4 takes them); null: the source's",
+    )
     spacing_tolerance: float | None = Field(
         0.25,
         ge=0,
@@ -114,7 +121,7 @@ class ModelParams(OpParams):
 
 
 #: The step parameters that override what a model's format lacks (sources.CardOverrides).
-OVERRIDES = ("tile", "overlap", "normalization", "activation")
+OVERRIDES = ("tile", "overlap", "normalization", "activation", "channels")
 
 
 # -- the card, derived once per process and file version by the model's source ---------------
@@ -134,7 +141,9 @@ def step_card(params: ModelParams) -> ModelCard:
     """The card the step runs: the source's, with the step's overrides."""
     from segflow.models.sources import CardOverrides, describe_model
 
-    overrides = CardOverrides(params.tile, params.overlap, params.normalization, params.activation)
+    overrides = CardOverrides(
+        params.tile, params.overlap, params.normalization, params.activation, params.channels
+    )
     return overrides.apply(describe_model(params.path), params.path)
 
 
@@ -178,9 +187,12 @@ def _check_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str 
         return f"{where} is {card.spatial_dims}-D, the item is {spatial_ndim}-D"
     if channels != len(card.channels):
         names = ", ".join(c.name for c in card.channels)
+        low, high = describe_model(params.path).channel_range or (0, 0)
+        fix = f"set the step's `channels: {channels}` or " if low <= channels <= high else ""
         return (
             f"{where} expects {len(card.channels)} channels ({names}), the image has "
-            f"{channels} at this step: add 'select_bands', 'combine_bands' or 'luma' before it"
+            f"{channels} at this step: {fix}add 'select_bands', 'combine_bands' or 'luma' "
+            "before it"
         )
     return None
 
@@ -369,7 +381,7 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
         image = normalize_image(image, card.channels, _fixed_stats(card))
     box, shape = ctx.box, ctx.shape
     inner = shrink_box(box, _halo(params, len(shape)), shape)
-    grid = plan_tiles(shape, tile=card.tile, overlap=card.overlap)
+    grid = plan_tiles(shape, tile=card.tile, overlap=card.overlap, rule=card.tile_rule)
     probs = predict_region(
         loaded.module,
         lambda window: image[(slice(None), *relative(window, box))],

@@ -811,6 +811,7 @@ def _check_items(config: Any) -> list[str]:
                 spacing=info.spacing,
                 units=info.units,
                 nodata=info.nodata,
+                item=info,
             )
             if config.output.regions:
                 check_regions(plan.out_kind)

@@ -99,6 +99,7 @@ def segment(
         spacing=info.spacing,
         units=info.units,
         nodata=info.nodata,
+        item=info,
     )
     if regions and plan.out_kind != "labels":
         raise PlanError(

@@ -341,6 +341,7 @@ def _segment_staged(
         spacing=info.spacing,
         units=info.units,
         nodata=info.nodata,
+        item=info,
     )
     result.model_hash = _model_hash(plan)
     outputs = _prepare_outputs(reader, plan, options, stage)

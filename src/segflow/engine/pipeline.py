@@ -222,10 +222,12 @@ def compile_pipeline(
     spacing: Sequence[float] = (),
     units: str = "pixel",
     nodata: float | None = None,
+    item: Any = None,
 ) -> Plan:
     """Check a pipeline against an item's layout and split it into phases; ``nodata`` is the
     item's nodata value from its metadata (for ``mask_nodata`` without a ``value``);
-    ``spacing`` (in ``units``) is the item's pixel size, when known.
+    ``spacing`` (in ``units``) is the item's pixel size, when known; ``item`` is the item's
+    :class:`~segflow.io.base.ItemInfo`, for steps that take something from it (``for_item``).
 
     Examples
     --------
@@ -251,6 +253,11 @@ def compile_pipeline(
         if step.op.item_nodata is not None:
             try:
                 step = steps[i] = replace(step, params=step.op.item_nodata(step.params, nodata))
+            except ValueError as error:
+                raise PlanError(f"{where}: {error}") from None
+        if step.op.for_item is not None and item is not None:
+            try:
+                step = steps[i] = replace(step, params=step.op.for_item(step.params, item))
             except ValueError as error:
                 raise PlanError(f"{where}: {error}") from None
         if spatial_ndim not in step.op.ndims:
@@ -293,7 +300,7 @@ def compile_pipeline(
         if step.op.kind == "connectivity":
             # Ids kept from a label image stay labels; a mask stays a mask.
             labels_out = step.op.finish is None or (step.op.keeps_ids and labels_out)
-        elif step.op.makes_labels:
+        elif step.op.gives_labels(step.params):
             labels_out = True
         elif dtype != before:
             labels_out = False

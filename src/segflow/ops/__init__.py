@@ -1,6 +1,7 @@
 """Pipeline operations. Importing this package registers every built-in operation."""
 
 from segflow.ops import (
+    boxes,
     cluster,
     distance,
     edges,
@@ -29,6 +30,7 @@ from segflow.ops.registry import (
 )
 
 __all__ = [
+    "boxes",
     "Done",
     "GlobalStatistic",
     "OpContext",

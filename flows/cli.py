@@ -714,6 +714,7 @@ def _collection_problems(
     returns the readable items and the unreadable files (which fail alone in a run);
     ``notes`` receives discovery's lines on files left out or renamed on purpose."""
     from segflow.engine.collection import check_config_owner, index_rows
+    from segflow.engine.pipeline import collection_notes
     from segflow.errors import SegflowError
     from segflow.io import discover_items
     from segflow.store.commit import check_store
@@ -736,6 +737,8 @@ def _collection_problems(
         )
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []
+    if notes is not None:  # boxes for files not in the collection, say
+        notes += collection_notes(config.pipeline, [reader.info for reader in readers])
     misfits = [_shape_misfit(reader.info, config) for reader in readers]
     if readers and all(misfits):  # no item fits: the settings are wrong, not the items
         problems += [m for m in misfits if m]

@@ -194,6 +194,21 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
     return tuple(steps)
 
 
+def collection_notes(
+    pipeline: Sequence[Mapping[str, Any] | Step], infos: Sequence[Any]
+) -> list[str]:
+    """What the pipeline's steps find wrong with the whole collection (``check_collection``:
+    boxes for files that are not in it), one line each naming the step; ``infos`` are the
+    items' :class:`~segflow.io.base.ItemInfo`."""
+    items = [(str(info.id), str(info.path)) for info in infos]
+    lines = []
+    for step in parse_steps(pipeline):
+        if step.op.check_collection is not None:
+            found = step.op.check_collection(step.params, items)
+            lines += [f"{step.describe()}: {line}" for line in found]
+    return lines
+
+
 def _expand(step: Step) -> list[Step]:
     """The steps a configured step runs as: itself, or its operation's expansion."""
     parts = [] if step.op.expand is None else step.op.expand(step.params)

@@ -168,7 +168,7 @@ def objects_from_boxes(image: np.ndarray, params: FromBoxesParams, ctx: OpContex
     its class with ``output: classes``; see the module docstring."""
     found = _boxes_of(params)
     window = ctx.box
-    ids = np.zeros(image.shape[1:], dtype=np.int64)
+    ids = np.zeros(image.shape[1:], dtype=np.uint32)
     best = np.full(image.shape[1:], -np.inf)
     for k in _boxes_in(found.boxes, window, params.margin, ctx.shape):
         box = _box(found.boxes[k])
@@ -179,9 +179,9 @@ def objects_from_boxes(image: np.ndarray, params: FromBoxesParams, ctx: OpContex
         strength = np.where(mask, claim, -np.inf)
         wins = strength > best[inside]
         best[inside] = np.where(wins, strength, best[inside])
-        ids[inside] = np.where(wins, k + 1, ids[inside])
+        ids[inside] = np.where(wins, np.uint32(k + 1), ids[inside])
     if params.output == "classes":
-        table = np.array((0, *found.classes), dtype=np.int64)
+        table = np.array((0, *found.classes), dtype=np.uint16)
         return table[ids][np.newaxis]
     return ids[np.newaxis]
 
@@ -318,7 +318,7 @@ def boxes_not_in_collection(params: FromBoxesParams, items: Sequence[tuple[str, 
 
 
 def _dtype(dtype: np.dtype, params: FromBoxesParams) -> np.dtype:
-    return np.dtype(np.int64 if params.output == "instances" else np.uint16)
+    return np.dtype(np.uint32 if params.output == "instances" else np.uint16)
 
 
 register(

@@ -3,6 +3,7 @@
 from segflow.ops import (
     boxes,
     cluster,
+    crf,
     distance,
     edges,
     filters,
@@ -38,6 +39,7 @@ __all__ = [
     "OpParams",
     "Operation",
     "cluster",
+    "crf",
     "describe_params",
     "distance",
     "edges",

@@ -61,6 +61,8 @@ def test_crf_follows_the_image_edge() -> None:
     assert before == 26 * 26 - 400
     assert after < before / 4
     assert refined.min() >= 0 and refined.max() <= 1
+    classes = refine_with_crf(blurred[np.newaxis], CrfParams(output="classes"), ctx)[0]
+    np.testing.assert_array_equal(classes, refined > 0.5)
 
 
 def test_crf_refuses_a_map_that_is_not_probabilities() -> None:

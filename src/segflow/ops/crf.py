@@ -59,6 +59,11 @@ class CrfParams(OpParams):
         "pixel",
         description="units of radius and the spatial sigmas: pixels, or the item's spacing",
     )
+    output: Literal["probabilities", "classes"] = Field(
+        "probabilities",
+        description="probabilities: the refined map (float32); classes: its argmax (uint8; a "
+        "one-channel map: 1 where p > 0.5)",
+    )
 
 
 def _steps(params: CrfParams, spacing: tuple[float, ...]) -> tuple[float, ...]:
@@ -123,6 +128,8 @@ def refine_with_crf(image: np.ndarray, params: CrfParams, ctx: OpContext) -> np.
         for kernel in kernels:
             kernel.add_message(message, q, guide)
         q = _softmax(unary + message)
+    if params.output == "classes":
+        return np.argmax(q, axis=0).astype(np.uint8)[np.newaxis]
     return q[1:] if single else q
 
 
@@ -173,7 +180,7 @@ def _float_map(dtype: np.dtype, params: CrfParams) -> np.dtype:
             f"crf needs a probability map (floats in [0, 1]), its input is {np.dtype(dtype)}: "
             "put it after a model step with `output: probabilities` or `foreground`"
         )
-    return np.dtype(np.float32)
+    return np.dtype(np.float32 if params.output == "probabilities" else np.uint8)
 
 
 register(
@@ -187,5 +194,6 @@ register(
         halo_spacing=crf_halo,
         halo_rule="iterations x radius (in pixels per axis)",
         out_dtype=_float_map,
+        out_channels=lambda channels, p: channels if p.output == "probabilities" else 1,
     )
 )

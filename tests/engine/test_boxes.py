@@ -256,3 +256,21 @@ def test_boxes_for_files_not_in_the_collection_are_listed(tmp_path: Path) -> Non
     items = [("a", "x/image.png"), ("b", "y/image.png")]
     wrong = unmatched_rows(read_boxes(str(csv)), items)
     assert f"{str(csv)!r}: 2 box(es) for 'image.png' match 2 items" in wrong
+
+
+def test_a_boxes_file_is_relative_to_its_config_and_its_content_is_in_the_hash(
+    tmp_path: Path,
+) -> None:
+    from segflow.config import load_config
+
+    (tmp_path / "boxes.csv").write_text("image_path,xmin,ymin,xmax,ymax\na.tif,1,1,5,5\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "input: {path: in}\noutput: {store: out.zarr}\n"
+        "pipeline:\n  - {op: from_boxes, boxes: boxes.csv}\n"
+    )
+    first = load_config(config)
+    assert first.pipeline[0]["boxes"] == str(tmp_path / "boxes.csv")
+    before = first.config_hash()
+    (tmp_path / "boxes.csv").write_text("image_path,xmin,ymin,xmax,ymax\na.tif,1,1,6,5\n")
+    assert load_config(config).config_hash() != before

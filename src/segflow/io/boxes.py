@@ -44,6 +44,7 @@ class BoxTable:
     labels: tuple[str, ...]
     rows: tuple[int, ...]
     sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
+    kind: str = "csv"  # "csv", "geojson" or "coco"
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -87,6 +88,22 @@ def read_boxes(path: str) -> BoxTable:
     except OSError as error:
         raise ValueError(f"boxes file {path!r} cannot be read: {error.strerror}") from None
     return _read_boxes(path, stat.st_mtime_ns, stat.st_size)
+
+
+def file_hash(path: str) -> str:
+    """SHA-256 of a boxes file's bytes, read afresh (a file rewritten within the file
+    system's time resolution keeps its size and mtime); ``""`` when unreadable: the step
+    names that problem itself."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=8)
@@ -154,7 +171,8 @@ def _from_geojson(path: str, data: dict) -> BoxTable:
         images.append(str(properties["image_path"]))
         labels.append(str(properties.get("label", DEFAULT_LABEL)))
     array = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
-    return BoxTable(path, tuple(images), array, tuple(labels), tuple(range(len(images))))
+    rows = tuple(range(len(images)))
+    return BoxTable(path, tuple(images), array, tuple(labels), rows, kind="geojson")
 
 
 def _polygon_points(geometry: dict | None, path: str, k: int) -> list[list[float]]:
@@ -191,7 +209,7 @@ def _from_coco(path: str, data: dict) -> BoxTable:
         if "height" in i and "width" in i
     )
     array = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
-    return BoxTable(path, tuple(images), array, tuple(labels), tuple(rows), sizes)
+    return BoxTable(path, tuple(images), array, tuple(labels), tuple(rows), sizes, kind="coco")
 
 
 def _check_areas(table: BoxTable) -> None:

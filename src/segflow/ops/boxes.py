@@ -112,9 +112,7 @@ def boxes_for_item(params: FromBoxesParams, info: Any) -> FromBoxesParams:
     if isinstance(params.boxes, str):
         table = read_boxes(params.boxes)
         geo = params.coordinates == "crs" or (
-            params.coordinates == "auto"
-            and not params.boxes.lower().endswith((".csv", ".json"))
-            and info.transform is not None
+            params.coordinates == "auto" and table.kind == "geojson" and info.transform is not None
         )
         if params.coordinates == "crs" and info.transform is None:
             raise ValueError(f"`coordinates: crs` but item {info.id!r} has no CRS transform")

@@ -710,7 +710,8 @@ def _collection_problems(
     config: Any, notes: list[str] | None = None
 ) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
     """What stops a whole run before it starts: a missing or empty input, a store path that
-    is a file or a foreign folder, shape settings that do not fit an item's axes. Also
+    is a file or a foreign folder, shape settings that do not fit an item's axes, what a
+    step finds wrong with the collection (boxes for files not in it). Also
     returns the readable items and the unreadable files (which fail alone in a run);
     ``notes`` receives discovery's lines on files left out or renamed on purpose."""
     from segflow.engine.collection import check_config_owner, index_rows
@@ -737,8 +738,8 @@ def _collection_problems(
         )
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []
-    if notes is not None:  # boxes for files not in the collection, say
-        notes += collection_notes(config.pipeline, [reader.info for reader in readers])
+    # Boxes for files that are not in the collection, say: refused, one line each.
+    problems += collection_notes(config.pipeline, [reader.info for reader in readers])
     misfits = [_shape_misfit(reader.info, config) for reader in readers]
     if readers and all(misfits):  # no item fits: the settings are wrong, not the items
         problems += [m for m in misfits if m]

@@ -46,7 +46,15 @@ class BoxTable:
     sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
     kind: str = "csv"  # "csv", "geojson" or "coco"
 
-    @property
+    @functools.cached_property
+    def rows_by_image(self) -> dict[str, list[int]]:
+        """The boxes' indices by image path (``\\`` read as ``/``)."""
+        out: dict[str, list[int]] = {}
+        for k, name in enumerate(self.images):
+            out.setdefault(name.replace("\\", "/"), []).append(k)
+        return out
+
+    @functools.cached_property
     def classes(self) -> tuple[str, ...]:
         """The distinct labels, sorted: class ``i + 1`` is ``classes[i]``."""
         return tuple(sorted(set(self.labels)))
@@ -226,8 +234,23 @@ def _check_areas(table: BoxTable) -> None:
         )
 
 
+def item_keys(item_id: str, item_path: str) -> set[str]:
+    """Every image path that names the item: its id, its path, and each end of its path
+    after a ``/`` (``"b/c.tif"`` and ``"c.tif"`` for ``"a/b/c.tif"``).
+
+    Examples
+    --------
+    >>> sorted(item_keys("c", "a/b/c.tif"))
+    ['a/b/c.tif', 'b/c.tif', 'c', 'c.tif']
+    """
+    path = item_path.replace("\\", "/")
+    parts = path.split("/")
+    ends = {"/".join(parts[i:]) for i in range(1, len(parts))}
+    return {item_id, path} | {end for end in ends if end}
+
+
 def matches(image_path: str, item_id: str, item_path: str) -> bool:
-    """Whether a row's image path names the item (its id, its path, or the path's end).
+    """Whether a row's image path names the item (:func:`item_keys`).
 
     Examples
     --------
@@ -236,9 +259,7 @@ def matches(image_path: str, item_id: str, item_path: str) -> bool:
     >>> matches("7.tif", "tile_7", "data/tile_7.tif")
     False
     """
-    name = image_path.replace("\\", "/")
-    path = item_path.replace("\\", "/")
-    return name in (item_id, path) or path.endswith("/" + name.lstrip("/"))
+    return image_path.replace("\\", "/") in item_keys(item_id, item_path)
 
 
 def item_boxes(
@@ -254,7 +275,8 @@ def item_boxes(
     With ``transform`` (rasterio order ``a, b, c, d, e, f``) the coordinates are CRS
     coordinates. A box that does not overlap the item is refused in one line.
     """
-    picked = [k for k, name in enumerate(table.images) if matches(name, item_id, item_path)]
+    rows = table.rows_by_image
+    picked = sorted(k for key in item_keys(item_id, item_path) for k in rows.get(key, ()))
     _check_size(table, picked, item_id, shape)
     coords = table.coords[picked]
     if transform is not None:
@@ -314,13 +336,16 @@ def _to_pixels(coords: np.ndarray, transform: Sequence[float], item_id: str) -> 
 def unmatched_rows(table: BoxTable, items: Sequence[tuple[str, str]]) -> list[str]:
     """The image paths of ``table`` that name no item of ``items`` (``(id, path)`` each), or
     more than one, one line each (at most 20, then a count)."""
+    named: dict[str, set[int]] = {}
+    for index, (item_id, path) in enumerate(items):
+        for key in item_keys(item_id, path):
+            named.setdefault(key, set()).add(index)
     problems = []
-    for name in sorted(set(table.images)):
-        count = sum(matches(name, item_id, path) for item_id, path in items)
+    for name, rows in sorted(table.rows_by_image.items()):
+        count = len(named.get(name, ()))
         if count != 1:
-            n = sum(1 for image in table.images if image == name)
             what = "no item of the collection" if count == 0 else f"{count} items"
-            problems.append(f"{table.path!r}: {n} box(es) for {name!r} match {what}")
+            problems.append(f"{table.path!r}: {len(rows)} box(es) for {name!r} match {what}")
     if len(problems) > 20:
         problems = [*problems[:20], f"... and {len(problems) - 20} more image paths"]
     return problems
@@ -331,6 +356,7 @@ __all__ = [
     "BoxTable",
     "ItemBoxes",
     "item_boxes",
+    "item_keys",
     "matches",
     "read_boxes",
     "unmatched_rows",

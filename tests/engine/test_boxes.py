@@ -98,7 +98,9 @@ def test_from_boxes_on_the_bundled_nuclei_from_a_csv(tmp_path: Path) -> None:
     rows = [f"array,{b['xmin']},{b['ymin']},{b['xmax']},{b['ymax']},nucleus" for b in boxes]
     csv.write_text("image_path,xmin,ymin,xmax,ymax,label\n" + "\n".join(rows) + "\n")
     step = {"op": "from_boxes", "boxes": str(csv)}
-    result = segment(image, [step], channel_axis=-1, block_shape=(96, 80))
+    result, table = segment(image, [step], channel_axis=-1, block_shape=(96, 80), regions=True)
+    assert list(table["box_row"]) == list(table["label"] - 1)  # every box gave an object
+    assert set(table["box_label"]) == {"nucleus"}
     ious = _ious(result, labels)
     assert ious.mean() >= 0.9
     assert (ious > 0.5).all()
@@ -119,6 +121,7 @@ def test_from_boxes_ids_follow_box_order_and_overlaps_go_to_the_closer_centre() 
     assert result[8, 13] == 1  # nearer the centre of box 1 (x 17.5) than of box 2 (x 8.5)
     _, table = segment(image, [{"op": "from_boxes", "boxes": boxes}], regions=True)
     assert list(table["label"]) == [1, 2]
+    assert list(table["box_row"]) == [0, 1] and list(table["box_label"]) == ["object"] * 2
 
 
 def _geo_run(pipeline: list[dict], block_shape: tuple[int, int]) -> np.ndarray:

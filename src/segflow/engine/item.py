@@ -415,6 +415,7 @@ def _side_sinks(
     reader: Reader, plan: Any, options: ItemOptions, stage: _Stage, outputs: _Outputs
 ) -> None:
     """The region and vector tables' sinks (with ``output.regions``, ``output.vectors``)."""
+    from segflow.engine.pipeline import region_extras
     from segflow.store.regions import ParquetRegionsSink
     from segflow.store.vectors import ParquetVectorsSink, item_transform
 
@@ -427,6 +428,7 @@ def _side_sinks(
             origin=info.origin,
             units=info.units,
             crs_wkt=info.crs_wkt,
+            extras=region_extras(plan),
         )
         if not stage.resuming:
             outputs.regions.clear()

@@ -194,6 +194,15 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
     return tuple(steps)
 
 
+def region_extras(plan: Plan) -> dict[str, np.ndarray]:
+    """Columns the plan's last step adds to the region table, indexed by object id (empty
+    for most steps)."""
+    last = plan.steps[-1]
+    if last.op.region_extras is None:
+        return {}
+    return dict(last.op.region_extras(last.params))
+
+
 def collection_notes(
     pipeline: Sequence[Mapping[str, Any] | Step], infos: Sequence[Any]
 ) -> list[str]:

@@ -29,9 +29,10 @@ Methods (``method``):
     ``output: probabilities`` or ``foreground``): the object is the largest component of the
     box where the object's probability exceeds ``threshold``; the probability is its claim.
 
-Object ids follow the boxes' order: id ``k`` is the item's ``k``-th box in file order (its
-row is ``rows[k - 1]`` of :func:`segflow.io.boxes.item_boxes`), so the region table's
-``label`` names the box; a box that yields nothing leaves its id unused. With ``output:
+Object ids follow the boxes' order: id ``k`` is the item's ``k``-th box in file order; a
+box that yields nothing leaves its id unused. When the step ends the pipeline, the region
+table carries each object's box: ``box_row`` (its row in the file: the CSV's data row, the
+GeoJSON feature's or COCO annotation's index) and ``box_label``. With ``output:
 classes`` the step writes each object's class instead (``1 +`` the place of the box's label
 among the file's sorted labels).
 """
@@ -315,6 +316,16 @@ def boxes_not_in_collection(params: FromBoxesParams, items: Sequence[tuple[str, 
     return unmatched_rows(read_boxes(params.boxes), items)
 
 
+def _box_columns(params: FromBoxesParams) -> dict[str, np.ndarray]:
+    """``box_row`` (the box's row in its file) and ``box_label`` by object id."""
+    if params.output != "instances" or params._item is None:
+        return {}
+    found = params._item
+    rows = np.array((-1, *found.rows), dtype=np.int64)
+    labels = np.array(("", *found.labels), dtype=object).astype(str)
+    return {"box_row": rows, "box_label": labels}
+
+
 def _dtype(dtype: np.dtype, params: FromBoxesParams) -> np.dtype:
     return np.dtype(np.uint32 if params.output == "instances" else np.uint16)
 
@@ -337,5 +348,6 @@ register(
         for_item=boxes_for_item,
         check_collection=boxes_not_in_collection,
         categories=_categories,
+        region_extras=_box_columns,
     )
 )

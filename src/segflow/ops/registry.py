@@ -167,7 +167,9 @@ class Operation(Generic[P]):
     file that name it), from the item's :class:`~segflow.io.base.ItemInfo`, or raises
     ``ValueError``; ``check_collection(params, items)`` lists (one line each) what the step
     finds wrong with the whole collection, ``items`` being ``(id, path)`` pairs (boxes for
-    files that are not in it).
+    files that are not in it). ``region_extras(params)``, for the pipeline's last step,
+    gives columns of the region table indexed by object id (``values[id]``: the row of the
+    box an object came from).
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
     ``check_layout(params, channels, spatial_ndim)`` returns a problem (naming the file or
@@ -213,6 +215,7 @@ class Operation(Generic[P]):
     item_nodata: Callable[[P, float | None], P] | None = None
     for_item: Callable[[P, Any], P] | None = None
     check_collection: Callable[[P, Sequence[tuple[str, str]]], list[str]] | None = None
+    region_extras: Callable[[P], Mapping[str, np.ndarray]] | None = None
     setup: Callable[[P], Any] | None = None
     class_names: Callable[[P], tuple[str, ...]] | None = None
     categories: Callable[[P], Categories] | None = None

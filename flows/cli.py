@@ -737,10 +737,12 @@ def _collection_problems(
     config: Any, notes: list[str] | None = None
 ) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
     """What stops a whole run before it starts: a missing or empty input, a store path that
-    is a file or a foreign folder, shape settings that do not fit an item's axes. Also
+    is a file or a foreign folder, shape settings that do not fit an item's axes, what a
+    step finds wrong with the collection (boxes for files not in it). Also
     returns the readable items and the unreadable files (which fail alone in a run);
     ``notes`` receives discovery's lines on files left out or renamed on purpose."""
     from segflow.engine.collection import check_config_owner, index_rows
+    from segflow.engine.pipeline import collection_notes
     from segflow.errors import SegflowError
     from segflow.io import discover_items
     from segflow.store.commit import check_store
@@ -763,6 +765,8 @@ def _collection_problems(
         )
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []
+    # Boxes for files that are not in the collection, say: refused, one line each.
+    problems += collection_notes(config.pipeline, [reader.info for reader in readers])
     misfits = [_shape_misfit(reader.info, config) for reader in readers]
     if readers and all(misfits):  # no item fits: the settings are wrong, not the items
         problems += [m for m in misfits if m]
@@ -838,6 +842,7 @@ def _check_items(config: Any) -> list[str]:
                 spacing=info.spacing,
                 units=info.units,
                 nodata=info.nodata,
+                item=info,
             )
             if config.output.regions:
                 check_regions(plan.out_kind)

@@ -290,6 +290,9 @@ class SegflowConfig(_Model):
         models = self.model_hash()
         if models:
             settings["models"] = models
+        boxes = boxes_files_hash(self.pipeline)
+        if boxes:  # new boxes in the same file redo the items
+            settings["boxes"] = boxes
         return settings
 
     def model_hash(self) -> str:
@@ -297,6 +300,23 @@ class SegflowConfig(_Model):
         from segflow.ops.model import model_paths, models_hash
 
         return models_hash(model_paths(self.pipeline))
+
+
+def boxes_files_hash(pipeline: Sequence[Any]) -> str:
+    """One content hash of the boxes files of the pipeline's ``from_boxes`` steps (``""``
+    without any)."""
+    from segflow.io.boxes import file_hash
+
+    paths = [
+        str(step["boxes"])
+        for step in pipeline
+        if isinstance(step, Mapping)
+        and step.get("op") == "from_boxes"
+        and isinstance(step.get("boxes"), str)
+    ]
+    if not paths:
+        return ""
+    return hashlib.sha256("".join(file_hash(p) for p in paths).encode()).hexdigest()[:16]
 
 
 # Settings that cannot change a stored byte, and why; every other setting of the config, in
@@ -331,6 +351,20 @@ def _step_settings(step: Mapping[str, Any]) -> dict[str, Any]:
     return {"op": name, "save_as": save_as, **params.model_dump(mode="json")}
 
 
+#: The parameter of each step that names a file, relative to the config file when relative.
+STEP_FILES = {"model": "path", "from_boxes": "boxes"}
+
+
+def _resolve_step_file(step: Any, base_dir: Path) -> Any:
+    """A raw step with its file (a model, a boxes file) taken relative to ``base_dir``."""
+    if not isinstance(step, Mapping) or step.get("op") not in STEP_FILES:
+        return step
+    key = STEP_FILES[str(step["op"])]
+    if not isinstance(step.get(key), str):
+        return step  # absent (a problem named later) or inline boxes
+    return {**step, key: _resolve(str(step[key]), base_dir)}
+
+
 def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> SegflowConfig:
     """Validate a config mapping; relative paths are taken relative to ``base_dir``.
 
@@ -346,12 +380,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Se
         # A model's path is relative to the config file, like the input and the store.
         data = {
             **data,
-            "pipeline": [
-                {**step, "path": _resolve(str(step["path"]), base_dir)}
-                if isinstance(step, Mapping) and step.get("op") == "model" and "path" in step
-                else step
-                for step in data["pipeline"]
-            ],
+            "pipeline": [_resolve_step_file(step, base_dir) for step in data["pipeline"]],
         }
     try:
         config = SegflowConfig.model_validate(dict(data))

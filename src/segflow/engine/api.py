@@ -99,6 +99,7 @@ def segment(
         spacing=info.spacing,
         units=info.units,
         nodata=info.nodata,
+        item=info,
     )
     if regions and plan.out_kind != "labels":
         raise PlanError(
@@ -133,7 +134,11 @@ def segment(
     from segflow.store.regions import regions_frame
 
     assert run.regions is not None
-    return out, regions_frame(run.regions, spacing=info.spacing, origin=info.origin)
+    from segflow.engine.pipeline import region_extras
+
+    return out, regions_frame(
+        run.regions, spacing=info.spacing, origin=info.origin, extras=region_extras(plan)
+    )
 
 
 def run_item(

@@ -309,6 +309,7 @@ def plan_collection(
     (:func:`hand_over_plan`) is taken instead, once: the collection is discovered once per
     run (a minute at 100,000 items); a run started elsewhere (a deployment) plans here.
     """
+    from segflow.engine.pipeline import collection_notes
     from segflow.io import discover_items
 
     if (handed := _HANDED.pop(_plan_key(cfg, overwrite, item_filter), None)) is not None:
@@ -319,6 +320,7 @@ def plan_collection(
     readers, failures = discover_items(
         cfg.input.path, notes=found, store=cfg.output.store, **cfg.input.options
     )
+    found += collection_notes(cfg.pipeline, [reader.info for reader in readers])
     if notes is not None:
         notes.extend(found)
     return plan_items(

@@ -341,6 +341,7 @@ def _segment_staged(
         spacing=info.spacing,
         units=info.units,
         nodata=info.nodata,
+        item=info,
     )
     result.model_hash = _model_hash(plan)
     outputs = _prepare_outputs(reader, plan, options, stage)
@@ -414,6 +415,7 @@ def _side_sinks(
     reader: Reader, plan: Any, options: ItemOptions, stage: _Stage, outputs: _Outputs
 ) -> None:
     """The region and vector tables' sinks (with ``output.regions``, ``output.vectors``)."""
+    from segflow.engine.pipeline import region_extras
     from segflow.store.regions import ParquetRegionsSink
     from segflow.store.vectors import ParquetVectorsSink, item_transform
 
@@ -426,6 +428,7 @@ def _side_sinks(
             origin=info.origin,
             units=info.units,
             crs_wkt=info.crs_wkt,
+            extras=region_extras(plan),
         )
         if not stage.resuming:
             outputs.regions.clear()

@@ -229,6 +229,7 @@ def _context(
     box: Box = (),
     shape: tuple[int, ...] = (),
     resource: Any = None,
+    source: np.ndarray | None = None,
 ) -> OpContext:
     return OpContext(
         spatial_ndim=ndim,
@@ -237,6 +238,7 @@ def _context(
         box=box,
         shape=shape,
         resource=resource,
+        source=source,
     )
 
 
@@ -319,9 +321,11 @@ def apply_steps(
 ) -> tuple[Box, np.ndarray]:
     """Run ``steps`` on ``data`` (covering ``box``), shrinking the box after local steps."""
     ndim = len(shape)
+    start_box, start = box, data
     for step in steps:
         resource = get_resource(step.op, step.params)  # built once per process, then cached
-        ctx = _context(step, stats, ndim, spacing, box, shape, resource)
+        source = start[(slice(None), *relative(box, start_box))]  # a view: no copy
+        ctx = _context(step, stats, ndim, spacing, box, shape, resource, source)
         data = step.op.apply(data, step.params, ctx)
         if step.op.kind == "local":
             inner = shrink_box(box, step.op.halo_of(step.params, ndim, spacing), shape)

@@ -194,6 +194,30 @@ def parse_steps(pipeline: Sequence[Mapping[str, Any] | Step]) -> tuple[Step, ...
     return tuple(steps)
 
 
+def region_extras(plan: Plan) -> dict[str, np.ndarray]:
+    """Columns the plan's last step adds to the region table, indexed by object id (empty
+    for most steps)."""
+    last = plan.steps[-1]
+    if last.op.region_extras is None:
+        return {}
+    return dict(last.op.region_extras(last.params))
+
+
+def collection_notes(
+    pipeline: Sequence[Mapping[str, Any] | Step], infos: Sequence[Any]
+) -> list[str]:
+    """What the pipeline's steps find wrong with the whole collection (``check_collection``:
+    boxes for files that are not in it), one line each naming the step; ``infos`` are the
+    items' :class:`~segflow.io.base.ItemInfo`."""
+    items = [(str(info.id), str(info.path)) for info in infos]
+    lines = []
+    for step in parse_steps(pipeline):
+        if step.op.check_collection is not None:
+            found = step.op.check_collection(step.params, items)
+            lines += [f"{step.describe()}: {line}" for line in found]
+    return lines
+
+
 def _expand(step: Step) -> list[Step]:
     """The steps a configured step runs as: itself, or its operation's expansion."""
     parts = [] if step.op.expand is None else step.op.expand(step.params)
@@ -222,10 +246,12 @@ def compile_pipeline(
     spacing: Sequence[float] = (),
     units: str = "pixel",
     nodata: float | None = None,
+    item: Any = None,
 ) -> Plan:
     """Check a pipeline against an item's layout and split it into phases; ``nodata`` is the
     item's nodata value from its metadata (for ``mask_nodata`` without a ``value``);
-    ``spacing`` (in ``units``) is the item's pixel size, when known.
+    ``spacing`` (in ``units``) is the item's pixel size, when known; ``item`` is the item's
+    :class:`~segflow.io.base.ItemInfo`, for steps that take something from it (``for_item``).
 
     Examples
     --------
@@ -251,6 +277,11 @@ def compile_pipeline(
         if step.op.item_nodata is not None:
             try:
                 step = steps[i] = replace(step, params=step.op.item_nodata(step.params, nodata))
+            except ValueError as error:
+                raise PlanError(f"{where}: {error}") from None
+        if step.op.for_item is not None and item is not None:
+            try:
+                step = steps[i] = replace(step, params=step.op.for_item(step.params, item))
             except ValueError as error:
                 raise PlanError(f"{where}: {error}") from None
         if spatial_ndim not in step.op.ndims:
@@ -293,7 +324,7 @@ def compile_pipeline(
         if step.op.kind == "connectivity":
             # Ids kept from a label image stay labels; a mask stays a mask.
             labels_out = step.op.finish is None or (step.op.keeps_ids and labels_out)
-        elif step.op.makes_labels:
+        elif step.op.gives_labels(step.params):
             labels_out = True
         elif dtype != before:
             labels_out = False

@@ -1,7 +1,9 @@
 """Pipeline operations. Importing this package registers every built-in operation."""
 
 from segflow.ops import (
+    boxes,
     cluster,
+    crf,
     distance,
     edges,
     filters,
@@ -29,6 +31,7 @@ from segflow.ops.registry import (
 )
 
 __all__ = [
+    "boxes",
     "Done",
     "GlobalStatistic",
     "OpContext",
@@ -36,6 +39,7 @@ __all__ = [
     "OpParams",
     "Operation",
     "cluster",
+    "crf",
     "describe_params",
     "distance",
     "edges",

@@ -89,6 +89,10 @@ class OpContext:
     resource : Any
         What the operation's ``setup(params)`` built (a loaded model), once per worker
         process; ``None`` for operations without ``setup``.
+    source : numpy.ndarray or None
+        What the block's phase started from (the item's input in the first phase), over
+        the same region as the block (``(c, *spatial)``): a guide image for a step that
+        refines a map made from it (``crf``).
     """
 
     spatial_ndim: int
@@ -97,6 +101,7 @@ class OpContext:
     box: tuple[slice, ...] = ()
     shape: tuple[int, ...] = ()
     resource: Any = None
+    source: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,13 @@ class Operation(Generic[P]):
     configured step by those steps (an operation that needs several passes of its own).
     ``item_nodata(params, nodata)`` fills parameters that default to the item's nodata value
     (``None`` when its metadata has none), or raises ``ValueError``.
+    ``for_item(params, info)`` fills what a step takes from its item (the boxes of a boxes
+    file that name it), from the item's :class:`~segflow.io.base.ItemInfo`, or raises
+    ``ValueError``; ``check_collection(params, items)`` lists (one line each) what the step
+    finds wrong with the whole collection, ``items`` being ``(id, path)`` pairs (boxes for
+    files that are not in it). ``region_extras(params)``, for the pipeline's last step,
+    gives columns of the region table indexed by object id (``values[id]``: the row of the
+    box an object came from).
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
     ``check_layout(params, channels, spatial_ndim)`` returns a problem (naming the file or
@@ -196,14 +208,25 @@ class Operation(Generic[P]):
     by_class: Callable[[P], bool] | None = None
     halo_spacing: Callable[[P, int, tuple[float, ...]], tuple[int, ...]] | None = None
     expand: Callable[[P], Sequence[tuple[str, str, OpParams]]] | None = None
-    makes_labels: bool = False  # a global op whose output is instance ids (stat = their count)
+    # A global op whose output is instance ids (stat = their count); a local op's, with a
+    # function of its parameters (from_boxes writes ids or classes).
+    makes_labels: bool | Callable[[P], bool] = False
     keeps_ids: bool = False  # a connectivity op whose output is its input, some objects zeroed
     item_nodata: Callable[[P, float | None], P] | None = None
+    for_item: Callable[[P, Any], P] | None = None
+    check_collection: Callable[[P, Sequence[tuple[str, str]]], list[str]] | None = None
+    region_extras: Callable[[P], Mapping[str, np.ndarray]] | None = None
     setup: Callable[[P], Any] | None = None
     class_names: Callable[[P], tuple[str, ...]] | None = None
     categories: Callable[[P], Categories] | None = None
     setup_key: Callable[[P], Hashable] | None = None
     resources: Callable[[P], Mapping[str, float]] | None = None
+
+    def gives_labels(self, params: P) -> bool:
+        """Whether the step's output is instance ids (see ``makes_labels``)."""
+        if callable(self.makes_labels):
+            return bool(self.makes_labels(params))
+        return self.makes_labels
 
     def rule_for(self, params: P, ctx: OpContext) -> ObjectRule | None:
         return None if self.rule is None else self.rule(params, ctx)

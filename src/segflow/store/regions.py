@@ -9,7 +9,7 @@ order: :func:`read_regions` sorts them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,8 +41,10 @@ class ParquetRegionsSink:
         origin: Sequence[float],
         units: str,
         crs_wkt: str | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         group = f"{str(store).rstrip('/')}/{item_id}"
+        self.extras = dict(extras or {})  # columns by object id (the box each came from)
         self.path = f"{group}/{REGIONS_NAME}"
         self.parts = f"{group}/{PARTS_NAME}"
         self.spacing = tuple(float(s) for s in spacing)
@@ -59,6 +61,7 @@ class ParquetRegionsSink:
         columns = region_columns(
             rows, spacing=self.spacing, origin=self.origin, ellipsoid=self.ellipsoid
         )
+        add_extras(columns, self.extras)
         units = {"segflow.units": self.units, "segflow.area_physical_units": self._area_units}
         if self.ellipsoid is not None:
             units["segflow.area_m2"] = (
@@ -161,13 +164,26 @@ def read_regions(store: str, item_id: str) -> pd.DataFrame:
     return frame.sort_values("label", ignore_index=True)
 
 
-def regions_frame(parts: Sequence[RegionPartial], **geometry: Any) -> pd.DataFrame:
-    """Finished rows (from :class:`ArrayRegionsSink`) as one DataFrame sorted by label."""
+def add_extras(columns: dict[str, np.ndarray], extras: Mapping[str, np.ndarray]) -> None:
+    """Add each of ``extras`` (values indexed by object id) as a column of the rows."""
+    for name, values in extras.items():
+        columns[name] = np.asarray(values)[columns["label"]]
+
+
+def regions_frame(
+    parts: Sequence[RegionPartial],
+    *,
+    extras: Mapping[str, np.ndarray] | None = None,
+    **geometry: Any,
+) -> pd.DataFrame:
+    """Finished rows (from :class:`ArrayRegionsSink`) as one DataFrame sorted by label;
+    ``extras`` are more columns indexed by object id."""
     import pandas as pd
 
     from segflow.stitch.regions import merge_rows
 
     columns = region_columns(merge_rows(parts), **geometry)
+    add_extras(columns, extras or {})
     return pd.DataFrame(columns).sort_values("label", ignore_index=True)
 
 

@@ -1,0 +1,137 @@
+"""Boxes to masks: ``from_boxes`` against human nucleus masks, with the plain baseline.
+
+The boxes are the bounding boxes of the human instance masks of DSB2018 stage1 images
+(``/work/shared/data/microscopy/dsb2018_nuclei``, see its PROVENANCE.md; without it, the
+bundled sample in ``tests/data/nuclei``). Each box's mask is scored by its IoU with the
+human mask it came from. Three sides:
+
+* baseline: per-box Otsu threshold of the grey image inside the box, the largest component
+  (each box alone, no overlap rule);
+* ``from_boxes`` with ``method: threshold`` (the default) and ``method: watershed``, run
+  by ``segflow.segment`` in 128 x 128 blocks (the same labels as one block: tested).
+
+The fluorescence images are the target set (mean IoU >= 0.82, IoU > 0.5 for >= 97 % of
+boxes, pooled over their boxes); the stained and brightfield images are printed too (the
+baseline's fixed polarity fails on dark nuclei). Prints a table, then, last, one JSON
+object with the pooled fluorescence figures of every side.
+
+Run: ``python benchmarks/bench_boxes.py`` (``--data DIR`` for another DSB2018 folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage as ndi
+from skimage import io
+from skimage.filters import threshold_otsu
+
+from segflow import segment
+
+SHARED = Path("/work/shared/data/microscopy/dsb2018_nuclei")
+BUNDLED = Path(__file__).resolve().parents[1] / "tests" / "data" / "nuclei"
+KINDS = {  # DSB2018 image id prefix -> modality (PROVENANCE.md)
+    "003cee89357d9fe1": "fluorescence",
+    "10ba6cbee4873b32": "fluorescence",
+    "538b7673d507014d": "fluorescence",
+    "00ae65c1c6631ae6": "stained",
+    "091944f1d2611c91": "brightfield",
+}
+
+
+def load(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    return io.imread(folder / "image.png")[..., :3], tifffile.imread(folder / "labels.tif")
+
+
+def boxes_of(labels: np.ndarray) -> list[dict]:
+    return [
+        {"xmin": s[1].start, "ymin": s[0].start, "xmax": s[1].stop, "ymax": s[0].stop}
+        for s in ndi.find_objects(labels)
+        if s is not None
+    ]
+
+
+def baseline(image: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Per-box Otsu on the grey image, the largest component; IoU per box."""
+    grey = image.astype(np.float64).mean(axis=-1)
+    ious = []
+    for k, s in enumerate(ndi.find_objects(labels), start=1):
+        if s is None:
+            continue
+        values = grey[s]
+        mask = values > threshold_otsu(values) if np.ptp(values) else np.ones(values.shape, bool)
+        parts, n = ndi.label(mask)
+        if n:
+            sizes = np.bincount(parts.ravel())
+            sizes[0] = 0
+            mask = parts == sizes.argmax()
+        ref = labels[s] == k
+        ious.append(float((mask & ref).sum() / (mask | ref).sum()))
+    return ious
+
+
+def from_boxes(image: np.ndarray, labels: np.ndarray, method: str) -> list[float]:
+    step = {"op": "from_boxes", "boxes": boxes_of(labels), "method": method}
+    result = segment(image, [step], channel_axis=-1, block_shape=128)
+    ids = [k for k, s in enumerate(ndi.find_objects(labels), start=1) if s is not None]
+    return [
+        float(((result == i) & (labels == k)).sum() / ((result == i) | (labels == k)).sum())
+        for i, k in enumerate(ids, start=1)
+    ]
+
+
+def summary(ious: list[float]) -> dict:
+    values = np.asarray(ious)
+    return {
+        "boxes": len(values),
+        "mean_iou": round(float(values.mean()), 4),
+        "over_0.5": round(float((values > 0.5).mean()), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED if SHARED.exists() else BUNDLED)
+    args = parser.parse_args()
+    folders = sorted(p for p in args.data.iterdir() if (p / "labels.tif").exists())
+    sides = {
+        "baseline": baseline,
+        "threshold": lambda i, lab: from_boxes(i, lab, "threshold"),
+        "watershed": lambda i, lab: from_boxes(i, lab, "watershed"),
+    }
+    pooled: dict[str, dict[str, list[float]]] = {}
+    print(f"data: {args.data}")
+    print(
+        f"{'image':18} {'kind':13} {'side':10} {'boxes':>5} {'mean IoU':>8} {'IoU>0.5':>8} {'s':>6}"
+    )
+    for folder in folders:
+        kind = KINDS.get(folder.name[:16], "other")
+        image, labels = load(folder)
+        for name, side in sides.items():
+            start = time.perf_counter()
+            ious = side(image, labels)
+            took = time.perf_counter() - start
+            pooled.setdefault(kind, {}).setdefault(name, []).extend(ious)
+            row = summary(ious)
+            print(
+                f"{folder.name[:16]:18} {kind:13} {name:10} {row['boxes']:5d} "
+                f"{row['mean_iou']:8.3f} {row['over_0.5']:8.3f} {took:6.2f}"
+            )
+    for kind, by_side in pooled.items():
+        for name, ious in by_side.items():
+            row = summary(ious)
+            print(
+                f"{'pooled':18} {kind:13} {name:10} {row['boxes']:5d} "
+                f"{row['mean_iou']:8.3f} {row['over_0.5']:8.3f}"
+            )
+    fluorescence = pooled.get("fluorescence", {})
+    print(json.dumps({name: summary(ious) for name, ious in fluorescence.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""An item's label or class array as a Cloud-Optimized GeoTIFF, written block by block.
+
+GDAL's COG driver only copies a whole dataset, so the array goes first into a tiled
+GeoTIFF beside the target, one window of Zarr chunks at a time; GDAL then builds the
+overviews of that file (nearest neighbour: a label is never averaged with its neighbour)
+and the COG driver copies file and overviews into the COG layout (overviews after the
+header, tiles in order). At no step does the raster exist in memory: a window of the
+Zarr array is the largest array held, and GDAL's block cache is capped at a few windows.
+The file is renamed into place when complete, so a reader sees no half-written COG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segflow.errors import StoreError
+from segflow.export.stored import StoredItem
+from segflow.store.ome import _rgba
+
+# COG tile side (GDAL's default); overviews are made until one fits in a tile.
+BLOCK = 512
+# GDAL's block cache, in windows: the source file's dirty tiles and the overview pass.
+CACHE_WINDOWS = 4
+
+
+@dataclass(frozen=True)
+class CogResult:
+    path: str
+    shape: tuple[int, int]
+    overviews: tuple[int, ...]
+    window: tuple[int, int]
+
+
+def write_cog(
+    item: StoredItem,
+    array: str,
+    path: str | os.PathLike[str],
+    *,
+    block: int = BLOCK,
+    compress: str = "deflate",
+) -> CogResult:
+    """Write ``item``'s 2-D integer ``array`` to ``path`` as a COG.
+
+    The COG has the item's CRS and transform, overviews by factors of 2 down to one tile
+    (nearest neighbour), ``block`` x ``block`` tiles, and for a class map its class names
+    (band tags ``flag_values``/``flag_meanings``) and colour table.
+
+    Raises
+    ------
+    StoreError
+        When the array is not a 2-D integer array of the item, or ``block`` is not a
+        positive multiple of 16 (a GeoTIFF tile side).
+    """
+    import rasterio
+    import rasterio.shutil
+    from rasterio.enums import Resampling
+
+    source = _open_array(item, array)
+    if block <= 0 or block % 16:
+        raise StoreError(f"`block` ({block}) must be a positive multiple of 16 (a tile side)")
+    height, width = (int(n) for n in source.shape)
+    window = _window(tuple(source.chunks), block)
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial.tif")
+    staged = target.with_name(f".{target.name}.cog.tif")
+    factors = overview_factors((height, width), block)
+    cache = CACHE_WINDOWS * window[0] * window[1] * np.dtype(source.dtype).itemsize
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=max(cache, 16 << 20), GDAL_NUM_THREADS="1"):
+            with rasterio.open(partial, "w", **_profile(item, source, block)) as dst:
+                for rows, cols in windows((height, width), window):
+                    data = np.asarray(source[rows, cols])
+                    dst.write(data, 1, window=((rows.start, rows.stop), (cols.start, cols.stop)))
+                _describe(dst, source, array)
+            if factors:
+                with rasterio.open(partial, "r+") as dst:
+                    dst.build_overviews(list(factors), Resampling.nearest)
+            rasterio.shutil.copy(
+                partial, staged, driver="COG", BLOCKSIZE=block, COMPRESS=compress.upper(),
+                PREDICTOR="YES", OVERVIEWS="FORCE_USE_EXISTING", RESAMPLING="NEAREST",
+                BIGTIFF="IF_SAFER",
+            )  # fmt: skip
+        os.replace(staged, target)
+    finally:
+        for leftover in (partial, staged):
+            leftover.unlink(missing_ok=True)
+    return CogResult(str(target), (height, width), factors, window)
+
+
+def _open_array(item: StoredItem, array: str) -> Any:
+    import zarr
+
+    if array not in item.arrays:
+        raise StoreError(
+            f"item {item.id!r}: no array {array!r} to export (it has {sorted(item.arrays)})"
+        )
+    source = zarr.open_array(item.store, path=item.array_path(array), mode="r")
+    if source.ndim != 2 or not np.issubdtype(source.dtype, np.integer):
+        raise StoreError(
+            f"item {item.id!r}: array {array!r} is {source.ndim}-D {source.dtype}; a COG "
+            "export takes 2-D integer arrays (labels, masks, class maps)"
+        )
+    return source
+
+
+def overview_factors(shape: tuple[int, int], block: int) -> tuple[int, ...]:
+    """Factors 2, 4, 8, ... until the overview fits in one ``block`` tile.
+
+    Examples
+    --------
+    >>> overview_factors((718, 791), 128)
+    (2, 4, 8)
+    >>> overview_factors((100, 100), 512)
+    ()
+    """
+    levels = math.ceil(math.log2(max(max(shape) / block, 1.0)))
+    return tuple(2**k for k in range(1, levels + 1))
+
+
+def _window(chunks: tuple[int, ...], block: int) -> tuple[int, int]:
+    """Rows and columns read at once: whole tiles, and whole Zarr chunks where chunks
+    and tiles nest (powers of two); else a chunk is decoded by each window it meets.
+
+    Examples
+    --------
+    >>> _window((2048, 2048), 512), _window((128, 128), 512), _window((100, 700), 512)
+    ((2048, 2048), (512, 512), (512, 1024))
+    """
+    rows, cols = (-(-max(int(c), block) // block) * block for c in chunks[-2:])
+    return rows, cols
+
+
+def windows(shape: tuple[int, int], step: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
+    """Row-major windows of ``step`` covering ``shape`` (the last ones cut at the edge)."""
+    for y in range(0, shape[0], step[0]):
+        for x in range(0, shape[1], step[1]):
+            yield slice(y, min(y + step[0], shape[0])), slice(x, min(x + step[1], shape[1]))
+
+
+def _profile(item: StoredItem, source: Any, block: int) -> dict[str, Any]:
+    from rasterio.crs import CRS
+    from rasterio.transform import Affine
+
+    height, width = source.shape
+    return {
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": 1,
+        "dtype": str(source.dtype),
+        "crs": CRS.from_wkt(item.crs_wkt) if item.crs_wkt else None,
+        "transform": Affine(*item.transform),
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": "zstd",
+        "BIGTIFF": "IF_SAFER",
+    }
+
+
+def _describe(dst: Any, source: Any, array: str) -> None:
+    """Band description, and a class map's names (tags) and colours (colour table)."""
+    dst.set_band_description(1, array)
+    attrs = dict(source.attrs)
+    values, names = attrs.get("flag_values"), attrs.get("class_names")
+    if values and names:
+        dst.update_tags(
+            1,
+            flag_values=" ".join(str(v) for v in values),
+            flag_meanings=" ".join(str(n).replace(" ", "_") for n in names),
+        )
+    colors = attrs.get("class_colors")
+    if values and colors and np.dtype(source.dtype) in (np.uint8, np.uint16):
+        rgba = {int(v): _rgba(c) for v, c in zip(values, colors, strict=True)}
+        table = {v: tuple(c) for v, c in rgba.items() if c is not None}
+        if table:
+            dst.write_colormap(1, table)
+

@@ -1,4 +1,5 @@
-"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``models``, ``evaluate``, ``train``.
+"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``models``, ``evaluate``, ``train``,
+``export`` (in :mod:`segflow.flows.export_cli`).
 
 Prefect is imported only by ``run`` (and only when some item is to do: the store's skip rule
 is applied first), ``evaluate`` and ``train``, so ``segflow ops``, ``segflow validate`` and
@@ -623,6 +624,8 @@ def _print_scores(summary: dict[str, Any]) -> None:
         typer.echo(row["eval_error"], err=True)
     if summary["unmatched"]:
         typer.echo(f"no reference for: {', '.join(summary['unmatched'])}", err=True)
+    for line in summary.get("not_in_collection", []):
+        typer.echo(line, err=True)
 
 
 def _cell(value: Any) -> str:
@@ -1019,12 +1022,19 @@ def train(
     --restart trains afresh).
     """
     from segflow.errors import ConfigError
-    from segflow.train_config import find_pairs, load_train_config, resume_changes
+    from segflow.train_config import (
+        coco_extra_lines,
+        find_pairs,
+        load_train_config,
+        resume_changes,
+    )
 
     console = Console()
     try:
         cfg = load_train_config(config)
-        find_pairs(cfg.data)  # every image has its reference, before Prefect starts
+        pairs = find_pairs(cfg.data)  # every image has its reference, before Prefect starts
+        for line in coco_extra_lines(pairs):
+            typer.echo(f"{config}: {line}", err=True)
         changes = [] if restart else resume_changes(cfg)
     except ConfigError as error:
         Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
@@ -1069,6 +1079,10 @@ def _other_run_line(config: Path, output: str, changes: Sequence[str]) -> str:
         "output"
     )
 
+
+from segflow.flows.export_cli import export  # noqa: E402  (its own module: this one is long)
+
+app.command()(export)
 
 for _command in app.registered_commands:  # every command's help: see _ReadableHelp
     _command.cls = _ReadableHelp

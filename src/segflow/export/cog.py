@@ -183,3 +183,14 @@ def _describe(dst: Any, source: Any, array: str) -> None:
         if table:
             dst.write_colormap(1, table)
 
+
+def cog_arrays(item: StoredItem) -> list[str]:
+    """The item's arrays a COG can hold: 2-D integer arrays (labels, masks, class maps)."""
+    import zarr
+
+    names = []
+    for name in sorted(item.arrays):
+        array = zarr.open_array(item.store, path=item.array_path(name), mode="r")
+        if array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
+            names.append(name)
+    return names

@@ -93,10 +93,14 @@ def _stored_item(root: str, item_id: str, record: dict[str, Any]) -> StoredItem:
     from segflow.store.vectors import item_transform
 
     group = zarr.open_group(root, path=item_id, mode="r", use_consolidated=False)
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     arrays = {str(k): str(v) for k, v in dict(record.get("arrays", {})).items()}
     first = next(iter(arrays), None)
-    shape = tuple(group[first].shape) if first else tuple(attrs.get("source_shape", ()))
+    shape = (
+        tuple(zarr.open_array(root, path=f"{item_id}/{first}", mode="r").shape)
+        if first
+        else tuple(attrs.get("source_shape", ()))
+    )
     spatial = tuple(a for a in attrs.get("source_axes", ("y", "x")) if a != "c")
     info = ItemInfo(
         id=item_id,

@@ -68,10 +68,9 @@ def stored_items(store: str, item_ids: Sequence[str] | None = None) -> list[Stor
 def _committed_ids(root: str) -> list[str]:
     """The done items of the store's index, or (a store written by the engine alone, which
     keeps no index) the item groups that hold a commit record."""
-    import zarr
-
     from segflow.engine.collection import index_rows
     from segflow.store.commit import read_commit
+    from segflow.store.fs import fresh_fs
 
     try:
         rows = index_rows(root)
@@ -80,11 +79,11 @@ def _committed_ids(root: str) -> list[str]:
     done = sorted(str(r["id"]) for r in rows if r.get("status") == "done")
     if done:
         return done
-    try:
-        group = zarr.open_group(root, mode="r", use_consolidated=False)
-    except FileNotFoundError:
+    fs, path = fresh_fs(root)
+    if not fs.isdir(path):
         return []
-    return sorted(str(k) for k in group.group_keys() if read_commit(root, str(k)))
+    names = (str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return sorted(n for n in names if not n.startswith(".") and read_commit(root, n))
 
 
 def _stored_item(root: str, item_id: str, record: dict[str, Any]) -> StoredItem:

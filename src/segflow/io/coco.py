@@ -289,7 +289,8 @@ class CocoReference:
         points = [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in rings if len(r) >= 6]
         if not points:
             return
-        geometry = {"type": "MultiPolygon", "coordinates": [[p.tolist()] for p in points]}
+        rings = [np.vstack([p, p[:1]]).tolist() for p in points]  # COCO leaves rings open
+        geometry = {"type": "MultiPolygon", "coordinates": [[r] for r in rings]}
         every = np.concatenate(points)
         bounds = (*every.min(axis=0).tolist(), *every.max(axis=0).tolist())
         self.polygons.append((geometry, tuple(bounds), order))

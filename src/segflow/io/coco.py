@@ -14,7 +14,8 @@ overlap, the later one wins. ``iscrowd`` annotations count as objects (CVAT writ
 ``iscrowd: 1`` RLE).
 
 Images are matched to items by ``segflow_item`` (written by ``segflow export``), else by the
-longest trailing part of the item's source path that equals the image's ``file_name``.
+longest trailing part of the item's source path that equals the image's ``file_name``, else
+by the file name alone where one image has it.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def load_coco(path: str) -> CocoFile:
 
 
 def match_image(coco: CocoFile, item_id: str, source: str) -> CocoImage | None:
-    """The image of ``coco`` that is item ``item_id`` (its source file ``source``).
+    """The image of ``coco`` that is item ``item_id`` (its source file ``source``): the one
+    tagged with the item id, else the one whose ``file_name`` is the longest trailing part
+    of ``source``, else the only one with the same file name in another folder.
 
     Raises
     ------
@@ -136,6 +139,8 @@ def match_image(coco: CocoFile, item_id: str, source: str) -> CocoImage | None:
     scored = [(_common_tail(parts, i.file_name), i) for i in coco.images]
     best = max((n for n, _ in scored), default=0)
     found = [i for n, i in scored if n == best and n > 0]
+    if not found and parts:  # another folder, the same file name (CVAT's task folders)
+        found = [i for i in coco.images if _name(i.file_name) == parts[-1]]
     if len(found) > 1:
         names = ", ".join(repr(i.file_name) for i in found[:NAMES_SHOWN])
         raise EvaluationError(
@@ -143,6 +148,10 @@ def match_image(coco: CocoFile, item_id: str, source: str) -> CocoImage | None:
             f"'{source}' ({names}): give the images distinct file names (with their folders)"
         )
     return found[0] if found else None
+
+
+def _name(file_name: str) -> str:
+    return PurePosixPath(file_name.replace("\\", "/")).name
 
 
 def _common_tail(parts: Sequence[str], file_name: str) -> int:

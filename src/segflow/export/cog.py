@@ -6,10 +6,12 @@ GeoTIFF beside the target, one window of Zarr chunks at a time; each overview le
 before it, window by window, into a GeoTIFF of its own; a VRT names the levels as the
 overviews of the first, and the COG driver copies it into the COG layout (overviews after
 the header, tiles in order). At no step does the raster exist in memory: a window is the
-largest array held, and GDAL's block cache is capped at a few windows. (GDAL's own
-overview pass reads strips of the full width: on a 16384^2 item with 2048^2 tiles it took
-the peak 84 MiB higher than this does.) The file is renamed into place when complete, so a
-reader sees no half-written COG.
+largest array segflow holds, and GDAL's block cache is capped at one window. What still
+grows with the item is GDAL's: the COG driver copies one row of tiles across the whole
+width at a time (tile side x width x dtype). GDAL's own overview pass
+(``build_overviews``), used at first, read full-width strips too: on a 16384^2 uint16 item
+its peak was 21 MB higher with 512^2 tiles, 41 MB with 2048^2 (``bench_export.py``,
+2026-12-07). The file is renamed into place when complete: no half-written COG is seen.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from segflow.store.ome import _rgba
 
 # COG tile side (GDAL's default); overviews are made until one fits in a tile.
 BLOCK = 512
-# GDAL's block cache, in windows: the source file's dirty tiles and the overview pass.
-CACHE_WINDOWS = 4
+# GDAL's block cache, in windows (4 used 10-20 MB more and were no faster, 2026-12-07).
+CACHE_WINDOWS = 1
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def write_cog(
     (nearest neighbour: see :func:`halve`), ``block`` x ``block`` tiles, and for a class
     map its class names (band tags ``flag_values``/``flag_meanings``) and colour table.
     Every step reads and writes a window of whole tiles (and Zarr chunks) at a time;
-    GDAL's block cache holds ``cache_windows`` windows (at least 16 MiB).
+    GDAL's block cache holds ``cache_windows`` windows (at least 1 MiB).
 
     Raises
     ------
@@ -78,7 +80,7 @@ def write_cog(
     vrt, staged = target.with_name(f".{target.name}.vrt"), target.with_name(f".{target.name}~")
     cache = int(cache_windows * window[0] * window[1] * np.dtype(source.dtype).itemsize)
     try:
-        with rasterio.Env(GDAL_CACHEMAX=max(cache, 16 << 20), GDAL_NUM_THREADS="1"):
+        with rasterio.Env(GDAL_CACHEMAX=max(cache, 1 << 20), GDAL_NUM_THREADS="1"):
             profile = _profile(item, source, block)
             with rasterio.open(scratch[0], "w", **profile) as dst:
                 for rows, cols in windows(shape, window):

@@ -129,7 +129,7 @@ def match_image(coco: CocoFile, item_id: str, source: str) -> CocoImage | None:
     >>> coco = CocoFile("c.json", images, {}, {})
     >>> match_image(coco, "b", "/data/b/image.png").id
     2
-    >>> match_image(coco, "c", "/data/c/image.png") is None
+    >>> match_image(coco, "c", "/data/c/other.png") is None
     True
     """
     tagged = [i for i in coco.images if i.segflow_item == item_id]
@@ -189,8 +189,8 @@ def decode_counts(text: str) -> list[int]:
 
     Examples
     --------
-    >>> decode_counts("52203")
-    [5, 2, 2, 0, 3]
+    >>> decode_counts("1232O")  # pycocotools' string of 0 1 1 0 0 0 1 1 1 1 0 0
+    [1, 2, 3, 4, 2]
     """
     counts: list[int] = []
     p = 0

@@ -579,7 +579,8 @@ def _nothing_to_score(
     path: Path, config: Any, reference: str, overrides: Sequence[str]
 ) -> str | None:
     """Why ``evaluate`` cannot score anything for ``config`` (checked before Prefect starts):
-    its store has no segmented item, or ``reference`` names no file."""
+    its store has no segmented item, ``reference`` names no file, or a COCO file there is
+    malformed."""
     from segflow.engine.collection import index_rows
     from segflow.evaluate import find_references, made_by
 
@@ -593,8 +594,24 @@ def _nothing_to_score(
             f"store '{store}' has no item made by config {config.name!r} to score{made}: run "
             f"`segflow run {path}`{same} first"
         )
-    if not find_references(reference):
+    found = find_references(reference)
+    if not found:
         return f"--reference {reference!r} names no file (a file, a folder or a glob)"
+    return _bad_coco(found)
+
+
+def _bad_coco(references: Sequence[str]) -> str | None:
+    """The first problem of a COCO reference file that no item could be scored against
+    (an image without its size, an annotation of an image it does not list)."""
+    from segflow.errors import EvaluationError
+    from segflow.io.coco import is_coco, load_coco
+
+    for path in references:
+        try:
+            if is_coco(path):
+                load_coco(path)
+        except EvaluationError as error:
+            return str(error)
     return None
 
 

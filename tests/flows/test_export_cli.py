@@ -123,6 +123,15 @@ def test_evaluate_takes_a_coco_file_and_names_its_other_images(
         in by_coco.stderr
     )
     scores = pd.read_parquet(store / "evaluation.parquet")
+    broken = coco_of(entries)
+    broken["annotations"][0]["image_id"] = 5
+    reference.write_text(json.dumps(broken))
+    refused = runner.invoke(app, ["evaluate", config, "--reference", str(reference), *common])
+    assert refused.exit_code == 2
+    assert refused.stderr == (
+        f"{config}: COCO file '{reference}': annotation 1 names image_id 5, which the file's "
+        "images do not have\n"
+    )
     columns = ["ap50", "ap50_95", "matched", "n_pred", "n_ref", "dice_1", "iou_1"]
     pd.testing.assert_frame_equal(scores[columns], expected[columns])
     assert scores.loc[0, "reference"] == str(reference) and scores.loc[0, "n_ref"] == 36

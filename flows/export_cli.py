@@ -55,6 +55,7 @@ def export(
         bool, typer.Option("--crs", help="geojson: CRS coordinates instead of pixels.")
     ] = False,
     category: Annotated[str, typer.Option(help="coco: the objects' category name.")] = "object",
+    tile: Annotated[int, typer.Option(help="cog: tile side, a multiple of 16.")] = 512,
 ) -> None:
     """Export a store's labels as COGs, or its objects as COCO JSON or GeoJSON polygons.
 
@@ -64,7 +65,9 @@ def export(
 
     try:
         if format_ is ExportFormat.cog:
-            _export_cogs(store, item, out, array)
+            if tile <= 0 or tile % 16:
+                raise StoreError(f"--tile ({tile}) must be a positive multiple of 16")
+            _export_cogs(store, item, out, array, tile)
         else:
             if crs and format_ is ExportFormat.coco:
                 raise StoreError("--crs: COCO polygons are in pixel coordinates; drop --crs")
@@ -83,7 +86,7 @@ def _default_out(store: str, suffix: str) -> Path:
 
 
 def _export_cogs(
-    store: str, item_ids: list[str] | None, out: Path | None, arrays: list[str] | None
+    store: str, item_ids: list[str] | None, out: Path | None, arrays: list[str] | None, tile: int
 ) -> None:
     from segflow.errors import StoreError
     from segflow.export import stored_items
@@ -104,7 +107,7 @@ def _export_cogs(
         target.mkdir(parents=True, exist_ok=True)
     for stored, name in jobs:
         path = target if single else target / f"{stored.id}.{name}.tif"
-        result = write_cog(stored, name, path)
+        result = write_cog(stored, name, path, block=tile)
         levels = " ".join(str(f) for f in result.overviews) or "none"
         typer.echo(
             f"{stored.id} {name} -> {result.path} ({result.shape[1]} x {result.shape[0]}, "

@@ -62,12 +62,12 @@ def test_export_writes_each_format_and_refuses_in_one_line(tmp_path: Path) -> No
     )  # fmt: skip
     assert result.status == "done", result.error
 
-    cog = runner.invoke(app, ["export", str(store), "--format", "cog"])
+    cog = runner.invoke(app, ["export", str(store), "--format", "cog", "--tile", "32"])
     assert cog.exit_code == 0, cog.output
     path = tmp_path / "s.cog" / "tile.labels.tif"
-    assert cog.stdout == f"tile labels -> {path} (70 x 40, overviews none, no CRS)\n"
+    assert cog.stdout == f"tile labels -> {path} (70 x 40, overviews 2 4, no CRS)\n"
     with rasterio.open(path) as dataset:
-        assert dataset.read(1).max() == 2
+        assert dataset.read(1).max() == 2 and dataset.block_shapes == [(32, 32)]
     coco = runner.invoke(app, ["export", str(store), "--format", "coco", "--tolerance", "1"])
     assert coco.exit_code == 0, coco.output
     assert coco.stdout == (
@@ -90,6 +90,7 @@ def test_export_writes_each_format_and_refuses_in_one_line(tmp_path: Path) -> No
          "--crs: COCO polygons are in pixel coordinates; drop --crs"),
         (["--format", "cog", "--item", "nope"],
          f"--item nope: not a committed item of '{store}' (1 item(s): tile)"),
+        (["--format", "cog", "--tile", "100"], "--tile (100) must be a positive multiple of 16"),
         (["--format", "cog", "--array", "probabilities"],
          "item 'tile': no array 'probabilities' to export (it has ['labels'])"),
     ]:  # fmt: skip

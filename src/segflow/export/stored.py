@@ -44,8 +44,9 @@ def stored_items(store: str, item_ids: Sequence[str] | None = None) -> list[Stor
     Raises
     ------
     StoreError
-        When the store has no index (not a segflow store, or never run), or an item named
-        is not committed there (the line names it and some of the store's items).
+        When the store has no committed item (not a segflow store, or never run), or an
+        item named is not committed there (the line names it and some of the store's
+        items).
     """
     from segflow.store.commit import read_commit
 
@@ -56,7 +57,9 @@ def stored_items(store: str, item_ids: Sequence[str] | None = None) -> list[Stor
     wanted = list(item_ids) if item_ids else done
     records = {i: read_commit(root, i) for i in wanted}
     missing = [i for i in wanted if records[i] is None]
-    if missing:
+    if not item_ids:  # an index row without its commit record: a group being rewritten
+        wanted = [i for i in wanted if records[i] is not None]
+    elif missing:
         shown = ", ".join(done[:IDS_SHOWN]) + (" ..." if len(done) > IDS_SHOWN else "")
         raise StoreError(
             f"--item {', '.join(missing)}: not a committed item of '{root}' "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import geopandas
 import numpy as np
 import pytest
 import rasterio
@@ -213,6 +214,8 @@ def test_geojson_in_pixel_and_crs_coordinates(aerial: pathlib.Path) -> None:
     info = open_item(str(DATA / "aerial" / "RGB.byte.tif")).info
     path = pathlib.Path(str(aerial) + ".geojson")
     path.write_text(json.dumps(world))
+    frame = geopandas.read_file(path)  # GDAL's GeoJSON driver reads the `crs` member
+    assert frame.crs.to_epsg() == 32618 and len(frame) == labels.max()
     burned = PolygonReference(str(path), info).read((slice(0, 718), slice(0, 791)))[0]
     ids = np.array([0, *[f["properties"]["label"] for f in world["features"]]])
     np.testing.assert_array_equal(ids[burned], labels)

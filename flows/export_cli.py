@@ -56,6 +56,14 @@ def export(
     ] = False,
     category: Annotated[str, typer.Option(help="coco: the objects' category name.")] = "object",
     tile: Annotated[int, typer.Option(help="cog: tile side, a multiple of 16.")] = 512,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="coco: each object's category from this class map (the class most of its "
+            "pixels have), e.g. classes.",
+        ),
+    ] = None,
 ) -> None:
     """Export a store's labels as COGs, or its objects as COCO JSON or GeoJSON polygons.
 
@@ -71,7 +79,8 @@ def export(
         else:
             if crs and format_ is ExportFormat.coco:
                 raise StoreError("--crs: COCO polygons are in pixel coordinates; drop --crs")
-            _export_polygons(store, format_, item, out, array, tolerance, crs, category)
+            options = {"tolerance": tolerance, "crs": crs, "category": category, "classes": classes}
+            _export_polygons(store, format_, item, out, array, options)
     except StoreError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(EXIT_INVALID) from None
@@ -130,24 +139,29 @@ def _export_polygons(
     item_ids: list[str] | None,
     out: Path | None,
     arrays: list[str] | None,
-    tolerance: float,
-    crs: bool,
-    category: str,
+    options: dict[str, Any],
 ) -> None:
     from segflow.errors import StoreError
     from segflow.export import stored_items
     from segflow.export.coco import coco_document
     from segflow.export.geojson import geojson_document
-    from segflow.export.polygons import item_polygons
+    from segflow.export.polygons import item_polygons, object_classes
 
     if arrays and len(arrays) > 1:
         raise StoreError(f"--array: one label array for polygons, got {len(arrays)}")
     name = arrays[0] if arrays else "labels"
-    polygons = [item_polygons(i, name) for i in stored_items(store, item_ids)]
+    items = stored_items(store, item_ids)
+    polygons = [item_polygons(i, name) for i in items]
+    tolerance, crs, classes = options["tolerance"], options["crs"], options["classes"]
     document: dict[str, Any]
     if format_ is ExportFormat.coco:
-        document = coco_document(polygons, tolerance=tolerance, category=category)
+        found = [object_classes(i, name, classes) for i in items] if classes else None
+        document = coco_document(
+            polygons, tolerance=tolerance, category=options["category"], classes=found
+        )
     else:
+        if classes:
+            raise StoreError("--classes: categories are written to COCO files only")
         document = geojson_document(polygons, tolerance=tolerance, crs=crs)
     suffix = ".coco.json" if format_ is ExportFormat.coco else ".geojson"
     target = out or _default_out(store, suffix)

@@ -33,7 +33,7 @@ from segflow.export import stored_items
 from segflow.export.coco import coco_document
 from segflow.export.cog import cog_arrays, halve, write_cog
 from segflow.export.geojson import geojson_document
-from segflow.export.polygons import item_polygons
+from segflow.export.polygons import item_polygons, object_classes
 from segflow.io import ArrayReader, open_item
 from segflow.io.coco import CocoReference
 
@@ -219,3 +219,19 @@ def test_geojson_in_pixel_and_crs_coordinates(aerial: pathlib.Path) -> None:
     burned = PolygonReference(str(path), info).read((slice(0, 718), slice(0, 791)))[0]
     ids = np.array([0, *[f["properties"]["label"] for f in world["features"]]])
     np.testing.assert_array_equal(ids[burned], labels)
+
+
+def test_coco_categories_from_a_class_map(aerial: pathlib.Path) -> None:
+    [item] = stored_items(str(aerial))
+    labels, classes = _labels(aerial, item.id), _labels(aerial, item.id, "classes")
+    found = object_classes(item, "labels", "classes", block=100)
+    document = coco_document([item_polygons(item)], classes=[found])
+    assert found.names == {1: "dark", 2: "mid", 3: "bright"}
+    used = {a["category_id"] for a in document["annotations"]}
+    assert document["categories"] == [
+        {"id": c, "name": found.names[c], "supercategory": ""} for c in sorted(used)
+    ]
+    for annotation in document["annotations"]:  # the class most of the object's pixels have
+        counts = np.bincount(classes[labels == annotation["segflow_label"]], minlength=4)
+        assert annotation["category_id"] == int(np.argmax(counts))
+    assert len(used) > 1

@@ -91,6 +91,10 @@ def test_export_writes_each_format_and_refuses_in_one_line(tmp_path: Path) -> No
         (["--format", "cog", "--item", "nope"],
          f"--item nope: not a committed item of '{store}' (1 item(s): tile)"),
         (["--format", "cog", "--tile", "100"], "--tile (100) must be a positive multiple of 16"),
+        (["--format", "geojson", "--classes", "classes"],
+         "--classes: categories are written to COCO files only"),
+        (["--format", "coco", "--classes", "classes"],
+         "item 'tile': no array 'classes' to export (it has ['labels'])"),
         (["--format", "cog", "--array", "probabilities"],
          "item 'tile': no array 'probabilities' to export (it has ['labels'])"),
     ]:  # fmt: skip

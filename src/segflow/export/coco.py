@@ -4,8 +4,9 @@
 its folders as tell the items apart; ``width``, ``height``; ``segflow_item``, the item id),
 ``annotations`` (one per object: ``segmentation``, ``bbox`` ``[x, y, width, height]``,
 ``area``, ``category_id``, ``iscrowd`` 0; ``segflow_label``, the object's id in the store)
-and ``categories``. Coordinates are COCO's pixel-corner coordinates: pixel ``(row, col)``
-covers ``[col, col + 1) x [row, row + 1)``.
+and ``categories`` (one, or each object's majority class in a class map of the item).
+Coordinates are COCO's pixel-corner coordinates: pixel ``(row, col)`` covers
+``[col, col + 1) x [row, row + 1)``.
 
 A COCO polygon cannot have a hole (every ring of a segmentation is filled), so an object
 with a hole is written as an uncompressed RLE mask (exact, whatever the tolerance); every
@@ -22,18 +23,27 @@ from typing import Any
 
 import numpy as np
 
-from segflow.export.polygons import ItemPolygons, simplify
+from segflow.export.polygons import ItemPolygons, ObjectClasses, simplify
 from segflow.export.stored import StoredItem
 
 
 def coco_document(
-    items: Sequence[ItemPolygons], *, tolerance: float = 0.0, category: str = "object"
+    items: Sequence[ItemPolygons],
+    *,
+    tolerance: float = 0.0,
+    category: str = "object",
+    classes: Sequence[ObjectClasses] | None = None,
 ) -> dict[str, Any]:
-    """The COCO JSON document of the objects of ``items`` (one category, id 1)."""
+    """The COCO JSON document of the objects of ``items``: one category (``category``, id
+    1), or with ``classes`` (one per item) each object's class as its category (the class
+    id, named as the class map names it)."""
     names = file_names([p.item for p in items])
+    per_item = list(classes) if classes is not None else [None] * len(items)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for image_id, (polygons, name) in enumerate(zip(items, names, strict=True), start=1):
+    for image_id, (polygons, name, found) in enumerate(
+        zip(items, names, per_item, strict=True), start=1
+    ):
         height, width = polygons.item.shape
         images.append(
             {"id": image_id, "file_name": name, "width": width, "height": height,
@@ -41,8 +51,12 @@ def coco_document(
         )  # fmt: skip
         for label, geometry in zip(polygons.labels.tolist(), polygons.geometries, strict=True):
             annotation = coco_annotation(geometry, tolerance=tolerance, size=(height, width))
+            category_id = found.classes.get(label, 0) if found is not None else 1
             annotation.update(
-                id=len(annotations) + 1, image_id=image_id, category_id=1, segflow_label=label
+                id=len(annotations) + 1,
+                image_id=image_id,
+                category_id=category_id,
+                segflow_label=label,
             )
             annotations.append(annotation)
     return {
@@ -50,8 +64,22 @@ def coco_document(
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": 1, "name": category, "supercategory": ""}],
+        "categories": _categories(annotations, classes)
+        or [{"id": 1, "name": category, "supercategory": ""}],
     }
+
+
+def _categories(
+    annotations: Sequence[dict[str, Any]], classes: Sequence[ObjectClasses] | None
+) -> list[dict[str, Any]]:
+    """The classes the objects have, named as their class maps name them."""
+    if classes is None:
+        return []
+    names: dict[int, str] = {}
+    for found in classes:
+        names.update(found.names)
+    used = sorted({int(a["category_id"]) for a in annotations})
+    return [{"id": c, "name": names.get(c, str(c)), "supercategory": ""} for c in used]
 
 
 def coco_annotation(geometry: Any, *, tolerance: float, size: tuple[int, int]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``models``, ``evaluate``, ``train``.
+"""The ``segflow`` command: ``run``, ``validate``, ``ops``, ``models``, ``evaluate``, ``train``,
+``export`` (in :mod:`segflow.flows.export_cli`).
 
 Prefect is imported only by ``run`` (and only when some item is to do: the store's skip rule
 is applied first), ``evaluate`` and ``train``, so ``segflow ops``, ``segflow validate`` and
@@ -605,7 +606,8 @@ def _nothing_to_score(
     path: Path, config: Any, reference: str, overrides: Sequence[str]
 ) -> str | None:
     """Why ``evaluate`` cannot score anything for ``config`` (checked before Prefect starts):
-    its store has no segmented item, or ``reference`` names no file."""
+    its store has no segmented item, ``reference`` names no file, or a COCO file there is
+    malformed."""
     from segflow.engine.collection import index_rows
     from segflow.evaluate import find_references, made_by
 
@@ -619,8 +621,24 @@ def _nothing_to_score(
             f"store '{store}' has no item made by config {config.name!r} to score{made}: run "
             f"`segflow run {path}`{same} first"
         )
-    if not find_references(reference):
+    found = find_references(reference)
+    if not found:
         return f"--reference {reference!r} names no file (a file, a folder or a glob)"
+    return _bad_coco(found)
+
+
+def _bad_coco(references: Sequence[str]) -> str | None:
+    """The first problem of a COCO reference file that no item could be scored against
+    (an image without its size, an annotation of an image it does not list)."""
+    from segflow.errors import EvaluationError
+    from segflow.io.coco import is_coco, load_coco
+
+    for path in references:
+        try:
+            if is_coco(path):
+                load_coco(path)
+        except EvaluationError as error:
+            return str(error)
     return None
 
 
@@ -650,6 +668,8 @@ def _print_scores(summary: dict[str, Any]) -> None:
         typer.echo(row["eval_error"], err=True)
     if summary["unmatched"]:
         typer.echo(f"no reference for: {', '.join(summary['unmatched'])}", err=True)
+    for line in summary.get("not_in_collection", []):
+        typer.echo(line, err=True)
 
 
 def _cell(value: Any) -> str:
@@ -1051,12 +1071,19 @@ def train(
     --restart trains afresh).
     """
     from segflow.errors import ConfigError
-    from segflow.train_config import find_pairs, load_train_config, resume_changes
+    from segflow.train_config import (
+        coco_extra_lines,
+        find_pairs,
+        load_train_config,
+        resume_changes,
+    )
 
     console = Console()
     try:
         cfg = load_train_config(config)
-        find_pairs(cfg.data)  # every image has its reference, before Prefect starts
+        pairs = find_pairs(cfg.data)  # every image has its reference, before Prefect starts
+        for line in coco_extra_lines(pairs):
+            typer.echo(f"{config}: {line}", err=True)
         changes = [] if restart else resume_changes(cfg)
     except ConfigError as error:
         Console(stderr=True).print(f"{config}: invalid train config", *error.problems, sep="\n")
@@ -1101,6 +1128,10 @@ def _other_run_line(config: Path, output: str, changes: Sequence[str]) -> str:
         "output"
     )
 
+
+from segflow.flows.export_cli import export  # noqa: E402  (its own module: this one is long)
+
+app.command()(export)
 
 for _command in app.registered_commands:  # every command's help: see _ReadableHelp
     _command.cls = _ReadableHelp

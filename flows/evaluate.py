@@ -11,11 +11,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from segflow.evaluate import find_references, made_by, match_references
+from segflow.evaluate import find_references, made_by, match_references, split_coco_matches
 from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags
 from segflow.flows.segment import config_name, resolve_config
 from segflow.store.names import EVALUATION_NAME
-from segflow.tasks.evaluate import evaluate_item_task
+from segflow.tasks.evaluate import PRINTED_BY_COMMAND, evaluate_item_task
 from segflow.tasks.store import current_run_id, read_index_task, write_index_task, writing_store
 
 
@@ -43,7 +43,11 @@ def evaluate_collection(
     if others := sum(r.get("status") == "done" for r in index) - len(rows):
         logger.warning("%d done items of %s were made by another config: not scored", others, store)
     references = find_references(reference)
-    matched = match_references([(i, str(r["source"])) for i, r in rows.items()], references)
+    sources = {i: str(r["source"]) for i, r in rows.items()}
+    matched = match_references(list(sources.items()), references)
+    matched, not_in_collection = split_coco_matches(matched, sources)
+    for line in not_in_collection:
+        logger.warning(line, extra=PRINTED_BY_COMMAND)
     logger.info("%d of %d items have a reference", len(matched), len(rows))
     futures = [
         evaluate_item_task.submit(
@@ -67,4 +71,5 @@ def evaluate_collection(
         "scored": [s for s in scores if "eval_error" not in s],
         "failed": [s for s in scores if "eval_error" in s],
         "unmatched": sorted(set(rows) - set(matched)),
+        "not_in_collection": not_in_collection,
     }

@@ -12,9 +12,11 @@ they give exactly the whole-array scores:
   precision of the 2018 Data Science Bowl and of StarDist/Cellpose papers; ``ap50`` is at
   ``t = 0.5`` and ``ap50_95`` the mean over ``t = 0.50, 0.55, ..., 0.95``.
 
-References are label or class images (any reader: TIFF, PNG, NIfTI, Zarr, GeoTIFF) or
+References are label or class images (any reader: TIFF, PNG, NIfTI, Zarr, GeoTIFF),
 GeoJSON polygons rasterised onto the item's grid: one object per polygon when instances are
-scored, class 1 (the mask's foreground) for a semantic output. A reference image with one
+scored, class 1 (the mask's foreground) for a semantic output, or COCO JSON annotations
+(polygons and RLE masks; :mod:`segflow.io.coco`): one object per annotation, or its
+category for a semantic output. A reference image with one
 value besides 0 (a 0/255 mask, as EM and building masks come) is a mask, not one object:
 it is scored by Dice and IoU of the foreground (class 1), with a note that AP needs an
 instance label image.
@@ -170,15 +172,21 @@ class PolygonReference:
 
 def open_reference(path: str, info: ItemInfo, *, instances: bool = True) -> Any:
     """A reader for a reference: label/class images through segflow's readers, GeoJSON
-    polygons rasterised on the item's grid (one id each for ``instances``, else class 1).
+    polygons rasterised on the item's grid (one id each for ``instances``, else class 1),
+    COCO JSON polygons and RLE masks of the item's image (one id per annotation for
+    ``instances``, else its ``category_id``: :mod:`segflow.io.coco`).
 
     Raises
     ------
     EvaluationError
         When a reference image has another spatial shape than the item (checked once,
-        before any block is read).
+        before any block is read), or a COCO file has no image of the item's size for it.
     """
     if path.lower().endswith(VECTOR_SUFFIXES):
+        from segflow.io.coco import CocoReference, is_coco
+
+        if is_coco(path):
+            return CocoReference(path, info, instances=instances)
         return PolygonReference(path, info, instances=instances)
     from segflow.io import open_item
 
@@ -337,3 +345,33 @@ def match_references(items: Sequence[tuple[str, str]], references: Sequence[str]
         ):
             matched[item_id] = references[0]
     return matched
+
+
+def split_coco_matches(
+    matched: Mapping[str, str], sources: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """``matched`` (item id -> reference) without the items whose COCO reference has no
+    image for them (they have no reference), and one line per COCO file naming its images
+    that no item of ``sources`` (item id -> source path) is. An item that two images match
+    stays: scoring it reports that, for that item alone.
+    """
+    from segflow.io.coco import is_coco, load_coco, match_image, unmatched_line
+
+    kept, lines = dict(matched), []
+    for path in sorted(set(matched.values())):
+        if not is_coco(path):
+            continue
+        coco = load_coco(path)
+        used = set()
+        for item_id, source in sources.items():
+            try:
+                image = match_image(coco, item_id, source)
+            except EvaluationError:
+                continue  # ambiguous: the item's score says so
+            if image is not None:
+                used.add(image.id)
+            elif kept.get(item_id) == path:
+                del kept[item_id]
+        if extra := [i.file_name for i in coco.images if i.id not in used]:
+            lines.append(unmatched_line(path, extra))
+    return kept, lines

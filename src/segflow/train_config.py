@@ -2,8 +2,9 @@
 
 Config is data: the model is a :class:`~segflow.models.card.ModelCard` (without weights),
 the loop a :class:`~segflow.models.train.TrainConfig`, and the data a glob of images with a
-reference per image (a label image, or GeoJSON polygons rasterised on the image's grid as
-``segflow evaluate`` does).
+reference per image (a label image, GeoJSON polygons rasterised on the image's grid as
+``segflow evaluate`` does, or one COCO JSON file for all images: its polygons and RLE
+masks, one instance per annotation; :mod:`segflow.io.coco`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class TrainData(_Model):
         "{dir}/labels.tif",
         description="each image's reference: a path template with {dir} (the image's folder) "
         "and {stem} (its name without extension), e.g. '{dir}/labels.tif' or "
-        "'refs/{stem}.geojson'",
+        "'refs/{stem}.geojson', or one COCO JSON file for every image ('annotations.json')",
     )
     synthetic: SyntheticData | None = Field(
         None, description="synthetic nuclei added to the training (and validation) pairs"
@@ -216,7 +217,40 @@ def find_pairs(data: TrainData) -> list[tuple[str, str]]:
         if not Path(reference).is_file():
             raise ConfigError([f"data.references: image {image!r} has no reference {reference!r}"])
         pairs.append((image, reference))
+    if problems := coco_problems(pairs):
+        raise ConfigError(problems)
     return pairs
+
+
+def coco_problems(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """One line per image whose COCO reference has no image for it, or one of another size
+    (checked before training: the images' headers are read, not their pixels)."""
+    from segflow.errors import EvaluationError
+    from segflow.io import open_item
+    from segflow.io.coco import CocoReference, is_coco
+
+    problems = []
+    for image, reference in pairs:
+        if not is_coco(reference):
+            continue
+        try:
+            CocoReference(reference, open_item(image).info)
+        except EvaluationError as error:
+            problems.append(f"data.references: image {image!r}: {error}")
+    return problems
+
+
+def coco_extra_lines(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """One line per COCO reference file naming its images that are not training images."""
+    from segflow.io import open_item
+    from segflow.io.coco import is_coco, load_coco, unmatched_images, unmatched_line
+
+    lines = []
+    for reference in sorted({r for _, r in pairs if is_coco(r)}):
+        items = [(open_item(i).info.id, i) for i, r in pairs if r == reference]
+        if extra := unmatched_images(load_coco(reference), items):
+            lines.append(unmatched_line(reference, extra))
+    return lines
 
 
 def read_pairs(

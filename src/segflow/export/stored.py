@@ -1,0 +1,128 @@
+"""What an export needs to know of a committed item: its grid, CRS and arrays.
+
+Everything comes from the store itself (the item group's attributes and its commit
+record), so an export needs neither the config nor the input files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from segflow.errors import StoreError
+from segflow.io.base import ItemInfo
+
+# Item ids named in a "not in the store" line before the rest are counted.
+IDS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """One committed item of a store.
+
+    ``transform`` maps pixel corners ``(col, row)`` to the item's CRS (rasterio order
+    ``(a, b, c, d, e, f)``); without a CRS it maps to the item's physical coordinates,
+    the identity for plain pixel images. ``arrays`` maps each output array to its dtype.
+    """
+
+    store: str
+    id: str
+    source: str
+    shape: tuple[int, ...]
+    crs_wkt: str | None
+    transform: tuple[float, float, float, float, float, float]
+    arrays: dict[str, str]
+
+    def array_path(self, name: str) -> str:
+        return f"{self.id}/{name}"
+
+
+def stored_items(store: str, item_ids: Sequence[str] | None = None) -> list[StoredItem]:
+    """The committed items of ``store`` (``item_ids``, or every done item of its index).
+
+    Raises
+    ------
+    StoreError
+        When the store has no committed item (not a segflow store, or never run), or an
+        item named is not committed there (the line names it and some of the store's
+        items).
+    """
+    from segflow.store.commit import read_commit
+
+    root = str(store).rstrip("/")
+    done = _committed_ids(root)
+    if not done:
+        raise StoreError(f"store '{root}' has no segmented item to export (run segflow first)")
+    wanted = list(item_ids) if item_ids else done
+    records = {i: read_commit(root, i) for i in wanted}
+    missing = [i for i in wanted if records[i] is None]
+    if not item_ids:  # an index row without its commit record: a group being rewritten
+        wanted = [i for i in wanted if records[i] is not None]
+    elif missing:
+        shown = ", ".join(done[:IDS_SHOWN]) + (" ..." if len(done) > IDS_SHOWN else "")
+        raise StoreError(
+            f"--item {', '.join(missing)}: not a committed item of '{root}' "
+            f"({len(done)} item(s): {shown})"
+        )
+    return [_stored_item(root, i, records[i] or {}) for i in wanted]
+
+
+def _committed_ids(root: str) -> list[str]:
+    """The done items of the store's index, or (a store written by the engine alone, which
+    keeps no index) the item groups that hold a commit record."""
+    from segflow.engine.collection import index_rows
+    from segflow.store.commit import read_commit
+    from segflow.store.fs import fresh_fs
+
+    try:
+        rows = index_rows(root)
+    except FileNotFoundError:
+        rows = []
+    done = sorted(str(r["id"]) for r in rows if r.get("status") == "done")
+    if done:
+        return done
+    fs, path = fresh_fs(root)
+    if not fs.isdir(path):
+        return []
+    names = (str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return sorted(n for n in names if not n.startswith(".") and read_commit(root, n))
+
+
+def _stored_item(root: str, item_id: str, record: dict[str, Any]) -> StoredItem:
+    import zarr
+
+    from segflow.store.vectors import item_transform
+
+    group = zarr.open_group(root, path=item_id, mode="r", use_consolidated=False)
+    attrs: dict[str, Any] = dict(group.attrs)
+    arrays = {str(k): str(v) for k, v in dict(record.get("arrays", {})).items()}
+    first = next(iter(arrays), None)
+    shape = (
+        tuple(zarr.open_array(root, path=f"{item_id}/{first}", mode="r").shape)
+        if first
+        else tuple(attrs.get("source_shape", ()))
+    )
+    spatial = tuple(a for a in attrs.get("source_axes", ("y", "x")) if a != "c")
+    info = ItemInfo(
+        id=item_id,
+        path=str(attrs.get("source", "")),
+        format=attrs.get("format", "array"),
+        shape=shape[-len(spatial) :],
+        dtype=str(attrs.get("source_dtype", "uint8")),
+        axes=spatial,
+        spacing=tuple(attrs.get("spacing") or (1.0,) * len(spatial)),
+        origin=tuple(attrs.get("origin") or (0.0,) * len(spatial)),
+        crs_wkt=attrs.get("crs"),
+        transform=tuple(attrs["transform"]) if attrs.get("transform") else None,
+    )
+    transform = item_transform(info) if len(spatial) == 2 else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    return StoredItem(
+        store=root,
+        id=item_id,
+        source=info.path,
+        shape=info.shape,
+        crs_wkt=info.crs_wkt,
+        transform=transform,
+        arrays=arrays,
+    )

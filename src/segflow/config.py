@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -32,6 +32,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MosaicConfig(_Model):
+    """``input.mosaic``: how the tiles of a scene make one image."""
+
+    overlap: Literal["first", "last", "mean"] = Field(
+        "first",
+        description="which tile's pixel a scene takes where tiles overlap: the first in path "
+        "order with a value there, the last, or the mean of those with a value",
+    )
+    nodata: float | None = Field(
+        None,
+        description="the scene's nodata value (holes and the tiles' own nodata pixels); "
+        "default: the nodata value the tiles agree on",
+    )
+    max_gap_km: float = Field(
+        1000.0, gt=0, description="tiles farther than this from the others are refused"
+    )
+
+
 class InputConfig(_Model):
     path: str = Field(description="a file, folder, glob or fsspec URL")
     options: dict[str, Any] = Field(
@@ -39,6 +57,18 @@ class InputConfig(_Model):
         description="reader options, e.g. {level: 1} for an OME-TIFF pyramid level "
         "(`segflow formats` lists each reader's)",
     )
+    mosaic: bool | MosaicConfig = Field(
+        False,
+        description="true (or a mapping of overlap, nodata, max_gap_km): every GeoTIFF the "
+        "path matches is a tile of ONE item, a scene on the union of their footprints",
+    )
+
+    def reader_options(self) -> dict[str, Any]:
+        """What discovery and the readers take: ``options``, with ``mosaic`` when set."""
+        if self.mosaic is False:
+            return dict(self.options)
+        mosaic = MosaicConfig.model_validate({}) if self.mosaic is True else self.mosaic
+        return {**self.options, "mosaic": mosaic.model_dump()}
 
 
 class OutputConfig(_Model):

@@ -317,7 +317,7 @@ def plan_collection(
         return handed
     found: list[str] = []
     readers, failures = discover_items(
-        cfg.input.path, notes=found, store=cfg.output.store, **cfg.input.options
+        cfg.input.path, notes=found, store=cfg.output.store, **cfg.input.reader_options()
     )
     if notes is not None:
         notes.extend(found)
@@ -342,7 +342,11 @@ def _plan_key(
     cfg: SegflowConfig, overwrite: bool | None, item_filter: Sequence[str] | None
 ) -> tuple[Any, ...]:
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
-    where = (cfg.input.path, cfg.output.store, json.dumps(cfg.input.options, sort_keys=True))
+    where = (
+        cfg.input.path,
+        cfg.output.store,
+        json.dumps(cfg.input.reader_options(), sort_keys=True),
+    )
     return (cfg.name, cfg.config_hash(), *where, overwrite, tuple(item_filter or ()))
 
 
@@ -456,7 +460,7 @@ def run_item(
     else:
         with item_deadline(cfg.run.item_timeout):
             try:
-                reader = open_item(path, item_id, **cfg.input.options)
+                reader = open_item(path, item_id, **cfg.input.reader_options())
                 # Before anything of it is planned or read: a header that lies fails here.
                 check_item_budget(
                     reader.info, cfg.blocks.shape, max_item_bytes=cfg.run.max_item_bytes

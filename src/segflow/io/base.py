@@ -9,7 +9,17 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 Format = Literal[
-    "geotiff", "nifti", "nrrd", "dicom", "ome-tiff", "tiff", "png", "jpeg", "zarr", "array"
+    "geotiff",
+    "nifti",
+    "nrrd",
+    "dicom",
+    "ome-tiff",
+    "tiff",
+    "png",
+    "jpeg",
+    "zarr",
+    "array",
+    "mosaic",
 ]
 
 

@@ -1,0 +1,269 @@
+"""Scenes (``input.mosaic``): tiles cut from one raster, run as one item, give the uncut
+raster's output exactly; tiles that cannot make one scene are refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from _layouts import smooth_noise
+from affine import Affine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segflow.engine.executor import LocalExecutor
+from segflow.engine.item import segment_item
+from segflow.errors import ItemReadError
+from segflow.io import discover_items, open_item
+
+ORIGIN = Affine(0.5, 0.0, 600_000.0, 0.0, -0.5, 5_200_000.0)  # 0.5 m pixels, UTM 32N
+CRS = "EPSG:32632"
+# Otsu over the scene (a global statistic), morphology whose halo crosses tile borders,
+# and labels stitched across blocks: every kind of phase a scene must keep exact.
+PIPELINE: list[dict[str, Any]] = [
+    {"op": "mask_nodata"},
+    {"op": "combine_bands", "weights": [0.5, 0.3, 0.2]},
+    {"op": "otsu"},
+    {"op": "binary_closing", "radius": 1},
+    {"op": "label"},
+]
+
+
+def make_raster(shape: tuple[int, int], dtype: str, seed: int) -> np.ndarray:
+    """Three bands of blobs, never 0 (0 is the nodata value of these tests)."""
+    top = 250 if dtype == "uint8" else 60_000
+    bands = [smooth_noise(shape, seed + b, sigma=2.0) for b in range(3)]
+    scaled = [(b - b.min()) / max(float(np.ptp(b)), 1e-6) * (top - 1) + 1 for b in bands]
+    return np.stack(scaled).astype(dtype)
+
+
+def write_tif(
+    path: Path,
+    image: np.ndarray,
+    row: float,
+    col: float,
+    *,
+    nodata: float | None,
+    crs: str | None = CRS,
+) -> None:
+    profile = {"driver": "GTiff", "height": image.shape[1], "width": image.shape[2]}
+    profile.update(count=image.shape[0], dtype=str(image.dtype), nodata=nodata)
+    transform = ORIGIN @ Affine.translation(col, row)
+    with rasterio.open(path, "w", **profile, crs=crs, transform=transform) as dst:
+        dst.write(image)
+
+
+@st.composite
+def tilings(draw: st.DrawFn, max_side: int = 48) -> dict[str, Any]:
+    """A raster cut into an uneven grid of tiles, each grown by up to 3 pixels down and
+    right (overlaps), some left out (holes, and a smaller scene where an edge tile goes)."""
+    shape = (draw(st.integers(12, max_side)), draw(st.integers(12, max_side)))
+    # Cut points at least 4 pixels apart: tiles of a few pixels at least, so that Otsu
+    # has values to work on whichever tiles are left out.
+    cuts = [sorted(draw(st.sets(st.integers(1, n // 4 - 1), max_size=3))) for n in shape]
+    edges = [[0, *(4 * c for c in cut), n] for cut, n in zip(cuts, shape, strict=True)]
+    tiles = []
+    for r0, r1 in zip(edges[0][:-1], edges[0][1:], strict=True):
+        for c0, c1 in zip(edges[1][:-1], edges[1][1:], strict=True):
+            grow = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+            tiles.append((r0, min(r1 + grow[0], shape[0]), c0, min(c1 + grow[1], shape[1])))
+    keep = draw(st.lists(st.booleans(), min_size=len(tiles), max_size=len(tiles)))
+    kept = [t for t, k in zip(tiles, keep, strict=True) if k] or tiles[:1]
+    block = (draw(st.integers(3, shape[0])), draw(st.integers(3, shape[1])))
+    return {
+        "shape": shape,
+        "tiles": kept,
+        "block": block,
+        "dtype": draw(st.sampled_from(["uint8", "uint16"])),
+        "overlap": draw(st.sampled_from(["first", "last", "mean"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def cut_scene(folder: Path, image: np.ndarray, tiles: list[tuple[int, ...]], nodata: Any) -> None:
+    folder.mkdir()
+    for i, (r0, r1, c0, c1) in enumerate(tiles):
+        write_tif(folder / f"t{i:02d}.tif", image[:, r0:r1, c0:c1], r0, c0, nodata=nodata)
+
+
+def uncut(image: np.ndarray, tiles: list[tuple[int, ...]]) -> tuple[np.ndarray, int, int]:
+    """The raster as the tiles cover it: their bounding box, 0 (nodata) where none is."""
+    covered = np.zeros(image.shape[1:], dtype=bool)
+    for r0, r1, c0, c1 in tiles:
+        covered[r0:r1, c0:c1] = True
+    rows, cols = np.nonzero(covered)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    return np.where(covered, image, 0)[:, box[0], box[1]], int(rows.min()), int(cols.min())
+
+
+def run(reader: Any, store: Path, block: Any) -> np.ndarray:
+    with LocalExecutor(1) as executor:
+        result = segment_item(reader, PIPELINE, store=str(store), block_shape=block,
+                              executor=executor, ome=False)  # fmt: skip
+    assert result.status == "done", result.error
+    return np.asarray(zarr.open_group(store, mode="r")[f"{reader.info.id}/labels"][...])
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tilings())
+def test_a_scene_of_tiles_gives_the_uncut_rasters_labels(case: dict[str, Any]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        image = make_raster(case["shape"], case["dtype"], case["seed"])
+        # Half the cases: tiles carry their nodata tag; else the config names it.
+        tagged = case["seed"] % 2 == 0
+        cut_scene(root / "tiles", image, case["tiles"], 0 if tagged else None)
+        expected, row, col = uncut(image, case["tiles"])
+        write_tif(root / "whole.tif", expected, row, col, nodata=0)
+        mosaic = {"overlap": case["overlap"], "nodata": None if tagged else 0}
+        (scene,), failures = discover_items(str(root / "tiles"), mosaic=mosaic)
+        assert failures == []
+        assert scene.info.shape == expected.shape
+        assert scene.info.transform == open_item(str(root / "whole.tif")).info.transform
+        np.testing.assert_array_equal(scene.read((slice(None), slice(None))), expected)
+        whole = run(open_item(str(root / "whole.tif")), root / "whole.zarr", case["block"])
+        labels = run(scene, root / "scene.zarr", case["block"])
+        np.testing.assert_array_equal(labels, whole)
+        assert whole.max() > 0
+
+
+def test_overlap_rules_pick_first_last_or_the_mean(tmp_path: Path) -> None:
+    ones = np.full((1, 4, 4), 10, dtype=np.uint16)
+    twos = np.full((1, 4, 4), 21, dtype=np.uint16)
+    twos[0, 0, 0] = 0  # nodata: never wins, not in the mean
+    (tmp_path / "s").mkdir()
+    write_tif(tmp_path / "s" / "a.tif", ones, 0, 0, nodata=0)
+    write_tif(tmp_path / "s" / "b.tif", twos, 2, 2, nodata=0)
+    got = {}
+    for rule in ("first", "last", "mean"):
+        reader = open_item(str(tmp_path / "s"), mosaic={"overlap": rule})
+        got[rule] = reader.read((slice(0, 6), slice(0, 6)))[0]
+    assert got["first"][3, 3] == 10 and got["last"][3, 3] == 21
+    assert got["mean"][3, 3] == 16  # 15.5 rounded half to even
+    assert got["last"][2, 2] == got["mean"][2, 2] == 10  # b's nodata pixel: a's value
+    for rule in got:
+        assert got[rule][0, 5] == 0 and got[rule][5, 0] == 0  # holes: the nodata value
+    assert reader.info.nodata == 0 and reader.info.format == "mosaic"
+
+
+def test_the_scene_records_its_tiles_and_a_changed_tile_changes_its_fingerprint(
+    tmp_path: Path,
+) -> None:
+    image = make_raster((20, 30), "uint8", 1)
+    cut_scene(tmp_path / "s", image, [(0, 20, 0, 16), (0, 20, 14, 30)], None)
+    before = open_item(str(tmp_path / "s"), mosaic=True).info
+    tiles = before.attrs["tiles"]
+    assert [t["window"] for t in tiles] == [[0, 0, 20, 16], [0, 14, 20, 16]]
+    assert tiles[0]["path"].endswith("t00.tif") and len(tiles[0]["fingerprint"]) == 16
+    write_tif(tmp_path / "s" / "t01.tif", image[:, :, 14:] // 2, 0, 14, nodata=None)
+    after = open_item(str(tmp_path / "s"), mosaic=True).info
+    assert after.fingerprint != before.fingerprint
+    assert after.attrs["tiles"][0] == tiles[0]
+
+
+def _scene_error(folder: Path, **mosaic: Any) -> str:
+    readers, failures = discover_items(str(folder), mosaic=mosaic or True)
+    assert readers == [] and len(failures) == 1
+    return failures[0][1]
+
+
+def _two_tiles(tmp_path: Path, second: np.ndarray, **kwargs: Any) -> Path:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_tif(folder / "a.tif", np.ones((3, 4, 4), dtype=np.uint8), 0, 0, nodata=None)
+    write_tif(folder / "b.tif", second, kwargs.pop("row", 0), kwargs.pop("col", 4), **kwargs)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("second", "kwargs", "message"),
+    [
+        (np.ones((4, 4, 4), np.uint8), {}, r"tile '.*b\.tif' has bands 4, the first tile "
+         r"'.*a\.tif' 3: every tile of a scene must have the same bands"),
+        (np.ones((3, 4, 4), np.uint16), {}, r"tile '.*b\.tif' has dtype uint16, the first "
+         r"tile '.*a\.tif' uint8"),
+        (np.ones((3, 4, 4), np.uint8), {"crs": "EPSG:32633"}, r"tile '.*b\.tif' is in "
+         r"EPSG:32633, 1 of the 2 tiles in EPSG:32632; warping tiles onto one grid is not "
+         r"built yet: reproject it first \(gdalwarp -t_srs EPSG:32632"),
+        (np.ones((3, 4, 4), np.uint8), {"row": 0, "col": 2}, r"tiles '.*a\.tif' and "
+         r"'.*b\.tif' cover the same footprint|"),  # placeholder replaced below
+        (np.ones((3, 4, 4), np.uint8), {"row": 2_400_000}, r"tile\(s\) '.*b\.tif' lie more "
+         r"than 1000 km from the scene's other tiles \(`input.mosaic.max_gap_km`\)"),
+        (np.ones((3, 4, 4), np.uint8), {"row": 6}, r"the tiles leave holes in the scene's "
+         r"10 x 8 grid and have no nodata value to fill them with: set `input.mosaic.nodata`"),
+    ],
+)  # fmt: skip
+def test_tiles_that_make_no_scene_are_refused_in_one_line(
+    tmp_path: Path, second: np.ndarray, kwargs: dict[str, Any], message: str
+) -> None:
+    if message.endswith("|"):  # a duplicate: the same footprint as the first tile
+        kwargs = {"row": 0, "col": 0}
+        message = message[:-1] + r" \(4 x 4 pixels at row 0, col 0\): a duplicate tile"
+    error = _scene_error(_two_tiles(tmp_path, second, nodata=None, **kwargs))
+    assert "\n" not in error
+    assert error.startswith(f"scene 's' ({tmp_path / 's'}): ")
+    with pytest.raises(ItemReadError, match=message):
+        open_item(str(tmp_path / "s"), mosaic=True)
+
+
+def test_a_tile_without_crs_or_off_the_grid_or_another_resolution(tmp_path: Path) -> None:
+    band = np.ones((3, 4, 4), np.uint8)
+    folder = _two_tiles(tmp_path, band, nodata=None, crs=None)
+    no_crs = r"tile '.*b\.tif' has no CRS, the scene's other tiles are in EPSG:32632: give it one"
+    with pytest.raises(ItemReadError, match=no_crs):
+        open_item(str(folder), mosaic=True)
+    write_tif(folder / "b.tif", band, 0, 4.25, nodata=None)
+    with pytest.raises(ItemReadError, match=r"tile '.*b\.tif' lies off the scene's pixel grid "
+                       r"by 0.250 pixel .*: align it first \(gdalwarp -tap\)"):  # fmt: skip
+        open_item(str(folder), mosaic=True)
+    coarse = Affine(1.0, 0.0, 600_002.0, 0.0, -1.0, 5_200_000.0)
+    with rasterio.open(folder / "b.tif", "w", driver="GTiff", height=4, width=4, count=3,
+                       dtype="uint8", crs=CRS, transform=coarse) as dst:  # fmt: skip
+        dst.write(band)
+    coarser = r"tile '.*b\.tif' has pixels of 1 x 1, 1 of the 2 tiles 0.5 x 0.5; resampling"
+    with pytest.raises(ItemReadError, match=coarser + " tiles onto one grid is not built yet"):
+        open_item(str(folder), mosaic=True)
+
+
+def test_bad_settings_and_a_nodata_the_dtype_cannot_hold(tmp_path: Path) -> None:
+    folder = _two_tiles(tmp_path, np.ones((3, 4, 4), np.uint8), nodata=None)
+    assert "`input.mosaic.nodata` (-1) is not a uint8 value" in _scene_error(folder, nodata=-1)
+    with pytest.raises(ItemReadError, match=r"`input.mosaic` must be true or a mapping of "
+                       r"overlap, nodata, max_gap_km \(got \{'overlp': 'last'\}\)"):  # fmt: skip
+        open_item(str(folder), mosaic={"overlp": "last"})
+
+
+def test_a_scene_larger_than_the_limit_fails_alone_before_it_is_read(tmp_path: Path) -> None:
+    from segflow.engine.budget import check_item_budget
+    from segflow.errors import PlanError
+
+    folder = _two_tiles(tmp_path, np.ones((3, 4, 4), np.uint8), nodata=None, row=400_000)
+    info = open_item(str(folder), mosaic={"nodata": 0}).info
+    assert info.shape == (3, 400_004, 8)
+    too_large = r"item 's' \(.*s\): its metadata declares 3 x 400004 x 8 uint8, .* more than"
+    with pytest.raises(PlanError, match=too_large + r" run.max_item_bytes \(1.0 MiB\): raise it"):
+        check_item_budget(info, 256, max_item_bytes=2**20)
+
+
+def test_far_tiles_are_found_among_many(tmp_path: Path) -> None:
+    """Above 64 tiles the groups come from a Delaunay triangulation of the centres: the
+    same answer as comparing every pair."""
+    from segflow.io.scene_grid import far_tiles
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    tile = np.ones((1, 2, 2), np.uint8)
+    for i in range(70):
+        write_tif(folder / f"t{i:02d}.tif", tile, 2 * (i // 10), 2 * (i % 10), nodata=None)
+    write_tif(folder / "z1.tif", tile, 3_000_000, 0, nodata=None)  # 1,500 km south
+    write_tif(folder / "z2.tif", tile, 3_000_002, 0, nodata=None)  # its neighbour
+    infos = [open_item(str(p)).info for p in sorted(folder.iterdir())]
+    assert [p.rsplit("/", 1)[-1] for p in far_tiles(infos, max_gap_km=1000)] == ["z1.tif", "z2.tif"]
+    assert far_tiles(infos, max_gap_km=2000) == []
+    assert far_tiles(infos[-3:], max_gap_km=1000) == [infos[-3].path]

@@ -100,12 +100,15 @@ def uncut(image: np.ndarray, tiles: list[tuple[int, ...]]) -> tuple[np.ndarray, 
     return np.where(covered, image, 0)[:, box[0], box[1]], int(rows.min()), int(cols.min())
 
 
-def run(reader: Any, store: Path, block: Any) -> np.ndarray:
+def run(reader: Any, store: Path, block: Any, pipeline: Any = None) -> np.ndarray:
+    """The item's output array (labels, classes) after a run of ``pipeline``."""
     with LocalExecutor(1) as executor:
-        result = segment_item(reader, PIPELINE, store=str(store), block_shape=block,
-                              executor=executor, ome=False)  # fmt: skip
+        result = segment_item(reader, pipeline or PIPELINE, store=str(store),
+                              block_shape=block, executor=executor, ome=False)  # fmt: skip
     assert result.status == "done", result.error
-    return np.asarray(zarr.open_group(store, mode="r")[f"{reader.info.id}/labels"][...])
+    group = zarr.open_group(store, mode="r")[reader.info.id]
+    (name,) = [n for n in ("labels", "classes") if n in group]
+    return np.asarray(group[name][...])
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -267,3 +270,53 @@ def test_far_tiles_are_found_among_many(tmp_path: Path) -> None:
     assert [p.rsplit("/", 1)[-1] for p in far_tiles(infos, max_gap_km=1000)] == ["z1.tif", "z2.tif"]
     assert far_tiles(infos, max_gap_km=2000) == []
     assert far_tiles(infos[-3:], max_gap_km=1000) == [infos[-3].path]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-level SegNet-style network on 16^2 tiles (one band, percentile-scaled)."""
+    import torch
+
+    from segflow.models.card import ModelCard
+    from segflow.models.checkpoint import save_checkpoint
+    from segflow.models.networks import build_network
+
+    card = ModelCard.model_validate(
+        {
+            "name": "tiny",
+            "architecture": {"name": "segnet", "params": {"features": [4, 8]}},
+            "spatial_dims": 2,
+            "channels": [{"name": "grey", "normalization": {"method": "percentile"}}],
+            "head": "foreground_boundary",
+            "tile": (16, 16),
+            "overlap": 0.25,
+        }
+    )
+    torch.set_num_threads(1)  # the test machine is shared; tiny tensors gain nothing from more
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_checkpoint(path, build_network(card.network_spec()).eval(), card)
+    return path
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(tilings(max_side=32))
+def test_a_model_pipeline_on_a_scene_gives_the_uncut_rasters_output(
+    tiny_model: Path, case: dict[str, Any]
+) -> None:
+    """Tiled inference with the item's percentiles (a global statistic) over the scene."""
+    import tempfile
+
+    step = {"op": "model", "path": str(tiny_model), "device": "cpu", "batch_size": 2,
+            "output": "classes"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        image = make_raster(case["shape"], case["dtype"], case["seed"])[:1]
+        cut_scene(root / "tiles", image, case["tiles"], 0)
+        expected, row, col = uncut(image, case["tiles"])
+        write_tif(root / "whole.tif", expected, row, col, nodata=0)
+        (scene,), _ = discover_items(str(root / "tiles"), mosaic={"overlap": case["overlap"]})
+        whole = run(open_item(str(root / "whole.tif")), root / "w.zarr", case["block"], [step])
+        classes = run(scene, root / "s.zarr", case["block"], [step])
+        np.testing.assert_array_equal(classes, whole)

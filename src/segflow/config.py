@@ -48,6 +48,19 @@ class MosaicConfig(_Model):
     max_gap_km: float = Field(
         1000.0, gt=0, description="tiles farther than this from the others are refused"
     )
+    crs: str | None = Field(
+        None,
+        description="warp the tiles onto this CRS (EPSG:32632, WKT); default: the tiles' "
+        "own, or the CRS of most tiles when they differ",
+    )
+    resolution: float | tuple[float, float] | None = Field(
+        None,
+        description="the warped grid's pixel size (x, y or one for both) in the CRS's units; "
+        "default: the pixel size of most tiles in the target CRS",
+    )
+    resampling: Literal["nearest", "bilinear", "cubic", "lanczos"] = Field(
+        "nearest", description="how warping resamples (labels exact only with nearest)"
+    )
 
 
 class InputConfig(_Model):
@@ -59,7 +72,8 @@ class InputConfig(_Model):
     )
     mosaic: bool | MosaicConfig = Field(
         False,
-        description="true (or a mapping of overlap, nodata, max_gap_km): every GeoTIFF the "
+        description="true (or a mapping of overlap, nodata, max_gap_km, crs, resolution, "
+        "resampling): every GeoTIFF the "
         "path matches is a tile of ONE item, a scene on the union of their footprints",
     )
 

@@ -9,36 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
-import zarr
-from _layouts import smooth_noise
+from _scenes import make_raster, run
 from affine import Affine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segflow.engine.executor import LocalExecutor
-from segflow.engine.item import segment_item
 from segflow.errors import ItemReadError
 from segflow.io import discover_items, open_item
 
 ORIGIN = Affine(0.5, 0.0, 600_000.0, 0.0, -0.5, 5_200_000.0)  # 0.5 m pixels, UTM 32N
 CRS = "EPSG:32632"
-# Otsu over the scene (a global statistic), morphology whose halo crosses tile borders,
-# and labels stitched across blocks: every kind of phase a scene must keep exact.
-PIPELINE: list[dict[str, Any]] = [
-    {"op": "mask_nodata"},
-    {"op": "combine_bands", "weights": [0.5, 0.3, 0.2]},
-    {"op": "otsu"},
-    {"op": "binary_closing", "radius": 1},
-    {"op": "label"},
-]
-
-
-def make_raster(shape: tuple[int, int], dtype: str, seed: int) -> np.ndarray:
-    """Three bands of blobs, never 0 (0 is the nodata value of these tests)."""
-    top = 250 if dtype == "uint8" else 60_000
-    bands = [smooth_noise(shape, seed + b, sigma=2.0) for b in range(3)]
-    scaled = [(b - b.min()) / max(float(np.ptp(b)), 1e-6) * (top - 1) + 1 for b in bands]
-    return np.stack(scaled).astype(dtype)
 
 
 def write_tif(
@@ -98,17 +78,6 @@ def uncut(image: np.ndarray, tiles: list[tuple[int, ...]]) -> tuple[np.ndarray, 
     rows, cols = np.nonzero(covered)
     box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
     return np.where(covered, image, 0)[:, box[0], box[1]], int(rows.min()), int(cols.min())
-
-
-def run(reader: Any, store: Path, block: Any, pipeline: Any = None) -> np.ndarray:
-    """The item's output array (labels, classes) after a run of ``pipeline``."""
-    with LocalExecutor(1) as executor:
-        result = segment_item(reader, pipeline or PIPELINE, store=str(store),
-                              block_shape=block, executor=executor, ome=False)  # fmt: skip
-    assert result.status == "done", result.error
-    group = zarr.open_group(store, mode="r")[reader.info.id]
-    (name,) = [n for n in ("labels", "classes") if n in group]
-    return np.asarray(group[name][...])
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -191,9 +160,8 @@ def _two_tiles(tmp_path: Path, second: np.ndarray, **kwargs: Any) -> Path:
          r"'.*a\.tif' 3: every tile of a scene must have the same bands"),
         (np.ones((3, 4, 4), np.uint16), {}, r"tile '.*b\.tif' has dtype uint16, the first "
          r"tile '.*a\.tif' uint8"),
-        (np.ones((3, 4, 4), np.uint8), {"crs": "EPSG:32633"}, r"tile '.*b\.tif' is in "
-         r"EPSG:32633, 1 of the 2 tiles in EPSG:32632; warping tiles onto one grid is not "
-         r"built yet: reproject it first \(gdalwarp -t_srs EPSG:32632"),
+        (np.ones((3, 4, 4), np.uint8), {"crs": "EPSG:32633"}, r"a warped scene needs a "
+         r"nodata value for the pixels no tile covers, and the tiles do not share one"),
         (np.ones((3, 4, 4), np.uint8), {"row": 0, "col": 2}, r"tiles '.*a\.tif' and "
          r"'.*b\.tif' cover the same footprint|"),  # placeholder replaced below
         (np.ones((3, 4, 4), np.uint8), {"row": 2_400_000}, r"tile\(s\) '.*b\.tif' lie more "
@@ -227,18 +195,20 @@ def test_a_tile_without_crs_or_off_the_grid_or_another_resolution(tmp_path: Path
         open_item(str(folder), mosaic=True)
     coarse = Affine(1.0, 0.0, 600_002.0, 0.0, -1.0, 5_200_000.0)
     with rasterio.open(folder / "b.tif", "w", driver="GTiff", height=4, width=4, count=3,
-                       dtype="uint8", crs=CRS, transform=coarse) as dst:  # fmt: skip
+                       dtype="uint8", crs=None, transform=coarse) as dst:  # fmt: skip
         dst.write(band)
-    coarser = r"tile '.*b\.tif' has pixels of 1 x 1, 1 of the 2 tiles 0.5 x 0.5; resampling"
-    with pytest.raises(ItemReadError, match=coarser + " tiles onto one grid is not built yet"):
-        open_item(str(folder), mosaic=True)
+    # Another pixel size: warped, and a tile without a CRS cannot be.
+    with pytest.raises(ItemReadError, match=r"tile '.*b\.tif' has no CRS, so it cannot be "
+                       r"warped onto the scene's grid"):  # fmt: skip
+        open_item(str(folder), mosaic={"nodata": 0})
 
 
 def test_bad_settings_and_a_nodata_the_dtype_cannot_hold(tmp_path: Path) -> None:
     folder = _two_tiles(tmp_path, np.ones((3, 4, 4), np.uint8), nodata=None)
     assert "`input.mosaic.nodata` (-1) is not a uint8 value" in _scene_error(folder, nodata=-1)
-    with pytest.raises(ItemReadError, match=r"`input.mosaic` must be true or a mapping of "
-                       r"overlap, nodata, max_gap_km \(got \{'overlp': 'last'\}\)"):  # fmt: skip
+    keys = "overlap, nodata, max_gap_km, crs, resolution, resampling"
+    with pytest.raises(ItemReadError, match=rf"`input.mosaic` must be true or a mapping of "
+                       rf"{keys} \(got \{{'overlp': 'last'\}}\)"):  # fmt: skip
         open_item(str(folder), mosaic={"overlp": "last"})
 
 

@@ -189,13 +189,18 @@ def _discover_scene(
     if not paths:
         raise ItemReadError(_nothing_found(path))
     try:
-        return [_open_mosaic(path, None, options, paths)], []
+        return [_open_mosaic(path, None, options, paths, notes=notes)], []
     except ItemReadError as exc:
         return [], [(path, str(exc))]
 
 
 def _open_mosaic(
-    path: str, item_id: str | None, options: dict[str, Any], paths: list[str] | None = None
+    path: str,
+    item_id: str | None,
+    options: dict[str, Any],
+    paths: list[str] | None = None,
+    *,
+    notes: list[str] | None = None,
 ) -> Reader:
     from segflow.io.mosaic import MosaicSettings, open_mosaic
 
@@ -222,7 +227,7 @@ def _open_mosaic(
             raise ItemReadError(f"{where}: tile {message}") from exc
     if not readers:
         raise ItemReadError(f"{where}: no tiles found")
-    return open_mosaic(path, scene_id, readers, parsed)
+    return open_mosaic(path, scene_id, readers, parsed, notes=notes)
 
 
 def _open_tile(path: str, options: dict[str, Any]) -> Reader:

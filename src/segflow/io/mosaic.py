@@ -33,6 +33,7 @@ from segflow.io._common import check_region
 from segflow.io.base import ItemInfo, Reader
 
 Overlap = Literal["first", "last", "mean"]
+Resampling = Literal["nearest", "bilinear", "cubic", "lanczos"]
 # Offsets of a tile from the scene grid smaller than this (in pixels) are rounding in the
 # georeferencing (float64 corner coordinates), not a misaligned tile.
 GRID_TOLERANCE = 1e-3
@@ -49,23 +50,21 @@ class MosaicSettings:
     overlap: Overlap = "first"
     nodata: float | None = None
     max_gap_km: float = 1000.0
+    crs: str | None = None
+    resolution: float | tuple[float, float] | None = None
+    resampling: Resampling = "nearest"
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One tile: its reader and its footprint on the scene grid, in pixels."""
+    """One tile: its reader and its footprint on the scene grid, in pixels (first row and
+    column, rows and columns)."""
 
     reader: Reader
     row: int
     col: int
-
-    @property
-    def rows(self) -> int:
-        return int(self.reader.info.spatial_shape[0])
-
-    @property
-    def cols(self) -> int:
-        return int(self.reader.info.spatial_shape[1])
+    rows: int
+    cols: int
 
 
 class MosaicReader:
@@ -168,9 +167,16 @@ def _valid(values: np.ndarray, nodata: float | None) -> np.ndarray | bool:
 
 
 def open_mosaic(
-    path: str, item_id: str, readers: Sequence[Reader], settings: MosaicSettings
+    path: str,
+    item_id: str,
+    readers: Sequence[Reader],
+    settings: MosaicSettings,
+    *,
+    notes: list[str] | None = None,
 ) -> MosaicReader:
-    """One scene item ``item_id`` from the tiles' ``readers`` (in path order).
+    """One scene item ``item_id`` from the tiles' ``readers`` (in path order); tiles of
+    several CRSs or pixel sizes (or a given ``crs``/``resolution``) are warped onto one
+    grid (:mod:`segflow.io.warp_mosaic`), which ``notes`` receives a line on.
 
     Raises
     ------
@@ -182,15 +188,46 @@ def open_mosaic(
     from segflow.io.scene_grid import check_tiles, place_tiles
 
     where = f"scene '{item_id}' ({path})"
+    if needs_warping(readers, settings):
+        from segflow.io.warp_mosaic import open_warped_mosaic
+
+        return open_warped_mosaic(where, path, item_id, readers, settings, notes=notes)
     check_tiles(where, readers, max_gap_km=settings.max_gap_km)
     tiles, transform, shape = place_tiles(where, readers)
     nodata = scene_nodata(where, tiles, shape, settings.nodata)
-    first = readers[0].info
+    info = scene_info(path, item_id, tiles, transform, shape, nodata, settings)
+    return MosaicReader(info, tiles, overlap=settings.overlap, nodata=nodata)
+
+
+def needs_warping(readers: Sequence[Reader], settings: MosaicSettings) -> bool:
+    """Whether the tiles go through warping: a target CRS or resolution is given, or the
+    tiles differ in CRS or pixel size."""
+    from segflow.io.scene_grid import crs_name
+
+    if settings.crs is not None or settings.resolution is not None:
+        return True
+    crs = {crs_name(r.info.crs_wkt) for r in readers if r.info.crs_wkt is not None}
+    steps = {tuple(np.round(r.info.spacing, 12)) for r in readers}
+    return len(crs) > 1 or len(steps) > 1
+
+
+def scene_info(
+    path: str,
+    item_id: str,
+    tiles: Sequence[Tile],
+    transform: tuple[float, ...],
+    shape: tuple[int, int],
+    nodata: float | None,
+    settings: MosaicSettings,
+    crs_wkt: str | None = None,
+) -> ItemInfo:
+    """The scene item's metadata: its grid, its tiles and their fingerprints."""
+    first = tiles[0].reader.info
     digest = hashlib.sha256()
-    for reader in readers:
-        digest.update(f"{reader.info.path}\0{reader.info.fingerprint}\n".encode())
+    for tile in tiles:
+        digest.update(f"{tile.reader.info.path}\0{tile.reader.info.fingerprint}\n".encode())
     a, e = transform[0], transform[4]
-    info = ItemInfo(
+    return ItemInfo(
         id=item_id,
         path=path,
         format="mosaic",
@@ -200,14 +237,13 @@ def open_mosaic(
         spacing=(e, a),
         origin=(transform[5] + 0.5 * e, transform[2] + 0.5 * a),
         units=first.units,
-        crs_wkt=first.crs_wkt,
+        crs_wkt=crs_wkt or first.crs_wkt,
         transform=transform,
         nodata=nodata,
         # Any tile that changes (or comes or goes) changes the scene's fingerprint.
         fingerprint=digest.hexdigest()[:16],
         attrs={"mosaic_overlap": settings.overlap, "tiles": tile_records(tiles)},
     )
-    return MosaicReader(info, tiles, overlap=settings.overlap, nodata=nodata)
 
 
 def tile_records(tiles: Sequence[Tile]) -> list[dict[str, Any]]:
@@ -229,7 +265,7 @@ def scene_nodata(
     (pixels no tile covers) without one, and a value the tiles' dtype cannot hold."""
     dtype = np.dtype(tiles[0].reader.info.dtype)
     if given is not None:
-        if not _fits(given, dtype):
+        if not fits_dtype(given, dtype):
             raise ItemReadError(
                 f"{where}: `input.mosaic.nodata` ({given}) is not a {dtype} value, the "
                 "tiles' dtype: choose one it holds"
@@ -252,7 +288,7 @@ def scene_nodata(
     return None
 
 
-def _fits(value: float, dtype: np.dtype[Any]) -> bool:
+def fits_dtype(value: float, dtype: np.dtype[Any]) -> bool:
     if dtype.kind == "f":
         return math.isnan(value) or bool(np.isfinite(np.asarray(value, dtype=dtype)))
     info = np.iinfo(dtype)

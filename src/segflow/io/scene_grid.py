@@ -24,9 +24,17 @@ _METRES_PER_DEGREE = 111_320.0  # at the equator; the far-tile check only needs 
 
 
 def check_tiles(where: str, readers: Sequence[Reader], *, max_gap_km: float) -> None:
-    """Refuse tiles that cannot share one grid: not georeferenced, other band count or
-    dtype than the first tile, a missing or other CRS, another resolution; then tiles far
-    from the others (:func:`far_tiles`)."""
+    """Refuse tiles that cannot share one grid (:func:`check_tile_kinds`), a tile without
+    a CRS among tiles with one, and tiles far from the others (:func:`far_tiles`). Tiles of
+    several CRSs or pixel sizes are warped (:mod:`segflow.io.warp_mosaic`), not seen here."""
+    check_tile_kinds(where, readers)
+    check_crs_given(where, [r.info for r in readers])
+    refuse_far(where, far_tiles([r.info for r in readers], max_gap_km=max_gap_km), max_gap_km)
+
+
+def check_tile_kinds(where: str, readers: Sequence[Reader]) -> None:
+    """Refuse a tile that is not a georeferenced raster, or has another band count or
+    dtype than the first tile."""
     first = readers[0].info
     for reader in readers:
         info = reader.info
@@ -44,9 +52,10 @@ def check_tiles(where: str, readers: Sequence[Reader], *, max_gap_km: float) -> 
                     f"{where}: tile '{info.path}' has {what} {value}, the first tile "
                     f"'{first.path}' {ref}: every tile of a scene must have the same {what}"
                 )
-    _check_crs(where, [r.info for r in readers])
-    _check_resolution(where, [r.info for r in readers])
-    far = far_tiles([r.info for r in readers], max_gap_km=max_gap_km)
+
+
+def refuse_far(where: str, far: Sequence[str], max_gap_km: float) -> None:
+    """One line naming the tiles far from the others, if any."""
     if far:
         shown = ", ".join(f"'{p}'" for p in far[:3]) + (
             f" (+{len(far) - 3})" if len(far) > 3 else ""
@@ -57,37 +66,17 @@ def check_tiles(where: str, readers: Sequence[Reader], *, max_gap_km: float) -> 
         )
 
 
-def _check_crs(where: str, infos: Sequence[ItemInfo]) -> None:
+def check_crs_given(where: str, infos: Sequence[ItemInfo]) -> None:
+    """Refuse a tile without a CRS among tiles with one."""
     with_crs = [i for i in infos if i.crs_wkt is not None]
     if not with_crs:
         return  # a local grid (world files without a CRS): tiles agree by their transforms
-    names = {i.path: crs_name(i.crs_wkt) for i in with_crs}
-    common, n = Counter(names.values()).most_common(1)[0]
+    common, _ = Counter(crs_name(i.crs_wkt) for i in with_crs).most_common(1)[0]
     for info in infos:
         if info.crs_wkt is None:
             raise ItemReadError(
                 f"{where}: tile '{info.path}' has no CRS, the scene's other tiles are in "
                 f"{common}: give it one (gdal_edit.py -a_srs) or leave it out"
-            )
-        if names[info.path] != common:
-            raise ItemReadError(
-                f"{where}: tile '{info.path}' is in {names[info.path]}, {n} of the "
-                f"{len(infos)} tiles in {common}; warping tiles onto one grid is not built "
-                f"yet: reproject it first (gdalwarp -t_srs {common} with the scene's "
-                "resolution and -tap)"
-            )
-
-
-def _check_resolution(where: str, infos: Sequence[ItemInfo]) -> None:
-    steps = {i.path: (i.spacing[1], i.spacing[0]) for i in infos}
-    common, n = Counter(steps.values()).most_common(1)[0]
-    for info in infos:
-        x, y = steps[info.path]
-        if not np.allclose((x, y), common, rtol=1e-9, atol=0):
-            raise ItemReadError(
-                f"{where}: tile '{info.path}' has pixels of {x:g} x {-y:g}, {n} of the "
-                f"{len(infos)} tiles {common[0]:g} x {-common[1]:g}; resampling tiles onto "
-                "one grid is not built yet: resample it first (gdalwarp -tr with -tap)"
             )
 
 
@@ -105,19 +94,28 @@ def far_tiles(infos: Sequence[ItemInfo], *, max_gap_km: float) -> list[str]:
     within ``max_gap_km`` (single linkage); none without a CRS (units unknown)."""
     if len(infos) < 2 or infos[0].crs_wkt is None:
         return []
-    limit = max_gap_km * 1000.0 / _metres_per_unit(infos[0].crs_wkt)
+    limit = max_gap_km * 1000.0 / metres_per_unit(infos[0].crs_wkt)
     centres = np.array([_centre(i) for i in infos])
-    pairs = _candidate_pairs(centres)
-    length = np.linalg.norm(centres[pairs[:, 0]] - centres[pairs[:, 1]], axis=1)
-    near = pairs[length <= limit]
+    outside = outside_main_group(centres, limit)
+    return [infos[i].path for i in outside]
+
+
+def outside_main_group(centres: np.ndarray, limit: float) -> list[int]:
+    """Indices of the points outside the largest group of points that chain together
+    within ``limit`` of each other (single linkage)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = len(infos)
+    n = len(centres)
+    if n < 2:
+        return []
+    pairs = _candidate_pairs(centres)
+    length = np.linalg.norm(centres[pairs[:, 0]] - centres[pairs[:, 1]], axis=1)
+    near = pairs[length <= limit]
     graph = coo_matrix((np.ones(len(near)), (near[:, 0], near[:, 1])), shape=(n, n))
     _, group = connected_components(graph, directed=False)
     main = np.bincount(group).argmax()
-    return [i.path for i, g in zip(infos, group, strict=True) if g != main]
+    return [int(i) for i in np.flatnonzero(group != main)]
 
 
 def _candidate_pairs(centres: np.ndarray) -> np.ndarray:
@@ -140,7 +138,7 @@ def _centre(info: ItemInfo) -> tuple[float, float]:
     )
 
 
-def _metres_per_unit(wkt: str) -> float:
+def metres_per_unit(wkt: str) -> float:
     from rasterio.crs import CRS
 
     crs = CRS.from_wkt(wkt)
@@ -176,7 +174,7 @@ def place_tiles(
         offsets.append(snapped.astype(np.int64))
     low = np.min(offsets, axis=0)
     tiles = [
-        Tile(r, int(o[0] - low[0]), int(o[1] - low[1]))
+        Tile(r, int(o[0] - low[0]), int(o[1] - low[1]), *r.info.spatial_shape)
         for r, o in zip(readers, offsets, strict=True)
     ]
     _check_duplicates(where, tiles)

@@ -290,3 +290,22 @@ def test_a_model_pipeline_on_a_scene_gives_the_uncut_rasters_output(
         whole = run(open_item(str(root / "whole.tif")), root / "w.zarr", case["block"], [step])
         classes = run(scene, root / "s.zarr", case["block"], [step])
         np.testing.assert_array_equal(classes, whole)
+
+
+def test_a_scene_keeps_few_tile_files_open_and_pickles_as_its_tiles(tmp_path: Path) -> None:
+    import pickle
+
+    from segflow.io import mosaic
+
+    image = make_raster((8, 8 * (mosaic.MAX_OPEN_TILES + 8)), "uint8", 2)
+    columns = range(0, image.shape[2], 8)
+    cut_scene(tmp_path / "s", image, [(0, 8, c, c + 8) for c in columns], None)
+    (tmp_path / "s" / "old.zarr").mkdir()  # a folder item beside the tiles: not a tile
+    scene = open_item(str(tmp_path / "s"), mosaic=True)
+    assert len(scene.tiles) == len(columns)
+    np.testing.assert_array_equal(scene.read((slice(0, 8), slice(None))), image)
+    handles = [t.reader.__dict__.get("_local") for t in scene.tiles]
+    still_open = [h for h in handles if h is not None and getattr(h, "handle", None) is not None]
+    assert len(still_open) == mosaic.MAX_OPEN_TILES
+    copy = pickle.loads(pickle.dumps(scene))
+    np.testing.assert_array_equal(copy.read((slice(2, 7), slice(3, 90))), image[:, 2:7, 3:90])

@@ -104,6 +104,15 @@ class LazyHandleReader:
             handle = local.handle = self.open_handle()
         return handle
 
+    def close_handle(self) -> None:
+        """Close this thread's handle, if open; the next read opens it again (a scene of
+        many tiles keeps a few of them open, not one per tile)."""
+        local = self.__dict__.get("_local")
+        handle = getattr(local, "handle", None)
+        if handle is not None:
+            handle.close()
+            local.handle = None  # type: ignore[union-attr]
+
     def __getstate__(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if k != "_local"}
 

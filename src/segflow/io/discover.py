@@ -183,7 +183,7 @@ def _discover_scene(
 ) -> tuple[list[Reader], list[tuple[str, str]]]:
     """``input.mosaic``: every file ``path`` matches is a tile of one scene item."""
     stores = _StoreFilter(store)
-    paths = _item_paths(path, stores)
+    paths = _tile_paths(path, stores)
     if stores.found and notes is not None:
         notes.append(stores.note(path))
     if not paths:
@@ -216,7 +216,7 @@ def _open_mosaic(
             f"{', '.join(MosaicSettings.__dataclass_fields__)} (got {settings!r})"
         ) from None
     if paths is None:
-        paths = _item_paths(path, _StoreFilter(None))
+        paths = _tile_paths(path, _StoreFilter(None))
     tile_options = {k: v for k, v in options.items() if k != "mosaic"}
     readers = []
     for tile_path in paths:
@@ -228,6 +228,11 @@ def _open_mosaic(
     if not readers:
         raise ItemReadError(f"{where}: no tiles found")
     return open_mosaic(path, scene_id, readers, parsed, notes=notes)
+
+
+def _tile_paths(path: str, stores: _StoreFilter) -> list[str]:
+    """A scene's tile files: the input's item paths less folder items (a Zarr store)."""
+    return [p for p in _item_paths(path, stores) if not _is_folder_item(p)]
 
 
 def _open_tile(path: str, options: dict[str, Any]) -> Reader:

@@ -14,14 +14,17 @@ half to even). A tile's nodata pixels never win. Pixels no tile covers (holes) a
 scene's nodata: ``nodata`` when given, else the nodata value the tiles agree on; a scene
 with holes and neither is refused, never zero-filled.
 
-Tiles must share band count, dtype, CRS and resolution, and lie on one pixel grid
-(warping tiles onto one grid is not built yet).
+Tiles must share band count and dtype. Tiles of one CRS and pixel size must lie on one
+pixel grid and are read as they are; tiles of several CRSs or pixel sizes (or a given
+``crs`` or ``resolution``) are warped onto one grid (:mod:`segflow.io.warp_mosaic`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,6 +40,9 @@ Resampling = Literal["nearest", "bilinear", "cubic", "lanczos"]
 # Offsets of a tile from the scene grid smaller than this (in pixels) are rounding in the
 # georeferencing (float64 corner coordinates), not a misaligned tile.
 GRID_TOLERANCE = 1e-3
+# Tiles whose files a thread keeps open at once (the ones it read last): a scene of
+# thousands of tiles must not hold a file handle per tile on every worker.
+MAX_OPEN_TILES = 32
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,29 @@ class MosaicReader:
         bounds = [(t.row, t.row + t.rows, t.col, t.col + t.cols) for t in self.tiles]
         self._bounds = np.array(bounds, dtype=np.int64).reshape(-1, 4)
 
+    def _read_tile(self, i: int, region: tuple[slice, slice]) -> np.ndarray:
+        """Read ``region`` of tile ``i``, closing the file of the tile this thread read
+        longest ago when more than :data:`MAX_OPEN_TILES` are open."""
+        local = self.__dict__.get("_open")
+        if local is None:
+            local = self.__dict__["_open"] = threading.local()
+        recent = local.__dict__.setdefault("tiles", OrderedDict())
+        values = self.tiles[i].reader.read(region)
+        recent[i] = None
+        recent.move_to_end(i)
+        while len(recent) > MAX_OPEN_TILES:
+            oldest, _ = recent.popitem(last=False)
+            close = getattr(self.tiles[oldest].reader, "close_handle", None)
+            if close is not None:
+                close()
+        return values
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_open"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def tiles_in(self, region: tuple[slice, ...]) -> list[int]:
         """Indices (in path order) of the tiles whose footprint meets ``region``."""
         rows, cols = check_region(self.info, region)
@@ -101,7 +130,7 @@ class MosaicReader:
         if len(hits) == 1 and self._covers(hits[0], rows, cols):
             tile = self.tiles[hits[0]]
             if tile.reader.info.nodata in (None, self.fill):
-                return tile.reader.read(_shift(rows, cols, tile))
+                return self._read_tile(hits[0], _shift(rows, cols, tile))
         shape = (self.info.n_channels, rows.stop - rows.start, cols.stop - cols.start)
         if self.overlap == "mean":
             return self._read_mean(hits, rows, cols, shape)
@@ -135,7 +164,7 @@ class MosaicReader:
         tile = self.tiles[i]
         r0, r1 = max(rows.start, tile.row), min(rows.stop, tile.row + tile.rows)
         c0, c1 = max(cols.start, tile.col), min(cols.stop, tile.col + tile.cols)
-        values = tile.reader.read(_shift(slice(r0, r1), slice(c0, c1), tile))
+        values = self._read_tile(i, _shift(slice(r0, r1), slice(c0, c1), tile))
         target = (
             slice(None),
             slice(r0 - rows.start, r1 - rows.start),

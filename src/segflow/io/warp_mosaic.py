@@ -73,7 +73,7 @@ class WarpedMosaicReader(MosaicReader):
         src_transform = Affine(*info.transform or ())
         src_transform @= Affine.translation(window[1].start, window[0].start)
         reproject(
-            tile.reader.read(window),
+            self._read_tile(i, window),
             out,
             src_transform=src_transform,
             src_crs=_crs(info.crs_wkt),

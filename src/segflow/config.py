@@ -70,19 +70,27 @@ class InputConfig(_Model):
         description="reader options, e.g. {level: 1} for an OME-TIFF pyramid level "
         "(`segflow formats` lists each reader's)",
     )
-    mosaic: bool | MosaicConfig = Field(
-        False,
+    mosaic: MosaicConfig | None = Field(
+        None,
         description="true (or a mapping of overlap, nodata, max_gap_km, crs, resolution, "
-        "resampling): every GeoTIFF the "
-        "path matches is a tile of ONE item, a scene on the union of their footprints",
+        "resampling): every GeoTIFF the path matches is a tile of ONE item, a scene on the "
+        "union of their footprints",
     )
+
+    @field_validator("mosaic", mode="before")
+    @classmethod
+    def _mosaic_switch(cls, value: Any) -> Any:
+        """``true`` is the default settings, ``false`` none (one error for a bad mapping,
+        not one per form the field takes)."""
+        if value is True:
+            return {}
+        return None if value is False else value
 
     def reader_options(self) -> dict[str, Any]:
         """What discovery and the readers take: ``options``, with ``mosaic`` when set."""
-        if self.mosaic is False:
+        if self.mosaic is None:
             return dict(self.options)
-        mosaic = MosaicConfig.model_validate({}) if self.mosaic is True else self.mosaic
-        return {**self.options, "mosaic": mosaic.model_dump()}
+        return {**self.options, "mosaic": self.mosaic.model_dump()}
 
 
 class OutputConfig(_Model):
@@ -327,6 +335,8 @@ class SegflowConfig(_Model):
             for parent in parents:
                 section = section[parent]
             del section[last]
+        if settings["input"].get("mosaic") is None:
+            del settings["input"]["mosaic"]  # no scene: the hash configs had before scenes
         settings["pipeline"] = [_step_settings(step) for step in self.pipeline]
         settings["output"]["writers"] = _writers_settings(self.output.writers)
         if not settings["output"]["writers"]:

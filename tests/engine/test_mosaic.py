@@ -343,3 +343,22 @@ def test_the_shipped_aerial_config_on_the_sample_cut_into_tiles(tmp_path: Path) 
     np.testing.assert_array_equal(labels, whole)
     across = np.intersect1d(labels[299], labels[300])  # tile 0 above, tiles 2, 3 below
     assert whole.max() > 100 and np.count_nonzero(across) >= 5
+
+
+def test_input_mosaic_in_a_config() -> None:
+    from segflow.config import parse_config
+    from segflow.errors import ConfigError
+
+    def config(**mosaic: Any) -> Any:
+        data = {"output": {"store": "o.zarr"}, "pipeline": [{"op": "otsu"}]}
+        return parse_config({**data, "input": {"path": "tiles", **mosaic}})
+
+    plain, on, given = config(), config(mosaic=True), config(mosaic={"overlap": "mean"})
+    assert plain.input.reader_options() == {} and config(mosaic=False).input.mosaic is None
+    assert on.input.reader_options()["mosaic"]["overlap"] == "first"
+    assert given.input.reader_options()["mosaic"]["overlap"] == "mean"
+    # A scene's settings change what is stored; no scene keeps the hash configs had before.
+    assert "mosaic" not in plain.result_settings()["input"]
+    assert len({plain.config_hash(), on.config_hash(), given.config_hash()}) == 3
+    with pytest.raises(ConfigError, match=r"^input.mosaic.overlp: unknown key"):
+        config(mosaic={"overlp": "mean"})

@@ -307,6 +307,8 @@ def test_a_scene_keeps_few_tile_files_open_and_pickles_as_its_tiles(tmp_path: Pa
     handles = [t.reader.__dict__.get("_local") for t in scene.tiles]
     still_open = [h for h in handles if h is not None and getattr(h, "handle", None) is not None]
     assert len(still_open) == mosaic.MAX_OPEN_TILES
+    # Sent with every block's task: each tile's path and metadata, its CRS text once.
+    assert len(pickle.dumps(scene)) < 500 * len(scene.tiles)
     copy = pickle.loads(pickle.dumps(scene))
     np.testing.assert_array_equal(copy.read((slice(2, 7), slice(3, 90))), image[:, 2:7, 3:90])
 

@@ -3,6 +3,7 @@ cross the tile border whole, and a rerun redoes it only when a tile changed."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -51,5 +52,9 @@ def test_tiles_are_one_item_and_a_changed_tile_redoes_it(tmp_path: Path, dask_ad
     assert run(config)["done"] == 1
     rows = read_index(str(store))
     assert list(rows["id"]) == ["tiles"] and list(rows["source"]) == [str(folder)]
+    listed = json.loads(rows["tiles"].iloc[0])  # the index lists the tiles it was made of
+    assert [os.path.basename(p) for p, _ in listed] == ["east.tif", "west.tif"]
+    assert listed[1][1] == group.attrs["tiles"][1]["fingerprint"]  # west: unchanged
+    assert listed[0][1] != group.attrs["tiles"][0]["fingerprint"]  # east: rewritten
     labels = zarr.open_group(store / "tiles", mode="r")["labels"][...]
     assert not labels[:, 30:].any() and int(labels.max()) == 2

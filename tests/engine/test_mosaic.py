@@ -364,3 +364,11 @@ def test_input_mosaic_in_a_config() -> None:
     assert len({plain.config_hash(), on.config_hash(), given.config_hash()}) == 3
     with pytest.raises(ConfigError, match=r"^input.mosaic.overlp: unknown key"):
         config(mosaic={"overlp": "mean"})
+
+
+def test_an_unreadable_tile_fails_the_scene_naming_the_tile(tmp_path: Path) -> None:
+    folder = _two_tiles(tmp_path, np.ones((3, 4, 4), np.uint8), nodata=None)
+    (folder / "c.tif").write_text("not a TIFF")
+    error = _scene_error(folder)
+    assert error.startswith(f"scene 's' ({folder}): tile '{folder / 'c.tif'}': not a readable")
+    assert "\n" not in error

@@ -781,7 +781,10 @@ def _collection_problems(
         problems.append(f"output.store: {error}")
     try:
         readers, failures = discover_items(
-            config.input.path, notes=notes, store=config.output.store, **config.input.options
+            config.input.path,
+            notes=notes,
+            store=config.output.store,
+            **config.input.reader_options(),
         )
     except SegflowError as error:
         return [*problems, f"input.path: {error}"], [], []

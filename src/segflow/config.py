@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -32,6 +32,37 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MosaicConfig(_Model):
+    """``input.mosaic``: how the tiles of a scene make one image."""
+
+    overlap: Literal["first", "last", "mean"] = Field(
+        "first",
+        description="which tile's pixel a scene takes where tiles overlap: the first in path "
+        "order with a value there, the last, or the mean of those with a value",
+    )
+    nodata: float | None = Field(
+        None,
+        description="the scene's nodata value (holes and the tiles' own nodata pixels); "
+        "default: the nodata value the tiles agree on",
+    )
+    max_gap_km: float = Field(
+        1000.0, gt=0, description="tiles farther than this from the others are refused"
+    )
+    crs: str | None = Field(
+        None,
+        description="warp the tiles onto this CRS (EPSG:32632, WKT); default: the tiles' "
+        "own, or the CRS of most tiles when they differ",
+    )
+    resolution: float | tuple[float, float] | None = Field(
+        None,
+        description="the warped grid's pixel size (x, y or one for both) in the CRS's units; "
+        "default: the pixel size of most tiles in the target CRS",
+    )
+    resampling: Literal["nearest", "bilinear", "cubic", "lanczos"] = Field(
+        "nearest", description="how warping resamples (labels exact only with nearest)"
+    )
+
+
 class InputConfig(_Model):
     path: str = Field(description="a file, folder, glob or fsspec URL")
     options: dict[str, Any] = Field(
@@ -39,6 +70,27 @@ class InputConfig(_Model):
         description="reader options, e.g. {level: 1} for an OME-TIFF pyramid level "
         "(`segflow formats` lists each reader's)",
     )
+    mosaic: MosaicConfig | None = Field(
+        None,
+        description="true (or a mapping of overlap, nodata, max_gap_km, crs, resolution, "
+        "resampling): every GeoTIFF the path matches is a tile of ONE item, a scene on the "
+        "union of their footprints",
+    )
+
+    @field_validator("mosaic", mode="before")
+    @classmethod
+    def _mosaic_switch(cls, value: Any) -> Any:
+        """``true`` is the default settings, ``false`` none (one error for a bad mapping,
+        not one per form the field takes)."""
+        if value is True:
+            return {}
+        return None if value is False else value
+
+    def reader_options(self) -> dict[str, Any]:
+        """What discovery and the readers take: ``options``, with ``mosaic`` when set."""
+        if self.mosaic is None:
+            return dict(self.options)
+        return {**self.options, "mosaic": self.mosaic.model_dump()}
 
 
 class OutputConfig(_Model):
@@ -283,6 +335,8 @@ class SegflowConfig(_Model):
             for parent in parents:
                 section = section[parent]
             del section[last]
+        if settings["input"].get("mosaic") is None:
+            del settings["input"]["mosaic"]  # no scene: the hash configs had before scenes
         settings["pipeline"] = [_step_settings(step) for step in self.pipeline]
         settings["output"]["writers"] = _writers_settings(self.output.writers)
         if not settings["output"]["writers"]:

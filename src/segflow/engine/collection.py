@@ -318,7 +318,7 @@ def plan_collection(
         return handed
     found: list[str] = []
     readers, failures = discover_items(
-        cfg.input.path, notes=found, store=cfg.output.store, **cfg.input.options
+        cfg.input.path, notes=found, store=cfg.output.store, **cfg.input.reader_options()
     )
     found += collection_notes(cfg.pipeline, [reader.info for reader in readers])
     if notes is not None:
@@ -344,7 +344,11 @@ def _plan_key(
     cfg: SegflowConfig, overwrite: bool | None, item_filter: Sequence[str] | None
 ) -> tuple[Any, ...]:
     overwrite = cfg.output.overwrite if overwrite is None else overwrite
-    where = (cfg.input.path, cfg.output.store, json.dumps(cfg.input.options, sort_keys=True))
+    where = (
+        cfg.input.path,
+        cfg.output.store,
+        json.dumps(cfg.input.reader_options(), sort_keys=True),
+    )
     return (cfg.name, cfg.config_hash(), *where, overwrite, tuple(item_filter or ()))
 
 
@@ -458,7 +462,7 @@ def run_item(
     else:
         with item_deadline(cfg.run.item_timeout):
             try:
-                reader = open_item(path, item_id, **cfg.input.options)
+                reader = open_item(path, item_id, **cfg.input.reader_options())
                 # Before anything of it is planned or read: a header that lies fails here.
                 check_item_budget(
                     reader.info, cfg.blocks.shape, max_item_bytes=cfg.run.max_item_bytes

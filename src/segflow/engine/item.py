@@ -23,7 +23,7 @@ from segflow.engine.interrupt import stop_requested
 from segflow.engine.pipeline import compile_pipeline
 from segflow.errors import PlanError
 from segflow.faults import fault_point
-from segflow.io.base import Reader
+from segflow.io.base import ItemInfo, Reader
 from segflow.store.output import output_layout
 from segflow.store.writers import ActiveWriters, WriteTarget
 
@@ -95,11 +95,23 @@ class ItemResult:
     code_version: str = field(default_factory=code_version)
     statistics: dict[str, float] = field(default_factory=dict)
     warning: str | None = None  # what the user should know of a done item (NaN took most)
+    tiles: str = ""  # a scene's tiles: JSON [[path, fingerprint], ...]; "" for other items
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
         row["statistics"] = repr(self.statistics) if self.statistics else ""
         return row
+
+
+def scene_tiles(info: ItemInfo) -> str:
+    """A scene's tiles for its index row, ``[[path, fingerprint], ...]`` as JSON (a changed
+    tile is why a scene is redone); ``""`` for an item of one file."""
+    import json
+
+    tiles = info.attrs.get("tiles")
+    if not isinstance(tiles, list):
+        return ""
+    return json.dumps([[t["path"], t["fingerprint"]] for t in tiles])
 
 
 def describe_output(object_count: Any, foreground_fraction: Any) -> str:
@@ -229,6 +241,7 @@ def segment_item(
         shape=str(tuple(info.shape)),
         fingerprint=info.fingerprint,
         config_hash=config_hash,
+        tiles=scene_tiles(info),
     )
     try:
         plan, run = _segment_staged(reader, pipeline, options, stage, executor, progress, result)

@@ -9,7 +9,17 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 Format = Literal[
-    "geotiff", "nifti", "nrrd", "dicom", "ome-tiff", "tiff", "png", "jpeg", "zarr", "array"
+    "geotiff",
+    "nifti",
+    "nrrd",
+    "dicom",
+    "ome-tiff",
+    "tiff",
+    "png",
+    "jpeg",
+    "zarr",
+    "array",
+    "mosaic",
 ]
 
 
@@ -93,6 +103,15 @@ class LazyHandleReader:
         if handle is None or getattr(handle, "closed", False):
             handle = local.handle = self.open_handle()
         return handle
+
+    def close_handle(self) -> None:
+        """Close this thread's handle, if open; the next read opens it again (a scene of
+        many tiles keeps a few of them open, not one per tile)."""
+        local = self.__dict__.get("_local")
+        handle = getattr(local, "handle", None)
+        if handle is not None:
+            handle.close()
+            local.handle = None  # type: ignore[union-attr]
 
     def __getstate__(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if k != "_local"}

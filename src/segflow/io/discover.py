@@ -60,6 +60,8 @@ def open_item(path: str, item_id: str | None = None, **options: Any) -> Reader:
     path = strip_file_scheme(path)
     if "stack" in options:
         return _open_stack(path, item_id, options)
+    if "mosaic" in options:
+        return _open_mosaic(path, item_id, options)
     empty = not is_url(path) and os.path.isfile(path) and os.path.getsize(path) == 0
     backend = None if empty else backend_for(path)
     if backend is None and not (empty and might_open(path)):
@@ -127,34 +129,15 @@ def discover_items(
     (['image', 'labels'], [])
     """
     path = strip_file_scheme(path)
+    if "mosaic" in options:
+        return _discover_scene(path, notes, store, options)
     stores = _StoreFilter(store)
-    if "stack" in options:
-        paths = _stack_folders(path)
-    elif is_url(path):
-        paths = _list_url(path, stores)
-    elif _GLOB_CHARS & set(path):
-        base = _glob_base(path)
-        paths = [
-            p
-            for p in sorted(glob.glob(path, recursive=True))
-            if _is_item_path(p) and not stores.holds(p, base)
-        ]
-    elif os.path.isdir(path) and not _is_folder_item(path):
-        paths = _walk_folder(path, stores)
-    elif os.path.exists(path):
-        paths = [path]
-    else:
-        raise ItemReadError(f"collection '{path}': no such file or folder")
+    paths = _stack_folders(path) if "stack" in options else _item_paths(path, stores)
     if stores.found and notes is not None:
         notes.append(stores.note(path))
     paths, series_names = _group_series(paths, notes) if "stack" not in options else (paths, {})
     if not paths:
-        suffixes = [s for s in claimed_suffixes() if s not in folder_suffixes()]
-        raise ItemReadError(
-            f"collection '{path}': no items found, looked for files ending in "
-            f"{', '.join(suffixes)}, DICOM files by content and "
-            f"{' '.join(folder_suffixes())} folders"
-        )
+        raise ItemReadError(_nothing_found(path))
     readers: list[Reader] = []
     failures: list[tuple[str, str]] = []
     ids = assign_item_ids(paths, names=[series_names.get(p) for p in paths], notes=notes)
@@ -166,6 +149,117 @@ def discover_items(
         except Exception as exc:  # a reader bug on one file must not stop the collection
             failures.append((item_path, f"item '{item_path}': {type(exc).__name__}: {exc}"))
     return readers, failures
+
+
+def _item_paths(path: str, stores: _StoreFilter) -> list[str]:
+    """Every item path under a file, folder, glob or URL (segflow stores left out)."""
+    if is_url(path):
+        return _list_url(path, stores)
+    if _GLOB_CHARS & set(path):
+        base = _glob_base(path)
+        return [
+            p
+            for p in sorted(glob.glob(path, recursive=True))
+            if _is_item_path(p) and not stores.holds(p, base)
+        ]
+    if os.path.isdir(path) and not _is_folder_item(path):
+        return _walk_folder(path, stores)
+    if os.path.exists(path):
+        return [path]
+    raise ItemReadError(f"collection '{path}': no such file or folder")
+
+
+def _nothing_found(path: str) -> str:
+    suffixes = [s for s in claimed_suffixes() if s not in folder_suffixes()]
+    return (
+        f"collection '{path}': no items found, looked for files ending in "
+        f"{', '.join(suffixes)}, DICOM files by content and "
+        f"{' '.join(folder_suffixes())} folders"
+    )
+
+
+def _discover_scene(
+    path: str, notes: list[str] | None, store: str | None, options: dict[str, Any]
+) -> tuple[list[Reader], list[tuple[str, str]]]:
+    """``input.mosaic``: every file ``path`` matches is a tile of one scene item."""
+    stores = _StoreFilter(store)
+    paths = _tile_paths(path, stores)
+    if stores.found and notes is not None:
+        notes.append(stores.note(path))
+    if not paths:
+        raise ItemReadError(_nothing_found(path))
+    try:
+        return [_open_mosaic(path, None, options, paths, notes=notes)], []
+    except ItemReadError as exc:
+        return [], [(path, str(exc))]
+
+
+def _open_mosaic(
+    path: str,
+    item_id: str | None,
+    options: dict[str, Any],
+    paths: list[str] | None = None,
+    *,
+    notes: list[str] | None = None,
+) -> Reader:
+    from segflow.io.mosaic import MosaicSettings, open_mosaic
+
+    scene_id = item_id if item_id is not None else scene_id_for(path)
+    where = f"scene '{scene_id}' ({path})"
+    settings = options["mosaic"]
+    settings = {} if settings is True else settings
+    try:
+        parsed = MosaicSettings(**settings)
+    except TypeError:
+        raise ItemReadError(
+            f"{where}: `input.mosaic` must be true or a mapping of "
+            f"{', '.join(MosaicSettings.__dataclass_fields__)} (got {settings!r})"
+        ) from None
+    if paths is None:
+        paths = _tile_paths(path, _StoreFilter(None))
+    tile_options = {k: v for k, v in options.items() if k != "mosaic"}
+    readers = []
+    for tile_path in paths:
+        try:
+            readers.append(_open_tile(tile_path, tile_options))
+        except ItemReadError as exc:
+            message = str(exc).removeprefix("item ")
+            raise ItemReadError(f"{where}: tile {message}") from exc
+    if not readers:
+        raise ItemReadError(f"{where}: no tiles found")
+    return open_mosaic(path, scene_id, readers, parsed, notes=notes)
+
+
+def _tile_paths(path: str, stores: _StoreFilter) -> list[str]:
+    """A scene's tile files: the input's item paths less folder items (a Zarr store)."""
+    return [p for p in _item_paths(path, stores) if not _is_folder_item(p)]
+
+
+def _open_tile(path: str, options: dict[str, Any]) -> Reader:
+    """A scene's tile: TIFFs through the GeoTIFF reader even without a CRS (its transform
+    places it; the scene then says the CRS is missing), other files as always."""
+    from segflow.io.builtin import TIFF_SUFFIXES
+
+    if path.lower().endswith(TIFF_SUFFIXES) and not options:
+        from segflow.io.geotiff import GeoTIFFReader
+
+        return GeoTIFFReader(path)
+    return open_item(path, None, **options)
+
+
+def scene_id_for(path: str) -> str:
+    """A scene's item id: the name of the folder its tiles are in (a glob's fixed folder).
+
+    Examples
+    --------
+    >>> scene_id_for("flights/2026-05/*.tif"), scene_id_for("/data/city tiles/")
+    ('2026-05', 'city_tiles')
+    """
+    folder = _glob_base(path) if _GLOB_CHARS & set(path) else path.rstrip("/")
+    name = folder.rsplit("/", 1)[-1] if folder else ""
+    if not os.path.isdir(folder) and not is_url(path) and "." in name:
+        name = strip_item_suffix(name)
+    return sanitize_id(name) if name else "scene"
 
 
 def _open_stack(path: str, item_id: str | None, options: dict[str, Any]) -> Reader:

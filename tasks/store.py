@@ -169,19 +169,22 @@ def write_index_task(store: str, rows: list[dict[str, Any]]) -> str:
 
 
 @task(name="compact-vectors", retries=0, cache_policy=NO_CACHE)
-def compact_vectors_task(store: str, *, vectors: bool) -> str | None:
-    """Write ``STORE/vectors.parquet`` from every committed item's vectors; without
-    ``vectors`` (the run's ``output.vectors``) only refresh one an earlier run wrote."""
+def compact_vectors_task(
+    store: str, *, vectors: bool, items: list[str] | None = None
+) -> str | None:
+    """Bring ``STORE/vectors.parquet/`` up to date for ``items`` (the items the run did:
+    one part file each); without ``vectors`` (the run's ``output.vectors``) only refresh
+    one an earlier run wrote."""
     from prefect import get_run_logger
 
     from segflow.store.vectors import compact_vectors
 
     logger = get_run_logger()
     try:
-        path, note = compact_vectors(store, refresh_only=not vectors)
+        path, note = compact_vectors(store, refresh_only=not vectors, items=items)
     except Exception as error:  # the items are done and committed: only this file is lost
         logger.error(
-            "%s/vectors.parquet not written (%s: %s); each item's vectors.parquet is complete",
+            "%s/vectors.parquet removed (%s: %s); each item's vectors.parquet is complete",
             store.rstrip("/"),
             type(error).__name__,
             error,

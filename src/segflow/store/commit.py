@@ -392,11 +392,18 @@ def _recover_swaps(store: str) -> None:
 
 
 def _read_json(url: str) -> dict[str, Any] | None:
+    """A JSON object file, or None when absent or not one. Local paths are read directly:
+    fsspec's URL handling is half the cost of reading a commit record (the skip check
+    reads one per done item)."""
     import fsspec
 
     try:
-        with fsspec.open(url, "rb") as handle:
-            value = json.loads(handle.read())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        if is_local(url):
+            with open(local_path(url), "rb") as local:
+                value = json.loads(local.read())
+        else:
+            with fsspec.open(url, "rb") as handle:
+                value = json.loads(handle.read())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
         return None
     return value if isinstance(value, dict) else None

@@ -30,12 +30,9 @@ LAYOUT = "per-item"
 
 def read_node(url: str) -> dict[str, Any] | None:
     """The ``zarr.json`` under ``url`` (a node's folder) as a dict, or None when absent."""
-    fs, path = fresh_fs(f"{str(url).rstrip('/')}/{ZARR_JSON}")
-    try:
-        value = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    from segflow.store.commit import _read_json
+
+    return _read_json(f"{str(url).rstrip('/')}/{ZARR_JSON}")
 
 
 def write_node(url: str, node: Mapping[str, Any]) -> None:

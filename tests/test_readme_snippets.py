@@ -246,8 +246,8 @@ def groups_for(expression: str, clone: Path) -> list[str]:
         return [written]
     # "<case>" or "<ImageId>_image": one item per input file, named from it.
     pattern = ".+".join(re.escape(part) for part in re.split(r"<[^>]+>", written))
-    groups = sorted(path.name for path in store.iterdir() if path.is_dir())
-    groups = [group for group in groups if not group.startswith(".")]  # .segflow: bookkeeping
+    # Item groups have Zarr metadata; .segflow and the catalogue and vectors folders do not.
+    groups = sorted(path.name for path in store.iterdir() if (path / "zarr.json").is_file())
     matching = [group for group in groups if re.fullmatch(pattern, group)]
     assert matching, f"no group of {store} ({groups}) matches {written!r}"
     return matching

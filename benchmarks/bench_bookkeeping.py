@@ -261,20 +261,48 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"base_items": base["n"], "ratios": ratios, "results": results}
 
 
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Time per item of each phase against the collection size, log-log, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = summary["results"]
+    sizes = [r["n"] for r in results]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for phase in PHASES:
+        per_item = [r["seconds"][phase] / r["n"] * 1e3 for r in results]
+        axes.plot(sizes, per_item, marker="o", label=phase)
+    axes.set(xscale="log", yscale="log", xlabel="items in the store", ylabel="ms per item")
+    axes.set_title("segflow bookkeeping per item (flat = scales linearly)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--plot", type=Path, help="also write the figure to this PNG")
+    parser.add_argument("--replot", type=Path, help="plot an earlier run's output (its log)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.folder)))
         return
+    if args.replot:
+        plot(json.loads(args.replot.read_text().strip().splitlines()[-1]), args.plot)
+        return
     results = []
     for n in args.sizes:
         results.append(run_size(n))
         print(f"{n} items: " + json.dumps(results[-1]["seconds"]), flush=True)
-    print(json.dumps(report(results)))
+    summary = report(results)
+    if args.plot:
+        plot(summary, args.plot)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from segflow.store.fs import fresh_fs
 from segflow.store.lock import is_local, local_path
 from segflow.store.names import ZARR_JSON, is_reserved_name
 
-# segflow's marker key for the metadata layout: 2 is "consolidated per item"
+# segflow's marker key for the metadata layout, and its value for "consolidated per item"
 LAYOUT_KEY = "metadata"
 LAYOUT = "per-item"
 

@@ -148,3 +148,22 @@ def test_a_new_store_starts_migrated(tmp_path: pathlib.Path) -> None:
     prepare_store(str(store))
     assert is_migrated(str(store))
     assert migrate_store(str(store)) is None
+
+
+def test_a_direct_commit_into_an_older_store_drops_its_stale_root_copy(
+    tmp_path: pathlib.Path,
+) -> None:
+    """segment_item called directly (no flow, so no migration) into a root-consolidated
+    store: the root's copy, which would not list the new item, goes."""
+    store = _store_of(tmp_path, 2)
+    _make_legacy(store)
+    image = (np.random.default_rng(1).random((40, 50)) > 0.7).astype(np.float32)
+    with LocalExecutor(1) as executor:
+        result = segment_item(
+            ArrayReader(image, "late"), PIPELINE, store=str(store), block_shape=16,
+            executor=executor,
+        )  # fmt: skip
+    assert result.status == "done", result.error
+    assert "consolidated_metadata" not in _root(store)
+    assert "labels" in xr.open_zarr(f"{store}/late")
+    assert zarr.open_array(str(store), path="item1/labels", mode="r").shape == (40, 50)

@@ -320,10 +320,13 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
     swapped in by two renames (see the module note), for an object store (``root`` is the
     store) the record is written in place.
     """
-    from segflow.store.metadata import consolidate_item
+    from segflow.store.metadata import consolidate_item, drop_consolidated
 
     # The item's metadata, consolidated into its group, and the record in one write.
     consolidate_item(root, item_id, attributes={COMMIT_ATTR: dict(record)})
+    # An older store's root copy would not list this item (a flow migrates the store
+    # first; a direct call does not): drop it rather than leave it stale.
+    drop_consolidated(store)
     if not is_local(store) or root == store:
         return
     staged = os.path.join(local_path(root), item_id)

@@ -8,9 +8,9 @@ store twice, on one local Dask cluster of ``--workers`` processes started before
 - **engine**: ``segflow.engine.collection`` alone, as the flow's tasks call it: discovery
   and the skip rule (``plan_collection``), the store's lock, then ``run_item`` per item
   (segment, append its record), ``ITEMS_IN_FLIGHT`` at a time from a thread pool as the
-  flow does, then the index compacted and the store consolidated; once before the flow
-  and once after (``engine_s`` is their mean: the machine varies). No Prefect imported on
-  this side's path.
+  flow does, then the index and catalogue compacted (each item's metadata is consolidated
+  at its commit); once before the flow and once after (``engine_s`` is their mean: the
+  machine varies). No Prefect imported on this side's path.
 - **flow**: ``segment_collection`` with the same config pointing at the same cluster
   (``cluster.address``), under ``prefect_test_harness`` (a temporary Prefect server in a
   subprocess with its own database; its start-up is not timed). Items are batched into
@@ -18,7 +18,7 @@ store twice, on one local Dask cluster of ``--workers`` processes started before
 
 ``overhead_fraction`` is ``(flow_s - engine_s) / flow_s``: the share of the flow's wall
 time that is Prefect (task runs, state round trips to the server, logs and artifacts sent
-to it). The engine side's own bookkeeping (records, index compaction, consolidation) is
+to it). The engine side's own bookkeeping (records, index and catalogue compaction) is
 printed as a share of its time too. The machine's load average is printed with the figures
 (a shared machine slows both sides). Prints a line per figure, then, last, a JSON object.
 
@@ -115,10 +115,10 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
     from segflow.config import parse_config
     from segflow.engine.collection import ITEMS_IN_FLIGHT, plan_collection, run_item
     from segflow.engine.executor import DaskExecutor
-    from segflow.store import consolidate_store
     from segflow.store.commit import check_store, discard_trash, prepare_store
     from segflow.store.index import compact_index
     from segflow.store.lock import hold_store_lock
+    from segflow.store.metadata import migrate_store
 
     totals: dict[str, float] = defaultdict(float)
     started = time.perf_counter()
@@ -140,6 +140,7 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
     with hold_store_lock(store, run_id=run_id), timed_records(totals):
         with timed(totals, "prepare store"):
             prepare_store(store)
+            migrate_store(store)  # as the flow's writing_store: nothing on a new store
         with ThreadPoolExecutor(ITEMS_IN_FLIGHT) as pool:
             futures = [pool.submit(segment_one, item) for item in plan.work()]
             for future in as_completed(futures):
@@ -148,9 +149,7 @@ def run_engine(config: dict[str, Any], client: Any) -> tuple[float, dict[str, fl
                 done += row["status"] == "done"
         with timed(totals, "compact index"):
             discard_trash(store, run_id)
-            recorded = compact_index(store)
-        with timed(totals, "consolidate"):
-            consolidate_store(store, items=recorded)
+            compact_index(store)  # the index and the catalogue's parts of these items
     return time.perf_counter() - started, dict(totals), done
 
 

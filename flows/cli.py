@@ -536,10 +536,10 @@ def _exit_when_stuck(stores: Sequence[str]) -> Iterator[None]:
 
 
 def _finish_stores(stores: Sequence[str]) -> None:
-    """Best effort, for stores whose lock this process holds: compact and consolidate."""
+    """Best effort, for stores whose lock this process holds: compact the records (each
+    committed item's metadata is consolidated in its group already)."""
     import os
 
-    from segflow.store import consolidate_store
     from segflow.store.index import compact_index
     from segflow.store.lock import read_lock
 
@@ -549,7 +549,6 @@ def _finish_stores(stores: Sequence[str]) -> None:
             if holder is None or holder.get("pid") != os.getpid():
                 continue
             compact_index(store)
-            consolidate_store(store)
         except Exception:
             continue
 

@@ -182,9 +182,10 @@ def _segment(
                 if work:
                     rows += segment_items(cfg, work, config_hash=config_hash, run_id=run_id)
                 if any(r["status"] == "done" for r in rows) and stop_requested() is None:
-                    # While the lock is held: the collection's vectors in one file (or
-                    # an earlier run's file brought up to date, never left stale).
-                    compact_vectors_task(store, vectors=cfg.output.vectors)
+                    # While the lock is held: the parts of the items this run did in the
+                    # collection's vectors folder (never left stale).
+                    done = [r["id"] for r in rows if r["status"] == "done"]
+                    compact_vectors_task(store, vectors=cfg.output.vectors, items=done)
         except StoreError as error:  # occupied, foreign or unwritable
             return _refused(cfg, error)
     rows += plan.skipped

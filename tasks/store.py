@@ -10,11 +10,10 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from segflow.engine.collection import index_rows
-from segflow.store import consolidate_store
 from segflow.store.commit import (
     check_store,
     discard_trash,
@@ -22,6 +21,7 @@ from segflow.store.commit import (
 )
 from segflow.store.index import compact_index
 from segflow.store.lock import hold_store_lock
+from segflow.store.metadata import migrate_store
 
 
 def current_run_id() -> str:
@@ -35,24 +35,37 @@ def current_run_id() -> str:
 def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ()) -> Iterator[None]:
     """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it
     (keeping the staged items of ``keep_stages`` to resume); at the end fold the run's
-    records into the index, consolidate and release the lock (also when the run fails or
-    is interrupted).
+    records into the index and release the lock (also when the run fails or is
+    interrupted).
 
-    The consolidated metadata is brought up to date for the items this run recorded only;
-    after a run that died (its lock taken over here), for the whole store, since it may
-    have swapped in an item it did not live to record.
+    Each item's metadata is consolidated in its group as it commits; a store an older
+    segflow consolidated at its root is migrated here, with one line in the log
+    (:func:`segflow.store.metadata.migrate_store`).
     """
     check_store(store)  # before the lock file is written into the folder
     with hold_store_lock(store, run_id=run_id) as lock:
         if lock.broken is not None:
             mark_crashed(lock.broken, store)
         prepare_store(store, keep_stages=keep_stages)
+        if (note := migrate_store(store)) is not None:
+            _logger().warning("%s", note)
         try:
             yield
         finally:
             discard_trash(store, run_id)
-            recorded = compact_index(store)
-            consolidate_store(store, items=None if lock.broken is not None else recorded)
+            compact_index(store)
+
+
+def _logger() -> Any:
+    """The flow run's logger, or segflow's outside a flow run (a notebook, a test)."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("segflow")
 
 
 def mark_crashed(holder: dict[str, Any], store: str) -> None:
@@ -156,19 +169,22 @@ def write_index_task(store: str, rows: list[dict[str, Any]]) -> str:
 
 
 @task(name="compact-vectors", retries=0, cache_policy=NO_CACHE)
-def compact_vectors_task(store: str, *, vectors: bool) -> str | None:
-    """Write ``STORE/vectors.parquet`` from every committed item's vectors; without
-    ``vectors`` (the run's ``output.vectors``) only refresh one an earlier run wrote."""
+def compact_vectors_task(
+    store: str, *, vectors: bool, items: list[str] | None = None
+) -> str | None:
+    """Bring ``STORE/vectors.parquet/`` up to date for ``items`` (the items the run did:
+    one part file each); without ``vectors`` (the run's ``output.vectors``) only refresh
+    one an earlier run wrote."""
     from prefect import get_run_logger
 
     from segflow.store.vectors import compact_vectors
 
     logger = get_run_logger()
     try:
-        path, note = compact_vectors(store, refresh_only=not vectors)
+        path, note = compact_vectors(store, refresh_only=not vectors, items=items)
     except Exception as error:  # the items are done and committed: only this file is lost
         logger.error(
-            "%s/vectors.parquet not written (%s: %s); each item's vectors.parquet is complete",
+            "%s/vectors.parquet removed (%s: %s); each item's vectors.parquet is complete",
             store.rstrip("/"),
             type(error).__name__,
             error,

@@ -232,22 +232,22 @@ def test_config_comment_commands(config: Path, clone: Path, prefect_harness: Non
             assert " 0 failed" in result.stdout
     for expression in comment.opens:
         for group in groups_for(expression, clone):
-            opened = re.sub(r'group="[^"]*"', f'group="{group}"', expression)
+            opened = re.sub(r'\.zarr/[^"]*"', f'.zarr/{group}"', expression)
             program = f"import xarray; print({opened})"
             assert "<xarray.Dataset>" in run([sys.executable, "-c", program], clone).stdout
 
 
 def groups_for(expression: str, clone: Path) -> list[str]:
     """The group to open: as written, or each of the store's groups a ``<...>`` name stands for."""
-    found = re.search(r'open_zarr\("([^"]+)", group="([^"]*)"\)', expression)
-    assert found, f"not an open_zarr(store, group=...) call: {expression!r}"
+    found = re.search(r'open_zarr\("([^"]+\.zarr)/([^"]*)"\)', expression)
+    assert found, f"not an open_zarr('STORE/ITEM') call: {expression!r}"
     store, written = clone / found[1], found[2]
     if "<" not in written:
         return [written]
     # "<case>" or "<ImageId>_image": one item per input file, named from it.
     pattern = ".+".join(re.escape(part) for part in re.split(r"<[^>]+>", written))
-    groups = sorted(path.name for path in store.iterdir() if path.is_dir())
-    groups = [group for group in groups if not group.startswith(".")]  # .segflow: bookkeeping
+    # Item groups have Zarr metadata; .segflow and the catalogue and vectors folders do not.
+    groups = sorted(path.name for path in store.iterdir() if (path / "zarr.json").is_file())
     matching = [group for group in groups if re.fullmatch(pattern, group)]
     assert matching, f"no group of {store} ({groups}) matches {written!r}"
     return matching

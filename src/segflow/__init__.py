@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from segflow.config import SegflowConfig, load_config
     from segflow.engine import compile_pipeline, plan_blocks, segment
     from segflow.ops import get_operation, list_operations
+    from segflow.store.opened import open_store
 
 try:
     __version__ = version("segflow")
@@ -30,6 +31,7 @@ _LAZY = {
     "segment": "segflow.engine",
     "get_operation": "segflow.ops",
     "list_operations": "segflow.ops",
+    "open_store": "segflow.store.opened",
 }
 
 
@@ -46,6 +48,7 @@ __all__ = [
     "get_operation",
     "list_operations",
     "load_config",
+    "open_store",
     "plan_blocks",
     "segment",
 ]

@@ -269,45 +269,34 @@ def test_an_interrupted_item_resumes_from_its_written_blocks(
     assert os.listdir(tmp_path / "out.zarr" / ".segflow" / "staging") == []
 
 
-def test_consolidating_only_the_changed_items_equals_consolidating_the_store(
+def test_a_committed_item_carries_zarrs_own_consolidated_metadata(
     tmp_path: pathlib.Path,
 ) -> None:
-    """A run brings the root's consolidated metadata up to date for the items it recorded
-    only; the result must be what zarr's own consolidation of the whole store writes, and
-    so must segflow's full consolidation."""
+    """Each committed group's zarr.json holds what zarr's own consolidation of that group
+    writes; the store's root holds none, and a redone item's copy is its new layout."""
     import shutil
 
     import xarray as xr
 
-    from segflow.store import consolidate_store
-
     store = tmp_path / "out.zarr"
-    for name, seed in (("a", 0), ("b", 1), ("gone", 2)):
+    for name, seed in (("a", 0), ("b", 1)):
         assert _segment(str(store), ArrayReader(_image(seed), name)).status == "done"
-    consolidate_store(str(store))
-    # The next run: b redone with other chunks and its regions, c added, gone removed.
     redo = _segment(str(store), ArrayReader(_image(1), "b"), chunks=[8, 8], regions=True)
     assert redo.status == "done"
-    assert _segment(str(store), ArrayReader(_image(3), "c")).status == "done"
-    shutil.rmtree(store / "gone")
-    full = tmp_path / "full.zarr"
-    shutil.copytree(store, full)
-
-    consolidate_store(str(store), items={"b", "c", "gone"})
+    theirs = tmp_path / "theirs.zarr"
+    shutil.copytree(store, theirs)
     with warnings.catch_warnings():  # zarr's notes on the files that are not Zarr nodes
         warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(full), zarr_format=3)  # zarr's own, of the whole store
+        for name in ("a", "b"):
+            zarr.consolidate_metadata(str(theirs), path=name, zarr_format=3)
 
     def entries(path: pathlib.Path) -> Any:
-        return json.loads((path / "zarr.json").read_text())["consolidated_metadata"]
+        return json.loads((path / "zarr.json").read_text()).get("consolidated_metadata")
 
-    assert entries(store) == entries(full)
-    fresh = tmp_path / "fresh.zarr"
-    shutil.copytree(store, fresh)
-    consolidate_store(str(fresh))  # from scratch: every item walked
-    assert entries(fresh) == entries(full)
-    assert "b/regions.parquet" not in entries(store)["metadata"]
-    assert not any(key.startswith("gone") for key in entries(store)["metadata"])
-    ds = xr.open_zarr(store, group="b")  # consolidated: no warning (warnings are errors)
+    for name in ("a", "b"):
+        assert entries(store / name) == entries(theirs / name)
+    assert entries(store) is None
+    assert "regions.parquet" not in entries(store / "b")["metadata"]
+    ds = xr.open_zarr(store / "b")  # consolidated: no warning (warnings are errors)
     assert ds["labels"].encoding["chunks"] == (8, 8)
-    assert "labels" in xr.open_zarr(store, group="c")
+    assert read_commit(str(store), "b") is not None  # written with the metadata

@@ -99,7 +99,7 @@ def test_classify_stores_its_class_names_and_colours_with_the_class_map(tmp_path
             )  # fmt: skip
         assert result.status == "done", result.error
         consolidate_store(store)
-        ds = xarray.open_zarr(store, group="ct")
+        ds = xarray.open_zarr(f"{store}/ct")
         classes = ds["classes"]
 
         assert classes.attrs["flag_values"] == [1, 2, 3]

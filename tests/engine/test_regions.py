@@ -164,7 +164,7 @@ def test_panoptic_output_classes_and_instances(tmp_path) -> None:
         wrong.error
     )
     consolidate_store(store)
-    ds = xr.open_zarr(store, group="scene")
+    ds = xr.open_zarr(f"{store}/scene")
     classes, labels = ds["classes"].values, ds["labels"].values
     np.testing.assert_array_equal(classes, np.digitize(image, [0.48, 0.52]) + 1)
     table = read_regions(store, "scene")

@@ -84,7 +84,7 @@ def test_geo_item_opens_in_xarray_with_crs(tmp_path: pathlib.Path, geo_info: Ite
     write_blocks(store, geo_info, spec, labels)
     consolidate_store(store)
 
-    ds = xr.open_zarr(store, group=geo_info.id)  # consolidated: no warning, one metadata read
+    ds = xr.open_zarr(f"{store}/{geo_info.id}")  # consolidated: no warning, one metadata read
     assert ds["labels"].dims == ("y", "x")
     assert ds["labels"].dtype == np.uint32  # fill_value 0 must not turn labels into NaN floats
     np.testing.assert_array_equal(ds["labels"].values, labels)
@@ -247,13 +247,15 @@ def test_consolidated_metadata_is_dropped_when_the_store_changes(
     store = str(tmp_path / "out.zarr")
     create_item_group(store, geo_info)
     consolidate_store(store)
-    assert zarr.open_group(store, mode="r").metadata.consolidated_metadata is not None
-    create_output_array(store, geo_info, ArraySpec("labels", "uint8", chunks=(16, 16)))
+    item = f"{store}/{geo_info.id}"
+    assert zarr.open_group(item, mode="r").metadata.consolidated_metadata is not None
     assert zarr.open_group(store, mode="r").metadata.consolidated_metadata is None
+    create_output_array(store, geo_info, ArraySpec("labels", "uint8", chunks=(16, 16)))
+    assert zarr.open_group(item, mode="r").metadata.consolidated_metadata is None
     create_item_group(store, volume_info)
     consolidate_store(store)
-    assert "labels" in xr.open_zarr(store, group=geo_info.id)
-    assert "x" in xr.open_zarr(store, group=volume_info.id).coords
+    assert "labels" in xr.open_zarr(item)
+    assert "x" in xr.open_zarr(f"{store}/{volume_info.id}").coords
 
 
 def test_nan_nodata_is_valid_json(tmp_path: pathlib.Path) -> None:

@@ -150,7 +150,7 @@ def test_images_named_like_the_store_files_are_items_and_the_store_still_works(
     index = read_index(store)
     assert sorted(index["id"]) == ids and set(index["status"]) == {"done"}
     path, _ = compact_vectors(str(store))
-    assert path is not None and (store / VECTORS_NAME).is_file()
+    assert path is not None and (store / VECTORS_NAME).is_dir()
     assert set(read_vectors(str(store))["item"]) == set(ids)
     # The evaluation flow's table goes where it always does.
     pd.DataFrame({"id": ids}).to_parquet(store / EVALUATION_NAME)

@@ -231,7 +231,12 @@ def test_collection_vectors_in_one_file_with_an_item_column(tmp_path: pathlib.Pa
         counts[reader.info.id] = result.object_count
     path, note = compact_vectors(str(store))
     assert path == f"{store}/vectors.parquet"
-    assert note == "vectors.parquet: the vectors of 2 item(s) in one GeoParquet file"
+    assert note == "vectors.parquet: the vectors of 2 item(s) written"
+    assert sorted(p.name for p in (store / "vectors.parquet").iterdir()) == [
+        "_segflow.json",
+        "part-t0.parquet",
+        "part-t1.parquet",
+    ]
     frame = gpd.read_parquet(path)
     assert frame.crs.to_epsg() == 32633
     assert list(frame.columns[:3]) == ["item", "label", "geometry"]
@@ -246,11 +251,15 @@ def test_collection_vectors_in_one_file_with_an_item_column(tmp_path: pathlib.Pa
 
     other = open_item(str(_write_tile(tmp_path / "t2.tif", epsg=32634, x0=500_000.0, seed=2)))
     assert _segment(other, pipeline, store, block_shape=16).status == "done"
-    path, note = compact_vectors(str(store))
+    part_t1 = (store / "vectors.parquet" / "part-t1.parquet").stat().st_mtime_ns
+    path, note = compact_vectors(str(store), items=["t0"])  # a run that redid t0 only
+    assert note == "vectors.parquet: the vectors of 1 item(s) written"
+    assert (store / "vectors.parquet" / "part-t1.parquet").stat().st_mtime_ns == part_t1
+    path, note = compact_vectors(str(store), items=["t2"])
     assert path is None
     assert note.startswith(
-        f"the items of {store} have 2 different CRSs: vectors.parquet not written, the "
-        "previous one removed (read each item's"
+        f"the items of {store} have different CRSs (t2's differs): vectors.parquet removed "
+        "(read each item's"
     )
     assert not (store / "vectors.parquet").exists()  # never left stale
     assert compact_vectors(str(store), refresh_only=True) == (None, "")
@@ -313,7 +322,7 @@ def test_vectors_through_an_fsspec_url() -> None:
         assert compact_vectors(store)[0] == f"{store}/vectors.parquet"
         frame = read_vectors(store)
         assert frame["item"].tolist() == ["ring"] and frame.geometry[0].area == 30 * 34 - 16 * 15
-        with fsspec.open(f"{store}/vectors.parquet", "rb") as handle:
+        with fsspec.open(f"{store}/vectors.parquet/part-ring.parquet", "rb") as handle:
             assert len(gpd.read_parquet(handle)) == 1
         fs = fsspec.filesystem("memory")
         assert not [p for p in fs.find("/vectors-test") if "parts" in p]  # scratch removed
@@ -335,3 +344,20 @@ def test_a_collection_file_that_cannot_be_rewritten_is_removed(tmp_path: pathlib
 
     assert not (store / "vectors.parquet").exists()  # not left holding t1's old rows
     assert not (store / "vectors.parquet.partial").exists()
+
+
+def test_an_older_stores_vectors_file_becomes_the_folder(tmp_path: pathlib.Path) -> None:
+    """A store from before kept one vectors.parquet file: the next compaction (of any item)
+    replaces it by the folder of every item's part, and says so."""
+    store = tmp_path / "c.zarr"
+    pipeline = [{"op": "threshold", "value": 100}, {"op": "label"}]
+    for k in range(2):
+        reader = open_item(str(_write_tile(tmp_path / f"t{k}.tif", epsg=32633, x0=0.0, seed=k)))
+        assert _segment(reader, pipeline, store, block_shape=16).status == "done"
+    (store / "vectors.parquet").write_bytes(b"the file an older segflow wrote")
+
+    path, note = compact_vectors(str(store), items=["t1"])
+
+    assert path == f"{store}/vectors.parquet" and "(was one file, now a folder" in note
+    frame = gpd.read_parquet(store / "vectors.parquet")
+    assert sorted(set(frame["item"])) == ["t0", "t1"] and frame.crs.to_epsg() == 32633

@@ -59,7 +59,7 @@ def test_a_changed_checkpoint_redoes_items_an_unchanged_one_skips_them(
     assert _statuses(config) == {"a": "done", "b": "done"}
     index = pd.read_parquet(store / "index.parquet").set_index("id")
     assert set(index["model_hash"]) == {first}
-    probs = xarray.open_zarr(store, group="a")["probabilities"]
+    probs = xarray.open_zarr(f"{store}/a")["probabilities"]
     assert probs.dims == ("class", "y", "x")
     assert list(probs["class"].values) == ["background", "foreground", "boundary"]
 

@@ -87,7 +87,7 @@ def test_bad_items_fail_alone_and_reruns_skip_done_items(
     # An unreadable file too, with the reason discovery found.
     assert str(states["segment-broken"].message) == errors["broken"]  # type: ignore[union-attr]
 
-    ds = xarray.open_zarr(store, group="tile_a")
+    ds = xarray.open_zarr(f"{store}/tile_a")
     assert ds["labels"].dims == ("y", "x")
     assert int(ds["labels"].max()) == N_BLOBS
     # Pixel centres in CRS metres: origin 500000 + half a 10 m pixel.
@@ -154,7 +154,7 @@ def test_a_batch_of_items_is_one_task_run_red_when_any_of_its_items_failed(
     assert index["status"].to_dict() == {
         "broken": "failed", "rgb": "failed", "tile_a": "done", "tile_b": "done"
     }  # fmt: skip
-    assert int(xarray.open_zarr(store, group="tile_a")["labels"].max()) == N_BLOBS
+    assert int(xarray.open_zarr(f"{store}/tile_a")["labels"].max()) == N_BLOBS
 
 
 def test_overwrite_and_item_filter_redo_only_matching_items(
@@ -174,7 +174,7 @@ def test_overwrite_and_item_filter_redo_only_matching_items(
         ("north_1", "done"),
         ("north_2", "done"),
     ]
-    assert summary["open"] == f"xarray.open_zarr({str(tmp_path / 'out.zarr')!r}, group='north_1')"
+    assert summary["open"] == f"xarray.open_zarr({str(tmp_path / 'out.zarr' / 'north_1')!r})"
 
 
 def test_sample_nuclei_config_runs_from_its_yaml(tmp_path: Path, dask_address: str) -> None:
@@ -186,7 +186,7 @@ def test_sample_nuclei_config_runs_from_its_yaml(tmp_path: Path, dask_address: s
     )
 
     assert (summary["done"], summary["failed"]) == (1, 0)
-    labels = xarray.open_zarr(store, group="image")["labels"]
+    labels = xarray.open_zarr(f"{store}/image")["labels"]
     assert labels.shape == (256, 256)
     assert int(labels.max()) == summary["rows"][0]["object_count"] > 10
 
@@ -355,7 +355,7 @@ def test_the_first_items_of_a_run_get_a_quick_look_beside_them_linked_from_an_ar
         assert max(picture.shape[:2]) <= 32 and picture.shape[2] == 3
         assert (picture == OUTLINE_RGB).all(axis=-1).any()  # the blobs' outlines
     # The store stays readable with the pictures in its item groups.
-    assert xarray.open_zarr(store, group="tile_0")["labels"].shape == (64, 72)
+    assert xarray.open_zarr(f"{store}/tile_0")["labels"].shape == (64, 72)
 
 
 def test_vectors_per_item_and_for_the_collection(tmp_path: Path, dask_address: str) -> None:
@@ -378,7 +378,7 @@ def test_vectors_per_item_and_for_the_collection(tmp_path: Path, dask_address: s
     collection = gpd.read_parquet(store / "vectors.parquet")
     assert collection.groupby("item").size().to_dict() == {"east": N_BLOBS, "west": N_BLOBS}
     np.testing.assert_allclose(collection.geometry.area, collection["area"] * 100.0)
-    assert xarray.open_zarr(store, group="east")["labels"].shape == (64, 72)
+    assert xarray.open_zarr(f"{store}/east")["labels"].shape == (64, 72)
 
     # Redone without vectors: no item has them any more, so neither has the collection.
     config["output"] = {**config["output"], "vectors": False}
@@ -414,7 +414,7 @@ def test_dicom_seg_from_a_dicom_series_through_the_flow(tmp_path: Path, dask_add
     assert seg.Modality == "SEG" and int(seg.NumberOfFrames) == 5
     assert int(seg.pixel_array.sum()) == 3 * 20 * 28  # the block of bone, every voxel
     # The file beside the arrays leaves the consolidated store readable without warnings.
-    assert xarray.open_zarr(store, group="3_CT_CHEST")["labels"].shape == (5, 40, 50)
+    assert xarray.open_zarr(f"{store}/3_CT_CHEST")["labels"].shape == (5, 40, 50)
 
 
 def test_a_deployment_run_of_another_config_is_refused_with_one_line(

@@ -59,10 +59,7 @@ def test_artifact_keys_are_valid_prefect_keys_unique_per_store(
 
 
 def test_open_line_is_python_that_names_store_and_group() -> None:
-    assert (
-        open_line("/data/out.zarr", "tile_1")
-        == "xarray.open_zarr('/data/out.zarr', group='tile_1')"
-    )
+    assert open_line("/data/out.zarr", "tile_1") == "xarray.open_zarr('/data/out.zarr/tile_1')"
 
 
 def test_read_index_task_gives_plain_rows_with_none_for_missing(tmp_path: Path) -> None:

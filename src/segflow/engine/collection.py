@@ -511,8 +511,9 @@ def _named(error: Exception, item_id: str, path: str) -> str:
 
 
 def open_line(store: str, item_id: str) -> str:
-    """The Python expression that opens one item of the output."""
-    return f"xarray.open_zarr({store!r}, group={item_id!r})"
+    """The Python expression that opens one item of the output: its group as a Zarr
+    hierarchy of its own, with its consolidated metadata (one metadata read)."""
+    return f"xarray.open_zarr({store.rstrip('/') + '/' + item_id!r})"
 
 
 # Rows and failures a run's summary lists at most (the rest are in the store's index), so

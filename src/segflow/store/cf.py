@@ -4,7 +4,7 @@ An item group ``STORE/ITEM`` holds one 1-D coordinate array per spatial axis (pi
 centres ``origin + i * spacing``, in CRS units for geo items and physical units for volumes),
 a 0-d ``spatial_ref`` grid-mapping variable for geo items (``crs_wkt``, ``spatial_ref``,
 ``GeoTransform``: the rioxarray convention), and output arrays whose ``dimension_names`` name
-those coordinates, so ``xarray.open_zarr(STORE, group=ITEM)`` attaches them. Class maps carry
+those coordinates, so ``xarray.open_zarr("STORE/ITEM")`` attaches them. Class maps carry
 CF ``flag_values``/``flag_meanings`` and class coordinates; probability maps a ``class`` axis.
 
 These functions only say what to write; :mod:`segflow.store.layout` does the Zarr work.

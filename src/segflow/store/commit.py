@@ -76,10 +76,15 @@ def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
     check_store(store)
     import zarr
 
+    from segflow.store.metadata import LAYOUT, LAYOUT_KEY
+
     root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
     marker: Any = dict(root.attrs).get(STORE_ATTR)
     if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
-        root.update_attributes({STORE_ATTR: {"format": STORE_FORMAT}})
+        fresh = marker is None and not _has_legacy_markers(store)
+        # A new store starts with per-item metadata; an older one is migrated by its run.
+        layout = {LAYOUT_KEY: LAYOUT} if fresh else {}
+        root.update_attributes({STORE_ATTR: {"format": STORE_FORMAT, **layout}})
     if is_local(store):
         _recover_swaps(local_path(store))
         staging = local_path(bookkeeping_path(store, "staging"))
@@ -123,6 +128,11 @@ def check_store(store: str) -> None:
             f"output.store '{store}' exists and is not a segflow store (no segflow metadata "
             f"in its zarr.json; it holds {shown}): choose a new path or an empty folder"
         )
+
+
+def _has_legacy_markers(store: str) -> bool:
+    fs, path = fresh_fs(str(store))
+    return any(fs.exists(f"{path.rstrip('/')}/{name}") for name in _LEGACY_MARKERS)
 
 
 def is_segflow_store(store: str) -> bool:
@@ -302,14 +312,21 @@ def drop_partial_writes(root: str, item_id: str) -> int:
 def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) -> None:
     """Write the commit record into ``ROOT/ITEM`` and make it ``STORE/ITEM``.
 
+    The group's ``zarr.json`` gets the item's consolidated metadata with the record
+    (:func:`segflow.store.metadata.consolidate_item`), so the committed group opens with
+    one metadata read.
+
     ``root`` is :func:`staging_root` of the run; for a local store the staged group is
     swapped in by two renames (see the module note), for an object store (``root`` is the
     store) the record is written in place.
     """
-    import zarr
+    from segflow.store.metadata import consolidate_item, drop_consolidated
 
-    group = zarr.open_group(root, path=item_id, mode="r+", zarr_format=3)
-    group.update_attributes({COMMIT_ATTR: dict(record)})
+    # The item's metadata, consolidated into its group, and the record in one write.
+    consolidate_item(root, item_id, attributes={COMMIT_ATTR: dict(record)})
+    # An older store's root copy would not list this item (a flow migrates the store
+    # first; a direct call does not): drop it rather than leave it stale.
+    drop_consolidated(store)
     if not is_local(store) or root == store:
         return
     staged = os.path.join(local_path(root), item_id)
@@ -378,11 +395,18 @@ def _recover_swaps(store: str) -> None:
 
 
 def _read_json(url: str) -> dict[str, Any] | None:
+    """A JSON object file, or None when absent or not one. Local paths are read directly:
+    fsspec's URL handling is half the cost of reading a commit record (the skip check
+    reads one per done item)."""
     import fsspec
 
     try:
-        with fsspec.open(url, "rb") as handle:
-            value = json.loads(handle.read())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        if is_local(url):
+            with open(local_path(url), "rb") as local:
+                value = json.loads(local.read())
+        else:
+            with fsspec.open(url, "rb") as handle:
+                value = json.loads(handle.read())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
         return None
     return value if isinstance(value, dict) else None

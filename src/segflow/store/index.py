@@ -4,7 +4,8 @@ During a run each finished item appends one JSON line to its run's record file
 (``STORE/.segflow/records/RUN.jsonl``, flushed and fsynced): an append, never a
 read-modify-write of a growing table, so recording an item costs the same at 100,000 items
 as at 10, and a killed run keeps the records of the items it finished. The records are
-compacted into ``index.parquet`` when the run ends (or by the next run); :func:`read_index`
+compacted into ``index.parquet`` when the run ends (or by the next run), and the rows of the
+items they name into the catalogue (:mod:`segflow.store.catalogue`); :func:`read_index`
 reads both, a later record replacing an earlier row of the same id.
 
 Every path goes through fsspec, so a store on ``s3://`` (or ``gs://``, ``az://``) keeps its
@@ -130,9 +131,11 @@ def compact_index(store: str | os.PathLike[str]) -> set[str]:
         return set()
     frame = read_index(store)
     _replace_index(store, frame)
+    latest = {str(row["id"]): row for _, rows in files for row in rows}  # a later one wins
+    _update_catalogue(store, list(latest.values()))
     fault_point("index-compact")
     _remove_records(store, files)
-    return {str(row["id"]) for _, rows in files for row in rows}
+    return set(latest)
 
 
 def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> str:
@@ -170,8 +173,24 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
     old = old[~old["id"].isin(new["id"])]
     merged = new if old.empty else pd.concat([old, new], ignore_index=True)
     path = _replace_index(store, _with_core_columns(merged).sort_values("id", ignore_index=True))
+    latest = {str(row["id"]): row for _, found in _record_files(store) for row in found}
+    latest.update({str(row["id"]): dict(row) for row in rows})  # the rows given win
+    _update_catalogue(store, list(latest.values()))
     _remove_records(store, _record_files(store))  # now folded into the table
     return path
+
+
+def _update_catalogue(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
+    """Bring the catalogue's rows of ``rows`` up to date (:mod:`segflow.store.catalogue`),
+    before the records that name them are removed."""
+    from segflow.store.catalogue import update_catalogue
+
+    try:
+        update_catalogue(str(store), [_normalise_row(row) for row in rows])
+    except Exception as exc:
+        raise StoreError(
+            f"cannot write the catalogue of '{store}' ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _check_rows(rows: Sequence[dict[str, Any]]) -> None:

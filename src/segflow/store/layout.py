@@ -7,7 +7,6 @@ item in :mod:`segflow.store.ome`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -87,8 +86,8 @@ def create_item_group(store: str, info: ItemInfo, *, overwrite: bool = True) -> 
     ``origin + i * spacing``: CRS units for geo items, physical units for volumes), a 0-d
     ``spatial_ref`` grid-mapping variable with ``crs_wkt``/``spatial_ref``/``GeoTransform`` for
     geo items, and group attributes with the source path, spacing, units, origin, affine, CRS,
-    nodata and fingerprint. Any consolidated metadata at the store root is dropped, since it
-    would no longer describe the store: call :func:`consolidate_store` when the run is done.
+    nodata and fingerprint. Any consolidated metadata at the store root (an older store's)
+    is dropped, since it would no longer describe the store.
 
     Parameters
     ----------
@@ -116,8 +115,8 @@ def create_item_group(store: str, info: ItemInfo, *, overwrite: bool = True) -> 
     ['spatial_ref', 'x', 'y']
     """
     try:
+        _drop_consolidated(store)
         root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-        _drop_consolidated(root)
         if not overwrite and info.id in root:
             raise StoreError(
                 f"group '{info.id}' already exists in store '{store}'; pass overwrite=True to "
@@ -174,8 +173,8 @@ def create_output_array(
     """
     _validate_spec(info, spec)
     try:
+        _drop_consolidated(store, info.id)
         root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-        _drop_consolidated(root)
         if info.id not in root:
             raise StoreError(
                 f"array '{spec.name}': group '{info.id}' does not exist in store '{store}'; "
@@ -206,20 +205,15 @@ def create_output_array(
 
 
 def consolidate_store(store: str, items: Collection[str] | None = None) -> None:
-    """Consolidate the metadata of the store into its root ``zarr.json``.
+    """Consolidate the metadata of each item group into its own ``zarr.json``.
 
-    Afterwards ``xarray.open_zarr(store, group=item_id)`` opens without warnings and with one
-    metadata read. Call it once all groups and arrays of a run exist: the consolidated copy is
-    dropped by :func:`create_item_group` and :func:`create_output_array` where they write into
-    the store itself, so a stale copy can never hide or misdescribe an array
-    (``consolidated=False`` always works, consolidated or not).
-
-    With ``items`` (the ids of the items a run changed) and a root that is consolidated
-    already, only those items' entries are replaced: a run that adds 10 items to a
-    100,000-item store reads 10 items' metadata, not every node of the store. An item whose
-    group is gone loses its entries. The entries are what zarr's own consolidation writes
-    (a test compares them), read as JSON: 0.55 ms per item here against zarr's 5.5-7 ms,
-    which made consolidation some 10 minutes of every run at 100,000 items.
+    Afterwards ``xarray.open_zarr(f"{store}/{item_id}")`` opens without warnings with one
+    metadata read, at any number of items: the root ``zarr.json`` keeps no consolidated
+    copy (one an older segflow wrote is removed; :mod:`segflow.store.metadata`). A run's
+    commit consolidates each item already; this is for groups written directly
+    (notebooks, tests). ``items`` limits it to those groups (default: every item group).
+    :func:`create_item_group` and :func:`create_output_array` drop an item's copy when they
+    change its group, so a stale copy never hides or misdescribes an array.
 
     Raises
     ------
@@ -234,88 +228,25 @@ def consolidate_store(store: str, items: Collection[str] | None = None) -> None:
     >>> store = tempfile.mkdtemp() + "/doc_consolidated.zarr"
     >>> create_item_group(store, info)
     >>> consolidate_store(store)
-    >>> consolidate_store(store, items=["demo"])
+    >>> sorted(zarr.open_consolidated(f"{store}/demo").metadata.consolidated_metadata.metadata)
+    ['x', 'y']
     """
-    from segflow.store.commit import _read_json
-    from segflow.store.fs import fresh_fs
+    from segflow.store import metadata
 
     try:
-        root = _read_json(f"{str(store).rstrip('/')}/zarr.json")
-        if root is None:
+        if metadata.read_node(store) is None:
             raise StoreError(f"'{store}' has no zarr.json: not a Zarr store")
-        consolidated = root.get("consolidated_metadata")
-        if items is not None and consolidated is not None:
-            if not items:
-                return  # nothing changed since it was consolidated
-            entries = consolidated["metadata"]
-            for item_id in items:
-                for key in [k for k in entries if k == item_id or k.startswith(f"{item_id}/")]:
-                    del entries[key]
-                entries.update(_item_entries(store, item_id))
-        else:
-            fs, path = fresh_fs(store)
-            entries = {}
-            for child in fs.ls(path, detail=True):
-                if child["type"] == "directory":
-                    entries.update(_item_entries(store, _basename(child["name"])))
-        root["consolidated_metadata"] = _inline(dict(sorted(entries.items())))
-        _write_node(store, root)
+        for item_id in metadata.item_groups(store) if items is None else items:
+            node = metadata.read_node(f"{str(store).rstrip('/')}/{item_id}")
+            if node is not None and node.get("node_type") == "group":
+                metadata.consolidate_item(store, item_id)
+        metadata.mark_migrated(store)
     except StoreError:
         raise
     except Exception as exc:
         raise StoreError(
             f"cannot consolidate store '{store}' ({type(exc).__name__}: {exc})"
         ) from exc
-
-
-def _inline(metadata: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "inline", "must_understand": False, "metadata": metadata}
-
-
-def _basename(name: str) -> str:
-    return name.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _item_entries(store: str, item_id: str) -> dict[str, Any]:
-    """The consolidated entries of one item, as zarr writes them: each Zarr node under
-    ``STORE/ITEM`` by its path, its ``zarr.json`` as it is (a group's with an empty inline
-    ``consolidated_metadata``). Arrays are not walked into (their chunks are no nodes)."""
-    from segflow.store.fs import fresh_fs
-
-    fs, base = fresh_fs(f"{str(store).rstrip('/')}/{item_id}")
-    entries: dict[str, Any] = {}
-
-    def visit(path: str, key: str) -> None:
-        try:
-            node = json.loads(fs.cat_file(f"{path}/zarr.json"))
-        except (FileNotFoundError, NotADirectoryError):
-            return  # not a Zarr node, or gone
-        entries[key] = node
-        if node.get("node_type") != "group":
-            return
-        node["consolidated_metadata"] = _inline({})
-        for child in fs.ls(path, detail=True):
-            if child["type"] == "directory":
-                visit(child["name"].rstrip("/"), f"{key}/{_basename(child['name'])}")
-
-    visit(base.rstrip("/"), item_id)
-    return entries
-
-
-def _write_node(store: str, node: dict[str, Any]) -> None:
-    """Replace the root ``zarr.json`` of ``store`` (locally: write aside, then rename)."""
-    from segflow.store.fs import fresh_fs
-    from segflow.store.lock import is_local, local_path
-
-    data = json.dumps(node, indent=2).encode()
-    if is_local(store):
-        path = os.path.join(local_path(store), "zarr.json")
-        with open(f"{path}.segflow-tmp", "wb") as handle:
-            handle.write(data)
-        os.replace(f"{path}.segflow-tmp", path)
-        return
-    fs, path = fresh_fs(f"{str(store).rstrip('/')}/zarr.json")
-    fs.pipe_file(path, data)
 
 
 class ZarrRegionWriter:
@@ -462,8 +393,11 @@ def _format_region(region: tuple[slice, ...]) -> str:
     return "(" + ", ".join(f"{s.start}:{s.stop}" for s in region) + ")"
 
 
-def _drop_consolidated(root: Any) -> None:
-    """Remove root consolidated metadata, which would go stale as nodes are added."""
-    current = zarr.open_group(root.store, mode="r", zarr_format=3)
-    if current.metadata.consolidated_metadata is not None:
-        root.update_attributes({})  # ``root`` was opened without it: rewriting drops it
+def _drop_consolidated(store: str, item_id: str | None = None) -> None:
+    """Remove consolidated metadata that would go stale as nodes are added: the root's
+    (an older store's) and, with ``item_id``, that item group's."""
+    from segflow.store.metadata import drop_consolidated
+
+    drop_consolidated(store)
+    if item_id is not None:
+        drop_consolidated(f"{str(store).rstrip('/')}/{item_id}")

@@ -2,11 +2,12 @@
 
 Item groups sit at ``STORE/ITEM_ID`` beside the store's own files: its Zarr metadata
 (``zarr.json``), the collection index (``index.parquet``), the collection's vector table
-(``vectors.parquet``), the evaluation table (``evaluation.parquet``) and its bookkeeping
-folder (``.segflow``). An item named like one of them would take its place and break the
-store for every later run, so item ids never take a reserved name (:func:`is_reserved_name`,
-consulted by :func:`segflow.io.assign_item_ids`), and a store where an item group already
-sits on one is refused with what to do (:func:`check_reserved_names`).
+(``vectors.parquet``), the evaluation table (``evaluation.parquet``), the catalogue
+(``catalogue.parquet``) and its bookkeeping folder (``.segflow``). An item named like one
+of them would take its place and break the store for every later run, so item ids never
+take a reserved name (:func:`is_reserved_name`, consulted by
+:func:`segflow.io.assign_item_ids`), and a store where an item group already sits on one
+is refused with what to do (:func:`check_reserved_names`).
 
 A writer that puts a file of its own at the store's root registers its name with
 :func:`reserve_name` when its module is imported.
@@ -23,14 +24,17 @@ ZARR_JSON = "zarr.json"
 INDEX_NAME = "index.parquet"
 VECTORS_NAME = "vectors.parquet"  # STORE/vectors.parquet (and STORE/ITEM/vectors.parquet)
 EVALUATION_NAME = "evaluation.parquet"
+CATALOGUE_NAME = "catalogue.parquet"  # a dataset directory: one part file per hash bucket
 SEGFLOW_DIR = ".segflow"  # segflow's bookkeeping inside a store: lock, records, staging
 
+_DATASETS = {CATALOGUE_NAME, VECTORS_NAME}
 # name -> what a store keeps there: "where a store keeps ROLE" (in notes and messages)
 _RESERVED: dict[str, str] = {
     ZARR_JSON: "its Zarr metadata",
     INDEX_NAME: "its collection index",
     VECTORS_NAME: "its collection vector table",
     EVALUATION_NAME: "its evaluation table",
+    CATALOGUE_NAME: "its collection catalogue",
     SEGFLOW_DIR: "its bookkeeping folder",
 }
 
@@ -116,7 +120,9 @@ def check_reserved_names(store: str) -> None:
         if name == SEGFLOW_DIR:
             continue  # a folder by design
         path = f"{root.rstrip('/')}/{name}"
-        if fs.isdir(path):
+        # The catalogue and the vectors are dataset folders by design: an item group there
+        # is one with Zarr metadata.
+        if fs.isdir(path) and (name not in _DATASETS or fs.exists(f"{path}/{ZARR_JSON}")):
             shown = f"{str(store).rstrip('/')}/{name}"
             raise StoreError(
                 f"output.store '{store}': '{shown}' is a folder (an item group of an image "

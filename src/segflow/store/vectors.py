@@ -31,8 +31,10 @@ import numpy as np
 
 from segflow.errors import PlanError
 from segflow.faults import fault_point
-from segflow.store import names
 from segflow.store.fs import fresh_fs
+
+# The collection's folder lives in vector_dataset; its names stay importable from here.
+from segflow.store.vector_dataset import COLLECTION_NAME, compact_vectors  # noqa: F401
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -381,109 +383,6 @@ def vectorize_block(
     if len(done):
         sink.write(f"{rows.start}_{cols.start}", done, geometries)
     return cut, [bytes(w) for w in shapely.to_wkb(pieces)] if pieces else []
-
-
-# STORE/vectors.parquet: every item's rows, ``item`` first (a reserved root name)
-COLLECTION_NAME = names.VECTORS_NAME
-
-
-def compact_vectors(store: str, *, refresh_only: bool = False) -> tuple[str | None, str]:
-    """Write ``STORE/vectors.parquet``: the vector rows of every committed item, with an
-    ``item`` column first, streamed one item at a time (one row group per item).
-
-    Items whose tables differ in columns (another config) share the union of the columns,
-    missing values null. A GeoParquet column has one CRS: when the items have several,
-    nothing is written. The file is written beside and renamed into place, so readers see
-    the previous one or the new one; a previous one that can no longer be written (no item
-    has vectors any more, or the CRSs differ now) is removed rather than left stale. With
-    ``refresh_only`` (a run without ``output.vectors``) nothing happens unless the file
-    exists. Returns the path (or None) and a line saying what was done, for the run's log.
-
-    Raises
-    ------
-    OSError, pyarrow.ArrowException
-        When an item's table cannot be read or the file written; the previous file is
-        removed first (it would be stale).
-    """
-
-    root = str(store).rstrip("/")
-    fs, path = fresh_fs(root)
-    target = f"{path}/{COLLECTION_NAME}"
-    if refresh_only and not fs.exists(target):
-        return None, ""
-    try:
-        return _write_collection(fs, root, target)
-    except Exception:
-        # The previous file would now be stale: better none (the caller reports why).
-        for leftover in (f"{target}.partial", target):
-            if fs.exists(leftover):
-                fs.rm(leftover)
-        raise
-
-
-def _write_collection(fs: Any, root: str, target: str) -> tuple[str | None, str]:
-    """The body of :func:`compact_vectors` (``target`` on ``fs``, the store's URL ``root``)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from segflow.store.commit import read_commit
-
-    path = target.rsplit("/", 1)[0]
-    found = sorted(fs.glob(f"{path}/*/{VECTORS_NAME}"))
-    items = [name.rstrip("/").rsplit("/", 2)[-2] for name in found]
-    pairs = [(i, n) for i, n in zip(items, found, strict=True) if read_commit(root, i)]
-    if not pairs:
-        return None, _drop_stale(fs, target, f"no item of {root} has vectors")
-    schemas, crss, types, first = [], set(), set(), None
-    for _, name in pairs:
-        with fs.open(name, "rb") as handle:
-            schema = pq.ParquetFile(handle).schema_arrow
-        geo = json.loads((schema.metadata or {}).get(b"geo", b"{}"))
-        first = first or geo
-        column = geo.get("columns", {}).get("geometry", {})
-        crss.add(json.dumps(column.get("crs"), sort_keys=True))
-        types.update(column.get("geometry_types", []))
-        schemas.append(schema.remove_metadata())
-    if len(crss) > 1:
-        reason = f"the items of {root} have {len(crss)} different CRSs"
-        return None, _drop_stale(fs, target, reason) + (
-            " (read each item's vectors.parquet, or segflow.store.vectors.read_vectors with "
-            "item_ids of one CRS)"
-        )
-    unified = pa.unify_schemas(schemas, promote_options="permissive")
-    schema = pa.schema([pa.field("item", pa.string()), *unified])
-    assert first is not None
-    first["columns"]["geometry"]["geometry_types"] = sorted(types)
-    schema = schema.with_metadata({"geo": json.dumps(first)})
-    partial = f"{target}.partial"
-    with fs.open(partial, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
-        for item_id, name in pairs:
-            with fs.open(name, "rb") as part:
-                table = pq.ParquetFile(part).read()
-            n = table.num_rows
-            columns = [
-                pa.array([item_id] * n, pa.string())
-                if field.name == "item"
-                else (
-                    table[field.name].cast(field.type)
-                    if field.name in table.column_names
-                    else pa.nulls(n, field.type)
-                )
-                for field in schema
-            ]
-            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
-    fs.mv(partial, target)
-    return f"{root}/{COLLECTION_NAME}", (
-        f"{COLLECTION_NAME}: the vectors of {len(pairs)} item(s) in one GeoParquet file"
-    )
-
-
-def _drop_stale(fs: Any, target: str, reason: str) -> str:
-    """Remove a collection file that can no longer be rewritten; say so."""
-    if fs.exists(target):
-        fs.rm(target)
-        return f"{reason}: {COLLECTION_NAME} not written, the previous one removed"
-    return f"{reason}: {COLLECTION_NAME} not written"
 
 
 def read_vectors(store: str, item_ids: Sequence[str] | None = None) -> gpd.GeoDataFrame:

@@ -1,0 +1,122 @@
+"""Reading a store downstream: :func:`open_store`, the catalogue and items opened lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from segflow.errors import StoreError
+
+
+class OpenedStore(Mapping[str, Any]):
+    """A segflow store opened for reading: a mapping of committed item id -> xarray Dataset.
+
+    Nothing is read until asked: ``store["tile_0042"]`` opens that item's group alone (its
+    consolidated metadata: one small file, whatever the number of items; arrays stay lazy
+    Dask arrays), :meth:`row` reads the one catalogue part that holds an item's row, and
+    :attr:`catalogue` reads the whole catalogue once (a GeoDataFrame, one row per item).
+    Iterating or ``len`` go through the catalogue's committed items.
+
+    Use :func:`open_store` to make one.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path).rstrip("/")
+        self._catalogue: Any = None
+
+    def __repr__(self) -> str:
+        return f"OpenedStore({self.path!r})"
+
+    @property
+    def catalogue(self) -> Any:
+        """The catalogue (:mod:`segflow.store.catalogue`) as a GeoDataFrame, read once."""
+        if self._catalogue is None:
+            from segflow.store.catalogue import read_catalogue
+
+            self._catalogue = read_catalogue(self.path)
+        return self._catalogue
+
+    def select(self, bbox: tuple[float, float, float, float]) -> Any:
+        """The catalogue rows of the georeferenced items whose footprint meets ``bbox``
+        (west, south, east, north in degrees), read through the parts' bbox column."""
+        from segflow.store.catalogue import read_catalogue
+
+        return read_catalogue(self.path, bbox=bbox)
+
+    def row(self, item_id: str) -> Any:
+        """The catalogue row of one item (a Series), reading only the part that holds it.
+
+        Raises
+        ------
+        KeyError
+            When the catalogue has no row for ``item_id``.
+        """
+        from segflow.store.catalogue import bucket_of, read_part
+
+        part = read_part(self.path, bucket_of(item_id))
+        found = None if part is None else part[part["id"] == item_id]
+        if found is None or found.empty:
+            raise KeyError(f"store '{self.path}' has no catalogue row for item '{item_id}'")
+        return found.iloc[0]
+
+    def open(self, item_id: str, **kwargs: Any) -> Any:
+        """The item's group as a lazy xarray Dataset (``xarray.open_zarr`` of
+        ``STORE/ITEM``; ``kwargs`` go to it).
+
+        Raises
+        ------
+        KeyError
+            When the store has no committed group ``item_id``.
+        """
+        import xarray as xr
+
+        from segflow.store.commit import read_commit
+
+        if read_commit(self.path, item_id) is None:
+            raise KeyError(
+                f"store '{self.path}' has no committed item '{item_id}' (not segmented, failed "
+                "before its first commit, or being rewritten)"
+            )
+        return xr.open_zarr(f"{self.path}/{item_id}", **kwargs)
+
+    def __getitem__(self, item_id: str) -> Any:
+        return self.open(item_id)
+
+    def _committed(self) -> list[str]:
+        paths = self.catalogue["path"]
+        return sorted(str(p) for p in paths[paths.notna()])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._committed())
+
+    def __len__(self) -> int:
+        return len(self._committed())
+
+
+def open_store(path: str) -> OpenedStore:
+    """Open the segflow store at ``path`` (a folder or fsspec URL) for reading.
+
+    Returns an :class:`OpenedStore`: ``.catalogue`` (a GeoDataFrame, one row per item:
+    status, fingerprints, object count, extent, footprint, group path), ``store[ITEM]`` (an
+    item as a lazy xarray Dataset), ``.row(ITEM)`` and ``.select(bbox)``.
+
+    Raises
+    ------
+    StoreError
+        When ``path`` is not a segflow store.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from segflow.store.commit import prepare_store
+    >>> path = tempfile.mkdtemp() + "/out.zarr"
+    >>> prepare_store(path)
+    >>> store = open_store(path)
+    >>> len(store), list(store.catalogue.columns[:3])
+    (0, ['id', 'source', 'status'])
+    """
+    from segflow.store.commit import is_segflow_store
+
+    if not is_segflow_store(path):
+        raise StoreError(f"'{path}' is not a segflow store (no segflow marker in its zarr.json)")
+    return OpenedStore(path)

@@ -1,0 +1,130 @@
+"""The collection catalogue: one GeoParquet row per item, written for the touched items only."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyproj
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+
+from segflow.engine.executor import LocalExecutor
+from segflow.engine.item import segment_item
+from segflow.io import ArrayReader, open_item
+from segflow.store.catalogue import BUCKETS, bucket_of, part_name, read_catalogue
+from segflow.store.index import append_records, compact_index, read_index, write_index
+
+PIPELINE = [{"op": "threshold", "value": 100}, {"op": "label"}]
+
+
+def _tile(path: pathlib.Path, *, x0: float, seed: int) -> pathlib.Path:
+    image = ((np.random.default_rng(seed).random((30, 40)) > 0.7) * 200).astype(np.uint8)
+    with rasterio.open(
+        path, "w", driver="GTiff", height=30, width=40, count=1, dtype="uint8",
+        crs=CRS.from_epsg(32633), transform=Affine(10.0, 0.0, x0, 0.0, -10.0, 6_000_000.0),
+    ) as dst:  # fmt: skip
+        dst.write(image[np.newaxis])
+    return path
+
+
+def _segment(store: pathlib.Path, reader: Any) -> dict[str, Any]:
+    with LocalExecutor(2) as executor:
+        result = segment_item(reader, PIPELINE, store=str(store), block_shape=16, executor=executor)
+    assert result.status == "done", result.error
+    row: dict[str, Any] = result.as_row()
+    return row
+
+
+def test_catalogue_rows_with_extent_and_a_footprint_a_bbox_selects(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = tmp_path / "out.zarr"
+    rows = [
+        _segment(store, open_item(str(_tile(tmp_path / f"t{k}.tif", x0=x0, seed=k))))
+        for k, x0 in enumerate((500_000.0, 700_000.0))
+    ]
+    plain = np.zeros((20, 30), np.float32)
+    plain[2:8, 3:9] = 255
+    rows.append(_segment(store, ArrayReader(plain, "plain")))
+    append_records(str(store), "run-1", rows)
+    assert compact_index(str(store)) == {"t0", "t1", "plain"}
+
+    catalogue = read_catalogue(str(store)).set_index("id")
+    index = read_index(str(store)).set_index("id")
+    assert sorted(catalogue.index) == ["plain", "t0", "t1"]
+    for column in ("status", "fingerprint", "config_hash", "code_version", "object_count"):
+        assert catalogue[column].tolist() == index.loc[catalogue.index, column].tolist()
+    assert catalogue.loc["t1", "path"] == "t1" and catalogue.loc["t1", "crs"] == "EPSG:32633"
+    extent = catalogue.loc["t1", ["minx", "maxx", "miny", "maxy"]].astype(float).tolist()
+    assert extent == [700_000.0, 700_400.0, 5_999_700.0, 6_000_000.0]
+    # Pixel units, origin the first pixel's centre: the outer edges are half a pixel out.
+    assert catalogue.loc["plain", ["minx", "maxx", "miny", "maxy"]].tolist() == [
+        -0.5, 29.5, -0.5, 19.5,
+    ]  # fmt: skip
+    assert catalogue.loc["plain", "geometry"] is None  # not georeferenced
+    assert catalogue.crs == "OGC:CRS84"
+    lon, lat = pyproj.Transformer.from_crs(32633, 4326, always_xy=True).transform(
+        700_200.0, 5_999_850.0
+    )
+    assert catalogue.loc["t1", "geometry"].contains(gpd.points_from_xy([lon], [lat])[0])
+
+    around_t1 = (lon - 0.001, lat - 0.001, lon + 0.001, lat + 0.001)
+    found = gpd.read_parquet(store / "catalogue.parquet", bbox=around_t1)
+    assert found["id"].tolist() == ["t1"]
+    assert read_catalogue(str(store), bbox=around_t1)["id"].tolist() == ["t1"]
+
+
+def test_a_run_rewrites_only_the_parts_of_the_items_it_touched(tmp_path: pathlib.Path) -> None:
+    store = str(tmp_path / "out.zarr")
+    ids = [f"item{i:04d}" for i in range(400)]
+    write_index(store, [{"id": i, "status": "failed", "error": "unreadable"} for i in ids])
+    parts = tmp_path / "out.zarr" / "catalogue.parquet"
+    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
+    assert len(before) == len({bucket_of(i) for i in ids}) > BUCKETS // 2
+
+    append_records(store, "run-2", [{"id": "item0007", "status": "skipped"}])
+    compact_index(store)
+
+    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
+    changed = {name for name in after if after[name] != before[name]}
+    assert changed == {part_name(bucket_of("item0007"))}
+    frame = pd.read_parquet(parts)  # pandas reads the folder as one table
+    assert len(frame) == 400 and frame.set_index("id").loc["item0007", "status"] == "skipped"
+    assert frame["path"].isna().all()  # nothing committed: no group to open
+
+
+def test_open_store_gives_the_catalogue_and_opens_items_lazily(tmp_path: pathlib.Path) -> None:
+    import pytest
+
+    import segflow
+    from segflow.errors import StoreError
+    from tests.engine.test_metadata import CountingFileSystem, _metadata_read
+
+    store = tmp_path / "out.zarr"
+    rows = [
+        _segment(store, open_item(str(_tile(tmp_path / f"t{k}.tif", x0=x0, seed=k))))
+        for k, x0 in enumerate((500_000.0, 700_000.0))
+    ]
+    append_records(str(store), "run-1", [*rows, {"id": "bad", "status": "failed"}])
+    compact_index(str(store))
+
+    import fsspec
+
+    fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+    opened = segflow.open_store(f"counting://{store}")
+    names, _ = _metadata_read(lambda: opened["t1"])
+    assert names == {f"{store}/t1/zarr.json"}  # the item's metadata, no other item's
+    assert not [p for p, _ in CountingFileSystem.reads if "catalogue" in p]
+    assert int(opened["t1"]["labels"].max()) == rows[1]["object_count"]
+    assert opened.row("t0")["object_count"] == rows[0]["object_count"]
+    assert list(opened) == ["t0", "t1"] and len(opened) == 2  # committed items only
+    assert sorted(opened.catalogue["id"]) == ["bad", "t0", "t1"]
+    with pytest.raises(KeyError, match="no committed item 'bad'"):
+        opened["bad"]
+    with pytest.raises(StoreError, match="is not a segflow store"):
+        segflow.open_store(str(tmp_path))

@@ -157,7 +157,9 @@ class Operation(Generic[P]):
     ``expand(params)``, when it returns parts ``(part, op_name, op_params)``, replaces the
     configured step by those steps (an operation that needs several passes of its own).
     ``item_nodata(params, nodata)`` fills parameters that default to the item's nodata value
-    (``None`` when its metadata has none), or raises ``ValueError``.
+    (``None`` when its metadata has none), or raises ``ValueError``;
+    ``item_spacing(params, spacing, units)`` fills those that default to the item's pixel
+    size (a model step's ``pixel_size``, for resampling).
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
     ``check_layout(params, channels, spatial_ndim)`` returns a problem (naming the file or
@@ -199,6 +201,7 @@ class Operation(Generic[P]):
     makes_labels: bool = False  # a global op whose output is instance ids (stat = their count)
     keeps_ids: bool = False  # a connectivity op whose output is its input, some objects zeroed
     item_nodata: Callable[[P, float | None], P] | None = None
+    item_spacing: Callable[[P, tuple[float, ...], str], P] | None = None
     setup: Callable[[P], Any] | None = None
     class_names: Callable[[P], tuple[str, ...]] | None = None
     categories: Callable[[P], Categories] | None = None

@@ -13,6 +13,13 @@ The step expands into two parts (see DESIGN.md, "Deep-learning inference"):
     what any core can need (:attr:`segflow.models.tiling.TileGrid.halo`), so a block's output
     equals the whole item's sliding-window output.
 
+Where the step resamples (``resample``; nnU-Net results folders by default), the item's
+pixel size (``pixel_size``, filled at planning from the reader's spacing) and the card's
+``spacing`` define a model grid over the whole item (:mod:`segflow.models.resampling`):
+``_model_infer`` resamples the part of the normalised item its tiles read onto that grid,
+runs the tiles there, and brings the blended logits (then the softmax) or probabilities
+back to its core; the halo covers two tiles in item pixels plus the spline's reach.
+
 Instances come from exact post-processing of the blended map with the usual blockwise-exact
 steps (``threshold``, ``distance_transform``, ``watershed``, ``label``), never from merging
 per-block model instances across block faces (what distributed Cellpose does, and why its
@@ -559,7 +566,8 @@ register(
         apply=_unexpanded,
         summary="tiled inference of a model (segflow checkpoint, TorchScript, .pt2, ONNX, "
         "MONAI bundle, nnU-Net v2, bioimage.io; blended global tile grid; whole-item "
-        "normalisation); follow with threshold/label/watershed for instances",
+        "normalisation; resampled to the model's spacing and back where it says so); "
+        "follow with threshold/label/watershed for instances",
         halo=_halo,
         halo_rule="tile - 1 per axis (from the model card)",
         expand=_parts,

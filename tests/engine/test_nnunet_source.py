@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +152,6 @@ def _nnunet(
     weights at least 1e-3 (see below)."""
     pytest.importorskip("nnunetv2")
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-
-    from segflow.models.resampling import plan_resampling, resample_region
 
     predictor = nnUNetPredictor(
         tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=torch.device("cpu"),
@@ -163,21 +161,36 @@ def _nnunet(
     classes, probabilities = predictor.predict_single_npy_array(
         image[None], {"spacing": list(spacing)}, None, None, True
     )
-    grid = plan_resampling(image.shape, spacing, SPACING)
-    shape = image.shape if grid is None else grid.model
-    padded = tuple(max(n, t) for n, t in zip(shape, PATCH, strict=True))
-    gaussian = compute_gaussian(tuple(PATCH), 1 / 8, 10, device=torch.device("cpu"))
+    sound = sound_voxels(predictor, image.shape, spacing, SPACING, PATCH)
+    return np.asarray(classes), np.asarray(probabilities), sound
+
+
+def sound_voxels(
+    predictor: Any, shape: tuple[int, ...], spacing: Sequence[float], target: Sequence[float],
+    patch: Sequence[int],
+) -> np.ndarray:  # fmt: skip
+    """Item voxels whose value nnU-Net computes soundly: every model-grid voxel it reads back
+    has nnU-Net's float16 sum of Gaussian weights at least 1e-3 (on the outer voxels,
+    covered by tile borders only, its float16 products underflow)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    from segflow.models.resampling import plan_resampling, resample_region
+
+    grid = plan_resampling(shape, spacing, target)
+    model = shape if grid is None else grid.model
+    padded = tuple(max(n, t) for n, t in zip(model, patch, strict=True))
+    gaussian = compute_gaussian(tuple(patch), 1 / 8, 10, device=torch.device("cpu"))
     weight_sum = torch.zeros(padded, dtype=torch.half)
     for tile in predictor._internal_get_sliding_window_slicers(padded):
         weight_sum[tile[1:]] += gaussian
-    crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for p, n in zip(padded, shape, strict=True))
+    crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for p, n in zip(padded, model, strict=True))
     sound = weight_sum[crop].float().numpy() >= 1e-3
-    if grid is not None:  # an item voxel is sound where every voxel it reads back is
-        whole = (tuple(slice(0, n) for n in grid.model), tuple(slice(0, n) for n in grid.item))
-        unsound = resample_region((~sound)[None].astype(float), whole[0], grid.model, grid.item,
-                                  whole[1], grid.back)[0]  # fmt: skip
-        sound = unsound == 0
-    return np.asarray(classes), np.asarray(probabilities), sound
+    if grid is None:
+        return sound
+    whole = (tuple(slice(0, n) for n in grid.model), tuple(slice(0, n) for n in grid.item))
+    unsound = resample_region((~sound)[None].astype(float), whole[0], grid.model, grid.item,
+                              whole[1], grid.back)[0]  # fmt: skip
+    return np.asarray(unsound == 0)
 
 
 def _segflow(results: Path, image: np.ndarray) -> np.ndarray:

@@ -240,6 +240,25 @@ def test_resampled_to_the_cards_spacing_and_back_blockwise_on_every_layout(
     np.testing.assert_allclose(out, probs, rtol=0, atol=1e-5)
 
 
+def test_resampling_is_refused_where_it_cannot_be_done(
+    resampled_model: Path, tmp_path: Path
+) -> None:
+    def plan(path: Path, spacing: tuple[float, float], units: str, **params: object) -> object:
+        step = {"op": "model", "path": str(path), "resample": True, **params}
+        return compile_pipeline([step], spatial_ndim=2, channels=1, dtype="uint16",
+                                spacing=spacing, units=units)  # fmt: skip
+
+    with pytest.raises(PlanError, match=r"resample: true, but the item's pixel size is in "
+                       r"'pixel', not a length the model's card \(m\) can be compared with: "
+                       r"set pixel_size"):  # fmt: skip
+        plan(resampled_model, (1.0, 1.0), "pixel")
+    plan(resampled_model, (1.0, 1.0), "pixel", pixel_size=(0.3, 0.3))  # set by hand
+    card = _card(2, head="flows", spacing=(0.5, 0.5), units="m")
+    save_checkpoint(tmp_path / "flows", build_network(card.network_spec()).eval(), card)
+    with pytest.raises(PlanError, match=r"a flow head's vectors are in its own pixels"):
+        plan(tmp_path / "flows", (0.3, 0.3), "m")
+
+
 @pytest.fixture(scope="module")
 def resampled_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     card = _card(2, spacing=(0.5, 0.5), units="m")

@@ -239,6 +239,8 @@ def _check_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) 
 
 
 def _check_pixel_size(params: ModelParams, card: ModelCard, units: str) -> str | None:
+    if card.head == "flows":
+        return "resample: a flow head's vectors are in its own pixels; it cannot be resampled"
     size = params.pixel_size
     if size is not None and (len(size) != card.spatial_dims or min(size) <= 0):
         return (

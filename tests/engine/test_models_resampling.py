@@ -116,19 +116,19 @@ def test_a_part_whose_data_lacks_pixels_is_refused() -> None:
         resample_region(image[:, 60:], (slice(60, 100),), (100,), (50,), (slice(40, 50),), (3,))
 
 
+@pytest.mark.parametrize("tile", [1, 2, 8, 17])
 @pytest.mark.parametrize(("spacing", "target"), [(0.7, 1.9), (2.5, 1.0), (1.0, 1.02)])
-def test_the_halo_covers_what_a_core_reads(spacing: float, target: float) -> None:
+def test_the_halo_covers_what_a_core_reads(tile: int, spacing: float, target: float) -> None:
     """The item pixels a core's output reads through the tiles, for every core of many
     sizes, lie within the halo :func:`halo` gives (what the model step relies on)."""
     from segflow.models.tiling import plan_tiles
 
-    tile = (8,)
-    (h,) = halo(tile, (spacing,), (target,))
+    (h,) = halo((tile,), (spacing,), (target,))
     for n in range(1, 400, 7):
         grid = plan_resampling((n,), (spacing,), (target,))
         if grid is None:  # one pixel either way
             continue
-        tiles = plan_tiles(grid.model, tile=tile, overlap=0.5)
+        tiles = plan_tiles(grid.model, tile=(tile,), overlap=0.5)
         for start in range(n):
             back = read_box((slice(start, start + 1),), grid.model, grid.item, grid.back)
             window = tiles.window(back)

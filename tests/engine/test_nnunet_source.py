@@ -377,7 +377,7 @@ def test_an_item_at_another_spacing_is_resampled_or_refused_naming_both(results:
     resampled = plan((3.0, 0.8, 0.8))  # nnU-Net's way: resampled to (2, 1, 1) mm
     infer = resampled.phases[-1].steps[-1].params
     assert infer.pixel_size == (3.0, 0.8, 0.8)
-    assert resampled.halo == (11 + 28, 40 + 28, 40 + 28)  # 2 tiles of (2, 1, 1) mm, spline
+    assert resampled.halo == (33, 48, 48)  # a tile of (2, 1, 1) mm in item pixels, splines
     named = plan((3.0, 0.8, 0.8), output="classes").out_categories
     assert named == ((0, "background", None), (1, "liver", None), (2, "tumour", None))
     in_um = plan((3000.0, 800.0, 800.0), units="um")

@@ -219,17 +219,22 @@ def resample_region(
 
 def halo(tile: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
     """Item pixels a block needs beyond its core to resample, run the tiles and resample
-    back: ``2 * tile * target / spacing`` plus the spline's reach. Item pixels per model
-    pixel are ``target / spacing`` up to rounding, at most 1.25 times that on an item large
-    enough to need a halo (a smaller one is read whole anyway); twice is a safe margin, and
-    a block computes only what its core needs whatever its halo.
+    back: ``tile * f`` plus the spline's reach, ``f`` the item pixels per model pixel.
+
+    A core pixel reads model pixels ``tile - 1`` away through the tiles, which read item
+    pixels ``tile * f`` away (the taps of both resamplings included, up to 2 pixels), and the
+    prefilter :data:`PREFILTER_HALO` more. ``f`` is ``target / spacing`` up to the rounding of
+    the model grid's shape ``m``: at most ``m / (m - 0.5)`` times that, and ``m >= tile`` on
+    any item larger than the halo (a smaller one is read whole anyway), so
+    ``tile / (tile - 0.5)`` bounds the factor. A block computes only what its core needs,
+    whatever its halo.
 
     Examples
     --------
     >>> halo((8, 16, 16), (3.0, 0.8, 0.8), (2.0, 1.0, 1.0))
-    (38, 68, 68)
+    (33, 48, 48)
     """
     return tuple(
-        math.ceil(2 * t * g / s) + PREFILTER_HALO + 4
+        math.ceil(t * (g / s) * t / (t - 0.5)) + PREFILTER_HALO + 3
         for t, s, g in zip(tile, spacing, target, strict=True)
     )

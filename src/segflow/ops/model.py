@@ -18,7 +18,7 @@ pixel size (``pixel_size``, filled at planning from the reader's spacing) and th
 ``spacing`` define a model grid over the whole item (:mod:`segflow.models.resampling`):
 ``_model_infer`` resamples the part of the normalised item its tiles read onto that grid,
 runs the tiles there, and brings the blended logits (then the softmax) or probabilities
-back to its core; the halo covers two tiles in item pixels plus the spline's reach.
+back to its core; the halo covers a tile in item pixels plus the splines' reach.
 
 Instances come from exact post-processing of the blended map with the usual blockwise-exact
 steps (``threshold``, ``distance_transform``, ``watershed``, ``label``), never from merging

@@ -32,6 +32,7 @@ FITS: dict[str, set[int]] = {
     "ct-air": {1},
     "ct-body": {1},
     "ct-bone": {1},
+    "ct-nnunet": {1},
     "nuclei": {1, 3, 4},
     "nuclei-brightfield": {1, 3, 4},
     "nuclei-fluorescence-cells": {1, 3, 4},

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _layouts import layouts, smooth_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ from segflow.config import parse_config
 from segflow.engine.pipeline import compile_pipeline
 from segflow.errors import ConfigError, PlanError
 from segflow.models.card import ModelCard, item_statistics, normalize_image
-from segflow.models.checkpoint import save_checkpoint
+from segflow.models.checkpoint import load_checkpoint, save_checkpoint
 from segflow.models.inference import predict_image
 from segflow.models.networks import build_network
 from segflow.ops.registry import describe_params, get_operation
@@ -210,6 +211,63 @@ def test_an_item_of_another_pixel_size_is_refused(tmp_path: Path) -> None:
     plan((0.3, 0.3), "m", spacing_tolerance=0.7)
 
 
+@given(layout=layouts(2, max_side=50))
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+def test_resampled_to_the_cards_spacing_and_back_blockwise_on_every_layout(
+    resampled_model: Path, layout: tuple[tuple[int, ...], tuple[int, ...], int]
+) -> None:
+    """``resample: true`` on a segflow checkpoint with a spacing: the item (0.3 x 0.8 m
+    pixels) goes to the card's 0.5 m grid and the probabilities come back, on any layout."""
+    from segflow.models.resampling import plan_resampling, resample_region
+
+    shape, blocks, seed = layout
+    image = (smooth_noise(shape, seed) * 4000).astype(np.uint16)
+    step = {"op": "model", "path": str(resampled_model), "output": "raw", "resample": True}
+    out = segment(image, [step], block_shape=blocks, spacing=(0.3, 0.8), units="m")
+    card = _card(2, spacing=(0.5, 0.5), units="m")
+    x = normalize_image(image[None], card.channels, item_statistics(image[None], card.channels))
+    grid = plan_resampling(shape, (0.3, 0.8), (0.5, 0.5))
+    if grid is not None:
+        whole = (tuple(slice(0, n) for n in grid.item), tuple(slice(0, n) for n in grid.model))
+        x = resample_region(x, whole[0], grid.item, grid.model, whole[1], grid.forward)
+    net = load_checkpoint(resampled_model).module
+    probs = predict_image(net, x.astype(np.float32), tile=card.tile,
+                          overlap=card.overlap, activation="softmax")  # fmt: skip
+    if grid is not None:
+        probs = resample_region(probs, whole[1], grid.model, grid.item, whole[0], grid.back)
+    # The same tiles and the same float64 resampling; a block's spline coefficients leave
+    # out item pixels more than 24 away (2e-14 of the range)
+    np.testing.assert_allclose(out, probs, rtol=0, atol=1e-5)
+
+
+def test_resampling_is_refused_where_it_cannot_be_done(
+    resampled_model: Path, tmp_path: Path
+) -> None:
+    def plan(path: Path, spacing: tuple[float, float], units: str, **params: object) -> object:
+        step = {"op": "model", "path": str(path), "resample": True, **params}
+        return compile_pipeline([step], spatial_ndim=2, channels=1, dtype="uint16",
+                                spacing=spacing, units=units)  # fmt: skip
+
+    with pytest.raises(PlanError, match=r"resample: true, but the item's pixel size is in "
+                       r"'pixel', not a length the model's card \(m\) can be compared with: "
+                       r"set pixel_size"):  # fmt: skip
+        plan(resampled_model, (1.0, 1.0), "pixel")
+    plan(resampled_model, (1.0, 1.0), "pixel", pixel_size=(0.3, 0.3))  # set by hand
+    card = _card(2, head="flows", spacing=(0.5, 0.5), units="m")
+    save_checkpoint(tmp_path / "flows", build_network(card.network_spec()).eval(), card)
+    with pytest.raises(PlanError, match=r"a flow head's vectors are in its own pixels"):
+        plan(tmp_path / "flows", (0.3, 0.3), "m")
+
+
+@pytest.fixture(scope="module")
+def resampled_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    card = _card(2, spacing=(0.5, 0.5), units="m")
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("spaced") / "m"
+    save_checkpoint(path, build_network(card.network_spec()).eval(), card)
+    return path
+
+
 def test_the_plan_has_the_tile_halo_and_a_statistics_pass(models: dict[str, Path]) -> None:
     plan = compile_pipeline(
         [{"op": "model", "path": str(models["unet2"]), "output": "probabilities"}],
@@ -221,7 +279,8 @@ def test_the_plan_has_the_tile_halo_and_a_statistics_pass(models: dict[str, Path
     assert plan.out_kind == "probabilities"
     names = [row[0] for row in describe_params(get_operation("model", public=True))]
     assert names == ["path", "device", "batch_size", "output", "tta", "tile", "overlap",
-                     "normalization", "activation", "channels", "spacing_tolerance"]  # fmt: skip
+                     "normalization", "activation", "channels", "spacing_tolerance", "resample",
+                     "pixel_size"]  # fmt: skip
 
 
 def test_the_model_hash_is_part_of_the_config_hash(models: dict[str, Path], tmp_path: Path) -> None:

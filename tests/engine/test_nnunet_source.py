@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 from _layouts import layouts
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from segflow import segment
 from segflow.engine.pipeline import compile_pipeline
@@ -142,12 +144,14 @@ def _ct(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return image
 
 
-def _nnunet(results: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """nnUNetPredictor on ``image`` (z, y, x) at the plans' spacing: classes, probabilities,
-    and where nnU-Net's own float16 sum of Gaussian weights is at least 1e-3 (see below)."""
+def _nnunet(
+    results: Path, image: np.ndarray, spacing: tuple[float, ...] = tuple(SPACING)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nnUNetPredictor on ``image`` (z, y, x) at ``spacing``: classes, probabilities, and
+    where every model-grid voxel the result reads has nnU-Net's own float16 sum of Gaussian
+    weights at least 1e-3 (see below)."""
     pytest.importorskip("nnunetv2")
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
     predictor = nnUNetPredictor(
         tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=torch.device("cpu"),
@@ -155,17 +159,38 @@ def _nnunet(results: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     )  # fmt: skip
     predictor.initialize_from_trained_model_folder(str(results), use_folds=(0, 1))
     classes, probabilities = predictor.predict_single_npy_array(
-        image[None], {"spacing": SPACING}, None, None, True
+        image[None], {"spacing": list(spacing)}, None, None, True
     )
-    padded = tuple(max(n, t) for n, t in zip(image.shape, PATCH, strict=True))
-    gaussian = compute_gaussian(tuple(PATCH), 1 / 8, 10, device=torch.device("cpu"))
+    sound = sound_voxels(predictor, image.shape, spacing, SPACING, PATCH)
+    return np.asarray(classes), np.asarray(probabilities), sound
+
+
+def sound_voxels(
+    predictor: Any, shape: tuple[int, ...], spacing: Sequence[float], target: Sequence[float],
+    patch: Sequence[int],
+) -> np.ndarray:  # fmt: skip
+    """Item voxels whose value nnU-Net computes soundly: every model-grid voxel it reads back
+    has nnU-Net's float16 sum of Gaussian weights at least 1e-3 (on the outer voxels,
+    covered by tile borders only, its float16 products underflow)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    from segflow.models.resampling import plan_resampling, resample_region
+
+    grid = plan_resampling(shape, spacing, target)
+    model = shape if grid is None else grid.model
+    padded = tuple(max(n, t) for n, t in zip(model, patch, strict=True))
+    gaussian = compute_gaussian(tuple(patch), 1 / 8, 10, device=torch.device("cpu"))
     weight_sum = torch.zeros(padded, dtype=torch.half)
     for tile in predictor._internal_get_sliding_window_slicers(padded):
         weight_sum[tile[1:]] += gaussian
-    crop = tuple(
-        slice((p - n) // 2, (p - n) // 2 + n) for p, n in zip(padded, image.shape, strict=True)
-    )
-    return np.asarray(classes), np.asarray(probabilities), weight_sum[crop].float().numpy() >= 1e-3
+    crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for p, n in zip(padded, model, strict=True))
+    sound = weight_sum[crop].float().numpy() >= 1e-3
+    if grid is None:
+        return sound
+    whole = (tuple(slice(0, n) for n in grid.model), tuple(slice(0, n) for n in grid.item))
+    unsound = resample_region((~sound)[None].astype(float), whole[0], grid.model, grid.item,
+                              whole[1], grid.back)[0]  # fmt: skip
+    return np.asarray(unsound == 0)
 
 
 def _segflow(results: Path, image: np.ndarray) -> np.ndarray:
@@ -196,8 +221,11 @@ def test_the_card_comes_from_plans_and_dataset_json(results: Path) -> None:
     assert card.architecture.params["clip"] == [[-160 / 70, 220 / 70]]
     assert card.architecture.params["folds"] == ["0", "1"]
     assert card.activation == "softmax_after_blending"
+    how = card.resampling
+    assert how is not None and (how.order, how.order_back, how.order_z) == (3, 1, 0)
+    assert how.clip == ((-160 / 70, 220 / 70),)  # the CT window, before and after resampling
     lines = "\n".join(card_lines(str(results), described))
-    assert "CTNormalization" in lines and "not done yet: resampling" in lines
+    assert "CTNormalization" in lines and "resampled to the plans' spacing" in lines
 
 
 @pytest.mark.parametrize("shape", [(12, 28, 24), (6, 20, 13)])  # the second: z under a tile
@@ -216,6 +244,44 @@ def test_segflow_equals_nnunet_predictor(results: Path, shape: tuple[int, ...]) 
     top2 = np.sort(probabilities, axis=0)[-2:]
     differs = (np.argmax(ours, axis=0) != classes) & sound
     assert np.all(top2[1][differs] - top2[0][differs] < 2e-3)  # only near-ties may differ
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [((9, 22, 19), (3.0, 0.8, 0.8)), ((14, 13, 30), (1.3, 1.6, 0.6))],
+)  # z apart (order 0) as the first is anisotropic; all three axes by splines in the second
+def test_an_item_at_another_spacing_equals_nnunet_predictor(
+    results: Path, shape: tuple[int, ...], spacing: tuple[float, ...]
+) -> None:
+    image = _ct(shape, seed=sum(shape))
+    classes, probabilities, sound = _nnunet(results, image, spacing)
+    ours = segment(image, [_step(results, output="raw")], spacing=spacing, units="mm")
+    # The resampling itself equals nnU-Net's to float32 rounding (test_models_resampling);
+    # what is left is nnU-Net's float16 blending, as in the test above, now on the model's
+    # grid: 1e-3 bounds it where every voxel read back is sound.
+    assert sound.mean() > 0.5
+    np.testing.assert_allclose(ours[:, sound], probabilities[:, sound], rtol=0, atol=1e-3)
+    top2 = np.sort(probabilities, axis=0)[-2:]
+    differs = (np.argmax(ours, axis=0) != classes) & sound
+    assert np.all(top2[1][differs] - top2[0][differs] < 2e-3)  # only near-ties may differ
+
+
+@given(layout=layouts(3, max_side=20), spacing=st.sampled_from(
+    [(3.0, 0.8, 0.8), (1.3, 1.6, 0.6), (2.0, 1.5, 0.5)]))  # fmt: skip
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+def test_blockwise_resampled_equals_whole_item_on_every_layout(
+    results: Path,
+    layout: tuple[tuple[int, ...], tuple[int, ...], int],
+    spacing: tuple[float, ...],
+) -> None:
+    shape, blocks, seed = layout
+    image = _ct(shape, seed % 1000)
+    step = _step(results, output="raw")
+    out = segment(image, [step], block_shape=blocks, spacing=spacing, units="mm")
+    whole = segment(image, [step], block_shape=shape, spacing=spacing, units="mm")
+    # A block's spline coefficients leave out item voxels more than 24 away (a weight of
+    # 2e-14 of the window's range); the tiles it runs are the same, blended in float64
+    np.testing.assert_allclose(out, whole, rtol=0, atol=1e-5)
 
 
 @given(layout=layouts(3, max_side=20))
@@ -298,16 +364,32 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(
     assert not marker.exists()
 
 
-def test_an_item_at_another_spacing_is_refused_naming_both(results: Path) -> None:
-    def plan(spacing: tuple[float, ...]) -> Any:
-        return compile_pipeline([_step(results)], spatial_ndim=3, channels=1, dtype="float32",
-                                spacing=spacing, units="mm")  # fmt: skip
+def test_an_item_at_another_spacing_is_resampled_or_refused_naming_both(results: Path) -> None:
+    def plan(spacing: tuple[float, ...], units: str = "mm", **params: Any) -> Any:
+        return compile_pipeline([_step(results, **params)], spatial_ndim=3, channels=1,
+                                dtype="float32", spacing=spacing, units=units)  # fmt: skip
 
     with pytest.raises(PlanError, match=r"trained at a pixel size of \(2, 1, 1\) mm, the item's "
                        r"is \(3, 0.8, 0.8\) mm") as error:  # fmt: skip
-        plan((3.0, 0.8, 0.8))
+        plan((3.0, 0.8, 0.8), resample=False)
     _one_line(error)
-    plan((2.1, 0.95, 1.0))  # within the step's spacing_tolerance (25 %)
+    plan((2.1, 0.95, 1.0), resample=False)  # within the step's spacing_tolerance (25 %)
+    resampled = plan((3.0, 0.8, 0.8))  # nnU-Net's way: resampled to (2, 1, 1) mm
+    infer = resampled.phases[-1].steps[-1].params
+    assert infer.pixel_size == (3.0, 0.8, 0.8)
+    assert resampled.halo == (33, 48, 48)  # a tile of (2, 1, 1) mm in item pixels, splines
+    named = plan((3.0, 0.8, 0.8), output="classes").out_categories
+    assert named == ((0, "background", None), (1, "liver", None), (2, "tumour", None))
+    in_um = plan((3000.0, 800.0, 800.0), units="um")
+    assert in_um.phases[-1].steps[-1].params.pixel_size == pytest.approx((3.0, 0.8, 0.8))
+    in_pixels = plan((1.0, 1.0, 1.0), units="pixel")  # nothing to compare: run as it is
+    assert in_pixels.phases[-1].steps[-1].params.pixel_size is None
+    with pytest.raises(PlanError, match=r"resample: true, but the item's pixel size is in "
+                       r"'pixel'.*: set pixel_size"):  # fmt: skip
+        plan((1.0, 1.0, 1.0), units="pixel", resample=True)
+    with pytest.raises(PlanError, match=r"`pixel_size` \(1.0, 2.0\) must give 3 positive "
+                       r"sizes, \(z\), y, x, in mm"):  # fmt: skip
+        plan((3.0, 0.8, 0.8), pixel_size=(1.0, 2.0))
 
 
 def test_a_network_outside_dynamic_network_architectures_is_refused(

@@ -29,6 +29,7 @@ def segment(
     regions: bool = False,
     keep_limit: int | None = None,
     spacing: Sequence[float] | None = None,
+    units: str | None = None,
     nodata: float | None = None,
 ) -> Any:
     """Run a pipeline blockwise on an array and return the result; no Prefect needed.
@@ -56,6 +57,9 @@ def segment(
     spacing
         Physical pixel size per spatial axis (for ``distance_transform``, physical sizes and
         the regions' physical columns); 1 per axis by default.
+    units
+        What ``spacing`` is in (``mm``, ``um``, ...; ``pixel`` by default): a model step
+        resamples to its card's spacing only when the units say how to compare them.
     nodata
         The image's nodata value (e.g. a rasterio dataset's ``nodata``), for ``mask_nodata``
         steps without a ``value``.
@@ -88,6 +92,8 @@ def segment(
     reader = ArrayReader(np.asarray(image), "array", channel_axis=channel_axis)
     if spacing is not None:
         reader.info = dataclasses.replace(reader.info, spacing=tuple(float(s) for s in spacing))
+    if units is not None:
+        reader.info = dataclasses.replace(reader.info, units=units)
     if nodata is not None:
         reader.info = dataclasses.replace(reader.info, nodata=float(nodata))
     info = reader.info

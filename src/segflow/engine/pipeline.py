@@ -284,6 +284,13 @@ def compile_pipeline(
                 step = steps[i] = replace(step, params=step.op.for_item(step.params, item))
             except ValueError as error:
                 raise PlanError(f"{where}: {error}") from None
+        if step.op.item_spacing is not None and sizes:
+            try:
+                step = steps[i] = replace(
+                    step, params=step.op.item_spacing(step.params, sizes, units)
+                )
+            except ValueError as error:  # e.g. the model file cannot be read
+                raise PlanError(f"{where}: {error}") from None
         if spatial_ndim not in step.op.ndims:
             raise PlanError(
                 f"{where} works on {step.op.ndims}-D items, this item is {spatial_ndim}-D"

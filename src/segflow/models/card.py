@@ -98,6 +98,25 @@ class WeightsCard(_Card):
     format: Literal["torch"] = "torch"
 
 
+class ResamplingCard(_Card):
+    """How an item is resampled to the card's ``spacing`` and the output back
+    (:mod:`segflow.models.resampling`; the defaults are nnU-Net's).
+
+    ``order``: B-spline order of the image (3); ``order_back``: of the output, logits or
+    probabilities, on its way back (1); ``order_z`` and ``order_z_back``: the same along the
+    out-of-plane axis of an anisotropic spacing (0); ``separate_z``: resample that axis on its own
+    (``None``: when the spacing's max / min exceeds 3); ``clip``: per input channel, the
+    bounds its scaled values are clipped to before and after resampling (``None``: none).
+    """
+
+    order: Literal[0, 1, 3] = 3
+    order_back: Literal[0, 1, 3] = 1
+    order_z: Literal[0, 1, 3] = 0
+    order_z_back: Literal[0, 1, 3] = 0
+    separate_z: bool | None = None
+    clip: tuple[tuple[float, float] | None, ...] = ()
+
+
 class ArchitectureCard(_Card):
     name: str
     params: dict[str, Any] = {}
@@ -144,6 +163,12 @@ class ModelCard(_Card):
         description="units of `spacing` as item metadata names them (m, mm, um, ...); with "
         "both, the model step refuses items of another pixel size (see its spacing_tolerance)",
     )
+    resampling: ResamplingCard | None = Field(
+        default=None,
+        description="resample items to `spacing` and the output back, as this says (an "
+        "nnU-Net source states nnU-Net's); unset: refuse items off `spacing` (see the "
+        "model step's resample and spacing_tolerance)",
+    )
     output_activation: Activation | None = Field(
         default=None,
         description="what turns the network's output into the blended map (softmax, sigmoid "
@@ -173,6 +198,13 @@ class ModelCard(_Card):
             raise ValueError(f"`tile` {self.tile} must have {self.spatial_dims} sides")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ValueError(f"`spacing` {self.spacing} must have {self.spatial_dims} values")
+        if self.resampling is not None and self.spacing is None:
+            raise ValueError("`resampling` needs the `spacing` to resample to")
+        clip = self.resampling.clip if self.resampling is not None else ()
+        if clip and len(clip) != len(self.channels):
+            raise ValueError(
+                f"`resampling.clip` has {len(clip)} entries for {len(self.channels)} channels"
+            )
         if find_architecture(self.architecture.name) is not None:
             check_tile(self.network_spec(), self.tile)
         return self
@@ -199,11 +231,12 @@ class ModelCard(_Card):
     def identity_json(self) -> str:
         """Canonical JSON of the card without its ``weights`` entry (which depends on how the
         weights were serialised): the card's part of the model hash. ``output_activation``
-        enters only when set and ``tile_rule`` only when not ``even``, so the cards written
-        before they existed keep their hash."""
+        enters only when set, ``resampling`` only when set and ``tile_rule`` only when not
+        ``even``, so the cards written before they existed keep their hash."""
         data = self.model_dump(mode="json", exclude={"weights"})
-        if data["output_activation"] is None:
-            del data["output_activation"]
+        for key in ("output_activation", "resampling"):
+            if data[key] is None:
+                del data[key]
         if data["tile_rule"] == "even":
             del data["tile_rule"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -23,8 +23,10 @@ nnU-Net's ``nnUNetPredictor`` reads, and the card comes from the same files:
 * the classes: ``dataset.json`` ``labels``, ordered by their values (0 .. n - 1); region-based
   trainings (a label naming several values) are refused;
 * the spacing: the configuration's ``spacing`` in mm, axes ``(z), y, x`` (SimpleITK's order,
-  reversed from ``x, y, z``); the model step refuses items whose pixel size differs by more
-  than its ``spacing_tolerance`` (resampling to the plans' spacing is not done yet).
+  reversed from ``x, y, z``), and how to resample to it: ``resampling_fn_data_kwargs``
+  (spline order 3, order 0 along the out-of-plane axis of an anisotropic spacing) and
+  ``resampling_fn_probabilities_kwargs`` (order 1 for the logits on their way back), with
+  each CT channel's window as the clip (:mod:`segflow.models.resampling`, blockwise).
 
 The network the step runs is the ensemble of every ``fold_*/checkpoint_final.pth``: each
 fold's logits averaged over the mirrorings the checkpoint allows
@@ -36,8 +38,7 @@ Checkpoints are read with ``torch.load(weights_only=True)``: tensors, plain cont
 numbers, strings, ``torch.device`` and numpy's numeric scalars (nnU-Net's training log holds
 ``numpy.float64`` values) and nothing else; a checkpoint that needs any other object is
 refused in one line. What segflow does not do that nnU-Net does: crop each image to its
-non-zero bounding box first (the same wherever the image has no all-zero border) and
-resample to the plans' spacing.
+non-zero bounding box first (the same wherever the image has no all-zero border).
 """
 
 from __future__ import annotations
@@ -352,6 +353,42 @@ def _classes(dataset: dict[str, Any], folder: Path) -> list[str]:
     return [name for name, _ in ordered]
 
 
+#: nnU-Net's resampling functions segflow does (both share resample_data_or_seg's arithmetic).
+_RESAMPLERS = ("resample_data_or_seg_to_shape", "resample_data_or_seg_to_spacing")
+
+
+def _resampler(config: dict[str, Any], key: str, folder: Path) -> dict[str, Any]:
+    """One resampling function's keyword arguments; one line when segflow does not do it."""
+    name = config.get(f"resampling_fn_{key}", _RESAMPLERS[0])
+    kwargs = dict(config.get(f"resampling_fn_{key}_kwargs") or {})
+    order, order_z = kwargs.get("order", 3 if key == "data" else 1), kwargs.get("order_z", 0)
+    if name not in _RESAMPLERS or kwargs.get("is_seg") or {order, order_z} - {0, 1, 3}:
+        raise ModelError(
+            f"nnU-Net results folder '{folder}': resampling_fn_{key} {name!r} with {kwargs} is "
+            f"not one segflow does ({' or '.join(_RESAMPLERS)}, is_seg false, orders 0, 1 "
+            "or 3)"
+        )
+    return {"order": order, "order_z": order_z,
+            "separate_z": kwargs.get("force_separate_z")}  # fmt: skip
+
+
+def _resampling(
+    config: dict[str, Any], clips: Sequence[tuple[float, float]], folder: Path
+) -> dict[str, Any]:
+    """The card's resampling: the plans' data and probability resamplers, the CT windows."""
+    data = _resampler(config, "data", folder)
+    back = _resampler(config, "probabilities", folder)
+    if data["separate_z"] != back["separate_z"]:
+        raise ModelError(
+            f"nnU-Net results folder '{folder}': force_separate_z differs between "
+            f"resampling_fn_data ({data['separate_z']}) and resampling_fn_probabilities "
+            f"({back['separate_z']}), which segflow does not do"
+        )
+    bounded = [None if not np.isfinite(c).any() else tuple(c) for c in clips]
+    return {**data, "order_back": back["order"], "order_z_back": back["order_z"],
+            "clip": bounded if any(c is not None for c in bounded) else []}  # fmt: skip
+
+
 def _mirror_axes(checkpoint: dict[str, Any], ndim: int) -> list[int]:
     axes = checkpoint.get("inference_allowed_mirroring_axes")
     return [int(a) for a in axes if 0 <= int(a) < ndim] if axes else []
@@ -387,6 +424,7 @@ def derive_card(folder: Path) -> SourceCard:
         "window": WINDOW,
         "spacing": tuple(float(s) for s in config["spacing"]),
         "units": "mm",
+        "resampling": _resampling(config, clips, folder),
         "output_activation": "softmax_after_blending",
     }
     try:
@@ -399,8 +437,9 @@ def derive_card(folder: Path) -> SourceCard:
     notes += [
         f"configuration {name}, folds {', '.join(folds)} (logits averaged), mirroring axes "
         f"{tuple(mirror)} (nnU-Net's; leave the step's tta off)",
-        "not done yet: resampling to the plans' spacing (items off it by more than the step's "
-        "spacing_tolerance are refused) and nnU-Net's crop to the non-zero bounding box",
+        "items are resampled to the plans' spacing and the logits back (nnU-Net's "
+        "resampling_fn_data and resampling_fn_probabilities orders, see `resampling`); not "
+        "done: nnU-Net's crop to the non-zero bounding box",
     ]
     return SourceCard(model_card, "nnunet", f"plans {folder / 'plans.json'}", notes=tuple(notes))
 

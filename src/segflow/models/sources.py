@@ -379,6 +379,12 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
     card = card or described.card
     axes = "c, z, y, x" if card.spatial_dims == 3 else "c, y, x"
     spacing = "not stated" if card.spacing is None else f"{card.spacing} {card.units or ''}"
+    how = card.resampling
+    if how is not None:
+        spacing += (
+            f"; items resampled to it (spline order {how.order}, back {how.order_back}; "
+            f"{how.order_z} / {how.order_z_back} along z of an anisotropic spacing)"
+        )
     lines = [
         f"model: {path}",
         f"source: {described.source} ({described.where})",

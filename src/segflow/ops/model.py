@@ -13,6 +13,13 @@ The step expands into two parts (see DESIGN.md, "Deep-learning inference"):
     what any core can need (:attr:`segflow.models.tiling.TileGrid.halo`), so a block's output
     equals the whole item's sliding-window output.
 
+Where the step resamples (``resample``; nnU-Net results folders by default), the item's
+pixel size (``pixel_size``, filled at planning from the reader's spacing) and the card's
+``spacing`` define a model grid over the whole item (:mod:`segflow.models.resampling`):
+``_model_infer`` resamples the part of the normalised item its tiles read onto that grid,
+runs the tiles there, and brings the blended logits (then the softmax) or probabilities
+back to its core; the halo covers a tile in item pixels plus the splines' reach.
+
 Instances come from exact post-processing of the blended map with the usual blockwise-exact
 steps (``threshold``, ``distance_transform``, ``watershed``, ``label``), never from merging
 per-block model instances across block faces (what distributed Cellpose does, and why its
@@ -41,13 +48,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from segflow.engine.blocks import relative, shrink_box
-from segflow.ops.registry import Done, OpContext, Operation, OpParams, register
+from segflow.engine.blocks import Box, relative, shrink_box
+from segflow.ops.registry import Categories, Done, OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Percentiles
 
 if TYPE_CHECKING:
-    from segflow.models.card import ModelCard
+    from segflow.models.card import ModelCard, ResamplingCard
     from segflow.models.checkpoint import LoadedModel
+    from segflow.models.resampling import ResampleGrid
+    from segflow.models.tiling import TileGrid
 
 ModelOutput = Literal["classes", "probabilities", "foreground", "raw"]
 Activation = Literal["softmax", "sigmoid", "none", "softmax_after_blending"]  # inference's
@@ -97,8 +106,20 @@ class ModelParams(OpParams):
     spacing_tolerance: float | None = Field(
         0.25,
         ge=0,
-        description="refuse an item whose pixel size differs from the card's spacing by more "
-        "than this fraction on an axis (when both are in physical units); null: never",
+        description="when not resampling: refuse an item whose pixel size differs from the "
+        "card's spacing by more than this fraction on an axis (when both are in physical "
+        "units); null: never",
+    )
+    resample: bool | None = Field(
+        None,
+        description="resample the item to the card's spacing and the output back "
+        "(blockwise; nnU-Net's orders unless the card says others); null: when the card "
+        "says how (nnU-Net results folders)",
+    )
+    pixel_size: tuple[float, ...] | None = Field(
+        None,
+        description="the item's pixel size per axis, (z), y, x, in the card's units, for "
+        "resampling; null: from the item's metadata (NIfTI, DICOM, OME)",
     )
 
     @field_validator("normalization")
@@ -120,8 +141,9 @@ class ModelParams(OpParams):
         return data
 
 
-#: The step parameters that override what a model's format lacks (sources.CardOverrides).
-OVERRIDES = ("tile", "overlap", "normalization", "activation", "channels")
+#: The step parameters that override what a model's format lacks (sources.CardOverrides),
+#: and the later ones left out of the dump when unset as well.
+OVERRIDES = ("tile", "overlap", "normalization", "activation", "channels", "resample", "pixel_size")
 
 
 # -- the card, derived once per process and file version by the model's source ---------------
@@ -203,9 +225,12 @@ _METRES = {"m": 1.0, "metre": 1.0, "meter": 1.0, "cm": 1e-2, "mm": 1e-3, "um": 1
 
 
 def _check_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) -> str | None:
-    """A problem when the item's pixel size is off the card's by more than the tolerance;
-    nothing when either side has no physical units (pixels, or a card without spacing)."""
+    """A problem when the item's pixel size is off the card's by more than the tolerance
+    (when not resampling); nothing when either side has no physical units (pixels, or a
+    card without spacing)."""
     card = step_card(params)
+    if _resampling(params) is not None:
+        return _check_pixel_size(params, card, units)
     if params.spacing_tolerance is None or card.spacing is None or card.units is None:
         return None
     if units not in _METRES or card.units not in _METRES or len(spacing) != len(card.spacing):
@@ -220,16 +245,74 @@ def _check_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) 
     return (
         f"model {params.path!r} was trained at a pixel size of ({wanted}) {card.units}, the "
         f"item's is ({shown}) {card.units}, off by more than spacing_tolerance "
-        f"{params.spacing_tolerance}: resample the item, train at this size, or set "
-        "spacing_tolerance: null to run it anyway"
+        f"{params.spacing_tolerance}: resample the item (resample: true), train at this "
+        "size, or set spacing_tolerance: null to run it anyway"
     )
 
 
+def _check_pixel_size(params: ModelParams, card: ModelCard, units: str) -> str | None:
+    if card.head == "flows":
+        return "resample: a flow head's vectors are in its own pixels; it cannot be resampled"
+    size = params.pixel_size
+    if size is not None and (len(size) != card.spatial_dims or min(size) <= 0):
+        return (
+            f"`pixel_size` {size} must give {card.spatial_dims} positive sizes, (z), y, x, "
+            f"in {card.units or 'the card units'}"
+        )
+    if size is None and params.resample:
+        return (
+            f"resample: true, but the item's pixel size is in {units!r}, not a length the "
+            f"model's card ({card.units}) can be compared with: set pixel_size"
+        )
+    return None
+
+
+def _item_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) -> ModelParams:
+    """``pixel_size`` from the item's metadata, in the card's units, where the step
+    resamples and the user left it unset."""
+    card = step_card(params)
+    if params.pixel_size is not None or not spacing or _resampling(params) is None:
+        return params
+    if units not in _METRES or card.units not in _METRES:
+        return params
+    scale = _METRES[units] / _METRES[str(card.units)]
+    return params.model_copy(update={"pixel_size": tuple(abs(s) * scale for s in spacing)})
+
+
+def _resampling(params: ModelParams) -> ResamplingCard | None:
+    """How the step resamples (None: it does not): the card's way, nnU-Net's defaults
+    where the step asks for it and the card has a spacing but no way."""
+    from segflow.models.card import ResamplingCard
+
+    card = step_card(params)
+    if card.spacing is None or params.resample is False:
+        return None
+    return card.resampling or (ResamplingCard() if params.resample else None)
+
+
+def _resample_grid(params: ModelParams, shape: tuple[int, ...]) -> ResampleGrid | None:
+    from segflow.models.resampling import plan_resampling
+
+    how, card = _resampling(params), step_card(params)
+    if how is None or params.pixel_size is None or card.spacing is None:
+        return None
+    return plan_resampling(
+        shape, params.pixel_size, card.spacing, order=how.order, order_back=how.order_back,
+        order_z=how.order_z, order_z_back=how.order_z_back, separate_z=how.separate_z,
+    )  # fmt: skip
+
+
 def _halo(params: ModelParams, spatial_ndim: int) -> tuple[int, ...]:
+    from segflow.models.resampling import halo
+
     card = step_card(params)
     if len(card.tile) != spatial_ndim:
         return (0,) * spatial_ndim  # refused by _check_layout with the file's name
-    return tuple(t - 1 for t in card.tile)
+    size = params.pixel_size
+    if _resampling(params) is None or size is None or len(size) != spatial_ndim:
+        return tuple(t - 1 for t in card.tile)
+    assert card.spacing is not None  # _resampling says so
+    return halo(card.tile, size, card.spacing)
 
 
 def _out_channels(channels: int, params: ModelParams) -> int:
@@ -370,30 +453,91 @@ def _normalize(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.nda
 
 
 def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray:
-    """Blended model output over the part of ``ctx.box`` whose tiles ``image`` holds."""
+    """Blended model output over the part of ``ctx.box`` whose tiles ``image`` holds,
+    on the model's grid and back where the step resamples."""
     from segflow.models.card import normalize_image
-    from segflow.models.inference import predict_region
     from segflow.models.tiling import plan_tiles
 
-    loaded: LoadedModel = ctx.resource
     card = step_card(params)
     if not _needs_statistics(card):  # no statistics pass ran: the card's own numbers
         image = normalize_image(image, card.channels, _fixed_stats(card))
     box, shape = ctx.box, ctx.shape
     inner = shrink_box(box, _halo(params, len(shape)), shape)
-    grid = plan_tiles(shape, tile=card.tile, overlap=card.overlap, rule=card.tile_rule)
-    probs = predict_region(
+    grid = _resample_grid(params, shape)
+    if grid is None:
+        tiles = plan_tiles(shape, tile=card.tile, overlap=card.overlap, rule=card.tile_rule)
+        probs = _predict(image, box, inner, tiles, params, ctx.resource, card.activation)
+    else:
+        probs = _predict_resampled(image, box, inner, grid, params, ctx.resource)
+    return _output(probs, params, box, inner)
+
+
+def _predict(
+    image: np.ndarray, box: Box, region: Box, grid: TileGrid, params: ModelParams,
+    loaded: LoadedModel, activation: str,
+) -> np.ndarray:  # fmt: skip
+    """Blended output over ``region`` of ``grid``; ``image`` holds ``box`` of it."""
+    from segflow.models.inference import predict_region
+
+    card = step_card(params)
+    return predict_region(
         loaded.module,
         lambda window: image[(slice(None), *relative(window, box))],
-        inner,
+        region,
         grid=grid,
         window=card.window,
         batch_size=params.batch_size,
-        activation=card.activation,
+        activation=activation,  # type: ignore[arg-type]
         tta=params.tta,
         device=loaded.input_device or params.device,  # ONNX Runtime places its own work
         flows=card.head == "flows",
     )
+
+
+def _predict_resampled(
+    image: np.ndarray, box: Box, inner: Box, grid: ResampleGrid, params: ModelParams,
+    loaded: LoadedModel,
+) -> np.ndarray:  # fmt: skip
+    """The output over ``inner``: the item resampled to the model's grid where the tiles
+    that ``inner`` needs read it, the network there, the logits (or probabilities) resampled
+    back (:mod:`segflow.models.resampling`)."""
+    from segflow.models.resampling import read_box, resample_region
+    from segflow.models.tiling import plan_tiles
+
+    card, how = step_card(params), _resampling(params)
+    assert how is not None
+    back = read_box(inner, grid.model, grid.item, grid.back)
+    tiles = plan_tiles(grid.model, tile=card.tile, overlap=card.overlap)
+    window = tiles.window(back)
+    source = read_box(window, grid.item, grid.model, grid.forward)
+    if any(s.start < b.start or s.stop > b.stop for s, b in zip(source, box, strict=True)):
+        raise AssertionError(f"the model step's halo misses item pixels {source} (has {box})")
+    data = _clip(image[(slice(None), *relative(source, box))], how.clip)
+    data = resample_region(data, source, grid.item, grid.model, window, grid.forward)
+    data = _clip(data, how.clip).astype(np.float32)
+    after = card.activation == "softmax_after_blending"  # nnU-Net: logits go back, then softmax
+    out = _predict(data, window, back, tiles, params, loaded, "none" if after else card.activation)
+    out = resample_region(out, back, grid.model, grid.item, inner, grid.back)
+    return (_softmax(out) if after else out).astype(np.float32)
+
+
+def _clip(data: np.ndarray, bounds: Sequence[tuple[float, float] | None]) -> np.ndarray:
+    if not any(b is not None for b in bounds):
+        return data
+    data = np.array(data, dtype=np.float64)
+    for c, bound in enumerate(bounds):
+        if bound is not None:
+            np.clip(data[c], bound[0], bound[1], out=data[c])
+    return data
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=0, keepdims=True))
+
+
+def _output(probs: np.ndarray, params: ModelParams, box: Box, inner: Box) -> np.ndarray:
+    """The step's output over ``box`` (zero outside ``inner``) from the blended map."""
     if params.output == "classes":
         result = np.argmax(probs, axis=0).astype(np.uint8)[np.newaxis]
     elif params.output == "foreground":
@@ -405,6 +549,13 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
     out = np.zeros((len(result), *(b.stop - b.start for b in box)), dtype=result.dtype)
     out[(slice(None), *relative(inner, box))] = result
     return out
+
+
+def _categories(params: ModelParams) -> Categories:
+    """The class map's values named by the card's classes (``output: classes``)."""
+    if params.output != "classes":
+        return ()
+    return tuple((value, name, None) for value, name in enumerate(step_card(params).classes))
 
 
 def _parts(params: ModelParams) -> list[tuple[str, str, OpParams]]:
@@ -427,7 +578,8 @@ register(
         apply=_unexpanded,
         summary="tiled inference of a model (segflow checkpoint, TorchScript, .pt2, ONNX, "
         "MONAI bundle, nnU-Net v2, bioimage.io; blended global tile grid; whole-item "
-        "normalisation); follow with threshold/label/watershed for instances",
+        "normalisation; resampled to the model's spacing and back where it says so); "
+        "follow with threshold/label/watershed for instances",
         halo=_halo,
         halo_rule="tile - 1 per axis (from the model card)",
         expand=_parts,
@@ -457,8 +609,10 @@ register(
         out_channels=_out_channels,
         out_dtype=_out_dtype,
         class_names=_class_names,
+        categories=_categories,
         check_layout=_check_layout,
         check_spacing=_check_spacing,
+        item_spacing=_item_spacing,
         setup=_load,
         setup_key=_setup_key,
         resources=_resources,

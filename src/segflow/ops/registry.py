@@ -170,6 +170,8 @@ class Operation(Generic[P]):
     files that are not in it). ``region_extras(params)``, for the pipeline's last step,
     gives columns of the region table indexed by object id (``values[id]``: the row of the
     box an object came from).
+    ``item_spacing(params, spacing, units)`` fills those that default to the item's pixel
+    size (a model step's ``pixel_size``, for resampling).
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
     without a channel axis, or with one for several channels.
     ``check_layout(params, channels, spatial_ndim)`` returns a problem (naming the file or
@@ -216,6 +218,7 @@ class Operation(Generic[P]):
     for_item: Callable[[P, Any], P] | None = None
     check_collection: Callable[[P, Sequence[tuple[str, str]]], list[str]] | None = None
     region_extras: Callable[[P], Mapping[str, np.ndarray]] | None = None
+    item_spacing: Callable[[P, tuple[float, ...], str], P] | None = None
     setup: Callable[[P], Any] | None = None
     class_names: Callable[[P], tuple[str, ...]] | None = None
     categories: Callable[[P], Categories] | None = None

@@ -124,3 +124,14 @@ def test_crf_foreground_names_channels_of_the_map() -> None:
     ]:
         with pytest.raises(ValueError, match=line):
             refine_with_crf(probabilities, CrfParams(foreground=channels), ctx)
+
+
+@pytest.mark.parametrize("blocks", [(7, 9), (16, 16), (30, 5)])
+def test_crf_foreground_blockwise_equals_whole_item(blocks: tuple[int, int]) -> None:
+    """Grouping is per pixel before and after the updates: the halo is unchanged."""
+    _, probabilities = _touching_pair()
+    noise = np.random.default_rng(0).uniform(0.0, 0.2, probabilities.shape).astype(np.float32)
+    noisy = (probabilities + noise) / (probabilities + noise).sum(axis=0, keepdims=True)
+    step = {"op": "crf", "foreground": [1, 2], "iterations": 2, "radius": 3}
+    whole = segment(noisy, [step], channel_axis=0)
+    np.testing.assert_array_equal(segment(noisy, [step], channel_axis=0, block_shape=blocks), whole)

@@ -1,4 +1,4 @@
-"""``segflow export STORE --format cog|coco|geojson``: a store's outputs in the formats
+"""``segflow export STORE --format cog|coco|cvat|geojson``: a store's outputs in the formats
 GIS and annotation tools open (no Prefect, no cluster: the engine reads the store)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ EXIT_INVALID = 2  # as the other commands: nothing was written
 class ExportFormat(enum.StrEnum):
     cog = "cog"
     coco = "coco"
+    cvat = "cvat"
     geojson = "geojson"
 
 
@@ -23,7 +24,7 @@ def export(
     store: Annotated[str, typer.Argument(help="A segflow output store (folder or URL).")],
     format_: Annotated[
         ExportFormat,
-        typer.Option("--format", help="cog: rasters for GIS tools; coco, geojson: polygons."),
+        typer.Option("--format", help="cog: rasters for GIS tools; coco, cvat, geojson: polygons."),
     ],
     item: Annotated[
         list[str] | None,
@@ -35,7 +36,8 @@ def export(
         Path | None,
         typer.Option(
             metavar="PATH",
-            help="cog: a folder (or a .tif for one item and array); coco, geojson: the file. "
+            help="cog: a folder (or a .tif for one item and array); coco, cvat, geojson: the "
+            "file. "
             "Default: beside the store, named after it.",
         ),
     ] = None,
@@ -45,7 +47,7 @@ def export(
             "--array",
             metavar="NAME",
             help="cog: arrays to write (default: every 2-D integer array: labels, "
-            "masks, class maps); coco, geojson: the label array (default labels).",
+            "masks, class maps); coco, cvat, geojson: the label array (default labels).",
         ),
     ] = None,
     tolerance: Annotated[
@@ -54,18 +56,21 @@ def export(
     crs: Annotated[
         bool, typer.Option("--crs", help="geojson: CRS coordinates instead of pixels.")
     ] = False,
-    category: Annotated[str, typer.Option(help="coco: the objects' category name.")] = "object",
+    category: Annotated[
+        str, typer.Option(help="coco, cvat: the objects' category (label) name.")
+    ] = "object",
     tile: Annotated[int, typer.Option(help="cog: tile side, a multiple of 16.")] = 512,
     classes: Annotated[
         str | None,
         typer.Option(
             metavar="NAME",
-            help="coco: each object's category from this class map (the class most of its "
+            help="coco, cvat: each object's category from this class map (the class most of its "
             "pixels have), e.g. classes.",
         ),
     ] = None,
 ) -> None:
-    """Export a store's labels as COGs, or its objects as COCO JSON or GeoJSON polygons.
+    """Export a store's labels as COGs, or its objects as COCO JSON, CVAT XML or GeoJSON
+    polygons.
 
     Exit status 2, with one line, when the store, an item or an array cannot be exported.
     """
@@ -77,8 +82,10 @@ def export(
                 raise StoreError(f"--tile ({tile}) must be a positive multiple of 16")
             _export_cogs(store, item, out, array, tile)
         else:
-            if crs and format_ is ExportFormat.coco:
-                raise StoreError("--crs: COCO polygons are in pixel coordinates; drop --crs")
+            if crs and format_ is not ExportFormat.geojson:
+                raise StoreError(
+                    f"--crs: {format_.value.upper()} polygons are in pixel coordinates; drop --crs"
+                )
             options = {"tolerance": tolerance, "crs": crs, "category": category, "classes": classes}
             _export_polygons(store, format_, item, out, array, options)
     except StoreError as error:
@@ -133,6 +140,9 @@ def _crs_label(wkt: str | None) -> str:
     return f"EPSG:{code}" if code else "CRS from WKT"
 
 
+SUFFIXES = {"coco": ".coco.json", "cvat": ".cvat.xml", "geojson": ".geojson"}
+
+
 def _export_polygons(
     store: str,
     format_: ExportFormat,
@@ -144,30 +154,37 @@ def _export_polygons(
     from segflow.errors import StoreError
     from segflow.export import stored_items
     from segflow.export.coco import coco_document
+    from segflow.export.cvat import cvat_document
     from segflow.export.geojson import geojson_document
     from segflow.export.polygons import item_polygons, object_classes
 
+    tolerance, crs, classes = options["tolerance"], options["crs"], options["classes"]
+    if classes and format_ is ExportFormat.geojson:
+        raise StoreError("--classes: categories are written to COCO and CVAT files only")
     if arrays and len(arrays) > 1:
         raise StoreError(f"--array: one label array for polygons, got {len(arrays)}")
     name = arrays[0] if arrays else "labels"
     items = stored_items(store, item_ids)
     polygons = [item_polygons(i, name) for i in items]
-    tolerance, crs, classes = options["tolerance"], options["crs"], options["classes"]
-    document: dict[str, Any]
+    found = [object_classes(i, name, classes) for i in items] if classes else None
+    text: str
     if format_ is ExportFormat.coco:
-        found = [object_classes(i, name, classes) for i in items] if classes else None
         document = coco_document(
             polygons, tolerance=tolerance, category=options["category"], classes=found
         )
+        text = json.dumps(document, separators=(",", ":"))
+    elif format_ is ExportFormat.cvat:
+        text = cvat_document(
+            polygons, tolerance=tolerance, category=options["category"], classes=found,
+            task=Path(store.rstrip("/")).name,
+        )  # fmt: skip
     else:
-        if classes:
-            raise StoreError("--classes: categories are written to COCO files only")
         document = geojson_document(polygons, tolerance=tolerance, crs=crs)
-    suffix = ".coco.json" if format_ is ExportFormat.coco else ".geojson"
-    target = out or _default_out(store, suffix)
+        text = json.dumps(document, separators=(",", ":"))
+    target = out or _default_out(store, SUFFIXES[format_])
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(json.dumps(document, separators=(",", ":")))
+    partial.write_text(text)
     partial.replace(target)
     count = sum(len(p.labels) for p in polygons)
     where = "CRS" if crs else "pixel"

@@ -82,3 +82,56 @@ def test_crf_refuses_a_map_that_is_not_probabilities() -> None:
     two = np.stack([image / 10, image / 10])
     with pytest.raises(ValueError, match=r"2 channels sum to 1, some sum to 2"):
         segment(two, [{"op": "crf"}], channel_axis=0)
+
+
+def _touching_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Two bright squares touching along a 1-px line, and a background / interior /
+    boundary map of them (the nuclei U-Net's head): 0.7 on each pixel's class, 0.15 on the
+    others."""
+    image = np.zeros((30, 41), dtype=np.float32)
+    image[8:22, 5:36] = 200
+    truth = np.zeros((30, 41), dtype=np.int64)
+    truth[8:22, 5:36] = 1
+    truth[8:22, 20] = 2  # the boundary between the two squares
+    probabilities = np.full((3, 30, 41), 0.15, dtype=np.float32)
+    np.put_along_axis(probabilities, truth[np.newaxis], 0.7, axis=0)
+    return image, probabilities
+
+
+def test_crf_foreground_keeps_a_thin_boundary_class() -> None:
+    """A CRF over every class smooths the 1-px boundary away (the two objects merge);
+    with `foreground: [1, 2]` it refines background against interior + boundary only, and
+    interior and boundary keep their ratio, so the boundary stays."""
+    image, probabilities = _touching_pair()
+    ctx = OpContext(spatial_ndim=2, source=image[np.newaxis], spacing=(1.0, 1.0))
+    every = refine_with_crf(probabilities, CrfParams(output="classes"), ctx)[0]
+    assert not (every == 2).any()
+    params = CrfParams(foreground=[1, 2])
+    refined = refine_with_crf(probabilities, params, ctx)
+    np.testing.assert_allclose(refined.sum(axis=0), 1, atol=1e-5)
+    np.testing.assert_allclose(refined[1] * probabilities[2], refined[2] * probabilities[1],
+                               atol=1e-6)  # fmt: skip
+    classes = refine_with_crf(probabilities, CrfParams(foreground=[1, 2], output="classes"), ctx)
+    np.testing.assert_array_equal(classes[0], np.argmax(probabilities, axis=0))
+
+
+def test_crf_foreground_names_channels_of_the_map() -> None:
+    image, probabilities = _touching_pair()
+    ctx = OpContext(spatial_ndim=2, source=image[np.newaxis], spacing=(1.0, 1.0))
+    for channels, line in [
+        ([1, 3], r"crf `foreground` \[1, 3\]: the map has channels 0 to 2"),
+        ([0, 1, 2], r"crf `foreground` \[0, 1, 2\]: every channel, no background left"),
+    ]:
+        with pytest.raises(ValueError, match=line):
+            refine_with_crf(probabilities, CrfParams(foreground=channels), ctx)
+
+
+@pytest.mark.parametrize("blocks", [(7, 9), (16, 16), (30, 5)])
+def test_crf_foreground_blockwise_equals_whole_item(blocks: tuple[int, int]) -> None:
+    """Grouping is per pixel before and after the updates: the halo is unchanged."""
+    _, probabilities = _touching_pair()
+    noise = np.random.default_rng(0).uniform(0.0, 0.2, probabilities.shape).astype(np.float32)
+    noisy = (probabilities + noise) / (probabilities + noise).sum(axis=0, keepdims=True)
+    step = {"op": "crf", "foreground": [1, 2], "iterations": 2, "radius": 3}
+    whole = segment(noisy, [step], channel_axis=0)
+    np.testing.assert_array_equal(segment(noisy, [step], channel_axis=0, block_shape=blocks), whole)

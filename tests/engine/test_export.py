@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import xml.etree.ElementTree as ET
 
 import geopandas
 import numpy as np
@@ -32,6 +33,7 @@ from segflow.evaluate import PolygonReference
 from segflow.export import stored_items
 from segflow.export.coco import coco_document
 from segflow.export.cog import cog_arrays, halve, write_cog
+from segflow.export.cvat import cvat_document
 from segflow.export.geojson import geojson_document
 from segflow.export.polygons import item_polygons, object_classes
 from segflow.io import ArrayReader, open_item
@@ -172,6 +174,59 @@ def test_coco_round_trip_is_exact_at_tolerance_0(rings: pathlib.Path, tmp_path) 
         np.testing.assert_array_equal(mask.astype(bool), labels == annotation["segflow_label"])
         assert annotation["area"] == (labels == annotation["segflow_label"]).sum()
         assert annotation["iscrowd"] == 0 and annotation["category_id"] == 1
+
+
+def _cvat_mask(element: ET.Element, size: tuple[int, int]) -> np.ndarray:
+    """A CVAT ``<mask>`` decoded as CVAT's format reads it: runs over its box, row by row,
+    alternating from background."""
+    runs = [int(r) for r in element.attrib["rle"].split(",")]
+    box = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)
+    width, height = int(element.attrib["width"]), int(element.attrib["height"])
+    left, top = int(element.attrib["left"]), int(element.attrib["top"])
+    mask = np.zeros(size, bool)
+    mask[top : top + height, left : left + width] = box.reshape(height, width)
+    return mask
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_cvat_round_trip_is_exact_at_tolerance_0(rings: pathlib.Path, tmp_path) -> None:
+    """The CVAT 1.1 XML parsed back: polygons rasterised by pycocotools (what CVAT's
+    importer uses), grouped polygons one object, masks by CVAT's RLE: the store's labels."""
+    [item] = stored_items(str(rings))
+    labels = _labels(rings, "rings")
+    path = tmp_path / "rings.cvat.xml"
+    path.write_text(cvat_document([item_polygons(item, block=16)], task="rings"))
+    root = ET.parse(path).getroot()
+    assert root.tag == "annotations" and root.findtext("version") == "1.1"
+    assert [n.text for n in root.iterfind("meta/task/labels/label/name")] == ["object"]
+    [image] = root.findall("image")
+    assert image.attrib == {"id": "0", "name": "<array rings>", "width": "61", "height": "50"}
+    objects: list[np.ndarray] = []
+    groups: dict[str, np.ndarray] = {}
+    for shape in image:
+        assert shape.attrib["label"] == "object" and shape.attrib["occluded"] == "0"
+        if shape.tag == "mask":
+            objects.append(_cvat_mask(shape, (50, 61)))
+            continue
+        assert shape.tag == "polygon"
+        xy = [float(v) for pair in shape.attrib["points"].split(";") for v in pair.split(",")]
+        pixels = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects([xy], 50, 61)))
+        group = shape.attrib.get("group_id")
+        if group is not None and group in groups:
+            groups[group] |= pixels.astype(bool)  # the object's array, already listed
+        else:
+            objects.append(pixels.astype(bool))
+            if group is not None:
+                groups[group] = objects[-1]
+    assert [s.tag for s in image].count("mask") == 1  # the ring: a hole
+    assert len(groups) == 1  # the two pixels touching through a corner: one object
+    back = np.zeros_like(labels)
+    ids = np.unique(labels[labels > 0])
+    assert len(objects) == len(ids)
+    for label, pixels in zip(ids, objects, strict=True):
+        assert not (back[pixels] != 0).any()  # objects do not overlap
+        back[pixels] = label
+    np.testing.assert_array_equal(back, labels)
 
 
 @pytest.mark.parametrize("tolerance", [1.0, 2.5])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,17 @@ def test_export_writes_each_format_and_refuses_in_one_line(tmp_path: Path) -> No
     )
     document = json.loads((tmp_path / "s.coco.json").read_text())
     assert [a["bbox"] for a in document["annotations"]] == [[5, 5, 25, 15], [40, 25, 25, 10]]
+    cvat = runner.invoke(app, ["export", str(store), "--format", "cvat", "--category", "cell"])
+    assert cvat.exit_code == 0, cvat.output
+    assert cvat.stdout == (
+        f"2 objects of 1 item(s) -> {tmp_path / 's.cvat.xml'} (cvat, pixel coordinates, "
+        "tolerance 0 px)\n"
+    )
+    polygons = ET.parse(tmp_path / "s.cvat.xml").getroot().findall("image/polygon")
+    assert [(p.attrib["label"], p.attrib["points"]) for p in polygons] == [
+        ("cell", "5.00,5.00;5.00,20.00;30.00,20.00;30.00,5.00"),
+        ("cell", "40.00,25.00;40.00,35.00;65.00,35.00;65.00,25.00"),
+    ]
     out = tmp_path / "o" / "objects.geojson"
     geojson = runner.invoke(
         app, ["export", str(store), "--format", "geojson", "--crs", "--out", str(out)]
@@ -88,11 +100,13 @@ def test_export_writes_each_format_and_refuses_in_one_line(tmp_path: Path) -> No
     for args, line in [
         (["--format", "coco", "--crs"],
          "--crs: COCO polygons are in pixel coordinates; drop --crs"),
+        (["--format", "cvat", "--crs"],
+         "--crs: CVAT polygons are in pixel coordinates; drop --crs"),
         (["--format", "cog", "--item", "nope"],
          f"--item nope: not a committed item of '{store}' (1 item(s): tile)"),
         (["--format", "cog", "--tile", "100"], "--tile (100) must be a positive multiple of 16"),
         (["--format", "geojson", "--classes", "classes"],
-         "--classes: categories are written to COCO files only"),
+         "--classes: categories are written to COCO and CVAT files only"),
         (["--format", "coco", "--classes", "classes"],
          "item 'tile': no array 'classes' to export (it has ['labels'])"),
         (["--format", "cog", "--array", "probabilities"],

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from segflow.export.polygons import ItemPolygons, ObjectClasses, simplify
+from segflow.export.polygons import ItemPolygons, ObjectClasses, object_mask, simplify
 from segflow.export.stored import StoredItem
 
 
@@ -110,17 +110,10 @@ def coco_annotation(geometry: Any, *, tolerance: float, size: tuple[int, int]) -
 
 def _rle(geometry: Any, size: tuple[int, int]) -> list[int]:
     """RLE counts of a pixel-corner geometry: its pixels burned in its bounding box."""
-    from affine import Affine
-    from rasterio.features import rasterize
-
     from segflow.io.coco import encode_rle
 
-    x0, y0, x1, y1 = (round(v) for v in geometry.bounds)
-    mask = rasterize(
-        [(geometry, 1)], out_shape=(y1 - y0, x1 - x0), transform=Affine.translation(x0, y0),
-        dtype="uint8",
-    )  # fmt: skip
-    return encode_rle(mask.astype(bool), (y0, x0), size)
+    mask, corner = object_mask(geometry)
+    return encode_rle(mask, corner, size)
 
 
 def file_names(items: Sequence[StoredItem]) -> list[str]:

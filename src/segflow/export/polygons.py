@@ -74,6 +74,28 @@ def simplify(geometry: Any, tolerance: float) -> Any:
     return shapely.simplify(geometry, float(tolerance), preserve_topology=True)
 
 
+def object_mask(geometry: Any) -> tuple[np.ndarray, tuple[int, int]]:
+    """The pixels of a pixel-corner geometry (a pixel is in when its centre is), in its
+    bounding box, and the box's top-left pixel ``(row, col)``.
+
+    Examples
+    --------
+    >>> import shapely
+    >>> mask, corner = object_mask(shapely.box(1, 2, 4, 3))
+    >>> mask.astype(int).tolist(), corner
+    ([[1, 1, 1]], (2, 1))
+    """
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    x0, y0, x1, y1 = (round(v) for v in geometry.bounds)
+    mask = rasterize(
+        [(geometry, 1)], out_shape=(y1 - y0, x1 - x0), transform=Affine.translation(x0, y0),
+        dtype="uint8",
+    )  # fmt: skip
+    return mask.astype(bool), (y0, x0)
+
+
 @dataclass(frozen=True)
 class ObjectClasses:
     """Each object's class: ``classes[label]`` is the class id most of its pixels have in a

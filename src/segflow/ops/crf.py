@@ -16,6 +16,13 @@ which reads ``radius`` pixels around each pixel, so ``iterations`` of them read
 ``iterations * radius``: that is the halo, and blockwise equals whole-item. Neighbours
 outside the item do not exist (they add nothing).
 
+A map whose classes include a thin one the smoothing would erase (the nuclei U-Net's
+1-2 px boundary between touching nuclei) names its foreground channels (``foreground:
+[1, 2]``): the updates then run on two labels, background (the other channels' sum) and
+foreground (theirs), and each side's refined probability is shared among its channels in
+the proportions of the input, so which foreground class wins a pixel does not change,
+only whether it is foreground. (A one-channel map is foreground vs background already.)
+
 The guide ``I`` is the image the step's phase started from (``OpContext.source``): the
 item's input when no global or connectivity step comes before (a ``model`` step before it
 is fine), all of its channels. Distances are in pixels, or in the item's physical units
@@ -55,6 +62,13 @@ class CrfParams(OpParams):
     )
     smoothness_weight: float = Field(3.0, ge=0, description="w_s, the smoothness kernel's weight")
     smoothness_sigma: float = Field(1.0, gt=0, description="s_s, the smoothness kernel's reach")
+    foreground: list[int] | None = Field(
+        None,
+        description="channels that are one label together, the foreground (e.g. [1, 2] for "
+        "an interior / boundary head): the CRF refines background against their sum, and each "
+        "channel keeps its share of its side, so a thin class the smoothing would erase (a "
+        "boundary between touching objects) stays; default: every channel is a label",
+    )
     units: Literal["pixel", "physical"] = Field(
         "pixel",
         description="units of radius and the spatial sigmas: pixels, or the item's spacing",
@@ -112,25 +126,71 @@ def check_probabilities(probability: np.ndarray) -> None:
 
 def refine_with_crf(image: np.ndarray, params: CrfParams, ctx: OpContext) -> np.ndarray:
     """The map after ``iterations`` mean-field updates (see the module docstring); a
-    one-channel map is the foreground of ``(1 - p, p)`` and stays one channel."""
+    one-channel map is the foreground of ``(1 - p, p)`` and stays one channel. With
+    ``foreground``, the updates run on background vs the sum of those channels, and the
+    refined sides are shared among their channels as the input shares them."""
     if ctx.source is None:
         raise ValueError("crf needs the image its map was made from (the phase's input)")
     check_probabilities(image)
     single = image.shape[0] == 1
     q = np.concatenate([1 - image, image]) if single else image
     q = q.astype(np.float32)
-    unary = np.log(np.clip(q, 1e-6, 1.0))
     guide = ctx.source.astype(np.float32)
     sizes = _steps(params, ctx.spacing or (1.0,) * (image.ndim - 1))
+    if params.foreground and not single:
+        inside = foreground_channels(params.foreground, q.shape[0])
+        sides = np.stack([q[~inside].sum(axis=0), q[inside].sum(axis=0)])
+        q = share_sides(q, inside, mean_field(sides, guide, params, sizes))
+    else:
+        q = mean_field(q, guide, params, sizes)
+    if params.output == "classes":
+        return np.argmax(q, axis=0).astype(np.uint8)[np.newaxis]
+    return q[1:] if single else q
+
+
+def mean_field(
+    q: np.ndarray, guide: np.ndarray, params: CrfParams, sizes: tuple[float, ...]
+) -> np.ndarray:
+    """``params.iterations`` mean-field updates of the label probabilities ``q``."""
+    unary = np.log(np.clip(q, 1e-6, 1.0))
     kernels = [_Kernel(offset, sizes, params) for offset in neighbour_offsets(params, sizes)]
     for _ in range(params.iterations):
         message = np.zeros_like(q)
         for kernel in kernels:
             kernel.add_message(message, q, guide)
         q = _softmax(unary + message)
-    if params.output == "classes":
-        return np.argmax(q, axis=0).astype(np.uint8)[np.newaxis]
-    return q[1:] if single else q
+    return q
+
+
+def foreground_channels(channels: list[int], count: int) -> np.ndarray:
+    """A mask of the ``foreground`` channels of a ``count``-channel map.
+
+    Raises
+    ------
+    ValueError
+        When a channel is not in the map, or the channels leave no background.
+    """
+    wrong = [c for c in channels if not 0 <= c < count]
+    if wrong:
+        raise ValueError(f"crf `foreground` {channels}: the map has channels 0 to {count - 1}")
+    inside = np.zeros(count, bool)
+    inside[channels] = True
+    if inside.all():
+        raise ValueError(f"crf `foreground` {channels}: every channel, no background left")
+    return inside
+
+
+def share_sides(q: np.ndarray, inside: np.ndarray, sides: np.ndarray) -> np.ndarray:
+    """``q``'s channels rescaled so that each side (background ``~inside``, foreground
+    ``inside``) sums to its refined probability ``sides``, in the proportions of ``q``
+    (equal shares where a side had nothing)."""
+    out = np.empty_like(q)
+    for side, mask in enumerate((~inside, inside)):
+        part = q[mask]
+        total = part.sum(axis=0, keepdims=True)
+        share = np.where(total > 0, part / np.where(total > 0, total, 1), 1 / len(part))
+        out[mask] = share * sides[side]
+    return out
 
 
 class _Kernel:

@@ -103,7 +103,7 @@ def test_open_store_gives_the_catalogue_and_opens_items_lazily(tmp_path: pathlib
 
     import segflow
     from segflow.errors import StoreError
-    from tests.engine.test_metadata import CountingFileSystem, _metadata_read
+    from test_metadata import CountingFileSystem, _metadata_read
 
     store = tmp_path / "out.zarr"
     rows = [

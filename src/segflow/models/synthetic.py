@@ -34,7 +34,6 @@ Examples
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -274,86 +273,17 @@ def synthetic_nuclei(
     if radius is None:
         radius = float(np.exp(rng.uniform(np.log(4.0), np.log(16.0))))
     nuclei = _nuclei(shape, rng, layout, radius)
-    squamous = kind == "brightfield" and rng.random() < 0.6
-    if squamous:  # a smear: one nucleus per large cell, so far fewer nuclei
-        nuclei = nuclei[:3] + [n for n in nuclei[3:] if rng.random() < 0.2]
-        nuclei = [dataclasses.replace(n, brightness=max(n.brightness, 0.7)) for n in nuclei]
-    if kind == "stained":  # sections hold many pale, barely stained nuclei
-        nuclei = _paler(nuclei, rng, share=float(rng.uniform(0.1, 0.45)))
     labels, signal = _draw(shape, nuclei, rng, min_area)
     background = _background(shape, rng, tissue=layout == "packed")
     background = background + _clutter(shape, labels, rng, radius)
-    if rng.random() < (0.8 if layout == "packed" else 0.3):
-        background = background + _defocused(shape, rng, layout, radius)
     psf = rng.uniform(0.6, 2.2) * max(1.0, radius / 8)
     if kind == "fluorescence":
         expected = ndi.gaussian_filter(signal + background, psf)
         full = float(np.iinfo(np.dtype(dtype)).max)
         return _camera(expected, rng, np.dtype(dtype), full)[np.newaxis], labels
     density = signal * rng.uniform(0.5, 1.3 if kind == "brightfield" else 2.2)
-    cells = _squamous(shape, nuclei, rng) if squamous else None
-    density = density + (_cytoplasm(shape, nuclei, rng) if cells is None else cells)
-    density = density + 0.4 * background
+    density = density + _cytoplasm(shape, nuclei, rng) + 0.4 * background
     return _absorption(ndi.gaussian_filter(density, psf), rng, kind, dtype), labels
-
-
-def _paler(nuclei: Sequence[Nucleus], rng: np.random.Generator, share: float) -> list[Nucleus]:
-    """``share`` of the nuclei taking up a fifth to a half of the stain (unlabelled-looking
-    lavender nuclei that annotators still outline)."""
-    return [
-        dataclasses.replace(n, brightness=n.brightness * float(rng.uniform(0.2, 0.5)))
-        if rng.random() < share
-        else n
-        for n in nuclei
-    ]
-
-
-def _defocused(
-    shape: tuple[int, int], rng: np.random.Generator, layout: Layout, radius: float
-) -> np.ndarray:
-    """Nuclei in another focal plane: a second layout drawn and blurred over about a
-    radius, dimmer than the ones in focus and never labelled (an embryo's far side, cells
-    above or below the plane), in nuclear units."""
-    others = _nuclei(shape, rng, layout, radius * float(rng.uniform(0.8, 1.3)))
-    _, signal = _draw(shape, others, rng, min_area=0)
-    blurred = ndi.gaussian_filter(signal, radius * float(rng.uniform(0.4, 1.2)))
-    return np.asarray(float(rng.uniform(0.15, 0.6)) * blurred)
-
-
-def _squamous(
-    shape: tuple[int, int], nuclei: Sequence[Nucleus], rng: np.random.Generator
-) -> np.ndarray:
-    """Large, flat, absorbing cell bodies (a smear's squamous cells: several nuclear radii
-    wide, grey, mottled, with dark folds), some without a nucleus in view, in optical
-    density; the nuclei stay darker and compact."""
-    h, w = shape
-    field = np.zeros(shape)
-    level, scale = rng.uniform(0.2, 0.7), rng.uniform(3.0, 7.0)
-    empty = [
-        Nucleus(
-            (float(rng.uniform(0, h)), float(rng.uniform(0, w))), n.axes, 0.0, n.harmonics, 0, False
-        )
-        for n in nuclei[: int(rng.integers(0, 1 + len(nuclei) // 3))]
-    ]
-    for nucleus in [*nuclei, *empty]:
-        cell = Nucleus(
-            centre=nucleus.centre,
-            axes=(nucleus.axes[0] * scale, nucleus.axes[1] * scale * rng.uniform(0.6, 1.3)),
-            angle=float(rng.uniform(0, np.pi)),
-            harmonics=tuple(
-                (float(rng.normal(0, 0.15 / k)), float(rng.uniform(0, 6.3))) for k in (2, 3, 4)
-            ),
-            brightness=level * float(rng.uniform(0.6, 1.3)),
-            mitotic=False,
-        )
-        found = _footprint(cell, shape)
-        if found is not None:
-            box, rho = found
-            body = np.where(rho < 1.0, cell.brightness * (1 + 0.3 * (rho > 0.93)), 0.0)
-            field[box] = np.maximum(field[box], body)
-    mottle = 1 + 0.2 * _smooth_noise(shape, rng.uniform(1.5, 5.0), rng)
-    folds = _clutter(shape, np.zeros(shape, dtype=np.int32), rng, scale * 4)
-    return np.asarray((field * np.clip(mottle, 0.3, None)) + level * (field > 0) * folds)
 
 
 def _cytoplasm(

@@ -100,10 +100,10 @@ def test_a_run_rewrites_only_the_parts_of_the_items_it_touched(tmp_path: pathlib
 
 def test_open_store_gives_the_catalogue_and_opens_items_lazily(tmp_path: pathlib.Path) -> None:
     import pytest
+    from test_metadata import CountingFileSystem, _metadata_read
 
     import segflow
     from segflow.errors import StoreError
-    from test_metadata import CountingFileSystem, _metadata_read
 
     store = tmp_path / "out.zarr"
     rows = [

@@ -4,6 +4,7 @@ number of items; older root-consolidated stores open and are migrated by their n
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import shutil
 import warnings
@@ -21,6 +22,7 @@ from segflow.engine.item import segment_item
 from segflow.io import ArrayReader
 from segflow.store.commit import prepare_store, read_commit
 from segflow.store.metadata import is_migrated, migrate_store
+from segflow.tasks.store import writing_store
 
 PIPELINE = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
 
@@ -167,3 +169,22 @@ def test_a_direct_commit_into_an_older_store_drops_its_stale_root_copy(
     assert "consolidated_metadata" not in _root(store)
     assert "labels" in xr.open_zarr(f"{store}/late")
     assert zarr.open_array(str(store), path="item1/labels", mode="r").shape == (40, 50)
+
+
+def test_the_next_run_migrates_an_older_store_with_one_line(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store a run holds (``writing_store``): an older store is migrated by the run,
+    and says so in its log, once."""
+    store = _store_of(tmp_path, 2)
+    _make_legacy(store)
+    with caplog.at_level(logging.WARNING, logger="segflow"), writing_store(str(store), "run-1"):
+        pass
+    lines = [r.getMessage() for r in caplog.records if "consolidated per item" in r.getMessage()]
+    assert len(lines) == 1 and "2 of 2 item group(s)" in lines[0]
+    assert "consolidated_metadata" not in json.loads((store / "zarr.json").read_text())
+    assert read_commit(str(store), "item1") is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segflow"), writing_store(str(store), "run-2"):
+        pass
+    assert not [r for r in caplog.records if "consolidated per item" in r.getMessage()]

@@ -20,6 +20,7 @@ from segflow.engine.executor import LocalExecutor
 from segflow.engine.item import segment_item
 from segflow.io import ArrayReader
 from segflow.io.base import Reader
+from segflow.store.metadata import consolidate_item
 from segflow.store.ome import write_pyramid
 from segflow.store.pyramid import SCRATCH_PREFIX
 
@@ -61,6 +62,8 @@ def read_back(reader: Reader, pipeline: list[dict], store: str, **options: Any) 
             kind=output,
             max_levels=options.get("pyramid"),
         )
+    # The item's zarr.json consolidates its nodes as committed: add the pyramid written since.
+    consolidate_item(store, reader.info.id)
     return output
 
 

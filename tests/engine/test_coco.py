@@ -137,6 +137,9 @@ def nuclei_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
+# The reference labels.tif has no geotransform: rasterio warns when it is read (from a
+# worker thread, so whether the warning reaches this test depends on the order of reads).
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_evaluate_scores_a_cvat_coco_file_as_the_label_image(
     nuclei_store: Path, tmp_path: Path
 ) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from segflow.errors import StoreError
-from segflow.export.stored import StoredItem
+from segflow.export.stored import StoredItem, open_integer_array
 from segflow.store.ome import _rgba
 
 # COG tile side (GDAL's default); overviews are made until one fits in a tile.
@@ -69,7 +69,9 @@ def write_cog(
     import rasterio
     import rasterio.shutil
 
-    source = _open_array(item, array)
+    source = open_integer_array(
+        item, array, "a COG export takes 2-D integer arrays (labels, masks, class maps)"
+    )
     if block <= 0 or block % 16:
         raise StoreError(f"`block` ({block}) must be a positive multiple of 16 (a tile side)")
     shape = (int(source.shape[0]), int(source.shape[1]))
@@ -153,22 +155,6 @@ def _overview_vrt(base: Path, levels: list[Path], vrt: Path) -> None:
 
 def _box(rows: slice, cols: slice) -> tuple[tuple[int, int], tuple[int, int]]:
     return (rows.start, rows.stop), (cols.start, cols.stop)
-
-
-def _open_array(item: StoredItem, array: str) -> Any:
-    import zarr
-
-    if array not in item.arrays:
-        raise StoreError(
-            f"item {item.id!r}: no array {array!r} to export (it has {sorted(item.arrays)})"
-        )
-    source = zarr.open_array(item.store, path=item.array_path(array), mode="r")
-    if source.ndim != 2 or not np.issubdtype(source.dtype, np.integer):
-        raise StoreError(
-            f"item {item.id!r}: array {array!r} is {source.ndim}-D {source.dtype}; a COG "
-            "export takes 2-D integer arrays (labels, masks, class maps)"
-        )
-    return source
 
 
 def overview_factors(shape: tuple[int, int], block: int) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from segflow.errors import StoreError
 from segflow.export.cog import windows
-from segflow.export.stored import StoredItem
+from segflow.export.stored import StoredItem, open_integer_array
 
 # Rows and columns of labels read at once.
 BLOCK = 2048
@@ -45,7 +45,9 @@ def item_polygons(item: StoredItem, array: str = "labels", *, block: int = BLOCK
     """
     from segflow.store.vectors import merge_pieces, polygonize_block
 
-    source = _label_array(item, array)
+    source = open_integer_array(
+        item, array, "polygons and classes are read from 2-D integer arrays"
+    )
     height, width = source.shape
     done: list[tuple[np.ndarray, list[Any]]] = []
     cut: list[tuple[np.ndarray, list[Any]]] = []
@@ -116,7 +118,10 @@ def object_classes(
     StoreError
         When an array is missing or not 2-D integer, or their shapes differ.
     """
-    arrays = [_label_array(item, name) for name in (labels, classes)]
+    arrays = [
+        open_integer_array(item, name, "polygons and classes are read from 2-D integer arrays")
+        for name in (labels, classes)
+    ]
     if arrays[0].shape != arrays[1].shape:
         raise StoreError(
             f"item {item.id!r}: class map {classes!r} {arrays[1].shape} and {labels!r} "
@@ -141,20 +146,3 @@ def object_classes(
     return ObjectClasses(
         {int(k): int(v) for k, v in chosen.tolist()}, {int(k): str(v) for k, v in names}
     )
-
-
-def _label_array(item: StoredItem, array: str) -> Any:
-    """``item``'s 2-D integer ``array``, opened for reading."""
-    import zarr
-
-    if array not in item.arrays:
-        raise StoreError(
-            f"item {item.id!r}: no array {array!r} to export (it has {sorted(item.arrays)})"
-        )
-    source = zarr.open_array(item.store, path=item.array_path(array), mode="r")
-    if source.ndim != 2 or not np.issubdtype(source.dtype, np.integer):
-        raise StoreError(
-            f"item {item.id!r}: array {array!r} is {source.ndim}-D {source.dtype}; polygons "
-            "and classes are read from 2-D integer arrays"
-        )
-    return source

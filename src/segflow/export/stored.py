@@ -126,3 +126,21 @@ def _stored_item(root: str, item_id: str, record: dict[str, Any]) -> StoredItem:
         transform=transform,
         arrays=arrays,
     )
+
+
+def open_integer_array(item: StoredItem, array: str, needed_for: str) -> Any:
+    """``item``'s 2-D integer ``array`` (labels, a mask, a class map), opened for reading;
+    anything else is refused in one line saying what ``needed_for`` takes."""
+    import numpy as np
+    import zarr
+
+    if array not in item.arrays:
+        raise StoreError(
+            f"item {item.id!r}: no array {array!r} to export (it has {sorted(item.arrays)})"
+        )
+    source = zarr.open_array(item.store, path=item.array_path(array), mode="r")
+    if source.ndim != 2 or not np.issubdtype(source.dtype, np.integer):
+        raise StoreError(
+            f"item {item.id!r}: array {array!r} is {source.ndim}-D {source.dtype}; {needed_for}"
+        )
+    return source

@@ -299,6 +299,17 @@ def tile_records(tiles: Sequence[Tile]) -> list[dict[str, Any]]:
     ]
 
 
+def given_nodata(where: str, given: float, dtype: np.dtype) -> float:
+    """``input.mosaic.nodata`` as given, refused in one line when the tiles' dtype cannot
+    hold it."""
+    if not fits_dtype(given, dtype):
+        raise ItemReadError(
+            f"{where}: `input.mosaic.nodata` ({given}) is not a {dtype} value, the "
+            "tiles' dtype: choose one it holds"
+        )
+    return float(given)
+
+
 def scene_nodata(
     where: str, tiles: Sequence[Tile], shape: tuple[int, int], given: float | None
 ) -> float | None:
@@ -306,12 +317,7 @@ def scene_nodata(
     (pixels no tile covers) without one, and a value the tiles' dtype cannot hold."""
     dtype = np.dtype(tiles[0].reader.info.dtype)
     if given is not None:
-        if not fits_dtype(given, dtype):
-            raise ItemReadError(
-                f"{where}: `input.mosaic.nodata` ({given}) is not a {dtype} value, the "
-                "tiles' dtype: choose one it holds"
-            )
-        return float(given)
+        return given_nodata(where, given, dtype)
     values = {t.reader.info.path: t.reader.info.nodata for t in tiles}
     found = {v for v in values.values() if v is not None}
     if len({"nan" if math.isnan(v) else v for v in found}) > 1:

@@ -298,16 +298,11 @@ def check_far(
 def warped_nodata(where: str, infos: Sequence[ItemInfo], given: float | None) -> float:
     """A warped scene's nodata: ``given``, else the tiles' common nodata value. Warping
     leaves pixels no tile covers at the footprints' slanted edges, so one is needed."""
-    from segflow.io.mosaic import fits_dtype
+    from segflow.io.mosaic import given_nodata
 
     dtype = np.dtype(infos[0].dtype)
     if given is not None:
-        if not fits_dtype(given, dtype):
-            raise ItemReadError(
-                f"{where}: `input.mosaic.nodata` ({given}) is not a {dtype} value, the "
-                "tiles' dtype: choose one it holds"
-            )
-        return float(given)
+        return given_nodata(where, given, dtype)
     found = {"nan" if v is not None and math.isnan(v) else v for v in (i.nodata for i in infos)}
     if len(found) == 1 and None not in found:
         value = found.pop()

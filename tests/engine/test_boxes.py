@@ -124,6 +124,41 @@ def test_from_boxes_ids_follow_box_order_and_overlaps_go_to_the_closer_centre() 
     assert list(table["box_row"]) == [0, 1] and list(table["box_label"]) == ["object"] * 2
 
 
+@pytest.mark.parametrize("block_shape", [(20, 30), (7, 9)])
+def test_a_run_counts_the_objects_its_boxes_gave(block_shape: tuple[int, int]) -> None:
+    """The item's object count is the boxes that gave an object, not the ids' range: the
+    third box lies on flat background and gives none, and ids keep the box order (1, 2, 4)."""
+    from segflow.io.zarr import ArrayReader
+
+    image = np.zeros((20, 30), dtype=np.float32)
+    image[2:8, 2:8] = 1
+    image[11:18, 3:10] = 1
+    image[12:18, 20:27] = 1
+    boxes = [
+        {"xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9},
+        {"xmin": 2, "ymin": 10, "xmax": 11, "ymax": 19},
+        {"xmin": 12, "ymin": 1, "xmax": 18, "ymax": 7},
+        {"xmin": 19, "ymin": 11, "xmax": 28, "ymax": 19},
+    ]
+    reader = ArrayReader(image, "flat")
+    plan = compile_pipeline(
+        [{"op": "from_boxes", "boxes": boxes}],
+        spatial_ndim=2,
+        channels=1,
+        dtype=image.dtype,
+        item=reader.info,
+    )
+    grid = plan_blocks(image.shape, block_shape, halo=plan.halo)
+    executor = LocalExecutor(1)
+    try:
+        run = run_plan(reader, plan, grid, executor, make_sink=lambda d: ArraySink())
+    finally:
+        executor.close()
+    ids = np.unique(np.concatenate([np.ravel(s.written[1]) for s in run.blocks]))
+    assert list(ids) == [0, 1, 2, 4]
+    assert run.n_labels == 3
+
+
 def _geo_run(pipeline: list[dict], block_shape: tuple[int, int]) -> np.ndarray:
     [reader], _ = discover_items(str(DATA / "aerial"))
     info = reader.info

@@ -102,6 +102,7 @@ class BlockSummary:
     written: Any = None
     foreground: int = 0
     regions: tuple[Any, RegionPartial] | None = None  # (what the sink returned, face rows)
+    ids: np.ndarray | None = None  # the ids in the core, where the count is not known before
 
 
 @dataclass(frozen=True)
@@ -172,12 +173,14 @@ class Label:
 @dataclass(frozen=True)
 class Write:
     """End with the core written through ``sink`` (as ``out_dtype``); with ``regions``,
-    measure its objects in the same task."""
+    measure its objects in the same task; with ``count_ids``, keep the ids in the core (the
+    object count of labels whose ids were not numbered by stitching, as ``from_boxes``')."""
 
     sink: Sink
     out_dtype: np.dtype | None = None
     regions: RegionsSpec | None = None
     records: Any = None  # store.blocks.BlockRecords: a block records itself once written
+    count_ids: bool = False
 
     def end(
         self, task: PhaseTask, block: Block, box: Box, data: np.ndarray, source: Source
@@ -193,6 +196,8 @@ class Write:
         )
         if self.regions is not None:
             summary.regions = self._measure(task, block, stored, source)
+        if self.count_ids:
+            summary.ids = np.unique(stored[stored != 0])
         if self.records is not None:
             self.records.write(block.linear, summary)
         return summary

@@ -355,7 +355,7 @@ class _PlanRun:
                 self.stats[stat_step.key] = result.value
                 if result.per_block is not None:
                     self.block_stats[stat_step.key] = result.per_block
-                if stat_step.op.makes_labels:
+                if stat_step.op.gives_labels(stat_step.params):
                     self.n_labels = int(result.value)
                 break
             state = result
@@ -462,7 +462,8 @@ class _PlanRun:
         records = None if self.records is None else self.records(dtype, self.n_labels, self.stats)
         done = {} if records is None else records.load()
         todo = [b.linear for b in self.blocks if b.linear not in done]
-        end = Write(sink, dtype, self.regions, records)
+        count_ids = self.plan.out_kind == "labels" and self.n_labels is None
+        end = Write(sink, dtype, self.regions, records, count_ids)
         if self.stream:
             handles = self.stream_map(phase, end, self.saved, todo)
         else:
@@ -475,6 +476,9 @@ class _PlanRun:
             faces = merge_rows([s.regions[1] for s in summaries if s.regions is not None])
             written = [s.regions[0] for s in summaries if s.regions is not None]
             written.append(self.regions.sink.write("part-faces", faces))
+        if count_ids:  # ids not numbered by stitching (from_boxes'): count those written
+            ids = [s.ids for s in summaries if s.ids is not None]
+            self.n_labels = len(np.unique(np.concatenate(ids))) if ids else 0
         return ItemRun(
             n_blocks=len(self.blocks),
             n_resumed=len(done),

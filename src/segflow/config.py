@@ -61,6 +61,11 @@ class MosaicConfig(_Model):
     resampling: Literal["nearest", "bilinear", "cubic", "lanczos"] = Field(
         "nearest", description="how warping resamples (labels exact only with nearest)"
     )
+    asset: str | None = Field(
+        None,
+        description="a STAC catalogue as the path: the asset of each Item that is its tile; "
+        "default: the one GeoTIFF asset every Item has",
+    )
 
 
 class InputConfig(_Model):
@@ -73,8 +78,8 @@ class InputConfig(_Model):
     mosaic: MosaicConfig | None = Field(
         None,
         description="true (or a mapping of overlap, nodata, max_gap_km, crs, resolution, "
-        "resampling): every GeoTIFF the path matches is a tile of ONE item, a scene on the "
-        "union of their footprints",
+        "resampling, asset): every GeoTIFF the path matches (or a GDAL .vrt or a STAC .json "
+        "lists) is a tile of ONE item, a scene on the union of their footprints",
     )
 
     @field_validator("mosaic", mode="before")
@@ -337,6 +342,8 @@ class SegflowConfig(_Model):
             del section[last]
         if settings["input"].get("mosaic") is None:
             del settings["input"]["mosaic"]  # no scene: the hash configs had before scenes
+        elif settings["input"]["mosaic"]["asset"] is None:
+            del settings["input"]["mosaic"]["asset"]  # the hash scenes had before STAC
         settings["pipeline"] = [_step_settings(step) for step in self.pipeline]
         settings["output"]["writers"] = _writers_settings(self.output.writers)
         if not settings["output"]["writers"]:

@@ -183,7 +183,10 @@ def _discover_scene(
 ) -> tuple[list[Reader], list[tuple[str, str]]]:
     """``input.mosaic``: every file ``path`` matches is a tile of one scene item."""
     stores = _StoreFilter(store)
-    paths = _tile_paths(path, stores)
+    try:
+        paths = _tile_paths(path, stores, options["mosaic"])
+    except ItemReadError as exc:
+        return [], [(path, str(exc))]
     if stores.found and notes is not None:
         notes.append(stores.note(path))
     if not paths:
@@ -207,7 +210,8 @@ def _open_mosaic(
     scene_id = item_id if item_id is not None else scene_id_for(path)
     where = f"scene '{scene_id}' ({path})"
     settings = options["mosaic"]
-    settings = {} if settings is True else settings
+    settings = {} if settings is True else dict(settings)
+    settings.pop("asset", None)  # which tiles, not how they make the image
     try:
         parsed = MosaicSettings(**settings)
     except TypeError:
@@ -216,7 +220,7 @@ def _open_mosaic(
             f"{', '.join(MosaicSettings.__dataclass_fields__)} (got {settings!r})"
         ) from None
     if paths is None:
-        paths = _tile_paths(path, _StoreFilter(None))
+        paths = _tile_paths(path, _StoreFilter(None), options["mosaic"])
     tile_options = {k: v for k, v in options.items() if k != "mosaic"}
     readers = []
     for tile_path in paths:
@@ -230,8 +234,14 @@ def _open_mosaic(
     return open_mosaic(path, scene_id, readers, parsed, notes=notes)
 
 
-def _tile_paths(path: str, stores: _StoreFilter) -> list[str]:
-    """A scene's tile files: the input's item paths less folder items (a Zarr store)."""
+def _tile_paths(path: str, stores: _StoreFilter, mosaic: Any) -> list[str]:
+    """A scene's tile files: those a VRT or STAC file lists, or the input's item paths
+    less folder items (a Zarr store)."""
+    from segflow.io.scene_sources import is_scene_file, scene_file_tiles
+
+    if is_scene_file(path):
+        asset = mosaic.get("asset") if isinstance(mosaic, dict) else None
+        return scene_file_tiles(path, asset)
     return [p for p in _item_paths(path, stores) if not _is_folder_item(p)]
 
 

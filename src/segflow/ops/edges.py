@@ -304,7 +304,10 @@ class _MagnitudeQuantiles(Percentiles):
 
 def _quantile_candidates(image: np.ndarray, params: CannyParams, ctx: OpContext) -> np.ndarray:
     low, high = ctx.stat
-    maxima = np.where(image[0] >= low, image[0], 0)
+    # scikit-image's suppression takes ``low`` as a C float: it keeps a maximum at or above
+    # the quantile rounded to float32, so a pixel whose magnitude is the quantile itself
+    # stays or goes with that rounding. ``high`` is compared at full precision.
+    maxima = np.where(image[0] >= float(np.float32(low)), image[0], 0)
     return _weak_strong(maxima, high)[np.newaxis]
 
 

@@ -23,6 +23,7 @@ from segflow.errors import StoreError
 from segflow.flows._outcomes import expected
 from segflow.tasks.artifacts import publish_quicklook
 from segflow.tasks.progress import ItemsProgress, report_progress
+from segflow.tasks.store import current_run_name
 
 # Ids a run's log names when it speaks of many items at once (the rest are counted).
 NAMED_IDS = 5
@@ -112,6 +113,7 @@ def segment_items_task(
             item,
             executor=executor,
             run_id=run_id,
+            run_name=current_run_name(),
             config_hash=config_hash,
             progress=report_progress,
         )

@@ -31,6 +31,13 @@ def current_run_id() -> str:
     return str(flow_run.id or uuid.uuid4().hex)
 
 
+def current_run_name() -> str | None:
+    """The Prefect flow run's name (``brave-otter``), or None outside a flow run."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.name) if flow_run.name else None
+
+
 @contextmanager
 def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ()) -> Iterator[None]:
     """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it

@@ -433,6 +433,7 @@ def run_item(
     *,
     executor: Executor,
     run_id: str,
+    run_name: str | None = None,
     config_hash: str | None = None,
     progress: ItemProgress | None = None,
 ) -> tuple[dict[str, Any], Reader | None]:
@@ -491,6 +492,7 @@ def run_item(
                     writers=output.writers,
                     progress=lambda phase, done, total: report(item_id, phase, done, total),
                     run_id=run_id,
+                    run_name=run_name,
                     resumable=True,
                 ).as_row()
     row["config_name"] = cfg.name

@@ -173,6 +173,7 @@ def segment_item(
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
     run_id: str | None = None,
+    run_name: str | None = None,
     resumable: bool = False,
     ome: bool = True,
     pyramid: int | None = None,
@@ -183,8 +184,9 @@ def segment_item(
     The item is written into the run's staging area, checked (every array and storage
     unit on disk, one region row per object) and only then swapped in with its commit
     record (:mod:`segflow.store.commit`): until then ``STORE/ITEM_ID`` keeps its previous
-    complete result, and a failed or interrupted item leaves it untouched. ``run_id``
-    goes into the commit record.
+    complete result, and a failed or interrupted item leaves it untouched. ``run_id`` and
+    ``run_name`` (a Prefect flow run's id and name) go into the commit record; each commit
+    is a new version of the item (:mod:`segflow.store.versions`).
 
     With ``resumable`` (and a local store and an input fingerprint), the staging area is
     named by the item, its input, the config and the code, and each block of the output
@@ -226,6 +228,7 @@ def segment_item(
         dicom_seg=dicom_seg,
         keep_limit=keep_limit,
         run_id=run_id or uuid.uuid4().hex,
+        run_name=run_name or "",
         resumable=resumable,
         ome=ome,
         pyramid=pyramid,
@@ -275,6 +278,7 @@ class ItemOptions:
     dicom_seg: bool = False
     keep_limit: int | None = None
     run_id: str = ""
+    run_name: str = ""
     resumable: bool = False
     ome: bool = True
     pyramid: int | None = None
@@ -566,6 +570,7 @@ def _commit_record(
 ) -> dict[str, Any]:
     return {
         "run_id": options.run_id,
+        "run_name": options.run_name or None,
         "fingerprint": info.fingerprint,
         "config_hash": options.config_hash,
         "model_hash": result.model_hash,

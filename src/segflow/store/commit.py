@@ -35,7 +35,6 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from segflow.errors import StoreError
-from segflow.faults import fault_point
 from segflow.store.fs import fresh_fs
 from segflow.store.lock import SEGFLOW_DIR, bookkeeping_path, is_local, local_path
 from segflow.store.names import check_reserved_names
@@ -77,6 +76,7 @@ def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
     import zarr
 
     from segflow.store.metadata import LAYOUT, LAYOUT_KEY
+    from segflow.store.versions import recover_links
 
     root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
     marker: Any = dict(root.attrs).get(STORE_ATTR)
@@ -86,7 +86,8 @@ def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
         layout = {LAYOUT_KEY: LAYOUT} if fresh else {}
         root.update_attributes({STORE_ATTR: {"format": STORE_FORMAT, **layout}})
     if is_local(store):
-        _recover_swaps(local_path(store))
+        _recover_swaps(local_path(store))  # an older segflow's two-rename swap
+        recover_links(store)
         staging = local_path(bookkeeping_path(store, "staging"))
         for name in os.listdir(staging) if os.path.isdir(staging) else ():
             if name not in keep_stages:
@@ -321,33 +322,23 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
     store) the record is written in place.
     """
     from segflow.store.metadata import consolidate_item, drop_consolidated
+    from segflow.store.versions import publish_version, record_commit, version_id
 
+    record = {**record, "version": record.get("version") or version_id()}
     # The item's metadata, consolidated into its group, and the record in one write.
     consolidate_item(root, item_id, attributes={COMMIT_ATTR: dict(record)})
     # An older store's root copy would not list this item (a flow migrates the store
     # first; a direct call does not): drop it rather than leave it stale.
     drop_consolidated(store)
-    if not is_local(store) or root == store:
-        return
-    staged = os.path.join(local_path(root), item_id)
-    final = os.path.join(local_path(store), item_id)
-    trash_dir = local_path(bookkeeping_path(store, "trash", str(record.get("run_id", "run"))))
-    trash = os.path.join(trash_dir, item_id)
-    if os.path.exists(final):
-        if _read_json(os.path.join(final, "zarr.json")) is None:
+    if is_local(store) and root != store:
+        final = os.path.join(local_path(store), item_id)
+        if os.path.exists(final) and _read_json(os.path.join(final, "zarr.json")) is None:
             raise ForeignStoreError(
                 f"item '{item_id}': '{final}' exists and is not a segflow item group; "
                 "segflow never replaces what it did not write: rename or remove it"
             )
-        if _exchange(staged, final):  # one atomic step: no instant without STORE/ITEM
-            fault_point("item-swap")
-            shutil.rmtree(staged, ignore_errors=True)  # now the previous result
-            return
-        os.makedirs(trash_dir, exist_ok=True)
-        os.rename(final, trash)
-        fault_point("item-swap")
-    os.rename(staged, final)
-    shutil.rmtree(trash, ignore_errors=True)
+        publish_version(store, os.path.join(local_path(root), item_id), item_id, record["version"])
+    record_commit(store, record, item_id)
 
 
 def read_commit(store: str, item_id: str) -> dict[str, Any] | None:

@@ -38,15 +38,21 @@ def read_node(url: str) -> dict[str, Any] | None:
 def write_node(url: str, node: Mapping[str, Any]) -> None:
     """Replace the ``zarr.json`` under ``url``: locally written aside and renamed into place,
     on an object store one PUT, so a reader sees the old file or the new one."""
-    data = json.dumps(node, indent=2).encode()
-    target = f"{str(url).rstrip('/')}/{ZARR_JSON}"
-    if is_local(target):
-        path = local_path(target)
+    write_json(f"{str(url).rstrip('/')}/{ZARR_JSON}", node)
+
+
+def write_json(url: str, value: Mapping[str, Any]) -> None:
+    """Replace the JSON file ``url``: locally written aside and renamed into place (its
+    folder made when missing), on an object store one PUT."""
+    data = json.dumps(value, indent=2).encode()
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(f"{path}.segflow-tmp", "wb") as handle:
             handle.write(data)
         os.replace(f"{path}.segflow-tmp", path)
         return
-    fs, path = fresh_fs(target)
+    fs, path = fresh_fs(url)
     fs.pipe_file(path, data)
 
 

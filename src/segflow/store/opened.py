@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,15 +18,23 @@ class OpenedStore(Mapping[str, Any]):
     :attr:`catalogue` reads the whole catalogue once (a GeoDataFrame, one row per item).
     Iterating or ``len`` go through the catalogue's committed items.
 
+    Each item opens the version committed when it is opened (the target of the link
+    ``STORE/ITEM``, :mod:`segflow.store.versions`): an open Dataset keeps reading that
+    version whatever runs commit meanwhile; open it again to see a later one. With
+    ``as_of`` (a time key from :func:`segflow.store.versions.resolve_as_of`) items open as
+    they were then, and iterating lists the items that had a version then.
+
     Use :func:`open_store` to make one.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, as_of: str | None = None) -> None:
         self.path = str(path).rstrip("/")
+        self.as_of = as_of
         self._catalogue: Any = None
 
     def __repr__(self) -> str:
-        return f"OpenedStore({self.path!r})"
+        shown = "" if self.as_of is None else f", as_of={self.as_of!r}"
+        return f"OpenedStore({self.path!r}{shown})"
 
     @property
     def catalogue(self) -> Any:
@@ -60,29 +69,54 @@ class OpenedStore(Mapping[str, Any]):
         return found.iloc[0]
 
     def open(self, item_id: str, **kwargs: Any) -> Any:
-        """The item's group as a lazy xarray Dataset (``xarray.open_zarr`` of
-        ``STORE/ITEM``; ``kwargs`` go to it).
+        """The item's group as a lazy xarray Dataset (``xarray.open_zarr`` of the version
+        ``STORE/ITEM`` links to now, or the one of ``as_of``; ``kwargs`` go to it).
 
         Raises
         ------
         KeyError
-            When the store has no committed group ``item_id``.
+            When the store has no committed group ``item_id`` (then, with ``as_of``).
         """
         import xarray as xr
 
-        from segflow.store.commit import read_commit
+        return xr.open_zarr(self.item_path(item_id), **kwargs)
 
-        if read_commit(self.path, item_id) is None:
+    def item_path(self, item_id: str) -> str:
+        """The path of the item's version this store reads (see :meth:`open`): give it to
+        other tools (``zarr.open_group``, a Dask job) to read the same version.
+
+        Raises
+        ------
+        KeyError
+            When the store has no committed group ``item_id`` (then, with ``as_of``).
+        """
+        from segflow.store.commit import read_commit
+        from segflow.store.versions import path_as_of, resolve_item
+
+        if self.as_of is not None:
+            found = path_as_of(self.path, item_id, self.as_of)
+            if found is None:
+                raise KeyError(
+                    f"store '{self.path}' kept no version of item '{item_id}' committed by "
+                    f"{self.as_of} (not segmented then, or pruned)"
+                )
+            return found
+        path = resolve_item(self.path, item_id)
+        if read_commit(path.rsplit("/", 1)[0], path.rsplit("/", 1)[1]) is None:
             raise KeyError(
                 f"store '{self.path}' has no committed item '{item_id}' (not segmented, failed "
                 "before its first commit, or being rewritten)"
             )
-        return xr.open_zarr(f"{self.path}/{item_id}", **kwargs)
+        return path
 
     def __getitem__(self, item_id: str) -> Any:
         return self.open(item_id)
 
     def _committed(self) -> list[str]:
+        if self.as_of is not None:
+            from segflow.store.versions import items_as_of
+
+            return items_as_of(self.path, self.as_of)
         paths = self.catalogue["path"]
         return sorted(str(p) for p in paths[paths.notna()])
 
@@ -93,8 +127,13 @@ class OpenedStore(Mapping[str, Any]):
         return len(self._committed())
 
 
-def open_store(path: str) -> OpenedStore:
+def open_store(path: str, *, as_of: str | dt.datetime | None = None) -> OpenedStore:
     """Open the segflow store at ``path`` (a folder or fsspec URL) for reading.
+
+    Each item opened keeps reading the version committed when it was opened. With
+    ``as_of`` (a tag, a run id or name, or a time: a ``datetime`` or an ISO string, naive
+    meaning UTC) the items read as they were then (local stores keep their versions:
+    :mod:`segflow.store.versions`).
 
     Returns an :class:`OpenedStore`: ``.catalogue`` (a GeoDataFrame, one row per item:
     status, fingerprints, object count, extent, footprint, group path), ``store[ITEM]`` (an
@@ -104,6 +143,8 @@ def open_store(path: str) -> OpenedStore:
     ------
     StoreError
         When ``path`` is not a segflow store.
+    ValueError
+        When ``as_of`` names no tag, run or time of the store.
 
     Examples
     --------
@@ -119,4 +160,8 @@ def open_store(path: str) -> OpenedStore:
 
     if not is_segflow_store(path):
         raise StoreError(f"'{path}' is not a segflow store (no segflow marker in its zarr.json)")
-    return OpenedStore(path)
+    if as_of is None:
+        return OpenedStore(path)
+    from segflow.store.versions import resolve_as_of
+
+    return OpenedStore(path, as_of=resolve_as_of(path, as_of))

@@ -398,9 +398,12 @@ def read_vectors(store: str, item_ids: Sequence[str] | None = None) -> gpd.GeoDa
 
     root = str(store).rstrip("/")
     if item_ids is None:
-        fs, path = fresh_fs(root)
-        found = fs.glob(f"{path}/*/{VECTORS_NAME}")
-        names = sorted(p.rstrip("/").rsplit("/", 2)[-2] for p in found)
+        from segflow.store.metadata import item_groups
+
+        # Item groups by name (a committed item is a link to its version: a glob of
+        # STORE/*/vectors.parquet would not follow it).
+        fs, _ = fresh_fs(root)
+        names = [i for i in item_groups(root) if fs.exists(f"{root}/{i}/{VECTORS_NAME}")]
         item_ids = [i for i in names if read_commit(root, i)]  # not a half-written group
     frames = []
     for item_id in item_ids:

@@ -1135,5 +1135,11 @@ from segflow.flows.export_cli import export  # noqa: E402  (its own module: this
 
 app.command()(export)
 
+from segflow.flows.versions_cli import history, prune, tag  # noqa: E402
+
+app.command()(history)
+app.command()(tag)
+app.command()(prune)
+
 for _command in app.registered_commands:  # every command's help: see _ReadableHelp
     _command.cls = _ReadableHelp

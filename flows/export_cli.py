@@ -68,6 +68,15 @@ def export(
             "pixels have), e.g. classes.",
         ),
     ] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            metavar="WHEN",
+            help="Export the items as they were then: a tag, a run id or name, or an ISO "
+            "time (UTC unless it says). Default: the latest version.",
+        ),
+    ] = None,
 ) -> None:
     """Export a store's labels as COGs, or its objects as COCO JSON, CVAT XML or GeoJSON
     polygons.
@@ -80,14 +89,14 @@ def export(
         if format_ is ExportFormat.cog:
             if tile <= 0 or tile % 16:
                 raise StoreError(f"--tile ({tile}) must be a positive multiple of 16")
-            _export_cogs(store, item, out, array, tile)
+            _export_cogs(store, item, out, array, tile, as_of)
         else:
             if crs and format_ is not ExportFormat.geojson:
                 raise StoreError(
                     f"--crs: {format_.value.upper()} polygons are in pixel coordinates; drop --crs"
                 )
             options = {"tolerance": tolerance, "crs": crs, "category": category, "classes": classes}
-            _export_polygons(store, format_, item, out, array, options)
+            _export_polygons(store, format_, item, out, array, options, as_of)
     except StoreError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(EXIT_INVALID) from None
@@ -102,13 +111,18 @@ def _default_out(store: str, suffix: str) -> Path:
 
 
 def _export_cogs(
-    store: str, item_ids: list[str] | None, out: Path | None, arrays: list[str] | None, tile: int
+    store: str,
+    item_ids: list[str] | None,
+    out: Path | None,
+    arrays: list[str] | None,
+    tile: int,
+    as_of: str | None = None,
 ) -> None:
     from segflow.errors import StoreError
     from segflow.export import stored_items
     from segflow.export.cog import cog_arrays, write_cog
 
-    items = stored_items(store, item_ids)
+    items = stored_items(store, item_ids, as_of=as_of)
     jobs = [(i, a) for i in items for a in (arrays or cog_arrays(i))]
     if not jobs:
         raise StoreError(f"store '{store}': no 2-D integer array to write as a COG")
@@ -150,6 +164,7 @@ def _export_polygons(
     out: Path | None,
     arrays: list[str] | None,
     options: dict[str, Any],
+    as_of: str | None = None,
 ) -> None:
     from segflow.errors import StoreError
     from segflow.export import stored_items
@@ -164,7 +179,7 @@ def _export_polygons(
     if arrays and len(arrays) > 1:
         raise StoreError(f"--array: one label array for polygons, got {len(arrays)}")
     name = arrays[0] if arrays else "labels"
-    items = stored_items(store, item_ids)
+    items = stored_items(store, item_ids, as_of=as_of)
     polygons = [item_polygons(i, name) for i in items]
     found = [object_classes(i, name, classes) for i in items] if classes else None
     text: str

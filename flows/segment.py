@@ -36,6 +36,7 @@ from segflow.flows._signals import stop_on_signals
 from segflow.flows.cluster import dashboard_link, dask_client
 from segflow.flows.naming import RunNamer, add_flow_run_tags, run_tags, segment_run_kind
 from segflow.flows.store_queue import QueueTimeoutError, store_queue
+from segflow.store.versions import Retention
 from segflow.tasks.artifacts import publish_progress, report_items_task
 from segflow.tasks.items import plan_items_task, segment_items_task
 from segflow.tasks.store import compact_vectors_task, current_run_id, writing_store
@@ -178,7 +179,11 @@ def _segment(
     if work or plan.stale_lock:
         try:
             keep = plan.stages(config_hash)
-            with stop_on_signals(), writing_store(store, run_id, keep_stages=keep):
+            retention = Retention(**cfg.output.retention.model_dump())
+            with (
+                stop_on_signals(),
+                writing_store(store, run_id, keep_stages=keep, retention=retention),
+            ):
                 if work:
                     rows += segment_items(cfg, work, config_hash=config_hash, run_id=run_id)
                 if any(r["status"] == "done" for r in rows) and stop_requested() is None:

@@ -22,6 +22,7 @@ from segflow.store.commit import (
 from segflow.store.index import compact_index
 from segflow.store.lock import hold_store_lock
 from segflow.store.metadata import migrate_store
+from segflow.store.versions import Retention, apply_retention
 
 
 def current_run_id() -> str:
@@ -39,11 +40,17 @@ def current_run_name() -> str | None:
 
 
 @contextmanager
-def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ()) -> Iterator[None]:
+def writing_store(
+    store: str,
+    run_id: str,
+    *,
+    keep_stages: Collection[str] = (),
+    retention: Retention | None = None,
+) -> Iterator[None]:
     """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it
-    (keeping the staged items of ``keep_stages`` to resume); at the end fold the run's
-    records into the index and release the lock (also when the run fails or is
-    interrupted).
+    (keeping the staged items of ``keep_stages`` to resume); at the end prune the old
+    versions of the items the run committed (``retention``), fold the run's records into
+    the index and release the lock (also when the run fails or is interrupted).
 
     Each item's metadata is consolidated in its group as it commits; a store an older
     segflow consolidated at its root is migrated here, with one line in the log
@@ -60,6 +67,8 @@ def writing_store(store: str, run_id: str, *, keep_stages: Collection[str] = ())
             yield
         finally:
             discard_trash(store, run_id)
+            if retention is not None and (pruned := apply_retention(store, retention, run_id)):
+                _logger().info("%s: %d old item version(s) pruned", store, pruned)
             compact_index(store)
 
 

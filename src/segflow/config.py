@@ -98,6 +98,17 @@ class InputConfig(_Model):
         return {**self.options, "mosaic": self.mosaic.model_dump()}
 
 
+class RetentionConfig(_Model):
+    """Which old versions of each item a store keeps (``output.retention``); an item's
+    latest version is always kept (:mod:`segflow.store.versions`)."""
+
+    keep_last: int = Field(2, ge=1, description="the newest versions of each item kept")
+    keep_days: float = Field(
+        7.0, ge=0, description="versions younger than this many days are kept as well"
+    )
+    keep_tags: bool = Field(True, description="keep the versions a tag reads (segflow tag)")
+
+
 class OutputConfig(_Model):
     store: str = Field(description="the Zarr store (folder or URL) that receives every item")
     chunks: list[int] | None = Field(None, description="Zarr chunk shape; default: blocks.shape")
@@ -142,6 +153,11 @@ class OutputConfig(_Model):
         ge=0,
         description="with `ome`: at most this many pyramid levels beyond full resolution "
         "(null: halve until a level fits one chunk; 0: full resolution only)",
+    )
+    retention: RetentionConfig = Field(
+        default_factory=lambda: RetentionConfig.model_validate({}),
+        description="old item versions kept for readers and --as-of; a run prunes those of "
+        "the items it committed, `segflow prune STORE` every item's",
     )
     writers: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -388,6 +404,7 @@ HASH_OPT_OUT: dict[str, str] = {
     "output.store": "where the results go, not what they hold",
     "output.overwrite": "whether done items are redone, not what is written",
     "output.allow_other_configs": "whether another config may share the store, not its bytes",
+    "output.retention": "how long old versions are kept, not what a version holds",
     "cluster": "where blocks run; a block's result is the same on any worker",
     "run": "how items are batched, how long they may run or wait, not what they give",
 }

@@ -7,7 +7,7 @@ record), so an export needs neither the config nor the input files.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from segflow.errors import StoreError
@@ -24,6 +24,9 @@ class StoredItem:
     ``transform`` maps pixel corners ``(col, row)`` to the item's CRS (rasterio order
     ``(a, b, c, d, e, f)``); without a CRS it maps to the item's physical coordinates,
     the identity for plain pixel images. ``arrays`` maps each output array to its dtype.
+    ``group`` is the item's version group under ``store`` (resolved when the item was
+    listed, so an export reads one version whatever commits meanwhile; the item id for
+    an older store's item folder).
     """
 
     store: str
@@ -33,13 +36,18 @@ class StoredItem:
     crs_wkt: str | None
     transform: tuple[float, float, float, float, float, float]
     arrays: dict[str, str]
+    group: str = ""
 
     def array_path(self, name: str) -> str:
-        return f"{self.id}/{name}"
+        return f"{self.group or self.id}/{name}"
 
 
-def stored_items(store: str, item_ids: Sequence[str] | None = None) -> list[StoredItem]:
-    """The committed items of ``store`` (``item_ids``, or every done item of its index).
+def stored_items(
+    store: str, item_ids: Sequence[str] | None = None, *, as_of: Any = None
+) -> list[StoredItem]:
+    """The committed items of ``store`` (``item_ids``, or every done item of its index),
+    each at the version it has now, or had at ``as_of`` (a tag, run id or name, or time:
+    :func:`segflow.open_store`).
 
     Raises
     ------
@@ -49,8 +57,11 @@ def stored_items(store: str, item_ids: Sequence[str] | None = None) -> list[Stor
         items).
     """
     from segflow.store.commit import read_commit
+    from segflow.store.versions import resolve_item
 
     root = str(store).rstrip("/")
+    if as_of is not None:
+        return _stored_as_of(root, item_ids, as_of)
     done = _committed_ids(root)
     if not done:
         raise StoreError(f"store '{root}' has no segmented item to export (run segflow first)")
@@ -65,7 +76,33 @@ def stored_items(store: str, item_ids: Sequence[str] | None = None) -> list[Stor
             f"--item {', '.join(missing)}: not a committed item of '{root}' "
             f"({len(done)} item(s): {shown})"
         )
-    return [_stored_item(root, i, records[i] or {}) for i in wanted]
+    return [_stored_at(resolve_item(root, i), i, records[i] or {}) for i in wanted]
+
+
+def _stored_at(path: str, item_id: str, record: dict[str, Any]) -> StoredItem:
+    """The item ``item_id`` read from the group at ``path`` (its version's folder)."""
+    parent, group = path.rsplit("/", 1)
+    return replace(_stored_item(parent, group, record), id=item_id)
+
+
+def _stored_as_of(root: str, item_ids: Sequence[str] | None, as_of: Any) -> list[StoredItem]:
+    """The items of ``root`` as they were at ``as_of`` (all of them then, or ``item_ids``)."""
+    from segflow.store.commit import read_commit
+    from segflow.store.opened import open_store
+
+    try:
+        opened = open_store(root, as_of=as_of)
+    except ValueError as error:
+        raise StoreError(f"--as-of: {error}") from None
+    then = list(opened)
+    missing = [i for i in item_ids or () if i not in then]
+    if missing or not then:
+        raise StoreError(
+            f"store '{root}' kept no version of {', '.join(missing) or 'any item'} "
+            f"committed by {opened.as_of}"
+        )
+    paths = {i: opened.item_path(i) for i in item_ids or then}
+    return [_stored_at(p, i, read_commit(*p.rsplit("/", 1)) or {}) for i, p in paths.items()]
 
 
 def _committed_ids(root: str) -> list[str]:
@@ -120,6 +157,7 @@ def _stored_item(root: str, item_id: str, record: dict[str, Any]) -> StoredItem:
     return StoredItem(
         store=root,
         id=item_id,
+        group=item_id,
         source=info.path,
         shape=info.shape,
         crs_wkt=info.crs_wkt,

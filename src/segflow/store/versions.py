@@ -31,7 +31,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from segflow.faults import fault_point
@@ -349,6 +349,32 @@ class Retention:
     keep_last: int = 2
     keep_days: float = 7.0
     keep_tags: bool = True
+
+
+def write_retention(store: str, retention: Retention) -> None:
+    """Record the policy a run applies (``.segflow/retention.json``), for ``segflow prune``."""
+    from segflow.store.metadata import write_json
+
+    write_json(bookkeeping_path(store, "retention.json"), asdict(retention))
+
+
+def read_retention(store: str, **overrides: Any) -> Retention:
+    """The policy the store's last run recorded (defaults when none), with ``overrides``
+    that are not None."""
+    recorded = _read(bookkeeping_path(store, "retention.json"))
+    fields = {k: v for k, v in recorded.items() if k in Retention.__dataclass_fields__}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return Retention(**fields)
+
+
+def apply_retention(store: str, retention: Retention, run_id: str) -> int:
+    """At a run's end (under its lock): record the policy and prune the versions of the
+    items the run committed; returns how many versions went."""
+    if not is_local(store):
+        return 0
+    write_retention(store, retention)
+    items = {str(c.get("item")) for c in run_commits(store, run_id) if c.get("item")}
+    return prune_versions(store, plan_prune(store, retention, items=items)) if items else 0
 
 
 def plan_prune(

@@ -5,7 +5,7 @@ hash of its id), read whole by ``geopandas.read_parquet(STORE + "/catalogue.parq
 ``pandas.read_parquet`` or ``pyarrow.dataset``. Each row holds the item's index row (status,
 error, fingerprint, config and model hashes, code version, object count, seconds), the
 path of its group (``ITEM``, relative to the store; none while nothing is committed), when
-it was committed, its extent in its own units (``minx`` ... ``maxz``: CRS units for a
+it was committed and the version that commit made (:mod:`segflow.store.versions`), its extent in its own units (``minx`` ... ``maxz``: CRS units for a
 georeferenced item, physical units for a volume) and, for georeferenced items, its
 footprint in longitude/latitude (``geometry``, OGC:CRS84, with GeoParquet's ``bbox``
 covering column), so ``geopandas.read_parquet(..., bbox=(west, south, east, north))``
@@ -40,6 +40,7 @@ _FLOAT = pd.Float64Dtype()
 EXTRA_COLUMNS: dict[str, Any] = {
     "path": pd.StringDtype(),
     "committed": pd.StringDtype(),
+    "version": pd.StringDtype(),
     "crs": pd.StringDtype(),
     **{f"{side}{axis}": _FLOAT for axis in "xyz" for side in ("min", "max")},
 }
@@ -149,7 +150,11 @@ def item_extent(store: str, item_id: str) -> tuple[dict[str, Any], Any]:
     commit = attrs.get(COMMIT_ATTR)
     if not isinstance(commit, dict):
         return {}, None
-    out: dict[str, Any] = {"path": item_id, "committed": commit.get("committed")}
+    out: dict[str, Any] = {
+        "path": item_id,
+        "committed": commit.get("committed"),
+        "version": commit.get("version"),
+    }
     bounds = _bounds(attrs)
     out.update(bounds)
     crs = attrs.get("crs")

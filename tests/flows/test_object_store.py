@@ -162,3 +162,75 @@ def test_s3_input_and_store_give_the_local_run_and_rerun_nothing(
     code, output = _run(config, s3_env, *remote)
     assert code == 0, output
     assert "tiles: 1 done, 2 skipped" in output, output
+
+
+def _race(locks: list[Any]) -> list[str]:
+    """Acquire ``locks`` from threads released together: "held", or the refusal's line."""
+    import threading
+
+    from segflow.store.lock import StoreLockedError
+
+    start, outcomes = threading.Barrier(len(locks)), [""] * len(locks)
+
+    def take(k: int) -> None:
+        start.wait()
+        try:
+            locks[k].acquire()
+            outcomes[k] = "held"
+        except StoreLockedError as error:
+            outcomes[k] = str(error)
+
+    threads = [threading.Thread(target=take, args=(k,)) for k in range(len(locks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_two_writers_starting_at_once_on_s3_one_holds_the_store_the_other_is_told(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segflow.store.lock import StoreLock, read_lock
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("segflow-race")
+    store = "s3://segflow-race/out.zarr"
+    for attempt in range(5):  # each round: two runs start together; one wins, one is told
+        locks = [StoreLock(store, run_id=f"run-{attempt}-{k}") for k in range(2)]
+        outcomes = _race(locks)
+        winner = outcomes.index("held")
+        refused = outcomes[1 - winner]
+        assert refused.startswith(f"store '{store}' is in use by another segflow run (run ")
+        assert f"run run-{attempt}-{winner} of" in refused and "\n" not in refused
+        assert read_lock(store)["run_id"] == f"run-{attempt}-{winner}"  # type: ignore[index]
+        locks[winner].release()
+
+
+def test_a_stale_lock_on_s3_is_broken_by_one_of_two_runs(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from segflow.store.lock import StoreLock, read_lock
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("segflow-stale")
+    store = "s3://segflow-stale/out.zarr"
+    dead = {"run_id": "dead", "host": "elsewhere", "pid": 1, "token": "t"}
+    dead["heartbeat"] = "2000-01-01T00:00:00+00:00"
+    fs.pipe_file("segflow-stale/out.zarr/.segflow/lock.json", json.dumps(dead).encode())
+    locks = [StoreLock(store, run_id=f"run-{k}") for k in range(2)]
+
+    outcomes = _race(locks)
+
+    assert sorted(o == "held" for o in outcomes) == [False, True], outcomes
+    winner = outcomes.index("held")
+    assert "is in use by another segflow run (run run-" in outcomes[1 - winner]
+    assert locks[winner].broken is not None and locks[winner].broken["run_id"] == "dead"
+    assert read_lock(store)["run_id"] == f"run-{winner}"  # type: ignore[index]
+    locks[winner].release()

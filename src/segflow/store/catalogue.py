@@ -5,8 +5,9 @@ hash of its id), read whole by ``geopandas.read_parquet(STORE + "/catalogue.parq
 ``pandas.read_parquet`` or ``pyarrow.dataset``. Each row holds the item's index row (status,
 error, fingerprint, config and model hashes, code version, object count, seconds), the
 path of its group (``ITEM``, relative to the store; none while nothing is committed), when
-it was committed and the version that commit made (:mod:`segflow.store.versions`), its extent in its own units (``minx`` ... ``maxz``: CRS units for a
-georeferenced item, physical units for a volume) and, for georeferenced items, its
+it was committed and the version that commit made (:mod:`segflow.store.versions`), its
+extent in its own units (``minx`` ... ``maxz``: CRS units for a georeferenced item,
+physical units for a volume) and, for georeferenced items, its
 footprint in longitude/latitude (``geometry``, OGC:CRS84, with GeoParquet's ``bbox``
 covering column), so ``geopandas.read_parquet(..., bbox=(west, south, east, north))``
 reads the items of a region only.

@@ -7,9 +7,11 @@ heartbeat is older than ``stale_after`` seconds, or its process is gone (same ho
 Breaking is itself exclusive: the stale file is renamed away first, so of two runs that find
 the same stale lock, one takes it and the other is refused.
 
-Object stores (``s3://`` ...) have no exclusive create through fsspec; there the lock is
-written, read back after a short pause and kept only if it still names this run: a race of
-two starts within that pause is not excluded.
+On object stores the lock is created with a conditional write (S3 ``If-None-Match: *``,
+fsspec's ``pipe_file(..., mode="create")``): of two runs starting at once, exactly one
+creates it and the other is refused. Breaking a stale lock there first creates a marker
+named by the stale lock's token, also conditionally, so one breaker wins. An S3-compatible
+server that ignores the condition (check yours) gives no exclusion.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import json
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,13 +164,7 @@ class StoreLock:
                 os.fsync(handle.fileno())
             return True
 
-        fs, path = fresh_fs(self.path)
-        if fs.exists(path):
-            return False
-        fs.pipe_file(path, data)
-        time.sleep(1.0)  # let a concurrent starter's write land, then see who won
-        holder = read_lock(self.store)
-        return holder is not None and holder.get("token") == self.record["token"]
+        return _create_remote(self.path, data)
 
     def is_stale(self, holder: dict[str, Any]) -> bool:
         """Whether ``holder``'s lock may be broken (see :func:`is_stale`)."""
@@ -183,7 +178,9 @@ class StoreLock:
             except FileNotFoundError:
                 return
             os.unlink(stale)
-        else:
+        elif _create_remote(f"{self.path}.break-{holder.get('token')}", b"{}"):
+            # One breaker per stale lock: the marker is named by the stale lock's token
+            # and created exclusively; it stays, so a late breaker cannot remove a new lock.
             _remove(self.path)
 
     def _beat(self) -> None:
@@ -261,6 +258,17 @@ def locked_message(store: str, holder: dict[str, Any]) -> str:
         f"{holder.get('started')}{age}); wait for it to end (its lock is taken over once its "
         f"heartbeat is {STALE_AFTER:.0f} s old or its process is gone)"
     )
+
+
+def _create_remote(url: str, data: bytes) -> bool:
+    """Create the object ``url`` only if absent (S3 ``If-None-Match: *``, through fsspec's
+    ``mode="create"``); False when it exists. Of two writers racing, exactly one wins."""
+    fs, path = fresh_fs(url)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -15,7 +15,10 @@ store of that many items and times segflow's own functions on it, as a run calls
 - **compaction**: ``compact_index``: the records folded into ``index.parquet`` and the
   catalogue's parts written (each touched item's group read for its extent).
 - **nothing_to_do**: the planning of the next run on the unchanged collection
-  (``plan_items``: the index read, every commit record read, the skip rule), all skipped.
+  (``plan_items``: the index read, every commit record read, the skip rule), all skipped;
+  then the same check with the item groups as plain folders and as versions their
+  ``STORE/ITEM`` links to, alternated, best of three each (``nothing_to_do_folders``,
+  ``nothing_to_do_linked``, printed as a ratio: the cost of following the links).
 - **add_one**: a run that adds one item to the N-item store: its group, its record, the
   compaction. Reported as seconds per run and bytes written outside the new item's group.
 - **open_one**: ``xarray.open_zarr(STORE/ITEM)`` of one item; metadata bytes read.
@@ -80,6 +83,32 @@ def write_group(store: Path, item_id: str, template: dict[str, Any], fingerprint
     node["attributes"]["segflow_commit"]["fingerprint"] = fingerprint
     (store / item_id).mkdir()
     (store / item_id / "zarr.json").write_text(json.dumps(node))
+
+
+def linked_ab(store: Path, readers: list[Any], item_ids: list[str]) -> dict[str, float]:
+    """The nothing-to-do check with the item groups as plain folders and as versions that
+    ``STORE/ITEM`` links to (as a commit leaves them), alternated three times (the moves
+    between are not timed); the best of each."""
+    from segflow.engine.collection import plan_items
+
+    version = "20261207T000000.000000Z-0"
+    times: dict[str, list[float]] = {"nothing_to_do_folders": [], "nothing_to_do_linked": []}
+    for _ in range(3):
+        for key in times:
+            start = time.perf_counter()
+            plan = plan_items(readers, [], str(store), config_hash=CONFIG_HASH, overwrite=False)  # type: ignore[arg-type]
+            times[key].append(time.perf_counter() - start)
+            assert not plan.todo and len(plan.skipped) == len(item_ids)
+            for item_id in item_ids:  # folders -> links, then links -> folders
+                target = store / ".segflow" / "versions" / item_id / version
+                if key == "nothing_to_do_folders":
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    (store / item_id).rename(target)
+                    (store / item_id).symlink_to(target.relative_to(store))
+                else:
+                    (store / item_id).unlink()
+                    target.rename(store / item_id)
+    return {key: min(values) for key, values in times.items()}
 
 
 def row_of(item: dict[str, Any], version: str) -> dict[str, Any]:
@@ -172,6 +201,7 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     plan = plan_items(readers, [], str(store), config_hash=CONFIG_HASH, overwrite=False)  # type: ignore[arg-type]
     seconds["nothing_to_do"] = time.perf_counter() - start
     assert not plan.todo and len(plan.skipped) == n, (len(plan.todo), len(plan.skipped))
+    seconds.update(linked_ab(store, readers, [item["id"] for item in items]))
 
     add = add_one(store, template, version)
     opened = open_one(store, items[n // 2]["id"])
@@ -258,6 +288,8 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
         )
     for r in results:
         print(f"{r['n']}: add-one wrote {', '.join(r['add_one_files'])}")
+        linked = r["seconds"]["nothing_to_do_linked"] / r["seconds"]["nothing_to_do_folders"]
+        print(f"{r['n']}: nothing to do, items linked to versions / plain folders: {linked:.2f}")
     return {"base_items": base["n"], "ratios": ratios, "results": results}
 
 

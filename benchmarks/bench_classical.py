@@ -14,7 +14,10 @@ labels to Zarr with 2048^2 chunks (one per segflow block, the engine's default f
 The last line printed is one JSON object. Run: ``python benchmarks/bench_classical.py``
 (``--size 4096`` for a smaller run; ``--daskimage-timeout`` bounds the dask-image run,
 ``--no-daskimage`` skips it; ``--ome-ab`` also times segflow with the OME-Zarr view off,
-interleaved with the default runs, and prints the pyramid's share).
+interleaved with the default runs, and prints the pyramid's share; ``--versions-ab`` also
+times segflow committing the way it did before item versions (the staged group exchanged
+with ``STORE/ITEM`` and the previous result deleted, no run journal), interleaved with the
+default runs that keep each commit as a version).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +94,30 @@ def run_segflow(
     return time.perf_counter() - started, int(result.object_count or 0)
 
 
+@contextmanager
+def plain_commits() -> Iterator[None]:
+    """Commit as segflow did before item versions: the staged group exchanged with
+    ``STORE/ITEM`` (renamed in when there is none), the previous result deleted, no run
+    journal. The reference of ``--versions-ab``."""
+    import os
+
+    from segflow.store import commit, versions
+
+    def swap(store: str, staged: str, item_id: str, version: str) -> None:
+        final = os.path.join(store, item_id)
+        if os.path.lexists(final) and commit._exchange(staged, final):
+            shutil.rmtree(staged)
+        else:
+            os.rename(staged, final)
+
+    saved = versions.publish_version, versions.record_commit
+    versions.publish_version, versions.record_commit = swap, lambda *a: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        versions.publish_version, versions.record_commit = saved
+
+
 def _daskimage_pipeline(source: str, target: str, workers: int, block: int) -> None:
     """The dask-image pipeline; runs in a child process so a hard time limit can stop it."""
     import dask.array as da
@@ -135,6 +164,12 @@ def main() -> None:
         help="also run segflow with the OME-Zarr view off (output.ome: false), interleaved "
         "with the default runs: the pyramid's share of a run, measured under the same load",
     )
+    parser.add_argument(
+        "--versions-ab",
+        action="store_true",
+        help="also run segflow committing without versions (the previous result deleted), "
+        "interleaved with the default runs: the cost of keeping versions",
+    )
     parser.add_argument("--no-daskimage", action="store_true", help="skip the dask-image side")
     args = parser.parse_args()
 
@@ -167,12 +202,16 @@ def main() -> None:
                 run_inmemory(source, workdir / f"inmem-{size}.zarr", args.block)
                 for _ in range(args.repeat)
             ]
-            seg, plain, cpu_on, cpu_off = [], [], [], []
+            seg, plain, cpu_on, cpu_off, unversioned = [], [], [], [], []
             for _ in range(args.repeat):
                 target = workdir / f"segflow-{size}.zarr"
                 result, cpu = with_cpu(client, run_segflow, client, source, target, args.block)
                 seg.append(result)
                 cpu_on.append(cpu)
+                if args.versions_ab:
+                    with plain_commits():
+                        reference = workdir / f"segflow-plain-{size}.zarr"
+                        unversioned.append(run_segflow(client, source, reference, args.block))
                 if args.ome_ab:
                     result, cpu = with_cpu(
                         client, run_segflow, client, source, target, args.block, ome=False
@@ -191,6 +230,12 @@ def main() -> None:
                     f", ome off {plain_s:.2f} s (pyramid {seg_s / plain_s - 1:+.1%}); CPU "
                     f"{min(cpu_on):.2f} s on, {min(cpu_off):.2f} s off "
                     f"(pyramid {min(cpu_on) / min(cpu_off) - 1:+.1%})"
+                )
+            if unversioned:  # keeping versions against deleting the previous result
+                plain_commit_s = min(unversioned)[0]
+                ab += (
+                    f", without versions {plain_commit_s:.2f} s "
+                    f"(versions {seg_s / plain_commit_s - 1:+.1%})"
                 )
             print(
                 f"size {size}^2: segflow {seg_s:.2f} s, in-memory {inmem_s:.2f} s{ab}",
@@ -228,6 +273,9 @@ def main() -> None:
                 row["cpu_s"] = round(min(cpu_on), 3)
                 row["ome_off_cpu_s"] = round(min(cpu_off), 3)
                 row["pyramid_cpu_cost"] = round(min(cpu_on) / min(cpu_off) - 1, 3)
+            if unversioned:
+                row["unversioned_s"] = round(min(unversioned)[0], 3)
+                row["versions_cost"] = round(seg_s / min(unversioned)[0] - 1, 3)
             if size == args.size:
                 results.update(row)
             else:

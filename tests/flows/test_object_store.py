@@ -162,6 +162,11 @@ def test_s3_input_and_store_give_the_local_run_and_rerun_nothing(
     code, output = _run(config, s3_env, *remote)
     assert code == 0, output
     assert "tiles: 1 done, 2 skipped" in output, output
+    # Each run's commits are journalled on S3 too: the two runs that committed, in order.
+    from segflow.store.versions import read_history
+
+    runs = read_history("s3://segflow-out/tiles.zarr")
+    assert [r["items"] for r in runs] == [2, 1] and all(r["run_name"] for r in runs), runs
 
 
 def _race(locks: list[Any]) -> list[str]:

@@ -99,13 +99,15 @@ def prune(
 ) -> None:
     """Remove old item versions the retention policy lets go (the store's `output.retention`
     as its last run recorded it, or the options). An item's latest version always stays."""
-    from segflow.store.lock import StoreLockedError, hold_store_lock
-    from segflow.store.versions import plan_prune, prune_versions, read_retention
+    from segflow.store.lock import StoreLockedError, hold_store_lock, is_local
+    from segflow.store.versions import plan_prune, prune_versions, read_retention, recover_links
 
     _open(store)
     policy = read_retention(store, keep_last=keep_last, keep_days=keep_days, keep_tags=keep_tags)
     try:
         with hold_store_lock(store, run_id=f"prune-{uuid.uuid4().hex[:8]}"):
+            if is_local(store):
+                recover_links(store)  # a killed commit's link first: its version is latest
             plan = plan_prune(store, policy)
             for item_id, version in plan:
                 typer.echo(f"{'would remove' if dry_run else 'remove'} {item_id} {version}")

@@ -3,20 +3,22 @@
 A run writes each item into a staging group ``STORE/.segflow/staging/RUN/ITEM``, checks it
 (every array has the item's shape and dtype and every storage unit on disk; the region
 and vector tables have one row per object; a DICOM SEG is readable, with every frame),
-writes a commit record into the group's attributes (``segflow_commit``: run, fingerprint,
-config hash, code version, arrays, object count), and only then swaps it in: on Linux the
-staged group and the previous ``STORE/ITEM`` are exchanged in one atomic
-``renameat2(RENAME_EXCHANGE)``, so at every instant ``STORE/ITEM`` is either the previous
-complete result or the new one. Where the filesystem cannot exchange, the previous group
-is renamed into ``STORE/.segflow/trash/RUN/`` and the staged one renamed into place: a
-kill between the two renames leaves ``STORE/ITEM`` missing (never wrong), and
-:func:`prepare_store` moves the previous result back on the next run.
+writes a commit record into the group's attributes (``segflow_commit``: run id and name,
+fingerprint, config hash, code version, arrays, object count, version), and only then
+commits it: the staged group is renamed to a new version folder
+``STORE/.segflow/versions/ITEM/VERSION`` and the link ``STORE/ITEM`` is replaced by a link
+to it in one rename (:mod:`segflow.store.versions`), so at every instant ``STORE/ITEM`` is
+either the previous complete version or the new one, and a reader that resolved the link
+keeps its version. A run killed between the two leaves a link that :func:`prepare_store`
+completes. Stores an earlier segflow wrote (``STORE/ITEM`` a folder, or a swap cut between
+its two renames into ``STORE/.segflow/trash/RUN/``) are taken over the same way.
 The index row that says ``done`` is written after the swap, and skipping an item needs
 both that row and a matching commit record (:func:`read_commit`).
 
 Object stores have no rename: there an item is written in place after its commit record is
 removed, so an interrupted rewrite leaves a group without a commit record, which the next
-run redoes (the previous result is not readable meanwhile).
+run redoes (the previous result is not readable meanwhile), and no versions are kept;
+their commits are journalled like local ones.
 
 A store is a folder whose root ``zarr.json`` carries ``segflow`` attributes; an existing
 folder without them is refused unless empty (:func:`prepare_store`), and a folder in the

@@ -70,18 +70,32 @@ def _synthetic(first: int, count: int) -> list[tuple[str, np.ndarray, np.ndarray
     ]
 
 
-def _flows(name: str, image: np.ndarray, cache: Path, model_set: dict[str, Any]) -> np.ndarray:
-    """The model's raw output ``(dY, dX, cellprob)`` for one image, cached."""
+def _flows(
+    name: str, image: np.ndarray, cache: Path, model_set: dict[str, Any], scale: float
+) -> np.ndarray:
+    """The model's raw output ``(dY, dX, cellprob)`` for one image, cached. With ``scale``
+    other than 1 the image is resized by it (bilinear, as Cellpose's ``diameter`` does),
+    and the output resized back: an isotropic zoom keeps the flows' directions."""
+    from skimage.transform import resize
+
     from segflow import segment
 
     tag = "-".join(f"{k}={v}" for k, v in sorted(model_set.items())).replace("/", "_")
+    tag += f"-scale={scale}" if scale != 1 else ""
     path = cache / f"{name}{'-' + tag if tag else ''}.npy"
     if path.exists():
         return np.load(path)
+    shape = image.shape[1:]
+    if scale != 1:
+        size = tuple(max(round(n * scale), 2) for n in shape)
+        image = resize(image.astype(np.float32), (image.shape[0], *size), order=1)
     step = {"op": "model", "path": str(MODEL), "device": "cpu", "output": "raw", **model_set}
-    flows = segment(image, [{"op": "luma"}, step], channel_axis=0, n_threads=1)
-    np.save(path, np.asarray(flows, dtype=np.float32))
-    return np.asarray(flows, dtype=np.float32)
+    flows = np.asarray(segment(image, [{"op": "luma"}, step], channel_axis=0, n_threads=1))
+    if scale != 1:
+        flows = resize(flows, (flows.shape[0], *shape), order=1)
+    flows = flows.astype(np.float32)
+    np.save(path, flows)
+    return flows
 
 
 def _score(labels: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
@@ -110,13 +124,14 @@ def main() -> None:
         "--model-set", action="append", default=[], help="model step parameter NAME=JSON"
     )
     parser.add_argument("--max-travel", type=int, default=160)
+    parser.add_argument("--scale", type=float, default=1.0, help="zoom the image by this")
     args = parser.parse_args()
     from segflow import segment
 
     args.cache.mkdir(parents=True, exist_ok=True)
     model_set = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.model_set)}
     images = _dsb() if args.set == "dsb" else _synthetic(args.first, args.count)
-    flows = [_flows(name, image, args.cache, model_set) for name, image, _ in images]
+    flows = [_flows(n, image, args.cache, model_set, args.scale) for n, image, _ in images]
     for setting in _grid(args.grid) or [{}]:
         step = {**BASE, "max_travel": args.max_travel, **setting}
         cells = []

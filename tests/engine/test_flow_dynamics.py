@@ -440,6 +440,9 @@ def test_flow_threshold_gives_the_whole_items_labels_on_every_layout(
     blocks = (data.draw(st.integers(30, h)), data.draw(st.integers(30, w)))
     result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
     np.testing.assert_array_equal(result, expected)
+    # Streaming (nothing kept between phases: each phase reads and recomputes its blocks).
+    result = segment(image, pipeline, block_shape=blocks, channel_axis=0, keep_limit=1)
+    np.testing.assert_array_equal(result, expected)
 
 
 def test_a_mask_reaching_past_the_halo_stops_the_item() -> None:

@@ -463,3 +463,18 @@ def test_flow_threshold_is_refused_in_3d_and_below_zero() -> None:
         segment(image, [{"op": "flow_dynamics", "flow_threshold": 0.4}], channel_axis=0)
     with pytest.raises(ValueError, match=r"flow_threshold"):
         FlowDynamicsParams(flow_threshold=-1)
+
+
+def test_the_flow_check_is_a_global_step_with_its_own_halo() -> None:
+    """The masks, then a statistic (n_iter) and the check reading 4 * (max_travel + 7) + 1
+    around each block, then the size rules; the first phase reads both halos."""
+    from segflow.engine.pipeline import compile_pipeline
+
+    step = {"op": "flow_dynamics", "flow_threshold": 0.4, "max_travel": 10}
+    plan = compile_pipeline([step], spatial_ndim=2, channels=3, dtype="float32")
+    assert [p.ends_with for p in plan.phases] == ["statistic", "label", "output"]
+    assert plan.halo == (3 * 10 + 12 + 4 * 17 + 1,) * 2
+    assert plan.phases[1].halo_in == (4 * 17 + 1,) * 2
+    unchecked = compile_pipeline([{**step, "flow_threshold": None}], spatial_ndim=2, channels=3,
+                                 dtype="float32")  # fmt: skip
+    assert [p.ends_with for p in unchecked.phases] == ["label", "output"]

@@ -168,11 +168,11 @@ def test_masks_of_random_flows_equal_compute_masks(seed: int) -> None:
     assert_same_partition(whole(image, min_size=0, niter=120, max_travel=120), expected)
 
 
-@needs_cellpose
-def test_masks_of_the_trained_segflow_flow_head_equal_compute_masks() -> None:
-    """Flows from segflow's own trained flow head (configs/models/nuclei-flows) on the
-    bundled nuclei sample: the op, whole and in blocks, gives cellpose's partition."""
+def trained_head_output() -> np.ndarray:
+    """The shipped flow model's raw output (dY, dX, cellprob) on the bundled sample."""
     from pathlib import Path
+
+    import imageio.v3 as iio
 
     from segflow.models.card import item_statistics, normalize_image
     from segflow.models.checkpoint import load_checkpoint
@@ -184,11 +184,9 @@ def test_masks_of_the_trained_segflow_flow_head_equal_compute_masks() -> None:
     card = loaded.card
     assert card is not None and card.head == "flows"
     (path,) = (root / "tests" / "data" / "nuclei").glob("*/image.png")
-    import imageio.v3 as iio
-
     grey = to_luma(np.moveaxis(np.asarray(iio.imread(path)), -1, 0))
     norm = normalize_image(grey, card.channels, item_statistics(grey, card.channels))
-    output = predict_image(
+    return predict_image(
         loaded.module,
         norm,
         tile=card.tile,
@@ -197,6 +195,13 @@ def test_masks_of_the_trained_segflow_flow_head_equal_compute_masks() -> None:
         activation=card.activation,
         flows=True,
     )
+
+
+@needs_cellpose
+def test_masks_of_the_trained_segflow_flow_head_equal_compute_masks() -> None:
+    """Flows from segflow's own trained flow head (configs/models/nuclei-flows) on the
+    bundled nuclei sample: the op, whole and in blocks, gives cellpose's partition."""
+    output = trained_head_output()
     expected = cellpose_masks(output, min_size=-1)
     assert expected.max() >= 30  # the sample's 36 nuclei, give or take
     assert_same_partition(whole(output, min_size=0), expected)
@@ -319,6 +324,157 @@ def test_paths_longer_than_max_travel_stop_the_item() -> None:
         segment(image, pipeline, block_shape=(20, 50), channel_axis=0)
 
 
-def test_flow_threshold_other_than_zero_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"`flow_threshold` \(0.4\) is not supported"):
-        FlowDynamicsParams(flow_threshold=0.4)
+# --- flow_threshold: Cellpose's flow-error check -------------------------------------------
+
+
+def noisy_cellpose_flows(seed: int, noise: float) -> np.ndarray:
+    """Cellpose's own flows (masks_to_flows) of touching discs and a C-shaped mask (its mean
+    lies outside it), plus Gaussian noise, so that some masks fail the check and some pass."""
+    import torch
+
+    labels = touching_discs((72, 96), seed, 24)
+    yy, xx = np.mgrid[:72, :96]
+    ring = ((yy - 20) ** 2 + (xx - 70) ** 2 <= 144) & ((yy - 20) ** 2 + (xx - 74) ** 2 > 49)
+    labels[ring] = labels.max() + 1
+    labels = scan_order(labels).astype(np.int32)
+    mu, _ = cellpose_dynamics.masks_to_flows_gpu(labels, device=torch.device("cpu"))
+    rng = np.random.default_rng(seed)
+    prob = np.where(labels > 0, 3.0, -3.0)[np.newaxis]
+    flows = 5 * mu + noise * ndi.gaussian_filter(rng.normal(size=mu.shape), (0, 1.5, 1.5))
+    return np.concatenate([flows, prob]).astype(np.float32)
+
+
+@needs_cellpose
+@pytest.mark.parametrize("seed", range(3))
+def test_flow_errors_equal_cellposes_flow_error(seed: int) -> None:
+    """Every mask's error, bit for bit: the centres, the heat, the differences, the mean."""
+    from segflow.ops.flow_error import flow_errors
+
+    image = noisy_cellpose_flows(seed, 6.0)
+    masks = cellpose_masks(image, min_size=-1)
+    expected, _ = cellpose_dynamics.flow_error(masks, image[:2])
+    boxes = ndi.find_objects(masks)
+    n_iter = 2 * max(s[0].stop - s[0].start + s[1].stop - s[1].start + 2 for s in boxes)
+    ids = np.arange(1, masks.max() + 1)
+    result = flow_errors(masks.astype(np.int64), image[:2], ids, n_iter, np.float64)
+    np.testing.assert_array_equal(result, expected)
+
+
+def cellpose_checked(image: np.ndarray, threshold: float, **params: Any) -> np.ndarray:
+    """compute_masks with its flow check (remove_bad_flow_masks), no size rule after it."""
+    assert cellpose_dynamics is not None
+    import torch
+
+    return cellpose_dynamics.compute_masks(
+        image[:2], image[2], flow_threshold=threshold, min_size=-1,
+        device=torch.device("cpu"), **params,
+    )  # fmt: skip
+
+
+def assert_check_matters(image: np.ndarray, expected: np.ndarray, **params: Any) -> None:
+    """The comparison removes some masks and keeps others."""
+    unchecked = cellpose_masks(image, min_size=-1, **params)
+    assert 0 < expected.max() < unchecked.max()
+
+
+@needs_cellpose
+@pytest.mark.parametrize("seed", range(3))
+def test_flow_threshold_on_noisy_cellpose_flows_equals_remove_bad_flow_masks(seed: int) -> None:
+    image = noisy_cellpose_flows(seed, 6.0)
+    for threshold in (0.2, 0.4):
+        expected = cellpose_checked(image, threshold)
+        assert_check_matters(image, expected)
+        pipeline = [{"op": "flow_dynamics", "flow_threshold": threshold, "min_size": 0}]
+        for blocks in (None, (24, 40)):
+            result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
+            assert_same_partition(result, expected)
+
+
+@needs_cellpose
+@pytest.mark.parametrize("seed", range(4))
+def test_flow_threshold_on_random_flows_equals_remove_bad_flow_masks(seed: int) -> None:
+    image = random_flows((48, 64), seed)
+    expected = cellpose_checked(image, 1.0, niter=120)
+    assert_check_matters(image, expected, niter=120)
+    step = {"op": "flow_dynamics", "flow_threshold": 1.0, "min_size": 0, "niter": 120}
+    result = segment(image, [{**step, "max_travel": 120}], channel_axis=0)
+    assert_same_partition(result, expected)
+
+
+@needs_cellpose
+def test_flow_threshold_on_the_trained_flow_head_equals_remove_bad_flow_masks() -> None:
+    """The shipped flow model's output on the bundled sample (the check keeps most of its
+    nuclei): whole and in blocks, as remove_bad_flow_masks."""
+    output = trained_head_output()
+    expected = cellpose_checked(output, 0.4)
+    assert expected.max() >= 30
+    pipeline = [{"op": "flow_dynamics", "flow_threshold": 0.4, "min_size": 0}]
+    for blocks in (None, (64, 96)):
+        result = segment(output, pipeline, block_shape=blocks, channel_axis=0)
+        assert_same_partition(result, expected)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(240, 330),
+    st.integers(240, 330),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0.5, 2.0, 4.0]),
+    st.data(),
+)
+def test_flow_threshold_gives_the_whole_items_labels_on_every_layout(
+    h: int, w: int, seed: int, noise: float, data: st.DataObject
+) -> None:
+    """Short paths (niter 4, max_travel 7: halo 3 * 7 + 12 + 4 * 14 + 1 = 90) keep a block's
+    window below the item, so blocks see parts of it only; the check removes masks on
+    both sides of the block borders. Flows: towards the centres of touching discs, plus
+    smoothed noise (random flows converge too slowly for 4 steps)."""
+    image = analytic_flows(touching_discs((h, w), seed, h * w // 120))
+    rng = np.random.default_rng(seed)
+    image[:2] += noise * ndi.gaussian_filter(rng.normal(size=(2, h, w)), (0, 2, 2))
+    step = {"op": "flow_dynamics", "niter": 4, "max_travel": 7, "min_size": 0}
+    unchecked = segment(image, [step], channel_axis=0)
+    pipeline = [{**step, "flow_threshold": 0.5, "min_size": data.draw(st.integers(0, 20))}]
+    expected = segment(image, pipeline, channel_axis=0)  # one block
+    assert expected.max() < unchecked.max()  # the check removed masks
+    blocks = (data.draw(st.integers(30, h)), data.draw(st.integers(30, w)))
+    result = segment(image, pipeline, block_shape=blocks, channel_axis=0)
+    np.testing.assert_array_equal(result, expected)
+    # Streaming (nothing kept between phases: each phase reads and recomputes its blocks).
+    result = segment(image, pipeline, block_shape=blocks, channel_axis=0, keep_limit=1)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_a_mask_reaching_past_the_halo_stops_the_item() -> None:
+    from segflow.ops.flow_error import _check_reach
+
+    ids = np.zeros((40, 40), dtype=np.int64)
+    ids[30, 35] = 1 + 2 * 40 + 3  # its seed at (2, 3): 33 pixels away along x
+    with pytest.raises(ValueError, match=r"seed at \(2, 3\) reaches the pixel at \(30, 35\)"):
+        _check_reach(ids, (slice(0, 40), slice(0, 40)), (40, 40), 20)
+    _check_reach(ids, (slice(0, 40), slice(0, 40)), (40, 40), 33)
+
+
+def test_flow_threshold_is_refused_in_3d_and_below_zero() -> None:
+    from segflow.errors import PlanError
+
+    image = analytic_flows_3d((12, 16, 16), 0, 3)
+    with pytest.raises(PlanError, match=r"`flow_threshold` \(0.4\) works on 2-D items only"):
+        segment(image, [{"op": "flow_dynamics", "flow_threshold": 0.4}], channel_axis=0)
+    with pytest.raises(ValueError, match=r"flow_threshold"):
+        FlowDynamicsParams(flow_threshold=-1)
+
+
+def test_the_flow_check_is_a_global_step_with_its_own_halo() -> None:
+    """The masks, then a statistic (n_iter) and the check reading 4 * (max_travel + 7) + 1
+    around each block, then the size rules; the first phase reads both halos."""
+    from segflow.engine.pipeline import compile_pipeline
+
+    step = {"op": "flow_dynamics", "flow_threshold": 0.4, "max_travel": 10}
+    plan = compile_pipeline([step], spatial_ndim=2, channels=3, dtype="float32")
+    assert [p.ends_with for p in plan.phases] == ["statistic", "label", "output"]
+    assert plan.halo == (3 * 10 + 12 + 4 * 17 + 1,) * 2
+    assert plan.phases[1].halo_in == (4 * 17 + 1,) * 2
+    unchecked = compile_pipeline([{**step, "flow_threshold": None}], spatial_ndim=2, channels=3,
+                                 dtype="float32")  # fmt: skip
+    assert [p.ends_with for p in unchecked.phases] == ["label", "output"]

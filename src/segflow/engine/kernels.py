@@ -332,7 +332,7 @@ def apply_steps(
         source = start[(slice(None), *relative(box, start_box))]  # a view: no copy
         ctx = _context(step, stats, ndim, spacing, box, shape, resource, source)
         data = step.op.apply(data, step.params, ctx)
-        if step.op.kind == "local":
+        if step.op.kind in ("local", "global"):  # a global step's halo: 0 unless declared
             inner = shrink_box(box, step.op.halo_of(step.params, ndim, spacing), shape)
             data, box = data[(slice(None), *relative(inner, box))], inner
         if step.save_as is not None and saved is not None:

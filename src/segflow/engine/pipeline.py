@@ -5,10 +5,11 @@ read, then every pointwise and local operation in order. Phases end where the it
 seen whole: before a global operation (its statistic is reduced over all blocks first) and at a
 connectivity operation (labels are merged across block faces).
 
-Each phase knows the halo it needs at its start (``halo_in``): the local operations from there
-up to the next connectivity operation. The first phase reads it with the input; a phase after
-a global statistic keeps it from the phase before; a phase after a connectivity operation
-starts from finished cores and gets its halo from the neighbours' strips.
+Each phase knows the halo it needs at its start (``halo_in``): the local operations (and a
+global operation that declares a halo) from there up to the next connectivity operation. The
+first phase reads it with the input; a phase after a global statistic keeps it from the phase
+before; a phase after a connectivity operation starts from finished cores and gets its halo
+from the neighbours' strips.
 """
 
 from __future__ import annotations
@@ -393,7 +394,7 @@ def _split_phases(
         if ends_with == "label":
             ahead = [0] * ndim
         for step in phase_steps:
-            if step.op.kind == "local":
+            if step.op.kind in ("local", "global"):  # a global step may read around too
                 h = step.op.halo_of(step.params, ndim, spacing)
                 ahead = [a + x for a, x in zip(ahead, h, strict=True)]
         halos.append(tuple(ahead))

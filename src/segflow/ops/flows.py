@@ -21,10 +21,11 @@ end, the histogram there, the seeds and their growth); each mask is named by its
 item position, and the size rules are decided over the whole item by segflow's label
 stitching (``_flow_sizes``, a connectivity step by id).
 
-Input ``(dY, dX, cellprob)`` in 2-D, ``(dZ, dY, dX, cellprob)`` in 3-D. Not done: Cellpose's
-``flow_threshold`` quality control (each mask's own flows recomputed; only ``0``/``None`` are
-accepted) and the hole filling of its ``fill_holes_and_remove_small_masks`` (``fill_voids``
-per mask, in label order): masks keep their holes.
+Input ``(dY, dX, cellprob)`` in 2-D, ``(dZ, dY, dX, cellprob)`` in 3-D. ``flow_threshold``
+(2-D) adds Cellpose's flow-error check on whole masks between the two
+(:mod:`segflow.ops.flow_error`). Not done: the hole filling of Cellpose's
+``fill_holes_and_remove_small_masks`` (``fill_voids`` per mask, in label order): masks keep
+their holes.
 
 Examples
 --------
@@ -49,9 +50,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 from scipy import ndimage as ndi
 
+from segflow.ops.flow_error import FlowCheckParams
 from segflow.ops.label import Connectivity
 from segflow.ops.objects import _counts, _label_ids, _local_ids
 from segflow.ops.registry import OpContext, Operation, OpParams, register
@@ -78,8 +80,10 @@ class FlowDynamicsParams(OpParams):
     )
     flow_threshold: float | None = Field(
         None,
-        description="Cellpose's flow-error quality control: not supported, only 0 or None "
-        "(compare with cellpose at flow_threshold=0)",
+        ge=0,
+        description="Cellpose's flow-error quality check: remove masks whose flows, recomputed "
+        "from the mask, differ from the network's by more than this mean squared error "
+        "(Cellpose's default 0.4; None or 0: no check; 2-D only)",
     )
     max_travel: int = Field(
         48,
@@ -88,15 +92,9 @@ class FlowDynamicsParams(OpParams):
         "the halo, 3 * max_travel + 12); a longer path stops the item with an error",
     )
 
-    @field_validator("flow_threshold")
-    @classmethod
-    def _no_flow_check(cls, value: float | None) -> float | None:
-        if value not in (None, 0, 0.0):
-            raise ValueError(
-                f"`flow_threshold` ({value}) is not supported (Cellpose's per-mask flow "
-                "error check); use 0 or None"
-            )
-        return value
+    @property
+    def checks_flows(self) -> bool:
+        return self.flow_threshold is not None and self.flow_threshold > 0
 
 
 class FlowSizesParams(OpParams):
@@ -408,6 +406,8 @@ def compute_masks_block(
     seed_key = keys[rel]  # only the core's are complete; the engine keeps the core
     seed_index = np.where(seed_key > 0, seed_key % size + 1, 0)
     labels[tuple(s - b.start for s, b in zip(starts, box, strict=True))] = seed_index
+    if params.checks_flows:  # the flow check needs the network's flows beside the masks
+        return np.concatenate([labels[np.newaxis], image[:ndim]]).astype(np.float64)
     return labels[np.newaxis]
 
 
@@ -452,14 +452,37 @@ def _sizes_rule(params: FlowSizesParams, ctx: OpContext) -> ObjectRule:
 
 def _parts(params: FlowDynamicsParams) -> list[tuple[str, str, OpParams]]:
     sizes = FlowSizesParams(min_size=params.min_size, max_size_fraction=params.max_size_fraction)
-    return [("masks", "_flow_masks", params), ("sizes", "_flow_sizes", sizes)]
+    parts: list[tuple[str, str, OpParams]] = [("masks", "_flow_masks", params)]
+    if params.checks_flows:
+        assert params.flow_threshold is not None
+        check = FlowCheckParams(
+            flow_threshold=params.flow_threshold,
+            max_travel=params.max_travel,
+            max_size_fraction=params.max_size_fraction,
+        )
+        parts.append(("check", "_flow_check", check))
+    return [*parts, ("sizes", "_flow_sizes", sizes)]
 
 
 def _check_flow_channels(params: FlowDynamicsParams, channels: int, ndim: int) -> str | None:
     if channels != ndim + 1:
         names = "dZ, dY, dX, cellprob" if ndim == 3 else "dY, dX, cellprob"
         return f"flow_dynamics needs {ndim + 1} channels ({names}) in {ndim}-D, got {channels}"
+    if params.checks_flows and ndim != 2:
+        return (
+            f"`flow_threshold` ({params.flow_threshold}) works on 2-D items only (Cellpose "
+            "skips its flow check in 3-D); use 0 or None"
+        )
     return None
+
+
+def _masks_channels(channels: int, params: FlowDynamicsParams) -> int:
+    """One (the masks), or the masks and the flows the flow check compares them with."""
+    return channels if params.checks_flows else 1
+
+
+def _masks_dtype(dtype: np.dtype, params: FlowDynamicsParams) -> np.dtype:
+    return np.dtype(np.float64 if params.checks_flows else np.int64)
 
 
 register(
@@ -470,11 +493,13 @@ register(
         apply=compute_masks_block,
         summary="Cellpose flows (dY, dX, cellprob) to instance labels: follow the flows "
         "niter steps, seeds at the end-point histogram's peaks, masks by seed, sizes "
-        "(min_size, max_size_fraction) over the whole item; equals cellpose's compute_masks "
-        "with flow_threshold=0 and min_size <= 0 (no hole filling, no flow-error check); 2-D "
-        "(dY, dX, cellprob) and 3-D (dZ, dY, dX, cellprob)",
+        "(min_size, max_size_fraction) over the whole item, Cellpose's flow-error check "
+        "(flow_threshold, 2-D) on whole masks; equals cellpose's compute_masks with "
+        "min_size <= 0 (no hole filling); 2-D (dY, dX, cellprob) and 3-D (dZ, dY, dX, "
+        "cellprob)",
         halo=flow_halo,
-        halo_rule="3 * max_travel + 12 (paths longer than max_travel stop the item)",
+        halo_rule="3 * max_travel + 12, with flow_threshold 4 * (max_travel + 7) + 1 more "
+        "(paths longer than max_travel stop the item)",
         out_channels=lambda channels, p: 1,
         out_dtype=lambda dtype, p: np.dtype(np.int64),
         check_layout=_check_flow_channels,
@@ -489,8 +514,8 @@ register(
         apply=compute_masks_block,
         summary="flow_dynamics: each pixel's mask named by its seed's item position",
         halo=flow_halo,
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.int64),
+        out_channels=_masks_channels,
+        out_dtype=_masks_dtype,
         check_layout=_check_flow_channels,
     )
 )

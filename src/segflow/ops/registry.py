@@ -9,7 +9,9 @@ An operation declares its *kind*, which tells the engine how to run it blockwise
     parameters, and its border mode is applied at the item border only.
 ``global``
     Needs a statistic of the whole item (a histogram, percentiles) before it can be applied
-    pointwise. It declares a :class:`GlobalStatistic`, reduced over every block's core.
+    pointwise. It declares a :class:`GlobalStatistic`, reduced over every block's core; with a
+    ``halo`` it is applied to the block grown by it, like a local operation, once the
+    statistic is known (a per-object check that needs whole objects and an item-wide number).
 ``connectivity``
     Block-local labelling plus a global merge across block faces (see ``segflow.stitch``).
     ``apply`` labels a block; an optional ``rule`` measures objects and decides which to

@@ -10,7 +10,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,23 +216,27 @@ def segment_item(
     (:mod:`segflow.store.writers`): each checks the item before any block, runs its block
     hook in each output block, finishes in staging and is verified with the rest.
     """
+    # The settings of the output writers (segflow.store.writers), as `output` has them.
+    output = {
+        "regions": regions,
+        "regions_intensity": regions_intensity,
+        "vectors": vectors,
+        "dicom_seg": dicom_seg,
+        "ome": ome,
+        "pyramid": pyramid,
+        "writers": writers,
+    }
     options = ItemOptions(
         store=store,
         block_shape=block_shape,
         chunks=None if chunks is None else tuple(chunks),
         shards=None if shards is None else tuple(shards),
         config_hash=config_hash,
-        regions=regions,
-        regions_intensity=regions_intensity,
-        vectors=vectors,
-        dicom_seg=dicom_seg,
         keep_limit=keep_limit,
         run_id=run_id or uuid.uuid4().hex,
         run_name=run_name or "",
         resumable=resumable,
-        ome=ome,
-        pyramid=pyramid,
-        writers=writers,
+        output=output,
     )
     info = reader.info
     stage = _Stage.of(info, options)
@@ -272,17 +276,11 @@ class ItemOptions:
     chunks: tuple[int, ...] | None = None
     shards: tuple[int, ...] | None = None
     config_hash: str = ""
-    regions: bool = False
-    regions_intensity: str | bool | None = "input"
-    vectors: bool = False
-    dicom_seg: bool = False
     keep_limit: int | None = None
     run_id: str = ""
     run_name: str = ""
     resumable: bool = False
-    ome: bool = True
-    pyramid: int | None = None
-    writers: Mapping[str, Mapping[str, Any]] | None = None
+    output: Mapping[str, Any] = field(default_factory=dict)  # the writers' `output` fields
 
 
 @dataclass(frozen=True)
@@ -331,11 +329,10 @@ class _Outputs:
     chunk: tuple[int, ...]
     shard: tuple[int, ...] | None
     writers: ActiveWriters
+    target: WriteTarget  # what the writers' hooks are given (and their states)
     arrays: dict[str, str] = field(default_factory=dict)  # name -> dtype, every array
     saved: dict[str, Any] = field(default_factory=dict)  # save_as name -> sink
     output: Any = None  # the output's ArraySpec, once its dtype is known
-    regions: Any = None  # ParquetRegionsSink
-    intensity: Any = None  # what the regions' intensity columns read
     vectors: Any = None  # ParquetVectorsSink
 
 
@@ -361,7 +358,7 @@ def _segment_staged(
         item=info,
     )
     result.model_hash = _model_hash(plan)
-    outputs = _prepare_outputs(reader, plan, options, stage)
+    outputs = _prepare_outputs(reader, plan, options, stage, executor, progress)
     run = _run_blocks(reader, plan, outputs, options, stage, executor, progress)
     result.n_resumed = run.n_resumed
     result.warning = "; ".join(run.warnings) or None
@@ -372,23 +369,28 @@ def _segment_staged(
     return plan, run
 
 
-def _prepare_outputs(reader: Reader, plan: Any, options: ItemOptions, stage: _Stage) -> _Outputs:
-    """The pre-run checks of every output, then the staged item group, its ``save_as``
-    arrays and the side outputs' sinks (nothing of the item is written before the checks)."""
+def _prepare_outputs(
+    reader: Reader,
+    plan: Any,
+    options: ItemOptions,
+    stage: _Stage,
+    executor: Executor,
+    progress: ProgressCallback | None,
+) -> _Outputs:
+    """The pre-run checks of every output writer, then the staged item group, its
+    ``save_as`` arrays and the writers' prepare steps (nothing of the item is written
+    before the checks)."""
     from segflow.store.commit import begin_item, drop_partial_writes
     from segflow.store.dicomseg import check_dicom_seg
-    from segflow.store.regions import check_regions
     from segflow.store.vectors import check_vectors
 
     info = reader.info
     spatial = info.spatial_shape
-    active = ActiveWriters.of(options.writers)
+    active = ActiveWriters.of_output(options.output)
     active.check(info, plan.out_kind)
-    if options.regions:
-        check_regions(plan.out_kind)
-    if options.vectors:
+    if options.output["vectors"]:
         check_vectors(info, plan.out_kind)
-    if options.dicom_seg:
+    if options.output["dicom_seg"]:
         check_dicom_seg(info, plan.out_kind)
     block = block_shape_for(options.block_shape, len(spatial))
     chunk = tuple(min(c, n) for c, n in zip(options.chunks or block, spatial, strict=True))
@@ -398,8 +400,22 @@ def _prepare_outputs(reader: Reader, plan: Any, options: ItemOptions, stage: _St
         shard = tuple(
             min(s, -(-n // c) * c) for s, c, n in zip(options.shards, chunk, spatial, strict=True)
         )
-    layout = output_layout(ome=options.ome, pyramid=options.pyramid, blocks=block)
-    outputs = _Outputs(layout, block, chunk, shard, active)
+    layout = output_layout(
+        ome=options.output["ome"], pyramid=options.output["pyramid"], blocks=block
+    )
+    target = WriteTarget(
+        stage.root,
+        info,
+        plan.out_kind,
+        executor,
+        reader=reader,
+        plan=plan,
+        block_shape=block,
+        config_hash=options.config_hash,
+        resuming=stage.resuming,
+        progress=progress,
+    )
+    outputs = _Outputs(layout, block, chunk, shard, active, target)
     begin_item(options.store, info.id)  # refuses a foreign store or folder before any write
     if stage.resuming:
         drop_partial_writes(stage.root, info.id)  # a write the kill cut short is redone
@@ -409,7 +425,8 @@ def _prepare_outputs(reader: Reader, plan: Any, options: ItemOptions, stage: _St
         spec = _spec(outputs, name, dtype, plan.saved_classes, plan.saved_categories)
         outputs.saved[name] = _ensure_array(layout, stage.root, info, spec, reuse=stage.resuming)
         outputs.arrays[name] = str(np.dtype(dtype))
-    _side_sinks(reader, plan, options, stage, outputs)
+    active.prepare(target)
+    _side_sinks(reader, options, stage, outputs)
     return outputs
 
 
@@ -428,29 +445,12 @@ def _spec(
     )
 
 
-def _side_sinks(
-    reader: Reader, plan: Any, options: ItemOptions, stage: _Stage, outputs: _Outputs
-) -> None:
-    """The region and vector tables' sinks (with ``output.regions``, ``output.vectors``)."""
-    from segflow.engine.pipeline import region_extras
-    from segflow.store.regions import ParquetRegionsSink
+def _side_sinks(reader: Reader, options: ItemOptions, stage: _Stage, outputs: _Outputs) -> None:
+    """The vector table's sink (with ``output.vectors``)."""
     from segflow.store.vectors import ParquetVectorsSink, item_transform
 
     info = reader.info
-    if options.regions:
-        outputs.regions = ParquetRegionsSink(
-            stage.root,
-            info.id,
-            spacing=info.spacing,
-            origin=info.origin,
-            units=info.units,
-            crs_wkt=info.crs_wkt,
-            extras=region_extras(plan),
-        )
-        if not stage.resuming:
-            outputs.regions.clear()
-        outputs.intensity = _intensity_source(options.regions_intensity, reader, plan, stage.root)
-    if options.vectors:
+    if options.output["vectors"]:
         outputs.vectors = ParquetVectorsSink(
             stage.root, info.id, transform=item_transform(info), crs_wkt=info.crs_wkt
         )
@@ -467,7 +467,6 @@ def _run_blocks(
 ) -> Any:
     """Run the pipeline's phases over the blocks; the output's sink is made once its dtype
     is known (the layout's, with the writers' block hooks)."""
-    from segflow.engine.run import RegionsSpec
     from segflow.store.blocks import BlockRecords, output_key
 
     info = reader.info
@@ -491,7 +490,6 @@ def _run_blocks(
         key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
         return BlockRecords(stage.blocks_dir, key)
 
-    regions = outputs.regions
     return run_item(
         reader,
         plan,
@@ -500,7 +498,7 @@ def _run_blocks(
         make_sink=make_sink,
         saved=outputs.saved,
         storage_unit=outputs.shard or outputs.chunk,
-        regions=None if regions is None else RegionsSpec(regions, intensity=outputs.intensity),
+        regions=outputs.writers.object_rows(outputs.target),
         keep_limit=options.keep_limit,
         progress=progress,
         records=records if stage.resume_name is not None else None,
@@ -524,10 +522,10 @@ def _finish_and_commit(
     from segflow.store.vectors import write_vectors
 
     info, root = reader.info, stage.root
-    if outputs.regions is not None:
-        outputs.regions.join()
-        percentiles = outputs.regions.area_percentiles((0.05, 0.5, 0.95))
-        result.area_p05, result.area_p50, result.area_p95 = percentiles
+    target = replace(outputs.target, output_spec=outputs.output, object_count=run.n_labels)
+    writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
+    for key, value in target.row.items():  # what the writers tell of the item
+        setattr(result, key, value)
     if outputs.vectors is not None:
         write_vectors(
             ZarrRegionWriter(root, info.id, plan.out_kind),
@@ -535,7 +533,7 @@ def _finish_and_commit(
             block_shape=outputs.block,
             executor=executor,
             sink=outputs.vectors,
-            regions=None if outputs.regions is None else outputs.regions.path,
+            regions=None if "regions" not in target.states else target.states["regions"].sink.path,
             progress=progress,
         )
     # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
@@ -545,17 +543,14 @@ def _finish_and_commit(
         else {}
     )
     seg_frames = None
-    if options.dicom_seg:
+    if options.output["dicom_seg"]:
         seg_frames = _write_seg(reader, plan, root, config_hash=options.config_hash)
-    target = WriteTarget(root, info, plan.out_kind, executor)
-    writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
     check_item(
         root,
         info.id,
         shape=info.spatial_shape,
         arrays=outputs.arrays,
         object_count=run.n_labels,
-        regions=outputs.regions is not None,
         vectors=outputs.vectors is not None,
         derived=derived,
         dicom_seg=seg_frames,
@@ -691,31 +686,3 @@ def _ensure_array(
     if output:
         return layout.create_output(root, info, spec)
     return layout.create_array(root, info, spec)
-
-
-class _SavedArray:
-    """A ``save_as`` array of this run, read like an item (channel axis first)."""
-
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
-
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        data = np.asarray(self.writer.read(region))
-        return data if data.ndim > len(region) else data[np.newaxis]
-
-
-def _intensity_source(choice: str | bool | None, reader: Reader, plan: Any, store: str) -> Any:
-    """What the regions' intensity columns read: the item, a saved array, or nothing."""
-    from segflow.store.layout import ZarrRegionWriter
-
-    if choice is None or choice is False:
-        return None
-    if choice is True or choice == "input":
-        return reader
-    if choice not in plan.saved:
-        saved = ", ".join(sorted(plan.saved)) or "none"
-        raise PlanError(
-            f"`output.regions_intensity` {choice!r} is neither 'input' nor a `save_as` array "
-            f"of the pipeline (saved: {saved})"
-        )
-    return _SavedArray(ZarrRegionWriter(store, reader.info.id, str(choice)))

@@ -333,7 +333,6 @@ class _Outputs:
     arrays: dict[str, str] = field(default_factory=dict)  # name -> dtype, every array
     saved: dict[str, Any] = field(default_factory=dict)  # save_as name -> sink
     output: Any = None  # the output's ArraySpec, once its dtype is known
-    vectors: Any = None  # ParquetVectorsSink
 
 
 def _segment_staged(
@@ -382,14 +381,11 @@ def _prepare_outputs(
     before the checks)."""
     from segflow.store.commit import begin_item, drop_partial_writes
     from segflow.store.dicomseg import check_dicom_seg
-    from segflow.store.vectors import check_vectors
 
     info = reader.info
     spatial = info.spatial_shape
     active = ActiveWriters.of_output(options.output)
     active.check(info, plan.out_kind)
-    if options.output["vectors"]:
-        check_vectors(info, plan.out_kind)
     if options.output["dicom_seg"]:
         check_dicom_seg(info, plan.out_kind)
     block = block_shape_for(options.block_shape, len(spatial))
@@ -426,7 +422,6 @@ def _prepare_outputs(
         outputs.saved[name] = _ensure_array(layout, stage.root, info, spec, reuse=stage.resuming)
         outputs.arrays[name] = str(np.dtype(dtype))
     active.prepare(target)
-    _side_sinks(reader, options, stage, outputs)
     return outputs
 
 
@@ -443,17 +438,6 @@ def _spec(
         classes=classes.get(name, ()),
         categories=categories.get(name, ()),
     )
-
-
-def _side_sinks(reader: Reader, options: ItemOptions, stage: _Stage, outputs: _Outputs) -> None:
-    """The vector table's sink (with ``output.vectors``)."""
-    from segflow.store.vectors import ParquetVectorsSink, item_transform
-
-    info = reader.info
-    if options.output["vectors"]:
-        outputs.vectors = ParquetVectorsSink(
-            stage.root, info.id, transform=item_transform(info), crs_wkt=info.crs_wkt
-        )
 
 
 def _run_blocks(
@@ -518,24 +502,12 @@ def _finish_and_commit(
 ) -> None:
     """Every output's finish step in staging, the commit check, then the commit."""
     from segflow.store.commit import check_item, commit_item
-    from segflow.store.layout import ZarrRegionWriter
-    from segflow.store.vectors import write_vectors
 
     info, root = reader.info, stage.root
     target = replace(outputs.target, output_spec=outputs.output, object_count=run.n_labels)
     writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
     for key, value in target.row.items():  # what the writers tell of the item
         setattr(result, key, value)
-    if outputs.vectors is not None:
-        write_vectors(
-            ZarrRegionWriter(root, info.id, plan.out_kind),
-            info.spatial_shape,
-            block_shape=outputs.block,
-            executor=executor,
-            sink=outputs.vectors,
-            regions=None if "regions" not in target.states else target.states["regions"].sink.path,
-            progress=progress,
-        )
     # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
     derived = (
         outputs.layout.finalize_item(root, info, output=outputs.output, executor=executor)
@@ -551,7 +523,6 @@ def _finish_and_commit(
         shape=info.spatial_shape,
         arrays=outputs.arrays,
         object_count=run.n_labels,
-        vectors=outputs.vectors is not None,
         derived=derived,
         dicom_seg=seg_frames,
     )

@@ -114,6 +114,7 @@ _REGISTRY: dict[str, Writer] = {}
 # use; in the order their hooks run (the vector table joins the region table's columns).
 BUILTIN_WRITERS: dict[str, str] = {
     "regions": "segflow.engine.writers.regions:REGIONS",
+    "vectors": "segflow.engine.writers.vectors:VECTORS",
 }
 
 

@@ -21,7 +21,6 @@ from segflow.engine.blocks import block_shape_for
 from segflow.engine.executor import Executor, ProgressCallback
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.pipeline import compile_pipeline
-from segflow.errors import PlanError
 from segflow.faults import fault_point
 from segflow.io.base import ItemInfo, Reader
 from segflow.store.output import output_layout
@@ -380,14 +379,11 @@ def _prepare_outputs(
     ``save_as`` arrays and the writers' prepare steps (nothing of the item is written
     before the checks)."""
     from segflow.store.commit import begin_item, drop_partial_writes
-    from segflow.store.dicomseg import check_dicom_seg
 
     info = reader.info
     spatial = info.spatial_shape
     active = ActiveWriters.of_output(options.output)
     active.check(info, plan.out_kind)
-    if options.output["dicom_seg"]:
-        check_dicom_seg(info, plan.out_kind)
     block = block_shape_for(options.block_shape, len(spatial))
     chunk = tuple(min(c, n) for c, n in zip(options.chunks or block, spatial, strict=True))
     shard = None
@@ -514,9 +510,6 @@ def _finish_and_commit(
         if outputs.output is not None
         else {}
     )
-    seg_frames = None
-    if options.output["dicom_seg"]:
-        seg_frames = _write_seg(reader, plan, root, config_hash=options.config_hash)
     check_item(
         root,
         info.id,
@@ -524,7 +517,6 @@ def _finish_and_commit(
         arrays=outputs.arrays,
         object_count=run.n_labels,
         derived=derived,
-        dicom_seg=seg_frames,
     )
     outputs.writers.verify(target, writer_files)
     fault_point("item-staged")
@@ -560,47 +552,6 @@ def _describe_done(result: ItemResult, plan: Any, run: Any, spatial: Sequence[in
         for k, v in enumerate(values):
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"{key}{suffix}"] = float(v)
-
-
-def _write_seg(reader: Reader, plan: Any, root: str, *, config_hash: str) -> int:
-    """Write ``ROOT/ITEM/seg.dcm`` from the staged arrays; return its frame count."""
-    from segflow.store.dicomseg import SEG_NAME, class_values, plan_segments, write_dicom_seg
-    from segflow.store.layout import ZarrRegionWriter
-
-    info = reader.info
-    sources = getattr(reader, "slice_sources", None)
-    if sources is None:  # a reader of format "dicom" that does not say its slices
-        raise PlanError(
-            f"`output.dicom_seg` (true): the reader {type(reader).__name__} does not give "
-            "the source slices (slice_sources) a SEG must reference"
-        )
-    spatial = info.spatial_shape
-    output = ZarrRegionWriter(root, info.id, plan.out_kind)
-    values = (
-        class_values(output, spatial)
-        if plan.out_kind == "classes" and not plan.out_categories
-        else []
-    )
-    segments = plan_segments(
-        plan.out_kind, plan.out_categories, dict(plan.saved_categories), out_values=values
-    )
-    arrays = {s.array: ZarrRegionWriter(root, info.id, s.array) for s in segments}
-    has_model = any(s.op.name == "_model_infer" for s in plan.steps)
-    return write_dicom_seg(
-        f"{str(root).rstrip('/')}/{info.id}/{SEG_NAME}",
-        sources=sources,
-        arrays=arrays,
-        shape=spatial,
-        segments=segments,
-        uid_seed=[
-            str(info.attrs.get("dicom_series_instance_uid", info.path)),
-            info.fingerprint,
-            config_hash,
-            code_version(),
-        ],
-        software_version=code_version(),
-        algorithm_family="model" if has_model else "rules",
-    )
 
 
 def _model_hash(plan: Any) -> str:

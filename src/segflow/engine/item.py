@@ -23,7 +23,6 @@ from segflow.engine.interrupt import stop_requested
 from segflow.engine.pipeline import compile_pipeline
 from segflow.faults import fault_point
 from segflow.io.base import ItemInfo, Reader
-from segflow.store.output import output_layout
 from segflow.store.writers import ActiveWriters, WriteTarget
 
 # The Prefect layer's folders inside the package (links in a checkout, folders in the wheel).
@@ -363,7 +362,7 @@ def _segment_staged(
     # The output phase is over: from here on (joining tables, the commit) a rerun starts
     # the item afresh, so its block records go before the region parts do.
     _remove(stage.blocks_dir)
-    _finish_and_commit(reader, plan, run, outputs, options, stage, executor, progress, result)
+    _finish_and_commit(run, outputs, options, result)
     return plan, run
 
 
@@ -392,9 +391,7 @@ def _prepare_outputs(
         shard = tuple(
             min(s, -(-n // c) * c) for s, c, n in zip(options.shards, chunk, spatial, strict=True)
         )
-    layout = output_layout(
-        ome=options.output["ome"], pyramid=options.output["pyramid"], blocks=block
-    )
+    layout = active.layout(block)
     target = WriteTarget(
         stage.root,
         info,
@@ -486,37 +483,19 @@ def _run_blocks(
 
 
 def _finish_and_commit(
-    reader: Reader,
-    plan: Any,
-    run: Any,
-    outputs: _Outputs,
-    options: ItemOptions,
-    stage: _Stage,
-    executor: Executor,
-    progress: ProgressCallback | None,
-    result: ItemResult,
+    run: Any, outputs: _Outputs, options: ItemOptions, result: ItemResult
 ) -> None:
-    """Every output's finish step in staging, the commit check, then the commit."""
+    """Every writer's finish step in staging (the OME-Zarr pyramid, the tables, ...), the
+    commit check of every array and of every writer's files, then the commit."""
     from segflow.store.commit import check_item, commit_item
 
-    info, root = reader.info, stage.root
     target = replace(outputs.target, output_spec=outputs.output, object_count=run.n_labels)
+    info, root = target.info, target.root
     writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
     for key, value in target.row.items():  # what the writers tell of the item
         setattr(result, key, value)
-    # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
-    derived = (
-        outputs.layout.finalize_item(root, info, output=outputs.output, executor=executor)
-        if outputs.output is not None
-        else {}
-    )
     check_item(
-        root,
-        info.id,
-        shape=info.spatial_shape,
-        arrays=outputs.arrays,
-        object_count=run.n_labels,
-        derived=derived,
+        root, info.id, shape=info.spatial_shape, arrays=outputs.arrays, object_count=run.n_labels
     )
     outputs.writers.verify(target, writer_files)
     fault_point("item-staged")

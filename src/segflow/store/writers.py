@@ -115,6 +115,7 @@ _REGISTRY: dict[str, Writer] = {}
 BUILTIN_WRITERS: dict[str, str] = {
     "regions": "segflow.engine.writers.regions:REGIONS",
     "vectors": "segflow.engine.writers.vectors:VECTORS",
+    "ome": "segflow.engine.writers.ome:OME",
     "dicom_seg": "segflow.engine.writers.dicom_seg:DICOM_SEG",
 }
 

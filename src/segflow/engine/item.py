@@ -176,8 +176,14 @@ def segment_item(
     ome: bool = True,
     pyramid: int | None = None,
     writers: Mapping[str, Mapping[str, Any]] | None = None,
+    output: Mapping[str, Any] | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
+
+    What the item writes is the work of its output writers (:mod:`segflow.store.writers`;
+    segflow's own in :mod:`segflow.engine.writers`): each checks the item before any
+    block, prepares in staging, may add a hook to each output block, finishes once the
+    blocks are written and checks its files before the commit.
 
     The item is written into the run's staging area, checked (every array and storage
     unit on disk, one region row per object) and only then swapped in with its commit
@@ -210,20 +216,20 @@ def segment_item(
     maps go to ``STORE/ITEM_ID/seg.dcm``, a DICOM Segmentation that references the source
     images (:mod:`segflow.store.dicomseg`).
 
-    ``writers`` (``output.writers``) names registered output writers with their settings
-    (:mod:`segflow.store.writers`): each checks the item before any block, runs its block
-    hook in each output block, finishes in staging and is verified with the rest.
+    ``writers`` (``output.writers``) names other registered output writers with their
+    settings. ``output``, the config's ``output`` section as a mapping (as a run passes
+    it), replaces ``regions`` ... ``writers``: the writers read their own fields of it.
     """
-    # The settings of the output writers (segflow.store.writers), as `output` has them.
-    output = {
-        "regions": regions,
-        "regions_intensity": regions_intensity,
-        "vectors": vectors,
-        "dicom_seg": dicom_seg,
-        "ome": ome,
-        "pyramid": pyramid,
-        "writers": writers,
-    }
+    if output is None:  # the keyword arguments, as the config's `output` has them
+        output = {
+            "regions": regions,
+            "regions_intensity": regions_intensity,
+            "vectors": vectors,
+            "dicom_seg": dicom_seg,
+            "ome": ome,
+            "pyramid": pyramid,
+            "writers": writers,
+        }
     options = ItemOptions(
         store=store,
         block_shape=block_shape,
@@ -485,18 +491,20 @@ def _run_blocks(
 def _finish_and_commit(
     run: Any, outputs: _Outputs, options: ItemOptions, result: ItemResult
 ) -> None:
-    """Every writer's finish step in staging (the OME-Zarr pyramid, the tables, ...), the
-    commit check of every array and of every writer's files, then the commit."""
-    from segflow.store.commit import check_item, commit_item
+    """Every writer's finish step in staging (the OME-Zarr pyramid, the tables, ...), its
+    commit check (every array, every writer's files), then the commit."""
+    from segflow.store.commit import commit_item
 
-    target = replace(outputs.target, output_spec=outputs.output, object_count=run.n_labels)
+    target = replace(
+        outputs.target,
+        output_spec=outputs.output,
+        object_count=run.n_labels,
+        arrays=dict(outputs.arrays),
+    )
     info, root = target.info, target.root
     writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
     for key, value in target.row.items():  # what the writers tell of the item
         setattr(result, key, value)
-    check_item(
-        root, info.id, shape=info.spatial_shape, arrays=outputs.arrays, object_count=run.n_labels
-    )
     outputs.writers.verify(target, writer_files)
     fault_point("item-staged")
     commit_item(options.store, root, info.id, _commit_record(info, options, result, run, outputs))

@@ -79,6 +79,7 @@ class WriteTarget:
     resuming: bool = False  # an interrupted run of the item is being resumed
     progress: Any = None  # the run's progress callback, for a writer's own block pass
     output_spec: Any = None  # the output's ArraySpec, once the blocks are written
+    arrays: Mapping[str, str] = field(default_factory=dict)  # name -> dtype, every array
     object_count: int | None = None  # the output's objects (labels), once written
     states: dict[str, Any] = field(default_factory=dict)  # prepare's result, by writer
     row: dict[str, Any] = field(default_factory=dict)  # index row fields writers fill
@@ -105,6 +106,7 @@ class Writer:
     object_rows: Callable[[Any], Any] | None = None
     layout: Callable[[Any, tuple[int, ...]], Any] | None = None
     switch: str | None = None  # a built-in writer's `output` field that turns it on
+    always: bool = False  # a built-in writer that is always on (the output itself)
     output_fields: Mapping[str, str] = field(default_factory=dict)  # output field -> setting
 
 
@@ -113,6 +115,7 @@ _REGISTRY: dict[str, Writer] = {}
 # The writers segflow ships: name -> "module:attribute" of its Writer, imported on first
 # use; in the order their hooks run (the vector table joins the region table's columns).
 BUILTIN_WRITERS: dict[str, str] = {
+    "output": "segflow.engine.writers.output:OUTPUT",
     "regions": "segflow.engine.writers.regions:REGIONS",
     "vectors": "segflow.engine.writers.vectors:VECTORS",
     "ome": "segflow.engine.writers.ome:OME",
@@ -197,10 +200,10 @@ def writer_settings(name: str, values: Mapping[str, Any]) -> BaseModel:
     (raises ``KeyError`` for an unknown writer or one of segflow's own, which its own
     ``output`` field turns on, pydantic's ``ValidationError`` for bad settings)."""
     writer = get_writer(name)
-    if writer.switch is not None:
+    if writer.switch is not None or writer.always:
+        how = "always on" if writer.always else f"turned on with `output.{writer.switch}`"
         raise KeyError(
-            f"output writer {name!r} is segflow's own: turn it on with "
-            f"`output.{writer.switch}`, not under `output.writers`"
+            f"output writer {name!r} is segflow's own: it is {how}, not under `output.writers`"
         )
     return writer.settings.model_validate(dict(values))
 
@@ -220,7 +223,7 @@ def builtin_settings(output: Mapping[str, Any]) -> list[tuple[Writer, BaseModel]
     chosen = []
     for name in BUILTIN_WRITERS:
         writer = _REGISTRY[name]
-        if writer.switch is not None and output.get(writer.switch):
+        if writer.always or (writer.switch is not None and output.get(writer.switch)):
             values = {
                 setting: output[field]
                 for field, setting in writer.output_fields.items()
@@ -260,13 +263,18 @@ class ActiveWriters:
                 writer.check(info, output_kind, settings)
 
     def layout(self, blocks: tuple[int, ...]) -> Any:
-        """The output layout a writer gives (the xarray one without any)."""
+        """The output's layout: the output writer's (xarray/CF), or the one a later writer
+        gives that extends it (the OME-Zarr view); the xarray one without any writer."""
         from segflow.store.output import XarrayLayout
 
         made = [w.layout(s, blocks) for w, s in self.chosen if w.layout is not None]
-        if len(made) > 1:
-            raise ValueError(f"{len(made)} output writers each give the output's layout")
-        return made[0] if made else XarrayLayout()
+        if any(not isinstance(layout, XarrayLayout) for layout in made) or len(made) > 2:
+            names = [w.name for w, _ in self.chosen if w.layout is not None]
+            raise ValueError(
+                f"output writers {names} each give the output's layout: one may extend "
+                "the xarray layout, no more"
+            )
+        return made[-1] if made else XarrayLayout()
 
     def prepare(self, target: WriteTarget) -> None:
         """Each writer's prepare step; its result goes to ``target.states``."""

@@ -30,7 +30,7 @@ The outputs segflow writes itself (region and vector tables, the DICOM SEG, the 
 view and its pyramid) are writers of the same kind, registered from :data:`BUILTIN_WRITERS`
 (one line each) and turned on by their own ``output`` field (``switch``, e.g.
 ``output.regions: true``; ``output_fields`` maps further ``output`` fields to their
-settings). They use three more hooks:
+settings). Any writer may also use these hooks:
 
 - ``prepare(target, settings)``: after the checks, once the staged item group exists and
   before any block runs; what it returns is the writer's state for this item, which
@@ -38,7 +38,16 @@ settings). They use three more hooks:
 - ``object_rows(state)``: the :class:`~segflow.engine.kernels.RegionsSpec` that receives
   the per-object rows the stitch merges (one writer per item at most);
 - ``layout(settings, blocks)``: the :class:`~segflow.store.output.OutputLayout` the output
-  is written with (one writer per item at most; the xarray layout without one).
+  is written with: the output writer's xarray/CF layout, or one that extends it, given by
+  one more writer at most (the OME-Zarr view);
+
+and one for the whole store, after a run's items, while the run holds the store's lock:
+
+- ``collect(store, settings, items)``: bring a collection-wide file up to date for the
+  ``items`` the run did (None: every item; the collection's ``vectors.parquet/`` folder);
+  ``settings`` is
+  None when the run does not turn the writer on (then only refresh what an earlier run
+  left, never leave it stale); returns its path (None without one) and a line to log.
 
 ``finish`` may also fill ``target.row`` (fields of the item's index row, such as the
 area percentiles of the region table).
@@ -105,6 +114,7 @@ class Writer:
     prepare: Callable[[WriteTarget, Any], Any] | None = None
     object_rows: Callable[[Any], Any] | None = None
     layout: Callable[[Any, tuple[int, ...]], Any] | None = None
+    collect: Callable[[str, Any, Sequence[str] | None], tuple[str | None, str]] | None = None
     switch: str | None = None  # a built-in writer's `output` field that turns it on
     always: bool = False  # a built-in writer that is always on (the output itself)
     output_fields: Mapping[str, str] = field(default_factory=dict)  # output field -> setting
@@ -233,6 +243,13 @@ def builtin_settings(output: Mapping[str, Any]) -> list[tuple[Writer, BaseModel]
     return chosen
 
 
+def collecting_writers(output: Mapping[str, Any]) -> list[tuple[Writer, BaseModel | None]]:
+    """Every registered writer with a ``collect`` step, with its settings when ``output``
+    turns it on, else None (its collection-wide file is refreshed, never left stale)."""
+    chosen = {w.name: s for w, s in ActiveWriters.of_output(output).chosen}
+    return [(w, chosen.get(w.name)) for w in list_writers() if w.collect is not None]
+
+
 @dataclass(frozen=True)
 class ActiveWriters:
     """The writers a config turns on for one item, with their validated settings, in the
@@ -334,6 +351,7 @@ __all__ = [
     "WriteTarget",
     "Writer",
     "builtin_settings",
+    "collecting_writers",
     "get_writer",
     "hashed_settings",
     "list_writers",

@@ -63,12 +63,24 @@ def verify(target: WriteTarget, settings: VectorsSettings, files: Sequence[str])
     )
 
 
+def collect(
+    store: str, settings: VectorsSettings | None, items: Sequence[str] | None
+) -> tuple[str | None, str]:
+    """The collection's ``STORE/vectors.parquet/`` folder: a part per item the run did
+    (:func:`segflow.store.vector_dataset.compact_vectors`); a run without vectors only
+    refreshes a folder an earlier run made."""
+    from segflow.store.vector_dataset import compact_vectors
+
+    return compact_vectors(store, refresh_only=settings is None, items=items)
+
+
 VECTORS = Writer(
     name="vectors",
     settings=VectorsSettings,
     check=check,
     finish=finish,
     verify=verify,
+    collect=collect,
     switch="vectors",
     summary="ITEM/vectors.parquet: each object's polygon in the item's CRS (GeoParquet)",
 )

@@ -244,3 +244,18 @@ def test_segflows_own_writers_are_not_named_under_output_writers(tmp_path: Path)
         _config(tmp_path, "output.writers={regions: {}}")
     with pytest.raises(ValueError, match="a writer named 'vectors' is registered already"):
         writers.register_writer(writers.Writer(name="vectors", settings=BaseModel))
+
+
+def test_a_config_is_refused_before_a_run_only_when_no_item_fits(tmp_path: Path) -> None:
+    from segflow.engine.collection import check_item_fit, unfit_items
+    from segflow.io import ArrayReader
+
+    cfg = _config(tmp_path, "output.writers={}", "output.vectors=true", "blocks.shape=16")
+    volume = ArrayReader(np.zeros((4, 8, 8), np.float32), "vol", axes=("z", "y", "x")).info
+    image = ArrayReader(np.zeros((8, 8), np.float32), "img").info
+
+    line = check_item_fit(cfg, volume)
+    assert line is not None and line.startswith("item 'vol' (<array vol>): `output.vectors`")
+    assert check_item_fit(cfg, image) is None
+    assert unfit_items(cfg, [volume, volume]) == [line, line]
+    assert unfit_items(cfg, [volume, image]) == []  # the volume fails alone in the run

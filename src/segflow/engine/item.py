@@ -349,17 +349,7 @@ def _segment_staged(
     result: ItemResult,
 ) -> tuple[Any, Any]:
     """Plan, check, prepare the outputs, run the blocks, finish, check and commit."""
-    info = reader.info
-    plan = compile_pipeline(
-        pipeline,
-        spatial_ndim=len(info.spatial_shape),
-        channels=info.n_channels,
-        dtype=info.dtype,
-        spacing=info.spacing,
-        units=info.units,
-        nodata=info.nodata,
-        item=info,
-    )
+    plan = plan_for_item(pipeline, reader.info)
     result.model_hash = _model_hash(plan)
     outputs = _prepare_outputs(reader, plan, options, stage, executor, progress)
     run = _run_blocks(reader, plan, outputs, options, stage, executor, progress)
@@ -370,6 +360,31 @@ def _segment_staged(
     _remove(stage.blocks_dir)
     _finish_and_commit(run, outputs, options, result)
     return plan, run
+
+
+def plan_for_item(pipeline: Sequence[Mapping[str, Any]], info: ItemInfo) -> Any:
+    """``pipeline`` compiled for one item: its dimensions, channels, dtype, spacing, units
+    and nodata (raises ``PlanError`` or ``ValueError`` when it does not fit the item)."""
+    return compile_pipeline(
+        pipeline,
+        spatial_ndim=len(info.spatial_shape),
+        channels=info.n_channels,
+        dtype=info.dtype,
+        spacing=info.spacing,
+        units=info.units,
+        nodata=info.nodata,
+        item=info,
+    )
+
+
+def check_outputs(plan: Any, info: ItemInfo, output: Mapping[str, Any]) -> ActiveWriters:
+    """Every output writer ``output`` (the config's ``output`` section) turns on, each
+    having checked the item and the ``plan`` compiled for it: the one pre-run check of
+    outputs that ``segflow validate``, ``segflow run`` and each item's run make (raises
+    the first refusal: ``output.regions`` on a pipeline without labels, say)."""
+    active = ActiveWriters.of_output(output)
+    active.check(info, plan.out_kind)
+    return active
 
 
 def _prepare_outputs(
@@ -387,8 +402,7 @@ def _prepare_outputs(
 
     info = reader.info
     spatial = info.spatial_shape
-    active = ActiveWriters.of_output(options.output)
-    active.check(info, plan.out_kind)
+    active = check_outputs(plan, info, options.output)
     block = block_shape_for(options.block_shape, len(spatial))
     chunk = tuple(min(c, n) for c, n in zip(options.chunks or block, spatial, strict=True))
     shard = None

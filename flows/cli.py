@@ -322,15 +322,11 @@ def _run(configs: Sequence[Path], overrides: list[str], *, verbose: bool = False
 def _run_loaded(
     configs: Sequence[Path], loaded: Sequence[Any], overrides: list[str], *, verbose: bool
 ) -> None:
-    from segflow.engine.collection import unfit_items
-
     invalid = _report(_shared_store_problems(configs, loaded))
     collections = []
     for path, config in zip(configs, loaded, strict=True):
         notes: list[str] = []
-        problems, readers, failures = _collection_problems(config, notes)
-        if not problems:  # no item fits the pipeline or an output writer: none runs
-            problems = unfit_items(config, [reader.info for reader in readers])
+        problems, readers, failures = _run_problems(config, notes)
         for problem in problems:
             typer.echo(f"{path}: {problem}", err=True)
         invalid |= bool(problems)
@@ -797,6 +793,20 @@ def _collection_problems(
     misfits = [_shape_misfit(reader.info, config) for reader in readers]
     if readers and all(misfits):  # no item fits: the settings are wrong, not the items
         problems += [m for m in misfits if m]
+    return problems, readers, failures
+
+
+def _run_problems(
+    config: Any, notes: list[str]
+) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
+    """:func:`_collection_problems`, then, without any, the items' own pre-run check until
+    one passes (:func:`segflow.engine.collection.unfit_items`): a config that no item fits
+    (``output.regions`` on a pipeline without labels) is refused before anything runs."""
+    from segflow.engine.collection import unfit_items
+
+    problems, readers, failures = _collection_problems(config, notes)
+    if not problems:
+        problems = unfit_items(config, [reader.info for reader in readers])
     return problems, readers, failures
 
 

@@ -180,11 +180,6 @@ def segment_item(
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
-    What the item writes is the work of its output writers (:mod:`segflow.store.writers`;
-    segflow's own in :mod:`segflow.engine.writers`): each checks the item before any
-    block, prepares in staging, may add a hook to each output block, finishes once the
-    blocks are written and checks its files before the commit.
-
     The item is written into the run's staging area, checked (every array and storage
     unit on disk, one region row per object) and only then swapped in with its commit
     record (:mod:`segflow.store.commit`): until then ``STORE/ITEM_ID`` keeps its previous
@@ -199,23 +194,16 @@ def segment_item(
     the blocks that have no record.
 
     Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
-    the item and the reason, so the rest of the collection goes on. With ``regions``, the
-    objects' properties go to ``STORE/ITEM_ID/regions.parquet`` and the result carries the
-    5th, 50th and 95th percentiles of their areas; ``regions_intensity`` says what the
-    intensity columns summarise: ``"input"`` (or ``True``), the name of a ``save_as``
-    array, or ``None`` (or ``False``) for none. With ``vectors`` (a 2-D item whose
-    pipeline ends in labels), each object's polygon goes to ``STORE/ITEM_ID/vectors.parquet``
-    (GeoParquet in the item's CRS, with the region columns; :mod:`segflow.store.vectors`).
+    the item and the reason, so the rest of the collection goes on.
 
-    The store's layout (:mod:`segflow.store.output`) is the xarray/CF one, plus with ``ome``
-    an OME-Zarr 0.5 multiscale view of the output (``pyramid`` caps its levels beyond the
-    full resolution; None: until a level fits one chunk), written in staging before the
-    check, so a committed item always has its whole pyramid.
-
-    With ``dicom_seg`` (an item read from a DICOM series), the output and the named class
-    maps go to ``STORE/ITEM_ID/seg.dcm``, a DICOM Segmentation that references the source
-    images (:mod:`segflow.store.dicomseg`).
-
+    Each output is a writer's (:mod:`segflow.store.writers`: it checks the item before any
+    block, prepares in staging, may hook each output block, finishes once the blocks are
+    written, checks its files before the commit; segflow's own, each module saying what
+    it writes, in :mod:`segflow.engine.writers`): ``regions`` (``ITEM/regions.parquet``;
+    the result carries the 5th, 50th and 95th percentiles of the object areas) with
+    ``regions_intensity`` (``"input"`` or True, a ``save_as`` array's name, None or False),
+    ``vectors`` (``ITEM/vectors.parquet``), ``ome`` (the OME-Zarr 0.5 view, whose pyramid
+    has at most ``pyramid`` levels beyond full resolution), ``dicom_seg`` (``seg.dcm``).
     ``writers`` (``output.writers``) names other registered output writers with their
     settings. ``output``, the config's ``output`` section as a mapping (as a run passes
     it), replaces ``regions`` ... ``writers``: the writers read their own fields of it.
@@ -242,6 +230,18 @@ def segment_item(
         resumable=resumable,
         output=output,
     )
+    return _segment_item(reader, pipeline, options, executor, progress)
+
+
+def _segment_item(
+    reader: Reader,
+    pipeline: Sequence[Mapping[str, Any]],
+    options: ItemOptions,
+    executor: Executor,
+    progress: ProgressCallback | None,
+) -> ItemResult:
+    """:func:`segment_item` with its options gathered: stage, run, commit; a failure is
+    the result's, and leaves the store's committed item untouched."""
     info = reader.info
     stage = _Stage.of(info, options)
     started = time.perf_counter()
@@ -251,7 +251,7 @@ def segment_item(
         status="failed",
         shape=str(tuple(info.shape)),
         fingerprint=info.fingerprint,
-        config_hash=config_hash,
+        config_hash=options.config_hash,
         tiles=scene_tiles(info),
     )
     try:

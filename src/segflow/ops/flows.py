@@ -475,8 +475,8 @@ register(
         "(dY, dX, cellprob) and 3-D (dZ, dY, dX, cellprob)",
         halo=flow_halo,
         halo_rule="3 * max_travel + 12 (paths longer than max_travel stop the item)",
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.int64),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.int64),
         check_layout=_check_flow_channels,
         expand=_parts,
     )
@@ -489,8 +489,8 @@ register(
         apply=compute_masks_block,
         summary="flow_dynamics: each pixel's mask named by its seed's item position",
         halo=flow_halo,
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.int64),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.int64),
         check_layout=_check_flow_channels,
     )
 )
@@ -502,7 +502,7 @@ register(
         apply=_label_ids,
         rule=_sizes_rule,
         summary="flow_dynamics: Cellpose's size rules on whole masks, consecutive ids",
-        out_dtype=lambda dtype, p: np.dtype(np.uint32),
+        out_dtype=lambda p, dtype: np.dtype(np.uint32),
         needs_single_channel=True,
         by_class=lambda p: True,
     )

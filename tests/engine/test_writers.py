@@ -198,8 +198,16 @@ def test_unknown_writers_and_bad_settings_are_one_line_each(tmp_path: Path) -> N
 
 # `output` fields that are not a writer's: where the store is and how its units are cut
 # (the engine plans blocks by them), whether done items are redone or another config may
-# write, and the list of other packages' writers.
-ENGINE_OUTPUT_FIELDS = {"store", "chunks", "shards", "overwrite", "allow_other_configs", "writers"}
+# write, how many old versions of an item the store keeps, and other packages' writers.
+ENGINE_OUTPUT_FIELDS = {
+    "store",
+    "chunks",
+    "shards",
+    "overwrite",
+    "allow_other_configs",
+    "retention",
+    "writers",
+}
 
 
 def test_every_output_setting_belongs_to_a_registered_writer_or_the_engine() -> None:

@@ -283,7 +283,8 @@ def run(
     (an unreadable or unfit item fails alone: the others complete) or a config was left out
     because its model is not trained (one line each; the other configs run), 2 when a config is
     invalid, its input is missing, its store path is a file or a folder segflow did not
-    make, or a shape setting does not fit the items (then nothing runs), 130 / 143 when
+    make, or a shape setting, the pipeline or an output writer fits none of the items
+    (``output.regions`` on a pipeline without labels, say: then nothing runs), 130 / 143 when
     stopped by Ctrl-C / SIGTERM.
     """
     try:
@@ -325,7 +326,7 @@ def _run_loaded(
     collections = []
     for path, config in zip(configs, loaded, strict=True):
         notes: list[str] = []
-        problems, readers, failures = _collection_problems(config, notes)
+        problems, readers, failures = _run_problems(config, notes)
         for problem in problems:
             typer.echo(f"{path}: {problem}", err=True)
         invalid |= bool(problems)
@@ -795,6 +796,20 @@ def _collection_problems(
     return problems, readers, failures
 
 
+def _run_problems(
+    config: Any, notes: list[str]
+) -> tuple[list[str], list[Any], list[tuple[str, str]]]:
+    """:func:`_collection_problems`, then, without any, the items' own pre-run check until
+    one passes (:func:`segflow.engine.collection.unfit_items`): a config that no item fits
+    (``output.regions`` on a pipeline without labels) is refused before anything runs."""
+    from segflow.engine.collection import unfit_items
+
+    problems, readers, failures = _collection_problems(config, notes)
+    if not problems:
+        problems = unfit_items(config, [reader.info for reader in readers])
+    return problems, readers, failures
+
+
 def _shape_misfit(info: Any, config: Any) -> str | None:
     """One line when a shape setting has another axis count than the item, or blocks that
     do not cover whole storage units of it (naming the ``--set`` that fixes it), else None."""
@@ -836,12 +851,7 @@ def _unit_fix(blocks: Any, output: Any) -> str:
 def _check_items(config: Any) -> list[str]:
     """Problems of the collection and of fitting the pipeline to each item (channels,
     dimensions), one per line."""
-    from segflow.engine.budget import check_item_budget
-    from segflow.engine.pipeline import compile_pipeline
-    from segflow.errors import SegflowError
-    from segflow.store.dicomseg import check_dicom_seg
-    from segflow.store.regions import check_regions
-    from segflow.store.vectors import check_vectors
+    from segflow.engine.collection import check_item_fit
 
     problems, readers, failures = _collection_problems(config)
     problems += [f"input.path: {message}" for _, message in failures]
@@ -850,30 +860,8 @@ def _check_items(config: Any) -> list[str]:
         if not problems and (misfit := _shape_misfit(info, config)):
             problems.append(misfit)  # in a run, this item fails alone
             continue
-        try:  # its message names the item
-            check_item_budget(info, config.blocks.shape, max_item_bytes=config.run.max_item_bytes)
-        except SegflowError as error:
-            problems.append(str(error))
-            continue
-        try:
-            plan = compile_pipeline(
-                config.pipeline,
-                spatial_ndim=len(info.spatial_shape),
-                channels=info.n_channels,
-                dtype=info.dtype,
-                spacing=info.spacing,
-                units=info.units,
-                nodata=info.nodata,
-                item=info,
-            )
-            if config.output.regions:
-                check_regions(plan.out_kind)
-            if config.output.vectors:
-                check_vectors(info, plan.out_kind)
-            if config.output.dicom_seg:
-                check_dicom_seg(info, plan.out_kind)
-        except (SegflowError, ValueError) as error:
-            problems.append(f"item {info.id!r} ({info.path}): {error}")
+        if line := check_item_fit(config, info):  # budget, pipeline, output writers
+            problems.append(line)
     return problems
 
 

@@ -39,7 +39,7 @@ from segflow.flows.store_queue import QueueTimeoutError, store_queue
 from segflow.store.versions import Retention
 from segflow.tasks.artifacts import publish_progress, report_items_task
 from segflow.tasks.items import plan_items_task, segment_items_task
-from segflow.tasks.store import compact_vectors_task, current_run_id, writing_store
+from segflow.tasks.store import collect_outputs_task, current_run_id, writing_store
 
 # The run's outcome, in its log; the segflow command prints its own summary instead of it.
 SUMMARY_LINE = {"segflow_console": False}
@@ -187,10 +187,10 @@ def _segment(
                 if work:
                     rows += segment_items(cfg, work, config_hash=config_hash, run_id=run_id)
                 if any(r["status"] == "done" for r in rows) and stop_requested() is None:
-                    # While the lock is held: the parts of the items this run did in the
-                    # collection's vectors folder (never left stale).
+                    # While the lock is held: the writers' collection-wide files (the
+                    # vectors folder) get the items this run did (never left stale).
                     done = [r["id"] for r in rows if r["status"] == "done"]
-                    compact_vectors_task(store, vectors=cfg.output.vectors, items=done)
+                    collect_outputs_task(store, cfg.output.model_dump(), items=done)
         except StoreError as error:  # occupied, foreign or unwritable
             return _refused(cfg, error)
     rows += plan.skipped

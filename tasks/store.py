@@ -184,28 +184,34 @@ def write_index_task(store: str, rows: list[dict[str, Any]]) -> str:
     return str(write_index(store, rows))
 
 
-@task(name="compact-vectors", retries=0, cache_policy=NO_CACHE)
-def compact_vectors_task(
-    store: str, *, vectors: bool, items: list[str] | None = None
-) -> str | None:
-    """Bring ``STORE/vectors.parquet/`` up to date for ``items`` (the items the run did:
-    one part file each); without ``vectors`` (the run's ``output.vectors``) only refresh
-    one an earlier run wrote."""
-    from prefect import get_run_logger
-
-    from segflow.store.vectors import compact_vectors
+@task(name="collect-outputs", retries=0, cache_policy=NO_CACHE)
+def collect_outputs_task(
+    store: str, output: dict[str, Any], items: list[str] | None = None
+) -> list[str]:
+    """Each output writer's collection-wide step for ``items`` (the items the run did):
+    the collection's ``vectors.parquet/`` folder, say (``output``: the run's ``output``
+    section; a writer it leaves off only refreshes what an earlier run wrote). Returns
+    the paths the steps keep; a step that fails is logged and loses only its own file."""
+    from segflow.store.writers import collecting_writers
 
     logger = get_run_logger()
-    try:
-        path, note = compact_vectors(store, refresh_only=not vectors, items=items)
-    except Exception as error:  # the items are done and committed: only this file is lost
-        logger.error(
-            "%s/vectors.parquet removed (%s: %s); each item's vectors.parquet is complete",
-            store.rstrip("/"),
-            type(error).__name__,
-            error,
-        )
-        return None
-    if note:
-        logger.info("%s", note)
-    return path
+    paths = []
+    for writer, settings in collecting_writers(output):
+        assert writer.collect is not None
+        try:
+            path, note = writer.collect(store, settings, items)
+        except Exception as error:  # the items are done and committed: only this file is lost
+            logger.error(
+                "%s: writer %r's collection file removed (%s: %s); each item's own files "
+                "are complete",
+                store.rstrip("/"),
+                writer.name,
+                type(error).__name__,
+                error,
+            )
+            continue
+        if note:
+            logger.info("%s", note)
+        if path is not None:
+            paths.append(path)
+    return paths

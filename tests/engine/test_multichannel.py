@@ -42,8 +42,8 @@ except KeyError:
             params=_Params,
             apply=_two_class,
             summary="a two-class probability map (test only)",
-            out_channels=lambda c, p: 2,
-            out_dtype=lambda d, p: np.dtype(np.float16),
+            out_channels=lambda p, c: 2,
+            out_dtype=lambda p, d: np.dtype(np.float16),
             class_names=lambda p: NAMES,
         )
     )

@@ -33,7 +33,7 @@ def scale(image, params, ctx):
 SCALE = Operation(
     name="demo_scale", kind="pointwise", params=ScaleParams, apply=scale,
     summary="multiply by a factor (from the demo plugin)",
-    out_dtype=lambda dtype, params: "float32",
+    out_dtype=lambda params, dtype: "float32",
 )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 from segflow.config import SegflowConfig, apply_overrides, parse_config
 from segflow.engine.collection import plan_collection, run_item
@@ -193,3 +194,76 @@ def test_unknown_writers_and_bad_settings_are_one_line_each(tmp_path: Path) -> N
         _config(tmp_path, "output.writers={demo_count: {}}")
     with pytest.raises(ConfigError, match=r"demo_counts.announce: .*\(got 'loud'\)"):
         _config(tmp_path, "output.writers.demo_counts.announce=loud")
+
+
+# `output` fields that are not a writer's: where the store is and how its units are cut
+# (the engine plans blocks by them), whether done items are redone or another config may
+# write, how many old versions of an item the store keeps, and other packages' writers.
+ENGINE_OUTPUT_FIELDS = {
+    "store",
+    "chunks",
+    "shards",
+    "overwrite",
+    "allow_other_configs",
+    "retention",
+    "writers",
+}
+
+
+def test_every_output_setting_belongs_to_a_registered_writer_or_the_engine() -> None:
+    from segflow.config import OutputConfig
+
+    owned: dict[str, str] = {}
+    for writer in writers.list_writers():
+        for name in [writer.switch or "", *writer.output_fields]:
+            if name:
+                assert name not in owned, f"{name} is both {owned[name]}'s and {writer.name}'s"
+                owned[name] = writer.name
+    assert set(owned) | ENGINE_OUTPUT_FIELDS == set(OutputConfig.model_fields)
+    assert owned == {
+        "regions": "regions",
+        "regions_intensity": "regions",
+        "vectors": "vectors",
+        "ome": "ome",
+        "pyramid": "ome",
+        "dicom_seg": "dicom_seg",
+    }
+
+
+def test_segflows_own_writers_are_turned_on_by_their_output_fields() -> None:
+    output = {"regions": True, "regions_intensity": None, "ome": True, "pyramid": 2}
+
+    chosen = writers.ActiveWriters.of_output(output).chosen
+
+    assert [w.name for w, _ in chosen] == ["output", "regions", "ome"]  # hook order
+    assert chosen[1][1].intensity is None and chosen[2][1].levels == 2
+    assert [w.name for w, _ in writers.ActiveWriters.of_output({"ome": False}).chosen] == ["output"]
+    layout = writers.ActiveWriters.of_output({"ome": True}).layout((64, 64))
+    assert (type(layout).__name__, layout.blocks) == ("OmeZarrLayout", (64, 64))
+    assert type(writers.ActiveWriters.of_output({}).layout((64, 64))).__name__ == "XarrayLayout"
+
+
+def test_segflows_own_writers_are_not_named_under_output_writers(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"output writer 'regions' is segflow's own: it is turned on with "
+        r"`output.regions`, not under `output.writers`",
+    ):
+        _config(tmp_path, "output.writers={regions: {}}")
+    with pytest.raises(ValueError, match="a writer named 'vectors' is registered already"):
+        writers.register_writer(writers.Writer(name="vectors", settings=BaseModel))
+
+
+def test_a_config_is_refused_before_a_run_only_when_no_item_fits(tmp_path: Path) -> None:
+    from segflow.engine.collection import check_item_fit, unfit_items
+    from segflow.io import ArrayReader
+
+    cfg = _config(tmp_path, "output.writers={}", "output.vectors=true", "blocks.shape=16")
+    volume = ArrayReader(np.zeros((4, 8, 8), np.float32), "vol", axes=("z", "y", "x")).info
+    image = ArrayReader(np.zeros((8, 8), np.float32), "img").info
+
+    line = check_item_fit(cfg, volume)
+    assert line is not None and line.startswith("item 'vol' (<array vol>): `output.vectors`")
+    assert check_item_fit(cfg, image) is None
+    assert unfit_items(cfg, [volume, volume]) == [line, line]
+    assert unfit_items(cfg, [volume, image]) == []  # the volume fails alone in the run

@@ -177,6 +177,31 @@ def test_validate_refuses_regions_for_a_pipeline_without_labels() -> None:
     )
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_validate_and_run_refuse_regions_without_labels_before_anything_runs(
+    command: str, tmp_path: Path
+) -> None:
+    # One check for both (segflow.engine.collection.check_item_fit): the writer's own.
+    store = tmp_path / "n.zarr"
+    result = runner.invoke(
+        app,
+        [
+            command, str(CONFIGS / "nuclei.yaml"),
+            "--set", "pipeline.4={op: fill_holes}",
+            "--set", f"output.store={store}",
+        ],
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{CONFIGS / 'nuclei.yaml'}: item 'image' (")
+    assert line.endswith(
+        "`output.regions` (true) needs a pipeline that ends in labels, this one gives mask: "
+        "set output.regions: false or end the pipeline with a label step"
+    )
+    assert not store.exists()  # nothing ran
+
+
 def test_validate_refuses_dicom_seg_for_a_nifti_item() -> None:
     result = runner.invoke(
         app, ["validate", str(CONFIGS / "ct.yaml"), "--set", "output.dicom_seg=true"]

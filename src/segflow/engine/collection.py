@@ -483,13 +483,7 @@ def run_item(
                     chunks=output.chunks,
                     shards=output.shards,
                     config_hash=cfg.config_hash() if config_hash is None else config_hash,
-                    regions=output.regions,
-                    regions_intensity=output.regions_intensity,
-                    vectors=output.vectors,
-                    dicom_seg=output.dicom_seg,
-                    ome=output.ome,
-                    pyramid=output.pyramid,
-                    writers=output.writers,
+                    output=output.model_dump(),  # what its output writers read
                     progress=lambda phase, done, total: report(item_id, phase, done, total),
                     run_id=run_id,
                     run_name=run_name,
@@ -502,6 +496,40 @@ def run_item(
         append_records(cfg.output.store, run_id, [row])
     report(item_id, row["status"], 1, 1)
     return row, reader
+
+
+def check_item_fit(cfg: SegflowConfig, info: Any) -> str | None:
+    """What stops one item before any of it runs, as one line naming it (None: nothing):
+    its size against ``run.max_item_bytes``, the pipeline compiled for it and every output
+    writer's pre-run check (:func:`segflow.engine.item.check_outputs`), the same checks
+    its own run makes first."""
+    from segflow.engine.budget import check_item_budget
+    from segflow.engine.item import check_outputs, plan_for_item
+    from segflow.errors import SegflowError
+
+    try:  # its message names the item
+        check_item_budget(info, cfg.blocks.shape, max_item_bytes=cfg.run.max_item_bytes)
+    except SegflowError as error:
+        return str(error)
+    try:
+        check_outputs(plan_for_item(cfg.pipeline, info), info, cfg.output.model_dump())
+    except (SegflowError, ValueError) as error:
+        return f"item {info.id!r} ({info.path}): {error}"
+    return None
+
+
+def unfit_items(cfg: SegflowConfig, infos: Sequence[Any]) -> list[str]:
+    """:func:`check_item_fit`'s lines for the items ``infos`` when none of them fits (the
+    config is wrong, not the items: refused before a run starts), else ``[]`` (an unfit
+    item among fitting ones fails alone in the run). Items are checked until one fits,
+    so a fitting collection costs one check."""
+    lines = []
+    for info in infos:
+        line = check_item_fit(cfg, info)
+        if line is None:
+            return []
+        lines.append(line)
+    return lines
 
 
 def _named(error: Exception, item_id: str, path: str) -> str:

@@ -10,7 +10,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,8 @@ from segflow.engine.blocks import block_shape_for
 from segflow.engine.executor import Executor, ProgressCallback
 from segflow.engine.interrupt import stop_requested
 from segflow.engine.pipeline import compile_pipeline
-from segflow.errors import PlanError
 from segflow.faults import fault_point
 from segflow.io.base import ItemInfo, Reader
-from segflow.store.output import output_layout
 from segflow.store.writers import ActiveWriters, WriteTarget
 
 # The Prefect layer's folders inside the package (links in a checkout, folders in the wheel).
@@ -178,6 +176,7 @@ def segment_item(
     ome: bool = True,
     pyramid: int | None = None,
     writers: Mapping[str, Mapping[str, Any]] | None = None,
+    output: Mapping[str, Any] | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
@@ -195,45 +194,54 @@ def segment_item(
     the blocks that have no record.
 
     Never raises for a bad item: the returned :class:`ItemResult` says ``failed`` and names
-    the item and the reason, so the rest of the collection goes on. With ``regions``, the
-    objects' properties go to ``STORE/ITEM_ID/regions.parquet`` and the result carries the
-    5th, 50th and 95th percentiles of their areas; ``regions_intensity`` says what the
-    intensity columns summarise: ``"input"`` (or ``True``), the name of a ``save_as``
-    array, or ``None`` (or ``False``) for none. With ``vectors`` (a 2-D item whose
-    pipeline ends in labels), each object's polygon goes to ``STORE/ITEM_ID/vectors.parquet``
-    (GeoParquet in the item's CRS, with the region columns; :mod:`segflow.store.vectors`).
+    the item and the reason, so the rest of the collection goes on.
 
-    The store's layout (:mod:`segflow.store.output`) is the xarray/CF one, plus with ``ome``
-    an OME-Zarr 0.5 multiscale view of the output (``pyramid`` caps its levels beyond the
-    full resolution; None: until a level fits one chunk), written in staging before the
-    check, so a committed item always has its whole pyramid.
-
-    With ``dicom_seg`` (an item read from a DICOM series), the output and the named class
-    maps go to ``STORE/ITEM_ID/seg.dcm``, a DICOM Segmentation that references the source
-    images (:mod:`segflow.store.dicomseg`).
-
-    ``writers`` (``output.writers``) names registered output writers with their settings
-    (:mod:`segflow.store.writers`): each checks the item before any block, runs its block
-    hook in each output block, finishes in staging and is verified with the rest.
+    Each output is a writer's (:mod:`segflow.store.writers`: it checks the item before any
+    block, prepares in staging, may hook each output block, finishes once the blocks are
+    written, checks its files before the commit; segflow's own, each module saying what
+    it writes, in :mod:`segflow.engine.writers`): ``regions`` (``ITEM/regions.parquet``;
+    the result carries the 5th, 50th and 95th percentiles of the object areas) with
+    ``regions_intensity`` (``"input"`` or True, a ``save_as`` array's name, None or False),
+    ``vectors`` (``ITEM/vectors.parquet``), ``ome`` (the OME-Zarr 0.5 view, whose pyramid
+    has at most ``pyramid`` levels beyond full resolution), ``dicom_seg`` (``seg.dcm``).
+    ``writers`` (``output.writers``) names other registered output writers with their
+    settings. ``output``, the config's ``output`` section as a mapping (as a run passes
+    it), replaces ``regions`` ... ``writers``: the writers read their own fields of it.
     """
+    if output is None:  # the keyword arguments, as the config's `output` has them
+        output = {
+            "regions": regions,
+            "regions_intensity": regions_intensity,
+            "vectors": vectors,
+            "dicom_seg": dicom_seg,
+            "ome": ome,
+            "pyramid": pyramid,
+            "writers": writers,
+        }
     options = ItemOptions(
         store=store,
         block_shape=block_shape,
         chunks=None if chunks is None else tuple(chunks),
         shards=None if shards is None else tuple(shards),
         config_hash=config_hash,
-        regions=regions,
-        regions_intensity=regions_intensity,
-        vectors=vectors,
-        dicom_seg=dicom_seg,
         keep_limit=keep_limit,
         run_id=run_id or uuid.uuid4().hex,
         run_name=run_name or "",
         resumable=resumable,
-        ome=ome,
-        pyramid=pyramid,
-        writers=writers,
+        output=output,
     )
+    return _segment_item(reader, pipeline, options, executor, progress)
+
+
+def _segment_item(
+    reader: Reader,
+    pipeline: Sequence[Mapping[str, Any]],
+    options: ItemOptions,
+    executor: Executor,
+    progress: ProgressCallback | None,
+) -> ItemResult:
+    """:func:`segment_item` with its options gathered: stage, run, commit; a failure is
+    the result's, and leaves the store's committed item untouched."""
     info = reader.info
     stage = _Stage.of(info, options)
     started = time.perf_counter()
@@ -243,7 +251,7 @@ def segment_item(
         status="failed",
         shape=str(tuple(info.shape)),
         fingerprint=info.fingerprint,
-        config_hash=config_hash,
+        config_hash=options.config_hash,
         tiles=scene_tiles(info),
     )
     try:
@@ -272,17 +280,11 @@ class ItemOptions:
     chunks: tuple[int, ...] | None = None
     shards: tuple[int, ...] | None = None
     config_hash: str = ""
-    regions: bool = False
-    regions_intensity: str | bool | None = "input"
-    vectors: bool = False
-    dicom_seg: bool = False
     keep_limit: int | None = None
     run_id: str = ""
     run_name: str = ""
     resumable: bool = False
-    ome: bool = True
-    pyramid: int | None = None
-    writers: Mapping[str, Mapping[str, Any]] | None = None
+    output: Mapping[str, Any] = field(default_factory=dict)  # the writers' `output` fields
 
 
 @dataclass(frozen=True)
@@ -331,12 +333,10 @@ class _Outputs:
     chunk: tuple[int, ...]
     shard: tuple[int, ...] | None
     writers: ActiveWriters
+    target: WriteTarget  # what the writers' hooks are given (and their states)
     arrays: dict[str, str] = field(default_factory=dict)  # name -> dtype, every array
     saved: dict[str, Any] = field(default_factory=dict)  # save_as name -> sink
     output: Any = None  # the output's ArraySpec, once its dtype is known
-    regions: Any = None  # ParquetRegionsSink
-    intensity: Any = None  # what the regions' intensity columns read
-    vectors: Any = None  # ParquetVectorsSink
 
 
 def _segment_staged(
@@ -349,8 +349,23 @@ def _segment_staged(
     result: ItemResult,
 ) -> tuple[Any, Any]:
     """Plan, check, prepare the outputs, run the blocks, finish, check and commit."""
-    info = reader.info
-    plan = compile_pipeline(
+    plan = plan_for_item(pipeline, reader.info)
+    result.model_hash = _model_hash(plan)
+    outputs = _prepare_outputs(reader, plan, options, stage, executor, progress)
+    run = _run_blocks(reader, plan, outputs, options, stage, executor, progress)
+    result.n_resumed = run.n_resumed
+    result.warning = "; ".join(run.warnings) or None
+    # The output phase is over: from here on (joining tables, the commit) a rerun starts
+    # the item afresh, so its block records go before the region parts do.
+    _remove(stage.blocks_dir)
+    _finish_and_commit(run, outputs, options, result)
+    return plan, run
+
+
+def plan_for_item(pipeline: Sequence[Mapping[str, Any]], info: ItemInfo) -> Any:
+    """``pipeline`` compiled for one item: its dimensions, channels, dtype, spacing, units
+    and nodata (raises ``PlanError`` or ``ValueError`` when it does not fit the item)."""
+    return compile_pipeline(
         pipeline,
         spatial_ndim=len(info.spatial_shape),
         channels=info.n_channels,
@@ -360,36 +375,34 @@ def _segment_staged(
         nodata=info.nodata,
         item=info,
     )
-    result.model_hash = _model_hash(plan)
-    outputs = _prepare_outputs(reader, plan, options, stage)
-    run = _run_blocks(reader, plan, outputs, options, stage, executor, progress)
-    result.n_resumed = run.n_resumed
-    result.warning = "; ".join(run.warnings) or None
-    # The output phase is over: from here on (joining tables, the commit) a rerun starts
-    # the item afresh, so its block records go before the region parts do.
-    _remove(stage.blocks_dir)
-    _finish_and_commit(reader, plan, run, outputs, options, stage, executor, progress, result)
-    return plan, run
 
 
-def _prepare_outputs(reader: Reader, plan: Any, options: ItemOptions, stage: _Stage) -> _Outputs:
-    """The pre-run checks of every output, then the staged item group, its ``save_as``
-    arrays and the side outputs' sinks (nothing of the item is written before the checks)."""
+def check_outputs(plan: Any, info: ItemInfo, output: Mapping[str, Any]) -> ActiveWriters:
+    """Every output writer ``output`` (the config's ``output`` section) turns on, each
+    having checked the item and the ``plan`` compiled for it: the one pre-run check of
+    outputs that ``segflow validate``, ``segflow run`` and each item's run make (raises
+    the first refusal: ``output.regions`` on a pipeline without labels, say)."""
+    active = ActiveWriters.of_output(output)
+    active.check(info, plan.out_kind)
+    return active
+
+
+def _prepare_outputs(
+    reader: Reader,
+    plan: Any,
+    options: ItemOptions,
+    stage: _Stage,
+    executor: Executor,
+    progress: ProgressCallback | None,
+) -> _Outputs:
+    """The pre-run checks of every output writer, then the staged item group, its
+    ``save_as`` arrays and the writers' prepare steps (nothing of the item is written
+    before the checks)."""
     from segflow.store.commit import begin_item, drop_partial_writes
-    from segflow.store.dicomseg import check_dicom_seg
-    from segflow.store.regions import check_regions
-    from segflow.store.vectors import check_vectors
 
     info = reader.info
     spatial = info.spatial_shape
-    active = ActiveWriters.of(options.writers)
-    active.check(info, plan.out_kind)
-    if options.regions:
-        check_regions(plan.out_kind)
-    if options.vectors:
-        check_vectors(info, plan.out_kind)
-    if options.dicom_seg:
-        check_dicom_seg(info, plan.out_kind)
+    active = check_outputs(plan, info, options.output)
     block = block_shape_for(options.block_shape, len(spatial))
     chunk = tuple(min(c, n) for c, n in zip(options.chunks or block, spatial, strict=True))
     shard = None
@@ -398,8 +411,20 @@ def _prepare_outputs(reader: Reader, plan: Any, options: ItemOptions, stage: _St
         shard = tuple(
             min(s, -(-n // c) * c) for s, c, n in zip(options.shards, chunk, spatial, strict=True)
         )
-    layout = output_layout(ome=options.ome, pyramid=options.pyramid, blocks=block)
-    outputs = _Outputs(layout, block, chunk, shard, active)
+    layout = active.layout(block)
+    target = WriteTarget(
+        stage.root,
+        info,
+        plan.out_kind,
+        executor,
+        reader=reader,
+        plan=plan,
+        block_shape=block,
+        config_hash=options.config_hash,
+        resuming=stage.resuming,
+        progress=progress,
+    )
+    outputs = _Outputs(layout, block, chunk, shard, active, target)
     begin_item(options.store, info.id)  # refuses a foreign store or folder before any write
     if stage.resuming:
         drop_partial_writes(stage.root, info.id)  # a write the kill cut short is redone
@@ -409,7 +434,7 @@ def _prepare_outputs(reader: Reader, plan: Any, options: ItemOptions, stage: _St
         spec = _spec(outputs, name, dtype, plan.saved_classes, plan.saved_categories)
         outputs.saved[name] = _ensure_array(layout, stage.root, info, spec, reuse=stage.resuming)
         outputs.arrays[name] = str(np.dtype(dtype))
-    _side_sinks(reader, plan, options, stage, outputs)
+    active.prepare(target)
     return outputs
 
 
@@ -428,34 +453,6 @@ def _spec(
     )
 
 
-def _side_sinks(
-    reader: Reader, plan: Any, options: ItemOptions, stage: _Stage, outputs: _Outputs
-) -> None:
-    """The region and vector tables' sinks (with ``output.regions``, ``output.vectors``)."""
-    from segflow.engine.pipeline import region_extras
-    from segflow.store.regions import ParquetRegionsSink
-    from segflow.store.vectors import ParquetVectorsSink, item_transform
-
-    info = reader.info
-    if options.regions:
-        outputs.regions = ParquetRegionsSink(
-            stage.root,
-            info.id,
-            spacing=info.spacing,
-            origin=info.origin,
-            units=info.units,
-            crs_wkt=info.crs_wkt,
-            extras=region_extras(plan),
-        )
-        if not stage.resuming:
-            outputs.regions.clear()
-        outputs.intensity = _intensity_source(options.regions_intensity, reader, plan, stage.root)
-    if options.vectors:
-        outputs.vectors = ParquetVectorsSink(
-            stage.root, info.id, transform=item_transform(info), crs_wkt=info.crs_wkt
-        )
-
-
 def _run_blocks(
     reader: Reader,
     plan: Any,
@@ -467,7 +464,6 @@ def _run_blocks(
 ) -> Any:
     """Run the pipeline's phases over the blocks; the output's sink is made once its dtype
     is known (the layout's, with the writers' block hooks)."""
-    from segflow.engine.run import RegionsSpec
     from segflow.store.blocks import BlockRecords, output_key
 
     info = reader.info
@@ -491,7 +487,6 @@ def _run_blocks(
         key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
         return BlockRecords(stage.blocks_dir, key)
 
-    regions = outputs.regions
     return run_item(
         reader,
         plan,
@@ -500,7 +495,7 @@ def _run_blocks(
         make_sink=make_sink,
         saved=outputs.saved,
         storage_unit=outputs.shard or outputs.chunk,
-        regions=None if regions is None else RegionsSpec(regions, intensity=outputs.intensity),
+        regions=outputs.writers.object_rows(outputs.target),
         keep_limit=options.keep_limit,
         progress=progress,
         records=records if stage.resume_name is not None else None,
@@ -508,58 +503,22 @@ def _run_blocks(
 
 
 def _finish_and_commit(
-    reader: Reader,
-    plan: Any,
-    run: Any,
-    outputs: _Outputs,
-    options: ItemOptions,
-    stage: _Stage,
-    executor: Executor,
-    progress: ProgressCallback | None,
-    result: ItemResult,
+    run: Any, outputs: _Outputs, options: ItemOptions, result: ItemResult
 ) -> None:
-    """Every output's finish step in staging, the commit check, then the commit."""
-    from segflow.store.commit import check_item, commit_item
-    from segflow.store.layout import ZarrRegionWriter
-    from segflow.store.vectors import write_vectors
+    """Every writer's finish step in staging (the OME-Zarr pyramid, the tables, ...), its
+    commit check (every array, every writer's files), then the commit."""
+    from segflow.store.commit import commit_item
 
-    info, root = reader.info, stage.root
-    if outputs.regions is not None:
-        outputs.regions.join()
-        percentiles = outputs.regions.area_percentiles((0.05, 0.5, 0.95))
-        result.area_p05, result.area_p50, result.area_p95 = percentiles
-    if outputs.vectors is not None:
-        write_vectors(
-            ZarrRegionWriter(root, info.id, plan.out_kind),
-            info.spatial_shape,
-            block_shape=outputs.block,
-            executor=executor,
-            sink=outputs.vectors,
-            regions=None if outputs.regions is None else outputs.regions.path,
-            progress=progress,
-        )
-    # Derived arrays (the OME-Zarr pyramid) go into staging too: checked with the rest.
-    derived = (
-        outputs.layout.finalize_item(root, info, output=outputs.output, executor=executor)
-        if outputs.output is not None
-        else {}
-    )
-    seg_frames = None
-    if options.dicom_seg:
-        seg_frames = _write_seg(reader, plan, root, config_hash=options.config_hash)
-    target = WriteTarget(root, info, plan.out_kind, executor)
-    writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
-    check_item(
-        root,
-        info.id,
-        shape=info.spatial_shape,
-        arrays=outputs.arrays,
+    target = replace(
+        outputs.target,
+        output_spec=outputs.output,
         object_count=run.n_labels,
-        regions=outputs.regions is not None,
-        vectors=outputs.vectors is not None,
-        derived=derived,
-        dicom_seg=seg_frames,
+        arrays=dict(outputs.arrays),
     )
+    info, root = target.info, target.root
+    writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
+    for key, value in target.row.items():  # what the writers tell of the item
+        setattr(result, key, value)
     outputs.writers.verify(target, writer_files)
     fault_point("item-staged")
     commit_item(options.store, root, info.id, _commit_record(info, options, result, run, outputs))
@@ -594,47 +553,6 @@ def _describe_done(result: ItemResult, plan: Any, run: Any, spatial: Sequence[in
         for k, v in enumerate(values):
             suffix = "" if values.size == 1 else f".{k}"
             result.statistics[f"{key}{suffix}"] = float(v)
-
-
-def _write_seg(reader: Reader, plan: Any, root: str, *, config_hash: str) -> int:
-    """Write ``ROOT/ITEM/seg.dcm`` from the staged arrays; return its frame count."""
-    from segflow.store.dicomseg import SEG_NAME, class_values, plan_segments, write_dicom_seg
-    from segflow.store.layout import ZarrRegionWriter
-
-    info = reader.info
-    sources = getattr(reader, "slice_sources", None)
-    if sources is None:  # a reader of format "dicom" that does not say its slices
-        raise PlanError(
-            f"`output.dicom_seg` (true): the reader {type(reader).__name__} does not give "
-            "the source slices (slice_sources) a SEG must reference"
-        )
-    spatial = info.spatial_shape
-    output = ZarrRegionWriter(root, info.id, plan.out_kind)
-    values = (
-        class_values(output, spatial)
-        if plan.out_kind == "classes" and not plan.out_categories
-        else []
-    )
-    segments = plan_segments(
-        plan.out_kind, plan.out_categories, dict(plan.saved_categories), out_values=values
-    )
-    arrays = {s.array: ZarrRegionWriter(root, info.id, s.array) for s in segments}
-    has_model = any(s.op.name == "_model_infer" for s in plan.steps)
-    return write_dicom_seg(
-        f"{str(root).rstrip('/')}/{info.id}/{SEG_NAME}",
-        sources=sources,
-        arrays=arrays,
-        shape=spatial,
-        segments=segments,
-        uid_seed=[
-            str(info.attrs.get("dicom_series_instance_uid", info.path)),
-            info.fingerprint,
-            config_hash,
-            code_version(),
-        ],
-        software_version=code_version(),
-        algorithm_family="model" if has_model else "rules",
-    )
 
 
 def _model_hash(plan: Any) -> str:
@@ -691,31 +609,3 @@ def _ensure_array(
     if output:
         return layout.create_output(root, info, spec)
     return layout.create_array(root, info, spec)
-
-
-class _SavedArray:
-    """A ``save_as`` array of this run, read like an item (channel axis first)."""
-
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
-
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        data = np.asarray(self.writer.read(region))
-        return data if data.ndim > len(region) else data[np.newaxis]
-
-
-def _intensity_source(choice: str | bool | None, reader: Reader, plan: Any, store: str) -> Any:
-    """What the regions' intensity columns read: the item, a saved array, or nothing."""
-    from segflow.store.layout import ZarrRegionWriter
-
-    if choice is None or choice is False:
-        return None
-    if choice is True or choice == "input":
-        return reader
-    if choice not in plan.saved:
-        saved = ", ".join(sorted(plan.saved)) or "none"
-        raise PlanError(
-            f"`output.regions_intensity` {choice!r} is neither 'input' nor a `save_as` array "
-            f"of the pipeline (saved: {saved})"
-        )
-    return _SavedArray(ZarrRegionWriter(store, reader.info.id, str(choice)))

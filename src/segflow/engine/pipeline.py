@@ -302,7 +302,7 @@ def compile_pipeline(
                 "'select_bands' or 'combine_bands' before it"
             )
         if step.op.check_channels is not None:
-            problem = step.op.check_channels(channels, step.params)
+            problem = step.op.check_channels(step.params, channels)
             if problem:
                 raise PlanError(f"{where}: {problem}")
         if step.op.check_layout is not None:
@@ -319,12 +319,12 @@ def compile_pipeline(
         before, channels_before = dtype, channels
         try:
             step.op.halo_of(step.params, spatial_ndim, sizes)
-            channels = step.op.channels_after(channels, step.params)
+            channels = step.op.channels_after(step.params, channels)
             if step.op.class_names is not None:
                 names = tuple(step.op.class_names(step.params))
             elif channels != channels_before:
                 names = None
-            dtype = step.op.dtype_after(dtype, step.params)
+            dtype = step.op.dtype_after(step.params, dtype)
         except ValueError as error:
             raise PlanError(f"{where}: {error}") from None
         # Value names hold for this step's output only: any later step changes the values.

@@ -297,7 +297,7 @@ def _object_probability(data: np.ndarray, channel: int | None) -> np.ndarray:
     return 1.0 - data[0].astype(np.float64)
 
 
-def _check_probability_channel(channels: int, params: FromBoxesParams) -> str | None:
+def _check_probability_channel(params: FromBoxesParams, channels: int) -> str | None:
     if params.method == "probability" and params.channel is not None and params.channel >= channels:
         return f"`channel` ({params.channel}) must be below the input's {channels} channels"
     return None
@@ -326,7 +326,7 @@ def _box_columns(params: FromBoxesParams) -> dict[str, np.ndarray]:
     return {"box_row": rows, "box_label": labels}
 
 
-def _dtype(dtype: np.dtype, params: FromBoxesParams) -> np.dtype:
+def _dtype(params: FromBoxesParams, dtype: np.dtype) -> np.dtype:
     return np.dtype(np.uint32 if params.output == "instances" else np.uint16)
 
 
@@ -340,7 +340,7 @@ register(
         "ids in box order; overlaps to the strongest claim; exact across blocks",
         halo=boxes_halo,
         halo_rule="the largest box's extent + margin",
-        out_channels=lambda channels, p: 1,
+        out_channels=lambda p, channels: 1,
         out_dtype=_dtype,
         check_channels=_check_probability_channel,
         ndims=(2,),

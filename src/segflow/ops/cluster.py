@@ -190,7 +190,7 @@ register(
         summary="k-means classes 1..k of the pixel features (all bands, optionally the "
         "position); centres fitted on a layout-independent sample of the whole item",
         statistic=lambda p: KMeansCentres(p),
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.uint8),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.uint8),
     )
 )

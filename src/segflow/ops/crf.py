@@ -234,7 +234,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exps / exps.sum(axis=0, keepdims=True)
 
 
-def _float_map(dtype: np.dtype, params: CrfParams) -> np.dtype:
+def _float_map(params: CrfParams, dtype: np.dtype) -> np.dtype:
     if np.dtype(dtype).kind != "f":
         raise ValueError(
             f"crf needs a probability map (floats in [0, 1]), its input is {np.dtype(dtype)}: "
@@ -254,6 +254,6 @@ register(
         halo_spacing=crf_halo,
         halo_rule="iterations x radius (in pixels per axis)",
         out_dtype=_float_map,
-        out_channels=lambda channels, p: channels if p.output == "probabilities" else 1,
+        out_channels=lambda p, channels: channels if p.output == "probabilities" else 1,
     )
 )

@@ -67,7 +67,7 @@ register(
         "to max_distance and saturated beyond",
         halo_rule="ceil(max_distance / spacing) per axis",
         halo_spacing=distance_halo,
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
         needs_single_channel=True,
     )
 )

@@ -36,7 +36,7 @@ def _gradient(name: str) -> Operation[GradientParams]:
         summary=f"gradient magnitude (skimage.filters.{name})",
         halo=lambda p, ndim: (1,) * ndim,
         halo_rule="1",
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
         needs_single_channel=True,
     )
 
@@ -157,7 +157,7 @@ register(
         "(skimage.filters.threshold_local)",
         halo=_local_halo,
         halo_rule="block_size // 2 (mean, median); int(4 * sigma + 0.5) (gaussian)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )
@@ -227,7 +227,7 @@ def _check_canny_dtype(dtype: np.dtype) -> np.dtype:
     return dtype
 
 
-def _check_canny(dtype: np.dtype, params: CannyParams) -> np.dtype:
+def _check_canny(params: CannyParams, dtype: np.dtype) -> np.dtype:
     """The refusals of ``skimage.feature.canny``, at plan time."""
     dtype = _check_canny_dtype(dtype)
     low, high = canny_thresholds(params, dtype)
@@ -337,8 +337,8 @@ register(
         apply=_all_maxima,
         summary="canny: gradient magnitude and its maxima",
         halo=_canny_halo,
-        out_channels=lambda channels, p: 2,
-        out_dtype=lambda dtype, p: np.dtype(
+        out_channels=lambda p, channels: 2,
+        out_dtype=lambda p, dtype: np.dtype(
             np.float32 if _check_canny_dtype(dtype) == np.float32 else np.float64
         ),
         needs_single_channel=True,
@@ -355,7 +355,7 @@ register(
             tuple(100.0 * q for q in canny_thresholds(p, np.dtype(np.float64)))
         ),
         summary="canny: weak/strong candidates from quantiles of the magnitude",
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.uint8),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.uint8),
     )
 )

@@ -87,7 +87,7 @@ register(
         summary="gaussian smoothing (float32), scipy.ndimage.gaussian_filter",
         halo=gaussian_halo,
         halo_rule="int(truncate * sigma + 0.5) per axis",
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
     )
 )
 register(

@@ -259,8 +259,8 @@ register(
         statistic=lambda p: DiffusionSteps(p.max_size_fraction),
         halo=check_halo,
         halo_rule="4 * (max_travel + 7) + 1",
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.int64),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.int64),
         ndims=(2,),
     )
 )

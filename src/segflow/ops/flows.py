@@ -476,12 +476,12 @@ def _check_flow_channels(params: FlowDynamicsParams, channels: int, ndim: int) -
     return None
 
 
-def _masks_channels(channels: int, params: FlowDynamicsParams) -> int:
+def _masks_channels(params: FlowDynamicsParams, channels: int) -> int:
     """One (the masks), or the masks and the flows the flow check compares them with."""
     return channels if params.checks_flows else 1
 
 
-def _masks_dtype(dtype: np.dtype, params: FlowDynamicsParams) -> np.dtype:
+def _masks_dtype(params: FlowDynamicsParams, dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64 if params.checks_flows else np.int64)
 
 
@@ -500,8 +500,8 @@ register(
         halo=flow_halo,
         halo_rule="3 * max_travel + 12, with flow_threshold 4 * (max_travel + 7) + 1 more "
         "(paths longer than max_travel stop the item)",
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.int64),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.int64),
         check_layout=_check_flow_channels,
         expand=_parts,
     )
@@ -527,7 +527,7 @@ register(
         apply=_label_ids,
         rule=_sizes_rule,
         summary="flow_dynamics: Cellpose's size rules on whole masks, consecutive ids",
-        out_dtype=lambda dtype, p: np.dtype(np.uint32),
+        out_dtype=lambda p, dtype: np.dtype(np.uint32),
         needs_single_channel=True,
         by_class=lambda p: True,
     )

@@ -284,7 +284,7 @@ register(
         apply=mask_nodata,
         summary="nodata pixels (the item's nodata value by default) -> NaN, which the "
         "statistics leave out; the image becomes float",
-        out_dtype=lambda dtype, p: float_for(dtype),
+        out_dtype=lambda p, dtype: float_for(dtype),
         item_nodata=_item_nodata,
     )
 )
@@ -304,7 +304,7 @@ register(
         params=WindowParams,
         apply=window_intensity,
         summary="intensity window [low, high] -> [0, 1] float32 (HU windowing)",
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
     )
 )
 register(
@@ -314,8 +314,8 @@ register(
         params=SelectBandsParams,
         apply=select_bands,
         summary="keep the listed 1-based bands",
-        out_channels=lambda c, p: len(p.bands),
-        check_channels=lambda c, p: _check_bands(p.bands, c),
+        out_channels=lambda p, c: len(p.bands),
+        check_channels=lambda p, c: _check_bands(p.bands, c),
     )
 )
 register(
@@ -325,13 +325,13 @@ register(
         params=CombineBandsParams,
         apply=combine_bands,
         summary="weighted sum of bands into one float32 channel",
-        check_channels=lambda c, p: (
+        check_channels=lambda p, c: (
             None
             if len(p.weights) == c
             else f"`weights` has {len(p.weights)} values, the image has {c} bands"
         ),
-        out_channels=lambda c, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_channels=lambda p, c: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
     )
 )
 register(
@@ -342,11 +342,11 @@ register(
         apply=luma,
         summary="one float32 channel: BT.601 luma of RGB(A) (alpha dropped), a single band "
         "as it is",
-        check_channels=lambda c, p: (
+        check_channels=lambda p, c: (
             None if c in (1, 3, 4) else f"luma needs 1, 3 or 4 bands (RGB(A)), the image has {c}"
         ),
-        out_channels=lambda c, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_channels=lambda p, c: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
     )
 )
 register(
@@ -357,8 +357,8 @@ register(
         apply=rgb,
         summary="the R, G, B bands of an RGB(A) image (alpha dropped); other band counts are "
         "refused",
-        check_channels=lambda c, p: _check_rgb(c),
-        out_channels=lambda c, p: 3,
+        check_channels=lambda p, c: _check_rgb(c),
+        out_channels=lambda p, c: 3,
     )
 )
 register(
@@ -368,7 +368,7 @@ register(
         params=ExpectBandsParams,
         apply=expect_bands,
         summary="refuse an item with another number of bands (the image passes unchanged)",
-        check_channels=lambda c, p: (
+        check_channels=lambda p, c: (
             None if c == p.count else f"the image has {c} band(s), the pipeline expects {p.count}"
         ),
     )
@@ -380,9 +380,9 @@ register(
         params=NormalizedDifferenceParams,
         apply=normalized_difference,
         summary="(a - b) / (a + b) of two 1-based bands (NDVI-style), float32",
-        check_channels=lambda c, p: _check_bands([p.band_a, p.band_b], c),
-        out_channels=lambda c, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        check_channels=lambda p, c: _check_bands([p.band_a, p.band_b], c),
+        out_channels=lambda p, c: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
     )
 )
 register(
@@ -393,7 +393,7 @@ register(
         apply=classify_intensity,
         summary="class ids 1..n+1 from increasing intensity edges (uint8); `names` and "
         "`colors` are stored with the output",
-        out_dtype=lambda dtype, p: np.dtype(np.uint8),
+        out_dtype=lambda p, dtype: np.dtype(np.uint8),
         needs_single_channel=True,
         categories=classify_categories,
     )
@@ -406,7 +406,7 @@ register(
         apply=normalize_percentile,
         summary="scale the item's [low, high] percentiles to [0, 1] (exact, global)",
         statistic=lambda p: Percentiles(q=(p.low, p.high)),
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
         needs_single_channel=True,
     )
 )

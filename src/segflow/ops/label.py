@@ -60,7 +60,7 @@ def label_block(mask: np.ndarray, params: LabelParams, ctx: OpContext) -> np.nda
     return labels.astype(np.int32, copy=False)[np.newaxis]
 
 
-def _check_classes(dtype: np.dtype, params: LabelParams) -> np.dtype:
+def _check_classes(params: LabelParams, dtype: np.dtype) -> np.dtype:
     if params.classes and np.dtype(dtype).kind not in "uib":
         raise ValueError(f"`classes: true` needs an integer class map, got {np.dtype(dtype)}")
     return np.dtype(np.uint32)
@@ -118,7 +118,7 @@ def relabel_sequential(image: np.ndarray, params: OpParams, ctx: OpContext) -> n
     return ranks.astype(np.uint64)[index][np.newaxis]
 
 
-def _integer_labels(dtype: np.dtype, params: OpParams) -> np.dtype:
+def _integer_labels(params: OpParams, dtype: np.dtype) -> np.dtype:
     if np.dtype(dtype).kind not in "uib":
         raise ValueError(f"relabel needs an integer label image, got {np.dtype(dtype)}")
     return np.dtype(np.uint64)

@@ -79,7 +79,7 @@ register(
         summary="mask of the boundaries between labels (skimage.segmentation.find_boundaries)",
         halo=lambda p, ndim: (1,) * ndim,
         halo_rule="1",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )

@@ -315,12 +315,12 @@ def _halo(params: ModelParams, spatial_ndim: int) -> tuple[int, ...]:
     return halo(card.tile, size, card.spacing)
 
 
-def _out_channels(channels: int, params: ModelParams) -> int:
+def _out_channels(params: ModelParams, channels: int) -> int:
     wide = params.output in ("probabilities", "raw")
     return len(step_card(params).classes) if wide else 1
 
 
-def _out_dtype(dtype: np.dtype, params: ModelParams) -> np.dtype:
+def _out_dtype(params: ModelParams, dtype: np.dtype) -> np.dtype:
     return np.dtype(
         {
             "classes": np.uint8,
@@ -593,7 +593,7 @@ register(
         apply=_normalize,
         summary="the model card's normalisation with whole-item statistics",
         statistic=_statistic,
-        out_dtype=lambda dtype, p: np.dtype(np.float32),
+        out_dtype=lambda p, dtype: np.dtype(np.float32),
         check_layout=_check_layout,
     )
 )

@@ -65,6 +65,6 @@ for _name, _func, _what in (
             # Two passes of the footprint: each output pixel sees 2 * radius pixels away.
             halo=lambda p, ndim: (2 * p.radius,) * ndim,
             halo_rule="2 * radius",
-            out_dtype=lambda dtype, p: np.dtype(bool),
+            out_dtype=lambda p, dtype: np.dtype(bool),
         )
     )

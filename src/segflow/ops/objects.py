@@ -123,8 +123,8 @@ def _kept_values(ids: np.ndarray, source: np.ndarray | None, params: OpParams) -
     return np.where(ids != 0, source[0], source.dtype.type(0))
 
 
-def _integer_or_mask(name: str) -> Callable[[np.dtype, OpParams], np.dtype]:
-    def check(dtype: np.dtype, params: OpParams) -> np.dtype:
+def _integer_or_mask(name: str) -> Callable[[OpParams, np.dtype], np.dtype]:
+    def check(params: OpParams, dtype: np.dtype) -> np.dtype:
         dtype = np.dtype(dtype)
         if dtype.kind not in "uib":  # checked at plan time: PlanError, a ValueError
             raise ValueError(
@@ -263,7 +263,7 @@ register(
         summary="keep the k largest connected objects of the item (ties: the object whose "
         "first pixel comes first in scan order)",
         halo_rule="0 (object sizes are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )
@@ -332,7 +332,7 @@ register(
         "(scipy.ndimage.binary_fill_holes), optionally only those of max_size pixels or "
         "fewer (a small region at the border stays open: remove_small_holes fills those)",
         halo_rule="0 (border contact is merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )
@@ -354,8 +354,8 @@ def _small_holes_rule(params: RemoveSmallHolesParams, ctx: OpContext) -> ObjectR
     return _sizes_rule(lambda size: size <= params.max_size, by_id=False)
 
 
-def _holes_filled(dtype: np.dtype, params: OpParams) -> np.dtype:
-    _integer_or_mask("remove_small_holes")(dtype, params)
+def _holes_filled(params: OpParams, dtype: np.dtype) -> np.dtype:
+    _integer_or_mask("remove_small_holes")(params, dtype)
     return np.dtype(bool)
 
 
@@ -470,7 +470,7 @@ register(
         summary="keep regions above `low` that contain a pixel above `high` anywhere in the "
         "item (skimage.filters.apply_hysteresis_threshold)",
         halo_rule="0 (strong pixels are merged globally)",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )
@@ -546,7 +546,7 @@ def _grow_rule(params: RegionGrowParams, ctx: OpContext) -> ObjectRule:
     return _keep_marked(lambda source, box: _seeds_in(params, source, box))
 
 
-def _check_flood_dtype(dtype: np.dtype, params: OpParams) -> np.dtype:
+def _check_flood_dtype(params: OpParams, dtype: np.dtype) -> np.dtype:
     """skimage.segmentation.flood's refusal: float16 images (cast to float32 first)."""
     if np.dtype(dtype) == np.float16:
         raise ValueError(
@@ -556,12 +556,12 @@ def _check_flood_dtype(dtype: np.dtype, params: OpParams) -> np.dtype:
     return np.dtype(dtype)
 
 
-def _grown_mask(dtype: np.dtype, params: OpParams) -> np.dtype:
-    _check_flood_dtype(dtype, params)
+def _grown_mask(params: OpParams, dtype: np.dtype) -> np.dtype:
+    _check_flood_dtype(params, dtype)
     return np.dtype(bool)
 
 
-def _check_seed_channels(channels: int, params: RegionGrowParams) -> str | None:
+def _check_seed_channels(params: RegionGrowParams, channels: int) -> str | None:
     if params.seeds is None and channels != 2:
         return (
             f"without `seeds`, region_grow needs 2 channels (intensity, seed mask), got {channels}"
@@ -616,7 +616,7 @@ register(
         halo=lambda p, ndim: _seeds_halo(p.seeds, ndim),
         halo_rule="0 (seeds are merged globally)",
         out_dtype=_grown_mask,
-        out_channels=lambda channels, p: 1,
+        out_channels=lambda p, channels: 1,
         check_channels=_check_seed_channels,
         expand=_grow_parts,
     )
@@ -698,7 +698,7 @@ register(
         params=OpParams,
         apply=lambda image, p, ctx: np.concatenate([image, np.zeros_like(image)]),
         summary="region_grow: add an empty union channel",
-        out_channels=lambda channels, p: 2,
+        out_channels=lambda p, channels: 2,
         out_dtype=_check_flood_dtype,
         needs_single_channel=True,
     )
@@ -712,7 +712,7 @@ register(
         statistic=lambda p: SeedValue(p.seed),
         summary="region_grow: mark the pixels within tolerance of one seed's value",
         halo=lambda p, ndim: _seeds_halo([p.seed], ndim),
-        out_channels=lambda channels, p: 3,
+        out_channels=lambda p, channels: 3,
     )
 )
 register(
@@ -724,7 +724,7 @@ register(
         rule=_seed_rule,
         finish=_add_grown,
         summary="region_grow: add the marked component holding one seed to the union",
-        out_channels=lambda channels, p: 2,
+        out_channels=lambda p, channels: 2,
     )
 )
 register(
@@ -734,7 +734,7 @@ register(
         params=OpParams,
         apply=lambda image, p, ctx: image[1:2] != 0,
         summary="region_grow: the union of the grown regions",
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(bool),
     )
 )

@@ -159,8 +159,13 @@ class Operation(Generic[P]):
     """One registered pipeline operation.
 
     ``apply(image, params, ctx)`` maps a block shaped ``(c, *spatial)`` to a new block with the
-    same spatial shape. ``halo(params, spatial_ndim)`` gives the halo per spatial axis.
-    ``out_channels`` and ``out_dtype`` let the planner check a pipeline before any data moves.
+    same spatial shape (``finish(image, mask, params)`` likewise for a step's whole core):
+    the operation's array functions take the array first, as numpy's do. Every other hook
+    takes the step's ``params`` first, then what it is asked about.
+    ``halo(params, spatial_ndim)`` gives the halo per spatial axis.
+    ``out_channels(params, channels)`` and ``out_dtype(params, dtype)`` let the planner check
+    a pipeline before any data moves; ``check_channels(params, channels)`` returns a
+    problem (one line) when the step cannot take that many channels.
     ``expand(params)``, when it returns parts ``(part, op_name, op_params)``, replaces the
     configured step by those steps (an operation that needs several passes of its own).
     ``item_nodata(params, nodata)`` fills parameters that default to the item's nodata value
@@ -200,10 +205,10 @@ class Operation(Generic[P]):
     halo: Callable[[P, int], tuple[int, ...]] | None = None
     halo_rule: str = "0"
     statistic: Callable[[P], GlobalStatistic] | None = None
-    out_channels: Callable[[int, P], int] | None = None
-    out_dtype: Callable[[np.dtype, P], np.dtype] | None = None
+    out_channels: Callable[[P, int], int] | None = None
+    out_dtype: Callable[[P, np.dtype], np.dtype] | None = None
     needs_single_channel: bool = False
-    check_channels: Callable[[int, P], str | None] | None = None
+    check_channels: Callable[[P, int], str | None] | None = None
     check_layout: Callable[[P, int, int], str | None] | None = None
     check_spacing: Callable[[P, tuple[float, ...], str], str | None] | None = None
     ndims: tuple[int, ...] = (2, 3)
@@ -270,12 +275,12 @@ class Operation(Generic[P]):
             return (0,) * spatial_ndim
         return tuple(int(h) for h in self.halo(params, spatial_ndim))
 
-    def channels_after(self, channels: int, params: P) -> int:
-        return channels if self.out_channels is None else self.out_channels(channels, params)
+    def channels_after(self, params: P, channels: int) -> int:
+        return channels if self.out_channels is None else self.out_channels(params, channels)
 
-    def dtype_after(self, dtype: np.dtype, params: P) -> np.dtype:
+    def dtype_after(self, params: P, dtype: np.dtype) -> np.dtype:
         return (
-            np.dtype(dtype) if self.out_dtype is None else np.dtype(self.out_dtype(dtype, params))
+            np.dtype(dtype) if self.out_dtype is None else np.dtype(self.out_dtype(params, dtype))
         )
 
 

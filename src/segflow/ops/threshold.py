@@ -72,7 +72,7 @@ register(
         params=ThresholdParams,
         apply=threshold_value,
         summary="mask = image > value",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
     )
 )
 register(
@@ -82,7 +82,7 @@ register(
         params=RangeParams,
         apply=threshold_range,
         summary="mask = low <= image <= high",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
     )
 )
 register(
@@ -93,7 +93,7 @@ register(
         apply=threshold_otsu_global,
         summary="mask = image > Otsu threshold of the whole item (global histogram)",
         statistic=lambda p: OtsuThreshold(nbins=p.nbins),
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )
@@ -191,7 +191,7 @@ for _name, _statistic in (("yen", _yen), ("triangle", _triangle)):
             summary=f"mask = image > the {_name} threshold of the whole item "
             f"(skimage.filters.threshold_{_name} on a global histogram)",
             statistic=_statistic,
-            out_dtype=lambda dtype, p: np.dtype(bool),
+            out_dtype=lambda p, dtype: np.dtype(bool),
             needs_single_channel=True,
         )
     )
@@ -224,7 +224,7 @@ register(
         apply=multi_otsu_classes,
         summary="classes 1..k between the multi-Otsu thresholds of the whole item",
         statistic=lambda p: HistogramThreshold(p.nbins, method="multi_otsu", classes=p.classes),
-        out_dtype=lambda dtype, p: np.dtype(np.uint8),
+        out_dtype=lambda p, dtype: np.dtype(np.uint8),
         needs_single_channel=True,
     )
 )
@@ -248,7 +248,7 @@ register(
         apply=_above,
         summary="mask = image > the q-th percentile of the whole item (exact, numpy.percentile)",
         statistic=lambda p: _PercentileValue(q=(p.q,)),
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )
@@ -398,7 +398,7 @@ def li_from_histogram(
     return float(t_next + low)
 
 
-def _check_li(dtype: np.dtype, params: LiParams) -> np.dtype:
+def _check_li(params: LiParams, dtype: np.dtype) -> np.dtype:
     if np.dtype(dtype).kind == "f" and params.tolerance is None:
         raise ValueError("give `tolerance` for float images (scikit-image's default needs "
                          "every distinct value of the item)")  # fmt: skip

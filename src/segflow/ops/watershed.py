@@ -138,7 +138,7 @@ register(
         "when every foreground region is at most max_object_size pixels across (checked)",
         halo=lambda p, ndim: (p.max_object_size + 1,) * ndim,
         halo_rule="max_object_size + 1",
-        out_dtype=lambda dtype, p: np.dtype(np.int64),
+        out_dtype=lambda p, dtype: np.dtype(np.int64),
         needs_single_channel=True,
     )
 )
@@ -237,7 +237,7 @@ register(
         "are at most max_region_size pixels across (checked)",
         halo=lambda p, ndim: (p.max_region_size + 3,) * ndim,
         halo_rule="max_region_size + 3",
-        out_dtype=lambda dtype, p: np.dtype(bool),
+        out_dtype=lambda p, dtype: np.dtype(bool),
         needs_single_channel=True,
     )
 )
@@ -299,7 +299,7 @@ def distance_watershed(
     return flooded.astype(np.int64, copy=False)[np.newaxis]
 
 
-def _two_channels(channels: int, params: DistanceWatershedParams) -> str | None:
+def _two_channels(params: DistanceWatershedParams, channels: int) -> str | None:
     if channels != 2:
         return (
             f"needs the 2 channels of a distance head (foreground, distance), got {channels}: "
@@ -319,8 +319,8 @@ register(
         "is at most max_object_size pixels across (checked)",
         halo=lambda p, ndim: (p.max_object_size + 1,) * ndim,
         halo_rule="max_object_size + 1",
-        out_channels=lambda channels, p: 1,
-        out_dtype=lambda dtype, p: np.dtype(np.int64),
+        out_channels=lambda p, channels: 1,
+        out_dtype=lambda p, dtype: np.dtype(np.int64),
         check_channels=_two_channels,
     )
 )

@@ -27,7 +27,7 @@ EVALUATION_NAME = "evaluation.parquet"
 CATALOGUE_NAME = "catalogue.parquet"  # a dataset directory: one part file per hash bucket
 SEGFLOW_DIR = ".segflow"  # segflow's bookkeeping inside a store: lock, records, staging
 
-_DATASETS = {CATALOGUE_NAME, VECTORS_NAME}
+_DATASETS = {CATALOGUE_NAME, INDEX_NAME, VECTORS_NAME}
 # name -> what a store keeps there: "where a store keeps ROLE" (in notes and messages)
 _RESERVED: dict[str, str] = {
     ZARR_JSON: "its Zarr metadata",
@@ -120,8 +120,8 @@ def check_reserved_names(store: str) -> None:
         if name == SEGFLOW_DIR:
             continue  # a folder by design
         path = f"{root.rstrip('/')}/{name}"
-        # The catalogue and the vectors are dataset folders by design: an item group there
-        # is one with Zarr metadata.
+        # The index, the catalogue and the vectors are dataset folders by design: an item
+        # group there is one with Zarr metadata.
         if fs.isdir(path) and (name not in _DATASETS or fs.exists(f"{path}/{ZARR_JSON}")):
             shown = f"{str(store).rstrip('/')}/{name}"
             raise StoreError(

@@ -124,3 +124,25 @@ def test_the_next_run_migrates_an_older_index_with_one_line(
     lines = [r.getMessage() for r in caplog.records if "index.parquet is now" in r.getMessage()]
     assert len(lines) == 1 and "5 row(s) moved" in lines[0]
     assert len(read_index(str(store))) == 5
+
+
+def test_the_index_in_parts_on_an_object_store(tmp_path: pathlib.Path) -> None:
+    """Through fsspec (its in-memory filesystem stands in for S3: no rename, one PUT per
+    part): parts written, read back, and an older single file moved into them."""
+    import fsspec
+
+    store = f"memory://segflow-test-{tmp_path.name}/out.zarr"
+    fs = fsspec.filesystem("memory")
+    frame = pd.DataFrame(_rows(12, "done"))
+    with fs.open(f"{store}/index.parquet", "wb") as handle:
+        frame.to_parquet(handle, index=False)
+    assert read_index(store)["id"].tolist() == frame["id"].tolist()
+
+    append_records(store, "run-2", [{"id": "item0005", "status": "failed"}])
+    compact_index(store)
+
+    assert fs.isdir(f"{store}/index.parquet") and fs.glob(f"{store}/index.parquet/part-*")
+    assert not fs.exists(f"{store}/.segflow/index-single-file.parquet")
+    index = read_index(store).set_index("id")["status"]
+    assert len(index) == 12 and index["item0005"] == "failed" and index["item0006"] == "done"
+    fs.rm(store.removeprefix("memory://").split("/")[0], recursive=True)

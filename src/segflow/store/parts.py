@@ -62,12 +62,13 @@ def read_part(store: str, name: str, bucket: int) -> Any | None:
     """One part as a ``pyarrow.Table``, or None when it has none."""
     import pyarrow.parquet as pq
 
-    fs, path = fresh_fs(f"{folder_of(store, name)}/{part_name(bucket)}")
-    if is_local(path):
+    url = f"{folder_of(store, name)}/{part_name(bucket)}"
+    if is_local(url):
         try:
-            return pq.read_table(local_path(path))
+            return pq.read_table(local_path(url))
         except FileNotFoundError:
             return None
+    fs, path = fresh_fs(url)
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as handle:

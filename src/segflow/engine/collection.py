@@ -77,16 +77,23 @@ def index_rows(store: str) -> list[dict[str, Any]]:
     """The rows of ``STORE/index.parquet`` and its pending records (none for a new store),
     as plain dicts (missing values as None)."""
     import pandas as pd
+    import pyarrow as pa
     from pandas.api.types import is_scalar
 
     from segflow.store.index import read_index
 
+    frame = read_index(store)
+    try:  # through Arrow: nulls and NaN come out as None, a column at a time
+        rows: list[dict[str, Any]] = pa.Table.from_pandas(frame, preserve_index=False).to_pylist()
+        return rows
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed kinds, from records
+        pass
     return [
         {
             str(key): (None if is_scalar(value) and pd.isna(value) else value)
             for key, value in row.items()
         }
-        for row in read_index(store).to_dict(orient="records")
+        for row in frame.to_dict(orient="records")
     ]
 
 

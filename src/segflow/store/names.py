@@ -15,6 +15,7 @@ A writer that puts a file of its own at the store's root registers its name with
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 from segflow.errors import StoreError
@@ -76,11 +77,21 @@ def reserved_role(name: str) -> str | None:
     ('its collection index', None)
     """
     folded = _fold(name)
-    for reserved, role in _RESERVED.items():
-        key = _fold(reserved)
-        if folded == key or folded.startswith((f"{key}.", f".{key}.")):
+    for key, prefixes, role in _folded(tuple(_RESERVED.items())):
+        if folded == key or folded.startswith(prefixes):
             return role
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _folded(reserved: tuple[tuple[str, str], ...]) -> list[tuple[str, tuple[str, str], str]]:
+    """Each reserved name folded, with its prefixes (computed once per set of names: every
+    discovered item's id is checked)."""
+    out = []
+    for name, role in reserved:
+        key = _fold(name)
+        out.append((key, (f"{key}.", f".{key}."), role))
+    return out
 
 
 def is_reserved_name(name: str) -> bool:

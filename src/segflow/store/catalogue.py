@@ -29,8 +29,7 @@ import pandas as pd
 
 from segflow.store.fs import fresh_fs
 from segflow.store.names import CATALOGUE_NAME
-from segflow.store.parts import BUCKETS, bucket_of, part_name, write_part
-from segflow.store.parts import read_part as read_table_part
+from segflow.store.parts import BUCKETS, bucket_of, part_name, read_part_map, write_parts
 
 __all__ = ["BUCKETS", "bucket_of", "part_name", "read_catalogue", "update_catalogue"]
 
@@ -64,13 +63,14 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
     fresh = pq.read_table(io.BytesIO(buffer.getvalue()))
     buckets = pa.array([bucket_of(str(i)) for i in fresh.column("id").to_pylist()], pa.int32())
     touched = sorted(set(buckets.to_pylist()))
-    for bucket in touched:
+    merged = {}
+    for bucket, old in read_part_map(store, CATALOGUE_NAME, touched).items():
         part = fresh.filter(pc.equal(buckets, bucket))
-        old = read_table_part(store, CATALOGUE_NAME, bucket)
         if old is not None:
             keep = old.filter(pc.invert(pc.is_in(old.column("id"), value_set=part.column("id"))))
             part = pa.concat_tables([part, keep], promote_options="permissive")
-        write_part(store, CATALOGUE_NAME, bucket, part.sort_by("id"))
+        merged[bucket] = part.sort_by("id")
+    write_parts(store, CATALOGUE_NAME, merged)
     return len(touched)
 
 

@@ -39,7 +39,14 @@ from segflow.faults import fault_point
 from segflow.store.fs import fresh_fs
 from segflow.store.lock import bookkeeping_path, is_local, local_path
 from segflow.store.names import INDEX_NAME, check_reserved_names
-from segflow.store.parts import bucket_of, part_buckets, read_part, read_parts, write_part
+from segflow.store.parts import (
+    bucket_of,
+    part_buckets,
+    read_part,
+    read_part_map,
+    read_parts,
+    write_parts,
+)
 
 _appending = threading.Lock()  # one record file per run, appended to by the run's items
 STATUSES = ("done", "failed", "skipped")
@@ -304,15 +311,17 @@ def _merge_rows(store: str | os.PathLike[str], new: pd.DataFrame) -> None:
         touched = set(buckets.to_pylist())
         if schema is not None and not unified.equals(schema):
             touched |= set(existing)  # one schema for every part
-        for bucket in sorted(touched):
+        olds = read_part_map(str(store), INDEX_NAME, sorted(touched))
+        merged = {}
+        for bucket, old in olds.items():
             part = fresh.filter(pc.equal(buckets, bucket))
-            old = read_part(str(store), INDEX_NAME, bucket)
             if old is not None:
                 stale = pc.is_in(old.column("id"), value_set=part.column("id"))
                 part = pa.concat_tables(
                     [part, old.filter(pc.invert(stale))], promote_options="permissive"
                 )
-            write_part(str(store), INDEX_NAME, bucket, _conform(part, unified).sort_by("id"))
+            merged[bucket] = _conform(part, unified).sort_by("id")
+        write_parts(str(store), INDEX_NAME, merged)
     except StoreError:
         raise
     except Exception as exc:

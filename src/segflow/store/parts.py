@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -79,11 +79,28 @@ def read_parts(store: str, name: str, buckets: Sequence[int] | None = None) -> l
     """The parts of ``buckets`` (every part when None) as ``pyarrow.Table`` objects, read
     :data:`_READERS` at a time; missing ones left out."""
     wanted = part_buckets(store, name) if buckets is None else list(buckets)
-    if not wanted:
-        return []
-    with ThreadPoolExecutor(min(_READERS, len(wanted))) as pool:
-        tables = list(pool.map(lambda b: read_part(store, name, b), wanted))
-    return [table for table in tables if table is not None]
+    found = read_part_map(store, name, wanted)
+    return [found[b] for b in wanted if found[b] is not None]
+
+
+def read_part_map(store: str, name: str, buckets: Sequence[int]) -> dict[int, Any]:
+    """Each of ``buckets`` with its part (None where it has none), :data:`_READERS` at a
+    time."""
+    return dict(zip(buckets, _each(lambda b: read_part(store, name, b), buckets), strict=True))
+
+
+def write_parts(store: str, name: str, tables: Mapping[int, Any]) -> None:
+    """Write each bucket's table as its part (:func:`write_part`), :data:`_READERS` at a
+    time: Arrow encodes and the disk or the object store writes without holding the GIL,
+    so the fixed cost of the parts a large compaction touches overlaps."""
+    _each(lambda bucket: write_part(store, name, bucket, tables[bucket]), list(tables))
+
+
+def _each(call: Callable[[int], Any], buckets: Sequence[int]) -> list[Any]:
+    if len(buckets) < 2:
+        return [call(b) for b in buckets]
+    with ThreadPoolExecutor(min(_READERS, len(buckets))) as pool:
+        return list(pool.map(call, buckets))
 
 
 def write_part(store: str, name: str, bucket: int, table: Any) -> None:

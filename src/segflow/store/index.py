@@ -83,8 +83,8 @@ def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
     same id); an empty frame with the core columns for a new store. An older store's single
     ``index.parquet`` file is read as it is (its next run migrates it: :func:`migrate_index`).
 
-    Every reader of the index (the planner, ``segflow status`` and ``evaluate``, exports,
-    tasks, tests) goes through this function.
+    Every reader of the index (the planner, ``segflow run``'s and ``segflow evaluate``'s
+    checks, exports, tasks, tests) goes through this function.
 
     Examples
     --------

@@ -64,6 +64,8 @@ def item_references(
         }
         for r in readers
     ]
+    if not failures:  # the ids below are for the files that could not be opened only
+        return items, []
     paths = sorted([r.info.path for r in readers] + [path for path, _ in failures])
     ids = dict(zip(paths, assign_item_ids(paths), strict=True))
     rows = [

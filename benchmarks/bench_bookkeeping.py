@@ -8,15 +8,18 @@ store of that many items and times segflow's own functions on it, as a run calls
 - **groups** (setup, not bookkeeping): each item's committed group written as a run's
   commit leaves it: the ``zarr.json`` of a real 64^2 item (commit record and consolidated
   metadata, some 8 kB) with the item's fingerprint. Stands in for the pixels.
-- **records**: one ``append_records`` per item (an fsynced append, as each item records
-  itself when it finishes), timed on the first :data:`RECORD_SAMPLE` items (an append's
+- **records**: per item, its commit stamp (``stamp_commit``: its group's ``zarr.json``
+  stat, read and stat again) and one ``append_records`` (an fsynced append), as each item
+  records itself when it finishes; timed on the first :data:`RECORD_SAMPLE` items (their
   cost does not depend on the collection; fsyncs on a shared disk take 1-10 ms here, so
-  10^5 of them would take most of the run); the rest are appended at once, untimed.
-- **compaction**: ``compact_index``: the records folded into ``index.parquet`` and the
-  catalogue's parts written (each touched item's group read for its extent).
+  10^5 of them would take most of the run); the rest are stamped and appended untimed.
+- **compaction**: ``compact_index``: the records folded into the parts of
+  ``index.parquet/`` and of the catalogue (each touched item's group read for its extent).
 - **nothing_to_do**: the planning of the next run on the unchanged collection
-  (``plan_items``: the index read, every commit record read, the skip rule), all skipped;
-  then the same check with the item groups as plain folders and as versions their
+  (``plan_items``: the index read, each done item's ``zarr.json`` stat'ed against its
+  row's commit stamp, the skip rule), all skipped; ``nothing_to_do_read`` is the same
+  planning with the stamps ignored, each commit record read (what it cost before stamps);
+  then the check with the item groups as plain folders and as versions their
   ``STORE/ITEM`` links to, alternated, best of three each (``nothing_to_do_folders``,
   ``nothing_to_do_linked``, printed as a ratio: the cost of following the links).
 - **add_one**: a run that adds one item to the N-item store: its group, its record, the
@@ -47,7 +50,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-PHASES = ("listing", "records", "compaction", "nothing_to_do")
+PHASES = ("listing", "records", "compaction", "nothing_to_do", "nothing_to_do_read")
 CONFIG_HASH = "c0ffee"
 RECORD_SAMPLE = 3_000  # items recorded one fsynced append each (the rest in one append)
 
@@ -112,6 +115,7 @@ def linked_ab(store: Path, readers: list[Any], item_ids: list[str]) -> dict[str,
 
 
 def row_of(item: dict[str, Any], version: str) -> dict[str, Any]:
+    """The index row a run records for a done item, without its commit stamp."""
     return {
         "id": item["id"],
         "source": item["path"],
@@ -153,10 +157,11 @@ def files_under(folder: Path) -> dict[str, tuple[int, int]]:
 def bookkeeping_files(store: Path) -> dict[str, tuple[int, int]]:
     """The store's own files (not item groups): index, catalogue, records, root metadata."""
     out = {}
-    for name in ("index.parquet", "zarr.json"):
-        if (store / name).exists():
+    for name in ("index.parquet", "zarr.json"):  # an older store's index is one file
+        if (store / name).is_file():
             stat = (store / name).stat()
             out[str(store / name)] = (stat.st_mtime_ns, stat.st_size)
+    out.update(files_under(store / "index.parquet"))
     out.update(files_under(store / "catalogue.parquet"))
     out.update(files_under(store / ".segflow"))
     return out
@@ -168,6 +173,7 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     from segflow.engine.item import code_version
     from segflow.store.commit import prepare_store
     from segflow.store.index import append_records, compact_index
+    from segflow.store.stamps import stamp_commit
 
     template = template_group(folder)
     version = code_version()
@@ -188,10 +194,12 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     sample = items[:RECORD_SAMPLE]
     start = time.perf_counter()
     for item in sample:
-        append_records(str(store), "run-1", [row_of(item, version)])
+        row = row_of(item, version)
+        append_records(str(store), "run-1", [{**row, **stamp_commit(str(store), row)}])
     # Per item from the sample: each append is an fsync, whatever the collection's size.
     seconds["records"] = (time.perf_counter() - start) / len(sample) * n
-    append_records(str(store), "run-1", [row_of(item, version) for item in items[len(sample) :]])
+    rest = [row_of(item, version) for item in items[len(sample) :]]
+    append_records(str(store), "run-1", [{**r, **stamp_commit(str(store), r)} for r in rest])
 
     start = time.perf_counter()
     compact_index(str(store))
@@ -201,6 +209,7 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     plan = plan_items(readers, [], str(store), config_hash=CONFIG_HASH, overwrite=False)  # type: ignore[arg-type]
     seconds["nothing_to_do"] = time.perf_counter() - start
     assert not plan.todo and len(plan.skipped) == n, (len(plan.todo), len(plan.skipped))
+    seconds["nothing_to_do_read"] = nothing_to_do_reading(readers, store)
     seconds.update(linked_ab(store, readers, [item["id"] for item in items]))
 
     add = add_one(store, template, version)
@@ -209,15 +218,40 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     return {"n": n, "seconds": seconds, **add, **opened, "peak_rss_bytes": peak}
 
 
+def nothing_to_do_reading(readers: list[Any], store: Path) -> float:
+    """The nothing-to-do planning with every commit stamp ignored (each record read)."""
+    from segflow.engine import collection
+    from segflow.store import stamps
+
+    trusting = stamps.stamped_commit
+    stamps.stamped_commit = lambda row, stamp: None  # type: ignore[assignment]
+    try:
+        start = time.perf_counter()
+        plan = collection.plan_items(
+            readers,  # type: ignore[arg-type]
+            [],
+            str(store),
+            config_hash=CONFIG_HASH,
+            overwrite=False,
+        )
+        elapsed = time.perf_counter() - start
+    finally:
+        stamps.stamped_commit = trusting
+    assert not plan.todo
+    return elapsed
+
+
 def add_one(store: Path, template: dict[str, Any], version: str) -> dict[str, Any]:
     """A run that adds one item: its group, its record, the compaction; what it wrote."""
     from segflow.store.index import append_records, compact_index
+    from segflow.store.stamps import stamp_commit
 
     before = bookkeeping_files(store)
     item = {"id": "new_item", "path": "/data/tiles/new_item.png", "fingerprint": "f" * 16}
     start = time.perf_counter()
     write_group(store, item["id"], template, item["fingerprint"])
-    append_records(str(store), "run-2", [row_of(item, version)])
+    row = row_of(item, version)
+    append_records(str(store), "run-2", [{**row, **stamp_commit(str(store), row)}])
     compact_index(str(store))
     elapsed = time.perf_counter() - start
     after = bookkeeping_files(store)

@@ -19,7 +19,7 @@ from segflow.store.commit import (
     discard_trash,
     prepare_store,
 )
-from segflow.store.index import compact_index
+from segflow.store.index import compact_index, migrate_index
 from segflow.store.lock import hold_store_lock
 from segflow.store.metadata import migrate_store
 from segflow.store.versions import Retention, apply_retention
@@ -54,7 +54,8 @@ def writing_store(
 
     Each item's metadata is consolidated in its group as it commits; a store an older
     segflow consolidated at its root is migrated here, with one line in the log
-    (:func:`segflow.store.metadata.migrate_store`).
+    (:func:`segflow.store.metadata.migrate_store`), as is an older single-file index
+    (:func:`segflow.store.index.migrate_index`).
     """
     check_store(store)  # before the lock file is written into the folder
     with hold_store_lock(store, run_id=run_id) as lock:
@@ -62,6 +63,8 @@ def writing_store(
             mark_crashed(lock.broken, store)
         prepare_store(store, keep_stages=keep_stages)
         if (note := migrate_store(store)) is not None:
+            _logger().warning("%s", note)
+        if (note := migrate_index(store)) is not None:  # a single-file index into parts
             _logger().warning("%s", note)
         try:
             yield

@@ -4,7 +4,7 @@ kills this process with SIGKILL the Nth time (default: the first) it reaches poi
 The points sit where a crash is most likely to leave a store half written: ``item-staged``
 (data written and checked, not yet swapped in), ``item-swap`` (between the two renames of
 the swap), ``item-committed`` (swapped in, not yet recorded), ``record-written``,
-``index-compact`` (index.parquet replaced, records not yet removed), ``regions-joined``
+``index-compact`` (index.parquet parts written, records not yet removed), ``regions-joined``
 (an item's region table written, its parts not yet removed), ``vectors-joined`` (the
 same for its vector table), ``block-done`` (each time a block task finishes, seen from the
 client), ``output-block-done`` (each time a block of an item's output phase finishes, seen

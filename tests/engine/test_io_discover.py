@@ -185,3 +185,33 @@ def test_world_file_makes_a_tiff_geo(tmp_path: pathlib.Path) -> None:
     assert isinstance(reader, GeoTIFFReader)
     assert reader.info.spacing == (-2.0, 2.0)
     assert reader.info.origin == (199.0, 101.0)
+
+
+def test_items_are_opened_several_at_a_time_in_path_order(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers and fingerprints are read by several threads; the readers and failures come
+    back in path order, as one by one."""
+    import threading
+    import time
+
+    from segflow.io import discover
+
+    rng = np.random.default_rng(0)
+    for k in range(24):
+        tifffile.imwrite(tmp_path / f"t{k:02d}.tif", (rng.random((8, 8)) * 200).astype(np.uint8))
+    for k in (3, 11):
+        (tmp_path / f"t{k:02d}b.tif").write_bytes(b"not a tiff")
+    threads, original = set(), discover.open_item
+
+    def slow(path: str, item_id: str | None = None, **options: object) -> object:
+        threads.add(threading.get_ident())
+        time.sleep(0.01)  # a header read that waits, as on a network filesystem
+        return original(path, item_id, **options)
+
+    monkeypatch.setattr(discover, "open_item", slow)
+    readers, failures = discover_items(str(tmp_path))
+
+    assert [r.info.id for r in readers] == [f"t{k:02d}" for k in range(24)]
+    assert [os.path.basename(path) for path, _ in failures] == ["t03b.tif", "t11b.tif"]
+    assert len(threads) > 1

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from segflow.flows.cli import app
 from segflow.store import read_index
 from segflow.store.regions import read_regions
+from segflow.store.stamps import group_stamp
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 runner = CliRunner()
@@ -400,6 +401,10 @@ def test_run_with_nothing_to_do_starts_no_flow_but_redoes_an_uncommitted_item(
     ]  # fmt: skip
     assert runner.invoke(app, command).exit_code == 0
     runs = _flow_runs()
+    # The flow run stamped the item's row and nothing rewrote its group after: the next
+    # plan takes the row's word without reading the group (segflow.store.stamps).
+    stamp = read_index(str(store)).set_index("id").loc["image", "commit_stamp"]
+    assert stamp == group_stamp(str(store), "image")
 
     again = runner.invoke(app, command)
 

@@ -134,7 +134,7 @@ def _assert_complete(store: Path, reference: dict[str, Any]) -> None:
         ("record-written@2", True),
         ("regions-joined@2", True),  # the second item's region table written, not committed
         ("vectors-joined@2", True),  # the same for its vector table
-        ("index-compact", False),  # index.parquet replaced, records not yet removed
+        ("index-compact", False),  # index.parquet parts written, records not yet removed
     ],
 )
 def test_a_killed_run_never_leaves_done_without_data_and_a_rerun_completes(

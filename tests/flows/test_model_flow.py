@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import xarray
@@ -14,6 +13,7 @@ from segflow.flows.segment import segment_collection
 from segflow.models.card import ModelCard
 from segflow.models.checkpoint import load_checkpoint, save_checkpoint
 from segflow.models.networks import build_network
+from segflow.store.index import read_index
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -57,7 +57,7 @@ def test_a_changed_checkpoint_redoes_items_an_unchanged_one_skips_them(
     ]
 
     assert _statuses(config) == {"a": "done", "b": "done"}
-    index = pd.read_parquet(store / "index.parquet").set_index("id")
+    index = read_index(str(store)).set_index("id")
     assert set(index["model_hash"]) == {first}
     probs = xarray.open_zarr(f"{store}/a")["probabilities"]
     assert probs.dims == ("class", "y", "x")
@@ -68,5 +68,5 @@ def test_a_changed_checkpoint_redoes_items_an_unchanged_one_skips_them(
     second = _save(model, seed=1)  # retrained in place: same path, other weights
     assert second != first
     assert _statuses(config) == {"a": "done", "b": "done"}
-    index = pd.read_parquet(store / "index.parquet").set_index("id")
+    index = read_index(str(store)).set_index("id")
     assert set(index["model_hash"]) == {second}

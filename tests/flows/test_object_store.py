@@ -25,6 +25,7 @@ import rasterio
 import zarr
 from affine import Affine
 
+from segflow.store.index import read_index
 from segflow.store.regions import read_regions
 
 pytest.importorskip("moto", reason="moto[server] is a dev dependency (the local S3 server)")
@@ -106,7 +107,7 @@ def _run(config: Path, env: dict[str, str], *args: str) -> tuple[int, str]:
 
 def _contents(store: str) -> dict[str, Any]:
     """What a store holds: every item's labels, region table and index row."""
-    index = pd.read_parquet(f"{store}/index.parquet")
+    index = read_index(store)
     found: dict[str, Any] = {"index": index[["id", "status", "object_count"]].to_dict("records")}
     for item in index["id"]:
         labels = zarr.open_array(store, path=f"{item}/labels", mode="r")[:]

@@ -3,7 +3,10 @@ are skipped, how they are batched, one item run with a config's settings and its
 and the run's summary.
 
 An item is skipped only when its index row says ``done`` *and* its group's commit record
-says the same input fingerprint, config hash and code version (:func:`select_items`). The
+says the same input fingerprint, config hash and code version (:func:`select_items`); the
+record is taken from the row where the group's ``zarr.json`` is unchanged since the row was
+stamped (:mod:`segflow.store.stamps`), so an unchanged store is planned without opening its
+groups. The
 ``segment`` flow (through its tasks) and the ``segflow run`` command decide with the same
 functions; the command decides before it starts Prefect or Dask, so a run with nothing to
 do costs no server or cluster start.
@@ -61,6 +64,8 @@ def item_references(
         }
         for r in readers
     ]
+    if not failures:  # the ids below are for the files that could not be opened only
+        return items, []
     paths = sorted([r.info.path for r in readers] + [path for path, _ in failures])
     ids = dict(zip(paths, assign_item_ids(paths), strict=True))
     rows = [
@@ -74,16 +79,23 @@ def index_rows(store: str) -> list[dict[str, Any]]:
     """The rows of ``STORE/index.parquet`` and its pending records (none for a new store),
     as plain dicts (missing values as None)."""
     import pandas as pd
+    import pyarrow as pa
     from pandas.api.types import is_scalar
 
     from segflow.store.index import read_index
 
+    frame = read_index(store)
+    try:  # through Arrow: nulls and NaN come out as None, a column at a time
+        rows: list[dict[str, Any]] = pa.Table.from_pandas(frame, preserve_index=False).to_pylist()
+        return rows
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed kinds, from records
+        pass
     return [
         {
             str(key): (None if is_scalar(value) and pd.isna(value) else value)
             for key, value in row.items()
         }
-        for row in read_index(store).to_dict(orient="records")
+        for row in frame.to_dict(orient="records")
     ]
 
 
@@ -95,14 +107,39 @@ REMOTE_READERS = 32
 def read_commits(store: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
     """The commit record of each item's group (None where there is none); from an object
     store, :data:`REMOTE_READERS` at a time."""
-    if "://" not in store:
-        if not Path(store).exists():
-            return dict.fromkeys(item_ids)
-        return {item_id: read_commit(store, item_id) for item_id in item_ids}
+    if "://" not in store and not Path(store).exists():
+        return dict.fromkeys(item_ids)
+    return dict(zip(item_ids, _each(store, lambda i: read_commit(store, i), item_ids), strict=True))
+
+
+def done_commits(
+    store: str, rows: Sequence[Mapping[str, Any]]
+) -> dict[str, Mapping[str, Any] | None]:
+    """What each done row's group's commit record says, as the skip rule needs it: taken
+    from the row where the group's ``zarr.json`` is still the file the row was stamped with
+    (:mod:`segflow.store.stamps`: a ``stat`` per item, no read), read from the group
+    (:func:`read_commits`) for every other row."""
+    from segflow.store.stamps import group_stamp, stamped_commit
+
+    ids = [str(row["id"]) for row in rows]
+    stamps = _each(store, lambda i: group_stamp(store, i), ids)
+    known: dict[str, Mapping[str, Any] | None] = {}
+    for row, stamp in zip(rows, stamps, strict=True):
+        if (commit := stamped_commit(row, stamp)) is not None:
+            known[str(row["id"])] = commit
+    known.update(read_commits(store, [i for i in ids if i not in known]))
+    return known
+
+
+def _each(store: str, call: Callable[[str], Any], item_ids: Sequence[str]) -> list[Any]:
+    """``call`` on each id, in order: in a loop locally, :data:`REMOTE_READERS` at a time
+    from an object store (each is a round trip there)."""
+    if "://" not in store or len(item_ids) < 2:
+        return [call(i) for i in item_ids]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(REMOTE_READERS, max(len(item_ids), 1))) as pool:
-        return dict(zip(item_ids, pool.map(lambda i: read_commit(store, i), item_ids), strict=True))
+    with ThreadPoolExecutor(min(REMOTE_READERS, len(item_ids))) as pool:
+        return list(pool.map(call, item_ids))
 
 
 def keep_recorded_ids(
@@ -239,8 +276,10 @@ def plan_items(
     if item_filter:
         items = [i for i in items if _matches(i["id"], item_filter)]
         failed = [r for r in failed if _matches(r["id"], item_filter)]
-    done_ids = [r["id"] for r in rows if r.get("status") == "done"]
-    commits = read_commits(store, done_ids) if done_ids else {}
+    # Only the done items of this collection matter (a row of a file gone is not checked).
+    wanted = {str(item["id"]) for item in items}
+    done = [r for r in rows if r.get("status") == "done" and str(r["id"]) in wanted]
+    commits = done_commits(store, done) if done and not overwrite else {}
     todo, skipped = select_items(
         items, rows, config_hash=config_hash, overwrite=overwrite, commits=commits
     )
@@ -452,6 +491,7 @@ def run_item(
     from segflow.engine.item import segment_item
     from segflow.io import open_item
     from segflow.store.index import append_records
+    from segflow.store.stamps import stamp_commit
 
     item_id, path = str(item["id"]), str(item["path"])
     report = progress or (lambda *_: None)
@@ -490,6 +530,8 @@ def run_item(
                     resumable=True,
                 ).as_row()
     row["config_name"] = cfg.name
+    if row["status"] == "done":  # lets the next run skip it without opening its group
+        row.update(stamp_commit(cfg.output.store, row))
     if row["status"] != "interrupted":
         # After the item's data is committed, durable at once: a killed run keeps the
         # records of what it finished.

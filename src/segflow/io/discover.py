@@ -138,16 +138,42 @@ def discover_items(
     paths, series_names = _group_series(paths, notes) if "stack" not in options else (paths, {})
     if not paths:
         raise ItemReadError(_nothing_found(path))
-    readers: list[Reader] = []
-    failures: list[tuple[str, str]] = []
     ids = assign_item_ids(paths, names=[series_names.get(p) for p in paths], notes=notes)
-    for item_path, item_id in zip(paths, ids, strict=True):
+    return _open_items(paths, ids, options)
+
+
+# Items opened (headers read, fingerprints taken) at once: each open waits mostly on the
+# disk or the network (a header read, a stat or a HEAD), so threads overlap the waits; an
+# object store's round trips take tens of milliseconds each.
+OPENERS_LOCAL = 8
+OPENERS_REMOTE = 32
+
+
+def _open_items(
+    paths: Sequence[str], ids: Sequence[str], options: dict[str, Any]
+) -> tuple[list[Reader], list[tuple[str, str]]]:
+    """Open every item (its reader, with its fingerprint), several at a time; the readers
+    in ``paths`` order, and ``(path, message)`` for each that could not be opened."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def opened(pair: tuple[str, str]) -> Reader | tuple[str, str]:
+        item_path, item_id = pair
         try:
-            readers.append(open_item(item_path, item_id, **options))
+            return open_item(item_path, item_id, **options)
         except ItemReadError as exc:
-            failures.append((item_path, str(exc)))
+            return (item_path, str(exc))
         except Exception as exc:  # a reader bug on one file must not stop the collection
-            failures.append((item_path, f"item '{item_path}': {type(exc).__name__}: {exc}"))
+            return (item_path, f"item '{item_path}': {type(exc).__name__}: {exc}")
+
+    pairs = list(zip(paths, ids, strict=True))
+    threads = OPENERS_REMOTE if pairs and is_url(pairs[0][0]) else OPENERS_LOCAL
+    if len(pairs) < 2:
+        results = [opened(pair) for pair in pairs]
+    else:
+        with ThreadPoolExecutor(min(threads, len(pairs))) as pool:
+            results = list(pool.map(opened, pairs))
+    readers = [r for r in results if not isinstance(r, tuple)]
+    failures = [r for r in results if isinstance(r, tuple)]
     return readers, failures
 
 
@@ -383,8 +409,13 @@ def assign_item_ids(
     parents = [_relative_parts(d, common) for d in dirs]  # nearest folder first
     depth = [0] * len(paths)
 
+    made: dict[tuple[int, int], str] = {}  # each (item, depth) sanitised once
+
     def make_id(i: int) -> str:
-        return sanitize_id(plain_id(i))
+        key = (i, depth[i])
+        if key not in made:
+            made[key] = sanitize_id(plain_id(i))
+        return made[key]
 
     def plain_id(i: int) -> str:
         return "_".join([*reversed(parents[i][: depth[i]]), stems[i]])
@@ -402,9 +433,11 @@ def assign_item_ids(
     seen: set[str] = set()
     ids = [unused_id(make_id(i), seen) for i in range(len(paths))]
     for i, item_id in enumerate(ids):
+        if notes is None or item_id == made[(i, depth[i])] == plain_id(i):
+            continue  # kept as it is: not a reserved name
         plain = zarr_node_name(plain_id(i))
         role = reserved_role(plain)
-        if role is not None and notes is not None:
+        if role is not None:
             notes.append(
                 f"item '{paths[i]}': '{plain}' is where a store keeps {role}, "
                 f"so its id is '{item_id}'"

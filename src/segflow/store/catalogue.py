@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import functools
 import io
-import os
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
 from segflow.store.fs import fresh_fs
-from segflow.store.lock import is_local, local_path
 from segflow.store.names import CATALOGUE_NAME
+from segflow.store.parts import BUCKETS, bucket_of, part_name, read_part_map, write_parts
 
-BUCKETS = 256
+__all__ = ["BUCKETS", "bucket_of", "part_name", "read_catalogue", "update_catalogue"]
+
 GEOMETRY_CRS = "OGC:CRS84"  # longitude, latitude on WGS 84
 _FLOAT = pd.Float64Dtype()
 # Columns beside the index's core columns, with their dtypes.
@@ -45,21 +44,6 @@ EXTRA_COLUMNS: dict[str, Any] = {
     "crs": pd.StringDtype(),
     **{f"{side}{axis}": _FLOAT for axis in "xyz" for side in ("min", "max")},
 }
-
-
-def bucket_of(item_id: str) -> int:
-    """The part an item's row lives in (a stable hash of its id).
-
-    Examples
-    --------
-    >>> bucket_of("tile_0001") == bucket_of("tile_0001") < BUCKETS
-    True
-    """
-    return zlib.crc32(item_id.encode("utf-8")) % BUCKETS
-
-
-def part_name(bucket: int) -> str:
-    return f"part-{bucket:02x}.parquet"
 
 
 def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -81,61 +65,32 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
     fresh = pq.read_table(io.BytesIO(buffer.getvalue()))
     buckets = pa.array([bucket_of(str(i)) for i in fresh.column("id").to_pylist()], pa.int32())
     touched = sorted(set(buckets.to_pylist()))
-    for bucket in touched:
+    merged = {}
+    for bucket, old in read_part_map(store, CATALOGUE_NAME, touched).items():
         part = fresh.filter(pc.equal(buckets, bucket))
-        old = _read_part_table(store, bucket)
         if old is not None:
             keep = old.filter(pc.invert(pc.is_in(old.column("id"), value_set=part.column("id"))))
             part = pa.concat_tables([part, keep], promote_options="permissive")
-        _write_table(store, part_name(bucket), part.sort_by("id"))
+        merged[bucket] = part.sort_by("id")
+    write_parts(store, CATALOGUE_NAME, merged)
     return len(touched)
-
-
-def _read_part_table(store: str, bucket: int) -> Any | None:
-    import pyarrow.parquet as pq
-
-    fs, path = fresh_fs(f"{str(store).rstrip('/')}/{CATALOGUE_NAME}/{part_name(bucket)}")
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle)
-
-
-def _write_table(store: str, name: str, table: Any) -> None:
-    """Write one part file of the catalogue: aside and renamed (one PUT remotely)."""
-    import pyarrow.parquet as pq
-
-    target = f"{str(store).rstrip('/')}/{CATALOGUE_NAME}/{name}"
-    if is_local(target):
-        final = local_path(target)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        aside = os.path.join(os.path.dirname(final), f".{name}.{os.getpid()}.tmp")
-        try:
-            pq.write_table(table, aside)
-            os.replace(aside, final)
-        finally:
-            if os.path.exists(aside):
-                os.remove(aside)
-        return
-    fs, path = fresh_fs(target)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    fs.pipe_file(path, buffer.getvalue())
 
 
 def catalogue_frame(store: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     """The catalogue rows of ``rows`` as a GeoDataFrame with the catalogue's columns."""
     import geopandas as gpd
 
-    from segflow.store.index import INDEX_COLUMNS
+    from segflow.store.index import COMMIT_COLUMNS, INDEX_COLUMNS
 
+    # The commit stamps are the planner's, not the catalogue's (it has `committed`).
+    columns = {k: v for k, v in INDEX_COLUMNS.items() if k not in COMMIT_COLUMNS}
     records, shapes = [], []
     for row in rows:
         extra, shape = item_extent(store, str(row["id"]))
-        records.append({**{k: row.get(k) for k in INDEX_COLUMNS}, **extra})
+        records.append({**{k: row.get(k) for k in columns}, **extra})
         shapes.append(shape)
-    frame = pd.DataFrame(records, columns=[*INDEX_COLUMNS, *EXTRA_COLUMNS])
-    for name, dtype in {**INDEX_COLUMNS, **EXTRA_COLUMNS}.items():
+    frame = pd.DataFrame(records, columns=[*columns, *EXTRA_COLUMNS])
+    for name, dtype in {**columns, **EXTRA_COLUMNS}.items():
         frame[name] = frame[name].astype(dtype)
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(shapes, crs=GEOMETRY_CRS))
 

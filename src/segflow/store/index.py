@@ -4,18 +4,23 @@ During a run each finished item appends one JSON line to its run's record file
 (``STORE/.segflow/records/RUN.jsonl``, flushed and fsynced): an append, never a
 read-modify-write of a growing table, so recording an item costs the same at 100,000 items
 as at 10, and a killed run keeps the records of the items it finished. The records are
-compacted into ``index.parquet`` when the run ends (or by the next run), and the rows of the
-items they name into the catalogue (:mod:`segflow.store.catalogue`); :func:`read_index`
+compacted into ``index.parquet/`` when the run ends (or by the next run), and the rows of
+the items they name into the catalogue (:mod:`segflow.store.catalogue`); :func:`read_index`
 reads both, a later record replacing an earlier row of the same id.
+
+``index.parquet/`` is a folder of hashed part files (:mod:`segflow.store.parts`, as the
+catalogue): compaction rewrites the parts of the items it folds in, so adding one item to
+a store of 100,000 writes one part (some 400 rows), not the whole index. pandas, pyarrow
+and DuckDB read the folder as one table. An older store's single file is read as it is and
+moved into parts by its next run (:func:`migrate_index`).
 
 Every path goes through fsspec, so a store on ``s3://`` (or ``gs://``, ``az://``) keeps its
 index exactly as a local one. Object stores have no append: there each call writes its own
-small record object (``RUN.<time>.jsonl``), and ``index.parquet`` is replaced in one PUT.
+small record object (``RUN.<time>.jsonl``), and each part is replaced in one PUT.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -23,7 +28,7 @@ import pathlib
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -34,6 +39,14 @@ from segflow.faults import fault_point
 from segflow.store.fs import fresh_fs
 from segflow.store.lock import bookkeeping_path, is_local, local_path
 from segflow.store.names import INDEX_NAME, check_reserved_names
+from segflow.store.parts import (
+    bucket_of,
+    part_buckets,
+    read_part,
+    read_part_map,
+    read_parts,
+    write_parts,
+)
 
 _appending = threading.Lock()  # one record file per run, appended to by the run's items
 STATUSES = ("done", "failed", "skipped")
@@ -56,36 +69,71 @@ INDEX_COLUMNS: dict[str, ExtensionDtype] = {
     "model_hash": _TEXT,
     "code_version": _TEXT,
     "fingerprint": _TEXT,
+    # What the item's committed group held when its row was recorded (segflow.store.stamps):
+    # a matching stamp lets the planner skip without opening the group.
+    "commit_id": _TEXT,
+    "commit_stamp": _TEXT,
 }
+COMMIT_COLUMNS = ("commit_id", "commit_stamp")
 
 
 def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read ``STORE/index.parquet``; an empty frame with the core columns when it is missing.
+    """The collection index of ``store``: its parts (``STORE/index.parquet/``), with the
+    rows of the records not compacted yet (a later record replacing an earlier row of the
+    same id); an empty frame with the core columns for a new store. An older store's single
+    ``index.parquet`` file is read as it is (its next run migrates it: :func:`migrate_index`).
+
+    Every reader of the index (the planner, ``segflow run``'s and ``segflow evaluate``'s
+    checks, exports, tasks, tests) goes through this function.
 
     Examples
     --------
     >>> list(read_index("no_such_store.zarr").columns)[:3]
     ['id', 'source', 'status']
     """
-    path = _join(store, INDEX_NAME)
-    frame = _empty_index()
-    fs, inner = _fs(path)
-    if fs.exists(inner):
-        try:
-            with fs.open(inner, "rb") as handle:
-                frame = _with_core_columns(pd.read_parquet(handle))
-        except Exception as exc:
-            if fs.isdir(inner):  # an item group took the index's name: say what to do
-                check_reserved_names(str(store))
-            raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
+    frame = _stored_index(store)
     records = [row for _, rows in _record_files(store) for row in rows]
     if not records:
         return frame
     latest = {str(row["id"]): row for row in records}  # a later record wins
-    new = _with_core_columns(pd.DataFrame([_normalise_row(r) for r in latest.values()]))
-    frame = frame[~frame["id"].isin(new["id"])]
-    merged = new if frame.empty else pd.concat([frame, new], ignore_index=True)
+    return _overlay(frame, _frame_of(latest.values()))
+
+
+def _stored_index(store: str | os.PathLike[str]) -> pd.DataFrame:
+    """The compacted rows: an older single file (or the copy a migration set aside), then
+    the parts over it."""
+    path = _join(store, INDEX_NAME)
+    fs, inner = _fs(path)
+    if fs.isdir(inner) and fs.exists(f"{inner}/zarr.json"):
+        check_reserved_names(str(store))  # an item group took the index's name: say so
+    frame = _empty_index()
+    try:
+        for single in (inner, _fs(_legacy_aside(store))[1]):
+            if fs.isfile(single):
+                with fs.open(single, "rb") as handle:
+                    frame = _overlay(frame, _with_core_columns(pd.read_parquet(handle)))
+        parts = read_parts(str(store), INDEX_NAME)
+    except Exception as exc:
+        raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
+    if parts:
+        import pyarrow as pa
+
+        table = pa.concat_tables(parts, promote_options="permissive")
+        frame = _overlay(frame, _with_core_columns(table.to_pandas()))
+    return frame
+
+
+def _overlay(frame: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the rows of ``new`` replacing those of the same id, sorted by id."""
+    if frame.empty:
+        return new.sort_values("id", ignore_index=True)
+    kept = frame[~frame["id"].isin(new["id"])]
+    merged = new if kept.empty else pd.concat([kept, new], ignore_index=True)
     return _with_core_columns(merged).sort_values("id", ignore_index=True)
+
+
+def _frame_of(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    return _with_core_columns(pd.DataFrame([_normalise_row(row) for row in rows]))
 
 
 def append_records(
@@ -121,21 +169,60 @@ def append_records(
 
 
 def compact_index(store: str | os.PathLike[str]) -> set[str]:
-    """Fold every record file into ``index.parquet`` and remove them; return the ids of the
-    items they recorded (none without records: the index is left as it is).
+    """Fold every record file into the index's parts and remove them; return the ids of
+    the items they recorded (none without records: the index is left as it is).
 
+    Only the parts holding those items are rewritten (:mod:`segflow.store.parts`), so a run
+    that adds one item to a store of 100,000 writes one part of the index and one of the
+    catalogue. An older single-file index is migrated first (:func:`migrate_index`).
     Call while holding the store's lock (no run appends meanwhile).
     """
+    migrate_index(store)
     files = _record_files(store)
     if not files:
         return set()
-    frame = read_index(store)
-    _replace_index(store, frame)
     latest = {str(row["id"]): row for _, rows in files for row in rows}  # a later one wins
+    _merge_rows(store, _frame_of(latest.values()))
     _update_catalogue(store, list(latest.values()))
     fault_point("index-compact")
     _remove_records(store, files)
     return set(latest)
+
+
+def migrate_index(store: str | os.PathLike[str]) -> str | None:
+    """Move an older store's single ``index.parquet`` file into parts; return a line saying
+    so (for the run's log), or None when there was nothing to move.
+
+    The file is first set aside in the store's bookkeeping folder, where :func:`read_index`
+    still reads it, so a kill at any point loses no row; the parts are written from it, and
+    it is removed last. Call while holding the store's lock.
+    """
+    path, aside = _join(store, INDEX_NAME), _legacy_aside(store)
+    fs, inner = _fs(path)
+    aside_inner = _fs(aside)[1]
+    if fs.isfile(inner):
+        fs.makedirs(aside_inner.rsplit("/", 1)[0], exist_ok=True)
+        if is_local(path):
+            os.replace(local_path(path), local_path(aside))
+        else:  # no rename on object stores: a copy, then the original removed
+            fs.copy(inner, aside_inner)
+            fs.rm_file(inner)
+    if not fs.isfile(aside_inner):
+        return None
+    with fs.open(aside_inner, "rb") as handle:
+        frame = _with_core_columns(pd.read_parquet(handle))
+    if not frame.empty:
+        _merge_rows(store, frame)
+    fs.rm_file(aside_inner)
+    return (
+        f"store {store}: index.parquet is now a folder of part files ({len(frame)} row(s) "
+        "moved from the single file), so a run rewrites only the parts of the items it "
+        "touched; pandas, pyarrow and DuckDB read the folder as before"
+    )
+
+
+def _legacy_aside(store: str | os.PathLike[str]) -> str:
+    return bookkeeping_path(str(store), "index-single-file.parquet")
 
 
 def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> str:
@@ -168,16 +255,13 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
     'done'
     """
     _check_rows(rows)
-    new = _with_core_columns(pd.DataFrame([_normalise_row(row) for row in rows]))
-    old = read_index(store)
-    old = old[~old["id"].isin(new["id"])]
-    merged = new if old.empty else pd.concat([old, new], ignore_index=True)
-    path = _replace_index(store, _with_core_columns(merged).sort_values("id", ignore_index=True))
+    migrate_index(store)
     latest = {str(row["id"]): row for _, found in _record_files(store) for row in found}
     latest.update({str(row["id"]): dict(row) for row in rows})  # the rows given win
+    _merge_rows(store, _frame_of(latest.values()))
     _update_catalogue(store, list(latest.values()))
     _remove_records(store, _record_files(store))  # now folded into the table
-    return path
+    return _join(store, INDEX_NAME)
 
 
 def _update_catalogue(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
@@ -207,26 +291,79 @@ def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
         raise ValueError(f"index rows repeat ids {repeated}")
 
 
-def _replace_index(store: str | os.PathLike[str], merged: pd.DataFrame) -> str:
+def _merge_rows(store: str | os.PathLike[str], new: pd.DataFrame) -> None:
+    """Replace the stored rows of the items in ``new`` (one row each), part by part.
+
+    Every part keeps one schema (the union of the columns ever written, each with one
+    type), so the folder reads as one table: rows bringing a new column, or a type an older
+    column must widen to, rewrite every part once; otherwise only the touched parts are."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     path = _join(store, INDEX_NAME)
     try:
-        if is_local(path):
-            local = pathlib.Path(local_path(path))
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
-            try:
-                merged.to_parquet(tmp, index=False)
-                os.replace(tmp, local)
-            finally:
-                tmp.unlink(missing_ok=True)
-        else:  # one PUT: an object store never shows half a table
-            fs, inner = _fs(path)
-            buffer = io.BytesIO()
-            merged.to_parquet(buffer, index=False)
-            fs.pipe_file(inner, buffer.getvalue())
+        fresh = pa.Table.from_pandas(new, preserve_index=False).replace_schema_metadata(None)
+        ids = [str(i) for i in fresh.column("id").to_pylist()]
+        buckets = pa.array([bucket_of(i) for i in ids], pa.int32())
+        existing = part_buckets(str(store), INDEX_NAME)
+        schema = _part_schema(store, existing)
+        unified = fresh.schema if schema is None else _unify(schema, fresh.schema)
+        touched = set(buckets.to_pylist())
+        if schema is not None and not unified.equals(schema):
+            touched |= set(existing)  # one schema for every part
+        olds = read_part_map(str(store), INDEX_NAME, sorted(touched))
+        merged = {}
+        for bucket, old in olds.items():
+            part = fresh.filter(pc.equal(buckets, bucket))
+            if old is not None:
+                stale = pc.is_in(old.column("id"), value_set=part.column("id"))
+                part = pa.concat_tables(
+                    [part, old.filter(pc.invert(stale))], promote_options="permissive"
+                )
+            merged[bucket] = _conform(part, unified).sort_by("id")
+        write_parts(str(store), INDEX_NAME, merged)
+    except StoreError:
+        raise
     except Exception as exc:
         raise StoreError(f"cannot write index '{path}' ({type(exc).__name__}: {exc})") from exc
-    return path
+
+
+def _part_schema(store: str | os.PathLike[str], buckets: Sequence[int]) -> Any:
+    """The schema the index's parts share (read from the first one), or None without any."""
+    for bucket in buckets[:1]:
+        table = read_part(str(store), INDEX_NAME, bucket)
+        if table is not None:
+            return table.schema
+    return None
+
+
+def _unify(old: Any, new: Any) -> Any:
+    """The schema holding both: columns of either, a column's type widened where needed
+    (``null`` to a type, ``int64`` to ``double``); a column that is text in one and a
+    number in the other cannot be kept in one table, and is named."""
+    import pyarrow as pa
+
+    try:
+        return pa.unify_schemas([old, new], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        clash = [f.name for f in new if f.name in old.names and old.field(f.name).type != f.type]
+        raise StoreError(
+            f"index rows give column(s) {clash} another type than the stored index has ({exc})"
+        ) from exc
+
+
+def _conform(table: Any, schema: Any) -> Any:
+    """``table`` with exactly ``schema``'s columns, in its order and types (absent ones
+    null)."""
+    import pyarrow as pa
+
+    columns = [
+        table.column(field.name).cast(field.type)
+        if field.name in table.column_names
+        else pa.nulls(len(table), field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _record_files(store: str | os.PathLike[str]) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -15,6 +15,7 @@ A writer that puts a file of its own at the store's root registers its name with
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 from segflow.errors import StoreError
@@ -27,7 +28,7 @@ EVALUATION_NAME = "evaluation.parquet"
 CATALOGUE_NAME = "catalogue.parquet"  # a dataset directory: one part file per hash bucket
 SEGFLOW_DIR = ".segflow"  # segflow's bookkeeping inside a store: lock, records, staging
 
-_DATASETS = {CATALOGUE_NAME, VECTORS_NAME}
+_DATASETS = {CATALOGUE_NAME, INDEX_NAME, VECTORS_NAME}
 # name -> what a store keeps there: "where a store keeps ROLE" (in notes and messages)
 _RESERVED: dict[str, str] = {
     ZARR_JSON: "its Zarr metadata",
@@ -76,11 +77,21 @@ def reserved_role(name: str) -> str | None:
     ('its collection index', None)
     """
     folded = _fold(name)
-    for reserved, role in _RESERVED.items():
-        key = _fold(reserved)
-        if folded == key or folded.startswith((f"{key}.", f".{key}.")):
+    for key, prefixes, role in _folded(tuple(_RESERVED.items())):
+        if folded == key or folded.startswith(prefixes):
             return role
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _folded(reserved: tuple[tuple[str, str], ...]) -> list[tuple[str, tuple[str, str], str]]:
+    """Each reserved name folded, with its prefixes (computed once per set of names: every
+    discovered item's id is checked)."""
+    out = []
+    for name, role in reserved:
+        key = _fold(name)
+        out.append((key, (f"{key}.", f".{key}."), role))
+    return out
 
 
 def is_reserved_name(name: str) -> bool:
@@ -120,8 +131,8 @@ def check_reserved_names(store: str) -> None:
         if name == SEGFLOW_DIR:
             continue  # a folder by design
         path = f"{root.rstrip('/')}/{name}"
-        # The catalogue and the vectors are dataset folders by design: an item group there
-        # is one with Zarr metadata.
+        # The index, the catalogue and the vectors are dataset folders by design: an item
+        # group there is one with Zarr metadata.
         if fs.isdir(path) and (name not in _DATASETS or fs.exists(f"{path}/{ZARR_JSON}")):
             shown = f"{str(store).rstrip('/')}/{name}"
             raise StoreError(

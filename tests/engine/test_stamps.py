@@ -34,6 +34,15 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
+def _remove(item: Path) -> None:
+    """An item as a user removes it: the link to its latest version (or an older store's
+    folder)."""
+    if item.is_symlink():
+        item.unlink()
+    else:
+        shutil.rmtree(item)
+
+
 def _ran(tmp_path: Path) -> tuple[Any, Path]:
     write_tiles(tmp_path / "in", NAMES)
     cfg = config_for(tmp_path)
@@ -61,7 +70,7 @@ def test_a_removed_replaced_or_rewritten_group_is_read_and_redone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg, store = _ran(tmp_path)
-    shutil.rmtree(store / "a")  # removed by hand
+    _remove(store / "a")  # removed by hand
     node = json.loads((store / "b" / "zarr.json").read_text())
     node["attributes"]["segflow_commit"]["fingerprint"] = "another input"
     (store / "b" / "zarr.json").write_text(json.dumps(node))  # rewritten in place
@@ -82,8 +91,8 @@ def test_a_group_replaced_by_an_identical_copy_is_read_once_then_skipped(
     """A copy is another file (inode, times): the stamp no longer speaks for it, so its
     record is read, and it says the item is done."""
     cfg, store = _ran(tmp_path)
-    shutil.copytree(store / "a", tmp_path / "a-copy")
-    shutil.rmtree(store / "a")
+    shutil.copytree(store / "a", tmp_path / "a-copy")  # the latest version's files
+    _remove(store / "a")
     (tmp_path / "a-copy").rename(store / "a")
     reads = _count_reads(monkeypatch)
 

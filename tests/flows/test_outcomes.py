@@ -194,8 +194,8 @@ def _wait_for(condition: Any, process: subprocess.Popen[str], what: str) -> None
     deadline = time.monotonic() + 120
     while not condition():
         if process.poll() is not None or time.monotonic() > deadline:
-            output = process.communicate()[0] if process.poll() is not None else ""
-            raise AssertionError(f"never saw {what}: {output}")
+            process.kill()  # gone or stuck: collect its output, leave no pipe open
+            raise AssertionError(f"never saw {what}: {process.communicate()[0]}")
         time.sleep(0.05)
 
 
@@ -241,14 +241,16 @@ def test_the_run_that_takes_over_a_killed_runs_store_closes_its_task_runs_and_pr
     # Killed as the kernel's out-of-memory killer does, while its items run.
     _wait_for(
         lambda: any(
-            r.state.is_running() for r in _task_runs(killed) if r.name.startswith("segment-")
+            r.state is not None and r.state.is_running()  # a new task run may have none yet
+            for r in _task_runs(killed)
+            if r.name.startswith("segment-")
         ),
         process,
         "a running item",
     )
     process.kill()
     process.communicate()
-    assert [r for r in _task_runs(killed) if r.state.is_running()]
+    assert [r for r in _task_runs(killed) if r.state is not None and r.state.is_running()]
 
     taker = _deployment_run(config)
     process = _engine(taker, api_url, tmp_path)

@@ -77,9 +77,17 @@ def test_config_blockwise_equals_whole(config_path: Path) -> None:
         nodata = info.nodata
         whole = segment(image, config.pipeline, block_shape=shape, channel_axis=0, nodata=nodata)
         assert whole.any(), f"{info.id}: the reference found nothing; the test would be vacuous"
-        for layout in _layouts(shape, config.blocks.shape):
+        for k, layout in enumerate(_layouts(shape, config.blocks.shape)):
             tiny = layout == (7,) * len(shape) or layout[0] == 1
             has_model = any(step.get("op") == "model" for step in config.pipeline)
+            if has_model and (k == 2 or (k == 1 and len(shape) == 3)):
+                # fifths: 25 blocks, each running the network over its whole halo (the flow
+                # check's reaches 221 px: the whole image 25 times, minutes on CPU); the
+                # configured and uneven layouts cross the same seams, and
+                # tests/engine/test_models_op.py runs the model step on many small layouts
+                # (a 3-D model's thirds too: test_ct_nnunet_example.py runs the CT config on
+                # three layouts with its spacing)
+                continue
             if tiny and has_model:
                 # every 7-px block runs the whole 256^2 tile the item fits in: ~1,300 forward
                 # passes of the network (minutes on CPU); tests/engine/test_models_op.py runs

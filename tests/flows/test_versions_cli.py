@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,55 @@ def test_history_of_a_folder_that_is_no_store_is_one_line(tmp_path: Path) -> Non
     assert result.exit_code == 2
     line = f"'{tmp_path}' is not a segflow store (no segflow marker in its zarr.json)"
     assert result.output.strip() == line
+
+
+def _files(folder: str) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder``: relative path -> (size, modification time in ns)."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(os.path.join(parent, name))
+            found[os.path.relpath(os.path.join(parent, name), folder)] = (
+                stat.st_size,
+                stat.st_mtime_ns,
+            )
+    return found
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_committed_version_is_never_written_after_its_commit(
+    tmp_path: Path, dask_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quick looks, consolidation, reruns, prune: nothing touches a committed version."""
+    from segflow.store import versions
+    from segflow.store.layout import consolidate_store
+    from segflow.store.quicklook import QUICKLOOK_NAME
+
+    committed: dict[str, dict[str, tuple[int, int]]] = {}
+    publish = versions.publish_version
+
+    def spy(store: str, staged: str, item_id: str, version: str) -> None:
+        publish(store, staged, item_id, version)
+        folder = os.path.join(versions.versions_dir(store, item_id), version)
+        committed[folder] = _files(folder)  # the version as its commit left it
+
+    monkeypatch.setattr(versions, "publish_version", spy)
+    store = tmp_path / "nuclei.zarr"
+    command = [
+        "run", str(CONFIGS / "nuclei.yaml"),
+        "--set", f"output.store={store}", "--set", f"cluster.address={dask_address}",
+        "--set", "run.quicklooks=5", "--set", "run.quicklook_size=32",
+    ]  # fmt: skip
+    assert runner.invoke(app, command).exit_code == 0
+    rerun = [*command, "--set", "pipeline.1.sigma=3.0", "--set", "output.overwrite=true"]
+    assert runner.invoke(app, rerun).exit_code == 0
+    nothing = runner.invoke(app, [*command, "--set", "pipeline.1.sigma=3.0"])
+    assert nothing.exit_code == 0, nothing.output  # done already: nothing to do
+    consolidate_store(str(store))
+    assert runner.invoke(app, ["prune", str(store), "--keep-last", "2"]).exit_code == 0
+
+    assert len(committed) == 2, committed
+    for folder, files in committed.items():
+        assert QUICKLOOK_NAME in files, f"{folder}: no quick look in the committed version"
+        assert _files(folder) == files, f"{folder} changed after its commit"
+    assert (store / "image" / QUICKLOOK_NAME).is_file()  # the latest version's, via the link

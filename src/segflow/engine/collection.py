@@ -436,6 +436,7 @@ def run_item(
     run_name: str | None = None,
     config_hash: str | None = None,
     progress: ItemProgress | None = None,
+    quicklook: bool = False,
 ) -> tuple[dict[str, Any], Reader | None]:
     """Open and segment one item with ``cfg``'s settings, record its result in the store's
     index records, and report its end to ``progress``; return its index row and its reader
@@ -445,7 +446,9 @@ def run_item(
     the reason. An item not started because the run was asked to stop, or stopped midway,
     says ``interrupted`` and is not recorded (its previous result stays as it was). With
     ``run.item_timeout``, an item still waiting for its blocks after that many seconds has
-    them cancelled and fails. Call while holding the store's lock.
+    them cancelled and fails. With ``quicklook``, the item's quick look
+    (``run.quicklook_size``) is written into it before its commit. Call while holding the
+    store's lock.
     """
     from segflow.engine.budget import check_item_budget
     from segflow.engine.interrupt import item_deadline, stop_requested
@@ -490,6 +493,7 @@ def run_item(
                     ome=output.ome,
                     pyramid=output.pyramid,
                     writers=output.writers,
+                    quicklook=cfg.run.quicklook_size if quicklook else None,
                     progress=lambda phase, done, total: report(item_id, phase, done, total),
                     run_id=run_id,
                     run_name=run_name,

@@ -178,6 +178,7 @@ def segment_item(
     ome: bool = True,
     pyramid: int | None = None,
     writers: Mapping[str, Mapping[str, Any]] | None = None,
+    quicklook: int | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
@@ -215,6 +216,11 @@ def segment_item(
     ``writers`` (``output.writers``) names registered output writers with their settings
     (:mod:`segflow.store.writers`): each checks the item before any block, runs its block
     hook in each output block, finishes in staging and is verified with the rest.
+
+    With ``quicklook`` (a size in pixels), the item's quick look goes to
+    ``STORE/ITEM_ID/quicklook.png`` (:mod:`segflow.store.quicklook`), written in staging
+    before the commit: a committed version is never written again. Failing to draw it
+    only adds a warning to the result.
     """
     options = ItemOptions(
         store=store,
@@ -233,6 +239,7 @@ def segment_item(
         ome=ome,
         pyramid=pyramid,
         writers=writers,
+        quicklook=quicklook,
     )
     info = reader.info
     stage = _Stage.of(info, options)
@@ -283,6 +290,7 @@ class ItemOptions:
     ome: bool = True
     pyramid: int | None = None
     writers: Mapping[str, Mapping[str, Any]] | None = None
+    quicklook: int | None = None  # the quick look's size in pixels, None for none
 
 
 @dataclass(frozen=True)
@@ -561,8 +569,21 @@ def _finish_and_commit(
         dicom_seg=seg_frames,
     )
     outputs.writers.verify(target, writer_files)
+    if options.quicklook is not None:  # into staging: a committed version is never written
+        _stage_quicklook(reader, root, plan.out_kind, options.quicklook, result)
     fault_point("item-staged")
     commit_item(options.store, root, info.id, _commit_record(info, options, result, run, outputs))
+
+
+def _stage_quicklook(reader: Reader, root: str, output: str, size: int, result: Any) -> None:
+    """Write the item's quick look into its staged group; a failure is a warning only."""
+    from segflow.store.quicklook import write_quicklook
+
+    try:
+        write_quicklook(reader, root, reader.info.id, output, size=size)
+    except Exception as error:  # a picture never fails the item
+        note = f"no quick look ({type(error).__name__}: {error})"
+        result.warning = "; ".join(w for w in (result.warning, note) if w)
 
 
 def _commit_record(

@@ -448,21 +448,26 @@ def run_item(
     ``run.item_timeout``, an item still waiting for its blocks after that many seconds has
     them cancelled and fails. With ``quicklook``, the item's quick look
     (``run.quicklook_size``) is written into it before its commit. Call while holding the
-    store's lock.
+    store's lock. Once another run took the store's lock over (:func:`segflow.store.lock.
+    lock_lost`), each item fails with that line, unrecorded: the store is the other run's.
     """
     from segflow.engine.budget import check_item_budget
     from segflow.engine.interrupt import item_deadline, stop_requested
     from segflow.engine.item import segment_item
     from segflow.io import open_item
     from segflow.store.index import append_records
+    from segflow.store.lock import lock_lost
 
     item_id, path = str(item["id"]), str(item["path"])
     report = progress or (lambda *_: None)
     reader = None
+    lost = lock_lost(cfg.output.store)  # another run took the store over: write nothing
     if (reason := stop_requested()) is not None:  # queued when the run was asked to stop
         row = ItemResult(
             id=item_id, source=path, status="interrupted", error=f"not started ({reason})"
         ).as_row()
+    elif lost is not None:
+        row = ItemResult(id=item_id, source=path, status="failed", error=lost).as_row()
     else:
         with item_deadline(cfg.run.item_timeout):
             try:
@@ -500,7 +505,7 @@ def run_item(
                     resumable=True,
                 ).as_row()
     row["config_name"] = cfg.name
-    if row["status"] != "interrupted":
+    if row["status"] != "interrupted" and lock_lost(cfg.output.store) is None:
         # After the item's data is committed, durable at once: a killed run keeps the
         # records of what it finished.
         append_records(cfg.output.store, run_id, [row])

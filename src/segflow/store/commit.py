@@ -323,9 +323,12 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
     swapped in by two renames (see the module note), for an object store (``root`` is the
     store) the record is written in place.
     """
+    from segflow.store.lock import lock_lost
     from segflow.store.metadata import consolidate_item, drop_consolidated
     from segflow.store.versions import publish_version, record_commit, version_id
 
+    if (lost := lock_lost(store)) is not None:  # another run holds the store now
+        raise StoreError(lost)
     record = {**record, "version": record.get("version") or version_id()}
     # The item's metadata, consolidated into its group, and the record in one write.
     consolidate_item(root, item_id, attributes={COMMIT_ATTR: dict(record)})

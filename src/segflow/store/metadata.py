@@ -129,13 +129,9 @@ def migrate_store(store: str, items: Iterable[str] | None = None) -> str | None:
     done (for the run's log), or None when the store was migrated already."""
     if is_migrated(store):
         return None
-    from segflow.store.versions import current_version
-
     groups = item_groups(store) if items is None else list(items)
     moved = 0
-    for item_id in groups:
-        if current_version(store, item_id) is not None:
-            continue  # a committed version: immutable, consolidated by its commit
+    for item_id in groups:  # a committed version (a link) has its own copy: never written
         node = read_node(f"{str(store).rstrip('/')}/{item_id}")
         if node is not None and node.get("node_type") == "group":
             if node.get("consolidated_metadata") is None:

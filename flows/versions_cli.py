@@ -15,14 +15,20 @@ StoreArgument = Annotated[str, typer.Argument(help="A segflow output store (fold
 
 
 def _open(store: str) -> None:
-    """Refuse a path that is not a segflow store, in one line."""
-    from segflow.store.commit import is_segflow_store
+    """Refuse a path that is not a segflow store, or one a newer segflow wrote, in one line
+    (before anything is written)."""
+    from segflow.store.commit import StoreFormatError, check_store_format, is_segflow_store
 
     if not is_segflow_store(store):
         typer.echo(
             f"'{store}' is not a segflow store (no segflow marker in its zarr.json)", err=True
         )
         raise typer.Exit(EXIT_INVALID)
+    try:
+        check_store_format(store)
+    except StoreFormatError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 def _when(value: Any) -> str:

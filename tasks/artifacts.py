@@ -24,8 +24,9 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from segflow.io._common import is_url, strip_file_scheme
-from segflow.io.base import Reader
-from segflow.store.quicklook import write_quicklook
+from segflow.store.fs import fresh_fs
+from segflow.store.quicklook import QUICKLOOK_NAME
+from segflow.store.versions import resolve_item
 from segflow.tasks.progress import ItemsProgress, listen_progress
 
 # Seconds between two updates of a run's progress artifact (one API call each).
@@ -56,17 +57,25 @@ def artifact_key(name: str, output: str, suffix: str) -> str:
     return f"segflow-{slug}-{output_hash(output)}-{suffix}"
 
 
-def publish_quicklook(reader: Reader, store: str, row: dict[str, Any], *, size: int) -> None:
-    """Write the quick look of the done item ``row`` of ``store`` beside it
-    (``STORE/ITEM/quicklook.png``, :func:`segflow.store.quicklook.write_quicklook`) and link
-    it from a markdown artifact of the current task run.
+def publish_quicklook(store: str, row: dict[str, Any]) -> None:
+    """Link the quick look of the done item ``row`` of ``store`` from a markdown artifact of
+    the current task run: the picture its commit holds (``quicklook.png`` in the version
+    ``STORE/ITEM`` links to, written before the commit by
+    :func:`segflow.engine.item.segment_item`). Nothing when the item has none (drawing it
+    failed: its row's warning says why).
 
     The artifact holds the picture's address, never the picture: a ``file://`` link for a
     local store (a browser may refuse to open one from the UI's page: the path is shown to
     copy), the object's URL for an object store. Some 300 bytes in Prefect's database
-    whatever the picture's ``size``.
+    whatever the picture's size.
     """
-    location, nbytes = write_quicklook(reader, store, row["id"], row["output"], size=size)
+    item = resolve_item(store, row["id"])
+    location = os.path.abspath(item) if not is_url(item) else item
+    location = f"{location.rstrip('/')}/{QUICKLOOK_NAME}"
+    fs, path = fresh_fs(location)
+    if not fs.exists(path):
+        return
+    nbytes = int(fs.size(path))
     link = location if is_url(location) else Path(location).as_uri()
     markdown = (
         f"**{row['id']}**: {row['object_count']} objects, {row['output']} outlined in yellow: "

@@ -99,7 +99,8 @@ def segment_items_task(
     and their reasons (*Cancelled* when the run was stopped), with the rows as the state's
     data either way; expected outcomes, logged at WARNING without Prefect's echo of the
     rows (:mod:`segflow.flows._outcomes`). The items whose ids are in ``quicklook`` get a
-    quick-look artifact when done (a failure there is only logged).
+    quick look, written into the item before its commit, and an artifact linking it when
+    done (a failure there is only logged).
     """
     from distributed import get_client
 
@@ -108,7 +109,7 @@ def segment_items_task(
     started = time.perf_counter()
     rows = []
     for item in items:
-        row, reader = run_item(
+        row, _reader = run_item(
             cfg,
             item,
             executor=executor,
@@ -116,15 +117,16 @@ def segment_items_task(
             run_name=current_run_name(),
             config_hash=config_hash,
             progress=report_progress,
+            quicklook=item["id"] in quicklook,
         )
         rows.append(row)
         # A batch says what each item did once, at its end (below), and only what went wrong
         # item by item: at 100,000 items a line each would be 100,000 log records to store.
         if len(items) == 1 or row["status"] != "done" or row.get("warning"):
             _log_item(logger, cfg.output.store, row)
-        if reader is not None and row["status"] == "done" and row["id"] in quicklook:
+        if row["status"] == "done" and row["id"] in quicklook:
             try:
-                publish_quicklook(reader, cfg.output.store, row, size=cfg.run.quicklook_size)
+                publish_quicklook(cfg.output.store, row)
             except Exception as error:  # a picture never fails the item
                 logger.warning(
                     "item %s: no quick look (%s: %s)", row["id"], type(error).__name__, error

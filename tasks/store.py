@@ -20,7 +20,7 @@ from segflow.store.commit import (
     prepare_store,
 )
 from segflow.store.index import compact_index, migrate_index
-from segflow.store.lock import hold_store_lock
+from segflow.store.lock import hold_store_lock, lock_lost
 from segflow.store.metadata import migrate_store
 from segflow.store.versions import Retention, apply_retention
 
@@ -69,10 +69,19 @@ def writing_store(
         try:
             yield
         finally:
-            discard_trash(store, run_id)
-            if retention is not None and (pruned := apply_retention(store, retention, run_id)):
-                _logger().info("%s: %d old item version(s) pruned", store, pruned)
-            compact_index(store)
+            _end_run(store, run_id, retention)
+
+
+def _end_run(store: str, run_id: str, retention: Retention | None) -> None:
+    """Prune the run's old versions and fold its records into the index, unless another
+    run took the store's lock over meanwhile (then the store's bookkeeping is that run's)."""
+    if (lost := lock_lost(store)) is not None:
+        _logger().error("%s", lost)
+        return
+    discard_trash(store, run_id)
+    if retention is not None and (pruned := apply_retention(store, retention, run_id)):
+        _logger().info("%s: %d old item version(s) pruned", store, pruned)
+    compact_index(store)
 
 
 def _logger() -> Any:

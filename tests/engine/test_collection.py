@@ -244,3 +244,39 @@ def test_the_plan_refuses_a_store_another_config_made_unless_allowed(tmp_path: P
     )
     assert [i["id"] for i in plan_collection(allowed).todo] == ["a"]
     assert [i["id"] for i in plan_collection(cfg).todo] == []  # the maker's run still skips
+
+
+def test_after_another_run_took_the_store_over_the_remaining_items_fail_unrecorded(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from segflow.store.lock import StoreLock, lock_lost, read_lock
+
+    write_tiles(tmp_path / "in", ["a.tif", "b.tif"])
+    cfg = config_for(tmp_path)
+    store = cfg.output.store
+    plan = plan_collection(cfg)
+    lock = StoreLock(store, run_id="r1", heartbeat_every=0.02)
+    lock.acquire()
+    executor = LocalExecutor(1)
+    try:
+        first, _ = run_item(cfg, plan.work()[0], executor=executor, run_id="r1")
+        taker = {"run_id": "r2", "host": "elsewhere", "pid": 1, "token": "t",
+                 "heartbeat": "2999-01-01T00:00:00+00:00"}  # fmt: skip
+        with open(f"{store}/.segflow/lock.json", "w") as handle:
+            json.dump(taker, handle)
+        for _ in range(200):
+            if lock_lost(store) is not None:
+                break
+            time.sleep(0.02)
+        second, _ = run_item(cfg, plan.work()[1], executor=executor, run_id="r1")
+    finally:
+        executor.close()
+        lock.release()
+
+    assert first["status"] == "done"
+    assert second["status"] == "failed" and second["error"] == lock_lost(store)
+    assert "this run's lock was taken over (run r2 of " in second["error"]
+    assert read_index(store).set_index("id")["status"].to_dict() == {"a": "done"}
+    assert read_lock(store) == taker

@@ -300,3 +300,64 @@ def test_a_committed_item_carries_zarrs_own_consolidated_metadata(
     ds = xr.open_zarr(store / "b")  # consolidated: no warning (warnings are errors)
     assert ds["labels"].encoding["chunks"] == (8, 8)
     assert read_commit(str(store), "b") is not None  # written with the metadata
+
+
+def _take_over(store: pathlib.Path, run_id: str = "taker") -> dict[str, Any]:
+    """Put another run's lock where ``store``'s is, as a run that broke it would."""
+    taker = {"run_id": run_id, "owner": "someone", "host": "elsewhere", "pid": 1,
+             "heartbeat": "2999-01-01T00:00:00+00:00", "token": "the-takers-token"}  # fmt: skip
+    (store / ".segflow" / "lock.json").write_text(json.dumps(taker))
+    return taker
+
+
+def _wait_lost(store: str) -> str:
+    import time
+
+    from segflow.store.lock import lock_lost
+
+    for _ in range(200):
+        if (lost := lock_lost(store)) is not None:
+            return lost
+        time.sleep(0.02)
+    raise AssertionError("the heartbeat never noticed the takeover")
+
+
+def test_a_heartbeat_never_overwrites_the_lock_of_the_run_that_took_over(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = tmp_path / "out.zarr"
+    lock = StoreLock(str(store), run_id="stalled", heartbeat_every=0.02)
+    lock.acquire()
+    taker = _take_over(store)
+
+    lost = _wait_lost(str(store))
+    import time
+
+    time.sleep(0.1)  # beats that would have come
+    assert read_lock(str(store)) == taker  # untouched
+    assert lost.startswith(f"store '{store}': this run's lock was taken over (run taker of ")
+    assert "\n" not in lost
+    # The run's items fail with that line; nothing of them is committed.
+    with LocalExecutor(1) as executor:
+        result = segment_item(ArrayReader(np.ones((8, 8)), "tile"), [{"op": "otsu"}],
+                              store=str(store), block_shape=8, executor=executor)  # fmt: skip
+    assert result.status == "failed" and "this run's lock was taken over" in str(result.error)
+    assert not (store / "tile").exists()
+    lock.release()  # not its lock: left as it is
+    assert read_lock(str(store)) == taker
+    with pytest.raises(StoreLockedError):
+        StoreLock(str(store), run_id="third").acquire()
+
+
+def test_a_heartbeat_without_a_time_zone_is_read_as_utc() -> None:
+    import datetime as dt
+
+    from segflow.store.lock import is_stale, locked_message
+
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    fresh = {"host": "elsewhere", "pid": 1, "heartbeat": now.isoformat()}
+    old = {"host": "elsewhere", "pid": 1, "heartbeat": "2000-01-01T00:00:00"}
+
+    assert not is_stale(fresh, stale_after=60)
+    assert is_stale(old, stale_after=60)
+    assert ", last heartbeat 0 s ago" in locked_message("s", fresh)

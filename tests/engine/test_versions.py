@@ -211,3 +211,33 @@ def test_a_commit_killed_between_its_version_and_its_link_is_completed_by_the_ne
 
     assert current_version(str(store), "tile") == list_versions(str(store), "tile")[-1] != first
     assert not os.listdir(store / ".segflow" / "links")
+
+
+def _files(folder: str) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder``: relative path -> (size, modification time in ns)."""
+    return {
+        os.path.relpath(os.path.join(parent, name), folder): (
+            os.stat(os.path.join(parent, name)).st_size,
+            os.stat(os.path.join(parent, name)).st_mtime_ns,
+        )
+        for parent, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def test_consolidating_or_migrating_a_store_never_writes_a_committed_version(
+    tmp_path: pathlib.Path,
+) -> None:
+    from segflow.store.layout import consolidate_store
+    from segflow.store.metadata import migrate_store
+
+    store = str(tmp_path / "out.zarr")
+    result = _segment(store, _image(1), "run-1", quicklook=24)
+    version = os.path.realpath(os.path.join(store, "tile"))
+    before = _files(version)
+    assert "quicklook.png" in before and result.warning is None  # drawn before the commit
+
+    consolidate_store(store)
+    migrate_store(store, ["tile"])
+
+    assert _files(version) == before

@@ -240,3 +240,43 @@ def test_a_stale_lock_on_s3_is_broken_by_one_of_two_runs(
     assert locks[winner].broken is not None and locks[winner].broken["run_id"] == "dead"
     assert read_lock(store)["run_id"] == f"run-{winner}"  # type: ignore[index]
     locks[winner].release()
+
+
+def test_a_heartbeat_on_s3_never_overwrites_the_lock_of_the_run_that_took_over(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also when the takeover lands between the beat's read and its write: the write is
+    conditional on the ETag read (If-Match), so it fails and the next beat stops."""
+    import json
+
+    from segflow.store import lock as locks
+    from segflow.store.lock import StoreLock, lock_lost, read_lock
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("segflow-beat")
+    store = "s3://segflow-beat/out.zarr"
+    taker = {"run_id": "taker", "owner": "o", "host": "elsewhere", "pid": 1,
+             "heartbeat": "2999-01-01T00:00:00+00:00", "token": "takers"}  # fmt: skip
+    parse = locks._parse_lock
+    reads: list[int] = []
+
+    def read_then_taken_over(raw: bytes) -> dict[str, Any]:
+        reads.append(1)
+        if len(reads) == 2:  # the second beat: taken over right after its read
+            fs.pipe_file("segflow-beat/out.zarr/.segflow/lock.json", json.dumps(taker).encode())
+        return parse(raw)
+
+    monkeypatch.setattr(locks, "_parse_lock", read_then_taken_over)
+    lock = StoreLock(store, run_id="stalled", heartbeat_every=0.05)
+    lock.acquire()
+    for _ in range(200):
+        if lock_lost(store) is not None:
+            break
+        time.sleep(0.05)
+    lock.release()
+
+    assert len(reads) >= 3, reads  # a beat refreshed it, one was refused, one saw the taker
+    assert read_lock(store) == taker
+    assert "this run's lock was taken over (run taker of o@elsewhere" in str(lock_lost(store))

@@ -475,6 +475,7 @@ def run_item(
     run_name: str | None = None,
     config_hash: str | None = None,
     progress: ItemProgress | None = None,
+    quicklook: bool = False,
 ) -> tuple[dict[str, Any], Reader | None]:
     """Open and segment one item with ``cfg``'s settings, record its result in the store's
     index records, and report its end to ``progress``; return its index row and its reader
@@ -484,22 +485,29 @@ def run_item(
     the reason. An item not started because the run was asked to stop, or stopped midway,
     says ``interrupted`` and is not recorded (its previous result stays as it was). With
     ``run.item_timeout``, an item still waiting for its blocks after that many seconds has
-    them cancelled and fails. Call while holding the store's lock.
+    them cancelled and fails. With ``quicklook``, the item's quick look
+    (``run.quicklook_size``) is written into it before its commit. Call while holding the
+    store's lock. Once another run took the store's lock over (:func:`segflow.store.lock.
+    lock_lost`), each item fails with that line, unrecorded: the store is the other run's.
     """
     from segflow.engine.budget import check_item_budget
     from segflow.engine.interrupt import item_deadline, stop_requested
     from segflow.engine.item import segment_item
     from segflow.io import open_item
     from segflow.store.index import append_records
+    from segflow.store.lock import lock_lost
     from segflow.store.stamps import stamp_commit
 
     item_id, path = str(item["id"]), str(item["path"])
     report = progress or (lambda *_: None)
     reader = None
+    lost = lock_lost(cfg.output.store)  # another run took the store over: write nothing
     if (reason := stop_requested()) is not None:  # queued when the run was asked to stop
         row = ItemResult(
             id=item_id, source=path, status="interrupted", error=f"not started ({reason})"
         ).as_row()
+    elif lost is not None:
+        row = ItemResult(id=item_id, source=path, status="failed", error=lost).as_row()
     else:
         with item_deadline(cfg.run.item_timeout):
             try:
@@ -524,6 +532,7 @@ def run_item(
                     shards=output.shards,
                     config_hash=cfg.config_hash() if config_hash is None else config_hash,
                     output=output.model_dump(),  # what its output writers read
+                    quicklook=cfg.run.quicklook_size if quicklook else None,
                     progress=lambda phase, done, total: report(item_id, phase, done, total),
                     run_id=run_id,
                     run_name=run_name,
@@ -532,7 +541,7 @@ def run_item(
     row["config_name"] = cfg.name
     if row["status"] == "done":  # lets the next run skip it without opening its group
         row.update(stamp_commit(cfg.output.store, row))
-    if row["status"] != "interrupted":
+    if row["status"] != "interrupted" and lock_lost(cfg.output.store) is None:
         # After the item's data is committed, durable at once: a killed run keeps the
         # records of what it finished.
         append_records(cfg.output.store, run_id, [row])

@@ -177,6 +177,7 @@ def segment_item(
     pyramid: int | None = None,
     writers: Mapping[str, Mapping[str, Any]] | None = None,
     output: Mapping[str, Any] | None = None,
+    quicklook: int | None = None,
 ) -> ItemResult:
     """Run ``pipeline`` on one item and commit it to ``STORE/ITEM_ID``.
 
@@ -207,6 +208,11 @@ def segment_item(
     ``writers`` (``output.writers``) names other registered output writers with their
     settings. ``output``, the config's ``output`` section as a mapping (as a run passes
     it), replaces ``regions`` ... ``writers``: the writers read their own fields of it.
+
+    With ``quicklook`` (a size in pixels), the item's quick look goes to
+    ``STORE/ITEM_ID/quicklook.png`` (:mod:`segflow.store.quicklook`), written in staging
+    before the commit: a committed version is never written again. Failing to draw it
+    only adds a warning to the result.
     """
     if output is None:  # the keyword arguments, as the config's `output` has them
         output = {
@@ -229,6 +235,7 @@ def segment_item(
         run_name=run_name or "",
         resumable=resumable,
         output=output,
+        quicklook=quicklook,
     )
     return _segment_item(reader, pipeline, options, executor, progress)
 
@@ -285,6 +292,7 @@ class ItemOptions:
     run_name: str = ""
     resumable: bool = False
     output: Mapping[str, Any] = field(default_factory=dict)  # the writers' `output` fields
+    quicklook: int | None = None  # the quick look's size in pixels, None for none
 
 
 @dataclass(frozen=True)
@@ -358,7 +366,7 @@ def _segment_staged(
     # The output phase is over: from here on (joining tables, the commit) a rerun starts
     # the item afresh, so its block records go before the region parts do.
     _remove(stage.blocks_dir)
-    _finish_and_commit(run, outputs, options, result)
+    _finish_and_commit(reader, plan.out_kind, run, outputs, options, result)
     return plan, run
 
 
@@ -503,10 +511,15 @@ def _run_blocks(
 
 
 def _finish_and_commit(
-    run: Any, outputs: _Outputs, options: ItemOptions, result: ItemResult
+    reader: Reader,
+    out_kind: str,
+    run: Any,
+    outputs: _Outputs,
+    options: ItemOptions,
+    result: ItemResult,
 ) -> None:
     """Every writer's finish step in staging (the OME-Zarr pyramid, the tables, ...), its
-    commit check (every array, every writer's files), then the commit."""
+    commit check (every array, every writer's files), the quick look, then the commit."""
     from segflow.store.commit import commit_item
 
     target = replace(
@@ -520,8 +533,21 @@ def _finish_and_commit(
     for key, value in target.row.items():  # what the writers tell of the item
         setattr(result, key, value)
     outputs.writers.verify(target, writer_files)
+    if options.quicklook is not None:  # into staging: a committed version is never written
+        _stage_quicklook(reader, root, out_kind, options.quicklook, result)
     fault_point("item-staged")
     commit_item(options.store, root, info.id, _commit_record(info, options, result, run, outputs))
+
+
+def _stage_quicklook(reader: Reader, root: str, output: str, size: int, result: Any) -> None:
+    """Write the item's quick look into its staged group; a failure is a warning only."""
+    from segflow.store.quicklook import write_quicklook
+
+    try:
+        write_quicklook(reader, root, reader.info.id, output, size=size)
+    except Exception as error:  # a picture never fails the item
+        note = f"no quick look ({type(error).__name__}: {error})"
+        result.warning = "; ".join(w for w in (result.warning, note) if w)
 
 
 def _commit_record(

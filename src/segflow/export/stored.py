@@ -52,14 +52,15 @@ def stored_items(
     Raises
     ------
     StoreError
-        When the store has no committed item (not a segflow store, or never run), or an
-        item named is not committed there (the line names it and some of the store's
-        items).
+        When the store has no committed item (not a segflow store, or never run), a newer
+        segflow wrote it or the item, or an item named is not committed there (the line
+        names it and some of the store's items).
     """
-    from segflow.store.commit import read_commit
+    from segflow.store.commit import check_store_format, read_commit
     from segflow.store.versions import resolve_item
 
     root = str(store).rstrip("/")
+    check_store_format(root)  # a newer segflow's store: refused in one line
     if as_of is not None:
         return _stored_as_of(root, item_ids, as_of)
     done = _committed_ids(root)

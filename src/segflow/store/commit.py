@@ -43,13 +43,56 @@ from segflow.store.names import check_reserved_names
 
 COMMIT_ATTR = "segflow_commit"
 STORE_ATTR = "segflow"
-STORE_FORMAT = 1
+# The store format this code writes and reads: the root marker's ``format`` and each commit
+# record's. 1: items are folders (before versions); 2: items are links to versions
+# (:mod:`segflow.store.versions`). An older store is moved up by its next run; a newer one
+# is refused untouched (:func:`check_store_format`).
+STORE_FORMAT = 2
+WRITTEN_BY = "written_by"  # the marker's key: the segflow version that set its format
 # Files an earlier segflow (before the store marker) left at a store's root.
 _LEGACY_MARKERS = ("index.parquet",)
 
 
 class ForeignStoreError(StoreError):
     """A folder that segflow did not make is where a store or an item group should be."""
+
+
+class StoreFormatError(StoreError):
+    """A store or item written by a newer segflow, in a store format this one does not know."""
+
+
+def check_store_format(store: str) -> None:
+    """Refuse a store whose root marker says a newer store format than :data:`STORE_FORMAT`
+    (read only: nothing is written). A store without the marker passes (not a segflow
+    store, or one older than the marker: the callers tell those apart).
+
+    Raises
+    ------
+    StoreFormatError
+        ``STORE was written by segflow X (store format N); this is segflow Y (format M):
+        upgrade segflow``.
+    """
+    metadata = _read_json(f"{str(store).rstrip('/')}/zarr.json") or {}
+    marker = metadata.get("attributes", {}).get(STORE_ATTR)
+    if isinstance(marker, dict):
+        _refuse_newer(f"{str(store).rstrip('/')}", marker)
+
+
+def _refuse_newer(what: str, found: Mapping[str, Any]) -> None:
+    """Raise :class:`StoreFormatError` when ``found`` (a marker or commit record) holds a
+    format newer than this code's."""
+    import segflow
+
+    try:
+        number = int(found.get("format") or 0)
+    except (TypeError, ValueError):
+        number = STORE_FORMAT + 1  # not a number this code wrote: a newer one's
+    if number > STORE_FORMAT:
+        raise StoreFormatError(
+            f"{what} was written by segflow {found.get(WRITTEN_BY) or '(a newer version)'} "
+            f"(store format {found.get('format')}); this is segflow {segflow.__version__} "
+            f"(format {STORE_FORMAT}): upgrade segflow"
+        )
 
 
 def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
@@ -77,7 +120,8 @@ def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
     check_store(store)
     import zarr
 
-    from segflow.store.metadata import LAYOUT, LAYOUT_KEY
+    import segflow
+    from segflow.store.metadata import LAYOUT, LAYOUT_KEY, read_node, write_node
     from segflow.store.versions import recover_links
 
     root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
@@ -86,7 +130,13 @@ def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
         fresh = marker is None and not _has_legacy_markers(store)
         # A new store starts with per-item metadata; an older one is migrated by its run.
         layout = {LAYOUT_KEY: LAYOUT} if fresh else {}
-        root.update_attributes({STORE_ATTR: {"format": STORE_FORMAT, **layout}})
+        kept = marker if isinstance(marker, dict) else {}
+        moved = {"format": STORE_FORMAT, WRITTEN_BY: segflow.__version__}
+        # Only the marker changes: an older root's consolidated copy stays until the run
+        # migrates the store (zarr's update_attributes would drop it).
+        node = read_node(store) or {}
+        node.setdefault("attributes", {})[STORE_ATTR] = {**kept, **layout, **moved}
+        write_node(store, node)
     if is_local(store):
         _recover_swaps(local_path(store))  # an older segflow's two-rename swap
         recover_links(store)
@@ -121,6 +171,7 @@ def check_store(store: str) -> None:
             f"output.store '{store}' is a file, not a folder: choose a path for the Zarr store"
         )
     if is_segflow_store(store):
+        check_store_format(store)
         check_reserved_names(store)
         return
     names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
@@ -173,6 +224,8 @@ def begin_item(store: str, item_id: str) -> None:
     rewrite is never taken for done."""
     if not is_segflow_store(store):
         prepare_store(store)  # a direct call (notebook, test) without a flow's preparation
+    check_store_format(store)
+    read_commit(store, item_id)  # refuses an item a newer segflow committed
     target = f"{str(store).rstrip('/')}/{item_id}"
 
     fs, path = fresh_fs(target)
@@ -323,10 +376,13 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
     swapped in by two renames (see the module note), for an object store (``root`` is the
     store) the record is written in place.
     """
+    from segflow.store.lock import lock_lost
     from segflow.store.metadata import consolidate_item, drop_consolidated
     from segflow.store.versions import publish_version, record_commit, version_id
 
-    record = {**record, "version": record.get("version") or version_id()}
+    if (lost := lock_lost(store)) is not None:  # another run holds the store now
+        raise StoreError(lost)
+    record = {"format": STORE_FORMAT, **record, "version": record.get("version") or version_id()}
     # The item's metadata, consolidated into its group, and the record in one write.
     consolidate_item(root, item_id, attributes={COMMIT_ATTR: dict(record)})
     # An older store's root copy would not list this item (a flow migrates the store
@@ -345,12 +401,21 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
 
 def read_commit(store: str, item_id: str) -> dict[str, Any] | None:
     """The commit record of ``STORE/ITEM``, or None when it has none (never committed,
-    interrupted, written by an older segflow, or not there)."""
+    interrupted, written by an older segflow, or not there).
+
+    Raises
+    ------
+    StoreFormatError
+        When a newer segflow committed the item (its record's ``format``).
+    """
     metadata = _read_json(f"{str(store).rstrip('/')}/{item_id}/zarr.json")
     if not metadata:
         return None
     record = metadata.get("attributes", {}).get(COMMIT_ATTR)
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    _refuse_newer(f"item '{item_id}' of {str(store).rstrip('/')}", record)
+    return record
 
 
 def discard_trash(store: str, run_id: str) -> None:

@@ -212,6 +212,8 @@ def consolidate_store(store: str, items: Collection[str] | None = None) -> None:
     copy (one an older segflow wrote is removed; :mod:`segflow.store.metadata`). A run's
     commit consolidates each item already; this is for groups written directly
     (notebooks, tests). ``items`` limits it to those groups (default: every item group).
+    A committed version (``STORE/ITEM`` a link, :mod:`segflow.store.versions`) is never
+    written: its commit consolidated it.
     :func:`create_item_group` and :func:`create_output_array` drop an item's copy when they
     change its group, so a stale copy never hides or misdescribes an array.
 
@@ -232,11 +234,14 @@ def consolidate_store(store: str, items: Collection[str] | None = None) -> None:
     ['x', 'y']
     """
     from segflow.store import metadata
+    from segflow.store.versions import current_version
 
     try:
         if metadata.read_node(store) is None:
             raise StoreError(f"'{store}' has no zarr.json: not a Zarr store")
         for item_id in metadata.item_groups(store) if items is None else items:
+            if current_version(store, item_id) is not None:
+                continue  # a committed version: immutable, consolidated by its commit
             node = metadata.read_node(f"{str(store).rstrip('/')}/{item_id}")
             if node is not None and node.get("node_type") == "group":
                 metadata.consolidate_item(store, item_id)

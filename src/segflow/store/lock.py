@@ -12,6 +12,17 @@ fsspec's ``pipe_file(..., mode="create")``): of two runs starting at once, exact
 creates it and the other is refused. Breaking a stale lock there first creates a marker
 named by the stale lock's token, also conditionally, so one breaker wins. An S3-compatible
 server that ignores the condition (check yours) gives no exclusion.
+
+The heartbeat rewrites the lock only while it is still this run's (its ``token``): a run
+judged dead (stalled past ``stale_after``, its lock broken and taken by another run) finds
+another token at its next beat, stops beating and never writes the lock again; the run's
+remaining items then fail with one line (:func:`lock_lost`, checked before each item and
+at each commit). On S3 the beat's write is conditional on the ETag it read (``If-Match``),
+so a takeover between the read and the write makes the write fail, never overwrite. On a
+local disk and other object stores the check and the write are two steps: a takeover in
+the instant between them (this process stalled exactly there for ``stale_after`` seconds)
+is overwritten once: the run that took over finds its own token gone at its next beat and
+stops, so the two may both write for up to one heartbeat interval.
 """
 
 from __future__ import annotations
@@ -34,6 +45,9 @@ from segflow.store.names import SEGFLOW_DIR
 LOCK_NAME = "lock.json"
 STALE_AFTER = 60.0  # seconds without a heartbeat after which a lock may be broken
 HEARTBEAT_EVERY = 5.0
+# Store -> why this process lost the store's lock (set by a heartbeat that found another
+# run's token): its runs write nothing more there.
+_LOST: dict[str, str] = {}
 
 
 class StoreLockedError(StoreError):
@@ -137,6 +151,7 @@ class StoreLock:
             self.broken = holder
         else:
             raise StoreError(f"store '{self.store}': could not take its lock {self.path}")
+        _LOST.pop(_key(self.store), None)
         self._thread = threading.Thread(target=self._beat, name="segflow-store-lock", daemon=True)
         self._thread.start()
 
@@ -185,11 +200,38 @@ class StoreLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_every):
-            self.record["heartbeat"] = _now()
             try:
-                _write_atomic(self.path, json.dumps(self.record).encode())
+                holder = self._refresh()
             except OSError:
-                pass  # a missed beat is retried; staleness needs many in a row
+                continue  # a missed beat is retried; staleness needs many in a row
+            if holder is not None:  # taken over: never write the other run's lock
+                message = taken_over_message(self.store, holder, self.stale_after)
+                _LOST[_key(self.store)] = message
+                return
+
+    def _refresh(self) -> dict[str, Any] | None:
+        """Write a new heartbeat if the lock is still ours; else return what it says now
+        (``{}`` when it is gone)."""
+        self.record["heartbeat"] = _now()
+        data = json.dumps(self.record).encode()
+        if is_local(self.store):
+            holder = read_lock(self.store)
+            if holder is None or holder.get("token") != self.record["token"]:
+                return holder or {}
+            _write_atomic(self.path, data)
+            return None
+        fs, path = fresh_fs(self.path)
+        try:
+            etag = fs.info(path).get("ETag")  # before the read: a later change fails the write
+            holder = _parse_lock(fs.cat_file(path))
+        except FileNotFoundError:
+            return {}
+        if holder.get("token") != self.record["token"]:
+            return holder
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        conditional = {"IfMatch": etag} if etag and "s3" in protocols else {}
+        fs.pipe_file(path, data, **conditional)  # a failed condition: OSError, next beat sees
+        return None
 
 
 @contextmanager
@@ -207,14 +249,48 @@ def hold_store_lock(
 
 def is_stale(holder: dict[str, Any], *, stale_after: float = STALE_AFTER) -> bool:
     """Whether a lock may be broken: its process is gone (same host), or its heartbeat is
-    older than ``stale_after`` seconds (or unreadable)."""
+    older than ``stale_after`` seconds (or unreadable; a time without a zone is UTC)."""
     if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
         return True
+    age = _heartbeat_age(holder)
+    return age is None or age > stale_after  # unreadable: nobody refreshes it properly
+
+
+def _heartbeat_age(holder: dict[str, Any]) -> float | None:
+    """Seconds since the lock's heartbeat (a time without a zone is UTC), or None when it
+    has none or it is unreadable."""
     try:
         beat = dt.datetime.fromisoformat(str(holder["heartbeat"]))
     except (KeyError, ValueError):
-        return True  # unreadable lock: nobody can be refreshing it properly
-    return (dt.datetime.now(dt.UTC) - beat).total_seconds() > stale_after
+        return None
+    if beat.tzinfo is None:
+        beat = beat.replace(tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - beat).total_seconds()
+
+
+def lock_lost(store: str) -> str | None:
+    """Why this process's run lost the lock of ``store`` (one line), or None while it holds
+    it or holds none: a run that lost it writes nothing more there."""
+    return _LOST.get(_key(store))
+
+
+def taken_over_message(store: str, holder: dict[str, Any], stale_after: float = STALE_AFTER) -> str:
+    """The line a run whose lock another run took over ends its items with."""
+    other = (
+        f"run {holder.get('run_id')} of {holder.get('owner')}@{holder.get('host')}, PID "
+        f"{holder.get('pid')}"
+        if holder
+        else "its lock file is gone"
+    )
+    return (
+        f"store '{store}': this run's lock was taken over ({other}) after its heartbeat "
+        f"stalled past {stale_after:g} s; this run stopped writing there: run it again "
+        "once the other run has ended"
+    )
+
+
+def _key(store: str) -> str:
+    return str(store).rstrip("/")
 
 
 def live_holder(store: str) -> dict[str, Any] | None:
@@ -238,20 +314,21 @@ def read_lock(store: str) -> dict[str, Any] | None:
             raw = handle.read()
     except FileNotFoundError:
         return None
+    return _parse_lock(raw)
+
+
+def _parse_lock(raw: bytes) -> dict[str, Any]:
+    """A lock file's content; torn or foreign content reads as a stale lock."""
     try:
         value = json.loads(raw)
     except ValueError:
-        return {"heartbeat": ""}  # torn or foreign content: treated as stale
+        return {"heartbeat": ""}
     return value if isinstance(value, dict) else {"heartbeat": ""}
 
 
 def locked_message(store: str, holder: dict[str, Any]) -> str:
-    age = ""
-    try:
-        beat = dt.datetime.fromisoformat(str(holder["heartbeat"]))
-        age = f", last heartbeat {(dt.datetime.now(dt.UTC) - beat).total_seconds():.0f} s ago"
-    except (KeyError, ValueError):
-        pass
+    seconds = _heartbeat_age(holder)
+    age = "" if seconds is None else f", last heartbeat {seconds:.0f} s ago"
     return (
         f"store '{store}' is in use by another segflow run (run {holder.get('run_id')} of "
         f"{holder.get('owner')}@{holder.get('host')}, PID {holder.get('pid')}, started "

@@ -22,7 +22,8 @@ class OpenedStore(Mapping[str, Any]):
     ``STORE/ITEM``, :mod:`segflow.store.versions`): an open Dataset keeps reading that
     version whatever runs commit meanwhile; open it again to see a later one. With
     ``as_of`` (a time key from :func:`segflow.store.versions.resolve_as_of`) items open as
-    they were then, and iterating lists the items that had a version then.
+    they were then, and iterating lists the items that had a version then; the catalogue
+    (:attr:`catalogue`, :meth:`row`, :meth:`select`) still describes the latest state.
 
     Use :func:`open_store` to make one.
     """
@@ -38,7 +39,11 @@ class OpenedStore(Mapping[str, Any]):
 
     @property
     def catalogue(self) -> Any:
-        """The catalogue (:mod:`segflow.store.catalogue`) as a GeoDataFrame, read once."""
+        """The catalogue (:mod:`segflow.store.catalogue`) as a GeoDataFrame, read once.
+
+        Always the latest state, also with ``as_of``: the catalogue keeps one row per item,
+        that of its latest commit. A row whose ``version`` differs from the version
+        :meth:`item_path` reads describes a commit after ``as_of``."""
         if self._catalogue is None:
             from segflow.store.catalogue import read_catalogue
 
@@ -133,7 +138,8 @@ def open_store(path: str, *, as_of: str | dt.datetime | None = None) -> OpenedSt
     Each item opened keeps reading the version committed when it was opened. With
     ``as_of`` (a tag, a run id or name, or a time: a ``datetime`` or an ISO string, naive
     meaning UTC) the items read as they were then (local stores keep their versions:
-    :mod:`segflow.store.versions`).
+    :mod:`segflow.store.versions`); the catalogue still shows the latest state (see
+    :attr:`OpenedStore.catalogue`).
 
     Returns an :class:`OpenedStore`: ``.catalogue`` (a GeoDataFrame, one row per item:
     status, fingerprints, object count, extent, footprint, group path), ``store[ITEM]`` (an
@@ -142,7 +148,9 @@ def open_store(path: str, *, as_of: str | dt.datetime | None = None) -> OpenedSt
     Raises
     ------
     StoreError
-        When ``path`` is not a segflow store.
+        When ``path`` is not a segflow store, or a newer segflow wrote it
+        (:class:`segflow.store.commit.StoreFormatError`; an item a newer segflow committed
+        is refused when opened).
     ValueError
         When ``as_of`` names no tag, run or time of the store.
 
@@ -156,10 +164,11 @@ def open_store(path: str, *, as_of: str | dt.datetime | None = None) -> OpenedSt
     >>> len(store), list(store.catalogue.columns[:3])
     (0, ['id', 'source', 'status'])
     """
-    from segflow.store.commit import is_segflow_store
+    from segflow.store.commit import check_store_format, is_segflow_store
 
     if not is_segflow_store(path):
         raise StoreError(f"'{path}' is not a segflow store (no segflow marker in its zarr.json)")
+    check_store_format(path)
     if as_of is None:
         return OpenedStore(path)
     from segflow.store.versions import resolve_as_of

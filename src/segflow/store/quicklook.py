@@ -6,7 +6,8 @@ is read from the store the same way. Volumes show their middle ``z`` slice.
 
 A run keeps its quick looks in the store, beside the item's arrays: ``STORE/ITEM/quicklook.png``
 (:data:`QUICKLOOK_NAME`; no array takes the name, since ``save_as`` names are identifiers),
-and links them from its artifacts, so Prefect's database holds a path, not a picture.
+written into the staged item before its commit, and links them from its artifacts, so
+Prefect's database holds a path, not a picture.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def write_quicklook(
     ``STORE/ITEM_ID/quicklook.png``; return where it is (an absolute path for a local store,
     else the object's URL) and its size in bytes.
 
-    Call after the item is committed, while holding the store's lock: the picture belongs
-    to the committed result, and the next commit of the item replaces the whole group, so a
-    quick look never shows other data than the item's. A local file is written under a
-    temporary name and renamed into place (a reader never sees half a PNG).
+    A run calls it on the item's staged group (``store`` its staging root), before the
+    commit: the picture is part of the committed version, which is never written again,
+    so a quick look never shows other data than its version's. A local file is written
+    under a temporary name and renamed into place (a reader never sees half a PNG).
     """
     import os
 

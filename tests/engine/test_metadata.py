@@ -191,3 +191,22 @@ def test_the_next_run_migrates_an_older_store_with_one_line(
     with caplog.at_level(logging.WARNING, logger="segflow"), writing_store(str(store), "run-2"):
         pass
     assert not [r for r in caplog.records if "consolidated per item" in r.getMessage()]
+
+
+def test_json_files_written_at_once_by_many_threads_all_land(tmp_path: pathlib.Path) -> None:
+    """Items committing at once in one run write their run's run.json together (CI saw one
+    rename the other's file aside away: FileNotFoundError); every write lands, whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segflow.store.metadata import write_json
+
+    target = tmp_path / "runs" / "r" / "run.json"
+
+    def write(k: int) -> None:
+        for _ in range(50):
+            write_json(str(target), {"writer": k, "padding": "x" * 4000})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))
+    assert json.loads(target.read_text())["writer"] in range(8)
+    assert [p.name for p in target.parent.iterdir()] == ["run.json"]

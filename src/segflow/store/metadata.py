@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -48,9 +49,12 @@ def write_json(url: str, value: Mapping[str, Any]) -> None:
     if is_local(url):
         path = local_path(url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(f"{path}.segflow-tmp", "wb") as handle:
+        # Each writer its own file aside: items committing at once in one run write their
+        # run's run.json together, and a shared name let one rename the other's away.
+        aside = f"{path}.segflow-tmp.{os.getpid()}.{threading.get_ident()}"
+        with open(aside, "wb") as handle:
             handle.write(data)
-        os.replace(f"{path}.segflow-tmp", path)
+        os.replace(aside, path)
         return
     fs, path = fresh_fs(url)
     fs.pipe_file(path, data)

@@ -38,7 +38,10 @@ def test_the_wheel_has_one_top_level_package(wheel: Path) -> None:
     top_level = {name.split("/")[0] for name in names}
 
     assert top_level == {"segflow", f"{wheel.name.rsplit('-', 3)[0]}.dist-info"}
-    for module in ("flows/cli.py", "flows/segment.py", "flows/__main__.py", "tasks/items.py"):
+    cli = ["cli", "cli_options", "preflight", "progress", "info_cli", "run_cli", "evaluate_cli"]
+    cli += ["train_cli", "export_cli", "versions_cli"]  # the segflow command, split by job
+    modules = [f"flows/{name}.py" for name in cli]
+    for module in (*modules, "flows/segment.py", "flows/__main__.py", "tasks/items.py"):
         assert f"segflow/{module}" in names
 
 
@@ -89,6 +92,23 @@ def test_the_engine_never_imports_prefect() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_the_command_imports_neither_prefect_nor_dask() -> None:
+    # segflow ops / validate / a run with nothing to do answer fast: the command modules
+    # (cli.py and the modules of each job it registers) import Prefect and Dask in functions.
+    code = (
+        "import sys, segflow.flows.cli\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in ('prefect', 'dask')))\n"
+        "print(sorted(n for n in sys.modules if n.startswith('segflow.flows.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    heavy, loaded = done.stdout.splitlines()
+    assert heavy == "[]"
+    for module in ("info_cli", "run_cli", "evaluate_cli", "train_cli", "export_cli"):
+        assert f"segflow.flows.{module}" in loaded  # registered, so imported
 
 
 def test_python_m_segflow_flows_runs_the_command() -> None:

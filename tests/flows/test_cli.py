@@ -670,7 +670,7 @@ def test_the_summary_names_the_first_failures_and_counts_the_rest(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from segflow.engine.collection import run_summary
-    from segflow.flows.cli import FAILURES_SHOWN, _print_summary
+    from segflow.flows.run_cli import FAILURES_SHOWN, _print_summary
 
     rows = [
         {"id": f"t{i:03d}", "status": "failed", "error": f"item 't{i:03d}': too many bands"}

@@ -97,7 +97,8 @@ def store_queue(store: str, *, timeout: float | None, logger: Any) -> Iterator[f
                 raise QueueTimeoutError(_timeout_line(store, name, waited, _holder_name(store)))
             if (holding := _holder_name(store)) != said:
                 said = holding
-                logger.info("%s", _waiting_line(store, name, holding, timeout))
+                # a WARNING: the terminal shows it, so a run that seems to stall says why
+                logger.warning("%s", _waiting_line(store, name, holding, timeout))
             unwritten.check()
             if _free_dead_holder(client, name, store, logger):
                 continue  # its slot is free now: try again at once

@@ -426,7 +426,12 @@ def _step_settings(step: Mapping[str, Any]) -> dict[str, Any]:
     data = dict(step)
     name, save_as = data.pop("op"), data.pop("save_as", None)
     params = get_operation(str(name), public=True).params.model_validate(data)
-    return {"op": name, "save_as": save_as, **params.model_dump(mode="json")}
+    values = params.model_dump(mode="json")
+    for key, field in type(params).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("hash_when_set") and values.get(key) is None:
+            del values[key]  # a parameter added later: unset, the hash steps had before it
+    return {"op": name, "save_as": save_as, **values}
 
 
 #: The parameter of each step that names a file, relative to the config file when relative.

@@ -159,8 +159,9 @@ def test_a_run_counts_the_objects_its_boxes_gave(block_shape: tuple[int, int]) -
     assert run.n_labels == 3
 
 
-def _geo_run(pipeline: list[dict], block_shape: tuple[int, int]) -> np.ndarray:
-    [reader], _ = discover_items(str(DATA / "aerial"))
+def _geo_run(pipeline: list[dict], block_shape: tuple[int, int], reader=None) -> np.ndarray:
+    if reader is None:
+        [reader], _ = discover_items(str(DATA / "aerial"))
     info = reader.info
     plan = compile_pipeline(
         pipeline, spatial_ndim=2, channels=info.n_channels, dtype=info.dtype, item=info
@@ -276,6 +277,8 @@ def test_from_boxes_bad_input_one_line_each(tmp_path: Path) -> None:
         segment(image, [{"op": "from_boxes", "boxes": str(csv)}])
     with pytest.raises(ConfigError, match=r"pipeline\[0\]\.margin"):
         segment(image, [{"op": "from_boxes", "boxes": [], "margin": 0}])
+    with pytest.raises(ConfigError, match=r"pipeline\[0\]\.crs.*'EPSG:99999' is not a CRS"):
+        segment(image, [{"op": "from_boxes", "boxes": [], "crs": "EPSG:99999"}])
 
 
 def test_boxes_for_files_not_in_the_collection_are_listed(tmp_path: Path) -> None:
@@ -311,4 +314,131 @@ def test_a_boxes_file_is_relative_to_its_config_and_its_content_is_in_the_hash(
     assert first.pipeline[0]["boxes"] == str(tmp_path / "boxes.csv")
     before = first.config_hash()
     (tmp_path / "boxes.csv").write_text("image_path,xmin,ymin,xmax,ymax\na.tif,1,1,6,5\n")
-    assert load_config(config).config_hash() != before
+    changed = load_config(config).config_hash()
+    assert changed != before
+    # `crs`, added later, is in the hash only when set: configs without it keep theirs
+    data = load_config(config).model_dump(mode="json")
+    unset = [{"op": "from_boxes", "boxes": str(tmp_path / "boxes.csv")}]
+    assert load_config(config).result_settings()["pipeline"][0].keys() >= {"boxes", "margin"}
+    assert "crs" not in load_config(config).result_settings()["pipeline"][0]
+    from segflow.config import parse_config
+
+    with_crs = parse_config({**data, "pipeline": [{**unset[0], "crs": "EPSG:4326"}]})
+    assert with_crs.result_settings()["pipeline"][0]["crs"] == "EPSG:4326"
+    assert with_crs.config_hash() != changed
+
+
+CUT = 350  # the bundled raster cut into two tiles at this column: box 1 spans the cut
+
+
+def _tiles(folder: Path) -> dict[str, object]:
+    """The bundled RGB.byte.tif as two GeoTIFF tiles, left.tif (columns < CUT) and right.tif."""
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    folder.mkdir()
+    with rasterio.open(DATA / "aerial" / "RGB.byte.tif") as src:
+        for name, window in (
+            ("left", Window(0, 0, CUT, src.height)),
+            ("right", Window(CUT, 0, src.width - CUT, src.height)),
+        ):
+            profile = dict(src.profile, width=window.width, height=window.height)
+            profile["transform"] = src.transform @ Affine.translation(window.col_off, 0)
+            with rasterio.open(folder / f"{name}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+    readers, _ = discover_items(str(folder))
+    return {reader.info.id: reader for reader in readers}
+
+
+def _features(rings: list[list[list[float]]]) -> list[dict]:
+    return [
+        {
+            "type": "Feature",
+            "properties": {"label": "field"},
+            "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
+        }
+        for ring in rings
+    ]
+
+
+def _ring(box: tuple[float, float, float, float]) -> list[list[float]]:
+    x0, y0, x1, y1 = box
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+
+def test_geojson_boxes_without_image_path_go_to_the_tiles_they_overlap(tmp_path: Path) -> None:
+    """Features without an image_path, in the raster's CRS as its `crs` member says, are
+    matched to tiles by location; a box across the cut gives one object in each tile, the
+    objects a pixel CSV naming each tile gives (its boxes clipped to the tile)."""
+    readers = _tiles(tmp_path / "tiles")
+    a, _, c, _, e, f = readers["left"].info.transform[:6]
+    crs_boxes = [
+        (c + a * x0, f + e * y1, c + a * x1, f + e * y0) for x0, y0, x1, y1 in AERIAL_BOXES
+    ]
+    geojson = tmp_path / "boxes.geojson"
+    collection = {
+        "type": "FeatureCollection",
+        "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32618"}},
+        "features": _features([_ring(box) for box in crs_boxes]),
+    }
+    geojson.write_text(json.dumps(collection))
+    rows = ["image_path,xmin,ymin,xmax,ymax,label"]
+    for name, shift, picks in (("left.tif", 0, (0, 1)), ("right.tif", CUT, (1, 2))):
+        for k in picks:
+            x0, y0, x1, y1 = AERIAL_BOXES[k]
+            rows.append(f"{name},{x0 - shift},{y0},{x1 - shift},{y1},field")
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    for name in ("left", "right"):
+        reader = readers[name]
+        by_location = _geo_run([{"op": "from_boxes", "boxes": str(geojson)}], (200, 128), reader)
+        named = _geo_run([{"op": "from_boxes", "boxes": str(csv)}], (718, 400), reader)
+        np.testing.assert_array_equal(by_location, named)
+        assert set(np.unique(by_location)) == {0, 1, 2}
+    notes = collection_notes(
+        [{"op": "from_boxes", "boxes": str(geojson)}], [r.info for r in readers.values()]
+    )
+    assert notes == []
+
+
+def test_lonlat_boxes_are_reprojected_and_boxes_off_every_tile_are_listed(tmp_path: Path) -> None:
+    """Boxes in longitude/latitude (RFC 7946 GeoJSON: no `crs` member, so `crs: EPSG:4326`
+    says it) land on the pixels of the UTM boxes they came from, within the reprojection's
+    growth; a box off every tile is listed before anything runs, with the hint."""
+    from rasterio.warp import transform_bounds
+
+    from segflow.io.boxes import item_boxes
+
+    readers = _tiles(tmp_path / "tiles")
+    info = readers["left"].info
+    a, _, c, _, e, f = info.transform[:6]
+    lonlat = []
+    for x0, y0, x1, y1 in AERIAL_BOXES[:2]:
+        bounds = transform_bounds(
+            info.crs_wkt, "EPSG:4326", c + a * x0, f + e * y1, c + a * x1, f + e * y0
+        )
+        lonlat.append(_ring(bounds))
+    lonlat.append(_ring((10.0, 50.0, 10.01, 50.01)))  # Germany: on no tile
+    geojson = tmp_path / "lonlat.geojson"
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": _features(lonlat)}))
+    found = item_boxes(
+        read_boxes(str(geojson)),
+        item_id="left",
+        item_path=info.path,
+        shape=info.spatial_shape,
+        transform=info.transform,
+        crs="EPSG:4326",
+        item_crs=info.crs_wkt,
+    )
+    assert found.rows == (0, 1)
+    for (y0, x0, y1, x1), (bx0, by0, bx1, by1) in zip(found.boxes, AERIAL_BOXES, strict=False):
+        assert y0 <= by0 and x0 <= bx0 and y1 >= by1 and x1 >= min(bx1, CUT)
+        assert max(by0 - y0, bx0 - x0, y1 - by1) <= 3
+    step = {"op": "from_boxes", "boxes": str(geojson), "crs": "EPSG:4326"}
+    [note] = collection_notes([step], [r.info for r in readers.values()])
+    assert "1 box(es) without an image_path (rows 2) overlap no georeferenced item" in note
+    assert "coordinates read in EPSG:4326" in note
+    [note] = collection_notes([dict(step, crs=None)], [r.info for r in readers.values()])
+    assert "3 box(es) without an image_path (rows 0, 1, 2)" in note
+    assert "needs `crs: EPSG:4326`" in note

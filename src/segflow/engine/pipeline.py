@@ -210,11 +210,10 @@ def collection_notes(
     """What the pipeline's steps find wrong with the whole collection (``check_collection``:
     boxes for files that are not in it), one line each naming the step; ``infos`` are the
     items' :class:`~segflow.io.base.ItemInfo`."""
-    items = [(str(info.id), str(info.path)) for info in infos]
     lines = []
     for step in parse_steps(pipeline):
         if step.op.check_collection is not None:
-            found = step.op.check_collection(step.params, items)
+            found = step.op.check_collection(step.params, infos)
             lines += [f"{step.describe()}: {line}" for line in found]
     return lines
 

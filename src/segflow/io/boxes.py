@@ -5,7 +5,8 @@ Three layouts are read:
 * CSV with the columns ``image_path, xmin, ymin, xmax, ymax`` and optionally ``label`` (the
   layout DeepForest and most detectors write);
 * GeoJSON: a FeatureCollection of polygons (rectangles; their bounds are the box), each with
-  an ``image_path`` property and optionally a ``label``;
+  optionally an ``image_path`` property and a ``label``; a feature without ``image_path``
+  belongs to every georeferenced item it overlaps (matched by location);
 * COCO JSON: ``images`` (``id``, ``file_name``, ``width``, ``height``), ``annotations``
   (``image_id``, ``bbox`` as ``[x, y, width, height]``, ``category_id``) and
   ``categories`` (``id``, ``name``).
@@ -14,7 +15,13 @@ A row belongs to an item when its image path equals the item's id, the item's pa
 end of the item's path after a ``/`` (``"tile_7.tif"`` matches ``"data/tile_7.tif"``). Box
 coordinates are ``x`` (columns) and ``y`` (rows); in pixels an edge lies between pixels, so
 ``xmin = 0, xmax = 3`` covers columns 0, 1 and 2. CRS coordinates (GeoJSON of a
-georeferenced item) go through the item's affine transform.
+georeferenced item) go through the item's affine transform. They are in the boxes' CRS: the
+step's ``crs``, else the GeoJSON's ``crs`` member (as GDAL, QGIS and geopandas write it for
+a projected layer), else the item's own CRS; boxes in another CRS than the item's are
+reprojected (each edge densified, the box is the bounds of the result).
+
+A box matched by location is clipped to each item it overlaps: a box across two tiles gives
+one object in each (a scene, ``input.mosaic``, is one item and gives one).
 """
 
 from __future__ import annotations
@@ -24,19 +31,25 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 #: The columns a boxes CSV must have (``label`` is optional: ``"object"`` by default).
 CSV_COLUMNS = ("image_path", "xmin", "ymin", "xmax", "ymax")
 DEFAULT_LABEL = "object"
+#: The image path of a GeoJSON feature without one: matched to items by location.
+BY_LOCATION = ""
+#: Points per box edge when a box is reprojected.
+DENSIFY = 21
 
 
 @dataclass(frozen=True)
 class BoxTable:
     """Every box of a file: ``coords`` rows are ``(xmin, ymin, xmax, ymax)``; ``rows`` is
     each box's row in the file (the CSV's data row, the feature's or annotation's index);
-    ``sizes`` the image sizes a COCO file states, ``(height, width)`` by file name."""
+    ``sizes`` the image sizes a COCO file states, ``(height, width)`` by file name; ``crs``
+    the CRS a GeoJSON's ``crs`` member names (``None``: not stated)."""
 
     path: str
     images: tuple[str, ...]
@@ -45,6 +58,7 @@ class BoxTable:
     rows: tuple[int, ...]
     sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
     kind: str = "csv"  # "csv", "geojson" or "coco"
+    crs: str | None = None
 
     @functools.cached_property
     def rows_by_image(self) -> dict[str, list[int]]:
@@ -58,6 +72,11 @@ class BoxTable:
     def classes(self) -> tuple[str, ...]:
         """The distinct labels, sorted: class ``i + 1`` is ``classes[i]``."""
         return tuple(sorted(set(self.labels)))
+
+    @functools.cached_property
+    def by_location(self) -> np.ndarray:
+        """The indices of the boxes matched to items by location, in file order."""
+        return np.array(self.rows_by_image.get(BY_LOCATION, []), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -172,15 +191,29 @@ def _from_geojson(path: str, data: dict) -> BoxTable:
     images, coords, labels = [], [], []
     for k, feature in enumerate(data.get("features", [])):
         properties = feature.get("properties") or {}
-        if "image_path" not in properties:
-            raise ValueError(f"boxes file {path!r} feature {k}: no `image_path` property")
         points = np.asarray(_polygon_points(feature.get("geometry"), path, k), dtype=np.float64)
         coords.append([points[:, 0].min(), points[:, 1].min(), *points.max(axis=0)[:2]])
-        images.append(str(properties["image_path"]))
+        images.append(str(properties.get("image_path", BY_LOCATION)))
         labels.append(str(properties.get("label", DEFAULT_LABEL)))
     array = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
     rows = tuple(range(len(images)))
-    return BoxTable(path, tuple(images), array, tuple(labels), rows, kind="geojson")
+    crs = _geojson_crs(data, path)
+    return BoxTable(path, tuple(images), array, tuple(labels), rows, kind="geojson", crs=crs)
+
+
+def _geojson_crs(data: dict, path: str) -> str | None:
+    """The CRS a GeoJSON's (pre-RFC 7946) ``crs`` member names, e.g.
+    ``urn:ogc:def:crs:EPSG::32618``; ``None`` without one."""
+    member = data.get("crs")
+    if member is None:
+        return None
+    name = (member.get("properties") or {}).get("name") if isinstance(member, dict) else None
+    if not isinstance(name, str):
+        raise ValueError(
+            f"boxes file {path!r}: its `crs` member {member!r} names no CRS (expected "
+            '{"type": "name", "properties": {"name": "EPSG:..."}})'
+        )
+    return name
 
 
 def _polygon_points(geometry: dict | None, path: str, k: int) -> list[list[float]]:
@@ -269,34 +302,32 @@ def item_boxes(
     item_path: str,
     shape: tuple[int, int],
     transform: Sequence[float] | None = None,
+    crs: str | None = None,
+    item_crs: str | None = None,
 ) -> ItemBoxes:
-    """The table's boxes of one item, in pixels, clipped to the item's ``shape``.
+    """The table's boxes of one item, in pixels, clipped to the item's ``shape``, in file order.
 
     With ``transform`` (rasterio order ``a, b, c, d, e, f``) the coordinates are CRS
-    coordinates. A box that does not overlap the item is refused in one line.
+    coordinates, in ``crs`` (``None``: the item's own, ``item_crs``), and the boxes without
+    an image path that overlap the item are its boxes too. A box named for the item that
+    does not overlap it is refused in one line.
     """
     rows = table.rows_by_image
-    picked = sorted(k for key in item_keys(item_id, item_path) for k in rows.get(key, ()))
-    _check_size(table, picked, item_id, shape)
-    coords = table.coords[picked]
+    named = sorted(k for key in item_keys(item_id, item_path) for k in rows.get(key, ()))
+    _check_size(table, named, item_id, shape)
+    coords = table.coords[named]
+    located = np.zeros(0, dtype=np.int64)
     if transform is not None:
-        coords = _to_pixels(coords, transform, item_id)
-    boxes = np.empty((len(picked), 4), dtype=np.int64)
-    boxes[:, 0] = np.floor(coords[:, 1] + 1e-9)
-    boxes[:, 1] = np.floor(coords[:, 0] + 1e-9)
-    boxes[:, 2] = np.ceil(coords[:, 3] - 1e-9)
-    boxes[:, 3] = np.ceil(coords[:, 2] - 1e-9)
-    limit = np.array([shape[0], shape[1], shape[0], shape[1]])
-    clipped = np.clip(boxes, 0, limit)
-    outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    if outside.any():
-        k = int(np.flatnonzero(outside)[0])
-        xmin, ymin, xmax, ymax = (float(v) for v in table.coords[picked[k]])
-        raise ValueError(
-            f"item {item_id!r}: box at row {table.rows[picked[k]]} of {table.path!r} "
-            f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g}) lies outside "
-            f"the image ({shape[1]} x {shape[0]} pixels)"
-        )
+        coords = _to_pixels(_to_item_crs(coords, crs, item_crs, item_id), transform, item_id)
+        located, spots = _located(table, shape, transform, crs, item_crs, item_id)
+    boxes = _pixel_boxes(coords)
+    _check_inside(table, named, boxes, item_id, shape)
+    every = np.concatenate([np.asarray(named, dtype=np.int64), located])
+    order = np.argsort(every, kind="stable")
+    picked = [int(k) for k in every[order]]
+    if len(located):
+        boxes = np.concatenate([boxes, _pixel_boxes(spots)])[order]
+    clipped = np.clip(boxes, 0, [shape[0], shape[1], shape[0], shape[1]])
     index = {name: i + 1 for i, name in enumerate(table.classes)}
     labels = tuple(table.labels[k] for k in picked)
     return ItemBoxes(
@@ -306,6 +337,113 @@ def item_boxes(
         tuple(index[label] for label in labels),
         table.classes,
     )
+
+
+def _pixel_boxes(coords: np.ndarray) -> np.ndarray:
+    """Pixel ``(xmin, ymin, xmax, ymax)`` to the pixels a box covers, ``(y0, x0, y1, x1)``."""
+    boxes = np.empty((len(coords), 4), dtype=np.int64)
+    boxes[:, 0] = np.floor(coords[:, 1] + 1e-9)
+    boxes[:, 1] = np.floor(coords[:, 0] + 1e-9)
+    boxes[:, 2] = np.ceil(coords[:, 3] - 1e-9)
+    boxes[:, 3] = np.ceil(coords[:, 2] - 1e-9)
+    return boxes
+
+
+def _check_inside(
+    table: BoxTable, picked: list[int], boxes: np.ndarray, item_id: str, shape: tuple[int, int]
+) -> None:
+    """Refuse a box named for the item that does not overlap it."""
+    clipped = np.clip(boxes, 0, [shape[0], shape[1], shape[0], shape[1]])
+    outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    if outside.any():
+        k = int(np.flatnonzero(outside)[0])
+        xmin, ymin, xmax, ymax = (float(v) for v in table.coords[picked[k]])
+        raise ValueError(
+            f"item {item_id!r}: box at row {table.rows[picked[k]]} of {table.path!r} "
+            f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g}) lies outside "
+            f"the image ({shape[1]} x {shape[0]} pixels)"
+        )
+
+
+def _located(
+    table: BoxTable,
+    shape: tuple[int, int],
+    transform: Sequence[float],
+    crs: str | None,
+    item_crs: str | None,
+    item_id: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes without an image path that overlap the item (indices into ``table``) and
+    their pixel coordinates ``(xmin, ymin, xmax, ymax)``."""
+    candidates = table.by_location
+    if not len(candidates):
+        return candidates, np.zeros((0, 4))
+    if _differ(crs, item_crs):
+        # Narrow down in the boxes' CRS first: only the candidates are reprojected.
+        bounds = _footprint(shape, transform)
+        (left, bottom, right, top) = _reproject(np.array([bounds]), item_crs, crs, item_id)[0]
+        near = table.coords[candidates]
+        keep = (near[:, 0] < right) & (near[:, 2] > left)
+        keep &= (near[:, 1] < top) & (near[:, 3] > bottom)
+        candidates = candidates[keep]
+    pixels = _to_pixels(
+        _to_item_crs(table.coords[candidates], crs, item_crs, item_id), transform, item_id
+    )
+    boxes = np.clip(_pixel_boxes(pixels), 0, [shape[0], shape[1], shape[0], shape[1]])
+    inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return candidates[inside], pixels[inside]
+
+
+def _footprint(shape: tuple[int, int], transform: Sequence[float]) -> tuple[float, ...]:
+    """The item's bounds ``(xmin, ymin, xmax, ymax)`` in its CRS."""
+    a, _, c, _, e, f = (float(v) for v in transform[:6])
+    xs, ys = (c, c + a * shape[1]), (f, f + e * shape[0])
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _differ(crs: str | None, item_crs: str | None) -> bool:
+    """Whether boxes in ``crs`` need reprojecting to ``item_crs``."""
+    if crs is None or item_crs is None:
+        return False
+    return _crs(crs) != _crs(item_crs)
+
+
+@functools.lru_cache(maxsize=64)
+def _crs(text: str) -> object:
+    from rasterio.crs import CRS
+
+    return CRS.from_user_input(text)
+
+
+def _to_item_crs(
+    coords: np.ndarray, crs: str | None, item_crs: str | None, item_id: str
+) -> np.ndarray:
+    if not len(coords) or not _differ(crs, item_crs):
+        return coords
+    return _reproject(coords, crs, item_crs, item_id)
+
+
+def _reproject(coords: np.ndarray, src: str | None, dst: str | None, item_id: str) -> np.ndarray:
+    """Boxes ``(xmin, ymin, xmax, ymax)`` in ``src`` to the bounds of their reprojection in
+    ``dst``, each edge densified to :data:`DENSIFY` points."""
+    from rasterio.warp import transform as warp
+
+    t = np.linspace(0.0, 1.0, DENSIFY)
+    x0, y0, x1, y1 = (coords[:, k, None] for k in range(4))
+    ones = np.ones_like(t)
+    xs = np.concatenate([x0 + (x1 - x0) * t, x1 * ones, x1 - (x1 - x0) * t, x0 * ones], axis=1)
+    ys = np.concatenate([y0 * ones, y0 + (y1 - y0) * t, y1 * ones, y1 - (y1 - y0) * t], axis=1)
+    out_x, out_y = warp(_crs(str(src)), _crs(str(dst)), xs.ravel(), ys.ravel())
+    px = np.asarray(out_x, dtype=np.float64).reshape(xs.shape)
+    py = np.asarray(out_y, dtype=np.float64).reshape(ys.shape)
+    bad = ~(np.isfinite(px).all(axis=1) & np.isfinite(py).all(axis=1))
+    if bad.any():
+        xmin, ymin, xmax, ymax = (float(v) for v in coords[int(np.flatnonzero(bad)[0])])
+        raise ValueError(
+            f"item {item_id!r}: the box (xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, "
+            f"ymax {ymax:g}) in {src} has no place in the item's CRS"
+        )
+    return np.stack([px.min(axis=1), py.min(axis=1), px.max(axis=1), py.max(axis=1)], axis=1)
 
 
 def _check_size(table: BoxTable, picked: list[int], item_id: str, shape: tuple[int, int]) -> None:
@@ -342,6 +480,8 @@ def unmatched_rows(table: BoxTable, items: Sequence[tuple[str, str]]) -> list[st
             named.setdefault(key, set()).add(index)
     problems = []
     for name, rows in sorted(table.rows_by_image.items()):
+        if name == BY_LOCATION:
+            continue  # matched by location: :func:`unlocated_rows`
         count = len(named.get(name, ()))
         if count != 1:
             what = "no item of the collection" if count == 0 else f"{count} items"
@@ -349,6 +489,31 @@ def unmatched_rows(table: BoxTable, items: Sequence[tuple[str, str]]) -> list[st
     if len(problems) > 20:
         problems = [*problems[:20], f"... and {len(problems) - 20} more image paths"]
     return problems
+
+
+def unlocated_rows(table: BoxTable, infos: Sequence[Any], crs: str | None) -> list[str]:
+    """One line when boxes without an image path overlap none of the georeferenced items
+    ``infos`` (:class:`~segflow.io.base.ItemInfo`), naming the first such rows; ``[]``
+    otherwise. ``crs`` as in :func:`item_boxes`."""
+    remaining = set(table.by_location.tolist())
+    for info in infos:
+        if not remaining:
+            break
+        if info.transform is None or len(info.spatial_shape) != 2:
+            continue
+        shape = (int(info.spatial_shape[0]), int(info.spatial_shape[1]))
+        found, _ = _located(table, shape, info.transform, crs, info.crs_wkt, str(info.id))
+        remaining.difference_update(found.tolist())
+    if not remaining:
+        return []
+    first = ", ".join(str(table.rows[k]) for k in sorted(remaining)[:5])
+    more = "" if len(remaining) <= 5 else ", ..."
+    stated = crs or "each item's own CRS"
+    return [
+        f"{table.path!r}: {len(remaining)} box(es) without an image_path (rows {first}{more}) "
+        f"overlap no georeferenced item of the collection (coordinates read in {stated}; "
+        "a GeoJSON in longitude/latitude without a `crs` member needs `crs: EPSG:4326`)"
+    ]
 
 
 __all__ = [
@@ -359,5 +524,6 @@ __all__ = [
     "item_keys",
     "matches",
     "read_boxes",
+    "unlocated_rows",
     "unmatched_rows",
 ]

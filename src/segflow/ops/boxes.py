@@ -43,13 +43,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 from scipy import ndimage as ndi
 from skimage.filters import sobel, threshold_otsu
 from skimage.segmentation import watershed as _watershed
 
 from segflow.engine.blocks import Box, relative
-from segflow.io.boxes import ItemBoxes, item_boxes, read_boxes, unmatched_rows
+from segflow.io.boxes import ItemBoxes, item_boxes, read_boxes, unlocated_rows, unmatched_rows
 from segflow.ops.registry import Categories, OpContext, Operation, OpParams, register
 
 
@@ -66,7 +66,8 @@ class InlineBox(OpParams):
 class FromBoxesParams(OpParams):
     boxes: str | tuple[InlineBox, ...] = Field(
         description="a boxes file (CSV image_path,xmin,ymin,xmax,ymax[,label]; GeoJSON of "
-        "rectangles with an image_path property; COCO JSON bbox annotations), or boxes "
+        "rectangles, with an image_path property or matched to items by location; COCO JSON "
+        "bbox annotations), or boxes "
         "given inline in pixels (every item gets them)"
     )
     method: Literal["threshold", "watershed", "probability"] = Field(
@@ -99,10 +100,29 @@ class FromBoxesParams(OpParams):
         description="the boxes' coordinates (auto: CRS for a GeoJSON on a georeferenced item, "
         "else pixels)",
     )
+    crs: str | None = Field(
+        None,
+        description="the CRS of boxes in CRS coordinates, e.g. EPSG:4326 (null: the GeoJSON's "
+        "`crs` member, else the item's own CRS); boxes in another CRS are reprojected",
+        json_schema_extra={"hash_when_set": True},
+    )
     output: Literal["instances", "classes"] = Field(
         "instances", description="instances: ids in box order; classes: each object's class"
     )
     _item: ItemBoxes | None = PrivateAttr(None)
+
+    @field_validator("crs")
+    @classmethod
+    def _known_crs(cls, value: str | None) -> str | None:
+        if value is not None:
+            from rasterio.crs import CRS
+            from rasterio.errors import CRSError
+
+            try:
+                CRS.from_user_input(value)
+            except CRSError as error:
+                raise ValueError(f"{value!r} is not a CRS rasterio knows ({error})") from None
+        return value
 
 
 def boxes_for_item(params: FromBoxesParams, info: Any) -> FromBoxesParams:
@@ -123,6 +143,8 @@ def boxes_for_item(params: FromBoxesParams, info: Any) -> FromBoxesParams:
             item_path=info.path,
             shape=(shape[0], shape[1]),
             transform=info.transform if geo else None,
+            crs=params.crs or table.crs,
+            item_crs=info.crs_wkt,
         )
     else:
         found = _inline(params.boxes, info.id, (shape[0], shape[1]))
@@ -309,11 +331,17 @@ def _categories(params: FromBoxesParams) -> Categories:
     return tuple((i + 1, name, None) for i, name in enumerate(params._item.class_names))
 
 
-def boxes_not_in_collection(params: FromBoxesParams, items: Sequence[tuple[str, str]]) -> list[str]:
-    """The boxes file's image paths that name no item of the collection (or several)."""
+def boxes_not_in_collection(params: FromBoxesParams, infos: Sequence[Any]) -> list[str]:
+    """The boxes file's image paths that name no item of the collection (or several), and
+    the boxes matched by location that overlap no item."""
     if not isinstance(params.boxes, str):
         return []
-    return unmatched_rows(read_boxes(params.boxes), items)
+    table = read_boxes(params.boxes)
+    items = [(str(info.id), str(info.path)) for info in infos]
+    lines = unmatched_rows(table, items)
+    if len(table.by_location) and params.coordinates != "pixel":
+        lines += unlocated_rows(table, infos, params.crs or table.crs)
+    return lines
 
 
 def _box_columns(params: FromBoxesParams) -> dict[str, np.ndarray]:

@@ -173,10 +173,10 @@ class Operation(Generic[P]):
     ``for_item(params, info)`` fills what a step takes from its item (the boxes of a boxes
     file that name it), from the item's :class:`~segflow.io.base.ItemInfo`, or raises
     ``ValueError``; ``check_collection(params, items)`` lists (one line each) what the step
-    finds wrong with the whole collection, ``items`` being ``(id, path)`` pairs (boxes for
-    files that are not in it). ``region_extras(params)``, for the pipeline's last step,
-    gives columns of the region table indexed by object id (``values[id]``: the row of the
-    box an object came from).
+    finds wrong with the whole collection, ``items`` being the items'
+    :class:`~segflow.io.base.ItemInfo` (boxes for files that are not in it).
+    ``region_extras(params)``, for the pipeline's last step, gives columns of the region
+    table indexed by object id (``values[id]``: the row of the box an object came from).
     ``item_spacing(params, spacing, units)`` fills those that default to the item's pixel
     size (a model step's ``pixel_size``, for resampling).
     ``finish`` gets the step's whole input core ``(c, *spatial)`` and returns the output
@@ -223,7 +223,7 @@ class Operation(Generic[P]):
     keeps_ids: bool = False  # a connectivity op whose output is its input, some objects zeroed
     item_nodata: Callable[[P, float | None], P] | None = None
     for_item: Callable[[P, Any], P] | None = None
-    check_collection: Callable[[P, Sequence[tuple[str, str]]], list[str]] | None = None
+    check_collection: Callable[[P, Sequence[Any]], list[str]] | None = None
     region_extras: Callable[[P], Mapping[str, np.ndarray]] | None = None
     item_spacing: Callable[[P, tuple[float, ...], str], P] | None = None
     setup: Callable[[P], Any] | None = None

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from segflow.store.commit import (
 from segflow.store.index import append_records, compact_index, read_index
 from segflow.store.lock import StoreLock, StoreLockedError, hold_store_lock, read_lock
 from segflow.store.regions import read_regions
+from segflow.store.writers import WriteTarget, get_writer
 
 PIPELINE = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
 
@@ -89,28 +91,21 @@ def test_a_swap_cut_between_its_renames_is_undone_by_the_next_run(
 
 def test_a_missing_storage_unit_or_region_row_fails_the_check(tmp_path: pathlib.Path) -> None:
     store = tmp_path / "out.zarr"
-    result = _segment(str(store), ArrayReader(_image(), "tile"), regions=True)
+    reader = ArrayReader(_image(), "tile")
+    result = _segment(str(store), reader, regions=True)
     assert result.status == "done"
     commit = read_commit(str(store), "tile")
     assert commit is not None
     shape, arrays = (40, 50), commit["arrays"]
-    check_item(
-        str(store),
-        "tile",
-        shape=shape,
-        arrays=arrays,
-        object_count=result.object_count,
-        regions=True,
-    )
+    check_item(str(store), "tile", shape=shape, arrays=arrays)
+    # The region table is its writer's to check: one row per object.
+    regions = get_writer("regions")
+    assert regions.verify is not None
+    target = WriteTarget(str(store), reader.info, "labels", None, object_count=result.object_count)
+    regions.verify(target, regions.settings(), ["regions.parquet"])
     with pytest.raises(Exception, match=r"regions.parquet has \d+ rows for \d+ objects"):
-        check_item(
-            str(store),
-            "tile",
-            shape=shape,
-            arrays=arrays,
-            object_count=result.object_count + 1,
-            regions=True,
-        )
+        short = replace(target, object_count=result.object_count + 1)
+        regions.verify(short, regions.settings(), ["regions.parquet"])
     chunk = next((store / "tile" / "labels" / "c").rglob("*"))
     while chunk.is_dir():
         chunk = next(chunk.iterdir())

@@ -22,8 +22,8 @@ from segflow.engine.item import segment_item
 from segflow.errors import PlanError, StoreError
 from segflow.io import ArrayReader, open_item
 from segflow.io.base import ItemInfo
-from segflow.store.commit import check_item
 from segflow.store.dicomseg import check_dicom_seg
+from segflow.store.writers import WriteTarget, get_writer
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL_PIPELINE = [{"op": "threshold", "value": 100}, {"op": "label", "connectivity": 1}]
@@ -55,6 +55,14 @@ def _segment(reader: object, pipeline: list[dict[str, object]], store: Path, **o
 
 def _stored(store: Path, item_id: str, name: str) -> np.ndarray:
     return np.asarray(zarr.open_array(str(store), path=f"{item_id}/{name}", mode="r")[...])
+
+
+def _verify_seg(store: Path, info: ItemInfo, *, frames: int) -> None:
+    """The DICOM SEG writer's commit check of ``STORE/ITEM/seg.dcm``: ``frames`` frames."""
+    writer = get_writer("dicom_seg")
+    assert writer.verify is not None
+    target = WriteTarget(str(store), info, "labels", None, states={"dicom_seg": frames})
+    writer.verify(target, writer.settings(), ["seg.dcm"])
 
 
 def _headers(reader: object) -> dict[str, pydicom.Dataset]:
@@ -111,8 +119,7 @@ def test_a_labels_seg_references_every_source_slice_and_holds_the_foreground(
     in_z_order = sorted(z_of, key=z_of.__getitem__)
     volume = seg.get_pixels_by_source_instance(in_z_order, segment_numbers=[1])[..., 0]
     np.testing.assert_array_equal(volume, labels > 0)
-    check_item(str(store), reader.info.id, shape=reader.info.spatial_shape, arrays={},
-               dicom_seg=slices)  # fmt: skip
+    _verify_seg(store, reader.info, frames=slices)
 
 
 def test_named_class_maps_of_the_ct_config_become_named_segments(tmp_path: Path) -> None:
@@ -220,23 +227,23 @@ def test_an_output_that_is_not_a_segmentation_is_refused() -> None:
         check_dicom_seg(info, "probabilities")
 
 
-def test_check_item_verifies_the_seg_frames_and_reruns_keep_the_uids(tmp_path: Path) -> None:
+def test_the_writer_verifies_the_seg_frames_and_reruns_keep_the_uids(tmp_path: Path) -> None:
     write_series(tmp_path / "ct", _volume(4), spacing=(1, 1, 1), origin=(0, 0, 0))
     reader = open_item(str(sorted((tmp_path / "ct").iterdir())[0]))
     store = tmp_path / "out.zarr"
     assert _segment(reader, LABEL_PIPELINE, store).status == "done"
-    item, shape = reader.info.id, reader.info.spatial_shape
+    item = reader.info.id
 
-    check_item(str(store), item, shape=shape, arrays={}, dicom_seg=4)
+    _verify_seg(store, reader.info, frames=4)
     uids = pydicom.dcmread(store / item / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
     assert _segment(reader, LABEL_PIPELINE, store).status == "done"  # the same item again
     again = pydicom.dcmread(store / item / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
     assert again == uids  # same input, config and code: the same UIDs
     with pytest.raises(StoreError, match=rf"item '{item}': seg.dcm has 4 frames, expected 5"):
-        check_item(str(store), item, shape=shape, arrays={}, dicom_seg=5)
+        _verify_seg(store, reader.info, frames=5)
     (store / item / "seg.dcm").write_bytes(b"not dicom")
     with pytest.raises(StoreError, match=rf"item '{item}': seg.dcm is unreadable"):
-        check_item(str(store), item, shape=shape, arrays={}, dicom_seg=4)
+        _verify_seg(store, reader.info, frames=4)
 
 
 def test_dicom_seg_enters_the_config_hash_only_when_set() -> None:

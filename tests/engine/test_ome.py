@@ -22,8 +22,8 @@ from segflow.engine.item import segment_item
 from segflow.errors import StoreError
 from segflow.io import ArrayReader, open_item
 from segflow.io.base import Reader
-from segflow.store.commit import check_item
 from segflow.store.ome import downsample, plan_levels, write_pyramid
+from segflow.store.writers import WriteTarget, get_writer
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
 LABELS = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
@@ -196,17 +196,20 @@ def test_pyramid_option_caps_levels(tmp_path: pathlib.Path) -> None:
     assert sorted(group.array_keys()) == ["0", "1"]
 
 
-def test_check_item_refuses_a_half_written_pyramid(tmp_path: pathlib.Path) -> None:
+def test_the_ome_writer_refuses_a_half_written_pyramid(tmp_path: pathlib.Path) -> None:
     store = str(tmp_path / "half.zarr")
     reader = ArrayReader(blobs((200, 200)), "a")
     segment(reader, LABELS, store, ome=False)
     with LocalExecutor(2) as executor:
         derived = write_pyramid(store, reader.info, "labels", executor=executor)
-    arrays = {"labels": str(zarr.open_array(store, path="a/labels").dtype)}
-    check_item(store, "a", shape=(200, 200), arrays=arrays, derived=derived)
+    # The OME writer's commit check: every level of its state (path -> dtype, shape).
+    ome = get_writer("ome")
+    assert ome.verify is not None
+    target = WriteTarget(store, reader.info, "labels", None, states={"ome": derived})
+    ome.verify(target, ome.settings(), sorted(derived))
     shutil.rmtree(pathlib.Path(store) / "a" / "labels_pyramid" / "1" / "c" / "1")
     with pytest.raises(StoreError, match=r"array 'labels_pyramid/1' has 2 of its 4 storage"):
-        check_item(store, "a", shape=(200, 200), arrays=arrays, derived=derived)
+        ome.verify(target, ome.settings(), sorted(derived))
 
 
 def test_napari_reader_path_opens_a_labels_layer(geo_store: tuple[str, str]) -> None:

@@ -137,3 +137,43 @@ def test_a_quick_look_is_written_beside_its_item(tmp_path: pathlib.Path) -> None
     assert iio.imread(path, extension=".png").shape == (32, 48, 3)
     assert [p.name for p in path.parent.iterdir() if "segflow-tmp" in p.name] == []
     assert result.status == "done"
+
+
+class _NoWholeRows(ArrayReader):
+    """Reads blocks, but not the whole-width bands a quick look reads."""
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        if region[-1] == slice(0, self.info.spatial_shape[-1]):
+            raise OSError("bands of whole rows are not served")
+        return super().read(region)
+
+
+def test_the_quick_look_writer_draws_before_the_commit_and_a_failure_only_warns(
+    tmp_path: pathlib.Path,
+) -> None:
+    import os
+
+    from segflow.store.quicklook import QUICKLOOK_NAME
+    from segflow.store.writers import get_writer
+
+    image = np.zeros((64, 96), np.float32)
+    image[10:30, 20:60] = 1.0
+    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
+    assert get_writer("quicklook").finish is not None  # a registered writer like the others
+    readers = {"drawn": ArrayReader(image, "tile"), "failed": _NoWholeRows(image, "tile")}
+    results, pictures = {}, {}
+    for name, reader in readers.items():
+        store = str(tmp_path / f"{name}.zarr")
+        with LocalExecutor(1) as executor:
+            results[name] = segment_item(
+                reader, pipeline, store=store, block_shape=32, executor=executor, quicklook=48
+            )
+        version = os.path.realpath(os.path.join(store, "tile"))  # the committed version
+        pictures[name] = os.path.exists(os.path.join(version, QUICKLOOK_NAME))
+
+    assert results["drawn"].status == "done" and results["drawn"].warning is None
+    assert pictures == {"drawn": True, "failed": False}
+    assert results["failed"].status == "done"
+    assert results["failed"].warning == (
+        "no quick look (OSError: bands of whole rows are not served)"
+    )

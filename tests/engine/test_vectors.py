@@ -13,6 +13,7 @@ from __future__ import annotations
 import pathlib
 import tempfile
 import warnings
+from dataclasses import replace
 
 import geopandas as gpd
 import numpy as np
@@ -35,7 +36,6 @@ from segflow.engine.executor import LocalExecutor
 from segflow.engine.item import segment_item
 from segflow.errors import StoreError
 from segflow.io import ArrayReader, open_item
-from segflow.store.commit import check_item
 from segflow.store.regions import read_regions
 from segflow.store.vectors import (
     ParquetVectorsSink,
@@ -43,6 +43,7 @@ from segflow.store.vectors import (
     read_vectors,
     write_vectors,
 )
+from segflow.store.writers import WriteTarget, get_writer
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -188,19 +189,23 @@ def test_vectors_refuse_a_mask_pipeline(tmp_path: pathlib.Path) -> None:
     )
 
 
-def test_check_item_refuses_a_missing_or_short_vector_table(tmp_path: pathlib.Path) -> None:
+def test_the_vector_writer_refuses_a_missing_or_short_table(tmp_path: pathlib.Path) -> None:
     image = np.zeros((20, 20), np.float32)
     image[2:5, 2:5] = image[10:15, 8:18] = 1
     reader = ArrayReader(image, item_id="two")
     pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}]
     store = tmp_path / "s.zarr"
     assert _segment(reader, pipeline, store, block_shape=8).status == "done"
-    check_item(str(store), "two", shape=(20, 20), arrays={}, object_count=2, vectors=True)
+    # The vector writer's commit check: the table is readable with one row per object.
+    writer = get_writer("vectors")
+    assert writer.verify is not None
+    target = WriteTarget(str(store), reader.info, "labels", None, object_count=2)
+    writer.verify(target, writer.settings(), ["vectors.parquet"])
     with pytest.raises(StoreError, match=r"item 'two': vectors.parquet has 2 rows for 3 objects"):
-        check_item(str(store), "two", shape=(20, 20), arrays={}, object_count=3, vectors=True)
+        writer.verify(replace(target, object_count=3), writer.settings(), ["vectors.parquet"])
     (store / "two" / "vectors.parquet").unlink()
     with pytest.raises(StoreError, match=r"item 'two': vectors.parquet is unreadable"):
-        check_item(str(store), "two", shape=(20, 20), arrays={}, object_count=2, vectors=True)
+        writer.verify(target, writer.settings(), ["vectors.parquet"])
 
 
 def test_vectors_are_part_of_the_config_hash() -> None:

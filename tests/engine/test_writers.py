@@ -215,11 +215,13 @@ def test_every_output_setting_belongs_to_a_registered_writer_or_the_engine() -> 
 
     owned: dict[str, str] = {}
     for writer in writers.list_writers():
-        for name in [writer.switch or "", *writer.output_fields]:
+        for name in {writer.switch or "", *writer.output_fields}:  # its switch may carry a setting
             if name:
                 assert name not in owned, f"{name} is both {owned[name]}'s and {writer.name}'s"
                 owned[name] = writer.name
-    assert set(owned) | ENGINE_OUTPUT_FIELDS == set(OutputConfig.model_fields)
+    # The quick look's switch is set by the run for the items it draws (run.quicklooks),
+    # not by the config's `output`: a picture, outside the config hash.
+    assert set(owned) | ENGINE_OUTPUT_FIELDS == set(OutputConfig.model_fields) | {"quicklook"}
     assert owned == {
         "regions": "regions",
         "regions_intensity": "regions",
@@ -227,6 +229,7 @@ def test_every_output_setting_belongs_to_a_registered_writer_or_the_engine() -> 
         "ome": "ome",
         "pyramid": "ome",
         "dicom_seg": "dicom_seg",
+        "quicklook": "quicklook",
     }
 
 
@@ -238,6 +241,9 @@ def test_segflows_own_writers_are_turned_on_by_their_output_fields() -> None:
     assert [w.name for w, _ in chosen] == ["output", "regions", "ome"]  # hook order
     assert chosen[1][1].intensity is None and chosen[2][1].levels == 2
     assert [w.name for w, _ in writers.ActiveWriters.of_output({"ome": False}).chosen] == ["output"]
+    with_picture = writers.ActiveWriters.of_output({"ome": True, "quicklook": 64}).chosen
+    assert [w.name for w, _ in with_picture] == ["output", "ome", "quicklook"]  # drawn last
+    assert with_picture[2][1].size == 64
     layout = writers.ActiveWriters.of_output({"ome": True}).layout((64, 64))
     assert (type(layout).__name__, layout.blocks) == ("OmeZarrLayout", (64, 64))
     assert type(writers.ActiveWriters.of_output({}).layout((64, 64))).__name__ == "XarrayLayout"

@@ -209,10 +209,10 @@ def segment_item(
     settings. ``output``, the config's ``output`` section as a mapping (as a run passes
     it), replaces ``regions`` ... ``writers``: the writers read their own fields of it.
 
-    With ``quicklook`` (a size in pixels), the item's quick look goes to
-    ``STORE/ITEM_ID/quicklook.png`` (:mod:`segflow.store.quicklook`), written in staging
-    before the commit: a committed version is never written again. Failing to draw it
-    only adds a warning to the result.
+    With ``quicklook`` (a size in pixels), the quick look writer
+    (:mod:`segflow.engine.writers.quicklook`) draws the item's picture into
+    ``STORE/ITEM_ID/quicklook.png``, in staging before the commit: a committed version is
+    never written again. Failing to draw it only adds a warning to the result.
     """
     if output is None:  # the keyword arguments, as the config's `output` has them
         output = {
@@ -224,6 +224,8 @@ def segment_item(
             "pyramid": pyramid,
             "writers": writers,
         }
+    if quicklook is not None:  # a picture the run asks of this item: the quick look writer
+        output = {**output, "quicklook": quicklook}
     options = ItemOptions(
         store=store,
         block_shape=block_shape,
@@ -235,7 +237,6 @@ def segment_item(
         run_name=run_name or "",
         resumable=resumable,
         output=output,
-        quicklook=quicklook,
     )
     return _segment_item(reader, pipeline, options, executor, progress)
 
@@ -292,7 +293,6 @@ class ItemOptions:
     run_name: str = ""
     resumable: bool = False
     output: Mapping[str, Any] = field(default_factory=dict)  # the writers' `output` fields
-    quicklook: int | None = None  # the quick look's size in pixels, None for none
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,7 @@ def _segment_staged(
     # The output phase is over: from here on (joining tables, the commit) a rerun starts
     # the item afresh, so its block records go before the region parts do.
     _remove(stage.blocks_dir)
-    _finish_and_commit(reader, plan.out_kind, run, outputs, options, result)
+    _finish_and_commit(run, outputs, options, result)
     return plan, run
 
 
@@ -511,15 +511,10 @@ def _run_blocks(
 
 
 def _finish_and_commit(
-    reader: Reader,
-    out_kind: str,
-    run: Any,
-    outputs: _Outputs,
-    options: ItemOptions,
-    result: ItemResult,
+    run: Any, outputs: _Outputs, options: ItemOptions, result: ItemResult
 ) -> None:
-    """Every writer's finish step in staging (the OME-Zarr pyramid, the tables, ...), its
-    commit check (every array, every writer's files), the quick look, then the commit."""
+    """Every writer's finish step in staging (the OME-Zarr pyramid, the tables, the quick
+    look, ...), its commit check (every array, every writer's files), then the commit."""
     from segflow.store.commit import commit_item
 
     target = replace(
@@ -532,22 +527,10 @@ def _finish_and_commit(
     writer_files = outputs.writers.finish(target, [b.written for b in run.blocks])
     for key, value in target.row.items():  # what the writers tell of the item
         setattr(result, key, value)
+    result.warning = "; ".join(w for w in (result.warning, *target.warnings) if w) or None
     outputs.writers.verify(target, writer_files)
-    if options.quicklook is not None:  # into staging: a committed version is never written
-        _stage_quicklook(reader, root, out_kind, options.quicklook, result)
     fault_point("item-staged")
     commit_item(options.store, root, info.id, _commit_record(info, options, result, run, outputs))
-
-
-def _stage_quicklook(reader: Reader, root: str, output: str, size: int, result: Any) -> None:
-    """Write the item's quick look into its staged group; a failure is a warning only."""
-    from segflow.store.quicklook import write_quicklook
-
-    try:
-        write_quicklook(reader, root, reader.info.id, output, size=size)
-    except Exception as error:  # a picture never fails the item
-        note = f"no quick look ({type(error).__name__}: {error})"
-        result.warning = "; ".join(w for w in (result.warning, note) if w)
 
 
 def _commit_record(

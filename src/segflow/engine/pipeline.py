@@ -264,101 +264,137 @@ def compile_pipeline(
     (8, 8)
     """
     steps = list(parse_steps(pipeline))
-    dtype = np.dtype(dtype)
     sizes = tuple(float(s) for s in spacing)
-    saved: dict[str, np.dtype] = {}
-    saved_classes: dict[str, tuple[str, ...]] = {}
-    names: tuple[str, ...] | None = None  # channel names, where an operation gave them
-    saved_categories: dict[str, Categories] = {}
-    categories: Categories = ()  # the value names of the last step's class map, if any
-    labels_out = False
+    trace = _Trace(dtype=np.dtype(dtype), channels=channels)
     for i, step in enumerate(steps):
+        step = steps[i] = _bind_step(step, nodata=nodata, item=item, sizes=sizes, units=units)
+        _check_step(
+            step, spatial_ndim=spatial_ndim, channels=trace.channels, sizes=sizes, units=units
+        )
+        trace.follow(step, spatial_ndim, sizes)
+    return _make_plan(steps, trace, spatial_ndim, sizes)
+
+
+def _bind_step(
+    step: Step, *, nodata: float | None, item: Any, sizes: tuple[float, ...], units: str
+) -> Step:
+    """``step`` with what it takes from the item filled into its parameters: the nodata
+    value, anything of the item's info (``for_item``), its spacing (raises ``PlanError``)."""
+    where = step.describe()
+    if step.op.item_nodata is not None:
+        try:
+            step = replace(step, params=step.op.item_nodata(step.params, nodata))
+        except ValueError as error:
+            raise PlanError(f"{where}: {error}") from None
+    if step.op.for_item is not None and item is not None:
+        try:
+            step = replace(step, params=step.op.for_item(step.params, item))
+        except ValueError as error:
+            raise PlanError(f"{where}: {error}") from None
+    if step.op.item_spacing is not None and sizes:
+        try:
+            step = replace(step, params=step.op.item_spacing(step.params, sizes, units))
+        except ValueError as error:  # e.g. the model file cannot be read
+            raise PlanError(f"{where}: {error}") from None
+    return step
+
+
+def _check_step(
+    step: Step, *, spatial_ndim: int, channels: int, sizes: tuple[float, ...], units: str
+) -> None:
+    """Refuse ``step`` on an item of ``spatial_ndim`` axes whose image has ``channels``
+    channels at this step, or of this spacing (``PlanError`` naming the step)."""
+    where = step.describe()
+    if spatial_ndim not in step.op.ndims:
+        raise PlanError(f"{where} works on {step.op.ndims}-D items, this item is {spatial_ndim}-D")
+    if step.op.needs_single_channel and channels != 1:
+        raise PlanError(
+            f"{where} needs a single-channel image, got {channels} channels; add "
+            "'select_bands' or 'combine_bands' before it"
+        )
+    problem = None
+    if step.op.check_channels is not None:
+        problem = step.op.check_channels(step.params, channels)
+    if not problem and step.op.check_layout is not None:
+        try:
+            problem = step.op.check_layout(step.params, channels, spatial_ndim)
+        except ValueError as error:  # e.g. the model file cannot be read
+            problem = str(error)
+    if not problem and step.op.check_spacing is not None and sizes:
+        problem = step.op.check_spacing(step.params, sizes, units)
+    if problem:
+        raise PlanError(f"{where}: {problem}")
+
+
+@dataclass
+class _Trace:
+    """What the image is after each step of a pipeline being compiled: its dtype, channels
+    and their names, the value names of a class map, whether it holds labels, and what the
+    steps so far save (``save_as``)."""
+
+    dtype: np.dtype
+    channels: int
+    names: tuple[str, ...] | None = None  # channel names, where an operation gave them
+    categories: Categories = ()  # the value names of the last step's class map, if any
+    labels_out: bool = False
+    saved: dict[str, np.dtype] = field(default_factory=dict)
+    saved_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    saved_categories: dict[str, Categories] = field(default_factory=dict)
+
+    def follow(self, step: Step, spatial_ndim: int, sizes: tuple[float, ...]) -> None:
+        """Move past ``step`` (raises ``PlanError`` for parameters that do not fit)."""
         where = step.describe()
-        if step.op.item_nodata is not None:
-            try:
-                step = steps[i] = replace(step, params=step.op.item_nodata(step.params, nodata))
-            except ValueError as error:
-                raise PlanError(f"{where}: {error}") from None
-        if step.op.for_item is not None and item is not None:
-            try:
-                step = steps[i] = replace(step, params=step.op.for_item(step.params, item))
-            except ValueError as error:
-                raise PlanError(f"{where}: {error}") from None
-        if step.op.item_spacing is not None and sizes:
-            try:
-                step = steps[i] = replace(
-                    step, params=step.op.item_spacing(step.params, sizes, units)
-                )
-            except ValueError as error:  # e.g. the model file cannot be read
-                raise PlanError(f"{where}: {error}") from None
-        if spatial_ndim not in step.op.ndims:
-            raise PlanError(
-                f"{where} works on {step.op.ndims}-D items, this item is {spatial_ndim}-D"
-            )
-        if step.op.needs_single_channel and channels != 1:
-            raise PlanError(
-                f"{where} needs a single-channel image, got {channels} channels; add "
-                "'select_bands' or 'combine_bands' before it"
-            )
-        if step.op.check_channels is not None:
-            problem = step.op.check_channels(step.params, channels)
-            if problem:
-                raise PlanError(f"{where}: {problem}")
-        if step.op.check_layout is not None:
-            try:
-                problem = step.op.check_layout(step.params, channels, spatial_ndim)
-            except ValueError as error:  # e.g. the model file cannot be read
-                problem = str(error)
-            if problem:
-                raise PlanError(f"{where}: {problem}")
-        if step.op.check_spacing is not None and sizes:
-            problem = step.op.check_spacing(step.params, sizes, units)
-            if problem:
-                raise PlanError(f"{where}: {problem}")
-        before, channels_before = dtype, channels
+        before, channels_before = self.dtype, self.channels
         try:
             step.op.halo_of(step.params, spatial_ndim, sizes)
-            channels = step.op.channels_after(step.params, channels)
+            self.channels = step.op.channels_after(step.params, self.channels)
             if step.op.class_names is not None:
-                names = tuple(step.op.class_names(step.params))
-            elif channels != channels_before:
-                names = None
-            dtype = step.op.dtype_after(step.params, dtype)
+                self.names = tuple(step.op.class_names(step.params))
+            elif self.channels != channels_before:
+                self.names = None
+            self.dtype = step.op.dtype_after(step.params, self.dtype)
         except ValueError as error:
             raise PlanError(f"{where}: {error}") from None
         # Value names hold for this step's output only: any later step changes the values.
-        categories = () if step.op.categories is None else step.op.categories(step.params)
+        self.categories = () if step.op.categories is None else step.op.categories(step.params)
         if step.op.kind == "connectivity":
             # Ids kept from a label image stay labels; a mask stays a mask.
-            labels_out = step.op.finish is None or (step.op.keeps_ids and labels_out)
+            self.labels_out = step.op.finish is None or (step.op.keeps_ids and self.labels_out)
         elif step.op.gives_labels(step.params):
-            labels_out = True
-        elif dtype != before:
-            labels_out = False
+            self.labels_out = True
+        elif self.dtype != before:
+            self.labels_out = False
         if step.save_as is not None:
-            saved[step.save_as] = _storage_dtype(dtype)
-            if channels > 1:
-                saved_classes[step.save_as] = _class_names(names, channels, where)
-            if categories:
-                saved_categories[step.save_as] = categories
+            self.saved[step.save_as] = _storage_dtype(self.dtype)
+            if self.channels > 1:
+                self.saved_classes[step.save_as] = _class_names(self.names, self.channels, where)
+            if self.categories:
+                self.saved_categories[step.save_as] = self.categories
+
+
+def _make_plan(
+    steps: Sequence[Step], trace: _Trace, spatial_ndim: int, sizes: tuple[float, ...]
+) -> Plan:
+    """The plan of the bound ``steps``, whose output ``trace`` describes."""
     phases = _split_phases(steps, spatial_ndim, sizes)
-    out_kind = "labels" if labels_out else _output_kind(dtype)
+    out_kind = "labels" if trace.labels_out else _output_kind(trace.dtype)
     out_classes: tuple[str, ...] = ()
-    if channels > 1:
-        out_classes = _class_names(names, channels, f"the pipeline's output ({out_kind})")
-        if out_kind == "image" and names is not None:  # a model's (or classifier's) map
+    if trace.channels > 1:
+        where = f"the pipeline's output ({out_kind})"
+        out_classes = _class_names(trace.names, trace.channels, where)
+        if out_kind == "image" and trace.names is not None:  # a model's (or classifier's) map
             out_kind = "probabilities"
     return Plan(
         steps=tuple(steps),
         phases=phases,
         halo=phases[0].halo_in,
-        out_dtype=_storage_dtype(dtype),
+        out_dtype=_storage_dtype(trace.dtype),
         out_kind=out_kind,
-        saved=saved,
+        saved=trace.saved,
         out_classes=out_classes,
-        saved_classes=saved_classes,
-        out_categories=categories,
-        saved_categories=saved_categories,
+        saved_classes=trace.saved_classes,
+        out_categories=trace.categories,
+        saved_categories=trace.saved_categories,
     )
 
 

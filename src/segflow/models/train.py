@@ -558,7 +558,6 @@ def train_model(
         raise ModelError("`pairs` is empty: training needs at least one (image, labels) pair")
     train_pairs, val_pairs = _split(pairs, validation, config)
     run = _run_identity(train_pairs, val_pairs, card, config, patch)
-    fingerprint = str(run["data_fingerprint"])
     data = _prepare(train_pairs, card, patch)
     last = out / "last"
     last.mkdir(parents=True, exist_ok=True)
@@ -568,91 +567,163 @@ def train_model(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    epoch, best_score, best_epoch, bad_epochs = 0, -1.0, 0, 0
-    history: list[EpochReport] = []
-    state_path = last / STATE_FILE
-    if resume and state_path.is_file():
-        if changes := _changes(json.loads((last / RUN_FILE).read_text()), run):
-            changed = sorted({section for section, *_ in changes})
-            details = "; ".join(describe_change(c) for c in changes[:3])
-            raise ModelError(
-                f"cannot resume the run in '{out}': its {', '.join(changed)} differ from "
-                f"this call's ({details}); use another out_dir or resume=False"
-            )
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, best_score = int(state["epoch"]), float(state["best_score"])
-        best_epoch, bad_epochs = int(state["best_epoch"]), int(state["bad_epochs"])
-        history = [EpochReport(*row) for row in state["history"]]
-    else:
-        (last / RUN_FILE).write_text(json.dumps(run, indent=2))
-
+    progress = _start_or_resume(out, run, model, optimizer, resume=resume)
     ran = 0
-    while epoch < config.max_epochs and bad_epochs < config.patience:
+    while progress.epoch < config.max_epochs and progress.bad_epochs < config.patience:
         if stop_after is not None and ran >= stop_after:
             break
         ran += 1
-        rng = np.random.default_rng([config.seed, epoch])
-        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, if the network has any
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * (1 - epoch / config.max_epochs) ** 0.9
-        model.train()
-        losses = []
-        for _ in range(config.steps_per_epoch):
-            x, y = _sample_batch(data, patch, config, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model(x), y, card.head)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(epoch + 1, len(losses), config.steps_per_epoch, float(np.mean(losses)))
+        losses = _train_epoch(model, optimizer, data, patch, card, config, progress.epoch, on_step)
         model.eval()
-        score, val_loss = _score(model, val_pairs, card, config.batch_size)
-        epoch += 1
-        improved = score > best_score + config.min_delta
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-            best_card = card.model_copy(
-                update={
-                    "metrics": {**card.metrics, "val_foreground_iou": score},
-                    "training": TrainingCard(
-                        **{
-                            **card.training.model_dump(),
-                            "data_fingerprint": fingerprint,
-                            "epochs": epoch,
-                            "seed": config.seed,
-                        }
-                    ),
-                }
-            )
-            save_checkpoint(out / "best", model, best_card)
-        else:
-            bad_epochs += 1
-        report = EpochReport(epoch, float(np.mean(losses)), score, best_score, improved, val_loss)
-        history.append(report)
-        _save_state(
-            state_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "history": [list(asdict(h).values()) for h in history],
-            },
-        )
+        report = _end_epoch(progress, model, val_pairs, card, config, losses, out=out, run=run)
+        _save_state(last / STATE_FILE, progress.state(model, optimizer))
         if callback is not None:
             callback(report)
     return TrainResult(
         best=out / "best",
         last=last,
-        best_score=best_score,
-        best_epoch=best_epoch,
-        epochs=epoch,
-        stopped_early=bad_epochs >= config.patience,
-        history=history,
-        finished=epoch >= config.max_epochs or bad_epochs >= config.patience,
+        best_score=progress.best_score,
+        best_epoch=progress.best_epoch,
+        epochs=progress.epoch,
+        stopped_early=progress.bad_epochs >= config.patience,
+        history=progress.history,
+        finished=progress.epoch >= config.max_epochs or progress.bad_epochs >= config.patience,
+    )
+
+
+@dataclass
+class _Progress:
+    """Where a training run stands: epochs done, the best validation score and its epoch,
+    epochs since it last improved, and every epoch's report."""
+
+    epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[EpochReport] = field(default_factory=list)
+
+    def state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+        """What ``last/training_state.pt`` holds: weights, optimiser and these counters."""
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": [list(asdict(h).values()) for h in self.history],
+        }
+
+
+def _start_or_resume(
+    out: Path,
+    run: dict[str, object],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    resume: bool,
+) -> _Progress:
+    """Load the state saved in ``out/last`` into ``model`` and ``optimizer`` (with
+    ``resume``, when there is one: refused when its run identity differs from ``run``), or
+    start afresh by writing ``run`` there."""
+    last = out / "last"
+    state_path = last / STATE_FILE
+    if not (resume and state_path.is_file()):
+        (last / RUN_FILE).write_text(json.dumps(run, indent=2))
+        return _Progress()
+    if changes := _changes(json.loads((last / RUN_FILE).read_text()), run):
+        changed = sorted({section for section, *_ in changes})
+        details = "; ".join(describe_change(c) for c in changes[:3])
+        raise ModelError(
+            f"cannot resume the run in '{out}': its {', '.join(changed)} differ from "
+            f"this call's ({details}); use another out_dir or resume=False"
+        )
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return _Progress(
+        epoch=int(state["epoch"]),
+        best_score=float(state["best_score"]),
+        best_epoch=int(state["best_epoch"]),
+        bad_epochs=int(state["bad_epochs"]),
+        history=[EpochReport(*row) for row in state["history"]],
+    )
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: list[_Prepared],
+    patch: tuple[int, ...],
+    card: ModelCard,
+    config: TrainConfig,
+    epoch: int,
+    on_step: Callable[[int, int, int, float], None] | None,
+) -> list[float]:
+    """Run epoch ``epoch + 1``'s optimiser steps (seeded by ``(seed, epoch)``, at its
+    decayed learning rate); return each step's loss."""
+    rng = np.random.default_rng([config.seed, epoch])
+    torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, if the network has any
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate * (1 - epoch / config.max_epochs) ** 0.9
+    model.train()
+    losses: list[float] = []
+    for _ in range(config.steps_per_epoch):
+        x, y = _sample_batch(data, patch, config, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss = _loss(model(x), y, card.head)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(epoch + 1, len(losses), config.steps_per_epoch, float(np.mean(losses)))
+    return losses
+
+
+def _end_epoch(
+    progress: _Progress,
+    model: torch.nn.Module,
+    val_pairs: Sequence[Pair],
+    card: ModelCard,
+    config: TrainConfig,
+    losses: Sequence[float],
+    *,
+    out: Path,
+    run: dict[str, object],
+) -> EpochReport:
+    """Score the epoch just trained on the validation pairs, save ``out/best`` when it
+    improved on the best so far, and count it in ``progress``; return its report."""
+    score, val_loss = _score(model, val_pairs, card, config.batch_size)
+    progress.epoch += 1
+    improved = score > progress.best_score + config.min_delta
+    if improved:
+        progress.best_score, progress.best_epoch, progress.bad_epochs = score, progress.epoch, 0
+        best_card = _trained_card(card, score, str(run["data_fingerprint"]), progress.epoch, config)
+        save_checkpoint(out / "best", model, best_card)
+    else:
+        progress.bad_epochs += 1
+    report = EpochReport(
+        progress.epoch, float(np.mean(losses)), score, progress.best_score, improved, val_loss
+    )
+    progress.history.append(report)
+    return report
+
+
+def _trained_card(
+    card: ModelCard, score: float, fingerprint: str, epochs: int, config: TrainConfig
+) -> ModelCard:
+    """``card`` with its validation score and training section (data fingerprint, epochs,
+    seed) filled in: the card saved with the best checkpoint."""
+    return card.model_copy(
+        update={
+            "metrics": {**card.metrics, "val_foreground_iou": score},
+            "training": TrainingCard(
+                **{
+                    **card.training.model_dump(),
+                    "data_fingerprint": fingerprint,
+                    "epochs": epochs,
+                    "seed": config.seed,
+                }
+            ),
+        }
     )

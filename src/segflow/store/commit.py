@@ -1,8 +1,9 @@
 """The commit protocol: an item is ``done`` only once its data is complete on disk.
 
 A run writes each item into a staging group ``STORE/.segflow/staging/RUN/ITEM``, checks it
-(every array has the item's shape and dtype and every storage unit on disk; the region
-and vector tables have one row per object; a DICOM SEG is readable, with every frame),
+(every array has the item's shape and dtype and every storage unit on disk:
+:func:`check_item`; each output writer checks its own files, such as one table row per
+object or every frame of a DICOM SEG: :mod:`segflow.store.writers`),
 writes a commit record into the group's attributes (``segflow_commit``: run id and name,
 fingerprint, config hash, code version, arrays, object count, version), and only then
 commits it: the staged group is renamed to a new version folder
@@ -241,20 +242,12 @@ def begin_item(store: str, item_id: str) -> None:
             fs.pipe_file(f"{path}/zarr.json", json.dumps(metadata, indent=2).encode())
 
 
-def check_item(
-    root: str,
-    item_id: str,
-    *,
-    shape: Sequence[int],
-    arrays: Mapping[str, str],
-    object_count: int | None = None,
-    regions: bool = False,
-    vectors: bool = False,
-    derived: Mapping[str, tuple[str, Sequence[int]]] | None = None,
-    dicom_seg: int | None = None,
-) -> None:
-    """Check that ``ROOT/ITEM`` is complete: arrays, storage units, region and vector rows,
-    the DICOM SEG.
+def check_item(root: str, item_id: str, *, shape: Sequence[int], arrays: Mapping[str, str]) -> None:
+    """Check that the arrays of ``ROOT/ITEM`` are complete: shape, dtype, storage units.
+
+    The item's own check (the output writer's); every other writer checks its own files
+    (a table's rows, the pyramid's levels, the DICOM SEG's frames) with :func:`check_array`,
+    :func:`check_table_rows` or a check of its own.
 
     Parameters
     ----------
@@ -266,41 +259,26 @@ def check_item(
         The item's spatial shape: every array's shape.
     arrays : mapping
         Array name to dtype name, every array the run wrote.
-    object_count : int, optional
-        With ``regions`` or ``vectors``, the number of rows their tables must have.
-    regions : bool
-        Whether the item has a region table.
-    vectors : bool
-        Whether the item has a vector table (``vectors.parquet``).
-    derived : mapping, optional
-        Arrays a layout derived from the output (the OME-Zarr pyramid levels): path
-        relative to the item group -> (dtype name, whole shape). Each must exist with that
-        shape and dtype and every storage unit on disk, like the output arrays.
-    dicom_seg : int, optional
-        When the item has a DICOM SEG (``seg.dcm``): the number of frames it must have.
 
     Raises
     ------
     StoreError
-        Naming the array or table and what is missing.
+        Naming the array and what is missing.
     """
-
     for name, dtype in arrays.items():
         # A leading class axis (probabilities) is chunked whole: it counts as one unit.
-        _check_array(root, item_id, name, dtype, shape, suffix=True)
-    for name, (dtype, whole) in (derived or {}).items():
-        _check_array(root, item_id, name, dtype, whole, suffix=False)
-    for name, present in (("regions.parquet", regions), ("vectors.parquet", vectors)):
-        if present:
-            _check_table_rows(root, item_id, name, object_count)
-    if dicom_seg is not None:
-        from segflow.store.dicomseg import SEG_NAME, check_seg
-
-        check_seg(f"{str(root).rstrip('/')}/{item_id}/{SEG_NAME}", item_id, dicom_seg)
+        check_array(root, item_id, name, dtype, shape, suffix=True)
 
 
-def _check_table_rows(root: str, item_id: str, name: str, object_count: int | None) -> None:
-    """A table of ``ROOT/ITEM`` is readable and has one row per object."""
+def check_table_rows(root: str, item_id: str, name: str, object_count: int | None) -> None:
+    """The table ``ROOT/ITEM/NAME`` (Parquet) is readable and, when ``object_count`` is
+    given, has one row per object.
+
+    Raises
+    ------
+    StoreError
+        ``item 'ITEM': NAME is unreadable (...)`` or ``... has N rows for M objects``.
+    """
     import fsspec
     import pyarrow.parquet as pq
 
@@ -314,10 +292,17 @@ def _check_table_rows(root: str, item_id: str, name: str, object_count: int | No
         raise StoreError(f"item '{item_id}': {name} has {rows} rows for {object_count} objects")
 
 
-def _check_array(
+def check_array(
     root: str, item_id: str, name: str, dtype: str, shape: Sequence[int], *, suffix: bool
 ) -> None:
-    """Check one array's shape (its trailing axes with ``suffix``), dtype and storage units."""
+    """Check the array ``ROOT/ITEM/NAME``: its shape (its trailing axes with ``suffix``: a
+    leading class axis is not the item's), its dtype and every storage unit on disk.
+
+    Raises
+    ------
+    StoreError
+        Naming the array and what is missing or differs.
+    """
     import zarr
 
     label = f"item '{item_id}': array '{name}'"

@@ -168,10 +168,7 @@ def write_dicom_seg(
     ValueError
         If ``sources`` does not have one entry per slice, or ``segments`` is empty.
     """
-    import fsspec
     import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
     volume_shape = tuple(int(n) for n in shape)
@@ -183,43 +180,9 @@ def write_dicom_seg(
         )
     if not segments:
         raise ValueError("`segments` is empty: a SEG needs at least one segment")
-    stack = np.zeros((*volume_shape, len(segments)), dtype=np.uint8)
-    for k, region in enumerate(_slices(shape)):
-        planes = {name: np.asarray(reader.read(region)) for name, reader in arrays.items()}
-        for s, segment in enumerate(segments):
-            plane = planes[segment.array].reshape(volume_shape[1:])
-            stack[k, ..., s] = plane != 0 if segment.value is None else plane == segment.value
-
-    # In slice order, one header per file: highdicom pairs array plane k with source k...
-    files = list(dict.fromkeys(file for file, _ in sources))
-    headers = [_complete(pydicom.dcmread(file, stop_before_pixels=True), file) for file in files]
-    if any(frame is not None for _, frame in sources):
-        # ...or, for one enhanced multi-frame source, with its frame k.
-        stack = stack[np.argsort([int(frame or 0) for _, frame in sources])]
-    family = (
-        codes.cid7162.ArtificialIntelligence
-        if algorithm_family == "model"
-        else codes.cid7162.HistogramAnalysis
-    )
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="segflow", family=family, version=software_version
-    )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=segment.label,
-            segmented_property_category=codes.SCT.PhysicalObject,
-            segmented_property_type=codes.SCT.PhysicalObject,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_id=f"{segment.array}/{segment.label}",
-            tracking_uid=generate_uid(entropy_srcs=[*uid_seed, "segment", str(number)]),
-            display_color=None
-            if segment.color is None
-            else hd.color.CIELabColor.from_string(segment.color),
-        )
-        for number, segment in enumerate(segments, start=1)
-    ]
+    stack = _segment_stack(arrays, shape, volume_shape, segments)
+    headers, stack = _source_headers(sources, stack)
+    descriptions = _segment_descriptions(segments, uid_seed, software_version, algorithm_family)
     first = headers[0]
     seg = hd.seg.Segmentation(
         source_images=headers,
@@ -238,11 +201,89 @@ def write_dicom_seg(
         content_label="SEGFLOW",
         omit_empty_frames=False,  # frames = slices x segments, checked by check_seg
     )
+    _save(seg, path)
+    return volume_shape[0] * len(segments)  # every frame kept: what check_seg expects
+
+
+def _segment_stack(
+    arrays: dict[str, Any],
+    shape: Sequence[int],
+    volume_shape: tuple[int, ...],
+    segments: Sequence[Segment],
+) -> np.ndarray:
+    """The segments' binary masks, ``(z, y, x, segment)`` uint8, read slice by slice from
+    the stored ``arrays`` (``volume_shape`` is ``shape`` with a ``z`` axis)."""
+    stack = np.zeros((*volume_shape, len(segments)), dtype=np.uint8)
+    for k, region in enumerate(_slices(shape)):
+        planes = {name: np.asarray(reader.read(region)) for name, reader in arrays.items()}
+        for s, segment in enumerate(segments):
+            plane = planes[segment.array].reshape(volume_shape[1:])
+            stack[k, ..., s] = plane != 0 if segment.value is None else plane == segment.value
+    return stack
+
+
+def _source_headers(
+    sources: Sequence[tuple[str, int | None]], stack: np.ndarray
+) -> tuple[list[Any], np.ndarray]:
+    """The source files' headers, one per file in slice order, and ``stack`` in the order
+    highdicom pairs its planes with them."""
+    import pydicom
+
+    # In slice order, one header per file: highdicom pairs array plane k with source k...
+    files = list(dict.fromkeys(file for file, _ in sources))
+    headers = [_complete(pydicom.dcmread(file, stop_before_pixels=True), file) for file in files]
+    if any(frame is not None for _, frame in sources):
+        # ...or, for one enhanced multi-frame source, with its frame k.
+        stack = stack[np.argsort([int(frame or 0) for _, frame in sources])]
+    return headers, stack
+
+
+def _segment_descriptions(
+    segments: Sequence[Segment],
+    uid_seed: Sequence[str],
+    software_version: str,
+    algorithm_family: str,
+) -> list[Any]:
+    """highdicom's description of each segment, numbered from 1, with segflow as the
+    algorithm (``model``: artificial intelligence, else histogram analysis)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    family = (
+        codes.cid7162.ArtificialIntelligence
+        if algorithm_family == "model"
+        else codes.cid7162.HistogramAnalysis
+    )
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="segflow", family=family, version=software_version
+    )
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment.label,
+            segmented_property_category=codes.SCT.PhysicalObject,
+            segmented_property_type=codes.SCT.PhysicalObject,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=f"{segment.array}/{segment.label}",
+            tracking_uid=generate_uid(entropy_srcs=[*uid_seed, "segment", str(number)]),
+            display_color=None
+            if segment.color is None
+            else hd.color.CIELabColor.from_string(segment.color),
+        )
+        for number, segment in enumerate(segments, start=1)
+    ]
+
+
+def _save(seg: Any, path: str) -> None:
+    """Write ``seg`` to ``path`` (any fsspec URL) in one write."""
+    import fsspec
+
     buffer = io.BytesIO()
     seg.save_as(buffer)
     with fsspec.open(path, "wb", auto_mkdir=True) as handle:
         handle.write(buffer.getbuffer())
-    return volume_shape[0] * len(segments)  # every frame kept: what check_seg expects
 
 
 def check_seg(path: str, item_id: str, frames: int) -> None:

@@ -335,7 +335,7 @@ class ZarrRegionWriter:
         if self._array is None or self._pid != os.getpid():
             try:
                 # Every storage unit is written, empty or not, so a finished item can be
-                # checked for completeness by counting them (store.commit.check_item).
+                # checked for completeness by counting them (store.commit.check_array).
                 self._array = zarr.open_array(
                     self.store, path=self._label, mode="r+", zarr_format=3
                 ).with_config({"write_empty_chunks": True})

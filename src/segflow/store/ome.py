@@ -449,7 +449,7 @@ def write_pyramid(
     ``executor`` (one task per storage unit of the level, reading the previous level), then
     the multiscales (and ``image-label``) metadata, then the item group's ``ome.labels``
     entry. Returns every level array written, as ``path -> (dtype, shape)`` relative to the
-    item group, for :func:`segflow.store.commit.check_item`.
+    item group, for the commit check (:func:`segflow.store.commit.check_array`).
 
     Raises
     ------

@@ -6,8 +6,8 @@ the store looks like: ``create_item`` once, ``create_array`` for each ``save_as`
 resumed item reopens its output with ``open_output``), and, once every block is written,
 ``finalize_item``, which finishes what is derived from the output (an OME-Zarr pyramid,
 built by the output's sink as the blocks write) and says which arrays it wrote, so the
-commit check (:func:`segflow.store.commit.check_item`) verifies them too. Everything happens
-inside the item's staging group, before the check and the commit.
+commit check (the OME-Zarr writer's, :mod:`segflow.engine.writers.ome`) verifies them
+too. Everything happens inside the item's staging group, before the check and the commit.
 
 - :class:`XarrayLayout`: the CF/xarray layout (:mod:`segflow.store.cf`).
 - :class:`OmeZarrLayout`: the same, plus the OME-Zarr 0.5 view (:mod:`segflow.store.ome`).

@@ -27,10 +27,12 @@ A writer takes part in every phase of an item, each an optional hook:
 - ``verify(target, settings, files)``: the commit check, before the item is swapped in.
 
 The outputs segflow writes itself (region and vector tables, the DICOM SEG, the OME-Zarr
-view and its pyramid) are writers of the same kind, registered from :data:`BUILTIN_WRITERS`
-(one line each) and turned on by their own ``output`` field (``switch``, e.g.
-``output.regions: true``; ``output_fields`` maps further ``output`` fields to their
-settings). Any writer may also use these hooks:
+view and its pyramid, the quick look) are writers of the same kind, registered from
+:data:`BUILTIN_WRITERS` (one line each) and turned on by their own ``output`` field
+(``switch``, e.g. ``output.regions: true``; ``output_fields`` maps further ``output``
+fields to their settings); the quick look's field, ``quicklook``, is not the config's: a
+run sets it for the items it draws (``segment_item(quicklook=SIZE)``). Any writer may also
+use these hooks:
 
 - ``prepare(target, settings)``: after the checks, once the staged item group exists and
   before any block runs; what it returns is the writer's state for this item, which
@@ -50,7 +52,9 @@ and one for the whole store, after a run's items, while the run holds the store'
   left, never leave it stale); returns its path (None without one) and a line to log.
 
 ``finish`` may also fill ``target.row`` (fields of the item's index row, such as the
-area percentiles of the region table).
+area percentiles of the region table) and add lines to ``target.warnings`` (what went
+wrong without failing the item, such as a quick look that could not be drawn: the item's
+result warns, the item commits).
 
 Its settings are a pydantic model: they are validated when the config is loaded and are
 part of the config hash (a changed setting redoes the items), except those the writer names
@@ -92,6 +96,7 @@ class WriteTarget:
     object_count: int | None = None  # the output's objects (labels), once written
     states: dict[str, Any] = field(default_factory=dict)  # prepare's result, by writer
     row: dict[str, Any] = field(default_factory=dict)  # index row fields writers fill
+    warnings: list[str] = field(default_factory=list)  # lines for the item's result
 
     @property
     def item_url(self) -> str:
@@ -130,6 +135,7 @@ BUILTIN_WRITERS: dict[str, str] = {
     "vectors": "segflow.engine.writers.vectors:VECTORS",
     "ome": "segflow.engine.writers.ome:OME",
     "dicom_seg": "segflow.engine.writers.dicom_seg:DICOM_SEG",
+    "quicklook": "segflow.engine.writers.quicklook:QUICKLOOK",
 }
 
 

@@ -47,15 +47,10 @@ def finish(target: WriteTarget, settings: OmeSettings, parts: Sequence[Any]) -> 
 
 def verify(target: WriteTarget, settings: OmeSettings, files: Sequence[str]) -> None:
     """Every level exists with its shape and dtype and every storage unit on disk."""
-    from segflow.store.commit import check_item
+    from segflow.store.commit import check_array
 
-    check_item(
-        target.root,
-        target.info.id,
-        shape=target.info.spatial_shape,
-        arrays={},
-        derived=target.states["ome"],
-    )
+    for path, (dtype, shape) in target.states["ome"].items():
+        check_array(target.root, target.info.id, path, dtype, shape, suffix=False)
 
 
 OME = Writer(

@@ -32,13 +32,7 @@ def verify(target: WriteTarget, settings: OutputSettings, files: Sequence[str]) 
     from segflow.store.commit import check_item
 
     info = target.info
-    check_item(
-        target.root,
-        info.id,
-        shape=info.spatial_shape,
-        arrays=target.arrays,
-        object_count=target.object_count,
-    )
+    check_item(target.root, info.id, shape=info.spatial_shape, arrays=target.arrays)
 
 
 OUTPUT = Writer(

@@ -72,16 +72,9 @@ def finish(target: WriteTarget, settings: RegionsSettings, parts: Sequence[Any])
 
 def verify(target: WriteTarget, settings: RegionsSettings, files: Sequence[str]) -> None:
     """The table is readable with one row per object."""
-    from segflow.store.commit import check_item
+    from segflow.store.commit import check_table_rows
 
-    check_item(
-        target.root,
-        target.info.id,
-        shape=target.info.spatial_shape,
-        arrays={},
-        object_count=target.object_count,
-        regions=True,
-    )
+    check_table_rows(target.root, target.info.id, REGIONS_NAME, target.object_count)
 
 
 class _SavedArray:

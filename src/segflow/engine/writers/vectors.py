@@ -51,16 +51,9 @@ def finish(target: WriteTarget, settings: VectorsSettings, parts: Sequence[objec
 
 def verify(target: WriteTarget, settings: VectorsSettings, files: Sequence[str]) -> None:
     """The table is readable with one row per object."""
-    from segflow.store.commit import check_item
+    from segflow.store.commit import check_table_rows
 
-    check_item(
-        target.root,
-        target.info.id,
-        shape=target.info.spatial_shape,
-        arrays={},
-        object_count=target.object_count,
-        vectors=True,
-    )
+    check_table_rows(target.root, target.info.id, VECTORS_NAME, target.object_count)
 
 
 def collect(

@@ -262,3 +262,76 @@ def test_a_mask_pipeline_grows_and_equals_a_fresh_run(tmp_path: Path) -> None:
         labels_of(store, "scene", "mask"), labels_of(tmp_path / "fresh.zarr", "scene", "mask")
     )
     assert grown.foreground_fraction == fresh.foreground_fraction
+
+
+@pytest.fixture(scope="module")
+def fixed_scale_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-level SegNet-style network on 16^2 tiles whose input scaling is fixed
+    (0..255): no statistic of the scene, so a scene with it grows locally."""
+    import torch
+
+    from segflow.models.card import ModelCard
+    from segflow.models.checkpoint import save_checkpoint
+    from segflow.models.networks import build_network
+
+    card = ModelCard.model_validate(
+        {
+            "name": "tiny-fixed",
+            "architecture": {"name": "segnet", "params": {"features": [4, 8]}},
+            "spatial_dims": 2,
+            "channels": [
+                {"name": "grey", "normalization": {"method": "fixed", "low": 0, "high": 255}}
+            ],
+            "head": "semantic",
+            "classes": ["background", "object"],
+            "tile": (16, 16),
+            "overlap": 0.25,
+        }
+    )
+    torch.set_num_threads(1)  # the test machine is shared; tiny tensors gain nothing from more
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-fixed"
+    save_checkpoint(path, build_network(card.network_spec()).eval(), card)
+    return path
+
+
+def test_a_model_pipeline_grows_where_the_grid_stays_and_not_where_it_grows(
+    tmp_path: Path, fixed_scale_model: Path
+) -> None:
+    from segflow.engine.api import segment as segment_array
+
+    grey = {"op": "combine_bands", "weights": [0.5, 0.3, 0.2]}
+    infer = {"op": "model", "path": str(fixed_scale_model), "device": "cpu"}
+    # The random network's "object" probability, cut at its median over the raster: the
+    # labels are then many objects (its classes alone are one object everywhere).
+    raster = make_raster((72, 96), "uint8", 7)
+    probabilities = segment_array(raster, [grey, {**infer, "output": "probabilities"}],
+                                  channel_axis=0)  # fmt: skip
+    cut = float(np.median(probabilities[1]))
+    model = [
+        grey,
+        {**infer, "output": "probabilities"},
+        {"op": "combine_bands", "weights": [0.0, 1.0]},
+        {"op": "threshold", "value": cut},
+        {"op": "label"},
+    ]
+    image, folder, store, _, before = grown_scene(tmp_path, model, [(1, 1)], (72, 96))
+    grown = segment(open_item(str(folder), mosaic=True), store, model)
+    assert grown.status == "done", grown.error
+    assert 0 < grown.n_reused < grown.n_blocks and grown.warning is None
+    after = labels_of(store, "scene")
+    assert after.max() > 0 and same_partition(after, fresh_labels(tmp_path, folder, model))
+    # The model's halo is 15 (16^2 tiles, overlap 4): blocks with cores 8..64 read the
+    # new tile; objects with no pixel there nor next to them are the same objects.
+    assert assert_kept_away_from(before, after, np.s_[7:65, 7:65]) > 2
+
+    put_tiles(folder, image, [(0, 3), (1, 3), (2, 3)])  # the grid grows right
+    wider = segment(open_item(str(folder), mosaic=True), store, model)
+    assert wider.status == "done", wider.error
+    assert wider.n_reused == 0 and wider.warning is not None
+    assert wider.warning.endswith(
+        "the scene's grid grew and a model step's tiles end flush with its edge"
+    )
+    np.testing.assert_array_equal(
+        labels_of(store, "scene"), fresh_labels(tmp_path / "w", folder, model)
+    )

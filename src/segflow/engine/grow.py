@@ -83,11 +83,17 @@ class StoredOutput:
         data = np.asarray(array[(Ellipsis, *region)])
         return data if data.ndim > len(region) else data[np.newaxis]
 
-    def old_ids(self, labels: np.ndarray, box: Box) -> np.ndarray:
+    def old_ids(self, labels: np.ndarray, box: Box, stored: np.ndarray | None = None) -> np.ndarray:
         """For each local label ``0..n`` of ``labels`` (covering ``box`` of the new grid),
         the smallest id its pixels had here (0: none): what it claims
-        (:mod:`segflow.stitch.keep_ids`)."""
+        (:mod:`segflow.stitch.keep_ids`). ``stored``: the stored ids of ``box`` that
+        ``labels`` labelled (a reused block): each label has one of them, read off once."""
         n = int(labels.max(initial=0))
+        if stored is not None:  # labels of the stored ids' pixels: one id per label
+            claims = np.zeros(n + 1, dtype=np.int64)
+            claims[labels.ravel()] = stored.ravel()
+            claims[0] = 0
+            return claims
         claims = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
         inside = intersect(box, tuple(slice(0, s) for s in self.shape[-len(box) :]))
         if all(s.stop > s.start for s in inside):

@@ -171,8 +171,10 @@ class Label:
         tile = label_block(
             core, block, self.step, stats=task.stats, shape=task.shape, spacing=task.spacing
         )
-        if self.previous is not None:
-            claims = self.previous.old_ids(tile.labels, block.core)
+        if self.previous is not None:  # a reused block's data are its stored ids
+            reused = type(source.item) is type(self.previous) and not task.steps
+            stored = core[0] if reused else None
+            claims = self.previous.old_ids(tile.labels, block.core, stored)
             objects = tile.summary.objects
             tile.summary.objects = replace(
                 objects, node_claims=claims[objects.nodes], own_claims=claims[tile.keep]

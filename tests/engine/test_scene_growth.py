@@ -335,3 +335,38 @@ def test_a_model_pipeline_grows_where_the_grid_stays_and_not_where_it_grows(
     np.testing.assert_array_equal(
         labels_of(store, "scene"), fresh_labels(tmp_path / "w", folder, model)
     )
+
+
+GROW_IN_A_PROCESS = """
+import sys
+from segflow.engine.executor import LocalExecutor
+from segflow.engine.item import segment_item
+from segflow.io import open_item
+from test_scene_growth import BLOCK, FIXED
+with LocalExecutor(2) as executor:
+    segment_item(open_item(sys.argv[1], mosaic=True), FIXED, store=sys.argv[2],
+                 block_shape=BLOCK, executor=executor, regions=True, ome=False, resumable=True)
+"""
+
+
+def test_a_growth_killed_mid_write_leaves_the_previous_version(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _, folder, store, _, before = grown_scene(tmp_path, FIXED, [(1, 1)], (72, 72))
+    version = read_commit(str(store), "scene")
+    env = {**os.environ, "SEGFLOW_FAULT": "output-block-done@20"}  # SIGKILL mid output
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
+    killed = subprocess.run(
+        [sys.executable, "-c", GROW_IN_A_PROCESS, str(folder), str(store)], env=env, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert read_commit(str(store), "scene") == version
+    np.testing.assert_array_equal(labels_of(store, "scene"), before)
+
+    resumed = segment(open_item(str(folder), mosaic=True), store, FIXED)
+    assert resumed.status == "done", resumed.error
+    assert resumed.n_resumed >= 10 and resumed.n_reused == 56
+    assert same_partition(labels_of(store, "scene"), fresh_labels(tmp_path, folder, FIXED))

@@ -5,6 +5,7 @@ every block with one line; an interrupted growth leaves the previous version com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +371,46 @@ def test_a_growth_killed_mid_write_leaves_the_previous_version(tmp_path: Path) -
     assert resumed.status == "done", resumed.error
     assert resumed.n_resumed >= 10 and resumed.n_reused == 56
     assert same_partition(labels_of(store, "scene"), fresh_labels(tmp_path, folder, FIXED))
+
+
+def bar_tiles(folder: Path, middle: str, columns: Sequence[int] = (0, 1, 2)) -> None:
+    """Three 24^2 tiles in a row with a bar (rows 10..14) across; the ``middle`` tile is
+    ``"bar"`` (the bar goes through), ``"cut"`` (background there) or ``"none"`` (a hole).
+    Only the tiles of ``columns`` are written (a rewritten file is a changed tile)."""
+    image = np.full((3, 24, 72), 10, dtype=np.uint8)
+    image[:, 10:14, :] = 200
+    image[:, 18:20, 60:70] = 200  # a small object in the last tile
+    if middle == "cut":
+        image[:, :, 24:48] = 10
+    folder.mkdir(exist_ok=True)
+    for c in columns:
+        path = folder / f"t0{c}.tif"
+        if c == 1 and middle == "none":
+            path.unlink(missing_ok=True)
+            continue
+        write_tif(path, image[:, :, c * 24 : (c + 1) * 24], 0, c * 24, nodata=0)
+
+
+@pytest.mark.parametrize(("start", "then", "expected"), [
+    ("none", "bar", [1, 3]),  # two bars joined by the new tile: one object, the smaller id
+    ("bar", "cut", [1, 2, 3]),  # a bar cut by a changed tile: its first part keeps the id,
+                                # the other part is new (3, after the small object's 2)
+])  # fmt: skip
+def test_joined_objects_keep_the_smaller_id_and_a_cut_one_keeps_it_on_its_first_part(
+    tmp_path: Path, start: str, then: str, expected: list[int]
+) -> None:
+    folder, store = tmp_path / "scene", tmp_path / "out.zarr"
+    bar_tiles(folder, start)
+    assert segment(open_item(str(folder), mosaic=True), store, FIXED).status == "done"
+    before = labels_of(store, "scene")
+    bar_tiles(folder, then, columns=[1])
+    grown = segment(open_item(str(folder), mosaic=True), store, FIXED)
+    assert grown.status == "done", grown.error
+    assert grown.n_reused > 0
+    after = labels_of(store, "scene")
+    assert same_partition(after, fresh_labels(tmp_path, folder, FIXED))
+    assert sorted(np.unique(after[after > 0]).tolist()) == expected
+    assert after[12, 0] == before[12, 0] == 1  # the bar's first pixel: id 1 throughout
+    assert after[19, 65] == before[19, 65]  # the small object: untouched
+    assert after[12, 60] == (3 if then == "cut" else 1)
+    assert read_commit(str(store), "scene")["max_label"] == max(expected)

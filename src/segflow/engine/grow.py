@@ -26,9 +26,9 @@ resume records are an item's, and until the commit ``STORE/ITEM`` is the previou
 
 Anything else redoes every block, with one line saying why (:func:`plan_growth`): a
 whole-scene statistic (Otsu over the scene changes with its tiles), a grid whose origin,
-pixel size or CRS moved, a warped scene, a model step on a grid that grew (its tiles end
-flush with the scene's edge), other connectivity steps, ``save_as`` arrays, an object store
-(its items are written in place).
+pixel size or CRS moved, a warped scene, a grid that grew under a step that depends on the
+scene's size (a model's tiles end flush with its edge: :data:`SIZE_BOUND_STEPS`), other
+connectivity steps, ``save_as`` arrays, an object store (its items are written in place).
 """
 
 from __future__ import annotations
@@ -44,7 +44,15 @@ from segflow.io.base import ItemInfo
 
 #: The connectivity step a growing scene can stitch again from its stored objects.
 REGROWN_CONNECTIVITY = "label"
-MODEL_STEP = "_model_infer"
+#: Steps whose output depends on the scene's size, not only on a block's window: a model's
+#: tiles end flush with the edge; Cellpose flows name masks by flat index and size them
+#: against the item; boxes are placed on the whole item. A grid that grew redoes them.
+SIZE_BOUND_STEPS = {
+    "_model_infer": "a model step's tiles end flush with its edge",
+    "flow_dynamics": "flow_dynamics names its masks by their place in the whole scene",
+    "_flow_check": "flow_dynamics measures its masks against the scene's size",
+    "from_boxes": "from_boxes places its boxes on the whole scene",
+}
 
 
 @dataclass(frozen=True)
@@ -147,10 +155,9 @@ def plan_growth(
     grid = plan_blocks(info.spatial_shape, block_shape, halo=plan.halo, storage_unit=storage_unit)
     old_shape = output.shape[-len(info.spatial_shape) :]
     old = plan_blocks(old_shape, block_shape, halo=plan.halo, storage_unit=storage_unit)
-    if old_shape != info.spatial_shape and any(s.op.name == MODEL_STEP for s in plan.steps):
-        return None, (
-            f"{head}: the scene's grid grew and a model step's tiles end flush with its edge"
-        )
+    bound = [SIZE_BOUND_STEPS[s.op.name] for s in plan.steps if s.op.name in SIZE_BOUND_STEPS]
+    if old_shape != info.spatial_shape and bound:
+        return None, f"{head}: the scene's grid grew and {bound[0]}"
     untouched = frozenset(b.linear for b in grid.blocks() if _untouched(b, old, changed))
     version = current_version(store, info.id) or resolve_item(store, info.id)
     max_label = int(record.get("max_label") or record.get("object_count") or 0)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 from _geodata import N_BLOBS, blob_image, collection_config, write_geotiff
@@ -57,4 +58,33 @@ def test_tiles_are_one_item_and_a_changed_tile_redoes_it(tmp_path: Path, dask_ad
     assert listed[1][1] == group.attrs["tiles"][1]["fingerprint"]  # west: unchanged
     assert listed[0][1] != group.attrs["tiles"][0]["fingerprint"]  # east: rewritten
     labels = zarr.open_group(store / "tiles", mode="r")["labels"][...]
-    assert not labels[:, 30:].any() and int(labels.max()) == 2
+    assert not labels[:, 30:].any()
+    # The scene grew from its last version (a fixed threshold): the two blobs left keep
+    # their ids, the one gone leaves its id unused (segflow.stitch.keep_ids).
+    assert sorted(np.unique(labels[labels > 0]).tolist()) == [1, 3]
+
+
+def test_a_scene_that_gains_a_tile_reuses_the_blocks_that_do_not_read_it(
+    tmp_path: Path, dask_address: str
+) -> None:
+    image = blob_image()  # the third blob spans columns 2..70: it crosses the new tile
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    write_geotiff(folder / "west.tif", image[:, :, :36])
+    store = tmp_path / "out.zarr"
+    config = collection_config(folder, store, dask_address)
+    config["input"] = {"path": str(folder), "mosaic": True}
+    assert run(config)["done"] == 1
+    before = zarr.open_group(store / "tiles", mode="r")["labels"][...]
+
+    write_geotiff(folder / "east.tif", image[:, :, 36:], x0=500_360.0)  # the far side
+    assert run(config)["done"] == 1
+    row = read_index(str(store)).set_index("id").loc["tiles"]
+    # Blocks of 32^2 on 64 x 72: the two of columns 0..32 read only the west tile.
+    assert (int(row["n_blocks"]), int(row["n_reused"])) == (6, 2)
+    assert pd.isna(row["warning"])  # grown: nothing to say
+    labels = zarr.open_group(store / "tiles", mode="r")["labels"][...]
+    np.testing.assert_array_equal(labels > 0, image[0] > 100)  # the whole scene's objects
+    assert len(np.unique(labels[labels > 0])) == N_BLOBS
+    # Every object keeps the id it had: the blob the new tile continues too.
+    np.testing.assert_array_equal(labels[:, :36][before > 0], before[before > 0])

@@ -160,6 +160,7 @@ def run_item(
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
     records: Any = None,
+    growth: Any = None,
 ) -> ItemRun:
     """Plan the blocks of one item and run ``plan`` on them (used by ``segment_item``)."""
     grid = plan_blocks(
@@ -177,4 +178,5 @@ def run_item(
         keep_limit=keep_limit,
         progress=progress,
         records=records,
+        growth=growth,
     )

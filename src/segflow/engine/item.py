@@ -94,6 +94,7 @@ class ItemResult:
     statistics: dict[str, float] = field(default_factory=dict)
     warning: str | None = None  # what the user should know of a done item (NaN took most)
     tiles: str = ""  # a scene's tiles: JSON [[path, fingerprint], ...]; "" for other items
+    n_reused: int = 0  # a growing scene's blocks taken from its previous version
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -360,14 +361,37 @@ def _segment_staged(
     plan = plan_for_item(pipeline, reader.info)
     result.model_hash = _model_hash(plan)
     outputs = _prepare_outputs(reader, plan, options, stage, executor, progress)
-    run = _run_blocks(reader, plan, outputs, options, stage, executor, progress)
+    growth, why = _growth(reader.info, plan, outputs, options, result)
+    run = _run_blocks(reader, plan, outputs, options, stage, executor, progress, growth)
     result.n_resumed = run.n_resumed
-    result.warning = "; ".join(run.warnings) or None
+    result.n_reused = run.n_reused
+    result.warning = "; ".join([*([why] if why else []), *run.warnings]) or None
     # The output phase is over: from here on (joining tables, the commit) a rerun starts
     # the item afresh, so its block records go before the region parts do.
     _remove(stage.blocks_dir)
     _finish_and_commit(run, outputs, options, result)
     return plan, run
+
+
+def _growth(
+    info: ItemInfo, plan: Any, outputs: _Outputs, options: ItemOptions, result: ItemResult
+) -> tuple[Any, str | None]:
+    """A growing scene's reuse of its previous version, or the line saying why every
+    block is redone (:mod:`segflow.engine.grow`)."""
+    from segflow.engine.grow import growth_for
+
+    return growth_for(
+        options.store,
+        info,
+        plan,
+        block_shape=outputs.block,
+        storage_unit=outputs.shard or outputs.chunk,
+        made_by={
+            "config_hash": options.config_hash,
+            "code_version": result.code_version,
+            "model_hash": result.model_hash,
+        },
+    )
 
 
 def plan_for_item(pipeline: Sequence[Mapping[str, Any]], info: ItemInfo) -> Any:
@@ -469,9 +493,11 @@ def _run_blocks(
     stage: _Stage,
     executor: Executor,
     progress: ProgressCallback | None,
+    growth: Any = None,
 ) -> Any:
     """Run the pipeline's phases over the blocks; the output's sink is made once its dtype
-    is known (the layout's, with the writers' block hooks)."""
+    is known (the layout's, with the writers' block hooks). ``growth``: a growing scene's
+    reuse of its previous version (:mod:`segflow.engine.grow`)."""
     from segflow.store.blocks import BlockRecords, output_key
 
     info = reader.info
@@ -492,7 +518,9 @@ def _run_blocks(
         return outputs.writers.sink(sink)
 
     def records(dtype: np.dtype, n_labels: int | None, stats: Any) -> BlockRecords:
-        key = output_key(str(np.dtype(dtype)), n_labels, stats=stats)
+        # A grown scene's ids depend on the version it grew from.
+        grown_from = () if growth is None else (growth.version,)
+        key = output_key(str(np.dtype(dtype)), n_labels, *grown_from, stats=stats)
         return BlockRecords(stage.blocks_dir, key)
 
     return run_item(
@@ -507,6 +535,7 @@ def _run_blocks(
         keep_limit=options.keep_limit,
         progress=progress,
         records=records if stage.resume_name is not None else None,
+        growth=growth,
     )
 
 
@@ -545,6 +574,7 @@ def _commit_record(
         "code_version": result.code_version,
         "arrays": outputs.arrays,
         "object_count": run.n_labels,
+        "max_label": run.max_label,  # ids run to here (a grown scene's are not 1..n)
         "committed": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 

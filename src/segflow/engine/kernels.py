@@ -157,17 +157,29 @@ class Reduce:
 
 @dataclass(frozen=True)
 class Label:
-    """End with the core labelled locally (``step`` is the connectivity step)."""
+    """End with the core labelled locally (``step`` is the connectivity step). With
+    ``previous`` (a growing scene's stored output, :class:`segflow.engine.grow.
+    StoredOutput`), each label also says which id its pixels had there (its claim)."""
 
     step: Step
+    previous: Any = None
 
     def end(
         self, task: PhaseTask, block: Block, box: Box, data: np.ndarray, source: Source
     ) -> LabelTile:
         core = _core_of(box, data, block.core)
-        return label_block(
+        tile = label_block(
             core, block, self.step, stats=task.stats, shape=task.shape, spacing=task.spacing
         )
+        if self.previous is not None:  # a reused block's data are its stored ids
+            reused = type(source.item) is type(self.previous) and not task.steps
+            stored = core[0] if reused else None
+            claims = self.previous.old_ids(tile.labels, block.core, stored)
+            objects = tile.summary.objects
+            tile.summary.objects = replace(
+                objects, node_claims=claims[objects.nodes], own_claims=claims[tile.keep]
+            )
+        return tile
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ the output, relabelling in the same task. The code is split by role:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -25,6 +26,7 @@ import numpy as np
 
 from segflow.engine.blocks import BlockGrid, grow_box
 from segflow.engine.executor import Executor, ProgressCallback
+from segflow.engine.grow import Growth
 from segflow.engine.halo import cut_strips, read_core
 from segflow.engine.kernels import (
     ArraySink,
@@ -52,6 +54,7 @@ from segflow.engine.resources import merge_resources
 from segflow.faults import fault_point
 from segflow.io.base import Reader
 from segflow.ops.registry import Done, GlobalStatistic
+from segflow.stitch.keep_ids import merge_keeping_ids
 from segflow.stitch.labels import (
     BlockRelabel,
     merge_objects,
@@ -98,6 +101,8 @@ class ItemRun:
     regions: list[Any] | None = None  # what the regions sink returned, per part
     n_resumed: int = 0  # output blocks an earlier, interrupted run had written
     warnings: list[str] = field(default_factory=list)  # one line each, for the user
+    max_label: int | None = None  # the largest id (labels): n_labels, unless the scene grew
+    n_reused: int = 0  # blocks a growing scene took from its previous version
 
 
 @dataclass
@@ -123,8 +128,14 @@ def run_plan(
     keep_limit: int | None = None,
     progress: ProgressCallback | None = None,
     records: Callable[[np.dtype, int | None, Mapping[str, Any]], Any] | None = None,
+    growth: Growth | None = None,
 ) -> ItemRun:
     """Run every phase of ``plan`` over ``grid`` and write the result through ``make_sink``.
+
+    With ``growth`` (a growing scene, :mod:`segflow.engine.grow`), its untouched blocks
+    take their previous output as their source and run none of the first phase's steps;
+    labels are numbered to keep the previous version's ids
+    (:mod:`segflow.stitch.keep_ids`).
 
     With ``records`` (``records(dtype, n_labels, stats)`` gives the
     :class:`~segflow.store.blocks.BlockRecords` of the output phase), each output block
@@ -153,6 +164,7 @@ def run_plan(
         stream=8 * math.prod(grid.shape) > limit and can_stream(plan),
         progress=progress,
         records=records,
+        growth=growth,
     )
     sources = run.read_once()
     for number, phase in enumerate(plan.phases):
@@ -193,6 +205,7 @@ class _PlanRun:
         stream: bool,
         progress: ProgressCallback | None,
         records: Callable[[np.dtype, int | None, Mapping[str, Any]], Any] | None = None,
+        growth: Growth | None = None,
     ) -> None:
         self.plan, self.grid, self.executor, self.reader = plan, grid, executor, reader
         self.blocks = grid.blocks()
@@ -208,6 +221,8 @@ class _PlanRun:
         self.warnings: list[str] = []
         self.block_stats: dict[str, Sequence[Any]] = {}  # Done.per_block, by Step.key
         self.n_labels: int | None = None
+        self.max_label: int | None = None  # set where ids are not 1..n_labels (growth)
+        self.growth = growth
         self.done: list[Phase] = []  # streaming: phases to replay, with their merges
         self.relabel_lists: list[Sequence[BlockRelabel]] = []
         self.finishes: list[Finish] = []
@@ -247,21 +262,53 @@ class _PlanRun:
         only: Sequence[int] | None = None,
     ) -> list[Any]:
         """Streaming mode: one :func:`stream_block` task per block (of ``only``)."""
-        blocks = self.blocks if only is None else [self.blocks[i] for i in only]
-        relabels = [[r[b.linear] for r in self.relabel_lists] for b in blocks]
+        pick = range(len(self.blocks)) if only is None else only
         own = self.own_stats()
-        return self.executor.map(
-            stream_block,
-            [self.reader] * len(blocks),
-            blocks,
-            relabels,
-            [own[b.linear] for b in blocks],
-            replay=list(self.done),
-            finishes=list(self.finishes),
-            read_halo=self.grid.halo,
-            task=self.task(phase, end, saved),
-            resources=phase_resources([*self.done, phase]),
-        )
+
+        def call(group: Sequence[int], bare: bool) -> list[Any]:
+            blocks = [self.blocks[i] for i in group]
+            replay = [self._bare(p) if bare else p for p in self.done]
+            now = self._bare(phase) if bare else phase
+            reader = self._stored() if bare else self.reader
+            return self.executor.map(
+                stream_block,
+                [reader] * len(blocks),
+                blocks,
+                [[r[b.linear] for r in self.relabel_lists] for b in blocks],
+                [own[b.linear] for b in blocks],
+                replay=replay,
+                finishes=list(self.finishes),
+                read_halo=(0,) * self.grid.ndim if bare else self.grid.halo,
+                task=self.task(now, end, saved),
+                resources=phase_resources([*replay, now]),
+            )
+
+        return self._split(pick, call)
+
+    def _split(
+        self, pick: Sequence[int], call: Callable[[Sequence[int], bool], list[Any]]
+    ) -> list[Any]:
+        """``call(blocks, bare)`` for the blocks of ``pick`` that run the pipeline, then
+        (``bare``) for a growing scene's untouched ones; the handles in ``pick``'s order."""
+        untouched = set() if self.growth is None else self.growth.untouched
+        run = [i for i in pick if self.blocks[i].linear not in untouched]
+        kept = [i for i in pick if self.blocks[i].linear in untouched]
+        handles: dict[int, Any] = {}
+        for group, bare in ((run, False), (kept, True)):
+            if group:
+                handles.update(zip(group, call(group, bare), strict=True))
+        return [handles[i] for i in pick]
+
+    def _bare(self, phase: Phase) -> Phase:
+        """The first phase as an untouched block of a growing scene runs it: no steps, no
+        halo (its source is its stored output); later phases as they are."""
+        if phase is not self.plan.phases[0]:
+            return phase
+        return dataclasses.replace(phase, steps=(), halo_in=(0,) * self.grid.ndim)
+
+    def _stored(self) -> Any:
+        assert self.growth is not None
+        return self.growth.stored
 
     def read_once(self) -> _Sources:
         """Sources for the first phase: each core read once, halos from strips.
@@ -273,6 +320,11 @@ class _PlanRun:
         """
         readers = [self.reader] * len(self.blocks)
         grid = self.grid
+        if self.growth is not None:  # each block reads its own window (or stored output)
+            readers = [
+                self._stored() if self.growth.is_untouched(b) else self.reader for b in self.blocks
+            ]
+            return _Sources(readers, self._none(), [None] * len(self.blocks))
         wide = any(h > b for h, b in zip(grid.halo, grid.block_shape, strict=True))
         if self.stream or not any(grid.halo) or len(self.blocks) == 1 or wide:
             return _Sources(readers, self._none(), [None] * len(self.blocks))
@@ -309,17 +361,22 @@ class _PlanRun:
         sources = self.start(phase, sources)
         pick = range(len(self.blocks)) if only is None else only
         own = self.own_stats()
-        return self.executor.map(
-            run_block,
-            [sources.items[i] for i in pick],
-            [self.blocks[i] for i in pick],
-            [sources.strips[i] for i in pick],
-            [sources.relabels[i] for i in pick],
-            [own[i] for i in pick],
-            task=self.task(phase, end, self.saved),
-            finish=sources.finish,
-            resources=phase_resources([phase]),
-        )
+
+        def call(group: Sequence[int], bare: bool) -> list[Any]:
+            now = self._bare(phase) if bare else phase
+            return self.executor.map(
+                run_block,
+                [sources.items[i] for i in group],
+                [self.blocks[i] for i in group],
+                [sources.strips[i] for i in group],
+                [sources.relabels[i] for i in group],
+                [own[i] for i in group],
+                task=self.task(now, end, self.saved),
+                finish=sources.finish,
+                resources=phase_resources([now]),
+            )
+
+        return self._split(pick, call)
 
     def statistic_phase(
         self, phase: Phase, sources: _Sources, label: str, keep_halo: tuple[int, ...]
@@ -411,11 +468,12 @@ class _PlanRun:
         step = phase.connectivity
         assert step is not None
         connectivity = step.op.connectivity_of(step.params, grid.ndim)
+        end = Label(step, None if self.growth is None else self.growth.stored)
         if self.stream:
             tiles = []
-            summaries = self.stream_map(phase, Label(step), self.saved)
+            summaries = self.stream_map(phase, end, self.saved)
         else:
-            tiles = self.map_blocks(phase, sources, Label(step))
+            tiles = self.map_blocks(phase, sources, end)
             summaries = executor.map(label_summary, tiles)
         neighbor_args, offset_args = [], []
         for block in self.blocks:
@@ -436,10 +494,13 @@ class _PlanRun:
         )
         gathered = executor.gather(results, label=label, progress=self.progress)
         ctx = _context(step, self.stats, grid.ndim, self.spacing)
-        merge = merge_objects(
-            [o for o, _ in gathered], [p for _, p in gathered], step.op.rule_for(step.params, ctx)
-        )
-        dtype = smallest_label_dtype(merge.n_labels)
+        objects, pairs = [o for o, _ in gathered], [p for _, p in gathered]
+        if self.growth is not None:  # plan_growth allows `label` only: no object rule
+            merge = merge_keeping_ids(objects, pairs, self.growth.max_label)
+            self.max_label = merge.max_label
+        else:
+            merge = merge_objects(objects, pairs, step.op.rule_for(step.params, ctx))
+        dtype = smallest_label_dtype(merge.max_label or merge.n_labels)
         if step.op.finish is None:
             self.n_labels = merge.n_labels
         self.done.append(phase)
@@ -455,7 +516,7 @@ class _PlanRun:
         make_sink: Callable[[np.dtype], Sink],
     ) -> ItemRun:
         if self.plan.out_kind == "labels" and self.n_labels is not None:
-            dtype = smallest_label_dtype(self.n_labels)
+            dtype = smallest_label_dtype(self.max_label or self.n_labels)
         else:
             dtype = self.plan.out_dtype
         sink = make_sink(dtype)
@@ -489,4 +550,6 @@ class _PlanRun:
             blocks=summaries,
             regions=written,
             warnings=self.warnings,
+            max_label=self.max_label or self.n_labels if self.plan.out_kind == "labels" else None,
+            n_reused=0 if self.growth is None else len(self.growth.untouched),
         )

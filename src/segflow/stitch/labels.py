@@ -226,6 +226,10 @@ class BlockObjects:
     node_first: np.ndarray  # per node: first pixel of its part here (item flat index)
     kept_first: np.ndarray  # first pixels of the labels the block kept itself, in label order
     keys: np.ndarray | None = None  # per node: its label-image id (ObjectRule.ids)
+    # A growing scene (segflow.stitch.keep_ids): the id each node's and each kept label's
+    # pixels had in the previous version (the smallest; 0 where they had none).
+    node_claims: np.ndarray | None = None
+    own_claims: np.ndarray | None = None
 
 
 def decide_block(
@@ -303,6 +307,7 @@ class BlockRelabel:
 class MergeResult:
     n_labels: int
     relabels: tuple[BlockRelabel, ...]
+    max_label: int | None = None  # the largest id, where ids are not 1..n_labels
 
 
 _REDUCERS = {"sum": np.add, "min": np.minimum, "max": np.maximum}
@@ -327,27 +332,9 @@ def merge_objects(
     pixel of every kept object (one int64 each, to rank them), never a pixel table: each
     block gets a compact :class:`BlockRelabel` of its own labels only.
     """
-    node_block = np.concatenate(
-        [np.full(len(b.nodes), i, dtype=np.int64) for i, b in enumerate(blocks)]
-        or [np.empty(0, np.int64)]
-    )
-    node_local = np.concatenate([b.nodes for b in blocks] or [np.empty(0, np.int64)])
-    node_first = np.concatenate([b.node_first for b in blocks] or [np.empty(0, np.int64)])
-    # Provisional ids sort by block, then local label: the node order is the scan order.
-    gids = (node_block.astype(np.uint64) << _SHIFT) | node_local.astype(np.uint64)
-    edges = np.concatenate(pairs) if len(pairs) else np.empty((0, 2), np.uint64)
-    n_nodes = len(gids)
-    a = np.searchsorted(gids, edges[:, 0])
-    b = np.searchsorted(gids, edges[:, 1])
-    if blocks and all(blk.keys is not None for blk in blocks):  # label-image ids join
-        same_a, same_b = _equal_key_edges(np.concatenate([_keys(blk) for blk in blocks]))
-        a, b = np.concatenate([a, same_a]), np.concatenate([b, same_b])
-    if len(a):
-        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n_nodes, n_nodes))
-        _, component = connected_components(graph, directed=False)
-    else:
-        component = np.arange(n_nodes)
-    n_components = int(component.max()) + 1 if n_nodes else 0
+    nodes = join_nodes(blocks, pairs)
+    node_block, node_local, node_first = nodes.block, nodes.local, nodes.first
+    component, n_components = nodes.component, nodes.n_components
 
     if rule is None:
         kept = np.ones(n_components, dtype=bool)
@@ -378,6 +365,44 @@ def merge_objects(
         for i, (lo, hi) in enumerate(itertools.pairwise(block_first_node))
     )
     return MergeResult(len(order), relabels)
+
+
+@dataclass(frozen=True)
+class JoinedNodes:
+    """The client-decided labels of every block (``nodes``), in block then label order,
+    and the object (``component``) each belongs to once the face pairs are joined."""
+
+    block: np.ndarray  # per node: its block's linear number
+    local: np.ndarray  # per node: its local label
+    first: np.ndarray  # per node: the first pixel of its part (item flat index)
+    component: np.ndarray  # per node: its object, 0 .. n_components - 1
+    n_components: int
+
+
+def join_nodes(blocks: Sequence[BlockObjects], pairs: Sequence[np.ndarray]) -> JoinedNodes:
+    """Union-find the face ``pairs`` over the blocks' nodes (and equal label-image keys)."""
+    node_block = np.concatenate(
+        [np.full(len(b.nodes), i, dtype=np.int64) for i, b in enumerate(blocks)]
+        or [np.empty(0, np.int64)]
+    )
+    node_local = np.concatenate([b.nodes for b in blocks] or [np.empty(0, np.int64)])
+    node_first = np.concatenate([b.node_first for b in blocks] or [np.empty(0, np.int64)])
+    # Provisional ids sort by block, then local label: the node order is the scan order.
+    gids = (node_block.astype(np.uint64) << _SHIFT) | node_local.astype(np.uint64)
+    edges = np.concatenate(pairs) if len(pairs) else np.empty((0, 2), np.uint64)
+    n_nodes = len(gids)
+    a = np.searchsorted(gids, edges[:, 0])
+    b = np.searchsorted(gids, edges[:, 1])
+    if blocks and all(blk.keys is not None for blk in blocks):  # label-image ids join
+        same_a, same_b = _equal_key_edges(np.concatenate([_keys(blk) for blk in blocks]))
+        a, b = np.concatenate([a, same_a]), np.concatenate([b, same_b])
+    if len(a):
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n_nodes, n_nodes))
+        _, component = connected_components(graph, directed=False)
+    else:
+        component = np.arange(n_nodes)
+    n_components = int(component.max()) + 1 if n_nodes else 0
+    return JoinedNodes(node_block, node_local, node_first, component, n_components)
 
 
 def _keys(block: BlockObjects) -> np.ndarray:

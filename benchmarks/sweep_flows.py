@@ -24,7 +24,8 @@ Object size: ``--model-set diameter=D`` runs the model step at the objects' diam
 per image as Cellpose's size model refines its estimate: the median equivalent diameter
 ``sqrt(4 area / pi)`` of the masks of a first pass at the item's own pixels (the shipped
 ``flow_dynamics`` setting), then runs the model at it (no zoom where the first pass finds no
-mask); the estimates are printed.
+mask); the estimates are printed. ``--oracle-diameter`` takes each image's diameter from its
+reference masks instead: what a perfect estimate would reach, never a method or a default.
 
     python benchmarks/sweep_flows.py --set dsb --model-set diameter=20 --grid flow_threshold=0.5
     python benchmarks/sweep_flows.py --set synthetic --auto-diameter --grid flow_threshold=0.5
@@ -121,16 +122,17 @@ def median_diameter(labels: np.ndarray) -> float | None:
 
 def _auto_flows(
     images: list[tuple[str, np.ndarray, np.ndarray]], cache: Path, model_set: dict[str, Any],
-    max_travel: int,
+    max_travel: int, oracle: bool = False,
 ) -> list[np.ndarray]:  # fmt: skip
-    """Each image's flows at the diameter its first pass's masks imply."""
+    """Each image's flows at the diameter its first pass's masks imply (``oracle``: its
+    reference masks, the bound a perfect estimate would reach; never a method)."""
     from segflow import segment
 
     out = []
-    for name, image, _ in images:
+    for name, image, reference in images:
         first = _flows(name, image, cache, model_set, 1.0)
         step = {**SHIPPED, "max_travel": max_travel}
-        labels = segment(first, [step], channel_axis=0, n_threads=1)
+        labels = reference if oracle else segment(first, [step], channel_axis=0, n_threads=1)
         diameter = median_diameter(np.asarray(labels))
         print(f"# {name}: estimated diameter {diameter}", flush=True)
         if diameter is None:
@@ -170,14 +172,17 @@ def main() -> None:
     parser.add_argument(
         "--auto-diameter", action="store_true", help="diameter from a first pass's masks"
     )
+    parser.add_argument(
+        "--oracle-diameter", action="store_true", help="diameter from the reference masks"
+    )
     args = parser.parse_args()
     from segflow import segment
 
     args.cache.mkdir(parents=True, exist_ok=True)
     model_set = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.model_set)}
     images = _dsb() if args.set == "dsb" else _synthetic(args.first, args.count)
-    if args.auto_diameter:
-        flows = _auto_flows(images, args.cache, model_set, args.max_travel)
+    if args.auto_diameter or args.oracle_diameter:
+        flows = _auto_flows(images, args.cache, model_set, args.max_travel, args.oracle_diameter)
     else:
         flows = [_flows(n, image, args.cache, model_set, args.scale) for n, image, _ in images]
     for setting in _grid(args.grid) or [{}]:

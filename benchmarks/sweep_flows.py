@@ -19,6 +19,17 @@ Two image sets:
     python benchmarks/sweep_flows.py --set dsb --grid cellprob_threshold=0,1,2 --model-set \
         "pixel_size=[2,2]"
 
+Object size: ``--model-set diameter=D`` runs the model step at the objects' diameter ``D``
+(item pixels; the step zooms by the card's 17 / ``D``). ``--auto-diameter`` estimates ``D``
+per image as Cellpose's size model refines its estimate: the median equivalent diameter
+``sqrt(4 area / pi)`` of the masks of a first pass at the item's own pixels (the shipped
+``flow_dynamics`` setting), then runs the model at it (no zoom where the first pass finds no
+mask); the estimates are printed. ``--oracle-diameter`` takes each image's diameter from its
+reference masks instead: what a perfect estimate would reach, never a method or a default.
+
+    python benchmarks/sweep_flows.py --set dsb --model-set diameter=20 --grid flow_threshold=0.5
+    python benchmarks/sweep_flows.py --set synthetic --auto-diameter --grid flow_threshold=0.5
+
 Each row prints the mean AP50 over the set, then per image ``ap50 (predicted/reference)``.
 """
 
@@ -37,6 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DSB = ROOT.parent / "shared" / "data" / "microscopy" / "dsb2018_nuclei"
 MODEL = ROOT / "configs" / "models" / "nuclei-flows"
 BASE = {"op": "flow_dynamics", "niter": 200, "cellprob_threshold": 0.0, "min_size": 15}
+#: The shipped config's flow_dynamics (configs/nuclei-flows.yaml): the first pass of
+#: ``--auto-diameter``.
+SHIPPED = {**BASE, "flow_threshold": 0.5}
 
 
 def _dsb() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -98,6 +112,36 @@ def _flows(
     return flows
 
 
+def median_diameter(labels: np.ndarray) -> float | None:
+    """The median equivalent diameter ``sqrt(4 area / pi)`` of the masks (Cellpose's
+    ``utils.diameters``); None without masks."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(np.median(np.sqrt(4 * areas / np.pi))) if areas.size else None
+
+
+def _auto_flows(
+    images: list[tuple[str, np.ndarray, np.ndarray]], cache: Path, model_set: dict[str, Any],
+    max_travel: int, oracle: bool = False,
+) -> list[np.ndarray]:  # fmt: skip
+    """Each image's flows at the diameter its first pass's masks imply (``oracle``: its
+    reference masks, the bound a perfect estimate would reach; never a method)."""
+    from segflow import segment
+
+    out = []
+    for name, image, reference in images:
+        first = _flows(name, image, cache, model_set, 1.0)
+        step = {**SHIPPED, "max_travel": max_travel}
+        labels = reference if oracle else segment(first, [step], channel_axis=0, n_threads=1)
+        diameter = median_diameter(np.asarray(labels))
+        print(f"# {name}: estimated diameter {diameter}", flush=True)
+        if diameter is None:
+            out.append(first)
+            continue
+        out.append(_flows(name, image, cache, {**model_set, "diameter": round(diameter, 2)}, 1.0))
+    return out
+
+
 def _score(labels: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     from segflow.evaluate import block_overlap, instance_scores
 
@@ -125,13 +169,22 @@ def main() -> None:
     )
     parser.add_argument("--max-travel", type=int, default=160)
     parser.add_argument("--scale", type=float, default=1.0, help="zoom the image by this")
+    parser.add_argument(
+        "--auto-diameter", action="store_true", help="diameter from a first pass's masks"
+    )
+    parser.add_argument(
+        "--oracle-diameter", action="store_true", help="diameter from the reference masks"
+    )
     args = parser.parse_args()
     from segflow import segment
 
     args.cache.mkdir(parents=True, exist_ok=True)
     model_set = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.model_set)}
     images = _dsb() if args.set == "dsb" else _synthetic(args.first, args.count)
-    flows = [_flows(n, image, args.cache, model_set, args.scale) for n, image, _ in images]
+    if args.auto_diameter or args.oracle_diameter:
+        flows = _auto_flows(images, args.cache, model_set, args.max_travel, args.oracle_diameter)
+    else:
+        flows = [_flows(n, image, args.cache, model_set, args.scale) for n, image, _ in images]
     for setting in _grid(args.grid) or [{}]:
         step = {**BASE, "max_travel": args.max_travel, **setting}
         cells = []

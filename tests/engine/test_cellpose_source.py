@@ -104,14 +104,16 @@ def _image(channels: int, shape: tuple[int, int], seed: int) -> np.ndarray:
     return np.stack([smooth_noise(shape, seed + c, sigma=3.0) * 4000 for c in range(channels)])
 
 
-def _cellpose_eval(path: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cellpose_eval(
+    path: Path, image: np.ndarray, diameter: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """cellpose's masks and ``(dY, dX, cellprob)`` of ``image`` ``(c, y, x)``."""
     model = cp_models.CellposeModel(
         pretrained_model=str(path), device=torch.device("cpu"), use_bfloat16=False
     )
     x = image[0] if len(image) == 1 else image
     masks, flows, _ = model.eval(x, channel_axis=None if len(image) == 1 else 0, niter=NITER,
-                                 flow_threshold=0, min_size=-1)  # fmt: skip
+                                 flow_threshold=0, min_size=-1, diameter=diameter)  # fmt: skip
     return masks, np.concatenate([flows[1], flows[2][None]])
 
 
@@ -141,8 +143,10 @@ def test_the_card_comes_from_the_checkpoint(checkpoint: Path, tmp_path: Path) ->
     assert (card.tile, card.overlap, card.tile_rule) == ((256, 256), 0.1, "cellpose")
     assert (card.window, card.head) == ("taper", "flows")
     assert card.classes == ("flow_y", "flow_x", "cellprob") and card.activation == "none"
+    assert card.diameter == 30.0  # eval(diameter=d) zooms by 30 / d
     lines = card_lines(str(checkpoint), described)
     assert "note: takes 1 to 3 channels (the step's `channels`), as cellpose 4 does" in lines
+    assert "object diameter: 30 px in training (the step's `diameter` zooms items to it)" in lines
     renamed = tmp_path / "cpsam.pt"  # a .pt suffix is not taken for TorchScript
     renamed.write_bytes(checkpoint.read_bytes())
     assert source_for(renamed).name == "cellpose"
@@ -186,6 +190,28 @@ def test_flows_and_masks_equal_cellposes_eval(
     # 10,000 (measured: 0 on the one-tile images, 5 of 87,000 on 300 x 290 with 1,194
     # masks); a wrong flow, threshold or hole filling moves whole masks.
     assert _mismatched_pixels(labels, masks) <= labels.size // 10_000
+
+
+@pytest.mark.parametrize("diameter", [40.0, 24.0])
+def test_a_diameter_zooms_as_cellposes_eval_does(
+    checkpoint: Path, tiny_cpsam: None, diameter: float
+) -> None:
+    """``diameter`` 40 (cellpose zooms 100 x 120 to 75 x 90) and 24 (to 125 x 150): sizes
+    where cellpose's ``int`` and segflow's ``round`` of the zoomed shape agree."""
+    image = _image(1, (100, 120), seed=4)
+    masks, flows = _cellpose_eval(checkpoint, image, diameter=diameter)
+    step = _step(checkpoint, channels=1, diameter=diameter)
+    raw = segment(image, [step], channel_axis=0, block_shape=(60, 50))
+    # as in test_flows_and_masks_equal_cellposes_eval, plus the zoom: OpenCV's bilinear
+    # resize in float32 both ways (segflow's in float64), rounding the network carries
+    np.testing.assert_allclose(raw, flows, rtol=0, atol=1e-4)
+    assert np.abs(raw - segment(image, [_step(checkpoint, channels=1)], channel_axis=0)).max() > 0.1
+    labels = _filled(segment(image, [step, DYNAMICS], channel_axis=0, block_shape=(60, 50)))
+    assert masks.max() >= 3
+    assert_same_partition(labels, _filled(_compute_masks(raw)))  # on segflow's own flows
+    # against eval's masks, from flows 1e-5 away: a few pixels on the edge of a histogram
+    # bin or a seed's region (measured 3 of 12,000 at 40); a wrong zoom moves whole masks
+    assert _mismatched_pixels(labels, masks) <= labels.size // 2_000
 
 
 def _compute_masks(raw: np.ndarray) -> np.ndarray:

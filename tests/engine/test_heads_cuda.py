@@ -41,9 +41,10 @@ def matched_share(a: np.ndarray, b: np.ndarray) -> float:
     return matched / max(inter.shape[0], inter.shape[1], 1)
 
 
-def test_the_flow_model_on_cuda_gives_the_cpu_nuclei() -> None:
-    """The shipped flow model (head ``flows``) on the bundled sample: CUDA and CPU give the
-    same nuclei, whole and in blocks."""
+@pytest.mark.parametrize("diameter", [None, 20.0])
+def test_the_flow_model_on_cuda_gives_the_cpu_nuclei(diameter: float | None) -> None:
+    """The shipped flow model (head ``flows``) on the bundled sample, at its own pixels and
+    zoomed by ``diameter``: CUDA and CPU give the same nuclei, whole and in blocks."""
     import imageio.v3 as iio
 
     (path,) = (ROOT / "tests" / "data" / "nuclei").glob("*/image.png")
@@ -53,7 +54,7 @@ def test_the_flow_model_on_cuda_gives_the_cpu_nuclei() -> None:
     runs = {
         device: segment(
             image,
-            [{"op": "luma"}, {**model, "device": device}, dynamics],
+            [{"op": "luma"}, {**model, "device": device, "diameter": diameter}, dynamics],
             block_shape=(128, 96),
             channel_axis=0,
         )

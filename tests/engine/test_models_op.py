@@ -280,7 +280,7 @@ def test_the_plan_has_the_tile_halo_and_a_statistics_pass(models: dict[str, Path
     names = [row[0] for row in describe_params(get_operation("model", public=True))]
     assert names == ["path", "device", "batch_size", "output", "tta", "tile", "overlap",
                      "normalization", "activation", "channels", "spacing_tolerance", "resample",
-                     "pixel_size"]  # fmt: skip
+                     "pixel_size", "diameter"]  # fmt: skip
 
 
 def test_the_model_hash_is_part_of_the_config_hash(models: dict[str, Path], tmp_path: Path) -> None:

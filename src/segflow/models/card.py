@@ -169,6 +169,13 @@ class ModelCard(_Card):
         "nnU-Net source states nnU-Net's); unset: refuse items off `spacing` (see the "
         "model step's resample and spacing_tolerance)",
     )
+    diameter: float | None = Field(
+        default=None,
+        gt=0,
+        description="typical object diameter, in pixels, of the images the model was trained "
+        "on (Cellpose's diam_mean: 30 for its models): the model step's `diameter` resamples "
+        "an item by this / the item's so its objects reach it",
+    )
     output_activation: Activation | None = Field(
         default=None,
         description="what turns the network's output into the blended map (softmax, sigmoid "
@@ -230,11 +237,11 @@ class ModelCard(_Card):
 
     def identity_json(self) -> str:
         """Canonical JSON of the card without its ``weights`` entry (which depends on how the
-        weights were serialised): the card's part of the model hash. ``output_activation``
-        enters only when set, ``resampling`` only when set and ``tile_rule`` only when not
+        weights were serialised): the card's part of the model hash. ``output_activation``,
+        ``resampling`` and ``diameter`` enter only when set and ``tile_rule`` only when not
         ``even``, so the cards written before they existed keep their hash."""
         data = self.model_dump(mode="json", exclude={"weights"})
-        for key in ("output_activation", "resampling"):
+        for key in ("output_activation", "resampling", "diameter"):
             if data[key] is None:
                 del data[key]
         if data["tile_rule"] == "even":

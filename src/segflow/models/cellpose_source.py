@@ -16,6 +16,8 @@ recognises it by its content (a torch archive whose keys include cellpose's ``W2
   8 on each side, or around its centre to one tile; ``overlap`` 0.1, cellpose's
   ``tile_overlap``) and blended with cellpose's taper window; the grid depends on the item
   alone, so every block layout gives the whole item's flows;
+* diameter: 30 pixels, the cell size cellpose 4's ``eval(diameter=d)`` zooms items to
+  (``rescale = 30 / d``); the step's ``diameter`` does the same;
 * output: 3 raw channels, ``flow_y``, ``flow_x`` (the flows towards each cell's centre) and
   ``cellprob`` (the logit of the cell probability): ``output: raw`` feeds ``flow_dynamics``.
 
@@ -44,6 +46,7 @@ from segflow.models.sources import ModelSource, SourceCard
 MARKERS = (b"diam_mean", b"diam_labels")
 PATCH = "encoder.patch_embed.proj.weight"
 TILE_OVERLAP = 0.1  # cellpose's tile_overlap default
+DIAM_MEAN = 30.0  # eval(diameter=d) zooms by 30 / d (cellpose 4's models.py, whatever diam_mean)
 
 
 def _archive_pickle(path: Path) -> bytes:
@@ -108,13 +111,15 @@ def derive_card(path: Path) -> SourceCard:
             "overlap": TILE_OVERLAP,
             "tile_rule": "cellpose",
             "window": "taper",
+            "diameter": DIAM_MEAN,
         }
     )
     notes = (
         f"takes 1 to {channels} channels (the step's `channels`), as cellpose 4 does",
         "float32 weights, bf16 autocast on CUDA (cellpose's default is bfloat16 weights)",
-        "no rescaling by a cell diameter: resample items so cells are about 30 pixels across "
-        "(cellpose's diameter=None)",
+        f"trained at a cell diameter of {DIAM_MEAN:g} pixels: the step's `diameter` zooms "
+        "items by 30 / diameter as cellpose's eval(diameter=...) does (unset: no zoom, "
+        "cellpose's diameter=None)",
         "tiles placed and blended as cellpose does (its grid, overlap as its tile_overlap)",
     )
     return SourceCard(card, "cellpose", f"checkpoint {path}", notes=notes,

@@ -217,9 +217,16 @@ def resample_region(
     return out
 
 
-def halo(tile: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+def halo(
+    tile: Sequence[int],
+    spacing: Sequence[float],
+    target: Sequence[float],
+    *,
+    prefilter: bool = True,
+) -> tuple[int, ...]:
     """Item pixels a block needs beyond its core to resample, run the tiles and resample
-    back: ``tile * f`` plus the spline's reach, ``f`` the item pixels per model pixel.
+    back: ``tile * f`` plus the spline's reach, ``f`` the item pixels per model pixel
+    (without ``prefilter``, where no order is above 1, no spline coefficients are filtered).
 
     A core pixel reads model pixels ``tile - 1`` away through the tiles, which read item
     pixels ``tile * f`` away (the taps of both resamplings included, up to 2 pixels), and the
@@ -233,8 +240,11 @@ def halo(tile: Sequence[int], spacing: Sequence[float], target: Sequence[float])
     --------
     >>> halo((8, 16, 16), (3.0, 0.8, 0.8), (2.0, 1.0, 1.0))
     (33, 48, 48)
+    >>> halo((256, 256), (17.0, 17.0), (34.0, 34.0), prefilter=False)
+    (517, 517)
     """
+    reach = PREFILTER_HALO if prefilter else 0
     return tuple(
-        math.ceil(t * (g / s) * t / (t - 0.5)) + PREFILTER_HALO + 3
+        math.ceil(t * (g / s) * t / (t - 0.5)) + reach + 3
         for t, s, g in zip(tile, spacing, target, strict=True)
     )

@@ -374,6 +374,12 @@ def _activation_text(activation: str) -> str:
     return f"{activation} per tile"
 
 
+def _diameter_text(card: ModelCard) -> str:
+    if card.diameter is None:
+        return "not stated (the step's `diameter` cannot zoom items for it)"
+    return f"{card.diameter:g} px in training (the step's `diameter` zooms items to it)"
+
+
 def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) -> list[str]:
     """What ``segflow models inspect`` prints: the derived card, one line per part."""
     card = card or described.card
@@ -393,6 +399,7 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
         f"tile: {card.tile}{' (fixed by the model)' if described.fixed_tile else ''}, "
         f"overlap {card.overlap:g}, blending {card.window}{_rule_text(card)}",
         f"spacing: {spacing.strip()}",
+        f"object diameter: {_diameter_text(card)}",
         f"output: {len(card.classes)} classes ({', '.join(card.classes)}), activation "
         f"{_activation_text(card.activation)}, head {card.head}",
     ]

@@ -19,6 +19,11 @@ pixel size (``pixel_size``, filled at planning from the reader's spacing) and th
 ``_model_infer`` resamples the part of the normalised item its tiles read onto that grid,
 runs the tiles there, and brings the blended logits (then the softmax) or probabilities
 back to its core; the halo covers a tile in item pixels plus the splines' reach.
+``diameter`` (the objects' size in the item's pixels; Cellpose's ``diameter``) does the same
+on a grid zoomed by the card's ``diameter`` over it, bilinear both ways as Cellpose: the
+network sees objects at its training size, and a flow head's flows come back to the
+item's grid with their length kept (unit directions times 5, what ``flow_dynamics`` and its
+flow-error check expect; Cellpose scales ``niter`` instead, ``flow_dynamics``' own setting).
 
 Instances come from exact post-processing of the blended map with the usual blockwise-exact
 steps (``threshold``, ``distance_transform``, ``watershed``, ``label``), never from merging
@@ -121,6 +126,14 @@ class ModelParams(OpParams):
         description="the item's pixel size per axis, (z), y, x, in the card's units, for "
         "resampling; null: from the item's metadata (NIfTI, DICOM, OME)",
     )
+    diameter: float | None = Field(
+        None,
+        gt=0,
+        description="the objects' typical diameter in the item's pixels (Cellpose's "
+        "`diameter`): the item is zoomed by the card's `diameter` / this (bilinear), the "
+        "network runs there and its output comes back to the item's grid (bilinear; flows "
+        "keep their length, as Cellpose's); null: the item's own pixels",
+    )
 
     @field_validator("normalization")
     @classmethod
@@ -143,7 +156,8 @@ class ModelParams(OpParams):
 
 #: The step parameters that override what a model's format lacks (sources.CardOverrides),
 #: and the later ones left out of the dump when unset as well.
-OVERRIDES = ("tile", "overlap", "normalization", "activation", "channels", "resample", "pixel_size")
+OVERRIDES = ("tile", "overlap", "normalization", "activation", "channels", "resample", "pixel_size",
+             "diameter")  # fmt: skip
 
 
 # -- the card, derived once per process and file version by the model's source ---------------
@@ -207,6 +221,10 @@ def _check_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str 
     where = f"model {params.path!r} ({describe_model(params.path).where})"
     if spatial_ndim != card.spatial_dims:
         return f"{where} is {card.spatial_dims}-D, the item is {spatial_ndim}-D"
+    if params.diameter is not None:
+        problem = _check_diameter(params, card, where)
+        if problem:
+            return problem
     if channels != len(card.channels):
         names = ", ".join(c.name for c in card.channels)
         low, high = describe_model(params.path).channel_range or (0, 0)
@@ -215,6 +233,38 @@ def _check_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str 
             f"{where} expects {len(card.channels)} channels ({names}), the image has "
             f"{channels} at this step: {fix}add 'select_bands', 'combine_bands' or 'luma' "
             "before it"
+        )
+    return None
+
+
+#: The most ``diameter`` may zoom an item in (the card's diameter / the item's): objects of
+#: a few pixels, and 64 times the pixels to run.
+MAX_ZOOM = 8.0
+
+
+def _check_diameter(params: ModelParams, card: ModelCard, where: str) -> str | None:
+    """A problem with the step's ``diameter`` for this card, in one line naming the value."""
+    value = f"`diameter` {params.diameter:g}"
+    assert params.diameter is not None
+    if card.diameter is None:
+        return (
+            f"{value}: {where} states no training diameter (the card's `diameter`, the "
+            "objects' typical size in its training images); add it to the card or leave "
+            "diameter unset"
+        )
+    if card.head == "foreground_distance":
+        return f"{value}: {where} has a distance head, whose values are in its own pixels"
+    if _resampling(params) is not None:
+        return (
+            f"{value}: {where} is resampled to its card's spacing (resample); the two scales "
+            "cannot both apply: set resample: false or leave diameter unset"
+        )
+    zoom = card.diameter / params.diameter
+    if zoom > MAX_ZOOM:
+        return (
+            f"{value} would zoom the item {zoom:.3g} times (the card's diameter "
+            f"{card.diameter:g} / {params.diameter:g}), more than {MAX_ZOOM:g}: give the "
+            "objects' diameter in the item's pixels"
         )
     return None
 
@@ -229,6 +279,8 @@ def _check_spacing(params: ModelParams, spacing: tuple[float, ...], units: str) 
     (when not resampling); nothing when either side has no physical units (pixels, or a
     card without spacing)."""
     card = step_card(params)
+    if params.diameter is not None:  # the objects' size sets the scale, not the pixel size
+        return None
     if _resampling(params) is not None:
         return _check_pixel_size(params, card, units)
     if params.spacing_tolerance is None or card.spacing is None or card.units is None:
@@ -290,14 +342,43 @@ def _resampling(params: ModelParams) -> ResamplingCard | None:
     return card.resampling or (ResamplingCard() if params.resample else None)
 
 
+def _how(params: ModelParams) -> ResamplingCard | None:
+    """How the step resamples, by ``diameter`` or to the card's spacing (None: it does not).
+    ``diameter`` zooms bilinearly both ways, as Cellpose's ``resize_image`` (OpenCV's
+    ``INTER_LINEAR``: the same pixel centres and edge rule as :mod:`segflow.models.resampling`)."""
+    from segflow.models.card import ResamplingCard
+
+    if params.diameter is not None:
+        return ResamplingCard(order=1, order_back=1, separate_z=False)
+    return _resampling(params)
+
+
+def _pixel_sizes(
+    params: ModelParams, ndim: int
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The item's pixel size and the model's in one unit (None: no resampling). For
+    ``diameter`` their ratio is the zoom, the card's diameter over the item's: an item pixel
+    is ``1 / diameter`` of an object, a model pixel ``1 / card diameter``."""
+    card = step_card(params)
+    if params.diameter is not None:
+        if card.diameter is None:
+            return None  # refused by _check_diameter
+        return (card.diameter,) * ndim, (params.diameter,) * ndim
+    size = params.pixel_size
+    if _resampling(params) is None or size is None or len(size) != ndim:
+        return None
+    assert card.spacing is not None  # _resampling says so
+    return size, card.spacing
+
+
 def _resample_grid(params: ModelParams, shape: tuple[int, ...]) -> ResampleGrid | None:
     from segflow.models.resampling import plan_resampling
 
-    how, card = _resampling(params), step_card(params)
-    if how is None or params.pixel_size is None or card.spacing is None:
+    how, sizes = _how(params), _pixel_sizes(params, len(shape))
+    if how is None or sizes is None:
         return None
     return plan_resampling(
-        shape, params.pixel_size, card.spacing, order=how.order, order_back=how.order_back,
+        shape, *sizes, order=how.order, order_back=how.order_back,
         order_z=how.order_z, order_z_back=how.order_z_back, separate_z=how.separate_z,
     )  # fmt: skip
 
@@ -308,11 +389,11 @@ def _halo(params: ModelParams, spatial_ndim: int) -> tuple[int, ...]:
     card = step_card(params)
     if len(card.tile) != spatial_ndim:
         return (0,) * spatial_ndim  # refused by _check_layout with the file's name
-    size = params.pixel_size
-    if _resampling(params) is None or size is None or len(size) != spatial_ndim:
+    how, sizes = _how(params), _pixel_sizes(params, spatial_ndim)
+    if how is None or sizes is None:
         return tuple(t - 1 for t in card.tile)
-    assert card.spacing is not None  # _resampling says so
-    return halo(card.tile, size, card.spacing)
+    splines = max(how.order, how.order_back, how.order_z, how.order_z_back) > 1
+    return halo(card.tile, *sizes, prefilter=splines)
 
 
 def _out_channels(params: ModelParams, channels: int) -> int:
@@ -504,10 +585,10 @@ def _predict_resampled(
     from segflow.models.resampling import read_box, resample_region
     from segflow.models.tiling import plan_tiles
 
-    card, how = step_card(params), _resampling(params)
+    card, how = step_card(params), _how(params)
     assert how is not None
     back = read_box(inner, grid.model, grid.item, grid.back)
-    tiles = plan_tiles(grid.model, tile=card.tile, overlap=card.overlap)
+    tiles = plan_tiles(grid.model, tile=card.tile, overlap=card.overlap, rule=card.tile_rule)
     window = tiles.window(back)
     source = read_box(window, grid.item, grid.model, grid.forward)
     if any(s.start < b.start or s.stop > b.stop for s, b in zip(source, box, strict=True)):

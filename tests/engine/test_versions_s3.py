@@ -81,12 +81,12 @@ def _fs() -> Any:
 def test_an_open_item_on_s3_keeps_its_version_across_an_overwrite_and_a_reopen_sees_the_new(
     store: str,
 ) -> None:
-    _segment(store, 0.5, "night-1", ome=True, block_shape=16)
+    _segment(store, 0.5, "night-1", ome=True)
     opened = segflow.open_store(store)["tile"]  # lazy: no chunk read yet
     first = segflow.open_store(store)["tile"]["labels"].values
     # The next night's result: another threshold, more objects, another label dtype
     # (read under the old metadata its chunks would decode as garbage).
-    _segment(store, 0.97, "night-2", image=_image((60, 70)), ome=True, block_shape=16)
+    _segment(store, 0.97, "night-2", image=_image((60, 70)), ome=True)
 
     # Every chunk of the Dataset opened before the commit is read after it: the old ones.
     np.testing.assert_array_equal(opened["labels"].values, first)

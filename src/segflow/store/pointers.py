@@ -111,11 +111,11 @@ def publish_remote(
     try:
         _write_pointer(store, item_id, {"version": version, "commit": dict(record)}, parent)
     except ItemConflictError:
-        _remove_tree(target)
-        _remove_tree(marker)
+        remove_tree(target)
+        remove_tree(marker)
         raise
     update_plain_copy(store, item_id, version)
-    _remove_tree(marker)
+    remove_tree(marker)
 
 
 def _write_pointer(store: str, item_id: str, value: Mapping[str, Any], parent: str | None) -> None:
@@ -219,8 +219,8 @@ def recover_publishes(store: str) -> None:
         if (read_pointer(store, item_id) or {}).get("version") == version:
             update_plain_copy(store, item_id, version)
         else:
-            _remove_tree(version_url(store, item_id, version))
-        _remove_tree(bookkeeping_path(store, PUBLISHING_DIR, item_id, version))
+            remove_tree(version_url(store, item_id, version))
+        remove_tree(bookkeeping_path(store, PUBLISHING_DIR, item_id, version))
 
 
 def _put(url: str, value: Mapping[str, Any]) -> None:
@@ -228,7 +228,8 @@ def _put(url: str, value: Mapping[str, Any]) -> None:
     fs.pipe_file(path, json.dumps(dict(value)).encode())
 
 
-def _remove_tree(url: str) -> None:
+def remove_tree(url: str) -> None:
+    """Remove the object ``url`` or every object under it (nothing when none)."""
     fs, path = fresh_fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)

@@ -89,8 +89,10 @@ def list_versions(store: str, item_id: str) -> list[str]:
     commit still being copied (or cut before its pointer)."""
     if not is_local(store):
         latest = current_version(store, item_id)
-        names = _listdir(versions_dir(store, item_id)) if latest else []
-        return [n for n in names if n[:1].isdigit() and n <= latest]  # type: ignore[operator]
+        if latest is None:
+            return []
+        names = _listdir(versions_dir(store, item_id))
+        return [n for n in names if n[:1].isdigit() and n <= latest]
     folder = versions_dir(store, item_id)
     names = os.listdir(folder) if os.path.isdir(folder) else []
     return sorted(n for n in names if not n.startswith("."))
@@ -430,8 +432,8 @@ def prune_versions(store: str, pairs: Sequence[tuple[str, str]]) -> int:
         if is_local(store):
             shutil.rmtree(version_path(store, item_id, version))
         else:
-            from segflow.store.pointers import _remove_tree
+            from segflow.store.pointers import remove_tree
 
-            _remove_tree(version_path(store, item_id, version))
+            remove_tree(version_path(store, item_id, version))
         removed += 1
     return removed

@@ -106,6 +106,7 @@ def prune(
     """Remove old item versions the retention policy lets go (the store's `output.retention`
     as its last run recorded it, or the options). An item's latest version always stays."""
     from segflow.store.lock import StoreLockedError, hold_store_lock, is_local
+    from segflow.store.pointers import recover_publishes
     from segflow.store.versions import plan_prune, prune_versions, read_retention, recover_links
 
     _open(store)
@@ -114,6 +115,8 @@ def prune(
         with hold_store_lock(store, run_id=f"prune-{uuid.uuid4().hex[:8]}"):
             if is_local(store):
                 recover_links(store)  # a killed commit's link first: its version is latest
+            else:
+                recover_publishes(store)  # a killed commit's copy: finished or removed
             plan = plan_prune(store, policy)
             for item_id, version in plan:
                 typer.echo(f"{'would remove' if dry_run else 'remove'} {item_id} {version}")

@@ -17,19 +17,22 @@ PRINTED_BY_COMMAND = {"segflow_console": False}
 def evaluate_item_task(
     store: str, item_id: str, source: str, output: str, reference: str
 ) -> dict[str, Any]:
-    """Scores of ``STORE/ITEM_ID/OUTPUT`` against ``reference``; never raises for a bad item."""
+    """Scores of the item's ``OUTPUT`` (its latest version) against ``reference``; never
+    raises for a bad item."""
     from segflow.engine.executor import LocalExecutor
     from segflow.evaluate import evaluate_item, open_reference
     from segflow.io import open_item
     from segflow.store.layout import ZarrRegionWriter
+    from segflow.store.versions import resolve_item
 
     row: dict[str, Any] = {"id": item_id, "reference": reference}
     try:
         info = open_item(source, item_id).info
         instances = output == "labels"
+        parent, group = resolve_item(store, item_id).rsplit("/", 1)  # one version throughout
         with LocalExecutor() as executor:
             scores = evaluate_item(
-                ZarrRegionWriter(store, item_id, output),
+                ZarrRegionWriter(parent, group, output),
                 open_reference(reference, info, instances=instances),
                 info.spatial_shape,
                 instances=instances,

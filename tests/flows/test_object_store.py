@@ -9,12 +9,9 @@ local folder, and a second run must find nothing to do.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,46 +29,6 @@ pytest.importorskip("moto", reason="moto[server] is a dev dependency (the local 
 s3fs = pytest.importorskip("s3fs", reason="s3fs is a dev dependency (s3:// through fsspec)")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server for this module and the environment that points clients at it."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("the moto S3 server did not answer within 60 s")
-            time.sleep(0.3)
-    env = {
-        "AWS_ACCESS_KEY_ID": "segflow-test",
-        "AWS_SECRET_ACCESS_KEY": "segflow-test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }
-    try:
-        yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _write_tiles(folder: Path) -> None:

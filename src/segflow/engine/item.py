@@ -308,7 +308,6 @@ class _Stage:
     @classmethod
     def of(cls, info: Any, options: ItemOptions) -> _Stage:
         from segflow.store.commit import is_staged, stage_name, staging_root
-        from segflow.store.lock import bookkeeping_path, is_local
 
         store = options.store
         resume_name = (
@@ -317,19 +316,8 @@ class _Stage:
             else None
         )
         root = staging_root(store, resume_name or f"{info.id}.{uuid.uuid4().hex}")
-        # Block records: in the item's own staging root, or (object stores, written in
-        # place) under the store's bookkeeping, named like a stage so only the same item,
-        # input, config and code finds them.
-        blocks_dir = (
-            f"{root}/.blocks"
-            if is_local(store)
-            else bookkeeping_path(store, "blocks", resume_name or f"{info.id}.{options.run_id}")
-        )
-        resuming = (
-            resume_name is not None
-            and is_staged(root, info.id)
-            and (is_local(store) or _exists(blocks_dir))
-        )
+        blocks_dir = f"{root}/.blocks"  # block records: in the item's own staging root
+        resuming = resume_name is not None and is_staged(root, info.id)
         return cls(root, blocks_dir, resume_name, resuming)
 
 
@@ -346,6 +334,7 @@ class _Outputs:
     arrays: dict[str, str] = field(default_factory=dict)  # name -> dtype, every array
     saved: dict[str, Any] = field(default_factory=dict)  # save_as name -> sink
     output: Any = None  # the output's ArraySpec, once its dtype is known
+    parent: str | None = None  # the item's latest version when it began (begin_item)
 
 
 def _segment_staged(
@@ -457,7 +446,8 @@ def _prepare_outputs(
         progress=progress,
     )
     outputs = _Outputs(layout, block, chunk, shard, active, target)
-    begin_item(options.store, info.id)  # refuses a foreign store or folder before any write
+    # Refuses a foreign store or folder before any write.
+    outputs.parent = begin_item(options.store, info.id)
     if stage.resuming:
         drop_partial_writes(stage.root, info.id)  # a write the kill cut short is redone
     else:
@@ -559,7 +549,8 @@ def _finish_and_commit(
     result.warning = "; ".join(w for w in (result.warning, *target.warnings) if w) or None
     outputs.writers.verify(target, writer_files)
     fault_point("item-staged")
-    commit_item(options.store, root, info.id, _commit_record(info, options, result, run, outputs))
+    record = _commit_record(info, options, result, run, outputs)
+    commit_item(options.store, root, info.id, record, parent=outputs.parent)
 
 
 def _commit_record(
@@ -603,7 +594,7 @@ def _model_hash(plan: Any) -> str:
 
 def _remove(path: str) -> None:
     """Remove a staging or block-record folder; never anything outside the store's
-    bookkeeping folder (on an object store the item itself is written in place)."""
+    bookkeeping folder."""
     from segflow.store.lock import SEGFLOW_DIR, is_local, local_path
 
     if f"/{SEGFLOW_DIR}/" not in path:
@@ -616,13 +607,6 @@ def _remove(path: str) -> None:
     fs, inner = fresh_fs(path)
     if fs.exists(inner):
         fs.rm(inner, recursive=True)
-
-
-def _exists(path: str) -> bool:
-    from segflow.store.fs import fresh_fs
-
-    fs, inner = fresh_fs(path)
-    return bool(fs.exists(inner))
 
 
 def _ensure_array(

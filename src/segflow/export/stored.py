@@ -88,7 +88,7 @@ def _stored_at(path: str, item_id: str, record: dict[str, Any]) -> StoredItem:
 
 def _stored_as_of(root: str, item_ids: Sequence[str] | None, as_of: Any) -> list[StoredItem]:
     """The items of ``root`` as they were at ``as_of`` (all of them then, or ``item_ids``)."""
-    from segflow.store.commit import read_commit
+    from segflow.store.commit import read_group_commit
     from segflow.store.opened import open_store
 
     try:
@@ -103,7 +103,7 @@ def _stored_as_of(root: str, item_ids: Sequence[str] | None, as_of: Any) -> list
             f"committed by {opened.as_of}"
         )
     paths = {i: opened.item_path(i) for i in item_ids or then}
-    return [_stored_at(p, i, read_commit(*p.rsplit("/", 1)) or {}) for i, p in paths.items()]
+    return [_stored_at(p, i, read_group_commit(p, i) or {}) for i, p in paths.items()]
 
 
 def _committed_ids(root: str) -> list[str]:

@@ -100,8 +100,9 @@ def item_extent(store: str, item_id: str) -> tuple[dict[str, Any], Any]:
     extent) and its footprint in lon/lat (None unless committed and georeferenced)."""
     from segflow.store.commit import COMMIT_ATTR
     from segflow.store.metadata import read_node
+    from segflow.store.versions import resolve_item
 
-    node = read_node(f"{str(store).rstrip('/')}/{item_id}") or {}
+    node = read_node(resolve_item(store, item_id)) or {}
     attrs = node.get("attributes", {})
     commit = attrs.get(COMMIT_ATTR)
     if not isinstance(commit, dict):

@@ -16,10 +16,12 @@ its two renames into ``STORE/.segflow/trash/RUN/``) are taken over the same way.
 The index row that says ``done`` is written after the swap, and skipping an item needs
 both that row and a matching commit record (:func:`read_commit`).
 
-Object stores have no rename: there an item is written in place after its commit record is
-removed, so an interrupted rewrite leaves a group without a commit record, which the next
-run redoes (the previous result is not readable meanwhile), and no versions are kept;
-their commits are journalled like local ones.
+Object stores have no rename: there the staged group is copied (server-side) to its new
+version folder and a pointer object, written conditionally once the copy is complete,
+names it (:mod:`segflow.store.pointers`); ``STORE/ITEM`` then gets a plain copy of it for
+readers of paths. The previous result stays readable until the pointer moves. An item an
+earlier segflow wrote in place (no pointer) is read in place and kept as a version at its
+next commit.
 
 A store is a folder whose root ``zarr.json`` carries ``segflow`` attributes; an existing
 folder without them is refused unless empty (:func:`prepare_store`), and a folder in the
@@ -41,6 +43,7 @@ from segflow.errors import StoreError
 from segflow.store.fs import fresh_fs
 from segflow.store.lock import SEGFLOW_DIR, bookkeeping_path, is_local, local_path
 from segflow.store.names import check_reserved_names
+from segflow.store.pointers import ANY_PARENT
 
 COMMIT_ATTR = "segflow_commit"
 STORE_ATTR = "segflow"
@@ -145,11 +148,24 @@ def prepare_store(store: str, *, keep_stages: Collection[str] = ()) -> None:
         for name in os.listdir(staging) if os.path.isdir(staging) else ():
             if name not in keep_stages:
                 shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
-    else:  # items are written in place there; only block records of dead runs remain
-        fs, blocks = fresh_fs(bookkeeping_path(store, "blocks"))
-        for entry in fs.ls(blocks, detail=False) if fs.isdir(blocks) else ():
-            if entry.rstrip("/").rsplit("/", 1)[-1] not in keep_stages:
-                fs.rm(entry, recursive=True)
+    else:
+        _prepare_remote(store, keep_stages)
+
+
+def _prepare_remote(store: str, keep_stages: Collection[str]) -> None:
+    """An object store's part of :func:`prepare_store`: finish or undo commits a killed
+    run left, drop staging folders except ``keep_stages`` (and the block records an
+    earlier segflow kept beside items it wrote in place)."""
+    from segflow.store.pointers import recover_publishes
+
+    recover_publishes(store)
+    fs, staging = fresh_fs(bookkeeping_path(store, "staging"))
+    for entry in fs.ls(staging, detail=False) if fs.isdir(staging) else ():
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep_stages:
+            fs.rm(entry, recursive=True)
+    _, blocks = fresh_fs(bookkeeping_path(store, "blocks"))
+    if fs.isdir(blocks):
+        fs.rm(blocks, recursive=True)
 
 
 def check_store(store: str) -> None:
@@ -198,11 +214,9 @@ def is_segflow_store(store: str) -> bool:
 
 def staging_root(store: str, name: str) -> str:
     """Where an item is staged: ``STORE/.segflow/staging/NAME`` (a Zarr root of its own,
-    holding the group ``ITEM``; ``NAME`` from :func:`stage_name` for a resumable item).
-
-    On an object store items are written in place (``store`` itself): see the module note.
-    """
-    return bookkeeping_path(store, "staging", name) if is_local(store) else str(store)
+    holding the group ``ITEM``; ``NAME`` from :func:`stage_name` for a resumable item),
+    on a local store and an object store alike."""
+    return bookkeeping_path(store, "staging", name)
 
 
 def stage_name(item_id: str, config_hash: str, fingerprint: str, code_version: str) -> str:
@@ -219,10 +233,11 @@ def is_staged(root: str, item_id: str) -> bool:
     return _read_json(f"{str(root).rstrip('/')}/{item_id}/zarr.json") is not None
 
 
-def begin_item(store: str, item_id: str) -> None:
+def begin_item(store: str, item_id: str) -> str | None:
     """Before writing an item: make sure ``store`` is a segflow store, refuse a foreign
-    folder of the item's name; on object stores drop its commit record, so an interrupted
-    rewrite is never taken for done."""
+    folder of the item's name. Returns the item's latest version now (None: none, or an
+    item an earlier segflow wrote), the ``parent`` its commit must still find on an
+    object store (:func:`commit_item`)."""
     if not is_segflow_store(store):
         prepare_store(store)  # a direct call (notebook, test) without a flow's preparation
     check_store_format(store)
@@ -235,11 +250,9 @@ def begin_item(store: str, item_id: str) -> None:
             f"item '{item_id}': '{target}' exists and is not a segflow item group; segflow "
             "never replaces what it did not write: rename or remove it"
         )
-    if not is_local(store):
-        metadata = _read_json(f"{target}/zarr.json")
-        if metadata and COMMIT_ATTR in metadata.get("attributes", {}):
-            del metadata["attributes"][COMMIT_ATTR]
-            fs.pipe_file(f"{path}/zarr.json", json.dumps(metadata, indent=2).encode())
+    from segflow.store.versions import current_version
+
+    return current_version(store, item_id)
 
 
 def check_item(root: str, item_id: str, *, shape: Sequence[int], arrays: Mapping[str, str]) -> None:
@@ -350,7 +363,14 @@ def drop_partial_writes(root: str, item_id: str) -> int:
     return len(stale)
 
 
-def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) -> None:
+def commit_item(
+    store: str,
+    root: str,
+    item_id: str,
+    record: Mapping[str, Any],
+    *,
+    parent: str | None = ANY_PARENT,
+) -> None:
     """Write the commit record into ``ROOT/ITEM`` and make it ``STORE/ITEM``.
 
     The group's ``zarr.json`` gets the item's consolidated metadata with the record
@@ -358,8 +378,15 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
     one metadata read.
 
     ``root`` is :func:`staging_root` of the run; for a local store the staged group is
-    swapped in by two renames (see the module note), for an object store (``root`` is the
-    store) the record is written in place.
+    renamed to its version and linked (see the module note), for an object store copied
+    to its version and named by the item's pointer, which must still name ``parent``
+    (:func:`begin_item`'s answer; the default takes whatever it names).
+
+    Raises
+    ------
+    segflow.store.pointers.ItemConflictError
+        On an object store, when another run published a version of the item since
+        ``parent``: nothing of this commit is left.
     """
     from segflow.store.lock import lock_lost
     from segflow.store.metadata import consolidate_item, drop_consolidated
@@ -381,25 +408,52 @@ def commit_item(store: str, root: str, item_id: str, record: Mapping[str, Any]) 
                 "segflow never replaces what it did not write: rename or remove it"
             )
         publish_version(store, os.path.join(local_path(root), item_id), item_id, record["version"])
+    elif root != store:
+        from segflow.store.pointers import publish_remote
+
+        publish_remote(store, f"{str(root).rstrip('/')}/{item_id}", item_id, record, parent=parent)
     record_commit(store, record, item_id)
 
 
 def read_commit(store: str, item_id: str) -> dict[str, Any] | None:
-    """The commit record of ``STORE/ITEM``, or None when it has none (never committed,
-    interrupted, written by an older segflow, or not there).
+    """The commit record of the item's latest version (``STORE/ITEM``; on an object store
+    the one its pointer holds), or None when it has none (never committed, interrupted,
+    written by an older segflow, or not there).
 
     Raises
     ------
     StoreFormatError
         When a newer segflow committed the item (its record's ``format``).
     """
-    metadata = _read_json(f"{str(store).rstrip('/')}/{item_id}/zarr.json")
+    record: Any = None
+    if not is_local(store):
+        from segflow.store.pointers import read_pointer
+
+        record = (read_pointer(store, item_id) or {}).get("commit")
+    if record is None:
+        return read_group_commit(f"{str(store).rstrip('/')}/{item_id}", item_id)
+    if not isinstance(record, dict):
+        return None
+    _refuse_newer(f"item '{item_id}' of {str(store).rstrip('/')}", record)
+    return record
+
+
+def read_group_commit(group: str, item_id: str) -> dict[str, Any] | None:
+    """The commit record in the ``zarr.json`` of the group ``group`` (a path
+    :func:`segflow.store.versions.resolve_item` gave, say), or None when it has none.
+
+    Raises
+    ------
+    StoreFormatError
+        When a newer segflow committed it (its record's ``format``).
+    """
+    metadata = _read_json(f"{str(group).rstrip('/')}/zarr.json")
     if not metadata:
         return None
     record = metadata.get("attributes", {}).get(COMMIT_ATTR)
     if not isinstance(record, dict):
         return None
-    _refuse_newer(f"item '{item_id}' of {str(store).rstrip('/')}", record)
+    _refuse_newer(f"item '{item_id}' of {str(group).rsplit('/', 1)[0]}", record)
     return record
 
 

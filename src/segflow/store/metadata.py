@@ -135,8 +135,10 @@ def migrate_store(store: str, items: Iterable[str] | None = None) -> str | None:
         return None
     groups = item_groups(store) if items is None else list(items)
     moved = 0
+    from segflow.store.versions import resolve_item
+
     for item_id in groups:  # a committed version (a link) has its own copy: never written
-        node = read_node(f"{str(store).rstrip('/')}/{item_id}")
+        node = read_node(resolve_item(store, item_id))
         if node is not None and node.get("node_type") == "group":
             if node.get("consolidated_metadata") is None:
                 consolidate_item(store, item_id)

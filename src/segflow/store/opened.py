@@ -19,7 +19,8 @@ class OpenedStore(Mapping[str, Any]):
     Iterating or ``len`` go through the catalogue's committed items.
 
     Each item opens the version committed when it is opened (the target of the link
-    ``STORE/ITEM``, :mod:`segflow.store.versions`): an open Dataset keeps reading that
+    ``STORE/ITEM``, on an object store the version its pointer names:
+    :mod:`segflow.store.versions`): an open Dataset keeps reading that
     version whatever runs commit meanwhile; open it again to see a later one. With
     ``as_of`` (a time key from :func:`segflow.store.versions.resolve_as_of`) items open as
     they were then, and iterating lists the items that had a version then; the catalogue
@@ -95,7 +96,7 @@ class OpenedStore(Mapping[str, Any]):
         KeyError
             When the store has no committed group ``item_id`` (then, with ``as_of``).
         """
-        from segflow.store.commit import read_commit
+        from segflow.store.commit import read_group_commit
         from segflow.store.versions import path_as_of, resolve_item
 
         if self.as_of is not None:
@@ -107,7 +108,7 @@ class OpenedStore(Mapping[str, Any]):
                 )
             return found
         path = resolve_item(self.path, item_id)
-        if read_commit(path.rsplit("/", 1)[0], path.rsplit("/", 1)[1]) is None:
+        if read_group_commit(path, item_id) is None:
             raise KeyError(
                 f"store '{self.path}' has no committed item '{item_id}' (not segmented, failed "
                 "before its first commit, or being rewritten)"
@@ -137,8 +138,8 @@ def open_store(path: str, *, as_of: str | dt.datetime | None = None) -> OpenedSt
 
     Each item opened keeps reading the version committed when it was opened. With
     ``as_of`` (a tag, a run id or name, or a time: a ``datetime`` or an ISO string, naive
-    meaning UTC) the items read as they were then (local stores keep their versions:
-    :mod:`segflow.store.versions`); the catalogue still shows the latest state (see
+    meaning UTC) the items read as they were then (local and object stores keep their
+    versions: :mod:`segflow.store.versions`); the catalogue still shows the latest state (see
     :attr:`OpenedStore.catalogue`).
 
     Returns an :class:`OpenedStore`: ``.catalogue`` (a GeoDataFrame, one row per item:

@@ -160,7 +160,9 @@ def read_regions(store: str, item_id: str) -> pd.DataFrame:
     """One item's region table as a pandas DataFrame, sorted by label."""
     import pandas as pd
 
-    frame = pd.read_parquet(f"{str(store).rstrip('/')}/{item_id}/{REGIONS_NAME}")
+    from segflow.store.versions import resolve_item
+
+    frame = pd.read_parquet(f"{resolve_item(store, item_id)}/{REGIONS_NAME}")
     return frame.sort_values("label", ignore_index=True)
 
 

@@ -52,9 +52,11 @@ def commit_id(record: Mapping[str, Any]) -> str:
 
 
 def group_stamp(store: str, item_id: str) -> str | None:
-    """The identity of ``STORE/ITEM/zarr.json`` as it is now, or None when it is not there
-    (or, on an object store, when the listing gives no ETag to tell one version from
-    another)."""
+    """The identity of the file that holds the item's commit record as it is now:
+    ``STORE/ITEM/zarr.json`` (through the link), on an object store the item's pointer
+    (:mod:`segflow.store.pointers`; ``STORE/ITEM/zarr.json`` for an item an earlier segflow
+    wrote in place). None when it is not there (or, on an object store, when the listing
+    gives no ETag to tell one version from another)."""
     path = f"{str(store).rstrip('/')}/{item_id}/zarr.json"
     if is_local(path):
         try:
@@ -62,13 +64,20 @@ def group_stamp(store: str, item_id: str) -> str | None:
         except OSError:
             return None
         return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-    fs, inner = fresh_fs(path)
-    try:
-        info = fs.info(inner)
-    except (FileNotFoundError, OSError):
-        return None
-    tag = next((str(info[k]) for k in _ETAG_KEYS if info.get(k)), None)
-    return None if tag is None else f"{info.get('size')}:{tag}"
+    from segflow.store.pointers import pointer_url
+
+    for url in (pointer_url(store, item_id), path):
+        fs, inner = fresh_fs(url)
+        try:
+            info = fs.info(inner)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        tag = next((str(info[k]) for k in _ETAG_KEYS if info.get(k)), None)
+        kind = "" if url == path else "pointer:"  # an in-place item's stamp as before
+        return None if tag is None else f"{kind}{info.get('size')}:{tag}"
+    return None
 
 
 def stamp_commit(store: str, row: Mapping[str, Any]) -> dict[str, str]:

@@ -65,12 +65,13 @@ def _update(
 ) -> tuple[str | None, str]:
     from segflow.store.commit import read_commit
     from segflow.store.metadata import item_groups
+    from segflow.store.versions import resolve_item
 
     ids = item_groups(root) if items is None else sorted(set(items))
     folder_crs = _folder_crs(fs, target)
     written = 0
     for item_id in ids:
-        table = f"{root}/{item_id}/{VECTORS_NAME}"
+        table = f"{resolve_item(root, item_id)}/{VECTORS_NAME}"
         if not (read_commit(root, item_id) and fs.exists(fresh_fs(table)[1])):
             _remove_part(fs, target, item_id)
             continue

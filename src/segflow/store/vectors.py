@@ -395,19 +395,21 @@ def read_vectors(store: str, item_ids: Sequence[str] | None = None) -> gpd.GeoDa
     import pandas as pd
 
     from segflow.store.commit import read_commit
+    from segflow.store.versions import resolve_item
 
     root = str(store).rstrip("/")
+    fs, _ = fresh_fs(root)
     if item_ids is None:
         from segflow.store.metadata import item_groups
 
         # Item groups by name (a committed item is a link to its version: a glob of
-        # STORE/*/vectors.parquet would not follow it).
-        fs, _ = fresh_fs(root)
-        names = [i for i in item_groups(root) if fs.exists(f"{root}/{i}/{VECTORS_NAME}")]
-        item_ids = [i for i in names if read_commit(root, i)]  # not a half-written group
+        # STORE/*/vectors.parquet would not follow it), read in their latest versions.
+        names = [i for i in item_groups(root) if read_commit(root, i)]  # not half-written
+        paths = {i: resolve_item(root, i) for i in names}
+        item_ids = [i for i in names if fs.exists(f"{paths[i]}/{VECTORS_NAME}")]
     frames = []
     for item_id in item_ids:
-        frame = gpd.read_parquet(f"{root}/{item_id}/{VECTORS_NAME}")
+        frame = gpd.read_parquet(f"{resolve_item(root, item_id)}/{VECTORS_NAME}")
         frames.append(frame.assign(item=item_id)[["item", *frame.columns]])
     if not frames:
         return gpd.GeoDataFrame({"item": [], "label": []}, geometry=gpd.GeoSeries([]))

@@ -22,6 +22,12 @@ latest version nor one a tag still reads.
 A store an earlier segflow wrote (``STORE/ITEM`` a folder) keeps working: its item folder
 becomes a version of its own (named from its commit record's time) at the item's next
 commit. Only item groups segflow wrote are ever moved (the caller checks).
+
+Object stores keep versions in the same folders; a pointer object
+``STORE/.segflow/versions/ITEM/LATEST`` takes the link's place, and ``STORE/ITEM`` holds a
+plain copy of the latest version for readers of paths (:mod:`segflow.store.pointers`).
+Every reader that opens an item goes through :func:`resolve_item` (or
+:func:`path_as_of`), never ``STORE/ITEM``.
 """
 
 from __future__ import annotations
@@ -68,24 +74,37 @@ def version_time(version: str) -> dt.datetime:
 
 
 def versions_dir(store: str, item_id: str) -> str:
-    """``STORE/.segflow/versions/ITEM`` (a local path)."""
+    """``STORE/.segflow/versions/ITEM`` (a local path, or an object store's URL)."""
     return local_path(bookkeeping_path(store, VERSIONS_DIR, item_id))
 
 
+def version_path(store: str, item_id: str, version: str) -> str:
+    """Where the item's version ``version`` lives (a local path or a URL)."""
+    return f"{versions_dir(store, item_id)}/{version}"
+
+
 def list_versions(store: str, item_id: str) -> list[str]:
-    """The item's kept versions, oldest first (none on an object store, or before its
-    first versioned commit)."""
+    """The item's kept versions, oldest first (none before its first versioned commit).
+    On an object store only those up to the one its pointer names: a later one is a
+    commit still being copied (or cut before its pointer)."""
     if not is_local(store):
-        return []
+        latest = current_version(store, item_id)
+        if latest is None:
+            return []
+        names = _listdir(versions_dir(store, item_id))
+        return [n for n in names if n[:1].isdigit() and n <= latest]
     folder = versions_dir(store, item_id)
     names = os.listdir(folder) if os.path.isdir(folder) else []
     return sorted(n for n in names if not n.startswith("."))
 
 
 def current_version(store: str, item_id: str) -> str | None:
-    """The version ``STORE/ITEM`` links to, or None (not there, or a plain folder)."""
+    """The version ``STORE/ITEM`` links to (on an object store: its pointer names), or
+    None (not there, or a plain folder)."""
     if not is_local(store):
-        return None
+        from segflow.store.pointers import read_pointer
+
+        return (read_pointer(store, item_id) or {}).get("version")
     try:
         target = os.readlink(os.path.join(local_path(store), item_id))
     except OSError:
@@ -95,11 +114,13 @@ def current_version(store: str, item_id: str) -> str | None:
 
 def resolve_item(store: str, item_id: str) -> str:
     """The path that holds the item's latest version now: the target of the link
-    ``STORE/ITEM`` (or ``STORE/ITEM`` itself: a folder of an older store, or an object
-    store). Open this, not ``STORE/ITEM``, to keep reading one version."""
+    ``STORE/ITEM``, on an object store the version its pointer names (or ``STORE/ITEM``
+    itself: an older store's folder, an item an earlier segflow wrote in place). Open
+    this, not ``STORE/ITEM``, to keep reading one version."""
     path = f"{str(store).rstrip('/')}/{item_id}"
     if not is_local(store):
-        return path
+        latest = current_version(store, item_id)
+        return path if latest is None else version_path(store, item_id, latest)
     return os.path.realpath(local_path(path)) if os.path.islink(local_path(path)) else path
 
 
@@ -225,7 +246,8 @@ def read_history(store: str, item_id: str | None = None) -> list[dict[str, Any]]
     config hash, code version, first and last commit time and item count (and tags that
     name it); per version of ``item_id`` its commit record."""
     if item_id is not None:
-        return [_version_row(store, item_id, v) for v in list_versions(store, item_id)]
+        current = current_version(store, item_id)
+        return [_version_row(store, item_id, v, current) for v in list_versions(store, item_id)]
     rows = []
     for run in _listdir(bookkeeping_path(store, RUNS_DIR)):
         folder = bookkeeping_path(store, RUNS_DIR, run)
@@ -239,12 +261,12 @@ def read_history(store: str, item_id: str | None = None) -> list[dict[str, Any]]
     return sorted(rows, key=lambda row: row["last"])
 
 
-def _version_row(store: str, item_id: str, version: str) -> dict[str, Any]:
+def _version_row(store: str, item_id: str, version: str, current: str | None) -> dict[str, Any]:
     from segflow.store.commit import COMMIT_ATTR
 
-    node = _read(os.path.join(versions_dir(store, item_id), version, "zarr.json"))
+    node = _read(f"{version_path(store, item_id, version)}/zarr.json")
     record = dict(node.get("attributes", {}).get(COMMIT_ATTR) or {})
-    latest = version == current_version(store, item_id)
+    latest = version == current
     return {**record, "item": item_id, "version": version, "latest": latest}
 
 
@@ -322,10 +344,12 @@ def path_as_of(store: str, item_id: str, key: str) -> str | None:
 
     version = version_as_of(store, item_id, key)
     if version is not None:
-        return os.path.join(versions_dir(store, item_id), version)
+        return version_path(store, item_id, version)
     path = f"{str(store).rstrip('/')}/{item_id}"
     if is_local(store) and os.path.islink(local_path(path)):
         return None
+    if not is_local(store) and current_version(store, item_id) is not None:
+        return None  # versioned: an older in-place result was kept as a version
     committed = (read_commit(store, item_id) or {}).get("committed")
     if committed and time_key(dt.datetime.fromisoformat(str(committed))) <= key:
         return path
@@ -370,8 +394,6 @@ def read_retention(store: str, **overrides: Any) -> Retention:
 def apply_retention(store: str, retention: Retention, run_id: str) -> int:
     """At a run's end (under its lock): record the policy and prune the versions of the
     items the run committed; returns how many versions went."""
-    if not is_local(store):
-        return 0
     write_retention(store, retention)
     items = {str(c.get("item")) for c in run_commits(store, run_id) if c.get("item")}
     return prune_versions(store, plan_prune(store, retention, items=items)) if items else 0
@@ -407,6 +429,11 @@ def prune_versions(store: str, pairs: Sequence[tuple[str, str]]) -> int:
     for item_id, version in pairs:
         if version == current_version(store, item_id):
             continue
-        shutil.rmtree(os.path.join(versions_dir(store, item_id), version))
+        if is_local(store):
+            shutil.rmtree(version_path(store, item_id, version))
+        else:
+            from segflow.store.pointers import remove_tree
+
+            remove_tree(version_path(store, item_id, version))
         removed += 1
     return removed

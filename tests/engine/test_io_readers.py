@@ -444,3 +444,33 @@ def test_array_reader_axes() -> None:
         ArrayReader(data, "bad", axes=("y", "x"))
     with pytest.raises(ValueError, match=r"`array` has shape \(3, 4, 5, 6, 7\)"):
         ArrayReader(np.zeros((3, 4, 5, 6, 7)), "bad")
+
+
+def test_a_read_refused_for_credentials_says_so_not_that_the_file_is_damaged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Dask worker without the storage's credentials gets a refusal from S3: the error
+    names access, not damage (it said "the file is damaged or cut short")."""
+    reader = GeoTIFFReader(str(DATA / "aerial" / "RGB.byte.tif"))
+
+    class Refusing:
+        def read(self, **kwargs: object) -> np.ndarray:
+            raise rasterio.errors.RasterioIOError(
+                "Opener failed to determine file info: NoCredentialsError('Unable to locate "
+                "credentials')"
+            )
+
+    monkeypatch.setattr(reader, "handle", lambda: Refusing())
+    with pytest.raises(ItemReadError) as caught:
+        reader.read((slice(0, 8), slice(0, 8)))
+    message = str(caught.value)
+    assert "cannot read window" in message and "damaged" not in message
+    assert "no credentials" in message and "each worker needs the credentials" in message
+
+    class Damaged:
+        def read(self, **kwargs: object) -> np.ndarray:
+            raise rasterio.errors.RasterioIOError("TIFFReadEncodedStrip() failed")
+
+    monkeypatch.setattr(reader, "handle", lambda: Damaged())
+    with pytest.raises(ItemReadError, match="the file is damaged or cut short"):
+        reader.read((slice(0, 8), slice(0, 8)))

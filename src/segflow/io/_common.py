@@ -170,15 +170,54 @@ def raise_read_error(item: str, what: str, exc: BaseException) -> NoReturn:
     raise ItemReadError(f"item '{item}': {what} ({type(exc).__name__}: {exc})") from exc
 
 
+#: Words of a cause that say the file could not be reached, not that it is damaged.
+_ACCESS_WORDS = (
+    "credentials",
+    "accessdenied",
+    "access denied",
+    "forbidden",
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "expiredtoken",
+    "permission denied",
+    "http response code: 403",
+    "http response code: 401",
+)
+ACCESS_HINT = (
+    "it cannot be reached from here: the storage refused access or found no credentials "
+    "(on a Dask cluster each worker needs the credentials and endpoint the run was given)"
+)
+
+
+def is_access_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the storage refused access (credentials, permissions), not that
+    the file is damaged.
+
+    Examples
+    --------
+    >>> is_access_error(OSError("NoCredentialsError('Unable to locate credentials')"))
+    True
+    >>> is_access_error(OSError("TIFFReadEncodedTile() failed"))
+    False
+    """
+    if isinstance(exc, PermissionError):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _ACCESS_WORDS)
+
+
 @contextmanager
-def wrap_read_errors(item: str, what: str) -> Iterator[None]:
-    """Turn any library error inside the block into an :class:`ItemReadError` naming ``item``."""
+def wrap_read_errors(item: str, what: str, damaged: str | None = None) -> Iterator[None]:
+    """Turn any library error inside the block into an :class:`ItemReadError` naming ``item``;
+    ``damaged`` is said after ``what`` unless the cause is refused access (then
+    :data:`ACCESS_HINT` is)."""
     try:
         yield
     except ItemReadError:
         raise
     except Exception as exc:
-        raise_read_error(item, what, exc)
+        hint = ACCESS_HINT if is_access_error(exc) else damaged
+        raise_read_error(item, f"{what}; {hint}" if hint else what, exc)
 
 
 def format_bytes(n: int) -> str:

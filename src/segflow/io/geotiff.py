@@ -63,8 +63,8 @@ class GeoTIFFReader(LazyHandleReader):
         """Read ``region`` = ``(rows, cols)``; returns ``(c, rows, cols)`` in the file dtype."""
         rows, cols = check_region(self.info, region)
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-        what = f"cannot read window {window}; the file is damaged or cut short"
-        with wrap_read_errors(self.path, what):
+        what = f"cannot read window {window}"
+        with wrap_read_errors(self.path, what, damaged="the file is damaged or cut short"):
             if _through_fsspec(self.path):
                 # rasterio's Python opener must be closed in the context that opened it
                 # (a handle kept per thread and closed by the garbage collector is not):

@@ -48,9 +48,17 @@ def _write_tiles(folder: Path) -> None:
             out.write(np.clip(field, 0, 65535).astype(np.uint16)[np.newaxis])
 
 
+@pytest.fixture(scope="module")
+def api_url(prefect_harness: None) -> str:
+    """The session's Prefect test server: the runs here test S3, not starting a server
+    (tests/flows/test_server.py does that)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
 def _run(config: Path, env: dict[str, str], *args: str) -> tuple[int, str]:
     full = {**os.environ, **env, "COLUMNS": "200"}
-    full.pop("PREFECT_API_URL", None)  # its own temporary server, as a user's first run
     result = subprocess.run(
         [sys.executable, "-m", "segflow.flows", "run", str(config), *args],
         cwd=config.parent,
@@ -73,10 +81,11 @@ def _contents(store: str) -> dict[str, Any]:
 
 
 def test_s3_input_and_store_give_the_local_run_and_rerun_nothing(
-    tmp_path: Path, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, s3_env: dict[str, str], api_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for key, value in s3_env.items():  # this process reads the store as the runs do
         monkeypatch.setenv(key, value)
+    s3_env = {**s3_env, "PREFECT_API_URL": api_url}
     tiles = tmp_path / "tiles"
     _write_tiles(tiles)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)

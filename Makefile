@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml
 	# torchvision (whose PyPI wheels fail against the CPU torch, and may pull a CUDA torch);
 	# its other imports are in the dev extra, the tests stand in for torchvision.
 	$(BIN)/python -m pip install --quiet --no-deps "cellpose==4.2.1"
+	# bioimageio.core (tests/engine/test_bioimageio_core.py: the bioimage.io source against
+	# bioimage.io's runtime) without its pin bioimageio.spec==0.5.12, which fails with
+	# pydantic 2.14; it runs with the ml extra's spec 0.5.14. Its other imports are installed.
+	$(BIN)/python -m pip install --quiet --no-deps "bioimageio.core==0.11.0"
 	# nnunetv2 (dev: the nnU-Net source's comparison test) pulls unittest2, which pulls PyPI's
 	# argparse 1.4.0: Prefect's temporary server runs uvicorn with site-packages first on its
 	# path, where that file hides the standard library's argparse and the server cannot start.

@@ -3,7 +3,9 @@
 Three layouts are read:
 
 * CSV with the columns ``image_path, xmin, ymin, xmax, ymax`` and optionally ``label`` (the
-  layout DeepForest and most detectors write);
+  layout DeepForest and most detectors write); with ``zmin, zmax`` columns besides, the
+  boxes are 3-D (``image_path,xmin,ymin,zmin,xmax,ymax,zmax[,label]``; voxel coordinates,
+  ``z`` the first of the item's three axes ``(z, y, x)``), for 3-D items only;
 * GeoJSON: a FeatureCollection of polygons (rectangles; their bounds are the box), each with
   optionally an ``image_path`` property and a ``label``; a feature without ``image_path``
   belongs to every georeferenced item it overlaps (matched by location);
@@ -19,6 +21,9 @@ georeferenced item) go through the item's affine transform. They are in the boxe
 step's ``crs``, else the GeoJSON's ``crs`` member (as GDAL, QGIS and geopandas write it for
 a projected layer), else the item's own CRS; boxes in another CRS than the item's are
 reprojected (each edge densified, the box is the bounds of the result).
+
+A 2-D boxes file on a 3-D item, and a 3-D one on a 2-D item, is refused in one line
+(GeoJSON and COCO boxes are 2-D).
 
 A box matched by location is clipped to each item it overlaps: a box across two tiles gives
 one object in each (a scene, ``input.mosaic``, is one item and gives one).
@@ -37,6 +42,8 @@ import numpy as np
 
 #: The columns a boxes CSV must have (``label`` is optional: ``"object"`` by default).
 CSV_COLUMNS = ("image_path", "xmin", "ymin", "xmax", "ymax")
+#: The columns that make a boxes CSV's boxes 3-D (both or neither).
+DEPTH_COLUMNS = ("zmin", "zmax")
 DEFAULT_LABEL = "object"
 #: The image path of a GeoJSON feature without one: matched to items by location.
 BY_LOCATION = ""
@@ -49,7 +56,8 @@ class BoxTable:
     """Every box of a file: ``coords`` rows are ``(xmin, ymin, xmax, ymax)``; ``rows`` is
     each box's row in the file (the CSV's data row, the feature's or annotation's index);
     ``sizes`` the image sizes a COCO file states, ``(height, width)`` by file name; ``crs``
-    the CRS a GeoJSON's ``crs`` member names (``None``: not stated)."""
+    the CRS a GeoJSON's ``crs`` member names (``None``: not stated); ``z`` the 3-D boxes'
+    ``(zmin, zmax)`` rows (``None``: 2-D boxes)."""
 
     path: str
     images: tuple[str, ...]
@@ -59,6 +67,12 @@ class BoxTable:
     sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
     kind: str = "csv"  # "csv", "geojson" or "coco"
     crs: str | None = None
+    z: np.ndarray | None = None
+
+    @property
+    def ndim(self) -> int:
+        """2 for boxes ``(x, y)``, 3 for boxes with ``zmin, zmax``."""
+        return 2 if self.z is None else 3
 
     @functools.cached_property
     def rows_by_image(self) -> dict[str, list[int]]:
@@ -81,9 +95,10 @@ class BoxTable:
 
 @dataclass(frozen=True)
 class ItemBoxes:
-    """The boxes of one item in pixels: ``boxes`` rows ``(y0, x0, y1, x1)``, ends exclusive,
-    clipped to the item; ``rows`` their rows in the file; ``classes`` their class values
-    (``1 +`` the label's place among the file's sorted labels)."""
+    """The boxes of one item in pixels: ``boxes`` rows ``(y0, x0, y1, x1)`` (3-D items:
+    ``(z0, y0, x0, z1, y1, x1)``), ends exclusive, clipped to the item; ``rows`` their rows
+    in the file; ``classes`` their class values (``1 +`` the label's place among the file's
+    sorted labels)."""
 
     boxes: np.ndarray
     rows: tuple[int, ...]
@@ -94,12 +109,13 @@ class ItemBoxes:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def extent(self) -> tuple[int, int]:
-        """The largest box's height and width in pixels (0 without boxes)."""
+    def extent(self) -> tuple[int, ...]:
+        """The largest box's size per axis in pixels, ``(z), y, x`` (0s without boxes)."""
+        n = self.boxes.shape[1] // 2
         if not len(self.boxes):
-            return (0, 0)
-        sizes = self.boxes[:, 2:] - self.boxes[:, :2]
-        return (int(sizes[:, 0].max()), int(sizes[:, 1].max()))
+            return (0,) * n
+        sizes = self.boxes[:, n:] - self.boxes[:, :n]
+        return tuple(int(v) for v in sizes.max(axis=0))
 
 
 def read_boxes(path: str) -> BoxTable:
@@ -166,8 +182,32 @@ def _read_csv(path: str) -> BoxTable:
             f"boxes file {path!r} lacks the column(s) {', '.join(missing)}; a boxes CSV needs "
             f"{', '.join(CSV_COLUMNS)} (and optionally label), it has {', '.join(frame.columns)}"
         )
-    coords = np.zeros((len(frame), 4), dtype=np.float64)
-    for k, name in enumerate(("xmin", "ymin", "xmax", "ymax")):
+    depth = [c for c in DEPTH_COLUMNS if c in frame.columns]
+    if len(depth) == 1:
+        other = next(c for c in DEPTH_COLUMNS if c not in depth)
+        raise ValueError(
+            f"boxes file {path!r} has the column {depth[0]} but not {other}; 3-D boxes need "
+            "both zmin and zmax, 2-D boxes neither"
+        )
+    coords = _numbers(frame, path, ("xmin", "ymin", "xmax", "ymax"))
+    z = _numbers(frame, path, DEPTH_COLUMNS) if depth else None
+    labels = frame["label"].astype(str) if "label" in frame.columns else None
+    return BoxTable(
+        path,
+        tuple(frame["image_path"].astype(str)),
+        coords,
+        tuple(labels) if labels is not None else (DEFAULT_LABEL,) * len(frame),
+        tuple(range(len(frame))),
+        z=z,
+    )
+
+
+def _numbers(frame: Any, path: str, names: Sequence[str]) -> np.ndarray:
+    """The columns ``names`` of a CSV as floats, a cell that is not a number refused."""
+    import pandas as pd
+
+    out = np.zeros((len(frame), len(names)), dtype=np.float64)
+    for k, name in enumerate(names):
         values = pd.to_numeric(frame[name], errors="coerce")
         bad = np.flatnonzero(values.isna().to_numpy())
         if len(bad):
@@ -176,15 +216,8 @@ def _read_csv(path: str) -> BoxTable:
                 f"boxes file {path!r} row {row} (line {row + 2}): {name} "
                 f"{frame[name].iloc[row]!r} is not a number"
             )
-        coords[:, k] = values.to_numpy(dtype=np.float64)
-    labels = frame["label"].astype(str) if "label" in frame.columns else None
-    return BoxTable(
-        path,
-        tuple(frame["image_path"].astype(str)),
-        coords,
-        tuple(labels) if labels is not None else (DEFAULT_LABEL,) * len(frame),
-        tuple(range(len(frame))),
-    )
+        out[:, k] = values.to_numpy(dtype=np.float64)
+    return out
 
 
 def _from_geojson(path: str, data: dict) -> BoxTable:
@@ -257,7 +290,16 @@ def _check_areas(table: BoxTable) -> None:
     """Refuse a zero-area (or inverted) box: it names no pixel."""
     width = table.coords[:, 2] - table.coords[:, 0]
     height = table.coords[:, 3] - table.coords[:, 1]
-    bad = np.flatnonzero(~((width > 0) & (height > 0)))
+    good = (width > 0) & (height > 0)
+    if table.z is not None:
+        good &= table.z[:, 1] - table.z[:, 0] > 0
+    bad = np.flatnonzero(~good)
+    if len(bad) and table.z is not None:
+        k = int(bad[0])
+        raise ValueError(
+            f"boxes file {table.path!r} row {table.rows[k]}: zero-volume box "
+            f"({_describe(table, k)}); xmax must exceed xmin, ymax ymin and zmax zmin"
+        )
     if len(bad):
         k = int(bad[0])
         xmin, ymin, xmax, ymax = (float(v) for v in table.coords[k])
@@ -300,18 +342,21 @@ def item_boxes(
     *,
     item_id: str,
     item_path: str,
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     transform: Sequence[float] | None = None,
     crs: str | None = None,
     item_crs: str | None = None,
 ) -> ItemBoxes:
-    """The table's boxes of one item, in pixels, clipped to the item's ``shape``, in file order.
+    """The table's boxes of one item, in pixels, clipped to the item's ``shape`` (``(y, x)``,
+    or ``(z, y, x)`` for 3-D boxes), in file order.
 
     With ``transform`` (rasterio order ``a, b, c, d, e, f``) the coordinates are CRS
     coordinates, in ``crs`` (``None``: the item's own, ``item_crs``), and the boxes without
     an image path that overlap the item are its boxes too. A box named for the item that
-    does not overlap it is refused in one line.
+    does not overlap it is refused in one line, and so are 2-D boxes for a 3-D item and 3-D
+    boxes for a 2-D one.
     """
+    _check_dims(table, item_id, shape)
     rows = table.rows_by_image
     named = sorted(k for key in item_keys(item_id, item_path) for k in rows.get(key, ()))
     _check_size(table, named, item_id, shape)
@@ -319,15 +364,18 @@ def item_boxes(
     located = np.zeros(0, dtype=np.int64)
     if transform is not None:
         coords = _to_pixels(_to_item_crs(coords, crs, item_crs, item_id), transform, item_id)
-        located, spots = _located(table, shape, transform, crs, item_crs, item_id)
+        plane = (shape[0], shape[1])  # CRS boxes are 2-D (_check_dims)
+        located, spots = _located(table, plane, transform, crs, item_crs, item_id)
     boxes = _pixel_boxes(coords)
+    if table.z is not None:
+        boxes = _with_depth(boxes, table.z[named])
     _check_inside(table, named, boxes, item_id, shape)
     every = np.concatenate([np.asarray(named, dtype=np.int64), located])
     order = np.argsort(every, kind="stable")
     picked = [int(k) for k in every[order]]
     if len(located):
         boxes = np.concatenate([boxes, _pixel_boxes(spots)])[order]
-    clipped = np.clip(boxes, 0, [shape[0], shape[1], shape[0], shape[1]])
+    clipped = np.clip(boxes, 0, [*shape, *shape])
     index = {name: i + 1 for i, name in enumerate(table.classes)}
     labels = tuple(table.labels[k] for k in picked)
     return ItemBoxes(
@@ -349,19 +397,61 @@ def _pixel_boxes(coords: np.ndarray) -> np.ndarray:
     return boxes
 
 
+def _with_depth(boxes: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Pixel boxes ``(y0, x0, y1, x1)`` and ``(zmin, zmax)`` to ``(z0, y0, x0, z1, y1, x1)``
+    (edges between voxels, as ``x`` and ``y``)."""
+    z0 = np.floor(z[:, 0] + 1e-9).astype(np.int64)
+    z1 = np.ceil(z[:, 1] - 1e-9).astype(np.int64)
+    return np.column_stack([z0, boxes[:, :2], z1, boxes[:, 2:]])
+
+
+def _check_dims(table: BoxTable, item_id: str, shape: tuple[int, ...]) -> None:
+    """Refuse 2-D boxes for a 3-D item and 3-D boxes (``zmin, zmax``) for a 2-D one."""
+    if len(shape) == table.ndim:
+        return
+    if len(shape) == 3:
+        raise ValueError(
+            f"item {item_id!r} is 3-D ({_size(shape)}) but {table.path!r} has 2-D boxes: "
+            "a 3-D item needs zmin and zmax for each box (CSV columns or inline keys)"
+        )
+    if len(shape) == 2:
+        raise ValueError(
+            f"item {item_id!r} is 2-D ({_size(shape)}) but {table.path!r} has 3-D boxes "
+            "(zmin, zmax): a 2-D item needs boxes without them"
+        )
+    raise ValueError(f"from_boxes works on 2-D and 3-D items, item {item_id!r} is {len(shape)}-D")
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    """``"30 x 20 pixels"`` (width x height) or ``"30 x 20 x 5 voxels"`` (x, y, z)."""
+    unit = "pixels" if len(shape) == 2 else "voxels"
+    return " x ".join(str(n) for n in shape[::-1]) + f" {unit}"
+
+
+def _describe(table: BoxTable, k: int) -> str:
+    """Box ``k`` as the file gives it: ``"xmin 40, ymin 2, xmax 50, ymax 8"`` (3-D: with
+    ``zmin`` and ``zmax``)."""
+    xmin, ymin, xmax, ymax = (float(v) for v in table.coords[k])
+    if table.z is None:
+        return f"xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g}"
+    zmin, zmax = (float(v) for v in table.z[k])
+    return (
+        f"xmin {xmin:g}, ymin {ymin:g}, zmin {zmin:g}, xmax {xmax:g}, ymax {ymax:g}, zmax {zmax:g}"
+    )
+
+
 def _check_inside(
-    table: BoxTable, picked: list[int], boxes: np.ndarray, item_id: str, shape: tuple[int, int]
+    table: BoxTable, picked: list[int], boxes: np.ndarray, item_id: str, shape: tuple[int, ...]
 ) -> None:
     """Refuse a box named for the item that does not overlap it."""
-    clipped = np.clip(boxes, 0, [shape[0], shape[1], shape[0], shape[1]])
-    outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    n = len(shape)
+    clipped = np.clip(boxes, 0, [*shape, *shape])
+    outside = np.any(clipped[:, n:] <= clipped[:, :n], axis=1)
     if outside.any():
         k = int(np.flatnonzero(outside)[0])
-        xmin, ymin, xmax, ymax = (float(v) for v in table.coords[picked[k]])
         raise ValueError(
             f"item {item_id!r}: box at row {table.rows[picked[k]]} of {table.path!r} "
-            f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g}) lies outside "
-            f"the image ({shape[1]} x {shape[0]} pixels)"
+            f"({_describe(table, picked[k])}) lies outside the image ({_size(shape)})"
         )
 
 
@@ -446,7 +536,7 @@ def _reproject(coords: np.ndarray, src: str | None, dst: str | None, item_id: st
     return np.stack([px.min(axis=1), py.min(axis=1), px.max(axis=1), py.max(axis=1)], axis=1)
 
 
-def _check_size(table: BoxTable, picked: list[int], item_id: str, shape: tuple[int, int]) -> None:
+def _check_size(table: BoxTable, picked: list[int], item_id: str, shape: tuple[int, ...]) -> None:
     """A COCO file's stated image size must be the item's."""
     sizes = dict(table.sizes)
     for name in {table.images[k] for k in picked}:
@@ -518,6 +608,7 @@ def unlocated_rows(table: BoxTable, infos: Sequence[Any], crs: str | None) -> li
 
 __all__ = [
     "CSV_COLUMNS",
+    "DEPTH_COLUMNS",
     "BoxTable",
     "ItemBoxes",
     "item_boxes",

@@ -1,5 +1,9 @@
 """Boxes to masks: each box of a boxes file becomes at most one object inside it.
 
+Items are 2-D (boxes ``x, y``) or 3-D (boxes ``x, y, z`` over axes ``(z, y, x)``); every step
+below is the same in both, with voxels for pixels: the margin ring is a shell, the middle
+third a box, the Sobel gradient 3-D, the inscribed ellipse an ellipsoid.
+
 Every box is worked on alone, in its *window*: the box grown by ``margin`` pixels and
 clipped to the item (the margin is the background the box's border shows). The object is a
 pure function of the window's pixels, and each of its pixels gets a *claim*; where objects
@@ -14,12 +18,12 @@ Methods (``method``):
 ``threshold`` (the default, no parameters to set)
     The window's pixels are projected onto the colour direction from the background (the
     median of the margin ring outside the box) to the box's centre (the mean of its middle
-    third): bright nuclei on dark, dark nuclei on bright and coloured objects all become
+    third per axis): bright nuclei on dark, dark nuclei on bright and coloured objects all become
     "higher inside". The threshold lies ``level`` of the way from the window's 5th
     percentile to its Otsu threshold (measured on DSB2018 fluorescence nuclei: Otsu itself,
     ``level = 1``, cuts nuclei narrower than people draw them); the object is the largest
     component above it in the box, holes filled. Its claim is the closeness to the box's
-    centre (1 at the centre, 0 on the ellipse inscribed in the box).
+    centre (1 at the centre, 0 on the ellipse, or ellipsoid, inscribed in the box).
 ``watershed``
     A seeded watershed of the projection's Sobel gradient in the window: the margin ring is
     the background seed, the box's middle third above the ``threshold`` method's level the
@@ -43,7 +47,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 from scipy import ndimage as ndi
 from skimage.filters import sobel, threshold_otsu
 from skimage.segmentation import watershed as _watershed
@@ -54,18 +64,31 @@ from segflow.ops.registry import Categories, OpContext, Operation, OpParams, reg
 
 
 class InlineBox(OpParams):
-    """A box given in the config (pixels): ``x`` columns, ``y`` rows, edges between pixels."""
+    """A box given in the config (pixels): ``x`` columns, ``y`` rows, edges between pixels;
+    ``zmin, zmax`` (planes, the first axis) for a 3-D item."""
 
     xmin: float
     ymin: float
     xmax: float
     ymax: float
+    zmin: float | None = None
+    zmax: float | None = None
     label: str = "object"
+
+    @model_serializer(mode="wrap")
+    def _without_unset_depth(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A 2-D box dumps (and hashes) as it did before 3-D boxes existed.
+        data = handler(self)
+        if self.zmin is None:
+            data.pop("zmin", None)
+            data.pop("zmax", None)
+        return data
 
 
 class FromBoxesParams(OpParams):
     boxes: str | tuple[InlineBox, ...] = Field(
-        description="a boxes file (CSV image_path,xmin,ymin,xmax,ymax[,label]; GeoJSON of "
+        description="a boxes file (CSV image_path,xmin,ymin,xmax,ymax[,label], with zmin,zmax "
+        "for 3-D items; GeoJSON of "
         "rectangles, with an image_path property or matched to items by location; COCO JSON "
         "bbox annotations), or boxes "
         "given inline in pixels (every item gets them)"
@@ -127,42 +150,61 @@ class FromBoxesParams(OpParams):
 
 def boxes_for_item(params: FromBoxesParams, info: Any) -> FromBoxesParams:
     """The step's parameters with the item's boxes in pixels (``for_item``)."""
-    shape = tuple(info.spatial_shape)
-    if len(shape) != 2:
-        raise ValueError(f"from_boxes works on 2-D items, item {info.id!r} is {len(shape)}-D")
+    shape = tuple(int(n) for n in info.spatial_shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(
+            f"from_boxes works on 2-D and 3-D items, item {info.id!r} is {len(shape)}-D"
+        )
     if isinstance(params.boxes, str):
         table = read_boxes(params.boxes)
-        geo = params.coordinates == "crs" or (
-            params.coordinates == "auto" and table.kind == "geojson" and info.transform is not None
+        geo = len(shape) == 2 and (
+            params.coordinates == "crs"
+            or (params.coordinates == "auto" and table.kind == "geojson")
         )
-        if params.coordinates == "crs" and info.transform is None:
-            raise ValueError(f"`coordinates: crs` but item {info.id!r} has no CRS transform")
+        if params.coordinates == "crs" and (info.transform is None or len(shape) != 2):
+            what = "is 3-D" if len(shape) != 2 else "has no CRS transform"
+            raise ValueError(f"`coordinates: crs` but item {info.id!r} {what}")
         found = item_boxes(
             table,
             item_id=info.id,
             item_path=info.path,
-            shape=(shape[0], shape[1]),
+            shape=shape,
             transform=info.transform if geo else None,
             crs=params.crs or table.crs,
             item_crs=info.crs_wkt,
         )
     else:
-        found = _inline(params.boxes, info.id, (shape[0], shape[1]))
+        found = _inline(params.boxes, info.id, shape)
     out = params.model_copy()
     out._item = found
     return out
 
 
-def _inline(boxes: Sequence[InlineBox], item_id: str, shape: tuple[int, int]) -> ItemBoxes:
+def _inline(boxes: Sequence[InlineBox], item_id: str, shape: tuple[int, ...]) -> ItemBoxes:
     from segflow.io.boxes import BoxTable
 
     coords = np.array([[b.xmin, b.ymin, b.xmax, b.ymax] for b in boxes], dtype=np.float64)
+    for k, b in enumerate(boxes):
+        if (b.zmin is None) != (b.zmax is None):
+            raise ValueError(
+                f"inline boxes: box {k} has zmin {b.zmin} and zmax {b.zmax}; a 3-D box needs "
+                "both, a 2-D box neither"
+            )
+    flat = [b.zmin is None for b in boxes]
+    if any(flat) and not all(flat):
+        raise ValueError(
+            f"inline boxes: box {flat.index(True)} has no zmin, zmax and box "
+            f"{flat.index(False)} has them; give every box both or none"
+        )
+    deep = (boxes and not flat[0]) or (not boxes and len(shape) == 3)
+    z = np.array([[b.zmin, b.zmax] for b in boxes], dtype=np.float64).reshape(-1, 2)
     table = BoxTable(
         "inline boxes",
         (item_id,) * len(boxes),
         coords.reshape(-1, 4),
         tuple(b.label for b in boxes),
         tuple(range(len(boxes))),
+        z=z if deep else None,
     )
     from segflow.io.boxes import _check_areas
 
@@ -178,10 +220,10 @@ def _boxes_of(params: FromBoxesParams) -> ItemBoxes:
 
 def boxes_halo(params: FromBoxesParams, ndim: int) -> tuple[int, ...]:
     """The largest box's extent plus the margin, per axis (0 for an item without boxes)."""
-    height, width = _boxes_of(params).extent()
-    if not height:
+    found = _boxes_of(params)
+    if not len(found):
         return (0,) * ndim
-    return (height + params.margin, width + params.margin)
+    return tuple(n + params.margin for n in found.extent())
 
 
 def objects_from_boxes(image: np.ndarray, params: FromBoxesParams, ctx: OpContext) -> np.ndarray:
@@ -208,7 +250,8 @@ def objects_from_boxes(image: np.ndarray, params: FromBoxesParams, ctx: OpContex
 
 
 def _box(row: np.ndarray) -> Box:
-    return (slice(int(row[0]), int(row[2])), slice(int(row[1]), int(row[3])))
+    n = len(row) // 2
+    return tuple(slice(int(row[i]), int(row[i + n])) for i in range(n))
 
 
 def _grow(box: Box, margin: int, shape: tuple[int, ...]) -> Box:
@@ -222,8 +265,9 @@ def _boxes_in(boxes: np.ndarray, window: Box, margin: int, shape: tuple[int, ...
     """The boxes whose own window (grown by ``margin``, clipped) lies inside ``window``."""
     if not len(boxes):
         return np.zeros(0, dtype=np.int64)
-    low = np.maximum(boxes[:, :2] - margin, 0)
-    high = np.minimum(boxes[:, 2:] + margin, np.asarray(shape))
+    n = boxes.shape[1] // 2
+    low = np.maximum(boxes[:, :n] - margin, 0)
+    high = np.minimum(boxes[:, n:] + margin, np.asarray(shape))
     starts = np.array([s.start for s in window])
     stops = np.array([s.stop for s in window])
     inside = np.all(low >= starts, axis=1) & np.all(high <= stops, axis=1)
@@ -234,7 +278,7 @@ def box_object(
     data: np.ndarray, inner: Box, params: FromBoxesParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """One box's object (a mask over the box) and each of its pixels' claim, from the
-    box's window ``data`` (``(c, y, x)``); ``inner`` is the box within the window."""
+    box's window ``data`` (``(c, (z), y, x)``); ``inner`` is the box within the window."""
     if params.method == "probability":
         probability = _object_probability(data, params.channel)[inner]
         return _one_object(probability > params.threshold), probability
@@ -278,7 +322,9 @@ def window_level(values: np.ndarray, level: float) -> float:
     if np.ptp(values) == 0:
         return float("inf")
     low = float(np.percentile(values, 5))
-    return low + level * (float(threshold_otsu(values)) - low)
+    # flattened: the histogram is the same, and a 3-D window ending in 3 or 4 voxels is not
+    # taken for an RGB image (scikit-image warns then)
+    return low + level * (float(threshold_otsu(values.ravel())) - low)
 
 
 def _one_object(mask: np.ndarray) -> np.ndarray:
@@ -305,10 +351,14 @@ def _seeded_watershed(values: np.ndarray, inner: Box, cut: float) -> np.ndarray:
 
 
 def centre_closeness(shape: tuple[int, ...]) -> np.ndarray:
-    """1 at the box's centre, 0 on the ellipse inscribed in it, negative in its corners."""
+    """1 at the box's centre, 0 on the ellipse (3-D: ellipsoid) inscribed in it, negative in
+    its corners."""
     axes = [(np.arange(n) - (n - 1) / 2) / (n / 2) for n in shape]
-    yy, xx = np.meshgrid(*axes, indexing="ij")
-    return 1.0 - np.sqrt(yy * yy + xx * xx)
+    grids = np.meshgrid(*axes, indexing="ij")
+    squares = grids[0] * grids[0]
+    for grid in grids[1:]:  # summed in axis order: 2-D claims are yy*yy + xx*xx, as before
+        squares = squares + grid * grid
+    return 1.0 - np.sqrt(squares)
 
 
 def _object_probability(data: np.ndarray, channel: int | None) -> np.ndarray:
@@ -371,7 +421,7 @@ register(
         out_channels=lambda p, channels: 1,
         out_dtype=_dtype,
         check_channels=_check_probability_channel,
-        ndims=(2,),
+        ndims=(2, 3),
         makes_labels=lambda p: p.output == "instances",
         for_item=boxes_for_item,
         check_collection=boxes_not_in_collection,

@@ -267,3 +267,64 @@ def test_3d_boxes_on_ct_and_mri_volumes_from_their_reference_masks() -> None:
     )
     bundled = rows[0]
     assert bundled[2]["watershed"][0] > max(0.5, bundled[1][0])
+
+
+def test_3d_csv_matched_to_a_nifti_item_by_file_name(tmp_path: Path) -> None:
+    """A CSV naming the bundled CT's file: the item's own reader, run in blocks, gives the
+    objects the array does, with the rows of that file only; a file not in the collection
+    is listed before anything runs."""
+    from segflow.engine.blocks import plan_blocks
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.pipeline import collection_notes, compile_pipeline
+    from segflow.engine.run import ArraySink, run_plan
+    from segflow.io import open_item
+
+    reader = open_item(str(BUNDLED_CT / "CT_image.nii.gz"))
+    csv = tmp_path / "boxes.csv"
+    csv.write_text(
+        "image_path,xmin,ymin,zmin,xmax,ymax,zmax,label\n"
+        "other.nii.gz,1,1,1,9,9,9,gtv\n"
+        "STS_002/CT_image.nii.gz,52,52,16,109,91,32,gtv\n"
+        "CT_image.nii.gz,20,20,5,40,44,12,other\n"
+    )
+    step = {"op": "from_boxes", "boxes": str(csv), "method": "watershed"}
+    plan = compile_pipeline(
+        [step], spatial_ndim=3, channels=1, dtype=reader.info.dtype, item=reader.info
+    )
+    grid = plan_blocks(reader.info.spatial_shape, (24, 72, 81), halo=plan.halo)
+    executor = LocalExecutor(1)
+    try:
+        run = run_plan(reader, plan, grid, executor, make_sink=lambda d: ArraySink())
+    finally:
+        executor.close()
+    out = np.zeros(reader.info.spatial_shape, dtype=run.out_dtype)
+    for summary in run.blocks:
+        region, data = summary.written
+        out[region] = data
+    rows = [
+        {"xmin": 52, "ymin": 52, "zmin": 16, "xmax": 109, "ymax": 91, "zmax": 32},
+        {"xmin": 20, "ymin": 20, "zmin": 5, "xmax": 40, "ymax": 44, "zmax": 12},
+    ]
+    whole = segment(_read(BUNDLED_CT / "CT_image.nii.gz"), [{**step, "boxes": rows}])
+    np.testing.assert_array_equal(out, whole)
+    assert set(np.unique(out)) == {0, 1, 2}
+    [note] = collection_notes([step], [reader.info])
+    assert note.endswith("1 box(es) for 'other.nii.gz' match no item of the collection")
+
+
+def test_inline_2d_boxes_hash_as_before_and_3d_boxes_are_in_the_hash() -> None:
+    """zmin/zmax, added later, are in a step's settings only when given: configs with 2-D
+    inline boxes keep their hash."""
+    from segflow.config import parse_config
+
+    flat = {"xmin": 1, "ymin": 1, "xmax": 5, "ymax": 5}
+    data = {"input": {"path": "in"}, "output": {"store": "o.zarr"}}
+    settings = [
+        parse_config({**data, "pipeline": [{"op": "from_boxes", "boxes": [box]}]})
+        for box in (flat, {**flat, "zmin": 0, "zmax": 3}, {**flat, "zmin": 0, "zmax": 4})
+    ]
+    [box] = settings[0].result_settings()["pipeline"][0]["boxes"]
+    assert set(box) == {"xmin", "ymin", "xmax", "ymax", "label"}
+    [box] = settings[1].result_settings()["pipeline"][0]["boxes"]
+    assert (box["zmin"], box["zmax"]) == (0, 3)
+    assert len({s.config_hash() for s in settings}) == 3

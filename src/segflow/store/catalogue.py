@@ -57,11 +57,16 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from segflow.store.metadata import read_node
+    from segflow.store.stac import update_stac
+
     rows = list(rows)
     if not rows:
         return 0
+    nodes = {str(r["id"]): read_node(f"{str(store).rstrip('/')}/{r['id']}") for r in rows}
     buffer = io.BytesIO()
-    catalogue_frame(store, rows).to_parquet(buffer, index=False, write_covering_bbox=True)
+    frame = catalogue_frame(store, rows, nodes=nodes)
+    frame.to_parquet(buffer, index=False, write_covering_bbox=True)
     fresh = pq.read_table(io.BytesIO(buffer.getvalue()))
     buckets = pa.array([bucket_of(str(i)) for i in fresh.column("id").to_pylist()], pa.int32())
     touched = sorted(set(buckets.to_pylist()))
@@ -73,11 +78,15 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
             part = pa.concat_tables([part, keep], promote_options="permissive")
         merged[bucket] = part.sort_by("id")
     write_parts(store, CATALOGUE_NAME, merged)
+    update_stac(store, nodes, merged)  # the STAC view of the same rows
     return len(touched)
 
 
-def catalogue_frame(store: str, rows: Sequence[Mapping[str, Any]]) -> Any:
-    """The catalogue rows of ``rows`` as a GeoDataFrame with the catalogue's columns."""
+def catalogue_frame(
+    store: str, rows: Sequence[Mapping[str, Any]], *, nodes: Mapping[str, Any] | None = None
+) -> Any:
+    """The catalogue rows of ``rows`` as a GeoDataFrame with the catalogue's columns
+    (``nodes``: item id -> its group's ``zarr.json`` where read already)."""
     import geopandas as gpd
 
     from segflow.store.index import COMMIT_COLUMNS, INDEX_COLUMNS
@@ -86,7 +95,9 @@ def catalogue_frame(store: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     columns = {k: v for k, v in INDEX_COLUMNS.items() if k not in COMMIT_COLUMNS}
     records, shapes = [], []
     for row in rows:
-        extra, shape = item_extent(store, str(row["id"]))
+        item_id = str(row["id"])
+        node = nodes[item_id] if nodes is not None and item_id in nodes else None
+        extra, shape = item_extent(store, item_id, node=node)
         records.append({**{k: row.get(k) for k in columns}, **extra})
         shapes.append(shape)
     frame = pd.DataFrame(records, columns=[*columns, *EXTRA_COLUMNS])
@@ -95,13 +106,18 @@ def catalogue_frame(store: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(shapes, crs=GEOMETRY_CRS))
 
 
-def item_extent(store: str, item_id: str) -> tuple[dict[str, Any], Any]:
+def item_extent(
+    store: str, item_id: str, *, node: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], Any]:
     """The catalogue's columns read from ``STORE/ITEM``'s group (path, commit time, CRS,
-    extent) and its footprint in lon/lat (None unless committed and georeferenced)."""
+    extent) and its footprint in lon/lat (None unless committed and georeferenced);
+    ``node``: the group's ``zarr.json``, where read already."""
     from segflow.store.commit import COMMIT_ATTR
     from segflow.store.metadata import read_node
 
-    node = read_node(f"{str(store).rstrip('/')}/{item_id}") or {}
+    if node is None:
+        node = read_node(f"{str(store).rstrip('/')}/{item_id}")
+    node = node or {}
     attrs = node.get("attributes", {})
     commit = attrs.get(COMMIT_ATTR)
     if not isinstance(commit, dict):

@@ -64,8 +64,9 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
     if not rows:
         return 0
     nodes = {str(r["id"]): read_node(f"{str(store).rstrip('/')}/{r['id']}") for r in rows}
+    extents = {item_id: item_extent(store, item_id, node=node) for item_id, node in nodes.items()}
     buffer = io.BytesIO()
-    frame = catalogue_frame(store, rows, nodes=nodes)
+    frame = catalogue_frame(store, rows, extents=extents)
     frame.to_parquet(buffer, index=False, write_covering_bbox=True)
     fresh = pq.read_table(io.BytesIO(buffer.getvalue()))
     buckets = pa.array([bucket_of(str(i)) for i in fresh.column("id").to_pylist()], pa.int32())
@@ -78,15 +79,15 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
             part = pa.concat_tables([part, keep], promote_options="permissive")
         merged[bucket] = part.sort_by("id")
     write_parts(store, CATALOGUE_NAME, merged)
-    update_stac(store, nodes, merged)  # the STAC view of the same rows
+    update_stac(store, nodes, merged, extents=extents)  # the STAC view of the same rows
     return len(touched)
 
 
 def catalogue_frame(
-    store: str, rows: Sequence[Mapping[str, Any]], *, nodes: Mapping[str, Any] | None = None
+    store: str, rows: Sequence[Mapping[str, Any]], *, extents: Mapping[str, Any] | None = None
 ) -> Any:
     """The catalogue rows of ``rows`` as a GeoDataFrame with the catalogue's columns
-    (``nodes``: item id -> its group's ``zarr.json`` where read already)."""
+    (``extents``: item id -> its :func:`item_extent`, where known already)."""
     import geopandas as gpd
 
     from segflow.store.index import COMMIT_COLUMNS, INDEX_COLUMNS
@@ -96,8 +97,8 @@ def catalogue_frame(
     records, shapes = [], []
     for row in rows:
         item_id = str(row["id"])
-        node = nodes[item_id] if nodes is not None and item_id in nodes else None
-        extra, shape = item_extent(store, item_id, node=node)
+        known = extents.get(item_id) if extents is not None else None
+        extra, shape = known if known is not None else item_extent(store, item_id)
         records.append({**{k: row.get(k) for k in columns}, **extra})
         shapes.append(shape)
     frame = pd.DataFrame(records, columns=[*columns, *EXTRA_COLUMNS])

@@ -27,6 +27,7 @@ gets every Item at its next compaction (``.segflow/stac.json`` records that it i
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from collections.abc import Mapping
@@ -54,19 +55,27 @@ _FILES = {
 }
 
 
-def update_stac(store: str, nodes: Mapping[str, Any], parts: Mapping[int, Any]) -> None:
+def update_stac(
+    store: str,
+    nodes: Mapping[str, Any],
+    parts: Mapping[int, Any],
+    *,
+    extents: Mapping[str, Any] | None = None,
+) -> None:
     """Bring ``STORE/stac/`` up to date: the Items of ``nodes`` (item id -> its group's
     ``zarr.json`` as a dict, None when absent), the catalogues of the catalogue's ``parts``
     (bucket -> the part just written, a ``pyarrow.Table``) and the Collection. Call while
-    holding the store's lock, after the catalogue's parts are written."""
+    holding the store's lock, after the catalogue's parts are written (``extents``: item id
+    -> its :func:`~segflow.store.catalogue.item_extent`, where known already)."""
     collection = _read(_url(store, COLLECTION_FILE)) or {}
     whole = _read(bookkeeping_path(store, MARKER))
     if whole is None or (whole.get("collection") and not collection):
         parts = _with_every_part(store, parts)  # an older store, or its stac/ removed
-        nodes = {**_nodes_of(store, parts), **nodes}
+        nodes = {**_nodes_of(store, parts, known=nodes), **nodes}
     cid = str(collection.get("id") or _collection_id(store))
     for item_id, node in nodes.items():
-        item = stac_item(store, item_id, node, collection_id=cid)
+        known = (extents or {}).get(item_id)
+        item = stac_item(store, item_id, node, collection_id=cid, extent=known)
         if item is None:
             _remove(_url(store, ITEMS_DIR, f"{item_id}.json"))
         else:
@@ -88,8 +97,11 @@ def update_stac(store: str, nodes: Mapping[str, Any], parts: Mapping[int, Any]) 
         _write(bookkeeping_path(store, MARKER), {"collection": bool(extents)})
 
 
-def stac_item(store: str, item_id: str, node: Any, *, collection_id: str) -> dict[str, Any] | None:
-    """The STAC Item of a committed georeferenced item (its group's ``node``), or None."""
+def stac_item(
+    store: str, item_id: str, node: Any, *, collection_id: str, extent: Any = None
+) -> dict[str, Any] | None:
+    """The STAC Item of a committed georeferenced item (its group's ``node``), or None
+    (``extent``: the item's :func:`~segflow.store.catalogue.item_extent`, where known)."""
     import shapely
 
     from segflow.store.catalogue import item_extent
@@ -97,7 +109,7 @@ def stac_item(store: str, item_id: str, node: Any, *, collection_id: str) -> dic
 
     if not node:
         return None
-    extra, footprint = item_extent(store, item_id, node=node)
+    extra, footprint = extent if extent is not None else item_extent(store, item_id, node=node)
     if footprint is None:
         return None
     attrs = node.get("attributes", {})
@@ -118,7 +130,10 @@ def stac_item(store: str, item_id: str, node: Any, *, collection_id: str) -> dic
         "stac_extensions": [PROJECTION],
         "id": item_id,
         "collection": collection_id,
-        "geometry": shapely.geometry.mapping(footprint),
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [shapely.get_coordinates(footprint).tolist()],
+        },
         "bbox": list(footprint.bounds),
         "properties": properties,
         "links": _item_links(item_id),
@@ -148,9 +163,9 @@ def item_assets(store: str, item_id: str, node: Mapping[str, Any]) -> dict[str, 
             "roles": ["overview"],
             "title": f"OME-Zarr multiscale labels {name}",
         }
-    fs, folder = fresh_fs(f"{str(store).rstrip('/')}/{item_id}")
+    folder = f"{str(store).rstrip('/')}/{item_id}"
     for file, (key, roles, media, title) in _FILES.items():
-        if fs.exists(f"{folder}/{file}"):
+        if _exists(f"{folder}/{file}"):
             assets[key] = {"href": _href(item_id, file), "type": media, "roles": roles}
             assets[key]["title"] = title
     return assets
@@ -281,6 +296,7 @@ def _grid(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _crs_fields(crs_wkt: str) -> tuple[str | None, str]:
     """``proj:code`` (``EPSG:32618``, None without an authority code) and the WKT2."""
     from pyproj import CRS
@@ -298,14 +314,15 @@ def _with_every_part(store: str, parts: Mapping[int, Any]) -> dict[int, Any]:
     return {**read_part_map(store, CATALOGUE_NAME, others), **parts}
 
 
-def _nodes_of(store: str, parts: Mapping[int, Any]) -> dict[str, Any]:
-    """The group of each georeferenced item of ``parts``."""
+def _nodes_of(store: str, parts: Mapping[int, Any], *, known: Mapping[str, Any]) -> dict[str, Any]:
+    """The group of each georeferenced item of ``parts`` not ``known`` already."""
     from segflow.store.metadata import read_node
 
     nodes = {}
     for table in parts.values():
         for item_id in (part_extent(table) or {}).get("ids", []):
-            nodes[item_id] = read_node(f"{str(store).rstrip('/')}/{item_id}")
+            if item_id not in known:
+                nodes[item_id] = read_node(f"{str(store).rstrip('/')}/{item_id}")
     return nodes
 
 
@@ -331,7 +348,14 @@ def _read(url: str) -> dict[str, Any] | None:
 def _write(url: str, value: Mapping[str, Any]) -> None:
     from segflow.store.metadata import write_json
 
-    write_json(url, value)
+    write_json(url, value, indent=None)  # compact: an Item's footprint has 81 points
+
+
+def _exists(url: str) -> bool:
+    if is_local(url):
+        return os.path.exists(local_path(url))
+    fs, path = fresh_fs(url)
+    return bool(fs.exists(path))
 
 
 def _remove(url: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pyarrow.parquet as pq
 import pystac
 import pytest
 import rasterio
@@ -28,7 +29,8 @@ from segflow.engine.executor import LocalExecutor
 from segflow.engine.item import segment_item
 from segflow.io import ArrayReader, open_item
 from segflow.store.index import append_records, compact_index
-from segflow.store.parts import bucket_of
+from segflow.store.parts import bucket_of, part_name
+from segflow.store.stac import part_extent
 
 DATA = pathlib.Path(__file__).parents[1] / "data"
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
@@ -131,6 +133,9 @@ def test_an_item_of_the_sample_tile_with_its_footprint_projection_and_assets(
 
     collection = json.loads((store / "stac" / "collection.json").read_text())
     assert collection["extent"]["spatial"]["bbox"] == [item.bbox]
+    # A catalogue part without the GeoParquet bbox column gives the same extent.
+    part = pq.read_table(store / "catalogue.parquet" / part_name(bucket_of("RGB.byte")))
+    assert part_extent(part.drop_columns(["bbox"])) == part_extent(part)
     assert collection["extent"]["temporal"]["interval"] == [[item.properties["datetime"]] * 2]
 
 

@@ -16,7 +16,9 @@ The catalogue is written when a run's records are compacted, for the items those
 name only: each touched part is read, its rows for those items replaced, and written aside
 and renamed into place (one PUT on an object store). A run that touches one item rewrites
 one part (1/256 of the rows), never the whole catalogue. Rows are derived from the index
-and the committed groups; the index stays the record of truth.
+and the committed groups; the index stays the record of truth. The STAC view of the
+georeferenced items (``STORE/stac/``, :mod:`segflow.store.stac`) is written from the same
+rows and parts, after them.
 """
 
 from __future__ import annotations

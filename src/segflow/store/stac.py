@@ -181,16 +181,28 @@ def part_extent(table: Any) -> dict[str, Any] | None:
     geo = table.filter(pc.invert(pc.is_null(table.column("geometry"))))
     if geo.num_rows == 0:
         return None
-    box = geo.column("bbox")
-    sides = [pc.struct_field(box, side) for side in ("xmin", "ymin", "xmax", "ymax")]
-    lows = [pc.min(side).as_py() for side in sides[:2]]
-    highs = [pc.max(side).as_py() for side in sides[2:]]
+    lows, highs = _box_of(geo)
     times = sorted(filter(None, map(stac_time, geo.column("committed").to_pylist())))
     return {
         "ids": sorted(str(i) for i in geo.column("id").to_pylist()),
         "bbox": [*lows, *highs],
         "interval": [times[0], times[-1]] if times else [None, None],
     }
+
+
+def _box_of(geo: Any) -> tuple[list[float], list[float]]:
+    """The (west, south) and (east, north) of a part's footprints: from its GeoParquet
+    ``bbox`` column, or from the geometries where a part has none."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import shapely
+
+    if "bbox" in geo.column_names:
+        box = geo.column("bbox")
+        sides = [pc.struct_field(box, side) for side in ("xmin", "ymin", "xmax", "ymax")]
+        return [pc.min(s).as_py() for s in sides[:2]], [pc.max(s).as_py() for s in sides[2:]]
+    bounds = shapely.bounds(shapely.from_wkb(geo.column("geometry").to_numpy(False)))
+    return bounds[:, :2].min(axis=0).tolist(), np.max(bounds[:, 2:], axis=0).tolist()
 
 
 def stac_time(text: Any) -> str | None:

@@ -73,28 +73,29 @@ def update_stac(
         parts = _with_every_part(store, parts)  # an older store, or its stac/ removed
         nodes = {**_nodes_of(store, parts, known=nodes), **nodes}
     cid = str(collection.get("id") or _collection_id(store))
+    stale = _exists(_url(store))  # a store without a stac/ folder has nothing to remove
     for item_id, node in nodes.items():
         known = (extents or {}).get(item_id)
         item = stac_item(store, item_id, node, collection_id=cid, extent=known)
-        if item is None:
-            _remove(_url(store, ITEMS_DIR, f"{item_id}.json"))
-        else:
+        if item is not None:
             _write(_url(store, ITEMS_DIR, f"{item_id}.json"), item)
-    extents = dict(collection.get(PARTS_KEY) or {})
+        elif stale:
+            _remove(_url(store, ITEMS_DIR, f"{item_id}.json"))
+    kept = dict(collection.get(PARTS_KEY) or {})  # part key -> its bbox and interval
     for bucket, table in sorted(parts.items()):
         key, extent = f"{bucket:02x}", part_extent(table)
-        if extent is None:
-            extents.pop(key, None)
+        if extent is not None:
+            kept[key] = {"bbox": extent["bbox"], "interval": extent["interval"]}
+            catalog = part_catalog(cid, key, extent["ids"])
+            _write(_url(store, PARTS_DIR, f"part-{key}.json"), catalog)
+        elif kept.pop(key, None) is not None or stale:
             _remove(_url(store, PARTS_DIR, f"part-{key}.json"))
-            continue
-        extents[key] = {"bbox": extent["bbox"], "interval": extent["interval"]}
-        _write(_url(store, PARTS_DIR, f"part-{key}.json"), part_catalog(cid, key, extent["ids"]))
-    if extents:
-        _write(_url(store, COLLECTION_FILE), collection_json(store, cid, extents))
-    else:
+    if kept:
+        _write(_url(store, COLLECTION_FILE), collection_json(store, cid, kept))
+    elif stale:
         _remove(_url(store, COLLECTION_FILE))
-    if whole != {"collection": bool(extents)}:
-        _write(bookkeeping_path(store, MARKER), {"collection": bool(extents)})
+    if whole != {"collection": bool(kept)}:
+        _write(bookkeeping_path(store, MARKER), {"collection": bool(kept)})
 
 
 def stac_item(

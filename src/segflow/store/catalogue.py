@@ -60,13 +60,17 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
     import pyarrow.parquet as pq
 
     from segflow.store.metadata import read_node
-    from segflow.store.stac import update_stac
+    from segflow.store.stac import StacUpdate
 
     rows = list(rows)
     if not rows:
         return 0
-    nodes = {str(r["id"]): read_node(f"{str(store).rstrip('/')}/{r['id']}") for r in rows}
-    extents = {item_id: item_extent(store, item_id, node=node) for item_id, node in nodes.items()}
+    stac, extents = StacUpdate(store), {}  # item id -> item_extent
+    for row in rows:  # each group read once, for its catalogue row and its STAC Item
+        item_id = str(row["id"])
+        node = read_node(f"{str(store).rstrip('/')}/{item_id}")
+        extents[item_id] = item_extent(store, item_id, node=node)
+        stac.write_item(item_id, node, extents[item_id])
     buffer = io.BytesIO()
     frame = catalogue_frame(store, rows, extents=extents)
     frame.to_parquet(buffer, index=False, write_covering_bbox=True)
@@ -81,15 +85,16 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
             part = pa.concat_tables([part, keep], promote_options="permissive")
         merged[bucket] = part.sort_by("id")
     write_parts(store, CATALOGUE_NAME, merged)
-    update_stac(store, nodes, merged, extents=extents)  # the STAC view of the same rows
+    stac.finish(merged)  # the parts' STAC catalogues and the Collection, after the parts
     return len(touched)
 
 
 def catalogue_frame(
-    store: str, rows: Sequence[Mapping[str, Any]], *, extents: Mapping[str, Any] | None = None
+    store: str, rows: Sequence[Mapping[str, Any]], *, extents: dict[str, Any] | None = None
 ) -> Any:
     """The catalogue rows of ``rows`` as a GeoDataFrame with the catalogue's columns
-    (``extents``: item id -> its :func:`item_extent`, where known already)."""
+    (``extents``: item id -> its :func:`item_extent`, where known already; each is taken
+    out of it as its row is made, so it is not held twice)."""
     import geopandas as gpd
 
     from segflow.store.index import COMMIT_COLUMNS, INDEX_COLUMNS
@@ -99,7 +104,7 @@ def catalogue_frame(
     records, shapes = [], []
     for row in rows:
         item_id = str(row["id"])
-        known = extents.get(item_id) if extents is not None else None
+        known = extents.pop(item_id, None) if extents is not None else None
         extra, shape = known if known is not None else item_extent(store, item_id)
         records.append({**{k: row.get(k) for k in columns}, **extra})
         shapes.append(shape)

@@ -55,47 +55,73 @@ _FILES = {
 }
 
 
-def update_stac(
-    store: str,
-    nodes: Mapping[str, Any],
-    parts: Mapping[int, Any],
-    *,
-    extents: Mapping[str, Any] | None = None,
-) -> None:
-    """Bring ``STORE/stac/`` up to date: the Items of ``nodes`` (item id -> its group's
-    ``zarr.json`` as a dict, None when absent), the catalogues of the catalogue's ``parts``
-    (bucket -> the part just written, a ``pyarrow.Table``) and the Collection. Call while
-    holding the store's lock, after the catalogue's parts are written (``extents``: item id
-    -> its :func:`~segflow.store.catalogue.item_extent`, where known already)."""
-    collection = _read(_url(store, COLLECTION_FILE)) or {}
-    whole = _read(bookkeeping_path(store, MARKER))
-    if whole is None or (whole.get("collection") and not collection):
-        parts = _with_every_part(store, parts)  # an older store, or its stac/ removed
-        nodes = {**_nodes_of(store, parts, known=nodes), **nodes}
-    cid = str(collection.get("id") or _collection_id(store))
-    stale = _exists(_url(store))  # a store without a stac/ folder has nothing to remove
-    for item_id, node in nodes.items():
-        known = (extents or {}).get(item_id)
-        item = stac_item(store, item_id, node, collection_id=cid, extent=known)
+class StacUpdate:
+    """One compaction's update of ``STORE/stac/`` (call while holding the store's lock):
+    :meth:`write_item` for each item its records name, as its group is read, then
+    :meth:`finish` with the catalogue's parts just written. Items are written one at a
+    time, so memory does not grow with the number of items a compaction folds."""
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        self.collection = _read(_url(store, COLLECTION_FILE)) or {}
+        self.whole = _read(bookkeeping_path(store, MARKER))
+        self.cid = str(self.collection.get("id") or _collection_id(store))
+        self.stale = _exists(_url(store))  # a store without stac/ has nothing to remove
+        whole = self.whole
+        self.rebuild = whole is None or bool(whole.get("collection") and not self.collection)
+        self.written: set[str] = set()  # with `rebuild`: the Items written already
+
+    def write_item(self, item_id: str, node: Any, extent: Any = None) -> None:
+        """Write the Item of ``item_id`` (its group's ``node``; ``extent``: its
+        :func:`~segflow.store.catalogue.item_extent` where known), or remove it when the
+        item is not committed and georeferenced."""
+        item = stac_item(self.store, item_id, node, collection_id=self.cid, extent=extent)
         if item is not None:
-            _write(_url(store, ITEMS_DIR, f"{item_id}.json"), item)
-        elif stale:
-            _remove(_url(store, ITEMS_DIR, f"{item_id}.json"))
-    kept = dict(collection.get(PARTS_KEY) or {})  # part key -> its bbox and interval
-    for bucket, table in sorted(parts.items()):
-        key, extent = f"{bucket:02x}", part_extent(table)
-        if extent is not None:
-            kept[key] = {"bbox": extent["bbox"], "interval": extent["interval"]}
-            catalog = part_catalog(cid, key, extent["ids"])
-            _write(_url(store, PARTS_DIR, f"part-{key}.json"), catalog)
-        elif kept.pop(key, None) is not None or stale:
-            _remove(_url(store, PARTS_DIR, f"part-{key}.json"))
-    if kept:
-        _write(_url(store, COLLECTION_FILE), collection_json(store, cid, kept))
-    elif stale:
-        _remove(_url(store, COLLECTION_FILE))
-    if whole != {"collection": bool(kept)}:
-        _write(bookkeeping_path(store, MARKER), {"collection": bool(kept)})
+            _write(_url(self.store, ITEMS_DIR, f"{item_id}.json"), item)
+        elif self.stale:
+            _remove(_url(self.store, ITEMS_DIR, f"{item_id}.json"))
+        if self.rebuild:
+            self.written.add(item_id)
+
+    def finish(self, parts: Mapping[int, Any]) -> None:
+        """Write the catalogues of ``parts`` (bucket -> the catalogue part just written, a
+        ``pyarrow.Table``), the Collection and the marker; first, for an older store (or
+        one whose ``stac/`` was removed), the Items of every other part."""
+        extents = {bucket: part_extent(table) for bucket, table in parts.items()}
+        if self.rebuild:
+            extents.update(self._other_parts(set(parts)))
+        kept = dict(self.collection.get(PARTS_KEY) or {})  # part key -> bbox, interval
+        for bucket, extent in sorted(extents.items()):
+            key = f"{bucket:02x}"
+            if extent is not None:
+                kept[key] = {"bbox": extent["bbox"], "interval": extent["interval"]}
+                catalog = part_catalog(self.cid, key, extent["ids"])
+                _write(_url(self.store, PARTS_DIR, f"part-{key}.json"), catalog)
+            elif kept.pop(key, None) is not None or self.stale:
+                _remove(_url(self.store, PARTS_DIR, f"part-{key}.json"))
+        if kept:
+            _write(_url(self.store, COLLECTION_FILE), collection_json(self.store, self.cid, kept))
+        elif self.stale:
+            _remove(_url(self.store, COLLECTION_FILE))
+        if self.whole != {"collection": bool(kept)}:
+            _write(bookkeeping_path(self.store, MARKER), {"collection": bool(kept)})
+
+    def _other_parts(self, done: set[int]) -> dict[int, Any]:
+        """The :func:`part_extent` of each catalogue part not in ``done``, each of its
+        georeferenced items given its Item (one part in memory at a time)."""
+        from segflow.store.metadata import read_node
+        from segflow.store.parts import part_buckets, read_part
+
+        extents = {}
+        for bucket in part_buckets(self.store, CATALOGUE_NAME):
+            if bucket in done:
+                continue
+            extents[bucket] = extent = part_extent(read_part(self.store, CATALOGUE_NAME, bucket))
+            for item_id in (extent or {}).get("ids", []):
+                if item_id not in self.written:
+                    node = read_node(f"{str(self.store).rstrip('/')}/{item_id}")
+                    self.write_item(item_id, node)
+        return extents
 
 
 def stac_item(
@@ -317,26 +343,6 @@ def _crs_fields(crs_wkt: str) -> tuple[str | None, str]:
     crs = CRS.from_wkt(crs_wkt)
     code = crs.to_authority()
     return (f"{code[0]}:{code[1]}" if code else None), crs.to_wkt()
-
-
-def _with_every_part(store: str, parts: Mapping[int, Any]) -> dict[int, Any]:
-    """``parts`` and every other part of the catalogue (read for a whole STAC view)."""
-    from segflow.store.parts import part_buckets, read_part_map
-
-    others = [b for b in part_buckets(store, CATALOGUE_NAME) if b not in parts]
-    return {**read_part_map(store, CATALOGUE_NAME, others), **parts}
-
-
-def _nodes_of(store: str, parts: Mapping[int, Any], *, known: Mapping[str, Any]) -> dict[str, Any]:
-    """The group of each georeferenced item of ``parts`` not ``known`` already."""
-    from segflow.store.metadata import read_node
-
-    nodes = {}
-    for table in parts.values():
-        for item_id in (part_extent(table) or {}).get("ids", []):
-            if item_id not in known:
-                nodes[item_id] = read_node(f"{str(store).rstrip('/')}/{item_id}")
-    return nodes
 
 
 def _collection_id(store: str) -> str:

@@ -1,8 +1,7 @@
 """The STAC view of a georeferenced store: ``STORE/stac/``, one STAC Item per item.
 
 Written beside the catalogue (:mod:`segflow.store.catalogue`), from the same rows, when a
-run's records are compacted, so STAC browsers, ``pystac`` and odc-stac/stackstac users find
-the outputs:
+run's records are compacted, so STAC browsers and clients (``pystac``) find the outputs:
 
 - ``stac/collection.json``: a STAC 1.1 Collection, its spatial extent (lon/lat) and
   temporal extent (commit times) over every georeferenced item; its ``child`` links name

@@ -26,6 +26,11 @@ store of that many items and times segflow's own functions on it, as a run calls
   compaction. Reported as seconds per run and bytes written outside the new item's group.
 - **open_one**: ``xarray.open_zarr(STORE/ITEM)`` of one item; metadata bytes read.
 
+With ``--georeferenced`` the items are 64^2 GeoTIFF tiles (UTM, laid out 1,000 to a row):
+the compaction also writes each item's lon/lat footprint into the catalogue and its STAC
+Item (:mod:`segflow.store.stac`), and a run adding one item rewrites its STAC Item, its
+part's STAC catalogue and the Collection, counted in its writes outside the item.
+
 Peak memory is the child's maximum resident set (``ru_maxrss``). Prints a table, each
 phase's time per item at each size over its time per item at the smallest size of 10^4 or
 more (1.0 = flat), then, last, one JSON line.
@@ -55,19 +60,21 @@ CONFIG_HASH = "c0ffee"
 RECORD_SAMPLE = 3_000  # items recorded one fsynced append each (the rest in one append)
 
 
-def template_group(folder: Path) -> dict[str, Any]:
-    """The ``zarr.json`` of one real committed 64^2 item (segmented here, once)."""
+def template_group(folder: Path, *, georeferenced: bool = False) -> dict[str, Any]:
+    """The ``zarr.json`` of one real committed 64^2 item (segmented here, once): an array,
+    or with ``georeferenced`` a GeoTIFF tile (UTM 33N, 10 m pixels)."""
     import numpy as np
 
     from segflow.engine.executor import LocalExecutor
     from segflow.engine.item import segment_item
-    from segflow.io import ArrayReader
+    from segflow.io import ArrayReader, open_item
 
     image = (np.random.default_rng(0).random((64, 64)) > 0.7).astype(np.float32)
+    reader = ArrayReader(image, "tile") if not georeferenced else open_item(geotiff(folder, image))
     store = folder / "template.zarr"
     with LocalExecutor(1) as executor:
         result = segment_item(
-            ArrayReader(image, "tile"),
+            reader,
             [{"op": "threshold", "value": 0.5}, {"op": "label"}],
             store=str(store),
             block_shape=64,
@@ -79,11 +86,29 @@ def template_group(folder: Path) -> dict[str, Any]:
     return node
 
 
-def write_group(store: Path, item_id: str, template: dict[str, Any], fingerprint: str) -> None:
+def geotiff(folder: Path, image: Any) -> str:
+    import rasterio
+
+    path = folder / "tile.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", height=64, width=64, count=1, dtype="float32",
+        crs="EPSG:32633", transform=rasterio.Affine(10.0, 0.0, 500_000.0, 0.0, -10.0, 4e6),
+    ) as dst:  # fmt: skip
+        dst.write(image[None])
+    return str(path)
+
+
+def write_group(
+    store: Path, item_id: str, template: dict[str, Any], fingerprint: str, k: int = 0
+) -> None:
+    """Item ``k``'s group; a georeferenced template's tiles laid out 1,000 to a row."""
     node = json.loads(json.dumps(template))
     node["attributes"]["item_id"] = item_id
     node["attributes"]["fingerprint"] = fingerprint
     node["attributes"]["segflow_commit"]["fingerprint"] = fingerprint
+    if node["attributes"].get("transform"):
+        node["attributes"]["transform"][2] += (k % 1000) * 640.0
+        node["attributes"]["transform"][5] -= (k // 1000) * 640.0
     (store / item_id).mkdir()
     (store / item_id / "zarr.json").write_text(json.dumps(node))
 
@@ -163,11 +188,12 @@ def bookkeeping_files(store: Path) -> dict[str, tuple[int, int]]:
             out[str(store / name)] = (stat.st_mtime_ns, stat.st_size)
     out.update(files_under(store / "index.parquet"))
     out.update(files_under(store / "catalogue.parquet"))
+    out.update(files_under(store / "stac"))
     out.update(files_under(store / ".segflow"))
     return out
 
 
-def child(n: int, folder: Path) -> dict[str, Any]:
+def child(n: int, folder: Path, *, georeferenced: bool = False) -> dict[str, Any]:
     """Every phase at ``n`` items; seconds per phase."""
     from segflow.engine.collection import plan_items
     from segflow.engine.item import code_version
@@ -175,7 +201,7 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     from segflow.store.index import append_records, compact_index
     from segflow.store.stamps import stamp_commit
 
-    template = template_group(folder)
+    template = template_group(folder, georeferenced=georeferenced)
     version = code_version()
     template["attributes"]["segflow_commit"]["code_version"] = version
     store = folder / "out.zarr"
@@ -187,8 +213,8 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     seconds["listing"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    for item in items:
-        write_group(store, item["id"], template, item["fingerprint"])
+    for k, item in enumerate(items):
+        write_group(store, item["id"], template, item["fingerprint"], k)
     seconds["groups"] = time.perf_counter() - start
 
     sample = items[:RECORD_SAMPLE]
@@ -215,7 +241,14 @@ def child(n: int, folder: Path) -> dict[str, Any]:
     add = add_one(store, template, version)
     opened = open_one(store, items[n // 2]["id"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"n": n, "seconds": seconds, **add, **opened, "peak_rss_bytes": peak}
+    return {
+        "n": n,
+        "georeferenced": georeferenced,
+        "seconds": seconds,
+        **add,
+        **opened,
+        "peak_rss_bytes": peak,
+    }
 
 
 def nothing_to_do_reading(readers: list[Any], store: Path) -> float:
@@ -249,7 +282,7 @@ def add_one(store: Path, template: dict[str, Any], version: str) -> dict[str, An
     before = bookkeeping_files(store)
     item = {"id": "new_item", "path": "/data/tiles/new_item.png", "fingerprint": "f" * 16}
     start = time.perf_counter()
-    write_group(store, item["id"], template, item["fingerprint"])
+    write_group(store, item["id"], template, item["fingerprint"], k=999_999)
     row = row_of(item, version)
     append_records(str(store), "run-2", [{**row, **stamp_commit(str(store), row)}])
     compact_index(str(store))
@@ -292,10 +325,11 @@ def open_one(store: Path, item_id: str) -> dict[str, Any]:
     return {"open_one_s": time.perf_counter() - start, "open_one_metadata_bytes": sum(read)}
 
 
-def run_size(n: int) -> dict[str, Any]:
+def run_size(n: int, *, georeferenced: bool = False) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix=f"bench-bookkeeping-{n}-"))
     try:
         command = [sys.executable, __file__, "--child", str(n), "--folder", str(folder)]
+        command += ["--georeferenced"] if georeferenced else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"size {n} failed:\n{done.stderr[-3000:]}")
@@ -352,18 +386,23 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--plot", type=Path, help="also write the figure to this PNG")
     parser.add_argument("--replot", type=Path, help="plot an earlier run's output (its log)")
+    parser.add_argument(
+        "--georeferenced",
+        action="store_true",
+        help="items are GeoTIFF tiles: the catalogue's footprints and the STAC view are written",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.folder)))
+        print(json.dumps(child(args.child, args.folder, georeferenced=args.georeferenced)))
         return
     if args.replot:
         plot(json.loads(args.replot.read_text().strip().splitlines()[-1]), args.plot)
         return
     results = []
     for n in args.sizes:
-        results.append(run_size(n))
+        results.append(run_size(n, georeferenced=args.georeferenced))
         print(f"{n} items: " + json.dumps(results[-1]["seconds"]), flush=True)
     summary = report(results)
     if args.plot:

@@ -80,6 +80,7 @@ def test_reserved_names_cover_every_root_file_of_a_store(monkeypatch: pytest.Mon
         INDEX_NAME,
         VECTORS_NAME,
         EVALUATION_NAME,
+        "stac",
         ".segflow",
     }
     # Any case (case-insensitive filesystems) and the files written aside before a rename.
@@ -177,6 +178,12 @@ def test_a_store_an_image_broke_is_refused_with_what_to_do(tmp_path: Path) -> No
     (store / ".segflow" / "records").mkdir(parents=True)
     with pytest.raises(StoreError, match=message):
         read_index(str(store))
+    # The STAC view's folder (reserved since segflow writes it): an item named 'stac'.
+    older = tmp_path / "older.zarr"
+    prepare_store(str(older))
+    zarr.open_group(older / "stac", mode="w", zarr_format=3)
+    with pytest.raises(StoreError, match=r"keeps its STAC collection: .* again as 'stac_'"):
+        check_store(str(older))
 
 
 def test_a_recorded_reserved_id_is_not_kept() -> None:

@@ -8,6 +8,7 @@ local folder, and a second run must find nothing to do.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,15 @@ def test_s3_input_and_store_give_the_local_run_and_rerun_nothing(
         assert on_s3[item][0].max() > 0
         pd.testing.assert_frame_equal(on_s3[item][1], local[item][1])
     assert not fs.exists("segflow-out/tiles.zarr/.segflow/lock.json")  # released
+    # The STAC view on S3: the local run's Items and spatial extent.
+    stac = "segflow-out/tiles.zarr/stac"
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{stac}/items")) == [
+        "tile0.json",
+        "tile1.json",
+    ]
+    local_collection = json.loads((tmp_path / "local.zarr/stac/collection.json").read_text())
+    collection = json.loads(fs.cat(f"{stac}/collection.json"))
+    assert collection["extent"]["spatial"] == local_collection["extent"]["spatial"]
 
     code, output = _run(config, s3_env, *remote)  # incremental: nothing changed
     assert code == 0, output
@@ -129,6 +139,8 @@ def test_s3_input_and_store_give_the_local_run_and_rerun_nothing(
     code, output = _run(config, s3_env, *remote)
     assert code == 0, output
     assert "tiles: 1 done, 2 skipped" in output, output
+    fs.invalidate_cache()  # s3fs answers from its listing of stac/items above otherwise
+    assert fs.exists(f"{stac}/items/tile2.json")
     # Each run's commits are journalled on S3 too: the two runs that committed, in order.
     from segflow.store.versions import read_history
 

@@ -388,6 +388,45 @@ def test_vectors_per_item_and_for_the_collection(tmp_path: Path, dask_address: s
     assert not (store / "vectors.parquet").exists()
 
 
+def test_a_stac_collection_follows_the_runs_of_a_georeferenced_store(
+    tmp_path: Path, dask_address: str
+) -> None:
+    import pystac
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    write_geotiff(folder / "east.tif", blob_image())
+    store = tmp_path / "out.zarr"
+    config = collection_config(folder, store, dask_address)
+    assert run(config)[0] == "COMPLETED"
+    stac = store / "stac"
+    collection = pystac.Collection.from_file(str(stac / "collection.json"))
+    [east] = collection.get_items(recursive=True)
+    assert east.id == "east" and east.properties["proj:code"] == "EPSG:32633"
+    assert xarray.open_zarr(east.assets["zarr"].get_absolute_href())["labels"].max() == N_BLOBS
+
+    def mtimes() -> dict[str, int]:
+        return {str(p.relative_to(stac)): p.stat().st_mtime_ns for p in stac.rglob("*.json")}
+
+    before = mtimes()
+    state, summary = run(config)  # nothing to do: every item skipped, nothing written
+    assert (state, summary["skipped"]) == ("COMPLETED", 1)
+    assert mtimes() == before
+
+    write_geotiff(folder / "west.tif", blob_image(), x0=499_280.0)
+    state, summary = run(config)
+    assert (state, summary["done"], summary["skipped"]) == ("COMPLETED", 1, 1)
+    after = mtimes()
+    assert after["items/east.json"] == before["items/east.json"]  # not rewritten
+    assert after["collection.json"] != before["collection.json"]
+    collection = pystac.Collection.from_file(str(stac / "collection.json"))
+    items = {i.id: i for i in collection.get_items(recursive=True)}
+    assert sorted(items) == ["east", "west"]
+    [extent] = collection.extent.spatial.bboxes
+    assert extent[0] == items["west"].bbox[0] < east.bbox[0]
+    assert extent[2] == east.bbox[2]
+
+
 def test_dicom_seg_from_a_dicom_series_through_the_flow(tmp_path: Path, dask_address: str) -> None:
     import importlib.util
 

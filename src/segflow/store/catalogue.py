@@ -16,7 +16,9 @@ The catalogue is written when a run's records are compacted, for the items those
 name only: each touched part is read, its rows for those items replaced, and written aside
 and renamed into place (one PUT on an object store). A run that touches one item rewrites
 one part (1/256 of the rows), never the whole catalogue. Rows are derived from the index
-and the committed groups; the index stays the record of truth.
+and the committed groups; the index stays the record of truth. The STAC view of the
+georeferenced items (``STORE/stac/``, :mod:`segflow.store.stac`) is written from the same
+rows and parts, after them.
 """
 
 from __future__ import annotations
@@ -57,11 +59,22 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from segflow.store.metadata import read_node
+    from segflow.store.stac import StacUpdate
+    from segflow.store.versions import resolve_item
+
     rows = list(rows)
     if not rows:
         return 0
+    stac, extents = StacUpdate(store), {}  # item id -> item_extent
+    for row in rows:  # each group read once, for its catalogue row and its STAC Item
+        item_id = str(row["id"])
+        node = read_node(resolve_item(store, item_id))
+        extents[item_id] = item_extent(store, item_id, node=node)
+        stac.write_item(item_id, node, extents[item_id])
     buffer = io.BytesIO()
-    catalogue_frame(store, rows).to_parquet(buffer, index=False, write_covering_bbox=True)
+    frame = catalogue_frame(store, rows, extents=extents)
+    frame.to_parquet(buffer, index=False, write_covering_bbox=True)
     fresh = pq.read_table(io.BytesIO(buffer.getvalue()))
     buckets = pa.array([bucket_of(str(i)) for i in fresh.column("id").to_pylist()], pa.int32())
     touched = sorted(set(buckets.to_pylist()))
@@ -73,11 +86,16 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
             part = pa.concat_tables([part, keep], promote_options="permissive")
         merged[bucket] = part.sort_by("id")
     write_parts(store, CATALOGUE_NAME, merged)
+    stac.finish(merged)  # the parts' STAC catalogues and the Collection, after the parts
     return len(touched)
 
 
-def catalogue_frame(store: str, rows: Sequence[Mapping[str, Any]]) -> Any:
-    """The catalogue rows of ``rows`` as a GeoDataFrame with the catalogue's columns."""
+def catalogue_frame(
+    store: str, rows: Sequence[Mapping[str, Any]], *, extents: dict[str, Any] | None = None
+) -> Any:
+    """The catalogue rows of ``rows`` as a GeoDataFrame with the catalogue's columns
+    (``extents``: item id -> its :func:`item_extent`, where known already; each is taken
+    out of it as its row is made, so it is not held twice)."""
     import geopandas as gpd
 
     from segflow.store.index import COMMIT_COLUMNS, INDEX_COLUMNS
@@ -86,7 +104,9 @@ def catalogue_frame(store: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     columns = {k: v for k, v in INDEX_COLUMNS.items() if k not in COMMIT_COLUMNS}
     records, shapes = [], []
     for row in rows:
-        extra, shape = item_extent(store, str(row["id"]))
+        item_id = str(row["id"])
+        known = extents.pop(item_id, None) if extents is not None else None
+        extra, shape = known if known is not None else item_extent(store, item_id)
         records.append({**{k: row.get(k) for k in columns}, **extra})
         shapes.append(shape)
     frame = pd.DataFrame(records, columns=[*columns, *EXTRA_COLUMNS])
@@ -95,14 +115,19 @@ def catalogue_frame(store: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(shapes, crs=GEOMETRY_CRS))
 
 
-def item_extent(store: str, item_id: str) -> tuple[dict[str, Any], Any]:
+def item_extent(
+    store: str, item_id: str, *, node: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], Any]:
     """The catalogue's columns read from ``STORE/ITEM``'s group (path, commit time, CRS,
-    extent) and its footprint in lon/lat (None unless committed and georeferenced)."""
+    extent) and its footprint in lon/lat (None unless committed and georeferenced);
+    ``node``: the group's ``zarr.json``, where read already."""
     from segflow.store.commit import COMMIT_ATTR
     from segflow.store.metadata import read_node
     from segflow.store.versions import resolve_item
 
-    node = read_node(resolve_item(store, item_id)) or {}
+    if node is None:
+        node = read_node(resolve_item(store, item_id))
+    node = node or {}
     attrs = node.get("attributes", {})
     commit = attrs.get(COMMIT_ATTR)
     if not isinstance(commit, dict):

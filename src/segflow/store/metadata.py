@@ -42,10 +42,11 @@ def write_node(url: str, node: Mapping[str, Any]) -> None:
     write_json(f"{str(url).rstrip('/')}/{ZARR_JSON}", node)
 
 
-def write_json(url: str, value: Mapping[str, Any]) -> None:
+def write_json(url: str, value: Mapping[str, Any], *, indent: int | None = 2) -> None:
     """Replace the JSON file ``url``: locally written aside and renamed into place (its
-    folder made when missing), on an object store one PUT."""
-    data = json.dumps(value, indent=2).encode()
+    folder made when missing), on an object store one PUT. ``indent=None``: compact."""
+    compact = (",", ":") if indent is None else None
+    data = json.dumps(value, indent=indent, separators=compact).encode()
     if is_local(url):
         path = local_path(url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

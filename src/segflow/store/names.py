@@ -3,7 +3,8 @@
 Item groups sit at ``STORE/ITEM_ID`` beside the store's own files: its Zarr metadata
 (``zarr.json``), the collection index (``index.parquet``), the collection's vector table
 (``vectors.parquet``), the evaluation table (``evaluation.parquet``), the catalogue
-(``catalogue.parquet``) and its bookkeeping folder (``.segflow``). An item named like one
+(``catalogue.parquet``), its STAC Collection (``stac``) and its bookkeeping folder
+(``.segflow``). An item named like one
 of them would take its place and break the store for every later run, so item ids never
 take a reserved name (:func:`is_reserved_name`, consulted by
 :func:`segflow.io.assign_item_ids`), and a store where an item group already sits on one
@@ -27,8 +28,9 @@ VECTORS_NAME = "vectors.parquet"  # STORE/vectors.parquet (and STORE/ITEM/vector
 EVALUATION_NAME = "evaluation.parquet"
 CATALOGUE_NAME = "catalogue.parquet"  # a dataset directory: one part file per hash bucket
 SEGFLOW_DIR = ".segflow"  # segflow's bookkeeping inside a store: lock, records, staging
+STAC_DIR = "stac"  # the STAC Collection of a georeferenced store (segflow.store.stac)
 
-_DATASETS = {CATALOGUE_NAME, INDEX_NAME, VECTORS_NAME}
+_DATASETS = {CATALOGUE_NAME, INDEX_NAME, VECTORS_NAME, STAC_DIR}  # folders by design
 # name -> what a store keeps there: "where a store keeps ROLE" (in notes and messages)
 _RESERVED: dict[str, str] = {
     ZARR_JSON: "its Zarr metadata",
@@ -36,6 +38,7 @@ _RESERVED: dict[str, str] = {
     VECTORS_NAME: "its collection vector table",
     EVALUATION_NAME: "its evaluation table",
     CATALOGUE_NAME: "its collection catalogue",
+    STAC_DIR: "its STAC collection",
     SEGFLOW_DIR: "its bookkeeping folder",
 }
 
@@ -131,8 +134,8 @@ def check_reserved_names(store: str) -> None:
         if name == SEGFLOW_DIR:
             continue  # a folder by design
         path = f"{root.rstrip('/')}/{name}"
-        # The index, the catalogue and the vectors are dataset folders by design: an item
-        # group there is one with Zarr metadata.
+        # The index, the catalogue, the vectors and the STAC view are folders by design:
+        # an item group there is one with Zarr metadata.
         if fs.isdir(path) and (name not in _DATASETS or fs.exists(f"{path}/{ZARR_JSON}")):
             shown = f"{str(store).rstrip('/')}/{name}"
             raise StoreError(

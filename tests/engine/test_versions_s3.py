@@ -294,12 +294,15 @@ def test_without_a_plain_copy_s3_items_are_stored_once_and_open_through_segflow(
     plan = plan_items([], [], store, config_hash="h", overwrite=False, plain_copy=False)
     assert plan.plain_copy_changes and not plan.nothing_to_do  # a run is due to apply it
 
+    sibling = f"{store.removeprefix('s3://')}/tile-notes/read.me"  # shares the prefix
+    _fs().pipe_file(sibling, b"not segflow's")
     with writing_store(store, "run-new", plain_copy=False):
         assert _plain(store)  # the in-place item is its only copy: kept
         _segment(store, 0.8, "run-new", ome=True)
 
     assert _plain(store) == []  # the latest version is stored once, in its version folder
-    assert item_groups(store) == ["tile"]
+    assert _fs().cat_file(sibling) == b"not segflow's"
+    assert "tile" in item_groups(store)  # listed without a group at the root
     again = plan_items([], [], store, config_hash="h", overwrite=False, plain_copy=False)
     assert not again.plain_copy_changes and again.nothing_to_do
     old, new = list_versions(store, "tile")

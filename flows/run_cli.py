@@ -104,7 +104,8 @@ def _run_loaded(
 
         for config, plan in zip(loaded, plans, strict=True):
             skipped = sorted(plan.skipped, key=_by_id)
-            _print_summary(run_summary(config.name, config.output.store, skipped))
+            plain = config.output.plain_copy
+            _print_summary(run_summary(config.name, config.output.store, skipped, plain_copy=plain))
         typer.echo(
             "nothing to do: every item is done with this input, config and code "
             "(no Prefect server, flow run or Dask cluster was started)",
@@ -184,6 +185,7 @@ def _plan_runs(
             config_hash=config.config_hash(),
             overwrite=config.output.overwrite,
             notes=notes,
+            plain_copy=config.output.plain_copy,
         )
         for config, (readers, failures, notes) in zip(configs, collections, strict=True)
     ]
@@ -344,8 +346,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary["open"]:
         # The interpreter that runs segflow has xarray; a bare `python` may not.
         python = shlex.quote(sys.executable)
+        module = summary["open"].split(".", 1)[0]  # xarray, or segflow (no plain copy)
         console.print(
-            f'  open:   {python} -c "import xarray; print({summary["open"]})"',
+            f'  open:   {python} -c "import {module}; print({summary["open"]})"',
             highlight=False,
             markup=False,
             soft_wrap=True,

@@ -176,13 +176,19 @@ def _segment(
     rows: list[dict[str, Any]] = []
     # A dead run's lock is taken over even with nothing to do: its flow run is ended
     # Crashed and its records compacted, so neither the UI nor the store keeps its traces.
-    if work or plan.stale_lock:
+    if work or plan.stale_lock or plan.plain_copy_changes:
         try:
             keep = plan.stages(config_hash)
             retention = Retention(**cfg.output.retention.model_dump())
             with (
                 stop_on_signals(),
-                writing_store(store, run_id, keep_stages=keep, retention=retention),
+                writing_store(
+                    store,
+                    run_id,
+                    keep_stages=keep,
+                    retention=retention,
+                    plain_copy=cfg.output.plain_copy,
+                ),
             ):
                 if work:
                     rows += segment_items(cfg, work, config_hash=config_hash, run_id=run_id)
@@ -267,4 +273,4 @@ def segment_items(
 def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The small, JSON-serialisable summary a run returns (and the CLI prints): see
     :func:`segflow.engine.collection.run_summary`."""
-    return run_summary(cfg.name, cfg.output.store, rows)
+    return run_summary(cfg.name, cfg.output.store, rows, plain_copy=cfg.output.plain_copy)

@@ -120,7 +120,8 @@ def report_items_task(summary: dict[str, Any], rows: list[dict[str, Any]]) -> No
     )
     lines = [f"# segflow: {name}", "", *summary_lines(summary)]
     if summary["open"]:
-        lines += ["", "Open an item in Python:", "", "```python", "import xarray"]
+        module = summary["open"].split(".", 1)[0]  # xarray, or segflow (no plain copy)
+        lines += ["", "Open an item in Python:", "", "```python", f"import {module}"]
         lines += [f"ds = {summary['open']}", "```"]
     create_markdown_artifact(
         markdown="\n".join(lines),

@@ -21,6 +21,7 @@ from segflow.engine.executor import DaskExecutor
 from segflow.engine.item import describe_output
 from segflow.errors import StoreError
 from segflow.flows._outcomes import expected
+from segflow.store.lock import is_local
 from segflow.tasks.artifacts import publish_quicklook
 from segflow.tasks.progress import ItemsProgress, report_progress
 from segflow.tasks.store import current_run_name
@@ -123,7 +124,7 @@ def segment_items_task(
         # A batch says what each item did once, at its end (below), and only what went wrong
         # item by item: at 100,000 items a line each would be 100,000 log records to store.
         if len(items) == 1 or row["status"] != "done" or row.get("warning"):
-            _log_item(logger, cfg.output.store, row)
+            _log_item(logger, cfg.output.store, row, plain_copy=cfg.output.plain_copy)
         if row["status"] == "done" and row["id"] in quicklook:
             try:
                 publish_quicklook(cfg.output.store, row)
@@ -151,7 +152,7 @@ def segment_items_task(
     return rows
 
 
-def _log_item(logger: Any, store: str, row: dict[str, Any]) -> None:
+def _log_item(logger: Any, store: str, row: dict[str, Any], *, plain_copy: bool = True) -> None:
     if row["status"] == "interrupted" and str(row["error"]).startswith("not started"):
         # Queued when the run was asked to stop: the run's summary counts them (a line
         # each on the terminal would be one per item of the collection).
@@ -167,10 +168,18 @@ def _log_item(logger: Any, store: str, row: dict[str, Any]) -> None:
             describe_output(row["object_count"], row["foreground_fraction"]) or "no count",
             row["n_blocks"],
             row["seconds"],
-            f"{store.rstrip('/')}/{row['id']}/{row['output']}",
+            _output_at(store, row, plain_copy),
         )
     else:  # a bad item is an expected outcome: WARNING, the alarms are for bugs
         logger.warning("%s", row["error"])
+
+
+def _output_at(store: str, row: Mapping[str, Any], plain_copy: bool) -> str:
+    """Where the item's output is read: ``STORE/ITEM/OUTPUT``, or on an object store
+    without a plain copy (``output.plain_copy: false``) the expression that reads it."""
+    if plain_copy or is_local(store):
+        return f"{store.rstrip('/')}/{row['id']}/{row['output']}"
+    return f"segflow.open_store({store.rstrip('/')!r})[{row['id']!r}][{row['output']!r}]"
 
 
 def _first_ids(rows: Sequence[Mapping[str, Any]]) -> str:

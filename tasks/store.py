@@ -22,6 +22,7 @@ from segflow.store.commit import (
 from segflow.store.index import compact_index, migrate_index
 from segflow.store.lock import hold_store_lock, lock_lost
 from segflow.store.metadata import migrate_store
+from segflow.store.pointers import set_plain_copy
 from segflow.store.versions import Retention, apply_retention
 
 
@@ -46,9 +47,11 @@ def writing_store(
     *,
     keep_stages: Collection[str] = (),
     retention: Retention | None = None,
+    plain_copy: bool = True,
 ) -> Iterator[None]:
     """Hold ``store`` for one run: refuse a foreign folder, take its lock, prepare it
-    (keeping the staged items of ``keep_stages`` to resume); at the end prune the old
+    (keeping the staged items of ``keep_stages`` to resume), apply ``plain_copy``
+    (``output.plain_copy``, object stores) to every item; at the end prune the old
     versions of the items the run committed (``retention``), fold the run's records into
     the index and release the lock (also when the run fails or is interrupted).
 
@@ -66,6 +69,9 @@ def writing_store(
             _logger().warning("%s", note)
         if (note := migrate_index(store)) is not None:  # a single-file index into parts
             _logger().warning("%s", note)
+        if changed := set_plain_copy(store, plain_copy):  # output.plain_copy changed
+            what = "copied to STORE/ITEM" if plain_copy else "removed from STORE/ITEM"
+            _logger().warning("%s: plain copies of %d item(s) %s", store, changed, what)
         try:
             yield
         finally:

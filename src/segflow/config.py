@@ -159,6 +159,12 @@ class OutputConfig(_Model):
         description="old item versions kept for readers and --as-of; a run prunes those of "
         "the items it committed, `segflow prune STORE` every item's",
     )
+    plain_copy: bool = Field(
+        True,
+        description="object stores: also keep a plain copy of each item's latest version at "
+        "STORE/ITEM for readers of plain paths (xarray.open_zarr, napari); false stores it "
+        "once and only segflow.open_store reads the items (local stores link, no copy)",
+    )
     writers: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="output writers other packages register (entry point group "
@@ -405,6 +411,8 @@ HASH_OPT_OUT: dict[str, str] = {
     "output.overwrite": "whether done items are redone, not what is written",
     "output.allow_other_configs": "whether another config may share the store, not its bytes",
     "output.retention": "how long old versions are kept, not what a version holds",
+    "output.plain_copy": "whether an object store also copies the latest version to STORE/ITEM"
+    " for plain readers; the versions hold the same bytes (a run applies a change to all)",
     "cluster": "where blocks run; a block's result is the same on any worker",
     "run": "how items are batched, how long they may run or wait, not what they give",
 }

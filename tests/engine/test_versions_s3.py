@@ -22,7 +22,17 @@ from segflow.engine.executor import LocalExecutor
 from segflow.engine.item import segment_item
 from segflow.io import ArrayReader
 from segflow.store.commit import commit_item, prepare_store, read_commit
-from segflow.store.pointers import ItemConflictError, copy_tree, pointer_url, read_pointer
+from segflow.store.lock import bookkeeping_path
+from segflow.store.pointers import (
+    PLAIN_COPY_FILE,
+    ItemConflictError,
+    copy_tree,
+    plain_copy_changes,
+    plain_copy_wanted,
+    pointer_url,
+    read_pointer,
+    version_url,
+)
 from segflow.store.versions import (
     Retention,
     current_version,
@@ -263,3 +273,62 @@ def test_an_s3_commit_killed_before_its_pointer_leaves_the_old_version_and_is_un
         == first
     )
     np.testing.assert_array_equal(zarr.open_array(store, path="tile/labels", mode="r")[:], before)
+
+
+def _plain(store: str) -> list[str]:
+    """The objects at ``STORE/tile`` (the plain copy), relative to it."""
+    bare = f"{store.removeprefix('s3://')}/tile"
+    return sorted(k.removeprefix(f"{bare}/") for k in _fs().find(bare))
+
+
+def test_without_a_plain_copy_s3_items_are_stored_once_and_open_through_segflow(
+    store: str,
+) -> None:
+    from segflow.engine.collection import open_line, plan_items
+    from segflow.store.metadata import item_groups
+    from segflow.tasks.store import writing_store
+
+    _segment(store, 0.5, "run-old")
+    _make_legacy(store)  # an in-place item, as a segflow before versions left it
+    before = segflow.open_store(store)["tile"]["labels"].values
+    plan = plan_items([], [], store, config_hash="h", overwrite=False, plain_copy=False)
+    assert plan.plain_copy_changes and not plan.nothing_to_do  # a run is due to apply it
+
+    sibling = f"{store.removeprefix('s3://')}/tile-notes/read.me"  # shares the prefix
+    _fs().pipe_file(sibling, b"not segflow's")
+    with writing_store(store, "run-new", plain_copy=False):
+        assert _plain(store)  # the in-place item is its only copy: kept
+        _segment(store, 0.8, "run-new", ome=True)
+
+    assert _plain(store) == []  # the latest version is stored once, in its version folder
+    assert _fs().cat_file(sibling) == b"not segflow's"
+    assert "tile" in item_groups(store)  # listed without a group at the root
+    again = plan_items([], [], store, config_hash="h", overwrite=False, plain_copy=False)
+    assert not again.plain_copy_changes and again.nothing_to_do
+    old, new = list_versions(store, "tile")
+    assert current_version(store, "tile") == new and old < new
+    latest = segflow.open_store(store)["tile"]["labels"].values
+    assert not np.array_equal(latest, before)
+    np.testing.assert_array_equal(
+        segflow.open_store(store, as_of="run-old")["tile"]["labels"].values, before
+    )
+    # The run's `open:` line opens the item without a plain copy.
+    line = open_line(store, "tile", plain_copy=False)
+    assert line.startswith("segflow.open_store(")
+    np.testing.assert_array_equal(eval(line, {"segflow": segflow})["labels"].values, latest)
+    with pytest.raises(FileNotFoundError):  # a plain reader finds nothing at STORE/ITEM
+        xr.open_zarr(f"{store}/tile")
+
+    # Switched back on, the next run copies every item's latest version back (also an
+    # item it skips).
+    with writing_store(store, "run-on", plain_copy=True):
+        pass
+    version = version_url(store, "tile", new).removeprefix("s3://")
+    assert _plain(store) == sorted(k.removeprefix(f"{version}/") for k in _fs().find(version))
+    np.testing.assert_array_equal(xr.open_zarr(f"{store}/tile")["labels"].values, latest)
+    assert not plan_items([], [], store, config_hash="h", overwrite=False).plain_copy_changes
+    # A change cut short leaves the record unknown: commits keep copies, any run redoes it.
+    record = bookkeeping_path(store, PLAIN_COPY_FILE).removeprefix("s3://")
+    _fs().pipe_file(record, b'{"plain_copy": null}')
+    assert plain_copy_wanted(store)
+    assert plain_copy_changes(store, True) and plain_copy_changes(store, False)

@@ -258,3 +258,49 @@ def test_a_heartbeat_on_s3_never_overwrites_the_lock_of_the_run_that_took_over(
     assert len(reads) >= 3, reads  # a beat refreshed it, one was refused, one saw the taker
     assert read_lock(store) == taker
     assert "this run's lock was taken over (run taker of o@elsewhere" in str(lock_lost(store))
+
+
+def test_a_run_without_the_plain_copy_on_s3_prints_an_open_line_that_opens_and_a_change_is_applied(
+    tmp_path: Path, s3_env: dict[str, str], api_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+
+    import segflow
+
+    for key, value in s3_env.items():  # this process reads the store as the runs do
+        monkeypatch.setenv(key, value)
+    s3_env = {**s3_env, "PREFECT_API_URL": api_url}
+    tiles = tmp_path / "tiles"
+    _write_tiles(tiles)
+    (tiles / "tile1.tif").unlink()  # one item is enough
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("segflow-plain")
+    store = "s3://segflow-plain/tiles.zarr"
+    config = tmp_path / "tiles.yaml"
+    config.write_text(
+        "name: tiles\n"
+        "input: {path: tiles}\n"
+        f"output: {{store: {store}, chunks: [64, 64], ome: false, plain_copy: false}}\n"
+        "blocks: {shape: [64, 64]}\n"
+        "pipeline: [{op: otsu}, {op: label}]\n"
+    )
+
+    code, output = _run(config, s3_env)
+    assert code == 0 and "tiles: 1 done" in output, output
+    assert not fs.exists("segflow-plain/tiles.zarr/tile0")  # stored once, in its version
+    (line,) = [s.split("open:", 1)[1] for s in output.splitlines() if "open:" in s]
+    opener = f"segflow.open_store({store!r})['tile0']"
+    assert line.strip() == f'{sys.executable} -c "import segflow; print({opener})"'
+    shown = subprocess.run(
+        shlex.split(line), env={**os.environ, **s3_env}, capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "labels" in shown.stdout, shown.stderr
+    labels = segflow.open_store(store)["tile0"]["labels"].values
+    assert labels.max() > 0
+
+    code, output = _run(config, s3_env, "--set", "output.plain_copy=true")  # else nothing to do
+    assert code == 0 and "tiles: 0 done, 1 skipped" in output, output
+    copied = zarr.open_array(store, path="tile0/labels", mode="r")[:]
+    np.testing.assert_array_equal(copied, labels)
+    code, output = _run(config, s3_env, "--set", "output.plain_copy=true")
+    assert code == 0 and "nothing to do" in output, output

@@ -60,6 +60,23 @@ def test_artifact_keys_are_valid_prefect_keys_unique_per_store(
 
 def test_open_line_is_python_that_names_store_and_group() -> None:
     assert open_line("/data/out.zarr", "tile_1") == "xarray.open_zarr('/data/out.zarr/tile_1')"
+    # An object store without plain copies (output.plain_copy: false) opens through segflow;
+    # a local store links its items, whatever the setting.
+    s3 = "segflow.open_store('s3://b/out.zarr')['tile_1']"
+    assert open_line("s3://b/out.zarr/", "tile_1", plain_copy=False) == s3
+    assert open_line("s3://b/out.zarr", "tile_1") == "xarray.open_zarr('s3://b/out.zarr/tile_1')"
+    local = open_line("/data/out.zarr", "tile_1", plain_copy=False)
+    assert local == "xarray.open_zarr('/data/out.zarr/tile_1')"
+
+
+def test_the_item_log_line_names_where_its_output_is_read() -> None:
+    from segflow.tasks.items import _output_at
+
+    row = {"id": "tile_1", "output": "labels"}
+    assert _output_at("s3://b/out.zarr", row, True) == "s3://b/out.zarr/tile_1/labels"
+    assert _output_at("/data/out.zarr", row, False) == "/data/out.zarr/tile_1/labels"
+    expected = "segflow.open_store('s3://b/out.zarr')['tile_1']['labels']"
+    assert _output_at("s3://b/out.zarr", row, False) == expected
 
 
 def test_read_index_task_gives_plain_rows_with_none_for_missing(tmp_path: Path) -> None:

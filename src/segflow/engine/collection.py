@@ -32,8 +32,9 @@ from segflow.engine.item import ItemResult, code_version
 from segflow.errors import StoreError
 from segflow.io import Reader, assign_item_ids, unused_id
 from segflow.store.commit import read_commit, stage_name
-from segflow.store.lock import has_stale_lock
+from segflow.store.lock import has_stale_lock, is_local
 from segflow.store.names import is_reserved_name
+from segflow.store.pointers import plain_copy_changes
 
 # An item's reference: {"id", "path", "fingerprint", "pixels"} (pixels: of the whole input,
 # channels included; 0 for a file discovery could not open).
@@ -214,17 +215,19 @@ class ItemPlan:
     """What a run of one collection does: segment ``todo``, record ``failed`` (files that
     cannot be opened), skip ``skipped`` (their index rows); ``stale_lock`` when a dead
     run's lock is to be taken over (its records compacted); ``notes``: discovery's lines on
-    files left out or renamed on purpose."""
+    files left out or renamed on purpose; ``plain_copy_changes`` when an object store's
+    plain copies are to follow a changed ``output.plain_copy``."""
 
     todo: list[Item]
     skipped: list[dict[str, Any]]
     failed: list[dict[str, Any]]
     stale_lock: bool
     notes: tuple[str, ...] = ()
+    plain_copy_changes: bool = False
 
     @property
     def nothing_to_do(self) -> bool:
-        return not (self.todo or self.failed or self.stale_lock)
+        return not (self.todo or self.failed or self.stale_lock or self.plain_copy_changes)
 
     def work(self) -> list[Item]:
         """The items to run, in path order: ``todo`` and each file that could not be opened,
@@ -255,12 +258,15 @@ def plan_items(
     config_name: str | None = None,
     allow_other_configs: bool = False,
     notes: Sequence[str] = (),
+    plain_copy: bool = True,
 ) -> ItemPlan:
     """Apply the skip rule to a discovered collection (``readers``, unreadable ``failures``)
     against ``store``, reading only its index, commit records and lock. With
     ``item_filter`` (glob patterns on the ids the items have in the store), items and
     unreadable files that match none are left out altogether. With ``config_name``, a store
     whose index records items of another config is refused (:func:`check_config_owner`).
+    ``plain_copy`` (``output.plain_copy``) is checked against what an object store's runs
+    recorded (one small read).
 
     Examples
     --------
@@ -283,7 +289,8 @@ def plan_items(
     todo, skipped = select_items(
         items, rows, config_hash=config_hash, overwrite=overwrite, commits=commits
     )
-    return ItemPlan(todo, skipped, failed, has_stale_lock(store), tuple(notes))
+    changes = plain_copy_changes(store, plain_copy)
+    return ItemPlan(todo, skipped, failed, has_stale_lock(store), tuple(notes), changes)
 
 
 def check_config_owner(
@@ -372,6 +379,7 @@ def plan_collection(
         config_name=cfg.name,
         allow_other_configs=cfg.output.allow_other_configs,
         notes=found,
+        plain_copy=cfg.output.plain_copy,
     )
 
 
@@ -591,9 +599,19 @@ def _named(error: Exception, item_id: str, path: str) -> str:
     return f"item {item_id!r} ({path}): {type(error).__name__}: {error}"
 
 
-def open_line(store: str, item_id: str) -> str:
+def open_line(store: str, item_id: str, *, plain_copy: bool = True) -> str:
     """The Python expression that opens one item of the output: its group as a Zarr
-    hierarchy of its own, with its consolidated metadata (one metadata read)."""
+    hierarchy of its own, with its consolidated metadata (one metadata read); without a
+    plain copy on an object store (``output.plain_copy: false``) through segflow, which
+    reads the item's pointer. The expression starts with the module to import.
+
+    Examples
+    --------
+    >>> open_line("s3://b/out.zarr", "tile", plain_copy=False)
+    "segflow.open_store('s3://b/out.zarr')['tile']"
+    """
+    if not plain_copy and not is_local(store):
+        return f"segflow.open_store({store.rstrip('/')!r})[{item_id!r}]"
     return f"xarray.open_zarr({store.rstrip('/') + '/' + item_id!r})"
 
 
@@ -602,7 +620,9 @@ def open_line(store: str, item_id: str) -> str:
 SUMMARY_ROWS = 1000
 
 
-def run_summary(name: str, store: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def run_summary(
+    name: str, store: str, rows: list[dict[str, Any]], *, plain_copy: bool = True
+) -> dict[str, Any]:
     """The small, JSON-serialisable summary a run returns (and the command prints), from its
     index ``rows``.
 
@@ -622,7 +642,7 @@ def run_summary(name: str, store: str, rows: list[dict[str, Any]]) -> dict[str, 
         "failures": failures[:SUMMARY_ROWS],
         "failures_omitted": max(len(failures) - SUMMARY_ROWS, 0),
         "made": made_line(rows),
-        "open": open_line(store, opened[0]) if opened else None,
+        "open": open_line(store, opened[0], plain_copy=plain_copy) if opened else None,
         "rows": [_plain(row) for row in rows[:SUMMARY_ROWS]],
         "rows_omitted": max(len(rows) - SUMMARY_ROWS, 0),
     }

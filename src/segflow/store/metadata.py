@@ -114,9 +114,16 @@ def drop_consolidated(url: str) -> None:
 
 
 def item_groups(store: str) -> list[str]:
-    """The ids of the groups at the store's root (not its own files and folders)."""
+    """The ids of the groups at the store's root (not its own files and folders); on an
+    object store also the items with versions, which have no group at the root when the
+    store keeps no plain copy (``output.plain_copy: false``). Callers check each is
+    committed (:func:`segflow.store.commit.read_commit`)."""
     fs, path = fresh_fs(str(store))
-    names = (c["name"].rstrip("/").rsplit("/", 1)[-1] for c in fs.ls(path, detail=True))
+    names = {c["name"].rstrip("/").rsplit("/", 1)[-1] for c in fs.ls(path, detail=True)}
+    if not is_local(store):
+        from segflow.store.pointers import versioned_items
+
+        names |= set(versioned_items(store))
     return sorted(n for n in names if not is_reserved_name(n) and not n.startswith("."))
 
 

@@ -27,6 +27,9 @@ A commit (:func:`publish_remote`, under the store's lock) runs in this order:
    has are removed. It is for readers that open ``STORE/ITEM`` by path (``xarray``,
    napari): they see the latest version, but while step 4 runs they can read a mix of
    two versions, as every in-place write could. segflow's own readers never read it.
+   With ``output.plain_copy: false`` (recorded in ``STORE/.segflow/plain_copy.json`` by
+   each run, :func:`set_plain_copy`) there is none: step 4 removes ``STORE/ITEM`` instead,
+   and the latest version is stored once.
 
 A marker ``STORE/.segflow/publishing/ITEM/VERSION`` is written before step 2 and removed after
 step 4; the next run's :func:`recover_publishes` removes the version of a commit cut
@@ -49,6 +52,7 @@ from segflow.store.names import ZARR_JSON
 
 POINTER_NAME = "LATEST"
 PUBLISHING_DIR = "publishing"
+PLAIN_COPY_FILE = "plain_copy.json"  # {"plain_copy": true | false | null (being changed)}
 ANY_PARENT = "any"  # commit_item's default: publish over whatever the pointer names
 
 
@@ -114,7 +118,7 @@ def publish_remote(
         remove_tree(target)
         remove_tree(marker)
         raise
-    update_plain_copy(store, item_id, version)
+    follow_plain_copy(store, item_id, version)
     remove_tree(marker)
 
 
@@ -209,6 +213,74 @@ def update_plain_copy(store: str, item_id: str, version: str) -> None:
     copy_tree(version_url(store, item_id, version), item_url(store, item_id))
 
 
+def follow_plain_copy(store: str, item_id: str, version: str) -> None:
+    """Make ``STORE/ITEM`` what the store's plain-copy setting asks: a copy of
+    ``version``, or nothing (:func:`plain_copy_wanted`)."""
+    if plain_copy_wanted(store):
+        update_plain_copy(store, item_id, version)
+    else:
+        remove_tree(item_url(store, item_id))
+
+
+def recorded_plain_copy(store: str) -> bool | None:
+    """The ``output.plain_copy`` the store's runs recorded: True when none was (stores
+    before the setting keep their copies), None while a change was cut short."""
+    from segflow.store.commit import _read_json
+
+    found = _read_json(bookkeeping_path(store, PLAIN_COPY_FILE))
+    if not isinstance(found, dict):
+        return True
+    value = found.get("plain_copy")
+    return value if isinstance(value, bool) else None
+
+
+def plain_copy_wanted(store: str) -> bool:
+    """Whether a commit keeps ``STORE/ITEM`` as a plain copy of the latest version (also
+    while a change of the setting was cut short: a stale copy is worse than one more)."""
+    return recorded_plain_copy(store) is not False
+
+
+def plain_copy_changes(store: str, wanted: bool) -> bool:
+    """Whether an object store's plain copies do not yet follow ``wanted`` (a run must
+    bring them in line, :func:`set_plain_copy`); False for a local store (a link there)."""
+    from segflow.store.lock import is_local
+
+    return not is_local(store) and recorded_plain_copy(store) is not wanted
+
+
+def set_plain_copy(store: str, wanted: bool) -> int:
+    """Record ``output.plain_copy`` for an object store's commits and bring every committed
+    item in line (copy its latest version to ``STORE/ITEM``, or remove that); call under
+    the lock. Returns how many items changed. A run cut here leaves the record unknown
+    (null), so the next run does it again."""
+    if not plain_copy_changes(store, wanted):
+        return 0
+    record = bookkeeping_path(store, PLAIN_COPY_FILE)
+    _put(record, {"plain_copy": None})
+    changed = 0
+    for item_id in versioned_items(store):
+        version = (read_pointer(store, item_id) or {}).get("version")
+        if version is None:
+            continue  # not committed with versions: its in-place group is its only copy
+        if wanted:
+            update_plain_copy(store, item_id, version)
+        else:
+            remove_tree(item_url(store, item_id))
+        changed += 1
+    _put(record, {"plain_copy": wanted})
+    return changed
+
+
+def versioned_items(store: str) -> list[str]:
+    """The ids of the items with a folder under ``STORE/.segflow/versions`` (an object
+    store's; whether one has a pointer is for the caller to read)."""
+    from segflow.store.versions import VERSIONS_DIR
+
+    fs, folder = fresh_fs(bookkeeping_path(store, VERSIONS_DIR))
+    found = fs.ls(folder, detail=False) if fs.isdir(folder) else []
+    return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in found)
+
+
 def recover_publishes(store: str) -> None:
     """Finish what a run killed in :func:`publish_remote` left (call under the lock): a
     version its pointer never named goes (the item is redone), the plain copy of one it
@@ -217,7 +289,7 @@ def recover_publishes(store: str) -> None:
     for key in sorted(fs.find(folder)) if fs.isdir(folder) else ():
         item_id, version = str(key)[len(folder.rstrip("/")) + 1 :].rsplit("/", 1)
         if (read_pointer(store, item_id) or {}).get("version") == version:
-            update_plain_copy(store, item_id, version)
+            follow_plain_copy(store, item_id, version)
         else:
             remove_tree(version_url(store, item_id, version))
         remove_tree(bookkeeping_path(store, PUBLISHING_DIR, item_id, version))

@@ -14,8 +14,9 @@ CONFIGS ?= configs/aerial.yaml configs/nuclei.yaml configs/ct.yaml configs/nucle
 demo: $(STAMP)
 	$(BIN)/segflow run $(CONFIGS)
 
+# --durations: the slowest tests in every CI log, where CI time is trimmed from.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

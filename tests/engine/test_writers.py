@@ -198,7 +198,8 @@ def test_unknown_writers_and_bad_settings_are_one_line_each(tmp_path: Path) -> N
 
 # `output` fields that are not a writer's: where the store is and how its units are cut
 # (the engine plans blocks by them), whether done items are redone or another config may
-# write, how many old versions of an item the store keeps, and other packages' writers.
+# write, how many old versions of an item the store keeps, whether an object store keeps a
+# plain copy of each item's latest version, and other packages' writers.
 ENGINE_OUTPUT_FIELDS = {
     "store",
     "chunks",
@@ -206,6 +207,7 @@ ENGINE_OUTPUT_FIELDS = {
     "overwrite",
     "allow_other_configs",
     "retention",
+    "plain_copy",
     "writers",
 }
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_bioimageio_source import ZSCORE_CLIP, make_package
+from test_bioimageio_source import make_packages
 
 from segflow import segment
 from segflow.models.card import item_statistics, normalize_image
@@ -51,15 +51,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bioimageio-core")
-    folder = make_package(root / "ts")
-    archive = root / "ts.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for file in folder.iterdir():
-            z.write(file, file.name)
-    onnx = make_package(root / "onnx", preprocessing=ZSCORE_CLIP, classes=1, sigmoid=False,
-                        kind="onnx")  # fmt: skip
-    return {"ts": folder, "zip": archive, "onnx": onnx}
+    return make_packages(tmp_path_factory.mktemp("bioimageio-core"))
 
 
 def _core(path: Path, image: np.ndarray) -> np.ndarray:

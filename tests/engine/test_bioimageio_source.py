@@ -127,7 +127,11 @@ def make_package(folder: Path, *, preprocessing: list[Any] = SCALE_RANGE, classe
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bioimageio")
+    return make_packages(tmp_path_factory.mktemp("bioimageio"))
+
+
+def make_packages(root: Path) -> dict[str, Path]:
+    """The tiny TorchScript package (folder and zip) and the ONNX package under ``root``."""
     folder = make_package(root / "ts")
     archive = root / "ts.zip"
     with zipfile.ZipFile(archive, "w") as z:

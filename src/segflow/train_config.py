@@ -9,6 +9,7 @@ masks, one instance per annotation; :mod:`segflow.io.coco`).
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -69,7 +70,14 @@ class TrainData(_Model):
         "{dir}/labels.tif",
         description="each image's reference: a path template with {dir} (the image's folder) "
         "and {stem} (its name without extension), e.g. '{dir}/labels.tif' or "
-        "'refs/{stem}.geojson', or one COCO JSON file for every image ('annotations.json')",
+        "'refs/{stem}.geojson', or one COCO JSON file for every image ('annotations.json'); "
+        "a template with a glob ('{dir}/../masks/*.png', the DSB2018 / BBBC038 layout) "
+        "names one mask file per instance: instance k is the k-th file in sorted order",
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="images left out: each entry a glob (fnmatch) of an image's folder name "
+        "or file stem, e.g. held-out images' ids",
     )
     synthetic: SyntheticData | None = Field(
         None, description="synthetic nuclei added to the training (and validation) pairs"
@@ -209,17 +217,67 @@ def find_pairs(data: TrainData) -> list[tuple[str, str]]:
         return []
     if not images:
         raise ConfigError([f"data.images: no file matches {data.images!r}"])
+    images = [i for i in images if not _excluded(i, data.exclude)]
+    if not images:
+        raise ConfigError([f"data.exclude: {data.exclude} leaves none of {data.images!r}"])
     pairs = []
     for image in images:
         p = Path(image)
         stem = p.name.split(".")[0]
         reference = data.references.format(dir=str(p.parent), stem=stem)
-        if not Path(reference).is_file():
+        found = glob.glob(reference) if is_mask_glob(reference) else [reference]
+        if not found or not Path(found[0]).is_file():
             raise ConfigError([f"data.references: image {image!r} has no reference {reference!r}"])
         pairs.append((image, reference))
     if problems := coco_problems(pairs):
         raise ConfigError(problems)
     return pairs
+
+
+def _excluded(image: str, patterns: Sequence[str]) -> bool:
+    """Whether ``patterns`` name the image's folder or file stem (fnmatch globs)."""
+    p = Path(image)
+    names = (p.parent.name, p.name.split(".")[0])
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
+
+
+def is_mask_glob(reference: str) -> bool:
+    """Whether a reference path is a glob of one mask file per instance."""
+    return glob.has_magic(reference)
+
+
+def read_instance_masks(pattern: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Instance labels from one mask file per instance (the files ``pattern`` matches, in
+    sorted order: the k-th non-empty file's non-zero pixels are instance k). A pixel two
+    masks claim belongs to the later one, as in a painted label image.
+
+    Examples
+    --------
+    >>> import tempfile, imageio.v3 as iio
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> a = np.zeros((3, 4), np.uint8); a[0, :2] = 255
+    >>> b = np.zeros((3, 4), np.uint8); b[2, 1:] = 1
+    >>> iio.imwrite(folder / "a.png", a); iio.imwrite(folder / "b.png", b)
+    >>> read_instance_masks(str(folder / "*.png"), (3, 4))
+    array([[1, 1, 0, 0],
+           [0, 0, 0, 0],
+           [0, 2, 2, 2]])
+    """
+    import imageio.v3 as iio
+
+    labels = np.zeros(shape, np.int64)
+    k = 0
+    for path in sorted(glob.glob(pattern)):
+        mask = np.asarray(iio.imread(path))
+        mask = mask[..., 0] if mask.ndim == len(shape) + 1 else mask
+        if mask.shape != shape:
+            raise ConfigError(
+                [f"data.references: mask {path!r} is {mask.shape}, its image {shape}"]
+            )
+        if mask.any():
+            k += 1
+            labels[mask != 0] = k
+    return labels
 
 
 def coco_problems(pairs: Sequence[tuple[str, str]]) -> list[str]:
@@ -282,7 +340,10 @@ def read_pairs(
         image = np.asarray(reader.read(window))
         if channels == "luma":
             image = to_luma(image)
-        labels = np.asarray(open_reference(reference_path, reader.info).read(window))
+        if is_mask_glob(reference_path):
+            labels = read_instance_masks(reference_path, tuple(shape))[window]
+        else:
+            labels = np.asarray(open_reference(reference_path, reader.info).read(window))
         labels = labels[0] if labels.ndim == image.ndim else labels
         if labels.shape != image.shape[1:]:
             raise ValueError(
@@ -344,10 +405,35 @@ def synthetic_pairs(spec: SyntheticData, channels: str, start: int, count: int) 
     return out
 
 
+# The last data read, kept between calls in one process (the train flow reads the data
+# once per epoch task): keyed by the data settings and every file's size and time.
+_READ: dict[str, tuple[Pairs, Pairs | None]] = {}
+
+
+def _files_key(config: TrainFile, pairs: Sequence[tuple[str, str]]) -> str:
+    files = []
+    for image, reference in pairs:
+        for path in [image, *(glob.glob(reference) if is_mask_glob(reference) else [reference])]:
+            stat = os.stat(path)
+            files.append((path, stat.st_size, stat.st_mtime_ns))
+    return json.dumps([config.data.model_dump(mode="json"), files])
+
+
 def _training_data(config: TrainFile) -> tuple[Pairs, Pairs | None]:
     """The training pairs in memory, and the validation pairs ``data.validation`` names
-    and ``data.synthetic.validation`` draws (None: the loop splits them off)."""
+    and ``data.synthetic.validation`` draws (None: the loop splits them off). Read once
+    per process while the data settings and files stay the same."""
     pairs = find_pairs(config.data)
+    key = _files_key(config, pairs)
+    if key not in _READ:
+        _READ.clear()
+        _READ[key] = _read_training_data(config, pairs)
+    return _READ[key]
+
+
+def _read_training_data(
+    config: TrainFile, pairs: Sequence[tuple[str, str]]
+) -> tuple[Pairs, Pairs | None]:
     data = read_pairs(
         pairs,
         channels=config.data.channels,

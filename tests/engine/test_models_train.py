@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import yaml
 
 from segflow.errors import ModelError
 from segflow.models.card import ModelCard
@@ -271,3 +272,106 @@ def test_train_data_globs_value_map_and_crop(tmp_path: Path) -> None:
         read_pairs(pairs[:1], crop=[[0, 5]])
     with pytest.raises(ConfigError, match=r"data.crop: .* is empty"):
         read_pairs(pairs[:1], crop=[[30, 40], [None, None]])
+
+
+def test_train_data_one_mask_per_instance_and_exclude(tmp_path: Path) -> None:
+    """The DSB2018 / BBBC038 layout: ID/images/ID.png and one PNG per nucleus in ID/masks/."""
+    from segflow.errors import ConfigError
+    from segflow.train_config import find_pairs, parse_train_config, read_pairs
+
+    rng = np.random.default_rng(0)
+    expected = {}
+    for name in ("a1", "a2", "b1"):
+        (tmp_path / name / "images").mkdir(parents=True)
+        (tmp_path / name / "masks").mkdir()
+        image = rng.integers(0, 255, (16, 20, 4), np.uint8)
+        iio.imwrite(tmp_path / name / "images" / f"{name}.png", image)
+        labels = np.zeros((16, 20), np.int64)
+        for k, (y, x) in enumerate([(2, 3), (9, 12), (4, 14)], start=1):
+            mask = np.zeros((16, 20), np.uint8)
+            mask[y : y + 4, x : x + 5] = 255
+            iio.imwrite(tmp_path / name / "masks" / f"m{k}.png", mask)
+            labels[mask > 0] = k
+        iio.imwrite(tmp_path / name / "masks" / "m4-empty.png", np.zeros((16, 20), np.uint8))
+        expected[name] = labels
+    model = {"architecture": {"name": "segnet"}, "spatial_dims": 2, "channels": [{"name": "luma"}],
+             "head": "flows", "tile": [16, 16]}  # fmt: skip
+    data = {"images": "*/images/*.png", "references": "{dir}/../masks/*.png", "channels": "luma",
+            "exclude": ["a2", "zz*"]}  # fmt: skip
+    config = parse_train_config({"data": data, "model": model, "output": "out"}, base_dir=tmp_path)
+    pairs = find_pairs(config.data)
+    assert [Path(image).stem for image, _ in pairs] == ["a1", "b1"]
+    read = read_pairs(pairs, channels="luma")
+    for (image, labels), name in zip(read, ["a1", "b1"], strict=True):
+        assert image.shape == (1, 16, 20)
+        np.testing.assert_array_equal(labels, expected[name])
+
+    with pytest.raises(ConfigError, match=r"data.exclude: \['\*'\] leaves none"):
+        find_pairs(config.data.model_copy(update={"exclude": ["*"]}))
+    for mask in (tmp_path / "b1" / "masks").iterdir():
+        mask.unlink()
+    with pytest.raises(ConfigError, match=r"image .*b1.png' has no reference"):
+        find_pairs(config.data)
+    iio.imwrite(tmp_path / "b1" / "masks" / "m1.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ConfigError, match=r"mask .*m1.png' is \(8, 8\), its image \(16, 20\)"):
+        read_pairs(find_pairs(config.data), channels="luma")
+
+
+def _write_flow_data(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        item = folder / f"cell_{k}"
+        item.mkdir(parents=True)
+        labels = np.zeros((32, 32), np.uint16)
+        labels[4:12, 5:13], labels[18:28, 16:24] = 1, 2
+        grey = (labels > 0) * 180 + 20 + rng.integers(0, 20, (32, 32))
+        tifffile.imwrite(item / "image.tif", grey.astype(np.uint8))
+        tifffile.imwrite(item / "labels.tif", labels)
+
+
+def test_epoch_tasks_read_and_prepare_the_data_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The train flow runs one task per epoch in one process: the images are read and their targets
+    drawn once, not once per epoch (hundreds of images take minutes), and read again when
+    a file changes."""
+    import segflow.models.train as train_module
+    import segflow.train_config as train_config
+
+    _write_flow_data(tmp_path / "data")
+    config = {
+        "name": "tiny-flows",
+        "data": {"images": "data/*/image.tif", "references": "{dir}/labels.tif",
+                 "channels": "luma", "validation": ["cell_2"]},
+        "model": {"architecture": {"name": "segnet", "params": {"features": [4, 8]}},
+                  "spatial_dims": 2, "channels": [{"name": "luma"}], "head": "flows",
+                  "tile": [16, 16]},
+        "training": {"batch_size": 2, "steps_per_epoch": 1, "max_epochs": 3, "seed": 1},
+        "output": "model",
+    }  # fmt: skip
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    calls = {"read": 0, "prepare": 0}
+    read, prepare = train_config._read_training_data, train_module._prepare
+
+    def counted_read(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["read"] += 1
+        return read(*args, **kwargs)
+
+    def counted_prepare(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["prepare"] += 1
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(train_config, "_read_training_data", counted_read)
+    monkeypatch.setattr(train_module, "_prepare", counted_prepare)
+    cfg = train_config.load_train_config(path)
+    for _ in range(2):
+        train_config.train_from_config(cfg, stop_after=1)
+    assert calls == {"read": 1, "prepare": 1}
+
+    labels = tifffile.imread(tmp_path / "data" / "cell_0" / "labels.tif")
+    labels[0, 0] = 3
+    tifffile.imwrite(tmp_path / "data" / "cell_0" / "labels.tif", labels)
+    with pytest.raises(Exception, match="data"):  # a saved run trained on other data
+        train_config.train_from_config(cfg, stop_after=1)
+    assert calls == {"read": 2, "prepare": 1}  # refused before preparing

@@ -236,6 +236,22 @@ def _prepare(pairs: Sequence[Pair], card: ModelCard, patch: tuple[int, ...]) -> 
     return prepared
 
 
+# The last prepared training data, kept between calls in one process: the train flow runs
+# one epoch per call (per task), and normalising hundreds of images and drawing their flow
+# targets takes minutes. Keyed by the run's identity (data fingerprint, card, config).
+_PREPARED: dict[str, list[_Prepared]] = {}
+
+
+def _prepared(
+    pairs: Sequence[Pair], card: ModelCard, patch: tuple[int, ...], run: dict[str, object]
+) -> list[_Prepared]:
+    key = json.dumps(run, sort_keys=True)
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one run at a time: the previous run's arrays are let go first
+        _PREPARED[key] = _prepare(pairs, card, patch)
+    return _PREPARED[key]
+
+
 def _sample_batch(
     data: list[_Prepared], patch: tuple[int, ...], config: TrainConfig, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -558,7 +574,6 @@ def train_model(
         raise ModelError("`pairs` is empty: training needs at least one (image, labels) pair")
     train_pairs, val_pairs = _split(pairs, validation, config)
     run = _run_identity(train_pairs, val_pairs, card, config, patch)
-    data = _prepare(train_pairs, card, patch)
     last = out / "last"
     last.mkdir(parents=True, exist_ok=True)
 
@@ -568,6 +583,7 @@ def train_model(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     progress = _start_or_resume(out, run, model, optimizer, resume=resume)
+    data = _prepared(train_pairs, card, patch, run)
     ran = 0
     while progress.epoch < config.max_epochs and progress.bad_epochs < config.patience:
         if stop_after is not None and ran >= stop_after:

@@ -14,6 +14,11 @@ Two image sets:
     epoch (160-167) saw. Defaults are chosen here.
 ``dsb``
     The five DSB2018 images of ``../shared/data`` (held out: scored, never chosen on).
+``stardist``
+    StarDist's own test image (``stardist/data/images/img2d.tif``, 512^2 uint16, and its 125
+    human-labelled nuclei ``mask2d.tif``; a crop of DSB2018's 4dbbb275..., which no segflow
+    training config uses): pass the folder holding both with ``--stardist-data`` (unzip them
+    from a ``pip download stardist --no-deps`` wheel). An independent check, never chosen on.
 
     python benchmarks/sweep_flows.py --set synthetic --grid flow_threshold=0,0.4,0.6
     python benchmarks/sweep_flows.py --set dsb --grid cellprob_threshold=0,1,2 --model-set \
@@ -29,6 +34,9 @@ reference masks instead: what a perfect estimate would reach, never a method or 
 
     python benchmarks/sweep_flows.py --set dsb --model-set diameter=20 --grid flow_threshold=0.5
     python benchmarks/sweep_flows.py --set synthetic --auto-diameter --grid flow_threshold=0.5
+
+``--model`` scores another flow model folder (default: the shipped ``nuclei-flows``), e.g.
+``--model configs/models/nuclei-dsb``.
 
 Each row prints the mean AP50 over the set, then per image ``ap50 (predicted/reference)``.
 """
@@ -65,6 +73,15 @@ def _dsb() -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
+def _stardist(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    import tifffile
+
+    image, labels = folder / "img2d.tif", folder / "mask2d.tif"
+    if not image.is_file() or not labels.is_file():
+        sys.exit(f"--stardist-data {folder}: img2d.tif and mask2d.tif are not both there")
+    return [("img2d", tifffile.imread(image)[np.newaxis], tifffile.imread(labels))]
+
+
 def _synthetic(first: int, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     from segflow.train_config import SyntheticData, synthetic_pairs
 
@@ -85,8 +102,9 @@ def _synthetic(first: int, count: int) -> list[tuple[str, np.ndarray, np.ndarray
 
 
 def _flows(
-    name: str, image: np.ndarray, cache: Path, model_set: dict[str, Any], scale: float
-) -> np.ndarray:
+    name: str, image: np.ndarray, cache: Path, model_set: dict[str, Any], scale: float,
+    model: Path = MODEL,
+) -> np.ndarray:  # fmt: skip
     """The model's raw output ``(dY, dX, cellprob)`` for one image, cached. With ``scale``
     other than 1 the image is resized by it (bilinear, as Cellpose's ``diameter`` does),
     and the output resized back: an isotropic zoom keeps the flows' directions."""
@@ -96,6 +114,7 @@ def _flows(
 
     tag = "-".join(f"{k}={v}" for k, v in sorted(model_set.items())).replace("/", "_")
     tag += f"-scale={scale}" if scale != 1 else ""
+    tag += f"-model={model.name}" if model != MODEL else ""
     path = cache / f"{name}{'-' + tag if tag else ''}.npy"
     if path.exists():
         return np.load(path)
@@ -103,7 +122,7 @@ def _flows(
     if scale != 1:
         size = tuple(max(round(n * scale), 2) for n in shape)
         image = resize(image.astype(np.float32), (image.shape[0], *size), order=1)
-    step = {"op": "model", "path": str(MODEL), "device": "cpu", "output": "raw", **model_set}
+    step = {"op": "model", "path": str(model), "device": "cpu", "output": "raw", **model_set}
     flows = np.asarray(segment(image, [{"op": "luma"}, step], channel_axis=0, n_threads=1))
     if scale != 1:
         flows = resize(flows, (flows.shape[0], *shape), order=1)
@@ -122,7 +141,7 @@ def median_diameter(labels: np.ndarray) -> float | None:
 
 def _auto_flows(
     images: list[tuple[str, np.ndarray, np.ndarray]], cache: Path, model_set: dict[str, Any],
-    max_travel: int, oracle: bool = False,
+    max_travel: int, oracle: bool = False, model: Path = MODEL,
 ) -> list[np.ndarray]:  # fmt: skip
     """Each image's flows at the diameter its first pass's masks imply (``oracle``: its
     reference masks, the bound a perfect estimate would reach; never a method)."""
@@ -130,7 +149,7 @@ def _auto_flows(
 
     out = []
     for name, image, reference in images:
-        first = _flows(name, image, cache, model_set, 1.0)
+        first = _flows(name, image, cache, model_set, 1.0, model)
         step = {**SHIPPED, "max_travel": max_travel}
         labels = reference if oracle else segment(first, [step], channel_axis=0, n_threads=1)
         diameter = median_diameter(np.asarray(labels))
@@ -138,7 +157,8 @@ def _auto_flows(
         if diameter is None:
             out.append(first)
             continue
-        out.append(_flows(name, image, cache, {**model_set, "diameter": round(diameter, 2)}, 1.0))
+        at = {**model_set, "diameter": round(diameter, 2)}
+        out.append(_flows(name, image, cache, at, 1.0, model))
     return out
 
 
@@ -159,7 +179,9 @@ def _grid(specs: list[str]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", choices=("synthetic", "dsb"), default="synthetic")
+    parser.add_argument("--set", choices=("synthetic", "dsb", "stardist"), default="synthetic")
+    parser.add_argument("--model", type=Path, default=MODEL, help="a flow model folder")
+    parser.add_argument("--stardist-data", type=Path, help="folder of img2d.tif, mask2d.tif")
     parser.add_argument("--first", type=int, default=1000, help="first synthetic index")
     parser.add_argument("--count", type=int, default=48, help="synthetic images")
     parser.add_argument("--cache", type=Path, default=ROOT / "outputs" / "sweep-flows")
@@ -180,11 +202,24 @@ def main() -> None:
 
     args.cache.mkdir(parents=True, exist_ok=True)
     model_set = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.model_set)}
-    images = _dsb() if args.set == "dsb" else _synthetic(args.first, args.count)
+    if args.set == "stardist" and args.stardist_data is None:
+        parser.error("--set stardist needs --stardist-data")
+    images = (
+        _dsb()
+        if args.set == "dsb"
+        else _stardist(args.stardist_data)
+        if args.set == "stardist"
+        else _synthetic(args.first, args.count)
+    )
+    model = args.model.resolve()
     if args.auto_diameter or args.oracle_diameter:
-        flows = _auto_flows(images, args.cache, model_set, args.max_travel, args.oracle_diameter)
+        flows = _auto_flows(
+            images, args.cache, model_set, args.max_travel, args.oracle_diameter, model
+        )
     else:
-        flows = [_flows(n, image, args.cache, model_set, args.scale) for n, image, _ in images]
+        flows = [
+            _flows(n, image, args.cache, model_set, args.scale, model) for n, image, _ in images
+        ]
     for setting in _grid(args.grid) or [{}]:
         step = {**BASE, "max_travel": args.max_travel, **setting}
         cells = []
@@ -192,8 +227,12 @@ def main() -> None:
             labels = segment(field, [step], channel_axis=0, n_threads=1)
             cells.append((name, _score(np.asarray(labels), reference)))
         mean = float(np.mean([s["ap50"] for _, s in cells]))
-        if args.set == "dsb":
-            shown = " ".join(f"{n}:{s['ap50']:.3f}({s['n_pred']}/{s['n_ref']})" for n, s in cells)
+        if args.set != "synthetic":
+            shown = " ".join(
+                f"{n}:{s['ap50']:.3f}/{s['ap50_95']:.3f}"
+                f"({s.get('matched', 0)}/{s['n_pred']}/{s['n_ref']})"
+                for n, s in cells
+            )
         else:  # the mean per kind, and the counts pooled
             kinds = sorted({n.split("-")[0] for n, _ in cells})
             shown = " ".join(

@@ -26,6 +26,7 @@ import itertools
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy import sparse
 
 #: Cellpose's scale of the flows a network is trained on (unit vectors times this).
 FLOW_SCALE = 5.0
@@ -60,23 +61,46 @@ def heat_map(labels: np.ndarray) -> np.ndarray:
 
     ``2 * (largest object extent)`` steps of: add 1 at every centre, then replace each object
     pixel by the mean of its ``3^ndim`` neighbourhood, counting only pixels of its own object
-    (the others are 0).
+    (the others are 0). The neighbourhood sums run over the object pixels only, as one sparse
+    matrix product per step whose terms are added in the neighbours' raster order: the same
+    bits as summing the ``3^ndim`` shifted images in that order, in a fraction of the time.
     """
     labels = np.asarray(labels)
     ids = np.unique(labels[labels > 0])
     heat = np.zeros(labels.shape, dtype=np.float64)
     if ids.size == 0:
         return heat
-    centres = _centres(labels, ids)
+    centres = np.ravel_multi_index(_centres(labels, ids), labels.shape)
     extent = max(max(s.stop - s.start for s in box) for box in ndi.find_objects(labels) if box)
-    offsets = list(itertools.product((-1, 0, 1), repeat=labels.ndim))
-    same = [_shifted(labels, o) == labels for o in offsets]
-    inside = labels > 0
+    neighbours, inside = _neighbour_matrix(labels)
+    position = np.zeros(labels.size, dtype=np.intp)
+    position[inside] = np.arange(inside.size)
+    at_centres = position[centres]
+    values = np.zeros(inside.size, dtype=np.float64)
+    count = float(3**labels.ndim)
     for _ in range(2 * extent):
-        heat[centres] += 1.0
-        total = sum(np.where(s, _shifted(heat, o), 0.0) for o, s in zip(offsets, same, strict=True))
-        heat = np.where(inside, total / len(offsets), 0.0)
+        values[at_centres] += 1.0
+        values = neighbours @ values / count
+    heat.ravel()[inside] = values
     return heat
+
+
+def _neighbour_matrix(labels: np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """The object pixels (flat indices, ascending) and the matrix of ones that sums, for each,
+    its ``3^ndim`` neighbours of the same object, columns in raster order."""
+    inside = np.flatnonzero(labels.ravel() > 0)
+    flat = np.full(labels.size, -1, dtype=np.intp)
+    flat[inside] = np.arange(inside.size)
+    position = flat.reshape(labels.shape)
+    rows, cols = [], []
+    for offset in itertools.product((-1, 0, 1), repeat=labels.ndim):
+        same = (_shifted(labels, offset) == labels) & (labels > 0)
+        rows.append(position[same])
+        cols.append(_shifted(position, offset)[same])
+    row, col = np.concatenate(rows), np.concatenate(cols)
+    matrix = sparse.csr_matrix((np.ones(row.size), (row, col)), shape=(inside.size, inside.size))
+    matrix.sort_indices()
+    return matrix, inside
 
 
 def label_flows(labels: np.ndarray) -> np.ndarray:

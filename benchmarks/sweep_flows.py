@@ -14,6 +14,11 @@ Two image sets:
     epoch (160-167) saw. Defaults are chosen here.
 ``dsb``
     The five DSB2018 images of ``../shared/data`` (held out: scored, never chosen on).
+``validation``
+    The real validation images of a train config (``--train-config``, default
+    ``configs/train/nuclei-dsb.yaml``: its ``data.validation`` stems, which chose the best
+    epoch and were never trained on). Defaults of a model trained on real images are chosen
+    here, never on ``dsb``.
 ``stardist``
     StarDist's own test image (``stardist/data/images/img2d.tif``, 512^2 uint16, and its 125
     human-labelled nuclei ``mask2d.tif``; a crop of DSB2018's 4dbbb275..., which no segflow
@@ -80,6 +85,25 @@ def _stardist(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     if not image.is_file() or not labels.is_file():
         sys.exit(f"--stardist-data {folder}: img2d.tif and mask2d.tif are not both there")
     return [("img2d", tifffile.imread(image)[np.newaxis], tifffile.imread(labels))]
+
+
+def _validation(config: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from segflow.train_config import find_pairs, load_train_config, read_pairs
+
+    train = load_train_config(config)
+    keep = set(train.data.validation)
+    pairs = [
+        (image, reference)
+        for image, reference in find_pairs(train.data)
+        if Path(image).parent.name in keep or Path(image).name.split(".")[0] in keep
+    ]
+    if not pairs:
+        sys.exit(f"--train-config {config}: no validation image found (data.validation)")
+    read = read_pairs(pairs, channels=train.data.channels)
+    return [
+        (Path(image).name[:8], pixels, labels)
+        for (image, _), (pixels, labels) in zip(pairs, read, strict=True)
+    ]
 
 
 def _synthetic(first: int, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -179,7 +203,12 @@ def _grid(specs: list[str]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", choices=("synthetic", "dsb", "stardist"), default="synthetic")
+    parser.add_argument(
+        "--set", choices=("synthetic", "dsb", "validation", "stardist"), default="synthetic"
+    )
+    parser.add_argument(
+        "--train-config", type=Path, default=ROOT / "configs" / "train" / "nuclei-dsb.yaml"
+    )
     parser.add_argument("--model", type=Path, default=MODEL, help="a flow model folder")
     parser.add_argument("--stardist-data", type=Path, help="folder of img2d.tif, mask2d.tif")
     parser.add_argument("--first", type=int, default=1000, help="first synthetic index")
@@ -209,6 +238,8 @@ def main() -> None:
         if args.set == "dsb"
         else _stardist(args.stardist_data)
         if args.set == "stardist"
+        else _validation(args.train_config)
+        if args.set == "validation"
         else _synthetic(args.first, args.count)
     )
     model = args.model.resolve()

@@ -43,14 +43,16 @@ BRAIN_PLANS["foreground_intensity_properties_per_channel"]["1"] = PLANS[
 BRAIN_DATASET = {**DATASET, "channel_names": {"0": "T1", "1": "FLAIR"}}
 
 
-def make_brain_results(folder: Path) -> Path:
+def make_brain_results(folder: Path, masked: tuple[bool, bool] = (True, False)) -> Path:
     from segflow.models.nnunet_source import build_network, resolve_configuration
 
+    plans = copy.deepcopy(BRAIN_PLANS)
+    plans["configurations"]["3d_fullres"]["use_mask_for_norm"] = list(masked)
     results = folder / "Dataset002_Brain" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     results.mkdir(parents=True)
-    (results / "plans.json").write_text(json.dumps(BRAIN_PLANS))
+    (results / "plans.json").write_text(json.dumps(plans))
     (results / "dataset.json").write_text(json.dumps(BRAIN_DATASET))
-    config = resolve_configuration(BRAIN_PLANS, "3d_fullres", results)
+    config = resolve_configuration(plans, "3d_fullres", results)
     for fold in range(2):
         torch.manual_seed(10 + fold)
         network = build_network(config, CHANNELS, len(DATASET["labels"]), results)
@@ -59,7 +61,7 @@ def make_brain_results(folder: Path) -> Path:
                 if "norm" in name:
                     p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if "weight" in name else p + 0.1)
         (results / f"fold_{fold}").mkdir()
-        checkpoint = _checkpoint(network.eval(), BRAIN_PLANS, fold)
+        checkpoint = _checkpoint(network.eval(), plans, fold)
         torch.save(checkpoint, results / f"fold_{fold}" / "checkpoint_final.pth")
     return results
 
@@ -67,6 +69,12 @@ def make_brain_results(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_brain_results(tmp_path_factory.mktemp("nnunet_brain"))
+
+
+@pytest.fixture(scope="module")
+def unmasked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same folder without use_mask_for_norm: the crop alone."""
+    return make_brain_results(tmp_path_factory.mktemp("nnunet_crop"), masked=(False, False))
 
 
 def brain(shape: tuple[int, ...], box: tuple[slice, ...], seed: int) -> np.ndarray:
@@ -129,6 +137,11 @@ def test_the_card_masks_the_first_channel_and_crops(results: Path) -> None:
     lines = "\n".join(card_lines(str(results), described))
     assert "within the non-zero mask (use_mask_for_norm)" in lines
     assert "cropped to their non-zero bounding box" in lines
+    assert "crop: the item's non-zero bounding box (background outside it)" in lines
+    assert (
+        "T1: item mean / standard deviation within its non-zero mask (z-score), 0 outside; "
+        "FLAIR: item mean / standard deviation (z-score)"
+    ) in lines
     identity = json.loads(card.identity_json())
     assert identity["crop"] == "nonzero"
     assert identity["channels"][0]["normalization"]["mask"] == "nonzero"
@@ -236,6 +249,30 @@ def test_blockwise_equals_whole_item_on_every_layout(
     # what is left is the float64 blending and the splines' 24-voxel reach (1e-5, as in
     # test_nnunet_source)
     np.testing.assert_allclose(out, whole, rtol=0, atol=1e-5)
+
+
+def test_the_crop_alone_equals_nnunet_predictor(unmasked: Path) -> None:
+    """Without use_mask_for_norm: z-scored over the box (the zeros inside it count)."""
+    assert describe_model(unmasked).card.channels[0].normalization.mask == "none"
+    _compare(unmasked, (12, 28, 24), (slice(1, 11), slice(5, 26), slice(2, 20)),
+             tuple(SPACING), atol=1e-3)  # fmt: skip
+
+
+def test_streamed_blocks_equal_the_whole_item(unmasked: Path) -> None:
+    """Nothing kept between phases (keep_limit 0): the phase after the box recomputes its
+    input from the item, and gives the same output. (A card with a masked channel does not
+    stream: its inference needs a halo after the mask's merge, see can_stream.)"""
+    from segflow.engine.pipeline import compile_pipeline
+    from segflow.engine.run import can_stream
+
+    plan = compile_pipeline([_step(unmasked)], spatial_ndim=3, channels=2, dtype="float32")
+    assert can_stream(plan)
+    shape, box = (12, 28, 24), (slice(1, 11), slice(5, 26), slice(2, 20))
+    image = brain(shape, box, seed=3)
+    options = {"channel_axis": 0, "spacing": (3.0, 0.8, 0.8), "units": "mm"}
+    whole = segment(image, [_step(unmasked)], **options)
+    streamed = segment(image, [_step(unmasked)], block_shape=(5, 9, 7), keep_limit=0, **options)
+    np.testing.assert_allclose(streamed, whole, rtol=0, atol=1e-5)  # as the test above
 
 
 def test_an_all_zero_item_is_refused_in_one_line(results: Path) -> None:

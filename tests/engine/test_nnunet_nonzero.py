@@ -283,6 +283,15 @@ def test_an_all_zero_item_is_refused_in_one_line(results: Path) -> None:
     assert "\n" not in str(error.value).strip()
 
 
+def test_an_item_with_other_channels_is_refused_naming_them(results: Path) -> None:
+    from segflow.engine.pipeline import compile_pipeline
+    from segflow.errors import PlanError
+
+    # the mask part adds a channel before the statistics part, which checks the item's count
+    with pytest.raises(PlanError, match=r"expects 2 channels \(T1, FLAIR\), the image has 1 "):
+        compile_pipeline([_step(results)], spatial_ndim=3, channels=1, dtype="float32")
+
+
 def test_in_memory_statistics_take_the_mask() -> None:
     image = brain((6, 10, 9), (slice(1, 5), slice(2, 9), slice(1, 8)), seed=3)
     channels = [ChannelCard(name="t1", normalization={"method": "zscore", "mask": "nonzero"}),

@@ -112,7 +112,11 @@ class ResamplingCard(_Card):
     probabilities, on its way back (1); ``order_z`` and ``order_z_back``: the same along the
     out-of-plane axis of an anisotropic spacing (0); ``separate_z``: resample that axis on its own
     (``None``: when the spacing's max / min exceeds 3); ``clip``: per input channel, the
-    bounds its scaled values are clipped to before and after resampling (``None``: none).
+    bounds its scaled values are clipped to before and after resampling (``None``: none);
+    ``clip_to_input``: the resampled image is clipped to the range of the scaled image it
+    came from, each channel's, or each slice's along an axis resampled on its own with
+    order 0, as ``skimage.transform.resize`` (nnU-Net's) clips (needs the card's ``crop``,
+    whose statistics pass finds the ranges).
     """
 
     order: Literal[0, 1, 3] = 3
@@ -121,6 +125,7 @@ class ResamplingCard(_Card):
     order_z_back: Literal[0, 1, 3] = 0
     separate_z: bool | None = None
     clip: tuple[tuple[float, float] | None, ...] = ()
+    clip_to_input: bool = False
 
 
 class ArchitectureCard(_Card):
@@ -225,6 +230,8 @@ class ModelCard(_Card):
             raise ValueError(
                 f"`resampling.clip` has {len(clip)} entries for {len(self.channels)} channels"
             )
+        if self.resampling is not None and self.resampling.clip_to_input and self.crop is None:
+            raise ValueError("`resampling.clip_to_input` needs `crop` (its statistics pass)")
         if self.crop is not None and self.head != "semantic":
             raise ValueError(
                 f"`crop` ({self.crop!r}) needs a semantic head (background outside the box), "
@@ -266,6 +273,8 @@ class ModelCard(_Card):
         for channel in data["channels"]:
             if channel["normalization"]["mask"] == "none":
                 del channel["normalization"]["mask"]
+        if "resampling" in data and not data["resampling"]["clip_to_input"]:
+            del data["resampling"]["clip_to_input"]
         if data["tile_rule"] == "even":
             del data["tile_rule"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

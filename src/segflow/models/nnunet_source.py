@@ -32,7 +32,8 @@ nnU-Net's ``nnUNetPredictor`` reads, and the card comes from the same files:
   reversed from ``x, y, z``), and how to resample to it: ``resampling_fn_data_kwargs``
   (spline order 3, order 0 along the out-of-plane axis of an anisotropic spacing) and
   ``resampling_fn_probabilities_kwargs`` (order 1 for the logits on their way back), with
-  each CT channel's window as the clip (:mod:`segflow.models.resampling`, blockwise).
+  each CT channel's window as the clip and, as ``skimage.transform.resize`` clips, the
+  scaled input's range (``clip_to_input``) (:mod:`segflow.models.resampling`, blockwise).
 
 The network the step runs is the ensemble of every ``fold_*/checkpoint_final.pth``: each
 fold's logits averaged over the mirrorings the checkpoint allows
@@ -391,7 +392,8 @@ def _resampling(
         )
     bounded = [None if not np.isfinite(c).any() else tuple(c) for c in clips]
     return {**data, "order_back": back["order"], "order_z_back": back["order_z"],
-            "clip": bounded if any(c is not None for c in bounded) else []}  # fmt: skip
+            "clip": bounded if any(c is not None for c in bounded) else [],
+            "clip_to_input": True}  # fmt: skip
 
 
 def _mirror_axes(checkpoint: dict[str, Any], ndim: int) -> list[int]:

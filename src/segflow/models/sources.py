@@ -391,7 +391,8 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
     if how is not None:
         spacing += (
             f"; items resampled to it (spline order {how.order}, back {how.order_back}; "
-            f"{how.order_z} / {how.order_z_back} along z of an anisotropic spacing)"
+            f"{how.order_z} / {how.order_z_back} along z of an anisotropic spacing"
+            f"{'; clipped to the input range' if how.clip_to_input else ''})"
         )
     lines = [
         f"model: {path}",

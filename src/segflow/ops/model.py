@@ -527,7 +527,28 @@ def _statistic(params: ModelParams) -> ChannelStatistics | NonzeroStatistics:
     masked = _masked(card)
     if card.crop is None and not any(masked):
         return channels
-    return NonzeroStatistics(channels, masked, has_mask=any(masked), crop=card.crop is not None)
+    axis = _range_axis(params)
+    crop = card.crop is not None
+    return NonzeroStatistics(
+        channels, masked, has_mask=any(masked), crop=crop, ranges=axis is not None,
+        axis=None if axis == -1 else axis,
+    )  # fmt: skip
+
+
+def _range_axis(params: ModelParams) -> int | None:
+    """Where the resampled image is clipped to its input's range (``clip_to_input``): -1
+    for each channel's range, the axis resampled apart (with order 0) for each slice's;
+    None for no clip (not resampling, or an axis apart of another order: not the same
+    once interpolated)."""
+    from segflow.models.resampling import separate_axis
+
+    how, sizes = _how(params), _pixel_sizes(params, step_card(params).spatial_dims)
+    if how is None or not how.clip_to_input or sizes is None or params.diameter is not None:
+        return None
+    axis = separate_axis(*sizes, how.separate_z)
+    if axis is not None and how.order_z != 0:
+        return None
+    return -1 if axis is None else axis
 
 
 def _channel_statistics(card: ModelCard) -> ChannelStatistics:
@@ -588,17 +609,33 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
     inner = shrink_box(box, _halo(params, len(shape)), shape)
     if card.crop is None:
         probs = _blended(image, box, inner, shape, params, ctx.resource)
-    else:  # the statistics part's value ends with the non-zero box, (start, stop) per axis
-        crop = tuple(slice(int(a), int(b)) for a, b in ctx.stat[len(card.channels) :])
-        probs = _blended_in_box(image, box, inner, crop, params, ctx.resource)
+    else:  # the statistics part's value: the channels' pairs, the box, the input's ranges
+        n, ndim = len(card.channels), len(shape)
+        crop = tuple(slice(int(a), int(b)) for a, b in ctx.stat[n : n + ndim])
+        ranges = _scaled_ranges(ctx.stat, card, len(shape))
+        probs = _blended_in_box(image, box, inner, crop, params, ctx.resource, ranges)
     return _output(probs, params, box, inner)
+
+
+def _scaled_ranges(stat: Sequence[Any], card: ModelCard, ndim: int) -> np.ndarray | None:
+    """The input's ranges (``clip_to_input``) as the scaled image's: ``(c, slices, 2)``."""
+    from segflow.models.card import normalize_image
+
+    n = len(card.channels)
+    raw = np.asarray(stat[n + ndim :], dtype=np.float64)
+    if raw.size == 0:
+        return None
+    raw = raw.reshape(n, -1, 2)
+    ones = np.ones(raw.shape[1:], dtype=bool)  # the raw ends are values inside the mask
+    return normalize_image(raw, card.channels, [tuple(p) for p in stat[:n]], mask=ones)
 
 
 def _blended(
     image: np.ndarray, box: Box, inner: Box, shape: tuple[int, ...], params: ModelParams,
-    loaded: LoadedModel,
+    loaded: LoadedModel, ranges: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """The blended map over ``inner`` of an item of ``shape``; ``image`` holds ``box``."""
+    """The blended map over ``inner`` of an item of ``shape``; ``image`` holds ``box``;
+    ``ranges``: the scaled input's, to clip the resampled image to (``clip_to_input``)."""
     from segflow.models.tiling import plan_tiles
 
     card = step_card(params)
@@ -606,12 +643,13 @@ def _blended(
     if grid is None:
         tiles = plan_tiles(shape, tile=card.tile, overlap=card.overlap, rule=card.tile_rule)
         return _predict(image, box, inner, tiles, params, loaded, card.activation)
-    return _predict_resampled(image, box, inner, grid, params, loaded)
+    return _predict_resampled(image, box, inner, grid, params, loaded, ranges)
 
 
 def _blended_in_box(
-    image: np.ndarray, box: Box, inner: Box, crop: Box, params: ModelParams, loaded: LoadedModel
-) -> np.ndarray:
+    image: np.ndarray, box: Box, inner: Box, crop: Box, params: ModelParams,
+    loaded: LoadedModel, ranges: np.ndarray | None,
+) -> np.ndarray:  # fmt: skip
     """The blended map over ``inner`` when the network sees the item's non-zero box ``crop``
     only, as nnU-Net's ``crop_to_nonzero``: the box is the item (its shape sets the tile and
     resampling grids, its faces are the border); outside it the map is background."""
@@ -630,7 +668,7 @@ def _blended_in_box(
 
     shape = tuple(c.stop - c.start for c in crop)
     probs[(slice(None), *relative(part, inner))] = _blended(
-        data, moved(have), moved(part), shape, params, loaded
+        data, moved(have), moved(part), shape, params, loaded, ranges
     )
     return probs
 
@@ -659,7 +697,7 @@ def _predict(
 
 def _predict_resampled(
     image: np.ndarray, box: Box, inner: Box, grid: ResampleGrid, params: ModelParams,
-    loaded: LoadedModel,
+    loaded: LoadedModel, ranges: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """The output over ``inner``: the item resampled to the model's grid where the tiles
     that ``inner`` needs read it, the network there, the logits (or probabilities) resampled
@@ -677,7 +715,10 @@ def _predict_resampled(
         raise AssertionError(f"the model step's halo misses item pixels {source} (has {box})")
     data = _clip(image[(slice(None), *relative(source, box))], how.clip)
     data = resample_region(data, source, grid.item, grid.model, window, grid.forward)
-    data = _clip(data, how.clip).astype(np.float32)
+    data = _clip(data, how.clip)
+    if ranges is not None:  # the input's range, as the window clipped it
+        data = _clip_to_input(data, window, grid, _clip(ranges, how.clip), _range_axis(params))
+    data = data.astype(np.float32)
     after = card.activation == "softmax_after_blending"  # nnU-Net: logits go back, then softmax
     out = _predict(data, window, back, tiles, params, loaded, "none" if after else card.activation)
     out = resample_region(out, back, grid.model, grid.item, inner, grid.back)
@@ -692,6 +733,28 @@ def _clip(data: np.ndarray, bounds: Sequence[tuple[float, float] | None]) -> np.
         if bound is not None:
             np.clip(data[c], bound[0], bound[1], out=data[c])
     return data
+
+
+def _clip_to_input(
+    data: np.ndarray, window: Box, grid: ResampleGrid, ranges: np.ndarray, axis: int | None
+) -> np.ndarray:
+    """``data`` (``window`` of the model's grid) clipped to the scaled input's ``ranges``:
+    each channel's, or, along an ``axis`` resampled apart with order 0, the range of the
+    item slice each model slice is the nearest of (skimage's ``resize`` clips each slice
+    it resizes in-plane before nnU-Net takes the nearest along that axis)."""
+    from segflow.models.resampling import positions
+
+    shape = [1] * data.ndim
+    shape[0] = len(ranges)
+    if axis is None or axis < 0:
+        low, high = ranges[:, 0, 0], ranges[:, 0, 1]
+        return np.clip(data, low.reshape(shape), high.reshape(shape))
+    w = window[axis]
+    nearest = np.floor(positions(w.start, w.stop, grid.item[axis], grid.model[axis]) + 0.5)
+    nearest = np.clip(nearest.astype(np.intp), 0, grid.item[axis] - 1)
+    shape[axis + 1] = len(nearest)
+    low, high = ranges[:, nearest, 0], ranges[:, nearest, 1]
+    return np.clip(data, low.reshape(shape), high.reshape(shape))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -761,6 +824,7 @@ register(
         out_channels=_statistics_channels,
         out_dtype=lambda p, dtype: np.dtype(np.float32),
         check_layout=_check_statistics_layout,
+        item_spacing=_item_spacing,  # clip_to_input: the ranges' axis depends on it
     )
 )
 register(

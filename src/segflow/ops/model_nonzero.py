@@ -15,9 +15,13 @@ the whole item's result. The card says ``crop: nonzero`` and, per channel,
     hole-filled non-zero mask (0 / 1) as one more channel.
 :class:`NonzeroStatistics` (the statistic of the model's ``statistics`` part)
     A first pass finds the bounding box (each core's extent of the mask, merged); the next
-    ones take each channel's statistic over the box (``crop``) or within the mask. The value
-    is the channels' ``(a, b)`` pairs followed by one ``(start, stop)`` pair per axis: the
-    model's inference part reads the box from it (``stat_of``).
+    ones take each channel's statistic over the box (``crop``) or within the mask, and (for
+    ``resampling.clip_to_input``) each channel's range of values in the box, per slice
+    along an axis resampled on its own. The value is the channels' ``(a, b)`` pairs, one
+    ``(start, stop)`` pair per axis, then the ranges' ``(low, high)`` pairs (channel by
+    channel, slice by slice; a masked channel's include its mean where the slice has voxels
+    outside the mask, which are 0 once scaled): the model's inference part reads the box and
+    the ranges from it (``stat_of``).
 """
 
 from __future__ import annotations
@@ -106,10 +110,12 @@ class NonzeroStatistics:
     masked: tuple[bool, ...]
     has_mask: bool
     crop: bool
+    ranges: bool = False
+    axis: int | None = None
     positional = True
 
     def start(self) -> Any:
-        return ("box", None, None)
+        return ("box", None, None, None)
 
     def _mask(self, core: np.ndarray) -> np.ndarray:
         return core[-1] != 0 if self.has_mask else (core != 0).any(axis=0)
@@ -120,19 +126,24 @@ class NonzeroStatistics:
         if state[0] == "box":
             return _extent(self._mask(core), box)
         planes = core[:-1] if self.has_mask else core
-        mask = self._mask(core) if any(self.masked) else None
+        mask = self._mask(core) if any(self.masked) or self.ranges else None
         crop = tuple(slice(a, b) for a, b in state[1])
         inside = relative(intersect(box, crop), box) if self.crop else (slice(None),) * len(box)
         values = [
             plane[mask] if masked and mask is not None else plane[inside]
             for plane, masked in zip(planes, self.masked, strict=True)
         ]
-        return self.channels.map(values, state[2])
+        ranges = None
+        if self.ranges and state[3] is None:  # the first pass over the values finds them
+            assert mask is not None
+            ranges = _slice_ranges(planes, mask, self.masked, box, crop, self.axis)
+        return self.channels.map(values, state[2]), ranges
 
     def merge(self, partials: Sequence[Any], state: Any) -> Any:
         if state[0] == "box":
             return _merge_extents(partials)
-        return self.channels.merge(partials, state[2])
+        ranges = [p[1] for p in partials if p[1] is not None]
+        return self.channels.merge([p[0] for p in partials], state[2]), _merge_ranges(ranges)
 
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         if state[0] == "box":
@@ -145,10 +156,68 @@ class NonzeroStatistics:
                 )
             pairs = tuple(zip(*extent, strict=True))
             inner = self.channels.start()
-            if all(s is None for s in inner):  # fixed numbers only: no pass over the values
+            if all(s is None for s in inner) and not self.ranges:  # no pass over the values
                 return Done((*self.channels.fixed, *pairs))
-            return ("stats", pairs, inner)
-        result = self.channels.combine(partials, state[2])
+            return ("stats", pairs, inner, None)
+        result = self.channels.combine([p[0] for p in partials], state[2])
+        ranges = state[3]
+        if self.ranges and ranges is None:
+            ranges = _merge_ranges([p[1] for p in partials if p[1] is not None])
         if isinstance(result, Done):
-            return Done((*result.value, *state[1]))
-        return ("stats", state[1], result)
+            return Done((*result.value, *state[1], *self._folded(ranges, result.value)))
+        return ("stats", state[1], result, ranges)
+
+    def _folded(self, ranges: Ranges | None, stats: Sequence[Any]) -> list[tuple[float, float]]:
+        """The ranges as ``(low, high)`` pairs; where a masked channel's slice has voxels
+        outside the mask, its mean joins them (the value that scales to 0)."""
+        if ranges is None:
+            return []
+        low, high, outside = (np.array(r, dtype=np.float64) for r in ranges)
+        for c, masked in enumerate(self.masked):
+            if masked:
+                mean = float(stats[c][0])
+                low[c] = np.where(outside[c], np.fmin(low[c], mean), low[c])
+                high[c] = np.where(outside[c], np.fmax(high[c], mean), high[c])
+        return [(float(a), float(b)) for a, b in zip(low.ravel(), high.ravel(), strict=True)]
+
+
+#: Per channel and slice: the lowest and highest value, and whether the slice has voxels
+#: outside the mask (``(channels, slices)`` arrays each).
+Ranges = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _slice_ranges(
+    planes: np.ndarray, mask: np.ndarray, masked: Sequence[bool], box: Box, crop: Box,
+    axis: int | None,
+) -> Ranges:  # fmt: skip
+    """This core's part of the ranges: over ``crop`` (the box), per slice along ``axis``
+    (one slice when ``None``), a masked channel's within ``mask``."""
+    n = 1 if axis is None else crop[axis].stop - crop[axis].start
+    low = np.full((len(planes), n), np.inf)
+    high = np.full((len(planes), n), -np.inf)
+    outside = np.zeros((len(planes), n), dtype=bool)
+    part = intersect(box, crop)
+    if any(s.stop <= s.start for s in part):
+        return low, high, outside
+    where = relative(part, box)
+    lead = 0 if axis is None else axis
+    inside = np.moveaxis(mask[where], lead, 0)
+    inside = inside.reshape(1 if axis is None else inside.shape[0], -1)
+    at = 0 if axis is None else part[axis].start - crop[axis].start
+    rows = slice(at, at + inside.shape[0])
+    for c, plane in enumerate(planes):
+        values = np.moveaxis(np.asarray(plane[where], dtype=np.float64), lead, 0)
+        values = values.reshape(inside.shape)
+        keep = inside if masked[c] else np.ones_like(inside)
+        low[c, rows] = np.fmin.reduce(np.where(keep, values, np.inf), axis=1)
+        high[c, rows] = np.fmax.reduce(np.where(keep, values, -np.inf), axis=1)
+        outside[c, rows] = masked[c] and (~inside).any(axis=1)
+    return low, high, outside
+
+
+def _merge_ranges(parts: Sequence[Ranges]) -> Ranges | None:
+    if not parts:
+        return None
+    low = np.minimum.reduce([p[0] for p in parts])
+    high = np.maximum.reduce([p[1] for p in parts])
+    return low, high, np.logical_or.reduce([p[2] for p in parts])

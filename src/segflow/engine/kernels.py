@@ -250,7 +250,7 @@ def _context(
 ) -> OpContext:
     return OpContext(
         spatial_ndim=ndim,
-        stat=stats.get(step.key),
+        stat=stats.get(step.stat_key),
         spacing=spacing,
         box=box,
         shape=shape,

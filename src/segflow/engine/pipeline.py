@@ -60,6 +60,14 @@ class Step:
             return f"pipeline[{self.index}].{self.op.name}"
         return f"pipeline[{self.index}].{self.origin}.{self.part}"
 
+    @property
+    def stat_key(self) -> str:
+        """The key of the statistic this step's ``ctx.stat`` holds: its own, or that of
+        the part its operation names in ``stat_of`` (a sibling part of the same step)."""
+        if self.op.stat_of is None or self.origin is None:
+            return self.key
+        return f"pipeline[{self.index}].{self.origin}.{self.op.stat_of}"
+
     def describe(self) -> str:
         return f"pipeline[{self.index}] {self.origin or self.op.name!r}"
 

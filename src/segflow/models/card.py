@@ -61,15 +61,21 @@ class Normalization(_Card):
     ``high`` (in 0..100); ``fixed``: the same with the values ``low`` and ``high`` themselves
     (a CT window in HU, say); ``zscore``: ``(x - mean) / std`` of the item; ``none``: as is.
     ``clip`` clips the scaled values to [0, 1] (``percentile`` and ``fixed`` only).
+    ``mask: nonzero`` (``zscore`` only; nnU-Net's ``use_mask_for_norm``): the mean and
+    standard deviation are the item's within its non-zero mask (:func:`nonzero_mask`) and
+    the scaled values outside it are 0.
     """
 
     method: Literal["percentile", "fixed", "zscore", "none"] = "percentile"
     low: float = 1.0
     high: float = 99.0
     clip: bool = False
+    mask: Literal["none", "nonzero"] = "none"
 
     @model_validator(mode="after")
     def _ordered(self) -> Normalization:
+        if self.mask != "none" and self.method != "zscore":
+            raise ValueError(f"`mask` ({self.mask!r}) needs method 'zscore', not {self.method!r}")
         if self.method in ("percentile", "fixed") and not self.low < self.high:
             raise ValueError(f"`low` ({self.low}) must be below `high` ({self.high})")
         if self.method == "percentile" and not 0 <= self.low < self.high <= 100:
@@ -106,7 +112,11 @@ class ResamplingCard(_Card):
     probabilities, on its way back (1); ``order_z`` and ``order_z_back``: the same along the
     out-of-plane axis of an anisotropic spacing (0); ``separate_z``: resample that axis on its own
     (``None``: when the spacing's max / min exceeds 3); ``clip``: per input channel, the
-    bounds its scaled values are clipped to before and after resampling (``None``: none).
+    bounds its scaled values are clipped to before and after resampling (``None``: none);
+    ``clip_to_input``: the resampled image is clipped to the range of the scaled image it
+    came from, each channel's, or each slice's along an axis resampled on its own with
+    order 0, as ``skimage.transform.resize`` (nnU-Net's) clips (needs the card's ``crop``,
+    whose statistics pass finds the ranges).
     """
 
     order: Literal[0, 1, 3] = 3
@@ -115,6 +125,7 @@ class ResamplingCard(_Card):
     order_z_back: Literal[0, 1, 3] = 0
     separate_z: bool | None = None
     clip: tuple[tuple[float, float] | None, ...] = ()
+    clip_to_input: bool = False
 
 
 class ArchitectureCard(_Card):
@@ -181,6 +192,13 @@ class ModelCard(_Card):
         description="what turns the network's output into the blended map (softmax, sigmoid "
         "or none); unset: from the head (softmax, none for the distance head)",
     )
+    crop: Literal["nonzero"] | None = Field(
+        default=None,
+        description="nonzero: the network sees only the item's non-zero bounding box (nnU-Net's "
+        "crop_to_nonzero: the box of the voxels where any channel is non-zero, as the item "
+        "with its own tile grid, statistics and resampling) and the output outside it is "
+        "background; unset: the whole item",
+    )
     training: TrainingCard = TrainingCard()
     metrics: dict[str, float] = {}
     weights: WeightsCard | None = None
@@ -212,6 +230,13 @@ class ModelCard(_Card):
             raise ValueError(
                 f"`resampling.clip` has {len(clip)} entries for {len(self.channels)} channels"
             )
+        if self.resampling is not None and self.resampling.clip_to_input and self.crop is None:
+            raise ValueError("`resampling.clip_to_input` needs `crop` (its statistics pass)")
+        if self.crop is not None and self.head != "semantic":
+            raise ValueError(
+                f"`crop` ({self.crop!r}) needs a semantic head (background outside the box), "
+                f"not {self.head!r}"
+            )
         if find_architecture(self.architecture.name) is not None:
             check_tile(self.network_spec(), self.tile)
         return self
@@ -238,12 +263,18 @@ class ModelCard(_Card):
     def identity_json(self) -> str:
         """Canonical JSON of the card without its ``weights`` entry (which depends on how the
         weights were serialised): the card's part of the model hash. ``output_activation``,
-        ``resampling`` and ``diameter`` enter only when set and ``tile_rule`` only when not
-        ``even``, so the cards written before they existed keep their hash."""
+        ``resampling``, ``diameter`` and ``crop`` enter only when set, ``tile_rule`` only
+        when not ``even`` and a channel's normalisation ``mask`` only when not ``none``, so
+        the cards written before they existed keep their hash."""
         data = self.model_dump(mode="json", exclude={"weights"})
-        for key in ("output_activation", "resampling", "diameter"):
+        for key in ("output_activation", "resampling", "diameter", "crop"):
             if data[key] is None:
                 del data[key]
+        for channel in data["channels"]:
+            if channel["normalization"]["mask"] == "none":
+                del channel["normalization"]["mask"]
+        if "resampling" in data and not data["resampling"]["clip_to_input"]:
+            del data["resampling"]["clip_to_input"]
         if data["tile_rule"] == "even":
             del data["tile_rule"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
@@ -275,10 +306,33 @@ def check_item(card: ModelCard, *, channels: int, spatial_ndim: int, item: str =
         )
 
 
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+    """Where any channel of ``image`` ``(c, ...)`` is non-zero, holes filled: nnU-Net's
+    ``create_nonzero_mask`` (``scipy.ndimage.binary_fill_holes``, faces connectivity), the
+    mask a ``mask: nonzero`` normalisation is taken within.
+
+    Examples
+    --------
+    >>> image = np.array([[[0, 0, 0, 0], [0, 3, 0, 2], [0, 1, 5, 0]]])
+    >>> nonzero_mask(image).astype(int)
+    array([[0, 0, 0, 0],
+           [0, 1, 0, 1],
+           [0, 1, 1, 0]])
+    >>> ring = np.ones((1, 3, 3))
+    >>> ring[0, 1, 1] = 0
+    >>> int(nonzero_mask(np.pad(ring, ((0, 0), (1, 1), (1, 1)))).sum())  # the hole is filled
+    9
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    return np.asarray(binary_fill_holes((np.asarray(image) != 0).any(axis=0)))
+
+
 def item_statistics(
     image: np.ndarray, channels: Sequence[ChannelCard]
 ) -> list[tuple[float, float]]:
-    """Per channel, the two numbers its normalisation needs, from the whole item ``(c, ...)``.
+    """Per channel, the two numbers its normalisation needs, from the whole item ``(c, ...)``
+    (a ``mask: nonzero`` channel's within :func:`nonzero_mask`).
 
     The engine computes the same numbers with a global-statistic pass over the blocks; this
     in-memory version serves training and small items.
@@ -290,9 +344,15 @@ def item_statistics(
     [(1.0, 99.0)]
     """
     stats = []
+    masked = any(c.normalization.mask != "none" for c in channels)
+    mask = nonzero_mask(image) if masked else None
     for plane, channel in zip(image, channels, strict=True):
         norm = channel.normalization
         values = np.asarray(plane, dtype=np.float64)
+        if norm.mask != "none" and mask is not None:
+            if not mask.any():
+                raise ModelError("the item is all zero: no non-zero mask to normalise within")
+            values = values[mask]
         if norm.method == "percentile":
             low, high = np.percentile(values, [norm.low, norm.high])
         elif norm.method == "zscore":
@@ -309,12 +369,14 @@ def normalize_image(
     image: np.ndarray,
     channels: Sequence[ChannelCard],
     stats: Sequence[tuple[float, float]],
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """``image`` ``(c, ...)`` scaled channel by channel as the card says, float32.
 
     ``stats`` are the item's numbers from :func:`item_statistics` (or the engine's pass). A
     channel whose two numbers coincide (a constant item) is scaled by 1 rather than divided
-    by zero.
+    by zero. A ``mask: nonzero`` channel is 0 outside ``mask`` (the item's
+    :func:`nonzero_mask` over the same pixels; computed from ``image`` when not given).
 
     Examples
     --------
@@ -338,4 +400,7 @@ def normalize_image(
         out[c] = (np.asarray(image[c], dtype=np.float32) - np.float32(offset)) / np.float32(scale)
         if norm.clip and norm.method != "zscore":
             np.clip(out[c], 0.0, 1.0, out=out[c])
+        if norm.mask != "none":
+            mask = nonzero_mask(image) if mask is None else mask
+            out[c][~mask] = 0.0
     return out

@@ -18,15 +18,22 @@ nnU-Net's ``nnUNetPredictor`` reads, and the card comes from the same files:
   z-score with its stored mean and standard deviation,
   ``foreground_intensity_properties_per_channel``), ``ZScoreNormalization`` (the item's mean
   and standard deviation: nnU-Net's per-image statistics become per-item ones),
-  ``RescaleTo01Normalization``, ``RGBTo0_1Normalization`` and ``NoNormalization``; a channel
-  normalised within its non-zero mask (``use_mask_for_norm``) is refused;
+  ``RescaleTo01Normalization``, ``RGBTo0_1Normalization`` and ``NoNormalization``; a
+  ``ZScoreNormalization`` channel with ``use_mask_for_norm`` takes the item's mean and
+  standard deviation within its non-zero mask and is 0 outside it (``mask: nonzero``; the
+  other schemes ignore ``use_mask_for_norm``, as nnU-Net's do);
+* the crop: every item is cropped to its non-zero bounding box as ``crop_to_nonzero`` does
+  (``crop: nonzero``; the box of the voxels where any channel is not 0): the statistics,
+  the resampling and the tile grid are the box's, and the prediction outside it is
+  background (:mod:`segflow.ops.model_nonzero`); an all-zero item is refused in one line;
 * the classes: ``dataset.json`` ``labels``, ordered by their values (0 .. n - 1); region-based
   trainings (a label naming several values) are refused;
 * the spacing: the configuration's ``spacing`` in mm, axes ``(z), y, x`` (SimpleITK's order,
   reversed from ``x, y, z``), and how to resample to it: ``resampling_fn_data_kwargs``
   (spline order 3, order 0 along the out-of-plane axis of an anisotropic spacing) and
   ``resampling_fn_probabilities_kwargs`` (order 1 for the logits on their way back), with
-  each CT channel's window as the clip (:mod:`segflow.models.resampling`, blockwise).
+  each CT channel's window as the clip and, as ``skimage.transform.resize`` clips, the
+  scaled input's range (``clip_to_input``) (:mod:`segflow.models.resampling`, blockwise).
 
 The network the step runs is the ensemble of every ``fold_*/checkpoint_final.pth``: each
 fold's logits averaged over the mirrorings the checkpoint allows
@@ -37,8 +44,7 @@ averaged over the folds, as ``predict_logits_from_preprocessed_data``. Leave the
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors, plain containers,
 numbers, strings, ``torch.device`` and numpy's numeric scalars (nnU-Net's training log holds
 ``numpy.float64`` values) and nothing else; a checkpoint that needs any other object is
-refused in one line. What segflow does not do that nnU-Net does: crop each image to its
-non-zero bounding box first (the same wherever the image has no all-zero border).
+refused in one line.
 """
 
 from __future__ import annotations
@@ -268,9 +274,10 @@ def build_network(
 
 
 def _channel(
-    scheme: str, props: dict[str, Any] | None, folder: Path, index: int
+    scheme: str, props: dict[str, Any] | None, folder: Path, index: int, masked: bool
 ) -> tuple[dict[str, Any], tuple[float, float], str | None]:
-    """One channel's card normalisation, the clip of its scaled values and a note."""
+    """One channel's card normalisation, the clip of its scaled values and a note
+    (``masked``: the plans' ``use_mask_for_norm``, which only ZScoreNormalization uses)."""
     unbounded = (-float("inf"), float("inf"))
     if scheme == "CTNormalization":
         keys = ("mean", "std", "percentile_00_5", "percentile_99_5")
@@ -288,6 +295,10 @@ def _channel(
                 "the scaled values, inside the network)")  # fmt: skip
         norm = {"method": "fixed", "low": mean, "high": mean + std}
         return norm, ((low - mean) / std, (high - mean) / std), note
+    if scheme == "ZScoreNormalization" and masked:
+        note = (f"channel {index}: nnU-Net ZScoreNormalization within the non-zero mask "
+                "(use_mask_for_norm): the item's mean and std within it, 0 outside")  # fmt: skip
+        return {"method": "zscore", "mask": "nonzero"}, unbounded, note
     if scheme == "ZScoreNormalization":
         note = f"channel {index}: nnU-Net ZScoreNormalization per image becomes per item"
         return {"method": "zscore"}, unbounded, note
@@ -320,12 +331,7 @@ def _channels(
     props = plans.get("foreground_intensity_properties_per_channel", {})
     channels, clips, notes = [], [], []
     for c in range(len(names)):
-        if masked[c]:
-            raise ModelError(
-                f"nnU-Net results folder '{folder}': channel {c} is normalised within its "
-                "non-zero mask (use_mask_for_norm), which segflow does not do"
-            )
-        norm, clip, note = _channel(str(schemes[c]), props.get(str(c)), folder, c)
+        norm, clip, note = _channel(str(schemes[c]), props.get(str(c)), folder, c, masked[c])
         channels.append({"name": str(names.get(str(c), f"channel_{c}")), "normalization": norm})
         clips.append(clip)
         notes += [note] if note else []
@@ -386,7 +392,8 @@ def _resampling(
         )
     bounded = [None if not np.isfinite(c).any() else tuple(c) for c in clips]
     return {**data, "order_back": back["order"], "order_z_back": back["order_z"],
-            "clip": bounded if any(c is not None for c in bounded) else []}  # fmt: skip
+            "clip": bounded if any(c is not None for c in bounded) else [],
+            "clip_to_input": True}  # fmt: skip
 
 
 def _mirror_axes(checkpoint: dict[str, Any], ndim: int) -> list[int]:
@@ -426,6 +433,7 @@ def derive_card(folder: Path) -> SourceCard:
         "units": "mm",
         "resampling": _resampling(config, clips, folder),
         "output_activation": "softmax_after_blending",
+        "crop": "nonzero",
     }
     try:
         model_card = ModelCard.model_validate(card)
@@ -437,9 +445,9 @@ def derive_card(folder: Path) -> SourceCard:
     notes += [
         f"configuration {name}, folds {', '.join(folds)} (logits averaged), mirroring axes "
         f"{tuple(mirror)} (nnU-Net's; leave the step's tta off)",
-        "items are resampled to the plans' spacing and the logits back (nnU-Net's "
-        "resampling_fn_data and resampling_fn_probabilities orders, see `resampling`); not "
-        "done: nnU-Net's crop to the non-zero bounding box",
+        "items are cropped to their non-zero bounding box (crop_to_nonzero; background "
+        "outside it), resampled to the plans' spacing and the logits back (nnU-Net's "
+        "resampling_fn_data and resampling_fn_probabilities orders, see `resampling`)",
     ]
     return SourceCard(model_card, "nnunet", f"plans {folder / 'plans.json'}", notes=tuple(notes))
 

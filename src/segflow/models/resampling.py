@@ -21,10 +21,12 @@ does the same arithmetic so that any part of the result can be computed on its o
   a coefficient depends on a pixel ``d`` away by ``|sqrt(3) - 2| ** d``, so what the block
   leaves out changes its values by less than 1e-13 of the image's range.
 
-What differs from nnU-Net: ``skimage.transform.resize`` clips its output to the range of
-its input (the whole volume, or each slice when z is resampled separately); segflow clips
-to the channel's own bounds where the card gives them (nnU-Net's CT window), which is the
-same wherever the item reaches both ends of the window.
+``skimage.transform.resize`` (nnU-Net's) clips its output to the range of its input (the
+whole volume, or each slice when z is resampled separately). This module clips to nothing;
+the model step clips to the channel's bounds where the card gives them (nnU-Net's CT
+window) and, with the card's ``resampling.clip_to_input`` (nnU-Net results folders), to
+the scaled input's range, each channel's or each slice's, found with the item's non-zero
+box before the block pass (:mod:`segflow.ops.model_nonzero`).
 """
 
 from __future__ import annotations

@@ -356,6 +356,8 @@ def _normalisation_text(card: ModelCard) -> str:
             text = f"item percentiles {norm.low:g}..{norm.high:g} -> 0..1"
         elif norm.method == "fixed":
             text = f"fixed {norm.low:g}..{norm.high:g} -> 0..1"
+        elif norm.method == "zscore" and norm.mask == "nonzero":
+            text = "item mean / standard deviation within its non-zero mask (z-score), 0 outside"
         elif norm.method == "zscore":
             text = "item mean / standard deviation (z-score)"
         else:
@@ -389,7 +391,8 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
     if how is not None:
         spacing += (
             f"; items resampled to it (spline order {how.order}, back {how.order_back}; "
-            f"{how.order_z} / {how.order_z_back} along z of an anisotropic spacing)"
+            f"{how.order_z} / {how.order_z_back} along z of an anisotropic spacing"
+            f"{'; clipped to the input range' if how.clip_to_input else ''})"
         )
     lines = [
         f"model: {path}",
@@ -400,6 +403,7 @@ def card_lines(path: str, described: SourceCard, card: ModelCard | None = None) 
         f"overlap {card.overlap:g}, blending {card.window}{_rule_text(card)}",
         f"spacing: {spacing.strip()}",
         f"object diameter: {_diameter_text(card)}",
+        *(["crop: the item's non-zero bounding box (background outside it)"] if card.crop else []),
         f"output: {len(card.classes)} classes ({', '.join(card.classes)}), activation "
         f"{_activation_text(card.activation)}, head {card.head}",
     ]

@@ -13,6 +13,13 @@ The step expands into two parts (see DESIGN.md, "Deep-learning inference"):
     what any core can need (:attr:`segflow.models.tiling.TileGrid.halo`), so a block's output
     equals the whole item's sliding-window output.
 
+A card with ``crop: nonzero`` (nnU-Net results folders) or a ``mask: nonzero`` channel
+(nnU-Net's ``use_mask_for_norm``) adds what :mod:`segflow.ops.model_nonzero` finds before
+the block pass: the hole-filled non-zero mask (a ``_model_mask`` part, labelled and merged
+across block faces), and the non-zero bounding box with the statistics taken over it or
+within the mask (``_model_statistics``). ``_model_infer`` then treats the box as the item
+(its tile and resampling grids, its faces the border) and writes background outside it.
+
 Where the step resamples (``resample``; nnU-Net results folders by default), the item's
 pixel size (``pixel_size``, filled at planning from the reader's spacing) and the card's
 ``spacing`` define a model grid over the whole item (:mod:`segflow.models.resampling`):
@@ -53,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from segflow.engine.blocks import Box, relative, shrink_box
+from segflow.engine.blocks import Box, intersect, relative, shrink_box
+from segflow.ops.model_nonzero import NonzeroMaskParams, NonzeroStatistics
 from segflow.ops.registry import Categories, Done, OpContext, Operation, OpParams, register
 from segflow.ops.statistics import Percentiles
 
@@ -140,7 +148,12 @@ class ModelParams(OpParams):
     def _one_normalization(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         from segflow.models.card import Normalization  # imports torch: only when one is set
 
-        return None if value is None else Normalization.model_validate(value).model_dump()
+        if value is None:
+            return None
+        dumped = Normalization.model_validate(value).model_dump()
+        if dumped["mask"] == "none":  # configs written before `mask` keep their hash
+            del dumped["mask"]
+        return dumped
 
     @model_serializer(mode="wrap")
     def _unset_overrides_left_out(self, handler: SerializerFunctionWrapHandler) -> Any:
@@ -422,7 +435,14 @@ def _class_names(params: ModelParams) -> tuple[str, ...]:
 
 
 def _needs_statistics(card: ModelCard) -> bool:
-    return any(c.normalization.method in ("percentile", "zscore") for c in card.channels)
+    """Whether a statistics pass runs: whole-item numbers or the non-zero box to find."""
+    methods = any(c.normalization.method in ("percentile", "zscore") for c in card.channels)
+    return methods or card.crop is not None
+
+
+def _masked(card: ModelCard) -> tuple[bool, ...]:
+    """Per channel: normalised within the item's non-zero mask (``mask: nonzero``)."""
+    return tuple(c.normalization.mask == "nonzero" for c in card.channels)
 
 
 class Moments:
@@ -470,9 +490,12 @@ class ChannelStatistics:
     def start(self) -> Any:
         return tuple(None if p is None else ("run", p.start()) for p in self.parts)
 
-    def map(self, core: np.ndarray, state: Any) -> Any:
+    def map(self, core: np.ndarray | Sequence[np.ndarray], state: Any) -> Any:
+        """``core``: the block ``(c, ...)``, or each channel's values (a masked pass)."""
         return tuple(
-            None if s is None or s[0] == "done" else p.map(core[c : c + 1], s[1])
+            None
+            if s is None or s[0] == "done"
+            else p.map(core[c : c + 1] if isinstance(core, np.ndarray) else core[c], s[1])
             for c, (p, s) in enumerate(zip(self.parts, state, strict=True))
         )
 
@@ -498,8 +521,37 @@ class ChannelStatistics:
         return tuple(new)
 
 
-def _statistic(params: ModelParams) -> ChannelStatistics:
+def _statistic(params: ModelParams) -> ChannelStatistics | NonzeroStatistics:
     card = step_card(params)
+    channels = _channel_statistics(card)
+    masked = _masked(card)
+    if card.crop is None and not any(masked):
+        return channels
+    axis = _range_axis(params)
+    crop = card.crop is not None
+    return NonzeroStatistics(
+        channels, masked, has_mask=any(masked), crop=crop, ranges=axis is not None,
+        axis=None if axis == -1 else axis,
+    )  # fmt: skip
+
+
+def _range_axis(params: ModelParams) -> int | None:
+    """Where the resampled image is clipped to its input's range (``clip_to_input``): -1
+    for each channel's range, the axis resampled apart (with order 0) for each slice's;
+    None for no clip (not resampling, or an axis apart of another order: not the same
+    once interpolated)."""
+    from segflow.models.resampling import separate_axis
+
+    how, sizes = _how(params), _pixel_sizes(params, step_card(params).spatial_dims)
+    if how is None or not how.clip_to_input or sizes is None or params.diameter is not None:
+        return None
+    axis = separate_axis(*sizes, how.separate_z)
+    if axis is not None and how.order_z != 0:
+        return None
+    return -1 if axis is None else axis
+
+
+def _channel_statistics(card: ModelCard) -> ChannelStatistics:
     parts: list[Any] = []
     fixed: list[tuple[float, float]] = []
     for channel in card.channels:
@@ -527,7 +579,19 @@ def _normalize(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.nda
     from segflow.models.card import normalize_image
 
     card = step_card(params)
-    return normalize_image(image, card.channels, list(ctx.stat))
+    n, mask = len(card.channels), None
+    if any(_masked(card)):  # the last channel is the non-zero mask (_model_mask)
+        image, mask = image[:n], image[n] != 0
+    return normalize_image(image, card.channels, list(ctx.stat)[:n], mask=mask)
+
+
+def _check_statistics_layout(params: ModelParams, channels: int, spatial_ndim: int) -> str | None:
+    masks = int(any(_masked(step_card(params))))
+    return _check_layout(params, channels - masks, spatial_ndim)
+
+
+def _statistics_channels(params: ModelParams, channels: int) -> int:
+    return channels - int(any(_masked(step_card(params))))
 
 
 # -- inference ----------------------------------------------------------------------------------
@@ -537,20 +601,76 @@ def _infer(image: np.ndarray, params: ModelParams, ctx: OpContext) -> np.ndarray
     """Blended model output over the part of ``ctx.box`` whose tiles ``image`` holds,
     on the model's grid and back where the step resamples."""
     from segflow.models.card import normalize_image
-    from segflow.models.tiling import plan_tiles
 
     card = step_card(params)
     if not _needs_statistics(card):  # no statistics pass ran: the card's own numbers
         image = normalize_image(image, card.channels, _fixed_stats(card))
     box, shape = ctx.box, ctx.shape
     inner = shrink_box(box, _halo(params, len(shape)), shape)
+    if card.crop is None:
+        probs = _blended(image, box, inner, shape, params, ctx.resource)
+    else:  # the statistics part's value: the channels' pairs, the box, the input's ranges
+        n, ndim = len(card.channels), len(shape)
+        crop = tuple(slice(int(a), int(b)) for a, b in ctx.stat[n : n + ndim])
+        ranges = _scaled_ranges(ctx.stat, card, len(shape))
+        probs = _blended_in_box(image, box, inner, crop, params, ctx.resource, ranges)
+    return _output(probs, params, box, inner)
+
+
+def _scaled_ranges(stat: Sequence[Any], card: ModelCard, ndim: int) -> np.ndarray | None:
+    """The input's ranges (``clip_to_input``) as the scaled image's: ``(c, slices, 2)``."""
+    from segflow.models.card import normalize_image
+
+    n = len(card.channels)
+    raw = np.asarray(stat[n + ndim :], dtype=np.float64)
+    if raw.size == 0:
+        return None
+    raw = raw.reshape(n, -1, 2)
+    ones = np.ones(raw.shape[1:], dtype=bool)  # the raw ends are values inside the mask
+    return normalize_image(raw, card.channels, [tuple(p) for p in stat[:n]], mask=ones)
+
+
+def _blended(
+    image: np.ndarray, box: Box, inner: Box, shape: tuple[int, ...], params: ModelParams,
+    loaded: LoadedModel, ranges: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The blended map over ``inner`` of an item of ``shape``; ``image`` holds ``box``;
+    ``ranges``: the scaled input's, to clip the resampled image to (``clip_to_input``)."""
+    from segflow.models.tiling import plan_tiles
+
+    card = step_card(params)
     grid = _resample_grid(params, shape)
     if grid is None:
         tiles = plan_tiles(shape, tile=card.tile, overlap=card.overlap, rule=card.tile_rule)
-        probs = _predict(image, box, inner, tiles, params, ctx.resource, card.activation)
-    else:
-        probs = _predict_resampled(image, box, inner, grid, params, ctx.resource)
-    return _output(probs, params, box, inner)
+        return _predict(image, box, inner, tiles, params, loaded, card.activation)
+    return _predict_resampled(image, box, inner, grid, params, loaded, ranges)
+
+
+def _blended_in_box(
+    image: np.ndarray, box: Box, inner: Box, crop: Box, params: ModelParams,
+    loaded: LoadedModel, ranges: np.ndarray | None,
+) -> np.ndarray:  # fmt: skip
+    """The blended map over ``inner`` when the network sees the item's non-zero box ``crop``
+    only, as nnU-Net's ``crop_to_nonzero``: the box is the item (its shape sets the tile and
+    resampling grids, its faces are the border); outside it the map is background."""
+    probs = np.zeros((len(step_card(params).classes), *(s.stop - s.start for s in inner)))
+    probs[0] = 1.0
+    part = intersect(inner, crop)
+    if any(s.stop <= s.start for s in part):
+        return probs
+    have = intersect(box, crop)
+    data = image[(slice(None), *relative(have, box))]
+
+    def moved(b: Box) -> Box:
+        return tuple(
+            slice(s.start - c.start, s.stop - c.start) for s, c in zip(b, crop, strict=True)
+        )
+
+    shape = tuple(c.stop - c.start for c in crop)
+    probs[(slice(None), *relative(part, inner))] = _blended(
+        data, moved(have), moved(part), shape, params, loaded, ranges
+    )
+    return probs
 
 
 def _predict(
@@ -577,7 +697,7 @@ def _predict(
 
 def _predict_resampled(
     image: np.ndarray, box: Box, inner: Box, grid: ResampleGrid, params: ModelParams,
-    loaded: LoadedModel,
+    loaded: LoadedModel, ranges: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """The output over ``inner``: the item resampled to the model's grid where the tiles
     that ``inner`` needs read it, the network there, the logits (or probabilities) resampled
@@ -595,7 +715,10 @@ def _predict_resampled(
         raise AssertionError(f"the model step's halo misses item pixels {source} (has {box})")
     data = _clip(image[(slice(None), *relative(source, box))], how.clip)
     data = resample_region(data, source, grid.item, grid.model, window, grid.forward)
-    data = _clip(data, how.clip).astype(np.float32)
+    data = _clip(data, how.clip)
+    if ranges is not None:  # the input's range, as the window clipped it
+        data = _clip_to_input(data, window, grid, _clip(ranges, how.clip), _range_axis(params))
+    data = data.astype(np.float32)
     after = card.activation == "softmax_after_blending"  # nnU-Net: logits go back, then softmax
     out = _predict(data, window, back, tiles, params, loaded, "none" if after else card.activation)
     out = resample_region(out, back, grid.model, grid.item, inner, grid.back)
@@ -610,6 +733,28 @@ def _clip(data: np.ndarray, bounds: Sequence[tuple[float, float] | None]) -> np.
         if bound is not None:
             np.clip(data[c], bound[0], bound[1], out=data[c])
     return data
+
+
+def _clip_to_input(
+    data: np.ndarray, window: Box, grid: ResampleGrid, ranges: np.ndarray, axis: int | None
+) -> np.ndarray:
+    """``data`` (``window`` of the model's grid) clipped to the scaled input's ``ranges``:
+    each channel's, or, along an ``axis`` resampled apart with order 0, the range of the
+    item slice each model slice is the nearest of (skimage's ``resize`` clips each slice
+    it resizes in-plane before nnU-Net takes the nearest along that axis)."""
+    from segflow.models.resampling import positions
+
+    shape = [1] * data.ndim
+    shape[0] = len(ranges)
+    if axis is None or axis < 0:
+        low, high = ranges[:, 0, 0], ranges[:, 0, 1]
+        return np.clip(data, low.reshape(shape), high.reshape(shape))
+    w = window[axis]
+    nearest = np.floor(positions(w.start, w.stop, grid.item[axis], grid.model[axis]) + 0.5)
+    nearest = np.clip(nearest.astype(np.intp), 0, grid.item[axis] - 1)
+    shape[axis + 1] = len(nearest)
+    low, high = ranges[:, nearest, 0], ranges[:, nearest, 1]
+    return np.clip(data, low.reshape(shape), high.reshape(shape))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -641,6 +786,8 @@ def _categories(params: ModelParams) -> Categories:
 
 def _parts(params: ModelParams) -> list[tuple[str, str, OpParams]]:
     parts: list[tuple[str, str, OpParams]] = []
+    if any(_masked(step_card(params))):
+        parts.append(("mask", "_model_mask", NonzeroMaskParams(connectivity=1)))
     if _needs_statistics(step_card(params)):
         parts.append(("statistics", "_model_statistics", params))
     parts.append(("infer", "_model_infer", params))
@@ -674,8 +821,10 @@ register(
         apply=_normalize,
         summary="the model card's normalisation with whole-item statistics",
         statistic=_statistic,
+        out_channels=_statistics_channels,
         out_dtype=lambda p, dtype: np.dtype(np.float32),
-        check_layout=_check_layout,
+        check_layout=_check_statistics_layout,
+        item_spacing=_item_spacing,  # clip_to_input: the ranges' axis depends on it
     )
 )
 register(
@@ -697,6 +846,7 @@ register(
         setup=_load,
         setup_key=_setup_key,
         resources=_resources,
+        stat_of="statistics",
     )
 )
 

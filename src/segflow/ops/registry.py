@@ -195,6 +195,9 @@ class Operation(Generic[P]):
     cached under ``setup_key(params)`` and handed over as ``ctx.resource``
     (:mod:`segflow.engine.resources`); ``resources(params)`` names scarce devices a block
     task of the step holds (``{"GPU": 1}``), passed to Dask at submission.
+    ``stat_of``, for a part of an expanded step, names the earlier part whose finished
+    statistic this part's ``ctx.stat`` holds (a model's inference reads the item's non-zero
+    bounding box that its statistics part found).
     """
 
     name: str
@@ -231,6 +234,7 @@ class Operation(Generic[P]):
     categories: Callable[[P], Categories] | None = None
     setup_key: Callable[[P], Hashable] | None = None
     resources: Callable[[P], Mapping[str, float]] | None = None
+    stat_of: str | None = None
 
     def gives_labels(self, params: P) -> bool:
         """Whether the step's output is instance ids (see ``makes_labels``)."""

@@ -1,5 +1,5 @@
 # segflow: two commands on a fresh clone.
-#   make demo   set up .venv and segment the bundled sample data (aerial, nuclei, CT, nuclei U-Net)
+#   make demo   set up .venv and segment the bundled sample data (aerial, nuclei, CT, nuclei model)
 #   make test   set up .venv and run ruff, mypy and the test suite
 # The install is redone only when pyproject.toml changes (stamp file in the venv).
 
@@ -7,7 +7,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.segflow-installed
-CONFIGS ?= configs/aerial.yaml configs/nuclei.yaml configs/ct.yaml configs/nuclei-unet.yaml
+CONFIGS ?= configs/aerial.yaml configs/nuclei.yaml configs/ct.yaml configs/nuclei-dsb.yaml
 
 .PHONY: demo test lint install clean-outputs
 

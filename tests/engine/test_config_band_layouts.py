@@ -40,6 +40,7 @@ FITS: dict[str, set[int]] = {
     "nuclei-tissue": {1, 3, 4},
     "nuclei-unet": {1, 3, 4},
     "nuclei-flows": {1, 3, 4},
+    "nuclei-dsb": {1, 3, 4},
     "em-unet": {1, 3, 4},
     "buildings-unet": {1, 3, 4},
 }

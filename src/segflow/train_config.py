@@ -115,6 +115,12 @@ class TrainLoop(_Model):
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     foreground_fraction: float = Field(0.5, ge=0, le=1)
+    sample_by: Literal["images", "area"] = Field(
+        "images",
+        description="which image each patch comes from: every image equally often (images) "
+        "or in proportion to its pixels (area: large images of a rare kind weigh as their "
+        "pixels do)",
+    )
     patience: int = Field(8, ge=1)
     min_delta: float = 1e-3
     validation_fraction: float = Field(0.2, ge=0, lt=1)

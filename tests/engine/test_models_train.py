@@ -185,6 +185,36 @@ def test_patches_favour_foreground() -> None:
     assert (y_biased > 0).float().mean() > 2 * (y_uniform > 0).float().mean()
 
 
+def test_patches_drawn_by_image_or_by_area() -> None:
+    """sample_by "area": an image gives patches in proportion to its pixels (a 64^2 image
+    beside a 16^2 one: 16 of 17 patches); "images": every image equally often. The default
+    stays out of the run's identity, so runs saved before the setting resume."""
+    from segflow.models.train import _run_identity
+
+    rng = np.random.default_rng(0)
+    pairs = [(rng.random((1, 16, 16)).astype(np.float32), np.zeros((16, 16), np.int64))]
+    pairs.append((rng.random((1, 64, 64)).astype(np.float32) + 10, np.zeros((64, 64), np.int64)))
+    card = _card("foreground_boundary")
+    data = _prepare(pairs, card, (16, 16))
+    share = {}
+    for sample_by in ("images", "area"):
+        config = TrainConfig(batch_size=400, sample_by=sample_by, augment=False)
+        x, _ = _sample_batch(data, (16, 16), config, np.random.default_rng(1))
+        share[sample_by] = float(np.mean([_from_second(patch, data) for patch in x.numpy()]))
+    assert abs(share["images"] - 0.5) < 0.08
+    assert abs(share["area"] - 16 / 17) < 0.05
+    default = _run_identity(pairs, [], card, TrainConfig(), (16, 16))
+    assert "sample_by" not in default["config"]  # type: ignore[operator]
+    area = _run_identity(pairs, [], card, TrainConfig(sample_by="area"), (16, 16))
+    assert area["config"]["sample_by"] == "area"  # type: ignore[index]
+
+
+def _from_second(patch: np.ndarray, data: list) -> bool:  # type: ignore[type-arg]
+    """Whether a 16^2 patch comes from the second (64^2) image: the first is one patch in
+    size, so (without augmentation) each of its patches is the whole prepared image."""
+    return not np.array_equal(patch, data[0].image)
+
+
 def test_zoom_gamma_and_noise_augmentation() -> None:
     image, instances = _nuclei()
     data = _prepare([(image, instances)], _card("foreground_boundary"), (32, 32))

@@ -60,6 +60,10 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     foreground_fraction: float = 0.5
+    # Which image each patch comes from: "images" draws every image equally often, "area"
+    # in proportion to its pixels (a 1024^2 image 16 times as often as a 256^2 one), so
+    # that few large images of a kind weigh as their pixels do.
+    sample_by: Literal["images", "area"] = "images"
     patience: int = 8
     min_delta: float = 1e-3
     validation_fraction: float = 0.2
@@ -252,13 +256,24 @@ def _prepared(
     return _PREPARED[key]
 
 
+def _sampling_weights(data: list[_Prepared], sample_by: str) -> np.ndarray | None:
+    """Each image's chance to give a patch (None: all equal, drawn as before)."""
+    if sample_by == "images":
+        return None
+    area = np.array([item.image[0].size for item in data], dtype=np.float64)
+    return area / area.sum()
+
+
 def _sample_batch(
     data: list[_Prepared], patch: tuple[int, ...], config: TrainConfig, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     images, targets = [], []
     ndim = len(patch)
+    weights = _sampling_weights(data, config.sample_by)
     for _ in range(config.batch_size):
-        item = data[rng.integers(len(data))]
+        item = data[
+            rng.integers(len(data)) if weights is None else rng.choice(len(data), p=weights)
+        ]
         shape = item.image.shape[1:]
         zoom = 1.0
         if config.augment and config.zoom != (1.0, 1.0):
@@ -430,9 +445,12 @@ def _run_identity(
     patch: tuple[int, ...],
 ) -> dict[str, object]:
     """What a saved run must match to be resumed (``out_dir/last/run.json``), as JSON."""
+    settings = {**asdict(config), "patch": list(patch)}
+    if settings["sample_by"] == "images":  # the default: runs saved before it resume
+        del settings["sample_by"]
     run = {
         "card": json.loads(card.identity_json()),
-        "config": {**asdict(config), "patch": list(patch)},
+        "config": settings,
         "data_fingerprint": data_fingerprint([*train_pairs, *val_pairs]),
     }
     return dict(json.loads(json.dumps(run)))

@@ -229,6 +229,11 @@ def compact_index(store: str | os.PathLike[str]) -> set[str]:
     that adds one item to a store of 100,000 writes one part of the index and one of the
     catalogue. An older single-file index is migrated first (:func:`migrate_index`).
     Call while holding the store's lock (no run appends meanwhile).
+
+    The records are folded in chunks of whole parts (:data:`CHUNK_ROWS` rows), read back
+    from a local temporary copy, so a compaction holds one chunk, not every record: its
+    memory does not grow with the run's items. A compaction killed between chunks leaves
+    the records, and the next one folds them all again (a row replaced by itself).
     """
     migrate_index(store)
     names = _record_names(store)

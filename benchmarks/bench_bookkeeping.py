@@ -31,9 +31,11 @@ the compaction also writes each item's lon/lat footprint into the catalogue and 
 Item (:mod:`segflow.store.stac`), and a run adding one item rewrites its STAC Item, its
 part's STAC catalogue and the Collection, counted in its writes outside the item.
 
-Peak memory is the child's maximum resident set (``ru_maxrss``). Prints a table, each
-phase's time per item at each size over its time per item at the smallest size of 10^4 or
-more (1.0 = flat), then, last, one JSON line.
+Peak memory is the child's maximum resident set, per phase (Linux ``VmHWM``, reset between
+phases through ``/proc/self/clear_refs``; a phase's peak includes what the process holds
+from the phases before it, as Python keeps freed memory for reuse) and over the run. Prints
+a table, each phase's time per item at each size over its time per item at the smallest
+size of 10^4 or more (1.0 = flat), the peaks by phase, then, last, one JSON line.
 
 Run: ``python benchmarks/bench_bookkeeping.py`` (``--sizes 1000 10000 100000 1000000``;
 10^6 items write some 9 GB of item groups).
@@ -57,7 +59,21 @@ from typing import Any
 
 PHASES = ("listing", "records", "compaction", "nothing_to_do", "nothing_to_do_read")
 CONFIG_HASH = "c0ffee"
-RECORD_SAMPLE = 3_000  # items recorded one fsynced append each (the rest in one append)
+RECORD_SAMPLE = 3_000  # items recorded one fsynced append each (the rest in appends of as many)
+
+
+def phase_peak() -> int:
+    """The process's peak resident set since the last call, in bytes (Linux ``VmHWM``,
+    then reset through ``/proc/self/clear_refs``), so each phase gets its own peak; the
+    lifetime peak (``ru_maxrss``) where /proc has neither."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(x for x in status if x.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def template_group(folder: Path, *, georeferenced: bool = False) -> dict[str, Any]:
@@ -201,7 +217,9 @@ def child(n: int, folder: Path, *, georeferenced: bool = False) -> dict[str, Any
     from segflow.store.index import append_records, compact_index
     from segflow.store.stamps import stamp_commit
 
+    peaks: dict[str, int] = {}
     template = template_group(folder, georeferenced=georeferenced)
+    peaks["setup"] = phase_peak()
     version = code_version()
     template["attributes"]["segflow_commit"]["code_version"] = version
     store = folder / "out.zarr"
@@ -211,11 +229,13 @@ def child(n: int, folder: Path, *, georeferenced: bool = False) -> dict[str, Any
     start = time.perf_counter()
     readers, items = listing(n)
     seconds["listing"] = time.perf_counter() - start
+    peaks["listing"] = phase_peak()
 
     start = time.perf_counter()
     for k, item in enumerate(items):
         write_group(store, item["id"], template, item["fingerprint"], k)
     seconds["groups"] = time.perf_counter() - start
+    peaks["groups"] = phase_peak()
 
     sample = items[:RECORD_SAMPLE]
     start = time.perf_counter()
@@ -224,23 +244,32 @@ def child(n: int, folder: Path, *, georeferenced: bool = False) -> dict[str, Any
         append_records(str(store), "run-1", [{**row, **stamp_commit(str(store), row)}])
     # Per item from the sample: each append is an fsync, whatever the collection's size.
     seconds["records"] = (time.perf_counter() - start) / len(sample) * n
-    rest = [row_of(item, version) for item in items[len(sample) :]]
-    append_records(str(store), "run-1", [{**r, **stamp_commit(str(store), r)} for r in rest])
+    for first in range(len(sample), n, RECORD_SAMPLE):  # as a run's items add up, a batch at a time
+        batch = [row_of(item, version) for item in items[first : first + RECORD_SAMPLE]]
+        append_records(str(store), "run-1", [{**r, **stamp_commit(str(store), r)} for r in batch])
+    peaks["records"] = phase_peak()
 
     start = time.perf_counter()
     compact_index(str(store))
     seconds["compaction"] = time.perf_counter() - start
+    peaks["compaction"] = phase_peak()
 
     start = time.perf_counter()
     plan = plan_items(readers, [], str(store), config_hash=CONFIG_HASH, overwrite=False)  # type: ignore[arg-type]
     seconds["nothing_to_do"] = time.perf_counter() - start
     assert not plan.todo and len(plan.skipped) == n, (len(plan.todo), len(plan.skipped))
+    del plan  # the next phases plan again: each phase's peak is its own
+    peaks["nothing_to_do"] = phase_peak()
     seconds["nothing_to_do_read"] = nothing_to_do_reading(readers, store)
+    peaks["nothing_to_do_read"] = phase_peak()
     seconds.update(linked_ab(store, readers, [item["id"] for item in items]))
+    peaks["linked"] = phase_peak()
 
     add = add_one(store, template, version)
+    peaks["add_one"] = phase_peak()
     opened = open_one(store, items[n // 2]["id"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks["open_one"] = phase_peak()
+    peak = max(peaks.values())  # the resets above reset ``ru_maxrss`` too
     return {
         "n": n,
         "georeferenced": georeferenced,
@@ -248,6 +277,7 @@ def child(n: int, folder: Path, *, georeferenced: bool = False) -> dict[str, Any
         **add,
         **opened,
         "peak_rss_bytes": peak,
+        "phase_peak_rss_bytes": peaks,
     }
 
 
@@ -354,6 +384,10 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
             f"{r['add_one_bytes_outside_item'] / 1e3:>11.1f} {r['open_one_s']:>7.3f} "
             f"{r['open_one_metadata_bytes'] / 1e3:>8.1f} {r['peak_rss_bytes'] / 2**20:>8.0f}"
         )
+    for r in results:
+        peaks = r.get("phase_peak_rss_bytes", {})
+        line = ", ".join(f"{phase} {peak / 2**20:.0f}" for phase, peak in peaks.items())
+        print(f"{r['n']}: peak MB by phase: {line}")
     for r in results:
         print(f"{r['n']}: add-one wrote {', '.join(r['add_one_files'])}")
         linked = r["seconds"]["nothing_to_do_linked"] / r["seconds"]["nothing_to_do_folders"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pyproj
 import rasterio
 from affine import Affine
@@ -128,3 +130,78 @@ def test_open_store_gives_the_catalogue_and_opens_items_lazily(tmp_path: pathlib
         opened["bad"]
     with pytest.raises(StoreError, match="is not a segflow store"):
         segflow.open_store(str(tmp_path))
+
+
+def _written(store: pathlib.Path) -> dict[str, Any]:
+    """Every file a compaction writes: the index's and the catalogue's parts as Arrow
+    tables (with their schemas' metadata), the STAC view and its marker as bytes."""
+    out: dict[str, Any] = {}
+    for name in ("index.parquet", "catalogue.parquet"):
+        for path in sorted((store / name).glob("part-*.parquet")):
+            table = pq.read_table(path)
+            out[f"{name}/{path.name}"] = (table, table.schema.metadata)
+    for path in sorted([*(store / "stac").rglob("*.json"), store / ".segflow" / "stac.json"]):
+        out[str(path.relative_to(store))] = path.read_bytes()
+    return out
+
+
+def test_a_compaction_in_chunks_of_parts_writes_what_one_fold_writes(
+    tmp_path: pathlib.Path, monkeypatch: Any
+) -> None:
+    import shutil
+
+    from segflow.store import index
+
+    template = tmp_path / "template" / "out.zarr"
+    rows = [
+        _segment(template, open_item(str(_tile(tmp_path / f"t{k}.tif", x0=x0, seed=k))))
+        for k, x0 in enumerate(500_000.0 + 1_000.0 * k for k in range(6))
+    ]
+    append_records(str(template), "run-1", rows[:2])
+    compact_index(str(template))
+    # An older store's STAC view: every Item is written again at the next compaction.
+    shutil.rmtree(template / "stac")
+    (template / ".segflow" / "stac.json").unlink()
+    # A later record of an item wins; extra columns come in another order in another part.
+    later = [
+        {**rows[2], "zeta": 1.0},
+        *rows[3:],
+        {**rows[0], "alpha": "a", "zeta": 2.0, "seconds": 9.5},
+    ]
+    append_records(str(template), "run-2", later)
+    append_records(str(template), "run-3", [{**rows[4], "seconds": 7.25}])
+    with (template / ".segflow" / "records" / "run-3.jsonl").open("a") as handle:
+        handle.write('{"id": "t5", "status": "do')  # a line cut short by a kill
+    assert len({bucket_of(str(row["id"])) for row in rows}) > 2  # several chunks below
+
+    merges: list[int] = []
+    merge_rows = index._merge_rows
+    monkeypatch.setattr(
+        index, "_merge_rows", lambda store, new: merges.append(len(new)) or merge_rows(store, new)
+    )
+    written = {}
+    for chunk in (index.CHUNK_ROWS, 1):
+        store = tmp_path / f"chunks-{chunk}" / "out.zarr"
+        shutil.copytree(template, store, symlinks=True)
+        monkeypatch.setattr(index, "CHUNK_ROWS", chunk)
+        merges.clear()
+        assert compact_index(str(store)) == {"t0", "t2", "t3", "t4", "t5"}
+        written[chunk] = _written(store), list(merges)
+    (whole, whole_merges), (chunked, chunked_merges) = written.values()
+    assert whole_merges == [5] and len(chunked_merges) > 2 and sum(chunked_merges) == 5
+    assert whole.keys() == chunked.keys()
+    assert len([k for k in whole if k.startswith("stac/items/")]) == 6
+    for name, value in whole.items():
+        if name.endswith(".parquet"):
+            assert value[0].equals(chunked[name][0]) and value[1] == chunked[name][1], name
+        else:
+            assert value == chunked[name], name
+    # Each part's GeoParquet metadata gives its own rows' extent, as geopandas would.
+    for path in (tmp_path / "chunks-1" / "out.zarr" / "catalogue.parquet").glob("part-*"):
+        geo = json.loads(pq.read_schema(path).metadata[b"geo"])["columns"]["geometry"]
+        part = gpd.read_parquet(path)
+        assert geo["geometry_types"] == ["Polygon"] and geo["covering"]
+        assert geo["bbox"] == part.total_bounds.tolist(), path.name
+    frame = read_index(str(tmp_path / "chunks-1" / "out.zarr")).set_index("id")
+    assert frame.loc["t0", "seconds"] == 9.5 and frame.loc["t4", "seconds"] == 7.25
+    assert list(frame.columns[-2:]) == ["zeta", "alpha"]  # the order the records gave

@@ -146,3 +146,68 @@ def test_the_index_in_parts_on_an_object_store(tmp_path: pathlib.Path) -> None:
     index = read_index(store).set_index("id")["status"]
     assert len(index) == 12 and index["item0005"] == "failed" and index["item0006"] == "done"
     fs.rm(store.removeprefix("memory://").split("/")[0], recursive=True)
+
+
+def test_the_index_read_through_arrow_gives_the_rows_pandas_gives(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import math
+
+    from segflow.engine import collection
+    from segflow.store import index
+
+    store = tmp_path / "out.zarr"
+    rows: list[dict[str, object]] = [
+        {
+            "id": f"item{k:04d}",
+            "source": f"/data/item{k:04d}.tif",
+            "status": ("done", "failed")[k % 2],
+            "shape": (64, 32 + k),
+            "object_count": k if k % 3 else None,
+            "seconds": 0.5 * k,
+            "area_p50": math.nan if k % 4 == 0 else 1.5,
+            "resumed": k if k % 5 else None,  # whole numbers with gaps: floats in pandas
+            "blocks": k,  # whole numbers without gaps: kept whole
+            "ratio": math.nan if k % 2 else 0.25,
+            "note": None if k % 2 else "kept",
+            "flag": bool(k % 2),
+        }
+        for k in range(40)
+    ]
+    write_index(str(store), rows[:30])
+    write_index(str(store), [{**row, "seconds": 9.0} for row in rows[25:]])  # some replaced
+    # A part another writer left NaN in (segflow writes nulls): pandas reads None.
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    part = store / "index.parquet" / part_name(bucket_of("item0001"))
+    table = pq.read_table(part)
+    ratio = table.column("ratio").fill_null(math.nan)
+    table = table.set_column(table.column_names.index("ratio"), "ratio", ratio)
+    pq.write_table(table, part)
+    assert pc.sum(pc.is_nan(pq.read_table(part).column("ratio"))).as_py() > 0
+
+    assert index.index_table(str(store)) is not None
+    through_arrow = collection.index_rows(str(store))
+    monkeypatch.setattr(index, "index_table", lambda store: None)
+    through_pandas = collection.index_rows(str(store))
+    assert len(through_arrow) == 40
+    assert [list(row) for row in through_arrow] == [list(row) for row in through_pandas]
+    for fast, slow in zip(through_arrow, through_pandas, strict=True):
+        assert {k: (type(v), v) for k, v in fast.items()} == {
+            k: (type(v), v) for k, v in slow.items()
+        }, fast["id"]
+    by_id = {row["id"]: row for row in through_arrow}
+    assert by_id["item0005"]["resumed"] is None and by_id["item0006"]["resumed"] == 6.0
+    assert by_id["item0004"]["area_p50"] is None and by_id["item0026"]["seconds"] == 9.0
+
+
+def test_pending_records_are_read_through_pandas(tmp_path: pathlib.Path) -> None:
+    from segflow.engine.collection import index_rows
+    from segflow.store.index import index_table
+
+    store = tmp_path / "out.zarr"
+    write_index(str(store), _rows(3))
+    append_records(str(store), "run-2", [{"id": "item0001", "status": "done"}])
+    assert index_table(str(store)) is None  # the records are not in the parts yet
+    assert [row["status"] for row in index_rows(str(store))] == ["failed", "done", "failed"]

@@ -37,6 +37,10 @@ from segflow.store.parts import BUCKETS, bucket_of, part_name, read_part_map, wr
 __all__ = ["BUCKETS", "bucket_of", "part_name", "read_catalogue", "update_catalogue"]
 
 GEOMETRY_CRS = "OGC:CRS84"  # longitude, latitude on WGS 84
+# GeoParquet's names of shapely's geometry type ids (+8: with z), as geopandas writes them.
+_TYPE_NAMES: tuple[str, ...] = ("Point", "LineString", "LineString", "Polygon", "MultiPoint")
+_TYPE_NAMES += ("MultiLineString", "MultiPolygon", "GeometryCollection")
+_GEOMETRY_TYPES = [*_TYPE_NAMES, *(f"{name} Z" for name in _TYPE_NAMES)]
 _FLOAT = pd.Float64Dtype()
 # Columns beside the index's core columns, with their dtypes.
 EXTRA_COLUMNS: dict[str, Any] = {
@@ -48,13 +52,16 @@ EXTRA_COLUMNS: dict[str, Any] = {
 }
 
 
-def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
+def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]], *, stac: Any = None) -> int:
     """Replace the catalogue rows of the items ``rows`` (index rows, one per item) name,
     reading each one's committed group for its path and extent; returns the parts written.
     Call while holding the store's lock.
 
     The new rows are encoded once (GeoParquet, with the ``bbox`` column); each touched part
-    is then merged as Arrow tables, so a part costs its own rows only."""
+    is then merged as Arrow tables, so a part costs its own rows only. ``stac``: the
+    :class:`~segflow.store.stac.StacUpdate` of a compaction that folds its rows in chunks
+    (this call writes its parts' STAC catalogues; the caller finishes it once, after the
+    last chunk); without it the STAC view is finished here."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -66,7 +73,8 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
     rows = list(rows)
     if not rows:
         return 0
-    stac, extents = StacUpdate(store), {}  # item id -> item_extent
+    own = stac is None
+    stac, extents = StacUpdate(store) if own else stac, {}  # item id -> item_extent
     for row in rows:  # each group read once, for its catalogue row and its STAC Item
         item_id = str(row["id"])
         node = read_node(resolve_item(store, item_id))
@@ -84,10 +92,50 @@ def update_catalogue(store: str, rows: Iterable[Mapping[str, Any]]) -> int:
         if old is not None:
             keep = old.filter(pc.invert(pc.is_in(old.column("id"), value_set=part.column("id"))))
             part = pa.concat_tables([part, keep], promote_options="permissive")
-        merged[bucket] = part.sort_by("id")
+        merged[bucket] = with_part_geo(part.sort_by("id"))
     write_parts(store, CATALOGUE_NAME, merged)
-    stac.finish(merged)  # the parts' STAC catalogues and the Collection, after the parts
+    stac.add_parts(merged)  # the parts' STAC catalogues, after the parts
+    if own:
+        stac.finish({})  # the Collection
     return len(touched)
+
+
+def with_part_geo(part: Any) -> Any:
+    """``part`` (a catalogue part as a ``pyarrow.Table``) with GeoParquet's ``bbox`` and
+    ``geometry_types`` of its own rows in its ``geo`` metadata (as geopandas writes them
+    for a frame of those rows), whichever compaction brought each row."""
+    import json
+
+    import numpy as np
+    import pyarrow.compute as pc
+    import shapely
+
+    meta = dict(part.schema.metadata or {})
+    if b"geo" not in meta:
+        return part
+    geo = json.loads(meta[b"geo"])
+    column = geo["columns"]["geometry"]
+    shapes = shapely.from_wkb(part.column("geometry").to_numpy(zero_copy_only=False))
+    kinds = shapely.get_type_id(shapes) + 8 * shapely.has_z(shapes)
+    own: dict[str, Any] = {"geometry_types": sorted({_GEOMETRY_TYPES[k] for k in kinds if k >= 0})}
+    if "bbox" in part.column_names:  # nulls (no footprint) as NaN, left out as geopandas does
+        box = part.column("bbox").combine_chunks()
+        sides = np.column_stack(
+            [
+                pc.struct_field(box, side).to_numpy(zero_copy_only=False).astype(float)
+                for side in ("xmin", "ymin", "xmax", "ymax")
+            ]
+        )[~np.asarray(box.is_null())]
+        sides = sides[np.isfinite(sides).all(axis=1)]
+        if len(sides):
+            own["bbox"] = [*sides[:, :2].min(axis=0).tolist(), *sides[:, 2:].max(axis=0).tolist()]
+    # In geopandas' order: encoding, crs, geometry_types, bbox (where finite), covering.
+    rest = {k: v for k, v in column.items() if k not in ("geometry_types", "bbox")}
+    before = {k: v for k, v in rest.items() if k != "covering"}
+    after = {k: v for k, v in rest.items() if k == "covering"}
+    geo["columns"]["geometry"] = {**before, **own, **after}
+    meta[b"geo"] = json.dumps(geo).encode()
+    return part.replace_schema_metadata(meta)
 
 
 def catalogue_frame(

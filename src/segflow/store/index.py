@@ -21,14 +21,18 @@ small record object (``RUN.<time>.jsonl``), and each part is replaced in one PUT
 
 from __future__ import annotations
 
+import array
+import contextlib
 import json
 import math
 import os
 import pathlib
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -97,6 +101,55 @@ def read_index(store: str | os.PathLike[str]) -> pd.DataFrame:
         return frame
     latest = {str(row["id"]): row for row in records}  # a later record wins
     return _overlay(frame, _frame_of(latest.values()))
+
+
+def index_table(store: str | os.PathLike[str]) -> Any | None:
+    """The rows :func:`read_index` gives, as one ``pyarrow.Table`` read from the index's
+    parts without pandas (the core columns first, sorted by id, nulls where pandas gives
+    missing values: NaN, and whole numbers as floats in an extra column with gaps, as
+    :func:`read_index` and ``pyarrow.Table.from_pandas`` make them); None where the store
+    has records not compacted yet, an older single-file index, or no parts (read those with
+    :func:`read_index`). Reading 10^5 rows this way holds their Arrow buffers only, not a
+    frame of Python strings and its copies."""
+    import pyarrow as pa
+
+    path = _join(store, INDEX_NAME)
+    fs, inner = _fs(path)
+    if fs.isdir(inner) and fs.exists(f"{inner}/zarr.json"):
+        check_reserved_names(str(store))  # an item group took the index's name: say so
+    if _record_names(store) or any(fs.isfile(_fs(p)[1]) for p in (path, _legacy_aside(store))):
+        return None
+    try:
+        parts = read_parts(str(store), INDEX_NAME)
+    except Exception as exc:
+        raise StoreError(f"cannot read index '{path}' ({type(exc).__name__}: {exc})") from exc
+    if not parts:
+        return None
+    table = pa.concat_tables(parts, promote_options="permissive")
+    columns = {name: _as_pandas_gives(table, name) for name in INDEX_COLUMNS}
+    columns.update({n: _as_pandas_gives(table, n) for n in table.column_names if n not in columns})
+    return pa.table(columns).sort_by("id")
+
+
+def _as_pandas_gives(table: Any, name: str) -> Any:
+    """Column ``name`` of ``table`` with the values ``read_index`` then
+    ``Table.from_pandas`` give it (core columns in their dtypes)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    core = {"string": pa.large_string(), "Int64": pa.int64(), "Float64": pa.float64()}.get(
+        str(INDEX_COLUMNS.get(name))
+    )
+    if name not in table.column_names:
+        return pa.nulls(len(table), core or pa.large_string())
+    column = table.column(name)
+    if core is not None:
+        column = column.cast(core)
+    elif pa.types.is_integer(column.type) and column.null_count:
+        column = column.cast(pa.float64())  # pandas has no gaps in whole numbers
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return column
 
 
 def _stored_index(store: str | os.PathLike[str]) -> pd.DataFrame:
@@ -176,17 +229,28 @@ def compact_index(store: str | os.PathLike[str]) -> set[str]:
     that adds one item to a store of 100,000 writes one part of the index and one of the
     catalogue. An older single-file index is migrated first (:func:`migrate_index`).
     Call while holding the store's lock (no run appends meanwhile).
+
+    The records are folded in chunks of whole parts (:data:`CHUNK_ROWS` rows), read back
+    from a local temporary copy, so a compaction holds one chunk, not every record: its
+    memory does not grow with the run's items. A compaction killed between chunks leaves
+    the records, and the next one folds them all again (a row replaced by itself).
     """
     migrate_index(store)
-    files = _record_files(store)
-    if not files:
+    names = _record_names(store)
+    if not names:
         return set()
-    latest = {str(row["id"]): row for _, rows in files for row in rows}  # a later one wins
-    _merge_rows(store, _frame_of(latest.values()))
-    _update_catalogue(store, list(latest.values()))
+    folded: set[str] = set()
+    with _record_chunks(store, names) as (chunks, columns):
+        stac = _stac_update(store)
+        for rows in chunks:  # whole parts at a time: memory does not grow with the records
+            _merge_rows(store, _chunk_frame(rows, columns))
+            _update_catalogue(store, rows, stac=stac)
+            folded.update(str(row["id"]) for row in rows)
+        if folded:  # the Collection, once, after every part
+            _update_catalogue(store, [], stac=stac, finish=True)
     fault_point("index-compact")
-    _remove_records(store, files)
-    return set(latest)
+    _remove_records(store, [(name, None) for name in names])
+    return folded
 
 
 def migrate_index(store: str | os.PathLike[str]) -> str | None:
@@ -264,13 +328,35 @@ def write_index(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -
     return _join(store, INDEX_NAME)
 
 
-def _update_catalogue(store: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
+def _stac_update(store: str | os.PathLike[str]) -> Any:
+    from segflow.store.stac import StacUpdate
+
+    try:
+        return StacUpdate(str(store))
+    except Exception as exc:
+        raise StoreError(
+            f"cannot write the catalogue of '{store}' ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _update_catalogue(
+    store: str | os.PathLike[str],
+    rows: Sequence[dict[str, Any]],
+    *,
+    stac: Any = None,
+    finish: bool = False,
+) -> None:
     """Bring the catalogue's rows of ``rows`` up to date (:mod:`segflow.store.catalogue`),
-    before the records that name them are removed."""
+    before the records that name them are removed; with ``stac`` (a
+    :class:`~segflow.store.stac.StacUpdate` shared by the chunks of one compaction) its
+    Collection is left to the call with ``finish``."""
     from segflow.store.catalogue import update_catalogue
 
     try:
-        update_catalogue(str(store), [_normalise_row(row) for row in rows])
+        if rows:
+            update_catalogue(str(store), [_normalise_row(row) for row in rows], stac=stac)
+        if finish and stac is not None:
+            stac.finish({})
     except Exception as exc:
         raise StoreError(
             f"cannot write the catalogue of '{store}' ({type(exc).__name__}: {exc})"
@@ -369,6 +455,16 @@ def _conform(table: Any, schema: Any) -> Any:
 def _record_files(store: str | os.PathLike[str]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Every run's record file, oldest first, with its complete lines (a line cut short by
     a kill is left out)."""
+    fs, _ = _fs(bookkeeping_path(str(store), "records"))
+    out = []
+    for name in _record_names(store):
+        rows = [row for line in _record_lines(fs, name) if (row := _record(line)) is not None]
+        out.append((name, rows))
+    return out
+
+
+def _record_names(store: str | os.PathLike[str]) -> list[str]:
+    """Every run's record file, oldest first."""
     fs, folder = _fs(bookkeeping_path(str(store), "records"))
     if not fs.isdir(folder):
         return []
@@ -377,18 +473,119 @@ def _record_files(store: str | os.PathLike[str]) -> list[tuple[str, list[dict[st
         (info for name, info in listed.items() if name.endswith(".jsonl")),
         key=lambda info: (_modified(info), info["name"]),
     )
-    out = []
-    for info in files:
-        rows = []
-        for line in fs.cat_file(info["name"]).decode("utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("id"):
-                rows.append(row)
-        out.append((str(info["name"]), rows))
-    return out
+    return [str(info["name"]) for info in files]
+
+
+def _record_lines(fs: Any, name: str) -> Iterator[bytes]:
+    """The lines of one record file, read as a stream (a file holds a run's records)."""
+    with fs.open(name, "rb") as handle:
+        yield from handle
+
+
+def _record(line: bytes | str) -> dict[str, Any] | None:
+    """One record line's row, or None for a line cut short by a kill (or not a row)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and row.get("id") else None
+
+
+# Records folded into the index and the catalogue at once by :func:`compact_index` (whole
+# parts at a time, so a chunk may hold a part more): what a compaction holds in memory.
+CHUNK_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The extra columns of a compaction's rows, as one frame of all of them would have
+    them: in the order they first appear, and those some row lacks (or holds None for),
+    whose whole numbers pandas would keep as floats."""
+
+    order: list[str]
+    sparse: frozenset[str]
+
+
+@contextlib.contextmanager
+def _record_chunks(
+    store: str | os.PathLike[str], names: Sequence[str]
+) -> Iterator[tuple[Iterator[list[dict[str, Any]]], _Columns]]:
+    """The latest record of each item the record files ``names`` hold (a later record of an
+    id replacing an earlier one), in chunks of whole parts of about :data:`CHUNK_ROWS` rows,
+    and their columns over all chunks (:class:`_Columns`).
+
+    The records are copied once into a local temporary file, and only each record's part,
+    place and length are kept (14 bytes a record), so folding 10^6 records holds one chunk
+    of rows at a time, not 10^6 dicts."""
+    import numpy as np
+
+    fs, _ = _fs(bookkeeping_path(str(store), "records"))
+    with tempfile.TemporaryFile() as spill:
+        buckets, starts, sizes = array.array("H"), array.array("q"), array.array("I")
+        end = 0
+        for name in names:
+            for line in _record_lines(fs, name):
+                if (row := _record(line)) is None:
+                    continue
+                buckets.append(bucket_of(str(row["id"])))
+                starts.append(end)
+                sizes.append(len(line))
+                end += spill.write(line)
+        order = np.argsort(np.frombuffer(buckets, np.uint16), kind="stable")  # file order kept
+        places = (spill, order, buckets, starts, sizes)
+        columns = _fold_columns(_chunks_of(*places))
+        yield (rows for rows, _ in _chunks_of(*places)), columns
+
+
+def _chunks_of(
+    spill: Any, order: Any, buckets: Any, starts: Any, sizes: Any
+) -> Iterator[tuple[list[dict[str, Any]], list[int]]]:
+    """The rows of :func:`_record_chunks`, read back from ``spill`` a chunk at a time, each
+    with the place of its id's first record."""
+    first = 0
+    while first < len(order):
+        last = min(first + CHUNK_ROWS, len(order))
+        while last < len(order) and buckets[order[last]] == buckets[order[last - 1]]:
+            last += 1  # a part is never split between chunks
+        latest: dict[str, dict[str, Any]] = {}
+        places: dict[str, int] = {}
+        for k in order[first:last]:  # in file order: a later record wins
+            spill.seek(starts[k])
+            row = json.loads(spill.read(sizes[k]))
+            latest[str(row["id"])] = row
+            places.setdefault(str(row["id"]), int(k))
+        yield list(latest.values()), list(places.values())
+        first = last
+
+
+def _fold_columns(chunks: Iterable[tuple[list[dict[str, Any]], list[int]]]) -> _Columns:
+    """The extra columns of every chunk's rows, as :class:`_Columns` says."""
+    first: dict[str, tuple[int, int]] = {}  # key -> (its first row's place, place in the row)
+    given: dict[str, int] = {}  # key -> rows holding a value
+    total = 0
+    for rows, places in chunks:
+        total += len(rows)
+        for row, place in zip(rows, places, strict=True):
+            for at, key in enumerate(row):
+                first[key] = min(first.get(key, (place, at)), (place, at))
+                given[key] = given.get(key, 0) + (row[key] is not None)
+    order = [key for key in sorted(first, key=first.__getitem__) if key not in INDEX_COLUMNS]
+    return _Columns(order, frozenset(k for k in order if given[k] < total))
+
+
+def _chunk_frame(rows: Sequence[dict[str, Any]], columns: _Columns) -> pd.DataFrame:
+    """One chunk's rows as the frame of every chunk's rows would hold them: each extra
+    column in its place (None where the chunk has none of it), whole numbers as floats
+    where a row of another chunk lacks them, so each part gets the types one fold gives."""
+    frame = pd.DataFrame([_normalise_row(row) for row in rows])
+    for name in columns.order:
+        if name not in frame.columns:
+            frame[name] = pd.Series([None] * len(frame), dtype=object, index=frame.index)
+        elif name in columns.sparse and pd.api.types.is_integer_dtype(frame[name].dtype):
+            frame[name] = frame[name].astype("float64")
+    return _with_core_columns(
+        frame[[*[c for c in frame.columns if c in INDEX_COLUMNS], *columns.order]]
+    )
 
 
 def _remove_records(store: str | os.PathLike[str], files: Sequence[tuple[str, Any]]) -> None:

@@ -56,9 +56,10 @@ _FILES = {
 
 class StacUpdate:
     """One compaction's update of ``STORE/stac/`` (call while holding the store's lock):
-    :meth:`write_item` for each item its records name, as its group is read, then
-    :meth:`finish` with the catalogue's parts just written. Items are written one at a
-    time, so memory does not grow with the number of items a compaction folds."""
+    :meth:`write_item` for each item its records name, as its group is read,
+    :meth:`add_parts` with the catalogue's parts just written (once per chunk of parts),
+    then :meth:`finish`. Items and parts are written as they come, and only each part's
+    extent is kept, so memory does not grow with the number of items a compaction folds."""
 
     def __init__(self, store: str) -> None:
         self.store = store
@@ -69,6 +70,8 @@ class StacUpdate:
         whole = self.whole
         self.rebuild = whole is None or bool(whole.get("collection") and not self.collection)
         self.written: set[str] = set()  # with `rebuild`: the Items written already
+        self.kept = dict(self.collection.get(PARTS_KEY) or {})  # part key -> bbox, interval
+        self.parts: set[int] = set()  # the parts given to add_parts
 
     def write_item(self, item_id: str, node: Any, extent: Any = None) -> None:
         """Write the Item of ``item_id`` (its group's ``node``; ``extent``: its
@@ -82,22 +85,30 @@ class StacUpdate:
         if self.rebuild:
             self.written.add(item_id)
 
-    def finish(self, parts: Mapping[int, Any]) -> None:
+    def add_parts(self, parts: Mapping[int, Any]) -> None:
         """Write the catalogues of ``parts`` (bucket -> the catalogue part just written, a
-        ``pyarrow.Table``), the Collection and the marker; first, for an older store (or
-        one whose ``stac/`` was removed), the Items of every other part."""
-        extents = {bucket: part_extent(table) for bucket, table in parts.items()}
-        if self.rebuild:
-            extents.update(self._other_parts(set(parts)))
-        kept = dict(self.collection.get(PARTS_KEY) or {})  # part key -> bbox, interval
+        ``pyarrow.Table``), keeping their extents for the Collection."""
+        self.parts.update(parts)
+        self._write_parts({bucket: part_extent(table) for bucket, table in parts.items()})
+
+    def _write_parts(self, extents: Mapping[int, Any]) -> None:
         for bucket, extent in sorted(extents.items()):
             key = f"{bucket:02x}"
             if extent is not None:
-                kept[key] = {"bbox": extent["bbox"], "interval": extent["interval"]}
+                self.kept[key] = {"bbox": extent["bbox"], "interval": extent["interval"]}
                 catalog = part_catalog(self.cid, key, extent["ids"])
                 _write(_url(self.store, PARTS_DIR, f"part-{key}.json"), catalog)
-            elif kept.pop(key, None) is not None or self.stale:
+            elif self.kept.pop(key, None) is not None or self.stale:
                 _remove(_url(self.store, PARTS_DIR, f"part-{key}.json"))
+
+    def finish(self, parts: Mapping[int, Any]) -> None:
+        """Write the catalogues of ``parts`` (:meth:`add_parts`), the Collection and the
+        marker; first, for an older store (or one whose ``stac/`` was removed), the Items of
+        every part not added."""
+        self.add_parts(parts)
+        if self.rebuild:
+            self._write_parts(self._other_parts(self.parts))
+        kept = self.kept
         if kept:
             _write(_url(self.store, COLLECTION_FILE), collection_json(self.store, self.cid, kept))
         elif self.stale:

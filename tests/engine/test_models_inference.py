@@ -142,9 +142,12 @@ def _unet_layouts(draw: st.DrawFn, spatial_dims: int) -> tuple[tuple[int, ...], 
 # (same batch size) bit for bit, and differs from the batch-1 reference by at most 3.0e-6 in
 # 2-D and 3.6e-6 in 3-D, on outputs up to about 5. Tile outputs differ in their last bits when a
 # tile is run in a batch of 3 rather than alone (oneDNN picks other kernels); blending adds
-# nothing (same tiles, same order). 2e-5 absolute leaves a 5x margin and is still far below
-# anything an argmax could notice.
-UNET_ATOL = 2e-5
+# nothing (same tiles, same order). A later draw (CI, 2026-12-07: a 34 x 27 image in 9 x 7
+# blocks, 32 x 16 tiles) differed by 2.7e-5 with one thread or two: BasicUNet's instance
+# normalisation at its deepest level sees 2 x 1 positions of a 32 x 16 tile, whose variance
+# magnifies those last bits. 1e-4 absolute is still far below anything an argmax could notice
+# (and the argmax check below skips near-ties).
+UNET_ATOL = 1e-4
 
 
 @pytest.mark.parametrize(("spatial_dims", "tile"), [(2, (32, 16)), (3, (16, 16, 32))])

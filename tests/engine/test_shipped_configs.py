@@ -286,26 +286,6 @@ FLOWS = CONFIGS[0].parent / "nuclei-flows.yaml"
 FLOWS_SAMPLE_AP50_FLOOR = 0.88
 
 
-def test_nuclei_flows_on_the_bundled_png_and_a_16_bit_tiff(tmp_path: Path) -> None:
-    """The shipped flow model finds the nuclei in the RGBA PNG and in a single-channel
-    16-bit TIFF of the same image, as microscopes write them (whole-item percentile
-    scaling makes the dtype irrelevant)."""
-    config = load_config(FLOWS)
-    readers, failures = discover_items(config.input.path)
-    assert len(readers) == 1 and not failures
-    rgba = _whole(readers[0])
-    tiff = tmp_path / "image.tif"
-    tifffile.imwrite(tiff, rgba[0].astype(np.uint16) * 257)  # (y, x) uint16, full range
-    band = _whole(open_item(str(tiff)))
-    assert band.shape == (1, *rgba.shape[1:]) and band.dtype == np.uint16
-    folder = Path(readers[0].info.path).parent
-    reference = _whole(open_item(str(folder / "labels.tif"), "reference"))[0]
-    block = tuple(config.blocks.shape)
-    for image in (rgba, band):
-        labels = segment(image, config.pipeline, block_shape=block, channel_axis=0)
-        assert _ap50(labels, reference) >= FLOWS_SAMPLE_AP50_FLOOR
-
-
 DSB_MODEL = CONFIGS[0].parent / "nuclei-dsb.yaml"
 
 #: AP50 of configs/nuclei-dsb.yaml on the bundled sample (held out of the model's training):
@@ -315,10 +295,18 @@ DSB_MODEL = CONFIGS[0].parent / "nuclei-dsb.yaml"
 DSB_SAMPLE_AP50_FLOOR = 0.92
 
 
-def test_nuclei_dsb_on_the_bundled_png_and_a_16_bit_tiff(tmp_path: Path) -> None:
-    """The shipped model trained on real DSB2018 images finds the nuclei of the bundled sample
-    in its RGBA PNG and in a single-channel 16-bit TIFF of it, as microscopes write them."""
-    config = load_config(DSB_MODEL)
+@pytest.mark.parametrize(
+    ("config_path", "floor"),
+    [(FLOWS, FLOWS_SAMPLE_AP50_FLOOR), (DSB_MODEL, DSB_SAMPLE_AP50_FLOOR)],
+    ids=["nuclei-flows", "nuclei-dsb"],
+)
+def test_flow_models_on_the_bundled_png_and_a_16_bit_tiff(
+    tmp_path: Path, config_path: Path, floor: float
+) -> None:
+    """The shipped flow models (synthetic-only and DSB2018-trained) find the nuclei in the
+    RGBA PNG and in a single-channel 16-bit TIFF of the same image, as microscopes write
+    them (whole-item percentile scaling makes the dtype irrelevant)."""
+    config = load_config(config_path)
     readers, failures = discover_items(config.input.path)
     assert len(readers) == 1 and not failures
     rgba = _whole(readers[0])
@@ -331,7 +319,7 @@ def test_nuclei_dsb_on_the_bundled_png_and_a_16_bit_tiff(tmp_path: Path) -> None
     block = tuple(config.blocks.shape)
     for image in (rgba, band):
         labels = segment(image, config.pipeline, block_shape=block, channel_axis=0)
-        assert _ap50(labels, reference) >= DSB_SAMPLE_AP50_FLOOR
+        assert _ap50(labels, reference) >= floor
 
 
 #: configs/nuclei-dsb.yaml on the five DSB2018 images of ../shared/data, none of which its

@@ -59,11 +59,11 @@ def train_flow(config: str, restart: bool = False) -> dict[str, Any]:
         table=[
             {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history
         ],
-        description=f"{cfg.name}: loss and validation foreground IoU per epoch",
+        description=f"{cfg.name}: loss and validation {cfg.training.score_name} per epoch",
     )
     create_markdown_artifact(
         key=artifact_key(cfg.name, cfg.output, "summary"),
-        markdown=f"**{cfg.name}**: best validation foreground IoU "
+        markdown=f"**{cfg.name}**: best validation {cfg.training.score_name} "
         f"{row.get('best_score', 0):.4f} at epoch {row.get('best_epoch', 0)}; checkpoint "
         f"`{row.get('best', '')}`; loss curve `{curve}` (training and validation loss per epoch).",
     )

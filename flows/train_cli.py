@@ -62,7 +62,7 @@ def train(
     ):
         summary = train_flow(str(config), restart=restart)
     table = Table(title=f"{cfg.name}: training ({summary['best']})")
-    for column in ("epoch", "loss", "val loss", "val IoU", "best"):
+    for column in ("epoch", "loss", "val loss", f"val {cfg.training.score_name}", "best"):
         table.add_column(column, justify="right")
     for h in summary["history"]:
         mark = " *" if h["improved"] else ""

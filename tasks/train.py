@@ -33,8 +33,8 @@ def train_epoch_task(config: str, epoch: int, *, resume: bool = True) -> dict[st
     last = result.history[-1] if result.history else None
     if last is not None:
         get_run_logger().info(
-            "epoch %d: loss %.4f, validation foreground IoU %.4f (best %.4f)",
-            last.epoch, last.loss, last.val_score, last.best_score,
+            "epoch %d: loss %.4f, validation %s %.4f (best %.4f)",
+            last.epoch, last.loss, cfg.training.score_name, last.val_score, last.best_score,
         )  # fmt: skip
         steps = cfg.training.steps_per_epoch
         report_progress(

@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from segflow.engine.pipeline import parse_steps
 from segflow.errors import ConfigError, ModelError
 from segflow.ops.intensity import to_luma
 
@@ -121,8 +122,26 @@ class TrainLoop(_Model):
         "or in proportion to its pixels (area: large images of a rare kind weigh as their "
         "pixels do)",
     )
+    select_by: Literal["foreground_iou", "ap50"] = Field(
+        "foreground_iou",
+        description="how the best epoch is chosen: the validation images' foreground IoU, or "
+        "their mean AP50 with the instances `instances` make (instance heads: a foreground "
+        "that merges touching objects scores low only by AP50)",
+    )
+    instances: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="with select_by ap50: pipeline steps that turn the network's raw output "
+        "into instances, as the inference config's (e.g. [{op: flow_dynamics, "
+        "flow_threshold: 0.4}])",
+    )
     patience: int = Field(8, ge=1)
     min_delta: float = 1e-3
+
+    @property
+    def score_name(self) -> str:
+        """The validation score as logs and tables name it."""
+        return "AP50" if self.select_by == "ap50" else "foreground IoU"
+
     validation_fraction: float = Field(0.2, ge=0, lt=1)
     validation_split: Literal["pairs", "strips"] = Field(
         "pairs",
@@ -168,6 +187,7 @@ class TrainFile(_Model):
         values = self.training.model_dump()
         values["patch"] = None if values["patch"] is None else tuple(values["patch"])
         values["zoom"], values["gamma"] = tuple(values["zoom"]), tuple(values["gamma"])
+        values["instances"] = tuple(values["instances"])
         return TrainConfig(**values)
 
 
@@ -199,6 +219,11 @@ def parse_train_config(data: Mapping[str, Any], *, base_dir: Path) -> TrainFile:
         config.loop()
     except ModelError as error:
         raise ConfigError([f"training: {error}"]) from None
+    if config.training.instances:
+        try:
+            parse_steps(config.training.instances)
+        except ConfigError as error:
+            raise ConfigError([f"training.instances: {line}" for line in error.problems]) from None
 
     def resolve(path: str) -> str:  # "configs/train/../../outputs" reads as "outputs"
         return os.path.normpath(base_dir / path)

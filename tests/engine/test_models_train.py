@@ -405,3 +405,61 @@ def test_epoch_tasks_read_and_prepare_the_data_once(
     with pytest.raises(Exception, match="data"):  # a saved run trained on other data
         train_config.train_from_config(cfg, stop_after=1)
     assert calls == {"read": 2, "prepare": 1}  # refused before preparing
+
+
+FLOWS_STEP = {"op": "flow_dynamics", "niter": 50, "min_size": 0, "max_travel": 16}
+
+
+def test_ap50_scores_instances_where_foreground_iou_cannot() -> None:
+    """select_by ap50: two touching squares predicted as one object have a perfect foreground
+    (IoU 1) and no instance matched (AP50 0); predicted apart, AP50 is 1."""
+    from segflow.models.train import _ap50
+
+    labels = np.zeros((40, 40), np.int64)
+    labels[8:24, 6:20], labels[8:24, 20:34] = 1, 2
+    merged = (labels > 0).astype(np.int64)
+    apart, together = make_targets(labels, "flows"), make_targets(merged, "flows")
+    for flows in (apart, together):
+        assert foreground_iou(flows[-1] > 0, labels > 0) == 1
+    assert _ap50(apart, labels, [FLOWS_STEP]) == 1.0
+    assert _ap50(together, labels, [FLOWS_STEP]) == 0.0
+
+
+def test_select_by_ap50_trains_and_names_its_metric(tmp_path: Path) -> None:
+    """The best epoch's card carries val_ap50; the run identity records the choice (a run
+    chosen by foreground IoU is not resumed as one chosen by AP50); bad settings fail early."""
+    image, instances = _nuclei()
+    pair = (image[:, :64, :64], instances[:64, :64])
+    card = _card("flows", features=(4, 8))
+    config = TrainConfig(batch_size=2, steps_per_epoch=1, max_epochs=2, patch=(32, 32),
+                         select_by="ap50", instances=(FLOWS_STEP,))  # fmt: skip
+    result = train_model([pair], card=card, out_dir=tmp_path, config=config, validation=[pair])
+    saved = load_checkpoint(result.best).card
+    assert set(saved.metrics) == {"val_ap50"}  # type: ignore[union-attr]
+    assert saved.metrics["val_ap50"] == result.best_score  # type: ignore[union-attr]
+    plain = TrainConfig(batch_size=2, steps_per_epoch=1, max_epochs=2, patch=(32, 32))
+    changed = resume_changes([pair], card=card, out_dir=tmp_path, config=plain, validation=[pair])
+    assert {key for _, key, *_ in changed} == {"select_by", "instances"}
+    with pytest.raises(ModelError, match="needs `instances`"):
+        TrainConfig(select_by="ap50")
+    with pytest.raises(ModelError, match="head is semantic"):
+        train_model([pair], card=_card(), out_dir=tmp_path / "s", config=config)
+
+
+def test_train_config_instances_are_checked_as_pipeline_steps(tmp_path: Path) -> None:
+    from segflow.errors import ConfigError
+    from segflow.train_config import parse_train_config
+
+    config = {
+        "data": {"images": "data/*/image.tif", "references": "{dir}/labels.tif"},
+        "model": {"architecture": {"name": "segnet", "params": {"features": [4, 8]}},
+                  "spatial_dims": 2, "channels": [{"name": "luma"}], "head": "flows",
+                  "tile": [16, 16]},
+        "training": {"select_by": "ap50", "instances": [{"op": "flow_dynamics", "nitre": 5}]},
+        "output": "model",
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"training.instances: .*nitre"):
+        parse_train_config(config, base_dir=tmp_path)
+    config["training"] = {"select_by": "ap50"}
+    with pytest.raises(ConfigError, match="needs `instances`"):
+        parse_train_config(config, base_dir=tmp_path)

@@ -25,10 +25,10 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -64,6 +64,12 @@ class TrainConfig:
     # in proportion to its pixels (a 1024^2 image 16 times as often as a 256^2 one), so
     # that few large images of a kind weigh as their pixels do.
     sample_by: Literal["images", "area"] = "images"
+    # How the best epoch is chosen: the validation images' foreground IoU, or their mean
+    # AP50 (instance heads) with the instances ``instances`` make of each whole-image
+    # output (segflow pipeline steps on the network's raw output, e.g. flow_dynamics): a
+    # foreground that is right but merges touching objects scores low only by AP50.
+    select_by: Literal["foreground_iou", "ap50"] = "foreground_iou"
+    instances: tuple[Mapping[str, Any], ...] = ()
     patience: int = 8
     min_delta: float = 1e-3
     validation_fraction: float = 0.2
@@ -81,6 +87,11 @@ class TrainConfig:
                 raise ModelError(f"`{name}` ({low}, {high}) must satisfy 0 < low <= high")
         if self.noise < 0:
             raise ModelError(f"`noise` ({self.noise}) must be >= 0")
+        if self.select_by == "ap50" and not self.instances:
+            raise ModelError(
+                "`select_by` ap50 needs `instances`: the steps that turn the network's raw "
+                "output into instances, e.g. [{op: flow_dynamics}]"
+            )
 
 
 @dataclass(frozen=True)
@@ -393,16 +404,19 @@ _TINY = 1e-7
 
 
 def _score(
-    model: torch.nn.Module, pairs: Sequence[Pair], card: ModelCard, batch: int
+    model: torch.nn.Module, pairs: Sequence[Pair], card: ModelCard, config: TrainConfig
 ) -> tuple[float, float]:
-    """Mean foreground IoU over the validation pairs (semantic: over the foreground classes),
-    and the mean training loss of the whole-image predictions (the blended probabilities'
-    log stands for the logits: their softmax is the same probabilities)."""
+    """The validation score (``config.select_by``: mean foreground IoU over the pairs, over
+    the foreground classes for a semantic head, or mean AP50 of the instances) and the mean
+    training loss of the whole-image predictions (the blended probabilities' log stands for
+    the logits: their softmax is the same probabilities)."""
     scores, losses = [], []
     for image, labels in pairs:
-        out = _predict(model, image, card, batch_size=batch)
+        out = _predict(model, image, card, batch_size=config.batch_size)
         predicted = _mask(out, card)
-        if card.head == "semantic":
+        if config.select_by == "ap50":
+            scores.append(_ap50(out, labels, config.instances))
+        elif card.head == "semantic":
             scores += [
                 foreground_iou(predicted == k, labels == k) for k in range(1, len(card.classes))
             ]
@@ -414,6 +428,17 @@ def _score(
         targets = torch.from_numpy(make_targets(labels, card.head))[None]
         losses.append(float(_loss(logits, targets, card.head)))
     return float(np.mean(scores)), float(np.mean(losses))
+
+
+def _ap50(out: np.ndarray, labels: np.ndarray, steps: Sequence[Mapping[str, Any]]) -> float:
+    """AP50 of the instances ``steps`` make of one whole-image output against ``labels``
+    (the share matched at IoU > 0.5 of predicted + reference - matched objects)."""
+    # Imported here: the engine imports segflow.models.
+    from segflow.engine.api import segment
+    from segflow.evaluate import block_overlap, instance_scores
+
+    found = np.asarray(segment(out, steps, channel_axis=0, n_threads=1))
+    return float(instance_scores(block_overlap(found, labels, instances=True))["ap50"])
 
 
 def _save_state(path: Path, state: dict[str, object]) -> None:
@@ -446,8 +471,12 @@ def _run_identity(
 ) -> dict[str, object]:
     """What a saved run must match to be resumed (``out_dir/last/run.json``), as JSON."""
     settings = {**asdict(config), "patch": list(patch)}
-    if settings["sample_by"] == "images":  # the default: runs saved before it resume
-        del settings["sample_by"]
+    # Defaults added later stay out: runs saved before them resume.
+    for key, default in (("sample_by", "images"), ("select_by", "foreground_iou")):
+        if settings[key] == default:
+            del settings[key]
+    if not settings["instances"]:
+        del settings["instances"]
     run = {
         "card": json.loads(card.identity_json()),
         "config": settings,
@@ -547,7 +576,7 @@ def train_model(
     card : ModelCard
         The model to train: architecture, channels, head, tile. Its training section and
         metrics are filled in on the saved checkpoint (data fingerprint, epochs, seed, the
-        validation score ``val_foreground_iou``).
+        validation score ``val_foreground_iou`` or ``val_ap50``, as ``config.select_by``).
     out_dir : path
         Where ``best/`` (a checkpoint) and ``last/`` (the resumable state) go.
     config : TrainConfig
@@ -590,6 +619,11 @@ def train_model(
     patch = check_tile(card.network_spec(), config.patch or card.tile)
     if not pairs:
         raise ModelError("`pairs` is empty: training needs at least one (image, labels) pair")
+    if config.select_by == "ap50" and card.head == "semantic":
+        raise ModelError(
+            "`select_by` ap50 scores instances: the card's head is semantic (classes, no "
+            "instances); use foreground_iou or an instance head (flows, foreground_distance)"
+        )
     train_pairs, val_pairs = _split(pairs, validation, config)
     run = _run_identity(train_pairs, val_pairs, card, config, patch)
     last = out / "last"
@@ -727,7 +761,7 @@ def _end_epoch(
 ) -> EpochReport:
     """Score the epoch just trained on the validation pairs, save ``out/best`` when it
     improved on the best so far, and count it in ``progress``; return its report."""
-    score, val_loss = _score(model, val_pairs, card, config.batch_size)
+    score, val_loss = _score(model, val_pairs, card, config)
     progress.epoch += 1
     improved = score > progress.best_score + config.min_delta
     if improved:
@@ -750,7 +784,7 @@ def _trained_card(
     seed) filled in: the card saved with the best checkpoint."""
     return card.model_copy(
         update={
-            "metrics": {**card.metrics, "val_foreground_iou": score},
+            "metrics": {**card.metrics, f"val_{config.select_by}": score},
             "training": TrainingCard(
                 **{
                     **card.training.model_dump(),

@@ -423,6 +423,11 @@ def test_ap50_scores_instances_where_foreground_iou_cannot() -> None:
         assert foreground_iou(flows[-1] > 0, labels > 0) == 1
     assert _ap50(apart, labels, [FLOWS_STEP]) == 1.0
     assert _ap50(together, labels, [FLOWS_STEP]) == 0.0
+    # Paths longer than max_travel (an untrained model's): such an output scores 0, and
+    # the epoch is not chosen, rather than the training stopping.
+    far = apart.copy()
+    far[1] = 5.0  # every pixel flows right across the image
+    assert _ap50(far, labels, [{**FLOWS_STEP, "max_travel": 4}]) == 0.0
 
 
 def test_select_by_ap50_trains_and_names_its_metric(tmp_path: Path) -> None:

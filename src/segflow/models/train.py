@@ -432,12 +432,17 @@ def _score(
 
 def _ap50(out: np.ndarray, labels: np.ndarray, steps: Sequence[Mapping[str, Any]]) -> float:
     """AP50 of the instances ``steps`` make of one whole-image output against ``labels``
-    (the share matched at IoU > 0.5 of predicted + reference - matched objects)."""
+    (the share matched at IoU > 0.5 of predicted + reference - matched objects); 0 where
+    the steps refuse the output (an early epoch's flows whose paths run past
+    flow_dynamics' ``max_travel``: a model that cannot be run with these steps)."""
     # Imported here: the engine imports segflow.models.
     from segflow.engine.api import segment
     from segflow.evaluate import block_overlap, instance_scores
 
-    found = np.asarray(segment(out, steps, channel_axis=0, n_threads=1))
+    try:
+        found = np.asarray(segment(out, steps, channel_axis=0, n_threads=1))
+    except ValueError:
+        return 0.0
     return float(instance_scores(block_overlap(found, labels, instances=True))["ap50"])
 
 

@@ -122,6 +122,36 @@ def test_segment_item_writes_the_region_table_with_world_coordinates(tmp_path) -
     assert (result.area_p05, result.area_p50, result.area_p95) == (20.4, 24.0, 34.8)
 
 
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"op": "remove_small_objects", "max_size": 3},
+        {"op": "clear_border"},
+    ],
+)
+def test_no_class_column_where_the_input_holds_ids_not_classes(tmp_path, last) -> None:
+    """Steps that join blocks by the ids they are given (remove_small_objects, clear_border,
+    flow_dynamics' size rule) report no ``class`` column: their input is instance ids, and
+    the table once showed those (e.g. 2921 for a nucleus) as classes."""
+    from segflow.engine.executor import LocalExecutor
+    from segflow.engine.item import segment_item
+    from segflow.io import ArrayReader
+    from segflow.store.regions import read_regions
+
+    image = ndi.gaussian_filter(np.random.default_rng(3).random((60, 70)), 2).astype(np.float32)
+    pipeline = [{"op": "threshold", "value": 0.5}, {"op": "label"}, last]
+    store = str(tmp_path / "ids.zarr")
+    with LocalExecutor(2) as executor:
+        result = segment_item(
+            ArrayReader(image, "scene"), pipeline, store=store, block_shape=16,
+            executor=executor, regions=True,
+        )  # fmt: skip
+    assert result.status == "done", result.error
+    table = read_regions(store, "scene")
+    assert len(table) == result.object_count > 0
+    assert "class" not in table.columns
+
+
 def test_panoptic_output_classes_and_instances(tmp_path) -> None:
     """A saved class map plus per-class instances: ids unique, one class per instance."""
     import xarray as xr

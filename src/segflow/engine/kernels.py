@@ -223,7 +223,7 @@ class Write:
             assert relabel is not None and finish is not None
             # The local labels are dense already: no sort of the block to number its objects.
             dense, finals = item.labels, relabel.table(item.keep, np.dtype(np.int64))
-            by_class = finish.step.op.pairs_by_class(finish.step.params)
+            by_class = finish.step.op.reports_classes(finish.step.params)
             classes = item.source[0] if by_class and item.source is not None else None
         else:
             uniq, inverse = np.unique(stored, return_inverse=True)

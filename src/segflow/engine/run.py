@@ -503,6 +503,11 @@ class _PlanRun:
         dtype = smallest_label_dtype(merge.max_label or merge.n_labels)
         if step.op.finish is None:
             self.n_labels = merge.n_labels
+        elif step.op.keeps_ids and self.n_labels is not None:
+            # Ids kept, some objects dropped: the count is the kept objects', the largest
+            # id (the dtype, a growing scene's next id) stays the input's.
+            self.max_label = self.max_label or self.n_labels
+            self.n_labels = merge.n_labels
         self.done.append(phase)
         self.relabel_lists.append(merge.relabels)
         self.finishes.append(Finish(step, dtype))

@@ -77,6 +77,7 @@ register(
         out_dtype=_check_classes,
         needs_single_channel=True,
         by_class=lambda p: p.classes,
+        classes_in=lambda p: p.classes,
     )
 )
 

@@ -218,6 +218,11 @@ class Operation(Generic[P]):
     rule: Callable[[P, OpContext], ObjectRule] | None = None
     finish: Callable[[np.ndarray, np.ndarray | None, P], np.ndarray] | None = None
     by_class: Callable[[P], bool] | None = None
+    # Whether the step's input values are semantic classes (label with classes: true), which
+    # the regions table reports as its ``class`` column. Other by_class steps join by the
+    # ids they are given (remove_small_objects, clear_border, flow_dynamics' sizes): those
+    # are no classes and are not reported.
+    classes_in: Callable[[P], bool] | None = None
     halo_spacing: Callable[[P, int, tuple[float, ...]], tuple[int, ...]] | None = None
     expand: Callable[[P], Sequence[tuple[str, str, OpParams]]] | None = None
     # A global op whose output is instance ids (stat = their count); a local op's, with a
@@ -253,6 +258,10 @@ class Operation(Generic[P]):
     def pairs_by_class(self, params: P) -> bool:
         """Whether labels join across blocks only where the input values match."""
         return self.by_class is not None and self.by_class(params)
+
+    def reports_classes(self, params: P) -> bool:
+        """Whether the regions table gets a ``class`` column from the step's input."""
+        return self.classes_in is not None and self.classes_in(params)
 
     def keeps_source(self, params: P) -> bool:
         """Whether the block's input must stay with its labels until the output is made."""

@@ -103,9 +103,9 @@ def _run_loaded(
         from segflow.engine.collection import run_summary
 
         for config, plan in zip(loaded, plans, strict=True):
-            skipped = sorted(plan.skipped, key=_by_id)
-            plain = config.output.plain_copy
-            _print_summary(run_summary(config.name, config.output.store, skipped, plain_copy=plain))
+            skipped, plain = plan.skipped.by_id(), config.output.plain_copy
+            store = config.output.store
+            _print_summary(run_summary(config.name, store, [], skipped=skipped, plain_copy=plain))
         typer.echo(
             "nothing to do: every item is done with this input, config and code "
             "(no Prefect server, flow run or Dask cluster was started)",
@@ -189,10 +189,6 @@ def _plan_runs(
         )
         for config, (readers, failures, notes) in zip(configs, collections, strict=True)
     ]
-
-
-def _by_id(row: dict[str, Any]) -> str:
-    return str(row["id"])
 
 
 # Seconds between two looks at a busy store's lock while the command waits for it.

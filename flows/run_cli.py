@@ -94,11 +94,15 @@ def _run_loaded(
             typer.echo(f"{path}: {problem}", err=True)
         invalid |= bool(problems)
         collections.append((readers, failures, notes))
+        del readers, failures  # held by the list alone: freed with it (below)
     if invalid:
         raise typer.Exit(EXIT_INVALID)
     for path, config in zip(configs, loaded, strict=True):
         _wait_for_store(path, config.output.store, config.run.queue_timeout)
     plans = _plan_runs(loaded, collections)
+    # A reader per discovered item is held by discovery's lists only: freed before the run
+    # (its items are opened again by the task that segments them).
+    collections.clear()
     if all(plan.nothing_to_do for plan in plans):
         from segflow.engine.collection import run_summary
 

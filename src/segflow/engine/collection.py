@@ -65,7 +65,7 @@ def item_references(
         }
         for r in readers
     ]
-    return items, _failed_rows([r.info.path for r in readers], failures)
+    return items, _failed_rows(readers, failures)
 
 
 def item_columns(
@@ -86,13 +86,15 @@ def item_columns(
             ),
         }
     )
-    return items, _failed_rows([r.info.path for r in readers], failures)
+    return items, _failed_rows(readers, failures)
 
 
-def _failed_rows(paths: list[str], failures: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+def _failed_rows(
+    readers: Sequence[Reader], failures: Sequence[tuple[str, str]]
+) -> list[dict[str, Any]]:
     if not failures:  # the ids below are for the files that could not be opened only
         return []
-    paths = sorted(paths + [path for path, _ in failures])
+    paths = sorted([r.info.path for r in readers] + [path for path, _ in failures])
     ids = dict(zip(paths, assign_item_ids(paths), strict=True))
     return [
         ItemResult(id=ids[path], source=path, status="failed", error=message).as_row()

@@ -78,7 +78,7 @@ def _collection_problems(
     step finds wrong with the collection (boxes for files not in it). Also
     returns the readable items and the unreadable files (which fail alone in a run);
     ``notes`` receives discovery's lines on files left out or renamed on purpose."""
-    from segflow.engine.collection import check_config_owner, index_rows
+    from segflow.engine.collection import check_config_owner, config_counts, index_as_table
     from segflow.engine.pipeline import collection_notes
     from segflow.errors import SegflowError
     from segflow.io import discover_items
@@ -90,7 +90,7 @@ def _collection_problems(
         check_store(output.store)
         check_config_owner(
             output.store,
-            index_rows(output.store),
+            config_counts(index_as_table(output.store)),  # not a dict per row
             config_name=config.name,
             allow=output.allow_other_configs,
         )

@@ -86,7 +86,7 @@ def _run_loaded(
     configs: Sequence[Path], loaded: Sequence[Any], overrides: list[str], *, verbose: bool
 ) -> None:
     invalid = report(shared_store_problems(configs, loaded))
-    collections = []
+    collections: list[tuple[Sequence[Any], Sequence[Any], list[str]]] = []
     for path, config in zip(configs, loaded, strict=True):
         notes: list[str] = []
         problems, readers, failures = run_problems(config, notes)
@@ -94,18 +94,15 @@ def _run_loaded(
             typer.echo(f"{path}: {problem}", err=True)
         invalid |= bool(problems)
         collections.append((readers, failures, notes))
+        del readers, failures  # held by the list alone
     if invalid:
         raise typer.Exit(EXIT_INVALID)
     for path, config in zip(configs, loaded, strict=True):
         _wait_for_store(path, config.output.store, config.run.queue_timeout)
-    plans = _plan_runs(loaded, collections)
+    plans = _plan_runs(loaded, collections)  # takes the readers: freed before the run
     if all(plan.nothing_to_do for plan in plans):
-        from segflow.engine.collection import run_summary
-
         for config, plan in zip(loaded, plans, strict=True):
-            skipped = sorted(plan.skipped, key=_by_id)
-            plain = config.output.plain_copy
-            _print_summary(run_summary(config.name, config.output.store, skipped, plain_copy=plain))
+            _print_skipped(config, plan)
         typer.echo(
             "nothing to do: every item is done with this input, config and code "
             "(no Prefect server, flow run or Dask cluster was started)",
@@ -164,8 +161,17 @@ def _run_loaded(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _print_skipped(config: Any, plan: Any) -> None:
+    """The summary of a run of ``config`` whose ``plan`` skips every item."""
+    from segflow.engine.collection import run_summary
+
+    skipped, store = plan.skipped.by_id(), config.output.store
+    plain = config.output.plain_copy
+    _print_summary(run_summary(config.name, store, [], skipped=skipped, plain_copy=plain))
+
+
 def _plan_runs(
-    configs: Sequence[Any], collections: Sequence[tuple[Sequence[Any], Sequence[Any], list[str]]]
+    configs: Sequence[Any], collections: list[tuple[Sequence[Any], Sequence[Any], list[str]]]
 ) -> list[Any]:
     """Each config's plan, decided with the store's own skip rule
     (:func:`segflow.engine.collection.plan_items`: an index row *and* a commit record with
@@ -177,7 +183,7 @@ def _plan_runs(
     twice."""
     from segflow.engine.collection import plan_items
 
-    return [
+    plans = [
         plan_items(
             readers,
             failures,
@@ -189,10 +195,10 @@ def _plan_runs(
         )
         for config, (readers, failures, notes) in zip(configs, collections, strict=True)
     ]
-
-
-def _by_id(row: dict[str, Any]) -> str:
-    return str(row["id"])
+    # A reader per discovered item, held by ``collections`` alone, is dropped here, before
+    # the run: each item is opened again by the task that segments it.
+    collections.clear()
+    return plans
 
 
 # Seconds between two looks at a busy store's lock while the command waits for it.

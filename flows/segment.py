@@ -29,6 +29,7 @@ from segflow.engine.collection import (
     run_summary,
 )
 from segflow.engine.interrupt import Interrupted, stop_requested
+from segflow.engine.rows import IndexRows
 from segflow.errors import StoreError
 from segflow.flows._cancel import stop_on_cancel
 from segflow.flows._outcomes import RunOutcome, expected
@@ -199,10 +200,10 @@ def _segment(
                     collect_outputs_task(store, cfg.output.model_dump(), items=done)
         except StoreError as error:  # occupied, foreign or unwritable
             return _refused(cfg, error)
-    rows += plan.skipped
     rows.sort(key=lambda r: r["id"])
-    summary = summarize(cfg, rows)
-    report_items_task(summary, rows)
+    skipped = plan.skipped.by_id()  # columns, not a dict per skipped item
+    summary = summarize(cfg, rows, skipped)
+    report_items_task(summary, rows, skipped)
     message = (
         f"{cfg.name}: {summary['done']} done, {summary['skipped']} skipped, "
         f"{summary['failed']} failed -> {store}"
@@ -270,7 +271,10 @@ def segment_items(
     return rows
 
 
-def summarize(cfg: SegflowConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(
+    cfg: SegflowConfig, rows: list[dict[str, Any]], skipped: IndexRows | None = None
+) -> dict[str, Any]:
     """The small, JSON-serialisable summary a run returns (and the CLI prints): see
     :func:`segflow.engine.collection.run_summary`."""
-    return run_summary(cfg.name, cfg.output.store, rows, plain_copy=cfg.output.plain_copy)
+    plain_copy = cfg.output.plain_copy
+    return run_summary(cfg.name, cfg.output.store, rows, skipped=skipped, plain_copy=plain_copy)

@@ -23,6 +23,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from segflow.engine.rows import IndexRows, first_by_id
 from segflow.io._common import is_url, strip_file_scheme
 from segflow.store.fs import fresh_fs
 from segflow.store.quicklook import QUICKLOOK_NAME
@@ -95,12 +96,20 @@ def output_hash(output: str) -> str:
 
 
 @task(name="report-items", retries=0, cache_policy=NO_CACHE)
-def report_items_task(summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def report_items_task(
+    summary: dict[str, Any], rows: list[dict[str, Any]], skipped: IndexRows | None = None
+) -> None:
     """Publish the items table (failed items first, at most :data:`TABLE_ROWS` rows) and a
     markdown note of the run's ``summary`` (:func:`segflow.engine.collection.run_summary`)
-    with the output location."""
+    with the output location. ``rows`` in id order; ``skipped``: the rows of the items the
+    run skipped, in id order, as columns (the same table as with them among ``rows``)."""
     name, store = summary["name"], summary["store"]
-    ordered = sorted(rows, key=lambda row: row["status"] != "failed")  # stable: ids stay sorted
+    more = skipped if skipped is not None else IndexRows()
+    failed = [row for row in rows if row["status"] == "failed"]
+    others = [row for row in rows if row["status"] != "failed"]
+    # As a stable sort of all rows by "failed first" orders them: ids stay sorted.
+    ordered = failed[:TABLE_ROWS] + first_by_id(others, more, max(TABLE_ROWS - len(failed), 0))
+    total = len(rows) + len(more)
     table = [
         {
             column: round(row[column], 2)
@@ -110,9 +119,7 @@ def report_items_task(summary: dict[str, Any], rows: list[dict[str, Any]]) -> No
         }
         for row in ordered[:TABLE_ROWS]
     ]
-    shown = (
-        f" (the first {TABLE_ROWS} of {len(rows)}, failed first)" if len(rows) > TABLE_ROWS else ""
-    )
+    shown = f" (the first {TABLE_ROWS} of {total}, failed first)" if total > TABLE_ROWS else ""
     create_table_artifact(
         table=table,
         key=artifact_key(name, store, "items"),

@@ -8,7 +8,7 @@ UI, with its reason as the message) and the log lines a platform team reads.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -19,6 +19,7 @@ from segflow.config import SegflowConfig
 from segflow.engine.collection import Item, ItemPlan, plan_collection, run_item
 from segflow.engine.executor import DaskExecutor
 from segflow.engine.item import describe_output
+from segflow.engine.rows import ITER_BATCH, IndexRows
 from segflow.errors import StoreError
 from segflow.flows._outcomes import expected
 from segflow.store.lock import is_local
@@ -55,12 +56,19 @@ def plan_items_task(
         cfg.input.path,
         len(plan.todo),
         len(plan.skipped),
-        f": {_first_ids(plan.skipped)}" if plan.skipped else "",
+        f": {_first_ids(plan.skipped.head(NAMED_IDS), len(plan.skipped))}" if plan.skipped else "",
         len(plan.failed),
     )
-    for row in plan.skipped:  # the command's progress bar counts them
-        report_progress(row["id"], "skipped", 1, 1)
+    for item_id in _each_id(plan.skipped):  # the command's progress bar counts them
+        report_progress(item_id, "skipped", 1, 1)
     return plan
+
+
+def _each_id(rows: IndexRows) -> Iterator[str]:
+    """The rows' ids, a batch of Python strings at a time (not one per row at once)."""
+    ids = rows.ids()
+    for first in range(0, len(ids), ITER_BATCH):
+        yield from (str(i) for i in ids.slice(first, ITER_BATCH).to_pylist())
 
 
 def batch_run_name(parameters: dict[str, Any]) -> str:
@@ -182,6 +190,8 @@ def _output_at(store: str, row: Mapping[str, Any], plain_copy: bool) -> str:
     return f"segflow.open_store({store.rstrip('/')!r})[{row['id']!r}][{row['output']!r}]"
 
 
-def _first_ids(rows: Sequence[Mapping[str, Any]]) -> str:
+def _first_ids(rows: Sequence[Mapping[str, Any]], total: int | None = None) -> str:
+    """The first :data:`NAMED_IDS` ids of ``rows`` and how many more (of ``total``)."""
+    total = len(rows) if total is None else total
     ids = [str(row["id"]) for row in rows[:NAMED_IDS]]
-    return ", ".join(ids) + (f", … ({len(rows) - NAMED_IDS} more)" if len(rows) > NAMED_IDS else "")
+    return ", ".join(ids) + (f", … ({total - NAMED_IDS} more)" if total > NAMED_IDS else "")

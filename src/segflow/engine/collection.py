@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segflow.engine.item import ItemResult, code_version
+from segflow.engine.rows import IndexRows, first_by_id, table_of_rows
 from segflow.errors import StoreError
 from segflow.io import Reader, assign_item_ids, unused_id
 from segflow.store.commit import read_commit, stage_name
 from segflow.store.lock import has_stale_lock, is_local
-from segflow.store.names import is_reserved_name
 from segflow.store.pointers import plain_copy_changes
 
 # An item's reference: {"id", "path", "fingerprint", "pixels"} (pixels: of the whole input,
@@ -65,20 +65,53 @@ def item_references(
         }
         for r in readers
     ]
+    return items, _failed_rows(readers, failures)
+
+
+def item_columns(
+    readers: Sequence[Reader], failures: Sequence[tuple[str, str]]
+) -> tuple[Any, list[dict[str, Any]]]:
+    """:func:`item_references` as one ``pyarrow.Table`` (columns ``id``, ``path``,
+    ``fingerprint``, ``pixels``), not a dict per item, and the failed rows."""
+    import pyarrow as pa
+
+    text = pa.large_string()
+    items = pa.table(
+        {
+            "id": pa.array((r.info.id for r in readers), text, size=len(readers)),
+            "path": pa.array((r.info.path for r in readers), text, size=len(readers)),
+            "fingerprint": pa.array((r.info.fingerprint for r in readers), text, size=len(readers)),
+            "pixels": pa.array(
+                (math.prod(r.info.shape) for r in readers), pa.int64(), size=len(readers)
+            ),
+        }
+    )
+    return items, _failed_rows(readers, failures)
+
+
+def _failed_rows(
+    readers: Sequence[Reader], failures: Sequence[tuple[str, str]]
+) -> list[dict[str, Any]]:
     if not failures:  # the ids below are for the files that could not be opened only
-        return items, []
+        return []
     paths = sorted([r.info.path for r in readers] + [path for path, _ in failures])
     ids = dict(zip(paths, assign_item_ids(paths), strict=True))
-    rows = [
+    return [
         ItemResult(id=ids[path], source=path, status="failed", error=message).as_row()
         for path, message in failures
     ]
-    return items, rows
 
 
 def index_rows(store: str) -> list[dict[str, Any]]:
     """The rows of ``STORE/index.parquet`` and its pending records (none for a new store),
     as plain dicts (missing values as None)."""
+    rows = IndexRows(index_as_table(store))
+    return row_dicts(rows.table) if not rows._encoded() else list(rows)
+
+
+def index_as_table(store: str) -> Any:
+    """The rows :func:`index_rows` gives, as one ``pyarrow.Table`` (a column of values of
+    mixed kinds, from records, as JSON text: :func:`segflow.engine.rows.table_of_rows`)."""
     import pandas as pd
     import pyarrow as pa
     from pandas.api.types import is_scalar
@@ -90,20 +123,21 @@ def index_rows(store: str) -> list[dict[str, Any]]:
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         table = None  # a column pandas reads another way: as below
     if table is not None:
-        return row_dicts(table)
+        return table
     frame = read_index(store)
     try:  # through Arrow: nulls and NaN come out as None, a column at a time
-        rows: list[dict[str, Any]] = pa.Table.from_pandas(frame, preserve_index=False).to_pylist()
-        return rows
+        return pa.Table.from_pandas(frame, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed kinds, from records
         pass
-    return [
-        {
-            str(key): (None if is_scalar(value) and pd.isna(value) else value)
-            for key, value in row.items()
-        }
-        for row in frame.to_dict(orient="records")
-    ]
+    return table_of_rows(
+        [
+            {
+                str(key): (None if is_scalar(value) and pd.isna(value) else value)
+                for key, value in row.items()
+            }
+            for row in frame.to_dict(orient="records")
+        ]
+    )
 
 
 def row_dicts(table: Any) -> list[dict[str, Any]]:
@@ -202,20 +236,74 @@ def keep_recorded_ids(
     recorded id that is one of the store's own names (``index.parquet``: an earlier segflow
     let an image take it) is not kept: the item gets its new, unreserved id.
     """
-    recorded = {
-        row["source"]: row["id"]
-        for row in index_rows
-        if row.get("source") and not is_reserved_name(str(row["id"]))
-    }
-    taken = {row["id"] for row in index_rows}
+    import pyarrow as pa
 
-    def renamed(entry: dict[str, Any], source: str) -> dict[str, Any]:
-        return {**entry, "id": recorded.get(source) or unused_id(entry["id"], taken)}
-
-    return (
-        [renamed(item, item["path"]) for item in items],
-        [renamed(row, row["source"]) for row in failed_rows],
+    paths = [item["path"] for item in items]
+    table = pa.table(
+        {
+            "id": pa.array([str(item["id"]) for item in items], pa.large_string()),
+            "path": pa.array(paths, pa.large_string()),
+        }
     )
+    index = table_of_rows([{"id": r["id"], "source": r.get("source")} for r in index_rows])
+    renamed, failed = recorded_item_ids(table, failed_rows, index)
+    ids = renamed.column("id").to_pylist()
+    return [{**item, "id": i} for item, i in zip(items, ids, strict=True)], failed
+
+
+def recorded_item_ids(
+    items: Any, failed_rows: list[dict[str, Any]], index: Any
+) -> tuple[Any, list[dict[str, Any]]]:
+    """:func:`keep_recorded_ids` with ``items`` and the ``index`` as ``pyarrow.Table`` s
+    (each item's ``path`` looked up among the index's sources on columns): the same ids.
+    The index's ids become a Python set only when a new id collides with one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from segflow.store.names import reserved_mask
+
+    text = pa.large_string()
+    ids, sources = text_column(index, "id"), text_column(index, "source")
+    usable = np.array(pc.fill_null(pc.not_equal(sources, ""), False), dtype=bool)
+    keep = pa.array((usable & ~reserved_mask(ids))[::-1].copy())  # a source's last row wins
+    recorded_sources, recorded = sources[::-1].filter(keep), ids[::-1].filter(keep)
+
+    def lookup(paths: Any) -> Any:  # the recorded id of each path, else null
+        found = recorded.take(pc.index_in(paths, value_set=recorded_sources))
+        return pc.if_else(pc.fill_null(pc.equal(found, ""), False), pa.scalar(None, text), found)
+
+    found = lookup(text_column(items, "path"))
+    fresh = np.array(pc.is_null(found), dtype=bool)
+    failed_found = lookup(pa.array([row["source"] for row in failed_rows], text)).to_pylist()
+    unrecorded = [row["id"] for row, i in zip(failed_rows, failed_found, strict=True) if not i]
+    asked = pa.concat_arrays(
+        [text_column(items, "id").filter(pa.array(fresh)), pa.array(unrecorded, text)]
+    )
+    taken: set[str] = set()
+
+    def take_index_ids() -> None:
+        taken.update(str(i) for i in ids.to_pylist() if i is not None)
+
+    full = bool(pc.any(pc.is_in(asked, value_set=ids)).as_py())  # a new id is a recorded one
+    if full:
+        take_index_ids()
+
+    def unused(item_id: str) -> str:
+        nonlocal full
+        if not full and item_id in taken:  # its _2, _3 ... may be recorded ones
+            take_index_ids()
+            full = True
+        return unused_id(item_id, taken)
+
+    given = [unused(str(i)) for i in asked.to_pylist()]
+    n_fresh = int(fresh.sum())
+    if n_fresh:
+        found = pc.replace_with_mask(found, pa.array(fresh), pa.array(given[:n_fresh], text))
+    new_ids = iter(given[n_fresh:])
+    failed = [
+        {**row, "id": i or next(new_ids)} for row, i in zip(failed_rows, failed_found, strict=True)
+    ]
+    return items.set_column(items.column_names.index("id"), "id", found), failed
 
 
 def select_items(
@@ -234,46 +322,117 @@ def select_items(
     by id: :func:`segflow.store.commit.read_commit`) says the same: a ``done`` row over a
     group that was never committed, was interrupted or is gone is redone. Never skipped
     with ``overwrite``. With ``reuse_rows`` (rows the caller drops afterwards) a skipped
-    item's row is marked ``skipped`` in place, not copied: one dict per item, not two.
+    item's row is marked ``skipped`` in place, not copied. The rule is
+    :func:`skip_mask`'s, which :func:`plan_items` applies to columns.
     """
+    import pyarrow as pa
+
     done = {row["id"]: row for row in index_rows if row.get("status") == "done"}
-    version = code_version()
+    keys = ("id", "fingerprint", "config_hash", "code_version", "status")
+    table = pa.table({k: pa.array([_text(row.get(k)) for row in done.values()]) for k in keys})
+    columns = pa.table({k: [_text(item.get(k)) for item in items] for k in ("id", "fingerprint")})
+    skip, _ = skip_mask(
+        columns, table, config_hash=config_hash, overwrite=overwrite, commits_of=lambda _: commits
+    )
     todo, skipped = [], []
-    for item in items:
-        row = done.get(item["id"])
-        commit = commits.get(item["id"]) or {}
-        if (
-            not overwrite
-            and row is not None
-            and item["fingerprint"]  # no fingerprint (some URLs): always redo
-            and row.get("fingerprint") == item["fingerprint"] == commit.get("fingerprint")
-            and row.get("config_hash") == config_hash == commit.get("config_hash")
-            and row.get("code_version") == version == commit.get("code_version")
-        ):
-            if reuse_rows:
-                row["status"] = "skipped"
-                skipped.append(row)
-            else:
-                skipped.append({**row, "status": "skipped"})
-        else:
+    for item, skipped_here in zip(items, skip, strict=True):
+        if not skipped_here:
             todo.append(item)
+        elif reuse_rows:
+            done[item["id"]]["status"] = "skipped"
+            skipped.append(done[item["id"]])
+        else:
+            skipped.append({**done[item["id"]], "status": "skipped"})
     return todo, skipped
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None  # another kind never equals a text
+
+
+# Done rows whose commit records are looked up at once (a batch of small dicts at a time).
+COMMIT_BATCH = 10_000
+CommitsOf = Callable[[list[dict[str, Any]]], Mapping[str, Mapping[str, Any] | None]]
+
+
+def skip_mask(
+    items: Any, done: Any, *, config_hash: str, overwrite: bool, commits_of: CommitsOf
+) -> tuple[np.ndarray, Any]:
+    """Which of ``items`` (a ``pyarrow.Table`` with ``id`` and ``fingerprint``) are
+    skipped, as a boolean array, and for each item its row's position in ``done`` (the
+    ``done`` index rows, unique ids; null where it has none): the rule of
+    :func:`select_items`, on columns. ``commits_of`` gives the commit records (by id) of a
+    batch of done rows (dicts with the row's ``id``, its fingerprint, config hash, code
+    version and commit stamp); it is asked only about rows that pass the row's own test."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    skip = np.zeros(len(items), dtype=bool)
+    pos = pc.index_in(text_column(items, "id"), value_set=text_column(done, "id"))
+    if overwrite or not len(items) or not len(done):
+        return skip, pos
+    fingerprint = text_column(items, "fingerprint")
+    rows = done.take(pc.fill_null(pos, 0))  # the row of each item (row 0 where none)
+
+    def same(name: str, value: Any) -> Any:
+        return pc.fill_null(pc.equal(text_column(rows, name), value), False)
+
+    agree = pc.and_(pc.is_valid(pos), pc.fill_null(pc.not_equal(fingerprint, ""), False))
+    agree = pc.and_(agree, same("fingerprint", fingerprint))
+    agree = pc.and_(agree, same("config_hash", pa.scalar(config_hash, pa.large_string())))
+    agree = pc.and_(agree, same("code_version", pa.scalar(code_version(), pa.large_string())))
+    candidates = np.flatnonzero(agree.to_numpy(zero_copy_only=False))
+    keys = ["id", "commit_stamp", "commit_id", *SKIP_ROW_KEYS]
+    present = [k for k in keys if k in rows.column_names]
+    for first in range(0, len(candidates), COMMIT_BATCH):
+        chunk = candidates[first : first + COMMIT_BATCH]
+        batch = rows.select(present).take(pa.array(chunk)).to_pylist()
+        commits = commits_of(batch)
+        for k, row in zip(chunk, batch, strict=True):
+            commit = commits.get(row["id"]) or {}
+            skip[k] = all(commit.get(key) == row.get(key) for key in SKIP_ROW_KEYS)
+    return skip, pos
+
+
+# What a commit record must say as the row does (segflow.store.stamps.SKIP_KEYS).
+SKIP_ROW_KEYS = ("fingerprint", "config_hash", "code_version")
+
+
+def text_column(table: Any, name: str) -> Any:
+    """Column ``name`` of ``table`` as one ``large_string`` Arrow array: nulls where the
+    table has no such column or it holds something other than text."""
+    import pyarrow as pa
+
+    if name not in table.column_names:
+        return pa.nulls(len(table), pa.large_string())
+    column = table.column(name).combine_chunks()
+    if pa.types.is_large_string(column.type):
+        return column
+    if pa.types.is_string(column.type) or pa.types.is_null(column.type):
+        return column.cast(pa.large_string())
+    return pa.nulls(len(table), pa.large_string())
 
 
 @dataclass(frozen=True)
 class ItemPlan:
     """What a run of one collection does: segment ``todo``, record ``failed`` (files that
-    cannot be opened), skip ``skipped`` (their index rows); ``stale_lock`` when a dead
-    run's lock is to be taken over (its records compacted); ``notes``: discovery's lines on
-    files left out or renamed on purpose; ``plain_copy_changes`` when an object store's
-    plain copies are to follow a changed ``output.plain_copy``."""
+    cannot be opened), skip ``skipped`` (their index rows, status ``skipped``, held as
+    Arrow columns: :class:`segflow.engine.rows.IndexRows`; a list of dicts given here is
+    turned into one); ``stale_lock`` when a dead run's lock is to be taken over (its
+    records compacted); ``notes``: discovery's lines on files left out or renamed on
+    purpose; ``plain_copy_changes`` when an object store's plain copies are to follow a
+    changed ``output.plain_copy``."""
 
     todo: list[Item]
-    skipped: list[dict[str, Any]]
+    skipped: IndexRows
     failed: list[dict[str, Any]]
     stale_lock: bool
     notes: tuple[str, ...] = ()
     plain_copy_changes: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.skipped, IndexRows):
+            object.__setattr__(self, "skipped", IndexRows(self.skipped))
 
     @property
     def nothing_to_do(self) -> bool:
@@ -316,7 +475,8 @@ def plan_items(
     unreadable files that match none are left out altogether. With ``config_name``, a store
     whose index records items of another config is refused (:func:`check_config_owner`).
     ``plain_copy`` (``output.plain_copy``) is checked against what an object store's runs
-    recorded (one small read).
+    recorded (one small read). The items and the index are held as Arrow columns: the
+    plan's ``todo`` are dicts, its ``skipped`` rows stay columns.
 
     Examples
     --------
@@ -324,30 +484,48 @@ def plan_items(
     >>> plan.nothing_to_do
     True
     """
-    items, failed = item_references(readers, failures)
-    rows = index_rows(store)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    items, failed = item_columns(readers, failures)
+    index = index_as_table(store)
     if config_name is not None:
-        check_config_owner(store, rows, config_name=config_name, allow=allow_other_configs)
-    items, failed = keep_recorded_ids(items, failed, rows)
+        counts = config_counts(index)
+        check_config_owner(store, counts, config_name=config_name, allow=allow_other_configs)
+    items, failed = recorded_item_ids(items, failed, index)
     if item_filter:
-        items = [i for i in items if _matches(i["id"], item_filter)]
+        ids = text_column(items, "id")
+        keep = [_matches(str(i), item_filter) for i in ids.to_pylist()]
+        items = items.filter(pa.array(keep, pa.bool_()))
         failed = [r for r in failed if _matches(r["id"], item_filter)]
-    # Only the done items of this collection matter (a row of a file gone is not checked).
-    wanted = {str(item["id"]) for item in items}
-    done = [r for r in rows if r.get("status") == "done" and str(r["id"]) in wanted]
-    commits = done_commits(store, done) if done and not overwrite else {}
-    todo, skipped = select_items(
-        items, rows, config_hash=config_hash, overwrite=overwrite, commits=commits, reuse_rows=True
+    done = index.filter(pc.fill_null(pc.equal(text_column(index, "status"), "done"), False))
+    del index  # only the done rows matter from here on
+    skip, pos = skip_mask(
+        items,
+        done,
+        config_hash=config_hash,
+        overwrite=overwrite,
+        commits_of=lambda rows: done_commits(store, rows),
     )
+    todo: list[Item] = items.filter(pa.array(~skip)).to_pylist()
+    skipped = done.take(pc.filter(pos, pa.array(skip)))
+    if "status" in skipped.column_names:  # their index rows, as the run's summary lists them
+        status = pa.repeat(pa.scalar("skipped", pa.large_string()), len(skipped))
+        skipped = skipped.set_column(skipped.column_names.index("status"), "status", status)
     changes = plain_copy_changes(store, plain_copy)
-    return ItemPlan(todo, skipped, failed, has_stale_lock(store), tuple(notes), changes)
+    return ItemPlan(todo, IndexRows(skipped), failed, has_stale_lock(store), tuple(notes), changes)
 
 
 def check_config_owner(
-    store: str, rows: Sequence[Mapping[str, Any]], *, config_name: str, allow: bool = False
+    store: str,
+    rows: Sequence[Mapping[str, Any]] | Mapping[str, int],
+    *,
+    config_name: str,
+    allow: bool = False,
 ) -> None:
     """Refuse to let config ``config_name`` write into ``store`` when its index ``rows``
-    record items of another config (rows written before segflow recorded the config's name
+    (or their counts by config name, :func:`config_counts`) record items of another config
+    (rows written before segflow recorded the config's name
     belong to none). Two configs on one store would replace each other's items silently, and
     ``evaluate`` would score one config's items under the other's name.
 
@@ -368,11 +546,11 @@ def check_config_owner(
     """
     if allow:
         return
-    others = Counter(
-        str(row["config_name"])
-        for row in rows
-        if row.get("config_name") and row["config_name"] != config_name
-    )
+    if isinstance(rows, Mapping):
+        names: Mapping[str, int] = rows
+    else:
+        names = Counter(str(row["config_name"]) for row in rows if row.get("config_name"))
+    others = {name: n for name, n in names.items() if name != config_name}
     if not others:
         return
     made = ", ".join(
@@ -383,6 +561,23 @@ def check_config_owner(
         f"them: choose another output.store, or --set output.allow_other_configs=true to let "
         f"both write into it"
     )
+
+
+def config_counts(index: Any) -> dict[str, int]:
+    """How many rows of ``index`` (a ``pyarrow.Table``) each config made, by its name (rows
+    without one left out), in the order the names first appear: what
+    :func:`check_config_owner` needs, without a dict per row."""
+    import pyarrow.compute as pc
+
+    names = text_column(index, "config_name")
+    names = names.filter(pc.fill_null(pc.not_equal(names, ""), False))
+    counts = pc.value_counts(names)
+    return {
+        str(v): int(n)
+        for v, n in zip(
+            counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+        )
+    }
 
 
 def _matches(item_id: str, patterns: Sequence[str]) -> bool:
@@ -671,18 +866,29 @@ SUMMARY_ROWS = 1000
 
 
 def run_summary(
-    name: str, store: str, rows: list[dict[str, Any]], *, plain_copy: bool = True
+    name: str,
+    store: str,
+    rows: list[dict[str, Any]],
+    *,
+    skipped: IndexRows | None = None,
+    plain_copy: bool = True,
 ) -> dict[str, Any]:
     """The small, JSON-serialisable summary a run returns (and the command prints), from its
-    index ``rows``.
+    index ``rows`` and the rows of the items it ``skipped`` (a plan's
+    :attr:`ItemPlan.skipped`, in id order, as columns: the same summary as with them
+    among ``rows``, sorted by id, without a dict per skipped item).
 
     ``rows`` and ``failures`` list at most :data:`SUMMARY_ROWS` items each (in id order);
     ``rows_omitted`` and ``failures_omitted`` count the others, which the store's index has.
     ``made`` says what the done items hold, over all of them (:func:`made_line`).
     """
+    more = skipped if skipped is not None else IndexRows()
     statuses = ("done", "failed", "skipped", "interrupted")
     counts = {s: sum(r["status"] == s for r in rows) for s in statuses}
-    opened = [r["id"] for r in rows if r["status"] in ("done", "skipped")]
+    counts["skipped"] += len(more)
+    opened = next((r["id"] for r in rows if r["status"] in ("done", "skipped")), None)
+    if more and (opened is None or str(more.head(1)[0]["id"]) < str(opened)):
+        opened = more.head(1)[0]["id"]
     failures = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     return {
         "name": name,
@@ -691,10 +897,10 @@ def run_summary(
         **counts,
         "failures": failures[:SUMMARY_ROWS],
         "failures_omitted": max(len(failures) - SUMMARY_ROWS, 0),
-        "made": made_line(rows),
-        "open": open_line(store, opened[0], plain_copy=plain_copy) if opened else None,
-        "rows": [_plain(row) for row in rows[:SUMMARY_ROWS]],
-        "rows_omitted": max(len(rows) - SUMMARY_ROWS, 0),
+        "made": made_line(rows, more),
+        "open": open_line(store, opened, plain_copy=plain_copy) if opened is not None else None,
+        "rows": [_plain(row) for row in first_by_id(rows, more, SUMMARY_ROWS)],
+        "rows_omitted": max(len(rows) + len(more) - SUMMARY_ROWS, 0),
     }
 
 
@@ -705,22 +911,57 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def made_line(rows: Sequence[dict[str, Any]]) -> str:
+def made_line(rows: Sequence[dict[str, Any]], skipped: IndexRows | None = None) -> str:
     """What the done (or already done) items hold: their objects, or for masks and class
-    maps the share of foreground pixels (the mean over items); "" when nothing is done."""
+    maps the share of foreground pixels (the mean over items); "" when nothing is done.
+    ``skipped``: more such rows, as columns (:func:`run_summary`)."""
     from segflow.engine.item import describe_output
 
     rows = [r for r in rows if r["status"] in ("done", "skipped")]
-    if not rows:
+    more = skipped if skipped is not None else IndexRows()
+    n = len(rows) + len(more)
+    if not n:
         return ""
-    if len(rows) == 1:
-        return describe_output(rows[0].get("object_count"), rows[0].get("foreground_fraction"))
+    if n == 1:
+        row = rows[0] if rows else more.head(1)[0]
+        return describe_output(row.get("object_count"), row.get("foreground_fraction"))
     counts = [int(r["object_count"]) for r in rows if r.get("object_count") is not None]
     fractions = [
         float(r["foreground_fraction"]) for r in rows if r.get("foreground_fraction") is not None
     ]
-    if len(counts) == len(rows):
-        return f"{describe_output(sum(counts), None)} in {len(rows)} items"
-    if len(fractions) == len(rows):
-        return f"{describe_output(None, sum(fractions) / len(rows))} (mean of {len(rows)} items)"
+    more_counts = _numbers(more, "object_count")
+    if len(counts) + len(more_counts) == n:
+        objects = sum(counts) + int(np.trunc(more_counts).astype(np.int64).sum())
+        return f"{describe_output(objects, None)} in {n} items"
+    more_fractions = _numbers(more, "foreground_fraction")
+    if len(fractions) + len(more_fractions) == n:
+        share = _sum_by_id(rows, more) if more else sum(fractions)
+        return f"{describe_output(None, share / n)} (mean of {n} items)"
     return ""
+
+
+def _numbers(rows: IndexRows, name: str) -> np.ndarray:
+    """The values of column ``name`` that are not null, as float64 (none: no such column)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = rows.column(name)
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        return np.zeros(0)
+    return np.asarray(pc.drop_null(column).cast(pa.float64()).to_numpy(), dtype=np.float64)
+
+
+def _sum_by_id(rows: Sequence[dict[str, Any]], more: IndexRows) -> float:
+    """The foreground fractions of ``rows`` and ``more`` added one after another in id
+    order (``rows`` first among equal ids), as ``sum`` over the rows sorted by id adds them:
+    the same float to the last bit."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pa.concat_arrays([pa.array([str(r["id"]) for r in rows], pa.large_string()), more.ids()])
+    mine = [float(r["foreground_fraction"]) for r in rows]
+    values = np.concatenate(
+        [np.asarray(mine, dtype=np.float64), _numbers(more, "foreground_fraction")]
+    )
+    order = pc.sort_indices(ids)  # stable: ties keep ``rows`` first
+    return float(np.cumsum(values[np.asarray(order)])[-1])

@@ -222,11 +222,13 @@ UNET_2D = {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 2, "in_c
 
 
 def _bundle(folder: Path, inference: dict[str, Any], net: torch.nn.Module | None,
-            ndim: int = 2, classes: tuple[str, ...] = ("background", "organ")) -> Path:  # fmt: skip
+            ndim: int = 2, classes: tuple[str, ...] = ("background", "organ"),
+            channels: int = 1) -> Path:  # fmt: skip
     (folder / "configs").mkdir(parents=True)
     (folder / "models").mkdir()
     fmt = {
-        "inputs": {"image": {"type": "image", "num_channels": 1, "spatial_shape": [32] * ndim,
+        "inputs": {"image": {"type": "image", "num_channels": channels,
+                             "spatial_shape": [32] * ndim,
                              "dtype": "float32", "value_range": [0, 1]}},
         "outputs": {"pred": {"type": "image", "num_channels": len(classes),
                              "spatial_shape": [32] * ndim,
@@ -276,9 +278,10 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def _monai_native(bundle: Path, image: np.ndarray) -> np.ndarray:
+def _monai_native(bundle: Path, image: np.ndarray, channel_first: bool = False) -> np.ndarray:
     """The bundle run by MONAI itself: ConfigParser's preprocessing, network, inferer and
-    postprocessing on the image (what ``monai.bundle run`` does past the loader)."""
+    postprocessing on the image (what ``monai.bundle run`` does past the loader); ``image``
+    is ``(c, ...)`` with ``channel_first``, one channel without."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -290,7 +293,8 @@ def _monai_native(bundle: Path, image: np.ndarray) -> np.ndarray:
     else:
         net = parser.get_parsed_content("network_def")
         net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
-    data = parser.get_parsed_content("preprocessing")({"image": torch.from_numpy(image[None])})
+    tensor = torch.from_numpy(image if channel_first else image[None])
+    data = parser.get_parsed_content("preprocessing")({"image": tensor})
     with torch.inference_mode():
         pred = parser.get_parsed_content("inferer")(inputs=data["image"][None], network=net.eval())
     out = parser.get_parsed_content("postprocessing")({"pred": pred[0]})["pred"]
@@ -333,6 +337,139 @@ def test_a_state_dict_bundle_equals_its_monai_inferer(bundles: dict[str, Path]) 
     native = _monai_native(bundles["pt"], image)
     out = segment(image, [_step(bundles["pt"], batch_size=1)], block_shape=(5, 12, 7))
     np.testing.assert_allclose(out, 1.0 - native[0], rtol=0, atol=1e-5)
+
+
+def _nonzero_image(shape: tuple[int, int] = (96, 96)) -> np.ndarray:
+    """Two channels of different scales, each with its own zeros: a frame around the
+    object, a hole inside it (which nnU-Net's mask would fill), scattered zero pixels in
+    the second channel only (so the channels' masks and their union all differ)."""
+    rng = np.random.default_rng(9)
+    image = np.stack([rng.normal(50, 120, shape), rng.normal(400, 60, shape)]).astype(np.float32)
+    image[:, :7] = 0  # the frame: background in both channels
+    image[0, :, -9:] = 0
+    image[0, 40:52, 30:45] = 0  # a hole inside the object, channel 0
+    image[1][rng.random(shape) < 0.1] = 0
+    return image
+
+
+NONZERO_UNET = {**UNET_2D, "in_channels": 2}
+
+
+def _nonzero_inference(**options: Any) -> dict[str, Any]:
+    norm = {"_target_": "NormalizeIntensityd", "keys": "image", **options}
+    return {"preprocessing": {"_target_": "Compose", "transforms": [
+                {"_target_": "EnsureTyped", "keys": "image"}, norm]},
+            "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32],
+                        "sw_batch_size": 2, "overlap": 0.5},
+            "postprocessing": {"_target_": "Compose", "transforms": []}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def nonzero_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two-channel bundles with MONAI's NormalizeIntensityd(nonzero=True), channel by
+    channel (brats_mri_segmentation's) and over both channels together, and one with the
+    plain z-score: the same network in each."""
+    folder = tmp_path_factory.mktemp("nonzero")
+    options = {"channel_wise": {"nonzero": True, "channel_wise": True},
+               "joint": {"nonzero": True, "channel_wise": False},
+               "plain": {"channel_wise": True}}  # fmt: skip
+    net = _monai_net(NONZERO_UNET, 2)
+    return {
+        name: _bundle(folder / name, _nonzero_inference(**kw), net, channels=2)
+        for name, kw in options.items()
+    }
+
+
+def test_monai_nonzero_normalisation_is_its_own_per_element_mask() -> None:
+    """The card's mask: nonzero_elements (and joint) scale as MONAI's NormalizeIntensity
+    does, and unlike the plain z-score or nnU-Net's hole-filled union mask; 1e-5 relative:
+    MONAI sums in float32, segflow in float64."""
+    from monai.transforms import NormalizeIntensity
+
+    from segflow.models.card import ChannelCard, ModelCard
+
+    image = _nonzero_image((40, 48))
+    for channel_wise in (True, False):
+        norm = {"method": "zscore", "mask": "nonzero_elements", "joint": not channel_wise}
+        channels = [ChannelCard(name=n, normalization=norm) for n in ("t1", "flair")]  # type: ignore[arg-type]
+        ours = normalize_image(image, channels, item_statistics(image, channels))
+        native = NormalizeIntensity(nonzero=True, channel_wise=channel_wise)(image.copy())
+        native = np.asarray(native)
+        np.testing.assert_allclose(ours, native, rtol=1e-5, atol=1e-5)
+        assert (ours[image == 0] == 0).all() and (ours[image != 0] != 0).all()
+        for other in ({"method": "zscore"}, {"method": "zscore", "mask": "nonzero"}):
+            cards = [ChannelCard(name=n, normalization=other) for n in ("t1", "flair")]  # type: ignore[arg-type]
+            wrong = normalize_image(image, cards, item_statistics(image, cards))
+            assert np.abs(wrong - native).max() > 0.1, other
+    plain = ModelCard(name="m", architecture={"name": "segnet"}, spatial_dims=2,  # type: ignore[arg-type]
+                      channels=[{"name": "x", "normalization": {"method": "zscore"}}],
+                      classes=["a", "b"], tile=(16, 16))  # fmt: skip
+    assert "joint" not in plain.identity_json() and "mask" not in plain.identity_json()
+
+
+def test_monai_nonzero_bundle_cards(nonzero_bundles: dict[str, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from segflow.flows.cli import app
+
+    by_channel = describe_model(nonzero_bundles["channel_wise"]).card.channels
+    assert [c.normalization.mask for c in by_channel] == ["nonzero_elements"] * 2
+    assert not any(c.normalization.joint for c in by_channel)
+    together = describe_model(nonzero_bundles["joint"]).card.channels
+    assert all(c.normalization.joint for c in together)
+    assert all(c.normalization.mask == "nonzero_elements" for c in together)
+    shown = CliRunner().invoke(app, ["models", "inspect", str(nonzero_bundles["joint"])])
+    assert (
+        "channel_0: item mean / standard deviation of its non-zero values (z-score), zeros "
+        "kept, over the joint channels together" in shown.output
+    ), shown.output
+
+
+def test_an_all_zero_channel_stays_zero_as_monai_leaves_it(
+    nonzero_bundles: dict[str, Path],
+) -> None:
+    """MONAI returns a channel without a non-zero value unchanged; segflow's statistics
+    pass gives it (0, 1), so it stays 0, in blocks too (1e-5 as above)."""
+    image = _nonzero_image((40, 40))
+    image[1] = 0
+    native = _monai_native(nonzero_bundles["channel_wise"], image, channel_first=True)
+    step = _step(nonzero_bundles["channel_wise"])
+    out = segment(image, [step], block_shape=(17, 40), channel_axis=0)
+    np.testing.assert_allclose(out, 1.0 - native[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["channel_wise", "joint"])
+@pytest.mark.parametrize("blocks", [None, (40, 27), (13, 96)])
+def test_a_nonzero_normalising_bundle_equals_its_monai_inferer(
+    nonzero_bundles: dict[str, Path], name: str, blocks: tuple[int, int] | None
+) -> None:
+    """NormalizeIntensityd(nonzero=True) as MONAI runs it, whole and in blocks (the mean
+    and standard deviation are the whole item's); 1e-5 as the other bundles."""
+    image = _nonzero_image()
+    native = _monai_native(nonzero_bundles[name], image, channel_first=True)
+    out = segment(image, [_step(nonzero_bundles[name])], block_shape=blocks, channel_axis=0)
+    np.testing.assert_allclose(out, 1.0 - native[0], rtol=0, atol=1e-5)
+
+
+def test_the_nonzero_bundle_comparison_fails_with_the_plain_zscore(
+    nonzero_bundles: dict[str, Path],
+) -> None:
+    """The same network with the plain z-score is far from MONAI's nonzero pipeline: the
+    equality above can fail."""
+    image = _nonzero_image()
+    native = _monai_native(nonzero_bundles["channel_wise"], image, channel_first=True)
+    plain = segment(image, [_step(nonzero_bundles["plain"])], channel_axis=0)
+    assert np.abs(plain - (1.0 - native[0])).max() > 1e-3  # 0.014 measured; tolerance 1e-5
+
+
+def test_a_normalize_intensity_with_a_given_subtrahend_is_refused(tmp_path: Path) -> None:
+    inference = _nonzero_inference(nonzero=True, subtrahend=[1.0, 2.0], channel_wise=True)
+    bundle = _bundle(tmp_path / "b", inference, _monai_net(NONZERO_UNET, 0), channels=2)
+    with pytest.raises(ModelError, match=r"preprocessing NormalizeIntensityd with \{'nonzero': "
+                       r"True, 'subtrahend': \[1.0, 2.0\], 'channel_wise': True\} has no "
+                       r"whole-item equivalent") as error:  # fmt: skip
+        describe_model(bundle)
+    _one_line(error)
 
 
 # -- bad models, one line each ------------------------------------------------------------------

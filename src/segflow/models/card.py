@@ -63,19 +63,28 @@ class Normalization(_Card):
     ``clip`` clips the scaled values to [0, 1] (``percentile`` and ``fixed`` only).
     ``mask: nonzero`` (``zscore`` only; nnU-Net's ``use_mask_for_norm``): the mean and
     standard deviation are the item's within its non-zero mask (:func:`nonzero_mask`) and
-    the scaled values outside it are 0.
+    the scaled values outside it are 0. ``mask: nonzero_elements`` (``zscore`` only; MONAI's
+    ``NormalizeIntensity(nonzero=True)``): the mean and standard deviation are those of the
+    channel's own non-zero values, element by element (no union over channels, no hole
+    filling), and only those are scaled: its zeros stay 0 (a channel with no non-zero value
+    stays as it is). ``joint`` (``zscore`` only; MONAI's ``channel_wise=False``): the mean and
+    standard deviation are taken over the values of all the card's ``joint`` channels
+    together (each channel's within its own ``mask``), not channel by channel.
     """
 
     method: Literal["percentile", "fixed", "zscore", "none"] = "percentile"
     low: float = 1.0
     high: float = 99.0
     clip: bool = False
-    mask: Literal["none", "nonzero"] = "none"
+    mask: Literal["none", "nonzero", "nonzero_elements"] = "none"
+    joint: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> Normalization:
         if self.mask != "none" and self.method != "zscore":
             raise ValueError(f"`mask` ({self.mask!r}) needs method 'zscore', not {self.method!r}")
+        if self.joint and self.method != "zscore":
+            raise ValueError(f"`joint` needs method 'zscore', not {self.method!r}")
         if self.method in ("percentile", "fixed") and not self.low < self.high:
             raise ValueError(f"`low` ({self.low}) must be below `high` ({self.high})")
         if self.method == "percentile" and not 0 <= self.low < self.high <= 100:
@@ -264,8 +273,8 @@ class ModelCard(_Card):
         """Canonical JSON of the card without its ``weights`` entry (which depends on how the
         weights were serialised): the card's part of the model hash. ``output_activation``,
         ``resampling``, ``diameter`` and ``crop`` enter only when set, ``tile_rule`` only
-        when not ``even`` and a channel's normalisation ``mask`` only when not ``none``, so
-        the cards written before they existed keep their hash."""
+        when not ``even``, a channel's normalisation ``mask`` only when not ``none`` and its
+        ``joint`` only when true, so the cards written before they existed keep their hash."""
         data = self.model_dump(mode="json", exclude={"weights"})
         for key in ("output_activation", "resampling", "diameter", "crop"):
             if data[key] is None:
@@ -273,6 +282,8 @@ class ModelCard(_Card):
         for channel in data["channels"]:
             if channel["normalization"]["mask"] == "none":
                 del channel["normalization"]["mask"]
+            if not channel["normalization"]["joint"]:
+                del channel["normalization"]["joint"]
         if "resampling" in data and not data["resampling"]["clip_to_input"]:
             del data["resampling"]["clip_to_input"]
         if data["tile_rule"] == "even":
@@ -332,7 +343,8 @@ def item_statistics(
     image: np.ndarray, channels: Sequence[ChannelCard]
 ) -> list[tuple[float, float]]:
     """Per channel, the two numbers its normalisation needs, from the whole item ``(c, ...)``
-    (a ``mask: nonzero`` channel's within :func:`nonzero_mask`).
+    (a ``mask: nonzero`` channel's within :func:`nonzero_mask`, a ``mask: nonzero_elements``
+    channel's over its own non-zero values, ``joint`` channels' over their values together).
 
     The engine computes the same numbers with a global-statistic pass over the blocks; this
     in-memory version serves training and small items.
@@ -342,27 +354,49 @@ def item_statistics(
     >>> image = np.arange(101, dtype=np.float32).reshape(1, 1, 101)
     >>> item_statistics(image, [ChannelCard(name="x")])
     [(1.0, 99.0)]
+    >>> pair = np.array([[[0.0, 2.0]], [[4.0, 0.0]]])
+    >>> both = ChannelCard(name="x", normalization={"method": "zscore", "joint": True,
+    ...                                             "mask": "nonzero_elements"})
+    >>> item_statistics(pair, [both, both])
+    [(3.0, 1.0), (3.0, 1.0)]
     """
-    stats = []
-    masked = any(c.normalization.mask != "none" for c in channels)
+    masked = any(c.normalization.mask == "nonzero" for c in channels)
     mask = nonzero_mask(image) if masked else None
-    for plane, channel in zip(image, channels, strict=True):
+    if mask is not None and not mask.any():
+        raise ModelError("the item is all zero: no non-zero mask to normalise within")
+    values = [
+        _channel_values(plane, channel.normalization, mask)
+        for plane, channel in zip(image, channels, strict=True)
+    ]
+    joint = [v for v, c in zip(values, channels, strict=True) if c.normalization.joint]
+    pooled = np.concatenate(joint) if joint else None
+    stats = []
+    for own, channel in zip(values, channels, strict=True):
         norm = channel.normalization
-        values = np.asarray(plane, dtype=np.float64)
-        if norm.mask != "none" and mask is not None:
-            if not mask.any():
-                raise ModelError("the item is all zero: no non-zero mask to normalise within")
-            values = values[mask]
+        if norm.joint and pooled is not None:
+            own = pooled
         if norm.method == "percentile":
-            low, high = np.percentile(values, [norm.low, norm.high])
+            low, high = np.percentile(own, [norm.low, norm.high])
+        elif norm.method == "zscore" and own.size == 0:  # nonzero_elements, all zero: as is
+            low, high = 0.0, 1.0
         elif norm.method == "zscore":
-            low, high = values.mean(), values.std()
+            low, high = own.mean(), own.std()
         elif norm.method == "fixed":
             low, high = norm.low, norm.high
         else:
             low, high = 0.0, 1.0
         stats.append((float(low), float(high)))
     return stats
+
+
+def _channel_values(plane: Any, norm: Normalization, mask: np.ndarray | None) -> np.ndarray:
+    """The values of one channel its statistics are taken over (float64, flat)."""
+    values = np.asarray(plane, dtype=np.float64)
+    if norm.mask == "nonzero" and mask is not None:
+        return values[mask]
+    if norm.mask == "nonzero_elements":
+        return values[values != 0]
+    return values.ravel()
 
 
 def normalize_image(
@@ -376,7 +410,8 @@ def normalize_image(
     ``stats`` are the item's numbers from :func:`item_statistics` (or the engine's pass). A
     channel whose two numbers coincide (a constant item) is scaled by 1 rather than divided
     by zero. A ``mask: nonzero`` channel is 0 outside ``mask`` (the item's
-    :func:`nonzero_mask` over the same pixels; computed from ``image`` when not given).
+    :func:`nonzero_mask` over the same pixels; computed from ``image`` when not given); a
+    ``mask: nonzero_elements`` channel is 0 where its own value is 0.
 
     Examples
     --------
@@ -400,7 +435,9 @@ def normalize_image(
         out[c] = (np.asarray(image[c], dtype=np.float32) - np.float32(offset)) / np.float32(scale)
         if norm.clip and norm.method != "zscore":
             np.clip(out[c], 0.0, 1.0, out=out[c])
-        if norm.mask != "none":
+        if norm.mask == "nonzero":
             mask = nonzero_mask(image) if mask is None else mask
             out[c][~mask] = 0.0
+        elif norm.mask == "nonzero_elements":
+            out[c][np.asarray(image[c]) == 0] = 0.0
     return out

@@ -12,9 +12,13 @@ The card comes from the bundle's own files:
 * its ``preprocessing`` transforms, mapped to whole-item statistics: ``ScaleIntensity(d)``
   (to [0, 1]: the item's 0th and 100th percentiles), ``ScaleIntensityRange(d)`` (to [0, 1]
   or unscaled: fixed ``a_min``/``a_max``, with ``clip``) and ``NormalizeIntensity(d)`` (the
-  item's mean and population standard deviation); loading and typing transforms pass. Any
-  other transform is refused in one line (resampling with ``Spacing(d)``, reorienting with
-  ``Orientation(d)`` and cropping change the grid segflow writes).
+  item's mean and population standard deviation: over all channels together, or each
+  channel's with ``channel_wise``; with ``nonzero``, over the non-zero values only, the
+  zeros left 0: the card's ``mask: nonzero_elements``, element by element as MONAI, unlike
+  nnU-Net's hole-filled mask; given ``subtrahend`` or ``divisor`` are refused); loading and
+  typing transforms pass. Any other transform is refused in one line (resampling with
+  ``Spacing(d)``, reorienting with ``Orientation(d)`` and cropping change the grid segflow
+  writes).
 * its ``postprocessing``: ``Activations(d)`` softmax or sigmoid is applied to each tile
   before blending (MONAI applies it after: equal where one tile covers a pixel, and wherever
   the bundle has no activation); without one the blended output is the network's own.
@@ -110,8 +114,9 @@ def _literal(transform: dict[str, Any], key: str, default: Any, bundle: Path) ->
     return value
 
 
-def _normalization(transform: dict[str, Any], bundle: Path) -> dict[str, Any]:
-    """The card's normalisation for one MONAI intensity transform (or one line why not)."""
+def _normalization(transform: dict[str, Any], bundle: Path, channels: int) -> dict[str, Any]:
+    """The card's normalisation for one MONAI intensity transform (or one line why not) on
+    an input of ``channels`` channels."""
     kind, name = _kind(transform), transform["_target_"]
 
     def get(key: str, default: Any = None) -> Any:
@@ -123,18 +128,22 @@ def _normalization(transform: dict[str, Any], bundle: Path) -> dict[str, Any]:
     if kind == "ScaleIntensityRange" and get("b_min") in (None, 0) and get("b_max") in (None, 1):
         clip = bool(get("clip", False)) and get("b_min") == 0 and get("b_max") == 1
         return {"method": "fixed", "low": get("a_min"), "high": get("a_max"), "clip": clip}
-    if kind == "NormalizeIntensity" and not get("nonzero", False):
-        if get("subtrahend") is None and get("divisor") is None:
-            return {"method": "zscore"}
+    if kind == "NormalizeIntensity" and get("subtrahend") is None and get("divisor") is None:
+        norm: dict[str, Any] = {"method": "zscore"}
+        if get("nonzero", False):  # each element's own value, not nnU-Net's filled mask
+            norm["mask"] = "nonzero_elements"
+        if channels > 1 and not get("channel_wise", False):  # over all channels together
+            norm["joint"] = True
+        return norm
     raise ModelError(
         f"MONAI bundle '{bundle}': preprocessing {name} with "
         f"{ {k: v for k, v in transform.items() if k not in ('_target_', 'keys')} } has no "
         "whole-item equivalent (segflow maps ScaleIntensity to [0, 1], ScaleIntensityRange to "
-        "[0, 1] or unscaled, and NormalizeIntensity without nonzero/subtrahend/divisor)"
+        "[0, 1] or unscaled, and NormalizeIntensity without subtrahend/divisor)"
     )
 
 
-def _preprocessing(config: dict[str, Any], bundle: Path) -> dict[str, Any]:
+def _preprocessing(config: dict[str, Any], bundle: Path, channels: int) -> dict[str, Any]:
     norm: dict[str, Any] = {"method": "none"}
     for transform in _transforms(config, "preprocessing"):
         kind = _kind(transform)
@@ -152,7 +161,7 @@ def _preprocessing(config: dict[str, Any], bundle: Path) -> dict[str, Any]:
                 f"MONAI bundle '{bundle}': preprocessing scales intensities twice; segflow "
                 "maps one intensity transform"
             )
-        norm = _normalization(transform, bundle)
+        norm = _normalization(transform, bundle, channels)
     return norm
 
 
@@ -211,8 +220,8 @@ class MonaiBundleSource(ModelSource):
         image, pred = _io_format(_read(meta_path, path), path)
         _, config = _inference_config(path)
         tile, overlap, window = _inferer(config, image, path)
-        norm = _preprocessing(config, path)
         names = _names(image, int(image["num_channels"]), "channel")
+        norm = _preprocessing(config, path, len(names))
         card = {
             "name": path.name,
             "architecture": {"name": "monai-bundle"},

@@ -358,10 +358,13 @@ def _normalisation_text(card: ModelCard) -> str:
             text = f"fixed {norm.low:g}..{norm.high:g} -> 0..1"
         elif norm.method == "zscore" and norm.mask == "nonzero":
             text = "item mean / standard deviation within its non-zero mask (z-score), 0 outside"
+        elif norm.method == "zscore" and norm.mask == "nonzero_elements":
+            text = "item mean / standard deviation of its non-zero values (z-score), zeros kept"
         elif norm.method == "zscore":
             text = "item mean / standard deviation (z-score)"
         else:
             text = "none (values as they are)"
+        text += ", over the joint channels together" if norm.joint else ""
         parts.append(f"{channel.name}: {text}{', clipped' if norm.clip else ''}")
     return "; ".join(parts)
 

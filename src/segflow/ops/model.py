@@ -445,16 +445,23 @@ def _masked(card: ModelCard) -> tuple[bool, ...]:
     return tuple(c.normalization.mask == "nonzero" for c in card.channels)
 
 
+@dataclass(frozen=True)
 class Moments:
     """Mean and (population) standard deviation of the whole item, NaN left out, merged as
-    Chan et al.'s parallel variance (count, mean, M2): no catastrophic cancellation."""
+    Chan et al.'s parallel variance (count, mean, M2): no catastrophic cancellation.
+
+    ``nonzero``: over the non-zero values only (``mask: nonzero_elements``); an item without
+    one gives ``(0, 1)``, which leaves it as it is (MONAI's ``NormalizeIntensity``)."""
+
+    nonzero: bool = False
 
     def start(self) -> Any:
         return None
 
     def map(self, core: np.ndarray, state: Any) -> Any:
         values = np.asarray(core, dtype=np.float64).ravel()
-        values = values[~np.isnan(values)]
+        keep = ~np.isnan(values)
+        values = values[keep & (values != 0) if self.nonzero else keep]
         if values.size == 0:
             return (0, 0.0, 0.0)
         mean = float(values.mean())
@@ -474,6 +481,8 @@ class Moments:
 
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         n, mean, m2 = self.merge(partials, state)
+        if n == 0 and self.nonzero:
+            return Done((0.0, 1.0))
         if n == 0:
             raise ValueError("mean and standard deviation are undefined: the item has no values")
         return Done((mean, float(np.sqrt(m2 / n))))
@@ -482,10 +491,14 @@ class Moments:
 @dataclass(frozen=True)
 class ChannelStatistics:
     """One statistic per input channel (``None``: the card's fixed numbers), reduced
-    together; the result is the list of ``(a, b)`` pairs :func:`normalize_image` takes."""
+    together; the result is the list of ``(a, b)`` pairs :func:`normalize_image` takes.
+
+    ``joint`` channels (``Moments`` each) combine all the joint channels' partials into one
+    mean and standard deviation (the parallel merge of their counts, means and M2s)."""
 
     parts: tuple[Any, ...]
     fixed: tuple[tuple[float, float], ...]
+    joint: tuple[bool, ...] = ()
 
     def start(self) -> Any:
         return tuple(None if p is None else ("run", p.start()) for p in self.parts)
@@ -505,13 +518,19 @@ class ChannelStatistics:
             for c, (p, s) in enumerate(zip(self.parts, state, strict=True))
         )
 
+    def _pool(self, c: int) -> list[int]:
+        """The channels whose partials make channel ``c``'s statistic."""
+        if c < len(self.joint) and self.joint[c]:
+            return [j for j, joint in enumerate(self.joint) if joint]
+        return [c]
+
     def combine(self, partials: Sequence[Any], state: Any) -> Any:
         new = []
         for c, (p, s) in enumerate(zip(self.parts, state, strict=True)):
             if s is None or s[0] == "done":
                 new.append(s)
                 continue
-            result = p.combine([part[c] for part in partials], s[1])
+            result = p.combine([part[j] for part in partials for j in self._pool(c)], s[1])
             new.append(("done", result.value) if isinstance(result, Done) else ("run", result))
         if all(s is None or s[0] == "done" for s in new):
             stats = []
@@ -559,11 +578,12 @@ def _channel_statistics(card: ModelCard) -> ChannelStatistics:
         if norm.method == "percentile":
             parts.append(Percentiles(q=(norm.low, norm.high)))
         elif norm.method == "zscore":
-            parts.append(Moments())
+            parts.append(Moments(nonzero=norm.mask == "nonzero_elements"))
         else:
             parts.append(None)
         fixed.append((norm.low, norm.high) if norm.method == "fixed" else (0.0, 1.0))
-    return ChannelStatistics(tuple(parts), tuple(fixed))
+    joint = tuple(c.normalization.joint for c in card.channels)
+    return ChannelStatistics(tuple(parts), tuple(fixed), joint if any(joint) else ())
 
 
 def _fixed_stats(card: ModelCard) -> list[tuple[float, float]]:

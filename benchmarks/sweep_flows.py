@@ -49,6 +49,7 @@ Each row prints the mean AP50 over the set, then per image ``ap50 (predicted/ref
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -138,7 +139,7 @@ def _flows(
 
     tag = "-".join(f"{k}={v}" for k, v in sorted(model_set.items())).replace("/", "_")
     tag += f"-scale={scale}" if scale != 1 else ""
-    tag += f"-model={model.name}" if model != MODEL else ""
+    tag += f"-model={model.name}-{_weights_digest(model)}" if model != MODEL else ""
     path = cache / f"{name}{'-' + tag if tag else ''}.npy"
     if path.exists():
         return np.load(path)
@@ -153,6 +154,16 @@ def _flows(
     flows = flows.astype(np.float32)
     np.save(path, flows)
     return flows
+
+
+def _weights_digest(model: Path) -> str:
+    """A short digest of the model folder's files: the cache key of its outputs (training
+    runs' folders are all named ``best``, so the name alone mixed models up)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model.iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def median_diameter(labels: np.ndarray) -> float | None:

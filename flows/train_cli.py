@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from segflow.flows.cli_options import EXIT_INVALID, VerboseOption
+from segflow.flows.cli_options import EXIT_FAILED, EXIT_INVALID, VerboseOption
 from segflow.flows.progress import prefect_log_file, train_progress
 
 
@@ -32,6 +32,7 @@ def train(
     --restart trains afresh).
     """
     from segflow.errors import ConfigError
+    from segflow.store.lock import live_holder, locked_message
     from segflow.train_config import (
         coco_extra_lines,
         find_pairs,
@@ -52,15 +53,10 @@ def train(
     if changes:
         typer.echo(_other_run_line(config, cfg.output, changes), err=True)
         raise typer.Exit(EXIT_INVALID)
-    from segflow.flows._server import prefect_api
-    from segflow.flows.train import train_flow
-
-    with (
-        prefect_log_file(verbose),
-        prefect_api(),
-        train_progress(console, cfg.name, cfg.training.max_epochs),
-    ):
-        summary = train_flow(str(config), restart=restart)
+    if (holder := live_holder(cfg.output)) is not None:  # another training writes there now
+        typer.echo(f"{config}: {locked_message(cfg.output, holder, 'training output')}", err=True)
+        raise typer.Exit(EXIT_INVALID)
+    summary = _run_flow(config, restart, verbose, console, cfg)
     table = Table(title=f"{cfg.name}: training ({summary['best']})")
     for column in ("epoch", "loss", "val loss", f"val {cfg.training.score_name}", "best"):
         table.add_column(column, justify="right")
@@ -72,6 +68,31 @@ def train(
                       f"{h['val_score']:.4f}{mark}", f"{h['best_score']:.4f}")  # fmt: skip
     console.print(table)
     console.print(f"loss curve: {summary['loss_curve']}")
+
+
+def _run_flow(config: Path, restart: bool, verbose: bool, console: Console, cfg: Any) -> Any:
+    """Run the train flow with live progress; the first Ctrl-C or SIGTERM ends the running
+    epoch after its step (the saved run stays as the last finished epoch left it) and exits
+    with 128 + the signal's number after one line saying how to resume; a second exits at
+    once. A failed or refused run exits with its one line."""
+    from segflow.engine.interrupt import stop_requested
+    from segflow.flows._server import prefect_api
+    from segflow.flows._signals import EXIT_SIGNAL, stop_on_signals
+    from segflow.flows.train import train_flow
+
+    with (
+        prefect_log_file(verbose),
+        stop_on_signals(),
+        prefect_api(),
+        train_progress(console, cfg.name, cfg.training.max_epochs),
+    ):
+        state = train_flow(str(config), restart=restart, return_state=True)
+    if state.is_completed():
+        return state.result()
+    typer.echo(f"{config}: {state.message}", err=True)
+    if state.is_cancelled():
+        raise typer.Exit(EXIT_SIGNAL.get(stop_requested() or "", EXIT_FAILED))
+    raise typer.Exit(EXIT_FAILED)
 
 
 def _other_run_line(config: Path, output: str, changes: Sequence[str]) -> str:

@@ -8,7 +8,20 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from segflow.engine.interrupt import Interrupted, stop_requested
 from segflow.tasks.progress import report_progress
+
+
+class EpochInterrupted(Interrupted):
+    """A stop was asked for (Ctrl-C, SIGTERM) while epoch ``epoch`` trained: the saved run
+    holds the epochs before it, and a rerun trains it again."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        super().__init__(f"stopped in epoch {epoch}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.epoch,))
 
 
 @task(name="train-epoch", retries=0, cache_policy=NO_CACHE, task_run_name="epoch-{epoch}")
@@ -18,7 +31,13 @@ def train_epoch_task(config: str, epoch: int, *, resume: bool = True) -> dict[st
     Progress goes to :mod:`segflow.tasks.progress` listeners as ``(name, phase, step,
     steps)``: phase ``"epoch E: loss L"`` per optimiser step, ``"validating epoch E"`` once
     the steps are done, and ``"epoch E done: loss L, val V, best B"`` at the end (step = steps).
+    A stop request (:func:`segflow.engine.interrupt.request_stop`) ends the epoch after its
+    running step: the task returns a *Cancelled* state whose data is
+    :class:`EpochInterrupted`, and the saved run is left as the last finished epoch left it.
     """
+    from prefect.states import Cancelled
+
+    from segflow.flows._outcomes import expected
     from segflow.train_config import load_train_config, train_from_config
 
     cfg = load_train_config(config)
@@ -26,10 +45,15 @@ def train_epoch_task(config: str, epoch: int, *, resume: bool = True) -> dict[st
     def on_step(epoch_: int, step: int, steps: int, loss: float) -> None:
         phase = f"epoch {epoch_}: loss {loss:.4f}"
         report_progress(cfg.name, phase, step, steps)
+        if stop_requested() is not None:
+            raise EpochInterrupted(epoch_)
         if step == steps:
             report_progress(cfg.name, f"validating epoch {epoch_}", step, steps)
 
-    result = train_from_config(cfg, stop_after=1, resume=resume, on_step=on_step)
+    try:
+        result = train_from_config(cfg, stop_after=1, resume=resume, on_step=on_step)
+    except EpochInterrupted as stop:
+        return expected(Cancelled(message=str(stop), data=stop))  # type: ignore[return-value]
     last = result.history[-1] if result.history else None
     if last is not None:
         get_run_logger().info(

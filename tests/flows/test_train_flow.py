@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
 import yaml
+from _geodata import lock_held_elsewhere
 from typer.testing import CliRunner
 
 from segflow.flows.cli import app
@@ -116,3 +122,87 @@ def test_train_into_an_output_trained_on_other_settings_says_so_in_one_line(
     ]
     restarted = CliRunner().invoke(app, ["train", str(path), "--restart"])
     assert restarted.exit_code == 0, restarted.output
+
+
+def _tiny_config(tmp_path: Path, **training: Any) -> Path:
+    _write_data(tmp_path / "data")
+    config = {
+        "name": "tiny",
+        "data": {"images": "data/*/image.tif", "references": "{dir}/labels.tif",
+                 "channels": "luma", "validation": ["cell_2"]},
+        "model": {"architecture": {"name": "segnet", "params": {"features": [4]}},
+                  "spatial_dims": 2, "channels": [{"name": "luma"}],
+                  "head": "foreground_boundary", "tile": [16, 16]},
+        "training": {"batch_size": 1, "steps_per_epoch": 1, "max_epochs": 1, "seed": 1,
+                     **training},
+        "output": "model",
+    }  # fmt: skip
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_second_training_into_the_same_output_is_refused_in_one_line(tmp_path: Path) -> None:
+    # The first training is another live process holding the output's lock (as a training
+    # does from its first epoch to its end).
+    path = _tiny_config(tmp_path)
+    output = tmp_path / "model"
+    with lock_held_elsewhere(output, "other-training"):
+        result = CliRunner().invoke(app, ["train", str(path)])
+        assert result.exit_code == 2, result.output  # refused before Prefect starts
+        [line] = result.output.splitlines()
+        assert line.startswith(
+            f"{path}: training output '{output}' is in use by another segflow run "
+            "(run other-training of "
+        )
+        # Two started at once: the one that finds the lock taken inside its flow run ends
+        # Failed with the same line, and nothing was trained.
+        from segflow.flows.train import train_flow
+
+        state = train_flow(str(path), return_state=True)
+        assert state.is_failed()
+        assert "is in use by another segflow run (run other-training of" in str(state.message)
+    assert not (output / "last").exists() and not (output / "best").exists()
+    assert CliRunner().invoke(app, ["train", str(path)]).exit_code == 0  # free again
+    assert not (output / ".segflow" / "lock.json").exists()
+
+
+def test_ctrl_c_stops_training_after_its_step_with_one_line_saying_how_to_resume(
+    tmp_path: Path, prefect_harness: None
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    path = _tiny_config(tmp_path, max_epochs=10_000, steps_per_epoch=4)
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "COLUMNS": "200"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "segflow.flows", "train", str(path)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:  # one line per finished epoch (not a terminal)
+        seen.append(line)
+        if line.startswith("tiny epoch 2 done: "):
+            break
+    assert seen and seen[-1].startswith("tiny epoch 2 done: "), "".join(seen)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    output, _ = process.communicate(timeout=60)
+
+    assert process.returncode == 128 + signal.SIGINT, output
+    assert "Traceback" not in output and "Crash detected" not in output, output
+    lines = [line for line in output.splitlines() if "stopped (SIGINT)" in line]
+    assert len(lines) == 1, output
+    [line] = lines
+    stopped = int(re.search(r"in epoch (\d+):", line)[1])  # type: ignore[index]
+    assert stopped >= 3
+    assert line == (
+        f"{path}: tiny: stopped (SIGINT) in epoch {stopped}: {tmp_path / 'model'}/last holds "
+        f"the run as epoch {stopped - 1} left it; run the same command again to resume with "
+        f"epoch {stopped}"
+    )
+    import torch
+
+    state = torch.load(tmp_path / "model" / "last" / "training_state.pt", weights_only=True)
+    assert state["epoch"] == stopped - 1  # the saved run is the last finished epoch's
+    assert not (tmp_path / "model" / ".segflow" / "lock.json").exists()  # released

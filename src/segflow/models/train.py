@@ -702,6 +702,9 @@ def _start_or_resume(
     last = out / "last"
     state_path = last / STATE_FILE
     if not (resume and state_path.is_file()):
+        # A run started afresh over a saved one: its state goes first, so that a stop
+        # before the first epoch is saved cannot leave the old weights under the new run.
+        state_path.unlink(missing_ok=True)
         (last / RUN_FILE).write_text(json.dumps(run, indent=2))
         return _Progress()
     if changes := _changes(json.loads((last / RUN_FILE).read_text()), run):

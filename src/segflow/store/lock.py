@@ -85,6 +85,8 @@ class StoreLock:
         Seconds without a heartbeat after which another run may break the lock.
     heartbeat_every : float
         Seconds between heartbeats.
+    what : str
+        What ``store`` is, for messages ("store", "training output").
 
     Examples
     --------
@@ -104,8 +106,10 @@ class StoreLock:
         run_id: str,
         stale_after: float = STALE_AFTER,
         heartbeat_every: float = HEARTBEAT_EVERY,
+        what: str = "store",
     ) -> None:
         self.store = str(store)
+        self.what = what
         self.run_id = run_id
         self.stale_after = stale_after
         self.heartbeat_every = heartbeat_every
@@ -146,7 +150,7 @@ class StoreLock:
             if holder is None:
                 continue  # released between our attempt and the read
             if not self.is_stale(holder):
-                raise StoreLockedError(locked_message(self.store, holder), holder)
+                raise StoreLockedError(locked_message(self.store, holder, self.what), holder)
             self._break(holder)
             self.broken = holder
         else:
@@ -236,10 +240,10 @@ class StoreLock:
 
 @contextmanager
 def hold_store_lock(
-    store: str, *, run_id: str, stale_after: float = STALE_AFTER
+    store: str, *, run_id: str, stale_after: float = STALE_AFTER, what: str = "store"
 ) -> Iterator[StoreLock]:
     """Hold the store's lock for the duration of the ``with`` block (see :class:`StoreLock`)."""
-    lock = StoreLock(store, run_id=run_id, stale_after=stale_after)
+    lock = StoreLock(store, run_id=run_id, stale_after=stale_after, what=what)
     lock.acquire()
     try:
         yield lock
@@ -326,11 +330,13 @@ def _parse_lock(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"heartbeat": ""}
 
 
-def locked_message(store: str, holder: dict[str, Any]) -> str:
+def locked_message(store: str, holder: dict[str, Any], what: str = "store") -> str:
+    """Why ``store`` cannot be written now: ``holder``'s run has it (``what`` names the
+    kind of place: a store, a training output)."""
     seconds = _heartbeat_age(holder)
     age = "" if seconds is None else f", last heartbeat {seconds:.0f} s ago"
     return (
-        f"store '{store}' is in use by another segflow run (run {holder.get('run_id')} of "
+        f"{what} '{store}' is in use by another segflow run (run {holder.get('run_id')} of "
         f"{holder.get('owner')}@{holder.get('host')}, PID {holder.get('pid')}, started "
         f"{holder.get('started')}{age}); wait for it to end (its lock is taken over once its "
         f"heartbeat is {STALE_AFTER:.0f} s old or its process is gone)"

@@ -140,16 +140,40 @@ def _shape_misfit(info: Any, config: Any) -> str | None:
         "output.shards": config.output.shards,
     }
     axes = info.spatial_axes
-    wrong = [f"{k} {v}" for k, v in settings.items() if v is not None and len(v) != len(axes)]
+    misfits = {k: v for k, v in settings.items() if v is not None and len(v) != len(axes)}
+    wrong = [f"{k} {v}" for k, v in misfits.items()]
+    wrong_values = list(misfits.values())
     where = f"item {info.id!r} ({info.path})"
     if wrong:
-        return f"{' and '.join(wrong)}: {where} has {len(axes)} spatial axes {axes}"
+        line = f"{' and '.join(wrong)}: {where} has {len(axes)} spatial axes {axes}"
+        return line + _bands_hint(info, config, len(axes) - 1 in {len(v) for v in wrong_values})
     unit = config.output.shards or config.output.chunks
     try:
         plan_blocks(info.spatial_shape, blocks, storage_unit=unit)
     except PlanError as error:
         return f"{where}: {error} ({_unit_fix(blocks, config.output)})"
     return None
+
+
+def _bands_hint(info: Any, config: Any, one_axis_more: bool) -> str:
+    """The ``--set`` that reads a TIFF's first axis as bands, when a 2-D config met a TIFF
+    read as a stack of a few slices (a multi-band TIFF without axis metadata), else ''."""
+    from segflow.io.builtin import TIFF_SUFFIXES
+
+    options = config.input.options or {}
+    first = info.spatial_shape[0]
+    if not one_axis_more or "axes" in options or first > MAX_GUESSED_BANDS:
+        return ""
+    if not str(info.path).lower().endswith(TIFF_SUFFIXES):
+        return ""
+    return (
+        f"; if its first axis ({first}) holds bands, not slices, say so: "
+        "--set input.options.axes=cyx"
+    )
+
+
+# A first axis longer than this is taken for slices: no bands hint.
+MAX_GUESSED_BANDS = 16
 
 
 def _unit_fix(blocks: Any, output: Any) -> str:

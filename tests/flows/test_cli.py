@@ -149,6 +149,26 @@ def test_validate_checks_the_pipeline_against_the_items() -> None:
     assert "pipeline[2] 'otsu' needs a single-channel image, got 3 channels" in line
 
 
+def test_validate_suggests_band_axes_for_a_few_slice_tiff(tmp_path: Path) -> None:
+    # A two-band float TIFF without axis metadata is read as a stack of two slices.
+    import tifffile
+
+    (tmp_path / "img").mkdir()
+    tifffile.imwrite(tmp_path / "img" / "two.tif", np.zeros((2, 30, 41), np.float32))
+    args = ["validate", str(CONFIGS / "nuclei.yaml"), "--set", f"input.path={tmp_path / 'img'}"]
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 2
+    first = result.stderr.splitlines()[0]
+    assert "item 'two' (" in first and "has 3 spatial axes ('z', 'y', 'x')" in first
+    assert first.endswith(
+        "; if its first axis (2) holds bands, not slices, say so: --set input.options.axes=cyx"
+    )
+    told = runner.invoke(app, [*args, "--set", "input.options.axes=cyx"])
+    assert "spatial axes" not in told.stderr  # read as bands now (other checks may follow)
+
+
 def test_validate_refuses_vectors_for_a_volume() -> None:
     result = runner.invoke(
         app, ["validate", str(CONFIGS / "ct.yaml"), "--set", "output.vectors=true"]

@@ -43,13 +43,15 @@ def put_tiles(folder: Path, image: np.ndarray, cells: list[tuple[int, int]]) -> 
         write_tif(folder / f"t{r}{c}.tif", part, r * TILE, c * TILE, nodata=0)
 
 
-def segment(scene: Any, store: Path, pipeline: Any, progress: Any = None) -> Any:
+def segment(
+    scene: Any, store: Path, pipeline: Any, progress: Any = None, block: int = BLOCK
+) -> Any:
     with LocalExecutor(2) as executor:
         return segment_item(
             scene,
             pipeline,
             store=str(store),
-            block_shape=BLOCK,
+            block_shape=block,
             executor=executor,
             regions=pipeline[-1]["op"] == "label",  # a region table of labels only
             ome=False,
@@ -414,3 +416,92 @@ def test_joined_objects_keep_the_smaller_id_and_a_cut_one_keeps_it_on_its_first_
     assert after[19, 65] == before[19, 65]  # the small object: untouched
     assert after[12, 60] == (3 if then == "cut" else 1)
     assert read_commit(str(store), "scene")["max_label"] == max(expected)
+
+
+# Issue 25's scene: 104 tiles (8 rows of 13), of which four, far apart, are missing at
+# first and come later. 16^2 tiles, one 16^2 block each.
+ROWS, COLS, SMALL = 8, 13, 16
+LATE = [(1, 2), (2, 9), (5, 5), (6, 11)]
+
+
+def _put_small(folder: Path, image: np.ndarray, cells: list[tuple[int, int]]) -> None:
+    folder.mkdir(exist_ok=True)
+    for r, c in cells:
+        part = image[:, r * SMALL : (r + 1) * SMALL, c * SMALL : (c + 1) * SMALL]
+        write_tif(folder / f"t{r:02d}{c:02d}.tif", part, r * SMALL, c * SMALL, nodata=0)
+
+
+def _regions_by_pixels(store: Path, labels: np.ndarray) -> dict[tuple[int, ...], dict]:
+    """Each region row keyed by its object's first pixel (ids aside): rows of two runs
+    that found the same objects compare whatever ids they gave them."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store / "scene" / "regions.parquet").to_pylist()
+    first = {}
+    flat = labels.ravel()
+    order = np.flatnonzero(flat)
+    ids, where = np.unique(flat[order], return_index=True)
+    for object_id, at in zip(ids.tolist(), order[where].tolist(), strict=True):
+        first[object_id] = np.unravel_index(at, labels.shape)
+    rows = {}
+    for row in table:
+        key = tuple(int(v) for v in first[int(row.pop("label"))])
+        rows[key] = row
+    return rows
+
+
+def _median_cut_model(raster: np.ndarray, model: Path) -> list[dict[str, Any]]:
+    """The random network's "object" probability cut at its median over ``raster``: many
+    objects (its classes alone are one object everywhere)."""
+    from segflow.engine.api import segment as segment_array
+
+    grey = {"op": "combine_bands", "weights": [0.5, 0.3, 0.2]}
+    infer = {"op": "model", "path": str(model), "device": "cpu", "output": "probabilities"}
+    probabilities = segment_array(raster, [grey, infer], channel_axis=0)
+    cut = float(np.median(probabilities[1]))
+    return [grey, infer, {"op": "combine_bands", "weights": [0.0, 1.0]},
+            {"op": "threshold", "value": cut}, {"op": "label"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["fixed", "model"])
+def test_a_100_tile_scene_grown_by_4_tiles_recomputes_only_their_blocks(
+    tmp_path: Path, kind: str, fixed_scale_model: Path
+) -> None:
+    shape = (ROWS * SMALL, COLS * SMALL)
+    image = make_raster(shape, "uint8", 11)
+    pipeline = FIXED if kind == "fixed" else _median_cut_model(image, fixed_scale_model)
+    halo = HALO if kind == "fixed" else 15  # the model: 16^2 tiles, overlap 4
+    folder, store = tmp_path / "scene", tmp_path / "out.zarr"
+    cells = [(r, c) for r in range(ROWS) for c in range(COLS)]
+    _put_small(folder, image, [cell for cell in cells if cell not in LATE])
+    first = segment(open_item(str(folder), mosaic=True), store, pipeline, block=SMALL)
+    assert first.status == "done", first.error
+    before = labels_of(store, "scene")
+    assert len(list(folder.iterdir())) == 100
+
+    _put_small(folder, image, LATE)
+    scene = open_item(str(folder), mosaic=True)
+    reads = recording(scene)
+    grown = segment(scene, store, pipeline, block=SMALL)
+
+    assert grown.status == "done", grown.error
+    assert grown.warning is None
+    grid = plan_blocks(shape, SMALL, halo=halo)
+    late = [(slice(r * SMALL, (r + 1) * SMALL), slice(c * SMALL, (c + 1) * SMALL)) for r, c in LATE]
+    expected = [b for b in grid.blocks() if any(all(
+        o.start < t.stop and o.stop > t.start for o, t in zip(b.outer, tile, strict=True)
+    ) for tile in late)]  # fmt: skip
+    assert len(expected) == 4 * 9  # each late tile's block and the eight around it
+    cores = {tuple((s.start, s.stop) for s in b.core) for b in grid.blocks()}
+    windows = [r for r in reads if r not in cores]  # the region table reads every core
+    assert sorted(windows) == sorted(tuple((s.start, s.stop) for s in b.outer) for b in expected)
+    assert grown.n_reused == 104 - 36
+    # The objects of a fresh run on all 104 tiles, and its region table row for row.
+    after = labels_of(store, "scene")
+    fresh = fresh_labels(tmp_path, folder, pipeline)
+    assert after.max() > 0 and same_partition(after, fresh)
+    assert _regions_by_pixels(store, after) == _regions_by_pixels(tmp_path / "fresh.zarr", fresh)
+    # Objects away from the late tiles' blocks keep their pixels and their ids.
+    near = [tuple(slice(max(s.start - SMALL - 1, 0), s.stop + SMALL + 1) for s in tile)
+            for tile in late]  # fmt: skip
+    assert assert_kept_away_from(before, after, *near) > 20

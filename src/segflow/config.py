@@ -437,8 +437,9 @@ def _step_settings(step: Mapping[str, Any]) -> dict[str, Any]:
     values = params.model_dump(mode="json")
     for key, field in type(params).model_fields.items():
         extra = field.json_schema_extra
-        if isinstance(extra, dict) and extra.get("hash_when_set") and values.get(key) is None:
-            del values[key]  # a parameter added later: unset, the hash steps had before it
+        default = field.get_default(call_default_factory=True)
+        if isinstance(extra, dict) and extra.get("hash_when_set") and values.get(key) == default:
+            del values[key]  # a parameter added later, at its default: the hash before it
     return {"op": name, "save_as": save_as, **values}
 
 

@@ -44,7 +44,7 @@ def boxes_on(draw: st.DrawFn, shape: tuple[int, int], n: int) -> list[dict]:
     st.integers(8, 50),
     st.integers(8, 50),
     st.integers(0, 2**32 - 1),
-    st.sampled_from(["threshold", "watershed", "probability"]),
+    st.sampled_from(["threshold", "watershed", "probability", "fit: box"]),
     st.integers(1, 3),
     st.data(),
 )
@@ -56,7 +56,8 @@ def test_from_boxes_blockwise_equals_whole_item(
         image = image[:1]
     boxes = data.draw(boxes_on((h, w), data.draw(st.integers(0, 12))))
     blocks = (data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
-    step = {"op": "from_boxes", "boxes": boxes, "method": method, "margin": 2}
+    fit = {"method": "threshold", "fit": "box"} if method == "fit: box" else {"method": method}
+    step = {"op": "from_boxes", "boxes": boxes, "margin": 2, **fit}
     whole = segment(image, [step], channel_axis=0)
     result = segment(image, [step], channel_axis=0, block_shape=blocks)
     np.testing.assert_array_equal(result, whole)
@@ -106,6 +107,31 @@ def test_from_boxes_on_the_bundled_nuclei_from_a_csv(tmp_path: Path) -> None:
     assert (ious > 0.5).all()
     classes = segment(image, [{**step, "output": "classes"}], channel_axis=-1)
     np.testing.assert_array_equal(classes, (result > 0).astype(classes.dtype))
+
+
+def test_fit_box_chooses_each_box_cut_so_its_object_spans_the_box() -> None:
+    """A soft-edged blob whose tight box is drawn where it fades: the default cut (0.75 of
+    the way to Otsu) leaves it narrower than its box; `fit: box` lowers the cut until the
+    object spans it, and keeps `level` where the default already does."""
+    yy, xx = np.mgrid[:40, :40]
+    blob = np.exp(-((yy - 20.0) ** 2 + (xx - 20.0) ** 2) / (2 * 6.0**2))
+    image = (blob * 200 + 10).astype(np.float32)
+    box = {"xmin": 8, "ymin": 8, "xmax": 33, "ymax": 33}  # where the blob is 13 % of its peak
+    default = segment(image, [{"op": "from_boxes", "boxes": [box]}])
+    fitted = segment(image, [{"op": "from_boxes", "boxes": [box], "fit": "box"}])
+    spans = ndi.find_objects(fitted.astype(np.uint8))[0]
+    assert (spans[0].start, spans[0].stop, spans[1].start, spans[1].stop) == (8, 33, 8, 33)
+    default_spans = ndi.find_objects(default.astype(np.uint8))[0]
+    assert default_spans[0].stop - default_spans[0].start < 25
+    assert fitted.sum() > default.sum() and not (default & ~fitted).any()
+    square = np.full((30, 30), 10.0, np.float32)
+    square[10:20, 10:20] = 200  # hard edges: every cut spans the box, `level`'s is kept
+    sharp = {"xmin": 10, "ymin": 10, "xmax": 20, "ymax": 20}
+    for fit in ("level", "box"):
+        result = segment(square, [{"op": "from_boxes", "boxes": [sharp], "fit": fit}])
+        np.testing.assert_array_equal(result, (square > 100).astype(result.dtype))
+    with pytest.raises(ConfigError, match=r"`fit: box` chooses the threshold method's cut"):
+        segment(image, [{"op": "from_boxes", "boxes": [box], "fit": "box", "method": "watershed"}])
 
 
 def test_from_boxes_ids_follow_box_order_and_overlaps_go_to_the_closer_centre() -> None:
@@ -326,6 +352,9 @@ def test_a_boxes_file_is_relative_to_its_config_and_its_content_is_in_the_hash(
     with_crs = parse_config({**data, "pipeline": [{**unset[0], "crs": "EPSG:4326"}]})
     assert with_crs.result_settings()["pipeline"][0]["crs"] == "EPSG:4326"
     assert with_crs.config_hash() != changed
+    assert "fit" not in load_config(config).result_settings()["pipeline"][0]  # as `crs`
+    fitted = parse_config({**data, "pipeline": [{**unset[0], "fit": "box"}]})
+    assert fitted.config_hash() != changed
 
 
 CUT = 350  # the bundled raster cut into two tiles at this column: box 1 spans the cut

@@ -53,6 +53,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from scipy import ndimage as ndi
 from skimage.filters import sobel, threshold_otsu
@@ -109,6 +110,13 @@ class FromBoxesParams(OpParams):
         description="threshold and watershed: the threshold's place between the window's 5th "
         "percentile (0) and its Otsu threshold (1)",
     )
+    fit: Literal["level", "box"] = Field(
+        "level",
+        description="threshold: level cuts every box at `level`; box chooses each box's cut "
+        "among levels 0.4-1.0 so that its object spans its box (ties: the cut nearest "
+        "`level`), for boxes drawn tight around their objects",
+        json_schema_extra={"hash_when_set": True},
+    )
     threshold: float = Field(
         0.5, ge=0, le=1, description="probability: the object's pixels are above this"
     )
@@ -133,6 +141,14 @@ class FromBoxesParams(OpParams):
         "instances", description="instances: ids in box order; classes: each object's class"
     )
     _item: ItemBoxes | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _fit_needs_threshold(self) -> FromBoxesParams:
+        if self.fit == "box" and self.method != "threshold":
+            raise ValueError(
+                f"`fit: box` chooses the threshold method's cut; method is {self.method!r}"
+            )
+        return self
 
     @field_validator("crs")
     @classmethod
@@ -283,12 +299,33 @@ def box_object(
         probability = _object_probability(data, params.channel)[inner]
         return _one_object(probability > params.threshold), probability
     values = project_to_object(data.astype(np.float64), inner)
-    cut = window_level(values, params.level)
-    if params.method == "threshold":
-        mask = _one_object(values[inner] > cut)
+    if params.fit == "box":
+        mask = _box_filling_object(values, inner, params.level)
+    elif params.method == "threshold":
+        mask = _one_object(values[inner] > window_level(values, params.level))
     else:
-        mask = _seeded_watershed(values, inner, cut)
+        mask = _seeded_watershed(values, inner, window_level(values, params.level))
     return mask, centre_closeness(mask.shape)
+
+
+# The cuts ``fit: box`` tries per box (places between the 5th percentile and Otsu).
+FIT_LEVELS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def _box_filling_object(values: np.ndarray, inner: Box, level: float) -> np.ndarray:
+    """The object of the cut among :data:`FIT_LEVELS` whose object's bounding box fills
+    most of the box (the box drawn tight around its object); ties: the cut nearest
+    ``level``, then the lower."""
+    box_size = float(np.prod([s.stop - s.start for s in inner]))
+    best: tuple[tuple[float, float], np.ndarray] | None = None
+    for candidate in sorted(FIT_LEVELS, key=lambda v: (abs(v - level), v)):
+        mask = _one_object(values[inner] > window_level(values, candidate))
+        spans = ndi.find_objects(mask.astype(np.uint8))
+        filled = float(np.prod([s.stop - s.start for s in spans[0]])) / box_size if spans else 0
+        if best is None or filled > best[0][0]:
+            best = ((filled, candidate), mask)
+    assert best is not None
+    return best[1]
 
 
 def project_to_object(window: np.ndarray, inner: Box) -> np.ndarray:

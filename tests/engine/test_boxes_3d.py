@@ -41,7 +41,7 @@ def boxes_on(draw: st.DrawFn, shape: tuple[int, int, int], n: int) -> list[dict]
     st.integers(4, 12),
     st.integers(4, 12),
     st.integers(0, 2**32 - 1),
-    st.sampled_from(["threshold", "watershed", "probability"]),
+    st.sampled_from(["threshold", "watershed", "probability", "fit: box"]),
     st.integers(1, 2),
     st.data(),
 )
@@ -54,7 +54,8 @@ def test_3d_boxes_blockwise_equal_the_whole_item(
         image = image[:1]
     boxes = data.draw(boxes_on(shape, data.draw(st.integers(0, 6))))
     blocks = tuple(data.draw(st.integers(1, n)) for n in shape)
-    step = {"op": "from_boxes", "boxes": boxes, "method": method, "margin": 2}
+    fit = {"method": "threshold", "fit": "box"} if method == "fit: box" else {"method": method}
+    step = {"op": "from_boxes", "boxes": boxes, "margin": 2, **fit}
     whole = segment(image, [step], channel_axis=0)
     result = segment(image, [step], channel_axis=0, block_shape=blocks)
     np.testing.assert_array_equal(result, whole)

@@ -250,6 +250,8 @@ class PyramidSink:
         """Submit the second step's tasks now, each after the blocks of ``written``
         (``(region, handle)`` of each block task) under its unit; :func:`finish_pyramid`
         waits for them. Blocks not in ``written`` (a resumed item's) are on disk already."""
+        while len(_SUBMITTED) >= 256:  # items that failed before their finish step
+            del _SUBMITTED[next(iter(_SUBMITTED))]  # (finish_pyramid submits anew if needed)
         _SUBMITTED[_key(self.plan)] = _submit_units(self.plan, executor, written)
 
     def _check_grid(self, region: Region) -> None:

@@ -286,15 +286,21 @@ def test_input_read_once_unless_the_halo_is_wider_than_a_block(
     assert (sum(read) == image.size) is read_once
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6)])
-def test_first_pixels_of_labels_in_any_numbering(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (1, 1), (64, 33)])
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_first_pixels_of_labels_in_any_numbering(shape: tuple[int, ...], seed: int) -> None:
     """The fast path (labels numbered in scan order, as scipy numbers them) and the general
-    one (any numbering) give each label's first pixel in item coordinates."""
-    rng = np.random.default_rng(4)
+    one (any numbering) give each label's first pixel in item coordinates: labels that
+    touch each other (scikit-image's numbering of a class map), a label on the first pixel,
+    none at all."""
+    from skimage import measure
+
+    rng = np.random.default_rng(seed)
     labels = rng.integers(0, 6, shape)
     box = tuple(slice(2, 2 + n) for n in shape)  # the block sits at (2, 2[, 2]) in the item
     item = tuple(n + 4 for n in shape)
-    for numbering in (labels, ndi.label(labels > 2)[0]):
+    touching = measure.label(labels, background=0, connectivity=1)
+    for numbering in (labels, ndi.label(labels > 2)[0], touching, np.zeros(shape, int)):
         n = int(numbering.max())
         first = first_pixels(numbering, n, box, item)
         for label in range(1, n + 1):

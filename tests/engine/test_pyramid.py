@@ -287,3 +287,49 @@ def test_mean_downsampling_gives_the_bits_it_gave_before(
     new, old = downsample(data, factor, "mean"), _reduceat_mean(data, factor)
     assert new.dtype == old.dtype and new.shape == old.shape
     assert new.tobytes() == old.tobytes()
+
+
+class RecordingExecutor(LocalExecutor):
+    """Threads, with a log of what was mapped and gathered, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.log: list[str] = []
+
+    def map(self, fn: Any, *iterables: Any, **kwargs: Any) -> list[Any]:
+        self.log.append(f"map {getattr(fn, '__name__', fn)}")
+        return super().map(fn, *iterables, **kwargs)
+
+    def gather(self, handles: Any, **kwargs: Any) -> list[Any]:
+        self.log.append(f"gather {kwargs.get('label', '')}")
+        return super().gather(handles, **kwargs)
+
+
+@pytest.mark.parametrize("after_blocks", [True, False], ids=["with-blocks", "after-blocks"])
+def test_units_across_blocks_are_submitted_with_the_blocks(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, after_blocks: bool
+) -> None:
+    """The second step's tasks go in with the output phase's blocks (each waits for its
+    blocks), before the client waits for the blocks; where a sink is not told of the blocks'
+    tasks, the finish step submits them itself. The same pyramid either way, one pyramid
+    level beyond what the blocks compute included (block 24: level 3's windows of 8 pixels
+    cross blocks)."""
+    from segflow.store.pyramid import PyramidSink
+
+    if not after_blocks:
+        monkeypatch.setattr(PyramidSink, "after_blocks", lambda self, executor, written: None)
+    image = blobs((150, 131), seed=5)
+    options = {"block_shape": 24, "chunks": [12, 12]}
+    new, old = str(tmp_path / "new.zarr"), str(tmp_path / "old.zarr")
+    executor = RecordingExecutor()
+    with executor:
+        result = segment_item(
+            ArrayReader(image, "a"), LABELS, store=new, executor=executor, **options
+        )
+    assert result.status == "done", result.error
+    output = read_back(ArrayReader(image, "a"), LABELS, old, **options)
+    assert_same_pyramids(new, old, "a", output)
+    last_phase = max(i for i, e in enumerate(executor.log) if e.startswith("gather phase"))
+    units = [i for i, e in enumerate(executor.log) if e == "map _finish_unit"]
+    assert len(units) >= 2  # levels the blocks computed, and one beyond
+    assert all(i < last_phase for i in units) == after_blocks

@@ -34,13 +34,16 @@ class Executor(Protocol):
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
         resources: Mapping[str, float] | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> list[Any]:
         """Submit ``fn(*args, **kwargs)`` for each tuple of arguments; return handles.
 
         ``resources`` (``{"GPU": 1}``) are what each task holds while it runs: Dask places
         such tasks only on workers that advertise them; the thread pool runs at most as many
-        of them at once as there are units.
+        of them at once as there are units. Tasks of a higher ``priority`` run before those
+        submitted earlier once their arguments are ready (Dask; the thread pool runs tasks
+        in the order they were submitted).
         """
         ...
 
@@ -103,6 +106,7 @@ class LocalExecutor:
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
         resources: Mapping[str, float] | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> list[Any]:
         slots = [self._slot(n, a) for n, a in sorted((resources or {}).items()) if a > 0]
@@ -191,6 +195,7 @@ class DaskExecutor:
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
         resources: Mapping[str, float] | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> list[Any]:
         columns = [list(it) for it in iterables]
@@ -200,7 +205,9 @@ class DaskExecutor:
         # resources some worker advertises are asked for; a task asking for one no worker
         # has would wait for ever (a CPU-only cluster runs `device: auto` models on CPU).
         wanted = {n: a for n, a in (resources or {}).items() if n in self._advertised()}
-        extra = {"resources": wanted} if wanted else {}
+        extra: dict[str, Any] = {"resources": wanted} if wanted else {}
+        if priority:
+            extra["priority"] = priority
         task = _WorkerTask(fn, self.retry)
         return list(self.client.map(task, *columns, pure=False, **extra, **kwargs))
 

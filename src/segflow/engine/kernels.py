@@ -34,7 +34,13 @@ from segflow.stitch.regions import RegionPartial, measure_regions
 
 
 class Sink(Protocol):
-    """Where a block's core result goes. Must pickle cheaply."""
+    """Where a block's core result goes. Must pickle cheaply.
+
+    A sink may also have ``after_blocks(executor, written)``, called on the client once
+    the output phase's block tasks are submitted (``written``: ``(region, handle)`` of
+    each): it may submit work that depends on those handles (the OME-Zarr pyramid's
+    storage units that span blocks), to run as their blocks finish.
+    """
 
     def write(self, region: Box, data: np.ndarray) -> Any: ...
 

@@ -513,6 +513,13 @@ class _PlanRun:
         self.finishes.append(Finish(step, dtype))
         return _Sources(tiles, self._none(), list(merge.relabels), Finish(step, dtype))
 
+    def _after_blocks(self, sink: Sink, todo: Sequence[int], handles: Sequence[Any]) -> None:
+        """The sink's work that follows the blocks (:class:`Sink`), submitted now."""
+        after_blocks = getattr(sink, "after_blocks", None)
+        if after_blocks is not None:
+            blocks = [(self.blocks[i].core, h) for i, h in zip(todo, handles, strict=True)]
+            after_blocks(self.executor, blocks)
+
     def output_phase(
         self,
         phase: Phase,
@@ -534,6 +541,7 @@ class _PlanRun:
             handles = self.stream_map(phase, end, self.saved, todo)
         else:
             handles = self.map_blocks(phase, sources, end, todo)
+        self._after_blocks(sink, todo, handles)
         fresh = self.executor.gather(handles, label=label, progress=self._output_progress)
         by_block = {**done, **dict(zip(todo, fresh, strict=True))}
         summaries = [by_block[b.linear] for b in self.blocks]

@@ -15,13 +15,17 @@ also writes:
 - for a level whose storage units span blocks, its share of that level into a temporary,
   uncompressed *scratch* array chunked by block.
 
-Once every block is written, :func:`finish_pyramid` (the small second step) writes only the
-storage units no block owned: from the scratch array where the blocks could compute the
-level, else (levels too coarse for a block to hold whole windows of) from the previous
-level, which is small by then; then it removes the scratch arrays and writes the OME
-metadata. A level ``k`` is computed in the blocks when the block side is a multiple of its
-factor along every axis with more than one block (the windows of the level then never cross
-a block's edge).
+The small second step writes only the storage units no block owned: from the scratch array
+where the blocks could compute the level, else (levels too coarse for a block to hold whole
+windows of) from the previous level, which is small by then. Its tasks are submitted with
+the blocks' (:meth:`PyramidSink.after_blocks`), each depending on the blocks under its
+unit, so they run as those blocks finish rather than after the last one; once every block
+is written, :func:`finish_pyramid` waits for them (or, where none were submitted, runs
+them), removes the scratch arrays and writes the OME metadata.
+
+A level ``k`` is computed in the blocks when the block side is a multiple of its factor
+along every axis with more than one block (the windows of the level then never cross a
+block's edge).
 
 Blocks are assumed to follow the grid the pyramid was planned for (``grid``: the engine's
 block shape, or by default the storage unit): a write that does not is refused, since the
@@ -211,6 +215,7 @@ class PyramidSink:
 
     def __init__(self, plan: PyramidPlan) -> None:
         self.plan = plan
+        _SUBMITTED.pop(_key(plan), None)  # an earlier, failed run's tasks: not this one's
 
     def write(self, region: Region, data: np.ndarray) -> None:
         """Write ``data`` (a block's output over ``region``) and its pyramid share."""
@@ -241,6 +246,14 @@ class PyramidSink:
         if spills:
             _writer(plan, plan.scratch_path(k)).write(box, data)
 
+    def after_blocks(self, executor: Any, written: Sequence[tuple[Region, Any]]) -> None:
+        """Submit the second step's tasks now, each after the blocks of ``written``
+        (``(region, handle)`` of each block task) under its unit; :func:`finish_pyramid`
+        waits for them. Blocks not in ``written`` (a resumed item's) are on disk already."""
+        while len(_SUBMITTED) >= 256:  # items that failed before their finish step
+            del _SUBMITTED[next(iter(_SUBMITTED))]  # (finish_pyramid submits anew if needed)
+        _SUBMITTED[_key(self.plan)] = _submit_units(self.plan, executor, written)
+
     def _check_grid(self, region: Region) -> None:
         shape, grid = self.plan.levels[0].shape, self.plan.grid
         for s, b, n in zip(region, grid, shape, strict=True):
@@ -259,6 +272,15 @@ class PyramidSink:
 # block task gets its own copy of the sink, and opening 4-6 arrays (reading and parsing
 # their zarr.json) for every block cost 0.3-0.4 s of CPU per 8192^2 item.
 _WRITERS: dict[tuple[str, str], Any] = {}
+
+
+# The second step's tasks submitted with the output's blocks (PyramidSink.after_blocks), by
+# (root, item, output): finish_pyramid, which plans the pyramid again, waits for them.
+_SUBMITTED: dict[tuple[str, str, str], list[Any]] = {}
+
+
+def _key(plan: PyramidPlan) -> tuple[str, str, str]:
+    return (str(plan.root), plan.item_id, plan.name)
 
 
 def _writer(plan: PyramidPlan, path: str) -> Any:
@@ -286,25 +308,13 @@ def finish_pyramid(
     """The second step, once every block is written: the storage units that span blocks
     (from the scratch arrays, or from the previous level beyond what blocks compute), then
     the scratch arrays go and the OME metadata is written. Returns every level array, as
-    :func:`segflow.store.ome.write_pyramid` does."""
-    from segflow.store.layout import ZarrRegionWriter
-
-    def writer(path: str) -> ZarrRegionWriter:
-        return ZarrRegionWriter(plan.root, plan.item_id, path)
-
+    :func:`segflow.store.ome.write_pyramid` does. The units' tasks were submitted with
+    the blocks (:meth:`PyramidSink.after_blocks`): here they are waited for."""
     try:
-        # Levels the blocks computed: independent of each other, one batch of tasks.
-        tasks = [
-            (writer(plan.scratch_path(k)), writer(plan.path(k)), unit, (1,) * len(unit))
-            for k in range(1, plan.computed + 1)
-            for unit in plan.loose(k)
-        ]
-        _run_units(executor, tasks, plan.method, "pyramid")
-        for k in range(plan.computed + 1, len(plan.levels)):  # each from the one before
-            source, target = writer(plan.path(k - 1)), writer(plan.path(k))
-            step = plan.step(k)
-            tasks = [(source, target, unit, step) for unit in plan.loose(k)]
-            _run_units(executor, tasks, plan.method, f"pyramid {k}")
+        submitted = _SUBMITTED.pop(_key(plan), None)
+        if submitted is None:  # not submitted with the blocks: every block is written now
+            submitted = _submit_units(plan, executor, [])
+        executor.gather(submitted, label="pyramid")
         _remove_scratch(plan)
         return write_pyramid_metadata(
             plan.root, info, plan.name, plan.levels, base, categories=categories, kind=kind
@@ -318,19 +328,67 @@ def finish_pyramid(
         ) from exc
 
 
-def _run_units(executor: Any, tasks: list[tuple[Any, ...]], method: Method, label: str) -> None:
-    if not tasks:
-        return
-    sources, targets, units, steps = (list(column) for column in zip(*tasks, strict=True))
-    handles = executor.map(_finish_unit, sources, targets, units, steps, [method] * len(tasks))
-    executor.gather(handles, label=label)
+def _submit_units(
+    plan: PyramidPlan, executor: Any, written: Sequence[tuple[Region, Any]]
+) -> list[Any]:
+    """Submit a task for every storage unit no block writes; return their handles.
+
+    A unit of a level the blocks computed waits for the blocks of ``written`` under it (it
+    is copied from their scratch array); a unit of a coarser level for every block and
+    every unit of the level before. They run ahead of the blocks submitted before them
+    once their blocks are done (a higher priority), so most overlap the blocks' writes."""
+    from segflow.store.layout import ZarrRegionWriter
+
+    def writer(path: str) -> ZarrRegionWriter:
+        return ZarrRegionWriter(plan.root, plan.item_id, path)
+
+    before = [handle for _, handle in written]
+    submitted: list[Any] = []
+    for k in range(1, len(plan.levels)):
+        units = plan.loose(k)
+        if not units:
+            continue
+        if k <= plan.computed:  # from its scratch array, after the blocks under each unit
+            source, step = writer(plan.scratch_path(k)), (1,) * len(units[0])
+            factor = plan.levels[k].factor
+            after = [[h for r, h in written if _meets(r, unit, factor)] for unit in units]
+        else:  # from the level before, after all of it
+            source, step = writer(plan.path(k - 1)), plan.step(k)
+            after = [before] * len(units)
+        handles = executor.map(
+            _finish_unit,
+            [source] * len(units),
+            [writer(plan.path(k))] * len(units),
+            units,
+            [step] * len(units),
+            [plan.method] * len(units),
+            after,
+            priority=1,
+        )
+        submitted += handles
+        before = before + handles
+    return submitted
+
+
+def _meets(region: Region, unit: Region, factor: Sequence[int]) -> bool:
+    """Whether level-0 ``region`` meets the footprint of a level's storage ``unit``."""
+    return all(
+        r.start < u.stop * f and u.start * f < r.stop
+        for r, u, f in zip(region, unit, factor, strict=True)
+    )
 
 
 def _finish_unit(
-    source: Any, target: Any, region: Region, step: tuple[int, ...], method: Method
+    source: Any,
+    target: Any,
+    region: Region,
+    step: tuple[int, ...],
+    method: Method,
+    after: Sequence[Any] = (),
 ) -> None:
     """One task of the second step: read ``source`` under ``region`` (grown by ``step``),
-    write it reduced (a scratch array holds the level's values already: step 1)."""
+    write it reduced (a scratch array holds the level's values already: step 1).
+    ``after``: what the task waited for (the block summaries of its blocks), unused."""
     if all(f == 1 for f in step):
         target.write(region, source.read(region))
         return

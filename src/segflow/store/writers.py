@@ -345,6 +345,12 @@ class BlockHooksSink:
         self.sink.write(region, data)
         return {name: hook(region, data, settings) for name, hook, settings in self.hooks}
 
+    def after_blocks(self, executor: Any, written: Sequence[tuple[Any, Any]]) -> None:
+        """The output sink's work after the blocks (see :class:`segflow.engine.run.Sink`)."""
+        after_blocks = getattr(self.sink, "after_blocks", None)
+        if after_blocks is not None:
+            after_blocks(executor, written)
+
     def __repr__(self) -> str:
         return f"BlockHooksSink({self.sink!r}, {[name for name, _, _ in self.hooks]})"
 

@@ -191,23 +191,29 @@ def read_commits(
     return dict(zip(item_ids, _each(store, read, item_ids), strict=True))
 
 
-def done_commits(
-    store: str, rows: Sequence[Mapping[str, Any]]
-) -> dict[str, Mapping[str, Any] | None]:
-    """What each done row's group's commit record says, as the skip rule needs it: taken
-    from the row where the group's ``zarr.json`` is still the file the row was stamped with
-    (:mod:`segflow.store.stamps`: a ``stat`` per item, no read), read from the group
-    (:func:`read_commits`) for every other row."""
-    from segflow.store.stamps import SKIP_KEYS, group_stamp, stamped_commit
+def stamps_hold(store: str, rows: Any) -> np.ndarray:
+    """Which of a batch of done ``rows`` (a ``pyarrow.Table`` with ``id`` and
+    ``commit_stamp``) still speak for their groups: the group's ``zarr.json`` is the file
+    the row was stamped with (:mod:`segflow.store.stamps`: a ``stat`` per item locally, a
+    HEAD on an object store; no read). Their records say what the rows say; every other
+    row (no stamp, or another file now) has its record read. Compared on columns: no row
+    becomes a dict here."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    ids = [str(row["id"]) for row in rows]
-    stamps = _each(store, lambda i: group_stamp(store, i), ids)
-    known: dict[str, Mapping[str, Any] | None] = {}
-    for row, stamp in zip(rows, stamps, strict=True):
-        if stamped_commit(row, stamp) is not None:
-            known[str(row["id"])] = row  # says what that record says: no copy per item
-    known.update(read_commits(store, [i for i in ids if i not in known], keys=SKIP_KEYS))
-    return known
+    from segflow.store.stamps import group_stamp, local_stamps
+
+    wanted = text_column(rows, "commit_stamp")
+    asked = np.flatnonzero(pc.fill_null(pc.not_equal(wanted, ""), False).to_numpy(False))
+    ids = [str(i) for i in text_column(rows, "id").take(pa.array(asked)).to_pylist()]
+    if is_local(store):
+        now = local_stamps(store, ids)
+    else:
+        now = _each(store, lambda i: group_stamp(store, i), ids)
+    same = pc.equal(wanted.take(pa.array(asked)), pa.array(now, pa.large_string()))
+    hold = np.zeros(len(rows), dtype=bool)
+    hold[asked] = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+    return hold
 
 
 def _each(store: str, call: Callable[[str], Any], item_ids: Sequence[str]) -> list[Any]:
@@ -356,14 +362,22 @@ CommitsOf = Callable[[list[dict[str, Any]]], Mapping[str, Mapping[str, Any] | No
 
 
 def skip_mask(
-    items: Any, done: Any, *, config_hash: str, overwrite: bool, commits_of: CommitsOf
+    items: Any,
+    done: Any,
+    *,
+    config_hash: str,
+    overwrite: bool,
+    commits_of: CommitsOf,
+    held_of: Callable[[Any], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, Any]:
     """Which of ``items`` (a ``pyarrow.Table`` with ``id`` and ``fingerprint``) are
     skipped, as a boolean array, and for each item its row's position in ``done`` (the
     ``done`` index rows, unique ids; null where it has none): the rule of
-    :func:`select_items`, on columns. ``commits_of`` gives the commit records (by id) of a
-    batch of done rows (dicts with the row's ``id``, its fingerprint, config hash, code
-    version and commit stamp); it is asked only about rows that pass the row's own test."""
+    :func:`select_items`, on columns. Of a batch of done rows that pass the row's own test,
+    ``held_of`` (a ``pyarrow.Table`` of them: ``id``, fingerprint, config hash, code
+    version, commit stamp) says which rows' stamps still hold (:func:`stamps_hold`: their
+    records say what the rows say); ``commits_of`` gives the commit records (by id) of the
+    others, as dicts."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -386,7 +400,10 @@ def skip_mask(
     present = [k for k in keys if k in rows.column_names]
     for first in range(0, len(candidates), COMMIT_BATCH):
         chunk = candidates[first : first + COMMIT_BATCH]
-        batch = rows.select(present).take(pa.array(chunk)).to_pylist()
+        table = rows.select(present).take(pa.array(chunk))
+        held = held_of(table) if held_of is not None else np.zeros(len(chunk), dtype=bool)
+        skip[chunk[held]] = True
+        chunk, batch = chunk[~held], table.filter(pa.array(~held)).to_pylist()
         commits = commits_of(batch)
         for k, row in zip(chunk, batch, strict=True):
             commit = commits.get(row["id"]) or {}
@@ -505,7 +522,10 @@ def plan_items(
         done,
         config_hash=config_hash,
         overwrite=overwrite,
-        commits_of=lambda rows: done_commits(store, rows),
+        commits_of=lambda rows: read_commits(
+            store, [str(r["id"]) for r in rows], keys=SKIP_ROW_KEYS
+        ),
+        held_of=lambda rows: stamps_hold(store, rows),
     )
     todo: list[Item] = items.filter(pa.array(~skip)).to_pylist()
     skipped = done.take(pc.filter(pos, pa.array(skip)))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from segflow.store.fs import fresh_fs
@@ -59,11 +59,7 @@ def group_stamp(store: str, item_id: str) -> str | None:
     gives no ETag to tell one version from another)."""
     path = f"{str(store).rstrip('/')}/{item_id}/zarr.json"
     if is_local(path):
-        try:
-            st = os.stat(local_path(path))
-        except OSError:
-            return None
-        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return local_stamps(store, [item_id])[0]
     from segflow.store.pointers import pointer_url
 
     for url in (pointer_url(store, item_id), path):
@@ -78,6 +74,24 @@ def group_stamp(store: str, item_id: str) -> str | None:
         kind = "" if url == path else "pointer:"  # an in-place item's stamp as before
         return None if tag is None else f"{kind}{info.get('size')}:{tag}"
     return None
+
+
+def local_stamps(store: str, item_ids: Iterable[str]) -> list[str | None]:
+    """:func:`group_stamp` of each of ``item_ids`` in a local store, in order: one ``stat``
+    of ``STORE/ITEM/zarr.json`` each (through the item's link: the stamp is its version's
+    file), the store's path built once. This loop is the nothing-to-do check's cost per
+    item; it is kept free of any other work."""
+    root = local_path(str(store).rstrip("/"))
+    stat = os.stat
+    stamps: list[str | None] = []
+    for item_id in item_ids:
+        try:
+            st = stat(f"{root}/{item_id}/zarr.json")
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return stamps
 
 
 def stamp_commit(store: str, row: Mapping[str, Any]) -> dict[str, str]:
@@ -99,11 +113,3 @@ def stamp_commit(store: str, row: Mapping[str, Any]) -> dict[str, str]:
     if any(not row.get(key) or record.get(key) != row.get(key) for key in SKIP_KEYS):
         return {}
     return {"commit_id": commit_id(record), "commit_stamp": before}
-
-
-def stamped_commit(row: Mapping[str, Any], stamp: str | None) -> dict[str, Any] | None:
-    """What the group's commit record says, from the ``row`` alone, when ``stamp`` (the
-    file's identity now) is the row's stamp; None when the record must be read."""
-    if stamp is None or not row.get("commit_stamp") or row["commit_stamp"] != stamp:
-        return None
-    return {**{key: row.get(key) for key in SKIP_KEYS}, "commit_id": row.get("commit_id")}

@@ -147,6 +147,7 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
     assert resume_changes([pair], card=card, out_dir=tmp_path / "nothing", config=config) == []
     # The validation loss is measured every epoch.
     assert all(np.isfinite(h.val_loss) and h.val_loss > 0 for h in whole.history)
+
     # A run started afresh (--restart) over the saved one and stopped in its first epoch
     # leaves no saved state: the old run's weights are never resumed as the new run's.
     def kill_at_once(epoch: int, step: int, steps: int, loss: float) -> None:

@@ -110,9 +110,9 @@ def interrupted_line(name: str, output: str, epoch: int, reason: str) -> str:
 
     Examples
     --------
-    >>> interrupted_line("nuclei", "models/n", 5, "SIGINT")
-    "nuclei: stopped (SIGINT) in epoch 5: models/n/last holds the run as epoch 4 left it; \
-run the same command again to resume with epoch 5"
+    >>> print(interrupted_line("nuclei", "models/n", 5, "SIGINT"))
+    nuclei: stopped (SIGINT) in epoch 5: models/n/last holds the run as epoch 4 left it; \
+run the same command again to resume with epoch 5
     >>> interrupted_line("nuclei", "models/n", 0, "SIGINT")
     'nuclei: stopped (SIGINT) before its first epoch: nothing was trained or saved'
     """

@@ -141,18 +141,23 @@ def _shape_misfit(info: Any, config: Any) -> str | None:
     }
     axes = info.spatial_axes
     misfits = {k: v for k, v in settings.items() if v is not None and len(v) != len(axes)}
-    wrong = [f"{k} {v}" for k, v in misfits.items()]
-    wrong_values = list(misfits.values())
     where = f"item {info.id!r} ({info.path})"
-    if wrong:
-        line = f"{' and '.join(wrong)}: {where} has {len(axes)} spatial axes {axes}"
-        return line + _bands_hint(info, config, len(axes) - 1 in {len(v) for v in wrong_values})
+    if misfits:
+        wrong = " and ".join(f"{k} {v}" for k, v in misfits.items())
+        one_more = any(len(v) == len(axes) - 1 for v in misfits.values())
+        return f"{wrong}: {where} has {len(axes)} spatial axes {axes}" + _bands_hint(
+            info, config, one_more
+        )
     unit = config.output.shards or config.output.chunks
     try:
         plan_blocks(info.spatial_shape, blocks, storage_unit=unit)
     except PlanError as error:
         return f"{where}: {error} ({_unit_fix(blocks, config.output)})"
     return None
+
+
+# A first axis longer than this is taken for slices: no bands hint.
+MAX_GUESSED_BANDS = 16
 
 
 def _bands_hint(info: Any, config: Any, one_axis_more: bool) -> str:
@@ -170,10 +175,6 @@ def _bands_hint(info: Any, config: Any, one_axis_more: bool) -> str:
         f"; if its first axis ({first}) holds bands, not slices, say so: "
         "--set input.options.axes=cyx"
     )
-
-
-# A first axis longer than this is taken for slices: no bands hint.
-MAX_GUESSED_BANDS = 16
 
 
 def _unit_fix(blocks: Any, output: Any) -> str:

@@ -317,15 +317,14 @@ def _box_filling_object(values: np.ndarray, inner: Box, level: float) -> np.ndar
     most of the box (the box drawn tight around its object); ties: the cut nearest
     ``level``, then the lower."""
     box_size = float(np.prod([s.stop - s.start for s in inner]))
-    best: tuple[tuple[float, float], np.ndarray] | None = None
+    best_filled, best = -1.0, np.zeros(values[inner].shape, dtype=bool)
     for candidate in sorted(FIT_LEVELS, key=lambda v: (abs(v - level), v)):
         mask = _one_object(values[inner] > window_level(values, candidate))
         spans = ndi.find_objects(mask.astype(np.uint8))
         filled = float(np.prod([s.stop - s.start for s in spans[0]])) / box_size if spans else 0
-        if best is None or filled > best[0][0]:
-            best = ((filled, candidate), mask)
-    assert best is not None
-    return best[1]
+        if filled > best_filled:
+            best_filled, best = filled, mask
+    return best
 
 
 def project_to_object(window: np.ndarray, inner: Box) -> np.ndarray:
